@@ -1,0 +1,1 @@
+//! tandem-cluster (in progress)

@@ -1,0 +1,1 @@
+//! tandem-follower (in progress)

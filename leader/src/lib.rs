@@ -1,0 +1,1 @@
+//! tandem-leader (in progress)

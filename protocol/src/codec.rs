@@ -1,0 +1,142 @@
+//! Framing: a u32 big-endian length prefix, then one MessagePack value.
+
+use std::io;
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+/// The default limit on a frame's body: 16 MiB.
+pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
+
+/// Bytes taken by the length prefix.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The connection failed.
+    #[error("connection I/O failed")]
+    Io(#[from] io::Error),
+    /// A length prefix announced more bytes than the limit (checked before any allocation).
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The announced (or attempted) body length.
+        len: u64,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({pending} bytes pending)")]
+    Truncated {
+        /// How many bytes of the unfinished frame had arrived.
+        pending: usize,
+    },
+    /// The body is not a valid MessagePack encoding of the expected type.
+    #[error("malformed frame body")]
+    Malformed(#[source] rmp_serde::decode::Error),
+    /// A value could not be encoded.
+    #[error("could not encode frame")]
+    Encode(#[source] rmp_serde::encode::Error),
+}
+
+/// A tokio-util codec for length-prefixed MessagePack frames.
+///
+/// Decodes values of type `D`; encodes any `Serialize` value (so one codec serves
+/// request/response pairs whose two directions use different types).
+#[derive(Debug)]
+pub struct Codec<D> {
+    inner: LengthDelimitedCodec,
+    max: usize,
+    _decodes: PhantomData<fn() -> D>,
+}
+
+/// The codec of the Leader/Follower protocol.
+pub type FrameCodec = Codec<crate::Frame>;
+
+impl<D> Codec<D> {
+    /// A codec with the default 16 MiB frame limit.
+    pub fn new() -> Self {
+        Self::with_max_frame_length(DEFAULT_MAX_FRAME_LENGTH)
+    }
+
+    /// A codec refusing bodies longer than `max` bytes (clamped to `u32::MAX`).
+    pub fn with_max_frame_length(max: usize) -> Self {
+        let max = max.min(u32::MAX as usize);
+        let inner = LengthDelimitedCodec::builder()
+            .big_endian()
+            .length_field_length(LENGTH_PREFIX)
+            .max_frame_length(max)
+            .new_codec();
+        Codec { inner, max, _decodes: PhantomData }
+    }
+
+    /// The configured limit on a frame's body, in bytes.
+    pub fn max_frame_length(&self) -> usize {
+        self.max
+    }
+}
+
+impl<D> Default for Codec<D> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<D> Clone for Codec<D> {
+    fn clone(&self) -> Self {
+        Self::with_max_frame_length(self.max)
+    }
+}
+
+impl<D: DeserializeOwned> Decoder for Codec<D> {
+    type Item = D;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
+        // Refuse an oversized prefix ourselves, so the error names both numbers
+        // and nothing is reserved for the announced length.
+        if src.len() >= LENGTH_PREFIX {
+            let len = u64::from((&src[..LENGTH_PREFIX]).get_u32());
+            if len > self.max as u64 {
+                return Err(CodecError::TooLarge { len, max: self.max });
+            }
+        }
+        match self.inner.decode(src)? {
+            Some(body) => rmp_serde::from_slice(&body).map(Some).map_err(CodecError::Malformed),
+            None => Ok(None),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None if src.is_empty() => Ok(None),
+            None => Err(CodecError::Truncated { pending: src.len() }),
+        }
+    }
+}
+
+impl<D, T: Serialize> Encoder<T> for Codec<D> {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        if let Err(e) = rmp_serde::encode::write(&mut (&mut *dst).writer(), &item) {
+            dst.truncate(start);
+            return Err(CodecError::Encode(e));
+        }
+        let len = dst.len() - start - LENGTH_PREFIX;
+        if len > self.max {
+            dst.truncate(start);
+            return Err(CodecError::TooLarge { len: len as u64, max: self.max });
+        }
+        // `len <= self.max <= u32::MAX`, checked above.
+        dst[start..start + LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}

@@ -1,0 +1,237 @@
+//! The frames of the Leader/Follower protocol.
+//!
+//! Every frame is one variant of [`Frame`]. On the wire a frame is a MessagePack
+//! map with one entry: the variant name (a string) mapped to an array of the
+//! variant's fields in declaration order. `PROTOCOL.md` spells out every byte.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::RemoteError;
+
+/// A request identifier, unique among one connection's outstanding requests.
+pub type RequestId = u64;
+
+/// Where a value sits in a subscription's history: the leader epoch that
+/// produced it, then its sequence number within that epoch (from 1).
+///
+/// Positions order lexicographically: every value of a later epoch is newer
+/// than every value of an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Position {
+    /// The epoch of the leader that delivered the value.
+    pub epoch: u64,
+    /// The value's sequence number within the epoch, starting at 1.
+    pub seq: u64,
+}
+
+/// Follower → Leader, first frame of every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the follower speaks ([`crate::PROTOCOL_VERSION`]).
+    pub version: u16,
+    /// A random id naming this follower process for its lifetime.
+    pub peer_id: Uuid,
+    /// The follower's process id (informational; the leader trusts the kernel's).
+    pub pid: u32,
+    /// The channels (API names) this connection will use.
+    pub channels: Vec<String>,
+    /// The cluster's shared secret, when the leader requires one.
+    pub token: Option<String>,
+}
+
+/// Leader → Follower: the handshake succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version the leader will speak on this connection.
+    pub version: u16,
+    /// A random id naming the leader for its lifetime.
+    pub leader_id: Uuid,
+    /// The leader's epoch: strictly greater than any earlier leader's of the same name.
+    pub epoch: u64,
+    /// The leader's process id.
+    pub pid: u32,
+    /// How often, in milliseconds, each side should send a `Ping` when idle.
+    pub heartbeat_ms: u32,
+}
+
+/// Leader → Follower: the handshake failed; the leader closes the connection next.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// The newest protocol version the leader speaks.
+    pub version: u16,
+    /// Why (kind `Rejected`; code `version`, `token`, `uid`, `channel`, ...).
+    pub error: RemoteError,
+}
+
+/// Follower → Leader: call the upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invoke {
+    /// Matches the `Response`; unused (but still unique) when `oneway`.
+    pub id: RequestId,
+    /// The channel (API name) the call belongs to.
+    pub channel: String,
+    /// Time left for the call, in milliseconds, counted from when the leader reads the frame.
+    pub deadline_ms: u32,
+    /// When true, the leader sends no `Response`.
+    pub oneway: bool,
+    /// The request: opaque MessagePack bytes of the channel's request type.
+    pub payload: Bytes,
+}
+
+/// Leader → Follower: the outcome of an `Invoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The `Invoke`'s id.
+    pub id: RequestId,
+    /// The response payload (opaque MessagePack bytes), or the error.
+    pub result: Result<Bytes, RemoteError>,
+}
+
+/// Follower → Leader: start receiving events of one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// Matches the `Ack`.
+    pub id: RequestId,
+    /// The channel.
+    pub channel: String,
+    /// The key: opaque MessagePack bytes of the channel's key type.
+    pub key: Bytes,
+    /// The newest position this follower has already seen for the key, if any.
+    /// The leader sends its cached value only if it is newer.
+    pub last_seen: Option<Position>,
+}
+
+/// Follower → Leader: stop receiving events of one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsubscribe {
+    /// Matches the `Ack`.
+    pub id: RequestId,
+    /// The channel.
+    pub channel: String,
+    /// The key, byte-for-byte as subscribed.
+    pub key: Bytes,
+}
+
+/// Leader → Follower: a value of a subscribed key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The channel.
+    pub channel: String,
+    /// The key, byte-for-byte as subscribed.
+    pub key: Bytes,
+    /// The leader epoch.
+    pub epoch: u64,
+    /// The sequence number within the epoch.
+    pub seq: u64,
+    /// The value: opaque MessagePack bytes of the channel's event type.
+    pub payload: Bytes,
+}
+
+impl Event {
+    /// The event's position.
+    pub fn position(&self) -> Position {
+        Position { epoch: self.epoch, seq: self.seq }
+    }
+}
+
+/// Follower → Leader: publish something through the upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publish {
+    /// Matches the `Ack`.
+    pub id: RequestId,
+    /// The channel.
+    pub channel: String,
+    /// What to publish: opaque MessagePack bytes of the channel's request type.
+    pub payload: Bytes,
+}
+
+/// Leader → Follower: the outcome of a `Subscribe`, `Unsubscribe` or `Publish`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The request's id.
+    pub id: RequestId,
+    /// Success, or why not.
+    pub result: Result<(), RemoteError>,
+}
+
+/// The state of a channel's upstream client in the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum UpstreamState {
+    /// The upstream client is being built.
+    Starting,
+    /// The upstream client is ready for calls.
+    Ready,
+    /// The upstream client failed or is unreachable.
+    Down(RemoteError),
+}
+
+/// Leader → Follower: a channel's upstream state (sent after `Welcome` and on every change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelStatus {
+    /// The channel.
+    pub channel: String,
+    /// Its upstream's state.
+    pub state: UpstreamState,
+}
+
+/// One message of the Leader/Follower protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Frame {
+    /// Follower → Leader: handshake.
+    Hello(Hello),
+    /// Leader → Follower: handshake accepted.
+    Welcome(Welcome),
+    /// Leader → Follower: handshake refused.
+    Reject(Reject),
+    /// Follower → Leader: call.
+    Invoke(Invoke),
+    /// Leader → Follower: a call's outcome.
+    Response(Response),
+    /// Follower → Leader: abandon the call with this id (no `Response` follows).
+    Cancel(RequestId),
+    /// Follower → Leader: subscribe.
+    Subscribe(Subscribe),
+    /// Follower → Leader: unsubscribe.
+    Unsubscribe(Unsubscribe),
+    /// Leader → Follower: a subscribed value.
+    Event(Event),
+    /// Follower → Leader: publish.
+    Publish(Publish),
+    /// Leader → Follower: outcome of a subscribe, unsubscribe or publish.
+    Ack(Ack),
+    /// Leader → Follower: a channel's upstream state.
+    Status(ChannelStatus),
+    /// Either way: liveness probe carrying an opaque nonce.
+    Ping(u64),
+    /// Either way: answer to `Ping`, echoing its nonce.
+    Pong(u64),
+    /// Either way: the sender is closing the connection on purpose, and why.
+    Goodbye(String),
+}
+
+impl Frame {
+    /// The variant name, as written on the wire and in logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "Hello",
+            Frame::Welcome(_) => "Welcome",
+            Frame::Reject(_) => "Reject",
+            Frame::Invoke(_) => "Invoke",
+            Frame::Response(_) => "Response",
+            Frame::Cancel(_) => "Cancel",
+            Frame::Subscribe(_) => "Subscribe",
+            Frame::Unsubscribe(_) => "Unsubscribe",
+            Frame::Event(_) => "Event",
+            Frame::Publish(_) => "Publish",
+            Frame::Ack(_) => "Ack",
+            Frame::Status(_) => "Status",
+            Frame::Ping(_) => "Ping",
+            Frame::Pong(_) => "Pong",
+            Frame::Goodbye(_) => "Goodbye",
+        }
+    }
+}

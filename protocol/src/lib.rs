@@ -1,0 +1,56 @@
+//! The wire format of tandem.
+//!
+//! Every connection — follower to leader, worker to master, client to the bundled
+//! registry — carries frames: a u32 big-endian length, then that many bytes of
+//! MessagePack. This crate owns the Leader/Follower [`Frame`]s, the [`Codec`] that
+//! reads and writes them with a size limit checked before any allocation, the
+//! handshake rules, and [`RemoteError`], the one error type that crosses the wire.
+//! `PROTOCOL.md` beside this crate is the byte-level specification.
+//!
+//! ```text
+//! follower                                   leader
+//!    | Hello{version, peer_id, pid, channels, token}
+//!    |----------------------------------------->|
+//!    |       Welcome{version, leader_id, epoch} |  or Reject{version, error}, then close
+//!    |<-----------------------------------------|
+//!    |       Status{channel, Ready}             |
+//!    |<-----------------------------------------|
+//!    | Invoke{id, channel, deadline_ms, ...}    |
+//!    |----------------------------------------->|
+//!    |                Response{id, Ok | Err}   |
+//!    |<-----------------------------------------|
+//!    | Subscribe{id, channel, key, last_seen}   |
+//!    |----------------------------------------->|
+//!    |  Ack{id}, Event{channel, key, epoch, seq, payload} ...
+//!    |<-----------------------------------------|
+//! ```
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use tandem_protocol::{Frame, FrameCodec};
+//! use tokio_util::codec::{Decoder, Encoder};
+//!
+//! let mut codec = FrameCodec::new();
+//! let mut buf = BytesMut::new();
+//! codec.encode(Frame::Ping(7), &mut buf).unwrap();
+//! assert_eq!(&buf[..], b"\x00\x00\x00\x07\x81\xa4Ping\x07");
+//! assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping(7)));
+//! ```
+
+mod codec;
+mod error;
+mod frame;
+mod handshake;
+pub mod payload;
+
+pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
+pub use error::{ErrorKind, RemoteError};
+pub use frame::{
+    Ack, ChannelStatus, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response, Subscribe,
+    Unsubscribe, UpstreamState, Welcome,
+};
+pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
+
+// Re-exported so users of the codec need not depend on the same versions themselves.
+pub use bytes;
+pub use uuid;

@@ -1,0 +1,26 @@
+//! Opaque payloads: the MessagePack bytes of a user's key, request, response or event.
+//!
+//! The leader routes payloads without knowing their types; only the two ends
+//! that share an API definition encode and decode them, with these helpers.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::RemoteError;
+
+/// Encodes a value as a payload.
+///
+/// Keys are compared byte-for-byte, so a key type must serialize deterministically
+/// (structs, enums, strings and numbers do; a `HashMap` does not).
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, RemoteError> {
+    rmp_serde::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| RemoteError::bad_request(format!("cannot encode payload: {e}")).with_code("encode"))
+}
+
+/// Decodes a payload.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RemoteError> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| RemoteError::bad_request(format!("cannot decode payload: {e}")).with_code("decode"))
+}

@@ -1,0 +1,2 @@
+//! tandem: many processes on one host share one upstream connection.
+pub use tandem_protocol as protocol;
