@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder};
 
 /// The default limit on a frame's body: 16 MiB.
 pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
@@ -49,7 +49,6 @@ pub enum CodecError {
 /// request/response pairs whose two directions use different types).
 #[derive(Debug)]
 pub struct Codec<D> {
-    inner: LengthDelimitedCodec,
     max: usize,
     _decodes: PhantomData<fn() -> D>,
 }
@@ -65,13 +64,7 @@ impl<D> Codec<D> {
 
     /// A codec refusing bodies longer than `max` bytes (clamped to `u32::MAX`).
     pub fn with_max_frame_length(max: usize) -> Self {
-        let max = max.min(u32::MAX as usize);
-        let inner = LengthDelimitedCodec::builder()
-            .big_endian()
-            .length_field_length(LENGTH_PREFIX)
-            .max_frame_length(max)
-            .new_codec();
-        Codec { inner, max, _decodes: PhantomData }
+        Codec { max: max.min(u32::MAX as usize), _decodes: PhantomData }
     }
 
     /// The configured limit on a frame's body, in bytes.
@@ -97,18 +90,26 @@ impl<D: DeserializeOwned> Decoder for Codec<D> {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
-        // Refuse an oversized prefix ourselves, so the error names both numbers
-        // and nothing is reserved for the announced length.
-        if src.len() >= LENGTH_PREFIX {
-            let len = u64::from((&src[..LENGTH_PREFIX]).get_u32());
-            if len > self.max as u64 {
-                return Err(CodecError::TooLarge { len, max: self.max });
-            }
+        // Stateless on purpose: the prefix stays in `src` until the whole frame has
+        // arrived, so it is checked against the limit before anything is reserved,
+        // and `decode_eof` sees a lone prefix as a truncated frame.
+        if src.len() < LENGTH_PREFIX {
+            return Ok(None);
         }
-        match self.inner.decode(src)? {
-            Some(body) => rmp_serde::from_slice(&body).map(Some).map_err(CodecError::Malformed),
-            None => Ok(None),
+        let len = u64::from((&src[..LENGTH_PREFIX]).get_u32());
+        if len > self.max as u64 {
+            return Err(CodecError::TooLarge { len, max: self.max });
         }
+        // `len <= self.max <= u32::MAX`, checked above.
+        let len = len as usize;
+        let frame_len = len.saturating_add(LENGTH_PREFIX);
+        if src.len() < frame_len {
+            src.reserve(frame_len - src.len());
+            return Ok(None);
+        }
+        src.advance(LENGTH_PREFIX);
+        let body = src.split_to(len);
+        decode_body(&body).map(Some)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
@@ -118,6 +119,18 @@ impl<D: DeserializeOwned> Decoder for Codec<D> {
             None => Err(CodecError::Truncated { pending: src.len() }),
         }
     }
+}
+
+/// Decodes a body that must hold exactly one MessagePack value.
+fn decode_body<D: DeserializeOwned>(body: &[u8]) -> Result<D, CodecError> {
+    let mut de = rmp_serde::Deserializer::new(body);
+    let item = D::deserialize(&mut de).map_err(CodecError::Malformed)?;
+    let rest = de.into_inner().len();
+    if rest != 0 {
+        let e = rmp_serde::decode::Error::Syntax(format!("{rest} bytes left after the frame's value"));
+        return Err(CodecError::Malformed(e));
+    }
+    Ok(item)
 }
 
 impl<D, T: Serialize> Encoder<T> for Codec<D> {
