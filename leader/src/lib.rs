@@ -1,1 +1,68 @@
-//! tandem-leader (in progress)
+//! The tandem Leader: the one process on a host that holds the upstream connection.
+//!
+//! A leader runs one [`Upstream`] per channel (the user's real client, built
+//! once) and serves followers over a local socket. N subscribers of one key
+//! cost one upstream subscription; a late subscriber gets the cached value at
+//! once; every value carries (epoch, seq). Calls run concurrently, each with its
+//! caller's deadline, and are cancelled when the caller gives up. A slow
+//! follower never stalls the leader or the others: its events are conflated per
+//! key and past a hard bound it is disconnected. Bad bytes end only the session
+//! that sent them.
+//!
+//! ```text
+//! follower 1 ──┐  unix socket (uid checked, token optional)
+//! follower 2 ──┼──> sessions ──> hub (per channel) ──> Upstream::subscribe (once per key)
+//! in-process ──┘        │                          <── EventSink::send (seq += 1, cache, fan out)
+//!                       └──> call tasks ──> Upstream::invoke (deadline, cancel)
+//! ```
+//!
+//! ```no_run
+//! use serde::{Deserialize, Serialize};
+//! use tandem_leader::{CallContext, EventSink, Leader, Upstream};
+//! use tandem_protocol::{Api, RemoteError};
+//!
+//! struct Echo;
+//! impl Api for Echo {
+//!     const NAME: &'static str = "echo";
+//!     type Key = String;
+//!     type Event = String;
+//!     type Request = String;
+//!     type Response = String;
+//! }
+//!
+//! struct EchoUpstream;
+//! impl Upstream<Echo> for EchoUpstream {
+//!     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> {
+//!         Ok(request)
+//!     }
+//!     async fn subscribe(&self, key: String, sink: EventSink<Echo>) -> Result<(), RemoteError> {
+//!         sink.send(format!("hello, {key}"));
+//!         Ok(())
+//!     }
+//!     async fn unsubscribe(&self, _key: String) -> Result<(), RemoteError> {
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let leader = Leader::builder().epoch(1).channel::<Echo, _>(async { Ok(EchoUpstream) }).start();
+//! leader.bind_unix("/run/user/1000/myapp/leader.sock")?;
+//! # Ok(()) }
+//! ```
+
+mod channel;
+mod config;
+mod error;
+mod hub;
+mod leader;
+mod outbox;
+mod session;
+mod stats;
+mod upstream;
+
+pub use config::Config;
+pub use error::Error;
+pub use leader::{Leader, LeaderBuilder};
+pub use session::PeerInfo;
+pub use stats::{ChannelStats, Stats};
+pub use upstream::{CallContext, EventSink, Upstream};

@@ -37,18 +37,22 @@
 //! assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping(7)));
 //! ```
 
+mod api;
 mod codec;
 mod error;
 mod frame;
 mod handshake;
+mod link;
 pub mod payload;
 
+pub use api::{Api, Message};
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
 pub use error::{ErrorKind, RemoteError};
 pub use frame::{
     Ack, ChannelStatus, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response, Subscribe,
     Unsubscribe, UpstreamState, Welcome,
 };
+pub use link::{Link, LinkSink};
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
 
 // Re-exported so users of the codec need not depend on the same versions themselves.

@@ -1,0 +1,47 @@
+//! The follower's settings.
+
+use std::time::Duration;
+
+/// How a follower connection behaves. Every field has a default.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// The deadline of a call made without one. The default is 5 seconds.
+    pub default_deadline: Duration,
+    /// How long [`Client::ready`](crate::Client::ready) waits for a first leader
+    /// whose upstream is ready. The default is 30 seconds.
+    pub max_wait: Duration,
+    /// The first reconnect delay; it doubles up to `reconnect_max`, with full
+    /// jitter. The default is 5 milliseconds.
+    pub reconnect_initial: Duration,
+    /// The longest reconnect delay. The default is 1 second.
+    pub reconnect_max: Duration,
+    /// How long the leader may take to answer `Hello`. The default is 5 seconds.
+    pub handshake_timeout: Duration,
+    /// A leader that sends nothing (not even a ping) for this long is given up
+    /// for dead and the follower reconnects. The default is 15 seconds.
+    pub peer_timeout: Duration,
+    /// The secret to present in `Hello`, when the leader requires one. The default is none.
+    pub token: Option<String>,
+    /// Commands queued from handles to the driver before callers wait. The default is 1024.
+    pub command_queue: usize,
+    /// Values buffered per subscription for a slow local reader; past it the
+    /// oldest are skipped (the newest is always kept). The default is 256.
+    pub subscription_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_deadline: Duration::from_secs(5),
+            max_wait: Duration::from_secs(30),
+            reconnect_initial: Duration::from_millis(5),
+            reconnect_max: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(5),
+            peer_timeout: Duration::from_secs(15),
+            token: None,
+            command_queue: 1024,
+            subscription_buffer: 256,
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The untyped connection handle: one per process, shared by every channel's client.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tandem_protocol::Api;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::driver::{Command, Driver};
+use crate::state::Status;
+use crate::{Client, Config, Connector};
+
+pub(crate) struct Inner {
+    pub(crate) commands: mpsc::Sender<Command>,
+    /// Cancels and unsubscribes from `Drop` impls, which cannot wait. Bounded in
+    /// practice by the number of live call futures and subscriptions.
+    pub(crate) drops: mpsc::UnboundedSender<Command>,
+    pub(crate) status: watch::Receiver<Status>,
+    pub(crate) config: Config,
+    pub(crate) next_id: Arc<AtomicU64>,
+}
+
+/// One connection to the leader (direct, relayed or in-process), shared by the
+/// typed [`Client`]s of every channel it was built with. Cheap to clone.
+#[derive(Clone)]
+pub struct Connection {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("status", &*self.inner.status.borrow()).finish()
+    }
+}
+
+/// A connection and the driver that must run for it to do anything.
+#[must_use = "spawn the driver, or the connection does nothing"]
+#[derive(Debug)]
+pub struct NewConnection<C> {
+    /// The handle.
+    pub connection: Connection,
+    /// The task owning the link: spawn `driver.run()`.
+    pub driver: Driver<C>,
+}
+
+impl<C: Connector> NewConnection<C> {
+    /// Spawns the driver on the current tokio runtime and returns the handle.
+    pub fn spawn(self) -> Connection {
+        tokio::spawn(self.driver.run());
+        self.connection
+    }
+}
+
+/// Builds a [`Connection`]: its settings and the channels it carries.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct ConnectionBuilder {
+    config: Config,
+    channels: Vec<&'static str>,
+}
+
+impl ConnectionBuilder {
+    /// Settings. The default is [`Config::default()`].
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Adds a channel this connection will carry.
+    pub fn channel<A: Api>(mut self) -> Self {
+        if !self.channels.contains(&A::NAME) {
+            self.channels.push(A::NAME);
+        }
+        self
+    }
+
+    /// Creates the connection; nothing happens until the driver runs.
+    pub fn connect<C: Connector>(self, connector: C) -> NewConnection<C> {
+        let (commands, command_rx) = mpsc::channel(self.config.command_queue.max(1));
+        let (drops, drop_rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(Status::new());
+        let next_id = Arc::new(AtomicU64::new(1));
+        let driver =
+            Driver::new(self.config.clone(), self.channels, connector, command_rx, drop_rx, status_tx, next_id.clone());
+        let inner = Inner { commands, drops, status, config: self.config, next_id };
+        NewConnection { connection: Connection { inner: Arc::new(inner) }, driver }
+    }
+}
+
+impl Connection {
+    /// A builder with default settings and no channels.
+    pub fn builder() -> ConnectionBuilder {
+        ConnectionBuilder::default()
+    }
+
+    /// The typed client of one channel (which should have been added to the builder;
+    /// otherwise the leader refuses its calls).
+    pub fn client<A: Api>(&self) -> Client<A> {
+        Client::new(self.clone())
+    }
+
+    /// The connection's state, observable: await changes with `changed()`.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.inner.status.clone()
+    }
+
+    /// Whether this process is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.inner.status.borrow().is_leader()
+    }
+
+    /// Says goodbye to the leader and stops the driver; outstanding calls fail
+    /// with [`Error::Closed`](crate::Error::Closed).
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.inner.drops.send(Command::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! How a follower reaches its leader: a factory of links, called on every (re)connect.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tandem_leader::Leader;
+use tandem_protocol::{FrameCodec, Link};
+
+/// A freshly established link to a leader.
+#[derive(Debug)]
+pub struct Connected {
+    /// The link.
+    pub link: Link,
+    /// Whether the leader at the other end is this very process.
+    pub is_leader: bool,
+}
+
+impl Connected {
+    /// A link to a leader in another process.
+    pub fn remote(link: Link) -> Self {
+        Connected { link, is_leader: false }
+    }
+}
+
+/// Makes a new link to the leader each time the driver (re)connects.
+pub trait Connector: Send + 'static {
+    /// Establishes one link. An error is logged and retried with backoff.
+    fn connect(&mut self) -> impl Future<Output = io::Result<Connected>> + Send;
+}
+
+/// Connects to a leader's Unix socket.
+#[derive(Debug, Clone)]
+pub struct UnixConnector {
+    path: PathBuf,
+    max_frame_length: usize,
+}
+
+impl UnixConnector {
+    /// A connector for the socket at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        UnixConnector { path: path.into(), max_frame_length: tandem_protocol::DEFAULT_MAX_FRAME_LENGTH }
+    }
+}
+
+impl Connector for UnixConnector {
+    async fn connect(&mut self) -> io::Result<Connected> {
+        let stream = tokio::net::UnixStream::connect(&self.path).await?;
+        let (read, write) = stream.into_split();
+        Ok(Connected::remote(Link::from_io(read, write, FrameCodec::with_max_frame_length(self.max_frame_length))))
+    }
+}
+
+/// Connects to a leader's loopback TCP port.
+#[derive(Debug, Clone)]
+pub struct TcpConnector {
+    addr: SocketAddr,
+}
+
+impl TcpConnector {
+    /// A connector for `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        TcpConnector { addr }
+    }
+}
+
+impl Connector for TcpConnector {
+    async fn connect(&mut self) -> io::Result<Connected> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        Ok(Connected::remote(Link::from_io(read, write, FrameCodec::new())))
+    }
+}
+
+/// Connects to a leader in this process, through memory.
+#[derive(Debug, Clone)]
+pub struct LocalConnector {
+    leader: Leader,
+}
+
+impl LocalConnector {
+    /// A connector for `leader`.
+    pub fn new(leader: Leader) -> Self {
+        LocalConnector { leader }
+    }
+}
+
+impl Connector for LocalConnector {
+    async fn connect(&mut self) -> io::Result<Connected> {
+        Ok(Connected { link: self.leader.connect_local(), is_leader: true })
+    }
+}
+
+/// A connector made of a closure returning a future (for custom transports,
+/// such as the cluster's messenger relay).
+#[derive(Debug, Clone)]
+pub struct FnConnector<F>(pub F);
+
+impl<F, Fut> Connector for FnConnector<F>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = io::Result<Connected>> + Send,
+{
+    fn connect(&mut self) -> impl Future<Output = io::Result<Connected>> + Send {
+        (self.0)()
+    }
+}

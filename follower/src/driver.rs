@@ -1,0 +1,657 @@
+//! The driver: the one task that owns the link to the leader.
+//!
+//! ```text
+//! handles ──Command──> driver ──Frame──> leader
+//!    ^                   │  <──Frame───
+//!    └── oneshot replies ┤
+//!        subscriptions <─┘ (broadcast per key, last value kept)
+//! ```
+//!
+//! The driver connects (with backoff and jitter), says `Hello`, and then turns
+//! commands into frames and frames into replies and subscription values. When
+//! the link dies it answers every outstanding call with `LeaderLost` at once,
+//! keeps every subscription with its last value, reconnects, and resubscribes
+//! each key with its last seen (epoch, seq) so the leader sends only newer
+//! values. It never delivers a value at or below one already delivered.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tandem_protocol::{
+    Ack, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId, Response,
+    Subscribe, Unsubscribe, UpstreamState, Welcome,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::backoff::Backoff;
+use crate::connector::{Connected, Connector};
+use crate::in_flight::{InFlight, Pending};
+use crate::state::{LinkState, Status};
+use crate::{Config, Error};
+
+/// One value of a subscription, still encoded.
+#[derive(Debug, Clone)]
+pub(crate) struct RawUpdate {
+    pub(crate) position: Position,
+    pub(crate) payload: Bytes,
+}
+
+/// What a new subscription handle is made of.
+#[derive(Debug)]
+pub(crate) struct SubscriptionParts {
+    pub(crate) updates: broadcast::Receiver<RawUpdate>,
+    pub(crate) latest: watch::Receiver<Option<RawUpdate>>,
+}
+
+type SubscribeReply = oneshot::Sender<Result<SubscriptionParts, Error>>;
+
+/// A request from a handle to the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Invoke {
+        id: RequestId,
+        channel: &'static str,
+        deadline: Instant,
+        oneway: bool,
+        payload: Bytes,
+        reply: Option<oneshot::Sender<Result<Bytes, Error>>>,
+    },
+    Publish {
+        channel: &'static str,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Subscribe {
+        channel: &'static str,
+        key: Bytes,
+        reply: SubscribeReply,
+    },
+    /// A subscription handle was dropped.
+    Unsubscribe {
+        channel: &'static str,
+        key: Bytes,
+    },
+    /// An invoke future was dropped before its answer.
+    Cancel(RequestId),
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remote {
+    /// Not subscribed at the current leader (no leader, or its upstream is not ready).
+    Unsent,
+    /// Subscribe sent with this id, no Ack yet.
+    Pending(RequestId),
+    /// Acked.
+    Active,
+}
+
+#[derive(Debug)]
+struct Topic {
+    last: Option<RawUpdate>,
+    updates: broadcast::Sender<RawUpdate>,
+    latest: watch::Sender<Option<RawUpdate>>,
+    /// Live subscription handles (and callers waiting to get one).
+    locals: usize,
+    remote: Remote,
+    waiters: Vec<SubscribeReply>,
+}
+
+impl Topic {
+    fn parts(&self) -> SubscriptionParts {
+        SubscriptionParts { updates: self.updates.subscribe(), latest: self.latest.subscribe() }
+    }
+
+    /// Answers the waiters; the ones whose caller gave up release their share.
+    fn answer_waiters(&mut self, result: Result<(), Error>) {
+        for reply in std::mem::take(&mut self.waiters) {
+            let answer = result.clone().map(|()| self.parts());
+            let delivered = answer.is_ok() && reply.send(answer).is_ok();
+            if !delivered {
+                self.locals -= 1;
+            }
+        }
+    }
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("cannot reach the leader")]
+    Io(#[from] io::Error),
+    #[error("the leader rejected this follower: {0}")]
+    Rejected(RemoteError),
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+}
+
+/// The task that owns the connection. Spawn [`Driver::run`] (or use
+/// [`NewConnection::spawn`](crate::NewConnection::spawn)); the handles do nothing without it.
+#[must_use = "the driver does nothing unless it is run"]
+pub struct Driver<C> {
+    connector: C,
+    commands: mpsc::Receiver<Command>,
+    drops: mpsc::UnboundedReceiver<Command>,
+    core: Core,
+}
+
+impl<C> std::fmt::Debug for Driver<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("peer_id", &self.core.peer_id).finish_non_exhaustive()
+    }
+}
+
+struct Core {
+    config: Config,
+    peer_id: Uuid,
+    channels: Vec<&'static str>,
+    status: watch::Sender<Status>,
+    next_id: Arc<AtomicU64>,
+    in_flight: InFlight,
+    topics: HashMap<(&'static str, Bytes), Topic>,
+    /// Commands that arrived before any leader was reached: they wait (their
+    /// callers are bounded by their own deadlines).
+    queued: Vec<Command>,
+    ever_connected: bool,
+    max_epoch: u64,
+    closed: Option<oneshot::Sender<()>>,
+    shut: bool,
+    /// Frames to write after the current step.
+    out: Vec<Frame>,
+}
+
+impl<C: Connector> Driver<C> {
+    pub(crate) fn new(
+        config: Config,
+        channels: Vec<&'static str>,
+        connector: C,
+        commands: mpsc::Receiver<Command>,
+        drops: mpsc::UnboundedReceiver<Command>,
+        status: watch::Sender<Status>,
+        next_id: Arc<AtomicU64>,
+    ) -> Self {
+        let core = Core {
+            config,
+            peer_id: Uuid::new_v4(),
+            channels,
+            status,
+            next_id,
+            in_flight: InFlight::default(),
+            topics: HashMap::new(),
+            queued: Vec::new(),
+            ever_connected: false,
+            max_epoch: 0,
+            closed: None,
+            shut: false,
+            out: Vec::new(),
+        };
+        Driver { connector, commands, drops, core }
+    }
+
+    /// Runs the connection until it is closed or every handle is dropped.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(self.core.config.reconnect_initial, self.core.config.reconnect_max);
+        while !self.core.shut {
+            let hello = self.core.hello();
+            let timeout = self.core.config.handshake_timeout;
+            let result = {
+                let attempt = connect(&mut self.connector, hello, timeout);
+                tokio::pin!(attempt);
+                loop {
+                    tokio::select! {
+                        result = &mut attempt => break Some(result),
+                        command = self.drops.recv() => if let Some(command) = command { self.core.offline(command) },
+                        command = self.commands.recv() => match command {
+                            Some(command) => self.core.offline(command),
+                            None => break None,
+                        },
+                    }
+                    if self.core.shut {
+                        break None;
+                    }
+                }
+            };
+            let Some(result) = result else { break };
+            match result {
+                Ok((connected, welcome)) if welcome.epoch >= self.core.max_epoch => {
+                    backoff.reset();
+                    let reason = self.connected(connected, welcome).await;
+                    self.core.lost(&reason);
+                    continue;
+                }
+                Ok((_, welcome)) => {
+                    tracing::warn!(
+                        epoch = welcome.epoch,
+                        seen = self.core.max_epoch,
+                        "refusing a leader older than one already seen"
+                    );
+                }
+                Err(ConnectError::Rejected(error)) => {
+                    tracing::error!(%error, "the leader rejected this follower");
+                    self.core.fail_queued(&Error::Remote(error));
+                }
+                Err(error) => tracing::debug!(error = %error, "connecting to the leader failed"),
+            }
+            self.idle(backoff.next_delay()).await;
+        }
+        self.core.shutdown();
+    }
+
+    /// Waits out a backoff delay while still answering commands.
+    async fn idle(&mut self, delay: Duration) {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return,
+                command = self.drops.recv() => if let Some(command) = command { self.core.offline(command) },
+                command = self.commands.recv() => match command {
+                    Some(command) => self.core.offline(command),
+                    None => { self.core.shut = true; return }
+                },
+            }
+            if self.core.shut {
+                return;
+            }
+        }
+    }
+
+    /// Serves one link until it dies; returns why.
+    async fn connected(&mut self, connected: Connected, welcome: Welcome) -> String {
+        let Connected { mut link, is_leader } = connected;
+        let core = &mut self.core;
+        core.max_epoch = welcome.epoch;
+        core.ever_connected = true;
+        core.status.send_modify(|status| {
+            status.link = LinkState::Connected { epoch: welcome.epoch, leader_pid: welcome.pid, is_leader };
+            status.channels.clear();
+        });
+        tracing::info!(epoch = welcome.epoch, leader.pid = welcome.pid, is_leader, "connected to the leader");
+        for command in std::mem::take(&mut core.queued) {
+            core.online(command);
+        }
+        if let Err(error) = flush(&mut link, &mut core.out).await {
+            return format!("write to the leader failed: {error}");
+        }
+        let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_received = Instant::now();
+        let mut nonce = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                command = self.drops.recv() => if let Some(command) = command { self.core.online(command) },
+                command = self.commands.recv() => match command {
+                    Some(command) => {
+                        self.core.online(command);
+                        // Batch whatever else is already queued into the same flush.
+                        for _ in 0..256 {
+                            match self.commands.try_recv() {
+                                Ok(command) => self.core.online(command),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => self.core.shut = true,
+                },
+                frame = link.rx.next() => match frame {
+                    None => return "the leader closed the connection".into(),
+                    Some(Err(error)) => return format!("bad frame from the leader: {error}"),
+                    Some(Ok(frame)) => {
+                        last_received = Instant::now();
+                        if let Err(reason) = self.core.on_frame(frame) {
+                            return reason;
+                        }
+                    }
+                },
+                _ = ticker.tick() => {
+                    let silent = last_received.elapsed();
+                    if silent > self.core.config.peer_timeout {
+                        return format!("no frame from the leader for {} ms", silent.as_millis());
+                    }
+                    nonce += 1;
+                    self.core.out.push(Frame::Ping(nonce));
+                }
+            }
+            if self.core.shut {
+                self.core.out.push(Frame::Goodbye("follower closing".into()));
+                let _ = tokio::time::timeout(self.core.config.handshake_timeout, flush(&mut link, &mut self.core.out))
+                    .await;
+                let _ = link.tx.close().await;
+                return "closed".into();
+            }
+            if let Err(error) = flush(&mut link, &mut self.core.out).await {
+                return format!("write to the leader failed: {error}");
+            }
+        }
+    }
+}
+
+async fn flush(link: &mut Link, out: &mut Vec<Frame>) -> Result<(), tandem_protocol::CodecError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    for frame in out.drain(..) {
+        link.tx.feed(frame).await?;
+    }
+    link.tx.flush().await
+}
+
+/// Establishes a link and performs the handshake.
+async fn connect<C: Connector>(
+    connector: &mut C,
+    hello: Hello,
+    timeout: Duration,
+) -> Result<(Connected, Welcome), ConnectError> {
+    let mut connected = connector.connect().await?;
+    let handshake = async {
+        connected.link.tx.send(Frame::Hello(hello)).await.map_err(|e| ConnectError::Handshake(e.to_string()))?;
+        match connected.link.rx.next().await {
+            Some(Ok(Frame::Welcome(welcome))) => Ok(welcome),
+            Some(Ok(Frame::Reject(reject))) => Err(ConnectError::Rejected(reject.error)),
+            Some(Ok(other)) => Err(ConnectError::Handshake(format!("expected Welcome, got {}", other.kind()))),
+            Some(Err(error)) => Err(ConnectError::Handshake(error.to_string())),
+            None => Err(ConnectError::Handshake("the leader closed the connection".into())),
+        }
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(welcome)) => Ok((connected, welcome)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(ConnectError::Handshake(format!("no Welcome within {} ms", timeout.as_millis()))),
+    }
+}
+
+impl Core {
+    fn hello(&self) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: self.peer_id,
+            pid: std::process::id(),
+            channels: self.channels.iter().map(|c| c.to_string()).collect(),
+            token: self.config.token.clone(),
+        }
+    }
+
+    fn next_id(&self) -> RequestId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn channel_ready(&self, channel: &str) -> bool {
+        matches!(self.status.borrow().channels.get(channel), Some(UpstreamState::Ready))
+    }
+
+    fn static_channel(&self, name: &str) -> Option<&'static str> {
+        self.channels.iter().copied().find(|c| *c == name)
+    }
+
+    /// A command while no leader is connected.
+    fn offline(&mut self, command: Command) {
+        match command {
+            Command::Cancel(id) => {
+                self.queued.retain(|c| !matches!(c, Command::Invoke { id: queued, .. } if *queued == id));
+            }
+            Command::Unsubscribe { channel, key } => self.release(channel, key),
+            Command::Close(done) => {
+                self.closed = Some(done);
+                self.shut = true;
+            }
+            command if !self.ever_connected => self.queued.push(command),
+            // The leader was lost: fail fast rather than leave callers waiting.
+            Command::Invoke { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(Error::LeaderLost));
+                }
+            }
+            Command::Publish { reply, .. } => {
+                let _ = reply.send(Err(Error::LeaderLost));
+            }
+            Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Err(Error::LeaderLost));
+            }
+        }
+    }
+
+    fn fail_queued(&mut self, error: &Error) {
+        for command in std::mem::take(&mut self.queued) {
+            match command {
+                Command::Invoke { reply: Some(reply), .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Command::Publish { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Command::Subscribe { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A command while connected: may queue frames in `out`.
+    fn online(&mut self, command: Command) {
+        match command {
+            Command::Invoke { id, channel, deadline, oneway, payload, reply } => {
+                let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(Error::DeadlineExceeded(Duration::ZERO)));
+                    }
+                    return;
+                };
+                if let Some(reply) = reply {
+                    self.in_flight.insert(id, Pending::Invoke(reply));
+                }
+                let deadline_ms = u32::try_from(left.as_millis().max(1)).unwrap_or(u32::MAX);
+                self.out.push(Frame::Invoke(Invoke { id, channel: channel.to_string(), deadline_ms, oneway, payload }));
+            }
+            Command::Publish { channel, payload, reply } => {
+                let id = self.next_id();
+                self.in_flight.insert(id, Pending::Publish(reply));
+                self.out.push(Frame::Publish(Publish { id, channel: channel.to_string(), payload }));
+            }
+            Command::Subscribe { channel, key, reply } => self.subscribe(channel, key, reply),
+            Command::Unsubscribe { channel, key } => self.release(channel, key),
+            Command::Cancel(id) => {
+                if self.in_flight.remove(id).is_some() {
+                    self.out.push(Frame::Cancel(id));
+                }
+            }
+            Command::Close(done) => {
+                self.closed = Some(done);
+                self.shut = true;
+            }
+        }
+    }
+
+    fn subscribe(&mut self, channel: &'static str, key: Bytes, reply: SubscribeReply) {
+        let ready = self.channel_ready(channel);
+        let capacity = self.config.subscription_buffer.max(1);
+        let topic = self.topics.entry((channel, key.clone())).or_insert_with(|| Topic {
+            last: None,
+            updates: broadcast::channel(capacity).0,
+            latest: watch::Sender::new(None),
+            locals: 0,
+            remote: Remote::Unsent,
+            waiters: Vec::new(),
+        });
+        topic.locals += 1;
+        if topic.remote == Remote::Active {
+            if reply.send(Ok(topic.parts())).is_err() {
+                topic.locals -= 1;
+            }
+            return;
+        }
+        topic.waiters.push(reply);
+        if topic.remote == Remote::Unsent && ready {
+            let last_seen = topic.last.as_ref().map(|u| u.position);
+            self.send_subscribe(channel, key, last_seen);
+        }
+    }
+
+    fn send_subscribe(&mut self, channel: &'static str, key: Bytes, last_seen: Option<Position>) {
+        let id = self.next_id();
+        if let Some(topic) = self.topics.get_mut(&(channel, key.clone())) {
+            topic.remote = Remote::Pending(id);
+        }
+        self.in_flight.insert(id, Pending::Subscribe { channel, key: key.clone() });
+        self.out.push(Frame::Subscribe(Subscribe { id, channel: channel.to_string(), key, last_seen }));
+    }
+
+    /// One subscription handle (or waiting caller) let go of a topic.
+    fn release(&mut self, channel: &'static str, key: Bytes) {
+        let topic_key = (channel, key);
+        let Some(topic) = self.topics.get_mut(&topic_key) else { return };
+        topic.locals = topic.locals.saturating_sub(1);
+        if topic.locals > 0 {
+            return;
+        }
+        let remote = topic.remote;
+        self.topics.remove(&topic_key);
+        if remote != Remote::Unsent && matches!(self.status.borrow().link, LinkState::Connected { .. }) {
+            let id = self.next_id();
+            self.in_flight.insert(id, Pending::Unsubscribe);
+            self.out.push(Frame::Unsubscribe(Unsubscribe { id, channel: channel.to_string(), key: topic_key.1 }));
+        }
+    }
+
+    /// A frame from the leader; an error ends the link.
+    fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
+        match frame {
+            Frame::Response(Response { id, result }) => {
+                if let Some(Pending::Invoke(reply)) = self.in_flight.remove(id) {
+                    let _ = reply.send(result.map_err(Error::Remote));
+                }
+            }
+            Frame::Ack(Ack { id, result }) => match self.in_flight.remove(id) {
+                Some(Pending::Publish(reply)) => {
+                    let _ = reply.send(result.map_err(Error::Remote));
+                }
+                Some(Pending::Subscribe { channel, key }) => self.on_subscribed(id, channel, key, result),
+                _ => {}
+            },
+            Frame::Event(event) => self.on_event(event),
+            Frame::Status(status) => {
+                let Some(channel) = self.static_channel(&status.channel) else { return Ok(()) };
+                let state = status.state;
+                tracing::debug!(channel, state = ?state, "upstream state");
+                self.status.send_modify(|s| {
+                    s.channels.insert(channel.to_string(), state.clone());
+                });
+                match state {
+                    UpstreamState::Ready => self.resubscribe(channel),
+                    UpstreamState::Down(error) => self.fail_unsent(channel, &error),
+                    _ => {}
+                }
+            }
+            Frame::Ping(nonce) => self.out.push(Frame::Pong(nonce)),
+            Frame::Pong(_) => {}
+            Frame::Goodbye(reason) => return Err(format!("the leader said goodbye: {reason}")),
+            other => return Err(format!("protocol violation: a leader may not send {} now", other.kind())),
+        }
+        Ok(())
+    }
+
+    fn on_subscribed(&mut self, id: RequestId, channel: &'static str, key: Bytes, result: Result<(), RemoteError>) {
+        let topic_key = (channel, key);
+        let Some(topic) = self.topics.get_mut(&topic_key) else { return };
+        if topic.remote != Remote::Pending(id) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                topic.remote = Remote::Active;
+                topic.answer_waiters(Ok(()));
+            }
+            Err(error) => {
+                tracing::warn!(channel, %error, "subscribe refused by the leader");
+                topic.remote = Remote::Unsent;
+                topic.answer_waiters(Err(Error::Remote(error)));
+            }
+        }
+        if topic.locals == 0 {
+            let remote = topic.remote;
+            self.topics.remove(&topic_key);
+            if remote == Remote::Active {
+                let id = self.next_id();
+                self.in_flight.insert(id, Pending::Unsubscribe);
+                self.out.push(Frame::Unsubscribe(Unsubscribe { id, channel: channel.to_string(), key: topic_key.1 }));
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let Some(channel) = self.static_channel(&event.channel) else { return };
+        let position = event.position();
+        let Some(topic) = self.topics.get_mut(&(channel, event.key)) else { return };
+        // Exactly-once, in order: anything at or below what was delivered is a replay.
+        if topic.last.as_ref().is_some_and(|last| last.position >= position) {
+            return;
+        }
+        let update = RawUpdate { position, payload: event.payload };
+        topic.last = Some(update.clone());
+        topic.latest.send_replace(Some(update.clone()));
+        let _ = topic.updates.send(update);
+    }
+
+    fn resubscribe(&mut self, channel: &'static str) {
+        let unsent: Vec<(Bytes, Option<Position>)> = self
+            .topics
+            .iter()
+            .filter(|((c, _), topic)| *c == channel && topic.remote == Remote::Unsent)
+            .map(|((_, key), topic)| (key.clone(), topic.last.as_ref().map(|u| u.position)))
+            .collect();
+        for (key, last_seen) in unsent {
+            self.send_subscribe(channel, key, last_seen);
+        }
+    }
+
+    /// The channel's upstream is down: callers still waiting for a first subscription get the error.
+    fn fail_unsent(&mut self, channel: &'static str, error: &RemoteError) {
+        self.topics.retain(|(c, _), topic| {
+            if *c == channel && topic.remote == Remote::Unsent && !topic.waiters.is_empty() {
+                topic.answer_waiters(Err(Error::Remote(error.clone())));
+            }
+            topic.locals > 0
+        });
+    }
+
+    /// The link died: answer every outstanding call, keep subscriptions for later.
+    fn lost(&mut self, reason: &str) {
+        self.out.clear();
+        self.in_flight.fail_all(&Error::LeaderLost);
+        self.topics.retain(|_, topic| {
+            topic.remote = Remote::Unsent;
+            topic.answer_waiters(Err(Error::LeaderLost));
+            topic.locals > 0
+        });
+        if self.shut {
+            return;
+        }
+        tracing::warn!(reason, "lost the leader; reconnecting");
+        self.status.send_modify(|status| {
+            status.link = LinkState::LeaderLost;
+            status.channels.clear();
+        });
+    }
+
+    fn shutdown(&mut self) {
+        self.shut = true;
+        self.fail_queued(&Error::Closed);
+        self.in_flight.fail_all(&Error::Closed);
+        self.topics.clear();
+        self.status.send_modify(|status| {
+            status.link = LinkState::Closed;
+            status.channels.clear();
+        });
+        if let Some(done) = self.closed.take() {
+            let _ = done.send(());
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! A subscription: a stream of one key's values that unsubscribes on drop.
+
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+use tandem_protocol::{Api, Position};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::driver::{Command, RawUpdate, SubscriptionParts};
+
+/// One value of a subscription, with where it sits in the key's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update<T> {
+    /// The value.
+    pub value: T,
+    /// The epoch of the leader that delivered it.
+    pub epoch: u64,
+    /// Its sequence number within that epoch.
+    pub seq: u64,
+}
+
+impl<T> Update<T> {
+    /// The value's (epoch, seq).
+    pub fn position(&self) -> Position {
+        Position { epoch: self.epoch, seq: self.seq }
+    }
+}
+
+/// The values of one key, as a `Stream`, starting with the current value (if
+/// the key has one). Values arrive in order and never twice, across leader
+/// changes too. A reader that falls more than `Config::subscription_buffer`
+/// values behind skips the oldest; the newest is never lost.
+/// Dropping the subscription unsubscribes (the last one in the host releases
+/// the upstream subscription).
+#[must_use = "a subscription yields nothing unless polled"]
+pub struct Subscription<A: Api> {
+    channel: &'static str,
+    key: Bytes,
+    first: Option<RawUpdate>,
+    updates: BroadcastStream<RawUpdate>,
+    latest: watch::Receiver<Option<RawUpdate>>,
+    delivered: Option<Position>,
+    skipped: u64,
+    drops: mpsc::UnboundedSender<Command>,
+    _api: PhantomData<fn() -> A>,
+}
+
+impl<A: Api> std::fmt::Debug for Subscription<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("channel", &self.channel).field("delivered", &self.delivered).finish()
+    }
+}
+
+fn decode<A: Api>(update: &RawUpdate) -> Option<Update<A::Event>> {
+    match tandem_protocol::payload::decode::<A::Event>(&update.payload) {
+        Ok(value) => Some(Update { value, epoch: update.position.epoch, seq: update.position.seq }),
+        Err(error) => {
+            tracing::error!(channel = A::NAME, %error, "undecodable event skipped");
+            None
+        }
+    }
+}
+
+impl<A: Api> Subscription<A> {
+    pub(crate) fn new(
+        channel: &'static str,
+        key: Bytes,
+        parts: SubscriptionParts,
+        drops: mpsc::UnboundedSender<Command>,
+    ) -> Self {
+        let first = parts.latest.borrow().clone();
+        Subscription {
+            channel,
+            key,
+            first,
+            updates: BroadcastStream::new(parts.updates),
+            latest: parts.latest,
+            delivered: None,
+            skipped: 0,
+            drops,
+            _api: PhantomData,
+        }
+    }
+
+    /// The key's newest value known to this process (it may not have been yielded yet).
+    pub fn latest(&self) -> Option<Update<A::Event>> {
+        self.latest.borrow().as_ref().and_then(decode::<A>)
+    }
+
+    /// How many values this subscription skipped because its reader fell behind.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+}
+
+impl<A: Api> Stream for Subscription<A> {
+    type Item = Update<A::Event>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let raw = match this.first.take() {
+                Some(first) => first,
+                None => match Pin::new(&mut this.updates).poll_next(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
+                        this.skipped += n;
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(update))) => update,
+                },
+            };
+            // The first value may also be in the broadcast queue: yield each position once.
+            if this.delivered.is_some_and(|seen| seen >= raw.position) {
+                continue;
+            }
+            this.delivered = Some(raw.position);
+            if let Some(update) = decode::<A>(&raw) {
+                return Poll::Ready(Some(update));
+            }
+        }
+    }
+}
+
+impl<A: Api> Drop for Subscription<A> {
+    fn drop(&mut self) {
+        let _ = self.drops.send(Command::Unsubscribe { channel: self.channel, key: self.key.clone() });
+    }
+}

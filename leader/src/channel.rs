@@ -1,0 +1,115 @@
+//! One channel inside the leader: its upstream (type-erased), its state and its hub.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tandem_protocol::payload::{decode, encode};
+use tandem_protocol::{Api, RemoteError, UpstreamState};
+use tokio::sync::watch;
+
+use crate::hub::{Hub, TopicSink};
+use crate::upstream::{CallContext, EventSink, Upstream};
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// An upstream seen through bytes: what the leader routes without knowing types.
+pub(crate) trait ErasedUpstream: Send + Sync + 'static {
+    fn invoke(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<Bytes, RemoteError>>;
+    fn publish(&self, payload: Bytes) -> BoxFuture<Result<(), RemoteError>>;
+    fn subscribe(&self, key: Bytes, sink: TopicSink) -> BoxFuture<Result<(), RemoteError>>;
+    fn unsubscribe(&self, key: Bytes) -> BoxFuture<Result<(), RemoteError>>;
+}
+
+pub(crate) struct Typed<A, U> {
+    upstream: Arc<U>,
+    _api: std::marker::PhantomData<fn(A)>,
+}
+
+impl<A: Api, U: Upstream<A>> Typed<A, U> {
+    pub(crate) fn new(upstream: U) -> Self {
+        Typed { upstream: Arc::new(upstream), _api: std::marker::PhantomData }
+    }
+}
+
+impl<A: Api, U: Upstream<A>> ErasedUpstream for Typed<A, U> {
+    fn invoke(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<Bytes, RemoteError>> {
+        let upstream = self.upstream.clone();
+        Box::pin(async move {
+            let request: A::Request = decode(&payload)?;
+            let response = upstream.invoke(request, ctx).await?;
+            encode(&response)
+        })
+    }
+
+    fn publish(&self, payload: Bytes) -> BoxFuture<Result<(), RemoteError>> {
+        let upstream = self.upstream.clone();
+        Box::pin(async move {
+            let request: A::Request = decode(&payload)?;
+            upstream.publish(request).await
+        })
+    }
+
+    fn subscribe(&self, key: Bytes, sink: TopicSink) -> BoxFuture<Result<(), RemoteError>> {
+        let upstream = self.upstream.clone();
+        Box::pin(async move {
+            let key: A::Key = decode(&key)?;
+            upstream.subscribe(key, EventSink::new(sink)).await
+        })
+    }
+
+    fn unsubscribe(&self, key: Bytes) -> BoxFuture<Result<(), RemoteError>> {
+        let upstream = self.upstream.clone();
+        Box::pin(async move {
+            let key: A::Key = decode(&key)?;
+            upstream.unsubscribe(key).await
+        })
+    }
+}
+
+/// A channel: name, upstream once built, its state, and its subscription hub.
+pub(crate) struct Channel {
+    pub(crate) name: Arc<str>,
+    pub(crate) upstream: std::sync::OnceLock<Arc<dyn ErasedUpstream>>,
+    pub(crate) state: watch::Sender<UpstreamState>,
+    pub(crate) hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").field("name", &self.name).field("state", &*self.state.borrow()).finish()
+    }
+}
+
+impl Channel {
+    pub(crate) fn new(name: &str, epoch: u64) -> Self {
+        let name: Arc<str> = Arc::from(name);
+        Channel {
+            hub: Arc::new(Hub::new(name.clone(), epoch)),
+            name,
+            upstream: std::sync::OnceLock::new(),
+            state: watch::Sender::new(UpstreamState::Starting),
+        }
+    }
+
+    /// The upstream, waiting while it is being built, until `deadline`.
+    pub(crate) async fn ready_upstream(&self, deadline: Instant) -> Result<Arc<dyn ErasedUpstream>, RemoteError> {
+        let mut state = self.state.subscribe();
+        let wait = state.wait_for(|s| !matches!(s, UpstreamState::Starting));
+        match tokio::time::timeout_at(deadline.into(), wait).await {
+            Err(_) => Err(RemoteError::deadline_exceeded(format!(
+                "channel {}: upstream still starting at the deadline",
+                self.name
+            ))),
+            Ok(Err(_)) => Err(RemoteError::unavailable("leader shutting down")),
+            Ok(Ok(state)) => match &*state {
+                UpstreamState::Down(e) => Err(e.clone()),
+                _ => self.upstream.get().cloned().ok_or_else(|| {
+                    RemoteError::unavailable(format!("channel {}: upstream not available", self.name))
+                }),
+            },
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The leader's settings.
+
+use std::time::Duration;
+
+/// How a leader treats its followers. Every field has a default.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// How long a new connection may take to send its `Hello`. The default is 5 seconds.
+    pub handshake_timeout: Duration,
+    /// How often each side pings (announced to followers in `Welcome`). The default is 1 second.
+    pub heartbeat_interval: Duration,
+    /// A follower that sends nothing (not even a ping) for this long is dropped.
+    /// Followers ping on their own timer, independent of calls in flight, so a
+    /// long call never looks like a dead peer, and a peer stalled for a few
+    /// seconds (a debugger, a CPU spike) is not dropped. The default is 15 seconds.
+    pub peer_timeout: Duration,
+    /// The most replies and control frames queued to one follower; past it the
+    /// follower is disconnected as too slow. Events do not count: they are
+    /// conflated per key. The default is 8192.
+    pub max_queued_frames: usize,
+    /// A follower whose socket accepts no bytes for this long is disconnected. The default is 10 seconds.
+    pub write_stall_timeout: Duration,
+    /// The most calls one follower may have in flight; more are rejected. The default is 4096.
+    pub max_in_flight: usize,
+    /// The largest frame accepted or sent. The default is 16 MiB.
+    pub max_frame_length: usize,
+    /// On shutdown, how long sessions get to flush their `Goodbye`. The default is 2 seconds.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            handshake_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(15),
+            max_queued_frames: 8192,
+            write_stall_timeout: Duration::from_secs(10),
+            max_in_flight: 4096,
+            max_frame_length: tandem_protocol::DEFAULT_MAX_FRAME_LENGTH,
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}

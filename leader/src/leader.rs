@@ -1,0 +1,363 @@
+//! The leader: channels, sessions, listeners.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tandem_protocol::{Api, FrameCodec, Link, RemoteError, UpstreamState};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::channel::{BoxFuture, Channel, ErasedUpstream, Typed};
+use crate::session::{self, PeerInfo};
+use crate::{ChannelStats, Config, Error, Stats, Upstream};
+
+/// State shared by the leader handle, its listeners and its sessions.
+pub(crate) struct Shared {
+    pub(crate) id: Uuid,
+    pub(crate) epoch: u64,
+    pub(crate) config: Config,
+    pub(crate) token: Option<String>,
+    pub(crate) channels: HashMap<String, Arc<Channel>>,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) next_session: AtomicU64,
+    pub(crate) followers: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) conflated: AtomicU64,
+}
+
+type Factory = BoxFuture<Result<Arc<dyn ErasedUpstream>, RemoteError>>;
+
+/// Builds a [`Leader`]: its epoch, token, settings and channels.
+#[must_use = "a builder does nothing until start() is called"]
+pub struct LeaderBuilder {
+    config: Config,
+    epoch: u64,
+    token: Option<String>,
+    channels: Vec<(String, Factory)>,
+}
+
+impl std::fmt::Debug for LeaderBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaderBuilder")
+            .field("epoch", &self.epoch)
+            .field("channels", &self.channels.iter().map(|(name, _)| name).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeaderBuilder {
+    /// Settings. The default is [`Config::default()`].
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The epoch: must exceed every earlier leader's of this name. The default is 1.
+    pub fn epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// The secret followers must present in `Hello` (peers relayed by a trusted
+    /// party and in-process handles are exempt). The default is none.
+    pub fn token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Adds a channel whose upstream client is built by `upstream` once the
+    /// leader starts. Until it resolves, the channel is `Starting` (followers
+    /// wait); if it fails, the channel is `Down` with that error.
+    pub fn channel<A: Api, U: Upstream<A>>(
+        mut self,
+        upstream: impl Future<Output = Result<U, RemoteError>> + Send + 'static,
+    ) -> Self {
+        let factory: Factory = Box::pin(async move {
+            let upstream = upstream.await?;
+            Ok(Arc::new(Typed::<A, U>::new(upstream)) as Arc<dyn ErasedUpstream>)
+        });
+        self.channels.push((A::NAME.to_string(), factory));
+        self
+    }
+
+    /// Starts the leader: the channels' upstreams begin building. Must be called
+    /// inside a tokio runtime. Serve it with [`Leader::bind_unix`] and friends.
+    pub fn start(self) -> Leader {
+        let mut channels = HashMap::new();
+        let mut factories = Vec::new();
+        for (name, factory) in self.channels {
+            let channel = Arc::new(Channel::new(&name, self.epoch));
+            channels.insert(name, channel.clone());
+            factories.push((channel, factory));
+        }
+        let shared = Arc::new(Shared {
+            id: Uuid::new_v4(),
+            epoch: self.epoch,
+            config: self.config,
+            token: self.token,
+            channels,
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            next_session: AtomicU64::new(1),
+            followers: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            conflated: AtomicU64::new(0),
+        });
+        for (channel, factory) in factories {
+            let cancel = shared.cancel.clone();
+            shared.tracker.spawn(async move {
+                let result = tokio::select! {
+                    result = factory => result,
+                    _ = cancel.cancelled() => return,
+                };
+                match result {
+                    Ok(upstream) => {
+                        let _ = channel.upstream.set(upstream);
+                        tracing::info!(channel = %channel.name, "upstream ready");
+                        channel.state.send_replace(UpstreamState::Ready);
+                    }
+                    Err(error) => {
+                        tracing::error!(channel = %channel.name, %error, "upstream failed to start");
+                        channel.state.send_replace(UpstreamState::Down(error));
+                    }
+                }
+            });
+        }
+        tracing::info!(epoch = shared.epoch, leader.id = %shared.id, "leader started");
+        Leader { shared }
+    }
+}
+
+/// The leader: holds each channel's one upstream client and serves followers.
+///
+/// Cheap to clone; every clone is the same leader.
+#[derive(Clone)]
+pub struct Leader {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Leader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leader").field("id", &self.shared.id).field("epoch", &self.shared.epoch).finish()
+    }
+}
+
+impl Leader {
+    /// A builder with default settings, epoch 1, no token and no channels.
+    pub fn builder() -> LeaderBuilder {
+        LeaderBuilder { config: Config::default(), epoch: 1, token: None, channels: Vec::new() }
+    }
+
+    /// The leader's random id.
+    pub fn id(&self) -> Uuid {
+        self.shared.id
+    }
+
+    /// The leader's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
+    }
+
+    /// The current state of a channel's upstream, if the leader serves it.
+    pub fn upstream_state(&self, channel: &str) -> Option<UpstreamState> {
+        self.shared.channels.get(channel).map(|c| c.state.borrow().clone())
+    }
+
+    /// Serves followers on a Unix socket at `path`.
+    ///
+    /// The socket's directory is created with mode 0700 if missing; an existing
+    /// one must belong to this user and be closed to others. A stale socket
+    /// file at `path` is replaced: callers make sure no live leader owns it (the
+    /// election lock does). Each peer's uid is checked with `SO_PEERCRED` before
+    /// its first byte is read.
+    pub fn bind_unix(&self, path: impl AsRef<Path>) -> Result<PathBuf, Error> {
+        let path = path.as_ref().to_path_buf();
+        let bind_error = |source| Error::Bind { path: path.display().to_string(), source };
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        ensure_private_dir(dir).map_err(|e| match e {
+            DirError::Io(source) => bind_error(source),
+            DirError::Insecure(mode) => Error::InsecureDirectory { path: dir.to_path_buf(), mode },
+        })?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::debug!(path = %path.display(), "removed a stale socket"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_error(e)),
+        }
+        let listener = UnixListener::bind(&path).map_err(bind_error)?;
+        tracing::info!(path = %path.display(), "leader listening");
+        let shared = self.shared.clone();
+        let socket = path.clone();
+        self.shared.tracker.spawn(async move {
+            accept_unix(shared, listener).await;
+            let _ = std::fs::remove_file(&socket);
+        });
+        Ok(path)
+    }
+
+    /// Serves followers over TCP on a loopback address (needs a token: TCP has no peer uid).
+    pub async fn bind_tcp(&self, addr: SocketAddr) -> Result<SocketAddr, Error> {
+        if !addr.ip().is_loopback() {
+            return Err(Error::NotLoopback(addr));
+        }
+        if self.shared.token.is_none() {
+            return Err(Error::TokenRequired);
+        }
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| Error::Bind { path: addr.to_string(), source })?;
+        let local = listener.local_addr().map_err(|source| Error::Bind { path: addr.to_string(), source })?;
+        tracing::info!(addr = %local, "leader listening on TCP");
+        self.shared.tracker.spawn(accept_tcp(self.shared.clone(), listener));
+        Ok(local)
+    }
+
+    /// Serves one follower over a link that some other transport established
+    /// (the cluster's messenger relay, a test harness).
+    pub fn serve_link(&self, link: Link, peer: PeerInfo) {
+        self.shared.tracker.spawn(session::run(self.shared.clone(), link, peer));
+    }
+
+    /// A link for a follower in this very process: frames travel through memory,
+    /// with the same deadlines, subscription sharing and ordering as a socket.
+    pub fn connect_local(&self) -> Link {
+        let (ours, theirs) = Link::pair(1024);
+        let peer =
+            PeerInfo { pid: i32::try_from(std::process::id()).ok(), uid: None, transport: "local", trusted: true };
+        self.serve_link(ours, peer);
+        theirs
+    }
+
+    /// What the leader is doing now.
+    pub fn stats(&self) -> Stats {
+        let mut channels: Vec<ChannelStats> = self
+            .shared
+            .channels
+            .values()
+            .map(|channel| {
+                let counts = channel.hub.counts();
+                ChannelStats {
+                    name: channel.name.to_string(),
+                    upstream: channel.state.borrow().clone(),
+                    subscriptions: counts.keys,
+                    subscribers: counts.subscribers,
+                }
+            })
+            .collect();
+        channels.sort_by(|a, b| a.name.cmp(&b.name));
+        Stats {
+            leader_id: self.shared.id,
+            epoch: self.shared.epoch,
+            followers: self.shared.followers.load(Ordering::Relaxed),
+            in_flight: self.shared.in_flight.load(Ordering::Relaxed),
+            conflated_events: self.shared.conflated.load(Ordering::Relaxed),
+            channels,
+        }
+    }
+
+    /// A token cancelled when the leader shuts down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.cancel.clone()
+    }
+
+    /// Stops: says goodbye to every follower, stops listening, cancels calls,
+    /// and waits (up to the configured grace) for sessions to flush.
+    pub async fn shutdown(&self) {
+        self.shared.cancel.cancel();
+        self.shared.tracker.close();
+        let grace = self.shared.config.shutdown_grace + Duration::from_millis(100);
+        if tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_err() {
+            tracing::warn!("leader tasks still running after the shutdown grace");
+        }
+    }
+}
+
+enum DirError {
+    Io(std::io::Error),
+    Insecure(u32),
+}
+
+fn ensure_private_dir(dir: &Path) -> Result<(), DirError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.uid() != nix::unistd::geteuid().as_raw() || mode & 0o077 != 0 {
+                return Err(DirError::Insecure(mode));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(DirError::Io)
+        }
+        Err(e) => Err(DirError::Io(e)),
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+async fn accept_unix(shared: Arc<Shared>, listener: UnixListener) {
+    let uid = nix::unistd::geteuid().as_raw();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shared.cancel.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors and the like: log, breathe, go on.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let cred = match stream.peer_cred() {
+            Ok(cred) => cred,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read peer credentials; connection dropped");
+                continue;
+            }
+        };
+        if cred.uid() != uid {
+            tracing::warn!(peer.uid = cred.uid(), peer.pid = cred.pid(), "connection from another user refused");
+            continue;
+        }
+        let (read, write) = stream.into_split();
+        let link = Link::from_io(read, write, FrameCodec::with_max_frame_length(shared.config.max_frame_length));
+        let peer = PeerInfo { pid: cred.pid(), uid: Some(cred.uid()), transport: "unix", trusted: false };
+        shared.tracker.spawn(session::run(shared.clone(), link, peer));
+    }
+}
+
+async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shared.cancel.cancelled() => return,
+        };
+        let stream = match accepted {
+            Ok((stream, addr)) if addr.ip().is_loopback() => stream,
+            Ok((_, addr)) => {
+                tracing::warn!(peer.addr = %addr, "non-loopback connection refused");
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let link = Link::from_io(read, write, FrameCodec::with_max_frame_length(shared.config.max_frame_length));
+        let peer = PeerInfo { pid: None, uid: None, transport: "tcp", trusted: false };
+        shared.tracker.spawn(session::run(shared.clone(), link, peer));
+    }
+}

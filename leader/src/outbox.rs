@@ -1,0 +1,184 @@
+//! One follower's outbound queue: bounded for replies, conflating for events.
+//!
+//! The leader never waits for a follower. Replies, acks and control frames go
+//! in a FIFO bounded by `Config::max_queued_frames`; when it is full the
+//! follower is too slow, and its session is closed with that reason. Events go
+//! in a second queue holding at most one entry per (channel, key): a newer
+//! value replaces a pending older one in place (conflation), so a slow
+//! follower costs memory proportional to its keys, not to the event rate.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tandem_protocol::{Event, Frame};
+use tokio::sync::Notify;
+
+type EventKey = (Arc<str>, Bytes);
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Frame>,
+    event_order: VecDeque<EventKey>,
+    events: HashMap<EventKey, (u64, u64, Bytes)>,
+    closed: Option<String>,
+    conflated: u64,
+}
+
+/// The queue between the leader's tasks and one follower's writer task.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    max_frames: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_frames: usize) -> Self {
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), max_frames: max_frames.max(1) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queues inconsistent
+        // (every mutation is a single push/pop), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a frame; false if the outbox is closed or just overflowed (then closed).
+    pub(crate) fn push(&self, frame: Frame) -> bool {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return false;
+        }
+        if state.frames.len() >= self.max_frames {
+            state.closed = Some(format!("outbound queue over {} frames: follower too slow", self.max_frames));
+            drop(state);
+            self.notify.notify_one();
+            return false;
+        }
+        state.frames.push_back(frame);
+        drop(state);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Queues an event, replacing a pending older event of the same key.
+    pub(crate) fn push_event(&self, channel: &Arc<str>, key: &Bytes, epoch: u64, seq: u64, payload: &Bytes) {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return;
+        }
+        let state = &mut *state;
+        match state.events.entry((channel.clone(), key.clone())) {
+            Entry::Occupied(mut pending) => {
+                *pending.get_mut() = (epoch, seq, payload.clone());
+                state.conflated += 1;
+                return;
+            }
+            Entry::Vacant(slot) => {
+                state.event_order.push_back(slot.key().clone());
+                slot.insert((epoch, seq, payload.clone()));
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Drops any pending event of a key (the follower unsubscribed it).
+    pub(crate) fn forget_key(&self, channel: &Arc<str>, key: &Bytes) {
+        let mut state = self.lock();
+        let event_key = (channel.clone(), key.clone());
+        if state.events.remove(&event_key).is_some() {
+            state.event_order.retain(|k| k != &event_key);
+        }
+    }
+
+    /// Closes the outbox: later pushes are dropped, the writer ends after what is queued.
+    pub(crate) fn close(&self, reason: impl Into<String>) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            state.closed = Some(reason.into());
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    /// The reason the outbox was closed, if it was.
+    #[cfg(test)]
+    pub(crate) fn closed_reason(&self) -> Option<String> {
+        self.lock().closed.clone()
+    }
+
+    /// How many events were replaced before a slow follower read them.
+    pub(crate) fn conflated(&self) -> u64 {
+        self.lock().conflated
+    }
+
+    /// Moves everything queued into `batch` (frames first, then events in the
+    /// order their keys first became pending). Waits while there is nothing.
+    /// Returns the close reason once the outbox is closed and drained.
+    pub(crate) async fn next_batch(&self, batch: &mut Vec<Frame>) -> Result<(), String> {
+        loop {
+            {
+                let mut state = self.lock();
+                let state = &mut *state;
+                batch.extend(state.frames.drain(..));
+                while let Some(key) = state.event_order.pop_front() {
+                    if let Some((epoch, seq, payload)) = state.events.remove(&key) {
+                        let (channel, key) = key;
+                        batch.push(Frame::Event(Event { channel: channel.to_string(), key, epoch, seq, payload }));
+                    }
+                }
+                if !batch.is_empty() {
+                    return Ok(());
+                }
+                if let Some(reason) = &state.closed {
+                    return Err(reason.clone());
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn events_of_one_key_are_conflated_in_place() {
+        let outbox = Outbox::new(8);
+        let ch: Arc<str> = Arc::from("c");
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        outbox.push_event(&ch, &a, 1, 1, &Bytes::from_static(b"a1"));
+        outbox.push_event(&ch, &b, 1, 2, &Bytes::from_static(b"b1"));
+        outbox.push_event(&ch, &a, 1, 3, &Bytes::from_static(b"a2"));
+        let mut batch = Vec::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        let got: Vec<(Bytes, u64)> = batch
+            .into_iter()
+            .map(|f| match f {
+                Frame::Event(e) => (e.payload, e.seq),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(got, vec![(Bytes::from_static(b"a2"), 3), (Bytes::from_static(b"b1"), 2)]);
+        assert_eq!(outbox.conflated(), 1);
+    }
+
+    #[tokio::test]
+    async fn overflow_closes_with_a_reason() {
+        let outbox = Outbox::new(2);
+        assert!(outbox.push(Frame::Ping(1)));
+        assert!(outbox.push(Frame::Ping(2)));
+        assert!(!outbox.push(Frame::Ping(3)));
+        let reason = outbox.closed_reason().unwrap();
+        assert!(reason.contains("too slow"), "{reason}");
+        let mut batch = Vec::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(batch, vec![Frame::Ping(1), Frame::Ping(2)]);
+        batch.clear();
+        assert!(outbox.next_batch(&mut batch).await.is_err());
+    }
+}

@@ -1,0 +1,450 @@
+//! One follower's connection: handshake, then frames in, frames out.
+//!
+//! ```text
+//!  link.rx --> reader loop (this task) --+--> hub (subscribe / unsubscribe)
+//!                                       +--> call tasks (one per Invoke / Publish)
+//!                                       |        |
+//!                      Outbox <---------+--------+   (replies, acks, pings, events)
+//!                        |
+//!  link.tx <-- writer task (batches, flushes once per batch, gives up on a stall)
+//! ```
+//!
+//! Anything wrong with the peer (bad bytes, a protocol violation, silence past
+//! the peer timeout, a full outbox) ends this session only, with a log line
+//! naming the reason; the leader and the other sessions carry on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tandem_protocol::{
+    Ack, ChannelStatus, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject, RemoteError,
+    RequestId, Response, UpstreamState, Welcome, check_hello,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::channel::Channel;
+use crate::hub::SessionId;
+use crate::leader::Shared;
+use crate::outbox::Outbox;
+use crate::upstream::CallContext;
+
+/// Who is on the other end of a link, as established by the transport.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The peer's process id, when the transport knows it.
+    pub pid: Option<i32>,
+    /// The peer's user id, when the transport knows it.
+    pub uid: Option<u32>,
+    /// How the peer is connected: `unix`, `tcp`, `local` or `messenger`.
+    pub transport: &'static str,
+    /// Whether the transport already authenticated the peer (in-process links,
+    /// links relayed by the cluster master); a trusted peer skips the token check.
+    pub trusted: bool,
+}
+
+impl PeerInfo {
+    /// A peer relayed by a trusted party (the cluster master), with the pid it vouches for.
+    pub fn relayed(transport: &'static str, pid: Option<i32>) -> Self {
+        PeerInfo { pid, uid: None, transport, trusted: true }
+    }
+}
+
+type InFlight = Arc<Mutex<HashMap<RequestId, CancellationToken>>>;
+
+fn lock_in_flight(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashMap<RequestId, CancellationToken>> {
+    in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs one session to its end.
+pub(crate) async fn run(shared: Arc<Shared>, link: Link, peer: PeerInfo) {
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!(
+        "session",
+        follower.id = id,
+        pid = peer.pid,
+        transport = peer.transport,
+        epoch = shared.epoch
+    );
+    Session::run(shared, id, link, peer).instrument(span).await
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    id: SessionId,
+    outbox: Arc<Outbox>,
+    channels: HashMap<String, Arc<Channel>>,
+    in_flight: InFlight,
+    subscribed: HashSet<(Arc<str>, Bytes)>,
+    cancel: CancellationToken,
+}
+
+impl Session {
+    async fn run(shared: Arc<Shared>, id: SessionId, mut link: Link, peer: PeerInfo) {
+        let hello = match handshake(&shared, &mut link, &peer).await {
+            Ok(hello) => hello,
+            Err(reason) => {
+                tracing::warn!(reason = %reason, "follower refused at handshake");
+                return;
+            }
+        };
+        tracing::info!(peer.id = %hello.peer_id, hello.pid = hello.pid, channels = ?hello.channels, "follower connected");
+        let channels: HashMap<String, Arc<Channel>> =
+            hello.channels.iter().filter_map(|name| Some((name.clone(), shared.channels.get(name)?.clone()))).collect();
+        let outbox = Arc::new(Outbox::new(shared.config.max_queued_frames));
+        let cancel = shared.cancel.child_token();
+        let mut writer =
+            tokio::spawn(write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout).in_current_span());
+        for channel in channels.values() {
+            shared.tracker.spawn(forward_status(channel.clone(), outbox.clone(), cancel.clone()));
+        }
+        shared.followers.fetch_add(1, Ordering::Relaxed);
+        let mut session =
+            Session { shared, id, outbox, channels, in_flight: InFlight::default(), subscribed: HashSet::new(), cancel };
+
+        let config = &session.shared.config;
+        let (heartbeat, peer_timeout) = (config.heartbeat_interval, config.peer_timeout);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_received = Instant::now();
+        let mut nonce = 0u64;
+        let mut writer_done = false;
+        let reason: String = loop {
+            tokio::select! {
+                biased;
+                _ = session.cancel.cancelled() => {
+                    session.outbox.push(Frame::Goodbye("leader shutting down".into()));
+                    break "leader shutting down".into();
+                }
+                result = &mut writer => {
+                    writer_done = true;
+                    break match result {
+                        Ok(reason) => reason,
+                        Err(e) => format!("writer task failed: {e}"),
+                    };
+                }
+                frame = link.rx.next() => match frame {
+                    None => break "follower closed the connection".into(),
+                    Some(Err(error)) => {
+                        let reason = format!("bad frame from follower: {error}");
+                        session.outbox.push(Frame::Goodbye(reason.clone()));
+                        break reason;
+                    }
+                    Some(Ok(frame)) => {
+                        last_received = Instant::now();
+                        if let Err(reason) = session.handle(frame) {
+                            session.outbox.push(Frame::Goodbye(reason.clone()));
+                            break reason;
+                        }
+                    }
+                },
+                _ = ticker.tick() => {
+                    let silent = last_received.elapsed();
+                    if silent > peer_timeout {
+                        break format!("no frame from follower for {} ms (peer timeout {} ms)", silent.as_millis(), peer_timeout.as_millis());
+                    }
+                    nonce += 1;
+                    session.outbox.push(Frame::Ping(nonce));
+                }
+            }
+        };
+        session.finish(&reason);
+        if !writer_done {
+            // Let the writer flush what is queued (a Goodbye, usually), briefly.
+            let grace = session.shared.config.shutdown_grace;
+            if tokio::time::timeout(grace, &mut writer).await.is_err() {
+                writer.abort();
+            }
+        }
+        let normal = reason == "follower closed the connection" || reason.starts_with("follower said goodbye");
+        if normal {
+            tracing::info!(reason = %reason, "follower disconnected");
+        } else {
+            tracing::warn!(reason = %reason, "follower session ended");
+        }
+    }
+
+    /// Releases everything the session held.
+    fn finish(&mut self, reason: &str) {
+        self.cancel.cancel();
+        let calls = std::mem::take(&mut *lock_in_flight(&self.in_flight));
+        self.shared.in_flight.fetch_sub(calls.len(), Ordering::Relaxed);
+        for (channel, key) in std::mem::take(&mut self.subscribed) {
+            if let Some(channel) = self.channels.get(&*channel)
+                && let Some(upstream) = channel.upstream.get()
+            {
+                channel.hub.unsubscribe(upstream, &self.shared.tracker, self.id, &key);
+            }
+        }
+        self.shared.conflated.fetch_add(self.outbox.conflated(), Ordering::Relaxed);
+        self.shared.followers.fetch_sub(1, Ordering::Relaxed);
+        self.outbox.close(reason);
+    }
+
+    fn channel(&self, name: &str) -> Result<&Arc<Channel>, RemoteError> {
+        self.channels.get(name).ok_or_else(|| {
+            RemoteError::bad_request(format!("channel {name:?} was not named in Hello or is not served by this leader"))
+                .with_code("channel")
+        })
+    }
+
+    /// Handles one frame; an error ends the session with that reason.
+    fn handle(&mut self, frame: Frame) -> Result<(), String> {
+        match frame {
+            Frame::Invoke(invoke) => return self.invoke(invoke),
+            Frame::Cancel(id) => {
+                if let Some(token) = lock_in_flight(&self.in_flight).remove(&id) {
+                    self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    token.cancel();
+                }
+            }
+            Frame::Subscribe(subscribe) => {
+                let result = self.channel(&subscribe.channel).cloned().and_then(|channel| {
+                    let upstream = channel.upstream.get().cloned().ok_or_else(|| match &*channel.state.borrow() {
+                        UpstreamState::Down(error) => error.clone(),
+                        _ => RemoteError::unavailable(format!("channel {}: upstream still starting", channel.name)),
+                    })?;
+                    Ok((channel, upstream))
+                });
+                match result {
+                    Ok((channel, upstream)) => {
+                        self.subscribed.insert((channel.name.clone(), subscribe.key.clone()));
+                        channel.hub.subscribe(
+                            &upstream,
+                            &self.shared.tracker,
+                            self.id,
+                            &self.outbox,
+                            subscribe.id,
+                            subscribe.key,
+                            subscribe.last_seen,
+                        );
+                    }
+                    Err(error) => {
+                        self.outbox.push(Frame::Ack(Ack { id: subscribe.id, result: Err(error) }));
+                    }
+                }
+            }
+            Frame::Unsubscribe(unsubscribe) => {
+                let result = self.channel(&unsubscribe.channel).cloned().map(|channel| {
+                    self.subscribed.remove(&(channel.name.clone(), unsubscribe.key.clone()));
+                    if let Some(upstream) = channel.upstream.get() {
+                        channel.hub.unsubscribe(upstream, &self.shared.tracker, self.id, &unsubscribe.key);
+                    }
+                });
+                self.outbox.push(Frame::Ack(Ack { id: unsubscribe.id, result }));
+            }
+            Frame::Publish(publish) => self.publish(publish),
+            Frame::Ping(nonce) => {
+                self.outbox.push(Frame::Pong(nonce));
+            }
+            Frame::Pong(_) => {}
+            Frame::Goodbye(reason) => return Err(format!("follower said goodbye: {reason}")),
+            other => return Err(format!("protocol violation: a follower may not send {}", other.kind())),
+        }
+        Ok(())
+    }
+
+    fn invoke(&mut self, invoke: Invoke) -> Result<(), String> {
+        let Invoke { id, channel, deadline_ms, oneway, payload } = invoke;
+        let reply = |outbox: &Outbox, result| {
+            if !oneway {
+                outbox.push(Frame::Response(Response { id, result }));
+            }
+        };
+        let channel = match self.channel(&channel) {
+            Ok(channel) => channel.clone(),
+            Err(error) => {
+                reply(&self.outbox, Err(error));
+                return Ok(());
+            }
+        };
+        let token = {
+            let mut in_flight = lock_in_flight(&self.in_flight);
+            if in_flight.len() >= self.shared.config.max_in_flight {
+                drop(in_flight);
+                let limit = self.shared.config.max_in_flight;
+                reply(&self.outbox, Err(RemoteError::rejected(format!("more than {limit} calls in flight"))));
+                return Ok(());
+            }
+            if in_flight.contains_key(&id) {
+                return Err(format!("protocol violation: request id {id} is already in flight"));
+            }
+            let token = self.cancel.child_token();
+            in_flight.insert(id, token.clone());
+            token
+        };
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_millis(u64::from(deadline_ms));
+        let (outbox, in_flight, shared) = (self.outbox.clone(), self.in_flight.clone(), self.shared.clone());
+        self.shared.tracker.spawn(
+            async move {
+                let ctx = CallContext { deadline, cancelled: token.clone() };
+                let call = async {
+                    let upstream = channel.ready_upstream(deadline).await?;
+                    upstream.invoke(payload, ctx).await
+                };
+                let result = tokio::select! {
+                    result = tokio::time::timeout_at(deadline.into(), call) => result.unwrap_or_else(|_| {
+                        Err(RemoteError::deadline_exceeded(format!("call took longer than its {deadline_ms} ms deadline")))
+                    }),
+                    // Cancelled by the follower or its disconnect: nobody waits for an answer.
+                    _ = token.cancelled() => return,
+                };
+                if lock_in_flight(&in_flight).remove(&id).is_some() {
+                    shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    if !oneway {
+                        outbox.push(Frame::Response(Response { id, result }));
+                    } else if let Err(error) = result {
+                        tracing::warn!(request.id = id, %error, "one-way call failed");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+
+    fn publish(&mut self, publish: Publish) {
+        let Publish { id, channel, payload } = publish;
+        let channel = match self.channel(&channel) {
+            Ok(channel) => channel.clone(),
+            Err(error) => {
+                self.outbox.push(Frame::Ack(Ack { id, result: Err(error) }));
+                return;
+            }
+        };
+        let (outbox, cancel) = (self.outbox.clone(), self.cancel.clone());
+        let wait = self.shared.config.handshake_timeout;
+        self.shared.tracker.spawn(
+            async move {
+                let publish = async {
+                    let upstream = channel.ready_upstream(Instant::now() + wait).await?;
+                    upstream.publish(payload).await
+                };
+                tokio::select! {
+                    result = publish => { outbox.push(Frame::Ack(Ack { id, result })); }
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Reads and checks the `Hello`; answers `Welcome` and each channel's status, or `Reject`.
+async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<Hello, String> {
+    let config = &shared.config;
+    let first = match tokio::time::timeout(config.handshake_timeout, link.rx.next()).await {
+        Err(_) => return Err(format!("no Hello within {} ms", config.handshake_timeout.as_millis())),
+        Ok(None) => return Err("connection closed before Hello".into()),
+        Ok(Some(Err(error))) => return Err(format!("bad bytes before Hello: {error}")),
+        Ok(Some(Ok(frame))) => frame,
+    };
+    let hello = match first {
+        Frame::Hello(hello) => hello,
+        other => {
+            let error = RemoteError::rejected(format!("expected Hello, got {}", other.kind())).with_code("protocol");
+            return Err(reject(link, config.write_stall_timeout, Reject { version: PROTOCOL_VERSION, error }).await);
+        }
+    };
+    let token = if peer.trusted { None } else { shared.token.as_deref() };
+    let checked = check_hello(&hello, token).and_then(|version| {
+        match hello.channels.iter().find(|name| !shared.channels.contains_key(*name)) {
+            Some(unknown) => Err(Reject {
+                version: PROTOCOL_VERSION,
+                error: RemoteError::rejected(format!("this leader does not serve channel {unknown:?}"))
+                    .with_code("channel"),
+            }),
+            None => Ok(version),
+        }
+    });
+    let version = match checked {
+        Ok(version) => version,
+        Err(rejection) => return Err(reject(link, config.write_stall_timeout, rejection).await),
+    };
+    let welcome = Frame::Welcome(Welcome {
+        version,
+        leader_id: shared.id,
+        epoch: shared.epoch,
+        pid: std::process::id(),
+        heartbeat_ms: u32::try_from(config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
+    });
+    let send = async {
+        link.tx.feed(welcome).await?;
+        for name in &hello.channels {
+            if let Some(channel) = shared.channels.get(name) {
+                let state = channel.state.borrow().clone();
+                link.tx.feed(Frame::Status(ChannelStatus { channel: name.clone(), state })).await?;
+            }
+        }
+        link.tx.flush().await
+    };
+    match tokio::time::timeout(config.write_stall_timeout, send).await {
+        Ok(Ok(())) => Ok(hello),
+        Ok(Err(error)) => Err(format!("could not send Welcome: {error}")),
+        Err(_) => Err("could not send Welcome: follower accepts no bytes".into()),
+    }
+}
+
+/// Sends a `Reject` (best effort) and returns the reason to log.
+async fn reject(link: &mut Link, stall: Duration, rejection: Reject) -> String {
+    let reason = rejection.error.to_string();
+    let _ = tokio::time::timeout(stall, link.tx.send(Frame::Reject(rejection))).await;
+    reason
+}
+
+/// Tells the follower about every change of a channel's upstream state.
+async fn forward_status(channel: Arc<Channel>, outbox: Arc<Outbox>, cancel: CancellationToken) {
+    let mut state = channel.state.subscribe();
+    state.mark_unchanged();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = state.borrow_and_update().clone();
+                if !outbox.push(Frame::Status(ChannelStatus { channel: channel.name.to_string(), state: current })) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes batches from the outbox until it closes or the follower stops reading.
+async fn write_loop(mut tx: LinkSink, outbox: Arc<Outbox>, stall: Duration) -> String {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        if let Err(reason) = outbox.next_batch(&mut batch).await {
+            let _ = tokio::time::timeout(stall, tx.close()).await;
+            return reason;
+        }
+        let write = async {
+            for frame in batch.drain(..) {
+                tx.feed(frame).await?;
+            }
+            tx.flush().await
+        };
+        match tokio::time::timeout(stall, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                let reason = format!("write to follower failed: {error}");
+                outbox.close(reason.clone());
+                return reason;
+            }
+            Err(_) => {
+                let reason = format!("follower accepted no bytes for {} ms: too slow", stall.as_millis());
+                outbox.close(reason.clone());
+                return reason;
+            }
+        }
+        batch.clear();
+    }
+}
