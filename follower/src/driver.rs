@@ -471,6 +471,10 @@ impl Core {
     }
 
     fn subscribe(&mut self, channel: &'static str, key: Bytes, reply: SubscribeReply) {
+        if let Some(UpstreamState::Down(error)) = self.status.borrow().channels.get(channel) {
+            let _ = reply.send(Err(Error::Remote(error.clone())));
+            return;
+        }
         let ready = self.channel_ready(channel);
         let capacity = self.config.subscription_buffer.max(1);
         let topic = self.topics.entry((channel, key.clone())).or_insert_with(|| Topic {

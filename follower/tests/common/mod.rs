@@ -1,0 +1,175 @@
+//! A small in-memory upstream (a key-value store with watches) for in-process tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem_follower::{Connection, Standalone};
+use tandem_leader::{CallContext, EventSink, Leader, Upstream};
+use tandem_protocol::{Api, RemoteError};
+
+pub struct Kv;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum KvRequest {
+    Get(String),
+    Put(String, String),
+    /// Never answers (until cancelled).
+    Hang,
+    Fail(String),
+}
+
+impl Api for Kv {
+    const NAME: &'static str = "kv";
+    type Key = String;
+    type Event = String;
+    type Request = KvRequest;
+    type Response = Option<String>;
+}
+
+/// A counter tests can await.
+#[derive(Debug)]
+pub struct Counter(tokio::sync::watch::Sender<usize>);
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter(tokio::sync::watch::Sender::new(0))
+    }
+}
+
+impl Counter {
+    pub fn bump(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+    pub fn get(&self) -> usize {
+        *self.0.borrow()
+    }
+    /// Waits until the count reaches `n`.
+    pub async fn reaches(&self, n: usize) {
+        let mut rx = self.0.subscribe();
+        rx.wait_for(|v| *v >= n).await.expect("counter dropped");
+    }
+}
+
+/// Counters the tests read.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub subscribes: Counter,
+    pub unsubscribes: Counter,
+    pub invokes: Counter,
+    /// Hung calls whose future was dropped (cancelled).
+    pub cancelled: Counter,
+}
+
+#[derive(Default)]
+struct Store {
+    values: HashMap<String, String>,
+    sinks: HashMap<String, EventSink<Kv>>,
+}
+
+#[derive(Clone, Default)]
+pub struct MemUpstream {
+    store: Arc<Mutex<Store>>,
+    pub counters: Arc<Counters>,
+}
+
+impl MemUpstream {
+    /// Writes a value as the real upstream would, notifying the subscription.
+    pub fn put(&self, key: &str, value: &str) {
+        let mut store = self.store.lock().unwrap();
+        store.values.insert(key.to_string(), value.to_string());
+        if let Some(sink) = store.sinks.get(key) {
+            sink.send(value.to_string());
+        }
+    }
+}
+
+struct DropCounter(Arc<Counters>);
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.cancelled.bump();
+    }
+}
+
+impl Upstream<Kv> for MemUpstream {
+    async fn invoke(&self, request: KvRequest, _ctx: CallContext) -> Result<Option<String>, RemoteError> {
+        self.counters.invokes.bump();
+        match request {
+            KvRequest::Get(key) => Ok(self.store.lock().unwrap().values.get(&key).cloned()),
+            KvRequest::Put(key, value) => {
+                self.put(&key, &value);
+                Ok(None)
+            }
+            KvRequest::Hang => {
+                let _guard = DropCounter(self.counters.clone());
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            KvRequest::Fail(message) => Err(RemoteError::upstream(message).with_code("E_TEST")),
+        }
+    }
+
+    async fn subscribe(&self, key: String, sink: EventSink<Kv>) -> Result<(), RemoteError> {
+        self.counters.subscribes.bump();
+        let mut store = self.store.lock().unwrap();
+        if let Some(value) = store.values.get(&key) {
+            sink.send(value.clone());
+        }
+        store.sinks.insert(key, sink);
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
+        self.counters.unsubscribes.bump();
+        self.store.lock().unwrap().sinks.remove(&key);
+        Ok(())
+    }
+
+    async fn publish(&self, request: KvRequest) -> Result<(), RemoteError> {
+        match request {
+            KvRequest::Put(key, value) => {
+                self.put(&key, &value);
+                Ok(())
+            }
+            other => Err(RemoteError::bad_request(format!("cannot publish {other:?}"))),
+        }
+    }
+}
+
+/// A leader serving `upstream` on a socket in `dir`.
+pub fn leader(upstream: &MemUpstream, dir: &std::path::Path, epoch: u64) -> (Leader, std::path::PathBuf) {
+    let up = upstream.clone();
+    let leader = Leader::builder().epoch(epoch).channel::<Kv, _>(async move { Ok(up) }).start();
+    let path = leader.bind_unix(dir.join("leader.sock")).expect("bind");
+    (leader, path)
+}
+
+/// A follower connection to the socket at `path`.
+pub fn follower(path: &std::path::Path) -> Connection {
+    follower_with(path, tandem_follower::Config::default())
+}
+
+pub fn follower_with(path: &std::path::Path, config: tandem_follower::Config) -> Connection {
+    Connection::builder().config(config).channel::<Kv>().connect(tandem_follower::UnixConnector::new(path)).spawn()
+}
+
+/// A standalone (elected) connection.
+pub fn standalone(name: &str, dir: &std::path::Path, upstream: &MemUpstream) -> Connection {
+    let up = upstream.clone();
+    let connector = Standalone::new(name, dir, move |builder| {
+        let up = up.clone();
+        builder.channel::<Kv, _>(async move { Ok(up) })
+    });
+    Connection::builder().channel::<Kv>().connect(connector).spawn()
+}
+
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn private_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("tandem-test").tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    dir
+}

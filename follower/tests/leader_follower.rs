@@ -1,0 +1,253 @@
+//! Leader and followers in one process, over real Unix sockets and in-memory links.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, follower_with, leader, private_dir, standalone};
+use futures::StreamExt;
+use tandem_follower::{Connection, Error, LocalConnector, State};
+use tandem_protocol::ErrorKind;
+use tokio::time::timeout;
+
+async fn with_timeout<F: std::future::Future<Output = ()>>(test: F) {
+    timeout(TEST_TIMEOUT, test).await.expect("test timed out");
+}
+
+#[tokio::test]
+async fn invoke_round_trips_and_remote_errors_are_typed() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let kv = follower(&path).client::<Kv>();
+        kv.ready().await.unwrap();
+        assert!(!kv.is_leader());
+        assert_eq!(kv.invoke(KvRequest::Put("a".into(), "1".into())).await.unwrap(), None);
+        assert_eq!(kv.invoke(KvRequest::Get("a".into())).await.unwrap(), Some("1".into()));
+        let error = kv.invoke(KvRequest::Fail("boom".into())).await.unwrap_err();
+        let remote = error.remote().expect("a remote error");
+        assert_eq!((remote.kind, remote.code.as_str(), remote.message.as_str()), (ErrorKind::Upstream, "E_TEST", "boom"));
+        kv.publish(KvRequest::Put("b".into(), "2".into())).await.unwrap();
+        assert_eq!(kv.invoke(KvRequest::Get("b".into())).await.unwrap(), Some("2".into()));
+        kv.invoke_oneway(KvRequest::Put("c".into(), "3".into())).await.unwrap();
+        // The one-way call and this one travel in order on one connection.
+        assert_eq!(kv.invoke(KvRequest::Get("c".into())).await.unwrap(), Some("3".into()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_leaders_own_process_uses_the_same_handle_through_memory() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (leader, path) = leader(&upstream, dir.path(), 7);
+        let local = Connection::builder().channel::<Kv>().connect(LocalConnector::new(leader.clone())).spawn();
+        let here = local.client::<Kv>();
+        here.ready().await.unwrap();
+        assert!(here.is_leader());
+        let there = follower(&path).client::<Kv>();
+        there.ready().await.unwrap();
+
+        let mut sub_here = here.subscribe("k".into()).await.unwrap();
+        let mut sub_there = there.subscribe("k".into()).await.unwrap();
+        assert_eq!(upstream.counters.subscribes.get(), 1, "two subscribers, one upstream subscription");
+        here.invoke(KvRequest::Put("k".into(), "v".into())).await.unwrap();
+        let a = sub_here.next().await.unwrap();
+        let b = sub_there.next().await.unwrap();
+        assert_eq!((a.value.as_str(), a.epoch), ("v", 7));
+        assert_eq!(a.position(), b.position());
+        assert_eq!(leader.stats().followers, 2);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn many_subscribers_share_one_upstream_subscription_and_the_last_releases_it() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        upstream.put("flag", "on");
+        let (leader, path) = leader(&upstream, dir.path(), 1);
+        let clients: Vec<_> = (0..4).map(|_| follower(&path).client::<Kv>()).collect();
+        let mut subs = Vec::new();
+        for client in &clients {
+            let mut sub = client.subscribe("flag".into()).await.unwrap();
+            // Every subscriber, early or late, gets the current value at once.
+            let first = sub.next().await.unwrap();
+            assert_eq!(first.value, "on");
+            subs.push(sub);
+        }
+        assert_eq!(upstream.counters.subscribes.get(), 1);
+        let stats = leader.stats();
+        assert_eq!((stats.channels[0].subscriptions, stats.channels[0].subscribers), (1, 4));
+
+        upstream.put("flag", "off");
+        let mut positions = Vec::new();
+        for sub in &mut subs {
+            let update = sub.next().await.unwrap();
+            assert_eq!(update.value, "off");
+            positions.push(update.position());
+        }
+        assert!(positions.windows(2).all(|w| w[0] == w[1]), "one event, one position: {positions:?}");
+
+        // A second subscription in the same process shares the process's topic too.
+        let mut again = clients[0].subscribe("flag".into()).await.unwrap();
+        assert_eq!(again.next().await.unwrap().value, "off");
+        drop(again);
+        subs.truncate(1);
+        assert_eq!(upstream.counters.unsubscribes.get(), 0, "one subscriber is left");
+        subs.clear();
+        upstream.counters.unsubscribes.reaches(1).await;
+        assert_eq!(upstream.counters.subscribes.get(), 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_call_past_its_deadline_fails_typed_and_is_cancelled_upstream() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (leader, path) = leader(&upstream, dir.path(), 1);
+        let kv = follower(&path).client::<Kv>();
+        kv.ready().await.unwrap();
+        let started = std::time::Instant::now();
+        let error = kv.invoke_with_deadline(KvRequest::Hang, Duration::from_millis(200)).await.unwrap_err();
+        assert!(error.is_timeout(), "{error:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        upstream.counters.cancelled.reaches(1).await;
+
+        // Dropping a call future cancels it at the leader as well.
+        let call = kv.invoke_with_deadline(KvRequest::Hang, Duration::from_secs(60));
+        let _ = timeout(Duration::from_millis(50), call).await;
+        upstream.counters.cancelled.reaches(2).await;
+        assert_eq!(leader.stats().in_flight, 0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn losing_the_leader_fails_calls_at_once_and_a_new_leader_resumes_subscriptions() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        upstream.put("k", "1");
+        let (old, path) = leader(&upstream, dir.path(), 1);
+        let connection = follower(&path);
+        let kv = connection.client::<Kv>();
+        let mut sub = kv.subscribe("k".into()).await.unwrap();
+        let first = sub.next().await.unwrap();
+        assert_eq!((first.value.as_str(), first.epoch), ("1", 1));
+
+        let hung = tokio::spawn({
+            let kv = kv.clone();
+            async move { kv.invoke_with_deadline(KvRequest::Hang, Duration::from_secs(60)).await }
+        });
+        upstream.counters.invokes.reaches(1).await;
+        old.shutdown().await;
+        let error = hung.await.unwrap().unwrap_err();
+        assert!(matches!(error, Error::LeaderLost), "{error:?}");
+        let mut status = connection.status();
+        status.wait_for(|s| s.state_of("kv") == State::LeaderLost).await.unwrap();
+        assert!(matches!(kv.invoke(KvRequest::Get("k".into())).await, Err(Error::LeaderLost)));
+        // The subscription keeps its last value meanwhile.
+        assert_eq!(sub.latest().unwrap().value, "1");
+
+        upstream.put("k", "2");
+        let (_new, _) = leader(&upstream, dir.path(), 2);
+        let update = sub.next().await.unwrap();
+        assert_eq!((update.value.as_str(), update.epoch), ("2", 2));
+        upstream.put("k", "3");
+        let update = sub.next().await.unwrap();
+        assert_eq!((update.value.as_str(), update.epoch), ("3", 2));
+        assert!(update.seq > 0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_follower_started_before_the_leader_waits_and_then_works() {
+    with_timeout(async {
+        let dir = private_dir();
+        let path = dir.path().join("leader.sock");
+        let kv = follower(&path).client::<Kv>();
+        let call = tokio::spawn({
+            let kv = kv.clone();
+            async move { kv.invoke(KvRequest::Get("x".into())).await }
+        });
+        assert_eq!(kv.state(), State::Connecting);
+        let upstream = MemUpstream::default();
+        upstream.put("x", "early");
+        let (_leader, _) = leader(&upstream, dir.path(), 1);
+        kv.ready().await.unwrap();
+        assert_eq!(call.await.unwrap().unwrap(), Some("early".into()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upstream_that_fails_to_start_fails_waiting_followers_with_its_error() {
+    with_timeout(async {
+        let dir = private_dir();
+        let leader = tandem_leader::Leader::builder()
+            .channel::<Kv, MemUpstream>(async {
+                Err(tandem_protocol::RemoteError::unavailable("registry unreachable").with_code("E_INIT"))
+            })
+            .start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let kv = follower(&path).client::<Kv>();
+        let error = kv.ready().await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("E_INIT"));
+        let error = kv.subscribe("k".into()).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("E_INIT"));
+        assert!(matches!(kv.state(), State::UpstreamDown(_)));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_rejected() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let leader = tandem_leader::Leader::builder()
+            .token(Some("s3cret".into()))
+            .channel::<Kv, _>(async move { Ok(upstream) })
+            .start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let mut config = tandem_follower::Config::default();
+        config.token = Some("guess".into());
+        let kv = follower_with(&path, config).client::<Kv>();
+        let error = kv.invoke(KvRequest::Get("k".into())).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| (e.kind, e.code.as_str())), Some((ErrorKind::Rejected, "token")));
+        let mut config = tandem_follower::Config::default();
+        config.token = Some("s3cret".into());
+        let kv = follower_with(&path, config).client::<Kv>();
+        assert_eq!(kv.invoke(KvRequest::Get("k".into())).await.unwrap(), None);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn standalone_processes_elect_one_leader() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let first = standalone("svc", dir.path(), &upstream).client::<Kv>();
+        first.ready().await.unwrap();
+        let second = standalone("svc", dir.path(), &upstream).client::<Kv>();
+        second.ready().await.unwrap();
+        assert!(first.is_leader());
+        assert!(!second.is_leader());
+        let epoch = std::fs::read_to_string(dir.path().join("svc.epoch")).unwrap();
+        assert_eq!(epoch.trim(), "1");
+
+        // The leader steps down (closing its connection does not release the
+        // lock: only process death does, which the multi-process tests cover).
+        second.invoke(KvRequest::Put("a".into(), "b".into())).await.unwrap();
+        assert_eq!(first.invoke(KvRequest::Get("a".into())).await.unwrap(), Some("b".into()));
+    })
+    .await
+}
