@@ -2,7 +2,9 @@
 
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tandem_protocol::payload::{decode, encode};
@@ -101,8 +103,7 @@ impl<A: Api> Client<A> {
                 Some(answer) => answer.await.map_err(|_| Error::Closed)?,
             }
         };
-        let result =
-            tokio::time::timeout_at(until.into(), work).await.unwrap_or(Err(Error::DeadlineExceeded(deadline)));
+        let result = tokio::time::timeout_at(until, work).await.unwrap_or(Err(Error::DeadlineExceeded(deadline)));
         // Answered (or failed without reaching the leader): nothing to cancel.
         guard.armed = matches!(result, Err(Error::DeadlineExceeded(_)));
         result

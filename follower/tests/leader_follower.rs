@@ -27,7 +27,10 @@ async fn invoke_round_trips_and_remote_errors_are_typed() {
         assert_eq!(kv.invoke(KvRequest::Get("a".into())).await.unwrap(), Some("1".into()));
         let error = kv.invoke(KvRequest::Fail("boom".into())).await.unwrap_err();
         let remote = error.remote().expect("a remote error");
-        assert_eq!((remote.kind, remote.code.as_str(), remote.message.as_str()), (ErrorKind::Upstream, "E_TEST", "boom"));
+        assert_eq!(
+            (remote.kind, remote.code.as_str(), remote.message.as_str()),
+            (ErrorKind::Upstream, "E_TEST", "boom")
+        );
         kv.publish(KvRequest::Put("b".into(), "2".into())).await.unwrap();
         assert_eq!(kv.invoke(KvRequest::Get("b".into())).await.unwrap(), Some("2".into()));
         kv.invoke_oneway(KvRequest::Put("c".into(), "3".into())).await.unwrap();

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tandem_protocol::payload::{decode, encode};
@@ -98,18 +98,20 @@ impl Channel {
     pub(crate) async fn ready_upstream(&self, deadline: Instant) -> Result<Arc<dyn ErasedUpstream>, RemoteError> {
         let mut state = self.state.subscribe();
         let wait = state.wait_for(|s| !matches!(s, UpstreamState::Starting));
-        match tokio::time::timeout_at(deadline.into(), wait).await {
+        match tokio::time::timeout_at(deadline, wait).await {
             Err(_) => Err(RemoteError::deadline_exceeded(format!(
                 "channel {}: upstream still starting at the deadline",
                 self.name
             ))),
             Ok(Err(_)) => Err(RemoteError::unavailable("leader shutting down")),
-            Ok(Ok(state)) => match &*state {
-                UpstreamState::Down(e) => Err(e.clone()),
-                _ => self.upstream.get().cloned().ok_or_else(|| {
-                    RemoteError::unavailable(format!("channel {}: upstream not available", self.name))
-                }),
-            },
+            Ok(Ok(state)) => {
+                match &*state {
+                    UpstreamState::Down(e) => Err(e.clone()),
+                    _ => self.upstream.get().cloned().ok_or_else(|| {
+                        RemoteError::unavailable(format!("channel {}: upstream not available", self.name))
+                    }),
+                }
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tandem_protocol::{Event, Frame};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 type EventKey = (Arc<str>, Bytes);
 
@@ -33,11 +34,18 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     max_frames: usize,
+    /// Cancelled when the outbox closes, so the session notices an overflow at once.
+    closed: CancellationToken,
 }
 
 impl Outbox {
     pub(crate) fn new(max_frames: usize) -> Self {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), max_frames: max_frames.max(1) }
+        Outbox {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_frames: max_frames.max(1),
+            closed: CancellationToken::new(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -55,6 +63,7 @@ impl Outbox {
         if state.frames.len() >= self.max_frames {
             state.closed = Some(format!("outbound queue over {} frames: follower too slow", self.max_frames));
             drop(state);
+            self.closed.cancel();
             self.notify.notify_one();
             return false;
         }
@@ -101,11 +110,16 @@ impl Outbox {
             state.closed = Some(reason.into());
         }
         drop(state);
+        self.closed.cancel();
         self.notify.notify_one();
     }
 
+    /// Resolves once the outbox is closed.
+    pub(crate) async fn wait_closed(&self) {
+        self.closed.cancelled().await
+    }
+
     /// The reason the outbox was closed, if it was.
-    #[cfg(test)]
     pub(crate) fn closed_reason(&self) -> Option<String> {
         self.lock().closed.clone()
     }

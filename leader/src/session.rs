@@ -16,7 +16,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -104,8 +106,15 @@ impl Session {
             shared.tracker.spawn(forward_status(channel.clone(), outbox.clone(), cancel.clone()));
         }
         shared.followers.fetch_add(1, Ordering::Relaxed);
-        let mut session =
-            Session { shared, id, outbox, channels, in_flight: InFlight::default(), subscribed: HashSet::new(), cancel };
+        let mut session = Session {
+            shared,
+            id,
+            outbox,
+            channels,
+            in_flight: InFlight::default(),
+            subscribed: HashSet::new(),
+            cancel,
+        };
 
         let config = &session.shared.config;
         let (heartbeat, peer_timeout) = (config.heartbeat_interval, config.peer_timeout);
@@ -120,6 +129,12 @@ impl Session {
                 _ = session.cancel.cancelled() => {
                     session.outbox.push(Frame::Goodbye("leader shutting down".into()));
                     break "leader shutting down".into();
+                }
+                _ = session.outbox.wait_closed() => {
+                    // Overflow: the follower is not reading; stop writing to it now.
+                    writer.abort();
+                    writer_done = true;
+                    break session.outbox.closed_reason().unwrap_or_else(|| "outbox closed".into());
                 }
                 result = &mut writer => {
                     writer_done = true;
@@ -289,7 +304,7 @@ impl Session {
                     upstream.invoke(payload, ctx).await
                 };
                 let result = tokio::select! {
-                    result = tokio::time::timeout_at(deadline.into(), call) => result.unwrap_or_else(|_| {
+                    result = tokio::time::timeout_at(deadline, call) => result.unwrap_or_else(|_| {
                         Err(RemoteError::deadline_exceeded(format!("call took longer than its {deadline_ms} ms deadline")))
                     }),
                     // Cancelled by the follower or its disconnect: nobody waits for an answer.

@@ -1,7 +1,7 @@
 //! The trait a user implements once around the real upstream client.
 
 use std::future::Future;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tandem_protocol::{Api, RemoteError};
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// When the caller stops waiting. The leader drops the call's future at this
+    /// When the caller stops waiting (on tokio's clock). The leader drops the call's future at this
     /// instant; an upstream that talks to a server with its own timeout can pass it on.
     pub fn deadline(&self) -> Instant {
         self.deadline

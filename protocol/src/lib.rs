@@ -52,8 +52,8 @@ pub use frame::{
     Ack, ChannelStatus, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response, Subscribe,
     Unsubscribe, UpstreamState, Welcome,
 };
-pub use link::{Link, LinkSink};
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
+pub use link::{Link, LinkSink};
 
 // Re-exported so users of the codec need not depend on the same versions themselves.
 pub use bytes;
