@@ -18,6 +18,8 @@
 //!  leader's own process ─memory┘        values carry (epoch, seq)
 //! ```
 
+pub mod registry_upstream;
+
 pub use tandem_cluster as cluster;
 pub use tandem_follower as follower;
 pub use tandem_leader as leader;

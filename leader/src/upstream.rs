@@ -16,6 +16,11 @@ pub struct CallContext {
 }
 
 impl CallContext {
+    /// A context with this deadline (for calls an upstream makes on itself, and tests).
+    pub fn until(deadline: Instant) -> Self {
+        CallContext { deadline, cancelled: CancellationToken::new() }
+    }
+
     /// When the caller stops waiting (on tokio's clock). The leader drops the call's future at this
     /// instant; an upstream that talks to a server with its own timeout can pass it on.
     pub fn deadline(&self) -> Instant {

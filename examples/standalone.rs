@@ -1,0 +1,302 @@
+//! Standalone mode: several processes elect a leader among themselves (no
+//! master) and share ONE connection to the bundled registry.
+//!
+//! Run it in several terminals with the same `--name` and `--dir`, or let it
+//! spawn the processes:
+//!
+//! ```text
+//! cargo run --example standalone -- --spawn 4 --subscribe app.greeting
+//! ```
+//!
+//! Without `--registry ADDR` an embedded registry server is started (by the
+//! `--spawn` parent, or else by the first process in `--dir`) and, with
+//! `--write-every MS` (on by default with an embedded registry), a writer
+//! changes the first subscribed key so values flow. Kill the leader
+//! (`kill -9 <pid>` of the process that printed `role=leader`) and watch a
+//! follower take over with a higher epoch.
+//!
+//! Output, one line each:
+//! - on every role change: `pid=<pid> role=<leader|follower> epoch=<epoch>`
+//! - on every value: `pid=<pid> role=<role> key=<key> value=<value> epoch=<epoch> seq=<seq>`
+//!   (`value=<deleted>` after a delete)
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures::StreamExt;
+use tandem::registry_upstream::{ConfigApi, ConfigRequest, RegistryUpstream};
+use tandem::{Connection, Standalone};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Processes that elect a leader and share one registry connection")]
+struct Args {
+    /// The name processes elect under.
+    #[arg(long, default_value = "standalone-demo")]
+    name: String,
+    /// The private directory holding the lock, epoch and socket (created 0700).
+    /// The default is $XDG_RUNTIME_DIR/tandem, or /tmp/tandem-<uid>.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The registry's address; without it an embedded one is started.
+    #[arg(long)]
+    registry: Option<String>,
+    /// A key to subscribe to (repeatable). The default is `app.greeting`.
+    #[arg(long = "subscribe")]
+    keys: Vec<String>,
+    /// Spawn this many processes and forward their output.
+    #[arg(long)]
+    spawn: Option<usize>,
+    /// Write the first key every MS milliseconds (0 = never). The default is
+    /// 1000 with an embedded registry, 0 otherwise.
+    #[arg(long)]
+    write_every: Option<u64>,
+    /// The token the leader requires and followers present.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+fn default_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => PathBuf::from(dir).join("tandem"),
+        None => std::env::temp_dir().join(format!("tandem-{}", nix::unistd::geteuid())),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut args = Args::parse();
+    if args.keys.is_empty() {
+        args.keys.push("app.greeting".into());
+    }
+    let dir = args.dir.clone().unwrap_or_else(default_dir);
+    let runtime = tokio::runtime::Runtime::new()?;
+    match args.spawn {
+        Some(n) => runtime.block_on(spawn_processes(args, dir, n)),
+        None => runtime.block_on(run_process(args, dir)),
+    }
+}
+
+/// Starts an embedded registry and, if asked, a writer for `key`.
+async fn embedded_registry(
+    key: String,
+    write_every: u64,
+) -> anyhow::Result<(tandem::registry::ServerHandle, String)> {
+    let server = tandem::registry::Server::bind("127.0.0.1:0", Default::default()).await?.spawn();
+    let addr = server.local_addr().to_string();
+    if write_every > 0 {
+        let writer = tandem::registry::Client::connect(addr.as_str()).await?;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(write_every));
+            for n in 1u64.. {
+                tick.tick().await;
+                if writer.put(&key, format!("hello-{n}")).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok((server, addr))
+}
+
+/// The parent: an embedded registry if needed, N children, their lines forwarded.
+async fn spawn_processes(args: Args, dir: PathBuf, n: usize) -> anyhow::Result<()> {
+    let mut server = None;
+    let registry = match &args.registry {
+        Some(addr) => addr.clone(),
+        None => {
+            let (handle, addr) = embedded_registry(args.keys[0].clone(), args.write_every.unwrap_or(1000)).await?;
+            eprintln!("embedded registry listening on {addr}");
+            server = Some(handle);
+            addr
+        }
+    };
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<Child> = Vec::new();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<String>(1024);
+    for _ in 0..n {
+        let mut command = Command::new(&exe);
+        command.args(["--name", &args.name, "--registry", &registry, "--write-every", "0"]);
+        command.arg("--dir").arg(&dir);
+        for key in &args.keys {
+            command.args(["--subscribe", key]);
+        }
+        if let Some(token) = &args.token {
+            command.args(["--token", token]);
+        }
+        command.stdout(Stdio::piped());
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // memory of the parent; it runs in the child between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = command.spawn().context("spawning a process")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let tx = lines_tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        children.push(child);
+    }
+    drop(lines_tx);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            line = lines.recv() => match line {
+                Some(line) => println!("{line}"),
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    drop(server);
+    Ok(())
+}
+
+/// The registry address for a process without `--registry`: the first process
+/// in `dir` starts an embedded registry and publishes its address in a file.
+async fn shared_registry(
+    args: &Args,
+    dir: &Path,
+) -> anyhow::Result<(Option<(tandem::registry::ServerHandle, nix::fcntl::Flock<std::fs::File>)>, String)> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let lock_path = dir.join(format!("{}.registry.lock", args.name));
+    let addr_path = dir.join(format!("{}.registry", args.name));
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            let (server, addr) = embedded_registry(args.keys[0].clone(), args.write_every.unwrap_or(1000)).await?;
+            let tmp = addr_path.with_extension("tmp");
+            std::fs::write(&tmp, &addr)?;
+            std::fs::rename(&tmp, &addr_path)?;
+            eprintln!("embedded registry listening on {addr}");
+            Ok((Some((server, lock)), addr))
+        }
+        Err(_) => {
+            for _ in 0..500 {
+                if let Ok(addr) = std::fs::read_to_string(&addr_path)
+                    && !addr.is_empty()
+                {
+                    return Ok((None, addr));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            bail!("no registry address in {} after 5 s", addr_path.display())
+        }
+    }
+}
+
+/// One process: elect, subscribe, print.
+async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
+    let (_embedded, registry) = match &args.registry {
+        Some(addr) => (None, addr.clone()),
+        None => shared_registry(&args, &dir).await?,
+    };
+    let pid = std::process::id();
+    let connector = Standalone::new(args.name.clone(), dir, move |builder| {
+        let registry = registry.clone();
+        builder.channel::<ConfigApi, _>(async move { RegistryUpstream::connect(registry).await })
+    })
+    .token(args.token.clone());
+    let mut config = tandem::follower::Config::default();
+    config.token = args.token.clone();
+    let connection = Connection::builder().config(config).channel::<ConfigApi>().connect(connector).spawn();
+    let client = connection.client::<ConfigApi>();
+
+    // Print every role change.
+    let mut status = connection.status();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let current = {
+                let status = status.borrow_and_update();
+                status.epoch().map(|epoch| (status.is_leader(), epoch))
+            };
+            if let Some((leader, epoch)) = current
+                && last != current
+            {
+                println!("pid={pid} role={} epoch={epoch}", role(leader));
+                last = current;
+            }
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+
+    client.ready().await.context("waiting for a leader")?;
+    let mut streams = futures::stream::SelectAll::new();
+    for key in &args.keys {
+        let subscription = loop {
+            match client.subscribe(key.clone()).await {
+                Ok(subscription) => break subscription,
+                Err(error) if error.is_retryable() => {
+                    tracing::warn!(%error, key, "subscribe failed; retrying");
+                    client.ready().await.context("waiting for a leader")?;
+                }
+                Err(error) => return Err(error).context("subscribe"),
+            }
+        };
+        let key = key.clone();
+        streams.push(subscription.map(move |update| (key.clone(), update)).boxed());
+    }
+
+    // With an embedded registry and a writer in this process, a get now and then shows invoke at work.
+    let reader = client.clone();
+    let first_key = args.keys[0].clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if let Err(error) = reader.invoke(ConfigRequest::Get(first_key.clone())).await {
+                tracing::debug!(%error, "get failed");
+            }
+        }
+    });
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            item = streams.next() => {
+                let Some((key, update)) = item else { break };
+                let value = update.value.value.unwrap_or_else(|| "<deleted>".into());
+                println!(
+                    "pid={pid} role={} key={key} value={value} epoch={} seq={}",
+                    role(client.is_leader()),
+                    update.epoch,
+                    update.seq
+                );
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    connection.close().await;
+    Ok(())
+}
+
+fn role(leader: bool) -> &'static str {
+    if leader { "leader" } else { "follower" }
+}
