@@ -135,13 +135,17 @@ pub struct RegistryUpstream {
     inner: Arc<Inner>,
 }
 
+/// An instance registered through this upstream: what to re-register after a
+/// reconnect, and the live registration (none while disconnected).
+type Held = (Instance, Duration, Option<Registration>);
+
 #[derive(Debug)]
 struct Inner {
     addr: String,
     /// The live client, or `None` while reconnecting.
     client: watch::Sender<Option<Client>>,
     watches: Mutex<HashMap<(&'static str, String), AbortHandle>>,
-    registrations: Mutex<HashMap<(String, String), (Instance, Duration, Option<Registration>)>>,
+    registrations: Mutex<HashMap<(String, String), Held>>,
     cancel: CancellationToken,
 }
 
