@@ -1,0 +1,104 @@
+//! Standalone mode with real processes: the `standalone` example binary and a
+//! real registry server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Proc, example, field, poll_until, private_dir};
+use tandem::registry::{Client, Server};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const LINE: Duration = Duration::from_secs(10);
+
+fn is_value(value: &str) -> impl Fn(&str) -> bool + '_ {
+    move |line| field(line, "value") == Some(value)
+}
+
+/// Checks a process's value lines: no (epoch, seq) twice, never an older one after a newer.
+fn assert_in_order(proc: &Proc) {
+    let mut last: Option<(u64, u64)> = None;
+    for line in &proc.seen {
+        let (Some(epoch), Some(seq)) = (field(line, "epoch"), field(line, "seq")) else { continue };
+        let position = (epoch.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
+        if let Some(last) = last {
+            assert!(position > last, "pid {}: {position:?} after {last:?} in {:#?}", proc.pid, proc.seen);
+        }
+        last = Some(position);
+    }
+}
+
+#[tokio::test]
+async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
+    tokio::time::timeout(TIMEOUT, async {
+        let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
+        let addr = server.local_addr().to_string();
+        let admin = Client::connect(addr.as_str()).await.unwrap();
+        let dir = private_dir();
+        let run_dir = dir.path().join("run");
+        let run_dir = run_dir.to_str().unwrap();
+        let bin = example("standalone");
+        let args = ["--name", "it", "--dir", run_dir, "--registry", &addr, "--subscribe", "k", "--write-every", "0"];
+        let mut procs: Vec<Proc> = (0..4).map(|_| Proc::spawn(&bin, &args)).collect();
+        let mut roles = HashMap::new();
+        for proc in &mut procs {
+            let line = proc.expect_line(LINE, |l| field(l, "role").is_some() && field(l, "key").is_none()).await;
+            assert_eq!(field(&line, "epoch"), Some("1"));
+            roles.insert(proc.pid, field(&line, "role").unwrap().to_string());
+        }
+        assert_eq!(roles.values().filter(|r| *r == "leader").count(), 1, "{roles:?}");
+
+        // One put reaches every process; the registry saw ONE connection and ONE watch.
+        admin.put("k", "v1").await.unwrap();
+        for proc in &mut procs {
+            proc.expect_line(LINE, is_value("v1")).await;
+        }
+        let stats = admin.stats().await.unwrap();
+        assert_eq!((stats.connections, stats.watches), (1, 1), "{stats:?}");
+
+        // A late process gets the current value at once.
+        let mut late = Proc::spawn(&bin, &args);
+        let line = late.expect_line(LINE, |l| field(l, "key").is_some()).await;
+        assert_eq!(field(&line, "value"), Some("v1"), "the first value a late subscriber sees is the current one");
+        drop(late);
+
+        // Garbage on the leader's socket ends only that session.
+        let socket = dir.path().join("run").join("it.sock");
+        let mut garbage = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut garbage, b"\xff\xff\xff\xffgarbage").await.unwrap();
+        admin.put("k", "v2").await.unwrap();
+        for proc in &mut procs {
+            proc.expect_line(LINE, is_value("v2")).await;
+        }
+
+        // kill -9 the leader: a survivor takes over with a higher epoch within 2 s.
+        let leader_at = procs.iter().position(|p| roles[&p.pid] == "leader").unwrap();
+        let leader = procs.remove(leader_at);
+        leader.signal(nix::sys::signal::Signal::SIGKILL);
+        drop(leader);
+        let mut new_leaders = 0;
+        for proc in &mut procs {
+            let line = proc.expect_line(Duration::from_secs(2), |l| field(l, "epoch") == Some("2") && field(l, "key").is_none()).await;
+            if field(&line, "role") == Some("leader") {
+                new_leaders += 1;
+            }
+        }
+        assert_eq!(new_leaders, 1);
+        admin.put("k", "v3").await.unwrap();
+        for proc in &mut procs {
+            let line = proc.expect_line(LINE, is_value("v3")).await;
+            assert_eq!(field(&line, "epoch"), Some("2"));
+        }
+        for proc in &procs {
+            assert_in_order(proc);
+        }
+        // Still one upstream connection: the dead leader's closed, the new one's open.
+        poll_until(LINE, "one registry connection", || async {
+            admin.stats().await.map(|s| s.connections == 1 && s.watches == 1).unwrap_or(false)
+        })
+        .await;
+    })
+    .await
+    .expect("test timed out")
+}
