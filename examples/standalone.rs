@@ -69,9 +69,7 @@ fn default_dir() -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let mut args = Args::parse();
@@ -87,10 +85,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Starts an embedded registry and, if asked, a writer for `key`.
-async fn embedded_registry(
-    key: String,
-    write_every: u64,
-) -> anyhow::Result<(tandem::registry::ServerHandle, String)> {
+async fn embedded_registry(key: String, write_every: u64) -> anyhow::Result<(tandem::registry::ServerHandle, String)> {
     let server = tandem::registry::Server::bind("127.0.0.1:0", Default::default()).await?.spawn();
     let addr = server.local_addr().to_string();
     if write_every > 0 {

@@ -206,7 +206,12 @@ impl RegistryUpstream {
         }
     }
 
-    async fn register(&self, instance: Instance, ttl: Duration, deadline: tokio::time::Instant) -> Result<(), RemoteError> {
+    async fn register(
+        &self,
+        instance: Instance,
+        ttl: Duration,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), RemoteError> {
         let client = self.client(deadline).await?;
         let registration = client.register(instance.clone(), ttl).await.map_err(unavailable)?;
         let key = (instance.service.clone(), instance.id.clone());
@@ -257,7 +262,9 @@ async fn reconnect_loop(inner: std::sync::Weak<Inner>, cancel: CancellationToken
                         entry.2 = Some(registration);
                     }
                 }
-                Err(error) => tracing::warn!(service = %instance.service, id = %instance.id, %error, "re-register failed"),
+                Err(error) => {
+                    tracing::warn!(service = %instance.service, id = %instance.id, %error, "re-register failed")
+                }
             }
         }
         tracing::info!(registry = %addr, "registry connection restored");

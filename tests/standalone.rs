@@ -79,7 +79,9 @@ async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
         drop(leader);
         let mut new_leaders = 0;
         for proc in &mut procs {
-            let line = proc.expect_line(Duration::from_secs(2), |l| field(l, "epoch") == Some("2") && field(l, "key").is_none()).await;
+            let line = proc
+                .expect_line(Duration::from_secs(2), |l| field(l, "epoch") == Some("2") && field(l, "key").is_none())
+                .await;
             if field(&line, "role") == Some("leader") {
                 new_leaders += 1;
             }

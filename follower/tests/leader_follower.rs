@@ -254,3 +254,125 @@ async fn standalone_processes_elect_one_leader() {
     })
     .await
 }
+
+/// A second API, to show several channels sharing one connection.
+struct Echo;
+
+impl tandem_protocol::Api for Echo {
+    const NAME: &'static str = "echo";
+    type Key = u32;
+    type Event = u32;
+    type Request = String;
+    type Response = String;
+}
+
+struct EchoUpstream;
+
+impl tandem_leader::Upstream<Echo> for EchoUpstream {
+    async fn invoke(
+        &self,
+        request: String,
+        _: tandem_leader::CallContext,
+    ) -> Result<String, tandem_protocol::RemoteError> {
+        Ok(format!("echo: {request}"))
+    }
+    async fn subscribe(
+        &self,
+        key: u32,
+        sink: tandem_leader::EventSink<Echo>,
+    ) -> Result<(), tandem_protocol::RemoteError> {
+        sink.send(key * 10);
+        Ok(())
+    }
+    async fn unsubscribe(&self, _: u32) -> Result<(), tandem_protocol::RemoteError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn several_channels_share_one_connection() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let up = upstream.clone();
+        let leader = tandem_leader::Leader::builder()
+            .channel::<Kv, _>(async move { Ok(up) })
+            .channel::<Echo, _>(async { Ok(EchoUpstream) })
+            .start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let connection = Connection::builder()
+            .channel::<Kv>()
+            .channel::<Echo>()
+            .connect(tandem_follower::UnixConnector::new(&path))
+            .spawn();
+        let (kv, echo) = (connection.client::<Kv>(), connection.client::<Echo>());
+        kv.ready().await.unwrap();
+        echo.ready().await.unwrap();
+        assert_eq!(echo.invoke("hi".into()).await.unwrap(), "echo: hi");
+        kv.invoke(KvRequest::Put("a".into(), "1".into())).await.unwrap();
+        let mut sub = echo.subscribe(4).await.unwrap();
+        assert_eq!(sub.next().await.unwrap().value, 40);
+        assert_eq!(leader.stats().followers, 1, "two channels, one connection");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_follower_never_goes_back_to_an_older_epoch() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (second, path) = leader(&upstream, dir.path(), 2);
+        let connection = follower(&path);
+        let kv = connection.client::<Kv>();
+        kv.ready().await.unwrap();
+        assert_eq!(connection.status().borrow().epoch(), Some(2));
+        second.shutdown().await;
+        let mut status = connection.status();
+        status.wait_for(|s| s.state_of("kv") == State::LeaderLost).await.unwrap();
+
+        // A stale leader (epoch 1) appears on the socket: refused.
+        let (stale, _) = leader(&upstream, dir.path(), 1);
+        let refused = timeout(Duration::from_millis(300), status.wait_for(|s| s.epoch().is_some())).await.is_err();
+        assert!(refused, "connected to a stale leader: {:?}", connection.status().borrow());
+        stale.shutdown().await;
+
+        let (_third, _) = leader(&upstream, dir.path(), 3);
+        status.wait_for(|s| s.epoch() == Some(3)).await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn forced_roles_are_respected() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let make = |role| {
+            let up = upstream.clone();
+            let connector = tandem_follower::Standalone::new("roles", dir.path(), move |builder| {
+                let up = up.clone();
+                builder.channel::<Kv, _>(async move { Ok(up) })
+            })
+            .role(role);
+            Connection::builder().channel::<Kv>().connect(connector).spawn()
+        };
+        // A follower-only process never takes the lock, even with no leader around.
+        let follower_only = make(tandem_follower::Role::FollowerOnly).client::<Kv>();
+        let mut status = follower_only.watch();
+        let waited = timeout(Duration::from_millis(300), status.wait_for(|s| s.epoch().is_some())).await.is_err();
+        assert!(waited);
+        // A leader-only process takes it; the follower-only one then connects.
+        let leader_only = make(tandem_follower::Role::LeaderOnly).client::<Kv>();
+        leader_only.ready().await.unwrap();
+        assert!(leader_only.is_leader());
+        follower_only.ready().await.unwrap();
+        assert!(!follower_only.is_leader());
+        // A second leader-only process cannot lead while the first lives.
+        let usurper = make(tandem_follower::Role::LeaderOnly).client::<Kv>();
+        let mut status = usurper.watch();
+        let waited = timeout(Duration::from_millis(300), status.wait_for(|s| s.epoch().is_some())).await.is_err();
+        assert!(waited);
+    })
+    .await
+}

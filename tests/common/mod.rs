@@ -68,7 +68,9 @@ impl Proc {
                     }
                 }
                 Ok(None) => panic!("pid {} exited; lines so far: {:#?}", self.pid, self.seen),
-                Err(_) => panic!("pid {}: no matching line within {within:?}; lines so far: {:#?}", self.pid, self.seen),
+                Err(_) => {
+                    panic!("pid {}: no matching line within {within:?}; lines so far: {:#?}", self.pid, self.seen)
+                }
             }
         }
     }
