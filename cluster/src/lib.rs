@@ -1,1 +1,119 @@
-//! tandem-cluster (in progress)
+//! The tandem process runtime: one master supervising one agent (which hosts
+//! the Leader) and N workers (each with a Follower), in the shape of
+//! egg-cluster, without its silent message drops, lost worker slots and
+//! orphaned children.
+//!
+//! It is a library called from your own `main`: the master re-runs the same
+//! executable for the agent and each worker, with the role in the environment
+//! (`TANDEM_ROLE`, `TANDEM_WORKER_ID`) and one end of a socketpair as the IPC
+//! channel (`TANDEM_IPC_FD`); [`Builder::run`] dispatches on it. Secrets (the
+//! token) travel over IPC, never on the command line.
+//!
+//! Start-up, in order:
+//!
+//! ```text
+//! master                         agent                           worker i (1..=N)
+//!   | runtime dir (0700) + 256-bit token
+//!   | spawn (TANDEM_ROLE=agent)    |
+//!   |----------------------------->|
+//!   | Init{dir, token, epoch}       |
+//!   |----------------------------->| start fn: Leader listens on a socket
+//!   |       Ready{Agent{socket}}    |
+//!   |<-----------------------------|
+//!   | spawn (TANDEM_ROLE=worker, TANDEM_WORKER_ID=i)                  |
+//!   |--------------------------------------------------------------->|
+//!   | Init{dir, token, agent{pid, epoch, socket}}                     |
+//!   |--------------------------------------------------------------->| start fn: Follower connects
+//!   |                                                  Ready{Worker}  |
+//!   |<---------------------------------------------------------------|
+//!   | ClusterReady (to all)        |                                  |
+//!   |----------------------------->|--------------------------------->|
+//!   | ClusterEvent::ClusterReady to the master function
+//! ```
+//!
+//! After start-up the master restarts dead processes with backoff
+//! ([`RestartPolicy`]; a restarted agent gets a higher [`AgentContext::epoch`]
+//! and workers see it through [`WorkerContext::agent`]), relays the
+//! [`Messenger`]'s messages and the workers' [`FrameLink`]s to the agent, and
+//! on SIGTERM/SIGINT stops the workers, then the agent, then exits 0. Children
+//! die with the master (`PR_SET_PDEATHSIG` and EOF of their IPC channel).
+//! SIGUSR1 prints the [`StatusTable`] to stderr.
+//!
+//! ```no_run
+//! use tandem_cluster::{AgentReady, BoxError, Cluster, Target};
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), BoxError> {
+//!     tandem_cluster::init_tracing();
+//!     Cluster::builder("demo")
+//!         .workers(4)
+//!         .agent(|ctx| async move {
+//!             // Start the Leader here, listening on this socket with `ctx.token()`.
+//!             let socket = ctx.default_socket_path();
+//!             let mut hello = ctx.messenger().subscribe("hello");
+//!             ctx.ready(AgentReady { socket }).await?;
+//!             loop {
+//!                 tokio::select! {
+//!                     Some(msg) = hello.recv() => msg.reply(format!("hi, {}", msg.from)).await?,
+//!                     _ = ctx.stopped() => return Ok(()),
+//!                 }
+//!             }
+//!         })
+//!         .worker(|ctx| async move {
+//!             // Connect the Follower to `ctx.agent_socket()` here.
+//!             ctx.ready().await?;
+//!             ctx.cluster_ready().await;
+//!             let deadline = std::time::Duration::from_secs(1);
+//!             let reply = ctx.messenger().request(Target::Agent, "hello", "", deadline).await?;
+//!             println!("worker {}: {}", ctx.id(), String::from_utf8_lossy(&reply));
+//!             ctx.stopped().await;
+//!             Ok(())
+//!         })
+//!         .master(|ctx| async move {
+//!             let mut events = ctx.events();
+//!             while let Some(event) = events.recv().await {
+//!                 println!("{event}"); // "cluster ready: master=.. agent=.. workers=..,.."
+//!             }
+//!             Ok(())
+//!         })
+//!         .run()
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+
+mod agent;
+mod backoff;
+mod builder;
+mod child;
+mod config;
+mod error;
+mod events;
+mod ipc;
+mod link;
+mod master;
+mod master_context;
+mod messenger;
+mod process;
+mod router;
+mod runtime_dir;
+mod shutdown;
+mod spawn;
+mod status;
+mod supervisor;
+mod trace;
+mod worker;
+
+pub use agent::{AgentContext, AgentReady};
+pub use backoff::RestartPolicy;
+pub use builder::{Builder, Cluster};
+pub use config::{Config, default_workers};
+pub use error::{BoxError, Error};
+pub use events::{ClusterEvent, Events};
+pub use link::{FrameLink, IncomingLink, Links};
+pub use master_context::MasterContext;
+pub use messenger::{Message, Messenger, Sender, Subscription, Target, decode, encode};
+pub use process::{ExitReason, ProcessRef, Role, StartError, StartFailure, WorkerId};
+pub use status::{ProcessState, StatusRow, StatusTable};
+pub use trace::init_tracing;
+pub use worker::{AgentInfo, WorkerContext};

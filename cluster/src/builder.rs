@@ -1,0 +1,165 @@
+//! The entry point: `Cluster::builder(name)...run()`, called from the user's
+//! `main` in every process. The master re-runs the same executable for the
+//! agent and the workers; there `run` finds its role in the environment and
+//! runs the matching start function instead of the master.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use crate::child::{self, ChildEnv};
+use crate::{AgentContext, AgentReady, BoxError, Config, Error, MasterContext, RestartPolicy, WorkerContext};
+
+pub(crate) type AgentFn = Box<dyn FnOnce(AgentContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
+pub(crate) type WorkerFn = Box<dyn FnOnce(WorkerContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
+pub(crate) type MasterFn = Box<dyn FnOnce(MasterContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
+
+/// A master/agent/worker cluster.
+#[derive(Debug)]
+pub struct Cluster;
+
+impl Cluster {
+    /// Starts describing a cluster. `name` must be the same in every process.
+    pub fn builder(name: impl Into<String>) -> Builder {
+        Builder { name: name.into(), config: Config::default(), agent: None, worker: None, master: None }
+    }
+}
+
+/// Describes a cluster; [`run`](Self::run) starts it (or, in a child, runs the child's part).
+pub struct Builder {
+    name: String,
+    config: Config,
+    agent: Option<AgentFn>,
+    worker: Option<WorkerFn>,
+    master: Option<MasterFn>,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("agent", &self.agent.is_some())
+            .field("worker", &self.worker.is_some())
+            .field("master", &self.master.is_some())
+            .finish()
+    }
+}
+
+impl Builder {
+    /// The number of workers. The default is the number of CPUs this process
+    /// may use (see [`Config::workers`]).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = Some(n);
+        self
+    }
+
+    /// All settings at once.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// How long the agent and each worker may take to report ready.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.config.agent_start_timeout = timeout;
+        self.config.worker_start_timeout = timeout;
+        self
+    }
+
+    /// How long workers, then the agent, may take to stop before being killed.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.config.worker_stop_timeout = timeout;
+        self.config.agent_stop_timeout = timeout;
+        self
+    }
+
+    /// How dead processes are restarted.
+    pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
+        self.config.restart = policy;
+        self
+    }
+
+    /// The agent's start function: start the Leader, `ctx.ready(..)`, serve
+    /// until `ctx.stopped()`, return. Without one, the agent reports ready at
+    /// once with [`AgentContext::default_socket_path`] and waits to be stopped.
+    pub fn agent<F, Fut>(mut self, f: F) -> Self
+    where
+        F: FnOnce(AgentContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.agent = Some(Box::new(move |ctx| f(ctx).boxed()));
+        self
+    }
+
+    /// The workers' start function: connect the Follower, `ctx.ready()`, work
+    /// until `ctx.stopped()`, return. Without one, workers report ready at once
+    /// and wait to be stopped.
+    pub fn worker<F, Fut>(mut self, f: F) -> Self
+    where
+        F: FnOnce(WorkerContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.worker = Some(Box::new(move |ctx| f(ctx).boxed()));
+        self
+    }
+
+    /// Code run in the master alongside supervision, from before the agent
+    /// starts until shutdown: read [`MasterContext::events`], use the messenger.
+    /// Returning `Ok` does not stop the cluster; returning `Err` does.
+    pub fn master<F, Fut>(mut self, f: F) -> Self
+    where
+        F: FnOnce(MasterContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.master = Some(Box::new(move |ctx| f(ctx).boxed()));
+        self
+    }
+
+    /// Runs this process's part, inside a tokio runtime.
+    ///
+    /// In the master: starts the cluster and returns after a graceful shutdown
+    /// (SIGTERM, SIGINT, [`MasterContext::shutdown`]) with `Ok(())`. In the
+    /// agent and the workers: runs the start function and **exits the process**
+    /// (code 0 when it returned `Ok`); it does not return.
+    pub async fn run(self) -> Result<(), Error> {
+        let Builder { name, config, agent, worker, master } = self;
+        match ChildEnv::from_env()? {
+            None => crate::master::run(name, config, master).await,
+            Some(env) => {
+                if env.cluster != name {
+                    return Err(Error::child_setup(
+                        format!("it belongs to cluster {:?}, not {name:?}", env.cluster),
+                        None,
+                    ));
+                }
+                let agent = agent.unwrap_or_else(|| Box::new(|ctx| default_agent(ctx).boxed()));
+                let worker = worker.unwrap_or_else(|| Box::new(|ctx| default_worker(ctx).boxed()));
+                let code = child::run(env, agent, worker).await;
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                std::process::exit(code)
+            }
+        }
+    }
+
+    /// [`run`](Self::run) on a new multi-threaded tokio runtime, for a plain `fn main`.
+    pub fn run_blocking(self) -> Result<(), Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Error::Runtime)?;
+        runtime.block_on(self.run())
+    }
+}
+
+async fn default_agent(ctx: AgentContext) -> Result<(), BoxError> {
+    ctx.ready(AgentReady { socket: ctx.default_socket_path() }).await?;
+    ctx.stopped().await;
+    Ok(())
+}
+
+async fn default_worker(ctx: WorkerContext) -> Result<(), BoxError> {
+    ctx.ready().await?;
+    ctx.stopped().await;
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! The runtime of a child process (agent or worker): joins the master over the
+//! inherited IPC channel, guards against orphaning, runs the user's start
+//! function with its context, and exits.
+//!
+//! Orphan prevention, two ways: `PR_SET_PDEATHSIG(SIGKILL)` (set before exec
+//! and again here, each followed by a `getppid` check to close the race with a
+//! master that died just before), and exit on EOF of the IPC channel.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::builder::{AgentFn, WorkerFn};
+use crate::ipc::{ChildCodec, Delivery, FromChild, Init, Outcome, Ready, ToChild};
+use crate::link::LinkTable;
+use crate::messenger::{Answer, ChildShared, Inbox, Port, Transport};
+use crate::spawn::{ENV_CLUSTER, ENV_IPC_FD, ENV_MASTER_PID, ENV_ROLE, ENV_WORKER_ID};
+use crate::worker::AgentInfo;
+use crate::{AgentContext, Error, Messenger, Role, Sender, WorkerContext, WorkerId};
+
+/// The exit code of a child whose master is gone (as egg's agent uses).
+pub(crate) const MASTER_GONE_EXIT: i32 = 110;
+
+/// How long a child waits for its `Init`.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames queued towards the master; senders wait when it is full.
+const WRITER_CAPACITY: usize = 1024;
+
+/// Incoming links queued for the agent's `links()` stream; when full, a new link is closed.
+const INCOMING_LINKS_CAPACITY: usize = 64;
+
+/// What the master put in this child's environment.
+#[derive(Debug, Clone)]
+pub(crate) struct ChildEnv {
+    pub role: Role,
+    pub worker_id: Option<WorkerId>,
+    pub ipc_fd: RawFd,
+    pub master_pid: u32,
+    pub cluster: String,
+}
+
+impl ChildEnv {
+    /// `None` when this process is not a cluster child (so it is the master).
+    pub(crate) fn from_env() -> Result<Option<Self>, Error> {
+        let Some(role) = std::env::var_os(ENV_ROLE) else {
+            return Ok(None);
+        };
+        let role = match role.to_str() {
+            Some("agent") => Role::Agent,
+            Some("worker") => Role::Worker,
+            _ => return Err(Error::child_setup(format!("{ENV_ROLE}={role:?} is not agent or worker"), None)),
+        };
+        fn var<T: std::str::FromStr>(name: &str) -> Result<T, Error> {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| Error::child_setup(format!("{name} is missing or invalid"), None))
+        }
+        let worker_id = match role {
+            Role::Worker => Some(var(ENV_WORKER_ID)?),
+            _ => None,
+        };
+        Ok(Some(ChildEnv {
+            role,
+            worker_id,
+            ipc_fd: var(ENV_IPC_FD)?,
+            master_pid: var(ENV_MASTER_PID)?,
+            cluster: var(ENV_CLUSTER)?,
+        }))
+    }
+}
+
+/// What the agent and worker contexts share.
+#[derive(Debug)]
+pub(crate) struct ChildCore {
+    pub init: Init,
+    pub pid: u32,
+    pub messenger: Messenger,
+    pub stop: CancellationToken,
+    shared: Arc<ChildShared>,
+    ready_sent: AtomicBool,
+    cluster_ready: watch::Receiver<bool>,
+}
+
+impl ChildCore {
+    pub(crate) async fn report_ready(&self, ready: Ready) -> Result<(), Error> {
+        if self.ready_sent.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.shared.writer.send(FromChild::Ready(ready)).await.map_err(|_| Error::MasterGone)
+    }
+
+    pub(crate) async fn wait_cluster_ready(&self) {
+        let mut rx = self.cluster_ready.clone();
+        // Err only when the reader is gone, and then the process is exiting.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+}
+
+/// Runs this child; returns its exit code (the caller exits with it).
+pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -> i32 {
+    match join(&env).await {
+        Ok((init, reader, writer)) => {
+            let pid = std::process::id();
+            let span = match env.role {
+                Role::Worker => tracing::info_span!("tandem", role = "worker", worker.id = env.worker_id, pid),
+                _ => tracing::info_span!("tandem", role = "agent", pid, epoch = init.epoch),
+            };
+            serve(env, init, reader, writer, agent_fn, worker_fn).instrument(span).await
+        }
+        Err(e) => {
+            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "cannot join the cluster");
+            1
+        }
+    }
+}
+
+type Reader = FramedRead<OwnedReadHalf, ChildCodec>;
+type Writer = FramedWrite<OwnedWriteHalf, ChildCodec>;
+
+/// Guards against orphaning, takes the IPC channel and reads `Init`.
+async fn join(env: &ChildEnv) -> Result<(Init, Reader, Writer), Error> {
+    die_with_master(env.master_pid)?;
+    let stream = take_ipc(env.ipc_fd)?;
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, ChildCodec::new());
+    let writer = FramedWrite::new(wr, ChildCodec::new());
+    let init = match tokio::time::timeout(INIT_TIMEOUT, reader.next()).await {
+        Ok(Some(Ok(ToChild::Init(init)))) => init,
+        Ok(Some(Ok(other))) => return Err(Error::child_setup(format!("the master sent {other:?} before Init"), None)),
+        Ok(Some(Err(e))) => {
+            return Err(Error::child_setup(format!("its IPC channel failed: {e}"), None));
+        }
+        Ok(None) => return Err(Error::MasterGone),
+        Err(_) => return Err(Error::child_setup(format!("no Init from the master within {INIT_TIMEOUT:?}"), None)),
+    };
+    if init.role != env.role || init.worker_id != env.worker_id || init.cluster != env.cluster {
+        return Err(Error::child_setup(
+            format!(
+                "the master's Init ({} {:?} of {:?}) does not match the environment ({} {:?} of {:?})",
+                init.role, init.worker_id, init.cluster, env.role, env.worker_id, env.cluster
+            ),
+            None,
+        ));
+    }
+    Ok((init, reader, writer))
+}
+
+/// Asks the kernel to SIGKILL this process when its parent dies, then checks
+/// the parent is still the master (it may have died before the call).
+fn die_with_master(master_pid: u32) -> Result<(), Error> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(|e| {
+        Error::child_setup("it could not set PR_SET_PDEATHSIG", Some(std::io::Error::from_raw_os_error(e as i32)))
+    })?;
+    let parent = nix::unistd::getppid().as_raw();
+    if u32::try_from(parent).ok() != Some(master_pid) {
+        return Err(Error::child_setup(
+            format!("its master (pid {master_pid}) is gone (parent is now {parent})"),
+            None,
+        ));
+    }
+    Ok(())
+}
+
+static IPC_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of the inherited IPC socket.
+fn take_ipc(fd: RawFd) -> Result<UnixStream, Error> {
+    use nix::sys::stat::{SFlag, fstat};
+    if IPC_TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(Error::child_setup("its IPC channel was already taken by an earlier run()", None));
+    }
+    let stat = fstat(fd).map_err(|e| {
+        Error::child_setup(format!("its IPC fd {fd} is not open"), Some(std::io::Error::from_raw_os_error(e as i32)))
+    })?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(Error::child_setup(format!("its IPC fd {fd} is not a socket"), None));
+    }
+    // SAFETY: `fd` was inherited from the master for exactly this purpose
+    // (named by TANDEM_IPC_FD), is open and a socket (checked above), and
+    // nothing else in this process owns it: `IPC_TAKEN` makes this the only
+    // place that ever wraps it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let io = |e: std::io::Error| Error::child_setup("its IPC channel could not be set up", Some(e));
+    // Our own children (if the user spawns any) must not inherit it.
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| io(std::io::Error::from_raw_os_error(e as i32)))?;
+    let std_stream = StdUnixStream::from(owned);
+    std_stream.set_nonblocking(true).map_err(io)?;
+    UnixStream::from_std(std_stream).map_err(io)
+}
+
+async fn serve(
+    env: ChildEnv,
+    init: Init,
+    reader: Reader,
+    writer: Writer,
+    agent_fn: AgentFn,
+    worker_fn: WorkerFn,
+) -> i32 {
+    let pid = std::process::id();
+    let tracker = TaskTracker::new();
+    let (tx, rx) = mpsc::channel::<FromChild>(WRITER_CAPACITY);
+    let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_LINKS_CAPACITY);
+    let incoming = (env.role == Role::Agent).then_some(incoming_tx);
+    let links = LinkTable::new(init.link_capacity as usize, tx.clone(), tracker.clone(), incoming);
+    let shared = Arc::new(ChildShared::new(tx, links));
+    let me = match (env.role, env.worker_id) {
+        (Role::Worker, Some(id)) => Sender::Worker { id, pid },
+        _ => Sender::Agent { pid, epoch: init.epoch },
+    };
+    let port = Arc::new(Port {
+        me,
+        inbox: Inbox::new(init.subscription_capacity as usize),
+        transport: Transport::Child(Arc::clone(&shared)),
+    });
+    let stop = CancellationToken::new();
+    let (ready_tx, ready_rx) = watch::channel(init.cluster_ready);
+    let agent_info = init.agent.clone().unwrap_or(AgentInfo {
+        pid: 0,
+        epoch: 0,
+        socket: init.runtime_dir.join("leader.sock"),
+        up: false,
+    });
+    let (agent_tx, agent_rx) = watch::channel(agent_info);
+    let core = Arc::new(ChildCore {
+        init,
+        pid,
+        messenger: Messenger::new(Arc::clone(&port)),
+        stop: stop.clone(),
+        shared: Arc::clone(&shared),
+        ready_sent: AtomicBool::new(false),
+        cluster_ready: ready_rx,
+    });
+
+    let flush = CancellationToken::new();
+    let writer_task = tokio::spawn(write_loop(writer, rx, flush.clone()).in_current_span());
+    let dispatch = Dispatch { port, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };
+    tracker.spawn(read_loop(reader, dispatch).in_current_span());
+    match crate::shutdown::child_signals(stop) {
+        Ok(signals) => {
+            tracker.spawn(signals.in_current_span());
+        }
+        Err(e) => tracing::warn!(error = %e, "could not install signal handlers; SIGTERM will kill this process"),
+    }
+
+    tracing::debug!("started");
+    let result = match env.role {
+        Role::Agent => agent_fn(AgentContext::new(core, incoming_rx)).await,
+        _ => worker_fn(WorkerContext::new(Arc::clone(&core), env.worker_id.unwrap_or(0), agent_rx)).await,
+    };
+    let code = match result {
+        Ok(()) => {
+            tracing::info!("start function returned; exiting");
+            0
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "start function failed; exiting");
+            1
+        }
+    };
+    // Send what is still queued (replies, frames) before exiting.
+    flush.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    code
+}
+
+async fn write_loop(mut w: Writer, mut rx: mpsc::Receiver<FromChild>, flush: CancellationToken) {
+    loop {
+        let item = tokio::select! {
+            biased;
+            item = rx.recv() => item,
+            _ = flush.cancelled() => None,
+        };
+        let Some(item) = item else {
+            while let Ok(item) = rx.try_recv() {
+                if w.feed(item).await.is_err() {
+                    return;
+                }
+            }
+            let _ = SinkExt::<FromChild>::flush(&mut w).await;
+            return;
+        };
+        if w.feed(item).await.is_err() {
+            return;
+        }
+        while let Ok(item) = rx.try_recv() {
+            if w.feed(item).await.is_err() {
+                return;
+            }
+        }
+        if SinkExt::<FromChild>::flush(&mut w).await.is_err() {
+            // The master is gone; the reader sees EOF and exits the process.
+            return;
+        }
+    }
+}
+
+struct Dispatch {
+    port: Arc<Port>,
+    shared: Arc<ChildShared>,
+    stop: CancellationToken,
+    cluster_ready: watch::Sender<bool>,
+    agent: watch::Sender<AgentInfo>,
+}
+
+async fn read_loop(mut reader: Reader, d: Dispatch) {
+    loop {
+        match reader.next().await {
+            Some(Ok(msg)) => d.dispatch(msg),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "bad frame from the master; exiting");
+                break;
+            }
+            None => {
+                tracing::warn!("IPC channel closed: the master is gone; exiting");
+                break;
+            }
+        }
+    }
+    d.shared.fail_all();
+    let _ = std::io::stdout().flush();
+    std::process::exit(MASTER_GONE_EXIT);
+}
+
+impl Dispatch {
+    /// Never waits: the reader must keep draining the channel.
+    fn dispatch(&self, msg: ToChild) {
+        match msg {
+            ToChild::Init(_) => tracing::warn!("a second Init from the master; ignored"),
+            ToChild::AgentChanged(info) => {
+                tracing::info!(agent.pid = info.pid, epoch = info.epoch, up = info.up, "agent changed");
+                self.agent.send_replace(info);
+            }
+            ToChild::ClusterReady => {
+                self.cluster_ready.send_replace(true);
+            }
+            ToChild::Stop { grace_ms } => {
+                tracing::info!(grace_ms, "the master asks this process to stop");
+                self.stop.cancel();
+            }
+            ToChild::Outcome { id, outcome: Outcome::LinkOpened { link } } => {
+                // Registered here, before any of the link's frames can be read.
+                let frame_link = self.shared.links.attach(link);
+                self.shared.complete(id, Answer::Link(frame_link));
+            }
+            ToChild::Outcome { id, outcome } => self.shared.complete(id, Answer::Outcome(outcome)),
+            ToChild::Deliver(Delivery { topic, payload, from, request }) => {
+                self.port.deliver(topic, from, payload, request)
+            }
+            ToChild::IncomingLink { link, worker_id, pid } => self.shared.links.incoming(link, worker_id, pid),
+            ToChild::LinkFrame { link, frame } => self.shared.links.deliver(link, &frame),
+            ToChild::LinkClosed { link, reason } => self.shared.links.peer_closed(link, &reason),
+        }
+    }
+}

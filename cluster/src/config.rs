@@ -1,0 +1,69 @@
+//! The cluster's settings.
+
+use std::time::Duration;
+
+use crate::RestartPolicy;
+
+/// How the cluster runs. Only the master's values count: children receive
+/// what they need from it over IPC.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// How many workers to run. The default (`None`) is the number of CPUs this
+    /// process may use: `std::thread::available_parallelism`, which on Linux
+    /// honours the CPU affinity mask and the cgroup (v1 and v2) CPU quota.
+    pub workers: Option<usize>,
+    /// How long the agent may take to report ready. The default is 30 seconds.
+    pub agent_start_timeout: Duration,
+    /// How long a worker may take to report ready. The default is 30 seconds.
+    pub worker_start_timeout: Duration,
+    /// How long workers may take to stop after the stop notice before they are
+    /// killed. The default is 5 seconds.
+    pub worker_stop_timeout: Duration,
+    /// How long the agent may take to stop, once the workers are gone, before it
+    /// is killed. The default is 5 seconds.
+    pub agent_stop_timeout: Duration,
+    /// How dead processes are restarted.
+    pub restart: RestartPolicy,
+    /// Messages and frames queued in the master per target process; when full,
+    /// the sender gets [`Error::QueueFull`](crate::Error::QueueFull) (a link
+    /// is closed instead). The default is 1024.
+    pub queue_capacity: usize,
+    /// Frames buffered per link direction in each end. The default is 256.
+    pub link_capacity: usize,
+    /// Messages buffered per topic subscription; when full, that subscriber
+    /// misses messages (logged). The default is 256.
+    pub subscription_capacity: usize,
+    /// Whether the master prints the status table to stderr when it exits.
+    /// The default is true.
+    pub status_at_exit: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workers: None,
+            agent_start_timeout: Duration::from_secs(30),
+            worker_start_timeout: Duration::from_secs(30),
+            worker_stop_timeout: Duration::from_secs(5),
+            agent_stop_timeout: Duration::from_secs(5),
+            restart: RestartPolicy::default(),
+            queue_capacity: 1024,
+            link_capacity: 256,
+            subscription_capacity: 256,
+            status_at_exit: true,
+        }
+    }
+}
+
+impl Config {
+    /// The number of workers to run.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(default_workers)
+    }
+}
+
+/// The CPUs this process may use (cgroup- and affinity-aware on Linux), at least 1.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

@@ -1,0 +1,201 @@
+//! The master's lifecycle events, for the user's master code.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
+
+/// Something that happened to the cluster.
+///
+/// `Display` gives one line per event; the ready and restart lines are the
+/// ones the demos print (`cluster ready: master=<pid> agent=<pid> workers=<pid>,...`).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ClusterEvent {
+    /// A process was spawned (not ready yet). `epoch` is set for the agent.
+    Spawned {
+        /// The process.
+        process: ProcessRef,
+        /// The agent's epoch.
+        epoch: Option<u64>,
+    },
+    /// The agent reported ready.
+    AgentReady {
+        /// Its pid.
+        pid: u32,
+        /// Its epoch.
+        epoch: u64,
+        /// Its Leader's socket.
+        socket: PathBuf,
+    },
+    /// A worker reported ready.
+    WorkerReady {
+        /// Its id.
+        id: WorkerId,
+        /// Its pid.
+        pid: u32,
+    },
+    /// Every process is ready (or, for a crash-looping worker, marked failed).
+    /// Sent once.
+    ClusterReady {
+        /// The master's pid.
+        master: u32,
+        /// The agent's pid.
+        agent: u32,
+        /// The ready workers' pids, by worker id.
+        workers: Vec<u32>,
+        /// The workers marked failed instead.
+        failed: Vec<WorkerId>,
+    },
+    /// A restarted agent is ready.
+    AgentRestarted {
+        /// Its pid.
+        pid: u32,
+        /// Its epoch, higher than every earlier agent's.
+        epoch: u64,
+    },
+    /// A restarted worker is ready.
+    WorkerRestarted {
+        /// Its id (the slot's).
+        id: WorkerId,
+        /// Its pid.
+        pid: u32,
+    },
+    /// A process ended.
+    Exited {
+        /// The process.
+        process: ProcessRef,
+        /// How.
+        exit: ExitReason,
+        /// How long it had run.
+        uptime: Duration,
+    },
+    /// A process failed to start.
+    StartFailed {
+        /// The process.
+        process: ProcessRef,
+        /// Why.
+        reason: StartFailure,
+    },
+    /// A dead process's slot will be restarted after a delay.
+    RestartScheduled {
+        /// The role.
+        role: Role,
+        /// The worker id, for workers.
+        worker_id: Option<WorkerId>,
+        /// The delay.
+        after: Duration,
+        /// Consecutive unstable exits so far.
+        failures: u32,
+    },
+    /// A crash-looping slot was marked failed; it is retried after `retry_after`.
+    SlotFailed {
+        /// The role.
+        role: Role,
+        /// The worker id, for workers.
+        worker_id: Option<WorkerId>,
+        /// Consecutive unstable exits.
+        failures: u32,
+        /// When the next attempt is made.
+        retry_after: Duration,
+    },
+    /// Shutdown began (`forced`: a second signal skipped the grace periods).
+    ShutdownStarted {
+        /// Whether the grace periods are skipped.
+        forced: bool,
+    },
+}
+
+fn slot(role: Role, worker_id: Option<WorkerId>) -> String {
+    match worker_id {
+        Some(id) => format!("worker={id}"),
+        None => role.to_string(),
+    }
+}
+
+fn pids(list: &[u32]) -> String {
+    list.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+impl fmt::Display for ClusterEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterEvent::Spawned { process, epoch: Some(epoch) } => write!(f, "spawned: {process} epoch={epoch}"),
+            ClusterEvent::Spawned { process, epoch: None } => write!(f, "spawned: {process}"),
+            ClusterEvent::AgentReady { pid, epoch, socket } => {
+                write!(f, "agent ready: pid={pid} epoch={epoch} socket={}", socket.display())
+            }
+            ClusterEvent::WorkerReady { id, pid } => write!(f, "worker ready: worker={id} pid={pid}"),
+            ClusterEvent::ClusterReady { master, agent, workers, failed } => {
+                write!(f, "cluster ready: master={master} agent={agent} workers={}", pids(workers))?;
+                if !failed.is_empty() {
+                    write!(f, " failed={}", pids(failed))?;
+                }
+                Ok(())
+            }
+            ClusterEvent::AgentRestarted { pid, epoch } => write!(f, "agent restarted: pid={pid} epoch={epoch}"),
+            ClusterEvent::WorkerRestarted { id, pid } => write!(f, "worker restarted: worker={id} pid={pid}"),
+            ClusterEvent::Exited { process, exit, uptime } => {
+                write!(f, "exited: {process} {exit} after {}ms", uptime.as_millis())
+            }
+            ClusterEvent::StartFailed { process, reason } => write!(f, "start failed: {process}: {reason}"),
+            ClusterEvent::RestartScheduled { role, worker_id, after, failures } => write!(
+                f,
+                "restart scheduled: {} in_ms={} failures={failures}",
+                slot(*role, *worker_id),
+                after.as_millis()
+            ),
+            ClusterEvent::SlotFailed { role, worker_id, failures, retry_after } => write!(
+                f,
+                "slot failed: {} failures={failures} retry_in_ms={}",
+                slot(*role, *worker_id),
+                retry_after.as_millis()
+            ),
+            ClusterEvent::ShutdownStarted { forced } => write!(f, "shutdown started: forced={forced}"),
+        }
+    }
+}
+
+/// The cluster's events as a `Stream`. A reader that falls more than the
+/// buffer (1024 events) behind misses the oldest ones (logged).
+#[derive(Debug)]
+pub struct Events {
+    inner: BroadcastStream<ClusterEvent>,
+}
+
+impl Events {
+    pub(crate) fn new(rx: broadcast::Receiver<ClusterEvent>) -> Self {
+        Events { inner: BroadcastStream::new(rx) }
+    }
+
+    /// The next event; `None` once the master has stopped.
+    pub async fn recv(&mut self) -> Option<ClusterEvent> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl Stream for Events {
+    type Item = ClusterEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ClusterEvent>> {
+        let this = self.get_mut();
+        loop {
+            match Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
+                    tracing::warn!(missed = n, "cluster events reader fell behind");
+                }
+                Poll::Ready(Some(Ok(event))) => return Poll::Ready(Some(event)),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

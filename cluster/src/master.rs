@@ -1,0 +1,827 @@
+//! The master: starts the agent then the workers, supervises them, routes their
+//! messages and links, and stops everything in order.
+//!
+//! One task (the loop in [`Master::serve`]) owns all the state; it never waits
+//! on a child. Per child, a reader task feeds it decoded frames, a writer task
+//! drains that child's two bounded queues (control first, then data), and a
+//! waiter task owns the `Child`, kills it on request and reaps it (waitpid).
+//! The loop only ever `try_send`s to those queues.
+
+use std::ffi::OsString;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::Child;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::backoff::Restart;
+use crate::builder::MasterFn;
+use crate::events::Events;
+use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
+use crate::master_context::MasterContext;
+use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
+use crate::router::Router;
+use crate::runtime_dir::{RuntimeDir, new_token};
+use crate::shutdown::{MasterSignal, MasterSignals, Stage, Stopping};
+use crate::spawn::Program;
+use crate::status::{ProcessState, StatusRow, StatusTable, rss_bytes};
+use crate::supervisor::{Proc, ProcKey, Slot, SlotId};
+use crate::worker::AgentInfo;
+use crate::{BoxError, ClusterEvent, Config, Error, ExitReason, ProcessRef, Role, Sender, StartFailure, WorkerId};
+
+/// Inputs queued for the loop (bounded: readers wait when it is full, which
+/// back-pressures the children's sockets).
+const INPUT_CAPACITY: usize = 1024;
+/// Calls from the master's own messenger.
+const LOCAL_CAPACITY: usize = 256;
+/// Control messages per child: more than `MAX_OUTSTANDING_OPS` outcomes plus lifecycle messages.
+const CONTROL_CAPACITY: usize = crate::messenger::MAX_OUTSTANDING_OPS + 64;
+/// Events buffered for slow readers of [`Events`].
+const EVENTS_CAPACITY: usize = 1024;
+/// How long to wait for a SIGKILLed process to be reaped before giving up on it.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A child whose IPC channel closed but which has not exited after this long is killed.
+const EOF_KILL_AFTER: Duration = Duration::from_secs(2);
+/// How often expired requests are pruned.
+const PRUNE_EVERY: Duration = Duration::from_millis(500);
+/// Frames written to a child per flush.
+const WRITE_BATCH: usize = 64;
+
+/// What the loop reacts to.
+#[derive(Debug)]
+pub(crate) enum Input {
+    FromChild(ProcKey, FromChild),
+    BadFrame(ProcKey, String),
+    Eof(ProcKey),
+    Exited(ProcKey, Option<ExitStatus>),
+    Timer(Timer),
+    HookFailed(BoxError),
+}
+
+#[derive(Debug)]
+pub(crate) enum Timer {
+    StartDeadline(ProcKey),
+    Restart { slot: SlotId, id: u64 },
+    StopDeadline(u64),
+    ReapDeadline(u64),
+    EofKill(ProcKey),
+}
+
+pub(crate) struct Master {
+    pub(crate) config: Config,
+    pub(crate) name: String,
+    pub(crate) pid: u32,
+    pub(crate) started_at: Instant,
+    dir: RuntimeDir,
+    token: String,
+    program: Program,
+    pub(crate) agent: Slot,
+    pub(crate) workers: Vec<Slot>,
+    /// The last epoch handed to an agent.
+    epoch: u64,
+    pub(crate) agent_info: Option<AgentInfo>,
+    next_generation: u64,
+    workers_started: bool,
+    announced: bool,
+    pub(crate) stopping: Option<Stopping>,
+    next_deadline: u64,
+    pub(crate) router: Router,
+    pub(crate) port: Arc<Port>,
+    events: broadcast::Sender<ClusterEvent>,
+    events_rx: Option<broadcast::Receiver<ClusterEvent>>,
+    input_tx: mpsc::Sender<Input>,
+    input_rx: mpsc::Receiver<Input>,
+    local_rx: mpsc::Receiver<LocalCall>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    shutdown_requested: CancellationToken,
+    stopping_token: CancellationToken,
+    hook_error: Option<BoxError>,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master").field("name", &self.name).field("pid", &self.pid).finish_non_exhaustive()
+    }
+}
+
+impl Master {
+    fn new(name: String, config: Config) -> Result<Self, Error> {
+        let pid = std::process::id();
+        let dir = RuntimeDir::create(&name)?;
+        let token = new_token()?;
+        let exe = std::env::current_exe().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        let program = Program { exe, args, cluster: name.clone(), master_pid: pid };
+        let workers = (1..=config.worker_count())
+            .map(|id| Slot::new(SlotId::Worker(id as WorkerId), config.restart.clone()))
+            .collect();
+        let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
+        let (local_tx, local_rx) = mpsc::channel(LOCAL_CAPACITY);
+        let (events, events_rx) = broadcast::channel(EVENTS_CAPACITY);
+        let port = Arc::new(Port {
+            me: Sender::Master { pid },
+            inbox: Inbox::new(config.subscription_capacity),
+            transport: Transport::Master(local_tx),
+        });
+        tracing::info!(runtime_dir = %dir.path().display(), workers = config.worker_count(), "master starting");
+        Ok(Master {
+            agent: Slot::new(SlotId::Agent, config.restart.clone()),
+            config,
+            name,
+            pid,
+            started_at: Instant::now(),
+            dir,
+            token,
+            program,
+            workers,
+            epoch: 0,
+            agent_info: None,
+            next_generation: 1,
+            workers_started: false,
+            announced: false,
+            stopping: None,
+            next_deadline: 0,
+            router: Router::default(),
+            port,
+            events,
+            events_rx: Some(events_rx),
+            input_tx,
+            input_rx,
+            local_rx,
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            shutdown_requested: CancellationToken::new(),
+            stopping_token: CancellationToken::new(),
+            hook_error: None,
+        })
+    }
+
+    async fn serve(&mut self, hook: Option<MasterFn>) -> Result<(), Error> {
+        let mut signals = MasterSignals::install().map_err(Error::Signals)?;
+        if let Some(hook) = hook {
+            self.start_hook(hook);
+        }
+        if let Err(source) = self.start(SlotId::Agent) {
+            return Err(Error::Spawn { what: "agent".into(), source });
+        }
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !matches!(self.stopping, Some(Stopping { stage: Stage::Done, .. })) {
+            tokio::select! {
+                Some(input) = self.input_rx.recv() => self.on_input(input),
+                Some(call) = self.local_rx.recv() => self.on_local(call),
+                signal = signals.recv() => match signal {
+                    MasterSignal::Stop => self.begin_stop(),
+                    MasterSignal::Status => eprint!("{}", self.status_table()),
+                },
+                _ = self.shutdown_requested.cancelled(), if self.stopping.is_none() => self.begin_stop(),
+                _ = prune.tick() => self.prune_requests(),
+            }
+        }
+        if self.config.status_at_exit {
+            eprint!("{}", self.status_table());
+        }
+        tracing::info!("all children exited; master exiting");
+        self.port.inbox.close();
+        self.cancel.cancel();
+        self.tasks.close();
+        match self.hook_error.take() {
+            Some(e) => Err(Error::MasterFailed(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits (briefly) for the master's tasks; called after `serve`, once the
+    /// event sender is dropped so the hook's event stream ends.
+    async fn drain(tasks: TaskTracker) {
+        if tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await.is_err() {
+            tracing::debug!("some master tasks still running at exit");
+        }
+    }
+
+    fn start_hook(&mut self, hook: MasterFn) {
+        let events = self.events_rx.take().map(Events::new);
+        let ctx = MasterContext::new(
+            self.pid,
+            self.dir.path().to_owned(),
+            self.token.clone(),
+            Messenger::new(Arc::clone(&self.port)),
+            events,
+            self.events.subscribe(),
+            self.shutdown_requested.clone(),
+            self.stopping_token.clone(),
+        );
+        let input = self.input_tx.clone();
+        self.tasks.spawn(
+            async move {
+                if let Err(e) = hook(ctx).await {
+                    tracing::error!(error = %e, "the master function failed; shutting down");
+                    let _ = input.send(Input::HookFailed(e)).await;
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    // ---- events and timers -------------------------------------------------
+
+    pub(crate) fn emit(&self, event: ClusterEvent) {
+        tracing::info!(%event, "cluster event");
+        // Err: nobody listens.
+        let _ = self.events.send(event);
+    }
+
+    fn after(&self, delay: Duration, timer: Timer) {
+        let tx = self.input_tx.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => { let _ = tx.send(Input::Timer(timer)).await; }
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    pub(crate) fn slot_mut(&mut self, id: SlotId) -> Option<&mut Slot> {
+        match id {
+            SlotId::Agent => Some(&mut self.agent),
+            SlotId::Worker(n) => self.workers.get_mut((n as usize).checked_sub(1)?),
+        }
+    }
+
+    pub(crate) fn slot(&self, id: SlotId) -> Option<&Slot> {
+        match id {
+            SlotId::Agent => Some(&self.agent),
+            SlotId::Worker(n) => self.workers.get((n as usize).checked_sub(1)?),
+        }
+    }
+
+    /// The live process named by `key`.
+    pub(crate) fn proc(&self, key: ProcKey) -> Option<&Proc> {
+        self.slot(key.slot)?.proc.as_ref().filter(|p| p.key == key)
+    }
+
+    // ---- spawning ----------------------------------------------------------
+
+    /// Spawns a process for `slot`. A spawn error is returned (and, except for
+    /// the very first agent, handled as a failed start by the caller).
+    fn start(&mut self, slot: SlotId) -> std::io::Result<()> {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let key = ProcKey { slot, generation };
+        let epoch = match slot {
+            SlotId::Agent => {
+                self.epoch += 1;
+                self.epoch
+            }
+            SlotId::Worker(_) => 0,
+        };
+        let spawned = match self.program.spawn(slot.role(), slot.worker_id()) {
+            Ok(spawned) => spawned,
+            Err(e) if generation == 1 => return Err(e),
+            Err(e) => {
+                self.spawn_failed(slot, &e);
+                return Ok(());
+            }
+        };
+        let pid = spawned.pid;
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
+        let (data_tx, data_rx) = mpsc::channel(self.config.queue_capacity.max(1));
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let (rd, wr) = spawned.stream.into_split();
+        let span = match slot {
+            SlotId::Agent => tracing::info_span!("child", child.role = "agent", child.pid = pid, epoch),
+            SlotId::Worker(id) => tracing::info_span!("child", child.role = "worker", worker.id = id, child.pid = pid),
+        };
+        self.tasks.spawn(write_to_child(wr, control_rx, data_rx).instrument(span.clone()));
+        self.tasks.spawn(read_from_child(rd, key, self.input_tx.clone()).instrument(span.clone()));
+        self.tasks.spawn(wait_for_child(spawned.child, kill_rx, key, self.input_tx.clone()).instrument(span));
+
+        let init = Init {
+            cluster: self.name.clone(),
+            role: slot.role(),
+            worker_id: slot.worker_id(),
+            master_pid: self.pid,
+            runtime_dir: self.dir.path().to_owned(),
+            token: self.token.clone(),
+            epoch,
+            agent: match slot {
+                SlotId::Worker(_) => self.agent_info.clone(),
+                SlotId::Agent => None,
+            },
+            cluster_ready: self.announced,
+            link_capacity: u32::try_from(self.config.link_capacity).unwrap_or(u32::MAX),
+            subscription_capacity: u32::try_from(self.config.subscription_capacity).unwrap_or(u32::MAX),
+        };
+        let proc = Proc::new(key, pid, control_tx, data_tx, epoch, kill_tx);
+        proc.control(ToChild::Init(init));
+        let process = proc.process_ref();
+        let timeout = match slot {
+            SlotId::Agent => self.config.agent_start_timeout,
+            SlotId::Worker(_) => self.config.worker_start_timeout,
+        };
+        if let Some(s) = self.slot_mut(slot) {
+            s.proc = Some(proc);
+            s.state = ProcessState::Starting;
+            s.backoff.spawned();
+        }
+        self.after(timeout, Timer::StartDeadline(key));
+        self.emit(ClusterEvent::Spawned { process, epoch: (slot == SlotId::Agent).then_some(epoch) });
+        Ok(())
+    }
+
+    fn spawn_failed(&mut self, slot: SlotId, error: &std::io::Error) {
+        let process = ProcessRef { role: slot.role(), worker_id: slot.worker_id(), pid: None };
+        tracing::error!(slot = %slot, error = %error, "could not spawn");
+        self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Spawn(error.to_string()) });
+        self.schedule_restart(slot);
+    }
+
+    fn schedule_restart(&mut self, slot: SlotId) {
+        let Some(s) = self.slot_mut(slot) else { return };
+        let (decision, id) = s.died();
+        match decision {
+            Restart::After { delay, failures } => {
+                self.emit(ClusterEvent::RestartScheduled {
+                    role: slot.role(),
+                    worker_id: slot.worker_id(),
+                    after: delay,
+                    failures,
+                });
+                self.after(delay, Timer::Restart { slot, id });
+            }
+            Restart::Failed { retry_after, failures } => {
+                tracing::error!(slot = %slot, failures, "crash loop: slot marked failed");
+                self.emit(ClusterEvent::SlotFailed {
+                    role: slot.role(),
+                    worker_id: slot.worker_id(),
+                    failures,
+                    retry_after,
+                });
+                self.after(retry_after, Timer::Restart { slot, id });
+                self.check_cluster_ready();
+            }
+        }
+    }
+
+    // ---- the loop's inputs -------------------------------------------------
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::FromChild(key, msg) => self.on_child_message(key, msg),
+            Input::BadFrame(key, error) => {
+                if let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) {
+                    tracing::error!(pid = proc.pid, error, "bad frame from a child; killing it");
+                    proc.kill();
+                }
+            }
+            Input::Eof(key) => {
+                if self.proc(key).is_some() {
+                    self.after(EOF_KILL_AFTER, Timer::EofKill(key));
+                }
+            }
+            Input::Exited(key, status) => self.on_exit(key, status),
+            Input::Timer(timer) => self.on_timer(timer),
+            Input::HookFailed(e) => {
+                self.hook_error = Some(e);
+                if self.stopping.is_none() {
+                    self.begin_stop();
+                }
+            }
+        }
+    }
+
+    fn on_child_message(&mut self, key: ProcKey, msg: FromChild) {
+        let Some(proc) = self.proc(key) else {
+            return; // from a process already reaped
+        };
+        let origin = proc.sender();
+        match msg {
+            FromChild::Ready(ready) => self.on_ready(key, ready),
+            FromChild::Op { id, op } => {
+                self.on_op(origin, Some(key), op, crate::router::Responder::Remote { key, id });
+            }
+            FromChild::Reply { request, result } => self.on_reply(Some(key), request, result),
+            FromChild::LinkFrame { link, frame } => self.on_link_frame(key, link, frame),
+            FromChild::LinkClose { link } => self.on_link_close(key, link),
+        }
+    }
+
+    fn on_local(&mut self, call: LocalCall) {
+        match call {
+            LocalCall::Op { op, reply } => {
+                let origin = Sender::Master { pid: self.pid };
+                self.on_op(origin, None, op, crate::router::Responder::Local(reply));
+            }
+            LocalCall::Reply { request, result } => self.on_reply(None, request, result),
+        }
+    }
+
+    fn on_ready(&mut self, key: ProcKey, ready: Ready) {
+        let announced = self.announced;
+        let Some(slot) = self.slot_mut(key.slot) else { return };
+        if slot.state != ProcessState::Starting || slot.proc.as_ref().is_none_or(|p| p.key != key) {
+            return; // a second report, or one during shutdown
+        }
+        match (key.slot, ready) {
+            (SlotId::Agent, Ready::Agent { socket }) => {
+                slot.state = ProcessState::Ready;
+                slot.backoff.ready();
+                let restarted = std::mem::replace(&mut slot.ever_ready, true);
+                let Some(proc) = slot.proc.as_mut() else { return };
+                proc.socket = Some(socket.clone());
+                let (pid, epoch) = (proc.pid, proc.epoch);
+                if announced {
+                    proc.control(ToChild::ClusterReady);
+                }
+                let info = AgentInfo { pid, epoch, socket: socket.clone(), up: true };
+                self.agent_info = Some(info.clone());
+                self.emit(ClusterEvent::AgentReady { pid, epoch, socket });
+                if restarted {
+                    self.emit(ClusterEvent::AgentRestarted { pid, epoch });
+                }
+                for w in &self.workers {
+                    if let Some(p) = &w.proc {
+                        p.control(ToChild::AgentChanged(info.clone()));
+                    }
+                }
+                if !self.workers_started {
+                    self.workers_started = true;
+                    for id in 1..=self.workers.len() {
+                        let slot = SlotId::Worker(id as WorkerId);
+                        if let Err(e) = self.start(slot) {
+                            self.spawn_failed(slot, &e);
+                        }
+                    }
+                }
+                self.check_cluster_ready();
+            }
+            (SlotId::Worker(id), Ready::Worker) => {
+                slot.state = ProcessState::Ready;
+                slot.backoff.ready();
+                let restarted = std::mem::replace(&mut slot.ever_ready, true);
+                let Some(proc) = slot.proc.as_ref() else { return };
+                let pid = proc.pid;
+                if announced {
+                    proc.control(ToChild::ClusterReady);
+                }
+                self.emit(ClusterEvent::WorkerReady { id, pid });
+                if restarted {
+                    self.emit(ClusterEvent::WorkerRestarted { id, pid });
+                }
+                self.check_cluster_ready();
+            }
+            (slot, _) => tracing::warn!(%slot, "a readiness report of the wrong role; ignored"),
+        }
+    }
+
+    /// Announces cluster-ready once: the agent is ready and every worker is
+    /// ready or marked failed.
+    fn check_cluster_ready(&mut self) {
+        if self.announced
+            || self.stopping.is_some()
+            || !self.workers_started
+            || self.agent.state != ProcessState::Ready
+            || !self.workers.iter().all(Slot::settled)
+        {
+            return;
+        }
+        self.announced = true;
+        let agent = self.agent.proc.as_ref().map_or(0, |p| p.pid);
+        let mut workers = Vec::new();
+        let mut failed = Vec::new();
+        for w in &self.workers {
+            match (&w.proc, w.state) {
+                (Some(p), ProcessState::Ready) => workers.push(p.pid),
+                _ => failed.extend(w.id.worker_id()),
+            }
+        }
+        for p in std::iter::once(&self.agent).chain(&self.workers).filter_map(|s| s.proc.as_ref()) {
+            p.control(ToChild::ClusterReady);
+        }
+        self.emit(ClusterEvent::ClusterReady { master: self.pid, agent, workers, failed });
+    }
+
+    fn on_exit(&mut self, key: ProcKey, status: Option<ExitStatus>) {
+        let Some(slot) = self.slot_mut(key.slot) else { return };
+        let was_starting = slot.state == ProcessState::Starting;
+        let Some(proc) = slot.take_proc(key) else { return };
+        let exit = status.as_ref().map_or(ExitReason::Unknown, ExitReason::from_status);
+        let uptime = proc.spawned_at.elapsed();
+        let process = proc.process_ref();
+        self.process_gone(&proc);
+        self.emit(ClusterEvent::Exited { process: process.clone(), exit, uptime });
+        if self.stopping.is_some() {
+            if let Some(slot) = self.slot_mut(key.slot) {
+                slot.state = ProcessState::Stopped;
+            }
+            self.advance_stop();
+            return;
+        }
+        tracing::warn!(%process, %exit, "child died");
+        if was_starting && !proc.timed_out {
+            self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Exited(exit) });
+        }
+        if key.slot == SlotId::Agent
+            && let Some(info) = self.agent_info.as_mut()
+        {
+            info.up = false;
+            let info = info.clone();
+            for w in &self.workers {
+                if let Some(p) = &w.proc {
+                    p.control(ToChild::AgentChanged(info.clone()));
+                }
+            }
+        }
+        self.schedule_restart(key.slot);
+    }
+
+    fn on_timer(&mut self, timer: Timer) {
+        match timer {
+            Timer::StartDeadline(key) => {
+                let timeout = match key.slot {
+                    SlotId::Agent => self.config.agent_start_timeout,
+                    SlotId::Worker(_) => self.config.worker_start_timeout,
+                };
+                let Some(slot) = self.slot_mut(key.slot) else { return };
+                if slot.state != ProcessState::Starting {
+                    return;
+                }
+                let Some(proc) = slot.proc_mut(key) else { return };
+                proc.timed_out = true;
+                proc.kill();
+                let process = proc.process_ref();
+                tracing::error!(%process, ?timeout, "did not report ready in time; killed");
+                self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::TimedOut(timeout) });
+            }
+            Timer::Restart { slot, id } => {
+                if self.stopping.is_some() {
+                    return;
+                }
+                let Some(s) = self.slot_mut(slot) else { return };
+                if s.timer != id || !matches!(s.state, ProcessState::BackingOff | ProcessState::Failed) {
+                    return;
+                }
+                s.restarts += 1;
+                if let Err(e) = self.start(slot) {
+                    self.spawn_failed(slot, &e);
+                }
+            }
+            Timer::StopDeadline(id) => {
+                let Some(stopping) = self.stopping else { return };
+                if stopping.deadline_id != id {
+                    return;
+                }
+                tracing::warn!(stage = ?stopping.stage, "grace period over; killing what is left");
+                self.kill_stage(stopping.stage);
+                self.after(REAP_TIMEOUT, Timer::ReapDeadline(id));
+            }
+            Timer::ReapDeadline(id) => {
+                let Some(stopping) = self.stopping else { return };
+                if stopping.deadline_id != id {
+                    return;
+                }
+                tracing::error!(stage = ?stopping.stage, "killed processes were not reaped in time; giving up on them");
+                let slots: Vec<SlotId> = match stopping.stage {
+                    Stage::Workers => self.workers.iter().map(|w| w.id).collect(),
+                    Stage::Agent => vec![SlotId::Agent],
+                    Stage::Done => vec![],
+                };
+                for slot in slots {
+                    if let Some(s) = self.slot_mut(slot)
+                        && s.proc.take().is_some()
+                    {
+                        s.state = ProcessState::Stopped;
+                    }
+                }
+                self.advance_stop();
+            }
+            Timer::EofKill(key) => {
+                if let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) {
+                    tracing::warn!(pid = proc.pid, "IPC channel closed but the process lives on; killing it");
+                    proc.kill();
+                }
+            }
+        }
+    }
+
+    // ---- shutdown ----------------------------------------------------------
+
+    /// The first call starts a graceful stop; a second one skips the grace.
+    fn begin_stop(&mut self) {
+        if let Some(stopping) = self.stopping.as_mut() {
+            if !stopping.forced {
+                stopping.forced = true;
+                tracing::warn!("second stop signal: skipping the grace period");
+                self.emit(ClusterEvent::ShutdownStarted { forced: true });
+                self.kill_stage(Stage::Workers);
+                self.kill_stage(Stage::Agent);
+            }
+            return;
+        }
+        tracing::info!("stopping: workers first, then the agent");
+        self.emit(ClusterEvent::ShutdownStarted { forced: false });
+        self.stopping_token.cancel();
+        self.next_deadline += 1;
+        self.stopping = Some(Stopping { stage: Stage::Workers, forced: false, deadline_id: self.next_deadline });
+        let grace = self.config.worker_stop_timeout;
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        for w in &mut self.workers {
+            match &w.proc {
+                Some(p) => {
+                    p.control(ToChild::Stop { grace_ms });
+                    w.state = ProcessState::Stopping;
+                }
+                None => w.state = ProcessState::Stopped,
+            }
+        }
+        if self.agent.proc.is_none() {
+            self.agent.state = ProcessState::Stopped;
+        }
+        self.after(grace, Timer::StopDeadline(self.next_deadline));
+        self.advance_stop();
+    }
+
+    fn advance_stop(&mut self) {
+        loop {
+            let Some(stopping) = self.stopping else { return };
+            match stopping.stage {
+                Stage::Workers => {
+                    if self.workers.iter().any(|w| w.proc.is_some()) {
+                        return;
+                    }
+                    self.next_deadline += 1;
+                    let id = self.next_deadline;
+                    self.stopping = Some(Stopping { stage: Stage::Agent, deadline_id: id, ..stopping });
+                    let grace = self.config.agent_stop_timeout;
+                    if let Some(p) = &self.agent.proc {
+                        tracing::info!("workers stopped; stopping the agent");
+                        p.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
+                        self.agent.state = ProcessState::Stopping;
+                        self.after(grace, Timer::StopDeadline(id));
+                        if stopping.forced {
+                            self.kill_stage(Stage::Agent);
+                        }
+                    }
+                }
+                Stage::Agent => {
+                    if self.agent.proc.is_some() {
+                        return;
+                    }
+                    self.agent.state = ProcessState::Stopped;
+                    self.stopping = Some(Stopping { stage: Stage::Done, ..stopping });
+                }
+                Stage::Done => return,
+            }
+        }
+    }
+
+    fn kill_stage(&mut self, stage: Stage) {
+        let slots: Vec<&mut Slot> = match stage {
+            Stage::Workers => self.workers.iter_mut().collect(),
+            Stage::Agent => vec![&mut self.agent],
+            Stage::Done => vec![],
+        };
+        for slot in slots {
+            if let Some(p) = slot.proc.as_mut() {
+                tracing::warn!(pid = p.pid, slot = %slot.id, "SIGKILL");
+                p.kill();
+            }
+        }
+    }
+
+    // ---- status ------------------------------------------------------------
+
+    pub(crate) fn status_table(&self) -> StatusTable {
+        let master = StatusRow {
+            role: Role::Master,
+            worker_id: None,
+            pid: Some(self.pid),
+            state: if self.stopping.is_some() { ProcessState::Stopping } else { ProcessState::Ready },
+            restarts: 0,
+            uptime: Some(self.started_at.elapsed()),
+            rss_bytes: rss_bytes(self.pid),
+            epoch: None,
+        };
+        let mut rows = vec![master, self.agent.status_row()];
+        rows.extend(self.workers.iter().map(Slot::status_row));
+        StatusTable { rows }
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        // Normally all children have exited; if `serve` failed early, do not
+        // leave any behind.
+        for slot in std::iter::once(&mut self.agent).chain(self.workers.iter_mut()) {
+            if let Some(p) = slot.proc.as_mut() {
+                p.kill();
+            }
+        }
+    }
+}
+
+/// Runs the master until shutdown, then waits briefly for its tasks.
+pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) -> Result<(), Error> {
+    let pid = std::process::id();
+    let span = tracing::info_span!("tandem", role = "master", pid, cluster = %name);
+    async move {
+        let mut master = Master::new(name, config)?;
+        let result = master.serve(hook).await;
+        let tasks = master.tasks.clone();
+        drop(master);
+        Master::drain(tasks).await;
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Writes queued messages to one child: control first, then data, in batches.
+async fn write_to_child(wr: OwnedWriteHalf, mut control: mpsc::Receiver<ToChild>, mut data: mpsc::Receiver<ToChild>) {
+    let mut w = FramedWrite::new(wr, MasterCodec::new());
+    loop {
+        let item = tokio::select! {
+            biased;
+            Some(item) = control.recv() => item,
+            Some(item) = data.recv() => item,
+            else => return,
+        };
+        if !feed(&mut w, item).await {
+            return;
+        }
+        for _ in 0..WRITE_BATCH {
+            let Ok(item) = control.try_recv().or_else(|_| data.try_recv()) else { break };
+            if !feed(&mut w, item).await {
+                return;
+            }
+        }
+        if SinkExt::<ToChild>::flush(&mut w).await.is_err() {
+            return; // the child is gone; its waiter reports the exit
+        }
+    }
+}
+
+/// Feeds one message; false when the channel is broken. A message that cannot
+/// be encoded (too large) is dropped without breaking the channel.
+async fn feed(w: &mut FramedWrite<OwnedWriteHalf, MasterCodec>, item: ToChild) -> bool {
+    match w.feed(item).await {
+        Ok(()) => true,
+        Err(tandem_protocol::CodecError::Io(_)) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "message to a child dropped");
+            true
+        }
+    }
+}
+
+async fn read_from_child(rd: OwnedReadHalf, key: ProcKey, tx: mpsc::Sender<Input>) {
+    let mut reader = FramedRead::new(rd, MasterCodec::new());
+    loop {
+        let input = match reader.next().await {
+            Some(Ok(msg)) => Input::FromChild(key, msg),
+            Some(Err(e)) => {
+                let _ = tx.send(Input::BadFrame(key, e.to_string())).await;
+                return;
+            }
+            None => {
+                let _ = tx.send(Input::Eof(key)).await;
+                return;
+            }
+        };
+        if tx.send(input).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Owns the child: reaps it (waitpid) when it exits, or SIGKILLs it on request
+/// and then reaps it.
+async fn wait_for_child(mut child: Child, kill: oneshot::Receiver<()>, key: ProcKey, tx: mpsc::Sender<Input>) {
+    let status = tokio::select! {
+        status = child.wait() => status,
+        Ok(()) = kill => {
+            if let Err(e) = child.start_kill() {
+                tracing::warn!(error = %e, "SIGKILL failed");
+            }
+            child.wait().await
+        }
+    };
+    let status = match status {
+        Ok(status) => Some(status),
+        Err(e) => {
+            tracing::error!(error = %e, "could not reap a child");
+            None
+        }
+    };
+    let _ = tx.send(Input::Exited(key, status)).await;
+}

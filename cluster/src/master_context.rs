@@ -1,0 +1,94 @@
+//! What the user's master function gets: the events, the messenger, and a way
+//! to stop the cluster.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ClusterEvent, Error, Events, Messenger, StatusTable};
+
+/// The master's view of the cluster, given to the function set with
+/// [`Builder::master`](crate::Builder::master). It runs alongside the
+/// supervisor, from before the agent starts until shutdown.
+#[derive(Debug)]
+pub struct MasterContext {
+    pid: u32,
+    runtime_dir: PathBuf,
+    token: String,
+    messenger: Messenger,
+    first_events: Mutex<Option<Events>>,
+    later_events: broadcast::Receiver<ClusterEvent>,
+    shutdown: CancellationToken,
+    stopping: CancellationToken,
+}
+
+impl MasterContext {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        pid: u32,
+        runtime_dir: PathBuf,
+        token: String,
+        messenger: Messenger,
+        first_events: Option<Events>,
+        later_events: broadcast::Receiver<ClusterEvent>,
+        shutdown: CancellationToken,
+        stopping: CancellationToken,
+    ) -> Self {
+        MasterContext {
+            pid,
+            runtime_dir,
+            token,
+            messenger,
+            first_events: Mutex::new(first_events),
+            later_events,
+            shutdown,
+            stopping,
+        }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The private runtime directory (0700), removed at exit.
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    /// The cluster's secret token.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The master's messenger.
+    pub fn messenger(&self) -> &Messenger {
+        &self.messenger
+    }
+
+    /// The cluster's events. The first call gets every event since the master
+    /// started; later calls get the events from then on. The stream ends when
+    /// the master exits.
+    pub fn events(&self) -> Events {
+        let first = self.first_events.lock().unwrap_or_else(PoisonError::into_inner).take();
+        first.unwrap_or_else(|| Events::new(self.later_events.resubscribe()))
+    }
+
+    /// Asks for a graceful shutdown, as SIGTERM does.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Cancelled when shutdown begins (by a signal, [`shutdown`](Self::shutdown)
+    /// or a failure of this function).
+    pub fn stopping(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// The status table.
+    pub async fn status(&self) -> Result<StatusTable, Error> {
+        self.messenger.status().await
+    }
+}

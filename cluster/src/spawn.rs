@@ -1,0 +1,105 @@
+//! Starting a child: the same executable, re-run with a role marker in its
+//! environment and one end of a fresh socketpair as its IPC channel.
+//!
+//! Both ends of the socketpair are created close-on-exec, so no other child
+//! inherits them (each child's EOF then really means "the master is gone");
+//! only the child's own end has the flag cleared, in the forked child, just
+//! before `exec`.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::process::Stdio;
+
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::{Role, WorkerId};
+
+/// The environment variables a child reads (never secrets: the token travels over IPC).
+pub(crate) const ENV_ROLE: &str = "TANDEM_ROLE";
+pub(crate) const ENV_WORKER_ID: &str = "TANDEM_WORKER_ID";
+pub(crate) const ENV_IPC_FD: &str = "TANDEM_IPC_FD";
+pub(crate) const ENV_MASTER_PID: &str = "TANDEM_MASTER_PID";
+pub(crate) const ENV_CLUSTER: &str = "TANDEM_CLUSTER";
+
+/// A spawned child and the master's end of its IPC channel.
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub child: Child,
+    pub pid: u32,
+    pub stream: UnixStream,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub(crate) struct Program {
+    pub exe: std::path::PathBuf,
+    pub args: Vec<OsString>,
+    pub cluster: String,
+    pub master_pid: u32,
+}
+
+impl Program {
+    pub(crate) fn spawn(&self, role: Role, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
+        spawn(&self.exe, &self.args, &self.cluster, self.master_pid, role, worker_id)
+    }
+}
+
+fn spawn(
+    exe: &Path,
+    args: &[OsString],
+    cluster: &str,
+    master_pid: u32,
+    role: Role,
+    worker_id: Option<WorkerId>,
+) -> io::Result<Spawned> {
+    // std creates both ends with SOCK_CLOEXEC.
+    let (master_end, child_end) = StdUnixStream::pair()?;
+    let child_fd = child_end.as_raw_fd();
+
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env(ENV_ROLE, role.as_str())
+        .env(ENV_IPC_FD, child_fd.to_string())
+        .env(ENV_MASTER_PID, master_pid.to_string())
+        .env(ENV_CLUSTER, cluster)
+        .stdin(Stdio::null())
+        .kill_on_drop(false);
+    match worker_id {
+        Some(id) => cmd.env(ENV_WORKER_ID, id.to_string()),
+        None => cmd.env_remove(ENV_WORKER_ID),
+    };
+    let parent = libc::pid_t::try_from(master_pid).map_err(io::Error::other)?;
+    // SAFETY: the closure runs in the forked child between fork and exec, where
+    // only async-signal-safe functions may be called. It calls only fcntl, prctl
+    // and getppid (plain syscalls), allocates nothing and touches no lock.
+    // `child_fd` stays open in the master until after `spawn` returns, so the
+    // child's copy of it is valid here.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Let the child's end (and only it) survive exec.
+            if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // Die with the master. Linux ties this to the thread that forked us:
+            // the master spawns from its runtime's long-lived threads.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // The master may have died before prctl: then we were re-parented.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(child_end);
+    let pid = child.id().ok_or_else(|| io::Error::other("the child exited before its pid could be read"))?;
+    master_end.set_nonblocking(true)?;
+    let stream = UnixStream::from_std(master_end)?;
+    Ok(Spawned { child, pid, stream })
+}

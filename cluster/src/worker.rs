@@ -1,0 +1,113 @@
+//! What a worker's start function gets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::child::ChildCore;
+use crate::ipc::Ready;
+use crate::{Error, FrameLink, Messenger, WorkerId};
+
+/// The current agent, as workers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Its pid.
+    pub pid: u32,
+    /// Its epoch: strictly higher for every agent the master starts.
+    pub epoch: u64,
+    /// Its Leader's socket.
+    pub socket: PathBuf,
+    /// Whether it is up. False between its death and its successor's readiness;
+    /// the other fields then still describe the dead one.
+    pub up: bool,
+}
+
+/// A worker's view of the cluster, given to its start function.
+///
+/// The function connects its Follower (to [`agent_socket`](Self::agent_socket)
+/// with [`token`](Self::token), or over [`open_link`](Self::open_link)), calls
+/// [`ready`](Self::ready), works until [`stop_token`](Self::stop_token) is
+/// cancelled, and returns.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    core: Arc<ChildCore>,
+    id: WorkerId,
+    agent: watch::Receiver<AgentInfo>,
+}
+
+impl WorkerContext {
+    pub(crate) fn new(core: Arc<ChildCore>, id: WorkerId, agent: watch::Receiver<AgentInfo>) -> Self {
+        WorkerContext { core, id, agent }
+    }
+
+    /// This worker's id (`1..=N`, the same across restarts of the slot).
+    pub fn id(&self) -> WorkerId {
+        self.id
+    }
+
+    /// This process's pid.
+    pub fn pid(&self) -> u32 {
+        self.core.pid
+    }
+
+    /// The cluster's name.
+    pub fn cluster_name(&self) -> &str {
+        &self.core.init.cluster
+    }
+
+    /// The master's private runtime directory (0700).
+    pub fn runtime_dir(&self) -> &Path {
+        &self.core.init.runtime_dir
+    }
+
+    /// The cluster's secret token, to present to the Leader.
+    pub fn token(&self) -> &str {
+        &self.core.init.token
+    }
+
+    /// The current agent's Leader socket.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.agent.borrow().socket.clone()
+    }
+
+    /// The current agent; changes when it dies and when a new one is ready.
+    pub fn agent(&self) -> watch::Receiver<AgentInfo> {
+        self.agent.clone()
+    }
+
+    /// The messenger.
+    pub fn messenger(&self) -> &Messenger {
+        &self.core.messenger
+    }
+
+    /// Opens a link to the agent relayed by the master (same as
+    /// `self.messenger().open_link()`).
+    pub async fn open_link(&self) -> Result<FrameLink, Error> {
+        self.core.messenger.open_link().await
+    }
+
+    /// Reports this worker ready (call it once its Follower is connected).
+    /// Later calls do nothing.
+    pub async fn ready(&self) -> Result<(), Error> {
+        self.core.report_ready(Ready::Worker).await
+    }
+
+    /// Cancelled when the worker must stop (cluster shutdown or SIGTERM); the
+    /// start function should then finish its work and return.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.core.stop.clone()
+    }
+
+    /// Resolves when the worker must stop.
+    pub async fn stopped(&self) {
+        self.core.stop.cancelled().await
+    }
+
+    /// Resolves once the whole cluster is ready.
+    pub async fn cluster_ready(&self) {
+        self.core.wait_cluster_ready().await
+    }
+}

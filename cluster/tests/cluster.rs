@@ -1,0 +1,499 @@
+//! Multi-process tests: each runs the real `cluster_fixture` example (built by
+//! `cargo test -p tandem-cluster` into `target/<profile>/examples/`) and reads
+//! its stdout line by line. Every wait is bounded by the test's deadline; no
+//! test sleeps to wait for a state; every process a test started is killed by
+//! pid when the test ends, pass or fail.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The longest any one test may run.
+const TEST_TIMEOUT: Duration = Duration::from_secs(40);
+
+fn fixture_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/cluster-<hash> -> target/<profile>/examples/cluster_fixture
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let path = profile_dir.join("examples").join("cluster_fixture");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test -p tandem-cluster`, which builds the examples",
+        path.display()
+    );
+    path
+}
+
+/// A running fixture cluster and everything it printed.
+struct Fixture {
+    child: Option<Child>,
+    lines: Receiver<(Instant, String)>,
+    seen: Vec<(Instant, String)>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    deadline: Instant,
+}
+
+impl Fixture {
+    fn start(args: &[&str]) -> Fixture {
+        let mut child = Command::new(fixture_path())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the fixture");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send((Instant::now(), line)).is_err() {
+                    return;
+                }
+            }
+        });
+        let err_lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&err_lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+            }
+        });
+        Fixture {
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+            stderr: err_lines,
+            deadline: Instant::now() + TEST_TIMEOUT,
+        }
+    }
+
+    fn master_pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("master")
+    }
+
+    fn line(&self, i: usize) -> &str {
+        &self.seen[i].1
+    }
+
+    fn at(&self, i: usize) -> Instant {
+        self.seen[i].0
+    }
+
+    /// The index of the first line at or after `from` matching `pred`, waiting
+    /// for more output until the test's deadline.
+    fn wait_from(&mut self, from: usize, what: &str, pred: impl Fn(&str) -> bool) -> usize {
+        if let Some(i) = self.seen.iter().skip(from).position(|(_, l)| pred(l)) {
+            return from + i;
+        }
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(entry) => {
+                    let matched = pred(&entry.1);
+                    self.seen.push(entry);
+                    if matched && self.seen.len() > from {
+                        return self.seen.len() - 1;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("timed out waiting for {what}"),
+                Err(RecvTimeoutError::Disconnected) => panic!("the fixture's output ended while waiting for {what}"),
+            }
+        }
+    }
+
+    fn wait(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> usize {
+        self.wait_from(0, what, pred)
+    }
+
+    fn wait_line(&mut self, line: &str) -> usize {
+        self.wait(line, |l| l == line)
+    }
+
+    fn wait_prefix(&mut self, prefix: &str) -> usize {
+        self.wait(prefix, |l| l.starts_with(prefix))
+    }
+
+    fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.seen.iter().filter(|(_, l)| pred(l)).count()
+    }
+
+    /// Polls stderr (the status table goes there) until a line matches.
+    fn wait_stderr(&mut self, what: &str, pred: impl Fn(&str) -> bool) {
+        while Instant::now() < self.deadline {
+            if self.stderr.lock().unwrap_or_else(PoisonError::into_inner).iter().any(|l| pred(l)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out waiting for {what} on stderr");
+    }
+
+    /// Waits for the master to exit, at most `limit`.
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("master");
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "the master did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn ready(&mut self) -> Ready {
+        let i = self.wait_prefix("cluster ready:");
+        Ready::parse(self.line(i))
+    }
+
+    /// Every pid the fixture ever spawned (from its `spawned:` lines).
+    fn spawned_pids(&mut self) -> Vec<u32> {
+        while let Ok(entry) = self.lines.try_recv() {
+            self.seen.push(entry);
+        }
+        self.seen.iter().filter(|(_, l)| l.starts_with("spawned:")).filter_map(|(_, l)| pid_in(l)).collect()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let pids = self.spawned_pids();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in pids {
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("cluster_fixture"));
+            if ours && alive(pid) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("---- fixture stdout ----");
+            for (_, l) in &self.seen {
+                eprintln!("{l}");
+            }
+            eprintln!("---- fixture stderr (last 60 lines) ----");
+            let err = self.stderr.lock().unwrap_or_else(PoisonError::into_inner);
+            for l in err.iter().rev().take(60).rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// The `cluster ready:` line.
+#[derive(Debug)]
+struct Ready {
+    master: u32,
+    agent: u32,
+    workers: Vec<u32>,
+}
+
+impl Ready {
+    fn parse(line: &str) -> Ready {
+        let num =
+            |key: &str| field(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{key} in {line}"));
+        let workers = field(line, "workers")
+            .map(|v| v.split(',').filter(|s| !s.is_empty()).map(|p| p.parse().expect("worker pid")).collect())
+            .unwrap_or_default();
+        Ready { master: num("master"), agent: num("agent"), workers }
+    }
+}
+
+/// The value of `key=` in a line, up to the next space.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    Some(line[start..].split(' ').next().unwrap_or(""))
+}
+
+/// The pid in `(pid N)`.
+fn pid_in(line: &str) -> Option<u32> {
+    let start = line.find("(pid ")? + 5;
+    line[start..].split(')').next()?.parse().ok()
+}
+
+/// Whether a process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, sig: Signal) {
+    kill(Pid::from_raw(pid as i32), sig).expect("send a signal");
+}
+
+/// Polls (bounded) until none of `pids` is alive; returns how long it took.
+fn wait_all_dead(pids: &[u32], limit: Duration) -> Duration {
+    let start = Instant::now();
+    while pids.iter().any(|&p| alive(p)) {
+        let still: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        assert!(start.elapsed() < limit, "still alive after {limit:?}: {still:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn start_up_is_ordered_and_the_ready_line_lists_live_processes() {
+    let mut f = Fixture::start(&["--workers", "3"]);
+    let ready_at = f.wait_prefix("cluster ready:");
+    let ready = Ready::parse(f.line(ready_at));
+    assert_eq!(ready.master, f.master_pid());
+    assert_eq!(ready.workers.len(), 3, "{ready:?}");
+    let distinct: HashSet<u32> = ready.workers.iter().copied().chain([ready.agent, ready.master]).collect();
+    assert_eq!(distinct.len(), 5, "{ready:?}");
+    assert!(alive(ready.agent));
+    assert!(ready.workers.iter().all(|&p| alive(p)), "{ready:?}");
+
+    // The agent was ready before any worker was spawned; every worker before cluster-ready.
+    let agent_ready = f.wait_prefix("agent ready:");
+    let first_worker = f.wait_prefix("spawned: worker");
+    assert!(agent_ready < first_worker, "a worker was spawned before the agent was ready");
+    for (i, pid) in ready.workers.iter().enumerate() {
+        let id = i + 1;
+        let line = f.wait_line(&format!("worker ready: worker={id} pid={pid}"));
+        assert!(line < ready_at);
+        // Each worker got the agent's info in its Init.
+        f.wait_line(&format!("worker {id} agent pid={} epoch=1 up=true", ready.agent));
+    }
+
+    // SIGUSR1: the status table on stderr.
+    signal(ready.master, Signal::SIGUSR1);
+    let agent = ready.agent.to_string();
+    f.wait_stderr("the agent's status row", |l| l.starts_with("agent") && l.contains(&agent) && l.contains("ready"));
+    f.wait_stderr("worker 3's status row", |l| l.starts_with("worker 3") && l.contains("ready") && l.contains("MiB"));
+}
+
+#[test]
+fn a_killed_worker_is_restarted_in_the_same_slot() {
+    let mut f = Fixture::start(&["--workers", "2"]);
+    let ready = f.ready();
+    let old = ready.workers[1];
+    signal(old, Signal::SIGKILL);
+    f.wait_prefix(&format!("exited: worker 2 (pid {old}) was killed by signal 9"));
+    let i = f.wait_prefix("worker restarted: worker=2 ");
+    let new: u32 = field(f.line(i), "pid").and_then(|p| p.parse().ok()).expect("pid");
+    assert_ne!(new, old);
+    assert!(alive(new));
+    assert!(alive(ready.workers[0]), "worker 1 is untouched");
+    assert_eq!(f.count(|l| l.starts_with("worker restarted: worker=1 ")), 0);
+}
+
+#[test]
+fn a_killed_agent_is_restarted_with_a_higher_epoch_and_workers_are_told() {
+    let mut f = Fixture::start(&["--workers", "2"]);
+    let ready = f.ready();
+    signal(ready.agent, Signal::SIGKILL);
+    let i = f.wait_prefix("agent restarted: ");
+    let line = f.line(i).to_owned();
+    let pid: u32 = field(&line, "pid").and_then(|p| p.parse().ok()).expect("pid");
+    assert_eq!(field(&line, "epoch"), Some("2"));
+    assert_ne!(pid, ready.agent);
+    assert!(alive(pid));
+    for id in 1..=2 {
+        f.wait_line(&format!("worker {id} agent pid={pid} epoch=2 up=true"));
+    }
+    assert!(ready.workers.iter().all(|&p| alive(p)), "workers are not restarted with the agent");
+}
+
+#[test]
+fn killing_the_master_leaves_no_child_behind() {
+    let mut f = Fixture::start(&["--workers", "3"]);
+    let ready = f.ready();
+    let children: Vec<u32> = ready.workers.iter().copied().chain([ready.agent]).collect();
+    signal(ready.master, Signal::SIGKILL);
+    let took = wait_all_dead(&children, Duration::from_secs(1));
+    eprintln!("all children gone {took:?} after the master's SIGKILL");
+}
+
+#[test]
+fn sigterm_stops_workers_then_the_agent_and_exits_0() {
+    let mut f = Fixture::start(&["--workers", "2", "--grace-ms", "3000"]);
+    let ready = f.ready();
+    let started = Instant::now();
+    signal(ready.master, Signal::SIGTERM);
+    let status = f.wait_exit(Duration::from_secs(8));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}: longer than the grace", started.elapsed());
+    let agent = f.wait_line("agent stopping");
+    for id in 1..=2 {
+        assert!(f.wait_line(&format!("worker {id} stopping")) < agent, "worker {id} must stop before the agent");
+    }
+    let children: Vec<u32> = ready.workers.iter().copied().chain([ready.agent]).collect();
+    wait_all_dead(&children, Duration::from_secs(1));
+}
+
+#[test]
+fn a_second_signal_skips_the_grace() {
+    let mut f = Fixture::start(&["--workers", "2", "--stubborn", "--grace-ms", "20000"]);
+    let ready = f.ready();
+    signal(ready.master, Signal::SIGTERM);
+    f.wait_line("worker 1 stopping");
+    f.wait_line("worker 2 stopping");
+    let second = Instant::now();
+    signal(ready.master, Signal::SIGINT);
+    let status = f.wait_exit(Duration::from_secs(5));
+    assert!(second.elapsed() < Duration::from_secs(3), "took {:?}", second.elapsed());
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    f.wait_line("shutdown started: forced=true");
+    let children: Vec<u32> = ready.workers.iter().copied().chain([ready.agent]).collect();
+    wait_all_dead(&children, Duration::from_secs(1));
+}
+
+#[test]
+fn a_worker_crashing_at_start_up_is_backed_off_reported_and_retried_later() {
+    let mut f = Fixture::start(&[
+        "--workers",
+        "2",
+        "--crash-at-start",
+        "2",
+        "--backoff-ms",
+        "100",
+        "--crash-loop-limit",
+        "4",
+        "--failed-retry-ms",
+        "1500",
+    ]);
+    let mut from = 0;
+    let mut delays = Vec::new();
+    let mut gaps = Vec::new();
+    for failures in 1..=4u32 {
+        let failed = f.wait_from(from, "a start failure of worker 2", |l| {
+            l.starts_with("start failed: worker 2 (pid ") && l.ends_with("exited with code 3 before reporting ready")
+        });
+        let scheduled = f.wait_from(failed, "restart scheduled", |l| l.starts_with("restart scheduled: worker=2 "));
+        let line = f.line(scheduled).to_owned();
+        assert_eq!(field(&line, "failures"), Some(failures.to_string().as_str()), "{line}");
+        let delay: u64 = field(&line, "in_ms").and_then(|d| d.parse().ok()).expect("in_ms");
+        let respawned = f.wait_from(scheduled, "worker 2 respawned", |l| l.starts_with("spawned: worker 2 "));
+        delays.push(delay);
+        gaps.push(f.at(respawned) - f.at(scheduled));
+        from = respawned;
+    }
+    assert_eq!(delays, vec![100, 200, 400, 800], "restart delays must grow");
+    let waited: Duration = gaps.iter().sum();
+    assert!(waited >= Duration::from_millis(1200), "restarts came too fast: {gaps:?}");
+    assert!(gaps[3] >= Duration::from_millis(600), "{gaps:?}");
+
+    // The fifth crash in a row marks the slot failed; the cluster is ready without it.
+    let failed = f.wait_from(from, "slot failed", |l| l.starts_with("slot failed: worker=2 "));
+    assert_eq!(f.line(failed), "slot failed: worker=2 failures=5 retry_in_ms=1500");
+    let ready = f.ready();
+    assert_eq!(ready.workers.len(), 1);
+    let ready_line = f.wait_prefix("cluster ready:");
+    assert!(f.line(ready_line).ends_with(" failed=2"), "{}", f.line(ready_line));
+
+    // Not lost for good: retried later, and a crash then fails it again at once.
+    let retried = f.wait_from(failed, "worker 2 retried", |l| l.starts_with("spawned: worker 2 "));
+    assert!(f.at(retried) - f.at(failed) >= Duration::from_millis(1200), "retried too early");
+    let again = f.wait_from(retried, "slot failed again", |l| l.starts_with("slot failed: worker=2 "));
+    assert_eq!(f.line(again), "slot failed: worker=2 failures=5 retry_in_ms=1500");
+    assert_eq!(f.count(|l| l.starts_with("spawned: worker 2 ")), 6, "5 fast attempts, then one retry");
+    assert!(alive(ready.workers[0]), "worker 1 is unaffected");
+}
+
+#[test]
+fn a_worker_that_never_reports_ready_times_out_with_its_name_and_pid() {
+    let mut f = Fixture::start(&["--workers", "2", "--hang-at-start", "1", "--start-timeout-ms", "500"]);
+    let spawned = f.wait_prefix("spawned: worker 1 ");
+    let pid = pid_in(f.line(spawned)).expect("pid");
+    f.wait_line("worker 1 hanging at start");
+    // Its user message "ready" did not make it ready: only the deadline decides.
+    let failed = f.wait_line(&format!("start failed: worker 1 (pid {pid}): did not report ready within 500ms"));
+    assert_eq!(f.count(|l| l.starts_with("worker ready: worker=1 ")), 0);
+    f.wait_from(failed, "the kill", |l| l.starts_with(&format!("exited: worker 1 (pid {pid}) was killed by signal 9")));
+    f.wait_from(failed, "its restart", |l| l.starts_with("restart scheduled: worker=1 "));
+}
+
+#[test]
+fn the_messenger_routes_stamps_senders_and_reports_undeliverable_messages() {
+    let mut f = Fixture::start(&["--workers", "3", "--messenger", "--backoff-ms", "5000"]);
+    let ready = f.ready();
+    let (m, a) = (ready.master, ready.agent);
+    let w: Vec<u32> = ready.workers.clone();
+    f.wait_line("checks done");
+
+    // To the agent, to one worker, to all workers, to a random one, to everyone.
+    f.wait_line("check to-agent: ok ()");
+    f.wait_line(&format!("note to=agent from=master/{m} payload=m1"));
+    f.wait_line("check to-worker: ok ()");
+    f.wait_line(&format!("note to=worker/2 from=master/{m} payload=m2"));
+    f.wait_line("check to-workers: ok 3");
+    for id in 1..=3 {
+        f.wait_line(&format!("note to=worker/{id} from=master/{m} payload=m3"));
+    }
+    let random = f.wait_prefix("check random: ok ");
+    let picked = f.line(random).trim_start_matches("check random: ok ").to_owned();
+    f.wait_line(&format!("note to=worker/{picked} from=master/{m} payload=m4"));
+    f.wait_line("check broadcast: ok 4");
+    f.wait_line(&format!("note to=agent from=master/{m} payload=m5"));
+    for id in 1..=3 {
+        f.wait_line(&format!("note to=worker/{id} from=master/{m} payload=m5"));
+    }
+    assert_eq!(f.count(|l| l.ends_with("payload=m2")), 1, "m2 went to worker 2 only");
+    assert_eq!(f.count(|l| l.ends_with("payload=m3")), 3, "m3 went to the workers only");
+    assert_eq!(f.count(|l| l.ends_with("payload=m4")), 1, "m4 went to one worker");
+    assert_eq!(f.count(|l| l.ends_with("payload=m5")), 4, "m5 went to everyone but its sender");
+
+    // Request/reply, deadline, no handler, no such worker.
+    f.wait_line(&format!("check request-agent: ok \"agent/{a} saw master/{m} m6\""));
+    f.wait_prefix("check request-deadline: timeout=true error retryable=true worker 1 sent no reply within 300ms");
+    f.wait_line("check request-nohandler: error retryable=false worker 1 has no handler for topic \"nobody\"");
+    f.wait_line("check no-such-worker: error retryable=false there is no worker 9 (the cluster has workers 1 to 3)");
+
+    // From a worker: the master stamps the true sender, whatever the payload claims.
+    let w1 = format!("worker/1/{}", w[0]);
+    f.wait_line(&format!("worker 1 reply from agent: agent/{a} saw {w1} q3"));
+    f.wait_line(&format!("note to=worker/2 from={w1} payload=i-am-the-agent"));
+    f.wait_line(&format!("worker 1 reply from worker 3: worker/3/{} saw {w1} q4", w[2]));
+    f.wait_prefix("worker 1 silent: timeout=true");
+    let random = f.wait_prefix("worker 1 random picked worker=");
+    let picked = field(f.line(random), "worker").expect("id").to_owned();
+    assert!(picked == "2" || picked == "3", "a random pick excludes the sender: {picked}");
+    f.wait_line(&format!("note to=worker/{picked} from={w1} payload=from-1-random"));
+    f.wait_line("worker 1 status rows=5");
+
+    // A dead worker: its pending request fails, and new messages get a typed error.
+    f.wait_line("check pending-request-dead-worker: error retryable=true worker 3 exited before replying");
+    f.wait_line("check dead-worker: error retryable=true worker 3 is not running (backing off)");
+    f.wait_line("check dead-worker-request: error retryable=true worker 3 is not running (backing off)");
+}
+
+#[test]
+fn links_echo_frames_and_end_when_either_side_dies() {
+    let mut f = Fixture::start(&["--workers", "2", "--links"]);
+    let ready = f.ready();
+    let one = f.wait_prefix("link worker=1 link=1 pong=1");
+    let two = f.wait_prefix("link worker=1 link=2 pong=2");
+    assert!(one < two);
+    f.wait_line("agent link from worker=1 link=1");
+    f.wait_line("agent link from worker=1 link=2");
+
+    // The agent dies: the worker's links end.
+    signal(ready.agent, Signal::SIGKILL);
+    f.wait_line("link worker=1 link=1 closed");
+    f.wait_line("link worker=1 link=2 closed");
+    // A new link to the restarted agent echoes again.
+    f.wait_line("link worker=1 link=3 pong=3");
+    f.wait_line("link worker=1 reopened epoch=2");
+
+    // The worker dies: the agent's end of its link ends.
+    signal(ready.workers[0], Signal::SIGKILL);
+    f.wait_line("agent link=3 ended");
+}
