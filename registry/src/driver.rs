@@ -1,0 +1,164 @@
+//! The client's connection task: writes queued requests, reads replies and watch
+//! events and hands them to their callers and streams. It ends when the
+//! connection fails (failing everything in flight) or when every handle is gone.
+
+use std::io;
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use tandem_protocol::{Codec, CodecError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::error::Error;
+use crate::in_flight::InFlight;
+use crate::services::ServiceEvent;
+use crate::watch::{Item, Undelivered};
+use crate::wire::{Op, Reply, Request, ServerMessage};
+
+/// The driver's inputs.
+#[derive(Debug)]
+pub(crate) struct Inputs {
+    /// Calls, registered in the in-flight table before they were queued.
+    pub(crate) outgoing: mpsc::Receiver<Request>,
+    /// Fire-and-forget requests (cancel a watch, end a lease) from `Drop`s and the reader.
+    pub(crate) detached: mpsc::UnboundedReceiver<Op>,
+    /// The reader's way to cancel a watch that fell behind.
+    pub(crate) detached_tx: mpsc::UnboundedSender<Op>,
+}
+
+/// Runs the connection on a new task.
+pub(crate) fn spawn(stream: TcpStream, max_frame: usize, in_flight: Arc<InFlight>, inputs: Inputs) {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let span = info_span!("registry_client", peer = %peer);
+    tokio::spawn(run(stream, max_frame, in_flight, inputs).instrument(span));
+}
+
+async fn run(stream: TcpStream, max_frame: usize, in_flight: Arc<InFlight>, inputs: Inputs) {
+    let (read, write) = stream.into_split();
+    let reader = FramedRead::new(read, Codec::<ServerMessage>::with_max_frame_length(max_frame));
+    let writer = FramedWrite::new(write, Codec::<ServerMessage>::with_max_frame_length(max_frame));
+    let Inputs { outgoing, detached, detached_tx } = inputs;
+    let reason = tokio::select! {
+        // `Client::close`: the in-flight table is already closed.
+        () = in_flight.lost().cancelled() => return,
+        error = read_loop(reader, &in_flight, detached_tx) => {
+            warn!(error = %error_chain(&error), "registry connection lost");
+            error
+        }
+        result = write_loop(writer, outgoing, detached, &in_flight) => match result {
+            Ok(()) => {
+                debug!("every client handle dropped; closing the registry connection");
+                Error::lost(io::Error::other("the client was dropped"))
+            }
+            Err(error) => {
+                warn!(error = %error_chain(&error), "registry connection lost");
+                error
+            }
+        },
+    };
+    in_flight.close(reason);
+}
+
+/// Dispatches what the server sends until the connection ends; returns why it ended.
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: FramedRead<R, Codec<ServerMessage>>,
+    in_flight: &InFlight,
+    detached_tx: mpsc::UnboundedSender<Op>,
+) -> Error {
+    loop {
+        let message = match reader.next().await {
+            None => {
+                return Error::lost(io::Error::new(io::ErrorKind::UnexpectedEof, "the registry closed the connection"));
+            }
+            Some(Err(e)) => return Error::lost(e),
+            Some(Ok(message)) => message,
+        };
+        let (watch_id, delivered) = match message {
+            ServerMessage::Reply(Reply { id, result }) => {
+                in_flight.complete(id, result.map_err(Error::Remote));
+                continue;
+            }
+            ServerMessage::Goodbye(error) => return Error::lost(error),
+            ServerMessage::Event { watch_id, event } => {
+                (watch_id, in_flight.deliver_change(watch_id, [Item::Event(event)]))
+            }
+            ServerMessage::Progress { watch_id, revision } => {
+                (watch_id, in_flight.deliver_change(watch_id, [Item::Progress(revision)]))
+            }
+            ServerMessage::ServiceSnapshot { watch_id, instances } => {
+                let joins = instances.into_iter().map(|i| Item::Event(ServiceEvent::Join(i)));
+                (watch_id, in_flight.deliver_service(watch_id, joins))
+            }
+            ServerMessage::ServiceEvent { watch_id, event } => {
+                (watch_id, in_flight.deliver_service(watch_id, [Item::Event(event)]))
+            }
+        };
+        if delivered == Err(Undelivered::Full) {
+            warn!(watch.id = watch_id, "watch consumer fell behind; cancelling the watch");
+            let _ = detached_tx.send(Op::CancelWatch { watch_id });
+        }
+    }
+}
+
+/// Writes requests until every handle is gone (`Ok`) or writing fails.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: FramedWrite<W, Codec<ServerMessage>>,
+    mut outgoing: mpsc::Receiver<Request>,
+    mut detached: mpsc::UnboundedReceiver<Op>,
+    in_flight: &InFlight,
+) -> Result<(), Error> {
+    loop {
+        let request = tokio::select! {
+            biased;
+            request = outgoing.recv() => match request {
+                Some(request) => request,
+                None => return Ok(()),
+            },
+            Some(op) = detached.recv() => Request { id: in_flight.next_id(), op },
+        };
+        write(&mut writer, request, in_flight).await?;
+        loop {
+            let request = match outgoing.try_recv() {
+                Ok(request) => request,
+                Err(_) => match detached.try_recv() {
+                    Ok(op) => Request { id: in_flight.next_id(), op },
+                    Err(_) => break,
+                },
+            };
+            write(&mut writer, request, in_flight).await?;
+        }
+        SinkExt::<&Request>::flush(&mut writer).await.map_err(Error::lost)?;
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(
+    writer: &mut FramedWrite<W, Codec<ServerMessage>>,
+    request: Request,
+    in_flight: &InFlight,
+) -> Result<(), Error> {
+    match writer.feed(&request).await {
+        Ok(()) => Ok(()),
+        // The codec wrote nothing for this frame: only this call fails.
+        Err(e @ (CodecError::TooLarge { .. } | CodecError::Encode(_))) => {
+            in_flight.complete(request.id, Err(Error::RequestTooLarge(Arc::new(e))));
+            Ok(())
+        }
+        Err(e) => Err(Error::lost(e)),
+    }
+}
+
+/// An error and its causes, for logs.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,312 @@
+//! Watches: what to watch, the events a watch yields, and the client-side
+//! streams ([`Watch`], [`ServiceWatch`]) that cancel the server-side watch on drop.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::client::Client;
+use crate::error::Error;
+use crate::services::ServiceEvent;
+use crate::wire::RequestId;
+
+/// Events a watch buffers on the client side before the watch is cancelled with
+/// [`Error::Lagged`]: more than the server's default history, so a full replay fits.
+pub const WATCH_BUFFER: usize = 16 * 1024;
+
+/// Which keys a watch follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum WatchSpec {
+    /// Exactly this key.
+    Key(String),
+    /// Every key starting with this prefix (the empty prefix matches every key).
+    Prefix(String),
+}
+
+impl WatchSpec {
+    /// Watch exactly `key`.
+    pub fn key(key: impl Into<String>) -> Self {
+        WatchSpec::Key(key.into())
+    }
+
+    /// Watch every key that starts with `prefix`.
+    pub fn prefix(prefix: impl Into<String>) -> Self {
+        WatchSpec::Prefix(prefix.into())
+    }
+
+    /// Whether a change of `key` belongs to this watch.
+    pub fn matches(&self, key: &str) -> bool {
+        match self {
+            WatchSpec::Key(k) => k == key,
+            WatchSpec::Prefix(p) => key.starts_with(p.as_str()),
+        }
+    }
+
+    /// The key or prefix.
+    pub fn as_str(&self) -> &str {
+        match self {
+            WatchSpec::Key(s) | WatchSpec::Prefix(s) => s,
+        }
+    }
+}
+
+/// A change seen by a [`Watch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum WatchEvent {
+    /// `key` was set to `value` by the mutation with this revision.
+    Put {
+        /// The key.
+        key: String,
+        /// Its new value.
+        value: Bytes,
+        /// The revision of the mutation (for snapshot entries, the key's mod revision).
+        revision: u64,
+    },
+    /// `key` was deleted by the mutation with this revision.
+    Delete {
+        /// The key.
+        key: String,
+        /// The revision of the deletion.
+        revision: u64,
+    },
+    /// The watch asked for changes older than the server's history keeps.
+    ///
+    /// Changes up to `compact_revision` are gone. What follows is a snapshot: one
+    /// `Put` per matching key with its value as of `revision` (drop any state you
+    /// hold for the watched keys and rebuild it from these), then the changes after
+    /// `revision`, as usual.
+    Compacted {
+        /// The newest revision the history no longer holds.
+        compact_revision: u64,
+        /// The revision of the snapshot that follows.
+        revision: u64,
+    },
+}
+
+impl WatchEvent {
+    /// The event's revision (for `Compacted`, the snapshot's revision).
+    pub fn revision(&self) -> u64 {
+        match self {
+            WatchEvent::Put { revision, .. }
+            | WatchEvent::Delete { revision, .. }
+            | WatchEvent::Compacted { revision, .. } => *revision,
+        }
+    }
+
+    /// The changed key (empty for `Compacted`).
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key,
+            WatchEvent::Compacted { .. } => "",
+        }
+    }
+}
+
+/// What the connection's reader hands to one watch.
+#[derive(Debug)]
+pub(crate) enum Item<T> {
+    /// An event for the user.
+    Event(T),
+    /// Every change up to this revision has been delivered (sent when the watch goes live).
+    Progress(u64),
+}
+
+/// The reader's end of one watch's buffer.
+#[derive(Debug)]
+pub(crate) struct Feed<T> {
+    tx: mpsc::Sender<Item<T>>,
+    end: Arc<OnceLock<Error>>,
+}
+
+/// Why an item could not be handed to a watch.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Undelivered {
+    /// The buffer is full: the user does not keep up.
+    Full,
+    /// The stream was dropped.
+    Dropped,
+}
+
+impl<T> Feed<T> {
+    /// Queues an item; never waits (a full buffer is the caller's to handle).
+    pub(crate) fn push(&self, item: Item<T>) -> Result<(), Undelivered> {
+        self.tx.try_send(item).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Undelivered::Full,
+            mpsc::error::TrySendError::Closed(_) => Undelivered::Dropped,
+        })
+    }
+
+    /// Ends the stream: it yields what is buffered, then `error` (if any), then `None`.
+    pub(crate) fn finish(self, error: Option<Error>) {
+        if let Some(error) = error {
+            let _ = self.end.set(error);
+        }
+    }
+}
+
+/// The user's end of one watch's buffer.
+#[derive(Debug)]
+struct Receiver<T> {
+    rx: mpsc::Receiver<Item<T>>,
+    end: Arc<OnceLock<Error>>,
+    done: bool,
+}
+
+pub(crate) fn channel<T>() -> (Feed<T>, mpsc::Receiver<Item<T>>, Arc<OnceLock<Error>>) {
+    // Full: the reader ends this watch with `Error::Lagged` and cancels it on the server.
+    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    let end = Arc::new(OnceLock::new());
+    (Feed { tx, end: end.clone() }, rx, end)
+}
+
+impl<T> Receiver<T> {
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Item<T>, Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => Poll::Ready(Some(Ok(item))),
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(self.end.get().cloned().map(Err))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Cancels a server-side watch when its stream goes away.
+#[derive(Debug)]
+struct CancelOnDrop {
+    client: Client,
+    id: RequestId,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.client.end_watch(self.id);
+    }
+}
+
+/// A stream of the changes of a key or prefix, from [`Client::watch`].
+///
+/// Yields `Ok(event)` in revision order. When the connection is lost (or the
+/// watch falls behind by more than [`WATCH_BUFFER`] events) it yields one `Err`,
+/// then ends; watch again from [`Watch::revision`]` + 1` to resume without a gap.
+/// Dropping it cancels the watch on the server.
+#[derive(Debug)]
+#[must_use = "a watch does nothing unless polled"]
+pub struct Watch {
+    receiver: Receiver<WatchEvent>,
+    revision: u64,
+    /// Inside a snapshot taken at this revision (after a `Compacted`).
+    snapshot_at: Option<u64>,
+    _cancel: CancelOnDrop,
+}
+
+impl Watch {
+    pub(crate) fn new(
+        client: Client,
+        id: RequestId,
+        rx: mpsc::Receiver<Item<WatchEvent>>,
+        end: Arc<OnceLock<Error>>,
+        from_revision: Option<u64>,
+    ) -> Self {
+        Watch {
+            receiver: Receiver { rx, end, done: false },
+            revision: from_revision.map_or(0, |r| r.saturating_sub(1)),
+            snapshot_at: None,
+            _cancel: CancelOnDrop { client, id },
+        }
+    }
+
+    /// Every matching change up to this revision has been yielded: to resume after
+    /// an error, watch again from `revision() + 1`.
+    ///
+    /// Before the server reported where a live-only watch starts, this is 0.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn observe(&mut self, event: &WatchEvent) {
+        match (event, self.snapshot_at) {
+            (WatchEvent::Compacted { revision, .. }, _) => self.snapshot_at = Some(*revision),
+            (_, Some(at)) if event.revision() <= at => {}
+            _ => {
+                self.snapshot_at = None;
+                self.revision = self.revision.max(event.revision());
+            }
+        }
+    }
+}
+
+impl Stream for Watch {
+    type Item = Result<WatchEvent, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            return match this.receiver.poll_item(cx) {
+                Poll::Ready(Some(Ok(Item::Progress(revision)))) => {
+                    this.snapshot_at = None;
+                    this.revision = this.revision.max(revision);
+                    continue;
+                }
+                Poll::Ready(Some(Ok(Item::Event(event)))) => {
+                    this.observe(&event);
+                    Poll::Ready(Some(Ok(event)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+}
+
+/// A stream of the instances joining and leaving a service, from [`Client::watch_service`].
+///
+/// Starts with one [`ServiceEvent::Join`] per current instance. Ends like a
+/// [`Watch`]: one `Err` when the connection is lost, then `None`. Dropping it
+/// cancels the watch on the server.
+#[derive(Debug)]
+#[must_use = "a watch does nothing unless polled"]
+pub struct ServiceWatch {
+    receiver: Receiver<ServiceEvent>,
+    _cancel: CancelOnDrop,
+}
+
+impl ServiceWatch {
+    pub(crate) fn new(
+        client: Client,
+        id: RequestId,
+        rx: mpsc::Receiver<Item<ServiceEvent>>,
+        end: Arc<OnceLock<Error>>,
+    ) -> Self {
+        ServiceWatch { receiver: Receiver { rx, end, done: false }, _cancel: CancelOnDrop { client, id } }
+    }
+}
+
+impl Stream for ServiceWatch {
+    type Item = Result<ServiceEvent, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            return match this.receiver.poll_item(cx) {
+                Poll::Ready(Some(Ok(Item::Progress(_)))) => continue,
+                Poll::Ready(Some(Ok(Item::Event(event)))) => Poll::Ready(Some(Ok(event))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+}
