@@ -291,6 +291,14 @@ async fn follow_key(upstream: RegistryUpstream, key: String, sink: EventSink<Con
                     ConfigValue { value: Some(String::from_utf8_lossy(&value).into_owned()), revision }
                 }
                 Ok(WatchEvent::Delete { revision, .. }) => ConfigValue { value: None, revision },
+                Ok(WatchEvent::Compacted { revision, .. }) => {
+                    // History was lost: a snapshot Put follows only if the key exists now.
+                    match client.get(&key).await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => ConfigValue { value: None, revision },
+                        Err(_) => break,
+                    }
+                }
                 Ok(_) => continue,
                 Err(error) => {
                     tracing::debug!(%error, key, "watch ended; resuming from revision {from}");
