@@ -170,7 +170,11 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), BoxError> {
             }
             Some(msg) = notes.recv() => println!("note to=worker/{id} from={} payload={}", who(&msg.from), text(&msg.payload)),
             Some(msg) = echo.recv() => msg.reply(format!("{me} saw {} {}", who(&msg.from), text(&msg.payload))).await?,
-            Some(msg) = silent.recv() => held.push(msg),
+            Some(msg) = silent.recv() => {
+                // Tell the master the request arrived (and is now pending here).
+                m.send_to_master("held", msg.payload.clone()).await?;
+                held.push(msg);
+            }
             Some(_) = cmd.recv() => {
                 tokio::spawn(worker_checks(m.clone()));
             }
@@ -306,24 +310,39 @@ async fn master_checks(m: Messenger, mut events: Events, workers: Vec<u32>) {
     }
 
     // A request pending at worker 3 when it dies fails with TargetExited.
+    let mut held = m.subscribe("held");
     let pending = {
         let m = m.clone();
         tokio::spawn(async move { m.request(Target::Worker(3), "silent", "m10", Duration::from_secs(10)).await })
     };
-    // The local channel is FIFO: once this answers, the request is registered.
-    let _ = m.status().await;
+    // Kill worker 3 only once it holds the request.
+    let arrived = async {
+        while let Some(msg) = held.recv().await {
+            if &msg.payload[..] == b"m10" {
+                return;
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), arrived).await.is_err() {
+        println!("check worker-3: the request never arrived");
+    }
     let Some(&pid) = workers.get(2) else { return };
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
     match pending.await {
         Ok(r) => println!("check pending-request-dead-worker: {}", show(r)),
         Err(e) => println!("check pending-request-dead-worker: join error {e}"),
     }
-    while let Some(event) = events.recv().await {
-        if let ClusterEvent::Exited { process, .. } = &event
-            && process.worker_id == Some(3)
-        {
-            break;
+    let exited = async {
+        while let Some(event) = events.recv().await {
+            if let ClusterEvent::Exited { process, .. } = &event
+                && process.worker_id == Some(3)
+            {
+                return;
+            }
         }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), exited).await.is_err() {
+        println!("check worker-3: no exit event");
     }
     println!("check dead-worker: {}", show(m.send_to_worker(3, "note", "m11").await));
     println!("check dead-worker-request: {}", show(m.request(Target::Worker(3), "echo", "m12", secs).await));
