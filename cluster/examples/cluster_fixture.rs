@@ -101,6 +101,7 @@ async fn agent(ctx: AgentContext, _args: Args) -> Result<(), BoxError> {
     let mut notes = m.subscribe("note");
     let mut echo = m.subscribe("echo");
     let mut links = ctx.links();
+    tracing::info!("agent function started");
     println!("agent up pid={} epoch={}", ctx.pid(), ctx.epoch());
     ctx.ready(AgentReady { socket }).await?;
     loop {
@@ -150,6 +151,7 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), BoxError> {
         ctx.stopped().await;
         return Ok(());
     }
+    tracing::info!("worker function started");
     let mut agent = ctx.agent();
     {
         let a = agent.borrow_and_update().clone();
@@ -161,14 +163,17 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), BoxError> {
     }
     let mut held = Vec::new(); // requests on "silent": never answered
     loop {
+        // Biased, notes first: a note queued before an echo request is printed
+        // before the echo is answered (the master's checks rely on it).
         tokio::select! {
+            biased;
+            Some(msg) = notes.recv() => println!("note to=worker/{id} from={} payload={}", who(&msg.from), text(&msg.payload)),
             Ok(()) = agent.changed() => {
                 let a = agent.borrow_and_update().clone();
                 if a.up {
                     println!("worker {id} agent pid={} epoch={} up=true", a.pid, a.epoch);
                 }
             }
-            Some(msg) = notes.recv() => println!("note to=worker/{id} from={} payload={}", who(&msg.from), text(&msg.payload)),
             Some(msg) = echo.recv() => msg.reply(format!("{me} saw {} {}", who(&msg.from), text(&msg.payload))).await?,
             Some(msg) = silent.recv() => {
                 // Tell the master the request arrived (and is now pending here).
@@ -307,6 +312,13 @@ async fn master_checks(m: Messenger, mut events: Events, workers: Vec<u32>) {
     println!("check cmd: {}", show(m.send_to_worker(1, "cmd", "").await));
     if tokio::time::timeout(Duration::from_secs(10), done.recv()).await.is_err() {
         println!("check worker-1: no done");
+    }
+
+    // Every note sent so far has been printed once these echoes are answered.
+    for id in 2..=3 {
+        if let Err(e) = m.request(Target::Worker(id), "echo", "sync", secs).await {
+            println!("check sync worker {id}: {e}");
+        }
     }
 
     // A request pending at worker 3 when it dies fails with TargetExited.

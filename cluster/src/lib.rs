@@ -113,7 +113,7 @@ pub use events::{ClusterEvent, Events};
 pub use link::{FrameLink, IncomingLink, Links};
 pub use master_context::MasterContext;
 pub use messenger::{Message, Messenger, Sender, Subscription, Target, decode, encode};
-pub use process::{ExitReason, ProcessRef, Role, StartError, StartFailure, WorkerId};
+pub use process::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
 pub use status::{ProcessState, StatusRow, StatusTable};
 pub use trace::init_tracing;
 pub use worker::{AgentInfo, WorkerContext};

@@ -118,13 +118,3 @@ pub enum StartFailure {
     #[error("could not be spawned: {0}")]
     Spawn(String),
 }
-
-/// A start-up failure of one process: which process, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{process} failed to start: {reason}")]
-pub struct StartError {
-    /// The process.
-    pub process: ProcessRef,
-    /// Why.
-    pub reason: StartFailure,
-}

@@ -3,6 +3,9 @@
 //! its stdout line by line. Every wait is bounded by the test's deadline; no
 //! test sleeps to wait for a state; every process a test started is killed by
 //! pid when the test ends, pass or fail.
+//!
+//! Run the whole package (`cargo test -p tandem-cluster`): a `--test cluster`
+//! filter alone does not rebuild the example, and would drive a stale one.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -272,6 +275,18 @@ fn start_up_is_ordered_and_the_ready_line_lists_live_processes() {
         // Each worker got the agent's info in its Init.
         f.wait_line(&format!("worker {id} agent pid={} epoch=1 up=true", ready.agent));
     }
+
+    // Every process's logs carry its role, worker id and pid.
+    let w2 = format!("worker.id=2 pid={}", ready.workers[1]);
+    f.wait_stderr("worker 2's log line", |l| {
+        l.contains("role=\"worker\"") && l.contains(&w2) && l.contains("worker function started")
+    });
+    let a = format!("pid={}", ready.agent);
+    f.wait_stderr("the agent's log line", |l| {
+        l.contains("role=\"agent\"") && l.contains(&a) && l.contains("agent function started")
+    });
+    let m = format!("pid={}", ready.master);
+    f.wait_stderr("the master's log line", |l| l.contains("role=\"master\"") && l.contains(&m));
 
     // SIGUSR1: the status table on stderr.
     signal(ready.master, Signal::SIGUSR1);
