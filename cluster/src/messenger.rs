@@ -236,7 +236,7 @@ impl Drop for ReplySlot {
     fn drop(&mut self) {
         if !self.done.load(Ordering::Acquire) {
             let error = RemoteError::bad_request(format!(
-                "no handler answered topic {:?} (no subscriber, or the request was dropped)",
+                "no handler answered topic {:?} (no subscriber, its queue was full, or it dropped the request)",
                 self.topic
             ))
             .with_code(NO_HANDLER);
