@@ -18,6 +18,7 @@
 //!  leader's own process ─memory┘        values carry (epoch, seq)
 //! ```
 
+pub mod cluster_glue;
 pub mod registry_upstream;
 
 pub use tandem_cluster as cluster;

@@ -31,6 +31,20 @@ impl Role {
     }
 }
 
+impl Role {
+    /// The role this process was started in: `Agent` or `Worker` when the
+    /// master spawned it, `Master` otherwise. Code in `main` before the
+    /// builder runs in every process; use this to do master-only work there
+    /// (for example binding a listener whose address the children inherit).
+    pub fn of_this_process() -> Role {
+        match std::env::var(crate::spawn::ENV_ROLE).as_deref() {
+            Ok("agent") => Role::Agent,
+            Ok("worker") => Role::Worker,
+            _ => Role::Master,
+        }
+    }
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -1,0 +1,166 @@
+//! The Leader in the cluster's agent, Followers in its workers, and the choice
+//! of transport between them.
+//!
+//! ```text
+//! worker: Connection ──(direct)───── unix socket ─────────────> agent: Leader
+//!                    └─(messenger)── FrameLink ── master relay ──┘ (serve_link)
+//! ```
+//!
+//! [`start_leader`] runs in the agent's start function: it gives the leader the
+//! agent's epoch and the cluster token, serves the runtime directory's socket
+//! and the links relayed by the master, and reports the agent ready.
+//! [`WorkerConnector`] runs in a worker: it reaches that leader over the socket,
+//! over the messenger relay, or (`auto`) over the socket when it can and the
+//! relay when it cannot, returning to the socket once it is reachable again.
+
+use std::io;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tandem_cluster::{AgentContext, AgentInfo, AgentReady, Messenger, WorkerContext};
+use tandem_follower::{Connected, Connector};
+use tandem_leader::{Leader, LeaderBuilder, PeerInfo};
+use tandem_protocol::{FrameCodec, Link};
+use tokio::sync::watch;
+
+/// How a worker's Follower reaches the agent's Leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Transport {
+    /// The leader's Unix socket, no master hop. The default.
+    #[default]
+    Direct,
+    /// Frames relayed by the master over the IPC channels.
+    Messenger,
+    /// The socket when it can be reached, the relay otherwise; back to the
+    /// socket as soon as it answers again.
+    Auto,
+}
+
+impl FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "direct" => Ok(Transport::Direct),
+            "messenger" => Ok(Transport::Messenger),
+            "auto" => Ok(Transport::Auto),
+            other => Err(format!("unknown transport {other:?}: expected direct, messenger or auto")),
+        }
+    }
+}
+
+/// The topic on which the agent answers leader introspection requests
+/// (a JSON [`tandem_leader::Stats`]).
+pub const LEADER_STATS_TOPIC: &str = "tandem.leader.stats";
+
+/// Starts the agent's Leader: epoch and token from the cluster, served on the
+/// runtime directory's socket and on relayed links, then reports the agent ready.
+pub async fn start_leader(ctx: &AgentContext, builder: LeaderBuilder) -> Result<Leader, tandem_cluster::BoxError> {
+    let leader = builder.epoch(ctx.epoch()).token(Some(ctx.token().to_string())).start();
+    let socket = leader.bind_unix(ctx.default_socket_path())?;
+    let mut links = ctx.links();
+    let relay_leader = leader.clone();
+    let stop = leader.shutdown_token();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                incoming = links.recv() => {
+                    let Some(incoming) = incoming else { return };
+                    let link = Link::from_mpsc(incoming.link.tx, incoming.link.rx);
+                    let pid = i32::try_from(incoming.pid).ok();
+                    tracing::debug!(worker.id = incoming.worker_id, pid = incoming.pid, "relayed follower link");
+                    relay_leader.serve_link(link, PeerInfo::relayed("messenger", pid));
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    let mut stats = ctx.messenger().subscribe(LEADER_STATS_TOPIC);
+    let stats_leader = leader.clone();
+    let stop = leader.shutdown_token();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                request = stats.next() => {
+                    let Some(request) = request else { return };
+                    let json = serde_json::to_vec(&stats_leader.stats()).unwrap_or_default();
+                    let _ = request.reply(json).await;
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+    ctx.ready(AgentReady { socket }).await?;
+    Ok(leader)
+}
+
+/// A worker's connector to the agent's Leader over the chosen [`Transport`].
+#[derive(Debug)]
+pub struct WorkerConnector {
+    transport: Transport,
+    agent: watch::Receiver<AgentInfo>,
+    messenger: Messenger,
+    /// How often `auto` probes the socket while on the relay. The default is 1 second.
+    probe_every: Duration,
+}
+
+impl WorkerConnector {
+    /// A connector for this worker.
+    pub fn new(ctx: &WorkerContext, transport: Transport) -> Self {
+        WorkerConnector {
+            transport,
+            agent: ctx.agent(),
+            messenger: ctx.messenger().clone(),
+            probe_every: Duration::from_secs(1),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.agent.borrow().socket.clone()
+    }
+
+    async fn direct(&self) -> io::Result<Connected> {
+        let stream = tokio::net::UnixStream::connect(self.socket()).await?;
+        let (read, write) = stream.into_split();
+        Ok(Connected::remote(Link::from_io(read, write, FrameCodec::new())))
+    }
+
+    async fn relayed(&self) -> io::Result<Connected> {
+        let link = self.messenger.open_link().await.map_err(io::Error::other)?;
+        Ok(Connected::remote(Link::from_mpsc(link.tx, link.rx)))
+    }
+}
+
+impl Connector for WorkerConnector {
+    async fn connect(&mut self) -> io::Result<Connected> {
+        match self.transport {
+            Transport::Direct => self.direct().await,
+            Transport::Messenger => self.relayed().await,
+            Transport::Auto => match self.direct().await {
+                Ok(connected) => Ok(connected),
+                Err(error) => {
+                    tracing::info!(%error, "leader socket unreachable; using the messenger relay");
+                    let mut connected = self.relayed().await?;
+                    // End the relayed link once the socket answers, so the
+                    // driver reconnects, and prefers the socket.
+                    let socket = self.socket();
+                    let every = self.probe_every;
+                    let socket_back = async move {
+                        loop {
+                            tokio::time::sleep(every).await;
+                            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                                tracing::info!("leader socket reachable again; leaving the relay");
+                                return;
+                            }
+                        }
+                    };
+                    connected.link.rx = connected.link.rx.take_until(Box::pin(socket_back)).boxed();
+                    Ok(connected)
+                }
+            },
+        }
+    }
+}
