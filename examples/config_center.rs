@@ -163,11 +163,10 @@ async fn master(
         }
         None => None,
     };
-    // One admin connection for the stats and the writer: the registry does not
-    // count the connection that asks, so the figure is the agent's alone.
-    let admin = tandem::registry::Client::connect(registry.as_str()).await?;
     if write_every > 0 {
-        let (writer, key) = (admin.clone(), args.keys[0].clone());
+        // The writer's own connection: a stand-in for whoever changes the config.
+        let writer = tandem::registry::Client::connect(registry.as_str()).await?;
+        let key = args.keys[0].clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(write_every));
             for n in 1u64.. {
@@ -203,8 +202,15 @@ async fn master(
         match &event {
             ClusterEvent::ClusterReady { workers, .. } => {
                 println!("{event}");
-                let stats = admin.stats().await?;
-                println!("upstream connections: {} (workers: {})", stats.connections, workers.len());
+                // A short-lived connection: the registry does not count the one
+                // asking, and the writer (when on) is not a worker's, so leave it out.
+                let stats = tandem::registry::Client::connect(registry.as_str()).await?.stats().await?;
+                let writers = usize::from(write_every > 0) as u64;
+                println!(
+                    "upstream connections: {} (workers: {})",
+                    stats.connections.saturating_sub(writers),
+                    workers.len()
+                );
             }
             ClusterEvent::AgentRestarted { .. } | ClusterEvent::WorkerRestarted { .. } => println!("{event}"),
             _ => tracing::info!("{event}"),

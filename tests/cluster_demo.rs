@@ -1,0 +1,161 @@
+//! The cluster with real processes: the `config_center` example binary (master,
+//! agent, workers) against a real registry server, over both transports.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::{Proc, alive, example, field};
+use nix::sys::signal::Signal;
+use tandem::registry::{Client, Server, ServerHandle};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const LINE: Duration = Duration::from_secs(15);
+const WORKERS: usize = 3;
+
+struct Demo {
+    master: Proc,
+    agent: i32,
+    /// worker id -> pid
+    workers: BTreeMap<u32, i32>,
+    admin: Client,
+    _server: ServerHandle,
+}
+
+async fn start(transport: &str) -> Demo {
+    let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
+    let addr = server.local_addr().to_string();
+    let workers = WORKERS.to_string();
+    let args = [
+        "--workers",
+        &workers,
+        "--registry",
+        &addr,
+        "--subscribe",
+        "k",
+        "--transport",
+        transport,
+        "--write-every",
+        "0",
+    ];
+    let mut master = Proc::spawn(&example("config_center"), &args);
+    let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+    let agent: i32 = field(&ready, "agent").unwrap().parse().unwrap();
+    let pids: Vec<i32> = field(&ready, "workers").unwrap().split(',').map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids.len(), WORKERS);
+    let line = master.expect_line(LINE, |l| l.starts_with("upstream connections:")).await;
+    assert_eq!(line, format!("upstream connections: 1 (workers: {WORKERS})"));
+    // Connected only now, so the demo's count above saw the agent's connection alone.
+    let admin = Client::connect(addr.as_str()).await.unwrap();
+    let stats = admin.stats().await.unwrap();
+    assert_eq!((stats.connections, stats.watches), (1, 1), "{stats:?}");
+    let mut demo = Demo { master, agent, workers: BTreeMap::new(), admin, _server: server };
+    // Learn each worker's id from the values it prints.
+    demo.put_and_expect("hello", &pids.iter().copied().collect()).await;
+    for line in &demo.master.seen {
+        if let (Some(id), Some(pid)) = (field(line, "worker"), field(line, "pid")) {
+            demo.workers.insert(id.parse().unwrap(), pid.parse().unwrap());
+        }
+    }
+    assert_eq!(demo.workers.len(), WORKERS);
+    demo
+}
+
+impl Demo {
+    /// Puts `value` and waits until every pid in `pids` printed it; returns the epochs seen.
+    async fn put_and_expect(&mut self, value: &str, pids: &HashSet<i32>) -> HashSet<String> {
+        self.admin.put("k", value.to_string()).await.unwrap();
+        let mut waiting = pids.clone();
+        let mut epochs = HashSet::new();
+        while !waiting.is_empty() {
+            let line = self.master.expect_line(LINE, |l| field(l, "value") == Some(value)).await;
+            waiting.remove(&field(&line, "pid").unwrap().parse::<i32>().unwrap());
+            epochs.insert(field(&line, "epoch").unwrap().to_string());
+        }
+        epochs
+    }
+
+    fn worker_pids(&self) -> HashSet<i32> {
+        self.workers.values().copied().collect()
+    }
+
+    /// Every worker's values are in (epoch, seq) order, none repeated.
+    fn assert_in_order(&self) {
+        let mut last: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for line in &self.master.seen {
+            let (Some(pid), Some(epoch), Some(seq)) = (field(line, "pid"), field(line, "epoch"), field(line, "seq"))
+            else {
+                continue;
+            };
+            let position = (epoch.parse().unwrap(), seq.parse().unwrap());
+            if let Some(previous) = last.insert(pid, position) {
+                assert!(position > previous, "pid {pid}: {position:?} after {previous:?}");
+            }
+        }
+    }
+}
+
+fn kill(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+}
+
+async fn supervision(transport: &str) {
+    let mut demo = start(transport).await;
+
+    // kill -9 a worker: restarted in its slot, resubscribed, receives the next put.
+    let (&id, &old) = demo.workers.iter().next().unwrap();
+    kill(old);
+    let line = demo.master.expect_line(LINE, |l| l.starts_with("worker restarted:")).await;
+    assert_eq!(field(&line, "worker"), Some(id.to_string().as_str()));
+    let new: i32 = field(&line, "pid").unwrap().parse().unwrap();
+    assert_ne!(new, old);
+    demo.workers.insert(id, new);
+    let pids = demo.worker_pids();
+    demo.put_and_expect("after-worker-restart", &pids).await;
+
+    // kill -9 the agent: a new agent with a higher epoch; every worker has the next put within 2 s.
+    kill(demo.agent);
+    let line = demo.master.expect_line(LINE, |l| l.starts_with("agent restarted:")).await;
+    assert_eq!(field(&line, "epoch"), Some("2"));
+    demo.agent = field(&line, "pid").unwrap().parse().unwrap();
+    let started = std::time::Instant::now();
+    let epochs = demo.put_and_expect("after-agent-restart", &pids).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert_eq!(epochs, HashSet::from(["2".to_string()]));
+    demo.assert_in_order();
+    assert!(demo.workers.values().all(|pid| alive(*pid)), "workers are not restarted when the agent is");
+
+    // SIGTERM: exit code 0 within the grace period, no child left.
+    demo.master.signal(Signal::SIGTERM);
+    let status = demo.master.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0));
+    let children: Vec<i32> = demo.workers.values().copied().chain([demo.agent]).collect();
+    assert!(children.iter().all(|pid| !alive(*pid)), "children left: {children:?}");
+}
+
+#[tokio::test]
+async fn direct_transport_survives_worker_and_agent_deaths_and_stops_cleanly() {
+    tokio::time::timeout(TIMEOUT, supervision("direct")).await.expect("test timed out")
+}
+
+#[tokio::test]
+async fn messenger_transport_passes_the_same_tests() {
+    tokio::time::timeout(TIMEOUT, supervision("messenger")).await.expect("test timed out")
+}
+
+#[tokio::test]
+async fn killing_the_master_leaves_no_child_behind() {
+    tokio::time::timeout(TIMEOUT, async {
+        let demo = start("auto").await;
+        let children: Vec<i32> = demo.workers.values().copied().chain([demo.agent]).collect();
+        demo.master.signal(Signal::SIGKILL);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while children.iter().any(|pid| alive(*pid)) {
+            assert!(tokio::time::Instant::now() < deadline, "children alive 1 s after the master died");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("test timed out")
+}
