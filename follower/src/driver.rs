@@ -103,6 +103,9 @@ struct Topic {
     locals: usize,
     remote: Remote,
     waiters: Vec<SubscribeReply>,
+    /// Resubscribed after a reconnect: the leader's first value may be the very
+    /// value already delivered, under a new epoch; it is not delivered again.
+    resynced: bool,
 }
 
 impl Topic {
@@ -486,6 +489,7 @@ impl Core {
             locals: 0,
             remote: Remote::Unsent,
             waiters: Vec::new(),
+            resynced: false,
         });
         topic.locals += 1;
         if topic.remote == Remote::Active {
@@ -505,6 +509,7 @@ impl Core {
         let id = self.next_id();
         if let Some(topic) = self.topics.get_mut(&(channel, key.clone())) {
             topic.remote = Remote::Pending(id);
+            topic.resynced = last_seen.is_some();
         }
         self.in_flight.insert(id, Pending::Subscribe { channel, key: key.clone() });
         self.out.push(Frame::Subscribe(Subscribe { id, channel: channel.to_string(), key, last_seen }));
@@ -600,7 +605,14 @@ impl Core {
         if topic.last.as_ref().is_some_and(|last| last.position >= position) {
             return;
         }
+        let resynced = std::mem::take(&mut topic.resynced);
         let update = RawUpdate { position, payload: event.payload };
+        if resynced && topic.last.as_ref().is_some_and(|last| last.payload == update.payload) {
+            // The same value, re-announced by a new leader: move the position on, deliver nothing.
+            topic.last = Some(update.clone());
+            topic.latest.send_replace(Some(update));
+            return;
+        }
         topic.last = Some(update.clone());
         topic.latest.send_replace(Some(update.clone()));
         let _ = topic.updates.send(update);

@@ -376,3 +376,32 @@ async fn forced_roles_are_respected() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_new_leader_re_announcing_the_same_value_does_not_deliver_it_twice() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        upstream.put("k", "same");
+        let (old, path) = leader(&upstream, dir.path(), 1);
+        let connection = follower(&path);
+        let kv = connection.client::<Kv>();
+        let mut sub = kv.subscribe("k".into()).await.unwrap();
+        assert_eq!(sub.next().await.unwrap().value, "same");
+        old.shutdown().await;
+        let (_new, _) = leader(&upstream, dir.path(), 2);
+        let mut status = connection.status();
+        status.wait_for(|s| s.epoch() == Some(2)).await.unwrap();
+        // The new leader's first value of `k` is "same" again: absorbed, but the position moves on.
+        let mut latest = sub.latest().unwrap();
+        while latest.epoch != 2 {
+            tokio::task::yield_now().await;
+            latest = sub.latest().unwrap();
+        }
+        assert_eq!((latest.value.as_str(), latest.epoch), ("same", 2));
+        upstream.put("k", "next");
+        let update = sub.next().await.unwrap();
+        assert_eq!((update.value.as_str(), update.epoch), ("next", 2), "no repeat of \"same\" before it");
+    })
+    .await
+}
