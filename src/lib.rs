@@ -19,6 +19,8 @@
 //! ```
 
 pub mod cluster_glue;
+#[cfg(feature = "etcd")]
+pub mod etcd_upstream;
 pub mod registry_upstream;
 
 pub use tandem_cluster as cluster;

@@ -1,0 +1,366 @@
+//! etcd behind a Leader: the [`Upstream`] adapter of [`ConfigApi`] and
+//! [`ServiceApi`] over [`tandem_etcd::Client`] (feature `etcd`).
+//!
+//! The same two channels as [`crate::registry_upstream`], so followers cannot
+//! tell which upstream their Leader holds:
+//! - `config`: get / put / delete keys; a subscription follows one key with an
+//!   etcd watch that resumes from its last revision after any member failure or
+//!   outage (a compacted gap is re-read: the follower gets the current value);
+//! - `services`: an instance is stored as JSON under
+//!   `/tandem/services/<service>/<id>` on a lease the Leader keeps alive, so it
+//!   vanishes when the Leader dies; a subscription streams the instance list.
+//!
+//! ```text
+//! worker ──Register──> Leader ── EtcdUpstream ── lease + key ──> etcd   (one TCP connection)
+//! worker <──values──── Leader <─ watch (resumes from last rev) ── etcd
+//!         Leader dies: its lease expires, the instance vanishes;
+//!         the next Leader (higher epoch): stay_registered() in the worker registers it again
+//! ```
+//!
+//! **Registrations follow the Leader, not the worker.** The lease belongs to
+//! the Leader's process, and a new Leader knows nothing of its predecessor's
+//! registrations (nothing is persisted). A worker that wants to stay
+//! registered uses [`stay_registered`], which registers again whenever a Leader
+//! with a new epoch takes over.
+//!
+//! ```no_run
+//! use tandem::etcd_upstream::EtcdUpstream;
+//! use tandem::registry_upstream::{ConfigApi, ServiceApi};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = tandem::etcd_upstream::etcd::Config::from_list("http://127.0.0.1:2379,http://127.0.0.1:22379");
+//! let upstream = EtcdUpstream::connect(config).await?;
+//! let leader = tandem::Leader::builder()
+//!     .channel::<ConfigApi, _>({ let u = upstream.clone(); async move { Ok(u) } })
+//!     .channel::<ServiceApi, _>(async move { Ok(upstream) })
+//!     .start();
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tandem_etcd::{Keys, Registration, Start, WatchEvent};
+use tandem_follower::{Client, State};
+use tandem_leader::{CallContext, EventSink, Upstream};
+use tandem_protocol::{Api, RemoteError};
+use tandem_registry::Instance;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::registry_upstream::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
+use crate::registry_upstream::{ServiceApi, ServiceRequest, ServiceResponse};
+
+/// The etcd client crate this adapter wraps (its `Config`, `Client`, ...).
+pub use tandem_etcd as etcd;
+
+/// One etcd client serving [`ConfigApi`] and [`ServiceApi`]. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EtcdUpstream {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: tandem_etcd::Client,
+    watches: Mutex<HashMap<(&'static str, String), AbortHandle>>,
+    /// Instances registered through this Leader, by (service, id).
+    registrations: Mutex<HashMap<(String, String), Registration>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for (_, handle) in self.watches.get_mut().unwrap_or_else(|p| p.into_inner()).drain() {
+            handle.abort();
+        }
+    }
+}
+
+/// How long a subscription's first read may take (the leader gives it no deadline).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The wire error of an etcd failure; an outage is `Unavailable`.
+pub fn remote_error(error: tandem_etcd::Error) -> RemoteError {
+    let message = format!("etcd: {}", error.chain());
+    let error = match error {
+        tandem_etcd::Error::Unavailable { .. } => RemoteError::unavailable(message),
+        tandem_etcd::Error::DeadlineExceeded(_) => RemoteError::deadline_exceeded(message),
+        tandem_etcd::Error::Refused(_) => RemoteError::upstream(message),
+        _ => RemoteError::internal(message),
+    };
+    error.with_code("etcd")
+}
+
+/// A little before the caller's deadline, so an upstream failure reaches the
+/// caller as itself rather than as the leader's deadline error.
+fn answer_by(deadline: Instant) -> Instant {
+    let left = deadline.saturating_duration_since(Instant::now());
+    deadline - (left / 10).min(Duration::from_millis(100))
+}
+
+fn config_value(kv: &tandem_etcd::KeyValue) -> ConfigValue {
+    ConfigValue { value: Some(kv.value_str()), revision: revision(kv.mod_revision) }
+}
+
+fn revision(revision: i64) -> u64 {
+    u64::try_from(revision).unwrap_or(0)
+}
+
+impl EtcdUpstream {
+    /// Connects to etcd (see [`tandem_etcd::Client::connect`]); fails with
+    /// `Unavailable` if no endpoint answers.
+    pub async fn connect(config: tandem_etcd::Config) -> Result<Self, RemoteError> {
+        Ok(EtcdUpstream::new(tandem_etcd::Client::connect(config).await.map_err(remote_error)?))
+    }
+
+    /// Serves over an existing client.
+    pub fn new(client: tandem_etcd::Client) -> Self {
+        EtcdUpstream { inner: Arc::new(Inner { client, watches: Mutex::default(), registrations: Mutex::default() }) }
+    }
+
+    /// The etcd client (its connection state, the member in use).
+    pub fn client(&self) -> &tandem_etcd::Client {
+        &self.inner.client
+    }
+
+    fn track(&self, channel: &'static str, key: String, handle: AbortHandle) {
+        let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = watches.insert((channel, key), handle) {
+            old.abort();
+        }
+    }
+
+    fn untrack(&self, channel: &'static str, key: String) {
+        let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(handle) = watches.remove(&(channel, key)) {
+            handle.abort();
+        }
+    }
+
+    async fn register(&self, instance: Instance, ttl: Duration, deadline: Instant) -> Result<(), RemoteError> {
+        let client = self.inner.client.until(answer_by(deadline));
+        let registration =
+            client.register(&instance.service, &instance.id, &instance, ttl).await.map_err(remote_error)?;
+        tracing::info!(channel = ServiceApi::NAME, service = %instance.service, id = %instance.id,
+            lease = registration.lease(), "instance registered");
+        let replaced = self
+            .inner
+            .registrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((instance.service, instance.id), registration);
+        if let Some(old) = replaced {
+            // The key now hangs on the new lease: revoking the old one leaves it be.
+            tokio::spawn(async move {
+                if let Err(error) = old.deregister().await {
+                    tracing::debug!(error = %error.chain(), "revoking a replaced lease failed; it will expire");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Feeds one key's changes into `sink`, never an older revision after a newer one.
+async fn follow_key(mut watch: tandem_etcd::Watch, key: String, sink: EventSink<ConfigApi>, mut last: i64) {
+    let mut present = last > 0;
+    while let Some(event) = watch.next().await {
+        let value = match event {
+            WatchEvent::Put(kv) => config_value(&kv),
+            WatchEvent::Delete { revision: at, .. } => ConfigValue { value: None, revision: revision(at) },
+            WatchEvent::Snapshot(snapshot) | WatchEvent::Compacted { snapshot, .. } => {
+                tracing::warn!(channel = ConfigApi::NAME, subscription.key = %key, revision = snapshot.revision,
+                    "changes were compacted away; delivering the current value");
+                match snapshot.kvs.first() {
+                    Some(kv) if kv.mod_revision > last => config_value(kv),
+                    None if present => ConfigValue { value: None, revision: revision(snapshot.revision) },
+                    _ => continue,
+                }
+            }
+            _ => continue,
+        };
+        let at = i64::try_from(value.revision).unwrap_or(i64::MAX);
+        if at <= last {
+            continue;
+        }
+        last = at;
+        present = value.value.is_some();
+        if !sink.send(value) {
+            return;
+        }
+    }
+}
+
+/// Feeds one service's instance list into `sink` on every change.
+async fn follow_service(mut lists: tandem_etcd::ServiceWatch<Instance>, sink: EventSink<ServiceApi>) {
+    while let Some(list) = lists.next().await {
+        if !sink.send(list) {
+            return;
+        }
+    }
+}
+
+impl Upstream<ConfigApi> for EtcdUpstream {
+    async fn invoke(&self, request: ConfigRequest, ctx: CallContext) -> Result<ConfigResponse, RemoteError> {
+        let client = self.inner.client.until(answer_by(ctx.deadline()));
+        match request {
+            ConfigRequest::Get(key) => {
+                let kv = client.get(&key).await.map_err(remote_error)?;
+                Ok(ConfigResponse::Value(kv.as_ref().map(config_value)))
+            }
+            ConfigRequest::Put(key, value) => {
+                Ok(ConfigResponse::Revision(revision(client.put(&key, value).await.map_err(remote_error)?)))
+            }
+            ConfigRequest::Delete(key) => {
+                Ok(ConfigResponse::Deleted(client.delete(&key).await.map_err(remote_error)?.map(revision)))
+            }
+        }
+    }
+
+    async fn subscribe(&self, key: String, sink: EventSink<ConfigApi>) -> Result<(), RemoteError> {
+        let client = self.inner.client.until(Instant::now() + SUBSCRIBE_TIMEOUT);
+        let snapshot = client.get_range(&Keys::exact(key.as_str())).await.map_err(remote_error)?;
+        let mut last = 0;
+        if let Some(kv) = snapshot.kvs.first() {
+            last = kv.mod_revision;
+            sink.send(config_value(kv));
+        }
+        let watch = self.inner.client.watch(Keys::exact(key.as_str()), Start::Revision(snapshot.revision + 1));
+        let task = tokio::spawn(follow_key(watch, key.clone(), sink, last));
+        self.track(ConfigApi::NAME, key, task.abort_handle());
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
+        self.untrack(ConfigApi::NAME, key);
+        Ok(())
+    }
+
+    async fn publish(&self, request: ConfigRequest) -> Result<(), RemoteError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        <Self as Upstream<ConfigApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
+    }
+}
+
+impl Upstream<ServiceApi> for EtcdUpstream {
+    async fn invoke(&self, request: ServiceRequest, ctx: CallContext) -> Result<ServiceResponse, RemoteError> {
+        match request {
+            ServiceRequest::Register { instance, ttl_ms } => {
+                self.register(instance, Duration::from_millis(ttl_ms.max(1)), ctx.deadline()).await?;
+                Ok(ServiceResponse::Registered)
+            }
+            ServiceRequest::Deregister { service, id } => {
+                let held = self
+                    .inner
+                    .registrations
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(service.clone(), id.clone()));
+                match held {
+                    Some(registration) => {
+                        registration.deregister().await.map_err(remote_error)?;
+                        Ok(ServiceResponse::Deregistered(true))
+                    }
+                    // Registered through an earlier Leader, perhaps: remove the key itself.
+                    None => {
+                        let client = self.inner.client.until(answer_by(ctx.deadline()));
+                        Ok(ServiceResponse::Deregistered(
+                            client.remove_instance(&service, &id).await.map_err(remote_error)?,
+                        ))
+                    }
+                }
+            }
+            ServiceRequest::Discover(service) => {
+                let client = self.inner.client.until(answer_by(ctx.deadline()));
+                Ok(ServiceResponse::Instances(client.discover(&service).await.map_err(remote_error)?))
+            }
+        }
+    }
+
+    async fn subscribe(&self, service: String, sink: EventSink<ServiceApi>) -> Result<(), RemoteError> {
+        let lists = self.inner.client.watch_service::<Instance>(&service);
+        let task = tokio::spawn(follow_service(lists, sink));
+        self.track(ServiceApi::NAME, service, task.abort_handle());
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, service: String) -> Result<(), RemoteError> {
+        self.untrack(ServiceApi::NAME, service);
+        Ok(())
+    }
+
+    async fn publish(&self, request: ServiceRequest) -> Result<(), RemoteError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        <Self as Upstream<ServiceApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
+    }
+}
+
+/// An instance kept registered through whichever Leader is current; see [`stay_registered`].
+/// Dropping it stops re-registering (the instance stays until the Leader's
+/// lease ends or it is deregistered).
+#[derive(Debug)]
+pub struct Presence {
+    registered: watch::Receiver<Option<u64>>,
+    task: AbortHandle,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Presence {
+    /// The epoch of the Leader that holds the registration (`None` before the
+    /// first one succeeds), to await a re-registration.
+    pub fn registered(&self) -> watch::Receiver<Option<u64>> {
+        self.registered.clone()
+    }
+}
+
+/// Registers `instance` through the Leader now, and again each time a Leader
+/// with a new epoch takes over (the lease of a dead Leader dies with it, and the
+/// new one does not know its predecessor's registrations). A failed attempt is
+/// retried with a growing pause (up to 2 seconds) while the same Leader serves.
+pub fn stay_registered(client: Client<ServiceApi>, instance: Instance, ttl: Duration) -> Presence {
+    let (tx, registered) = watch::channel(None);
+    let task = tokio::spawn(async move {
+        let mut status = client.watch();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let (epoch, ready) = {
+                let status = status.borrow_and_update();
+                (status.epoch(), status.state_of(ServiceApi::NAME) == State::Ready)
+            };
+            if ready && epoch.is_some() && epoch != *tx.borrow() {
+                let request = ServiceRequest::Register { instance: instance.clone(), ttl_ms };
+                match client.invoke(request).await {
+                    Ok(_) => {
+                        tracing::info!(channel = ServiceApi::NAME, service = %instance.service, id = %instance.id,
+                            epoch, "registered through the leader");
+                        tx.send_replace(epoch);
+                        pause = Duration::from_millis(100);
+                    }
+                    Err(error) => {
+                        tracing::warn!(channel = ServiceApi::NAME, service = %instance.service, %error,
+                            "registration failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            changed = status.changed() => if changed.is_err() { return },
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                }
+                continue;
+            }
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Presence { registered, task: task.abort_handle() }
+}
