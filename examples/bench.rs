@@ -1,0 +1,95 @@
+//! The tandem benchmark: invoke, fan-out, failover and memory, measured in one
+//! run beside the raw Unix-socket floor of this machine, so noise cancels out
+//! in the ratios.
+//!
+//! ```text
+//! cargo run --release --example bench -- --quick --json out.json     # smoke run, under 60 s
+//! cargo run --release --example bench -- --json docs/bench.json --plot docs/bench.svg
+//! cargo run --release --example bench -- --followers 1,2,4,8 --payload 64 --seconds 3
+//! cargo run --release --example bench -- --transports direct --followers 4 --phases invoke
+//! ```
+//!
+//! Every process is this binary: the coordinator re-executes itself with a
+//! hidden role subcommand for each server and each follower (each follower is
+//! its own process), drives them over a control socket in a private 0700 temp
+//! dir (one JSON object per line), and kills (SIGKILL) whatever it started, on
+//! error too; children also die with it (PR_SET_PDEATHSIG).
+//!
+//! Transports (the `transport` field of every result):
+//! - `floor`: plain tokio, u32 BE length + bytes, one server process and N client
+//!   processes: what any framed protocol costs at least on this machine;
+//! - `direct`: a tandem Leader process (in-memory echo upstream; subscriptions
+//!   fed by a publisher task in the leader's process) and N tandem follower
+//!   processes on its Unix socket;
+//! - `messenger`: reserved; its runner (`bench/runner.rs`) comes with tandem-cluster.
+//!
+//! Phases, for each N in `--followers` (default 1,2,4,8; `--quick`: 1,4) and a
+//! fixed `--payload` (default 64 bytes):
+//! - invoke, 1 call in flight per follower: calls/s, p50/p99/p999 (HDR histograms
+//!   merged across processes); again with every process on CPU 0 (`cpus = cpu 0`),
+//!   because on a VM a cross-CPU wake-up can cost more than the software measured;
+//! - invoke, 64 in flight per follower (`--in-flight`): calls/s, p50/p99;
+//! - fan-out: one event stream over 16 keys (`--fanout-keys`) to every follower,
+//!   flat out (events/s delivered to every follower; what the leader conflated is
+//!   counted as missed, with per-key index gaps) and paced at one event per 10 ms
+//!   (publish-to-receipt p50/p99 from CLOCK_MONOTONIC stamps);
+//! - failover: 4 processes elect a leader with `tandem::Standalone`; kill -9 the
+//!   leader; time until every survivor holds a value from the next leader; p50
+//!   and max over 10 kills (`--quick`: 3);
+//! - memory: RSS of leaders and followers idle and under load beside the floor's
+//!   processes, and of a leader with 1,000 follower connections in 4 processes.
+//!
+//! Output: a table on stdout (progress on stderr); `--json FILE`: every figure,
+//! the targets, the machine (cores, kernel, CPU model) and the configuration;
+//! `--plot FILE.svg`: calls/s and p50 by N for each transport. `--phases` runs
+//! a subset (invoke, fanout, failover, memory); `--seconds` sets phase length.
+
+#[path = "bench/api.rs"]
+mod api;
+#[path = "bench/cli.rs"]
+mod cli;
+#[path = "bench/clock.rs"]
+mod clock;
+#[path = "bench/control.rs"]
+mod control;
+#[path = "bench/coordinator.rs"]
+mod coordinator;
+#[path = "bench/failover.rs"]
+mod failover;
+#[path = "bench/hist.rs"]
+mod hist;
+#[path = "bench/memory.rs"]
+mod memory;
+#[path = "bench/phases.rs"]
+mod phases;
+#[path = "bench/plot.rs"]
+mod plot;
+#[path = "bench/procs.rs"]
+mod procs;
+#[path = "bench/results.rs"]
+mod results;
+#[path = "bench/roles/mod.rs"]
+mod roles;
+#[path = "bench/runner.rs"]
+mod runner;
+#[path = "bench/table.rs"]
+mod table;
+#[path = "bench/tally.rs"]
+mod tally;
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let args = cli::Args::parse();
+    if let Some(role) = args.role.clone() {
+        roles::main(role);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    procs::raise_fd_limit();
+    let config = cli::Config::resolve(&args)?;
+    // One thread: every child is spawned from it, so their parent-death signal
+    // fires when the coordinator exits, not when some worker thread does.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(coordinator::run(config))
+}

@@ -1,0 +1,174 @@
+//! The coordinator: owns the private directory, the control channel and every
+//! child process, and runs the phases in order.
+//!
+//! ```text
+//! for N in --followers, for transport in --transports:
+//!     start a group (1 server process + N client processes)
+//!     RSS idle -> invoke c=1 -> invoke c=64 (RSS) -> subscribe -> fan-out flat out (RSS) -> fan-out paced
+//!     stop the group
+//! failover: standalone group, kill -9 the leader, repeat
+//! memory:   one leader, 1,000 follower connections in a few processes
+//! ```
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::cli::{Config, Phase};
+use crate::control::{Control, Report};
+use crate::procs::Procs;
+use crate::results::Results;
+use crate::runner::Placement;
+use crate::{failover, memory, phases, plot, runner, table};
+
+/// How long a process may take to say hello and get ready.
+pub const STARTUP: Duration = Duration::from_secs(30);
+
+/// Everything a phase needs. Fields drop in order: children are killed before
+/// the control channel closes and the directory is removed.
+pub struct Ctx {
+    pub procs: Procs,
+    pub control: Control,
+    pub config: Config,
+    control_path: PathBuf,
+    dir: tempfile::TempDir,
+    next_group: u32,
+    started: Instant,
+}
+
+impl Ctx {
+    /// Starts the bench itself with `args` (a role subcommand).
+    pub fn spawn(&mut self, args: Vec<OsString>) -> Result<u32> {
+        self.procs.spawn(&self.control_path, &args)
+    }
+
+    /// A new group number (names the group's socket, tags its processes' hellos).
+    pub fn next_group(&mut self) -> u32 {
+        self.next_group += 1;
+        self.next_group
+    }
+
+    /// A path inside the private directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn progress(&self, message: impl std::fmt::Display) {
+        eprintln!("[{:6.1} s] {message}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// The pids of `count` processes of `group` in `role`, as they say hello.
+    pub async fn hellos(&mut self, group: u32, role: &str, count: usize) -> Result<Vec<u32>> {
+        let mut pids = Vec::with_capacity(count);
+        while pids.len() < count {
+            let pid = self
+                .control
+                .wait(STARTUP, &format!("{role} processes of group {group} to say hello"), |m| match &m.report {
+                    Report::Hello { group: g, role: r, .. } if *g == group && r == role => Some(m.pid),
+                    _ => None,
+                })
+                .await?;
+            pids.push(pid);
+        }
+        Ok(pids)
+    }
+
+    /// Waits for `Ready` from each of `pids`.
+    pub async fn ready(&mut self, pids: &[u32], what: &str) -> Result<()> {
+        self.control.collect(pids, STARTUP, what, |r| matches!(r, Report::Ready).then_some(())).await?;
+        Ok(())
+    }
+}
+
+/// Runs the whole bench and writes its outputs.
+pub async fn run(config: Config) -> Result<()> {
+    let started = Instant::now();
+    let dir = tempfile::Builder::new().prefix("tandem-bench").tempdir().context("temp dir")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+    let control_path = dir.path().join("control.sock");
+    let control = Control::bind(&control_path)?;
+    let mut ctx =
+        Ctx { procs: Procs::default(), control, config: config.clone(), control_path, dir, next_group: 0, started };
+    let mut results = Results::new(config.clone());
+    ctx.progress(format!(
+        "tandem bench: N = {:?}, transports {:?}, payload {} B, {} s phases",
+        config.followers, config.transports, config.payload_bytes, config.seconds
+    ));
+
+    let groups = config.runs(Phase::Invoke) || config.runs(Phase::Fanout);
+    for &followers in config.followers.iter().filter(|_| groups) {
+        for &transport in &config.transports {
+            ctx.progress(format!("{transport} N={followers}: starting 1 server + {followers} client processes"));
+            let group = runner::start(&mut ctx, transport, followers).await?;
+            results.memory.samples.extend(group.rss("idle"));
+            if config.runs(Phase::Invoke) {
+                let runs = [(1, Placement::Os), (config.in_flight, Placement::Os), (1, Placement::OneCpu)];
+                for (concurrency, placement) in runs {
+                    let on = if placement == Placement::OneCpu { ", every process on CPU 0" } else { "" };
+                    ctx.progress(format!(
+                        "{transport} N={followers}: invoke, {concurrency} in flight per follower{on}"
+                    ));
+                    let (invoke, rss) = phases::invoke(&mut ctx, &group, concurrency, placement).await?;
+                    results.invoke.push(invoke);
+                    if concurrency > 1 {
+                        results.memory.samples.extend(rss);
+                    }
+                }
+            }
+            if config.runs(Phase::Fanout) {
+                phases::subscribe(&mut ctx, &group).await?;
+                ctx.progress(format!("{transport} N={followers}: fan-out, flat out over {} keys", config.fanout_keys));
+                let (fanout, rss) = phases::fanout(&mut ctx, &group, None).await?;
+                results.fanout.push(fanout);
+                results.memory.samples.extend(rss);
+                let interval = config.fanout_interval_ms;
+                ctx.progress(format!("{transport} N={followers}: fan-out, one event per {interval} ms"));
+                let (fanout, _) = phases::fanout(&mut ctx, &group, Some(interval)).await?;
+                results.fanout.push(fanout);
+            }
+            group.stop(&mut ctx).await;
+        }
+    }
+
+    if config.runs(Phase::Failover) {
+        ctx.progress(format!(
+            "failover: {} standalone processes, kill -9 the leader {} times",
+            config.failover_processes, config.failover_repeats
+        ));
+        results.failover = Some(failover::run(&mut ctx).await?);
+    }
+
+    if config.runs(Phase::Memory) {
+        ctx.progress(format!(
+            "memory: one leader, {} follower connections in {} processes",
+            config.mass_followers, config.mass_processes
+        ));
+        results.memory.leader_at_scale = Some(memory::leader_at_scale(&mut ctx).await?);
+    }
+    drop(ctx);
+
+    results.finish(started.elapsed());
+    print!("{}", table::render(&results));
+    if let Some(path) = &config.json {
+        write_json(path, &results)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &config.plot {
+        plot::draw(path, &results)?;
+        eprintln!("wrote {}", path.display());
+    }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn write_json(path: &Path, results: &Results) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut text = serde_json::to_string_pretty(results)?;
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+}

@@ -1,0 +1,465 @@
+//! Every figure the bench produces, the machine it ran on, and the targets
+//! checked against them. This is what `--json` writes.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::Config;
+use crate::runner::{Placement, Transport};
+
+/// One invoke phase: all followers of one group, one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub struct InvokeResult {
+    pub transport: Transport,
+    pub followers: usize,
+    /// Calls in flight per follower.
+    pub concurrency: usize,
+    /// `os` (wherever the scheduler puts the processes) or `one_cpu` (all on CPU 0).
+    pub placement: Placement,
+    pub payload_bytes: usize,
+    pub seconds: f64,
+    pub calls: u64,
+    pub errors: u64,
+    /// Calls completed per second, all followers together.
+    pub calls_per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// One fan-out phase: one stream of events from the server to every follower.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutResult {
+    pub transport: Transport,
+    pub followers: usize,
+    /// `max_rate` (the publisher runs flat out) or `paced` (one event per `interval_ms`).
+    pub mode: &'static str,
+    pub interval_ms: Option<u64>,
+    pub keys: usize,
+    pub payload_bytes: usize,
+    pub seconds: f64,
+    /// Events the publisher emitted during the window.
+    pub published: u64,
+    pub published_per_sec: f64,
+    /// Events/s delivered to every follower: the slowest follower's rate.
+    pub delivered_per_sec_min: f64,
+    pub delivered_per_sec_mean: f64,
+    pub delivered_total: u64,
+    /// published × followers − delivered: conflated by the leader (or skipped locally, or late).
+    pub missed_total: u64,
+    pub missed_ratio: f64,
+    /// Per-key index gaps the followers saw (the conflated or skipped values they can name).
+    pub gaps_total: u64,
+    /// Publish-to-receipt latency (CLOCK_MONOTONIC across processes).
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+}
+
+/// Standalone failover: kill -9 of the leader until every survivor has a value from the next one.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverResult {
+    pub mode: &'static str,
+    pub processes: usize,
+    pub repeats: usize,
+    pub p50_ms: f64,
+    pub max_ms: f64,
+    pub min_ms: f64,
+    pub samples_ms: Vec<f64>,
+    pub measures: &'static str,
+}
+
+impl FailoverResult {
+    pub fn new(processes: usize, samples_ms: Vec<f64>) -> Self {
+        let mut sorted = samples_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let p50_ms = if sorted.is_empty() { 0.0 } else { sorted[(sorted.len() - 1) / 2] };
+        FailoverResult {
+            mode: "standalone",
+            processes,
+            repeats: samples_ms.len(),
+            p50_ms,
+            max_ms: sorted.last().copied().unwrap_or(0.0),
+            min_ms: sorted.first().copied().unwrap_or(0.0),
+            samples_ms,
+            measures: "SIGKILL of the elected leader until every surviving process holds a value \
+                       delivered by the next leader (max over survivors, CLOCK_MONOTONIC)",
+        }
+    }
+}
+
+/// Resident memory of one kind of process in one group and state.
+#[derive(Debug, Clone, Serialize)]
+pub struct RssSample {
+    pub transport: Transport,
+    pub followers: usize,
+    /// `leader`, `follower`, `floor_server` or `floor_client`.
+    pub process: &'static str,
+    /// `idle` (connected, nothing flowing), `invoke_load` (middle of the 64-in-flight phase)
+    /// or `fanout_load` (middle of the flat-out fan-out).
+    pub state: &'static str,
+    pub processes: usize,
+    pub rss_kib_mean: u64,
+    pub rss_kib_max: u64,
+}
+
+impl RssSample {
+    pub fn of(
+        transport: Transport,
+        followers: usize,
+        process: &'static str,
+        state: &'static str,
+        kib: &[u64],
+    ) -> RssSample {
+        RssSample {
+            transport,
+            followers,
+            process,
+            state,
+            processes: kib.len(),
+            rss_kib_mean: kib.iter().sum::<u64>() / kib.len().max(1) as u64,
+            rss_kib_max: kib.iter().copied().max().unwrap_or(0),
+        }
+    }
+}
+
+/// One leader with many follower connections.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaderAtScale {
+    pub followers_target: usize,
+    /// As the leader counts them (`Leader::stats().followers`).
+    pub followers_connected: usize,
+    pub subscribers: usize,
+    pub processes: usize,
+    pub leader_rss_idle_kib: u64,
+    pub leader_rss_kib: u64,
+    pub leader_kib_per_follower: f64,
+    pub follower_process_rss_kib_mean: u64,
+    pub connections_per_process: f64,
+    /// (mass process RSS − a one-connection follower's idle RSS) / (connections − 1).
+    pub follower_kib_per_connection: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    pub samples: Vec<RssSample>,
+    /// tandem follower RSS − floor client RSS, same N and state; the largest difference.
+    pub follower_overhead_kib: Option<i64>,
+    pub follower_overhead_basis: String,
+    pub leader_at_scale: Option<LeaderAtScale>,
+}
+
+/// A goal from the benchmark issue, and where this run stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub name: &'static str,
+    pub goal: &'static str,
+    pub measured: Option<f64>,
+    pub unit: &'static str,
+    /// None when this run could not measure it.
+    pub met: Option<bool>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub kernel: String,
+    pub cpu_model: String,
+    pub memory_kib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub bench: &'static str,
+    pub command: Vec<String>,
+    pub wall_seconds: f64,
+    pub machine: Machine,
+    pub config: Config,
+    pub invoke: Vec<InvokeResult>,
+    pub fanout: Vec<FanoutResult>,
+    pub failover: Option<FailoverResult>,
+    pub memory: Memory,
+    pub targets: Vec<Target>,
+}
+
+impl Results {
+    pub fn new(config: Config) -> Results {
+        Results {
+            bench: "tandem examples/bench.rs",
+            command: std::env::args().collect(),
+            wall_seconds: 0.0,
+            machine: Machine::current(),
+            config,
+            invoke: Vec::new(),
+            fanout: Vec::new(),
+            failover: None,
+            memory: Memory::default(),
+            targets: Vec::new(),
+        }
+    }
+
+    /// Derived figures and targets, once everything is measured.
+    pub fn finish(&mut self, wall: Duration) {
+        self.wall_seconds = wall.as_secs_f64();
+        self.follower_overhead();
+        self.per_connection();
+        self.targets = self.check_targets();
+    }
+
+    /// An invoke phase with the processes where the OS put them.
+    pub fn invoke_at(&self, transport: Transport, followers: usize, concurrency: usize) -> Option<&InvokeResult> {
+        self.invoke_placed(transport, followers, concurrency, Placement::Os)
+    }
+
+    pub fn invoke_placed(
+        &self,
+        transport: Transport,
+        followers: usize,
+        concurrency: usize,
+        placement: Placement,
+    ) -> Option<&InvokeResult> {
+        self.invoke.iter().find(|r| {
+            r.transport == transport
+                && r.followers == followers
+                && r.concurrency == concurrency
+                && r.placement == placement
+        })
+    }
+
+    pub fn fanout_at(&self, transport: Transport, followers: usize, mode: &str) -> Option<&FanoutResult> {
+        self.fanout.iter().find(|r| r.transport == transport && r.followers == followers && r.mode == mode)
+    }
+
+    fn rss(&self, transport: Transport, followers: usize, process: &str, state: &str) -> Option<u64> {
+        self.memory
+            .samples
+            .iter()
+            .find(|s| s.transport == transport && s.followers == followers && s.process == process && s.state == state)
+            .map(|s| s.rss_kib_mean)
+    }
+
+    fn follower_overhead(&mut self) {
+        let mut worst: Option<(i64, usize, &str)> = None;
+        for &n in &self.config.followers {
+            for state in ["idle", "invoke_load", "fanout_load"] {
+                let direct = self.rss(Transport::Direct, n, "follower", state);
+                let floor = self.rss(Transport::Floor, n, "floor_client", state);
+                if let (Some(direct), Some(floor)) = (direct, floor) {
+                    let overhead = direct as i64 - floor as i64;
+                    if worst.is_none_or(|(w, _, _)| overhead > w) {
+                        worst = Some((overhead, n, state));
+                    }
+                }
+            }
+        }
+        if let Some((overhead, n, state)) = worst {
+            self.memory.follower_overhead_kib = Some(overhead);
+            self.memory.follower_overhead_basis = format!(
+                "mean RSS of a tandem follower process minus that of a floor client process \
+                 (same binary, runtime and load); largest over N and states: N={n}, {state}"
+            );
+        }
+    }
+
+    fn per_connection(&mut self) {
+        let one = self.config.followers.iter().find_map(|&n| self.rss(Transport::Direct, n, "follower", "idle"));
+        if let (Some(one), Some(scale)) = (one, self.memory.leader_at_scale.as_mut())
+            && scale.connections_per_process > 1.0
+        {
+            let extra = scale.follower_process_rss_kib_mean.saturating_sub(one) as f64;
+            scale.follower_kib_per_connection = Some(extra / (scale.connections_per_process - 1.0));
+        }
+    }
+
+    /// The N a target is stated at, or the nearest measured one.
+    fn nearest(&self, wanted: usize) -> usize {
+        self.config.followers.iter().copied().min_by_key(|&n| n.abs_diff(wanted)).unwrap_or(wanted)
+    }
+
+    fn check_targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        let c = self.config.in_flight;
+
+        let n = self.nearest(4);
+        let (direct, floor) = (self.invoke_at(Transport::Direct, n, c), self.invoke_at(Transport::Floor, n, c));
+        let ratio = direct.zip(floor).map(|(d, f)| d.calls_per_sec / f.calls_per_sec);
+        targets.push(Target {
+            name: "direct_throughput_vs_floor",
+            goal: ">= 0.40 of the floor's calls/s (N=4, 64 in flight)",
+            measured: ratio,
+            unit: "ratio",
+            met: ratio.map(|r| r >= 0.40),
+            detail: match direct.zip(floor) {
+                Some((d, f)) => {
+                    format!(
+                        "N={n}, {c} in flight: direct {:.0} calls/s, floor {:.0} calls/s",
+                        d.calls_per_sec, f.calls_per_sec
+                    )
+                }
+                None => "not measured".into(),
+            },
+        });
+
+        let n = self.nearest(1);
+        let ratios: Vec<(Placement, f64, f64)> = [Placement::Os, Placement::OneCpu]
+            .into_iter()
+            .filter_map(|placement| {
+                let direct = self.invoke_placed(Transport::Direct, n, 1, placement)?;
+                let floor = self.invoke_placed(Transport::Floor, n, 1, placement)?;
+                Some((placement, direct.p50_us, floor.p50_us))
+            })
+            .collect();
+        let worst = ratios.iter().map(|(_, d, f)| d / f).reduce(f64::max);
+        targets.push(Target {
+            name: "direct_p50_vs_floor",
+            goal: "<= 1.5x the floor's ping-pong p50 (concurrency 1; the worse of OS placement and one CPU)",
+            measured: worst,
+            unit: "ratio",
+            met: worst.map(|r| r <= 1.5),
+            detail: if ratios.is_empty() {
+                "not measured".into()
+            } else {
+                let parts: Vec<String> = ratios
+                    .iter()
+                    .map(|(p, d, f)| format!("{p:?}: direct {d:.1} us / floor {f:.1} us = {:.2}x", d / f))
+                    .collect();
+                format!("N={n}, {}", parts.join("; "))
+            },
+        });
+
+        let direct_c = self.invoke.iter().filter(|r| r.transport == Transport::Direct && r.concurrency == c);
+        let pairs: Vec<(f64, f64)> = direct_c
+            .filter_map(|d| {
+                let m = self.invoke_at(Transport::Messenger, d.followers, c)?;
+                Some((m.calls_per_sec, d.calls_per_sec))
+            })
+            .collect();
+        let ratio = pairs.first().map(|(m, d)| m / d);
+        targets.push(Target {
+            name: "messenger_throughput_vs_direct",
+            goal: ">= 1/3 of direct's calls/s",
+            measured: ratio,
+            unit: "ratio",
+            met: ratio.map(|r| r >= 1.0 / 3.0),
+            detail: if pairs.is_empty() {
+                "not measured: the messenger runner waits for tandem-cluster".into()
+            } else {
+                format!("{pairs:?}")
+            },
+        });
+
+        let n = self.nearest(8);
+        let (direct, floor) =
+            (self.fanout_at(Transport::Direct, n, "max_rate"), self.fanout_at(Transport::Floor, n, "max_rate"));
+        let ratio = direct.zip(floor).map(|(d, f)| d.delivered_per_sec_min / f.delivered_per_sec_min);
+        targets.push(Target {
+            name: "fanout_vs_floor",
+            goal: ">= 0.50 of the floor's events/s to every follower (N=8)",
+            measured: ratio,
+            unit: "ratio",
+            met: ratio.map(|r| r >= 0.5),
+            detail: match direct.zip(floor) {
+                Some((d, f)) => format!(
+                    "N={n}: direct {:.0} events/s to every follower ({:.1}% of published missed), floor {:.0}",
+                    d.delivered_per_sec_min,
+                    d.missed_ratio * 100.0,
+                    f.delivered_per_sec_min
+                ),
+                None => "not measured".into(),
+            },
+        });
+
+        let failover = self.failover.as_ref();
+        targets.push(Target {
+            name: "standalone_failover",
+            goal: "<= 20 ms (p50 over the repeats; max shown)",
+            measured: failover.map(|f| f.p50_ms),
+            unit: "ms",
+            met: failover.map(|f| f.p50_ms <= 20.0),
+            detail: failover.map_or("not measured".into(), |f| {
+                format!("p50 {:.1} ms, max {:.1} ms over {} kills", f.p50_ms, f.max_ms, f.repeats)
+            }),
+        });
+
+        let overhead = self.memory.follower_overhead_kib;
+        targets.push(Target {
+            name: "follower_rss_overhead",
+            goal: "<= 4 MiB",
+            measured: overhead.map(|k| k as f64 / 1024.0),
+            unit: "MiB",
+            met: overhead.map(|k| k <= 4096),
+            detail: self.memory.follower_overhead_basis.clone(),
+        });
+
+        let scale = self.memory.leader_at_scale.as_ref();
+        targets.push(Target {
+            name: "leader_rss_1000_followers",
+            goal: "<= 64 MiB",
+            measured: scale.map(|s| s.leader_rss_kib as f64 / 1024.0),
+            unit: "MiB",
+            met: scale.map(|s| s.leader_rss_kib <= 64 * 1024 && s.followers_connected >= s.followers_target),
+            detail: scale.map_or("not measured".into(), |s| {
+                format!(
+                    "{} followers connected in {} processes; \
+                     leader {:.1} MiB idle -> {:.1} MiB ({:.1} KiB per follower)",
+                    s.followers_connected,
+                    s.processes,
+                    s.leader_rss_idle_kib as f64 / 1024.0,
+                    s.leader_rss_kib as f64 / 1024.0,
+                    s.leader_kib_per_follower
+                )
+            }),
+        });
+
+        targets.push(Target {
+            name: "agent_failover",
+            goal: "<= 150 ms when the cluster agent is restarted",
+            measured: None,
+            unit: "ms",
+            met: None,
+            detail: "not measured: needs tandem-cluster's agent supervision".into(),
+        });
+        targets
+    }
+}
+
+impl Machine {
+    fn current() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        Machine {
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: uname(),
+            cpu_model,
+            memory_kib,
+        }
+    }
+}
+
+/// `uname -srvm`.
+fn uname() -> String {
+    // SAFETY: utsname is plain old data; all-zero bytes are a valid value.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a valid, writable utsname; uname(2) fills it with NUL-terminated strings.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return "unknown".into();
+    }
+    let field = |f: &[libc::c_char]| {
+        // SAFETY: uname(2) NUL-terminates every field within its array.
+        unsafe { std::ffi::CStr::from_ptr(f.as_ptr()) }.to_string_lossy().into_owned()
+    };
+    format!("{} {} {} {}", field(&name.sysname), field(&name.release), field(&name.version), field(&name.machine))
+}

@@ -1,0 +1,145 @@
+//! The floor's server: plain tokio on a Unix socket. Echo connections send back
+//! every frame (flushing when no whole frame is left in the read buffer, so
+//! pipelined requests are answered in batches); fan-out connections receive
+//! one shared stream of events, lossless (a slow client makes the publisher wait).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Result, bail};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use super::floor_wire::{ECHO, FANOUT, has_frame, put_event, put_frame, read_frame};
+use crate::clock::{Window, mono_ns, sleep_until_ns};
+use crate::control::{Cmd, Commands, Report, Reporter};
+
+type Subscribers = Arc<Mutex<Vec<mpsc::Sender<Bytes>>>>;
+
+pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
+    let listener = UnixListener::bind(&socket)?;
+    let subscribers = Subscribers::default();
+    tokio::spawn(accept(listener, subscribers.clone()));
+    reporter.send(&Report::Ready);
+    while let Some(cmd) = commands.next().await? {
+        match cmd {
+            Cmd::Publish { keys, interval_us, payload, window } => {
+                let subscribers = subscribers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let events = tokio::spawn(publish(subscribers, keys, interval_us, payload, window)).await?;
+                reporter.send(&Report::Published { events });
+            }
+            Cmd::Quit => break,
+            other => bail!("the floor server cannot {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+async fn accept(listener: UnixListener, subscribers: Subscribers) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(connection(stream, subscribers.clone()));
+    }
+}
+
+async fn connection(stream: UnixStream, subscribers: Subscribers) -> std::io::Result<()> {
+    let (read, write) = stream.into_split();
+    let mut read = BufReader::with_capacity(64 * 1024, read);
+    let mut hello = Vec::new();
+    if !read_frame(&mut read, &mut hello).await? {
+        return Ok(());
+    }
+    match hello.as_slice() {
+        [ECHO] => echo(read, write).await,
+        [FANOUT] => fanout(read, write, subscribers).await,
+        _ => Ok(()),
+    }
+}
+
+async fn echo(mut read: BufReader<OwnedReadHalf>, write: OwnedWriteHalf) -> std::io::Result<()> {
+    let mut write = BufWriter::with_capacity(64 * 1024, write);
+    let mut body = Vec::new();
+    while read_frame(&mut read, &mut body).await? {
+        write.write_u32(body.len() as u32).await?;
+        write.write_all(&body).await?;
+        if !has_frame(read.buffer()) {
+            write.flush().await?;
+        }
+    }
+    write.flush().await
+}
+
+async fn fanout(
+    mut read: BufReader<OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+    subscribers: Subscribers,
+) -> std::io::Result<()> {
+    // Bounded: when this client's queue is full the publisher waits for it,
+    // so the floor never drops an event.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+    subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+    let mut ack = BytesMut::new();
+    put_frame(&mut ack, &[]);
+    write.write_all(&ack).await?;
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(batch) => write.write_all(&batch).await?,
+                None => return Ok(()),
+            },
+            read = read.read(&mut scratch) => if read? == 0 {
+                return Ok(());
+            },
+        }
+    }
+}
+
+/// Publishes during `window`: bursts of one event per key, encoded once and
+/// shared by every connection, flat out (yielding between bursts); or one
+/// event every `interval_us`, round the keys.
+async fn publish(
+    subscribers: Vec<mpsc::Sender<Bytes>>,
+    keys: usize,
+    interval_us: u64,
+    payload: usize,
+    window: Window,
+) -> u64 {
+    let pad = vec![0xA5; payload];
+    let keys = keys.max(1);
+    let mut idx = vec![0u64; keys];
+    let mut published = 0u64;
+    sleep_until_ns(window.start_ns).await;
+    for i in 0u64.. {
+        let (now, burst) = if interval_us == 0 {
+            (mono_ns(), 0..keys)
+        } else {
+            let at = window.start_ns + i * interval_us * 1000;
+            if at >= window.end_ns {
+                break;
+            }
+            sleep_until_ns(at).await;
+            let key = i as usize % keys;
+            (mono_ns(), key..key + 1)
+        };
+        if now >= window.end_ns {
+            break;
+        }
+        let mut batch = BytesMut::with_capacity(burst.len() * (24 + pad.len()));
+        for key in burst {
+            put_event(&mut batch, key as u32, idx[key], now, &pad);
+            idx[key] += 1;
+            published += 1;
+        }
+        let batch = batch.freeze();
+        for subscriber in &subscribers {
+            let _ = subscriber.send(batch.clone()).await;
+        }
+        if interval_us == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    published
+}

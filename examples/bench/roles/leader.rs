@@ -1,0 +1,75 @@
+//! The tandem Leader process: the bench upstream on a Unix socket, and the
+//! publisher that feeds the fan-out phases.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use bytes::Bytes;
+use tandem::{EventSink, Leader};
+
+use crate::api::{BenchApi, BenchUpstream, Tick};
+use crate::clock::{Window, mono_ns, sleep_until_ns};
+use crate::control::{Cmd, Commands, Report, Reporter};
+
+pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
+    let upstream = BenchUpstream::default();
+    let served = upstream.clone();
+    let leader = Leader::builder().epoch(1).channel::<BenchApi, _>(async move { Ok(served) }).start();
+    leader.bind_unix(&socket)?;
+    reporter.send(&Report::Ready);
+    while let Some(cmd) = commands.next().await? {
+        match cmd {
+            Cmd::Publish { keys, interval_us, payload, window } => {
+                let sinks = upstream.sinks(keys)?;
+                // On a runtime worker, like a real upstream client's event callback.
+                let events = tokio::spawn(publish(sinks, interval_us, payload, window)).await?;
+                reporter.send(&Report::Published { events });
+            }
+            Cmd::Stats => {
+                let stats = leader.stats();
+                let subscribers = stats.channels.iter().map(|c| c.subscribers).sum();
+                reporter.send(&Report::Stats { followers: stats.followers, subscribers });
+            }
+            Cmd::Quit => break,
+            other => bail!("the leader cannot {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// Publishes during `window`: bursts of one event per key, flat out (yielding
+/// between bursts), or one event every `interval_us` round the keys.
+async fn publish(sinks: Vec<EventSink<BenchApi>>, interval_us: u64, payload: usize, window: Window) -> u64 {
+    let pad = Bytes::from(vec![0xA5; payload]);
+    let keys = sinks.len();
+    let mut idx = vec![0u64; keys];
+    let mut published = 0u64;
+    let mut emit = |key: usize, now: u64| {
+        sinks[key].send(Tick { key: key as u32, idx: idx[key], sent_ns: now, pad: pad.clone() });
+        idx[key] += 1;
+        published += 1;
+    };
+    sleep_until_ns(window.start_ns).await;
+    if interval_us == 0 {
+        loop {
+            let now = mono_ns();
+            if now >= window.end_ns {
+                break;
+            }
+            for key in 0..keys {
+                emit(key, now);
+            }
+            tokio::task::yield_now().await;
+        }
+    } else {
+        for i in 0u64.. {
+            let at = window.start_ns + i * interval_us * 1000;
+            if at >= window.end_ns {
+                break;
+            }
+            sleep_until_ns(at).await;
+            emit(i as usize % keys, mono_ns());
+        }
+    }
+    published
+}

@@ -1,0 +1,180 @@
+//! The table printed on stdout.
+
+use std::fmt::Write;
+
+use crate::results::Results;
+use crate::runner::{Placement, Transport};
+
+pub fn render(r: &Results) -> String {
+    let mut out = String::new();
+    let c = &r.config;
+    let _ = writeln!(
+        out,
+        "tandem bench: {} ({} cores), {}\npayload {} B, {} s phases, server runtime {} threads, {}\n",
+        r.machine.cpu_model,
+        r.machine.cores,
+        r.machine.kernel,
+        c.payload_bytes,
+        c.seconds,
+        c.server_threads,
+        if c.quick { "--quick" } else { "full run" }
+    );
+    invoke(&mut out, r);
+    fanout(&mut out, r);
+    failover(&mut out, r);
+    memory(&mut out, r);
+    targets(&mut out, r);
+    out
+}
+
+fn invoke(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "INVOKE (echo upstream; calls/s summed over the followers)");
+    let _ = writeln!(
+        out,
+        "  {:<9} {:>3} {:>9} {:>8} {:>12} {:>9} {:>9} {:>9} {:>7}   vs floor (calls/s, p50)",
+        "transport", "N", "in flight", "cpus", "calls/s", "p50 us", "p99 us", "p999 us", "errors"
+    );
+    let mut rows: Vec<_> = r.invoke.iter().collect();
+    rows.sort_by_key(|x| (x.placement as u8, x.concurrency, x.followers, x.transport as u8));
+    for x in rows {
+        let floor = r.invoke_placed(Transport::Floor, x.followers, x.concurrency, x.placement);
+        let versus = match (x.transport, floor) {
+            (Transport::Floor, _) | (_, None) => String::new(),
+            (_, Some(f)) => format!("{:.2}x, {:.2}x", x.calls_per_sec / f.calls_per_sec, x.p50_us / f.p50_us),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<9} {:>3} {:>9} {:>8} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>7}   {}",
+            x.transport.to_string(),
+            x.followers,
+            x.concurrency,
+            match x.placement {
+                Placement::Os => "any",
+                Placement::OneCpu => "cpu 0",
+            },
+            x.calls_per_sec,
+            x.p50_us,
+            x.p99_us,
+            x.p999_us,
+            x.errors,
+            versus
+        );
+    }
+    out.push('\n');
+}
+
+fn fanout(out: &mut String, r: &Results) {
+    let c = &r.config;
+    let _ = writeln!(
+        out,
+        "FAN-OUT (one stream over {} keys; flat out: events/s; paced: one event per {} ms, publish-to-receipt)",
+        c.fanout_keys, c.fanout_interval_ms
+    );
+    let _ = writeln!(
+        out,
+        "  {:<9} {:>3} {:>13} {:>15} {:>9} {:>10} | {:>10} {:>10} {:>10}",
+        "transport", "N", "published/s", "to every foll./s", "missed %", "vs floor", "paced p50", "p99 us", "p999 us"
+    );
+    let mut rows: Vec<_> = r.fanout.iter().filter(|x| x.mode == "max_rate").collect();
+    rows.sort_by_key(|x| (x.followers, x.transport as u8));
+    for x in rows {
+        let paced = r.fanout_at(x.transport, x.followers, "paced");
+        let versus = match (x.transport, r.fanout_at(Transport::Floor, x.followers, "max_rate")) {
+            (Transport::Floor, _) | (_, None) => String::new(),
+            (_, Some(f)) => format!("{:.2}x", x.delivered_per_sec_min / f.delivered_per_sec_min),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<9} {:>3} {:>13.0} {:>15.0} {:>9.1} {:>10} | {:>10.1} {:>10.1} {:>10.1}",
+            x.transport.to_string(),
+            x.followers,
+            x.published_per_sec,
+            x.delivered_per_sec_min,
+            x.missed_ratio * 100.0,
+            versus,
+            paced.map_or(0.0, |p| p.p50_us),
+            paced.map_or(0.0, |p| p.p99_us),
+            paced.map_or(0.0, |p| p.p999_us),
+        );
+    }
+    out.push('\n');
+}
+
+fn failover(out: &mut String, r: &Results) {
+    if let Some(f) = &r.failover {
+        let samples: Vec<String> = f.samples_ms.iter().map(|s| format!("{s:.1}")).collect();
+        let _ = writeln!(
+            out,
+            "FAILOVER (standalone, {} processes, kill -9 of the leader x{}): \
+             p50 {:.1} ms, max {:.1} ms, min {:.1} ms\n  samples ms: {}\n",
+            f.processes,
+            f.repeats,
+            f.p50_ms,
+            f.max_ms,
+            f.min_ms,
+            samples.join(" ")
+        );
+    }
+}
+
+fn memory(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "MEMORY (RSS MiB, mean per process: idle / invoke 64 in flight / fan-out flat out)");
+    let mut keys: Vec<(usize, Transport, &str)> =
+        r.memory.samples.iter().map(|s| (s.followers, s.transport, s.process)).collect();
+    keys.sort_by_key(|(n, t, p)| (*n, *t as u8, *p));
+    keys.dedup();
+    for (n, transport, process) in keys {
+        let at = |state: &str| {
+            r.memory
+                .samples
+                .iter()
+                .find(|s| s.followers == n && s.transport == transport && s.process == process && s.state == state)
+                .map_or("-".to_string(), |s| format!("{:.1}", s.rss_kib_mean as f64 / 1024.0))
+        };
+        let _ = writeln!(
+            out,
+            "  N={n:<2} {:<13} {:>6} {:>6} {:>6}",
+            process,
+            at("idle"),
+            at("invoke_load"),
+            at("fanout_load")
+        );
+    }
+    if let Some(k) = r.memory.follower_overhead_kib {
+        let _ = writeln!(
+            out,
+            "  follower overhead vs floor client: {:.2} MiB ({})",
+            k as f64 / 1024.0,
+            r.memory.follower_overhead_basis
+        );
+    }
+    if let Some(s) = &r.memory.leader_at_scale {
+        let _ = writeln!(
+            out,
+            "  leader with {} followers ({} processes): {:.1} MiB (idle {:.1} MiB, {:.1} KiB per follower); \
+             follower processes {:.1} MiB each{}",
+            s.followers_connected,
+            s.processes,
+            s.leader_rss_kib as f64 / 1024.0,
+            s.leader_rss_idle_kib as f64 / 1024.0,
+            s.leader_kib_per_follower,
+            s.follower_process_rss_kib_mean as f64 / 1024.0,
+            s.follower_kib_per_connection.map_or(String::new(), |k| format!(", {k:.1} KiB per connection"))
+        );
+    }
+    out.push('\n');
+}
+
+fn targets(out: &mut String, r: &Results) {
+    let _ = writeln!(out, "TARGETS");
+    for t in &r.targets {
+        let status = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "n/a",
+        };
+        let measured = t.measured.map_or("-".to_string(), |m| format!("{m:.2} {}", t.unit));
+        let _ = writeln!(out, "  [{status:^6}] {:<32} {:>12}  goal {}; {}", t.name, measured, t.goal, t.detail);
+    }
+    let _ = writeln!(out, "\nwall time {:.1} s", r.wall_seconds);
+}
