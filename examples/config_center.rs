@@ -9,13 +9,30 @@
 //! changes `--subscribe`'s first key every second, so values flow. With it, the
 //! demo only subscribes (`--write-every MS` turns the writer on).
 //!
+//! Against etcd (built with the `etcd` feature; see the README's "Against etcd"):
+//!
+//! ```text
+//! cargo run --features etcd --example config_center -- --etcd http://127.0.0.1:2379 --workers 4 --subscribe K
+//! etcdctl --endpoints http://127.0.0.1:2379 put K hello     # all 4 workers print value=hello
+//! ```
+//!
+//! `--etcd ENDPOINTS` (comma-separated) gives the agent's Leader an etcd client
+//! instead of the registry's; the demo then only subscribes unless
+//! `--write-every MS` is given (the master then writes through its own etcd
+//! connection). `--register SERVICE` (with `--etcd`) has each worker register
+//! itself as instance `worker-<id>` of SERVICE through the Leader, on the
+//! Leader's 2-second lease, and again under each new Leader.
+//!
 //! Flags: `--workers N`, `--registry ADDR`, `--subscribe KEY` (repeatable; the
 //! default is `app.greeting` and `app.flags`), `--transport direct|messenger|auto`,
 //! `--write-every MS`, `--duration SECS` (0, the default, runs until a signal).
 //!
 //! Output, one line each:
 //! - once ready: `cluster ready: master=<pid> agent=<pid> workers=<pid>,<pid>,...`
-//! - right after: `upstream connections: <n> (workers: <N>)`, from the registry's own stats
+//! - right after: `upstream connections: <n> (workers: <N>)`, from the registry's own stats;
+//!   with `--etcd`, the ESTABLISHED TCP connections from the agent and the
+//!   workers to the etcd endpoints, read from /proc (the master's writer is not counted)
+//! - with `--register`: `registered: worker=<id> pid=<pid> service=<service> epoch=<leader epoch>`
 //! - each value a worker receives: `worker=<id> pid=<pid> key=<key> value=<value> epoch=<epoch> seq=<seq>`
 //! - after an agent restart: `agent restarted: pid=<pid> epoch=<epoch>`
 //! - after a worker restart: `worker restarted: worker=<id> pid=<pid>`
@@ -56,6 +73,14 @@ struct Args {
     /// Stop after this many seconds; 0 runs until SIGINT/SIGTERM.
     #[arg(long, default_value_t = 0)]
     duration: u64,
+    /// etcd endpoints, comma-separated: the Leader uses etcd instead of the
+    /// registry. Needs the `etcd` feature.
+    #[arg(long, value_name = "ENDPOINTS", conflicts_with = "registry")]
+    etcd: Option<String>,
+    /// With `--etcd`: each worker registers itself as an instance of SERVICE
+    /// through the Leader (again under each new Leader).
+    #[arg(long, value_name = "SERVICE", requires = "etcd")]
+    register: Option<String>,
 }
 
 /// Where the children find the registry the master started for them.
@@ -67,36 +92,51 @@ fn main() -> anyhow::Result<()> {
     if args.keys.is_empty() {
         args.keys = vec!["app.greeting".into(), "app.flags".into()];
     }
+    if args.etcd.is_some() && !cfg!(feature = "etcd") {
+        anyhow::bail!(
+            "--etcd needs the etcd adapter, which this build lacks: \
+             cargo run --features etcd --example config_center -- --etcd ENDPOINTS ..."
+        );
+    }
     // Code before the builder runs in every process: only the master binds the
     // embedded registry; the children inherit its address.
     let mut embedded = None;
-    if args.registry.is_none() && Role::of_this_process() == Role::Master {
+    if args.registry.is_none() && args.etcd.is_none() && Role::of_this_process() == Role::Master {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
         listener.set_nonblocking(true)?;
         // SAFETY (of the API): set_var before any thread exists; the runtime starts below.
         unsafe { std::env::set_var(REGISTRY_ENV, listener.local_addr()?.to_string()) };
         embedded = Some(listener);
     }
-    let registry = match &args.registry {
-        Some(addr) => addr.clone(),
-        None => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
+    let registry = match (&args.registry, &args.etcd) {
+        (Some(addr), _) => addr.clone(),
+        // Unused: the Leader talks to etcd.
+        (None, Some(_)) => String::new(),
+        (None, None) => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
     };
-    let write_every = args.write_every.unwrap_or(if args.registry.is_none() { 1000 } else { 0 });
+    let embedded_registry = args.registry.is_none() && args.etcd.is_none();
+    let write_every = args.write_every.unwrap_or(if embedded_registry { 1000 } else { 0 });
 
     let mut builder = tandem::cluster::Cluster::builder("config_center");
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
     }
-    let (agent_registry, worker_args) = (registry.clone(), args.clone());
+    let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
     builder
         .agent(move |ctx| async move {
-            let upstream = RegistryUpstream::connect(agent_registry).await?;
-            let leader = Leader::builder()
-                .channel::<ConfigApi, _>({
-                    let upstream = upstream.clone();
-                    async move { Ok(upstream) }
-                })
-                .channel::<ServiceApi, _>(async move { Ok(upstream) });
+            let leader = match agent_etcd {
+                #[cfg(feature = "etcd")]
+                Some(endpoints) => etcd::leader(&endpoints).await?,
+                _ => {
+                    let upstream = RegistryUpstream::connect(agent_registry).await?;
+                    Leader::builder()
+                        .channel::<ConfigApi, _>({
+                            let upstream = upstream.clone();
+                            async move { Ok(upstream) }
+                        })
+                        .channel::<ServiceApi, _>(async move { Ok(upstream) })
+                }
+            };
             let leader = start_leader(&ctx, leader).await?;
             ctx.stopped().await;
             leader.shutdown().await;
@@ -111,11 +151,11 @@ fn main() -> anyhow::Result<()> {
 async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::BoxError> {
     let mut config = tandem::follower::Config::default();
     config.token = Some(ctx.token().to_string());
-    let connection = Connection::builder()
-        .config(config)
-        .channel::<ConfigApi>()
-        .connect(WorkerConnector::new(&ctx, args.transport))
-        .spawn();
+    let mut connection = Connection::builder().config(config).channel::<ConfigApi>();
+    if args.register.is_some() {
+        connection = connection.channel::<ServiceApi>();
+    }
+    let connection = connection.connect(WorkerConnector::new(&ctx, args.transport)).spawn();
     let client = connection.client::<ConfigApi>();
     client.ready().await?;
     let mut streams = futures::stream::SelectAll::new();
@@ -125,6 +165,8 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
         streams.push(subscription.map(move |update| (key.clone(), update)).boxed());
     }
     ctx.ready().await?;
+    #[cfg(feature = "etcd")]
+    let _presence = args.register.as_deref().map(|service| etcd::register(&connection, service, ctx.id()));
 
     let (id, pid) = (ctx.id(), std::process::id());
     let mut gets = tokio::time::interval(Duration::from_secs(5));
@@ -132,7 +174,7 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
         tokio::select! {
             item = streams.next() => {
                 let Some((key, update)) = item else { break };
-                let value = update.value.value.unwrap_or_else(|| "<deleted>".into());
+                let value = update.value.value.unwrap_or_else(|| "<none>".into());
                 println!("worker={id} pid={pid} key={key} value={value} epoch={} seq={}", update.epoch, update.seq);
             }
             _ = gets.tick() => {
@@ -163,7 +205,11 @@ async fn master(
         }
         None => None,
     };
-    if write_every > 0 {
+    #[cfg(feature = "etcd")]
+    if let (Some(endpoints), true) = (&args.etcd, write_every > 0) {
+        etcd::spawn_writer(endpoints, args.keys[0].clone(), write_every).await?;
+    }
+    if write_every > 0 && args.etcd.is_none() {
         // The writer's own connection: a stand-in for whoever changes the config.
         let writer = tandem::registry::Client::connect(registry.as_str()).await?;
         let key = args.keys[0].clone();
@@ -200,6 +246,14 @@ async fn master(
             }
         };
         match &event {
+            #[cfg(feature = "etcd")]
+            ClusterEvent::ClusterReady { agent, workers, .. } if args.etcd.is_some() => {
+                println!("{event}");
+                let endpoints = args.etcd.as_deref().unwrap_or_default();
+                let pids: Vec<u32> = std::iter::once(*agent).chain(workers.iter().copied()).collect();
+                let connections = etcd::connections(endpoints, &pids)?;
+                println!("upstream connections: {connections} (workers: {})", workers.len());
+            }
             ClusterEvent::ClusterReady { workers, .. } => {
                 println!("{event}");
                 // A short-lived connection: the registry does not count the one
@@ -217,4 +271,73 @@ async fn master(
         }
     }
     Ok(())
+}
+
+/// The demo's etcd side (`--etcd`): the agent's upstream, the master's writer,
+/// the connection count and the workers' registration.
+#[cfg(feature = "etcd")]
+mod etcd {
+    use std::time::Duration;
+
+    use tandem::etcd_upstream::etcd::{Client, Config, endpoint_addrs, established_connections};
+    use tandem::etcd_upstream::{EtcdUpstream, Presence, stay_registered};
+    use tandem::leader::LeaderBuilder;
+    use tandem::registry::Instance;
+    use tandem::registry_upstream::{ConfigApi, ServiceApi};
+    use tandem::{Connection, Leader};
+
+    /// How long a worker's registration outlives a Leader that stopped keeping it alive.
+    const REGISTRATION_TTL: Duration = Duration::from_secs(2);
+
+    /// Both channels served by one etcd client (one connection).
+    pub async fn leader(endpoints: &str) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
+        let upstream = EtcdUpstream::connect(Config::from_list(endpoints)).await?;
+        Ok(Leader::builder()
+            .channel::<ConfigApi, _>({
+                let upstream = upstream.clone();
+                async move { Ok(upstream) }
+            })
+            .channel::<ServiceApi, _>(async move { Ok(upstream) }))
+    }
+
+    /// Puts `v1`, `v2`, ... into `key` every `every_ms`, through the master's own
+    /// connection; keeps going through outages.
+    pub async fn spawn_writer(endpoints: &str, key: String, every_ms: u64) -> Result<(), tandem::cluster::BoxError> {
+        let writer = Client::connect(Config::from_list(endpoints)).await?;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+            for n in 1u64.. {
+                tick.tick().await;
+                if let Err(error) = writer.put(&key, format!("v{n}")).await {
+                    tracing::warn!(error = %error.chain(), "write failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// ESTABLISHED TCP connections from `pids` to the endpoints.
+    pub fn connections(endpoints: &str, pids: &[u32]) -> Result<usize, tandem::cluster::BoxError> {
+        let addrs = endpoint_addrs(&Config::from_list(endpoints).endpoints)?;
+        Ok(established_connections(pids, &addrs)?)
+    }
+
+    /// Registers this worker as `worker-<id>` of `service`, under every new
+    /// Leader; prints a line each time.
+    pub fn register(connection: &Connection, service: &str, worker: impl std::fmt::Display) -> Presence {
+        let pid = std::process::id();
+        let mut instance = Instance::new(service, format!("worker-{worker}"), format!("pid:{pid}"));
+        instance.metadata.insert("pid".into(), pid.to_string());
+        let presence = stay_registered(connection.client::<ServiceApi>(), instance, REGISTRATION_TTL);
+        let mut registered = presence.registered();
+        let (service, worker) = (service.to_string(), worker.to_string());
+        tokio::spawn(async move {
+            while registered.changed().await.is_ok() {
+                if let Some(epoch) = *registered.borrow_and_update() {
+                    println!("registered: worker={worker} pid={pid} service={service} epoch={epoch}");
+                }
+            }
+        });
+        presence
+    }
 }
