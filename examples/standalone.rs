@@ -18,7 +18,7 @@
 //! Output, one line each:
 //! - on every role change: `pid=<pid> role=<leader|follower> epoch=<epoch>`
 //! - on every value: `pid=<pid> role=<role> key=<key> value=<value> epoch=<epoch> seq=<seq>`
-//!   (`value=<deleted>` after a delete)
+//!   (`value=<none>` while the key is absent or after a delete)
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -276,7 +276,7 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
         tokio::select! {
             item = streams.next() => {
                 let Some((key, update)) = item else { break };
-                let value = update.value.value.unwrap_or_else(|| "<deleted>".into());
+                let value = update.value.value.unwrap_or_else(|| "<none>".into());
                 println!(
                     "pid={pid} role={} key={key} value={value} epoch={} seq={}",
                     role(client.is_leader()),

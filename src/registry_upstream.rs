@@ -372,12 +372,14 @@ impl Upstream<ConfigApi> for RegistryUpstream {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         let client = self.client(deadline).await?;
         let (current, revision) = client.get_with_revision(&key).await.map_err(unavailable)?;
-        if let Some(kv) = current {
-            sink.send(ConfigValue {
-                value: Some(String::from_utf8_lossy(&kv.value).into_owned()),
-                revision: kv.mod_revision,
-            });
-        }
+        // Always the current state, absence included: a follower that saw a value
+        // before a failover must learn that the key was deleted meanwhile.
+        sink.send(match current {
+            Some(kv) => {
+                ConfigValue { value: Some(String::from_utf8_lossy(&kv.value).into_owned()), revision: kv.mod_revision }
+            }
+            None => ConfigValue { value: None, revision },
+        });
         let task = tokio::spawn(follow_key(self.clone(), key.clone(), sink, revision + 1));
         self.track(ConfigApi::NAME, key, task.abort_handle());
         Ok(())

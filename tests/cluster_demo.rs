@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::{Proc, alive, example, field};
+use common::{Proc, alive, example, field, poll_until};
 use nix::sys::signal::Signal;
 use tandem::registry::{Client, Server, ServerHandle};
 
@@ -48,8 +48,11 @@ async fn start(transport: &str) -> Demo {
     assert_eq!(line, format!("upstream connections: 1 (workers: {WORKERS})"));
     // Connected only now, so the demo's count above saw the agent's connection alone.
     let admin = Client::connect(addr.as_str()).await.unwrap();
-    let stats = admin.stats().await.unwrap();
-    assert_eq!((stats.connections, stats.watches), (1, 1), "{stats:?}");
+    // The demo's own short-lived stats connection may still be closing.
+    poll_until(LINE, "one upstream connection and one watch", || async {
+        admin.stats().await.map(|s| (s.connections, s.watches) == (1, 1)).unwrap_or(false)
+    })
+    .await;
     let mut demo = Demo { master, agent, workers: BTreeMap::new(), admin, _server: server };
     // Learn each worker's id from the values it prints.
     demo.put_and_expect("hello", &pids.iter().copied().collect()).await;

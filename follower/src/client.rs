@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use tandem_protocol::payload::{decode, encode};
-use tandem_protocol::{Api, RequestId, UpstreamState};
+use tandem_protocol::{Api, RemoteError, RequestId, UpstreamState};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::Command;
@@ -36,6 +36,19 @@ impl<A: Api> std::fmt::Debug for Client<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client").field("channel", &A::NAME).field("state", &self.state()).finish()
     }
+}
+
+/// Refuses a payload that cannot fit in one frame, before it is queued.
+fn check_size(payload: &Bytes) -> Result<(), Error> {
+    const OVERHEAD: usize = 256;
+    let max = tandem_protocol::DEFAULT_MAX_FRAME_LENGTH - OVERHEAD;
+    if payload.len() > max {
+        return Err(Error::Remote(
+            RemoteError::bad_request(format!("request of {} bytes exceeds the {max}-byte limit", payload.len()))
+                .with_code("too_large"),
+        ));
+    }
+    Ok(())
 }
 
 /// Sends `Cancel` for a call whose future is dropped before its answer.
@@ -86,6 +99,10 @@ impl<A: Api> Client<A> {
 
     async fn call(&self, payload: Bytes, deadline: Duration, oneway: bool) -> Result<Bytes, Error> {
         let inner = &self.connection.inner;
+        check_size(&payload)?;
+        if oneway && self.state() == State::LeaderLost {
+            return Err(Error::LeaderLost);
+        }
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let until = Instant::now() + deadline;
         let (reply, answer) = if oneway {
@@ -123,7 +140,7 @@ impl<A: Api> Client<A> {
             answer.await.map_err(|_| Error::Closed)?
         };
         let parts = tokio::time::timeout(deadline, work).await.unwrap_or(Err(Error::DeadlineExceeded(deadline)))?;
-        Ok(Subscription::new(A::NAME, key, parts, inner.drops.clone()))
+        Ok(Subscription::new(A::NAME, key, parts, self.connection.clone()))
     }
 
     /// Publishes through the upstream and waits for its acknowledgement
@@ -131,6 +148,7 @@ impl<A: Api> Client<A> {
     pub async fn publish(&self, request: A::Request) -> Result<(), Error> {
         let inner = &self.connection.inner;
         let payload = encode(&request)?;
+        check_size(&payload)?;
         let deadline = inner.config.default_deadline;
         let (reply, answer) = oneshot::channel();
         let work = async {

@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tandem_protocol::{
-    Ack, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId, Response,
-    Subscribe, Unsubscribe, UpstreamState, Welcome,
+    Ack, CodecError, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId,
+    Response, Subscribe, Unsubscribe, UpstreamState, Welcome,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -36,6 +36,9 @@ use crate::connector::{Connected, Connector};
 use crate::in_flight::{InFlight, Pending};
 use crate::state::{LinkState, Status};
 use crate::{Config, Error};
+
+/// How long to wait before asking again for a subscription the leader refused.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
 
 /// One value of a subscription, still encoded.
 #[derive(Debug, Clone)]
@@ -47,6 +50,8 @@ pub(crate) struct RawUpdate {
 /// What a new subscription handle is made of.
 #[derive(Debug)]
 pub(crate) struct SubscriptionParts {
+    /// The value at the moment the subscription was made; `updates` holds what comes after.
+    pub(crate) first: Option<RawUpdate>,
     pub(crate) updates: broadcast::Receiver<RawUpdate>,
     pub(crate) latest: watch::Receiver<Option<RawUpdate>>,
 }
@@ -110,15 +115,20 @@ struct Topic {
 
 impl Topic {
     fn parts(&self) -> SubscriptionParts {
-        SubscriptionParts { updates: self.updates.subscribe(), latest: self.latest.subscribe() }
+        SubscriptionParts {
+            first: self.last.clone(),
+            updates: self.updates.subscribe(),
+            latest: self.latest.subscribe(),
+        }
     }
 
     /// Answers the waiters; the ones whose caller gave up release their share.
     fn answer_waiters(&mut self, result: Result<(), Error>) {
         for reply in std::mem::take(&mut self.waiters) {
             let answer = result.clone().map(|()| self.parts());
-            let delivered = answer.is_ok() && reply.send(answer).is_ok();
-            if !delivered {
+            let succeeded = answer.is_ok();
+            // A refused caller, or one that gave up, holds no share of the topic.
+            if reply.send(answer).is_err() || !succeeded {
                 self.locals -= 1;
             }
         }
@@ -169,6 +179,10 @@ struct Core {
     shut: bool,
     /// Frames to write after the current step.
     out: Vec<Frame>,
+    /// When to retry subscriptions the leader refused (its upstream may recover).
+    retry_at: Option<Instant>,
+    /// The leader of the current (or last) link.
+    leader_id: Option<Uuid>,
 }
 
 impl<C: Connector> Driver<C> {
@@ -195,6 +209,8 @@ impl<C: Connector> Driver<C> {
             closed: None,
             shut: false,
             out: Vec::new(),
+            retry_at: None,
+            leader_id: None,
         };
         Driver { connector, commands, drops, core }
     }
@@ -271,6 +287,15 @@ impl<C: Connector> Driver<C> {
     async fn connected(&mut self, connected: Connected, welcome: Welcome) -> String {
         let Connected { mut link, is_leader } = connected;
         let core = &mut self.core;
+        if welcome.epoch == core.max_epoch && core.leader_id.is_some_and(|id| id != welcome.leader_id) {
+            // A different leader with the same epoch: its positions restart, so
+            // ordering against the old ones is meaningless. Accept its values.
+            tracing::warn!(epoch = welcome.epoch, "a new leader reused the epoch; give each leader a higher epoch");
+            for topic in core.topics.values_mut() {
+                topic.last = None;
+            }
+        }
+        core.leader_id = Some(welcome.leader_id);
         core.max_epoch = welcome.epoch;
         core.ever_connected = true;
         core.status.send_modify(|status| {
@@ -281,8 +306,9 @@ impl<C: Connector> Driver<C> {
         for command in std::mem::take(&mut core.queued) {
             core.online(command);
         }
-        if let Err(error) = flush(&mut link, &mut core.out).await {
-            return format!("write to the leader failed: {error}");
+        let stall = core.config.peer_timeout;
+        if let Err(reason) = flush(&mut link, &mut core.out, stall).await {
+            return reason;
         }
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -316,6 +342,10 @@ impl<C: Connector> Driver<C> {
                         }
                     }
                 },
+                _ = sleep_until(self.core.retry_at) => {
+                    self.core.retry_at = None;
+                    self.core.resubscribe_all();
+                }
                 _ = ticker.tick() => {
                     let silent = last_received.elapsed();
                     if silent > self.core.config.peer_timeout {
@@ -327,26 +357,49 @@ impl<C: Connector> Driver<C> {
             }
             if self.core.shut {
                 self.core.out.push(Frame::Goodbye("follower closing".into()));
-                let _ = tokio::time::timeout(self.core.config.handshake_timeout, flush(&mut link, &mut self.core.out))
-                    .await;
-                let _ = link.tx.close().await;
+                let grace = self.core.config.handshake_timeout;
+                let _ = flush(&mut link, &mut self.core.out, grace).await;
+                let _ = tokio::time::timeout(grace, link.tx.close()).await;
                 return "closed".into();
             }
-            if let Err(error) = flush(&mut link, &mut self.core.out).await {
-                return format!("write to the leader failed: {error}");
+            if let Err(reason) = flush(&mut link, &mut self.core.out, stall).await {
+                return reason;
             }
         }
     }
 }
 
-async fn flush(link: &mut Link, out: &mut Vec<Frame>) -> Result<(), tandem_protocol::CodecError> {
+/// Writes the queued frames, giving up after `stall` without progress (a
+/// leader that stopped reading must not stop this driver's heartbeats).
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn flush(link: &mut Link, out: &mut Vec<Frame>, stall: Duration) -> Result<(), String> {
     if out.is_empty() {
         return Ok(());
     }
     for frame in out.drain(..) {
-        link.tx.feed(frame).await?;
+        let kind = frame.kind();
+        match tokio::time::timeout(stall, link.tx.feed(frame)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error @ (CodecError::TooLarge { .. } | CodecError::Encode(_)))) => {
+                // Nothing was written: the link is intact; only this frame is lost.
+                tracing::error!(%error, frame = kind, "frame not sent");
+            }
+            Ok(Err(error)) => return Err(format!("write to the leader failed: {error}")),
+            Err(_) => return Err(format!("the leader accepted no bytes for {} ms", stall.as_millis())),
+        }
     }
-    link.tx.flush().await
+    match tokio::time::timeout(stall, link.tx.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(format!("write to the leader failed: {error}")),
+        Err(_) => Err(format!("the leader accepted no bytes for {} ms", stall.as_millis())),
+    }
 }
 
 /// Establishes a link and performs the handshake.
@@ -444,6 +497,9 @@ impl Core {
     fn online(&mut self, command: Command) {
         match command {
             Command::Invoke { id, channel, deadline, oneway, payload, reply } => {
+                if reply.as_ref().is_some_and(|r| r.is_closed()) {
+                    return; // the caller dropped the call before it was sent
+                }
                 let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(Error::DeadlineExceeded(Duration::ZERO)));
@@ -584,6 +640,10 @@ impl Core {
                 tracing::warn!(channel, %error, "subscribe refused by the leader");
                 topic.remote = Remote::Unsent;
                 topic.answer_waiters(Err(Error::Remote(error)));
+                if topic.locals > 0 && self.retry_at.is_none() {
+                    // Live subscriptions must not stall: ask again shortly.
+                    self.retry_at = Some(Instant::now() + RESUBSCRIBE_RETRY);
+                }
             }
         }
         if topic.locals == 0 {
@@ -618,6 +678,14 @@ impl Core {
         let _ = topic.updates.send(update);
     }
 
+    fn resubscribe_all(&mut self) {
+        for channel in self.channels.clone() {
+            if self.channel_ready(channel) {
+                self.resubscribe(channel);
+            }
+        }
+    }
+
     fn resubscribe(&mut self, channel: &'static str) {
         let unsent: Vec<(Bytes, Option<Position>)> = self
             .topics
@@ -643,6 +711,7 @@ impl Core {
     /// The link died: answer every outstanding call, keep subscriptions for later.
     fn lost(&mut self, reason: &str) {
         self.out.clear();
+        self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
         self.topics.retain(|_, topic| {
             topic.remote = Remote::Unsent;

@@ -13,7 +13,7 @@
 //! bumped by each new leader, so epochs strictly increase across leaders.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,7 +94,9 @@ impl Standalone {
         self
     }
 
-    /// The token the leader (if this process becomes it) requires. The default is none.
+    /// The token the leader (if this process becomes it) requires. The default is
+    /// none. Set the same token in the connection's `Config::token`, which this
+    /// process presents when it follows.
     pub fn token(mut self, token: Option<String>) -> Self {
         self.token = token;
         self
@@ -126,13 +128,18 @@ impl Standalone {
         }
     }
 
-    fn become_leader(&mut self, lock: Flock<File>) -> io::Result<Leader> {
-        let epoch = bump_epoch(&self.dir.join(format!("{}.epoch", self.name)))?;
+    async fn become_leader(&mut self, lock: Flock<File>) -> io::Result<Leader> {
+        let epoch_file = self.dir.join(format!("{}.epoch", self.name));
+        let epoch = read_epoch(&epoch_file)? + 1;
         let builder = Leader::builder().epoch(epoch).token(self.token.clone()).config(self.config.clone());
         let leader = (self.setup)(builder).start();
         if let Err(error) = leader.bind_unix(self.socket_path()) {
+            // Leave no half-started leader (and no upstream connection) behind.
+            leader.shutdown().await;
             return Err(io::Error::other(error));
         }
+        // Stored only once the leader serves, so failed attempts burn no epochs.
+        store_epoch(&epoch_file, epoch)?;
         tracing::info!(epoch, name = %self.name, "won the election: this process is the leader");
         self.elected = Some(Elected { leader: leader.clone(), _lock: lock });
         Ok(leader)
@@ -144,30 +151,26 @@ impl Standalone {
     }
 }
 
-/// Reads the stored epoch, stores it plus one (write, fsync, rename) and returns it.
-fn bump_epoch(path: &Path) -> io::Result<u64> {
-    let mut text = String::new();
-    match File::open(path) {
-        Ok(mut file) => {
-            file.read_to_string(&mut text)?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+/// The stored epoch (0 when none was stored yet).
+fn read_epoch(path: &Path) -> io::Result<u64> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
-    }
-    let previous: u64 = if text.trim().is_empty() {
-        0
-    } else {
-        text.trim()
-            .parse()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?
     };
-    let epoch = previous + 1;
+    if text.trim().is_empty() {
+        return Ok(0);
+    }
+    text.trim().parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
+}
+
+/// Stores `epoch` atomically (write, fsync, rename).
+fn store_epoch(path: &Path, epoch: u64) -> io::Result<()> {
     let tmp = path.with_extension("epoch.tmp");
     let mut file = File::create(&tmp)?;
     writeln!(file, "{epoch}")?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(epoch)
+    std::fs::rename(&tmp, path)
 }
 
 impl Connector for Standalone {
@@ -178,7 +181,7 @@ impl Connector for Standalone {
         if self.role != Role::FollowerOnly {
             match self.try_lock()? {
                 Some(lock) => {
-                    let leader = self.become_leader(lock)?;
+                    let leader = self.become_leader(lock).await?;
                     return Ok(Connected { link: leader.connect_local(), is_leader: true });
                 }
                 None if self.role == Role::LeaderOnly => {

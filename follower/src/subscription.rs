@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use crate::Connection;
 use crate::driver::{Command, RawUpdate, SubscriptionParts};
 
 /// One value of a subscription, with where it sits in the key's history.
@@ -44,15 +45,16 @@ pub struct Subscription<A: Api> {
     first: Option<RawUpdate>,
     updates: BroadcastStream<RawUpdate>,
     latest: watch::Receiver<Option<RawUpdate>>,
-    delivered: Option<Position>,
     skipped: u64,
+    /// Keeps the connection (and its driver) alive while the subscription is.
+    _connection: Connection,
     drops: mpsc::UnboundedSender<Command>,
     _api: PhantomData<fn() -> A>,
 }
 
 impl<A: Api> std::fmt::Debug for Subscription<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("channel", &self.channel).field("delivered", &self.delivered).finish()
+        f.debug_struct("Subscription").field("channel", &self.channel).field("skipped", &self.skipped).finish()
     }
 }
 
@@ -67,21 +69,16 @@ fn decode<A: Api>(update: &RawUpdate) -> Option<Update<A::Event>> {
 }
 
 impl<A: Api> Subscription<A> {
-    pub(crate) fn new(
-        channel: &'static str,
-        key: Bytes,
-        parts: SubscriptionParts,
-        drops: mpsc::UnboundedSender<Command>,
-    ) -> Self {
-        let first = parts.latest.borrow().clone();
+    pub(crate) fn new(channel: &'static str, key: Bytes, parts: SubscriptionParts, connection: Connection) -> Self {
+        let drops = connection.inner.drops.clone();
         Subscription {
             channel,
             key,
-            first,
+            first: parts.first,
             updates: BroadcastStream::new(parts.updates),
             latest: parts.latest,
-            delivered: None,
             skipped: 0,
+            _connection: connection,
             drops,
             _api: PhantomData,
         }
@@ -116,11 +113,6 @@ impl<A: Api> Stream for Subscription<A> {
                     Poll::Ready(Some(Ok(update))) => update,
                 },
             };
-            // The first value may also be in the broadcast queue: yield each position once.
-            if this.delivered.is_some_and(|seen| seen >= raw.position) {
-                continue;
-            }
-            this.delivered = Some(raw.position);
             if let Some(update) = decode::<A>(&raw) {
                 return Poll::Ready(Some(update));
             }

@@ -405,3 +405,90 @@ async fn a_new_leader_re_announcing_the_same_value_does_not_deliver_it_twice() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_refused_subscription_reports_the_upstreams_error() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let kv = follower(&path).client::<Kv>();
+        let error = kv.subscribe("denied.key".into()).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("E_DENIED"), "{error:?}");
+        // The connection is fine, and an allowed key still works.
+        upstream.put("ok", "yes");
+        let mut sub = kv.subscribe("ok".into()).await.unwrap();
+        assert_eq!(sub.next().await.unwrap().value, "yes");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_oversized_answer_fails_that_call_only() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        upstream.put("big", &"x".repeat(4096));
+        upstream.put("small", "s");
+        let up = upstream.clone();
+        let mut config = tandem_leader::Config::default();
+        config.max_frame_length = 1024;
+        let leader = tandem_leader::Leader::builder().config(config).channel::<Kv, _>(async move { Ok(up) }).start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let connection = follower(&path);
+        let kv = connection.client::<Kv>();
+        let error = kv.invoke(KvRequest::Get("big".into())).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("too_large"), "{error:?}");
+        assert_eq!(kv.invoke(KvRequest::Get("small".into())).await.unwrap(), Some("s".into()));
+        assert_eq!(connection.status().borrow().epoch(), Some(1), "still on the first link");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_channel_that_becomes_ready_after_the_handshake_is_seen_ready() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let up = upstream.clone();
+        let leader = tandem_leader::Leader::builder()
+            .channel::<Kv, _>(async move {
+                let _ = released.await;
+                Ok(up)
+            })
+            .start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let connection = follower(&path);
+        let mut status = connection.status();
+        status.wait_for(|s| s.epoch().is_some()).await.unwrap();
+        assert_eq!(connection.client::<Kv>().state(), State::Connecting, "upstream still starting");
+        release.send(()).unwrap();
+        connection.client::<Kv>().ready().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_new_leader_reusing_the_epoch_still_delivers_its_values() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        upstream.put("k", "old");
+        let (first, path) = leader(&upstream, dir.path(), 1);
+        let connection = follower(&path);
+        let kv = connection.client::<Kv>();
+        let mut sub = kv.subscribe("k".into()).await.unwrap();
+        assert_eq!(sub.next().await.unwrap().value, "old");
+        for n in 0..5 {
+            upstream.put("k", &format!("old-{n}"));
+            sub.next().await.unwrap();
+        }
+        first.shutdown().await;
+        upstream.put("k", "new");
+        let (_second, _) = leader(&upstream, dir.path(), 1);
+        let update = sub.next().await.unwrap();
+        assert_eq!((update.value.as_str(), update.epoch), ("new", 1));
+    })
+    .await
+}

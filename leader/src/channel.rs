@@ -84,10 +84,10 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
-    pub(crate) fn new(name: &str, epoch: u64) -> Self {
+    pub(crate) fn new(name: &str, epoch: u64, config: &crate::Config) -> Self {
         let name: Arc<str> = Arc::from(name);
         Channel {
-            hub: Arc::new(Hub::new(name.clone(), epoch)),
+            hub: Arc::new(Hub::new(name.clone(), epoch, config.max_frame_length, config.upstream_timeout)),
             name,
             upstream: std::sync::OnceLock::new(),
             state: watch::Sender::new(UpstreamState::Starting),

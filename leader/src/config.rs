@@ -25,6 +25,10 @@ pub struct Config {
     pub max_in_flight: usize,
     /// The largest frame accepted or sent. The default is 16 MiB.
     pub max_frame_length: usize,
+    /// The longest an upstream subscribe, unsubscribe or publish may take before
+    /// it counts as failed (a hung upstream must not block a key forever).
+    /// The default is 30 seconds.
+    pub upstream_timeout: Duration,
     /// On shutdown, how long sessions get to flush their `Goodbye`. The default is 2 seconds.
     pub shutdown_grace: Duration,
 }
@@ -39,6 +43,7 @@ impl Default for Config {
             write_stall_timeout: Duration::from_secs(10),
             max_in_flight: 4096,
             max_frame_length: tandem_protocol::DEFAULT_MAX_FRAME_LENGTH,
+            upstream_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
         }
     }

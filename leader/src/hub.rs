@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_protocol::{Ack, Frame, Position, RemoteError, RequestId};
@@ -64,12 +65,16 @@ pub(crate) struct HubCounts {
 pub(crate) struct Hub {
     channel: Arc<str>,
     epoch: u64,
+    /// The largest frame a follower accepts: events that would not fit are dropped.
+    max_frame_length: usize,
+    /// How long an upstream subscribe or unsubscribe may take.
+    op_timeout: Duration,
     state: Mutex<State>,
 }
 
 impl Hub {
-    pub(crate) fn new(channel: Arc<str>, epoch: u64) -> Self {
-        Hub { channel, epoch, state: Mutex::new(State::default()) }
+    pub(crate) fn new(channel: Arc<str>, epoch: u64, max_frame_length: usize, op_timeout: Duration) -> Self {
+        Hub { channel, epoch, max_frame_length, op_timeout, state: Mutex::new(State::default()) }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -183,7 +188,14 @@ impl Hub {
             match step {
                 Step::Subscribe(generation) => {
                     let sink = TopicSink { hub: Arc::downgrade(&self), key: key.clone(), generation };
-                    let result = upstream.subscribe(key.clone(), sink).await;
+                    let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone(), sink))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(RemoteError::unavailable(format!(
+                                "upstream subscribe took longer than {} ms",
+                                self.op_timeout.as_millis()
+                            )))
+                        });
                     let mut state = self.lock();
                     let Some(topic) = state.topics.get_mut(&key) else { return };
                     match result {
@@ -203,8 +215,12 @@ impl Hub {
                     }
                 }
                 Step::Unsubscribe => {
-                    if let Err(error) = upstream.unsubscribe(key.clone()).await {
-                        tracing::warn!(channel = %self.channel, %error, "upstream unsubscribe failed");
+                    match tokio::time::timeout(self.op_timeout, upstream.unsubscribe(key.clone())).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(channel = %self.channel, %error, "upstream unsubscribe failed")
+                        }
+                        Err(_) => tracing::warn!(channel = %self.channel, "upstream unsubscribe timed out"),
                     }
                     let mut state = self.lock();
                     let Some(topic) = state.topics.get_mut(&key) else { return };
@@ -215,6 +231,15 @@ impl Hub {
     }
 
     fn deliver(&self, key: &Bytes, generation: u64, payload: Bytes) -> bool {
+        if !crate::fits_in_frame(self.max_frame_length, &[self.channel.as_bytes(), key, &payload]) {
+            tracing::error!(
+                channel = %self.channel,
+                bytes = payload.len(),
+                max = self.max_frame_length,
+                "upstream event too large for a frame; dropped"
+            );
+            return false;
+        }
         let mut state = self.lock();
         let state = &mut *state;
         let Some(topic) = state.topics.get_mut(key) else { return false };

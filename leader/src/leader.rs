@@ -95,7 +95,7 @@ impl LeaderBuilder {
         let mut channels = HashMap::new();
         let mut factories = Vec::new();
         for (name, factory) in self.channels {
-            let channel = Arc::new(Channel::new(&name, self.epoch));
+            let channel = Arc::new(Channel::new(&name, self.epoch, &self.config));
             channels.insert(name, channel.clone());
             factories.push((channel, factory));
         }

@@ -60,6 +60,13 @@ mod session;
 mod stats;
 mod upstream;
 
+/// Whether a frame carrying these variable parts fits in `max` bytes (with a
+/// generous allowance for the fixed fields and MessagePack headers).
+pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
+    const OVERHEAD: usize = 256;
+    parts.iter().map(|p| p.len()).sum::<usize>() + OVERHEAD <= max
+}
+
 pub use config::Config;
 pub use error::Error;
 pub use leader::{Leader, LeaderBuilder};

@@ -23,9 +23,10 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tandem_protocol::{
-    Ack, ChannelStatus, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject, RemoteError,
-    RequestId, Response, UpstreamState, Welcome, check_hello,
+    Ack, ChannelStatus, CodecError, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject,
+    RemoteError, RequestId, Response, UpstreamState, Welcome, check_hello,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -88,8 +89,8 @@ struct Session {
 
 impl Session {
     async fn run(shared: Arc<Shared>, id: SessionId, mut link: Link, peer: PeerInfo) {
-        let hello = match handshake(&shared, &mut link, &peer).await {
-            Ok(hello) => hello,
+        let (hello, states) = match handshake(&shared, &mut link, &peer).await {
+            Ok(accepted) => accepted,
             Err(reason) => {
                 tracing::warn!(reason = %reason, "follower refused at handshake");
                 return;
@@ -102,8 +103,8 @@ impl Session {
         let cancel = shared.cancel.child_token();
         let mut writer =
             tokio::spawn(write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout).in_current_span());
-        for channel in channels.values() {
-            shared.tracker.spawn(forward_status(channel.clone(), outbox.clone(), cancel.clone()));
+        for (channel, state) in states {
+            shared.tracker.spawn(forward_status(channel, state, outbox.clone(), cancel.clone()));
         }
         shared.followers.fetch_add(1, Ordering::Relaxed);
         let mut session = Session {
@@ -310,6 +311,15 @@ impl Session {
                     // Cancelled by the follower or its disconnect: nobody waits for an answer.
                     _ = token.cancelled() => return,
                 };
+                let max = shared.config.max_frame_length;
+                let result = result.and_then(|bytes| {
+                    if crate::fits_in_frame(max, &[&bytes]) {
+                        Ok(bytes)
+                    } else {
+                        Err(RemoteError::internal(format!("response of {} bytes exceeds the {max}-byte frame limit", bytes.len()))
+                            .with_code("too_large"))
+                    }
+                });
                 if lock_in_flight(&in_flight).remove(&id).is_some() {
                     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     if !oneway {
@@ -333,26 +343,45 @@ impl Session {
                 return;
             }
         };
-        let (outbox, cancel) = (self.outbox.clone(), self.cancel.clone());
-        let wait = self.shared.config.handshake_timeout;
+        // Publishes are bounded too: globally, at 4x the per-follower call limit.
+        let in_flight = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        if in_flight >= self.shared.config.max_in_flight.saturating_mul(4) {
+            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let error = RemoteError::rejected("too many calls and publishes in flight");
+            self.outbox.push(Frame::Ack(Ack { id, result: Err(error) }));
+            return;
+        }
+        let (outbox, cancel, shared) = (self.outbox.clone(), self.cancel.clone(), self.shared.clone());
+        let limit = self.shared.config.upstream_timeout;
         self.shared.tracker.spawn(
             async move {
+                let deadline = Instant::now() + limit;
                 let publish = async {
-                    let upstream = channel.ready_upstream(Instant::now() + wait).await?;
+                    let upstream = channel.ready_upstream(deadline).await?;
                     upstream.publish(payload).await
                 };
                 tokio::select! {
-                    result = publish => { outbox.push(Frame::Ack(Ack { id, result })); }
+                    result = tokio::time::timeout_at(deadline, publish) => {
+                        let result = result.unwrap_or_else(|_| {
+                            Err(RemoteError::deadline_exceeded(format!("publish took longer than {} ms", limit.as_millis())))
+                        });
+                        outbox.push(Frame::Ack(Ack { id, result }));
+                    }
                     _ = cancel.cancelled() => {}
                 }
+                shared.in_flight.fetch_sub(1, Ordering::Relaxed);
             }
             .in_current_span(),
         );
     }
 }
 
+/// The channels a follower named, each with a watch of its upstream state
+/// positioned at the state the follower was told.
+type ChannelStates = Vec<(Arc<Channel>, watch::Receiver<UpstreamState>)>;
+
 /// Reads and checks the `Hello`; answers `Welcome` and each channel's status, or `Reject`.
-async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<Hello, String> {
+async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<(Hello, ChannelStates), String> {
     let config = &shared.config;
     let first = match tokio::time::timeout(config.handshake_timeout, link.rx.next()).await {
         Err(_) => return Err(format!("no Hello within {} ms", config.handshake_timeout.as_millis())),
@@ -389,18 +418,27 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
         pid: std::process::id(),
         heartbeat_ms: u32::try_from(config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
     });
+    // Watch each state BEFORE reading it: a change after this point is seen by
+    // `forward_status`, so the follower never misses a transition to Ready.
+    let mut states: ChannelStates = Vec::new();
+    let mut statuses = Vec::new();
+    for name in &hello.channels {
+        if let Some(channel) = shared.channels.get(name) {
+            let mut state = channel.state.subscribe();
+            let current = state.borrow_and_update().clone();
+            statuses.push(Frame::Status(ChannelStatus { channel: name.clone(), state: current }));
+            states.push((channel.clone(), state));
+        }
+    }
     let send = async {
         link.tx.feed(welcome).await?;
-        for name in &hello.channels {
-            if let Some(channel) = shared.channels.get(name) {
-                let state = channel.state.borrow().clone();
-                link.tx.feed(Frame::Status(ChannelStatus { channel: name.clone(), state })).await?;
-            }
+        for status in statuses {
+            link.tx.feed(status).await?;
         }
         link.tx.flush().await
     };
     match tokio::time::timeout(config.write_stall_timeout, send).await {
-        Ok(Ok(())) => Ok(hello),
+        Ok(Ok(())) => Ok((hello, states)),
         Ok(Err(error)) => Err(format!("could not send Welcome: {error}")),
         Err(_) => Err("could not send Welcome: follower accepts no bytes".into()),
     }
@@ -414,9 +452,12 @@ async fn reject(link: &mut Link, stall: Duration, rejection: Reject) -> String {
 }
 
 /// Tells the follower about every change of a channel's upstream state.
-async fn forward_status(channel: Arc<Channel>, outbox: Arc<Outbox>, cancel: CancellationToken) {
-    let mut state = channel.state.subscribe();
-    state.mark_unchanged();
+async fn forward_status(
+    channel: Arc<Channel>,
+    mut state: watch::Receiver<UpstreamState>,
+    outbox: Arc<Outbox>,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -441,13 +482,26 @@ async fn write_loop(mut tx: LinkSink, outbox: Arc<Outbox>, stall: Duration) -> S
             let _ = tokio::time::timeout(stall, tx.close()).await;
             return reason;
         }
-        let write = async {
-            for frame in batch.drain(..) {
-                tx.feed(frame).await?;
+        // The stall bound applies to each step, so a big batch to a reader that
+        // is slow but still reading is not mistaken for a stalled one.
+        let mut result = Ok(Ok(()));
+        for frame in batch.drain(..) {
+            let kind = frame.kind();
+            result = tokio::time::timeout(stall, tx.feed(frame)).await;
+            if let Ok(Err(error @ (CodecError::TooLarge { .. } | CodecError::Encode(_)))) = &result {
+                // Nothing was written: the connection is intact; drop this frame only.
+                tracing::error!(%error, frame = kind, "frame not sent");
+                result = Ok(Ok(()));
+                continue;
             }
-            tx.flush().await
-        };
-        match tokio::time::timeout(stall, write).await {
+            if !matches!(result, Ok(Ok(()))) {
+                break;
+            }
+        }
+        if matches!(result, Ok(Ok(()))) {
+            result = tokio::time::timeout(stall, tx.flush()).await;
+        }
+        match result {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 let reason = format!("write to follower failed: {error}");

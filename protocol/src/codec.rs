@@ -11,6 +11,9 @@ use tokio_util::codec::{Decoder, Encoder};
 /// The default limit on a frame's body: 16 MiB.
 pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
 
+/// The most the decoder reserves ahead of the bytes that arrived.
+const RESERVE_STEP: usize = 64 * 1024;
+
 /// Bytes taken by the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
 
@@ -104,7 +107,9 @@ impl<D: DeserializeOwned> Decoder for Codec<D> {
         let len = len as usize;
         let frame_len = len.saturating_add(LENGTH_PREFIX);
         if src.len() < frame_len {
-            src.reserve(frame_len - src.len());
+            // Grow with the bytes that actually arrive, not with what the prefix
+            // announces: a peer cannot make us hold 16 MiB by sending 4 bytes.
+            src.reserve((frame_len - src.len()).min(RESERVE_STEP));
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX);

@@ -112,6 +112,9 @@ impl Upstream<Kv> for MemUpstream {
     }
 
     async fn subscribe(&self, key: String, sink: EventSink<Kv>) -> Result<(), RemoteError> {
+        if key.starts_with("denied") {
+            return Err(RemoteError::rejected(format!("no access to {key}")).with_code("E_DENIED"));
+        }
         self.counters.subscribes.bump();
         let mut store = self.store.lock().unwrap();
         if let Some(value) = store.values.get(&key) {
