@@ -11,8 +11,9 @@ pub struct Config {
     /// How long [`Client::ready`](crate::Client::ready) waits for a first leader
     /// whose upstream is ready. The default is 30 seconds.
     pub max_wait: Duration,
-    /// The first reconnect delay; it doubles up to `reconnect_max`, with full
-    /// jitter. The default is 5 milliseconds.
+    /// The first reconnect delay; it doubles up to `reconnect_max`, with
+    /// jitter. Small, so a follower that lost an election finds the new leader
+    /// within milliseconds. The default is 1 millisecond.
     pub reconnect_initial: Duration,
     /// The longest reconnect delay. The default is 1 second.
     pub reconnect_max: Duration,
@@ -35,7 +36,7 @@ impl Default for Config {
         Config {
             default_deadline: Duration::from_secs(5),
             max_wait: Duration::from_secs(30),
-            reconnect_initial: Duration::from_millis(5),
+            reconnect_initial: Duration::from_millis(1),
             reconnect_max: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
             peer_timeout: Duration::from_secs(15),

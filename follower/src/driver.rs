@@ -53,10 +53,25 @@ pub(crate) struct SubscriptionParts {
     /// The value at the moment the subscription was made; `updates` holds what comes after.
     pub(crate) first: Option<RawUpdate>,
     pub(crate) updates: broadcast::Receiver<RawUpdate>,
-    pub(crate) latest: watch::Receiver<Option<RawUpdate>>,
+    pub(crate) latest: Latest,
 }
 
 type SubscribeReply = oneshot::Sender<Result<SubscriptionParts, Error>>;
+
+/// A key's newest value in this process, shared by the driver and the key's
+/// subscriptions (read on demand, so a plain lock: nothing waits on it).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Latest(Arc<std::sync::Mutex<Option<RawUpdate>>>);
+
+impl Latest {
+    fn set(&self, update: RawUpdate) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(update);
+    }
+
+    pub(crate) fn get(&self) -> Option<RawUpdate> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 /// A request from a handle to the driver.
 #[derive(Debug)]
@@ -103,7 +118,7 @@ enum Remote {
 struct Topic {
     last: Option<RawUpdate>,
     updates: broadcast::Sender<RawUpdate>,
-    latest: watch::Sender<Option<RawUpdate>>,
+    latest: Latest,
     /// Live subscription handles (and callers waiting to get one).
     locals: usize,
     remote: Remote,
@@ -115,11 +130,7 @@ struct Topic {
 
 impl Topic {
     fn parts(&self) -> SubscriptionParts {
-        SubscriptionParts {
-            first: self.last.clone(),
-            updates: self.updates.subscribe(),
-            latest: self.latest.subscribe(),
-        }
+        SubscriptionParts { first: self.last.clone(), updates: self.updates.subscribe(), latest: self.latest.clone() }
     }
 
     /// Answers the waiters; the ones whose caller gave up release their share.
@@ -541,7 +552,7 @@ impl Core {
         let topic = self.topics.entry((channel, key.clone())).or_insert_with(|| Topic {
             last: None,
             updates: broadcast::channel(capacity).0,
-            latest: watch::Sender::new(None),
+            latest: Latest::default(),
             locals: 0,
             remote: Remote::Unsent,
             waiters: Vec::new(),
@@ -670,11 +681,11 @@ impl Core {
         if resynced && topic.last.as_ref().is_some_and(|last| last.payload == update.payload) {
             // The same value, re-announced by a new leader: move the position on, deliver nothing.
             topic.last = Some(update.clone());
-            topic.latest.send_replace(Some(update));
+            topic.latest.set(update);
             return;
         }
         topic.last = Some(update.clone());
-        topic.latest.send_replace(Some(update.clone()));
+        topic.latest.set(update.clone());
         let _ = topic.updates.send(update);
     }
 

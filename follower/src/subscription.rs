@@ -7,12 +7,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures::Stream;
 use tandem_protocol::{Api, Position};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::Connection;
-use crate::driver::{Command, RawUpdate, SubscriptionParts};
+use crate::driver::{Command, Latest, RawUpdate, SubscriptionParts};
 
 /// One value of a subscription, with where it sits in the key's history.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +44,7 @@ pub struct Subscription<A: Api> {
     key: Bytes,
     first: Option<RawUpdate>,
     updates: BroadcastStream<RawUpdate>,
-    latest: watch::Receiver<Option<RawUpdate>>,
+    latest: Latest,
     skipped: u64,
     /// Keeps the connection (and its driver) alive while the subscription is.
     _connection: Connection,
@@ -86,7 +86,7 @@ impl<A: Api> Subscription<A> {
 
     /// The key's newest value known to this process (it may not have been yielded yet).
     pub fn latest(&self) -> Option<Update<A::Event>> {
-        self.latest.borrow().as_ref().and_then(decode::<A>)
+        self.latest.get().as_ref().and_then(decode::<A>)
     }
 
     /// How many values this subscription skipped because its reader fell behind.

@@ -54,8 +54,19 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a frame; false if the outbox is closed or just overflowed (then closed).
+    /// Queues a frame and wakes the writer; false if the outbox is closed or
+    /// just overflowed (then closed).
     pub(crate) fn push(&self, frame: Frame) -> bool {
+        let queued = self.push_quiet(frame);
+        if queued {
+            self.wake();
+        }
+        queued
+    }
+
+    /// Queues a frame without waking the writer; call [`Outbox::wake`] after a
+    /// burst. False if the outbox is closed or just overflowed.
+    pub(crate) fn push_quiet(&self, frame: Frame) -> bool {
         let mut state = self.lock();
         if state.closed.is_some() {
             return false;
@@ -68,9 +79,12 @@ impl Outbox {
             return false;
         }
         state.frames.push_back(frame);
-        drop(state);
-        self.notify.notify_one();
         true
+    }
+
+    /// Wakes the writer.
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
     }
 
     /// Queues an event, replacing a pending older event of the same key.

@@ -21,7 +21,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use std::task::{Context, Poll, Waker};
+
+use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::{
     Ack, ChannelStatus, CodecError, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject,
     RemoteError, RequestId, Response, UpstreamState, Welcome, check_hello,
@@ -30,7 +32,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::channel::Channel;
+use crate::channel::{BoxFuture, Channel};
 use crate::hub::SessionId;
 use crate::leader::Shared;
 use crate::outbox::Outbox;
@@ -57,6 +59,9 @@ impl PeerInfo {
         PeerInfo { pid, uid: None, transport, trusted: true }
     }
 }
+
+/// The most frames handled from one read burst before the writer is woken.
+const MAX_BURST: usize = 256;
 
 type InFlight = Arc<Mutex<HashMap<RequestId, CancellationToken>>>;
 
@@ -85,6 +90,8 @@ struct Session {
     in_flight: InFlight,
     subscribed: HashSet<(Arc<str>, Bytes)>,
     cancel: CancellationToken,
+    /// Frames were queued quietly since the writer was last woken.
+    wake_writer: bool,
 }
 
 impl Session {
@@ -115,6 +122,7 @@ impl Session {
             in_flight: InFlight::default(),
             subscribed: HashSet::new(),
             cancel,
+            wake_writer: false,
         };
 
         let config = &session.shared.config;
@@ -144,21 +152,24 @@ impl Session {
                         Err(e) => format!("writer task failed: {e}"),
                     };
                 }
-                frame = link.rx.next() => match frame {
-                    None => break "follower closed the connection".into(),
-                    Some(Err(error)) => {
-                        let reason = format!("bad frame from follower: {error}");
-                        session.outbox.push(Frame::Goodbye(reason.clone()));
-                        break reason;
-                    }
-                    Some(Ok(frame)) => {
-                        last_received = Instant::now();
-                        if let Err(reason) = session.handle(frame) {
-                            session.outbox.push(Frame::Goodbye(reason.clone()));
-                            break reason;
+                frame = link.rx.next() => {
+                    last_received = Instant::now();
+                    let mut ended = session.on_read(frame);
+                    // Handle what else already arrived before waking the writer once.
+                    for _ in 0..MAX_BURST {
+                        if ended.is_some() {
+                            break;
+                        }
+                        match link.rx.next().now_or_never() {
+                            Some(frame) => ended = session.on_read(frame),
+                            None => break,
                         }
                     }
-                },
+                    session.flush_wake();
+                    if let Some(reason) = ended {
+                        break reason;
+                    }
+                }
                 _ = ticker.tick() => {
                     let silent = last_received.elapsed();
                     if silent > peer_timeout {
@@ -190,6 +201,9 @@ impl Session {
         self.cancel.cancel();
         let calls = std::mem::take(&mut *lock_in_flight(&self.in_flight));
         self.shared.in_flight.fetch_sub(calls.len(), Ordering::Relaxed);
+        for token in calls.into_values() {
+            token.cancel();
+        }
         for (channel, key) in std::mem::take(&mut self.subscribed) {
             if let Some(channel) = self.channels.get(&*channel)
                 && let Some(upstream) = channel.upstream.get()
@@ -207,6 +221,26 @@ impl Session {
             RemoteError::bad_request(format!("channel {name:?} was not named in Hello or is not served by this leader"))
                 .with_code("channel")
         })
+    }
+
+    /// One read from the link; returns why the session must end, if it must.
+    fn on_read(&mut self, frame: Option<Result<Frame, CodecError>>) -> Option<String> {
+        match frame {
+            None => Some("follower closed the connection".into()),
+            Some(Err(error)) => {
+                let reason = format!("bad frame from follower: {error}");
+                self.push(Frame::Goodbye(reason.clone()));
+                Some(reason)
+            }
+            Some(Ok(frame)) => self.handle(frame).err().inspect(|reason| self.push(Frame::Goodbye(reason.clone()))),
+        }
+    }
+
+    /// Wakes the writer if frames were queued quietly.
+    fn flush_wake(&mut self) {
+        if std::mem::take(&mut self.wake_writer) {
+            self.outbox.wake();
+        }
     }
 
     /// Handles one frame; an error ends the session with that reason.
@@ -252,12 +286,10 @@ impl Session {
                         channel.hub.unsubscribe(upstream, &self.shared.tracker, self.id, &unsubscribe.key);
                     }
                 });
-                self.outbox.push(Frame::Ack(Ack { id: unsubscribe.id, result }));
+                self.push(Frame::Ack(Ack { id: unsubscribe.id, result }));
             }
             Frame::Publish(publish) => self.publish(publish),
-            Frame::Ping(nonce) => {
-                self.outbox.push(Frame::Pong(nonce));
-            }
+            Frame::Ping(nonce) => self.push(Frame::Pong(nonce)),
             Frame::Pong(_) => {}
             Frame::Goodbye(reason) => return Err(format!("follower said goodbye: {reason}")),
             other => return Err(format!("protocol violation: a follower may not send {}", other.kind())),
@@ -265,61 +297,76 @@ impl Session {
         Ok(())
     }
 
+    /// Queues a frame without waking the writer: the reader wakes it once per
+    /// burst of frames it handled (so one write carries many answers).
+    fn push(&mut self, frame: Frame) {
+        self.outbox.push_quiet(frame);
+        self.wake_writer = true;
+    }
+
+    fn respond(&mut self, id: RequestId, oneway: bool, result: Result<Bytes, RemoteError>) {
+        let result = result.and_then(|bytes| fit_response(self.shared.config.max_frame_length, bytes));
+        if !oneway {
+            self.push(Frame::Response(Response { id, result }));
+        } else if let Err(error) = result {
+            tracing::warn!(request.id = id, %error, "one-way call failed");
+        }
+    }
+
     fn invoke(&mut self, invoke: Invoke) -> Result<(), String> {
         let Invoke { id, channel, deadline_ms, oneway, payload } = invoke;
-        let reply = |outbox: &Outbox, result| {
-            if !oneway {
-                outbox.push(Frame::Response(Response { id, result }));
-            }
-        };
         let channel = match self.channel(&channel) {
             Ok(channel) => channel.clone(),
             Err(error) => {
-                reply(&self.outbox, Err(error));
+                self.respond(id, oneway, Err(error));
                 return Ok(());
             }
         };
-        let token = {
+        let deadline = Instant::now() + Duration::from_millis(u64::from(deadline_ms));
+        let token = CancellationToken::new();
+        let ctx = CallContext { deadline, cancelled: token.clone() };
+        let mut call: BoxFuture<Result<Bytes, RemoteError>> = match channel.upstream.get() {
+            Some(upstream) => upstream.invoke(payload, ctx),
+            None => Box::pin(async move {
+                let upstream = channel.ready_upstream(deadline).await?;
+                upstream.invoke(payload, ctx).await
+            }),
+        };
+        // Fast path: an upstream that answers without waiting (a cache, a local
+        // computation) is answered inline, with no task, timer or table entry.
+        // Polling with a no-op waker is sound: a pending future re-registers the
+        // real waker when the task below polls it again.
+        if let Poll::Ready(result) = call.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            self.respond(id, oneway, result);
+            return Ok(());
+        }
+        {
             let mut in_flight = lock_in_flight(&self.in_flight);
             if in_flight.len() >= self.shared.config.max_in_flight {
                 drop(in_flight);
                 let limit = self.shared.config.max_in_flight;
-                reply(&self.outbox, Err(RemoteError::rejected(format!("more than {limit} calls in flight"))));
+                self.respond(id, oneway, Err(RemoteError::rejected(format!("more than {limit} calls in flight"))));
                 return Ok(());
             }
             if in_flight.contains_key(&id) {
                 return Err(format!("protocol violation: request id {id} is already in flight"));
             }
-            let token = self.cancel.child_token();
             in_flight.insert(id, token.clone());
-            token
-        };
+        }
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_millis(u64::from(deadline_ms));
         let (outbox, in_flight, shared) = (self.outbox.clone(), self.in_flight.clone(), self.shared.clone());
+        let session = self.cancel.clone();
         self.shared.tracker.spawn(
             async move {
-                let ctx = CallContext { deadline, cancelled: token.clone() };
-                let call = async {
-                    let upstream = channel.ready_upstream(deadline).await?;
-                    upstream.invoke(payload, ctx).await
-                };
                 let result = tokio::select! {
                     result = tokio::time::timeout_at(deadline, call) => result.unwrap_or_else(|_| {
                         Err(RemoteError::deadline_exceeded(format!("call took longer than its {deadline_ms} ms deadline")))
                     }),
                     // Cancelled by the follower or its disconnect: nobody waits for an answer.
                     _ = token.cancelled() => return,
+                    _ = session.cancelled() => return,
                 };
-                let max = shared.config.max_frame_length;
-                let result = result.and_then(|bytes| {
-                    if crate::fits_in_frame(max, &[&bytes]) {
-                        Ok(bytes)
-                    } else {
-                        Err(RemoteError::internal(format!("response of {} bytes exceeds the {max}-byte frame limit", bytes.len()))
-                            .with_code("too_large"))
-                    }
-                });
+                let result = result.and_then(|bytes| fit_response(shared.config.max_frame_length, bytes));
                 if lock_in_flight(&in_flight).remove(&id).is_some() {
                     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     if !oneway {
@@ -373,6 +420,16 @@ impl Session {
             }
             .in_current_span(),
         );
+    }
+}
+
+/// The answer itself, or a typed error if it would not fit in one frame.
+fn fit_response(max: usize, bytes: Bytes) -> Result<Bytes, RemoteError> {
+    if crate::fits_in_frame(max, &[&bytes]) {
+        Ok(bytes)
+    } else {
+        Err(RemoteError::internal(format!("response of {} bytes exceeds the {max}-byte frame limit", bytes.len()))
+            .with_code("too_large"))
     }
 }
 
