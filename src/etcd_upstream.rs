@@ -164,9 +164,16 @@ impl EtcdUpstream {
     }
 }
 
-/// Feeds one key's changes into `sink`, never an older revision after a newer one.
-async fn follow_key(mut watch: tandem_etcd::Watch, key: String, sink: EventSink<ConfigApi>, mut last: i64) {
-    let mut present = last > 0;
+/// Feeds one key's changes into `sink`, never an older revision after a newer
+/// one; `last` is the revision of the value already sent, `present` whether it
+/// was a value (not an absence).
+async fn follow_key(
+    mut watch: tandem_etcd::Watch,
+    key: String,
+    sink: EventSink<ConfigApi>,
+    mut last: i64,
+    mut present: bool,
+) {
     while let Some(event) = watch.next().await {
         let value = match event {
             WatchEvent::Put(kv) => config_value(&kv),
@@ -223,13 +230,17 @@ impl Upstream<ConfigApi> for EtcdUpstream {
     async fn subscribe(&self, key: String, sink: EventSink<ConfigApi>) -> Result<(), RemoteError> {
         let client = self.inner.client.until(Instant::now() + SUBSCRIBE_TIMEOUT);
         let snapshot = client.get_range(&Keys::exact(key.as_str())).await.map_err(remote_error)?;
-        let mut last = 0;
-        if let Some(kv) = snapshot.kvs.first() {
-            last = kv.mod_revision;
-            sink.send(config_value(kv));
-        }
+        // Always the current state, absence included (as the registry adapter
+        // does): a follower that saw a value before a failover learns that the
+        // key was deleted meanwhile.
+        let current = match snapshot.kvs.first() {
+            Some(kv) => config_value(kv),
+            None => ConfigValue { value: None, revision: revision(snapshot.revision) },
+        };
+        let (last, present) = (i64::try_from(current.revision).unwrap_or(0), current.value.is_some());
+        sink.send(current);
         let watch = self.inner.client.watch(Keys::exact(key.as_str()), Start::Revision(snapshot.revision + 1));
-        let task = tokio::spawn(follow_key(watch, key.clone(), sink, last));
+        let task = tokio::spawn(follow_key(watch, key.clone(), sink, last, present));
         self.track(ConfigApi::NAME, key, task.abort_handle());
         Ok(())
     }

@@ -90,6 +90,17 @@ async fn etcdctl_puts_reach_all_four_workers_over_one_etcd_connection() {
             demo.expect_everywhere(value).await;
         }
         assert_eq!(etcd::established_connections(&demo.pids(), &addrs).unwrap(), 1);
+
+        // kill -9 the agent and delete K meanwhile: under the next Leader every
+        // worker ends with the deletion, then with the next value, over one connection.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.agent), Signal::SIGKILL).unwrap();
+        assert_eq!(etcdctl(&endpoint, &["del", "K"]).trim(), "1");
+        let line = demo.master.expect_line(LINE, |l| l.starts_with("agent restarted:")).await;
+        demo.agent = field(&line, "pid").unwrap().parse().unwrap();
+        demo.expect_everywhere("<none>").await;
+        assert_eq!(etcdctl(&endpoint, &["put", "K", "back"]).trim(), "OK");
+        demo.expect_everywhere("back").await;
+        assert_eq!(etcd::established_connections(&demo.pids(), &addrs).unwrap(), 1);
         demo.stop().await;
     })
     .await

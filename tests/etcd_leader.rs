@@ -53,7 +53,7 @@ async fn follower(host: &Host) -> Client<ConfigApi> {
 }
 
 fn value(update: &tandem::Update<tandem::registry_upstream::ConfigValue>) -> String {
-    update.value.value.clone().unwrap_or_else(|| "<deleted>".into())
+    update.value.value.clone().unwrap_or_else(|| "<none>".into())
 }
 
 async fn next_value(sub: &mut Subscription<ConfigApi>) -> String {
@@ -137,9 +137,11 @@ async fn etcd_stopped_then_restarted_calls_fail_as_unavailable_then_everything_r
         let host = host(etcd.endpoints()).await;
         let (a, b) = (follower(&host).await, follower(&host).await);
         let mut sub_a = a.subscribe("k".to_string()).await.unwrap();
-        let mut sub_b = b.subscribe("k".to_string()).await.unwrap();
+        assert_eq!(next_value(&mut sub_a).await, "<none>", "the current state, absence included");
         a.invoke(ConfigRequest::Put("k".into(), "before".into())).await.unwrap();
-        assert_eq!((next_value(&mut sub_a).await, next_value(&mut sub_b).await), ("before".into(), "before".into()));
+        assert_eq!(next_value(&mut sub_a).await, "before");
+        let mut sub_b = b.subscribe("k".to_string()).await.unwrap();
+        assert_eq!(next_value(&mut sub_b).await, "before", "a late subscriber gets the current value");
         // Two followers, their subscriptions and calls: one connection to etcd.
         let addrs = etcd::endpoint_addrs(&etcd.endpoints()).unwrap();
         assert_eq!(etcd::established_connections(&[std::process::id()], &addrs).unwrap(), 1);
