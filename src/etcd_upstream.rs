@@ -45,7 +45,7 @@ use futures::StreamExt;
 use tandem_etcd::{Keys, Registration, Start, WatchEvent};
 use tandem_follower::{Client, State};
 use tandem_leader::{CallContext, EventSink, Upstream};
-use tandem_protocol::{Api, RemoteError};
+use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tandem_registry::Instance;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -119,6 +119,37 @@ impl EtcdUpstream {
     /// Serves over an existing client.
     pub fn new(client: tandem_etcd::Client) -> Self {
         EtcdUpstream { inner: Arc::new(Inner { client, watches: Mutex::default(), registrations: Mutex::default() }) }
+    }
+
+    /// The channels' health from the client's connection state: `Down` while no
+    /// member answers, `Ready` once one does (a switch between members is not
+    /// an outage).
+    fn health_watch(&self) -> watch::Receiver<UpstreamState> {
+        let mut connection = self.inner.client.state();
+        let (health, receiver) = watch::channel(UpstreamState::Ready);
+        tokio::spawn(async move {
+            loop {
+                let next = match &*connection.borrow_and_update() {
+                    tandem_etcd::ConnectionState::Connected { .. } => Some(UpstreamState::Ready),
+                    tandem_etcd::ConnectionState::Unavailable { reason } => Some(UpstreamState::Down(
+                        RemoteError::unavailable(format!("etcd unreachable: {reason}")).with_code("etcd"),
+                    )),
+                    _ => None,
+                };
+                if let Some(next) = next {
+                    health.send_if_modified(|current| {
+                        let changed = *current != next;
+                        *current = next;
+                        changed
+                    });
+                }
+                tokio::select! {
+                    changed = connection.changed() => if changed.is_err() { return },
+                    _ = health.closed() => return,
+                }
+            }
+        });
+        receiver
     }
 
     /// The etcd client (its connection state, the member in use).
@@ -211,6 +242,10 @@ async fn follow_service(mut lists: tandem_etcd::ServiceWatch<Instance>, sink: Ev
 }
 
 impl Upstream<ConfigApi> for EtcdUpstream {
+    fn health(&self) -> Option<watch::Receiver<UpstreamState>> {
+        Some(self.health_watch())
+    }
+
     async fn invoke(&self, request: ConfigRequest, ctx: CallContext) -> Result<ConfigResponse, RemoteError> {
         let client = self.inner.client.until(answer_by(ctx.deadline()));
         match request {
@@ -257,6 +292,10 @@ impl Upstream<ConfigApi> for EtcdUpstream {
 }
 
 impl Upstream<ServiceApi> for EtcdUpstream {
+    fn health(&self) -> Option<watch::Receiver<UpstreamState>> {
+        Some(self.health_watch())
+    }
+
     async fn invoke(&self, request: ServiceRequest, ctx: CallContext) -> Result<ServiceResponse, RemoteError> {
         match request {
             ServiceRequest::Register { instance, ttl_ms } => {

@@ -8,7 +8,8 @@
 //!
 //! [`RegistryUpstream`] implements both over ONE [`tandem_registry::Client`]
 //! connection. It is the pattern to copy for your own client: it reconnects when
-//! the registry connection drops (reporting calls as `Unavailable` meanwhile),
+//! the registry connection drops (reporting the channel as down, and calls as
+//! `Unavailable`, meanwhile),
 //! resumes each key watch from its last revision so no change is missed, and
 //! re-registers the instances it holds.
 //!
@@ -31,7 +32,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tandem_leader::{CallContext, EventSink, Upstream};
-use tandem_protocol::{Api, RemoteError};
+use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tandem_registry::{Client, Instance, Registration, ServiceEvent, WatchEvent, WatchSpec};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -144,6 +145,8 @@ struct Inner {
     addr: String,
     /// The live client, or `None` while reconnecting.
     client: watch::Sender<Option<Client>>,
+    /// `Ready`, or `Down` while reconnecting: followers see it as the channel's state.
+    health: watch::Sender<UpstreamState>,
     watches: Mutex<HashMap<(&'static str, String), AbortHandle>>,
     registrations: Mutex<HashMap<(String, String), Held>>,
     cancel: CancellationToken,
@@ -175,6 +178,7 @@ impl RegistryUpstream {
         let inner = Arc::new(Inner {
             addr,
             client: watch::Sender::new(Some(client)),
+            health: watch::Sender::new(UpstreamState::Ready),
             watches: Mutex::default(),
             registrations: Mutex::default(),
             cancel: CancellationToken::new(),
@@ -232,6 +236,10 @@ async fn reconnect_loop(inner: std::sync::Weak<Inner>, cancel: CancellationToken
         let Some(strong) = inner.upgrade() else { return };
         tracing::warn!(registry = %strong.addr, %error, "registry connection lost; reconnecting");
         strong.client.send_replace(None);
+        strong.health.send_replace(UpstreamState::Down(
+            RemoteError::unavailable(format!("registry at {} unreachable; reconnecting", strong.addr))
+                .with_code("registry"),
+        ));
         let addr = strong.addr.clone();
         drop(strong);
         let mut delay = Duration::from_millis(20);
@@ -269,6 +277,7 @@ async fn reconnect_loop(inner: std::sync::Weak<Inner>, cancel: CancellationToken
         }
         tracing::info!(registry = %addr, "registry connection restored");
         strong.client.send_replace(Some(client));
+        strong.health.send_replace(UpstreamState::Ready);
     }
 }
 
@@ -390,6 +399,10 @@ impl Upstream<ConfigApi> for RegistryUpstream {
         Ok(())
     }
 
+    fn health(&self) -> Option<watch::Receiver<UpstreamState>> {
+        Some(self.inner.health.subscribe())
+    }
+
     async fn publish(&self, request: ConfigRequest) -> Result<(), RemoteError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         <Self as Upstream<ConfigApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
@@ -430,6 +443,10 @@ impl Upstream<ServiceApi> for RegistryUpstream {
     async fn unsubscribe(&self, service: String) -> Result<(), RemoteError> {
         self.untrack(ServiceApi::NAME, service);
         Ok(())
+    }
+
+    fn health(&self) -> Option<watch::Receiver<UpstreamState>> {
+        Some(self.inner.health.subscribe())
     }
 
     async fn publish(&self, request: ServiceRequest) -> Result<(), RemoteError> {

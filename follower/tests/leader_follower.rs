@@ -492,3 +492,23 @@ async fn a_new_leader_reusing_the_epoch_still_delivers_its_values() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_upstream_outage_shows_in_every_followers_state_and_ends() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let kv = follower(&path).client::<Kv>();
+        kv.ready().await.unwrap();
+        let mut status = kv.watch();
+        upstream.health.send_replace(tandem_protocol::UpstreamState::Down(tandem_protocol::RemoteError::unavailable(
+            "registry gone",
+        )));
+        status.wait_for(|s| matches!(s.state_of("kv"), State::UpstreamDown(_))).await.unwrap();
+        upstream.health.send_replace(tandem_protocol::UpstreamState::Ready);
+        status.wait_for(|s| s.state_of("kv") == State::Ready).await.unwrap();
+        assert_eq!(kv.invoke(KvRequest::Get("x".into())).await.unwrap(), None);
+    })
+    .await
+}

@@ -21,6 +21,7 @@ pub(crate) trait ErasedUpstream: Send + Sync + 'static {
     fn publish(&self, payload: Bytes) -> BoxFuture<Result<(), RemoteError>>;
     fn subscribe(&self, key: Bytes, sink: TopicSink) -> BoxFuture<Result<(), RemoteError>>;
     fn unsubscribe(&self, key: Bytes) -> BoxFuture<Result<(), RemoteError>>;
+    fn health(&self) -> Option<watch::Receiver<UpstreamState>>;
 }
 
 pub(crate) struct Typed<A, U> {
@@ -66,6 +67,10 @@ impl<A: Api, U: Upstream<A>> ErasedUpstream for Typed<A, U> {
             let key: A::Key = decode(&key)?;
             upstream.unsubscribe(key).await
         })
+    }
+
+    fn health(&self) -> Option<watch::Receiver<UpstreamState>> {
+        self.upstream.health()
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tandem_protocol::{Api, FrameCodec, Link, RemoteError, UpstreamState};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -121,9 +122,13 @@ impl LeaderBuilder {
                 };
                 match result {
                     Ok(upstream) => {
+                        let health = upstream.health();
                         let _ = channel.upstream.set(upstream);
                         tracing::info!(channel = %channel.name, "upstream ready");
                         channel.state.send_replace(UpstreamState::Ready);
+                        if let Some(health) = health {
+                            forward_health(&channel, health, &cancel).await;
+                        }
                     }
                     Err(error) => {
                         tracing::error!(channel = %channel.name, %error, "upstream failed to start");
@@ -275,6 +280,26 @@ impl Leader {
         let grace = self.shared.config.shutdown_grace + Duration::from_millis(100);
         if tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_err() {
             tracing::warn!("leader tasks still running after the shutdown grace");
+        }
+    }
+}
+
+/// Mirrors an upstream's own health into its channel's state (and so to the
+/// followers) until the leader stops.
+async fn forward_health(channel: &Channel, mut health: watch::Receiver<UpstreamState>, cancel: &CancellationToken) {
+    loop {
+        let state = health.borrow_and_update().clone();
+        let state = match state {
+            UpstreamState::Starting => UpstreamState::Down(RemoteError::unavailable("upstream reconnecting")),
+            other => other,
+        };
+        if *channel.state.borrow() != state {
+            tracing::info!(channel = %channel.name, state = ?state, "upstream state changed");
+            channel.state.send_replace(state);
+        }
+        tokio::select! {
+            changed = health.changed() => if changed.is_err() { return },
+            _ = cancel.cancelled() => return,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::future::Future;
 use tokio::time::Instant;
 
-use tandem_protocol::{Api, RemoteError};
+use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::TopicSink;
@@ -98,6 +98,14 @@ pub trait Upstream<A: Api>: Send + Sync + 'static {
 
     /// Stops delivering `key`: its last subscriber left.
     fn unsubscribe(&self, key: A::Key) -> impl Future<Output = Result<(), RemoteError>> + Send;
+
+    /// The upstream's health, when it can tell: the leader forwards every change
+    /// (`Ready`, `Down(error)`) to the followers, whose `Client::state()` then
+    /// shows `UpstreamDown` during an outage. The default is `None` (the channel
+    /// is `Ready` once built).
+    fn health(&self) -> Option<tokio::sync::watch::Receiver<UpstreamState>> {
+        None
+    }
 
     /// Publishes something through the upstream. The default refuses.
     fn publish(&self, request: A::Request) -> impl Future<Output = Result<(), RemoteError>> + Send {

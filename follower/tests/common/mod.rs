@@ -69,10 +69,22 @@ struct Store {
     sinks: HashMap<String, EventSink<Kv>>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemUpstream {
     store: Arc<Mutex<Store>>,
     pub counters: Arc<Counters>,
+    /// What the upstream reports as its health.
+    pub health: Arc<tokio::sync::watch::Sender<tandem_protocol::UpstreamState>>,
+}
+
+impl Default for MemUpstream {
+    fn default() -> Self {
+        MemUpstream {
+            store: Arc::default(),
+            counters: Arc::default(),
+            health: Arc::new(tokio::sync::watch::Sender::new(tandem_protocol::UpstreamState::Ready)),
+        }
+    }
 }
 
 impl MemUpstream {
@@ -128,6 +140,10 @@ impl Upstream<Kv> for MemUpstream {
         self.counters.unsubscribes.bump();
         self.store.lock().unwrap().sinks.remove(&key);
         Ok(())
+    }
+
+    fn health(&self) -> Option<tokio::sync::watch::Receiver<tandem_protocol::UpstreamState>> {
+        Some(self.health.subscribe())
     }
 
     async fn publish(&self, request: KvRequest) -> Result<(), RemoteError> {
