@@ -6,14 +6,17 @@
 //! cargo run --release --example bench -- --quick --json out.json     # smoke run, under 60 s
 //! cargo run --release --example bench -- --json docs/bench.json --plot docs/bench.svg
 //! cargo run --release --example bench -- --followers 1,2,4,8 --payload 64 --seconds 3
-//! cargo run --release --example bench -- --transports direct --followers 4 --phases invoke
+//! cargo run --release --example bench -- --transports direct,messenger --followers 4 --phases invoke
+//! cargo run --release --example bench -- --phases failover --agent-restart-ms 0 --failover-link direct
 //! ```
 //!
 //! Every process is this binary: the coordinator re-executes itself with a
 //! hidden role subcommand for each server and each follower (each follower is
 //! its own process), drives them over a control socket in a private 0700 temp
 //! dir (one JSON object per line), and kills (SIGKILL) whatever it started, on
-//! error too; children also die with it (PR_SET_PDEATHSIG).
+//! error too; children also die with it (PR_SET_PDEATHSIG). A cluster's master
+//! (`cluster-master`) re-executes the same command line again for its agent and
+//! workers (tandem-cluster's `TANDEM_ROLE`); they die with the master.
 //!
 //! Transports (the `transport` field of every result):
 //! - `floor`: plain tokio, u32 BE length + bytes, one server process and N client
@@ -21,7 +24,10 @@
 //! - `direct`: a tandem Leader process (in-memory echo upstream; subscriptions
 //!   fed by a publisher task in the leader's process) and N tandem follower
 //!   processes on its Unix socket;
-//! - `messenger`: reserved; its runner (`bench/runner.rs`) comes with tandem-cluster.
+//! - `messenger`: a tandem cluster: a master, its agent hosting the same Leader
+//!   (`tandem::cluster_glue::start_leader`) and N workers whose followers use
+//!   `WorkerConnector` with `Transport::Messenger`, every frame relayed by the
+//!   master. Its rows also compare with direct (`vs direct`).
 //!
 //! Phases, for each N in `--followers` (default 1,2,4,8; `--quick`: 1,4) and a
 //! fixed `--payload` (default 64 bytes):
@@ -35,9 +41,18 @@
 //!   (publish-to-receipt p50/p99 from CLOCK_MONOTONIC stamps);
 //! - failover: 4 processes elect a leader with `tandem::Standalone`; kill -9 the
 //!   leader; time until every survivor holds a value from the next leader; p50
-//!   and max over 10 kills (`--quick`: 3);
+//!   and max over 10 kills (`--quick`: 3). Then a cluster with 4 workers
+//!   (`--failover-workers`) over the messenger (`--failover-link`): kill -9 the
+//!   agent; time until every worker holds a value from the agent the master
+//!   restarts (after its restart delay, `--agent-restart-ms`, default
+//!   tandem-cluster's 100 ms), and when the new Leader served; same repeats.
+//!   JSON: `failover.standalone` (the fields of the former `failover` object)
+//!   and `failover.cluster_agent`;
 //! - memory: RSS of leaders and followers idle and under load beside the floor's
 //!   processes, and of a leader with 1,000 follower connections in 4 processes.
+//!
+//! Followers count the times they lose their link to the leader (`lost`,
+//! `links_lost`): the messenger relay closes a link whose receiver falls behind.
 //!
 //! Output: a table on stdout (progress on stderr); `--json FILE`: every figure,
 //! the targets, the machine (cores, kernel, CPU model) and the configuration;

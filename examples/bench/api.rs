@@ -69,10 +69,12 @@ impl BenchUpstream {
 
     /// The sinks of `k0..k{keys-1}` (every key must have been subscribed).
     pub fn sinks(&self, keys: usize) -> Result<Vec<EventSink<BenchApi>>> {
-        let sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
-        (0..keys)
-            .map(|k| sinks.get(&key_name(k)).cloned().ok_or_else(|| anyhow!("nobody subscribed to {}", key_name(k))))
-            .collect()
+        (0..keys).map(|k| self.sink(k).ok_or_else(|| anyhow!("nobody subscribed to {}", key_name(k)))).collect()
+    }
+
+    /// The current sink of `k{key}`, if the leader has it subscribed.
+    pub fn sink(&self, key: usize) -> Option<EventSink<BenchApi>> {
+        self.sinks.lock().unwrap_or_else(|p| p.into_inner()).get(&key_name(key)).cloned()
     }
 }
 

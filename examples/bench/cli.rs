@@ -1,15 +1,17 @@
 //! The command line: what the user asks for, the hidden role subcommands the
 //! bench re-executes itself with, and the resolved configuration.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde::Serialize;
+use tandem::cluster_glue::Transport as Link;
 
 use crate::runner::Transport;
 
-/// Measures tandem (direct transport) beside the raw Unix-socket floor, in one run.
+/// Measures tandem (direct and messenger transports) beside the raw Unix-socket floor, in one run.
 #[derive(Debug, Parser)]
 #[command(name = "bench", about, long_about = None)]
 pub struct Args {
@@ -21,7 +23,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub followers: Option<Vec<usize>>,
 
-    /// Transports to measure, comma-separated. Default floor,direct.
+    /// Transports to measure, comma-separated. Default floor,direct,messenger.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub transports: Option<Vec<Transport>>,
 
@@ -57,9 +59,22 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pub failover_processes: usize,
 
-    /// Leader kills to time. Default 10 (3 with --quick).
+    /// Leader kills to time, in each failover mode. Default 10 (3 with --quick).
     #[arg(long)]
     pub failover_repeats: Option<usize>,
+
+    /// Workers subscribed in the cluster-agent failover.
+    #[arg(long, default_value_t = 4)]
+    pub failover_workers: usize,
+
+    /// How the cluster-agent failover's workers reach the agent: messenger or direct.
+    #[arg(long, default_value = "messenger")]
+    pub failover_link: Link,
+
+    /// The cluster master's delay before restarting a dead agent, in milliseconds.
+    /// Default: tandem-cluster's own default (`RestartPolicy::initial_delay`, 100 ms).
+    #[arg(long)]
+    pub agent_restart_ms: Option<u64>,
 
     /// Follower connections held open for the leader-memory measurement.
     #[arg(long, default_value_t = 1000)]
@@ -90,7 +105,7 @@ pub enum Phase {
     Invoke,
     /// One event stream to every follower, flat out and paced.
     Fanout,
-    /// kill -9 of the standalone leader.
+    /// kill -9 of the standalone leader, then of the cluster's agent.
     Failover,
     /// A leader with 1,000 follower connections.
     Memory,
@@ -156,7 +171,70 @@ pub enum RoleCmd {
         #[arg(long)]
         count: usize,
     },
+    /// A tandem cluster: master, agent (the bench Leader) and workers (followers).
+    /// The master re-runs this same command line for the agent and each worker
+    /// (tandem-cluster tells them apart by `TANDEM_ROLE`), so every argument here
+    /// means the same in all of them.
+    #[command(hide = true)]
+    ClusterMaster(ClusterArgs),
 }
+
+/// One bench cluster, as every one of its processes reads it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// The group its processes say hello in.
+    #[arg(long)]
+    pub group: u32,
+    /// Worker processes (each one follower).
+    #[arg(long)]
+    pub workers: usize,
+    /// Worker threads of the master's and the agent's runtimes.
+    #[arg(long)]
+    pub threads: usize,
+    /// How the workers reach the agent's Leader.
+    #[arg(long)]
+    pub link: Link,
+    /// The failover group: the agent's upstream ticks and workers watch the
+    /// ticking key, instead of obeying the invoke and fan-out commands.
+    #[arg(long)]
+    pub failover: bool,
+    /// The master's delay before restarting a dead agent, in milliseconds.
+    #[arg(long)]
+    pub restart_ms: u64,
+}
+
+impl ClusterArgs {
+    /// The command line that starts this cluster's master (and, re-run, its children).
+    pub fn argv(&self) -> Vec<OsString> {
+        let link = match self.link {
+            Link::Messenger => "messenger",
+            _ => "direct",
+        };
+        let mut argv: Vec<OsString> = vec![
+            "cluster-master".into(),
+            "--group".into(),
+            self.group.to_string().into(),
+            "--workers".into(),
+            self.workers.to_string().into(),
+            "--threads".into(),
+            self.threads.to_string().into(),
+            "--link".into(),
+            link.into(),
+            "--restart-ms".into(),
+            self.restart_ms.to_string().into(),
+        ];
+        if self.failover {
+            argv.push("--failover".into());
+        }
+        argv
+    }
+}
+
+/// How long a bench cluster's agent must have been ready for its death to
+/// count as a first crash (tandem-cluster's `RestartPolicy::stable_after`;
+/// its default, 30 s, would make the repeated kills of the failover phase a
+/// crash loop with a doubling delay). Below the steady period between kills.
+pub const AGENT_STABLE_AFTER: Duration = Duration::from_millis(100);
 
 /// The configuration of one bench run, as recorded in the JSON output.
 #[derive(Debug, Clone, Serialize)]
@@ -173,6 +251,13 @@ pub struct Config {
     pub fanout_interval_ms: u64,
     pub failover_processes: usize,
     pub failover_repeats: usize,
+    pub failover_workers: usize,
+    /// `messenger` or `direct`: how the cluster-agent failover's workers reach the agent.
+    pub failover_link: &'static str,
+    pub agent_restart_ms: u64,
+    /// A cluster agent ready this long counts as stable, so each kill is
+    /// restarted after `agent_restart_ms` rather than a growing backoff.
+    pub agent_stable_after_ms: u64,
     pub mass_followers: usize,
     pub mass_processes: usize,
     pub server_threads: usize,
@@ -190,13 +275,20 @@ impl Config {
             !followers.is_empty() && followers.iter().all(|&n| (1..=64).contains(&n)),
             "--followers: 1..=64 each"
         );
-        let transports = args.transports.clone().unwrap_or_else(|| vec![Transport::Floor, Transport::Direct]);
+        let transports =
+            args.transports.clone().unwrap_or_else(|| vec![Transport::Floor, Transport::Direct, Transport::Messenger]);
         let seconds = args.seconds.unwrap_or(if quick { 1.0 } else { 3.0 });
         anyhow::ensure!((0.1..=600.0).contains(&seconds), "--seconds: between 0.1 and 600");
         anyhow::ensure!((1..=4096).contains(&args.in_flight), "--in-flight: 1..=4096");
         anyhow::ensure!((1..=1024).contains(&args.fanout_keys), "--fanout-keys: 1..=1024");
         anyhow::ensure!(args.payload <= 1 << 20, "--payload: at most 1 MiB");
         anyhow::ensure!(args.failover_processes >= 2, "--failover-processes: at least 2");
+        anyhow::ensure!((1..=64).contains(&args.failover_workers), "--failover-workers: 1..=64");
+        anyhow::ensure!(
+            matches!(args.failover_link, Link::Messenger | Link::Direct),
+            "--failover-link: messenger or direct"
+        );
+        let default_restart = tandem::cluster::RestartPolicy::default().initial_delay;
         anyhow::ensure!(args.mass_processes >= 1 && args.mass_followers >= args.mass_processes, "--mass-*");
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Config {
@@ -215,6 +307,10 @@ impl Config {
             fanout_interval_ms: args.fanout_interval_ms.max(1),
             failover_processes: args.failover_processes,
             failover_repeats: args.failover_repeats.unwrap_or(if quick { 3 } else { 10 }).max(1),
+            failover_workers: args.failover_workers,
+            failover_link: if args.failover_link == Link::Messenger { "messenger" } else { "direct" },
+            agent_restart_ms: args.agent_restart_ms.unwrap_or(default_restart.as_millis() as u64),
+            agent_stable_after_ms: AGENT_STABLE_AFTER.as_millis() as u64,
             mass_followers: args.mass_followers,
             mass_processes: args.mass_processes,
             server_threads: args.server_threads.unwrap_or(cores).max(1),
@@ -223,6 +319,11 @@ impl Config {
             json: args.json.clone(),
             plot: args.plot.clone(),
         })
+    }
+
+    /// The cluster-agent failover's worker link.
+    pub fn failover_link(&self) -> Link {
+        if self.failover_link == "messenger" { Link::Messenger } else { Link::Direct }
     }
 
     pub fn runs(&self, phase: Phase) -> bool {

@@ -4,7 +4,7 @@
 //! coordinator: listens on <private dir>/control.sock
 //! role process ──connect──> Hello{role, group, pid}      (path from TANDEM_BENCH_CONTROL)
 //! coordinator  ──Cmd──────> Invoke / Subscribe / Receive / Publish / Stats / Quit
-//! role process ──Report───> Ready / Invoked / Received / Published / Role / Value / Failed
+//! role process ──Report───> Ready / Invoked / Received / Published / Role / Value / Serving / Failed
 //! ```
 //!
 //! One JSON object per line, both ways. A role exits when the channel closes,
@@ -64,12 +64,17 @@ pub enum Report {
     Invoked {
         calls: u64,
         errors: u64,
+        /// Times a tandem follower lost its link to the leader during the phase (the floor: 0).
+        #[serde(default)]
+        links_lost: u64,
         hist: hist::Wire,
     },
     Subscribed,
     Received {
         events: u64,
         gaps: u64,
+        #[serde(default)]
+        links_lost: u64,
         hist: hist::Wire,
     },
     Published {
@@ -89,6 +94,11 @@ pub enum Report {
         epoch: u64,
         seq: u64,
         recv_ns: u64,
+    },
+    /// A cluster agent's Leader is serving (bound and reported ready to the master).
+    Serving {
+        epoch: u64,
+        at_ns: u64,
     },
     Failed {
         error: String,

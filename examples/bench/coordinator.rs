@@ -6,7 +6,8 @@
 //!     start a group (1 server process + N client processes)
 //!     RSS idle -> invoke c=1 -> invoke c=64 (RSS) -> subscribe -> fan-out flat out (RSS) -> fan-out paced
 //!     stop the group
-//! failover: standalone group, kill -9 the leader, repeat
+//! failover: standalone group, kill -9 the leader, repeat;
+//!           cluster (master, agent, workers), kill -9 the agent, repeat
 //! memory:   one leader, 1,000 follower connections in a few processes
 //! ```
 
@@ -21,7 +22,7 @@ use crate::cli::{Config, Phase};
 use crate::control::{Control, Report};
 use crate::procs::Procs;
 use crate::results::Results;
-use crate::runner::Placement;
+use crate::runner::{Placement, Transport};
 use crate::{failover, memory, phases, plot, runner, table};
 
 /// How long a process may take to say hello and get ready.
@@ -101,7 +102,12 @@ pub async fn run(config: Config) -> Result<()> {
     let groups = config.runs(Phase::Invoke) || config.runs(Phase::Fanout);
     for &followers in config.followers.iter().filter(|_| groups) {
         for &transport in &config.transports {
-            ctx.progress(format!("{transport} N={followers}: starting 1 server + {followers} client processes"));
+            ctx.progress(match transport {
+                Transport::Messenger => {
+                    format!("{transport} N={followers}: starting a cluster master, its agent and {followers} workers")
+                }
+                _ => format!("{transport} N={followers}: starting 1 server + {followers} client processes"),
+            });
             let group = runner::start(&mut ctx, transport, followers).await?;
             results.memory.samples.extend(group.rss("idle"));
             if config.runs(Phase::Invoke) {
@@ -138,7 +144,12 @@ pub async fn run(config: Config) -> Result<()> {
             "failover: {} standalone processes, kill -9 the leader {} times",
             config.failover_processes, config.failover_repeats
         ));
-        results.failover = Some(failover::run(&mut ctx).await?);
+        results.failover.standalone = Some(failover::run(&mut ctx).await?);
+        ctx.progress(format!(
+            "failover: a cluster with {} workers over the {}, kill -9 the agent {} times",
+            config.failover_workers, config.failover_link, config.failover_repeats
+        ));
+        results.failover.cluster_agent = Some(failover::cluster_agent(&mut ctx).await?);
     }
 
     if config.runs(Phase::Memory) {

@@ -1,4 +1,7 @@
-//! Failover in standalone mode, under steady subscriptions.
+//! Failover under steady subscriptions: standalone mode ([`run`]) and the
+//! cluster's agent ([`cluster_agent`]).
+//!
+//! Standalone:
 //!
 //! ```text
 //! P processes share a name and a private dir (tandem::Standalone: flock election)
@@ -21,9 +24,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::time::Instant;
 
+use crate::cli::ClusterArgs;
 use crate::clock::mono_ns;
 use crate::control::{Cmd, Report};
 use crate::coordinator::{Ctx, STARTUP};
+use crate::procs::kill_grandchild;
 use crate::results::FailoverResult;
 
 /// How long the group runs steadily before each kill.
@@ -122,6 +127,125 @@ async fn pump(
             Report::Value { epoch, recv_ns, .. } => (member.value_epoch, member.value_ns) = (epoch, recv_ns),
             Report::Ready => member.ready = true,
             Report::Gone => bail!("standalone process {pid} exited on its own"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The cluster's current agent.
+#[derive(Debug, Clone, Copy)]
+struct Agent {
+    pid: u32,
+    epoch: u64,
+    serving_ns: u64,
+}
+
+/// What the coordinator knows of a failover cluster.
+#[derive(Debug, Default)]
+struct ClusterState {
+    agent: Option<Agent>,
+    /// A new agent that said hello and has not reported serving yet.
+    starting: Option<u32>,
+    workers: Members,
+}
+
+pub async fn cluster_agent(ctx: &mut Ctx) -> Result<FailoverResult> {
+    let (workers, repeats) = (ctx.config.failover_workers, ctx.config.failover_repeats);
+    let args = ClusterArgs {
+        group: ctx.next_group(),
+        workers,
+        threads: ctx.config.server_threads,
+        link: ctx.config.failover_link(),
+        failover: true,
+        restart_ms: ctx.config.agent_restart_ms,
+    };
+    let group = args.group;
+    let master = ctx.spawn(args.argv())?;
+    let mut state = ClusterState::default();
+    let mut samples_ms = Vec::with_capacity(repeats);
+    let mut serving_ms = Vec::with_capacity(repeats);
+    let mut agents = Vec::new();
+    let result = async {
+        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's agent to serve", |s| s.agent.is_some()).await?;
+        let pids = ctx.hellos(group, "client", workers).await?;
+        state.workers.extend(pids.iter().map(|&pid| (pid, Member::default())));
+        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's workers to hold a value", |s| {
+            s.workers.values().all(|m| m.ready)
+        })
+        .await?;
+        for repeat in 0..repeats {
+            tokio::time::sleep(STEADY).await;
+            let old = state.agent.take().context("no agent")?;
+            agents.push(old.pid);
+            ctx.control.forget(&[old.pid]);
+            let killed_ns = mono_ns();
+            kill_grandchild(old.pid, master)?;
+            pump_cluster(ctx, &mut state, group, RECOVERY, "the workers to get a value from the next agent", |s| {
+                s.agent.is_some_and(|a| a.epoch > old.epoch) && s.workers.values().all(|m| m.value_epoch > old.epoch)
+            })
+            .await?;
+            let last = state.workers.values().map(|m| m.value_ns).max().unwrap_or(killed_ns);
+            let ms = last.saturating_sub(killed_ns) as f64 / 1e6;
+            let serving = state.agent.map_or(0, |a| a.serving_ns.saturating_sub(killed_ns)) as f64 / 1e6;
+            ctx.progress(format!(
+                "agent failover {}/{repeats}: {ms:.1} ms (new Leader serving after {serving:.1} ms)",
+                repeat + 1
+            ));
+            samples_ms.push(ms);
+            serving_ms.push(serving);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    // The master stops its workers and agent, then exits; or is killed, and they die with it.
+    let all: Vec<u32> =
+        state.workers.keys().copied().chain(state.agent.map(|a| a.pid)).chain(agents).chain([master]).collect();
+    ctx.control.forget(&all);
+    let _ = ctx.control.send(master, &Cmd::Quit);
+    ctx.procs.reap(&[master], Duration::from_secs(6)).await;
+    result?;
+    Ok(FailoverResult::cluster_agent(workers, ctx.config.failover_link, args.restart_ms, samples_ms, serving_ms))
+}
+
+/// Applies the cluster's reports to `state` until `done` holds: hellos of new
+/// agents, their `Serving`, and the workers' values.
+async fn pump_cluster(
+    ctx: &mut Ctx,
+    state: &mut ClusterState,
+    group: u32,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&ClusterState) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done(state) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (pid, report) = ctx
+            .control
+            .wait(left, what, |m| {
+                let new_agent =
+                    matches!(&m.report, Report::Hello { group: g, role, .. } if *g == group && role == "server");
+                let ours = state.workers.contains_key(&m.pid) || state.starting == Some(m.pid);
+                (new_agent || ours).then(|| (m.pid, m.report.clone()))
+            })
+            .await?;
+        if let Some(member) = state.workers.get_mut(&pid) {
+            match report {
+                Report::Value { epoch, recv_ns, .. } => (member.value_epoch, member.value_ns) = (epoch, recv_ns),
+                Report::Ready => member.ready = true,
+                Report::Gone => bail!("cluster worker {pid} exited"),
+                _ => {}
+            }
+            continue;
+        }
+        match report {
+            Report::Hello { .. } => state.starting = Some(pid),
+            Report::Serving { epoch, at_ns } => {
+                state.agent = Some(Agent { pid, epoch, serving_ns: at_ns });
+                state.starting = None;
+            }
+            Report::Gone => bail!("the cluster's agent {pid} exited on its own"),
             _ => {}
         }
     }

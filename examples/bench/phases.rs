@@ -31,17 +31,18 @@ pub async fn invoke(
     let reports = ctx
         .control
         .collect(&group.clients, ctx.config.phase() + RESULTS_GRACE, "invoke results", |r| match r {
-            Report::Invoked { calls, errors, hist } => Some((*calls, *errors, hist.clone())),
+            Report::Invoked { calls, errors, links_lost, hist } => Some((*calls, *errors, *links_lost, hist.clone())),
             _ => None,
         })
         .await;
     group.place(Placement::Os)?;
     let reports = reports?;
     let mut latency = hist::new();
-    let (mut calls, mut errors) = (0, 0);
-    for (c, e, wire) in reports.values() {
+    let (mut calls, mut errors, mut links_lost) = (0, 0, 0);
+    for (c, e, l, wire) in reports.values() {
         calls += c;
         errors += e;
+        links_lost += l;
         hist::add_wire(&mut latency, wire);
     }
     let seconds = window.seconds();
@@ -54,6 +55,7 @@ pub async fn invoke(
         seconds,
         calls,
         errors,
+        links_lost,
         calls_per_sec: calls as f64 / seconds,
         p50_us: hist::quantile_us(&latency, 0.50),
         p99_us: hist::quantile_us(&latency, 0.99),
@@ -94,16 +96,17 @@ pub async fn fanout(ctx: &mut Ctx, group: &Group, interval_ms: Option<u64>) -> R
     let received = ctx
         .control
         .collect(&group.clients, grace, "fan-out counts", |r| match r {
-            Report::Received { events, gaps, hist } => Some((*events, *gaps, hist.clone())),
+            Report::Received { events, gaps, links_lost, hist } => Some((*events, *gaps, *links_lost, hist.clone())),
             _ => None,
         })
         .await?;
     let seconds = window.seconds();
     let mut latency: Hist = hist::new();
-    let (mut delivered, mut gaps, mut min) = (0u64, 0u64, u64::MAX);
-    for (events, g, wire) in received.values() {
+    let (mut delivered, mut gaps, mut links_lost, mut min) = (0u64, 0u64, 0u64, u64::MAX);
+    for (events, g, l, wire) in received.values() {
         delivered += events;
         gaps += g;
+        links_lost += l;
         min = min.min(*events);
         hist::add_wire(&mut latency, wire);
     }
@@ -125,6 +128,7 @@ pub async fn fanout(ctx: &mut Ctx, group: &Group, interval_ms: Option<u64>) -> R
         missed_total: expected.saturating_sub(delivered),
         missed_ratio: if expected == 0 { 0.0 } else { expected.saturating_sub(delivered) as f64 / expected as f64 },
         gaps_total: gaps,
+        links_lost,
         p50_us: hist::quantile_us(&latency, 0.50),
         p99_us: hist::quantile_us(&latency, 0.99),
         p999_us: hist::quantile_us(&latency, 0.999),

@@ -1,5 +1,5 @@
 //! The chart: calls/s and p50 latency by number of followers, one line per
-//! transport and concurrency (floor, direct, and messenger once measured).
+//! transport (floor, direct, messenger) and concurrency.
 
 use std::path::Path;
 
@@ -80,7 +80,7 @@ pub fn draw(path: &Path, results: &Results) -> Result<()> {
     let root = SVGBackend::new(path, (1280, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let title = format!(
-        "tandem invoke vs the raw Unix-socket floor: payload {} B, {} s phases, {} ({} cores)",
+        "tandem invoke, direct and messenger, vs the raw Unix-socket floor: payload {} B, {} s phases, {} ({} cores)",
         results.config.payload_bytes, results.config.seconds, results.machine.cpu_model, results.machine.cores
     );
     let root = root.titled(&title, ("sans-serif", 18)).map_err(err)?;

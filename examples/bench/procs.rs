@@ -77,6 +77,21 @@ impl Drop for Procs {
     }
 }
 
+/// SIGKILL `pid`, a child of our child `parent` (a cluster's agent, whose
+/// master the coordinator started): checked first, so a pid the kernel has
+/// since reused is never signalled.
+pub fn kill_grandchild(pid: u32, parent: u32) -> Result<()> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("no process {pid}"))?;
+    let ppid: Option<u32> = status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok());
+    anyhow::ensure!(ppid == Some(parent), "process {pid} is not a child of {parent} (parent {ppid:?})");
+    let pid = libc::pid_t::try_from(pid).context("pid")?;
+    // SAFETY: kill(2) with a valid signal number; `pid` is a positive pid checked above.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("kill");
+    }
+    Ok(())
+}
+
 /// Resident set size of a process, in KiB (VmRSS from /proc/<pid>/status).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

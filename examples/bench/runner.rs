@@ -7,19 +7,22 @@
 //!
 //! - `floor`: `floor-server` + N `floor-client` (plain tokio, no tandem code);
 //! - `direct`: `leader` + N `follower` (tandem over the leader's Unix socket);
-//! - `messenger` (needs tandem-cluster's messenger): a runner that starts a
-//!   cluster master whose agent runs the bench Leader and says hello as
-//!   `server`, and whose N workers run `roles::follower` over the messenger
-//!   connector and say hello as `client` — they are grandchildren, which the
-//!   control channel handles (it identifies processes by hello, not by spawn).
+//! - `messenger`: one `cluster-master` (tandem-cluster), whose agent runs the
+//!   bench Leader and says hello as `server`, and whose N workers run the
+//!   follower role over `WorkerConnector` with `Transport::Messenger` (every
+//!   frame relayed by the master) and say hello as `client`. Agent and workers
+//!   are the coordinator's grandchildren, which the control channel handles (it
+//!   identifies processes by hello, not by spawn); the master is in the group
+//!   too, since it is on the path of every call.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde::Serialize;
 
+use crate::cli::ClusterArgs;
 use crate::control::Cmd;
 use crate::coordinator::Ctx;
 use crate::procs::{rss_kib, set_affinity};
@@ -32,7 +35,7 @@ pub enum Transport {
     Floor,
     /// tandem followers on the leader's Unix socket.
     Direct,
-    /// tandem followers relayed by the cluster master (not yet measured).
+    /// tandem followers in cluster workers, relayed by the cluster master to the agent's Leader.
     Messenger,
 }
 
@@ -57,6 +60,10 @@ impl Transport {
     }
 }
 
+/// How long a cluster may take to stop in order (workers, then agent, each
+/// given 2 s) before its master is killed, and its children with it.
+const CLUSTER_STOP: Duration = Duration::from_secs(6);
+
 /// Where the scheduler may run a group's processes during a phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -73,6 +80,8 @@ pub struct Group {
     pub transport: Transport,
     pub server: u32,
     pub clients: Vec<u32>,
+    /// The cluster master (messenger only): the coordinator's child, parent of the others.
+    pub master: Option<u32>,
 }
 
 /// Starts `followers` client processes and their server for `transport`.
@@ -83,9 +92,7 @@ pub async fn start(ctx: &mut Ctx, transport: Transport, followers: usize) -> Res
     let (server_role, client_role) = match transport {
         Transport::Floor => ("floor-server", "floor-client"),
         Transport::Direct => ("leader", "follower"),
-        Transport::Messenger => {
-            bail!("the messenger transport needs tandem-cluster's messenger; its runner is not written yet")
-        }
+        Transport::Messenger => return start_cluster(ctx, group, followers).await,
     };
     let group_arg = group.to_string();
     let argv = |role: &str, extra: &[&OsStr]| -> Vec<OsString> {
@@ -106,15 +113,39 @@ pub async fn start(ctx: &mut Ctx, transport: Transport, followers: usize) -> Res
     }
     let clients = ctx.hellos(group, "client", followers).await?;
     ctx.ready(&clients, &format!("the {transport} clients")).await?;
-    Ok(Group { transport, server, clients })
+    Ok(Group { transport, server, clients, master: None })
+}
+
+/// The messenger transport: a cluster master, its agent (the server) and its
+/// `followers` workers (the clients), which reach the agent through the master.
+async fn start_cluster(ctx: &mut Ctx, group: u32, followers: usize) -> Result<Group> {
+    let args = ClusterArgs {
+        group,
+        workers: followers,
+        threads: ctx.config.server_threads,
+        link: tandem::cluster_glue::Transport::Messenger,
+        failover: false,
+        restart_ms: ctx.config.agent_restart_ms,
+    };
+    let master = ctx.spawn(args.argv())?;
+    let group = Group { transport: Transport::Messenger, server: 0, clients: Vec::new(), master: Some(master) };
+    // On error, the caller's Ctx kills the master, and its children die with it.
+    let server = ctx.hellos(args.group, "server", 1).await?[0];
+    ctx.ready(&[server], "the cluster agent").await?;
+    let clients = ctx.hellos(args.group, "client", followers).await?;
+    ctx.ready(&clients, "the cluster workers").await?;
+    Ok(Group { server, clients, ..group })
 }
 
 impl Group {
-    /// RSS of the server and the clients now, labelled with `state`.
+    /// RSS of the server, the clients (and the cluster master) now, labelled with `state`.
     pub fn rss(&self, state: &'static str) -> Vec<RssSample> {
         let (server_name, client_name) = self.transport.process_names();
         let followers = self.clients.len();
         let mut samples = Vec::new();
+        if let Some(kib) = self.master.and_then(rss_kib) {
+            samples.push(RssSample::of(self.transport, followers, "master", state, &[kib]));
+        }
         if let Some(kib) = rss_kib(self.server) {
             samples.push(RssSample::of(self.transport, followers, server_name, state, &[kib]));
         }
@@ -131,12 +162,20 @@ impl Group {
             Placement::Os => None,
             Placement::OneCpu => Some(0),
         };
-        self.clients.iter().chain([&self.server]).try_for_each(|&pid| set_affinity(pid, cpu))
+        self.clients.iter().chain([&self.server]).chain(&self.master).try_for_each(|&pid| set_affinity(pid, cpu))
     }
 
     /// Tells every process to quit, and reaps them (killing stragglers).
     pub async fn stop(self, ctx: &mut Ctx) {
-        let all: Vec<u32> = self.clients.iter().copied().chain([self.server]).collect();
+        let all: Vec<u32> = self.clients.iter().copied().chain([self.server]).chain(self.master).collect();
+        if let Some(master) = self.master {
+            // The master stops its workers, then its agent, then exits; a
+            // worker told to quit on its own would be restarted.
+            ctx.control.forget(&all);
+            let _ = ctx.control.send(master, &Cmd::Quit);
+            ctx.procs.reap(&[master], CLUSTER_STOP).await;
+            return;
+        }
         let _ = ctx.control.send_all(&self.clients, &Cmd::Quit);
         ctx.procs.reap(&self.clients, Duration::from_secs(3)).await;
         let _ = ctx.control.send(self.server, &Cmd::Quit);

@@ -28,23 +28,36 @@ pub fn render(r: &Results) -> String {
 }
 
 fn invoke(out: &mut String, r: &Results) {
-    let _ = writeln!(out, "INVOKE (echo upstream; calls/s summed over the followers)");
     let _ = writeln!(
         out,
-        "  {:<9} {:>3} {:>9} {:>8} {:>12} {:>9} {:>9} {:>9} {:>7}   vs floor (calls/s, p50)",
-        "transport", "N", "in flight", "cpus", "calls/s", "p50 us", "p99 us", "p999 us", "errors"
+        "INVOKE (echo upstream; calls/s summed over the followers; lost: times followers lost their link to the leader)"
+    );
+    let _ = writeln!(
+        out,
+        "  {:<9} {:>3} {:>9} {:>8} {:>12} {:>9} {:>9} {:>9} {:>7} {:>5}   vs floor (calls/s, p50)",
+        "transport", "N", "in flight", "cpus", "calls/s", "p50 us", "p99 us", "p999 us", "errors", "lost"
     );
     let mut rows: Vec<_> = r.invoke.iter().collect();
     rows.sort_by_key(|x| (x.placement as u8, x.concurrency, x.followers, x.transport as u8));
     for x in rows {
         let floor = r.invoke_placed(Transport::Floor, x.followers, x.concurrency, x.placement);
-        let versus = match (x.transport, floor) {
+        let mut versus = match (x.transport, floor) {
             (Transport::Floor, _) | (_, None) => String::new(),
             (_, Some(f)) => format!("{:.2}x, {:.2}x", x.calls_per_sec / f.calls_per_sec, x.p50_us / f.p50_us),
         };
+        let direct = r.invoke_placed(Transport::Direct, x.followers, x.concurrency, x.placement);
+        if let (Transport::Messenger, Some(d)) = (x.transport, direct) {
+            let _ = write!(
+                versus,
+                "{}vs direct {:.2}x, {:.2}x",
+                if versus.is_empty() { "" } else { "; " },
+                x.calls_per_sec / d.calls_per_sec,
+                x.p50_us / d.p50_us
+            );
+        }
         let _ = writeln!(
             out,
-            "  {:<9} {:>3} {:>9} {:>8} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>7}   {}",
+            "  {:<9} {:>3} {:>9} {:>8} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>5}   {}",
             x.transport.to_string(),
             x.followers,
             x.concurrency,
@@ -57,6 +70,7 @@ fn invoke(out: &mut String, r: &Results) {
             x.p99_us,
             x.p999_us,
             x.errors,
+            x.links_lost,
             versus
         );
     }
@@ -72,8 +86,18 @@ fn fanout(out: &mut String, r: &Results) {
     );
     let _ = writeln!(
         out,
-        "  {:<9} {:>3} {:>13} {:>15} {:>9} {:>10} | {:>10} {:>10} {:>10}",
-        "transport", "N", "published/s", "to every foll./s", "missed %", "vs floor", "paced p50", "p99 us", "p999 us"
+        "  {:<9} {:>3} {:>13} {:>15} {:>9} {:>5} {:>10} | {:>10} {:>10} {:>10} {:>5}",
+        "transport",
+        "N",
+        "published/s",
+        "to every foll./s",
+        "missed %",
+        "lost",
+        "vs floor",
+        "paced p50",
+        "p99 us",
+        "p999 us",
+        "lost"
     );
     let mut rows: Vec<_> = r.fanout.iter().filter(|x| x.mode == "max_rate").collect();
     rows.sort_by_key(|x| (x.followers, x.transport as u8));
@@ -85,36 +109,57 @@ fn fanout(out: &mut String, r: &Results) {
         };
         let _ = writeln!(
             out,
-            "  {:<9} {:>3} {:>13.0} {:>15.0} {:>9.1} {:>10} | {:>10.1} {:>10.1} {:>10.1}",
+            "  {:<9} {:>3} {:>13.0} {:>15.0} {:>9.1} {:>5} {:>10} | {:>10.1} {:>10.1} {:>10.1} {:>5}",
             x.transport.to_string(),
             x.followers,
             x.published_per_sec,
             x.delivered_per_sec_min,
             x.missed_ratio * 100.0,
+            x.links_lost,
             versus,
             paced.map_or(0.0, |p| p.p50_us),
             paced.map_or(0.0, |p| p.p99_us),
             paced.map_or(0.0, |p| p.p999_us),
+            paced.map_or(0, |p| p.links_lost),
         );
     }
     out.push('\n');
 }
 
 fn failover(out: &mut String, r: &Results) {
-    if let Some(f) = &r.failover {
-        let samples: Vec<String> = f.samples_ms.iter().map(|s| format!("{s:.1}")).collect();
+    if let Some(f) = &r.failover.standalone {
         let _ = writeln!(
             out,
-            "FAILOVER (standalone, {} processes, kill -9 of the leader x{}): \
+            "FAILOVER standalone ({} processes, kill -9 of the elected leader x{}): \
              p50 {:.1} ms, max {:.1} ms, min {:.1} ms\n  samples ms: {}\n",
             f.processes,
             f.repeats,
             f.p50_ms,
             f.max_ms,
             f.min_ms,
-            samples.join(" ")
+            samples(&f.samples_ms)
         );
     }
+    if let Some(f) = &r.failover.cluster_agent {
+        let _ = writeln!(
+            out,
+            "FAILOVER cluster agent ({} workers over the {}, kill -9 of the agent x{}, master restarts it after \
+             {} ms): p50 {:.1} ms, max {:.1} ms, min {:.1} ms\n  samples ms: {}\n  new Leader serving, ms: {}\n",
+            f.processes,
+            f.link.unwrap_or("?"),
+            f.repeats,
+            f.restart_delay_ms.unwrap_or(0),
+            f.p50_ms,
+            f.max_ms,
+            f.min_ms,
+            samples(&f.samples_ms),
+            samples(f.agent_serving_ms.as_deref().unwrap_or_default())
+        );
+    }
+}
+
+fn samples(ms: &[f64]) -> String {
+    ms.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(" ")
 }
 
 fn memory(out: &mut String, r: &Results) {

@@ -16,11 +16,12 @@ pub struct Calls {
     pub hist: Hist,
     pub calls: u64,
     pub errors: u64,
+    pub links_lost: u64,
 }
 
 impl Calls {
     pub fn new() -> Calls {
-        Calls { hist: hist::new(), calls: 0, errors: 0 }
+        Calls { hist: hist::new(), calls: 0, errors: 0, links_lost: 0 }
     }
 
     /// A call that took `latency_ns` ended at `done_ns`: counted if inside the window.
@@ -32,7 +33,12 @@ impl Calls {
     }
 
     pub fn report(&self) -> Report {
-        Report::Invoked { calls: self.calls, errors: self.errors, hist: hist::to_wire(&self.hist) }
+        Report::Invoked {
+            calls: self.calls,
+            errors: self.errors,
+            links_lost: self.links_lost,
+            hist: hist::to_wire(&self.hist),
+        }
     }
 }
 
@@ -70,9 +76,9 @@ impl Events {
         self.hist.saturating_record(recv_ns.saturating_sub(sent_ns).max(1));
     }
 
-    /// The report, and counting stops.
-    pub fn finish(&mut self) -> Report {
+    /// The report (with the links lost meanwhile), and counting stops.
+    pub fn finish(&mut self, links_lost: u64) -> Report {
         self.window = None;
-        Report::Received { events: self.events, gaps: self.gaps, hist: hist::to_wire(&self.hist) }
+        Report::Received { events: self.events, gaps: self.gaps, links_lost, hist: hist::to_wire(&self.hist) }
     }
 }

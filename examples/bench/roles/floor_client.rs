@@ -49,7 +49,7 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
             Cmd::Receive { window } => {
                 lock(&events).start(window);
                 sleep_until_ns(window.end_ns + DRAIN.as_nanos() as u64).await;
-                let report = lock(&events).finish();
+                let report = lock(&events).finish(0);
                 reporter.send(&report);
             }
             Cmd::Quit => break,

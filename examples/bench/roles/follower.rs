@@ -1,30 +1,45 @@
-//! A tandem follower process: one Connection to the leader's socket; calls
-//! with N in flight; subscribes and counts what the fan-out delivers.
+//! A tandem follower process: one Connection to the leader (its Unix socket,
+//! or in a cluster worker whatever connector the worker was given); calls
+//! with N in flight; subscribes and counts what the fan-out delivers. In the
+//! cluster-agent failover, a worker [`watch`]es the ticking key instead.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures::StreamExt;
+use tandem::follower::LinkState;
 use tandem::{Client, Connection, UnixConnector};
 
-use crate::api::{BenchApi, key_name};
+use crate::api::{BenchApi, TICKING_KEY, key_name};
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
 use crate::tally::{Calls, DRAIN, Events};
 
-pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
+pub async fn run(socket: PathBuf, commands: Commands, reporter: Reporter) -> Result<()> {
     let connection = Connection::builder().channel::<BenchApi>().connect(UnixConnector::new(socket)).spawn();
+    let result = serve(&connection, commands, &reporter).await;
+    connection.close().await;
+    result
+}
+
+/// Reports ready once connected, then obeys the coordinator until `Quit` (or until it has gone).
+pub async fn serve(connection: &Connection, mut commands: Commands, reporter: &Reporter) -> Result<()> {
     let client = connection.client::<BenchApi>();
     client.ready().await?;
+    let losses = LinkLosses::watch(connection);
     reporter.send(&Report::Ready);
     let events = Arc::new(Mutex::new(Events::new()));
     let mut receiver = None;
     while let Some(cmd) = commands.next().await? {
         match cmd {
             Cmd::Invoke { concurrency, payload, window } => {
-                let calls = invoke(&client, concurrency, payload, window).await?;
+                let before = losses.count();
+                let mut calls = invoke(&client, concurrency, payload, window).await?;
+                calls.links_lost = losses.count() - before;
                 reporter.send(&calls.report());
             }
             Cmd::Subscribe { keys } => {
@@ -43,9 +58,10 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
                 reporter.send(&Report::Subscribed);
             }
             Cmd::Receive { window } => {
+                let before = losses.count();
                 lock(&events).start(window);
                 sleep_until_ns(window.end_ns + DRAIN.as_nanos() as u64).await;
-                let report = lock(&events).finish();
+                let report = lock(&events).finish(losses.count() - before);
                 reporter.send(&report);
             }
             Cmd::Quit => break,
@@ -55,8 +71,70 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
     if let Some(receiver) = receiver {
         receiver.abort();
     }
-    connection.close().await;
+    losses.task.abort();
     Ok(())
+}
+
+/// Counts the times the connection lost its leader: at least that many (a
+/// loss and a reconnect between two looks at the status count once, or not at all).
+struct LinkLosses {
+    lost: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LinkLosses {
+    fn watch(connection: &Connection) -> LinkLosses {
+        let mut status = connection.status();
+        let lost = Arc::new(AtomicU64::new(0));
+        let counter = lost.clone();
+        let task = tokio::spawn(async move {
+            let mut was_lost = false;
+            // Ends when the connection's status sender is dropped.
+            while status.changed().await.is_ok() {
+                let is_lost = status.borrow_and_update().link == LinkState::LeaderLost;
+                if is_lost && !was_lost {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                was_lost = is_lost;
+            }
+        });
+        LinkLosses { lost, task }
+    }
+
+    fn count(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// The cluster-agent failover's worker: subscribes to the ticking key, reports
+/// ready once it holds a value, then reports the first value it receives from
+/// each newer Leader (epoch), until `Quit`.
+pub async fn watch(connection: &Connection, mut commands: Commands, reporter: &Reporter) -> Result<()> {
+    let client = connection.client::<BenchApi>();
+    client.ready().await?;
+    let mut subscription = client.subscribe(TICKING_KEY.to_string()).await?;
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .context("no first value within 10 s")?
+        .context("subscription ended")?;
+    let mut epoch = first.epoch;
+    reporter.send(&Report::Value { epoch, seq: first.seq, recv_ns: mono_ns() });
+    reporter.send(&Report::Ready);
+    loop {
+        tokio::select! {
+            cmd = commands.next() => match cmd? {
+                None | Some(Cmd::Quit) => return Ok(()),
+                Some(other) => bail!("a watching worker cannot {other:?}"),
+            },
+            update = subscription.next() => {
+                let update = update.context("subscription ended")?;
+                if update.epoch != epoch {
+                    epoch = update.epoch;
+                    reporter.send(&Report::Value { epoch, seq: update.seq, recv_ns: mono_ns() });
+                }
+            }
+        }
+    }
 }
 
 fn lock(events: &Mutex<Events>) -> std::sync::MutexGuard<'_, Events> {

@@ -1,28 +1,45 @@
 //! The tandem Leader process: the bench upstream on a Unix socket, and the
-//! publisher that feeds the fan-out phases.
+//! publisher that feeds the fan-out phases. The cluster's agent runs the same
+//! Leader ([`builder`]) and the same command loop ([`serve`]).
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
+use tandem::leader::LeaderBuilder;
 use tandem::{EventSink, Leader};
 
 use crate::api::{BenchApi, BenchUpstream, Tick};
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
 
-pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
+pub async fn run(socket: PathBuf, commands: Commands, reporter: Reporter) -> Result<()> {
     let upstream = BenchUpstream::default();
-    let served = upstream.clone();
-    let leader = Leader::builder().epoch(1).channel::<BenchApi, _>(async move { Ok(served) }).start();
+    let leader = builder(&upstream).epoch(1).start();
     leader.bind_unix(&socket)?;
+    serve(&leader, &upstream, commands, reporter).await
+}
+
+/// A Leader serving `upstream` on the bench channel.
+pub fn builder(upstream: &BenchUpstream) -> LeaderBuilder {
+    let served = upstream.clone();
+    Leader::builder().channel::<BenchApi, _>(async move { Ok(served) })
+}
+
+/// Reports ready, then obeys the coordinator until `Quit` (or until it has gone).
+pub async fn serve(
+    leader: &Leader,
+    upstream: &BenchUpstream,
+    mut commands: Commands,
+    reporter: Reporter,
+) -> Result<()> {
     reporter.send(&Report::Ready);
     while let Some(cmd) = commands.next().await? {
         match cmd {
             Cmd::Publish { keys, interval_us, payload, window } => {
                 let sinks = upstream.sinks(keys)?;
                 // On a runtime worker, like a real upstream client's event callback.
-                let events = tokio::spawn(publish(sinks, interval_us, payload, window)).await?;
+                let events = tokio::spawn(publish(upstream.clone(), sinks, interval_us, payload, window)).await?;
                 reporter.send(&Report::Published { events });
             }
             Cmd::Stats => {
@@ -39,13 +56,27 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
 
 /// Publishes during `window`: bursts of one event per key, flat out (yielding
 /// between bursts), or one event every `interval_us` round the keys.
-async fn publish(sinks: Vec<EventSink<BenchApi>>, interval_us: u64, payload: usize, window: Window) -> u64 {
+async fn publish(
+    upstream: BenchUpstream,
+    mut sinks: Vec<EventSink<BenchApi>>,
+    interval_us: u64,
+    payload: usize,
+    window: Window,
+) -> u64 {
     let pad = Bytes::from(vec![0xA5; payload]);
     let keys = sinks.len();
     let mut idx = vec![0u64; keys];
     let mut published = 0u64;
     let mut emit = |key: usize, now: u64| {
-        sinks[key].send(Tick { key: key as u32, idx: idx[key], sent_ns: now, pad: pad.clone() });
+        let tick = Tick { key: key as u32, idx: idx[key], sent_ns: now, pad: pad.clone() };
+        if !sinks[key].send(tick) {
+            // The leader dropped the key (its only subscriber lost its link)
+            // and may have subscribed it again since: like a real upstream,
+            // deliver to the current subscription from the next event on.
+            if let Some(sink) = upstream.sink(key) {
+                sinks[key] = sink;
+            }
+        }
         idx[key] += 1;
         published += 1;
     };

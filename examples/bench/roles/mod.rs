@@ -3,10 +3,15 @@
 //! until the coordinator disappears).
 //!
 //! Runtimes are the same on both sides of the comparison: servers (the tandem
-//! leader, the floor server) run tokio's multi-thread runtime with
-//! `--server-threads` workers; clients (tandem followers, floor clients) run
-//! tokio's current-thread runtime.
+//! leader, the floor server, the cluster's master and agent) run tokio's
+//! multi-thread runtime with `--server-threads` workers; clients (tandem
+//! followers, floor clients, cluster workers) run tokio's current-thread runtime.
+//!
+//! `cluster-master` is the exception to "connects, then obeys": its process
+//! and the cluster processes it starts each connect on their own
+//! ([`cluster_master`]).
 
+mod cluster_master;
 mod floor_client;
 mod floor_server;
 mod floor_wire;
@@ -47,6 +52,7 @@ pub fn main(role: RoleCmd) -> ! {
         RoleCmd::Mass { socket, group, count } => {
             serve(client_runtime(), "mass", group, |c, r| mass::run(socket, count, c, r))
         }
+        RoleCmd::ClusterMaster(args) => cluster_master::main(args),
     };
     match result {
         Ok(()) => std::process::exit(0),
