@@ -134,8 +134,30 @@ impl WorkerConnector {
     }
 }
 
+/// How long a connect attempt waits for the master to report a live agent.
+const AGENT_WAIT: Duration = Duration::from_secs(5);
+
 impl Connector for WorkerConnector {
     async fn connect(&mut self) -> io::Result<Connected> {
+        // Reconnecting to a dead agent only burns backoff: wait for a live one
+        // (the master tells every worker as soon as a new agent is ready).
+        let _ = tokio::time::timeout(AGENT_WAIT, self.agent.wait_for(|agent| agent.up)).await;
+        let epoch = self.agent.borrow().epoch;
+        match self.connect_once().await {
+            Ok(connected) => Ok(connected),
+            Err(_) => {
+                // The agent most likely just died and the master has not said so
+                // yet: wait for its successor, then try at once.
+                let successor = self.agent.wait_for(|agent| agent.up && agent.epoch > epoch);
+                let _ = tokio::time::timeout(AGENT_WAIT, successor).await;
+                self.connect_once().await
+            }
+        }
+    }
+}
+
+impl WorkerConnector {
+    async fn connect_once(&mut self) -> io::Result<Connected> {
         match self.transport {
             Transport::Direct => self.direct().await,
             Transport::Messenger => self.relayed().await,
