@@ -50,6 +50,10 @@ struct Args {
     /// Run the messenger checks once the cluster is ready.
     #[arg(long)]
     messenger: bool,
+    /// The agent sends this many frames down every link as fast as it can;
+    /// worker 1 opens one and reads it slowly (bursts with pauses).
+    #[arg(long, default_value_t = 0)]
+    flood: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,7 +96,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-async fn agent(ctx: AgentContext, _args: Args) -> Result<(), BoxError> {
+async fn agent(ctx: AgentContext, args: Args) -> Result<(), BoxError> {
     let socket = ctx.default_socket_path();
     let _ = std::fs::remove_file(&socket);
     let _listener = tokio::net::UnixListener::bind(&socket)?;
@@ -110,7 +114,7 @@ async fn agent(ctx: AgentContext, _args: Args) -> Result<(), BoxError> {
             Some(msg) = echo.recv() => msg.reply(format!("{me} saw {} {}", who(&msg.from), text(&msg.payload))).await?,
             Some(incoming) = links.recv() => {
                 println!("agent link from worker={} link={}", incoming.worker_id, incoming.link.id);
-                tokio::spawn(echo_link(incoming.link));
+                tokio::spawn(flood_link(incoming.link, args.flood));
             }
             _ = ctx.stopped() => {
                 println!("agent stopping");
@@ -118,6 +122,32 @@ async fn agent(ctx: AgentContext, _args: Args) -> Result<(), BoxError> {
             }
         }
     }
+}
+
+/// Sends `Pong(1..=count)` as fast as the link takes them, counting the sends
+/// that had to wait, then echoes.
+async fn flood_link(link: FrameLink, count: u64) {
+    if count > 0 {
+        let started = std::time::Instant::now();
+        let mut waits = 0u64;
+        for n in 1..=count {
+            let sent = match link.tx.try_send(Frame::Pong(n)) {
+                Ok(()) => Ok(()),
+                Err(tokio::sync::mpsc::error::TrySendError::Full(frame)) => {
+                    waits += 1;
+                    link.tx.send(frame).await.map_err(|_| ())
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(()),
+            };
+            if sent.is_err() {
+                println!("agent flood link={} failed at={n}", link.id);
+                return;
+            }
+        }
+        let elapsed = started.elapsed().as_millis();
+        println!("agent flood link={} sent={count} waits={waits} elapsed_ms={elapsed}", link.id);
+    }
+    echo_link(link).await;
 }
 
 /// Answers every `Ping(n)` with `Pong(n)`; says when the worker's end is gone.
@@ -160,6 +190,9 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), BoxError> {
     ctx.ready().await?;
     if args.links && id == 1 {
         tokio::spawn(link_checks(ctx.clone()));
+    }
+    if args.flood > 0 && id == 1 {
+        tokio::spawn(flood_check(ctx.clone(), args.flood));
     }
     let mut held = Vec::new(); // requests on "silent": never answered
     loop {
@@ -251,6 +284,41 @@ async fn link_checks(ctx: WorkerContext) {
         Ok(_) => println!("link worker=1 reopened epoch={epoch}"),
         Err(e) => println!("link worker=1 reopen failed: {e}"),
     }
+}
+
+/// Worker 1's slow reader: takes the agent's flood in bursts of 100 frames with
+/// a 10 ms pause after each (slowness, not a wait for a state: at most 10,000
+/// frames/s), checks the order, then checks the link still echoes.
+async fn flood_check(ctx: WorkerContext, count: u64) {
+    const BURST: u64 = 100;
+    const PAUSE: Duration = Duration::from_millis(10);
+    let mut link = match ctx.open_link().await {
+        Ok(link) => link,
+        Err(e) => return println!("worker 1 flood open failed: {e}"),
+    };
+    let mut paused = Duration::ZERO;
+    let mut in_order = true;
+    for n in 1..=count {
+        match link.rx.recv().await {
+            Some(Frame::Pong(got)) => in_order &= got == n,
+            Some(other) => {
+                println!("worker 1 flood unexpected {other:?} at={n}");
+                in_order = false;
+            }
+            None => return println!("worker 1 flood link closed at={n}"),
+        }
+        if n % BURST == 0 {
+            let started = std::time::Instant::now();
+            tokio::time::sleep(PAUSE).await;
+            paused += started.elapsed();
+        }
+    }
+    println!("worker 1 flood received={count} in_order={in_order} paused_ms={}", paused.as_millis());
+    let echoed = match link.tx.send(Frame::Ping(u64::MAX)).await {
+        Ok(()) => matches!(link.rx.recv().await, Some(Frame::Pong(u64::MAX))),
+        Err(_) => false,
+    };
+    println!("worker 1 flood link open after={echoed}");
 }
 
 async fn ping(ctx: &WorkerContext, n: u64) -> Result<FrameLink, BoxError> {

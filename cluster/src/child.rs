@@ -364,6 +364,7 @@ impl Dispatch {
             ToChild::IncomingLink { link, worker_id, pid } => self.shared.links.incoming(link, worker_id, pid),
             ToChild::LinkFrame { link, frame } => self.shared.links.deliver(link, &frame),
             ToChild::LinkClosed { link, reason } => self.shared.links.peer_closed(link, &reason),
+            ToChild::LinkCredit { link, credit } => self.shared.links.credit(link, credit),
         }
     }
 }

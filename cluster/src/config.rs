@@ -29,7 +29,11 @@ pub struct Config {
     /// the sender gets [`Error::QueueFull`](crate::Error::QueueFull) (a link
     /// is closed instead). The default is 1024.
     pub queue_capacity: usize,
-    /// Frames buffered per link direction in each end. The default is 256.
+    /// The credit window of each link direction: a [`FrameLink`](crate::FrameLink)'s
+    /// `tx` may have this many frames the other end has not taken out of its
+    /// `rx` yet; beyond that `tx.send` waits (a slow reader slows its writer
+    /// down rather than losing the link). Also the frames each end buffers
+    /// per direction. At most half of `queue_capacity`. The default is 256.
     pub link_capacity: usize,
     /// Messages buffered per topic subscription; when full, that subscriber
     /// misses messages (logged). The default is 256.
@@ -57,6 +61,13 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The link credit window actually used: `link_capacity`, at most half of
+    /// `queue_capacity` (so that one link's frames alone never fill a
+    /// process's queue in the master), and at least 1.
+    pub(crate) fn link_window(&self) -> usize {
+        self.link_capacity.min(self.queue_capacity / 2).max(1)
+    }
+
     /// The number of workers to run.
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(default_workers)

@@ -23,6 +23,7 @@
 //!   |                Reply{request, result}      |
 //!   |<------------------------------------------|
 //!   | LinkFrame{link, bytes} <-> LinkFrame      |   relayed, opaque Frame bytes
+//!   | LinkCredit{link, n}    <-> LinkCredit     |   relayed: flow control
 //! ```
 
 use std::path::PathBuf;
@@ -66,6 +67,8 @@ pub(crate) enum ToChild {
     LinkFrame { link: LinkId, frame: Bytes },
     /// Data: the link ended (the other end closed it or died).
     LinkClosed { link: LinkId, reason: String },
+    /// Data: the other end took this many more of this end's frames on the link.
+    LinkCredit { link: LinkId, credit: u32 },
 }
 
 /// What a child needs to start, sent over IPC (never on the command line).
@@ -89,7 +92,8 @@ pub(crate) struct Init {
     pub agent: Option<AgentInfo>,
     /// Whether the cluster was already announced ready.
     pub cluster_ready: bool,
-    /// Frames buffered per link direction.
+    /// The credit window per link direction: the frames a sender may have
+    /// unacknowledged, and so the frames a receiver buffers.
     pub link_capacity: u32,
     /// Messages buffered per topic subscription.
     pub subscription_capacity: u32,
@@ -119,6 +123,8 @@ pub(crate) enum FromChild {
     LinkFrame { link: LinkId, frame: Bytes },
     /// This end closed the link.
     LinkClose { link: LinkId },
+    /// This end took this many more frames of the link: credit for the other end.
+    LinkCredit { link: LinkId, credit: u32 },
 }
 
 /// The readiness report.

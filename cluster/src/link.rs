@@ -12,14 +12,31 @@
 //!   |--------------------------->|---------------------------->|
 //!   |       LinkFrame{id, bytes} |        LinkFrame{id, bytes} |
 //!   |<---------------------------|<----------------------------|
+//!   | LinkCredit{id, n}          |  LinkCredit{id, n}          |  (and the other way)
+//!   |--------------------------->|---------------------------->|
 //!   |      worker dies: LinkClosed{id} ---------------------->|  rx ends (None)
 //!   |<------ LinkClosed{id} : agent dies                      |
 //! ```
 //!
 //! The master relays the frames as opaque bytes; each end encodes and decodes
-//! them. Each direction is bounded: the sender waits when the relay is busy,
-//! and a receiver that falls more than the capacity behind has its link closed
-//! (a Follower then reconnects) rather than stalling the whole IPC channel.
+//! them.
+//!
+//! # Flow control
+//!
+//! Each direction of a link has a credit window of `W` frames
+//! ([`Config::link_capacity`](crate::Config::link_capacity)): the sending end
+//! may have at most `W` frames the receiving end has not acknowledged. The
+//! receiving end acknowledges frames as its application side takes them: a
+//! per-link task moves received frames into the user's `rx` (waiting while it
+//! is full) and, every `W/2` frames moved, sends a `LinkCredit` back, which the
+//! master relays like a frame. With no credit left, the sending end's pump
+//! stops draining the user's `tx`, whose `send().await` then waits: a slow
+//! reader slows its writer down instead of losing the link. Nothing in the
+//! master or on either end's IPC reader ever waits for a link: the master
+//! relays frames and credits with `try_send`, and a received frame is queued
+//! with `try_send` into a buffer of `W` frames, which a sender that honours its
+//! credit can never overflow. A peer that does not (the hard bound) has its
+//! link closed, as has a link whose relay queue in the master is full.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -28,7 +45,7 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use tandem_protocol::{Frame, payload};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -44,9 +61,12 @@ use crate::ipc::{FromChild, LinkId};
 pub struct FrameLink {
     /// The link's id, unique within the master's life.
     pub id: u64,
-    /// Frames to the other end (bounded: `send` waits while the relay is busy).
+    /// Frames to the other end (bounded: `send` waits while the relay is busy
+    /// or the other end has not taken enough of the frames already sent).
     pub tx: mpsc::Sender<Frame>,
-    /// Frames from the other end.
+    /// Frames from the other end. Taking them out is what lets the other end
+    /// send more: each direction has a window of
+    /// [`Config::link_capacity`](crate::Config::link_capacity) frames.
     pub rx: mpsc::Receiver<Frame>,
 }
 
@@ -88,7 +108,10 @@ impl Stream for Links {
 
 #[derive(Debug)]
 struct Entry {
+    /// Received frames, before they move into the user's `rx` (at most the window).
     inbound: mpsc::Sender<Frame>,
+    /// This end's send credit: frames it may still send unacknowledged.
+    credit: Arc<Semaphore>,
     cancel: CancellationToken,
 }
 
@@ -96,7 +119,8 @@ struct Entry {
 #[derive(Debug, Clone)]
 pub(crate) struct LinkTable {
     entries: Arc<Mutex<HashMap<LinkId, Entry>>>,
-    capacity: usize,
+    /// The credit window `W`, per link and direction.
+    window: usize,
     writer: mpsc::Sender<FromChild>,
     tracker: TaskTracker,
     /// In the agent: where incoming links go (bounded; when full the link is closed).
@@ -105,23 +129,31 @@ pub(crate) struct LinkTable {
 
 impl LinkTable {
     pub(crate) fn new(
-        capacity: usize,
+        window: usize,
         writer: mpsc::Sender<FromChild>,
         tracker: TaskTracker,
         incoming: Option<mpsc::Sender<IncomingLink>>,
     ) -> Self {
-        LinkTable { entries: Arc::default(), capacity: capacity.max(1), writer, tracker, incoming }
+        LinkTable { entries: Arc::default(), window: window.max(1), writer, tracker, incoming }
+    }
+
+    /// Frames acknowledged per `LinkCredit`.
+    fn credit_batch(&self) -> usize {
+        (self.window / 2).max(1)
     }
 
     /// Registers a link the master opened and returns this end of it.
     pub(crate) fn attach(&self, link: LinkId) -> FrameLink {
-        let (in_tx, in_rx) = mpsc::channel(self.capacity);
-        let (out_tx, out_rx) = mpsc::channel(self.capacity);
+        let (in_tx, in_rx) = mpsc::channel(self.window);
+        let (user_in_tx, user_in_rx) = mpsc::channel(self.window);
+        let (out_tx, out_rx) = mpsc::channel(self.window);
+        let credit = Arc::new(Semaphore::new(self.window));
         let cancel = CancellationToken::new();
-        self.lock().insert(link, Entry { inbound: in_tx, cancel: cancel.clone() });
-        let this = self.clone();
-        self.tracker.spawn(this.pump(link, out_rx, cancel).in_current_span());
-        FrameLink { id: link, tx: out_tx, rx: in_rx }
+        let entry = Entry { inbound: in_tx, credit: Arc::clone(&credit), cancel: cancel.clone() };
+        self.lock().insert(link, entry);
+        self.tracker.spawn(self.clone().pump(link, out_rx, credit, cancel).in_current_span());
+        self.tracker.spawn(self.clone().forward(link, in_rx, user_in_tx).in_current_span());
+        FrameLink { id: link, tx: out_tx, rx: user_in_rx }
     }
 
     /// In the agent: a worker opened a link.
@@ -154,11 +186,30 @@ impl LinkTable {
         match sent {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(link, "link receiver fell behind; closing the link");
+                // The other end sent more than its credit allows.
+                tracing::warn!(
+                    link,
+                    window = self.window,
+                    "the other end of a link exceeded its credit; closing the link"
+                );
                 self.close(link);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => self.close(link),
         }
+    }
+
+    /// The other end took `credit` more of this end's frames: that many more may
+    /// be sent. Never waits (the IPC reader calls it).
+    pub(crate) fn credit(&self, link: LinkId, credit: u32) {
+        let entries = self.lock();
+        let Some(entry) = entries.get(&link) else { return };
+        // At most what is outstanding: the window never grows past `W`.
+        let outstanding = self.window.saturating_sub(entry.credit.available_permits());
+        let credit = usize::try_from(credit).unwrap_or(usize::MAX);
+        if credit > outstanding {
+            tracing::warn!(link, credit, outstanding, "a link credit for more frames than were sent; capped");
+        }
+        entry.credit.add_permits(credit.min(outstanding));
     }
 
     /// The other end closed the link (or died): `rx` ends, `tx` fails.
@@ -181,8 +232,16 @@ impl LinkTable {
         }
     }
 
-    /// Sends this end's frames until the user drops `tx` or the link closes.
-    async fn pump(self, link: LinkId, mut out: mpsc::Receiver<Frame>, cancel: CancellationToken) {
+    /// Sends this end's frames, one credit each, until the user drops `tx` or
+    /// the link closes. With no credit left it stops taking frames from `tx`,
+    /// so the user's `send` waits.
+    async fn pump(
+        self,
+        link: LinkId,
+        mut out: mpsc::Receiver<Frame>,
+        credit: Arc<Semaphore>,
+        cancel: CancellationToken,
+    ) {
         loop {
             let frame = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -192,18 +251,51 @@ impl LinkTable {
                 self.close(link);
                 return;
             };
-            match payload::encode(&frame) {
-                Ok(bytes) => {
-                    let send = self.writer.send(FromChild::LinkFrame { link, frame: bytes });
-                    let sent = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        sent = send => sent,
-                    };
-                    if sent.is_err() {
-                        return;
-                    }
+            let bytes = match payload::encode(&frame) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::warn!(link, kind = frame.kind(), error = %e, "cannot encode a frame; dropped");
+                    continue;
                 }
-                Err(e) => tracing::warn!(link, kind = frame.kind(), error = %e, "cannot encode a frame; dropped"),
+            };
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                permit = credit.acquire() => permit,
+            };
+            match permit {
+                Ok(permit) => permit.forget(), // given back by the other end's LinkCredit
+                Err(_) => return,              // never closed
+            }
+            let send = self.writer.send(FromChild::LinkFrame { link, frame: bytes });
+            let sent = tokio::select! {
+                _ = cancel.cancelled() => return,
+                sent = send => sent,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Moves received frames into the user's `rx`, waiting while it is full,
+    /// and grants the other end credit for them every `W/2` frames. Ends when
+    /// the link closes (after the frames already received) or the user drops
+    /// `rx` (which closes the link).
+    async fn forward(self, link: LinkId, mut received: mpsc::Receiver<Frame>, user: mpsc::Sender<Frame>) {
+        let batch = self.credit_batch();
+        let mut taken = 0usize;
+        while let Some(frame) = received.recv().await {
+            if user.send(frame).await.is_err() {
+                self.close(link);
+                return;
+            }
+            taken += 1;
+            if taken >= batch {
+                let credit = u32::try_from(taken).unwrap_or(u32::MAX);
+                taken = 0;
+                if self.writer.send(FromChild::LinkCredit { link, credit }).await.is_err() {
+                    return; // the master is gone
+                }
             }
         }
     }

@@ -319,7 +319,7 @@ impl Master {
                 SlotId::Agent => None,
             },
             cluster_ready: self.announced,
-            link_capacity: u32::try_from(self.config.link_capacity).unwrap_or(u32::MAX),
+            link_capacity: u32::try_from(self.config.link_window()).unwrap_or(u32::MAX),
             subscription_capacity: u32::try_from(self.config.subscription_capacity).unwrap_or(u32::MAX),
         };
         let proc = Proc::new(key, pid, control_tx, data_tx, epoch, kill_tx);
@@ -413,6 +413,7 @@ impl Master {
             FromChild::Reply { request, result } => self.on_reply(Some(key), request, result),
             FromChild::LinkFrame { link, frame } => self.on_link_frame(key, link, frame),
             FromChild::LinkClose { link } => self.on_link_close(key, link),
+            FromChild::LinkCredit { link, credit } => self.on_link_credit(key, link, credit),
         }
     }
 

@@ -1,8 +1,11 @@
 //! Routing in the master: user messages, requests and their replies, and link
-//! frames. Every message is stamped with the sender of the channel it came in
-//! on; every queue is bounded and written with `try_send`, so a slow child
-//! gets [`Error::QueueFull`](crate::Error::QueueFull) errors for its senders
-//! (or its links closed) but never stalls the master.
+//! frames and credits. Every message is stamped with the sender of the channel
+//! it came in on; every queue is bounded and written with `try_send`, so a
+//! slow child gets [`Error::QueueFull`](crate::Error::QueueFull) errors for its
+//! senders but never stalls the master. Links are flow-controlled end to end
+//! (see `link.rs`): a link's frames in a child's queue never exceed its credit
+//! window (at most half the queue), and a link whose relay queue is full anyway
+//! is closed.
 
 use std::collections::HashMap;
 
@@ -302,6 +305,39 @@ impl Master {
                 mpsc::error::TrySendError::Full(_) => "relay queue full",
                 mpsc::error::TrySendError::Closed(_) => "the other end is gone",
             }),
+            None => Err("the other end is gone"),
+        };
+        if let Err(reason) = result {
+            tracing::warn!(link, reason, "closing a link");
+            self.close_link(link, reason);
+        }
+    }
+
+    /// Credit from one end of a link, relayed to the other like a frame. Never
+    /// dropped: when the data queue is full it goes on the control queue (a
+    /// lost credit would stall the link), and when both are full the link is
+    /// closed.
+    pub(crate) fn on_link_credit(&mut self, from: ProcKey, link: LinkId, credit: u32) {
+        let Some(route) = self.router.links.get(&link).copied() else {
+            return; // closed meanwhile
+        };
+        let other = if route.worker == from {
+            route.agent
+        } else if route.agent == from {
+            route.worker
+        } else {
+            tracing::warn!(link, "a credit for a link this process is not an end of; ignored");
+            return;
+        };
+        let result = match self.proc(other) {
+            Some(p) => match p.data.try_send(ToChild::LinkCredit { link, credit }) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(msg)) => p.control.try_send(msg).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(_) => "relay queues full",
+                    mpsc::error::TrySendError::Closed(_) => "the other end is gone",
+                }),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err("the other end is gone"),
+            },
             None => Err("the other end is gone"),
         };
         if let Err(reason) = result {

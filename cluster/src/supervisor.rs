@@ -73,7 +73,7 @@ pub(crate) struct Proc {
     pub spawned_at: Instant,
     /// Control messages (Init, Stop, outcomes...): written before data.
     pub control: mpsc::Sender<ToChild>,
-    /// User messages and link frames (bounded by `Config::queue_capacity`).
+    /// User messages, link frames and credits (bounded by `Config::queue_capacity`).
     pub data: mpsc::Sender<ToChild>,
     /// The agent's epoch.
     pub epoch: u64,

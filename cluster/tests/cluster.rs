@@ -512,3 +512,36 @@ fn links_echo_frames_and_end_when_either_side_dies() {
     signal(ready.workers[0], Signal::SIGKILL);
     f.wait_line("agent link=3 ended");
 }
+
+/// A reader slower than its writer slows the writer down (link credit)
+/// instead of losing the link: 20,000 frames sent flat out to a worker that
+/// reads them in bursts with pauses all arrive, in order, on the same link,
+/// and the sender's `send` had to wait for most of the reader's pauses.
+#[test]
+fn a_slow_link_reader_slows_its_sender_instead_of_losing_the_link() {
+    let mut f = Fixture::start(&["--workers", "1", "--flood", "20000"]);
+    f.ready();
+    f.wait_line("agent link from worker=1 link=1");
+    let received = f.wait_prefix("worker 1 flood ");
+    let line = f.line(received).to_owned();
+    assert!(line.starts_with("worker 1 flood received=20000 in_order=true "), "{line}");
+    let paused_ms: u64 = field(&line, "paused_ms").expect("paused_ms").parse().expect("a number");
+    let sent = f.wait_prefix("agent flood link=1 ");
+    let line = f.line(sent).to_owned();
+    assert!(line.starts_with("agent flood link=1 sent=20000 "), "{line}");
+    let waits: u64 = field(&line, "waits").expect("waits").parse().expect("a number");
+    let elapsed_ms: u64 = field(&line, "elapsed_ms").expect("elapsed_ms").parse().expect("a number");
+    assert!(waits > 0, "the sender never waited: {line}");
+    // The writer can only be a few windows ahead of the reader, so it finishes
+    // after nearly all of the reader's pauses (200 of 10 ms).
+    assert!(paused_ms >= 2000, "the reader did not pause: {paused_ms} ms");
+    assert!(
+        elapsed_ms * 10 >= paused_ms * 8,
+        "the sender finished in {elapsed_ms} ms, the reader paused {paused_ms} ms"
+    );
+    f.wait_line("worker 1 flood link open after=true");
+    assert_eq!(f.count(|l| l.contains("ended") || l.contains("closed") || l.contains("failed")), 0);
+    let stderr = f.stderr.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let closes: Vec<&String> = stderr.iter().filter(|l| l.contains("closing")).collect();
+    assert!(closes.is_empty(), "a link was closed: {closes:?}");
+}
