@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tandem_protocol::{
     Ack, CodecError, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId,
-    Response, Subscribe, Unsubscribe, UpstreamState, Welcome,
+    Response, Subscribe, Unsubscribe, UpstreamState, Welcome, feed_within, flush_within,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -370,7 +370,7 @@ impl<C: Connector> Driver<C> {
                 self.core.out.push(Frame::Goodbye("follower closing".into()));
                 let grace = self.core.config.handshake_timeout;
                 let _ = flush(&mut link, &mut self.core.out, grace).await;
-                let _ = tokio::time::timeout(grace, link.tx.close()).await;
+                let _ = tokio::time::timeout(grace, SinkExt::<Frame>::close(&mut link.tx)).await;
                 return "closed".into();
             }
             if let Err(reason) = flush(&mut link, &mut self.core.out, stall).await {
@@ -396,7 +396,7 @@ async fn flush(link: &mut Link, out: &mut Vec<Frame>, stall: Duration) -> Result
     }
     for frame in out.drain(..) {
         let kind = frame.kind();
-        match tokio::time::timeout(stall, link.tx.feed(frame)).await {
+        match feed_within(&mut link.tx, frame, stall).await {
             Ok(Ok(())) => {}
             Ok(Err(error @ (CodecError::TooLarge { .. } | CodecError::Encode(_)))) => {
                 // Nothing was written: the link is intact; only this frame is lost.
@@ -406,7 +406,7 @@ async fn flush(link: &mut Link, out: &mut Vec<Frame>, stall: Duration) -> Result
             Err(_) => return Err(format!("the leader accepted no bytes for {} ms", stall.as_millis())),
         }
     }
-    match tokio::time::timeout(stall, link.tx.flush()).await {
+    match flush_within(&mut link.tx, stall).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(format!("write to the leader failed: {error}")),
         Err(_) => Err(format!("the leader accepted no bytes for {} ms", stall.as_millis())),

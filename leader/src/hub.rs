@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_protocol::{Ack, Frame, Position, RemoteError, RequestId};
+use tandem_protocol::{Ack, Event, Frame, Position, RemoteError, RequestId, SharedFrame};
 use tokio_util::task::TaskTracker;
 
 use crate::channel::ErasedUpstream;
@@ -39,8 +39,8 @@ struct Topic {
     subscribers: HashMap<SessionId, Arc<Outbox>>,
     /// Subscribers whose Ack waits for the upstream subscription.
     waiters: Vec<Waiter>,
-    /// The cached value: (seq, payload).
-    last: Option<(u64, Bytes)>,
+    /// The cached value: its seq, and its Event frame encoded once.
+    last: Option<(u64, SharedFrame)>,
     upstream_subscribed: bool,
     op_running: bool,
     /// The generation of the live sink; 0 when no sink may deliver.
@@ -92,10 +92,10 @@ impl Hub {
     }
 
     fn send_cached(&self, topic: &Topic, outbox: &Outbox, key: &Bytes, last_seen: Option<Position>) {
-        if let Some((seq, payload)) = &topic.last {
+        if let Some((seq, event)) = &topic.last {
             let position = Position { epoch: self.epoch, seq: *seq };
             if last_seen.is_none_or(|seen| position > seen) {
-                outbox.push_event(&self.channel, key, self.epoch, *seq, payload);
+                outbox.push_event(&self.channel, key, event);
             }
         }
     }
@@ -248,10 +248,19 @@ impl Hub {
         }
         state.next_seq += 1;
         let seq = state.next_seq;
+        // Encoded once here, copied as bytes into each subscriber's socket.
+        let event = Event { channel: self.channel.to_string(), key: key.clone(), epoch: self.epoch, seq, payload };
+        let event = match SharedFrame::encode(Frame::Event(event), self.max_frame_length) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(channel = %self.channel, %error, "upstream event not encodable; dropped");
+                return false;
+            }
+        };
         for outbox in topic.subscribers.values() {
-            outbox.push_event(&self.channel, key, self.epoch, seq, &payload);
+            outbox.push_event(&self.channel, key, &event);
         }
-        topic.last = Some((seq, payload));
+        topic.last = Some((seq, event));
         true
     }
 

@@ -13,19 +13,40 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use tandem_protocol::{Event, Frame};
+use tandem_protocol::{Frame, SharedFrame};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 type EventKey = (Arc<str>, Bytes);
 
+/// What the writer sends: a frame of this session, or an event encoded once
+/// for every subscriber of its key.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Outgoing {
+    Frame(Frame),
+    Event(SharedFrame),
+}
+
+impl Outgoing {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Outgoing::Frame(frame) => frame.kind(),
+            Outgoing::Event(event) => event.frame().kind(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Frame>,
     event_order: VecDeque<EventKey>,
-    events: HashMap<EventKey, (u64, u64, Bytes)>,
+    events: HashMap<EventKey, SharedFrame>,
     closed: Option<String>,
     conflated: u64,
+    /// The writer found nothing to send and waits for a wake-up. Pushes wake
+    /// it only then: a busy writer takes what was queued on its next round, so
+    /// a burst of pushes costs one wake-up, not one each.
+    writer_idle: bool,
 }
 
 /// The queue between the leader's tasks and one follower's writer task.
@@ -57,16 +78,16 @@ impl Outbox {
     /// Queues a frame and wakes the writer; false if the outbox is closed or
     /// just overflowed (then closed).
     pub(crate) fn push(&self, frame: Frame) -> bool {
-        let queued = self.push_quiet(frame);
-        if queued {
-            self.wake();
-        }
-        queued
+        self.enqueue(frame, true)
     }
 
     /// Queues a frame without waking the writer; call [`Outbox::wake`] after a
     /// burst. False if the outbox is closed or just overflowed.
     pub(crate) fn push_quiet(&self, frame: Frame) -> bool {
+        self.enqueue(frame, false)
+    }
+
+    fn enqueue(&self, frame: Frame, wake: bool) -> bool {
         let mut state = self.lock();
         if state.closed.is_some() {
             return false;
@@ -79,16 +100,23 @@ impl Outbox {
             return false;
         }
         state.frames.push_back(frame);
+        if wake && std::mem::take(&mut state.writer_idle) {
+            self.notify.notify_one();
+        }
         true
     }
 
-    /// Wakes the writer.
+    /// Wakes the writer if it is waiting.
     pub(crate) fn wake(&self) {
-        self.notify.notify_one();
+        let idle = std::mem::take(&mut self.lock().writer_idle);
+        if idle {
+            self.notify.notify_one();
+        }
     }
 
-    /// Queues an event, replacing a pending older event of the same key.
-    pub(crate) fn push_event(&self, channel: &Arc<str>, key: &Bytes, epoch: u64, seq: u64, payload: &Bytes) {
+    /// Queues an event (of the key `channel`/`key`), replacing a pending older
+    /// event of the same key.
+    pub(crate) fn push_event(&self, channel: &Arc<str>, key: &Bytes, event: &SharedFrame) {
         let mut state = self.lock();
         if state.closed.is_some() {
             return;
@@ -96,16 +124,18 @@ impl Outbox {
         let state = &mut *state;
         match state.events.entry((channel.clone(), key.clone())) {
             Entry::Occupied(mut pending) => {
-                *pending.get_mut() = (epoch, seq, payload.clone());
+                *pending.get_mut() = event.clone();
                 state.conflated += 1;
                 return;
             }
             Entry::Vacant(slot) => {
                 state.event_order.push_back(slot.key().clone());
-                slot.insert((epoch, seq, payload.clone()));
+                slot.insert(event.clone());
             }
         }
-        self.notify.notify_one();
+        if std::mem::take(&mut state.writer_idle) {
+            self.notify.notify_one();
+        }
     }
 
     /// Drops any pending event of a key (the follower unsubscribed it).
@@ -146,24 +176,27 @@ impl Outbox {
     /// Moves everything queued into `batch` (frames first, then events in the
     /// order their keys first became pending). Waits while there is nothing.
     /// Returns the close reason once the outbox is closed and drained.
-    pub(crate) async fn next_batch(&self, batch: &mut Vec<Frame>) -> Result<(), String> {
+    pub(crate) async fn next_batch(&self, batch: &mut Vec<Outgoing>) -> Result<(), String> {
         loop {
             {
                 let mut state = self.lock();
                 let state = &mut *state;
-                batch.extend(state.frames.drain(..));
+                batch.extend(state.frames.drain(..).map(Outgoing::Frame));
                 while let Some(key) = state.event_order.pop_front() {
-                    if let Some((epoch, seq, payload)) = state.events.remove(&key) {
-                        let (channel, key) = key;
-                        batch.push(Frame::Event(Event { channel: channel.to_string(), key, epoch, seq, payload }));
+                    if let Some(event) = state.events.remove(&key) {
+                        batch.push(Outgoing::Event(event));
                     }
                 }
                 if !batch.is_empty() {
+                    state.writer_idle = false;
                     return Ok(());
                 }
                 if let Some(reason) = &state.closed {
                     return Err(reason.clone());
                 }
+                // Set under the lock, before waiting: a push after this point
+                // sees it and notifies (a notification before the wait is kept).
+                state.writer_idle = true;
             }
             self.notify.notified().await;
         }
@@ -179,15 +212,23 @@ mod tests {
         let outbox = Outbox::new(8);
         let ch: Arc<str> = Arc::from("c");
         let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
-        outbox.push_event(&ch, &a, 1, 1, &Bytes::from_static(b"a1"));
-        outbox.push_event(&ch, &b, 1, 2, &Bytes::from_static(b"b1"));
-        outbox.push_event(&ch, &a, 1, 3, &Bytes::from_static(b"a2"));
+        let event = |key: &Bytes, seq: u64, payload: &'static [u8]| {
+            let payload = Bytes::from_static(payload);
+            let event = tandem_protocol::Event { channel: "c".into(), key: key.clone(), epoch: 1, seq, payload };
+            SharedFrame::encode(Frame::Event(event), 1 << 20).unwrap()
+        };
+        outbox.push_event(&ch, &a, &event(&a, 1, b"a1"));
+        outbox.push_event(&ch, &b, &event(&b, 2, b"b1"));
+        outbox.push_event(&ch, &a, &event(&a, 3, b"a2"));
         let mut batch = Vec::new();
         outbox.next_batch(&mut batch).await.unwrap();
         let got: Vec<(Bytes, u64)> = batch
             .into_iter()
             .map(|f| match f {
-                Frame::Event(e) => (e.payload, e.seq),
+                Outgoing::Event(e) => match e.frame() {
+                    Frame::Event(e) => (e.payload.clone(), e.seq),
+                    other => panic!("unexpected {other:?}"),
+                },
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
@@ -205,7 +246,7 @@ mod tests {
         assert!(reason.contains("too slow"), "{reason}");
         let mut batch = Vec::new();
         outbox.next_batch(&mut batch).await.unwrap();
-        assert_eq!(batch, vec![Frame::Ping(1), Frame::Ping(2)]);
+        assert_eq!(batch, vec![Outgoing::Frame(Frame::Ping(1)), Outgoing::Frame(Frame::Ping(2))]);
         batch.clear();
         assert!(outbox.next_batch(&mut batch).await.is_err());
     }

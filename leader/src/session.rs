@@ -26,7 +26,7 @@ use std::task::{Context, Poll, Waker};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::{
     Ack, ChannelStatus, CodecError, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject,
-    RemoteError, RequestId, Response, UpstreamState, Welcome, check_hello,
+    RemoteError, RequestId, Response, UpstreamState, Welcome, check_hello, feed_within, flush_within,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,7 @@ use tracing::Instrument;
 use crate::channel::{BoxFuture, Channel};
 use crate::hub::SessionId;
 use crate::leader::Shared;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Outgoing};
 use crate::upstream::CallContext;
 
 /// Who is on the other end of a link, as established by the transport.
@@ -492,7 +492,7 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
         for status in statuses {
             link.tx.feed(status).await?;
         }
-        link.tx.flush().await
+        SinkExt::<Frame>::flush(&mut link.tx).await
     };
     match tokio::time::timeout(config.write_stall_timeout, send).await {
         Ok(Ok(())) => Ok((hello, states)),
@@ -536,15 +536,18 @@ async fn write_loop(mut tx: LinkSink, outbox: Arc<Outbox>, stall: Duration) -> S
     let mut batch = Vec::with_capacity(64);
     loop {
         if let Err(reason) = outbox.next_batch(&mut batch).await {
-            let _ = tokio::time::timeout(stall, tx.close()).await;
+            let _ = tokio::time::timeout(stall, SinkExt::<Frame>::close(&mut tx)).await;
             return reason;
         }
         // The stall bound applies to each step, so a big batch to a reader that
         // is slow but still reading is not mistaken for a stalled one.
         let mut result = Ok(Ok(()));
-        for frame in batch.drain(..) {
-            let kind = frame.kind();
-            result = tokio::time::timeout(stall, tx.feed(frame)).await;
+        for outgoing in batch.drain(..) {
+            let kind = outgoing.kind();
+            result = match outgoing {
+                Outgoing::Frame(frame) => feed_within(&mut tx, frame, stall).await,
+                Outgoing::Event(event) => feed_within(&mut tx, event, stall).await,
+            };
             if let Ok(Err(error @ (CodecError::TooLarge { .. } | CodecError::Encode(_)))) = &result {
                 // Nothing was written: the connection is intact; drop this frame only.
                 tracing::error!(%error, frame = kind, "frame not sent");
@@ -556,7 +559,7 @@ async fn write_loop(mut tx: LinkSink, outbox: Arc<Outbox>, stall: Duration) -> S
             }
         }
         if matches!(result, Ok(Ok(()))) {
-            result = tokio::time::timeout(stall, tx.flush()).await;
+            result = flush_within(&mut tx, stall).await;
         }
         match result {
             Ok(Ok(())) => {}

@@ -8,6 +8,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::SharedFrame;
+
 /// The default limit on a frame's body: 16 MiB.
 pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
 
@@ -136,6 +138,20 @@ fn decode_body<D: DeserializeOwned>(body: &[u8]) -> Result<D, CodecError> {
         return Err(CodecError::Malformed(e));
     }
     Ok(item)
+}
+
+impl<D> Encoder<SharedFrame> for Codec<D> {
+    type Error = CodecError;
+
+    /// Copies the bytes encoded once (checked against this codec's limit too).
+    fn encode(&mut self, item: SharedFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let len = item.wire().len().saturating_sub(LENGTH_PREFIX);
+        if len > self.max {
+            return Err(CodecError::TooLarge { len: len as u64, max: self.max });
+        }
+        dst.extend_from_slice(item.wire());
+        Ok(())
+    }
 }
 
 impl<D, T: Serialize> Encoder<T> for Codec<D> {

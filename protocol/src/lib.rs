@@ -44,6 +44,7 @@ mod frame;
 mod handshake;
 mod link;
 pub mod payload;
+mod shared;
 
 pub use api::{Api, Message};
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
@@ -53,7 +54,8 @@ pub use frame::{
     Unsubscribe, UpstreamState, Welcome,
 };
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
-pub use link::{Link, LinkSink};
+pub use link::{FrameSink, Link, LinkSink, Stalled, feed_within, flush_within};
+pub use shared::SharedFrame;
 
 // Re-exported so users of the codec need not depend on the same versions themselves.
 pub use bytes;

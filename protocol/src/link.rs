@@ -7,6 +7,9 @@
 
 use std::fmt;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use futures::channel::mpsc as fmpsc;
 use futures::sink::{Sink, SinkExt};
@@ -14,10 +17,21 @@ use futures::stream::{BoxStream, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::{CodecError, Frame, FrameCodec};
+use crate::{CodecError, Frame, FrameCodec, SharedFrame};
+
+/// What the sending half of a link accepts: frames, and frames encoded once
+/// for many links ([`SharedFrame`]; a socket copies its bytes, other links
+/// take the frame).
+pub trait FrameSink: Sink<Frame, Error = CodecError> + Sink<SharedFrame, Error = CodecError> + Send {}
+
+impl<T> FrameSink for T where T: Sink<Frame, Error = CodecError> + Sink<SharedFrame, Error = CodecError> + Send + ?Sized {}
 
 /// The boxed sending half of a link.
-pub type LinkSink = std::pin::Pin<Box<dyn Sink<Frame, Error = CodecError> + Send>>;
+pub type LinkSink = Pin<Box<dyn FrameSink>>;
+
+/// How many encoded bytes a socket link buffers before it writes: a batch of
+/// small frames goes out in one write.
+const WRITE_BUFFER: usize = 64 * 1024;
 
 /// The receiving and sending halves of one connection.
 pub struct Link {
@@ -40,10 +54,9 @@ impl Link {
         R: AsyncRead + Send + 'static,
         W: AsyncWrite + Send + 'static,
     {
-        Link {
-            rx: FramedRead::with_capacity(read, codec.clone(), 64 * 1024).boxed(),
-            tx: Box::pin(FramedWrite::new(write, codec)),
-        }
+        let mut tx = FramedWrite::new(write, codec.clone());
+        tx.set_backpressure_boundary(WRITE_BUFFER);
+        Link { rx: FramedRead::with_capacity(read, codec, 64 * 1024).boxed(), tx: Box::pin(tx) }
     }
 
     /// A link from any stream and sink of frames.
@@ -52,7 +65,7 @@ impl Link {
         S: Stream<Item = Result<Frame, CodecError>> + Send + 'static,
         K: Sink<Frame, Error = CodecError> + Send + 'static,
     {
-        Link { rx: rx.boxed(), tx: Box::pin(tx) }
+        Link { rx: rx.boxed(), tx: Box::pin(Unshare(Box::pin(tx))) }
     }
 
     /// Two in-memory links connected to each other, each direction bounded to
@@ -65,7 +78,7 @@ impl Link {
 
     fn from_channels(tx: fmpsc::Sender<Frame>, rx: fmpsc::Receiver<Frame>) -> Link {
         let tx = tx.sink_map_err(|_| CodecError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "peer closed the link")));
-        Link { rx: rx.map(Ok).boxed(), tx: Box::pin(tx) }
+        Link::new(rx.map(Ok), tx)
     }
 
     /// A link over tokio mpsc channels (as the cluster's messenger relay hands out).
@@ -73,6 +86,81 @@ impl Link {
         let tx = tokio_util::sync::PollSender::new(tx)
             .sink_map_err(|_| CodecError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "peer closed the link")));
         let rx = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (Ok(f), rx)) });
-        Link { rx: rx.boxed(), tx: Box::pin(tx) }
+        Link::new(rx, tx)
+    }
+}
+
+/// A sink of frames that also takes shared frames, as the frames they hold.
+struct Unshare(Pin<Box<dyn Sink<Frame, Error = CodecError> + Send>>);
+
+impl Sink<Frame> for Unshare {
+    type Error = CodecError;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        self.0.as_mut().poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Frame) -> Result<(), CodecError> {
+        self.0.as_mut().start_send(item)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        self.0.as_mut().poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        self.0.as_mut().poll_close(cx)
+    }
+}
+
+impl Sink<SharedFrame> for Unshare {
+    type Error = CodecError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_ready(self, cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: SharedFrame) -> Result<(), CodecError> {
+        Sink::<Frame>::start_send(self, item.frame().clone())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_flush(self, cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_close(self, cx)
+    }
+}
+
+/// Why [`feed_within`] or [`flush_within`] gave up.
+pub type Stalled = tokio::time::error::Elapsed;
+
+/// Feeds `item` to `tx`, waiting at most `stall` for the sink to have room.
+///
+/// A sink with room takes the item at once, with no timer armed: the common
+/// case of a batch of frames going into a socket's write buffer costs no clock
+/// read or timer per frame.
+pub async fn feed_within<I>(tx: &mut LinkSink, item: I, stall: Duration) -> Result<Result<(), CodecError>, Stalled>
+where
+    dyn FrameSink: Sink<I, Error = CodecError>,
+{
+    // Polling with a no-op waker is sound: if the sink is not ready, `feed`
+    // below polls it again with the task's waker before waiting.
+    let ready = Sink::<I>::poll_ready(tx.as_mut(), &mut Context::from_waker(Waker::noop()));
+    match ready {
+        Poll::Ready(Ok(())) => Ok(Sink::<I>::start_send(tx.as_mut(), item)),
+        Poll::Ready(Err(error)) => Ok(Err(error)),
+        Poll::Pending => tokio::time::timeout(stall, SinkExt::<I>::feed(tx, item)).await,
+    }
+}
+
+/// Flushes `tx`, waiting at most `stall` for the peer to take the bytes; a
+/// flush that completes at once arms no timer.
+pub async fn flush_within(tx: &mut LinkSink, stall: Duration) -> Result<Result<(), CodecError>, Stalled> {
+    let flushed = Sink::<Frame>::poll_flush(tx.as_mut(), &mut Context::from_waker(Waker::noop()));
+    match flushed {
+        Poll::Ready(result) => Ok(result),
+        Poll::Pending => tokio::time::timeout(stall, SinkExt::<Frame>::flush(tx)).await,
     }
 }
