@@ -63,20 +63,32 @@ async fn killing_the_member_in_use_moves_on_without_missing_an_event() {
         let mut watch = client.watch(Keys::exact("f/k"), Start::Revision(start));
 
         const LAST: u32 = 60;
+        const BEFORE_KILL: u32 = 20;
+        // The writer pauses after the first values until the member in use is
+        // dead, so the rest can only reach the watch through another member.
+        let (killed_tx, killed_rx) = tokio::sync::oneshot::channel::<()>();
         let writing = tokio::spawn(async move {
-            for n in 1..=LAST {
+            for n in 1..=BEFORE_KILL {
+                put_retrying(&writer, "f/k", n.to_string()).await;
+            }
+            let _ = killed_rx.await;
+            for n in BEFORE_KILL + 1..=LAST {
                 put_retrying(&writer, "f/k", n.to_string()).await;
             }
         });
+        let mut killed_tx = Some(killed_tx);
         let mut seen: Vec<(u32, i64)> = Vec::new();
         let mut killed = false;
         while seen.last().map(|(n, _)| *n) != Some(LAST) {
             let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("stalled").unwrap();
             let WatchEvent::Put(kv) = event else { panic!("{event:?}") };
             seen.push((kv.value_str().parse().unwrap(), kv.mod_revision));
-            if !killed && seen.len() == 20 {
+            if !killed && seen.last().map(|(n, _)| *n) == Some(BEFORE_KILL) {
                 etcd.kill(etcd.index_of(&in_use));
                 killed = true;
+                if let Some(go) = killed_tx.take() {
+                    let _ = go.send(());
+                }
             }
         }
         writing.await.unwrap();
