@@ -288,18 +288,22 @@ impl Master {
         Ok(Outcome::LinkOpened { link })
     }
 
-    pub(crate) fn on_link_frame(&mut self, from: ProcKey, link: LinkId, frame: Bytes) {
-        let Some(route) = self.router.links.get(&link).copied() else {
-            return; // closed meanwhile
-        };
-        let other = if route.worker == from {
-            route.agent
+    /// The end of `link` that `from` is not; `None` if the link is gone (closed
+    /// meanwhile) or `from` is not one of its ends (logged).
+    fn other_end(&self, from: ProcKey, link: LinkId, what: &str) -> Option<ProcKey> {
+        let route = self.router.links.get(&link).copied()?;
+        if route.worker == from {
+            Some(route.agent)
         } else if route.agent == from {
-            route.worker
+            Some(route.worker)
         } else {
-            tracing::warn!(link, "a frame for a link this process is not an end of; ignored");
-            return;
-        };
+            tracing::warn!(link, what, "relayed for a link this process is not an end of; ignored");
+            None
+        }
+    }
+
+    pub(crate) fn on_link_frame(&mut self, from: ProcKey, link: LinkId, frame: Bytes) {
+        let Some(other) = self.other_end(from, link, "frame") else { return };
         let result = match self.proc(other) {
             Some(p) => p.data.try_send(ToChild::LinkFrame { link, frame }).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => "relay queue full",
@@ -318,17 +322,7 @@ impl Master {
     /// lost credit would stall the link), and when both are full the link is
     /// closed.
     pub(crate) fn on_link_credit(&mut self, from: ProcKey, link: LinkId, credit: u32) {
-        let Some(route) = self.router.links.get(&link).copied() else {
-            return; // closed meanwhile
-        };
-        let other = if route.worker == from {
-            route.agent
-        } else if route.agent == from {
-            route.worker
-        } else {
-            tracing::warn!(link, "a credit for a link this process is not an end of; ignored");
-            return;
-        };
+        let Some(other) = self.other_end(from, link, "credit") else { return };
         let result = match self.proc(other) {
             Some(p) => match p.data.try_send(ToChild::LinkCredit { link, credit }) {
                 Ok(()) => Ok(()),
