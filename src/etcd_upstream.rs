@@ -51,6 +51,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use crate::follow_tasks::FollowTasks;
 use crate::registry_upstream::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
 use crate::registry_upstream::{ServiceApi, ServiceRequest, ServiceResponse};
 
@@ -66,17 +67,9 @@ pub struct EtcdUpstream {
 #[derive(Debug)]
 struct Inner {
     client: tandem_etcd::Client,
-    watches: Mutex<HashMap<(&'static str, String), AbortHandle>>,
+    watches: FollowTasks,
     /// Instances registered through this Leader, by (service, id).
     registrations: Mutex<HashMap<(String, String), Registration>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        for (_, handle) in self.watches.get_mut().unwrap_or_else(|p| p.into_inner()).drain() {
-            handle.abort();
-        }
-    }
 }
 
 /// How long a subscription's first read may take (the leader gives it no deadline).
@@ -118,7 +111,9 @@ impl EtcdUpstream {
 
     /// Serves over an existing client.
     pub fn new(client: tandem_etcd::Client) -> Self {
-        EtcdUpstream { inner: Arc::new(Inner { client, watches: Mutex::default(), registrations: Mutex::default() }) }
+        EtcdUpstream {
+            inner: Arc::new(Inner { client, watches: FollowTasks::default(), registrations: Mutex::default() }),
+        }
     }
 
     /// The channels' health from the client's connection state: `Down` while no
@@ -155,20 +150,6 @@ impl EtcdUpstream {
     /// The etcd client (its connection state, the member in use).
     pub fn client(&self) -> &tandem_etcd::Client {
         &self.inner.client
-    }
-
-    fn track(&self, channel: &'static str, key: String, handle: AbortHandle) {
-        let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = watches.insert((channel, key), handle) {
-            old.abort();
-        }
-    }
-
-    fn untrack(&self, channel: &'static str, key: String) {
-        let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = watches.remove(&(channel, key)) {
-            handle.abort();
-        }
     }
 
     async fn register(&self, instance: Instance, ttl: Duration, deadline: Instant) -> Result<(), RemoteError> {
@@ -275,13 +256,12 @@ impl Upstream<ConfigApi> for EtcdUpstream {
         let (last, present) = (i64::try_from(current.revision).unwrap_or(0), current.value.is_some());
         sink.send(current);
         let watch = self.inner.client.watch(Keys::exact(key.as_str()), Start::Revision(snapshot.revision + 1));
-        let task = tokio::spawn(follow_key(watch, key.clone(), sink, last, present));
-        self.track(ConfigApi::NAME, key, task.abort_handle());
+        self.inner.watches.spawn(ConfigApi::NAME, key.clone(), follow_key(watch, key.clone(), sink, last, present));
         Ok(())
     }
 
     async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
-        self.untrack(ConfigApi::NAME, key);
+        self.inner.watches.stop(ConfigApi::NAME, key);
         Ok(())
     }
 
@@ -332,13 +312,12 @@ impl Upstream<ServiceApi> for EtcdUpstream {
 
     async fn subscribe(&self, service: String, sink: EventSink<ServiceApi>) -> Result<(), RemoteError> {
         let lists = self.inner.client.watch_service::<Instance>(&service);
-        let task = tokio::spawn(follow_service(lists, sink));
-        self.track(ServiceApi::NAME, service, task.abort_handle());
+        self.inner.watches.spawn(ServiceApi::NAME, service.clone(), follow_service(lists, sink));
         Ok(())
     }
 
     async fn unsubscribe(&self, service: String) -> Result<(), RemoteError> {
-        self.untrack(ServiceApi::NAME, service);
+        self.inner.watches.stop(ServiceApi::NAME, service);
         Ok(())
     }
 

@@ -21,6 +21,7 @@
 pub mod cluster_glue;
 #[cfg(feature = "etcd")]
 pub mod etcd_upstream;
+mod follow_tasks;
 pub mod registry_upstream;
 
 pub use tandem_cluster as cluster;

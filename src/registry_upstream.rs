@@ -35,8 +35,9 @@ use tandem_leader::{CallContext, EventSink, Upstream};
 use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tandem_registry::{Client, Instance, Registration, ServiceEvent, WatchEvent, WatchSpec};
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::follow_tasks::FollowTasks;
 
 /// The config-center channel.
 #[derive(Debug)]
@@ -147,7 +148,7 @@ struct Inner {
     client: watch::Sender<Option<Client>>,
     /// `Ready`, or `Down` while reconnecting: followers see it as the channel's state.
     health: watch::Sender<UpstreamState>,
-    watches: Mutex<HashMap<(&'static str, String), AbortHandle>>,
+    watches: FollowTasks,
     registrations: Mutex<HashMap<(String, String), Held>>,
     cancel: CancellationToken,
 }
@@ -155,9 +156,6 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.cancel.cancel();
-        for (_, handle) in self.watches.get_mut().unwrap_or_else(|p| p.into_inner()).drain() {
-            handle.abort();
-        }
     }
 }
 
@@ -179,7 +177,7 @@ impl RegistryUpstream {
             addr,
             client: watch::Sender::new(Some(client)),
             health: watch::Sender::new(UpstreamState::Ready),
-            watches: Mutex::default(),
+            watches: FollowTasks::default(),
             registrations: Mutex::default(),
             cancel: CancellationToken::new(),
         });
@@ -193,20 +191,6 @@ impl RegistryUpstream {
         match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(client)) => client.clone().ok_or_else(|| RemoteError::internal("client vanished")),
             _ => Err(RemoteError::unavailable(format!("registry at {} unreachable", self.inner.addr))),
-        }
-    }
-
-    fn track(&self, channel: &'static str, key: String, handle: AbortHandle) {
-        let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = watches.insert((channel, key), handle) {
-            old.abort();
-        }
-    }
-
-    fn untrack(&self, channel: &'static str, key: String) {
-        let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(handle) = watches.remove(&(channel, key)) {
-            handle.abort();
         }
     }
 
@@ -389,13 +373,16 @@ impl Upstream<ConfigApi> for RegistryUpstream {
             }
             None => ConfigValue { value: None, revision },
         });
-        let task = tokio::spawn(follow_key(self.clone(), key.clone(), sink, revision + 1));
-        self.track(ConfigApi::NAME, key, task.abort_handle());
+        self.inner.watches.spawn(
+            ConfigApi::NAME,
+            key.clone(),
+            follow_key(self.clone(), key.clone(), sink, revision + 1),
+        );
         Ok(())
     }
 
     async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
-        self.untrack(ConfigApi::NAME, key);
+        self.inner.watches.stop(ConfigApi::NAME, key);
         Ok(())
     }
 
@@ -435,13 +422,16 @@ impl Upstream<ServiceApi> for RegistryUpstream {
     }
 
     async fn subscribe(&self, service: String, sink: EventSink<ServiceApi>) -> Result<(), RemoteError> {
-        let task = tokio::spawn(follow_service(self.clone(), service.clone(), sink));
-        self.track(ServiceApi::NAME, service, task.abort_handle());
+        self.inner.watches.spawn(
+            ServiceApi::NAME,
+            service.clone(),
+            follow_service(self.clone(), service.clone(), sink),
+        );
         Ok(())
     }
 
     async fn unsubscribe(&self, service: String) -> Result<(), RemoteError> {
-        self.untrack(ServiceApi::NAME, service);
+        self.inner.watches.stop(ServiceApi::NAME, service);
         Ok(())
     }
 
