@@ -37,6 +37,7 @@
 //! assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping(7)));
 //! ```
 
+mod accept;
 mod api;
 mod codec;
 mod error;
@@ -46,6 +47,9 @@ mod link;
 pub mod payload;
 mod shared;
 
+pub use accept::{
+    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion,
+};
 pub use api::{Api, Message};
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
 pub use error::{ErrorKind, RemoteError};

@@ -37,6 +37,63 @@ pub struct Config {
     /// How long shutdown waits for connections to flush their last messages.
     /// The default is 5 seconds.
     pub shutdown_grace: Duration,
+    /// The most connections served at once. One more is accepted, sent a
+    /// `Goodbye` (`Unavailable`, code `too_many_connections`) and closed at once;
+    /// the refusals are logged at WARN, at most once every 10 seconds.
+    /// The default is 10 000, or the process's open-file limit (`ulimit -n`)
+    /// minus [`RESERVED_FDS`] when that is lower: a server out of file
+    /// descriptors cannot even refuse (its `accept` fails with `EMFILE`).
+    pub max_connections: usize,
+    /// How long a frame may take to arrive once its first byte has: a client
+    /// that starts a request and stalls (a few bytes of a length prefix, say)
+    /// is sent a `Goodbye` (`DeadlineExceeded`, code `frame_timeout`) and
+    /// disconnected. The default is 10 seconds.
+    pub frame_timeout: Duration,
+    /// How long a connection with no watch and no lease may go without sending
+    /// a request before it is sent a `Goodbye` (`Unavailable`, code
+    /// `idle_timeout`) and closed. This includes a connection that never sends
+    /// anything: the registry protocol has no client hello (the server speaks
+    /// first). Zero disables the timeout. The default is 5 minutes.
+    pub idle_timeout: Duration,
+    /// The most bytes buffered at once, across all connections, for requests
+    /// that have not fully arrived. A frame longer than
+    /// [`SMALL_FRAME`] is counted in full, before its body is read,
+    /// as soon as its length prefix is; one that does not fit ends its
+    /// connection with a `Goodbye` (`Unavailable`, code `frame_budget`).
+    /// Frames up to [`SMALL_FRAME`] are not counted: each connection may buffer
+    /// one, so they are bounded by `max_connections` × 64 KiB.
+    /// The default is 64 MiB.
+    pub partial_frame_budget: usize,
+}
+
+/// File descriptors kept free under the open-file limit when the default
+/// [`Config::max_connections`] is derived from it (for the listener, logs and
+/// the runtime's own descriptors, and to refuse the connection past the cap).
+pub const RESERVED_FDS: usize = 32;
+
+/// Frames up to this many bytes are read without counting against
+/// [`Config::partial_frame_budget`]: 64 KiB.
+pub const SMALL_FRAME: usize = 64 * 1024;
+
+/// The default of [`Config::max_connections`]: 10 000, or the open-file limit
+/// minus [`RESERVED_FDS`] when that is lower (but at least 1).
+pub fn default_max_connections() -> usize {
+    const MAX: usize = 10_000;
+    match open_file_limit() {
+        Some(limit) => usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(RESERVED_FDS).clamp(1, MAX),
+        None => MAX,
+    }
+}
+
+/// The process's soft limit on open file descriptors, if it has one.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `getrlimit` only writes the `rlimit` it is given a valid pointer to.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if rc != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    Some(limit.rlim_cur)
 }
 
 impl Default for Config {
@@ -52,6 +109,10 @@ impl Default for Config {
             min_lease_ttl: Duration::from_millis(100),
             max_lease_ttl: Duration::from_secs(24 * 60 * 60),
             shutdown_grace: Duration::from_secs(5),
+            max_connections: default_max_connections(),
+            frame_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5 * 60),
+            partial_frame_budget: 64 * 1024 * 1024,
         }
     }
 }

@@ -67,7 +67,9 @@ mod driver;
 mod error;
 mod hub;
 mod in_flight;
+mod limits;
 mod outbound;
+mod reader;
 mod registration;
 mod server;
 mod services;
@@ -79,7 +81,7 @@ mod watch;
 mod wire;
 
 pub use client::Client;
-pub use config::Config;
+pub use config::{Config, RESERVED_FDS, SMALL_FRAME, default_max_connections};
 pub use error::Error;
 pub use registration::Registration;
 pub use server::{Server, ServerHandle, serve};

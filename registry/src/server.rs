@@ -6,20 +6,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, ToSocketAddrs};
+use bytes::BytesMut;
+use tandem_protocol::{AcceptErrors, Codec, RemoteError};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, RESERVED_FDS, open_file_limit};
+use crate::limits::Limits;
 use crate::session;
 use crate::state::Shared;
 use crate::stats::Stats;
-
-/// How long the accept loop pauses after a failed `accept` (out of file descriptors, say).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+use crate::wire::{Request, ServerMessage};
 
 /// A bound registry server, ready to [`run`](Server::run) or [`spawn`](Server::spawn).
 #[derive(Debug)]
@@ -53,9 +55,26 @@ impl Server {
 
     /// Serves until `shutdown` is cancelled, then stops accepting, says goodbye to
     /// every client and waits (up to [`Config::shutdown_grace`]) for the connections to close.
+    ///
+    /// Past [`Config::max_connections`], a new connection is sent a `Goodbye`
+    /// (code `too_many_connections`) and closed. When `accept` itself fails (out
+    /// of file descriptors, say), the loop logs it (rate-limited), pauses with a
+    /// backoff and tries again; the open connections are served all along.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server { listener, local_addr, shared } = self;
-        info!(addr = %local_addr, "registry serving");
+        let config = &shared.config;
+        info!(
+            addr = %local_addr,
+            max_connections = config.max_connections,
+            frame_timeout_ms = config.frame_timeout.as_millis() as u64,
+            idle_timeout_ms = config.idle_timeout.as_millis() as u64,
+            partial_frame_budget = config.partial_frame_budget,
+            max_frame = config.max_frame,
+            "registry serving"
+        );
+        warn_if_over_file_limit(config.max_connections);
+        let limits = Limits::new(config);
+        let mut errors = AcceptErrors::new("registry");
         let tracker = TaskTracker::new();
         tracker.spawn(reap_leases(shared.clone(), shutdown.clone()));
         loop {
@@ -65,17 +84,26 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    errors.succeeded();
+                    let Some(slot) = limits.try_open() else {
+                        limits.log_refused(peer);
+                        refuse(stream, limits.max_connections);
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "cannot disable Nagle's algorithm");
                     }
                     let conn = shared.connection_opened();
-                    tracker.spawn(session::run(stream, peer, conn, shared.clone(), shutdown.clone()));
+                    tracker.spawn(session::run(stream, peer, conn, shared.clone(), slot, shutdown.clone()));
                 }
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
+                    let pause = errors.failed(&e);
+                    if pause.is_zero() {
+                        continue;
+                    }
                     tokio::select! {
                         () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        () = tokio::time::sleep(pause) => {}
                     }
                 }
             }
@@ -146,6 +174,47 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// Tells a connection past the cap why it is closed, without waiting for it:
+/// the goodbye is written only if the fresh socket takes it at once (it does,
+/// its buffer is empty), then the socket is closed.
+fn refuse(stream: TcpStream, max_connections: usize) {
+    let error = RemoteError::unavailable(format!(
+        "the registry is serving its limit of {max_connections} connections; try again later"
+    ))
+    .with_code("too_many_connections");
+    let mut goodbye = BytesMut::new();
+    if let Err(e) = Codec::<Request>::new().encode(ServerMessage::Goodbye(error), &mut goodbye) {
+        debug!(error = %e, "cannot encode the refusal");
+        return;
+    }
+    // A std socket writes without waiting for the reactor to report it writable.
+    match stream.into_std() {
+        Ok(stream) => {
+            if let Err(e) = std::io::Write::write(&mut &stream, &goodbye) {
+                debug!(error = %e, "cannot tell a refused connection why");
+            }
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+        Err(e) => debug!(error = %e, "cannot tell a refused connection why"),
+    }
+}
+
+/// Warns when the open-file limit would stop `accept` (with `EMFILE`) before
+/// the connection cap does: then clients wait in the backlog instead of being refused.
+fn warn_if_over_file_limit(max_connections: usize) {
+    if let Some(limit) = open_file_limit() {
+        let room = usize::try_from(limit).unwrap_or(usize::MAX).saturating_sub(RESERVED_FDS);
+        if max_connections > room {
+            warn!(
+                max_connections,
+                open_file_limit = limit,
+                "the connection limit is above what the open-file limit allows (minus {RESERVED_FDS} reserved): \
+                 accept will fail with EMFILE before it is reached; raise `ulimit -n` or lower --max-connections"
+            );
+        }
     }
 }
 

@@ -146,6 +146,11 @@ impl Services {
         held.into_iter().filter_map(|lease| self.end(lease)).collect()
     }
 
+    /// Whether `conn` holds at least one lease.
+    pub(crate) fn holds_lease(&self, conn: ConnId) -> bool {
+        self.leases.values().any(|l| l.conn == conn)
+    }
+
     /// The earliest lease deadline, if any lease exists.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.leases.values().map(|l| l.deadline).min()

@@ -8,16 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tandem_protocol::{Codec, CodecError, RemoteError};
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::hub::Target;
+use crate::limits::Slot;
 use crate::outbound::{self, EventBounds, Gone, Outbound};
+use crate::reader::{Read, ReadError, RequestReader};
 use crate::services::Instance;
 use crate::state::{CatchUp, Shared};
 use crate::watch::WatchSpec;
@@ -38,6 +39,10 @@ enum End {
     Io(std::io::Error),
     /// The client broke the protocol; it is told why.
     Protocol(RemoteError),
+    /// The client ran into a read limit (frame timeout, partial-frame budget); it is told which.
+    Limit(RemoteError),
+    /// The connection was idle (no request, watch or lease) for the idle timeout; the client is told.
+    Idle(RemoteError),
     /// The server is shutting down; the client is told.
     Shutdown,
     /// The client fell too far behind (already logged) or writing failed.
@@ -64,24 +69,29 @@ impl Drop for Counted {
 }
 
 /// Serves one accepted connection until it closes, breaks the protocol, or `shutdown` fires.
+///
+/// `slot` is the connection's place under the connection cap: it is given back
+/// when this returns, after the socket is closed.
 pub(crate) async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     conn: ConnId,
     shared: Arc<Shared>,
+    slot: Slot,
     shutdown: CancellationToken,
 ) {
     let span = info_span!("session", conn.id = conn, peer = %peer);
-    serve(stream, conn, shared, shutdown).instrument(span).await;
+    serve(stream, conn, shared, &slot, shutdown).instrument(span).await;
 }
 
-async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>, shutdown: CancellationToken) {
+async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>, slot: &Slot, shutdown: CancellationToken) {
     let counted = Counted(Some(shared.clone()));
     debug!("connection accepted");
     let (read, write) = stream.into_split();
     let max_frame = shared.config.max_frame;
     let grace = shared.config.shutdown_grace;
-    let mut reader = FramedRead::new(read, Codec::<Request>::with_max_frame_length(max_frame));
+    let budget = slot.limits().budget.clone();
+    let mut reader = RequestReader::new(read, max_frame, shared.config.frame_timeout, budget);
     let writer = FramedWrite::new(write, Codec::<Request>::with_max_frame_length(max_frame));
     let closing = CancellationToken::new();
     let bounds = EventBounds { events: shared.config.outbound_queue, bytes: shared.config.outbound_queue_bytes };
@@ -102,7 +112,7 @@ async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>, shutdown: C
             }
             End::Dropped
         }
-        end = session.read_loop(&mut reader) => end,
+        end = session.read_loop(&mut reader, slot) => end,
     };
     let writer_running = !matches!(end, End::Dropped);
     session.finish(end);
@@ -130,13 +140,32 @@ struct Session {
 }
 
 impl Session {
-    async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut FramedRead<R, Codec<Request>>) -> End {
+    async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut RequestReader<R>, slot: &Slot) -> End {
         loop {
-            let request = match reader.next().await {
-                None => return End::Eof,
-                Some(Ok(request)) => request,
-                Some(Err(CodecError::Io(e))) => return End::Io(e),
-                Some(Err(e)) => return End::Protocol(protocol_error(&e)),
+            let request = match reader.next(self.idle_timeout()).await {
+                Ok(Read::Request(request)) => request,
+                Ok(Read::Eof) => return End::Eof,
+                // A connection holding a lease is kept, however quiet (its TTL is the limit).
+                Ok(Read::Idle) if self.shared.holds_lease(self.conn) => continue,
+                Ok(Read::Idle) => {
+                    let idle = self.shared.config.idle_timeout;
+                    slot.limits().log_idle(idle.as_millis());
+                    let error = RemoteError::unavailable(format!(
+                        "closing an idle connection: no request, watch or lease for {} ms",
+                        idle.as_millis()
+                    ));
+                    return End::Idle(error.with_code("idle_timeout"));
+                }
+                Err(ReadError::Codec(CodecError::Io(e))) => return End::Io(e),
+                Err(ReadError::Codec(e)) => return End::Protocol(protocol_error(&e)),
+                Err(e @ ReadError::Stalled { .. }) => {
+                    slot.limits().log_read_limit(&e);
+                    return End::Limit(RemoteError::deadline_exceeded(e.to_string()).with_code("frame_timeout"));
+                }
+                Err(e @ ReadError::OverBudget { .. }) => {
+                    slot.limits().log_read_limit(&e);
+                    return End::Limit(RemoteError::unavailable(e.to_string()).with_code("frame_budget"));
+                }
             };
             if request.id == CONNECTION_ID {
                 return End::Protocol(
@@ -147,6 +176,14 @@ impl Session {
                 return End::Dropped;
             }
         }
+    }
+
+    /// How long the next request may keep the client waiting before the
+    /// connection counts as idle: only without watches (a watcher may rightly
+    /// say nothing for hours), and never with a zero idle timeout.
+    fn idle_timeout(&self) -> Option<Duration> {
+        let idle = self.shared.config.idle_timeout;
+        (self.watches.is_empty() && !idle.is_zero()).then_some(idle)
     }
 
     /// Forgets the connection's watches and leases, and says goodbye if there is a reason to.
@@ -167,6 +204,11 @@ impl Session {
             }
             End::Protocol(error) => {
                 warn!(error = %error, "closing connection: protocol violation");
+                outbound.try_send(ServerMessage::Goodbye(error));
+            }
+            // Logged (rate-limited) where the limit was hit.
+            End::Limit(error) | End::Idle(error) => {
+                debug!(error = %error, "closing connection: limit reached");
                 outbound.try_send(ServerMessage::Goodbye(error));
             }
         }

@@ -211,6 +211,11 @@ impl Shared {
         left.len()
     }
 
+    /// Whether connection `conn` holds a lease (it is not idle then, however quiet).
+    pub(crate) fn holds_lease(&self, conn: ConnId) -> bool {
+        self.lock().services.holds_lease(conn)
+    }
+
     pub(crate) fn next_lease_deadline(&self) -> Option<Instant> {
         self.lock().services.next_deadline()
     }
