@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! tandem-registry serve --listen 127.0.0.1:0          # first stdout line: `listening on <ADDR>`
+//!     [--max-connections N] [--frame-timeout SECS] [--idle-timeout SECS]
+//!     [--partial-frame-budget BYTES] [--max-frame BYTES]   # limits (README "Limits")
 //! tandem-registry put --server ADDR KEY VALUE
 //! tandem-registry get --server ADDR KEY               # exit code 1 if absent
 //! tandem-registry delete --server ADDR KEY
@@ -41,6 +43,8 @@ enum Command {
         /// Changes remembered for watches that start from an older revision.
         #[arg(long)]
         history: Option<usize>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Set a key; prints the revision.
     Put {
@@ -98,6 +102,74 @@ enum Command {
     },
 }
 
+/// `serve`'s protections against many, stalled or hostile clients; each
+/// overrides the [`Config`] default named in its help.
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// Connections served at once; one more is sent a `too_many_connections` goodbye and closed
+    /// [default: 10000, or `ulimit -n` minus 32 when lower].
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    max_connections: Option<usize>,
+    /// Seconds a request may take to arrive once its first byte has; a client that stalls
+    /// mid-request is sent a `frame_timeout` goodbye [default: 10].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    frame_timeout: Option<Duration>,
+    /// Seconds a connection with no watch and no lease may stay silent before it is sent an
+    /// `idle_timeout` goodbye; 0 never closes idle connections [default: 300].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs_or_zero)]
+    idle_timeout: Option<Duration>,
+    /// Bytes buffered at once, across connections, for requests over 64 KiB that have not fully
+    /// arrived; a request that does not fit ends its connection with a `frame_budget` goodbye
+    /// [default: 67108864 (64 MiB)].
+    #[arg(long, value_name = "BYTES", value_parser = parse_positive)]
+    partial_frame_budget: Option<usize>,
+    /// The largest frame read or written, in bytes [default: 16777216 (16 MiB)].
+    #[arg(long, value_name = "BYTES", value_parser = parse_positive)]
+    max_frame: Option<usize>,
+}
+
+impl LimitArgs {
+    fn apply(self, config: &mut Config) {
+        let LimitArgs { max_connections, frame_timeout, idle_timeout, partial_frame_budget, max_frame } = self;
+        if let Some(max) = max_connections {
+            config.max_connections = max;
+        }
+        if let Some(timeout) = frame_timeout {
+            config.frame_timeout = timeout;
+        }
+        if let Some(timeout) = idle_timeout {
+            config.idle_timeout = timeout;
+        }
+        if let Some(budget) = partial_frame_budget {
+            config.partial_frame_budget = budget;
+        }
+        if let Some(max) = max_frame {
+            config.max_frame = max;
+        }
+    }
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|e| format!("`{s}` is not a number of seconds: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}` is not a number of seconds: {e}"))
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let duration = parse_secs_or_zero(s)?;
+    if duration.is_zero() {
+        return Err("must be more than 0 seconds".to_owned());
+    }
+    Ok(duration)
+}
+
 fn parse_meta(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
@@ -110,7 +182,7 @@ async fn main() -> Result<ExitCode> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { listen, history } => serve(&listen, history).await,
+        Command::Serve { listen, history, limits } => serve(&listen, history, limits).await,
         Command::Put { server, key, value } => {
             let revision = connect(&server).await?.put(&key, value).await.context("put failed")?;
             println!("{revision}");
@@ -162,11 +234,12 @@ async fn connect(server: &str) -> Result<Client> {
     Ok(Client::connect(server).await?)
 }
 
-async fn serve(listen: &str, history: Option<usize>) -> Result<ExitCode> {
+async fn serve(listen: &str, history: Option<usize>, limits: LimitArgs) -> Result<ExitCode> {
     let mut config = Config::default();
     if let Some(history) = history {
         config.history = history;
     }
+    limits.apply(&mut config);
     let server = Server::bind(listen, config).await.with_context(|| format!("cannot listen on {listen}"))?;
     {
         let mut out = std::io::stdout().lock();
