@@ -6,8 +6,25 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// How long a new connection may take to send its `Hello`. The default is 5 seconds.
+    /// How long a new connection may take to send its `Hello`; then it is closed
+    /// (logged at WARN). The default is 5 seconds.
     pub handshake_timeout: Duration,
+    /// The most connections between `accept` and an accepted `Hello` at once,
+    /// across the Leader's listeners. When all are taken, the accept loops wait
+    /// (new connections stay in the listen backlog) until a handshake finishes
+    /// or times out; the wait is logged at WARN, at most once every 10 seconds.
+    /// The default is 128.
+    pub max_handshakes: usize,
+    /// The largest frame body a peer may send before its `Hello` is accepted
+    /// (the `Hello` is a few hundred bytes). A first frame that announces more
+    /// is refused as soon as its length prefix arrives, with a `Reject` (code
+    /// `frame_too_large`), and at most this many bytes (plus the prefix) are read
+    /// from a peer before its `Hello` is accepted. With
+    /// [`max_handshakes`](Config::max_handshakes), this bounds what
+    /// unauthenticated peers can make the Leader hold (about
+    /// `max_handshakes × (max_hello_length + 64 KiB)`, 16 MiB by default).
+    /// The default is 64 KiB.
+    pub max_hello_length: usize,
     /// How often each side pings (announced to followers in `Welcome`). The default is 1 second.
     pub heartbeat_interval: Duration,
     /// A follower that sends nothing (not even a ping) for this long is dropped.
@@ -23,7 +40,13 @@ pub struct Config {
     pub write_stall_timeout: Duration,
     /// The most calls one follower may have in flight; more are rejected. The default is 4096.
     pub max_in_flight: usize,
-    /// The largest frame accepted or sent. The default is 16 MiB.
+    /// The largest frame accepted or sent once a follower is admitted (see
+    /// [`max_hello_length`](Config::max_hello_length) before). A larger length
+    /// prefix ends the session before anything is buffered; a frame within the
+    /// limit is buffered as its bytes arrive, so an admitted follower (a process
+    /// of the same user holding the token) can make the Leader hold up to this
+    /// much per connection, and the read buffer keeps the capacity of the
+    /// largest frame it read. The default is 16 MiB.
     pub max_frame_length: usize,
     /// The longest an upstream subscribe, unsubscribe or publish may take before
     /// it counts as failed (a hung upstream must not block a key forever).
@@ -37,6 +60,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 128,
+            max_hello_length: 64 * 1024,
             heartbeat_interval: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(15),
             max_queued_frames: 8192,

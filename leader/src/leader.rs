@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tandem_protocol::{Api, FrameCodec, Link, RemoteError, UpstreamState};
+use tandem_protocol::{AcceptErrors, Api, FrameCodec, Link, RemoteError, UpstreamState};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::admission::{Admission, Handshakes};
 use crate::channel::{BoxFuture, Channel, ErasedUpstream, Typed};
 use crate::session::{self, PeerInfo};
 use crate::{ChannelStats, Config, Error, Stats, Upstream};
@@ -33,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) followers: AtomicUsize,
     pub(crate) in_flight: AtomicUsize,
     pub(crate) conflated: AtomicU64,
+    /// What peers may cost before their `Hello` is accepted.
+    pub(crate) handshakes: Handshakes,
 }
 
 type Factory = BoxFuture<Result<Arc<dyn ErasedUpstream>, RemoteError>>;
@@ -100,7 +103,9 @@ impl LeaderBuilder {
             channels.insert(name, channel.clone());
             factories.push((channel, factory));
         }
+        let handshakes = Handshakes::new(&self.config);
         let shared = Arc::new(Shared {
+            handshakes,
             id: Uuid::new_v4(),
             epoch: self.epoch,
             config: self.config,
@@ -227,7 +232,7 @@ impl Leader {
     /// Serves one follower over a link that some other transport established
     /// (the cluster's messenger relay, a test harness).
     pub fn serve_link(&self, link: Link, peer: PeerInfo) {
-        self.shared.tracker.spawn(session::run(self.shared.clone(), link, peer));
+        self.shared.tracker.spawn(session::run(self.shared.clone(), link, peer, Admission::trusted()));
     }
 
     /// A link for a follower in this very process: frames travel through memory,
@@ -327,22 +332,50 @@ fn ensure_private_dir(dir: &Path) -> Result<(), DirError> {
 
 use std::os::unix::fs::DirBuilderExt;
 
-async fn accept_unix(shared: Arc<Shared>, listener: UnixListener) {
-    let uid = nix::unistd::geteuid().as_raw();
+/// Waits for a handshake slot, then for a connection; `None` once the leader stops.
+///
+/// A failed `accept` (out of descriptors, say) is logged (rate-limited) and
+/// followed by a pause that grows while it lasts; the sessions already running
+/// are served all along.
+async fn next_connection<S, A>(
+    shared: &Shared,
+    errors: &mut AcceptErrors,
+    mut accept: impl FnMut() -> A,
+) -> Option<(S, Admission)>
+where
+    A: Future<Output = std::io::Result<S>>,
+{
+    let admission = tokio::select! {
+        admission = shared.handshakes.slot() => admission,
+        _ = shared.cancel.cancelled() => return None,
+    };
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shared.cancel.cancelled() => return,
+            accepted = accept() => accepted,
+            _ = shared.cancel.cancelled() => return None,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                // Out of descriptors and the like: log, breathe, go on.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+        match accepted {
+            Ok(stream) => {
+                errors.succeeded();
+                return Some((stream, admission));
             }
-        };
+            Err(error) => {
+                let pause = errors.failed(&error);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shared.cancel.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+async fn accept_unix(shared: Arc<Shared>, listener: UnixListener) {
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut errors = AcceptErrors::new("leader unix socket");
+    loop {
+        let accept = || async { listener.accept().await.map(|(stream, _)| stream) };
+        let Some((stream, admission)) = next_connection(&shared, &mut errors, accept).await else { return };
         let cred = match stream.peer_cred() {
             Ok(cred) => cred,
             Err(error) => {
@@ -355,34 +388,27 @@ async fn accept_unix(shared: Arc<Shared>, listener: UnixListener) {
             continue;
         }
         let (read, write) = stream.into_split();
+        let read = admission.limit(read, shared.config.max_hello_length);
         let link = Link::from_io(read, write, FrameCodec::with_max_frame_length(shared.config.max_frame_length));
         let peer = PeerInfo { pid: cred.pid(), uid: Some(cred.uid()), transport: "unix", trusted: false };
-        shared.tracker.spawn(session::run(shared.clone(), link, peer));
+        shared.tracker.spawn(session::run(shared.clone(), link, peer, admission));
     }
 }
 
 async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener) {
+    let mut errors = AcceptErrors::new("leader tcp socket");
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shared.cancel.cancelled() => return,
-        };
-        let stream = match accepted {
-            Ok((stream, addr)) if addr.ip().is_loopback() => stream,
-            Ok((_, addr)) => {
-                tracing::warn!(peer.addr = %addr, "non-loopback connection refused");
-                continue;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let accept = || listener.accept();
+        let Some(((stream, addr), admission)) = next_connection(&shared, &mut errors, accept).await else { return };
+        if !addr.ip().is_loopback() {
+            tracing::warn!(peer.addr = %addr, "non-loopback connection refused");
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
+        let read = admission.limit(read, shared.config.max_hello_length);
         let link = Link::from_io(read, write, FrameCodec::with_max_frame_length(shared.config.max_frame_length));
         let peer = PeerInfo { pid: None, uid: None, transport: "tcp", trusted: false };
-        shared.tracker.spawn(session::run(shared.clone(), link, peer));
+        shared.tracker.spawn(session::run(shared.clone(), link, peer, admission));
     }
 }

@@ -50,6 +50,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admission;
 mod channel;
 mod config;
 mod error;

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::admission::{Admission, HelloTooLong};
 use crate::channel::{BoxFuture, Channel};
 use crate::hub::SessionId;
 use crate::leader::Shared;
@@ -69,8 +70,9 @@ fn lock_in_flight(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashMap<Req
     in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs one session to its end.
-pub(crate) async fn run(shared: Arc<Shared>, link: Link, peer: PeerInfo) {
+/// Runs one session to its end. `admission` holds the peer's handshake slot
+/// and pre-`Hello` byte limit until its `Hello` is accepted.
+pub(crate) async fn run(shared: Arc<Shared>, link: Link, peer: PeerInfo, admission: Admission) {
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(
         "session",
@@ -79,7 +81,7 @@ pub(crate) async fn run(shared: Arc<Shared>, link: Link, peer: PeerInfo) {
         transport = peer.transport,
         epoch = shared.epoch
     );
-    Session::run(shared, id, link, peer).instrument(span).await
+    Session::run(shared, id, link, peer, admission).instrument(span).await
 }
 
 struct Session {
@@ -95,7 +97,7 @@ struct Session {
 }
 
 impl Session {
-    async fn run(shared: Arc<Shared>, id: SessionId, mut link: Link, peer: PeerInfo) {
+    async fn run(shared: Arc<Shared>, id: SessionId, mut link: Link, peer: PeerInfo, mut admission: Admission) {
         let (hello, states) = match handshake(&shared, &mut link, &peer).await {
             Ok(accepted) => accepted,
             Err(reason) => {
@@ -103,6 +105,7 @@ impl Session {
                 return;
             }
         };
+        admission.admit();
         tracing::info!(peer.id = %hello.peer_id, hello.pid = hello.pid, channels = ?hello.channels, "follower connected");
         let channels: HashMap<String, Arc<Channel>> =
             hello.channels.iter().filter_map(|name| Some((name.clone(), shared.channels.get(name)?.clone()))).collect();
@@ -443,7 +446,11 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
     let first = match tokio::time::timeout(config.handshake_timeout, link.rx.next()).await {
         Err(_) => return Err(format!("no Hello within {} ms", config.handshake_timeout.as_millis())),
         Ok(None) => return Err("connection closed before Hello".into()),
-        Ok(Some(Err(error))) => return Err(format!("bad bytes before Hello: {error}")),
+        Ok(Some(Err(CodecError::Io(error)))) if HelloTooLong::find(&error).is_some() => {
+            let error = RemoteError::bad_request(error.to_string()).with_code("frame_too_large");
+            return Err(reject(link, config.write_stall_timeout, Reject { version: PROTOCOL_VERSION, error }).await);
+        }
+        Ok(Some(Err(error))) => return Err(format!("bad bytes before Hello: {}", error_chain(&error))),
         Ok(Some(Ok(frame))) => frame,
     };
     let hello = match first {
@@ -499,6 +506,18 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
         Ok(Err(error)) => Err(format!("could not send Welcome: {error}")),
         Err(_) => Err("could not send Welcome: follower accepts no bytes".into()),
     }
+}
+
+/// `error` and its causes, for a log line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Sends a `Reject` (best effort) and returns the reason to log.
