@@ -5,6 +5,9 @@
 //! MessagePack. This crate owns the Leader/Follower [`Frame`]s, the [`Codec`] that
 //! reads and writes them with a size limit checked before any allocation, the
 //! handshake rules, and [`RemoteError`], the one error type that crosses the wire.
+//! It also holds what tandem's servers share about accepting connections:
+//! [`AcceptErrors`] (a failed `accept` is logged, rate-limited, and paused on)
+//! and [`Throttle`] (rate-limited warnings).
 //! `PROTOCOL.md` beside this crate is the byte-level specification.
 //!
 //! ```text
