@@ -50,9 +50,7 @@ mod link;
 pub mod payload;
 mod shared;
 
-pub use accept::{
-    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion,
-};
+pub use accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion};
 pub use api::{Api, Message};
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
 pub use error::{ErrorKind, RemoteError};
