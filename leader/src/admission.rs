@@ -241,8 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn slots_are_freed_by_admission_or_drop() {
-        let mut config = Config::default();
-        config.max_handshakes = 2;
+        let config = Config { max_handshakes: 2, ..Config::default() };
         let handshakes = Handshakes::new(&config);
         let mut first = handshakes.slot().await;
         let second = handshakes.slot().await;
