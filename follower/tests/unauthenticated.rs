@@ -4,7 +4,11 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -173,6 +177,102 @@ async fn silent_peers_hold_at_most_the_handshake_slots_and_only_until_their_time
         for peer in &mut silent {
             assert!(read_to_close(peer.as_mut().unwrap()).await.is_empty(), "closed without a word");
         }
+    })
+    .await
+    .expect("test timed out")
+}
+
+/// Where [`child_leader`] serves, when it runs as the child of
+/// [`out_of_descriptors_the_leader_backs_off_and_keeps_serving`].
+const CHILD_DIR: &str = "TANDEM_TEST_CHILD_LEADER_DIR";
+
+/// The leader process of the test below, run by it in a child process whose
+/// open-file limit is lowered (this test process keeps its own). On its own it
+/// does nothing.
+#[tokio::test]
+#[ignore = "run as a child process by out_of_descriptors_the_leader_backs_off_and_keeps_serving"]
+async fn child_leader() {
+    let Ok(dir) = std::env::var(CHILD_DIR) else { return };
+    tracing_subscriber::fmt().with_env_filter("info").with_ansi(false).with_writer(std::io::stderr).init();
+    let upstream = MemUpstream::default();
+    let mut config = tandem_leader::Config::default();
+    config.handshake_timeout = Duration::from_millis(500);
+    let (_leader, _path) = serve(&upstream, Path::new(&dir), config);
+    // Until the parent kills it.
+    std::future::pending::<()>().await;
+}
+
+/// A child process, killed (by PID) and reaped on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_leader_backs_off_and_keeps_serving() {
+    timeout(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["child_leader", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env(CHILD_DIR, dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: between fork and exec the closure only calls `setrlimit`, which is
+        // async-signal-safe, and touches no memory shared with the parent.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit { rlim_cur: 48, rlim_max: 48 };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = Killed(command.spawn().unwrap());
+        let (tx, log) = mpsc::channel();
+        let stderr = child.0.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let expect_log = |needle: &str| loop {
+            match log.recv_timeout(Duration::from_secs(10)) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {needle:?}"),
+            }
+        };
+        expect_log("leader listening");
+        let path = dir.path().join("leader.sock");
+        let kv = follower(&path).client::<Kv>();
+        kv.invoke(KvRequest::Put("k".into(), "before".into())).await.unwrap();
+
+        // More silent peers than the leader has descriptors left: accept fails with EMFILE.
+        let mut silent = Vec::new();
+        for _ in 0..60 {
+            silent.push(UnixStream::connect(&path).await.unwrap());
+        }
+        expect_log("Too many open files");
+        // The admitted follower is served while accept fails.
+        kv.invoke(KvRequest::Put("k".into(), "during".into())).await.unwrap();
+        // Each silent peer is accepted in turn and closed at its handshake timeout.
+        for peer in &mut silent {
+            assert!(read_to_close(peer).await.is_empty());
+        }
+        expect_log("accepting connections again");
+        // A new follower gets in.
+        let late = follower(&path).client::<Kv>();
+        assert_eq!(late.invoke(KvRequest::Get("k".into())).await.unwrap(), Some("during".into()));
+        assert!(log.try_iter().all(|line| !line.contains("accept failed")), "rate-limited to one line per 10 s");
     })
     .await
     .expect("test timed out")
