@@ -78,7 +78,7 @@ mod store;
 mod watch;
 mod wire;
 
-pub use client::Client;
+pub use client::{Client, HELLO_TIMEOUT};
 pub use config::Config;
 pub use error::Error;
 pub use registration::Registration;
@@ -86,6 +86,7 @@ pub use server::{Server, ServerHandle, serve};
 pub use services::{Instance, ServiceEvent};
 pub use stats::Stats;
 pub use store::KeyValue;
+pub use wire::ServerInfo;
 pub use watch::{ServiceWatch, WATCH_BUFFER, Watch, WatchEvent, WatchSpec};
 
 // Re-exported so users need not depend on the same versions themselves.

@@ -76,7 +76,10 @@ pub enum WatchEvent {
         /// The revision of the deletion.
         revision: u64,
     },
-    /// The watch asked for changes older than the server's history keeps.
+    /// The watch asked for changes older than the server's history keeps, or
+    /// started beyond the server's next revision (then `compact_revision` is the
+    /// start minus one and is above `revision`: the watcher's revisions come from
+    /// an earlier incarnation of a server that restarted with less state).
     ///
     /// Changes up to `compact_revision` are gone. What follows is a snapshot: one
     /// `Put` per matching key with its value as of `revision` (drop any state you
@@ -237,7 +240,12 @@ impl Watch {
 
     fn observe(&mut self, event: &WatchEvent) {
         match (event, self.snapshot_at) {
-            (WatchEvent::Compacted { revision, .. }, _) => self.snapshot_at = Some(*revision),
+            (WatchEvent::Compacted { revision, .. }, _) => {
+                // The snapshot replaces what came before, even a higher revision from
+                // another incarnation of the server.
+                self.snapshot_at = Some(*revision);
+                self.revision = *revision;
+            }
             (_, Some(at)) if event.revision() <= at => {}
             _ => {
                 self.snapshot_at = None;
