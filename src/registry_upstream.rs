@@ -407,6 +407,31 @@ async fn start_key(client: &Client, key: &str) -> Result<(ConfigValue, Watch, Po
     Ok((config_value(current, revision), watch, position))
 }
 
+/// Waits for a connection and starts `key`'s watch on it: from `position` if
+/// that server can resume from there, or else from a fresh read of the key.
+/// `None` when the adapter is gone.
+async fn resume_key(
+    upstream: &RegistryUpstream,
+    key: &str,
+    position: Option<&Position>,
+) -> Option<(Client, Result<(Watch, Option<(ConfigValue, Position)>), StartError>)> {
+    let client = upstream.wait_client().await?;
+    let resumed = match position {
+        Some(p) if p.valid_on(&client) => {
+            client.watch(WatchSpec::key(key), Some(p.from)).await.map(|watch| (watch, None)).map_err(|e| {
+                if e.is_connection_lost() { StartError::Lost } else { StartError::Refused(unavailable(e)) }
+            })
+        }
+        stale => {
+            if stale.is_some() {
+                tracing::info!(subscription.key = %key, "the registry lost state; reading the key again");
+            }
+            start_key(&client, key).await.map(|(value, watch, p)| (watch, Some((value, p))))
+        }
+    };
+    Some((client, resumed))
+}
+
 /// Feeds one key's changes into `sink`, resuming after reconnects from the last
 /// revision, or re-reading the key when the registry restarted with less state.
 async fn follow_key(
@@ -421,19 +446,10 @@ async fn follow_key(
         let (client, mut watch) = match started.take() {
             Some(started) => started,
             None => {
-                let Some(client) = upstream.wait_client().await else { return };
-                let resumed = match &position {
-                    Some(p) if p.valid_on(&client) => client
-                        .watch(WatchSpec::key(key.clone()), Some(p.from))
-                        .await
-                        .map(|watch| (watch, None))
-                        .map_err(|e| if e.is_connection_lost() { StartError::Lost } else { StartError::Refused(unavailable(e)) }),
-                    stale => {
-                        if stale.is_some() {
-                            tracing::info!(subscription.key = %key, "registry lost state; reading the key again");
-                        }
-                        start_key(&client, &key).await.map(|(value, watch, p)| (watch, Some((value, p))))
-                    }
+                // Boxed: a Leader holds one of these tasks per key, mostly idle in
+                // `watch.next()`; the reconnect path's futures are large and rare.
+                let Some((client, resumed)) = Box::pin(resume_key(&upstream, &key, position.as_ref())).await else {
+                    return;
                 };
                 match resumed {
                     Ok((watch, reread)) => {
@@ -453,7 +469,7 @@ async fn follow_key(
                         if refusals == 1 {
                             tracing::error!(subscription.key = %key, %error, "the registry refused to watch a subscribed key after a reconnect; retrying");
                         }
-                        tokio::time::sleep(RECONNECT_MAX).await;
+                        Box::pin(tokio::time::sleep(RECONNECT_MAX)).await;
                         continue;
                     }
                 }
@@ -471,7 +487,7 @@ async fn follow_key(
                     if let Some(p) = position.as_mut() {
                         p.from = revision + 1;
                     }
-                    match client.get(&key).await {
+                    match Box::pin(client.get(&key)).await {
                         Ok(Some(_)) => continue,
                         Ok(None) => ConfigValue { value: None, revision },
                         Err(_) => break,
