@@ -5,7 +5,9 @@
 //! tell which upstream their Leader holds:
 //! - `config`: get / put / delete keys; a subscription follows one key with an
 //!   etcd watch that resumes from its last revision after any member failure or
-//!   outage (a compacted gap is re-read: the follower gets the current value);
+//!   outage (a compacted gap is re-read: the follower gets the current value; so
+//!   is a cluster that changed under the watch: another cluster id, or a
+//!   revision that went backwards after a restore);
 //! - `services`: an instance is stored as JSON under
 //!   `/tandem/services/<service>/<id>` on a lease the Leader keeps alive, so it
 //!   vanishes when the Leader dies; a subscription streams the instance list.
@@ -190,6 +192,22 @@ async fn follow_key(
         let value = match event {
             WatchEvent::Put(kv) => config_value(&kv),
             WatchEvent::Delete { revision: at, .. } => ConfigValue { value: None, revision: revision(at) },
+            WatchEvent::Reset { snapshot, .. } => {
+                // Another cluster (restored or replaced): its revisions are not
+                // comparable with ours, so its current state is delivered as is.
+                tracing::warn!(channel = ConfigApi::NAME, subscription.key = %key, revision = snapshot.revision,
+                    "the etcd cluster changed; delivering its current value");
+                let value = match snapshot.kvs.first() {
+                    Some(kv) => config_value(kv),
+                    None => ConfigValue { value: None, revision: revision(snapshot.revision) },
+                };
+                last = i64::try_from(value.revision).unwrap_or(0).min(snapshot.revision);
+                present = value.value.is_some();
+                if !sink.send(value) {
+                    return;
+                }
+                continue;
+            }
             WatchEvent::Snapshot(snapshot) | WatchEvent::Compacted { snapshot, .. } => {
                 tracing::warn!(channel = ConfigApi::NAME, subscription.key = %key, revision = snapshot.revision,
                     "changes were compacted away; delivering the current value");
