@@ -40,6 +40,10 @@ struct Args {
     /// Subscribes in flight at once.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// The follower's per-subscription buffer (`follower::Config::subscription_buffer`;
+    /// the library default is 256, and it is most of the follower's memory per key).
+    #[arg(long, default_value_t = 256)]
+    follower_buffer: usize,
     /// The `tandem-registry` binary.
     #[arg(long)]
     registry_bin: Option<PathBuf>,
@@ -84,7 +88,10 @@ fn main() -> anyhow::Result<()> {
 
 /// The follower: subscribes every key, reports, then waits for the sampled values.
 async fn follow(args: &Args, socket: &Path) -> anyhow::Result<()> {
-    let connection = Connection::builder().channel::<ConfigApi>().connect(UnixConnector::new(socket)).spawn();
+    let mut config = tandem::follower::Config::default();
+    config.subscription_buffer = args.follower_buffer;
+    let connection =
+        Connection::builder().config(config).channel::<ConfigApi>().connect(UnixConnector::new(socket)).spawn();
     let client = connection.client::<ConfigApi>();
     client.ready().await.context("no leader")?;
     let started = Instant::now();
@@ -129,7 +136,9 @@ async fn lead(args: &Args) -> anyhow::Result<()> {
         .args(["serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start {} (build it: cargo build -p tandem-registry)", registry_bin.display()))?;
+        .with_context(|| {
+            format!("cannot start {} (build it: cargo build -p tandem-registry)", registry_bin.display())
+        })?;
     let _registry_guard = KillOnDrop(registry.id());
     let mut lines = BufReader::new(registry.stdout.take().context("registry stdout")?).lines();
     let first = lines.next().context("the registry printed nothing")??;
@@ -144,6 +153,7 @@ async fn lead(args: &Args) -> anyhow::Result<()> {
     let mut child = Command::new(&exe)
         .args(["--keys", &args.keys.to_string(), "--sample", &args.sample.to_string()])
         .args(["--concurrency", &args.concurrency.to_string()])
+        .args(["--follower-buffer", &args.follower_buffer.to_string()])
         .arg("--follow")
         .arg(&socket)
         .stdin(Stdio::piped())
@@ -181,7 +191,11 @@ async fn lead(args: &Args) -> anyhow::Result<()> {
         _ => bail!("the sampled values did not all arrive within 60 s"),
     };
     println!("{received} of sample={} in_ms={}", sample(args).len(), started.elapsed().as_millis());
-    println!("rss after puts: leader_process_kib={} registry_kib={}", rss_kib(std::process::id())?, rss_kib(registry.id())?);
+    println!(
+        "rss after puts: leader_process_kib={} registry_kib={}",
+        rss_kib(std::process::id())?,
+        rss_kib(registry.id())?
+    );
     if let Some(mut stdin) = child.stdin.take() {
         let _ = writeln!(stdin);
     }

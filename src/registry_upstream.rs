@@ -245,8 +245,7 @@ impl RegistryUpstream {
     /// follow task, aborted when its key is unsubscribed).
     async fn wait_client(&self) -> Option<Client> {
         let mut rx = self.inner.client.subscribe();
-        let client = rx.wait_for(Option::is_some).await.ok()?.clone();
-        client
+        rx.wait_for(Option::is_some).await.ok()?.clone()
     }
 
     async fn register(&self, instance: Instance, ttl: Duration) -> Result<(), RemoteError> {

@@ -47,7 +47,9 @@ async fn a_subscribe_over_the_registry_limit_fails_at_once_and_typed() {
         // The fourth key is over the registry's limit: both followers are told, at once.
         for client in [&a, &b] {
             let started = tokio::time::Instant::now();
-            let error = client.subscribe("k4".to_string()).await.err().expect("refused, not acknowledged");
+            let Err(error) = client.subscribe("k4".to_string()).await else {
+                panic!("k4 must be refused, not acknowledged")
+            };
             let remote = error.remote().expect("the registry's refusal, typed");
             assert_eq!((remote.kind, remote.code.as_str()), (ErrorKind::Rejected, "too_many_watches"), "{error}");
             assert!(started.elapsed() < Duration::from_secs(2), "at once, not after a timeout");

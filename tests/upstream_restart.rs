@@ -110,7 +110,8 @@ async fn a_cluster_starts_with_its_registry_down_and_flows_once_it_is_up() {
     tokio::time::timeout(TIMEOUT, async {
         let addr = format!("127.0.0.1:{}", free_port());
         let bin = example("config_center");
-        let mut cluster = Proc::spawn(&bin, &["--workers", "2", "--registry", &addr, "--subscribe", "K", "--duration", "0"]);
+        let mut cluster =
+            Proc::spawn(&bin, &["--workers", "2", "--registry", &addr, "--subscribe", "K", "--duration", "0"]);
         let ready = cluster.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
         let workers = field(&ready, "workers").unwrap().split(',').count();
         assert_eq!(workers, 2, "{ready}");
@@ -131,11 +132,7 @@ async fn a_cluster_starts_with_its_registry_down_and_flows_once_it_is_up() {
             saw.insert(field(&line, "worker").unwrap().to_string());
         }
         // Nothing was restarted on the way.
-        assert!(
-            !cluster.seen.iter().any(|l| l.contains("restarted")),
-            "no process restarted: {:#?}",
-            cluster.seen
-        );
+        assert!(!cluster.seen.iter().any(|l| l.contains("restarted")), "no process restarted: {:#?}", cluster.seen);
         cluster.signal(nix::sys::signal::Signal::SIGTERM);
         assert!(cluster.wait(LINE).await.success());
     })

@@ -183,30 +183,32 @@ async fn run(failover: Arc<Failover>, keys: Keys, start: Start, tx: mpsc::Sender
         let Some(member) = failover.member().await else { return };
         let outcome = match owed {
             Owed::Nothing => follow(&failover, &member, &keys, &mut next, &mut seen, &tx).await,
-            Owed::Snapshot | Owed::Compacted(_) | Owed::Reset(_) => match read(&failover, &member, &keys, &mut seen).await {
-                Ok(snapshot) => {
-                    next = snapshot.revision + 1;
-                    let event = match std::mem::replace(&mut owed, Owed::Nothing) {
-                        Owed::Reset(reason) => {
-                            tracing::warn!(subscription.key = %keys, reason, revision = snapshot.revision,
+            Owed::Snapshot | Owed::Compacted(_) | Owed::Reset(_) => {
+                match read(&failover, &member, &keys, &mut seen).await {
+                    Ok(snapshot) => {
+                        next = snapshot.revision + 1;
+                        let event = match std::mem::replace(&mut owed, Owed::Nothing) {
+                            Owed::Reset(reason) => {
+                                tracing::warn!(subscription.key = %keys, reason, revision = snapshot.revision,
                                 "the etcd cluster changed under the watch; re-read the current state");
-                            WatchEvent::Reset { reason, snapshot }
-                        }
-                        Owed::Compacted(compact_revision) => {
-                            tracing::warn!(subscription.key = %keys, compact_revision, revision = snapshot.revision,
+                                WatchEvent::Reset { reason, snapshot }
+                            }
+                            Owed::Compacted(compact_revision) => {
+                                tracing::warn!(subscription.key = %keys, compact_revision, revision = snapshot.revision,
                                 "watch history compacted; re-read the current state");
-                            WatchEvent::Compacted { compact_revision, snapshot }
+                                WatchEvent::Compacted { compact_revision, snapshot }
+                            }
+                            _ => WatchEvent::Snapshot(snapshot),
+                        };
+                        owed = Owed::Nothing;
+                        if tx.send(event).await.is_err() {
+                            return;
                         }
-                        _ => WatchEvent::Snapshot(snapshot),
-                    };
-                    owed = Owed::Nothing;
-                    if tx.send(event).await.is_err() {
-                        return;
+                        continue;
                     }
-                    continue;
+                    Err(outcome) => outcome,
                 }
-                Err(outcome) => outcome,
-            },
+            }
         };
         match outcome {
             Outcome::Closed => return,

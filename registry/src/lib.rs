@@ -86,8 +86,8 @@ pub use server::{Server, ServerHandle, serve};
 pub use services::{Instance, ServiceEvent};
 pub use stats::Stats;
 pub use store::KeyValue;
-pub use wire::ServerInfo;
 pub use watch::{ServiceWatch, WATCH_BUFFER, Watch, WatchEvent, WatchSpec};
+pub use wire::ServerInfo;
 
 // Re-exported so users need not depend on the same versions themselves.
 pub use bytes::Bytes;

@@ -217,8 +217,7 @@ mod tests {
         // The next revision is a normal resume point.
         assert_eq!(store.replay(&WatchSpec::key("a"), 4, 10), Replay::CaughtUp);
         // Revision 31 was seen on another incarnation: the watcher gets the state as of now.
-        let Replay::Snapshot { compact_revision, revision, values } = store.replay(&WatchSpec::key("a"), 32, 10)
-        else {
+        let Replay::Snapshot { compact_revision, revision, values } = store.replay(&WatchSpec::key("a"), 32, 10) else {
             panic!("expected a snapshot")
         };
         assert_eq!((compact_revision, revision), (31, 3));

@@ -1,8 +1,8 @@
 //! Watches: what to watch, the events a watch yields, and the client-side
 //! streams ([`Watch`], [`ServiceWatch`]) that cancel the server-side watch on drop.
 
-use std::pin::Pin;
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
@@ -370,12 +370,7 @@ pub struct ServiceWatch {
 }
 
 impl ServiceWatch {
-    pub(crate) fn new(
-        client: Client,
-        id: RequestId,
-        rx: Rx<ServiceEvent>,
-        end: Arc<OnceLock<Error>>,
-    ) -> Self {
+    pub(crate) fn new(client: Client, id: RequestId, rx: Rx<ServiceEvent>, end: Arc<OnceLock<Error>>) -> Self {
         ServiceWatch { receiver: Receiver { rx, end, done: false }, _cancel: CancelOnDrop { client, id } }
     }
 }

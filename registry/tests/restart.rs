@@ -30,7 +30,6 @@ async fn the_hello_carries_the_incarnation_and_the_revision() {
     .await
 }
 
-
 #[tokio::test]
 async fn a_watch_from_beyond_the_revision_gets_a_snapshot_then_live_changes() {
     within(async {
