@@ -228,3 +228,32 @@ async fn an_etcd_replaced_by_an_empty_one_strands_no_follower() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd: apt-get install etcd-server"]
+async fn a_leader_starts_with_etcd_down_and_flows_once_it_is_up() {
+    within(LIMIT, async {
+        let mut etcd = Etcd::single().await;
+        etcd.kill(0);
+        // Nothing answers: the adapter starts anyway, Down with the reason.
+        let host = host(etcd.endpoints()).await;
+        let connection = Connection::builder().channel::<ConfigApi>().connect(UnixConnector::new(&host.path)).spawn();
+        let a = connection.client::<ConfigApi>();
+        let error = a.ready().await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.kind), Some(ErrorKind::Unavailable), "{error:?}");
+        let began = Instant::now();
+        let error = a.invoke(ConfigRequest::Get("k".into())).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.kind), Some(ErrorKind::Unavailable), "{error:?}");
+        assert!(began.elapsed() < Duration::from_secs(2), "fails fast: {:?}", began.elapsed());
+        // A subscribe is accepted while down, and flows once etcd is up.
+        let mut sub = a.subscribe("k".to_string()).await.unwrap();
+
+        etcd.restart(0).await;
+        let writer = etcd::Client::connect(etcd::Config::new(etcd.endpoints())).await.unwrap();
+        put_retrying(&writer, "k", "up-at-last".into()).await;
+        assert_eq!(next_value(&mut sub).await, "up-at-last");
+        a.ready().await.unwrap();
+        assert_eq!(host.leader.epoch(), 1, "the same Leader, never restarted");
+    })
+    .await
+}
