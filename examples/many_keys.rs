@@ -122,6 +122,7 @@ async fn follow(args: &Args, socket: &Path) -> anyhow::Result<()> {
     // Stay subscribed until the leader process is done measuring.
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
+    connection.close().await;
     Ok(())
 }
 
