@@ -17,8 +17,11 @@
 //!   requests gets a `BadRequest` goodbye and is disconnected, and a watcher too
 //!   slow to read its events is disconnected, without slowing anyone else.
 //!
-//! Frames are tandem-protocol's (u32 length prefix, MessagePack body); requests
-//! are multiplexed by id over one connection:
+//! Frames are tandem-protocol's (u32 length prefix, MessagePack body). Every
+//! connection opens with the server's hello ([`ServerInfo`]: its incarnation, a
+//! UUID drawn at start, and its revision), so a client can tell a restarted,
+//! emptier server from the one it knew. Requests are multiplexed by id over one
+//! connection:
 //!
 //! ```text
 //! Client (clones)        driver task                 Server: session          shared state
