@@ -22,7 +22,7 @@ pub(crate) struct Watcher {
     pub(crate) target: Target,
     /// False while the watch catches up on history: live changes are not pushed yet.
     pub(crate) live: bool,
-    /// Changes older than this are not pushed (a watch may start from a future revision).
+    /// Changes older than this are not pushed (the revision after the one the watch caught up to).
     pub(crate) from_revision: u64,
     events: EventSender,
 }
