@@ -29,7 +29,9 @@
 //!
 //! Output, one line each:
 //! - once ready: `cluster ready: master=<pid> agent=<pid> workers=<pid>,<pid>,...`
-//! - right after: `upstream connections: <n> (workers: <N>)`, from the registry's own stats;
+//! - right after: `upstream connections: <n> (workers: <N>)`, from the registry's own stats
+//!   (`upstream connections: unknown (<why>) ...` while the registry is unreachable: the
+//!   cluster starts anyway, and values flow once it is up);
 //!   with `--etcd`, the ESTABLISHED TCP connections from the agent and the
 //!   workers to the etcd endpoints, read from /proc (the master's writer is not counted)
 //! - with `--register`: `registered: worker=<id> pid=<pid> service=<service> epoch=<leader epoch>`
@@ -148,6 +150,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn registry_stats(addr: &str) -> anyhow::Result<tandem::registry::Stats> {
+    Ok(tandem::registry::Client::connect(addr).await?.stats().await?)
+}
+
 async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::BoxError> {
     let mut config = tandem::follower::Config::default();
     config.token = Some(ctx.token().to_string());
@@ -157,7 +163,12 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
     }
     let connection = connection.connect(WorkerConnector::new(&ctx, args.transport)).spawn();
     let client = connection.client::<ConfigApi>();
-    client.ready().await?;
+    match client.ready().await {
+        Ok(()) => {}
+        // The upstream is down: subscribe anyway, values flow when it is back.
+        Err(tandem::Error::Remote(error)) => tracing::warn!(%error, "the upstream is down; subscribing anyway"),
+        Err(error) => return Err(error.into()),
+    }
     let mut streams = futures::stream::SelectAll::new();
     for key in &args.keys {
         let subscription = client.subscribe(key.clone()).await?;
@@ -258,13 +269,16 @@ async fn master(
                 println!("{event}");
                 // A short-lived connection: the registry does not count the one
                 // asking, and the writer (when on) is not a worker's, so leave it out.
-                let stats = tandem::registry::Client::connect(registry.as_str()).await?.stats().await?;
                 let writers = usize::from(write_every > 0) as u64;
-                println!(
-                    "upstream connections: {} (workers: {})",
-                    stats.connections.saturating_sub(writers),
-                    workers.len()
-                );
+                match registry_stats(&registry).await {
+                    Ok(stats) => println!(
+                        "upstream connections: {} (workers: {})",
+                        stats.connections.saturating_sub(writers),
+                        workers.len()
+                    ),
+                    // The cluster runs without its upstream and reconnects; say so and go on.
+                    Err(error) => println!("upstream connections: unknown ({error:#}) (workers: {})", workers.len()),
+                }
             }
             ClusterEvent::AgentRestarted { .. } | ClusterEvent::WorkerRestarted { .. } => println!("{event}"),
             _ => tracing::info!("{event}"),

@@ -241,7 +241,7 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
         }
     });
 
-    client.ready().await.context("waiting for a leader")?;
+    ready(&client).await?;
     let mut streams = futures::stream::SelectAll::new();
     for key in &args.keys {
         let subscription = loop {
@@ -249,7 +249,7 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
                 Ok(subscription) => break subscription,
                 Err(error) if error.is_retryable() => {
                     tracing::warn!(%error, key, "subscribe failed; retrying");
-                    client.ready().await.context("waiting for a leader")?;
+                    ready(&client).await?;
                 }
                 Err(error) => return Err(error).context("subscribe"),
             }
@@ -290,6 +290,19 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
     }
     connection.close().await;
     Ok(())
+}
+
+/// Waits for a leader. An upstream that is down is no reason to stop: the
+/// subscriptions start flowing when it comes back.
+async fn ready(client: &tandem::Client<ConfigApi>) -> anyhow::Result<()> {
+    match client.ready().await {
+        Ok(()) => Ok(()),
+        Err(tandem::Error::Remote(error)) => {
+            tracing::warn!(%error, "the upstream is down; subscribing anyway");
+            Ok(())
+        }
+        Err(error) => Err(error).context("waiting for a leader"),
+    }
 }
 
 fn role(leader: bool) -> &'static str {

@@ -5,7 +5,9 @@
 //! tell which upstream their Leader holds:
 //! - `config`: get / put / delete keys; a subscription follows one key with an
 //!   etcd watch that resumes from its last revision after any member failure or
-//!   outage (a compacted gap is re-read: the follower gets the current value);
+//!   outage (a compacted gap is re-read: the follower gets the current value; so
+//!   is a cluster that changed under the watch: another cluster id, or a
+//!   revision that went backwards after a restore);
 //! - `services`: an instance is stored as JSON under
 //!   `/tandem/services/<service>/<id>` on a lease the Leader keeps alive, so it
 //!   vanishes when the Leader dies; a subscription streams the instance list.
@@ -103,10 +105,21 @@ fn revision(revision: i64) -> u64 {
 }
 
 impl EtcdUpstream {
-    /// Connects to etcd (see [`tandem_etcd::Client::connect`]); fails with
-    /// `Unavailable` if no endpoint answers.
+    /// Connects to etcd (see [`tandem_etcd::Client::start`]) and waits for the
+    /// first round over the endpoints. If no member answers it still returns
+    /// the adapter, logs why at WARN, and the client keeps reconnecting in the
+    /// background: meanwhile the channels' health is `Down(why)`, calls fail at
+    /// once with `Unavailable`, and subscriptions are accepted and start flowing
+    /// (the current value first) once a member answers. Fails only for a bad
+    /// configuration (no endpoint).
     pub async fn connect(config: tandem_etcd::Config) -> Result<Self, RemoteError> {
-        Ok(EtcdUpstream::new(tandem_etcd::Client::connect(config).await.map_err(remote_error)?))
+        let client = tandem_etcd::Client::start(config).map_err(remote_error)?;
+        let mut state = client.state();
+        let first = state.wait_for(|s| !matches!(s, tandem_etcd::ConnectionState::Connecting)).await.map(|s| s.clone());
+        if let Ok(tandem_etcd::ConnectionState::Unavailable { reason }) = first {
+            tracing::warn!(endpoints = ?client.endpoints(), reason, "etcd unreachable at start; starting without it and reconnecting");
+        }
+        Ok(EtcdUpstream::new(client))
     }
 
     /// Serves over an existing client.
@@ -190,6 +203,22 @@ async fn follow_key(
         let value = match event {
             WatchEvent::Put(kv) => config_value(&kv),
             WatchEvent::Delete { revision: at, .. } => ConfigValue { value: None, revision: revision(at) },
+            WatchEvent::Reset { snapshot, .. } => {
+                // Another cluster (restored or replaced): its revisions are not
+                // comparable with ours, so its current state is delivered as is.
+                tracing::warn!(channel = ConfigApi::NAME, subscription.key = %key, revision = snapshot.revision,
+                    "the etcd cluster changed; delivering its current value");
+                let value = match snapshot.kvs.first() {
+                    Some(kv) => config_value(kv),
+                    None => ConfigValue { value: None, revision: revision(snapshot.revision) },
+                };
+                last = i64::try_from(value.revision).unwrap_or(0).min(snapshot.revision);
+                present = value.value.is_some();
+                if !sink.send(value) {
+                    return;
+                }
+                continue;
+            }
             WatchEvent::Snapshot(snapshot) | WatchEvent::Compacted { snapshot, .. } => {
                 tracing::warn!(channel = ConfigApi::NAME, subscription.key = %key, revision = snapshot.revision,
                     "changes were compacted away; delivering the current value");
@@ -245,7 +274,18 @@ impl Upstream<ConfigApi> for EtcdUpstream {
 
     async fn subscribe(&self, key: String, sink: EventSink<ConfigApi>) -> Result<(), RemoteError> {
         let client = self.inner.client.until(Instant::now() + SUBSCRIBE_TIMEOUT);
-        let snapshot = client.get_range(&Keys::exact(key.as_str())).await.map_err(remote_error)?;
+        let snapshot = match client.get_range(&Keys::exact(key.as_str())).await {
+            Ok(snapshot) => snapshot,
+            Err(error) if error.is_unavailable() => {
+                // etcd is down: accepted now; the watch delivers the current value
+                // (a snapshot) once a member answers.
+                tracing::debug!(subscription.key = %key, error = %error.chain(), "etcd unreachable; the key follows when it is back");
+                let watch = self.inner.client.watch(Keys::exact(key.as_str()), Start::Snapshot);
+                self.inner.watches.spawn(ConfigApi::NAME, key.clone(), follow_key(watch, key, sink, 0, false));
+                return Ok(());
+            }
+            Err(error) => return Err(remote_error(error)),
+        };
         // Always the current state, absence included (as the registry adapter
         // does): a follower that saw a value before a failover learns that the
         // key was deleted meanwhile.

@@ -185,3 +185,75 @@ async fn etcd_stopped_then_restarted_calls_fail_as_unavailable_then_everything_r
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd: apt-get install etcd-server"]
+async fn an_etcd_replaced_by_an_empty_one_strands_no_follower() {
+    within(LIMIT, async {
+        let mut etcd = Etcd::single().await;
+        let host = host(etcd.endpoints()).await;
+        let writer = etcd::Client::connect(etcd::Config::new(etcd.endpoints())).await.unwrap();
+        let a = follower(&host).await;
+        let mut sub = a.subscribe("k".to_string()).await.unwrap();
+        assert_eq!(next_value(&mut sub).await, "<none>");
+        for i in 1..=30 {
+            put_retrying(&writer, "k", format!("v{i}")).await;
+        }
+        loop {
+            if next_value(&mut sub).await == "v30" {
+                break;
+            }
+        }
+
+        // The same endpoint, an empty etcd: revisions start again from 1.
+        etcd.replace_empty(0).await;
+        put_retrying(&writer, "k", "after-restart".into()).await;
+        let mut after = Vec::new();
+        let mut positions = Vec::new();
+        while after.last().map(String::as_str) != Some("after-restart") {
+            let update = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("no value").unwrap();
+            positions.push((update.epoch, update.seq));
+            after.push(value(&update));
+        }
+        assert!(after.iter().all(|v| v == "<none>" || v == "after-restart"), "{after:?}");
+        // No (epoch, seq) twice or backwards.
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        let late = follower(&host).await;
+        let mut late_sub = late.subscribe("k".to_string()).await.unwrap();
+        assert_eq!(next_value(&mut late_sub).await, "after-restart");
+        put_retrying(&writer, "k", "later".into()).await;
+        let update = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("no value").unwrap();
+        assert_eq!(value(&update), "later");
+        assert!((update.epoch, update.seq) > *positions.last().unwrap());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs etcd: apt-get install etcd-server"]
+async fn a_leader_starts_with_etcd_down_and_flows_once_it_is_up() {
+    within(LIMIT, async {
+        let mut etcd = Etcd::single().await;
+        etcd.kill(0);
+        // Nothing answers: the adapter starts anyway, Down with the reason.
+        let host = host(etcd.endpoints()).await;
+        let connection = Connection::builder().channel::<ConfigApi>().connect(UnixConnector::new(&host.path)).spawn();
+        let a = connection.client::<ConfigApi>();
+        let error = a.ready().await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.kind), Some(ErrorKind::Unavailable), "{error:?}");
+        let began = Instant::now();
+        let error = a.invoke(ConfigRequest::Get("k".into())).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.kind), Some(ErrorKind::Unavailable), "{error:?}");
+        assert!(began.elapsed() < Duration::from_secs(2), "fails fast: {:?}", began.elapsed());
+        // A subscribe is accepted while down, and flows once etcd is up.
+        let mut sub = a.subscribe("k".to_string()).await.unwrap();
+
+        etcd.restart(0).await;
+        let writer = etcd::Client::connect(etcd::Config::new(etcd.endpoints())).await.unwrap();
+        put_retrying(&writer, "k", "up-at-last".into()).await;
+        assert_eq!(next_value(&mut sub).await, "up-at-last");
+        a.ready().await.unwrap();
+        assert_eq!(host.leader.epoch(), 1, "the same Leader, never restarted");
+    })
+    .await
+}

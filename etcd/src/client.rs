@@ -46,8 +46,7 @@ impl Client {
     /// returns once a member answers, or fails with [`Error::Unavailable`] if none
     /// does (or [`Error::Config`] for an empty list).
     pub async fn connect(config: Config) -> Result<Client, Error> {
-        let failover = Failover::start(Arc::new(config), CancellationToken::new())?;
-        let client = Client { handle: Arc::new(Handle { failover }), deadline: None };
+        let client = Client::start(config)?;
         let mut state = client.state();
         let state = state.wait_for(|state| !matches!(state, ConnectionState::Connecting)).await;
         match state.as_deref() {
@@ -55,6 +54,15 @@ impl Client {
             Ok(ConnectionState::Unavailable { reason }) => Err(Error::unavailable(reason.clone(), None)),
             _ => Err(Error::unavailable(client.endpoints().join(","), None)),
         }
+    }
+
+    /// Starts a client without waiting for any member: it connects (and keeps
+    /// reconnecting, with backoff) in the background; calls fail with
+    /// [`Error::Unavailable`] while no member answers, and watches start
+    /// flowing once one does. Fails only with [`Error::Config`] (no endpoint).
+    pub fn start(config: Config) -> Result<Client, Error> {
+        let failover = Failover::start(Arc::new(config), CancellationToken::new())?;
+        Ok(Client { handle: Arc::new(Handle { failover }), deadline: None })
     }
 
     /// The connection's state, to read or to await a transition.

@@ -64,7 +64,9 @@ impl<T> ServiceWatch<T> {
         match event {
             WatchEvent::Put(kv) => self.instances.insert(kv.key, kv.value.clone()).as_ref() != Some(&kv.value),
             WatchEvent::Delete { key, .. } => self.instances.remove(&key).is_some(),
-            WatchEvent::Snapshot(snapshot) | WatchEvent::Compacted { snapshot, .. } => {
+            WatchEvent::Snapshot(snapshot)
+            | WatchEvent::Compacted { snapshot, .. }
+            | WatchEvent::Reset { snapshot, .. } => {
                 let fresh: BTreeMap<String, Vec<u8>> = snapshot.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect();
                 let changed = fresh != self.instances;
                 self.instances = fresh;

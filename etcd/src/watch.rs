@@ -47,6 +47,17 @@ pub enum WatchEvent {
     /// The watched range as it is now: the first event of a watch started
     /// with [`Start::Snapshot`].
     Snapshot(Snapshot),
+    /// The cluster behind the client is not the one the watch was following:
+    /// another cluster id, or a revision below what the watch already delivered
+    /// (a cluster restored from a backup, or replaced). Revisions seen before
+    /// mean nothing here: `snapshot` is the range as it is now (a key missing
+    /// from it is gone), and the watch goes on from `snapshot.revision + 1`.
+    Reset {
+        /// Why the watch decided the cluster changed, for logs.
+        reason: String,
+        /// The current state of the range.
+        snapshot: Snapshot,
+    },
     /// etcd compacted its history past the revision the watch had to resume
     /// from, so the changes between that revision and `compact_revision` are
     /// lost. `snapshot` is the range as it is now (a key missing from it was
@@ -65,7 +76,9 @@ impl WatchEvent {
         match self {
             WatchEvent::Put(kv) => kv.mod_revision,
             WatchEvent::Delete { revision, .. } => *revision,
-            WatchEvent::Snapshot(snapshot) | WatchEvent::Compacted { snapshot, .. } => snapshot.revision,
+            WatchEvent::Snapshot(snapshot)
+            | WatchEvent::Compacted { snapshot, .. }
+            | WatchEvent::Reset { snapshot, .. } => snapshot.revision,
         }
     }
 }
@@ -108,6 +121,7 @@ enum Owed {
     Nothing,
     Snapshot,
     Compacted(i64),
+    Reset(String),
 }
 
 enum Outcome {
@@ -121,6 +135,42 @@ enum Outcome {
     Refused,
     /// The resume revision was compacted up to this one.
     Compacted(i64),
+    /// The cluster is not the one followed so far (why).
+    Reset(String),
+}
+
+/// Which cluster a watch follows: the cluster id of the first response seen.
+#[derive(Debug, Default)]
+struct Seen {
+    cluster_id: Option<u64>,
+}
+
+impl Seen {
+    /// Checks a response header against what the watch knows; `Some(why)` when
+    /// the cluster changed: another id, or a revision below `next - 1` (the last
+    /// one delivered), which a live cluster never goes back to.
+    fn check(&mut self, header: Option<&etcd_client::ResponseHeader>, next: i64) -> Option<String> {
+        let header = header?;
+        let cluster_id = header.cluster_id();
+        if let Some(seen) = self.cluster_id
+            && cluster_id != 0
+            && seen != cluster_id
+        {
+            self.cluster_id = Some(cluster_id);
+            return Some(format!("the cluster id changed from {seen:x} to {cluster_id:x}"));
+        }
+        if cluster_id != 0 {
+            self.cluster_id = Some(cluster_id);
+        }
+        if header.revision() > 0 && header.revision() < next - 1 {
+            return Some(format!(
+                "the cluster's revision {} is below revision {} already delivered",
+                header.revision(),
+                next - 1
+            ));
+        }
+        None
+    }
 }
 
 async fn run(failover: Arc<Failover>, keys: Keys, start: Start, tx: mpsc::Sender<WatchEvent>) {
@@ -128,29 +178,37 @@ async fn run(failover: Arc<Failover>, keys: Keys, start: Start, tx: mpsc::Sender
         Start::Revision(revision) => (revision, Owed::Nothing),
         Start::Snapshot => (0, Owed::Snapshot),
     };
+    let mut seen = Seen::default();
     loop {
         let Some(member) = failover.member().await else { return };
         let outcome = match owed {
-            Owed::Nothing => follow(&failover, &member, &keys, &mut next, &tx).await,
-            Owed::Snapshot | Owed::Compacted(_) => match read(&failover, &member, &keys).await {
-                Ok(snapshot) => {
-                    next = snapshot.revision + 1;
-                    let event = match owed {
-                        Owed::Compacted(compact_revision) => {
-                            tracing::warn!(subscription.key = %keys, compact_revision, revision = snapshot.revision,
+            Owed::Nothing => follow(&failover, &member, &keys, &mut next, &mut seen, &tx).await,
+            Owed::Snapshot | Owed::Compacted(_) | Owed::Reset(_) => {
+                match read(&failover, &member, &keys, &mut seen).await {
+                    Ok(snapshot) => {
+                        next = snapshot.revision + 1;
+                        let event = match std::mem::replace(&mut owed, Owed::Nothing) {
+                            Owed::Reset(reason) => {
+                                tracing::warn!(subscription.key = %keys, reason, revision = snapshot.revision,
+                                "the etcd cluster changed under the watch; re-read the current state");
+                                WatchEvent::Reset { reason, snapshot }
+                            }
+                            Owed::Compacted(compact_revision) => {
+                                tracing::warn!(subscription.key = %keys, compact_revision, revision = snapshot.revision,
                                 "watch history compacted; re-read the current state");
-                            WatchEvent::Compacted { compact_revision, snapshot }
+                                WatchEvent::Compacted { compact_revision, snapshot }
+                            }
+                            _ => WatchEvent::Snapshot(snapshot),
+                        };
+                        owed = Owed::Nothing;
+                        if tx.send(event).await.is_err() {
+                            return;
                         }
-                        _ => WatchEvent::Snapshot(snapshot),
-                    };
-                    owed = Owed::Nothing;
-                    if tx.send(event).await.is_err() {
-                        return;
+                        continue;
                     }
-                    continue;
+                    Err(outcome) => outcome,
                 }
-                Err(outcome) => outcome,
-            },
+            }
         };
         match outcome {
             Outcome::Closed => return,
@@ -163,17 +221,22 @@ async fn run(failover: Arc<Failover>, keys: Keys, start: Start, tx: mpsc::Sender
                 }
             }
             Outcome::Compacted(compact_revision) => owed = Owed::Compacted(compact_revision),
+            Outcome::Reset(reason) => owed = Owed::Reset(reason),
         }
     }
 }
 
 /// Reads the range on `member`.
-async fn read(failover: &Failover, member: &Member, keys: &Keys) -> Result<Snapshot, Outcome> {
+async fn read(failover: &Failover, member: &Member, keys: &Keys, seen: &mut Seen) -> Result<Snapshot, Outcome> {
     let mut client = member.client.clone();
     let read = client.get(keys.key(), keys.get_options());
     match tokio::time::timeout(failover.config().request_timeout, read).await {
         Ok(Ok(response)) => Ok(Snapshot {
-            revision: response.header().map_or(0, |h| h.revision()),
+            revision: {
+                // A snapshot is taken as it is: only note which cluster it came from.
+                let _ = seen.check(response.header(), 0);
+                response.header().map_or(0, |h| h.revision())
+            },
             kvs: response.kvs().iter().map(KeyValue::from_etcd).collect(),
         }),
         Ok(Err(error)) => match classify(failover, member, error) {
@@ -197,6 +260,7 @@ async fn follow(
     member: &Member,
     keys: &Keys,
     next: &mut i64,
+    seen: &mut Seen,
     tx: &mpsc::Sender<WatchEvent>,
 ) -> Outcome {
     let mut client = member.client.clone();
@@ -229,6 +293,9 @@ async fn follow(
             }
             Err(error) => return failed(failover, member, keys, error),
         };
+        if let Some(reason) = seen.check(response.header(), *next) {
+            return Outcome::Reset(reason);
+        }
         if response.compact_revision() > 0 {
             return Outcome::Compacted(response.compact_revision());
         }

@@ -452,8 +452,11 @@ impl Core {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Whether subscribes of `channel` go to the leader now: once its upstream is
+    /// built, even while it is down (the leader's adapter answers: one that
+    /// reconnects accepts, one that cannot refuses with its error).
     fn channel_ready(&self, channel: &str) -> bool {
-        matches!(self.status.borrow().channels.get(channel), Some(UpstreamState::Ready))
+        matches!(self.status.borrow().channels.get(channel), Some(UpstreamState::Ready | UpstreamState::Down(_)))
     }
 
     fn static_channel(&self, name: &str) -> Option<&'static str> {
@@ -543,10 +546,9 @@ impl Core {
     }
 
     fn subscribe(&mut self, channel: &'static str, key: Bytes, reply: SubscribeReply) {
-        if let Some(UpstreamState::Down(error)) = self.status.borrow().channels.get(channel) {
-            let _ = reply.send(Err(Error::Remote(error.clone())));
-            return;
-        }
+        // Even while the channel's upstream is down: the leader decides (an adapter
+        // that reconnects accepts it, and values flow once the upstream is back; one
+        // that cannot answers with the error).
         let ready = self.channel_ready(channel);
         let capacity = self.config.subscription_buffer.max(1);
         let topic = self.topics.entry((channel, key.clone())).or_insert_with(|| Topic {

@@ -1,13 +1,14 @@
 //! The client: a cheap, cloneable handle over one TCP connection to the registry.
 
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpStream, ToSocketAddrs};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::{self, Inputs};
 use crate::error::Error;
@@ -17,10 +18,13 @@ use crate::services::Instance;
 use crate::stats::Stats;
 use crate::store::KeyValue;
 use crate::watch::{self, ServiceWatch, Watch, WatchSpec};
-use crate::wire::{Op, Request, RequestId, Response};
+use crate::wire::{Op, Request, RequestId, Response, ServerInfo};
 
 /// Requests waiting for the connection task. When full, callers wait their turn.
 const OUTGOING_QUEUE: usize = 256;
+
+/// How long [`Client::connect`] waits for the server's hello once connected.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A handle to the registry over one TCP connection, shared by every clone.
 ///
@@ -44,10 +48,12 @@ struct Inner {
     in_flight: Arc<InFlight>,
     local_addr: SocketAddr,
     peer_addr: SocketAddr,
+    server: ServerInfo,
 }
 
 impl Client {
-    /// Connects to the registry at `addr`.
+    /// Connects to the registry at `addr` and waits (at most [`HELLO_TIMEOUT`]) for
+    /// its hello: see [`Client::server_info`].
     pub async fn connect(addr: impl ToSocketAddrs + fmt::Display) -> Result<Client, Error> {
         let connect_error = |e| Error::Connect { addr: addr.to_string(), source: Arc::new(e) };
         let stream = TcpStream::connect(&addr).await.map_err(connect_error)?;
@@ -60,9 +66,32 @@ impl Client {
         let in_flight = Arc::new(InFlight::new());
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         let (detached, detached_rx) = mpsc::unbounded_channel();
-        let inputs = Inputs { outgoing: outgoing_rx, detached: detached_rx, detached_tx: detached.clone() };
+        let (hello, hello_rx) = oneshot::channel();
+        let inputs = Inputs { outgoing: outgoing_rx, detached: detached_rx, detached_tx: detached.clone(), hello };
         driver::spawn(stream, tandem_protocol::DEFAULT_MAX_FRAME_LENGTH, in_flight.clone(), inputs);
-        Ok(Client { inner: Arc::new(Inner { outgoing, detached, in_flight, local_addr, peer_addr }) })
+        let server = match tokio::time::timeout(HELLO_TIMEOUT, hello_rx).await {
+            Ok(Ok(server)) => server,
+            Ok(Err(_)) => return Err(connect_error(io::Error::other(in_flight.lost_error()))),
+            Err(_) => {
+                let error = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no hello from the registry within {} ms", HELLO_TIMEOUT.as_millis()),
+                );
+                in_flight.close(Error::lost(io::Error::new(error.kind(), error.to_string())));
+                return Err(connect_error(error));
+            }
+        };
+        Ok(Client { inner: Arc::new(Inner { outgoing, detached, in_flight, local_addr, peer_addr, server }) })
+    }
+
+    /// What the registry announced when this connection opened: its incarnation
+    /// and its revision then. A client that reconnects and sees another
+    /// incarnation, or a lower revision than it has seen, is talking to a server
+    /// that lost state: revisions from before mean nothing there (re-read what
+    /// you follow; a watch started beyond the server's revision gets a
+    /// [`WatchEvent::Compacted`](crate::WatchEvent::Compacted) snapshot).
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.inner.server
     }
 
     /// The registry's address.

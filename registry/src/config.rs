@@ -14,8 +14,11 @@ pub struct Config {
     /// The largest value, in bytes; also bounds an instance's address plus metadata.
     /// The default is 1 MiB.
     pub max_value_size: usize,
-    /// How many watches (key, prefix and service) one connection may hold at once.
-    /// The default is 1024.
+    /// How many watches (key, prefix and service) one connection may hold at once;
+    /// one more is refused with a `Rejected` error (code `too_many_watches`).
+    /// A tandem Leader holds one watch per subscribed key of its whole host on ONE
+    /// connection, so this is also the most keys one Leader can follow. Each watch
+    /// costs the server a few hundred bytes. The default is 262 144 (2^18).
     pub max_watches_per_connection: usize,
     /// The largest frame body read or written, in bytes (the codec's limit).
     /// The default is 16 MiB ([`tandem_protocol::DEFAULT_MAX_FRAME_LENGTH`]).
@@ -101,7 +104,7 @@ impl Default for Config {
         Config {
             max_key_size: 4 * 1024,
             max_value_size: 1024 * 1024,
-            max_watches_per_connection: 1024,
+            max_watches_per_connection: 262_144,
             max_frame: tandem_protocol::DEFAULT_MAX_FRAME_LENGTH,
             history: 10_000,
             outbound_queue: 1024,

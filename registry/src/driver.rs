@@ -9,7 +9,7 @@ use futures::{SinkExt, StreamExt};
 use tandem_protocol::{Codec, CodecError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::in_flight::InFlight;
 use crate::services::ServiceEvent;
 use crate::watch::{Item, Undelivered};
-use crate::wire::{Op, Reply, Request, ServerMessage};
+use crate::wire::{Op, Reply, Request, ServerInfo, ServerMessage};
 
 /// The driver's inputs.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub(crate) struct Inputs {
     pub(crate) detached: mpsc::UnboundedReceiver<Op>,
     /// The reader's way to cancel a watch that fell behind.
     pub(crate) detached_tx: mpsc::UnboundedSender<Op>,
+    /// Where the server's hello (its first message) goes.
+    pub(crate) hello: oneshot::Sender<ServerInfo>,
 }
 
 /// Runs the connection on a new task.
@@ -41,11 +43,11 @@ async fn run(stream: TcpStream, max_frame: usize, in_flight: Arc<InFlight>, inpu
     let (read, write) = stream.into_split();
     let reader = FramedRead::new(read, Codec::<ServerMessage>::with_max_frame_length(max_frame));
     let writer = FramedWrite::new(write, Codec::<ServerMessage>::with_max_frame_length(max_frame));
-    let Inputs { outgoing, detached, detached_tx } = inputs;
+    let Inputs { outgoing, detached, detached_tx, hello } = inputs;
     let reason = tokio::select! {
         // `Client::close`: the in-flight table is already closed.
         () = in_flight.lost().cancelled() => return,
-        error = read_loop(reader, &in_flight, detached_tx) => {
+        error = read_loop(reader, &in_flight, detached_tx, hello) => {
             warn!(error = %error_chain(&error), "registry connection lost");
             error
         }
@@ -68,7 +70,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: FramedRead<R, Codec<ServerMessage>>,
     in_flight: &InFlight,
     detached_tx: mpsc::UnboundedSender<Op>,
+    hello: oneshot::Sender<ServerInfo>,
 ) -> Error {
+    let mut hello = Some(hello);
     loop {
         let message = match reader.next().await {
             None => {
@@ -77,12 +81,30 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Some(Err(e)) => return Error::lost(e),
             Some(Ok(message)) => message,
         };
+        let message = match (message, hello.take()) {
+            (ServerMessage::Hello(info), Some(tx)) => {
+                // The caller may have given up waiting: nothing to tell then.
+                let _ = tx.send(info);
+                continue;
+            }
+            (ServerMessage::Hello(_), None) => {
+                return Error::lost(io::Error::new(io::ErrorKind::InvalidData, "the registry sent a second hello"));
+            }
+            (ServerMessage::Goodbye(error), _) => return Error::lost(error),
+            (_, Some(_)) => {
+                return Error::lost(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the registry did not start with a hello (a server from an older tandem?)",
+                ));
+            }
+            (message, None) => message,
+        };
         let (watch_id, delivered) = match message {
             ServerMessage::Reply(Reply { id, result }) => {
                 in_flight.complete(id, result.map_err(Error::Remote));
                 continue;
             }
-            ServerMessage::Goodbye(error) => return Error::lost(error),
+            ServerMessage::Hello(_) | ServerMessage::Goodbye(_) => continue,
             ServerMessage::Event { watch_id, event } => {
                 (watch_id, in_flight.deliver_change(watch_id, [Item::Event(event)]))
             }

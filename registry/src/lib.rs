@@ -17,8 +17,11 @@
 //!   requests gets a `BadRequest` goodbye and is disconnected, and a watcher too
 //!   slow to read its events is disconnected, without slowing anyone else.
 //!
-//! Frames are tandem-protocol's (u32 length prefix, MessagePack body); requests
-//! are multiplexed by id over one connection:
+//! Frames are tandem-protocol's (u32 length prefix, MessagePack body). Every
+//! connection opens with the server's hello ([`ServerInfo`]: its incarnation, a
+//! UUID drawn at start, and its revision), so a client can tell a restarted,
+//! emptier server from the one it knew. Requests are multiplexed by id over one
+//! connection:
 //!
 //! ```text
 //! Client (clones)        driver task                 Server: session          shared state
@@ -80,7 +83,7 @@ mod store;
 mod watch;
 mod wire;
 
-pub use client::Client;
+pub use client::{Client, HELLO_TIMEOUT};
 pub use config::{Config, RESERVED_FDS, SMALL_FRAME, default_max_connections};
 pub use error::Error;
 pub use registration::Registration;
@@ -89,6 +92,7 @@ pub use services::{Instance, ServiceEvent};
 pub use stats::Stats;
 pub use store::KeyValue;
 pub use watch::{ServiceWatch, WATCH_BUFFER, Watch, WatchEvent, WatchSpec};
+pub use wire::ServerInfo;
 
 // Re-exported so users need not depend on the same versions themselves.
 pub use bytes::Bytes;

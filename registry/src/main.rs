@@ -1,7 +1,7 @@
 //! `tandem-registry`: run the bundled registry server, or talk to one.
 //!
 //! ```text
-//! tandem-registry serve --listen 127.0.0.1:0          # first stdout line: `listening on <ADDR>`
+//! tandem-registry serve --listen 127.0.0.1:0 [--history N] [--max-watches N]   # first stdout line: `listening on <ADDR>`
 //!     [--max-connections N] [--frame-timeout SECS] [--idle-timeout SECS]
 //!     [--partial-frame-budget BYTES] [--max-frame BYTES]   # limits (README "Limits")
 //! tandem-registry put --server ADDR KEY VALUE
@@ -43,6 +43,10 @@ enum Command {
         /// Changes remembered for watches that start from an older revision.
         #[arg(long)]
         history: Option<usize>,
+        /// Watches one connection may hold (a tandem Leader holds one per subscribed
+        /// key of its host). The default is 262144.
+        #[arg(long)]
+        max_watches: Option<usize>,
         #[command(flatten)]
         limits: LimitArgs,
     },
@@ -182,7 +186,7 @@ async fn main() -> Result<ExitCode> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { listen, history, limits } => serve(&listen, history, limits).await,
+        Command::Serve { listen, history, max_watches, limits } => serve(&listen, history, max_watches, limits).await,
         Command::Put { server, key, value } => {
             let revision = connect(&server).await?.put(&key, value).await.context("put failed")?;
             println!("{revision}");
@@ -234,10 +238,13 @@ async fn connect(server: &str) -> Result<Client> {
     Ok(Client::connect(server).await?)
 }
 
-async fn serve(listen: &str, history: Option<usize>, limits: LimitArgs) -> Result<ExitCode> {
+async fn serve(listen: &str, history: Option<usize>, max_watches: Option<usize>, limits: LimitArgs) -> Result<ExitCode> {
     let mut config = Config::default();
     if let Some(history) = history {
         config.history = history;
+    }
+    if let Some(max_watches) = max_watches {
+        config.max_watches_per_connection = max_watches;
     }
     limits.apply(&mut config);
     let server = Server::bind(listen, config).await.with_context(|| format!("cannot listen on {listen}"))?;

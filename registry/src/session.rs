@@ -96,6 +96,8 @@ async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>, slot: &Slot
     let closing = CancellationToken::new();
     let bounds = EventBounds { events: shared.config.outbound_queue, bytes: shared.config.outbound_queue_bytes };
     let (outbound, queues) = outbound::channel(conn, bounds, closing.clone());
+    // The first message of the connection; the control queue is empty, so it fits.
+    outbound.try_send(ServerMessage::Hello(shared.hello()));
     let mut session = Session { conn, shared, outbound, watches: HashSet::new(), counted };
 
     let write = outbound::write_loop(queues, writer);
@@ -420,7 +422,11 @@ mod tests {
 
     async fn connect_raw(server: &ServerHandle) -> Raw {
         let stream = TcpStream::connect(server.local_addr()).await.expect("connects");
-        Framed::new(stream, Codec::new())
+        let mut raw = Framed::new(stream, Codec::new());
+        // Every connection starts with the server's hello.
+        let hello = raw.next().await;
+        assert!(matches!(hello, Some(Ok(ServerMessage::Hello(_)))), "expected a hello, got {hello:?}");
+        raw
     }
 
     async fn call(raw: &mut Raw, id: RequestId, op: Op) -> Result<Response, RemoteError> {

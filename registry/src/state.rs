@@ -19,7 +19,7 @@ use crate::session::ConnId;
 use crate::stats::Stats;
 use crate::store::{KeyValue, Replay, Store};
 use crate::watch::WatchEvent;
-use crate::wire::{RequestId, ServerMessage};
+use crate::wire::{RequestId, ServerInfo, ServerMessage};
 
 #[derive(Debug)]
 struct State {
@@ -32,6 +32,8 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
+    /// This server's incarnation (a UUID v4 drawn at start), announced in every hello.
+    incarnation: String,
     state: Mutex<State>,
     connections: AtomicU64,
     accepted_total: AtomicU64,
@@ -54,6 +56,7 @@ impl Shared {
             State { store: Store::new(config.history), services: Services::default(), watchers: Watchers::default() };
         Shared {
             config,
+            incarnation: uuid::Uuid::new_v4().to_string(),
             state: Mutex::new(state),
             connections: AtomicU64::new(0),
             accepted_total: AtomicU64::new(0),
@@ -94,6 +97,11 @@ impl Shared {
     pub(crate) fn get(&self, key: &str) -> (Option<KeyValue>, u64) {
         let state = self.lock();
         (state.store.get(key), state.store.revision())
+    }
+
+    /// What a new connection is told first.
+    pub(crate) fn hello(&self) -> ServerInfo {
+        ServerInfo { incarnation: self.incarnation.clone(), revision: self.revision() }
     }
 
     pub(crate) fn revision(&self) -> u64 {
@@ -147,7 +155,8 @@ impl Shared {
                 let from = from.unwrap_or(0);
                 watcher.live = true;
                 watcher.from_revision = from;
-                let revision = store.revision().max(from.saturating_sub(1));
+                // `from` is at most the next revision here (a later start is a snapshot).
+                let revision = store.revision();
                 permit.send(ServerMessage::Progress { watch_id: id, revision });
                 CatchUp::Live
             }

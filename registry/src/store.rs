@@ -106,8 +106,15 @@ impl Store {
     /// What a watcher of `spec` must receive to have seen every change with a
     /// revision `>= from`, at most `max` events at a time.
     pub(crate) fn replay(&self, spec: &WatchSpec, from: u64, max: usize) -> Replay {
-        if from > self.revision {
+        if from == self.revision + 1 {
             return Replay::CaughtUp;
+        }
+        if from > self.revision + 1 {
+            // A start this store never reached: the watcher's revisions come from another
+            // incarnation (the server restarted with less state). Treating it as caught up
+            // would drop every change up to `from` silently; a snapshot lets it rebuild.
+            let values = self.matching(spec);
+            return Replay::Snapshot { compact_revision: from - 1, revision: self.revision, values };
         }
         if from <= self.compacted {
             let values = self.matching(spec);
@@ -200,6 +207,26 @@ mod tests {
         assert_eq!((compact_revision, revision), (3, 5));
         let got: Vec<_> = values.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)).collect();
         assert_eq!(got, vec![("a/1", 4), ("a/2", 3)]);
+    }
+
+    #[test]
+    fn a_start_beyond_the_revision_is_a_snapshot_not_caught_up() {
+        let mut store = Store::new(10);
+        put(&mut store, "a", "x"); // 2
+        put(&mut store, "b", "y"); // 3
+        // The next revision is a normal resume point.
+        assert_eq!(store.replay(&WatchSpec::key("a"), 4, 10), Replay::CaughtUp);
+        // Revision 31 was seen on another incarnation: the watcher gets the state as of now.
+        let Replay::Snapshot { compact_revision, revision, values } = store.replay(&WatchSpec::key("a"), 32, 10) else {
+            panic!("expected a snapshot")
+        };
+        assert_eq!((compact_revision, revision), (31, 3));
+        assert_eq!(values.iter().map(|kv| (kv.key.as_str(), kv.mod_revision)).collect::<Vec<_>>(), vec![("a", 2)]);
+        // An absent key: an empty snapshot, still a snapshot.
+        assert!(matches!(
+            store.replay(&WatchSpec::key("z"), 32, 10),
+            Replay::Snapshot { values, .. } if values.is_empty()
+        ));
     }
 
     #[test]

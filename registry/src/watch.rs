@@ -1,14 +1,15 @@
 //! Watches: what to watch, the events a watch yields, and the client-side
 //! streams ([`Watch`], [`ServiceWatch`]) that cancel the server-side watch on drop.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::Stream;
+use futures::task::AtomicWaker;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::error::Error;
@@ -76,7 +77,10 @@ pub enum WatchEvent {
         /// The revision of the deletion.
         revision: u64,
     },
-    /// The watch asked for changes older than the server's history keeps.
+    /// The watch asked for changes older than the server's history keeps, or
+    /// started beyond the server's next revision (then `compact_revision` is the
+    /// start minus one and is above `revision`: the watcher's revisions come from
+    /// an earlier incarnation of a server that restarted with less state).
     ///
     /// Changes up to `compact_revision` are gone. What follows is a snapshot: one
     /// `Put` per matching key with its value as of `revision` (drop any state you
@@ -118,10 +122,36 @@ pub(crate) enum Item<T> {
     Progress(u64),
 }
 
+/// One watch's buffer between the connection's reader and the user's stream.
+///
+/// Not a tokio channel: those allocate a block of slots up front, and a Leader
+/// may hold 100 000 idle watches. This queue allocates only while it holds items.
+#[derive(Debug)]
+pub(crate) struct Queue<T> {
+    state: Mutex<QueueState<T>>,
+    waker: AtomicWaker,
+}
+
+#[derive(Debug)]
+struct QueueState<T> {
+    items: VecDeque<Item<T>>,
+    /// The reader is done with this watch (the stream yields what is left, then ends).
+    fed: bool,
+    /// The user dropped the stream.
+    dropped: bool,
+}
+
+impl<T> Queue<T> {
+    fn lock(&self) -> MutexGuard<'_, QueueState<T>> {
+        // No code panics while holding it; a poisoned queue is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The reader's end of one watch's buffer.
 #[derive(Debug)]
 pub(crate) struct Feed<T> {
-    tx: mpsc::Sender<Item<T>>,
+    queue: Arc<Queue<T>>,
     end: Arc<OnceLock<Error>>,
 }
 
@@ -137,10 +167,18 @@ pub(crate) enum Undelivered {
 impl<T> Feed<T> {
     /// Queues an item; never waits (a full buffer is the caller's to handle).
     pub(crate) fn push(&self, item: Item<T>) -> Result<(), Undelivered> {
-        self.tx.try_send(item).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Undelivered::Full,
-            mpsc::error::TrySendError::Closed(_) => Undelivered::Dropped,
-        })
+        {
+            let mut state = self.queue.lock();
+            if state.dropped {
+                return Err(Undelivered::Dropped);
+            }
+            if state.items.len() >= WATCH_BUFFER {
+                return Err(Undelivered::Full);
+            }
+            state.items.push_back(item);
+        }
+        self.queue.waker.wake();
+        Ok(())
     }
 
     /// Ends the stream: it yields what is buffered, then `error` (if any), then `None`.
@@ -151,19 +189,62 @@ impl<T> Feed<T> {
     }
 }
 
+impl<T> Drop for Feed<T> {
+    fn drop(&mut self) {
+        self.queue.lock().fed = true;
+        self.queue.waker.wake();
+    }
+}
+
 /// The user's end of one watch's buffer.
 #[derive(Debug)]
+pub(crate) struct Rx<T> {
+    queue: Arc<Queue<T>>,
+}
+
+impl<T> Drop for Rx<T> {
+    fn drop(&mut self) {
+        let mut state = self.queue.lock();
+        state.dropped = true;
+        state.items = VecDeque::new();
+    }
+}
+
+impl<T> Rx<T> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item<T>>> {
+        // Register first, then look: a push in between wakes the new waker.
+        self.queue.waker.register(cx.waker());
+        let mut state = self.queue.lock();
+        match state.items.pop_front() {
+            Some(item) => {
+                if state.items.is_empty() && state.items.capacity() > 64 {
+                    // A burst is over: give its memory back.
+                    state.items = VecDeque::new();
+                }
+                Poll::Ready(Some(item))
+            }
+            None if state.fed => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// The user's end of one watch's buffer, with how it ended.
+#[derive(Debug)]
 struct Receiver<T> {
-    rx: mpsc::Receiver<Item<T>>,
+    rx: Rx<T>,
     end: Arc<OnceLock<Error>>,
     done: bool,
 }
 
-pub(crate) fn channel<T>() -> (Feed<T>, mpsc::Receiver<Item<T>>, Arc<OnceLock<Error>>) {
+pub(crate) fn channel<T>() -> (Feed<T>, Rx<T>, Arc<OnceLock<Error>>) {
     // Full: the reader ends this watch with `Error::Lagged` and cancels it on the server.
-    let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+    let queue = Arc::new(Queue {
+        state: Mutex::new(QueueState { items: VecDeque::new(), fed: false, dropped: false }),
+        waker: AtomicWaker::new(),
+    });
     let end = Arc::new(OnceLock::new());
-    (Feed { tx, end: end.clone() }, rx, end)
+    (Feed { queue: queue.clone(), end: end.clone() }, Rx { queue }, end)
 }
 
 impl<T> Receiver<T> {
@@ -215,7 +296,7 @@ impl Watch {
     pub(crate) fn new(
         client: Client,
         id: RequestId,
-        rx: mpsc::Receiver<Item<WatchEvent>>,
+        rx: Rx<WatchEvent>,
         end: Arc<OnceLock<Error>>,
         from_revision: Option<u64>,
     ) -> Self {
@@ -237,7 +318,12 @@ impl Watch {
 
     fn observe(&mut self, event: &WatchEvent) {
         match (event, self.snapshot_at) {
-            (WatchEvent::Compacted { revision, .. }, _) => self.snapshot_at = Some(*revision),
+            (WatchEvent::Compacted { revision, .. }, _) => {
+                // The snapshot replaces what came before, even a higher revision from
+                // another incarnation of the server.
+                self.snapshot_at = Some(*revision);
+                self.revision = *revision;
+            }
             (_, Some(at)) if event.revision() <= at => {}
             _ => {
                 self.snapshot_at = None;
@@ -284,12 +370,7 @@ pub struct ServiceWatch {
 }
 
 impl ServiceWatch {
-    pub(crate) fn new(
-        client: Client,
-        id: RequestId,
-        rx: mpsc::Receiver<Item<ServiceEvent>>,
-        end: Arc<OnceLock<Error>>,
-    ) -> Self {
+    pub(crate) fn new(client: Client, id: RequestId, rx: Rx<ServiceEvent>, end: Arc<OnceLock<Error>>) -> Self {
         ServiceWatch { receiver: Receiver { rx, end, done: false }, _cancel: CancelOnDrop { client, id } }
     }
 }

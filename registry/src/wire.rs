@@ -7,8 +7,16 @@
 //! that started the watch. A peer that breaks the protocol gets one
 //! [`ServerMessage::Goodbye`] (kind `BadRequest`) and is disconnected.
 //!
+//! The first message on every connection is the server's
+//! [`ServerMessage::Hello`]: its incarnation (a random id drawn when the server
+//! process started) and its current revision. A client that sees a different
+//! incarnation than before, or a revision below one it has seen, is talking to a
+//! server that lost state (a restart): revisions it remembers mean nothing there.
+//!
 //! ```text
 //! client                                          server
+//!   |         Hello{incarnation: "5f0c…", revision: 52}
+//!   |<------------------------------------------------|
 //!   | Request{id: 7, Watch{Prefix("app/"), from: Some(40)}}
 //!   |------------------------------------------------>|
 //!   |                  Reply{id: 7, Ok(Watching)}     |
@@ -114,9 +122,22 @@ pub(crate) struct Reply {
     pub(crate) result: Result<Response, RemoteError>,
 }
 
+/// What the server announces first on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ServerInfo {
+    /// Drawn at random (a UUID v4) when the server process starts: a different
+    /// value means a different server state, whatever the revisions say.
+    pub incarnation: String,
+    /// The store's revision when the connection was accepted.
+    pub revision: u64,
+}
+
 /// Server → client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum ServerMessage {
+    /// The first message of every connection, sent before any request is read.
+    Hello(ServerInfo),
     Reply(Reply),
     /// A change seen by a key or prefix watch.
     Event {
@@ -172,6 +193,13 @@ mod tests {
     }
 
     #[test]
+    fn golden_hello() {
+        let bytes = round_trip(ServerMessage::Hello(ServerInfo { incarnation: "i".into(), revision: 3 }));
+        // {"Hello": ["i", 3]}
+        assert_eq!(bytes, b"\x00\x00\x00\x0b\x81\xa5Hello\x92\xa1i\x03");
+    }
+
+    #[test]
     fn golden_goodbye() {
         let bytes = round_trip(ServerMessage::Goodbye(RemoteError::bad_request("x")));
         // {"Goodbye": ["BadRequest", "", "x"]}
@@ -191,6 +219,7 @@ mod tests {
             event: WatchEvent::Put { key: "p/a".into(), value: Bytes::from_static(b"v"), revision: 9 },
         });
         round_trip(ServerMessage::Reply(Reply { id: 3, result: Ok(Response::Revision(2)) }));
+        round_trip(ServerMessage::Hello(ServerInfo { incarnation: "x".into(), revision: 7 }));
         round_trip(ServerMessage::Reply(Reply { id: 3, result: Err(RemoteError::bad_request("too big")) }));
     }
 }

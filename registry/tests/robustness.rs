@@ -144,8 +144,15 @@ async fn in_flight_calls_fail_at_once_when_the_connection_dies() {
         // A "registry" that reads requests and never answers.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            // A hello first, as every registry sends: {"Hello": ["i", 3]}.
+            peer.write_all(b"\x00\x00\x00\x0b\x81\xa5Hello\x92\xa1i\x03").await.unwrap();
+            peer
+        });
         let client = Client::connect(addr).await.unwrap();
-        let (mut peer, _) = listener.accept().await.unwrap();
+        assert_eq!((client.server_info().incarnation.as_str(), client.server_info().revision), ("i", 3));
+        let mut peer = accept.await.unwrap();
         let calls: Vec<_> = (0..10)
             .map(|i| {
                 tokio::spawn({
@@ -168,6 +175,25 @@ async fn in_flight_calls_fail_at_once_when_the_connection_dies() {
         assert!(client.is_closed());
         assert!(client.get("k").await.unwrap_err().is_connection_lost(), "later calls fail immediately");
         assert!(client.closed().await.is_connection_lost());
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_peer_that_never_says_hello_is_not_a_registry() {
+    within(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Speaks first, but not a hello: a reply to a request nobody sent.
+        let accept = tokio::spawn(async move {
+            let (mut peer, _) = listener.accept().await.unwrap();
+            // {"Goodbye": ["BadRequest", "", "x"]} where a hello belongs.
+            peer.write_all(b"\x00\x00\x00\x18\x81\xa7Goodbye\x93\xaaBadRequest\xa0\xa1x").await.unwrap();
+            peer
+        });
+        let error = Client::connect(addr).await.unwrap_err();
+        assert!(matches!(error, Error::Connect { .. }) && error.is_retryable(), "{error:?}");
+        let _peer = accept.await.unwrap();
     })
     .await
 }

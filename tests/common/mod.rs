@@ -130,3 +130,35 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The real `tandem-registry` binary (built by `cargo test --workspace`; built
+/// here with cargo when a narrower `cargo test -p tandem` left it out).
+pub fn registry_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = profile_dir.join("tandem-registry");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "tandem-registry", "--bin", "tandem-registry"])
+            .status()
+            .expect("run cargo build -p tandem-registry");
+        assert!(status.success() && path.exists(), "cannot build {}", path.display());
+    }
+    path
+}
+
+/// A free loopback port now (nothing listens on it once this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Starts `tandem-registry serve --listen <listen> <extra>` and returns it with its address.
+pub async fn serve_registry(listen: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["serve", "--listen", listen];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::spawn(&registry_bin(), &args);
+    let line = proc.expect_line(Duration::from_secs(10), |l| l.starts_with("listening on ")).await;
+    let addr = line.trim_start_matches("listening on ").trim().to_string();
+    (proc, addr)
+}

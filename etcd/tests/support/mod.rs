@@ -177,6 +177,17 @@ impl Etcd {
         self.wait_healthy(i).await;
     }
 
+    /// Replaces single member `i` by a fresh etcd on the same ports with an empty
+    /// data directory (as a restore or a rebuild would): its revision starts at 1
+    /// again. Waits until it is healthy.
+    pub async fn replace_empty(&mut self, i: usize) {
+        self.kill(i);
+        let data = self.dir.path().join(&self.members[i].name);
+        std::fs::remove_dir_all(&data).expect("remove the member's data directory");
+        self.spawn(i);
+        self.wait_healthy(i).await;
+    }
+
     /// Waits (at most 20 s) until member `i` answers `/health` with a leader.
     pub async fn wait_healthy(&self, i: usize) {
         let port = self.members[i].client_port;
