@@ -50,6 +50,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cache;
 mod channel;
 mod config;
 mod error;
@@ -67,6 +68,7 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
     parts.iter().map(|p| p.len()).sum::<usize>() + OVERHEAD <= max
 }
 
+pub use cache::Cache;
 pub use config::Config;
 pub use error::Error;
 pub use leader::{Leader, LeaderBuilder};
