@@ -55,10 +55,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
+use tandem::Connection;
 use tandem::cluster::{ClusterEvent, MasterContext, Role, WorkerContext};
 use tandem::cluster_glue::{Transport, WorkerConnector, agent_leader, start_leader};
 use tandem::registry_upstream::{ConfigApi, ConfigRequest, RegistryUpstream, ServiceApi};
-use tandem::Connection;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "A supervised cluster whose workers share one registry connection")]
@@ -319,12 +319,12 @@ async fn master(
 mod etcd {
     use std::time::Duration;
 
+    use tandem::Connection;
     use tandem::etcd_upstream::etcd::{Client, Config, endpoint_addrs, established_connections};
     use tandem::etcd_upstream::{EtcdUpstream, Presence, stay_registered};
     use tandem::leader::LeaderBuilder;
     use tandem::registry::Instance;
     use tandem::registry_upstream::{ConfigApi, ServiceApi};
-    use tandem::Connection;
 
     /// How long a worker's registration outlives a Leader that stopped keeping it alive.
     const REGISTRATION_TTL: Duration = Duration::from_secs(2);

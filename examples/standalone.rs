@@ -223,9 +223,7 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
     };
     let pid = std::process::id();
     let cache = match &args.cache_dir {
-        Some(dir) => Some(
-            tandem::leader::Cache::open(dir).with_context(|| format!("--cache-dir {}", dir.display()))?,
-        ),
+        Some(dir) => Some(tandem::leader::Cache::open(dir).with_context(|| format!("--cache-dir {}", dir.display()))?),
         None => None,
     };
     let connector = Standalone::new(args.name.clone(), dir, move |builder| {

@@ -19,19 +19,16 @@ const LINE: Duration = Duration::from_secs(20);
 /// read earlier count too); returns each worker's (epoch, seq) for it.
 async fn expect_value(master: &mut Proc, workers: usize, value: &str, source: &str) -> BTreeMap<String, (u64, u64)> {
     let matches = |l: &str| field(l, "value") == Some(value) && field(l, "source") == Some(source);
-    let mut seen = BTreeMap::new();
-    let mut record = |line: &str| {
-        let position = (field(line, "epoch").unwrap().parse().unwrap(), field(line, "seq").unwrap().parse().unwrap());
-        seen.insert(field(line, "worker").unwrap().to_string(), position);
+    let position = |line: &str| -> (String, (u64, u64)) {
+        let at = (field(line, "epoch").unwrap().parse().unwrap(), field(line, "seq").unwrap().parse().unwrap());
+        (field(line, "worker").unwrap().to_string(), at)
     };
-    for line in master.seen.iter().filter(|l| matches(l)) {
-        record(line);
-    }
-    drop(record);
+    let mut seen: BTreeMap<String, (u64, u64)> =
+        master.seen.iter().filter(|l| matches(l)).map(|l| position(l)).collect();
     while seen.len() < workers {
         let line = master.expect_line(LINE, matches).await;
-        let position = (field(&line, "epoch").unwrap().parse().unwrap(), field(&line, "seq").unwrap().parse().unwrap());
-        seen.insert(field(&line, "worker").unwrap().to_string(), position);
+        let (worker, at) = position(&line);
+        seen.insert(worker, at);
     }
     seen
 }
@@ -54,8 +51,18 @@ async fn config_center_serves_cached_values_while_the_registry_is_down_then_live
         let addr = server.local_addr();
         let addr_arg = addr.to_string();
         Client::connect(addr).await.unwrap().put("k", "remembered").await.unwrap();
-        let args =
-            ["--workers", "2", "--registry", &addr_arg, "--subscribe", "k", "--write-every", "0", "--cache-dir", cache_arg];
+        let args = [
+            "--workers",
+            "2",
+            "--registry",
+            &addr_arg,
+            "--subscribe",
+            "k",
+            "--write-every",
+            "0",
+            "--cache-dir",
+            cache_arg,
+        ];
 
         // 1. Registry up: the value is delivered live and lands in the cache.
         let mut first = Proc::spawn(&example("config_center"), &args);

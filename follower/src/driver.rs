@@ -678,7 +678,7 @@ impl Core {
         let update = RawUpdate { position, payload: event.payload, cached: event.cached };
         // (A live value never hides behind a cached copy of itself: it is delivered.)
         if resynced
-            && topic.last.as_ref().is_some_and(|last| last.payload == update.payload && !(last.cached && !update.cached))
+            && topic.last.as_ref().is_some_and(|last| last.payload == update.payload && (update.cached || !last.cached))
         {
             // The same value, re-announced by a new leader: move the position on, deliver nothing.
             topic.last = Some(update.clone());

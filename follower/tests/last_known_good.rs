@@ -232,8 +232,7 @@ async fn the_cache_keeps_the_newest_value_of_a_burst_and_leaves_no_temporary_fil
             let sock = private_dir();
             let switch = Switch::default();
             switch.set(true);
-            let (leader, path) =
-                retrying_leader(&switch, Some(Cache::open(cache_dir.path()).unwrap()), sock.path(), 1);
+            let (leader, path) = retrying_leader(&switch, Some(Cache::open(cache_dir.path()).unwrap()), sock.path(), 1);
             let kv = follower(&path).client::<Kv>();
             let mut sub = kv.subscribe("hot".into()).await.unwrap();
             for value in &values {

@@ -147,7 +147,9 @@ impl Cache {
                     || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
                 if !alive {
                     match std::fs::remove_file(entry.path()) {
-                        Ok(()) => tracing::info!(file = %entry.path().display(), "removed a stale cache temporary file"),
+                        Ok(()) => {
+                            tracing::info!(file = %entry.path().display(), "removed a stale cache temporary file")
+                        }
                         Err(error) => {
                             tracing::warn!(file = %entry.path().display(), %error, "cannot remove a stale cache temporary file")
                         }
@@ -351,8 +353,12 @@ mod tests {
 
     #[test]
     fn a_record_round_trips_and_damage_is_named() {
-        let record =
-            Record { channel: "c".into(), key: Bytes::from_static(b"\x00k"), saved_at_ms: 5, payload: Bytes::from_static(b"v") };
+        let record = Record {
+            channel: "c".into(),
+            key: Bytes::from_static(b"\x00k"),
+            saved_at_ms: 5,
+            payload: Bytes::from_static(b"v"),
+        };
         let bytes = encode(&record).unwrap();
         let back = decode(&bytes).unwrap();
         assert_eq!((back.channel.as_str(), &back.key[..], &back.payload[..]), ("c", &b"\x00k"[..], &b"v"[..]));

@@ -217,10 +217,7 @@ impl Hub {
         let created = !state.topics.contains_key(&key);
         let topic = state.topics.entry(key.clone()).or_default();
         topic.subscribers.insert(session, outbox.clone());
-        if created
-            && self.cache.is_some()
-            && !matches!(*self.upstream_state.borrow(), UpstreamState::Ready)
-        {
+        if created && self.cache.is_some() && !matches!(*self.upstream_state.borrow(), UpstreamState::Ready) {
             state.next_generation += 1;
             topic.lookup = state.next_generation;
             self.tracker.spawn(self.clone().lookup(key.clone(), topic.lookup));
@@ -278,8 +275,14 @@ impl Hub {
         topic.lookup = 0;
         state.next_seq += 1;
         let seq = state.next_seq;
-        let event =
-            Event { channel: self.channel.to_string(), key: key.clone(), epoch: self.epoch, seq, payload, cached: true };
+        let event = Event {
+            channel: self.channel.to_string(),
+            key: key.clone(),
+            epoch: self.epoch,
+            seq,
+            payload,
+            cached: true,
+        };
         let Ok(event) = SharedFrame::encode(Frame::Event(event), self.max_frame_length) else { return };
         tracing::debug!(channel = %self.channel, seq, "serving a last-known-good value");
         for outbox in topic.subscribers.values() {

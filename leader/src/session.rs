@@ -257,13 +257,7 @@ impl Session {
                 match self.channel(&subscribe.channel).cloned() {
                     Ok(channel) => {
                         self.subscribed.insert((channel.name.clone(), subscribe.key.clone()));
-                        channel.hub.subscribe(
-                            self.id,
-                            &self.outbox,
-                            subscribe.id,
-                            subscribe.key,
-                            subscribe.last_seen,
-                        );
+                        channel.hub.subscribe(self.id, &self.outbox, subscribe.id, subscribe.key, subscribe.last_seen);
                     }
                     Err(error) => {
                         self.outbox.push(Frame::Ack(Ack { id: subscribe.id, result: Err(error) }));
