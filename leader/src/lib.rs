@@ -9,6 +9,12 @@
 //! key and past a hard bound it is disconnected. Bad bytes end only the session
 //! that sent them.
 //!
+//! A channel added with [`LeaderBuilder::channel_with_retry`] starts without its
+//! upstream and rebuilds it with backoff (followers see `UpstreamDown`, calls
+//! fail fast, subscriptions are pending); with a [`Cache`] the leader keeps the
+//! last live value of every subscribed key on disk and serves it, marked
+//! `cached`, while the upstream is unreachable.
+//!
 //! ```text
 //! follower 1 ──┐  unix socket (uid checked, token optional)
 //! follower 2 ──┼──> sessions ──> hub (per channel) ──> Upstream::subscribe (once per key)
