@@ -25,7 +25,13 @@
 //!
 //! Flags: `--workers N`, `--registry ADDR`, `--subscribe KEY` (repeatable; the
 //! default is `app.greeting` and `app.flags`), `--transport direct|messenger|auto`,
-//! `--write-every MS`, `--duration SECS` (0, the default, runs until a signal).
+//! `--write-every MS`, `--duration SECS` (0, the default, runs until a signal),
+//! `--cache-dir DIR` (the agent's Leader keeps the last value of every key
+//! there and serves it, marked `source=cache`, while the registry is down).
+//!
+//! The registry may be down when the cluster starts: the agent's Leader starts
+//! anyway (workers see the channel as down, calls fail fast), keeps
+//! reconnecting, and values flow as soon as the registry is up.
 //!
 //! Output, one line each:
 //! - once ready: `cluster ready: master=<pid> agent=<pid> workers=<pid>,<pid>,...`
@@ -35,7 +41,8 @@
 //!   with `--etcd`, the ESTABLISHED TCP connections from the agent and the
 //!   workers to the etcd endpoints, read from /proc (the master's writer is not counted)
 //! - with `--register`: `registered: worker=<id> pid=<pid> service=<service> epoch=<leader epoch>`
-//! - each value a worker receives: `worker=<id> pid=<pid> key=<key> value=<value> epoch=<epoch> seq=<seq>`
+//! - each value a worker receives: `worker=<id> pid=<pid> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
+//!   (`source=cache`: the agent's last-known-good value, served while the registry is unreachable)
 //! - after an agent restart: `agent restarted: pid=<pid> epoch=<epoch>`
 //! - after a worker restart: `worker restarted: worker=<id> pid=<pid>`
 //!
@@ -43,15 +50,17 @@
 //! epoch, the workers reconnect and resubscribe, and the values resume. SIGTERM
 //! or Ctrl-C stops workers, then the agent, then the master (exit code 0).
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
+use tandem::Connection;
 use tandem::cluster::{ClusterEvent, MasterContext, Role, WorkerContext};
-use tandem::cluster_glue::{Transport, WorkerConnector, start_leader};
+use tandem::cluster_glue::{Transport, WorkerConnector, agent_leader, start_leader};
 use tandem::registry_upstream::{ConfigApi, ConfigRequest, RegistryUpstream, ServiceApi};
-use tandem::{Connection, Leader};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "A supervised cluster whose workers share one registry connection")]
@@ -83,6 +92,10 @@ struct Args {
     /// through the Leader (again under each new Leader).
     #[arg(long, value_name = "SERVICE", requires = "etcd")]
     register: Option<String>,
+    /// Keep the last-known-good value of every subscribed key in DIR (created
+    /// 0700; files 0600) and serve it while the upstream is unreachable.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 /// Where the children find the registry the master started for them.
@@ -116,6 +129,10 @@ fn main() -> anyhow::Result<()> {
         (None, Some(_)) => String::new(),
         (None, None) => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
     };
+    if let (Some(dir), Role::Master) = (&args.cache_dir, Role::of_this_process()) {
+        // Fail here, once, rather than in every agent start.
+        tandem::leader::Cache::open(dir).with_context(|| format!("--cache-dir {}", dir.display()))?;
+    }
     let embedded_registry = args.registry.is_none() && args.etcd.is_none();
     let write_every = args.write_every.unwrap_or(if embedded_registry { 1000 } else { 0 });
 
@@ -124,19 +141,24 @@ fn main() -> anyhow::Result<()> {
         builder = builder.workers(workers);
     }
     let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
+    let cache_dir = args.cache_dir.clone();
     builder
         .agent(move |ctx| async move {
+            let builder = agent_leader(cache_dir.as_deref())?;
             let leader = match agent_etcd {
                 #[cfg(feature = "etcd")]
-                Some(endpoints) => etcd::leader(&endpoints).await?,
+                Some(endpoints) => etcd::leader(&endpoints, builder).await?,
                 _ => {
-                    let upstream = RegistryUpstream::connect(agent_registry).await?;
-                    Leader::builder()
-                        .channel::<ConfigApi, _>({
-                            let upstream = upstream.clone();
-                            async move { Ok(upstream) }
-                        })
-                        .channel::<ServiceApi, _>(async move { Ok(upstream) })
+                    // ONE registry connection for both channels, built when the
+                    // registry answers: the Leader starts without it and retries.
+                    let shared = Arc::new(tokio::sync::OnceCell::<RegistryUpstream>::new());
+                    let connect = move || {
+                        let (shared, addr) = (shared.clone(), agent_registry.clone());
+                        async move { shared.get_or_try_init(|| RegistryUpstream::connect(addr)).await.cloned() }
+                    };
+                    builder
+                        .channel_with_retry::<ConfigApi, _, _, _>(connect.clone())
+                        .channel_with_retry::<ServiceApi, _, _, _>(connect)
                 }
             };
             let leader = start_leader(&ctx, leader).await?;
@@ -163,15 +185,20 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
     }
     let connection = connection.connect(WorkerConnector::new(&ctx, args.transport)).spawn();
     let client = connection.client::<ConfigApi>();
-    match client.ready().await {
-        Ok(()) => {}
-        // The upstream is down: subscribe anyway, values flow when it is back.
-        Err(tandem::Error::Remote(error)) => tracing::warn!(%error, "the upstream is down; subscribing anyway"),
-        Err(error) => return Err(error.into()),
-    }
+    // No wait for `ready()`: while the upstream is down the Leader accepts
+    // subscriptions as pending (and serves its cached values).
     let mut streams = futures::stream::SelectAll::new();
     for key in &args.keys {
-        let subscription = client.subscribe(key.clone()).await?;
+        let subscription = loop {
+            match client.subscribe(key.clone()).await {
+                Ok(subscription) => break subscription,
+                Err(error) if error.is_retryable() => {
+                    tracing::warn!(%error, key, "subscribe failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let key = key.clone();
         streams.push(subscription.map(move |update| (key.clone(), update)).boxed());
     }
@@ -186,7 +213,10 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
             item = streams.next() => {
                 let Some((key, update)) = item else { break };
                 let value = update.value.value.unwrap_or_else(|| "<none>".into());
-                println!("worker={id} pid={pid} key={key} value={value} epoch={} seq={}", update.epoch, update.seq);
+                println!(
+                    "worker={id} pid={pid} key={key} value={value} epoch={} seq={} source={}",
+                    update.epoch, update.seq, update.source
+                );
             }
             _ = gets.tick() => {
                 // Now and then a call, through the same leader.
@@ -293,20 +323,20 @@ async fn master(
 mod etcd {
     use std::time::Duration;
 
+    use tandem::Connection;
     use tandem::etcd_upstream::etcd::{Client, Config, endpoint_addrs, established_connections};
     use tandem::etcd_upstream::{EtcdUpstream, Presence, stay_registered};
     use tandem::leader::LeaderBuilder;
     use tandem::registry::Instance;
     use tandem::registry_upstream::{ConfigApi, ServiceApi};
-    use tandem::{Connection, Leader};
 
     /// How long a worker's registration outlives a Leader that stopped keeping it alive.
     const REGISTRATION_TTL: Duration = Duration::from_secs(2);
 
     /// Both channels served by one etcd client (one connection).
-    pub async fn leader(endpoints: &str) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
+    pub async fn leader(endpoints: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
         let upstream = EtcdUpstream::connect(Config::from_list(endpoints)).await?;
-        Ok(Leader::builder()
+        Ok(builder
             .channel::<ConfigApi, _>({
                 let upstream = upstream.clone();
                 async move { Ok(upstream) }

@@ -15,9 +15,14 @@
 //! (`kill -9 <pid>` of the process that printed `role=leader`) and watch a
 //! follower take over with a higher epoch.
 //!
+//! With `--cache-dir DIR` the elected leader keeps the last value of every
+//! subscribed key in DIR and serves it, marked `source=cache`, while the
+//! registry is unreachable (also right after start). The leader starts even
+//! when the registry is down and keeps reconnecting.
+//!
 //! Output, one line each:
 //! - on every role change: `pid=<pid> role=<leader|follower> epoch=<epoch>`
-//! - on every value: `pid=<pid> role=<role> key=<key> value=<value> epoch=<epoch> seq=<seq>`
+//! - on every value: `pid=<pid> role=<role> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
 //!   (`value=<none>` while the key is absent or after a delete)
 
 use std::io::{BufRead, BufReader};
@@ -58,6 +63,10 @@ struct Args {
     /// The token the leader requires and followers present.
     #[arg(long)]
     token: Option<String>,
+    /// Keep the last-known-good value of every subscribed key in DIR (created
+    /// 0700; files 0600) and serve it while the registry is unreachable.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 fn default_dir() -> PathBuf {
@@ -127,6 +136,9 @@ async fn spawn_processes(args: Args, dir: PathBuf, n: usize) -> anyhow::Result<(
         }
         if let Some(token) = &args.token {
             command.args(["--token", token]);
+        }
+        if let Some(cache_dir) = &args.cache_dir {
+            command.arg("--cache-dir").arg(cache_dir);
         }
         command.stdout(Stdio::piped());
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
@@ -210,9 +222,18 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
         None => shared_registry(&args, &dir).await?,
     };
     let pid = std::process::id();
+    let cache = match &args.cache_dir {
+        Some(dir) => Some(tandem::leader::Cache::open(dir).with_context(|| format!("--cache-dir {}", dir.display()))?),
+        None => None,
+    };
     let connector = Standalone::new(args.name.clone(), dir, move |builder| {
         let registry = registry.clone();
-        builder.channel::<ConfigApi, _>(async move { RegistryUpstream::connect(registry).await })
+        let builder = match &cache {
+            Some(cache) => builder.cache(cache.clone()),
+            None => builder,
+        };
+        // Started even while the registry is down; rebuilt until it answers.
+        builder.channel_with_retry::<ConfigApi, _, _, _>(move || RegistryUpstream::connect(registry.clone()))
     })
     .token(args.token.clone());
     let mut config = tandem::follower::Config::default();
@@ -241,7 +262,8 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
         }
     });
 
-    ready(&client).await?;
+    // No wait for `ready()`: while the registry is down the leader accepts
+    // subscriptions as pending (and serves its cached values).
     let mut streams = futures::stream::SelectAll::new();
     for key in &args.keys {
         let subscription = loop {
@@ -249,7 +271,7 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
                 Ok(subscription) => break subscription,
                 Err(error) if error.is_retryable() => {
                     tracing::warn!(%error, key, "subscribe failed; retrying");
-                    ready(&client).await?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(error) => return Err(error).context("subscribe"),
             }
@@ -278,10 +300,11 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
                 let Some((key, update)) = item else { break };
                 let value = update.value.value.unwrap_or_else(|| "<none>".into());
                 println!(
-                    "pid={pid} role={} key={key} value={value} epoch={} seq={}",
+                    "pid={pid} role={} key={key} value={value} epoch={} seq={} source={}",
                     role(client.is_leader()),
                     update.epoch,
-                    update.seq
+                    update.seq,
+                    update.source
                 );
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -290,19 +313,6 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
     }
     connection.close().await;
     Ok(())
-}
-
-/// Waits for a leader. An upstream that is down is no reason to stop: the
-/// subscriptions start flowing when it comes back.
-async fn ready(client: &tandem::Client<ConfigApi>) -> anyhow::Result<()> {
-    match client.ready().await {
-        Ok(()) => Ok(()),
-        Err(tandem::Error::Remote(error)) => {
-            tracing::warn!(%error, "the upstream is down; subscribing anyway");
-            Ok(())
-        }
-        Err(error) => Err(error).context("waiting for a leader"),
-    }
 }
 
 fn role(leader: bool) -> &'static str {

@@ -14,7 +14,7 @@
 //! relay when it cannot, returning to the socket once it is reachable again.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -55,6 +55,20 @@ impl FromStr for Transport {
 /// The topic on which the agent answers leader introspection requests
 /// (a JSON [`tandem_leader::Stats`]).
 pub const LEADER_STATS_TOPIC: &str = "tandem.leader.stats";
+
+/// A leader builder for the agent, keeping a last-known-good cache in
+/// `cache_dir` when one is given (see the README's "Last-known-good cache").
+///
+/// Call it in the master too, before the cluster starts, so that a bad
+/// directory (not ours, open to others, not creatable) stops the program with
+/// a clear error instead of failing every agent start.
+pub fn agent_leader(cache_dir: Option<&Path>) -> Result<LeaderBuilder, tandem_leader::Error> {
+    let builder = Leader::builder();
+    match cache_dir {
+        Some(dir) => builder.cache_dir(dir),
+        None => Ok(builder),
+    }
+}
 
 /// Starts the agent's Leader: epoch and token from the cluster, served on the
 /// runtime directory's socket and on relayed links, then reports the agent ready.

@@ -31,7 +31,8 @@ pub use tandem_protocol as protocol;
 pub use tandem_registry as registry;
 
 pub use tandem_follower::{
-    Client, Connection, Error, LocalConnector, Role, Standalone, State, Status, Subscription, UnixConnector, Update,
+    Client, Connection, Error, LocalConnector, Role, Source, Standalone, State, Status, Subscription, UnixConnector,
+    Update,
 };
 pub use tandem_leader::{CallContext, EventSink, Leader, Upstream};
 pub use tandem_protocol::{Api, ErrorKind, RemoteError};

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tandem_protocol::{
     Ack, CodecError, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId,
-    Response, Subscribe, Unsubscribe, UpstreamState, Welcome, feed_within, flush_within,
+    Response, Subscribe, Unsubscribe, Welcome, feed_within, flush_within,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -45,6 +45,8 @@ const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
 pub(crate) struct RawUpdate {
     pub(crate) position: Position,
     pub(crate) payload: Bytes,
+    /// Served from the leader's last-known-good cache, not live.
+    pub(crate) cached: bool,
 }
 
 /// What a new subscription handle is made of.
@@ -452,11 +454,11 @@ impl Core {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Whether subscribes of `channel` go to the leader now: once its upstream is
-    /// built, even while it is down (the leader's adapter answers: one that
-    /// reconnects accepts, one that cannot refuses with its error).
+    /// Whether subscriptions of the channel go to the leader now: once it said
+    /// how its upstream is (the leader accepts them while the upstream is down,
+    /// as pending, and serves its last-known-good values meanwhile).
     fn channel_ready(&self, channel: &str) -> bool {
-        matches!(self.status.borrow().channels.get(channel), Some(UpstreamState::Ready | UpstreamState::Down(_)))
+        self.status.borrow().channels.contains_key(channel)
     }
 
     fn static_channel(&self, name: &str) -> Option<&'static str> {
@@ -546,9 +548,6 @@ impl Core {
     }
 
     fn subscribe(&mut self, channel: &'static str, key: Bytes, reply: SubscribeReply) {
-        // Even while the channel's upstream is down: the leader decides (an adapter
-        // that reconnects accepts it, and values flow once the upstream is back; one
-        // that cannot answers with the error).
         let ready = self.channel_ready(channel);
         let capacity = self.config.subscription_buffer.max(1);
         let topic = self.topics.entry((channel, key.clone())).or_insert_with(|| Topic {
@@ -622,13 +621,10 @@ impl Core {
                 let state = status.state;
                 tracing::debug!(channel, state = ?state, "upstream state");
                 self.status.send_modify(|s| {
-                    s.channels.insert(channel.to_string(), state.clone());
+                    s.channels.insert(channel.to_string(), state);
                 });
-                match state {
-                    UpstreamState::Ready => self.resubscribe(channel),
-                    UpstreamState::Down(error) => self.fail_unsent(channel, &error),
-                    _ => {}
-                }
+                // Any state lets subscriptions through (the leader decides).
+                self.resubscribe(channel);
             }
             Frame::Ping(nonce) => self.out.push(Frame::Pong(nonce)),
             Frame::Pong(_) => {}
@@ -679,8 +675,11 @@ impl Core {
             return;
         }
         let resynced = std::mem::take(&mut topic.resynced);
-        let update = RawUpdate { position, payload: event.payload };
-        if resynced && topic.last.as_ref().is_some_and(|last| last.payload == update.payload) {
+        let update = RawUpdate { position, payload: event.payload, cached: event.cached };
+        // (A live value never hides behind a cached copy of itself: it is delivered.)
+        if resynced
+            && topic.last.as_ref().is_some_and(|last| last.payload == update.payload && (update.cached || !last.cached))
+        {
             // The same value, re-announced by a new leader: move the position on, deliver nothing.
             topic.last = Some(update.clone());
             topic.latest.set(update);
@@ -709,16 +708,6 @@ impl Core {
         for (key, last_seen) in unsent {
             self.send_subscribe(channel, key, last_seen);
         }
-    }
-
-    /// The channel's upstream is down: callers still waiting for a first subscription get the error.
-    fn fail_unsent(&mut self, channel: &'static str, error: &RemoteError) {
-        self.topics.retain(|(c, _), topic| {
-            if *c == channel && topic.remote == Remote::Unsent && !topic.waiters.is_empty() {
-                topic.answer_waiters(Err(Error::Remote(error.clone())));
-            }
-            topic.locals > 0
-        });
     }
 
     /// The link died: answer every outstanding call, keep subscriptions for later.

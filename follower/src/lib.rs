@@ -64,4 +64,4 @@ pub use driver::Driver;
 pub use election::{Role, Standalone};
 pub use error::Error;
 pub use state::{LinkState, State, Status};
-pub use subscription::{Subscription, Update};
+pub use subscription::{Source, Subscription, Update};

@@ -14,6 +14,27 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use crate::Connection;
 use crate::driver::{Command, Latest, RawUpdate, SubscriptionParts};
 
+/// Where a value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Source {
+    /// From the upstream, live.
+    Live,
+    /// From the leader's last-known-good cache on disk, served because the
+    /// upstream is unreachable: the key's last value the leader saw live, maybe
+    /// stale. A live value follows as a newer update once the upstream is back.
+    Cache,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Live => "live",
+            Source::Cache => "cache",
+        })
+    }
+}
+
 /// One value of a subscription, with where it sits in the key's history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Update<T> {
@@ -23,12 +44,19 @@ pub struct Update<T> {
     pub epoch: u64,
     /// Its sequence number within that epoch.
     pub seq: u64,
+    /// Live, or from the leader's last-known-good cache.
+    pub source: Source,
 }
 
 impl<T> Update<T> {
     /// The value's (epoch, seq).
     pub fn position(&self) -> Position {
         Position { epoch: self.epoch, seq: self.seq }
+    }
+
+    /// Whether the value came from the leader's last-known-good cache rather than live.
+    pub fn is_cached(&self) -> bool {
+        self.source == Source::Cache
     }
 }
 
@@ -60,7 +88,12 @@ impl<A: Api> std::fmt::Debug for Subscription<A> {
 
 fn decode<A: Api>(update: &RawUpdate) -> Option<Update<A::Event>> {
     match tandem_protocol::payload::decode::<A::Event>(&update.payload) {
-        Ok(value) => Some(Update { value, epoch: update.position.epoch, seq: update.position.seq }),
+        Ok(value) => Some(Update {
+            value,
+            epoch: update.position.epoch,
+            seq: update.position.seq,
+            source: if update.cached { Source::Cache } else { Source::Live },
+        }),
         Err(error) => {
             tracing::error!(channel = A::NAME, %error, "undecodable event skipped");
             None

@@ -83,6 +83,7 @@ async fn garbage_and_oversized_frames_end_only_their_own_session() {
             epoch: 1,
             seq: 1,
             payload: Bytes::new(),
+            cached: false,
         })))
         .await
         .unwrap();

@@ -10,7 +10,7 @@ use tandem_protocol::payload::{decode, encode};
 use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tokio::sync::watch;
 
-use crate::hub::{Hub, TopicSink};
+use crate::hub::{Hub, HubContext, TopicSink};
 use crate::upstream::{CallContext, EventSink, Upstream};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -89,14 +89,21 @@ impl std::fmt::Debug for Channel {
 }
 
 impl Channel {
-    pub(crate) fn new(name: &str, epoch: u64, config: &crate::Config) -> Self {
+    pub(crate) fn new(name: &str, ctx: HubContext) -> Self {
         let name: Arc<str> = Arc::from(name);
+        let state = watch::Sender::new(UpstreamState::Starting);
         Channel {
-            hub: Arc::new(Hub::new(name.clone(), epoch, config.max_frame_length, config.upstream_timeout)),
+            hub: Arc::new(Hub::new(name.clone(), ctx, state.subscribe())),
             name,
             upstream: std::sync::OnceLock::new(),
-            state: watch::Sender::new(UpstreamState::Starting),
+            state,
         }
+    }
+
+    /// The upstream is built: calls and subscriptions go to it from now on.
+    pub(crate) fn attach(&self, upstream: Arc<dyn ErasedUpstream>) {
+        let _ = self.upstream.set(upstream.clone());
+        self.hub.attach(upstream);
     }
 
     /// The upstream, waiting while it is being built, until `deadline`.

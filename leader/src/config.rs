@@ -52,6 +52,13 @@ pub struct Config {
     /// it counts as failed (a hung upstream must not block a key forever).
     /// The default is 30 seconds.
     pub upstream_timeout: Duration,
+    /// The first delay before rebuilding an upstream that failed to build (with
+    /// [`LeaderBuilder::channel_with_retry`](crate::LeaderBuilder::channel_with_retry)),
+    /// and before retrying an upstream subscribe that failed for subscribers
+    /// already acknowledged; it doubles up to `upstream_retry_max`. The default is 100 ms.
+    pub upstream_retry_initial: Duration,
+    /// The longest of those delays. The default is 5 seconds.
+    pub upstream_retry_max: Duration,
     /// On shutdown, how long sessions get to flush their `Goodbye`. The default is 2 seconds.
     pub shutdown_grace: Duration,
 }
@@ -69,6 +76,8 @@ impl Default for Config {
             max_in_flight: 4096,
             max_frame_length: tandem_protocol::DEFAULT_MAX_FRAME_LENGTH,
             upstream_timeout: Duration::from_secs(30),
+            upstream_retry_initial: Duration::from_millis(100),
+            upstream_retry_max: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
         }
     }

@@ -12,16 +12,26 @@
 //! Sequence numbers come from one counter per channel, so any value the hub
 //! emits is newer than every value emitted before it in this epoch, even across
 //! a key being released and subscribed again.
+//!
+//! Before the upstream is built (or while it is being rebuilt), a channel made
+//! with `channel_with_retry` accepts subscriptions at once as pending: they are
+//! acknowledged, get the key's last-known-good value from the cache (marked
+//! `cached`) if there is one, and are subscribed upstream when the upstream is
+//! attached. A channel built once waits (unacknowledged) for its upstream, and
+//! its subscribers get the build error if it fails.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_protocol::{Ack, Event, Frame, Position, RemoteError, RequestId, SharedFrame};
+use tandem_protocol::{Ack, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::channel::ErasedUpstream;
+use crate::cache::Cache;
+use crate::channel::{BoxFuture, ErasedUpstream};
 use crate::outbox::Outbox;
 
 /// Identifies one follower session within the leader.
@@ -45,6 +55,10 @@ struct Topic {
     op_running: bool,
     /// The generation of the live sink; 0 when no sink may deliver.
     generation: u64,
+    /// The cache lookup whose answer this topic still wants (0: none).
+    lookup: u64,
+    /// The delay before retrying a failed upstream subscribe of acknowledged subscribers.
+    retry_delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -61,7 +75,18 @@ pub(crate) struct HubCounts {
     pub(crate) subscribers: usize,
 }
 
-#[derive(Debug)]
+/// What a hub needs from its leader besides its channel name.
+#[derive(Debug, Clone)]
+pub(crate) struct HubContext {
+    pub(crate) epoch: u64,
+    pub(crate) config: crate::Config,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) cache: Option<Cache>,
+    /// Subscriptions are acknowledged before the upstream exists (it is rebuilt until it comes up).
+    pub(crate) accept_pending: bool,
+}
+
 pub(crate) struct Hub {
     channel: Arc<str>,
     epoch: u64,
@@ -69,12 +94,83 @@ pub(crate) struct Hub {
     max_frame_length: usize,
     /// How long an upstream subscribe or unsubscribe may take.
     op_timeout: Duration,
+    retry_initial: Duration,
+    retry_max: Duration,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    cache: Option<Cache>,
+    accept_pending: bool,
+    /// The channel's upstream state (cached values are served while it is not Ready).
+    upstream_state: watch::Receiver<UpstreamState>,
+    upstream: OnceLock<Arc<dyn ErasedUpstream>>,
+    /// Why the upstream will never come (a one-shot build failed).
+    failed: OnceLock<RemoteError>,
     state: Mutex<State>,
 }
 
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("channel", &self.channel).field("attached", &self.upstream.get().is_some()).finish()
+    }
+}
+
 impl Hub {
-    pub(crate) fn new(channel: Arc<str>, epoch: u64, max_frame_length: usize, op_timeout: Duration) -> Self {
-        Hub { channel, epoch, max_frame_length, op_timeout, state: Mutex::new(State::default()) }
+    pub(crate) fn new(channel: Arc<str>, ctx: HubContext, upstream_state: watch::Receiver<UpstreamState>) -> Self {
+        Hub {
+            channel,
+            epoch: ctx.epoch,
+            max_frame_length: ctx.config.max_frame_length,
+            op_timeout: ctx.config.upstream_timeout,
+            retry_initial: ctx.config.upstream_retry_initial,
+            retry_max: ctx.config.upstream_retry_max,
+            tracker: ctx.tracker,
+            cancel: ctx.cancel,
+            cache: ctx.cache,
+            accept_pending: ctx.accept_pending,
+            upstream_state,
+            upstream: OnceLock::new(),
+            failed: OnceLock::new(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The upstream is built: pending subscriptions are subscribed upstream now.
+    pub(crate) fn attach(self: &Arc<Self>, upstream: Arc<dyn ErasedUpstream>) {
+        if self.upstream.set(upstream).is_err() {
+            return;
+        }
+        let keys: Vec<Bytes> = {
+            let mut state = self.lock();
+            state
+                .topics
+                .iter_mut()
+                .filter(|(_, topic)| !topic.subscribers.is_empty() && !topic.op_running)
+                .map(|(key, topic)| {
+                    topic.op_running = true;
+                    key.clone()
+                })
+                .collect()
+        };
+        if !keys.is_empty() {
+            tracing::info!(channel = %self.channel, keys = keys.len(), "subscribing pending keys upstream");
+        }
+        for key in keys {
+            self.tracker.spawn(self.clone().drive(key));
+        }
+    }
+
+    /// The upstream will never be built: whoever waits for it gets `error`.
+    pub(crate) fn fail(&self, error: RemoteError) {
+        let _ = self.failed.set(error.clone());
+        let mut state = self.lock();
+        state.topics.retain(|_, topic| {
+            for waiter in std::mem::take(&mut topic.waiters) {
+                if let Some(outbox) = topic.subscribers.remove(&waiter.session) {
+                    Self::ack(&outbox, waiter.request, Err(error.clone()));
+                }
+            }
+            !topic.subscribers.is_empty()
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -101,43 +197,46 @@ impl Hub {
     }
 
     /// Adds a subscriber. Acks at once (with the cached value, if newer than
-    /// `last_seen`) when the upstream subscription exists; otherwise the ack
-    /// follows the upstream's answer.
-    #[allow(clippy::too_many_arguments)]
+    /// `last_seen`) when the upstream subscription exists, or as pending while
+    /// a rebuilt upstream is not there yet; otherwise the ack follows the
+    /// upstream's answer.
     pub(crate) fn subscribe(
         self: &Arc<Self>,
-        upstream: &Arc<dyn ErasedUpstream>,
-        tracker: &TaskTracker,
         session: SessionId,
         outbox: &Arc<Outbox>,
         request: RequestId,
         key: Bytes,
         last_seen: Option<Position>,
     ) {
+        if let Some(error) = self.failed.get() {
+            Self::ack(outbox, request, Err(error.clone()));
+            return;
+        }
         let mut state = self.lock();
+        let state = &mut *state;
+        let created = !state.topics.contains_key(&key);
         let topic = state.topics.entry(key.clone()).or_default();
         topic.subscribers.insert(session, outbox.clone());
-        if topic.upstream_subscribed && !topic.op_running {
+        if created && self.cache.is_some() && !matches!(*self.upstream_state.borrow(), UpstreamState::Ready) {
+            state.next_generation += 1;
+            topic.lookup = state.next_generation;
+            self.tracker.spawn(self.clone().lookup(key.clone(), topic.lookup));
+        }
+        let attached = self.upstream.get().is_some();
+        if (topic.upstream_subscribed && !topic.op_running) || (!attached && self.accept_pending) {
             Self::ack(outbox, request, Ok(()));
             self.send_cached(topic, outbox, &key, last_seen);
             return;
         }
         topic.waiters.push(Waiter { session, request, last_seen });
-        if !topic.op_running {
+        if attached && !topic.op_running {
             topic.op_running = true;
-            drop(state);
-            tracker.spawn(self.clone().drive(upstream.clone(), key));
+            self.tracker.spawn(self.clone().drive(key));
         }
     }
 
     /// Removes a subscriber; the last one out releases the upstream subscription.
-    pub(crate) fn unsubscribe(
-        self: &Arc<Self>,
-        upstream: &Arc<dyn ErasedUpstream>,
-        tracker: &TaskTracker,
-        session: SessionId,
-        key: &Bytes,
-    ) {
+    pub(crate) fn unsubscribe(self: &Arc<Self>, session: SessionId, key: &Bytes) {
         let mut state = self.lock();
         let Some(topic) = state.topics.get_mut(key) else { return };
         if let Some(outbox) = topic.subscribers.remove(&session) {
@@ -145,14 +244,82 @@ impl Hub {
         }
         topic.waiters.retain(|w| w.session != session);
         if topic.subscribers.is_empty() && !topic.op_running {
-            topic.op_running = true;
-            drop(state);
-            tracker.spawn(self.clone().drive(upstream.clone(), key.clone()));
+            if self.upstream.get().is_some() {
+                topic.op_running = true;
+                drop(state);
+                self.tracker.spawn(self.clone().drive(key.clone()));
+            } else {
+                state.topics.remove(key);
+            }
         }
     }
 
+    /// Reads a key's last-known-good value off the hub's path and serves it,
+    /// unless a live value (or a new lookup) came first.
+    async fn lookup(self: Arc<Self>, key: Bytes, token: u64) {
+        let Some(cache) = self.cache.clone() else { return };
+        let (channel, file_key) = (self.channel.clone(), key.clone());
+        let Ok(Some(payload)) = tokio::task::spawn_blocking(move || cache.load(&channel, &file_key)).await else {
+            return;
+        };
+        if !crate::fits_in_frame(self.max_frame_length, &[self.channel.as_bytes(), &key, &payload]) {
+            tracing::warn!(channel = %self.channel, bytes = payload.len(), "cached value too large for a frame; ignored");
+            return;
+        }
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(topic) = state.topics.get_mut(&key) else { return };
+        if topic.lookup != token || topic.last.is_some() {
+            return;
+        }
+        topic.lookup = 0;
+        state.next_seq += 1;
+        let seq = state.next_seq;
+        let event = Event {
+            channel: self.channel.to_string(),
+            key: key.clone(),
+            epoch: self.epoch,
+            seq,
+            payload,
+            cached: true,
+        };
+        let Ok(event) = SharedFrame::encode(Frame::Event(event), self.max_frame_length) else { return };
+        tracing::debug!(channel = %self.channel, seq, "serving a last-known-good value");
+        for outbox in topic.subscribers.values() {
+            outbox.push_event(&self.channel, &key, &event);
+        }
+        topic.last = Some((seq, event));
+    }
+
+    /// Retries the upstream subscribe of a key whose acknowledged subscribers wait, after `delay`.
+    /// (Boxed: it and `drive` spawn each other.)
+    fn retry_later(self: Arc<Self>, key: Bytes, delay: Duration) -> BoxFuture<()> {
+        Box::pin(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return,
+            }
+            {
+                let mut state = self.lock();
+                let Some(topic) = state.topics.get_mut(&key) else { return };
+                if topic.op_running || topic.upstream_subscribed || topic.subscribers.is_empty() {
+                    return;
+                }
+                topic.op_running = true;
+            }
+            self.drive(key).await
+        })
+    }
+
     /// Drives one key's upstream subscription until it matches its subscribers.
-    async fn drive(self: Arc<Self>, upstream: Arc<dyn ErasedUpstream>, key: Bytes) {
+    async fn drive(self: Arc<Self>, key: Bytes) {
+        let Some(upstream) = self.upstream.get().cloned() else {
+            let mut state = self.lock();
+            if let Some(topic) = state.topics.get_mut(&key) {
+                topic.op_running = false;
+            }
+            return;
+        };
         enum Step {
             Subscribe(u64),
             Unsubscribe,
@@ -199,18 +366,37 @@ impl Hub {
                     let mut state = self.lock();
                     let Some(topic) = state.topics.get_mut(&key) else { return };
                     match result {
-                        Ok(()) => topic.upstream_subscribed = true,
+                        Ok(()) => {
+                            topic.upstream_subscribed = true;
+                            topic.retry_delay = Duration::ZERO;
+                        }
                         Err(error) => {
-                            tracing::warn!(channel = %self.channel, %error, "upstream subscribe failed");
-                            // Everyone subscribed so far was waiting for this answer.
+                            // Those waiting for this answer get the error.
                             for waiter in std::mem::take(&mut topic.waiters) {
                                 if let Some(outbox) = topic.subscribers.remove(&waiter.session) {
                                     Self::ack(&outbox, waiter.request, Err(error.clone()));
                                 }
                             }
-                            topic.subscribers.clear();
                             topic.generation = 0;
-                            topic.last = None;
+                            if topic.subscribers.is_empty() {
+                                tracing::warn!(channel = %self.channel, %error, "upstream subscribe failed");
+                                topic.last = None;
+                            } else {
+                                // Subscribers acknowledged as pending stay: an
+                                // acknowledged subscription is never left dead.
+                                let first = topic.retry_delay.is_zero();
+                                let delay = (topic.retry_delay * 2).clamp(self.retry_initial, self.retry_max);
+                                topic.retry_delay = delay;
+                                topic.op_running = false;
+                                if first {
+                                    tracing::warn!(channel = %self.channel, %error, retry_ms = delay.as_millis() as u64, "upstream subscribe failed; retrying for the pending subscribers");
+                                } else {
+                                    tracing::debug!(channel = %self.channel, %error, retry_ms = delay.as_millis() as u64, "upstream subscribe failed again");
+                                }
+                                drop(state);
+                                self.tracker.spawn(self.clone().retry_later(key, delay));
+                                return;
+                            }
                         }
                     }
                 }
@@ -249,7 +435,14 @@ impl Hub {
         state.next_seq += 1;
         let seq = state.next_seq;
         // Encoded once here, copied as bytes into each subscriber's socket.
-        let event = Event { channel: self.channel.to_string(), key: key.clone(), epoch: self.epoch, seq, payload };
+        let event = Event {
+            channel: self.channel.to_string(),
+            key: key.clone(),
+            epoch: self.epoch,
+            seq,
+            payload: payload.clone(),
+            cached: false,
+        };
         let event = match SharedFrame::encode(Frame::Event(event), self.max_frame_length) {
             Ok(event) => event,
             Err(error) => {
@@ -261,6 +454,11 @@ impl Hub {
             outbox.push_event(&self.channel, key, &event);
         }
         topic.last = Some((seq, event));
+        topic.lookup = 0;
+        // Under the hub's lock, so saves keep the order of the values (it only queues).
+        if let Some(cache) = &self.cache {
+            cache.save(&self.channel, key, payload);
+        }
         true
     }
 

@@ -17,7 +17,9 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::admission::{Admission, Handshakes};
+use crate::cache::Cache;
 use crate::channel::{BoxFuture, Channel, ErasedUpstream, Typed};
+use crate::hub::HubContext;
 use crate::session::{self, PeerInfo};
 use crate::{ChannelStats, Config, Error, Stats, Upstream};
 
@@ -38,14 +40,23 @@ pub(crate) struct Shared {
     pub(crate) handshakes: Handshakes,
 }
 
-type Factory = BoxFuture<Result<Arc<dyn ErasedUpstream>, RemoteError>>;
+type Built = BoxFuture<Result<Arc<dyn ErasedUpstream>, RemoteError>>;
 
-/// Builds a [`Leader`]: its epoch, token, settings and channels.
+/// How a channel's upstream is built.
+enum Factory {
+    /// Once: if it fails, the channel stays down with that error.
+    Once(Built),
+    /// Again and again, with backoff, until it succeeds.
+    Retry(Box<dyn Fn() -> Built + Send + Sync>),
+}
+
+/// Builds a [`Leader`]: its epoch, token, settings, cache and channels.
 #[must_use = "a builder does nothing until start() is called"]
 pub struct LeaderBuilder {
     config: Config,
     epoch: u64,
     token: Option<String>,
+    cache: Option<Cache>,
     channels: Vec<(String, Factory)>,
 }
 
@@ -78,18 +89,60 @@ impl LeaderBuilder {
         self
     }
 
+    /// Keeps the latest live value of every subscribed key in this
+    /// last-known-good cache, and serves it (marked `cached`) to subscribers
+    /// while a channel's upstream is unreachable. The default is no cache.
+    pub fn cache(mut self, cache: Cache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// [`Cache::open`]s `dir` and uses it as the [`cache`](Self::cache).
+    /// Fails if the directory cannot be created or is open to other users.
+    pub fn cache_dir(self, dir: impl AsRef<Path>) -> Result<Self, Error> {
+        Ok(self.cache(Cache::open(dir)?))
+    }
+
     /// Adds a channel whose upstream client is built by `upstream` once the
-    /// leader starts. Until it resolves, the channel is `Starting` (followers
-    /// wait); if it fails, the channel is `Down` with that error.
+    /// leader starts. Until it resolves, the channel is `Starting` (calls and
+    /// subscriptions wait); if it fails, the channel is `Down` with that error
+    /// for good, and subscriptions are refused with it. To keep trying, use
+    /// [`channel_with_retry`](Self::channel_with_retry).
     pub fn channel<A: Api, U: Upstream<A>>(
         mut self,
         upstream: impl Future<Output = Result<U, RemoteError>> + Send + 'static,
     ) -> Self {
-        let factory: Factory = Box::pin(async move {
+        let built: Built = Box::pin(async move {
             let upstream = upstream.await?;
             Ok(Arc::new(Typed::<A, U>::new(upstream)) as Arc<dyn ErasedUpstream>)
         });
-        self.channels.push((A::NAME.to_string(), factory));
+        self.channels.push((A::NAME.to_string(), Factory::Once(built)));
+        self
+    }
+
+    /// Adds a channel whose upstream client is built by calling `build` until
+    /// it succeeds: the leader starts without it. Meanwhile the channel is
+    /// `Down` with the last build error (logged at WARN the first time, with
+    /// the cause), calls fail at once with that error, and subscriptions are
+    /// accepted as pending (served from the [`cache`](Self::cache) if it holds
+    /// the key); attempts are spaced by `Config::upstream_retry_initial`,
+    /// doubling up to `Config::upstream_retry_max`. Once built, the pending
+    /// subscriptions are subscribed upstream and everything flows, with no restart.
+    pub fn channel_with_retry<A, U, F, Fut>(mut self, build: F) -> Self
+    where
+        A: Api,
+        U: Upstream<A>,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<U, RemoteError>> + Send + 'static,
+    {
+        let factory = move || -> Built {
+            let attempt = build();
+            Box::pin(async move {
+                let upstream = attempt.await?;
+                Ok(Arc::new(Typed::<A, U>::new(upstream)) as Arc<dyn ErasedUpstream>)
+            })
+        };
+        self.channels.push((A::NAME.to_string(), Factory::Retry(Box::new(factory))));
         self
     }
 
@@ -98,12 +151,26 @@ impl LeaderBuilder {
     pub fn start(self) -> Leader {
         let mut channels = HashMap::new();
         let mut factories = Vec::new();
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
         for (name, factory) in self.channels {
-            let channel = Arc::new(Channel::new(&name, self.epoch, &self.config));
+            let ctx = HubContext {
+                epoch: self.epoch,
+                config: self.config.clone(),
+                tracker: tracker.clone(),
+                cancel: cancel.clone(),
+                cache: self.cache.clone(),
+                accept_pending: matches!(factory, Factory::Retry(_)),
+            };
+            let channel = Arc::new(Channel::new(&name, ctx));
             channels.insert(name, channel.clone());
             factories.push((channel, factory));
         }
         let handshakes = Handshakes::new(&self.config);
+        if let Some(cache) = self.cache.clone() {
+            // Its own token: the writer flushes what is pending once the leader stops.
+            let stop = cancel.clone();
+            tracker.spawn(cache.run_writer(stop));
+        }
         let shared = Arc::new(Shared {
             handshakes,
             id: Uuid::new_v4(),
@@ -111,8 +178,8 @@ impl LeaderBuilder {
             config: self.config,
             token: self.token,
             channels,
-            tracker: TaskTracker::new(),
-            cancel: CancellationToken::new(),
+            tracker,
+            cancel,
             next_session: AtomicU64::new(1),
             followers: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -120,25 +187,14 @@ impl LeaderBuilder {
         });
         for (channel, factory) in factories {
             let cancel = shared.cancel.clone();
+            let (initial, max) = (shared.config.upstream_retry_initial, shared.config.upstream_retry_max);
             shared.tracker.spawn(async move {
-                let result = tokio::select! {
-                    result = factory => result,
-                    _ = cancel.cancelled() => return,
-                };
-                match result {
-                    Ok(upstream) => {
-                        let health = upstream.health();
-                        let _ = channel.upstream.set(upstream);
-                        tracing::info!(channel = %channel.name, "upstream ready");
-                        channel.state.send_replace(UpstreamState::Ready);
-                        if let Some(health) = health {
-                            forward_health(&channel, health, &cancel).await;
-                        }
-                    }
-                    Err(error) => {
-                        tracing::error!(channel = %channel.name, %error, "upstream failed to start");
-                        channel.state.send_replace(UpstreamState::Down(error));
-                    }
+                let Some(upstream) = build_upstream(&channel, factory, &cancel, initial, max).await else { return };
+                let health = upstream.health();
+                channel.attach(upstream);
+                channel.state.send_replace(UpstreamState::Ready);
+                if let Some(health) = health {
+                    forward_health(&channel, health, &cancel).await;
                 }
             });
         }
@@ -164,7 +220,7 @@ impl std::fmt::Debug for Leader {
 impl Leader {
     /// A builder with default settings, epoch 1, no token and no channels.
     pub fn builder() -> LeaderBuilder {
-        LeaderBuilder { config: Config::default(), epoch: 1, token: None, channels: Vec::new() }
+        LeaderBuilder { config: Config::default(), epoch: 1, token: None, cache: None, channels: Vec::new() }
     }
 
     /// The leader's random id.
@@ -287,6 +343,74 @@ impl Leader {
             tracing::warn!("leader tasks still running after the shutdown grace");
         }
     }
+}
+
+/// Builds a channel's upstream: once, or (with a retrying factory) until it
+/// succeeds, keeping the channel `Down` with the last error meanwhile. `None`
+/// when the leader stops first or a one-shot build failed.
+async fn build_upstream(
+    channel: &Channel,
+    factory: Factory,
+    cancel: &CancellationToken,
+    initial: Duration,
+    max: Duration,
+) -> Option<Arc<dyn ErasedUpstream>> {
+    let build = match factory {
+        Factory::Once(built) => {
+            let result = tokio::select! {
+                result = built => result,
+                _ = cancel.cancelled() => return None,
+            };
+            return match result {
+                Ok(upstream) => {
+                    tracing::info!(channel = %channel.name, "upstream ready");
+                    Some(upstream)
+                }
+                Err(error) => {
+                    tracing::error!(channel = %channel.name, %error, "upstream failed to start (built once: not retried)");
+                    channel.hub.fail(error.clone());
+                    channel.state.send_replace(UpstreamState::Down(error));
+                    None
+                }
+            };
+        }
+        Factory::Retry(build) => build,
+    };
+    let started = tokio::time::Instant::now();
+    let mut delay = initial;
+    let mut last_error: Option<RemoteError> = None;
+    for attempt in 1u64.. {
+        let result = tokio::select! {
+            result = build() => result,
+            _ = cancel.cancelled() => return None,
+        };
+        match result {
+            Ok(upstream) => {
+                if attempt == 1 {
+                    tracing::info!(channel = %channel.name, "upstream ready");
+                } else {
+                    tracing::info!(channel = %channel.name, attempt, down_ms = started.elapsed().as_millis() as u64, "upstream ready after failed attempts");
+                }
+                return Some(upstream);
+            }
+            Err(error) => {
+                // WARN the first time, and whenever the cause changes; DEBUG otherwise.
+                if last_error.as_ref() != Some(&error) {
+                    tracing::warn!(channel = %channel.name, %error, attempt, retry_ms = delay.as_millis() as u64, "cannot build the upstream; serving without it and retrying");
+                } else {
+                    tracing::debug!(channel = %channel.name, %error, attempt, "upstream still unavailable");
+                }
+                channel.state.send_replace(UpstreamState::Down(error.clone()));
+                last_error = Some(error);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return None,
+        }
+        delay = (delay * 2).min(max);
+    }
+    None
 }
 
 /// Mirrors an upstream's own health into its channel's state (and so to the

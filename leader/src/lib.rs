@@ -9,6 +9,12 @@
 //! key and past a hard bound it is disconnected. Bad bytes end only the session
 //! that sent them.
 //!
+//! A channel added with [`LeaderBuilder::channel_with_retry`] starts without its
+//! upstream and rebuilds it with backoff (followers see `UpstreamDown`, calls
+//! fail fast, subscriptions are pending); with a [`Cache`] the leader keeps the
+//! last live value of every subscribed key on disk and serves it, marked
+//! `cached`, while the upstream is unreachable.
+//!
 //! ```text
 //! follower 1 ──┐  unix socket (uid checked, token optional)
 //! follower 2 ──┼──> sessions ──> hub (per channel) ──> Upstream::subscribe (once per key)
@@ -51,6 +57,7 @@
 //! ```
 
 mod admission;
+mod cache;
 mod channel;
 mod config;
 mod error;
@@ -68,6 +75,7 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
     parts.iter().map(|p| p.len()).sum::<usize>() + OVERHEAD <= max
 }
 
+pub use cache::Cache;
 pub use config::Config;
 pub use error::Error;
 pub use leader::{Leader, LeaderBuilder};

@@ -214,7 +214,8 @@ mod tests {
         let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
         let event = |key: &Bytes, seq: u64, payload: &'static [u8]| {
             let payload = Bytes::from_static(payload);
-            let event = tandem_protocol::Event { channel: "c".into(), key: key.clone(), epoch: 1, seq, payload };
+            let event =
+                tandem_protocol::Event { channel: "c".into(), key: key.clone(), epoch: 1, seq, payload, cached: false };
             SharedFrame::encode(Frame::Event(event), 1 << 20).unwrap()
         };
         outbox.push_event(&ch, &a, &event(&a, 1, b"a1"));

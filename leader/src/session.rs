@@ -208,10 +208,8 @@ impl Session {
             token.cancel();
         }
         for (channel, key) in std::mem::take(&mut self.subscribed) {
-            if let Some(channel) = self.channels.get(&*channel)
-                && let Some(upstream) = channel.upstream.get()
-            {
-                channel.hub.unsubscribe(upstream, &self.shared.tracker, self.id, &key);
+            if let Some(channel) = self.channels.get(&*channel) {
+                channel.hub.unsubscribe(self.id, &key);
             }
         }
         self.shared.conflated.fetch_add(self.outbox.conflated(), Ordering::Relaxed);
@@ -257,25 +255,12 @@ impl Session {
                 }
             }
             Frame::Subscribe(subscribe) => {
-                let result = self.channel(&subscribe.channel).cloned().and_then(|channel| {
-                    let upstream = channel.upstream.get().cloned().ok_or_else(|| match &*channel.state.borrow() {
-                        UpstreamState::Down(error) => error.clone(),
-                        _ => RemoteError::unavailable(format!("channel {}: upstream still starting", channel.name)),
-                    })?;
-                    Ok((channel, upstream))
-                });
-                match result {
-                    Ok((channel, upstream)) => {
+                // The hub answers: at once, as pending while the upstream is
+                // being (re)built, or with the upstream's own answer.
+                match self.channel(&subscribe.channel).cloned() {
+                    Ok(channel) => {
                         self.subscribed.insert((channel.name.clone(), subscribe.key.clone()));
-                        channel.hub.subscribe(
-                            &upstream,
-                            &self.shared.tracker,
-                            self.id,
-                            &self.outbox,
-                            subscribe.id,
-                            subscribe.key,
-                            subscribe.last_seen,
-                        );
+                        channel.hub.subscribe(self.id, &self.outbox, subscribe.id, subscribe.key, subscribe.last_seen);
                     }
                     Err(error) => {
                         self.outbox.push(Frame::Ack(Ack { id: subscribe.id, result: Err(error) }));
@@ -285,9 +270,7 @@ impl Session {
             Frame::Unsubscribe(unsubscribe) => {
                 let result = self.channel(&unsubscribe.channel).cloned().map(|channel| {
                     self.subscribed.remove(&(channel.name.clone(), unsubscribe.key.clone()));
-                    if let Some(upstream) = channel.upstream.get() {
-                        channel.hub.unsubscribe(upstream, &self.shared.tracker, self.id, &unsubscribe.key);
-                    }
+                    channel.hub.unsubscribe(self.id, &unsubscribe.key);
                 });
                 self.push(Frame::Ack(Ack { id: unsubscribe.id, result }));
             }

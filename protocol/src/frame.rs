@@ -127,6 +127,16 @@ pub struct Event {
     pub seq: u64,
     /// The value: opaque MessagePack bytes of the channel's event type.
     pub payload: Bytes,
+    /// True when the leader served this value from its last-known-good cache
+    /// on disk because the upstream was unreachable, false for a live value.
+    /// On the wire an optional 6th element, written only when true, so a live
+    /// event is byte-for-byte the 5-element form (PROTOCOL.md §4).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cached: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl Event {

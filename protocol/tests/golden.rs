@@ -317,6 +317,7 @@ fn event() -> Frame {
         epoch: 2,
         seq: 8,
         payload: Bytes::from_static(b"\xadpostgres://db"),
+        cached: false,
     })
 }
 
@@ -333,6 +334,39 @@ const EVENT: &str = concat!(
 #[test]
 fn golden_event() {
     assert_golden(event(), EVENT);
+}
+
+fn cached_event() -> Frame {
+    match event() {
+        Frame::Event(event) => Frame::Event(Event { cached: true, ..event }),
+        other => other,
+    }
+}
+
+/// A value served from the leader's last-known-good cache: the optional 6th element, `true`.
+const CACHED_EVENT: &str = concat!(
+    "0000002b",                           // body length 43
+    "81 a5 4576656e74 96",                // {"Event": [ (6 elements)
+    "a6 636f6e666967",                    //   channel "config"
+    "c4 07 a664622e75726c",               //   key
+    "02",                                 //   epoch 2
+    "08",                                 //   seq 8
+    "c4 0e ad706f7374677265733a2f2f6462", //   payload
+    "c3",                                 //   cached: true ]}
+);
+
+#[test]
+fn golden_cached_event() {
+    assert_golden(cached_event(), CACHED_EVENT);
+}
+
+#[test]
+fn an_event_with_an_explicit_false_mark_decodes_as_live() {
+    // A writer may send the 6th element as `false`; readers treat it like the 5-element form.
+    let golden = CACHED_EVENT.strip_suffix("c3").expect("the cached golden ends with true");
+    let bytes = unhex(&format!("{golden}c2"));
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    assert_eq!(FrameCodec::new().decode(&mut buf).unwrap(), Some(event()));
 }
 
 // ---------------------------------------------------------------- Publish

@@ -31,6 +31,7 @@ fn event(payload_len: usize) -> Frame {
         epoch: 3,
         seq: 41,
         payload: Bytes::from(vec![0x5a; payload_len]),
+        cached: false,
     })
 }
 

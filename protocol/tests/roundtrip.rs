@@ -93,8 +93,9 @@ fn unsubscribe() -> impl Strategy<Value = Frame> {
 }
 
 fn event() -> impl Strategy<Value = Frame> {
-    (text(), bytes(), any::<u64>(), any::<u64>(), bytes())
-        .prop_map(|(channel, key, epoch, seq, payload)| Frame::Event(Event { channel, key, epoch, seq, payload }))
+    (text(), bytes(), any::<u64>(), any::<u64>(), bytes(), any::<bool>()).prop_map(
+        |(channel, key, epoch, seq, payload, cached)| Frame::Event(Event { channel, key, epoch, seq, payload, cached }),
+    )
 }
 
 fn publish() -> impl Strategy<Value = Frame> {
