@@ -37,6 +37,9 @@
 //! - after an agent restart: `agent restarted: pid=<pid> epoch=<epoch>`
 //! - after a worker restart: `worker restarted: worker=<id> pid=<pid>`
 //!
+//! Mistakes end the master at once with exit code 1 and one error line, before
+//! any process starts: `--workers 0`, an empty or over-long `--subscribe` key.
+//!
 //! Try `kill -9` on the agent's pid: the master starts a new agent with a higher
 //! epoch, the workers reconnect and resubscribe, and the values resume. SIGTERM
 //! or Ctrl-C stops workers, then the agent, then the master (exit code 0).
@@ -92,6 +95,7 @@ fn main() -> anyhow::Result<()> {
     if args.keys.is_empty() {
         args.keys = vec!["app.greeting".into(), "app.flags".into()];
     }
+    check_args(&args)?;
     if args.etcd.is_some() && !cfg!(feature = "etcd") {
         anyhow::bail!(
             "--etcd needs the etcd adapter, which this build lacks: \
@@ -145,6 +149,23 @@ fn main() -> anyhow::Result<()> {
         .worker(move |ctx| worker(ctx, worker_args))
         .master(move |ctx| master(ctx, embedded, registry, args, write_every))
         .run_blocking()?;
+    Ok(())
+}
+
+/// Refuses, before the cluster starts, what would only make a worker crash-loop.
+fn check_args(args: &Args) -> anyhow::Result<()> {
+    if args.workers == Some(0) {
+        anyhow::bail!("--workers 0: a cluster needs at least one worker (leave --workers out for one per CPU)");
+    }
+    let max_key = tandem::registry::Config::default().max_key_size;
+    for key in &args.keys {
+        if key.is_empty() {
+            anyhow::bail!("--subscribe: the key is empty");
+        }
+        if key.len() > max_key {
+            anyhow::bail!("--subscribe: the key is {} bytes, over the registry's {max_key}-byte limit", key.len());
+        }
+    }
     Ok(())
 }
 
