@@ -173,6 +173,12 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         let pids = self.spawned_pids();
         if let Some(mut child) = self.child.take() {
+            // SIGTERM first, so the master removes its runtime directory; SIGKILL if it lingers.
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let until = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
