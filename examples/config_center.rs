@@ -84,6 +84,11 @@ struct Args {
     /// through the Leader (again under each new Leader).
     #[arg(long, value_name = "SERVICE", requires = "etcd")]
     register: Option<String>,
+    /// A child ready for this many milliseconds counts as stable: its next
+    /// crash is restarted after the initial delay (100 ms) again, and does not
+    /// count towards the crash-loop limit. The default is 30000.
+    #[arg(long, value_name = "MS")]
+    stable_after: Option<u64>,
 }
 
 /// Where the children find the registry the master started for them.
@@ -124,6 +129,11 @@ fn main() -> anyhow::Result<()> {
     let mut builder = tandem::cluster::Cluster::builder("config_center");
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
+    }
+    if let Some(ms) = args.stable_after {
+        let mut policy = tandem::cluster::RestartPolicy::default();
+        policy.stable_after = Duration::from_millis(ms);
+        builder = builder.restart_policy(policy);
     }
     let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
     builder

@@ -251,3 +251,58 @@ async fn a_wrong_token_in_standalone_is_reported_and_never_locks_correct_process
     .await
     .expect("test timed out")
 }
+
+/// The runtime directories in `base`.
+fn runtime_dirs(base: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("tandem-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A master killed with SIGKILL leaves its runtime directory; the next master
+/// of the same user removes it; a master stopped with SIGTERM leaves nothing.
+#[tokio::test]
+async fn a_starting_master_removes_the_directory_a_killed_master_left() {
+    tokio::time::timeout(TIMEOUT, async {
+        let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
+        let addr = server.local_addr().to_string();
+        let base = private_dir();
+        let env = [("XDG_RUNTIME_DIR", base.path().as_os_str())];
+        let args = ["--workers", "1", "--registry", &addr, "--subscribe", "k", "--write-every", "0"];
+        let bin = example("config_center");
+
+        let mut first = Proc::spawn_with(&bin, &args, &env, false);
+        let ready = first.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+        let children: Vec<i32> = std::iter::once(field(&ready, "agent").unwrap())
+            .chain(field(&ready, "workers").unwrap().split(','))
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let left = runtime_dirs(base.path());
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].starts_with(&format!("tandem-config_center-{}-", first.pid)), "{left:?}");
+        first.signal(nix::sys::signal::Signal::SIGKILL);
+        first.wait(LINE).await;
+        poll_until(LINE, "the killed master's children to exit", || async {
+            children.iter().all(|pid| !common::alive(*pid))
+        })
+        .await;
+        assert_eq!(runtime_dirs(base.path()), left, "SIGKILL leaves the directory behind");
+
+        let mut second = Proc::spawn_with(&bin, &args, &env, false);
+        second.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+        let now = runtime_dirs(base.path());
+        assert_eq!(now.len(), 1, "the dead master's directory is gone, the live one's is there: {now:?}");
+        assert!(now[0].starts_with(&format!("tandem-config_center-{}-", second.pid)), "{now:?}");
+
+        second.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(second.wait(LINE).await.success());
+        assert_eq!(runtime_dirs(base.path()), Vec::<String>::new(), "a stopped master leaves nothing");
+    })
+    .await
+    .expect("test timed out")
+}
