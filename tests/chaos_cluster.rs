@@ -84,9 +84,7 @@ fn assert_in_order(lines: &[String]) {
 async fn expect_everywhere(master: &mut Proc, workers: &BTreeSet<String>, value: &str) {
     let mut seen = BTreeSet::new();
     while seen != *workers {
-        let line = master
-            .expect_line(LINE, |l| field(l, "value") == Some(value) && field(l, "worker").is_some())
-            .await;
+        let line = master.expect_line(LINE, |l| field(l, "value") == Some(value) && field(l, "worker").is_some()).await;
         seen.insert(field(&line, "worker").unwrap().to_string());
     }
 }
@@ -183,7 +181,10 @@ async fn the_agent_killed_10_times_and_the_registry_restarted_twice_under_writes
         assert_in_order(&master.seen);
         let writes = written.load(Ordering::Relaxed);
         assert!(writes > AGENT_KILLS, "the writer kept writing during the rounds");
-        eprintln!("{AGENT_KILLS} agents killed, {} registry restarts, {writes} writes, every worker on the final value", REGISTRY_RESTARTS.len());
+        eprintln!(
+            "{AGENT_KILLS} agents killed, {} registry restarts, {writes} writes, every worker on the final value",
+            REGISTRY_RESTARTS.len()
+        );
         // Asked over the writer's connection, which is not counted: the agent's alone.
         let writer = writer.lock().await;
         poll_until(LINE, "one upstream connection from the host", || async {

@@ -41,7 +41,8 @@ async fn standalone_refuses_a_directory_other_users_may_enter() {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let dir = dir.to_str().unwrap();
         // A registry nobody listens on: the mistake must be reported before any upstream matters.
-        let (took, lines) = run_failing("standalone", &["--dir", dir, "--registry", "127.0.0.1:9", "--subscribe", "k"]).await;
+        let (took, lines) =
+            run_failing("standalone", &["--dir", dir, "--registry", "127.0.0.1:9", "--subscribe", "k"]).await;
         assert_said(&lines, &[dir, "0755", "chmod 700"]);
         eprintln!("standalone with a 0755 --dir exited 1 after {took:?}");
         // Refused, not changed: the directory keeps its mode.
@@ -178,10 +179,10 @@ async fn a_refused_subscribe_says_why_in_one_line() {
     tokio::time::timeout(TIMEOUT, async {
         let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
         let addr = server.local_addr().to_string();
-        let leader = Leader::builder()
-            .channel::<ConfigApi, _>(async move { RegistryUpstream::connect(addr).await })
-            .start();
-        let connection = Connection::builder().channel::<ConfigApi>().connect(LocalConnector::new(leader.clone())).spawn();
+        let leader =
+            Leader::builder().channel::<ConfigApi, _>(async move { RegistryUpstream::connect(addr).await }).start();
+        let connection =
+            Connection::builder().channel::<ConfigApi>().connect(LocalConnector::new(leader.clone())).spawn();
         let client = connection.client::<ConfigApi>();
         client.ready().await.unwrap();
         let error = client.subscribe(String::new()).await.unwrap_err();

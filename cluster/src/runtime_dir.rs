@@ -101,7 +101,9 @@ pub(crate) fn remove_stale(base: &Path) -> usize {
                 tracing::info!(path = %path.display(), pid, "removed the runtime directory of a dead master");
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "could not remove a dead master's runtime directory"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a dead master's runtime directory")
+            }
         }
     }
     removed

@@ -33,8 +33,8 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::connector::{Connected, Connector};
-use crate::in_flight::{InFlight, Pending};
 use crate::error::StartupFailure;
+use crate::in_flight::{InFlight, Pending};
 use crate::state::{LinkState, Status};
 use crate::{Config, Error, StartupError};
 

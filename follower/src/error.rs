@@ -56,10 +56,10 @@ impl Error {
         }
     }
 
-    /// The remote error, if the leader sent one.
+    /// The remote error, if the leader sent one (an answer's or a rejection's).
     pub fn remote(&self) -> Option<&RemoteError> {
         match self {
-            Error::Remote(e) => Some(e),
+            Error::Remote(e) | Error::Rejected(e) => Some(e),
             _ => None,
         }
     }
