@@ -325,3 +325,80 @@ impl Connector for Standalone {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn private_base() -> tempfile::TempDir {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        base
+    }
+
+    #[test]
+    fn names_that_cannot_name_a_file_are_refused() {
+        for bad in ["", ".", "..", "a/b", "/abs", "nul\0byte", &"n".repeat(201)] {
+            let error = validate_name(bad).unwrap_err();
+            assert!(matches!(error, StartupError::InvalidName { .. }), "{bad:?}: {error}");
+        }
+        for good in ["app", "my-app_2", "a.b", &"n".repeat(200)] {
+            validate_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn socket_paths_are_limited_to_what_sun_path_holds() {
+        let fits = PathBuf::from(format!("/{}", "s".repeat(MAX_SOCKET_PATH - 1)));
+        assert_eq!(fits.as_os_str().len(), MAX_SOCKET_PATH);
+        validate_socket_path(&fits).unwrap();
+        let over = PathBuf::from(format!("/{}", "s".repeat(MAX_SOCKET_PATH)));
+        let error = validate_socket_path(&over).unwrap_err();
+        assert!(matches!(error, StartupError::SocketPathTooLong { len: 108, max: 107, .. }), "{error}");
+        // The limit is real: the kernel refuses one byte more.
+        let base = private_base();
+        let name = "s".repeat(MAX_SOCKET_PATH + 1 - base.path().as_os_str().len() - 1);
+        let path = base.path().join(name);
+        assert_eq!(path.as_os_str().len(), MAX_SOCKET_PATH + 1);
+        assert!(std::os::unix::net::UnixListener::bind(&path).is_err());
+        let path = path.with_file_name(&path.file_name().unwrap().to_str().unwrap()[1..]);
+        std::os::unix::net::UnixListener::bind(&path).unwrap();
+    }
+
+    #[test]
+    fn directories_are_created_private_and_loose_ones_refused_untouched() {
+        let base = private_base();
+        let fresh = base.path().join("a/b");
+        ensure_private_dir(&fresh).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o077;
+        assert_eq!(mode, 0, "created without group or other bits");
+        ensure_private_dir(&fresh).unwrap();
+
+        let loose = base.path().join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = ensure_private_dir(&loose).unwrap_err();
+        assert!(matches!(error, StartupError::InsecureDirectory { mode: 0o755, .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&*loose.to_string_lossy()) && message.contains("0755") && message.contains("chmod 700")
+        );
+        assert_eq!(std::fs::metadata(&loose).unwrap().permissions().mode() & 0o777, 0o755, "refused, not changed");
+
+        let file = base.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(matches!(ensure_private_dir(&file), Err(StartupError::NotADirectory { .. })));
+    }
+
+    #[test]
+    fn a_startup_error_survives_the_trip_through_io_error_and_others_stay_io() {
+        let error = StartupError::NotADirectory { dir: "/x".into() }.into_io();
+        let failure = StartupError::from_io(error).unwrap();
+        assert!(matches!(failure.error(), StartupError::NotADirectory { .. }));
+        let plain = io::Error::from_raw_os_error(2);
+        let back = StartupError::from_io(plain).unwrap_err();
+        assert_eq!(back.raw_os_error(), Some(2));
+        let other = io::Error::other("something else");
+        assert_eq!(StartupError::from_io(other).unwrap_err().to_string(), "something else");
+    }
+}
