@@ -46,6 +46,9 @@
 //! - after an agent restart: `agent restarted: pid=<pid> epoch=<epoch>`
 //! - after a worker restart: `worker restarted: worker=<id> pid=<pid>`
 //!
+//! Mistakes end the master at once with exit code 1 and one error line, before
+//! any process starts: `--workers 0`, an empty or over-long `--subscribe` key.
+//!
 //! Try `kill -9` on the agent's pid: the master starts a new agent with a higher
 //! epoch, the workers reconnect and resubscribe, and the values resume. SIGTERM
 //! or Ctrl-C stops workers, then the agent, then the master (exit code 0).
@@ -96,6 +99,11 @@ struct Args {
     /// 0700; files 0600) and serve it while the upstream is unreachable.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// A child ready for this many milliseconds counts as stable: its next
+    /// crash is restarted after the initial delay (100 ms) again, and does not
+    /// count towards the crash-loop limit. The default is 30000.
+    #[arg(long, value_name = "MS")]
+    stable_after: Option<u64>,
 }
 
 /// Where the children find the registry the master started for them.
@@ -107,6 +115,7 @@ fn main() -> anyhow::Result<()> {
     if args.keys.is_empty() {
         args.keys = vec!["app.greeting".into(), "app.flags".into()];
     }
+    check_args(&args)?;
     if args.etcd.is_some() && !cfg!(feature = "etcd") {
         anyhow::bail!(
             "--etcd needs the etcd adapter, which this build lacks: \
@@ -139,6 +148,11 @@ fn main() -> anyhow::Result<()> {
     let mut builder = tandem::cluster::Cluster::builder("config_center");
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
+    }
+    if let Some(ms) = args.stable_after {
+        let mut policy = tandem::cluster::RestartPolicy::default();
+        policy.stable_after = Duration::from_millis(ms);
+        builder = builder.restart_policy(policy);
     }
     let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
     let cache_dir = args.cache_dir.clone();
@@ -174,6 +188,23 @@ fn main() -> anyhow::Result<()> {
 
 async fn registry_stats(addr: &str) -> anyhow::Result<tandem::registry::Stats> {
     Ok(tandem::registry::Client::connect(addr).await?.stats().await?)
+}
+
+/// Refuses, before the cluster starts, what would only make a worker crash-loop.
+fn check_args(args: &Args) -> anyhow::Result<()> {
+    if args.workers == Some(0) {
+        anyhow::bail!("--workers 0: a cluster needs at least one worker (leave --workers out for one per CPU)");
+    }
+    let max_key = tandem::registry::Config::default().max_key_size;
+    for key in &args.keys {
+        if key.is_empty() {
+            anyhow::bail!("--subscribe: the key is empty");
+        }
+        if key.len() > max_key {
+            anyhow::bail!("--subscribe: the key is {} bytes, over the registry's {max_key}-byte limit", key.len());
+        }
+    }
+    Ok(())
 }
 
 async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::BoxError> {

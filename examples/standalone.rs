@@ -24,6 +24,12 @@
 //! - on every role change: `pid=<pid> role=<leader|follower> epoch=<epoch>`
 //! - on every value: `pid=<pid> role=<role> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
 //!   (`value=<none>` while the key is absent or after a delete)
+//!
+//! Mistakes end the process at once with exit code 1 and one error line on
+//! stderr: an empty or over-long `--subscribe` key, `--spawn 0`, a `--name`
+//! that cannot name a file, a socket path over the Unix limit, a `--dir` that
+//! other users may enter. A process whose token the leader refuses says so at
+//! ERROR and waits (calls fail with the rejection) until that leader exits.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -35,7 +41,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use futures::StreamExt;
 use tandem::registry_upstream::{ConfigApi, ConfigRequest, RegistryUpstream};
-use tandem::{Connection, Standalone};
+use tandem::{Api, Client, Connection, Error, Standalone, State};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Processes that elect a leader and share one registry connection")]
@@ -86,10 +92,54 @@ fn main() -> anyhow::Result<()> {
         args.keys.push("app.greeting".into());
     }
     let dir = args.dir.clone().unwrap_or_else(default_dir);
+    check_args(&args, &dir)?;
     let runtime = tokio::runtime::Runtime::new()?;
     match args.spawn {
         Some(n) => runtime.block_on(spawn_processes(args, dir, n)),
         None => runtime.block_on(run_process(args, dir)),
+    }
+}
+
+/// Refuses, before anything starts, what could only fail later.
+fn check_args(args: &Args, dir: &Path) -> anyhow::Result<()> {
+    let max_key = tandem::registry::Config::default().max_key_size;
+    for key in &args.keys {
+        if key.is_empty() {
+            bail!("--subscribe: the key is empty");
+        }
+        if key.len() > max_key {
+            bail!("--subscribe: the key is {} bytes, over the registry's {max_key}-byte limit", key.len());
+        }
+    }
+    if args.spawn == Some(0) {
+        bail!("--spawn 0: spawn at least one process (or leave --spawn out to run one here)");
+    }
+    Standalone::check(&args.name, dir)?;
+    Ok(())
+}
+
+/// Waits until the channel is ready. A rejection by the leader (most often a
+/// different token) is not fatal here: the driver said why at ERROR and waits
+/// for that leader to go, so this waits with it.
+async fn wait_ready(client: &Client<ConfigApi>) -> anyhow::Result<()> {
+    loop {
+        match client.ready().await {
+            Ok(()) => return Ok(()),
+            Err(Error::Rejected(_)) => {
+                let mut status = client.watch();
+                status
+                    .wait_for(|s| !matches!(s.state_of(ConfigApi::NAME), State::Rejected(_)))
+                    .await
+                    .context("the connection closed")?;
+            }
+            // The upstream is down: subscribe anyway (the leader accepts it as
+            // pending and serves its cached value, if any).
+            Err(Error::Remote(error)) => {
+                tracing::warn!(%error, "the upstream is down; subscribing anyway");
+                return Ok(());
+            }
+            Err(error) => return Err(error).context("waiting for a leader"),
+        }
     }
 }
 
@@ -187,8 +237,6 @@ async fn shared_registry(
     args: &Args,
     dir: &Path,
 ) -> anyhow::Result<(Option<(tandem::registry::ServerHandle, nix::fcntl::Flock<std::fs::File>)>, String)> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     let lock_path = dir.join(format!("{}.registry.lock", args.name));
     let addr_path = dir.join(format!("{}.registry", args.name));
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
@@ -262,15 +310,15 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
         }
     });
 
-    // No wait for `ready()`: while the registry is down the leader accepts
-    // subscriptions as pending (and serves its cached values).
+    wait_ready(&client).await?;
     let mut streams = futures::stream::SelectAll::new();
     for key in &args.keys {
         let subscription = loop {
             match client.subscribe(key.clone()).await {
                 Ok(subscription) => break subscription,
-                Err(error) if error.is_retryable() => {
+                Err(error) if error.is_retryable() || matches!(error, Error::Rejected(_)) => {
                     tracing::warn!(%error, key, "subscribe failed; retrying");
+                    wait_ready(&client).await?;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(error) => return Err(error).context("subscribe"),

@@ -1,17 +1,33 @@
 //! The master's private runtime directory (mode 0700, unique name, removed at
 //! exit) and the cluster's random token.
+//!
+//! A master killed with SIGKILL cannot remove its directory, so a starting
+//! master removes the leftovers of dead masters of the same user first:
+//!
+//! ```text
+//! <base>/tandem-<cluster>-<pid>-<12 hex>/master.lock   flock(2)-ed by its live master
+//! candidate: name of that shape, a real directory (not a symlink), owned by this uid
+//!   master.lock present: removed only if the lock can be taken (its master is gone)
+//!   master.lock absent (a master between mkdir and lock): removed only if <pid> is dead
+//! ```
 
-use std::fs::DirBuilder;
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{Flock, FlockArg};
 use rand::RngCore;
+
+/// The file whose lock says the directory's master is alive.
+const LOCK_FILE: &str = "master.lock";
 
 /// A directory only this user can enter, removed when dropped.
 #[derive(Debug)]
 pub(crate) struct RuntimeDir {
     path: PathBuf,
+    /// Held while the master lives; the kernel releases it when the master dies.
+    _lock: Option<Flock<File>>,
 }
 
 impl RuntimeDir {
@@ -19,6 +35,7 @@ impl RuntimeDir {
     /// a directory owned by this user, else under the temp dir.
     pub(crate) fn create(cluster: &str) -> Result<Self, crate::Error> {
         let base = base_dir();
+        remove_stale(&base);
         Self::create_in(&base, cluster).map_err(|source| crate::Error::RuntimeDir { base, source })
     }
 
@@ -33,9 +50,12 @@ impl RuntimeDir {
         let path = base.join(format!("tandem-{name}-{}-{}", std::process::id(), hex(&suffix)));
         // mkdir fails if the path exists (even as a symlink): nobody can pre-plant it.
         DirBuilder::new().mode(0o700).create(&path)?;
-        let dir = RuntimeDir { path };
+        let mut dir = RuntimeDir { path, _lock: None };
         // The umask may have removed bits, never added any; make it exactly 0700.
         std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o700))?;
+        let file = OpenOptions::new().write(true).create_new(true).open(dir.path.join(LOCK_FILE))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| io::Error::from(errno))?;
+        dir._lock = Some(lock);
         Ok(dir)
     }
 
@@ -50,6 +70,59 @@ impl Drop for RuntimeDir {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the runtime directory");
         }
     }
+}
+
+/// Removes the runtime directories that dead masters of this user left in
+/// `base` (see the module docs for how a live one is recognized). Best effort:
+/// what cannot be read or removed is logged and left.
+pub(crate) fn remove_stale(base: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(base) else { return 0 };
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(pid) = entry.file_name().to_str().and_then(master_pid) else { continue };
+        // symlink_metadata: a symlink is never followed, let alone removed through.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if !meta.is_dir() || meta.uid() != uid || pid == std::process::id() {
+            continue;
+        }
+        let dead = match OpenOptions::new().write(true).open(path.join(LOCK_FILE)) {
+            Ok(file) => Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => !process_alive(pid),
+            Err(_) => false,
+        };
+        if !dead {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(path = %path.display(), pid, "removed the runtime directory of a dead master");
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a dead master's runtime directory")
+            }
+        }
+    }
+    removed
+}
+
+/// The master pid in a name of the shape `tandem-<cluster>-<pid>-<12 hex>`.
+fn master_pid(name: &str) -> Option<u32> {
+    let mut parts = name.rsplitn(3, '-');
+    let suffix = parts.next()?;
+    let pid = parts.next()?.parse().ok()?;
+    let prefix = parts.next()?;
+    let shaped = prefix.starts_with("tandem-") && suffix.len() == 12 && suffix.chars().all(|c| c.is_ascii_hexdigit());
+    shaped.then_some(pid)
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    // Signal 0 checks existence only; EPERM means alive but someone else's.
+    !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
 
 fn base_dir() -> PathBuf {
@@ -90,6 +163,46 @@ mod tests {
         let path = a.path().to_owned();
         drop(a);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn stale_directories_of_dead_masters_go_and_live_ones_stay() {
+        let base = tempfile::tempdir().unwrap();
+        // A live master: its lock is held.
+        let live = RuntimeDir::create_in(base.path(), "app").unwrap();
+        // A dead master: same shape, its lock file free (the kernel dropped the lock).
+        let dead = base.path().join("tandem-app-999999-0123456789ab");
+        std::fs::create_dir(&dead).unwrap();
+        File::create(dead.join(LOCK_FILE)).unwrap();
+        File::create(dead.join("agent.sock")).unwrap();
+        // A master between mkdir and lock: no lock file, pid alive (ours is skipped, so use pid 1).
+        let starting = base.path().join("tandem-app-1-0123456789ab");
+        std::fs::create_dir(&starting).unwrap();
+        // No lock file and a dead pid: an older master's leftover.
+        let old = base.path().join("tandem-app-2147483646-abcdefabcdef");
+        std::fs::create_dir(&old).unwrap();
+        // Not ours to judge: other shapes, and a symlink to a stale-looking directory.
+        let other = base.path().join("tandem-it123");
+        std::fs::create_dir(&other).unwrap();
+        let target = base.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        let link = base.path().join("tandem-app-999998-0123456789ab");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        assert_eq!(remove_stale(base.path()), 2);
+        assert!(!dead.exists() && !old.exists());
+        assert!(live.path().exists() && starting.exists() && other.exists() && target.exists());
+        assert!(std::fs::symlink_metadata(&link).is_ok());
+    }
+
+    #[test]
+    fn master_pids_are_read_only_from_runtime_directory_names() {
+        assert_eq!(master_pid("tandem-config_center-4242-0123456789ab"), Some(4242));
+        assert_eq!(master_pid("tandem-a-b-c-7-0123456789ab"), Some(7));
+        assert_eq!(master_pid("tandem-4242-0123456789ab"), None);
+        assert_eq!(master_pid("tandem-1000"), None);
+        assert_eq!(master_pid("tandem-app-42-xyz"), None);
+        assert_eq!(master_pid("other-app-42-0123456789ab"), None);
     }
 
     #[test]

@@ -173,6 +173,12 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         let pids = self.spawned_pids();
         if let Some(mut child) = self.child.take() {
+            // SIGTERM first, so the master removes its runtime directory; SIGKILL if it lingers.
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let until = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -335,6 +341,15 @@ fn killing_the_master_leaves_no_child_behind() {
     signal(ready.master, Signal::SIGKILL);
     let took = wait_all_dead(&children, Duration::from_secs(1));
     eprintln!("all children gone {took:?} after the master's SIGKILL");
+    // A killed master cannot remove its runtime directory (the next master
+    // would); this test removes it so a test run leaves nothing behind.
+    let base = std::env::var_os("XDG_RUNTIME_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let prefix = format!("tandem-fixture-{}-", ready.master);
+    for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 #[test]

@@ -179,13 +179,15 @@ impl<A: Api> Client<A> {
 
     /// Waits until the channel is ready (a leader is connected and its upstream
     /// is up), for at most `Config::max_wait`. Fails at once with the upstream's
-    /// error if it failed to start.
+    /// error if it failed to start, with [`Error::Rejected`] if the leader
+    /// refused this follower, and with [`Error::Startup`] if no leader can be
+    /// reached with these settings.
     pub async fn ready(&self) -> Result<(), Error> {
         let max_wait = self.connection.inner.config.max_wait;
         let mut status = self.connection.status();
         let wait = status.wait_for(|status| {
             matches!(status.channels.get(A::NAME), Some(UpstreamState::Ready | UpstreamState::Down(_)))
-                || matches!(status.state_of(A::NAME), State::Closed)
+                || matches!(status.state_of(A::NAME), State::Closed | State::Rejected(_) | State::Failed(_))
         });
         let status = match tokio::time::timeout(max_wait, wait).await {
             Err(_) => return Err(Error::NotReady(max_wait)),
@@ -196,6 +198,8 @@ impl<A: Api> Client<A> {
             State::Ready => Ok(()),
             State::UpstreamDown(error) => Err(Error::Remote(error)),
             State::Closed => Err(Error::Closed),
+            State::Rejected(error) => Err(Error::Rejected(error)),
+            State::Failed(failure) => Err(Error::Startup(failure)),
             _ => Err(Error::LeaderLost),
         }
     }

@@ -26,8 +26,18 @@ impl Connected {
 
 /// Makes a new link to the leader each time the driver (re)connects.
 pub trait Connector: Send + 'static {
-    /// Establishes one link. An error is logged and retried with backoff.
+    /// Establishes one link. An error is logged and retried with backoff,
+    /// except a [`StartupError`](crate::StartupError) (wrapped with
+    /// [`StartupError::into_io`](crate::StartupError::into_io)): retrying cannot
+    /// help, so the driver stops and every call fails with it.
     fn connect(&mut self) -> impl Future<Output = io::Result<Connected>> + Send;
+
+    /// Resolves when a leader other than the one that rejected this follower
+    /// may be reachable. After a rejection the driver sends no hello until
+    /// then. The default never resolves: the rejection is final.
+    fn new_leader(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Connects to a leader's Unix socket.

@@ -33,9 +33,14 @@ use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::connector::{Connected, Connector};
+use crate::error::StartupFailure;
 use crate::in_flight::{InFlight, Pending};
 use crate::state::{LinkState, Status};
-use crate::{Config, Error};
+use crate::{Config, Error, StartupError};
+
+/// How long connecting may keep failing before it is logged at WARN (shorter
+/// gaps, such as a failover or a leader still binding, are logged at debug).
+const UNREACHABLE_WARN_AFTER: Duration = Duration::from_secs(1);
 
 /// How long to wait before asking again for a subscription the leader refused.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
@@ -151,8 +156,10 @@ impl Topic {
 /// Why a connection attempt failed.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
-    #[error("cannot reach the leader")]
-    Io(#[from] io::Error),
+    #[error("cannot reach the leader: {0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Startup(StartupFailure),
     #[error("the leader rejected this follower: {0}")]
     Rejected(RemoteError),
     #[error("handshake failed: {0}")]
@@ -196,6 +203,9 @@ struct Core {
     retry_at: Option<Instant>,
     /// The leader of the current (or last) link.
     leader_id: Option<Uuid>,
+    /// While set, every call fails at once with this error (a rejection or a
+    /// start-up failure) instead of waiting for a leader.
+    refusal: Option<Error>,
 }
 
 impl<C: Connector> Driver<C> {
@@ -224,6 +234,7 @@ impl<C: Connector> Driver<C> {
             out: Vec::new(),
             retry_at: None,
             leader_id: None,
+            refusal: None,
         };
         Driver { connector, commands, drops, core }
     }
@@ -231,6 +242,9 @@ impl<C: Connector> Driver<C> {
     /// Runs the connection until it is closed or every handle is dropped.
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.core.config.reconnect_initial, self.core.config.reconnect_max);
+        let mut unreachable_since: Option<Instant> = None;
+        let mut warned_unreachable = false;
+        let mut last_rejection: Option<RemoteError> = None;
         while !self.core.shut {
             let hello = self.core.hello();
             let timeout = self.core.config.handshake_timeout;
@@ -255,6 +269,8 @@ impl<C: Connector> Driver<C> {
             match result {
                 Ok((connected, welcome)) if welcome.epoch >= self.core.max_epoch => {
                     backoff.reset();
+                    unreachable_since = None;
+                    last_rejection = None;
                     let reason = self.connected(connected, welcome).await;
                     self.core.lost(&reason);
                     continue;
@@ -267,10 +283,38 @@ impl<C: Connector> Driver<C> {
                     );
                 }
                 Err(ConnectError::Rejected(error)) => {
-                    tracing::error!(%error, "the leader rejected this follower");
-                    self.core.fail_queued(&Error::Remote(error));
+                    // PROTOCOL.md: a rejected follower SHOULD NOT retry the same hello.
+                    if last_rejection.as_ref() != Some(&error) {
+                        tracing::error!(%error, "the leader rejected this follower; not retrying until the leader changes");
+                    } else {
+                        tracing::debug!(%error, "the leader rejected this follower again");
+                    }
+                    last_rejection = Some(error.clone());
+                    self.core.refuse(Error::Rejected(error.clone()), LinkState::Rejected(error));
+                    let Driver { connector, commands, drops, core } = &mut self;
+                    idle_until(commands, drops, core, connector.new_leader()).await;
+                    self.core.refusal = None;
+                    if !self.core.shut {
+                        self.core.status.send_modify(|status| status.link = LinkState::Connecting);
+                    }
+                    continue;
                 }
-                Err(error) => tracing::debug!(error = %error, "connecting to the leader failed"),
+                Err(ConnectError::Startup(failure)) => {
+                    tracing::error!(error = %failure, "cannot start: no leader can be reached with these settings");
+                    self.core.refuse(Error::Startup(failure.clone()), LinkState::Failed(failure));
+                    let Driver { commands, drops, core, .. } = &mut self;
+                    idle_until(commands, drops, core, std::future::pending()).await;
+                    break;
+                }
+                Err(error) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if !warned_unreachable && since.elapsed() >= UNREACHABLE_WARN_AFTER {
+                        warned_unreachable = true;
+                        tracing::warn!(error = %error, "connecting to the leader keeps failing; retrying");
+                    } else {
+                        tracing::debug!(error = %error, "connecting to the leader failed");
+                    }
+                }
             }
             self.idle(backoff.next_delay()).await;
         }
@@ -279,21 +323,8 @@ impl<C: Connector> Driver<C> {
 
     /// Waits out a backoff delay while still answering commands.
     async fn idle(&mut self, delay: Duration) {
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                _ = &mut sleep => return,
-                command = self.drops.recv() => if let Some(command) = command { self.core.offline(command) },
-                command = self.commands.recv() => match command {
-                    Some(command) => self.core.offline(command),
-                    None => { self.core.shut = true; return }
-                },
-            }
-            if self.core.shut {
-                return;
-            }
-        }
+        let Driver { commands, drops, core, .. } = self;
+        idle_until(commands, drops, core, tokio::time::sleep(delay)).await;
     }
 
     /// Serves one link until it dies; returns why.
@@ -415,13 +446,40 @@ async fn flush(link: &mut Link, out: &mut Vec<Frame>, stall: Duration) -> Result
     }
 }
 
+/// Answers commands offline until `until` resolves, the handles are gone or the
+/// connection is closed.
+async fn idle_until(
+    commands: &mut mpsc::Receiver<Command>,
+    drops: &mut mpsc::UnboundedReceiver<Command>,
+    core: &mut Core,
+    until: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => return,
+            command = drops.recv() => if let Some(command) = command { core.offline(command) },
+            command = commands.recv() => match command {
+                Some(command) => core.offline(command),
+                None => { core.shut = true; return }
+            },
+        }
+        if core.shut {
+            return;
+        }
+    }
+}
+
 /// Establishes a link and performs the handshake.
 async fn connect<C: Connector>(
     connector: &mut C,
     hello: Hello,
     timeout: Duration,
 ) -> Result<(Connected, Welcome), ConnectError> {
-    let mut connected = connector.connect().await?;
+    let mut connected = connector.connect().await.map_err(|error| match StartupError::from_io(error) {
+        Ok(failure) => ConnectError::Startup(failure),
+        Err(error) => ConnectError::Io(error),
+    })?;
     let handshake = async {
         connected.link.tx.send(Frame::Hello(hello)).await.map_err(|e| ConnectError::Handshake(e.to_string()))?;
         match connected.link.rx.next().await {
@@ -476,6 +534,21 @@ impl Core {
                 self.closed = Some(done);
                 self.shut = true;
             }
+            command if self.refusal.is_some() => {
+                let error = self.refusal.clone().unwrap_or(Error::LeaderLost);
+                match command {
+                    Command::Invoke { reply: Some(reply), .. } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Command::Publish { reply, .. } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Command::Subscribe { reply, .. } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    _ => {}
+                }
+            }
             command if !self.ever_connected => self.queued.push(command),
             // The leader was lost: fail fast rather than leave callers waiting.
             Command::Invoke { reply, .. } => {
@@ -490,6 +563,16 @@ impl Core {
                 let _ = reply.send(Err(Error::LeaderLost));
             }
         }
+    }
+
+    /// No hello will be sent for now: every call fails with `error`.
+    fn refuse(&mut self, error: Error, link: LinkState) {
+        self.fail_queued(&error);
+        self.refusal = Some(error);
+        self.status.send_modify(|status| {
+            status.link = link;
+            status.channels.clear();
+        });
     }
 
     fn fail_queued(&mut self, error: &Error) {

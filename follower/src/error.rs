@@ -1,5 +1,7 @@
 //! What can go wrong for a caller.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_protocol::{ErrorKind, RemoteError};
@@ -17,9 +19,19 @@ pub enum Error {
     /// No leader with a ready upstream appeared within the wait.
     #[error("no ready leader within {0:?}")]
     NotReady(Duration),
-    /// The leader or its upstream answered with an error.
-    #[error("the leader answered with an error")]
-    Remote(#[source] RemoteError),
+    /// The leader or its upstream answered with an error. Its message is part
+    /// of this one's, so a single log line says what was wrong.
+    #[error("the leader answered with an error: {0}")]
+    Remote(RemoteError),
+    /// The leader refused this follower's hello (token, protocol version or
+    /// channels). The same hello is not sent again; a different leader may
+    /// accept it (see [`Connector::new_leader`](crate::Connector::new_leader)).
+    #[error("the leader rejected this follower: {0}")]
+    Rejected(RemoteError),
+    /// This process can never reach a leader with its settings (a bad name,
+    /// directory or socket path, or the elected leader cannot serve). Not retried.
+    #[error("cannot start: {0}")]
+    Startup(StartupFailure),
     /// The handle was closed.
     #[error("the client is closed")]
     Closed,
@@ -31,7 +43,7 @@ impl Error {
         match self {
             Error::DeadlineExceeded(_) | Error::LeaderLost | Error::NotReady(_) => true,
             Error::Remote(e) => e.is_retryable(),
-            Error::Closed => false,
+            Error::Closed | Error::Rejected(_) | Error::Startup(_) => false,
         }
     }
 
@@ -44,10 +56,10 @@ impl Error {
         }
     }
 
-    /// The remote error, if the leader sent one.
+    /// The remote error, if the leader sent one (an answer's or a rejection's).
     pub fn remote(&self) -> Option<&RemoteError> {
         match self {
-            Error::Remote(e) => Some(e),
+            Error::Remote(e) | Error::Rejected(e) => Some(e),
             _ => None,
         }
     }
@@ -58,3 +70,129 @@ impl From<RemoteError> for Error {
         Error::Remote(e)
     }
 }
+
+/// Why a process can never reach a leader with its settings. Returned (inside
+/// an `io::Error`, see [`StartupError::into_io`]) by a [`Connector`](crate::Connector);
+/// the driver then stops retrying and fails every call with [`Error::Startup`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// The election name cannot name files in the directory.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The socket path does not fit in a Unix socket address.
+    #[error(
+        "the socket path {path} is {len} bytes, over the {max}-byte limit of Unix socket paths; choose a shorter directory or name"
+    )]
+    SocketPathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+        /// The most a Unix socket path may hold.
+        max: usize,
+    },
+    /// The directory lets other users in.
+    #[error(
+        "refusing to use {dir}: its mode is {mode:04o}, which lets other users in; run `chmod 700 {dir}` (with systemd, set RuntimeDirectoryMode=0700) or choose another directory"
+    )]
+    InsecureDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The directory belongs to another user.
+    #[error("refusing to use {dir}: it belongs to uid {owner}, not to this user (uid {uid}); choose another directory")]
+    ForeignDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective uid.
+        uid: u32,
+    },
+    /// The path is a symbolic link or not a directory.
+    #[error("refusing to use {dir}: it is not a directory (a symbolic link or a file); choose another directory")]
+    NotADirectory {
+        /// The path.
+        dir: PathBuf,
+    },
+    /// The directory (or a file in it) cannot be created or opened.
+    #[error("cannot use {path}")]
+    Io {
+        /// The directory or file.
+        path: PathBuf,
+        /// The system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This process won the election but its leader cannot serve.
+    #[error("this process was elected leader but cannot serve on {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: tandem_leader::Error,
+    },
+}
+
+impl StartupError {
+    /// Wraps the error for [`Connector::connect`](crate::Connector::connect):
+    /// the driver recognizes it and does not retry.
+    pub fn into_io(self) -> std::io::Error {
+        std::io::Error::other(self)
+    }
+
+    /// The startup error inside `error`, if a connector put one there.
+    pub(crate) fn from_io(error: std::io::Error) -> Result<StartupFailure, std::io::Error> {
+        if !error.get_ref().is_some_and(|inner| inner.is::<StartupError>()) {
+            return Err(error);
+        }
+        let kind = error.kind();
+        match error.into_inner().map(|inner| inner.downcast::<StartupError>()) {
+            Some(Ok(startup)) => Ok(StartupFailure(Arc::new(*startup))),
+            Some(Err(other)) => Err(std::io::Error::new(kind, other)),
+            None => Err(std::io::Error::from(kind)),
+        }
+    }
+}
+
+/// A [`StartupError`] that can be cloned into every failed call and the
+/// connection's state.
+#[derive(Debug, Clone)]
+pub struct StartupFailure(pub Arc<StartupError>);
+
+impl StartupFailure {
+    /// The error.
+    pub fn error(&self) -> &StartupError {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for StartupFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The whole chain: this is the one line a user sees before the process exits.
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(&*self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for StartupFailure {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for StartupFailure {}

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use tandem_protocol::{RemoteError, UpstreamState};
 
+use crate::error::StartupFailure;
+
 /// The state of the link to the leader.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -21,6 +23,12 @@ pub enum LinkState {
     },
     /// The leader was lost; reconnecting.
     LeaderLost,
+    /// The leader refused this follower's hello (token, version or channels).
+    /// The same hello is not sent again to that leader; the connector is asked
+    /// to report when a different leader may be there.
+    Rejected(RemoteError),
+    /// No leader can ever be reached with these settings; not retried.
+    Failed(StartupFailure),
     /// Closed by the user.
     Closed,
 }
@@ -45,6 +53,8 @@ impl Status {
             LinkState::Connecting => State::Connecting,
             LinkState::LeaderLost => State::LeaderLost,
             LinkState::Closed => State::Closed,
+            LinkState::Rejected(error) => State::Rejected(error.clone()),
+            LinkState::Failed(failure) => State::Failed(failure.clone()),
             LinkState::Connected { .. } => match self.channels.get(channel) {
                 Some(UpstreamState::Ready) => State::Ready,
                 Some(UpstreamState::Down(error)) => State::UpstreamDown(error.clone()),
@@ -80,6 +90,12 @@ pub enum State {
     LeaderLost,
     /// The leader is there but its upstream is not.
     UpstreamDown(RemoteError),
+    /// The leader refused this follower; calls fail with
+    /// [`Error::Rejected`](crate::Error::Rejected).
+    Rejected(RemoteError),
+    /// No leader can be reached with these settings; calls fail with
+    /// [`Error::Startup`](crate::Error::Startup).
+    Failed(StartupFailure),
     /// Closed by the user.
     Closed,
 }

@@ -24,7 +24,22 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
-/// A spawned process, killed (SIGKILL, by pid) and reaped when dropped.
+/// The bundled registry server binary (`tandem-registry`), built by
+/// `cargo build -p tandem-registry` or `cargo test --workspace`.
+pub fn registry_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = profile_dir.join("tandem-registry");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p tandem-registry` (or run `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A spawned process, stopped and reaped when dropped: SIGTERM (so a master
+/// removes its runtime directory), then SIGKILL by pid after 5 s.
 pub struct Proc {
     pub pid: i32,
     child: Child,
@@ -35,16 +50,34 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(program: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        Proc::spawn_with(program, args, &[], false)
+    }
+
+    /// Spawns with extra environment variables; with `stderr`, stderr lines
+    /// join the stdout lines, prefixed with `stderr: `.
+    pub fn spawn_with(program: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)], stderr: bool) -> Proc {
+        let mut command = Command::new(program);
+        command.args(args).stdout(Stdio::piped()).kill_on_drop(true);
+        command.stderr(if stderr { Stdio::piped() } else { Stdio::inherit() });
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let pid = child.id().expect("pid") as i32;
         let stdout = child.stdout.take().expect("stdout");
         let (tx, lines) = mpsc::unbounded_channel();
+        if let Some(err) = child.stderr.take() {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(err).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    eprintln!("[{pid}] {line}");
+                    if tx.send(format!("stderr: {line}")).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
@@ -54,6 +87,16 @@ impl Proc {
             }
         });
         Proc { pid, child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for the process to exit (at most `within`) and collects every line it wrote.
+    pub async fn finish(&mut self, within: Duration) -> std::process::ExitStatus {
+        let status = self.wait(within).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(line)) = tokio::time::timeout_at(deadline, self.lines.recv()).await {
+            self.seen.push(line);
+        }
+        status
     }
 
     /// Waits (at most `within`) for a line matching `predicate`; returns it.
@@ -75,6 +118,13 @@ impl Proc {
         }
     }
 
+    /// Moves every line already written into `seen`, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     /// Sends a signal.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), signal);
@@ -88,6 +138,20 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // already exited and reaped: the pid may belong to someone else now
+        }
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(10)),
+                // Exited and reaped (or not ours to reap any more).
+                _ => return,
+            }
+        }
         self.signal(nix::sys::signal::Signal::SIGKILL);
         // Reap it so no zombie outlives the test.
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
