@@ -282,9 +282,18 @@ async fn master(
             #[cfg(feature = "redis")]
             ClusterEvent::ClusterReady { workers, .. } if args.redis.is_some() => {
                 println!("{event}");
-                let clients = redis::connections(args.redis.as_deref().unwrap_or_default()).await?;
-                let writers = usize::from(write_every > 0);
-                println!("upstream connections: {} (workers: {})", clients.saturating_sub(writers), workers.len());
+                // Redis may be down now (the Leader rides it out): then say so and go on.
+                match redis::connections(args.redis.as_deref().unwrap_or_default()).await {
+                    Ok(clients) => {
+                        let writers = usize::from(write_every > 0);
+                        println!(
+                            "upstream connections: {} (workers: {})",
+                            clients.saturating_sub(writers),
+                            workers.len()
+                        );
+                    }
+                    Err(error) => println!("upstream connections: unknown ({error}) (workers: {})", workers.len()),
+                }
             }
             ClusterEvent::ClusterReady { workers, .. } => {
                 println!("{event}");
