@@ -15,8 +15,10 @@
 //!   generic and string commands, expiry, eviction). On every (re)connect the
 //!   adapter reads `notify-keyspace-events` and adds what is missing with
 //!   `CONFIG SET` (a restarted Redis forgets it). A server that refuses CONFIG
-//!   (a managed Redis) must have them on already: [`RedisUpstream::connect`]
-//!   and every subscription then fail with the code `redis-notifications`.
+//!   (a managed Redis) must have them on already: the adapter then checks that a
+//!   probe key's SET and DEL (`tandem:probe:<pid>:<nanos>`, gone at once) are
+//!   notified; if not, [`RedisUpstream::connect`] and every subscription fail
+//!   with the code `redis-notifications`, saying what must be on.
 //! - A subscription is acknowledged once Redis confirmed its SUBSCRIBE, with the
 //!   key's current value (absence included); a notification is followed by a read,
 //!   and only a changed value is delivered. After a reconnect every subscribed
@@ -42,7 +44,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use tandem_leader::{CallContext, EventSink, Upstream};
 use tandem_protocol::{ErrorKind, RemoteError, UpstreamState};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -120,28 +122,68 @@ impl RedisUpstream {
     }
 }
 
-/// Turns on the keyspace notifications a subscription needs, if they are off.
-async fn enable_notifications(commands: &mut ConnectionManager) -> Result<(), RemoteError> {
-    let refused = |error: redis::RedisError| match remote_error(error) {
-        error if error.kind == ErrorKind::Unavailable => error,
-        error => RemoteError::upstream(format!(
-            "Redis refused CONFIG ({error}); keyspace notifications must be on: \
-             notify-keyspace-events must include {NOTIFY} (for example `notify-keyspace-events KA`)"
-        ))
-        .with_code("redis-notifications"),
-    };
+/// Makes sure keyspace notifications are on: adds what is missing with CONFIG
+/// SET or, where CONFIG is refused (a managed Redis), checks that a probe key's
+/// SET and DEL are notified on `stream` (a fresh connection, subscribed to nothing else).
+async fn ensure_notifications(
+    commands: &mut ConnectionManager,
+    sink: &mut PubSubSink,
+    stream: &mut PubSubStream,
+    prefix: &str,
+) -> Result<(), RemoteError> {
     let get = redis::cmd("CONFIG").arg("GET").arg("notify-keyspace-events").to_owned();
-    let config: HashMap<String, String> = get.query_async(commands).await.map_err(refused)?;
-    let current = config.get("notify-keyspace-events").cloned().unwrap_or_default();
-    let have = current.replace('A', "g$lshzxetd");
-    let missing: String = NOTIFY.chars().filter(|c| !have.contains(*c)).collect();
-    if !missing.is_empty() {
-        let set =
-            redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg(format!("{current}{missing}")).to_owned();
-        set.query_async::<()>(commands).await.map_err(refused)?;
-        tracing::info!(before = %current, added = %missing, "Redis keyspace notifications turned on");
+    let refusal = match get.query_async::<HashMap<String, String>>(commands).await {
+        Ok(config) => {
+            let current = config.get("notify-keyspace-events").cloned().unwrap_or_default();
+            let have = current.replace('A', "g$lshzxetd");
+            let missing: String = NOTIFY.chars().filter(|c| !have.contains(*c)).collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let set = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("notify-keyspace-events")
+                .arg(format!("{current}{missing}"))
+                .to_owned();
+            match set.query_async::<()>(commands).await {
+                Ok(()) => {
+                    tracing::info!(before = %current, added = %missing, "keyspace notifications turned on");
+                    return Ok(());
+                }
+                Err(error) => remote_error(error),
+            }
+        }
+        Err(error) => remote_error(error),
+    };
+    if refusal.kind == ErrorKind::Unavailable {
+        return Err(refusal);
     }
-    Ok(())
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let key = format!("tandem:probe:{}:{nanos}", std::process::id());
+    within(sink.subscribe(format!("{prefix}{key}"))).await?;
+    let probe = redis::pipe().cmd("SET").arg(&key).arg(1).arg("PX").arg(60_000).cmd("DEL").arg(&key).to_owned();
+    probe.query_async::<()>(commands).await.map_err(remote_error)?;
+    // The events: `set` (and `expire`, for the PX), then `del`.
+    let (mut set, mut del) = (false, false);
+    let _ = tokio::time::timeout(TIMEOUT, async {
+        while let Some(message) = stream.next().await {
+            set |= message.get_payload_bytes() == b"set";
+            del = message.get_payload_bytes() == b"del";
+            if del {
+                break;
+            }
+        }
+    })
+    .await;
+    within(sink.unsubscribe(format!("{prefix}{key}"))).await?;
+    if set && del {
+        return Ok(());
+    }
+    Err(RemoteError::upstream(format!(
+        "keyspace notifications are off and Redis refused to turn them on ({refusal}): \
+         notify-keyspace-events must include {NOTIFY} (for example `notify-keyspace-events KA`)"
+    ))
+    .with_code("redis-notifications"))
 }
 
 /// Reads `dirty` (those still subscribed) in one MGET; delivers the values that changed.
@@ -178,8 +220,8 @@ async fn follow(
     loop {
         let all: Vec<String> = keys.keys().cloned().collect();
         let connected = async {
-            enable_notifications(&mut commands).await?;
-            let (mut sink, stream) = within(client.get_async_pubsub()).await?.split();
+            let (mut sink, mut stream) = within(client.get_async_pubsub()).await?.split();
+            ensure_notifications(&mut commands, &mut sink, &mut stream, &prefix).await?;
             if !all.is_empty() {
                 within(sink.subscribe(all.iter().map(|key| format!("{prefix}{key}")).collect::<Vec<_>>())).await?;
             }
