@@ -116,6 +116,10 @@ fn main() -> anyhow::Result<()> {
              cargo run --features redis --example config_center -- --redis redis://HOST:PORT ..."
         );
     }
+    #[cfg(feature = "redis")]
+    if let Some(url) = &args.redis {
+        tandem::redis_upstream::redis::Client::open(url.as_str()).with_context(|| format!("--redis {url}"))?;
+    }
     // Code before the builder runs in every process: only the master binds the
     // embedded registry; the children inherit its address.
     let mut embedded = None;
