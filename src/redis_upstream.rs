@@ -232,8 +232,8 @@ async fn follow(
             Ok(connection) => connection,
             Err(error) => {
                 match failures {
-                    0 => tracing::warn!(%error, "cannot reach Redis; reconnecting with backoff"),
-                    _ => tracing::debug!(%error, failures, "Redis still unreachable"),
+                    0 => tracing::warn!(%error, "Redis cannot serve subscriptions; retrying with backoff"),
+                    _ => tracing::debug!(%error, failures, "Redis still cannot serve subscriptions"),
                 }
                 failures += 1;
                 health.send_replace(UpstreamState::Down(error.clone()));
@@ -313,6 +313,7 @@ async fn subscribe(
     let result = deliver(commands, keys, vec![key.clone()]).await;
     if result.is_err() {
         keys.remove(&key);
+        let _ = within(sink.unsubscribe(format!("{prefix}{key}"))).await;
     }
     result
 }
