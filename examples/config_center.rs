@@ -16,6 +16,13 @@
 //! etcdctl --endpoints http://127.0.0.1:2379 put K hello     # all 4 workers print value=hello
 //! ```
 //!
+//! Against Redis (built with the `redis` feature; see the README's "Against Redis"):
+//!
+//! ```text
+//! cargo run --features redis --example config_center -- --redis redis://127.0.0.1:6379 --workers 4 --subscribe K
+//! redis-cli -p 6379 set K hello                                # all 4 workers print value=hello
+//! ```
+//!
 //! `--etcd ENDPOINTS` (comma-separated) gives the agent's Leader an etcd client
 //! instead of the registry's; the demo then only subscribes unless
 //! `--write-every MS` is given (the master then writes through its own etcd
@@ -39,7 +46,8 @@
 //!   (`upstream connections: unknown (<why>) ...` while the registry is unreachable: the
 //!   cluster starts anyway, and values flow once it is up);
 //!   with `--etcd`, the ESTABLISHED TCP connections from the agent and the
-//!   workers to the etcd endpoints, read from /proc (the master's writer is not counted)
+//!   workers to the etcd endpoints, read from /proc (the master's writer is not counted);
+//!   with `--redis`, the clients in Redis's `CLIENT LIST` but the one asking (and the writer)
 //! - with `--register`: `registered: worker=<id> pid=<pid> service=<service> epoch=<leader epoch>`
 //! - each value a worker receives: `worker=<id> pid=<pid> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
 //!   (`source=cache`: the agent's last-known-good value, served while the registry is unreachable)
@@ -91,6 +99,10 @@ struct Args {
     /// registry. Needs the `etcd` feature.
     #[arg(long, value_name = "ENDPOINTS", conflicts_with = "registry")]
     etcd: Option<String>,
+    /// A Redis URL (`redis://HOST:PORT`): the Leader uses Redis instead of the
+    /// registry. Needs the `redis` feature.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["registry", "etcd"])]
+    redis: Option<String>,
     /// With `--etcd`: each worker registers itself as an instance of SERVICE
     /// through the Leader (again under each new Leader).
     #[arg(long, value_name = "SERVICE", requires = "etcd")]
@@ -122,27 +134,37 @@ fn main() -> anyhow::Result<()> {
              cargo run --features etcd --example config_center -- --etcd ENDPOINTS ..."
         );
     }
+    if args.redis.is_some() && !cfg!(feature = "redis") {
+        anyhow::bail!(
+            "--redis needs the Redis adapter, which this build lacks: \
+             cargo run --features redis --example config_center -- --redis redis://HOST:PORT ..."
+        );
+    }
+    #[cfg(feature = "redis")]
+    if let Some(url) = &args.redis {
+        tandem::redis_upstream::redis::Client::open(url.as_str()).with_context(|| format!("--redis {url}"))?;
+    }
     // Code before the builder runs in every process: only the master binds the
     // embedded registry; the children inherit its address.
     let mut embedded = None;
-    if args.registry.is_none() && args.etcd.is_none() && Role::of_this_process() == Role::Master {
+    let embedded_registry = args.registry.is_none() && args.etcd.is_none() && args.redis.is_none();
+    if embedded_registry && Role::of_this_process() == Role::Master {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
         listener.set_nonblocking(true)?;
         // SAFETY (of the API): set_var before any thread exists; the runtime starts below.
         unsafe { std::env::set_var(REGISTRY_ENV, listener.local_addr()?.to_string()) };
         embedded = Some(listener);
     }
-    let registry = match (&args.registry, &args.etcd) {
-        (Some(addr), _) => addr.clone(),
-        // Unused: the Leader talks to etcd.
-        (None, Some(_)) => String::new(),
-        (None, None) => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
+    let registry = match &args.registry {
+        Some(addr) => addr.clone(),
+        // Unused: the Leader talks to etcd or Redis.
+        None if !embedded_registry => String::new(),
+        None => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
     };
     if let (Some(dir), Role::Master) = (&args.cache_dir, Role::of_this_process()) {
         // Fail here, once, rather than in every agent start.
         tandem::leader::Cache::open(dir).with_context(|| format!("--cache-dir {}", dir.display()))?;
     }
-    let embedded_registry = args.registry.is_none() && args.etcd.is_none();
     let write_every = args.write_every.unwrap_or(if embedded_registry { 1000 } else { 0 });
 
     let mut builder = tandem::cluster::Cluster::builder("config_center");
@@ -156,12 +178,15 @@ fn main() -> anyhow::Result<()> {
     }
     let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
     let cache_dir = args.cache_dir.clone();
+    let agent_redis = args.redis.clone();
     builder
         .agent(move |ctx| async move {
             let builder = agent_leader(cache_dir.as_deref())?;
-            let leader = match agent_etcd {
+            let leader = match (agent_etcd, agent_redis) {
                 #[cfg(feature = "etcd")]
-                Some(endpoints) => etcd::leader(&endpoints, builder).await?,
+                (Some(endpoints), _) => etcd::leader(&endpoints, builder).await?,
+                #[cfg(feature = "redis")]
+                (_, Some(url)) => redis::leader(&url, builder).await?,
                 _ => {
                     // ONE registry connection for both channels, built when the
                     // registry answers: the Leader starts without it and retries.
@@ -281,7 +306,11 @@ async fn master(
     if let (Some(endpoints), true) = (&args.etcd, write_every > 0) {
         etcd::spawn_writer(endpoints, args.keys[0].clone(), write_every).await?;
     }
-    if write_every > 0 && args.etcd.is_none() {
+    #[cfg(feature = "redis")]
+    if let (Some(url), true) = (&args.redis, write_every > 0) {
+        redis::spawn_writer(url, args.keys[0].clone(), write_every)?;
+    }
+    if write_every > 0 && args.etcd.is_none() && args.redis.is_none() {
         // The writer's own connection: a stand-in for whoever changes the config.
         let writer = tandem::registry::Client::connect(registry.as_str()).await?;
         let key = args.keys[0].clone();
@@ -325,6 +354,22 @@ async fn master(
                 let pids: Vec<u32> = std::iter::once(*agent).chain(workers.iter().copied()).collect();
                 let connections = etcd::connections(endpoints, &pids)?;
                 println!("upstream connections: {connections} (workers: {})", workers.len());
+            }
+            #[cfg(feature = "redis")]
+            ClusterEvent::ClusterReady { workers, .. } if args.redis.is_some() => {
+                println!("{event}");
+                // Redis may be down now (the Leader rides it out): then say so and go on.
+                match redis::connections(args.redis.as_deref().unwrap_or_default()).await {
+                    Ok(clients) => {
+                        let writers = usize::from(write_every > 0);
+                        println!(
+                            "upstream connections: {} (workers: {})",
+                            clients.saturating_sub(writers),
+                            workers.len()
+                        );
+                    }
+                    Err(error) => println!("upstream connections: unknown ({error}) (workers: {})", workers.len()),
+                }
             }
             ClusterEvent::ClusterReady { workers, .. } => {
                 println!("{event}");
@@ -414,5 +459,49 @@ mod etcd {
             }
         });
         presence
+    }
+}
+
+/// The demo's Redis side (`--redis`): the agent's upstream, the master's writer
+/// and the connection count.
+#[cfg(feature = "redis")]
+mod redis {
+    use std::time::Duration;
+
+    use tandem::leader::LeaderBuilder;
+    use tandem::redis_upstream::RedisUpstream;
+    use tandem::redis_upstream::redis::{self, aio::ConnectionManager};
+    use tandem::registry_upstream::ConfigApi;
+
+    /// The config channel served by Redis (two connections: commands and pub/sub).
+    pub async fn leader(url: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
+        let upstream = RedisUpstream::connect(url).await?;
+        Ok(builder.channel::<ConfigApi, _>(async move { Ok(upstream) }))
+    }
+
+    /// Sets `key` to `v1`, `v2`, ... every `every_ms`, through the master's own
+    /// connection; keeps going through outages.
+    pub fn spawn_writer(url: &str, key: String, every_ms: u64) -> Result<(), tandem::cluster::BoxError> {
+        let writer = ConnectionManager::new_lazy_with_config(redis::Client::open(url)?, Default::default())?;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+            for n in 1u64.. {
+                tick.tick().await;
+                let set = redis::cmd("SET").arg(&key).arg(format!("v{n}")).to_owned();
+                if let Err(error) = set.query_async::<()>(&mut writer.clone()).await {
+                    tracing::warn!(%error, "write failed");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// The clients Redis lists in `CLIENT LIST`, but the short-lived one asking.
+    pub async fn connections(url: &str) -> Result<usize, tandem::cluster::BoxError> {
+        let mut asking = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+        let own: u64 = redis::cmd("CLIENT").arg("ID").query_async(&mut asking).await?;
+        let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut asking).await?;
+        let own = format!("id={own}");
+        Ok(list.lines().filter(|line| line.split_whitespace().next() != Some(own.as_str())).count())
     }
 }

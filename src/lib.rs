@@ -22,6 +22,8 @@ pub mod cluster_glue;
 #[cfg(feature = "etcd")]
 pub mod etcd_upstream;
 mod follow_tasks;
+#[cfg(feature = "redis")]
+pub mod redis_upstream;
 pub mod registry_upstream;
 
 pub use tandem_cluster as cluster;
