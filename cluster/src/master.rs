@@ -25,6 +25,7 @@ use tracing::Instrument;
 use crate::backoff::Restart;
 use crate::builder::MasterFn;
 use crate::events::Events;
+use crate::listeners::BoundListeners;
 use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
 use crate::master_context::MasterContext;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
@@ -83,6 +84,8 @@ pub(crate) struct Master {
     dir: RuntimeDir,
     token: String,
     program: Program,
+    /// The listening sockets, bound before any child starts, kept open until exit.
+    pub(crate) listeners: Arc<BoundListeners>,
     pub(crate) agent: Slot,
     pub(crate) workers: Vec<Slot>,
     /// The last epoch handed to an agent.
@@ -116,6 +119,7 @@ impl std::fmt::Debug for Master {
 impl Master {
     fn new(name: String, config: Config) -> Result<Self, Error> {
         let pid = std::process::id();
+        let listeners = Arc::new(BoundListeners::bind(&config.listeners, config.worker_count())?);
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
         let exe = std::env::current_exe().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
@@ -142,6 +146,7 @@ impl Master {
             dir,
             token,
             program,
+            listeners,
             workers,
             epoch: 0,
             agent_info: None,
@@ -304,6 +309,15 @@ impl Master {
         };
         self.tasks.spawn(write_to_child(wr, control_rx, data_rx).instrument(span.clone()));
         self.tasks.spawn(read_from_child(rd, key, self.input_tx.clone()).instrument(span.clone()));
+        let listeners = match slot {
+            SlotId::Worker(id) if !self.listeners.is_empty() => {
+                let count = self.listeners.for_worker(id).len();
+                let task = send_listeners(Arc::clone(&self.listeners), id, spawned.fd_channel);
+                self.tasks.spawn(task.instrument(span.clone()));
+                count
+            }
+            _ => 0,
+        };
         self.tasks.spawn(wait_for_child(spawned.child, kill_rx, key, self.input_tx.clone()).instrument(span));
 
         let init = Init {
@@ -321,6 +335,7 @@ impl Master {
             cluster_ready: self.announced,
             link_capacity: u32::try_from(self.config.link_window()).unwrap_or(u32::MAX),
             subscription_capacity: u32::try_from(self.config.subscription_capacity).unwrap_or(u32::MAX),
+            listeners: u32::try_from(listeners).unwrap_or(u32::MAX),
         };
         let proc = Proc::new(key, pid, control_tx, data_tx, epoch, kill_tx);
         proc.control(ToChild::Init(init));
@@ -745,6 +760,25 @@ pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) ->
     }
     .instrument(span)
     .await
+}
+
+/// Hands worker `id` its listening sockets over its descriptor channel. A
+/// failure means the child is gone or broken; it then fails to start (it waits
+/// for these sockets), which the supervisor reports and handles.
+async fn send_listeners(listeners: Arc<BoundListeners>, id: WorkerId, fd_channel: std::os::fd::OwnedFd) {
+    let channel = match crate::fdpass::FdChannel::new(fd_channel) {
+        Ok(channel) => channel,
+        Err(e) => {
+            tracing::error!(error = %e, "could not set up the descriptor channel");
+            return;
+        }
+    };
+    for (header, fd) in listeners.for_worker(id) {
+        if let Err(e) = channel.send(&header, Some(fd)).await {
+            tracing::error!(error = %e, header, "could not pass a listening socket to the worker");
+            return;
+        }
+    }
 }
 
 /// Writes queued messages to one child: control first, then data, in batches.
