@@ -25,6 +25,7 @@ use tracing::Instrument;
 use crate::backoff::Restart;
 use crate::builder::MasterFn;
 use crate::events::Events;
+use crate::reload::{ClusterControl, ControlCall};
 use crate::listeners::BoundListeners;
 use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
 use crate::master_context::MasterContext;
@@ -53,6 +54,8 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 const EOF_KILL_AFTER: Duration = Duration::from_secs(2);
 /// How often expired requests are pruned.
 const PRUNE_EVERY: Duration = Duration::from_millis(500);
+/// How often the master samples its children's RSS against their memory limits.
+const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Frames written to a child per flush.
 const WRITE_BATCH: usize = 64;
 
@@ -72,6 +75,10 @@ pub(crate) enum Timer {
     StartDeadline(ProcKey),
     Restart { slot: SlotId, id: u64 },
     StopDeadline(u64),
+    /// A replaced worker's grace period is over.
+    DrainDeadline(ProcKey),
+    /// The agent stopped for its memory limit did not exit in time.
+    AgentMemoryKill(ProcKey),
     ReapDeadline(u64),
     EofKill(ProcKey),
 }
@@ -93,7 +100,14 @@ pub(crate) struct Master {
     pub(crate) agent_info: Option<AgentInfo>,
     next_generation: u64,
     workers_started: bool,
-    announced: bool,
+    pub(crate) announced: bool,
+    /// The replacement run (reload or memory limit) in progress.
+    pub(crate) replacing: Option<crate::reload::Run>,
+    pub(crate) memory_holds: crate::reload::MemoryHolds,
+    /// The agent was asked to stop for exceeding its memory limit.
+    pub(crate) agent_memory_stop: bool,
+    control_tx: mpsc::Sender<ControlCall>,
+    control_rx: mpsc::Receiver<ControlCall>,
     pub(crate) stopping: Option<Stopping>,
     next_deadline: u64,
     pub(crate) router: Router,
@@ -131,6 +145,7 @@ impl Master {
         let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
         let (local_tx, local_rx) = mpsc::channel(LOCAL_CAPACITY);
         let (events, events_rx) = broadcast::channel(EVENTS_CAPACITY);
+        let (control_tx, control_rx) = mpsc::channel(crate::reload::CONTROL_CALLS_CAPACITY);
         let port = Arc::new(Port {
             me: Sender::Master { pid },
             inbox: Inbox::new(config.subscription_capacity),
@@ -153,6 +168,11 @@ impl Master {
             next_generation: 1,
             workers_started: false,
             announced: false,
+            replacing: None,
+            memory_holds: Default::default(),
+            agent_memory_stop: false,
+            control_tx,
+            control_rx,
             stopping: None,
             next_deadline: 0,
             router: Router::default(),
@@ -180,6 +200,8 @@ impl Master {
         }
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut memory = tokio::time::interval(MEMORY_SAMPLE_EVERY);
+        memory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !matches!(self.stopping, Some(Stopping { stage: Stage::Done, .. })) {
             tokio::select! {
                 Some(input) = self.input_rx.recv() => self.on_input(input),
@@ -187,7 +209,12 @@ impl Master {
                 signal = signals.recv() => match signal {
                     MasterSignal::Stop => self.begin_stop(),
                     MasterSignal::Status => eprint!("{}", self.status_table()),
+                    MasterSignal::Reload => self.request_reload(None),
                 },
+                Some(call) = self.control_rx.recv() => self.on_control(call),
+                _ = memory.tick(), if self.config.worker_max_memory.is_some() || self.config.agent_max_memory.is_some() => {
+                    self.check_memory()
+                }
                 _ = self.shutdown_requested.cancelled(), if self.stopping.is_none() => self.begin_stop(),
                 _ = prune.tick() => self.prune_requests(),
             }
@@ -224,6 +251,8 @@ impl Master {
             self.events.subscribe(),
             self.shutdown_requested.clone(),
             self.stopping_token.clone(),
+            self.control(),
+            self.listeners.infos(),
         );
         let input = self.input_tx.clone();
         self.tasks.spawn(
@@ -245,7 +274,7 @@ impl Master {
         let _ = self.events.send(event);
     }
 
-    fn after(&self, delay: Duration, timer: Timer) {
+    pub(crate) fn after(&self, delay: Duration, timer: Timer) {
         let tx = self.input_tx.clone();
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
@@ -270,16 +299,34 @@ impl Master {
         }
     }
 
-    /// The live process named by `key`.
+    /// The live process named by `key` (the slot's, or its predecessor still draining).
     pub(crate) fn proc(&self, key: ProcKey) -> Option<&Proc> {
-        self.slot(key.slot)?.proc.as_ref().filter(|p| p.key == key)
+        let slot = self.slot(key.slot)?;
+        slot.proc.iter().chain(slot.previous.iter()).find(|p| p.key == key)
+    }
+
+    /// A handle to ask this master for a reload.
+    pub(crate) fn control(&self) -> ClusterControl {
+        ClusterControl::new(self.control_tx.clone())
     }
 
     // ---- spawning ----------------------------------------------------------
 
-    /// Spawns a process for `slot`. A spawn error is returned (and, except for
-    /// the very first agent, handled as a failed start by the caller).
+    /// Spawns a process for `slot`. A spawn error is returned for the very
+    /// first agent; later ones are handled as a failed start (restart with backoff).
     fn start(&mut self, slot: SlotId) -> std::io::Result<()> {
+        let first = self.next_generation == 1;
+        match self.launch(slot) {
+            Err(e) if !first => {
+                self.spawn_failed(slot, &e);
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
+    /// Spawns a process into `slot` (replacing `slot.proc`); a spawn error is returned.
+    pub(crate) fn launch(&mut self, slot: SlotId) -> std::io::Result<()> {
         let generation = self.next_generation;
         self.next_generation += 1;
         let key = ProcKey { slot, generation };
@@ -290,14 +337,7 @@ impl Master {
             }
             SlotId::Worker(_) => 0,
         };
-        let spawned = match self.program.spawn(slot.role(), slot.worker_id()) {
-            Ok(spawned) => spawned,
-            Err(e) if generation == 1 => return Err(e),
-            Err(e) => {
-                self.spawn_failed(slot, &e);
-                return Ok(());
-            }
-        };
+        let spawned = self.program.spawn(slot.role(), slot.worker_id())?;
         let pid = spawned.pid;
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (data_tx, data_rx) = mpsc::channel(self.config.queue_capacity.max(1));
@@ -361,7 +401,7 @@ impl Master {
         self.schedule_restart(slot);
     }
 
-    fn schedule_restart(&mut self, slot: SlotId) {
+    pub(crate) fn schedule_restart(&mut self, slot: SlotId) {
         let Some(s) = self.slot_mut(slot) else { return };
         let (decision, id) = s.died();
         match decision {
@@ -484,7 +524,8 @@ impl Master {
             (SlotId::Worker(id), Ready::Worker) => {
                 slot.state = ProcessState::Ready;
                 slot.backoff.ready();
-                let restarted = std::mem::replace(&mut slot.ever_ready, true);
+                let replacing = slot.previous.is_some();
+                let restarted = std::mem::replace(&mut slot.ever_ready, true) && !replacing;
                 let Some(proc) = slot.proc.as_ref() else { return };
                 let pid = proc.pid;
                 if announced {
@@ -494,6 +535,7 @@ impl Master {
                 if restarted {
                     self.emit(ClusterEvent::WorkerRestarted { id, pid });
                 }
+                self.replacement_ready(key);
                 self.check_cluster_ready();
             }
             (slot, _) => tracing::warn!(%slot, "a readiness report of the wrong role; ignored"),
@@ -528,6 +570,12 @@ impl Master {
     }
 
     fn on_exit(&mut self, key: ProcKey, status: Option<ExitStatus>) {
+        if self.replacement_exited(key, status.as_ref().map_or(ExitReason::Unknown, ExitReason::from_status)) {
+            return;
+        }
+        if key.slot == SlotId::Agent {
+            self.agent_memory_stop = false;
+        }
         let Some(slot) = self.slot_mut(key.slot) else { return };
         let was_starting = slot.state == ProcessState::Starting;
         let Some(proc) = slot.take_proc(key) else { return };
@@ -614,12 +662,19 @@ impl Master {
                 };
                 for slot in slots {
                     if let Some(s) = self.slot_mut(slot)
-                        && s.proc.take().is_some()
+                        && (s.proc.take().is_some() | s.previous.take().is_some())
                     {
                         s.state = ProcessState::Stopped;
                     }
                 }
                 self.advance_stop();
+            }
+            Timer::DrainDeadline(key) => self.drain_deadline(key),
+            Timer::AgentMemoryKill(key) => {
+                if let Some(agent) = self.agent.proc_mut(key) {
+                    tracing::warn!(pid = agent.pid, "agent stopped for its memory limit did not exit in time; SIGKILL");
+                    agent.kill();
+                }
             }
             Timer::EofKill(key) => {
                 if let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) {
@@ -647,16 +702,21 @@ impl Master {
         tracing::info!("stopping: workers first, then the agent");
         self.emit(ClusterEvent::ShutdownStarted { forced: false });
         self.stopping_token.cancel();
+        self.abort_run();
         self.next_deadline += 1;
         self.stopping = Some(Stopping { stage: Stage::Workers, forced: false, deadline_id: self.next_deadline });
         let grace = self.config.worker_stop_timeout;
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         for w in &mut self.workers {
+            if let Some(p) = &w.previous {
+                p.control(ToChild::Stop { grace_ms });
+            }
             match &w.proc {
                 Some(p) => {
                     p.control(ToChild::Stop { grace_ms });
                     w.state = ProcessState::Stopping;
                 }
+                None if w.previous.is_some() => w.state = ProcessState::Stopping,
                 None => w.state = ProcessState::Stopped,
             }
         }
@@ -667,12 +727,12 @@ impl Master {
         self.advance_stop();
     }
 
-    fn advance_stop(&mut self) {
+    pub(crate) fn advance_stop(&mut self) {
         loop {
             let Some(stopping) = self.stopping else { return };
             match stopping.stage {
                 Stage::Workers => {
-                    if self.workers.iter().any(|w| w.proc.is_some()) {
+                    if self.workers.iter().any(|w| w.proc.is_some() || w.previous.is_some()) {
                         return;
                     }
                     self.next_deadline += 1;
@@ -708,7 +768,7 @@ impl Master {
             Stage::Done => vec![],
         };
         for slot in slots {
-            if let Some(p) = slot.proc.as_mut() {
+            for p in slot.proc.iter_mut().chain(slot.previous.iter_mut()) {
                 tracing::warn!(pid = p.pid, slot = %slot.id, "SIGKILL");
                 p.kill();
             }
@@ -739,7 +799,7 @@ impl Drop for Master {
         // Normally all children have exited; if `serve` failed early, do not
         // leave any behind.
         for slot in std::iter::once(&mut self.agent).chain(self.workers.iter_mut()) {
-            if let Some(p) = slot.proc.as_mut() {
+            for p in slot.proc.iter_mut().chain(slot.previous.iter_mut()) {
                 p.kill();
             }
         }
