@@ -288,6 +288,7 @@ fn bind_unix(path: &Path, mode: ShareMode) -> io::Result<BindResult> {
 
 /// A listening socket handed to a worker, ready for `axum::serve` or hyper.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Listener {
     /// A TCP listener.
     Tcp(tokio::net::TcpListener),
