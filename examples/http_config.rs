@@ -125,7 +125,8 @@ fn main() -> anyhow::Result<()> {
     builder
         .agent(move |ctx| async move {
             let upstream = RegistryUpstream::connect(agent_registry).await?;
-            let leader = start_leader(&ctx, Leader::builder().channel::<ConfigApi, _>(async move { Ok(upstream) })).await?;
+            let leader =
+                start_leader(&ctx, Leader::builder().channel::<ConfigApi, _>(async move { Ok(upstream) })).await?;
             ctx.stopped().await;
             leader.shutdown().await;
             Ok(())
@@ -172,10 +173,9 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
     }
     let app = App { cache, client: Some(client), pid: HeaderValue::from(std::process::id()) };
     let router = routes(app, args.debug_endpoints);
-    let shutdown = ctx.shutdown_signal();
     let server = match listener {
-        Listener::Tcp(l) => tokio::spawn(async move { axum::serve(l, router).with_graceful_shutdown(shutdown).await }),
-        Listener::Unix(l) => tokio::spawn(async move { axum::serve(l, router).with_graceful_shutdown(shutdown).await }),
+        Listener::Tcp(l) => serve(l, router, &ctx).await,
+        Listener::Unix(l) => serve(l, router, &ctx).await,
         other => return Err(format!("unsupported listener {other:?}").into()),
     };
     ctx.ready().await?;
@@ -183,6 +183,119 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
     server.await??;
     connection.close().await;
     Ok(())
+}
+
+/// A listener that stops accepting as soon as the worker is asked to stop,
+/// and counts the connections it accepted that are still open.
+struct StopAccepting<L> {
+    inner: L,
+    stop: tokio_util::sync::CancellationToken,
+    open: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl<L: axum::serve::Listener> axum::serve::Listener for StopAccepting<L>
+where
+    L::Io: Unpin,
+{
+    type Io = Counted<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => std::future::pending().await,
+            (io, addr) = self.inner.accept() => {
+                self.open.send_modify(|n| *n += 1);
+                (Counted { inner: io, open: Arc::clone(&self.open) }, addr)
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection counted in its listener's open connections until dropped.
+struct Counted<T> {
+    inner: T,
+    open: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        self.open.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// How long a stopping worker lets open connections finish on their own
+/// (clients that open a connection per request close it after the answer)
+/// before hyper's graceful shutdown closes the idle keep-alive ones.
+const DRAIN_SETTLE: Duration = Duration::from_secs(1);
+
+/// Serves `router` on `listener` until the worker is asked to stop: then stops
+/// accepting at once, lets open connections finish (at most `DRAIN_SETTLE`),
+/// and shuts the rest down gracefully (in-flight requests are answered).
+async fn serve<L>(listener: L, router: Router, ctx: &WorkerContext) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener,
+    L::Io: Unpin,
+    L::Addr: std::fmt::Debug,
+{
+    let stop = ctx.stop_token();
+    let (open, mut open_rx) = tokio::sync::watch::channel(0usize);
+    let listener = StopAccepting { inner: listener, stop: stop.clone(), open: Arc::new(open) };
+    let drained = async move {
+        stop.cancelled().await;
+        let _ = tokio::time::timeout(DRAIN_SETTLE, open_rx.wait_for(|n| *n == 0)).await;
+    };
+    tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(drained).await })
 }
 
 fn routes(app: App, debug: bool) -> Router {

@@ -12,8 +12,8 @@ use futures::future::BoxFuture;
 
 use crate::child::{self, ChildEnv};
 use crate::{
-    AgentContext, AgentReady, BoxError, Config, Error, ListenAddr, ListenerSpec, MasterContext, RestartPolicy, ShareMode,
-    WorkerContext,
+    AgentContext, AgentReady, BoxError, Config, Error, ListenAddr, ListenerSpec, MasterContext, RestartPolicy,
+    ShareMode, WorkerContext,
 };
 
 pub(crate) type AgentFn = Box<dyn FnOnce(AgentContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;

@@ -185,7 +185,8 @@ impl BoundListeners {
                     source: io::Error::new(io::ErrorKind::InvalidInput, "a listener of this name is already declared"),
                 });
             }
-            let fail = |source: io::Error| Error::Listen { name: spec.name.clone(), addr: spec.addr.to_string(), source };
+            let fail =
+                |source: io::Error| Error::Listen { name: spec.name.clone(), addr: spec.addr.to_string(), source };
             let bound = match &spec.addr {
                 ListenAddr::Tcp(addr) => bind_tcp(addr, spec.mode, workers.max(1)).map_err(fail)?,
                 ListenAddr::Unix(path) => bind_unix(path, spec.mode).map_err(fail)?,

@@ -25,11 +25,11 @@ use tracing::Instrument;
 use crate::backoff::Restart;
 use crate::builder::MasterFn;
 use crate::events::Events;
-use crate::reload::{ClusterControl, ControlCall};
-use crate::listeners::BoundListeners;
 use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
+use crate::listeners::BoundListeners;
 use crate::master_context::MasterContext;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
+use crate::reload::{ClusterControl, ControlCall};
 use crate::router::Router;
 use crate::runtime_dir::{RuntimeDir, new_token};
 use crate::shutdown::{MasterSignal, MasterSignals, Stage, Stopping};
@@ -73,7 +73,10 @@ pub(crate) enum Input {
 #[derive(Debug)]
 pub(crate) enum Timer {
     StartDeadline(ProcKey),
-    Restart { slot: SlotId, id: u64 },
+    Restart {
+        slot: SlotId,
+        id: u64,
+    },
     StopDeadline(u64),
     /// A replaced worker's grace period is over.
     DrainDeadline(ProcKey),

@@ -7,7 +7,9 @@ use std::sync::{Mutex, PoisonError};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ClusterControl, ClusterEvent, Error, Events, ListenerInfo, Messenger, ReloadError, ReloadReport, StatusTable};
+use crate::{
+    ClusterControl, ClusterEvent, Error, Events, ListenerInfo, Messenger, ReloadError, ReloadReport, StatusTable,
+};
 
 /// The master's view of the cluster, given to the function set with
 /// [`Builder::master`](crate::Builder::master). It runs alongside the

@@ -458,11 +458,22 @@ impl Master {
             && let Some(rss) = rss_bytes(agent.pid)
             && rss > limit
         {
-            tracing::warn!(pid = agent.pid, rss, limit, "agent over its memory limit; stopping it (it will be restarted)");
+            tracing::warn!(
+                pid = agent.pid,
+                rss,
+                limit,
+                "agent over its memory limit; stopping it (it will be restarted)"
+            );
             let grace = self.config.agent_stop_timeout;
             agent.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
             self.agent_memory_stop = true;
-            self.emit(ClusterEvent::MemoryLimit { role: crate::Role::Agent, worker_id: None, pid: agent.pid, rss, limit });
+            self.emit(ClusterEvent::MemoryLimit {
+                role: crate::Role::Agent,
+                worker_id: None,
+                pid: agent.pid,
+                rss,
+                limit,
+            });
             self.after(grace, Timer::AgentMemoryKill(agent.key));
         }
         let Some(limit) = self.config.worker_max_memory else { return };
@@ -494,9 +505,22 @@ impl Master {
                     Restart::After { delay, .. } => delay,
                     Restart::Failed { retry_after, .. } => retry_after,
                 };
-                self.emit(ClusterEvent::MemoryLimit { role: crate::Role::Worker, worker_id: Some(id), pid, rss, limit });
+                self.emit(ClusterEvent::MemoryLimit {
+                    role: crate::Role::Worker,
+                    worker_id: Some(id),
+                    pid,
+                    rss,
+                    limit,
+                });
                 if !delay.is_zero() {
-                    tracing::warn!(worker.id = id, pid, rss, limit, ?delay, "over the memory limit again soon after start; replacing after a backoff delay");
+                    tracing::warn!(
+                        worker.id = id,
+                        pid,
+                        rss,
+                        limit,
+                        ?delay,
+                        "over the memory limit again soon after start; replacing after a backoff delay"
+                    );
                     self.memory_holds.due.insert(id, now + delay);
                     continue;
                 }

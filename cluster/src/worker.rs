@@ -114,9 +114,15 @@ impl WorkerContext {
         }
     }
 
-    /// A future that resolves when the worker must stop (cluster shutdown, a
-    /// reload or memory replacement of this worker, SIGTERM): pass it to
-    /// `axum::serve(..).with_graceful_shutdown(..)` so in-flight requests finish.
+    /// A future that resolves when the worker is asked to stop (cluster
+    /// shutdown, a reload or memory replacement of this worker, SIGTERM), for
+    /// `axum::serve(..).with_graceful_shutdown(..)`.
+    ///
+    /// Mind hyper's graceful shutdown: it closes at once a connection that has
+    /// not delivered its first request bytes yet, as idle, so a client that
+    /// connected just before gets no answer. Stop accepting first and let
+    /// open connections finish before shutting them down, as
+    /// `examples/http_config.rs` does (`StopAccepting`, `serve`).
     pub fn shutdown_signal(&self) -> impl Future<Output = ()> + Send + 'static {
         let token = self.core.stop.clone();
         async move { token.cancelled().await }

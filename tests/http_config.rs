@@ -1,0 +1,316 @@
+//! Workers serving one port: the real `http_config` example (master, agent,
+//! workers) under HTTP load on new connections, through reloads, a broken
+//! executable, `kill -9` and the memory limit.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{Proc, example, field, poll_until};
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const LINE: Duration = Duration::from_secs(30);
+/// One request's deadline (connect + answer).
+const REQUEST: Duration = Duration::from_secs(10);
+/// Concurrent clients of the load loops.
+const CLIENTS: usize = 4;
+/// At most this many requests per load loop, whatever happens.
+const MAX_REQUESTS: u64 = 200_000;
+
+/// One GET on a new connection: (status, x-worker-pid).
+async fn get(addr: &str, path: &str) -> Result<(u16, Option<u32>), String> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&response);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status line in {text:?}"))?;
+        let pid = text
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-worker-pid:").map(|v| v.trim().to_owned()))
+            .and_then(|v| v.parse().ok());
+        Ok((status, pid))
+    };
+    tokio::time::timeout(REQUEST, exchange).await.map_err(|_| "timed out".to_owned())?
+}
+
+/// What a load loop saw.
+#[derive(Default)]
+struct Seen {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    errors: Mutex<Vec<String>>,
+    /// pid -> requests answered after `mark` was set.
+    pids_after_mark: Mutex<HashSet<u32>>,
+    pids: Mutex<HashSet<u32>>,
+    mark: AtomicBool,
+}
+
+/// `CLIENTS` clients, each sending GETs on new connections until `stop`.
+struct Load {
+    seen: Arc<Seen>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: &str) -> Load {
+        let seen = Arc::new(Seen::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..CLIENTS)
+            .map(|_| {
+                let (seen, stop, addr) = (Arc::clone(&seen), Arc::clone(&stop), addr.to_owned());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) && seen.ok.load(Ordering::Relaxed) < MAX_REQUESTS {
+                        match get(&addr, "/config/app.greeting").await {
+                            Ok((200, Some(pid))) => {
+                                seen.ok.fetch_add(1, Ordering::Relaxed);
+                                seen.pids.lock().await.insert(pid);
+                                if seen.mark.load(Ordering::Relaxed) {
+                                    seen.pids_after_mark.lock().await.insert(pid);
+                                }
+                            }
+                            other => {
+                                seen.failed.fetch_add(1, Ordering::Relaxed);
+                                seen.errors.lock().await.push(format!("{other:?}"));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { seen, stop, tasks }
+    }
+
+    /// Waits until `n` more requests succeeded.
+    async fn more(&self, n: u64) {
+        let target = self.seen.ok.load(Ordering::Relaxed) + n;
+        poll_until(LINE, "more answered requests", || async { self.seen.ok.load(Ordering::Relaxed) >= target }).await;
+    }
+
+    async fn finish(mut self) -> Arc<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks.drain(..) {
+            t.await.unwrap();
+        }
+        Arc::clone(&self.seen)
+    }
+}
+
+struct Cluster {
+    master: Proc,
+    addr: String,
+    workers: Vec<u32>,
+}
+
+async fn start(program: &Path, extra: &[&str]) -> Cluster {
+    let mut args = vec!["--workers", "3"];
+    args.extend_from_slice(extra);
+    let mut master = Proc::spawn(program, &args);
+    let listening = master.expect_line(LINE, |l| l.starts_with("listening on ")).await;
+    let addr = listening.trim_start_matches("listening on ").to_owned();
+    let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+    let workers = pids(field(&ready, "workers").unwrap());
+    Cluster { master, addr, workers }
+}
+
+fn pids(list: &str) -> Vec<u32> {
+    list.split(',').map(|p| p.parse().unwrap()).collect()
+}
+
+async fn assert_clean(seen: &Seen) {
+    let failed = seen.failed.load(Ordering::Relaxed);
+    assert_eq!(failed, 0, "failed requests: {:?}", seen.errors.lock().await);
+}
+
+async fn every_worker_serves(mode: &str) {
+    let mut c = start(&example("http_config"), &["--mode", mode]).await;
+    let expected: HashSet<u32> = c.workers.iter().copied().collect();
+    let mut served = HashSet::new();
+    let mut requests = 0;
+    while served != expected {
+        assert!(requests < 3000, "{mode}: after {requests} requests only {served:?} of {expected:?} answered");
+        let (status, pid) = get(&c.addr, "/config/app.greeting").await.unwrap();
+        assert_eq!(status, 200);
+        served.insert(pid.expect("x-worker-pid"));
+        requests += 1;
+    }
+    // And under concurrent load, nothing fails.
+    let load = Load::start(&c.addr);
+    load.more(300).await;
+    let seen = load.finish().await;
+    assert_clean(&seen).await;
+    c.master.signal(Signal::SIGTERM);
+    assert!(c.master.wait(LINE).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reuseport_mode_serves_from_every_worker() {
+    tokio::time::timeout(TIMEOUT, every_worker_serves("reuseport")).await.expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_mode_serves_from_every_worker() {
+    tokio::time::timeout(TIMEOUT, every_worker_serves("shared")).await.expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_under_load_fails_no_request_and_replaces_every_worker() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut c = start(&example("http_config"), &[]).await;
+        let load = Load::start(&c.addr);
+        load.more(200).await;
+        c.master.signal(Signal::SIGHUP);
+        let done =
+            c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
+        assert!(done.starts_with("reload done:"), "{done}");
+        let new = pids(field(&done, "workers").unwrap());
+        assert_eq!(new.len(), c.workers.len());
+        assert!(new.iter().all(|p| !c.workers.contains(p)), "old {:?} new {new:?}", c.workers);
+        for id in 1..=3 {
+            let line = format!("worker={id} ");
+            assert!(
+                c.master.seen.iter().any(|l| l.starts_with("worker replaced:") && l.contains(&line)),
+                "{:#?}",
+                c.master.seen
+            );
+        }
+        load.seen.mark.store(true, Ordering::Relaxed);
+        load.more(200).await;
+        let seen = load.finish().await;
+        assert_clean(&seen).await;
+        let after = seen.pids_after_mark.lock().await.clone();
+        assert!(after.iter().all(|p| new.contains(p)), "answered by {after:?} after the reload; new workers {new:?}");
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_onto_a_broken_executable_is_rolled_back_and_the_old_workers_keep_serving() {
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = common::private_dir();
+        let program = dir.path().join("http_config");
+        std::fs::copy(example("http_config"), &program).unwrap();
+        let mut c = start(&program, &[]).await;
+        // Deploy a "new version" that exits at once: replaced on disk (rename,
+        // as a deploy does; the running file is not modified).
+        let broken = dir.path().join("broken");
+        std::fs::write(&broken, "#!/bin/sh\nexit 3\n").unwrap();
+        std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::rename(&broken, &program).unwrap();
+
+        let load = Load::start(&c.addr);
+        load.more(200).await;
+        c.master.signal(Signal::SIGHUP);
+        let done =
+            c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
+        assert!(done.starts_with("reload failed:") && done.contains("exited with code 3"), "{done}");
+        load.seen.mark.store(true, Ordering::Relaxed);
+        load.more(300).await;
+        let seen = load.finish().await;
+        assert_clean(&seen).await;
+        let after = seen.pids_after_mark.lock().await.clone();
+        let old: HashSet<u32> = c.workers.iter().copied().collect();
+        assert_eq!(after, old, "the old workers (all of them) still serve");
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The inodes of the sockets a process holds.
+fn socket_inodes(pid: u32) -> HashSet<String> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return HashSet::new() };
+    entries
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:").map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_worker_fails_at_most_its_in_flight_requests_and_its_slot_keeps_its_socket() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut c = start(&example("http_config"), &["--mode", "reuseport"]).await;
+        let victim = c.workers[0];
+        // The slot's listening socket: held by the victim and by the master.
+        let master_sockets = socket_inodes(c.master.pid as u32);
+        let slot_sockets: HashSet<String> =
+            socket_inodes(victim).intersection(&master_sockets).cloned().collect::<HashSet<_>>();
+        assert!(!slot_sockets.is_empty(), "the worker holds a socket the master keeps");
+        let load = Load::start(&c.addr);
+        load.more(200).await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+        let restarted = c.master.expect_line(LINE, |l| l.starts_with("worker restarted: worker=1 ")).await;
+        let new: u32 = field(&restarted, "pid").unwrap().parse().unwrap();
+        assert!(
+            slot_sockets.iter().all(|s| socket_inodes(new).contains(s)),
+            "the restarted worker got the slot's socket back"
+        );
+        load.seen.mark.store(true, Ordering::Relaxed);
+        let answered_by_new = async {
+            poll_until(LINE, "the restarted worker answering", || async {
+                load.seen.pids_after_mark.lock().await.contains(&new)
+            })
+            .await
+        };
+        answered_by_new.await;
+        let seen = load.finish().await;
+        let failed = seen.failed.load(Ordering::Relaxed);
+        assert!(
+            failed <= CLIENTS as u64,
+            "{failed} failed requests, more than the {CLIENTS} that could be in flight: {:?}",
+            seen.errors.lock().await
+        );
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_over_its_memory_limit_is_replaced_without_failing_a_request() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut c = start(&example("http_config"), &["--max-memory", "96", "--debug-endpoints"]).await;
+        let load = Load::start(&c.addr);
+        load.more(100).await;
+        let (status, pid) = get(&c.addr, "/debug/alloc/128").await.unwrap();
+        assert_eq!(status, 200);
+        let fat = pid.unwrap();
+        let replaced = c
+            .master
+            .expect_line(LINE, |l| l.starts_with("worker replaced:") && l.contains(&format!(" old={fat} ")))
+            .await;
+        assert!(replaced.ends_with("reason=max-memory"), "{replaced}");
+        let new: u32 = field(&replaced, "new").unwrap().parse().unwrap();
+        poll_until(LINE, "the fat worker gone", || async { !common::alive(fat as i32) }).await;
+        load.seen.mark.store(true, Ordering::Relaxed);
+        poll_until(LINE, "the new worker answering", || async {
+            load.seen.pids_after_mark.lock().await.contains(&new)
+        })
+        .await;
+        let seen = load.finish().await;
+        assert_clean(&seen).await;
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
