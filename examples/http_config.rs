@@ -15,7 +15,7 @@
 //! written through the Leader), `GET /healthz`.
 //!
 //! Flags: `--workers N`, `--listen ADDR` (default 127.0.0.1:0; `unix:PATH` for
-//! a Unix socket), `--mode reuseport|shared`, `--registry ADDR` (an embedded
+//! a Unix socket), `--mode reuseport|shared|round-robin`, `--registry ADDR` (an embedded
 //! registry when absent, seeded with `app.greeting=hello`), `--subscribe KEY`
 //! (repeatable; default `app.greeting`), `--duration SECS` (0, the default,
 //! runs until SIGINT/SIGTERM), `--max-memory MIB` (per worker), `--plain` (no
@@ -52,7 +52,7 @@ struct Args {
     /// Where to listen: host:port (port 0 picks one), or unix:PATH.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
-    /// How workers share the port: reuseport (default for TCP on Linux) or shared.
+    /// How workers share the port: reuseport (default for TCP on Linux), shared or round-robin.
     #[arg(long)]
     mode: Option<ShareMode>,
     /// The registry's address; without it the master starts an embedded one.
@@ -176,6 +176,7 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
     let server = match listener {
         Listener::Tcp(l) => serve(l, router, &ctx).await,
         Listener::Unix(l) => serve(l, router, &ctx).await,
+        Listener::RoundRobin(l) => serve(l, router, &ctx).await,
         other => return Err(format!("unsupported listener {other:?}").into()),
     };
     ctx.ready().await?;

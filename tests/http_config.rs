@@ -168,9 +168,28 @@ async fn shared_mode_serves_from_every_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_reload_under_load_fails_no_request_and_replaces_every_worker() {
+async fn round_robin_mode_serves_from_every_worker() {
+    tokio::time::timeout(TIMEOUT, every_worker_serves("round-robin")).await.expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_under_load_fails_no_request_and_replaces_every_worker_reuseport() {
+    reload_under_load("reuseport").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_under_load_fails_no_request_and_replaces_every_worker_shared() {
+    reload_under_load("shared").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_under_load_fails_no_request_and_replaces_every_worker_round_robin() {
+    reload_under_load("round-robin").await;
+}
+
+async fn reload_under_load(mode: &str) {
     tokio::time::timeout(TIMEOUT, async {
-        let mut c = start(&example("http_config"), &[]).await;
+        let mut c = start(&example("http_config"), &["--mode", mode]).await;
         let load = Load::start(&c.addr);
         load.more(200).await;
         c.master.signal(Signal::SIGHUP);
@@ -242,6 +261,34 @@ fn socket_inodes(pid: u32) -> HashSet<String> {
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter_map(|l| l.to_str()?.strip_prefix("socket:").map(str::to_owned))
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_robin_kill_9_of_a_worker_fails_at_most_its_in_flight_requests() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut c = start(&example("http_config"), &["--mode", "round-robin"]).await;
+        let load = Load::start(&c.addr);
+        load.more(200).await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.workers[1] as i32), Signal::SIGKILL).unwrap();
+        let restarted = c.master.expect_line(LINE, |l| l.starts_with("worker restarted: worker=2 ")).await;
+        let new: u32 = field(&restarted, "pid").unwrap().parse().unwrap();
+        load.seen.mark.store(true, Ordering::Relaxed);
+        poll_until(LINE, "the restarted worker answering", || async {
+            load.seen.pids_after_mark.lock().await.contains(&new)
+        })
+        .await;
+        let seen = load.finish().await;
+        let failed = seen.failed.load(Ordering::Relaxed);
+        assert!(
+            failed <= CLIENTS as u64,
+            "{failed} failed requests, more than the {CLIENTS} that could be in flight: {:?}",
+            seen.errors.lock().await
+        );
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

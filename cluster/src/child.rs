@@ -185,7 +185,8 @@ async fn receive_listeners(env: &ChildEnv, count: u32) -> Result<ReceivedListene
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
         .map_err(|e| io("could not be set up", std::io::Error::from_raw_os_error(e as i32)))?;
-    let channel = crate::fdpass::FdChannel::new(owned).map_err(|e| io("could not be set up", e))?;
+    let channel = Arc::new(crate::fdpass::FdChannel::new(owned).map_err(|e| io("could not be set up", e))?);
+    received.round_robin = Some(crate::round_robin::WorkerSide::new(Arc::clone(&channel)));
     while received.len() < count as usize {
         let message = tokio::time::timeout(INIT_TIMEOUT, channel.recv())
             .await
@@ -286,6 +287,11 @@ async fn serve(
         listeners: std::sync::Mutex::new(listeners),
     });
 
+    if let Ok(listeners) = core.listeners.lock()
+        && let Some(rr) = listeners.round_robin.as_ref().filter(|rr| rr.len() > 0)
+    {
+        rr.spawn_reader(stop.clone(), &tracker);
+    }
     let flush = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, rx, flush.clone()).in_current_span());
     let dispatch = Dispatch { port, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };

@@ -16,6 +16,8 @@
 //!            spreads new connections over the sockets; a socket's queue survives its
 //!            worker's death because the master keeps the socket open.
 //! shared     one socket given to every worker; the kernel wakes one of the acceptors.
+//! round-robin the master accepts and hands each connection to the next ready worker
+//!            (see round_robin.rs); portable, fair, one more hop per connection.
 //! ```
 
 use std::fmt;
@@ -78,6 +80,9 @@ pub enum ShareMode {
     ReusePort,
     /// One socket passed to every worker. The default for Unix sockets.
     Shared,
+    /// The master accepts and hands each connection to the next ready worker
+    /// (TCP only).
+    RoundRobin,
 }
 
 impl ShareMode {
@@ -86,6 +91,7 @@ impl ShareMode {
         match self {
             ShareMode::ReusePort => "reuseport",
             ShareMode::Shared => "shared",
+            ShareMode::RoundRobin => "round-robin",
         }
     }
 
@@ -111,9 +117,10 @@ impl FromStr for ShareMode {
         match s {
             "reuseport" => Ok(ShareMode::ReusePort),
             "shared" => Ok(ShareMode::Shared),
+            "round-robin" => Ok(ShareMode::RoundRobin),
             other => Err(Error::BadListenAddr {
                 addr: other.to_owned(),
-                problem: "the sharing mode must be reuseport or shared".into(),
+                problem: "the sharing mode must be reuseport, shared or round-robin".into(),
             }),
         }
     }
@@ -212,18 +219,30 @@ impl BoundListeners {
         self.bound.iter().map(|b| b.info.clone()).collect()
     }
 
-    /// The fd-channel messages that hand worker `id` its sockets: (header, socket).
-    pub(crate) fn for_worker(&self, id: WorkerId) -> Vec<(String, BorrowedFd<'_>)> {
+    /// The fd-channel messages that hand worker `id` its sockets: (header,
+    /// socket). A round-robin listener is announced without a socket
+    /// (`R <address> <name>`): its connections come one by one.
+    pub(crate) fn for_worker(&self, id: WorkerId) -> Vec<(String, Option<BorrowedFd<'_>>)> {
         self.bound
             .iter()
             .filter_map(|b| {
                 let index = match b.info.mode {
                     ShareMode::ReusePort => (id as usize).checked_sub(1)?,
                     ShareMode::Shared => 0,
+                    ShareMode::RoundRobin => return Some((format!("R {} {}", b.info.address, b.info.name), None)),
                 };
                 let socket = b.sockets.get(index)?;
-                Some((format!("L {} {}", b.kind.as_str(), b.info.name), socket.as_fd()))
+                Some((format!("L {} {}", b.kind.as_str(), b.info.name), Some(socket.as_fd())))
             })
+            .collect()
+    }
+
+    /// The round-robin listeners' sockets (duplicates), for the master's accept loops.
+    pub(crate) fn round_robin(&self) -> io::Result<Vec<(String, OwnedFd)>> {
+        self.bound
+            .iter()
+            .filter(|b| b.info.mode == ShareMode::RoundRobin)
+            .map(|b| Ok((b.info.name.clone(), b.sockets[0].try_clone()?)))
             .collect()
     }
 }
@@ -249,7 +268,7 @@ fn bind_tcp(addr: &str, mode: ShareMode, workers: usize) -> io::Result<BindResul
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to no address")))?;
     let count = match mode {
         ShareMode::ReusePort => workers,
-        ShareMode::Shared => 1,
+        ShareMode::Shared | ShareMode::RoundRobin => 1,
     };
     let mut sockets = Vec::with_capacity(count);
     let mut at = first;
@@ -271,10 +290,10 @@ fn bind_tcp(addr: &str, mode: ShareMode, workers: usize) -> io::Result<BindResul
 }
 
 fn bind_unix(path: &Path, mode: ShareMode) -> io::Result<BindResult> {
-    if mode == ShareMode::ReusePort {
+    if mode != ShareMode::Shared {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "reuseport is for TCP listeners; a Unix socket is shared (mode shared)",
+            format!("{mode} is for TCP listeners; a Unix socket is shared (mode shared)"),
         ));
     }
     let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
@@ -295,17 +314,32 @@ pub enum Listener {
     Tcp(tokio::net::TcpListener),
     /// A Unix socket listener.
     Unix(tokio::net::UnixListener),
+    /// A round-robin listener: the master accepts and hands connections over.
+    RoundRobin(crate::RoundRobinListener),
 }
 
 /// The sockets a worker received, until its start function takes them.
 #[derive(Debug, Default)]
 pub(crate) struct ReceivedListeners {
     entries: Vec<(String, Kind, Option<OwnedFd>)>,
+    /// The round-robin listeners and the descriptor channel they use.
+    pub(crate) round_robin: Option<crate::round_robin::WorkerSide>,
 }
 
 impl ReceivedListeners {
-    /// Records one fd-channel message `L <tcp|unix> <name>` with its socket.
+    /// Records one fd-channel message: `L <tcp|unix> <name>` with its socket,
+    /// or `R <address> <name>` (round-robin, no socket).
     pub(crate) fn add(&mut self, header: &str, fd: Option<OwnedFd>) -> Result<(), String> {
+        if let Some(rest) = header.strip_prefix("R ") {
+            let Some((address, name)) = rest.split_once(' ') else {
+                return Err(format!("unexpected fd-channel message {header:?}"));
+            };
+            let Some(rr) = self.round_robin.as_mut() else {
+                return Err("a round-robin listener without a descriptor channel".into());
+            };
+            rr.declare(name, address.parse().ok());
+            return Ok(());
+        }
         let mut parts = header.splitn(3, ' ');
         let (Some("L"), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(format!("unexpected fd-channel message {header:?}"));
@@ -321,11 +355,17 @@ impl ReceivedListeners {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.round_robin.as_ref().map_or(0, crate::round_robin::WorkerSide::len)
     }
 
     /// Takes listener `name` as a tokio listener (once).
-    pub(crate) fn take(&mut self, name: &str) -> Result<Listener, Error> {
+    pub(crate) fn take(&mut self, name: &str, stop: &tokio_util::sync::CancellationToken) -> Result<Listener, Error> {
+        if let Some(rr) = self.round_robin.as_ref().filter(|rr| rr.has(name)) {
+            return rr
+                .take(name, stop.clone())
+                .map(Listener::RoundRobin)
+                .ok_or_else(|| Error::ListenerTaken { name: name.to_owned() });
+        }
         let names = || self.entries.iter().map(|e| e.0.clone()).collect::<Vec<_>>();
         let Some(pos) = self.entries.iter().position(|e| e.0 == name) else {
             return Err(Error::NoSuchListener { name: name.to_owned(), declared: names() });
@@ -376,7 +416,7 @@ mod tests {
         for id in 1..=3 {
             let (header, fd) = bound.for_worker(id).pop().unwrap();
             assert_eq!(header, "L tcp http");
-            let dup = fd.try_clone_to_owned().unwrap();
+            let dup = fd.unwrap().try_clone_to_owned().unwrap();
             ports.push(std::net::TcpListener::from(dup).local_addr().unwrap().to_string());
         }
         assert!(ports.iter().all(|p| *p == info.address), "{ports:?} vs {info:?}");

@@ -30,6 +30,7 @@ use crate::listeners::BoundListeners;
 use crate::master_context::MasterContext;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
 use crate::reload::{ClusterControl, ControlCall};
+use crate::round_robin::{Cmd as RrCmd, RoundRobin};
 use crate::router::Router;
 use crate::runtime_dir::{RuntimeDir, new_token};
 use crate::shutdown::{MasterSignal, MasterSignals, Stage, Stopping};
@@ -96,6 +97,8 @@ pub(crate) struct Master {
     program: Program,
     /// The listening sockets, bound before any child starts, kept open until exit.
     pub(crate) listeners: Arc<BoundListeners>,
+    /// The round-robin dispatcher, when a listener uses that mode.
+    pub(crate) round_robin: Option<RoundRobin>,
     pub(crate) agent: Slot,
     pub(crate) workers: Vec<Slot>,
     /// The last epoch handed to an agent.
@@ -137,6 +140,22 @@ impl Master {
     fn new(name: String, config: Config) -> Result<Self, Error> {
         let pid = std::process::id();
         let listeners = Arc::new(BoundListeners::bind(&config.listeners, config.worker_count())?);
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let rr_sockets = listeners.round_robin().map_err(|source| Error::Listen {
+            name: "round-robin".into(),
+            addr: "(duplicating the socket)".into(),
+            source,
+        })?;
+        let round_robin = if rr_sockets.is_empty() {
+            None
+        } else {
+            Some(RoundRobin::start(rr_sockets, &tasks, cancel.clone()).map_err(|source| Error::Listen {
+                name: "round-robin".into(),
+                addr: "(starting the accept loop)".into(),
+                source,
+            })?)
+        };
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
         let exe = std::env::current_exe().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
@@ -165,6 +184,7 @@ impl Master {
             token,
             program,
             listeners,
+            round_robin,
             workers,
             epoch: 0,
             agent_info: None,
@@ -185,8 +205,8 @@ impl Master {
             input_tx,
             input_rx,
             local_rx,
-            tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
+            tasks,
+            cancel,
             shutdown_requested: CancellationToken::new(),
             stopping_token: CancellationToken::new(),
             hook_error: None,
@@ -355,7 +375,8 @@ impl Master {
         let listeners = match slot {
             SlotId::Worker(id) if !self.listeners.is_empty() => {
                 let count = self.listeners.for_worker(id).len();
-                let task = send_listeners(Arc::clone(&self.listeners), id, spawned.fd_channel);
+                let task =
+                    send_listeners(Arc::clone(&self.listeners), id, spawned.fd_channel, self.round_robin.clone(), key);
                 self.tasks.spawn(task.instrument(span.clone()));
                 count
             }
@@ -538,6 +559,9 @@ impl Master {
                 if restarted {
                     self.emit(ClusterEvent::WorkerRestarted { id, pid });
                 }
+                if let Some(rr) = &self.round_robin {
+                    rr.notify(RrCmd::Ready(key));
+                }
                 self.replacement_ready(key);
                 self.check_cluster_ready();
             }
@@ -711,6 +735,11 @@ impl Master {
         let grace = self.config.worker_stop_timeout;
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         for w in &mut self.workers {
+            for p in w.proc.iter().chain(w.previous.iter()) {
+                if let Some(rr) = &self.round_robin {
+                    rr.notify(RrCmd::Retire(p.key));
+                }
+            }
             if let Some(p) = &w.previous {
                 p.control(ToChild::Stop { grace_ms });
             }
@@ -828,7 +857,13 @@ pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) ->
 /// Hands worker `id` its listening sockets over its descriptor channel. A
 /// failure means the child is gone or broken; it then fails to start (it waits
 /// for these sockets), which the supervisor reports and handles.
-async fn send_listeners(listeners: Arc<BoundListeners>, id: WorkerId, fd_channel: std::os::fd::OwnedFd) {
+async fn send_listeners(
+    listeners: Arc<BoundListeners>,
+    id: WorkerId,
+    fd_channel: std::os::fd::OwnedFd,
+    round_robin: Option<RoundRobin>,
+    key: ProcKey,
+) {
     let channel = match crate::fdpass::FdChannel::new(fd_channel) {
         Ok(channel) => channel,
         Err(e) => {
@@ -837,10 +872,14 @@ async fn send_listeners(listeners: Arc<BoundListeners>, id: WorkerId, fd_channel
         }
     };
     for (header, fd) in listeners.for_worker(id) {
-        if let Err(e) = channel.send(&header, Some(fd)).await {
+        if let Err(e) = channel.send(&header, fd).await {
             tracing::error!(error = %e, header, "could not pass a listening socket to the worker");
             return;
         }
+    }
+    // Round-robin connections and their acknowledgements use the same channel.
+    if let Some(rr) = round_robin {
+        rr.register(key, Arc::new(channel)).await;
     }
 }
 

@@ -331,6 +331,9 @@ impl Master {
             }
             None => None, // it died while its successor started
         };
+        if let (Some(rr), Some(old)) = (&self.round_robin, old_key) {
+            rr.notify(crate::round_robin::Cmd::Retire(old));
+        }
         self.emit(ClusterEvent::WorkerReplaced { id, old: old_pid, new: new_pid, reason });
         if let Some(run) = self.replacing.as_mut() {
             run.replaced.push(ReplacedWorker { id, old_pid, new_pid });

@@ -95,14 +95,14 @@ impl WorkerContext {
     /// serve every declared listener before [`ready`](Self::ready): a reload
     /// stops the old worker as soon as its successor is ready.
     pub fn listener(&self, name: &str) -> Result<Listener, Error> {
-        self.core.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(name)
+        self.core.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(name, &self.core.stop)
     }
 
     /// [`listener`](Self::listener), for a TCP listener.
     pub fn tcp_listener(&self, name: &str) -> Result<tokio::net::TcpListener, Error> {
         match self.listener(name)? {
             Listener::Tcp(l) => Ok(l),
-            Listener::Unix(_) => Err(Error::WrongListenerKind { name: name.to_owned(), expected: "TCP" }),
+            _ => Err(Error::WrongListenerKind { name: name.to_owned(), expected: "TCP (reuseport or shared)" }),
         }
     }
 
@@ -110,7 +110,7 @@ impl WorkerContext {
     pub fn unix_listener(&self, name: &str) -> Result<tokio::net::UnixListener, Error> {
         match self.listener(name)? {
             Listener::Unix(l) => Ok(l),
-            Listener::Tcp(_) => Err(Error::WrongListenerKind { name: name.to_owned(), expected: "Unix" }),
+            _ => Err(Error::WrongListenerKind { name: name.to_owned(), expected: "Unix" }),
         }
     }
 
