@@ -73,6 +73,9 @@ struct Args {
     /// Testing: serve GET /debug/alloc/{mib}, which allocates and keeps MIB MiB.
     #[arg(long, hide = true)]
     debug_endpoints: bool,
+    /// Testing: workers wait this long before reporting ready.
+    #[arg(long, hide = true, default_value_t = 0)]
+    ready_delay_ms: u64,
 }
 
 /// Where the children find the registry the master started for them.
@@ -179,6 +182,7 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
         Listener::RoundRobin(l) => serve(l, router, &ctx).await,
         other => return Err(format!("unsupported listener {other:?}").into()),
     };
+    tokio::time::sleep(Duration::from_millis(args.ready_delay_ms)).await;
     ctx.ready().await?;
     // Returns once the stop signal came and in-flight requests are answered.
     server.await??;
@@ -398,6 +402,7 @@ async fn master(
         };
         match &event {
             ClusterEvent::ClusterReady { .. }
+            | ClusterEvent::ReloadStarted { .. }
             | ClusterEvent::ReloadDone { .. }
             | ClusterEvent::ReloadFailed { .. }
             | ClusterEvent::WorkerReplaced { .. }

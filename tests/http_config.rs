@@ -254,6 +254,25 @@ async fn a_reload_onto_a_broken_executable_is_rolled_back_and_the_old_workers_ke
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_asked_for_while_one_runs_is_reported_not_queued() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut c = start(&example("http_config"), &["--ready-delay-ms", "500"]).await;
+        c.master.signal(Signal::SIGHUP);
+        c.master.expect_line(LINE, |l| l.starts_with("reload started:")).await;
+        c.master.signal(Signal::SIGHUP);
+        let refused = c.master.expect_line(LINE, |l| l.starts_with("reload failed:")).await;
+        assert!(refused.contains("already running"), "{refused}");
+        c.master.expect_line(LINE, |l| l.starts_with("reload done:")).await;
+        let starts = c.master.seen.iter().filter(|l| l.starts_with("reload started:")).count();
+        assert_eq!(starts, 1, "the second request did not start a reload: {:#?}", c.master.seen);
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// The inodes of the sockets a process holds.
 fn socket_inodes(pid: u32) -> HashSet<String> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return HashSet::new() };

@@ -123,6 +123,11 @@ pub enum ClusterEvent {
         /// Why.
         reason: crate::ReplaceReason,
     },
+    /// A reload began.
+    ReloadStarted {
+        /// The slots it will replace (ready workers), by worker id.
+        workers: Vec<WorkerId>,
+    },
     /// A reload replaced every ready worker.
     ReloadDone {
         /// The workers' pids after it, by worker id.
@@ -197,6 +202,7 @@ impl fmt::Display for ClusterEvent {
             ClusterEvent::WorkerReplaced { id, old, new, reason } => {
                 write!(f, "worker replaced: worker={id} old={old} new={new} reason={reason}")
             }
+            ClusterEvent::ReloadStarted { workers } => write!(f, "reload started: slots={}", pids(workers)),
             ClusterEvent::ReloadDone { workers } => write!(f, "reload done: workers={}", pids(workers)),
             ClusterEvent::ReloadFailed { reason } => write!(f, "reload failed: {reason}"),
             ClusterEvent::MemoryLimit { role, worker_id, pid, rss, limit } => write!(

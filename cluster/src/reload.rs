@@ -215,6 +215,7 @@ impl Master {
             }
         }
         tracing::info!(workers = pending.len(), skipped = ?skipped, "reload: replacing workers one slot at a time");
+        self.emit(ClusterEvent::ReloadStarted { workers: pending.iter().copied().collect() });
         self.replacing = Some(Run {
             reason: ReplaceReason::Reload,
             pending,
