@@ -175,7 +175,19 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
         first.await.map_err(|_| "a subscription ended before its first value")?;
     }
     let app = App { cache, client: Some(client), pid: HeaderValue::from(std::process::id()) };
-    let router = routes(app, args.debug_endpoints);
+    // Once stopping, every answer says `Connection: close`: keep-alive clients
+    // then open their next connection to another worker instead of racing a
+    // close of an idle connection.
+    let stop = ctx.stop_token();
+    let router = routes(app, args.debug_endpoints).layer(axum::middleware::map_response(move |mut res: Response| {
+        let stopping = stop.is_cancelled();
+        async move {
+            if stopping {
+                res.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            res
+        }
+    }));
     let server = match listener {
         Listener::Tcp(l) => serve(l, router, &ctx).await,
         Listener::Unix(l) => serve(l, router, &ctx).await,
@@ -280,9 +292,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<T> {
 }
 
 /// How long a stopping worker lets open connections finish on their own
-/// (clients that open a connection per request close it after the answer)
-/// before hyper's graceful shutdown closes the idle keep-alive ones.
-const DRAIN_SETTLE: Duration = Duration::from_secs(1);
+/// (clients that open a connection per request close it after the answer;
+/// keep-alive ones after their next answer, which says `Connection: close`)
+/// before hyper's graceful shutdown closes the idle ones that are left.
+const DRAIN_SETTLE: Duration = Duration::from_secs(2);
 
 /// Serves `router` on `listener` until the worker is asked to stop: then stops
 /// accepting at once, lets open connections finish (at most `DRAIN_SETTLE`),
