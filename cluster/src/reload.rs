@@ -257,7 +257,15 @@ impl Master {
         let result = match run.failed {
             Some(reason) => {
                 if run.reason == ReplaceReason::Reload {
-                    self.emit(ClusterEvent::ReloadFailed { reason: reason.clone() });
+                    let kept = self.workers.iter().filter(|w| w.proc.is_some()).count();
+                    self.emit(ClusterEvent::ReloadFailed {
+                        reason: format!(
+                            "{reason}; rolled back ({} slot(s) replaced before, {kept} worker(s) serving)",
+                            run.replaced.len()
+                        ),
+                    });
+                } else {
+                    tracing::error!(%reason, "memory replacement failed; the old worker keeps serving");
                 }
                 Err(ReloadError::Failed { reason, replaced: run.replaced })
             }
@@ -288,7 +296,10 @@ impl Master {
         slot.previous = Some(old);
         match self.launch(slot_id) {
             Ok(()) => {
-                let Some(new) = self.slot(slot_id).and_then(|s| s.proc.as_ref()) else { return };
+                let Some(slot) = self.slot_mut(slot_id) else { return };
+                // The status table's `restarts` counts every new process of the slot.
+                slot.restarts += 1;
+                let Some(new) = slot.proc.as_ref() else { return };
                 let (new_key, new_pid) = (new.key, new.pid);
                 tracing::info!(worker.id = id, old = old_pid, new = new_pid, "replacement started");
                 if let Some(run) = self.replacing.as_mut() {
