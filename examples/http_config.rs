@@ -24,7 +24,8 @@
 //! stdout, one line each: `listening on <ADDR>` first, then `cluster ready:
 //! master=<pid> agent=<pid> workers=<pid>,...`, after SIGHUP `reload done:
 //! workers=<pid>,...` or `reload failed: <reason>`, and `worker replaced:
-//! worker=<id> old=<pid> new=<pid> reason=<reload|max-memory>`.
+//! worker=<id> old=<pid> new=<pid> reason=<reload|max-memory>`; also
+//! `memory limit: ...`, `restart scheduled: ...`, `worker restarted: ...`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -76,6 +77,13 @@ struct Args {
     /// Testing: workers wait this long before reporting ready.
     #[arg(long, hide = true, default_value_t = 0)]
     ready_delay_ms: u64,
+    /// Testing: a worker started while this file exists never reports ready.
+    #[arg(long, hide = true)]
+    hang_if_exists: Option<std::path::PathBuf>,
+    /// How long the agent and a new worker may take to report ready (a reload
+    /// rolls back after it).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    ready_timeout: u64,
 }
 
 /// Where the children find the registry the master started for them.
@@ -121,6 +129,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
     }
+    builder = builder.start_timeout(Duration::from_secs(args.ready_timeout));
     if let Some(mib) = args.max_memory {
         builder = builder.worker_max_memory(mib * 1024 * 1024);
     }
@@ -195,7 +204,9 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
         other => return Err(format!("unsupported listener {other:?}").into()),
     };
     tokio::time::sleep(Duration::from_millis(args.ready_delay_ms)).await;
-    ctx.ready().await?;
+    if !args.hang_if_exists.as_ref().is_some_and(|p| p.exists()) {
+        ctx.ready().await?;
+    }
     // Returns once the stop signal came and in-flight requests are answered.
     server.await??;
     connection.close().await;
@@ -420,6 +431,8 @@ async fn master(
             | ClusterEvent::ReloadFailed { .. }
             | ClusterEvent::WorkerReplaced { .. }
             | ClusterEvent::MemoryLimit { .. }
+            | ClusterEvent::RestartScheduled { .. }
+            | ClusterEvent::SlotFailed { .. }
             | ClusterEvent::AgentRestarted { .. }
             | ClusterEvent::WorkerRestarted { .. } => println!("{event}"),
             _ => tracing::info!("{event}"),

@@ -117,7 +117,7 @@ struct Cluster {
 }
 
 async fn start(program: &Path, extra: &[&str]) -> Cluster {
-    let mut args = vec!["--workers", "3"];
+    let mut args = if extra.contains(&"--workers") { vec![] } else { vec!["--workers", "3"] };
     args.extend_from_slice(extra);
     let mut master = Proc::spawn(program, &args);
     let listening = master.expect_line(LINE, |l| l.starts_with("listening on ")).await;
@@ -266,6 +266,56 @@ async fn a_reload_asked_for_while_one_runs_is_reported_not_queued() {
         c.master.expect_line(LINE, |l| l.starts_with("reload done:")).await;
         let starts = c.master.seen.iter().filter(|l| l.starts_with("reload started:")).count();
         assert_eq!(starts, 1, "the second request did not start a reload: {:#?}", c.master.seen);
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_whose_new_worker_is_not_ready_in_time_is_rolled_back() {
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = common::private_dir();
+        let hang = dir.path().join("hang");
+        let hang_arg = hang.to_str().unwrap().to_owned();
+        let mut c = start(&example("http_config"), &["--ready-timeout", "2", "--hang-if-exists", &hang_arg]).await;
+        std::fs::write(&hang, "").unwrap(); // from now on, new workers never report ready
+        let load = Load::start(&c.addr);
+        load.more(100).await;
+        c.master.signal(Signal::SIGHUP);
+        let done =
+            c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
+        assert!(done.starts_with("reload failed:") && done.contains("was not ready within 2s"), "{done}");
+        load.seen.mark.store(true, Ordering::Relaxed);
+        load.more(200).await;
+        let seen = load.finish().await;
+        assert_clean(&seen).await;
+        let old: HashSet<u32> = c.workers.iter().copied().collect();
+        assert_eq!(*seen.pids_after_mark.lock().await, old, "the old workers (all of them) still serve");
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_over_its_memory_limit_again_soon_after_start_is_replaced_after_a_backoff() {
+    tokio::time::timeout(TIMEOUT, async {
+        // 1 MiB: every worker is over it from the start.
+        let mut c = start(&example("http_config"), &["--workers", "1", "--max-memory", "1"]).await;
+        let first = c.master.expect_line(LINE, |l| l.starts_with("worker replaced:")).await;
+        assert!(first.ends_with("reason=max-memory"), "{first}");
+        let scheduled = c.master.expect_line(LINE, |l| l.starts_with("restart scheduled: worker=1 ")).await;
+        assert_eq!(field(&scheduled, "failures"), Some("2"), "{scheduled}");
+        let delay: u64 = field(&scheduled, "in_ms").unwrap().parse().unwrap();
+        assert!(delay > 0, "{scheduled}");
+        // The next one backs off longer.
+        let scheduled = c.master.expect_line(LINE, |l| l.starts_with("restart scheduled: worker=1 ")).await;
+        assert_eq!(field(&scheduled, "failures"), Some("3"), "{scheduled}");
+        let next: u64 = field(&scheduled, "in_ms").unwrap().parse().unwrap();
+        assert!(next > delay, "{next} after {delay}");
         c.master.signal(Signal::SIGTERM);
         assert!(c.master.wait(LINE).await.success());
     })

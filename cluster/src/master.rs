@@ -509,8 +509,8 @@ impl Master {
     fn on_ready(&mut self, key: ProcKey, ready: Ready) {
         let announced = self.announced;
         let Some(slot) = self.slot_mut(key.slot) else { return };
-        if slot.state != ProcessState::Starting || slot.proc.as_ref().is_none_or(|p| p.key != key) {
-            return; // a second report, or one during shutdown
+        if slot.state != ProcessState::Starting || slot.proc.as_ref().is_none_or(|p| p.key != key || p.timed_out) {
+            return; // a second report, one during shutdown, or one after the deadline
         }
         match (key.slot, ready) {
             (SlotId::Agent, Ready::Agent { socket }) => {
@@ -643,11 +643,16 @@ impl Master {
                     SlotId::Agent => self.config.agent_start_timeout,
                     SlotId::Worker(_) => self.config.worker_start_timeout,
                 };
+                if self.replacement_timed_out(key, timeout) {
+                    return;
+                }
                 let Some(slot) = self.slot_mut(key.slot) else { return };
                 if slot.state != ProcessState::Starting {
                     return;
                 }
-                let Some(proc) = slot.proc_mut(key) else { return };
+                // The slot's starting process only: a predecessor being
+                // replaced (`previous`) was ready long ago.
+                let Some(proc) = slot.proc.as_mut().filter(|p| p.key == key) else { return };
                 proc.timed_out = true;
                 proc.kill();
                 let process = proc.process_ref();

@@ -363,13 +363,39 @@ impl Master {
         true
     }
 
-    /// The drain deadline of a replaced process: kill it if it is still there.
+    /// The drain deadline of a replaced process, or of a replacement that was
+    /// not ready in time: kill it if it is still there.
     pub(crate) fn drain_deadline(&mut self, key: ProcKey) {
         let Some(slot) = self.slot_mut(key.slot) else { return };
-        if let Some(old) = slot.previous.as_mut().filter(|p| p.key == key) {
-            tracing::warn!(pid = old.pid, "replaced worker did not exit within its grace period; SIGKILL");
-            old.kill();
+        if let Some(p) = slot.proc_mut(key) {
+            tracing::warn!(pid = p.pid, "stopped worker did not exit within its grace period; SIGKILL");
+            p.kill();
         }
+    }
+
+    /// A replacement missed its ready deadline: it may already serve (it took
+    /// its listeners), so it is stopped gracefully, not killed; its exit rolls
+    /// the slot back. Returns whether `key` was such a replacement.
+    pub(crate) fn replacement_timed_out(&mut self, key: ProcKey, timeout: Duration) -> bool {
+        let is_replacement = self
+            .replacing
+            .as_ref()
+            .is_some_and(|run| run.active.iter().any(|a| a.phase == Phase::Starting { new: key }));
+        if !is_replacement {
+            return false;
+        }
+        let grace = self.config.worker_stop_timeout;
+        let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) else { return true };
+        proc.timed_out = true;
+        proc.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
+        let process = proc.process_ref();
+        tracing::error!(%process, ?timeout, "replacement not ready in time; stopping it, the old worker stays");
+        if let Some(rr) = &self.round_robin {
+            rr.notify(crate::round_robin::Cmd::Retire(key));
+        }
+        self.emit(ClusterEvent::StartFailed { process, reason: crate::StartFailure::TimedOut(timeout) });
+        self.after(grace, Timer::DrainDeadline(key));
+        true
     }
 
     /// Handles the exit of a process in a replacement (the old one, or a new
@@ -515,10 +541,10 @@ impl Master {
                 self.memory_holds.due.remove(&id);
             } else {
                 let decision = self.workers[i].backoff.exited();
-                let delay = match decision {
-                    Restart::After { failures, .. } if failures <= 1 => Duration::ZERO,
-                    Restart::After { delay, .. } => delay,
-                    Restart::Failed { retry_after, .. } => retry_after,
+                let (delay, failures) = match decision {
+                    Restart::After { failures, .. } if failures <= 1 => (Duration::ZERO, failures),
+                    Restart::After { delay, failures } => (delay, failures),
+                    Restart::Failed { retry_after, failures } => (retry_after, failures),
                 };
                 self.emit(ClusterEvent::MemoryLimit {
                     role: crate::Role::Worker,
@@ -536,6 +562,12 @@ impl Master {
                         ?delay,
                         "over the memory limit again soon after start; replacing after a backoff delay"
                     );
+                    self.emit(ClusterEvent::RestartScheduled {
+                        role: crate::Role::Worker,
+                        worker_id: Some(id),
+                        after: delay,
+                        failures,
+                    });
                     self.memory_holds.due.insert(id, now + delay);
                     continue;
                 }
