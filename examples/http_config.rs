@@ -18,7 +18,8 @@
 //! a Unix socket), `--mode reuseport|shared|round-robin`, `--registry ADDR` (an embedded
 //! registry when absent, seeded with `app.greeting=hello`), `--subscribe KEY`
 //! (repeatable; default `app.greeting`), `--duration SECS` (0, the default,
-//! runs until SIGINT/SIGTERM), `--max-memory MIB` (per worker), `--plain` (no
+//! runs until SIGINT/SIGTERM), `--max-memory MIB` (per worker),
+//! `--agent-max-memory MIB`, `--ready-timeout SECS` (default 30), `--plain` (no
 //! cluster: one process serving the same routes, for comparison).
 //!
 //! stdout, one line each: `listening on <ADDR>` first, then `cluster ready:
@@ -68,6 +69,9 @@ struct Args {
     /// Replace a worker whose RSS exceeds this many MiB (gracefully).
     #[arg(long, value_name = "MIB")]
     max_memory: Option<u64>,
+    /// Restart the agent gracefully when its RSS exceeds this many MiB.
+    #[arg(long, value_name = "MIB")]
+    agent_max_memory: Option<u64>,
     /// No cluster: one process serving the same routes (for comparison).
     #[arg(long)]
     plain: bool,
@@ -132,6 +136,9 @@ fn main() -> anyhow::Result<()> {
     builder = builder.start_timeout(Duration::from_secs(args.ready_timeout));
     if let Some(mib) = args.max_memory {
         builder = builder.worker_max_memory(mib * 1024 * 1024);
+    }
+    if let Some(mib) = args.agent_max_memory {
+        builder = builder.agent_max_memory(mib * 1024 * 1024);
     }
     let (agent_registry, worker_args) = (registry.clone(), args.clone());
     builder

@@ -323,6 +323,60 @@ async fn a_worker_over_its_memory_limit_again_soon_after_start_is_replaced_after
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_onto_an_executable_of_another_ipc_version_is_refused_and_rolled_back() {
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = common::private_dir();
+        let program = dir.path().join("http_config");
+        std::fs::copy(example("http_config"), &program).unwrap();
+        let mut c = start(&program, &[]).await;
+        // The "new version": the same binary, told by its environment that its
+        // master speaks another IPC version (as a master of another build would).
+        let real = dir.path().join("http_config.real");
+        std::fs::hard_link(&program, &real).unwrap();
+        let wrapper = dir.path().join("wrapper");
+        let script = format!("#!/bin/sh\nTANDEM_IPC_VERSION=999 exec {} \"$@\"\n", real.display());
+        std::fs::write(&wrapper, script).unwrap();
+        std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::rename(&wrapper, &program).unwrap();
+        let load = Load::start(&c.addr);
+        load.more(100).await;
+        c.master.signal(Signal::SIGHUP);
+        let done =
+            c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
+        assert!(done.contains("another IPC version"), "{done}");
+        load.seen.mark.store(true, Ordering::Relaxed);
+        load.more(200).await;
+        let seen = load.finish().await;
+        assert_clean(&seen).await;
+        let old: HashSet<u32> = c.workers.iter().copied().collect();
+        assert_eq!(*seen.pids_after_mark.lock().await, old);
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_over_its_memory_limit_is_restarted_while_the_workers_keep_serving() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut c = start(&example("http_config"), &["--agent-max-memory", "1"]).await;
+        let load = Load::start(&c.addr);
+        let over = c.master.expect_line(LINE, |l| l.starts_with("memory limit: agent ")).await;
+        assert!(over.contains("limit_mib=1.0"), "{over}");
+        let restarted = c.master.expect_line(LINE, |l| l.starts_with("agent restarted:")).await;
+        assert_eq!(field(&restarted, "epoch"), Some("2"), "{restarted}");
+        load.more(200).await;
+        let seen = load.finish().await;
+        assert_clean(&seen).await;
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// The inodes of the sockets a process holds.
 fn socket_inodes(pid: u32) -> HashSet<String> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return HashSet::new() };
