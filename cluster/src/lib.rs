@@ -39,6 +39,13 @@
 //! die with the master (`PR_SET_PDEATHSIG` and EOF of their IPC channel).
 //! SIGUSR1 prints the [`StatusTable`] to stderr.
 //!
+//! Serving a port: listeners declared with [`Builder::listen`] are bound by the
+//! master before any child starts and handed to every worker
+//! ([`WorkerContext::listener`]) in one of three [`ShareMode`]s. SIGHUP (or
+//! [`ClusterControl::reload`]) replaces the workers one slot at a time, each new
+//! one ready before its predecessor drains, and rolls back on failure; workers
+//! (and the agent) above their memory limit are replaced the same way.
+//!
 //! ```no_run
 //! use tandem_cluster::{AgentReady, BoxError, Cluster, Target};
 //!
