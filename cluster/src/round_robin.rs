@@ -525,3 +525,77 @@ impl WorkerSide {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::fdpass;
+    use crate::supervisor::SlotId;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn key(id: u32) -> ProcKey {
+        ProcKey { slot: SlotId::Worker(id), generation: u64::from(id) }
+    }
+
+    /// A fake worker: the other end of a descriptor channel.
+    async fn worker(rr: &RoundRobin, id: u32) -> FdChannel {
+        let (master, worker) = fdpass::pair().unwrap();
+        rr.register(key(id), Arc::new(FdChannel::new(master).unwrap())).await;
+        rr.notify(Cmd::Ready(key(id)));
+        FdChannel::new(worker).unwrap()
+    }
+
+    /// The next handed connection: (id, the local port of the client it came from).
+    async fn handed(w: &FdChannel) -> (u64, u16) {
+        let m = tokio::time::timeout(WAIT, w.recv()).await.expect("a connection in time").unwrap().unwrap();
+        let mut parts = m.header.split(' ');
+        assert_eq!(parts.next(), Some("C"));
+        let id = parts.next().unwrap().parse().unwrap();
+        assert_eq!(parts.next(), Some("http"));
+        let stream = std::net::TcpStream::from(m.fd.unwrap());
+        (id, stream.peer_addr().unwrap().port())
+    }
+
+    #[tokio::test]
+    async fn connections_alternate_and_come_back_from_a_stopping_or_dead_worker() {
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rr = RoundRobin::start(vec![("http".into(), OwnedFd::from(listener))], &tasks, cancel.clone()).unwrap();
+        let a = worker(&rr, 1).await;
+        let b = worker(&rr, 2).await;
+
+        let c1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (id1, port1) = handed(&a).await;
+        assert_eq!(port1, c1.local_addr().unwrap().port());
+        let c2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_, port2) = handed(&b).await;
+        assert_eq!(port2, c2.local_addr().unwrap().port(), "the next worker gets the next connection");
+
+        // A hands its connection back (it is stopping): B gets the same client.
+        a.send(&format!("B {id1}"), None).await.unwrap();
+        let (_, port) = handed(&b).await;
+        assert_eq!(port, port1);
+
+        // A is not ready any more: new connections all go to B; B dies without
+        // acknowledging one, which then goes to a new worker C.
+        let c3 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_, port3) = handed(&b).await;
+        assert_eq!(port3, c3.local_addr().unwrap().port());
+        let c = worker(&rr, 3).await;
+        rr.notify(Cmd::Retire(key(1)));
+        rr.notify(Cmd::Remove(key(2)));
+        let mut ports = vec![handed(&c).await.1, handed(&c).await.1, handed(&c).await.1];
+        ports.sort_unstable();
+        let mut expected = vec![port1, port2, port3];
+        expected.sort_unstable();
+        assert_eq!(ports, expected, "every connection B had not acknowledged goes to C");
+        cancel.cancel();
+        tasks.close();
+        drop((c1, c2, c3));
+    }
+}
