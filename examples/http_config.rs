@@ -81,6 +81,10 @@ struct Args {
     /// Testing: workers wait this long before reporting ready.
     #[arg(long, hide = true, default_value_t = 0)]
     ready_delay_ms: u64,
+    /// Testing: once the cluster is ready, ask for this many reloads at once
+    /// through the API (`ClusterControl::reload`) and print each outcome.
+    #[arg(long, hide = true, default_value_t = 0)]
+    api_reloads: usize,
     /// Testing: a worker started while this file exists never reports ready.
     #[arg(long, hide = true)]
     hang_if_exists: Option<std::path::PathBuf>,
@@ -431,6 +435,21 @@ async fn master(
                 continue;
             }
         };
+        if let (ClusterEvent::ClusterReady { .. }, n @ 1..) = (&event, args.api_reloads) {
+            for _ in 0..n {
+                let control = ctx.control();
+                tokio::spawn(async move {
+                    match control.reload().await {
+                        Ok(report) => println!(
+                            "api reload: ok replaced={} workers={}",
+                            report.replaced.len(),
+                            report.workers.iter().flatten().map(u32::to_string).collect::<Vec<_>>().join(",")
+                        ),
+                        Err(e) => println!("api reload: error: {e}"),
+                    }
+                });
+            }
+        }
         match &event {
             ClusterEvent::ClusterReady { .. }
             | ClusterEvent::ReloadStarted { .. }

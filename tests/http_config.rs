@@ -377,6 +377,24 @@ async fn an_agent_over_its_memory_limit_is_restarted_while_the_workers_keep_serv
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reload_api_reports_the_outcome_and_refuses_a_concurrent_call() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut c = start(&example("http_config"), &["--api-reloads", "2"]).await;
+        let first = c.master.expect_line(LINE, |l| l.starts_with("api reload:")).await;
+        let second = c.master.expect_line(LINE, |l| l.starts_with("api reload:")).await;
+        let (ok, refused) = if first.contains(": ok ") { (first, second) } else { (second, first) };
+        assert!(refused.contains("error: a reload is already running"), "{refused}");
+        assert_eq!(field(&ok, "replaced"), Some("3"), "{ok}");
+        let new = pids(field(&ok, "workers").unwrap());
+        assert!(new.iter().all(|p| !c.workers.contains(p)), "old {:?} new {new:?}", c.workers);
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// The inodes of the sockets a process holds.
 fn socket_inodes(pid: u32) -> HashSet<String> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return HashSet::new() };
