@@ -242,7 +242,8 @@ impl BoundListeners {
         self.bound
             .iter()
             .filter(|b| b.info.mode == ShareMode::RoundRobin)
-            .map(|b| Ok((b.info.name.clone(), b.sockets[0].try_clone()?)))
+            .filter_map(|b| Some((b.info.name.clone(), b.sockets.first()?)))
+            .map(|(name, socket)| Ok((name, socket.try_clone()?)))
             .collect()
     }
 }

@@ -110,11 +110,18 @@ impl RoundRobin {
         }
     }
 
-    /// Lifecycle notices from the master loop (never waits; the queue is large
-    /// and these are rare next to connections, but a full queue is logged).
+    /// Lifecycle notices from the master loop. Never waits: when the queue is
+    /// full (accepted connections pile up), the notice is sent by a task.
     pub(crate) fn notify(&self, cmd: Cmd) {
-        if let Err(e) = self.tx.try_send(cmd) {
-            tracing::warn!(error = %e, "round-robin dispatcher queue full; lifecycle notice dropped");
+        match self.tx.try_send(cmd) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                tracing::debug!("round-robin dispatcher queue full; sending the notice from a task");
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(cmd).await;
+                });
+            }
         }
     }
 }
