@@ -153,6 +153,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn malformed_messages_are_errors_and_the_channel_goes_on() {
+        let (a, b) = pair().unwrap();
+        let b = FdChannel::new(b).unwrap();
+        let one = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let two = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw = [one.as_raw_fd(), two.as_raw_fd()];
+        // Two descriptors in one message.
+        let iov = [IoSlice::new(b"L tcp x")];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None).unwrap();
+        assert_eq!(b.recv().await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // A header that is not UTF-8.
+        let iov = [IoSlice::new(&[0xff, 0xfe])];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+        assert_eq!(b.recv().await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // A header longer than MAX_HEADER (truncated on receipt).
+        let long = vec![b'x'; MAX_HEADER + 10];
+        let iov = [IoSlice::new(&long)];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+        assert_eq!(b.recv().await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // The channel still works afterwards.
+        let iov = [IoSlice::new(b"ok")];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+        assert_eq!(b.recv().await.unwrap().unwrap().header, "ok");
+    }
+
+    #[tokio::test]
     async fn an_oversized_header_is_refused_to_the_sender() {
         let (a, _b) = pair().unwrap();
         let a = FdChannel::new(a).unwrap();
