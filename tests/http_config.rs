@@ -168,6 +168,41 @@ async fn shared_mode_serves_from_every_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unix_socket_listener_serves_from_every_worker_and_is_removed_at_exit() {
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = common::private_dir();
+        let path = dir.path().join("http.sock");
+        let listen = format!("unix:{}", path.display());
+        let mut c = start(&example("http_config"), &["--listen", &listen]).await;
+        assert_eq!(c.addr, listen);
+        let expected: HashSet<u32> = c.workers.iter().copied().collect();
+        let mut served = HashSet::new();
+        for _ in 0..3000 {
+            let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+            stream
+                .write_all(b"GET /config/app.greeting HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+            assert!(response.ends_with("hello"), "{response}");
+            let pid = response.lines().find_map(|l| l.strip_prefix("x-worker-pid: ")).unwrap();
+            served.insert(pid.trim().parse().unwrap());
+            if served == expected {
+                break;
+            }
+        }
+        assert_eq!(served, expected);
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+        assert!(!path.exists(), "the master removes its socket file");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn round_robin_mode_serves_from_every_worker() {
     tokio::time::timeout(TIMEOUT, every_worker_serves("round-robin")).await.expect("test timed out");
 }
