@@ -430,6 +430,33 @@ async fn the_reload_api_reports_the_outcome_and_refuses_a_concurrent_call() {
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_follows_a_flipped_symlink_to_the_new_executable() {
+    tokio::time::timeout(TIMEOUT, async {
+        let dir = common::private_dir();
+        let v1 = dir.path().join("v1");
+        std::fs::copy(example("http_config"), &v1).unwrap();
+        let v2 = dir.path().join("v2");
+        std::fs::write(&v2, "#!/bin/sh\nexit 4\n").unwrap();
+        std::fs::set_permissions(&v2, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let current = dir.path().join("current");
+        std::os::unix::fs::symlink(&v1, &current).unwrap();
+        let mut c = start(&current, &[]).await;
+        // Deploy v2 by flipping the symlink (atomically, by rename).
+        let next = dir.path().join("next");
+        std::os::unix::fs::symlink(&v2, &next).unwrap();
+        std::fs::rename(&next, &current).unwrap();
+        c.master.signal(Signal::SIGHUP);
+        let done =
+            c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
+        assert!(done.contains("exited with code 4"), "v2 was started: {done}");
+        c.master.signal(Signal::SIGTERM);
+        assert!(c.master.wait(LINE).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// The inodes of the sockets a process holds.
 fn socket_inodes(pid: u32) -> HashSet<String> {
     let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return HashSet::new() };

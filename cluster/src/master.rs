@@ -158,7 +158,7 @@ impl Master {
         };
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
-        let exe = std::env::current_exe().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
+        let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
         let program = Program { exe, args, cluster: name.clone(), master_pid: pid };
         let workers = (1..=config.worker_count())

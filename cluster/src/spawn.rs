@@ -38,6 +38,23 @@ pub(crate) const IPC_VERSION: u32 = 2;
 /// The exit code of a child whose IPC version differs from its master's.
 pub(crate) const IPC_MISMATCH_EXIT: i32 = 111;
 
+/// The path children are started from: the executable's path as the master
+/// was started with it (argv[0] made absolute, symlinks kept), so a deploy
+/// that replaces the file or flips a symlink is picked up by the next spawn
+/// (a reload); `current_exe()` (symlinks resolved) when argv[0] has no `/`
+/// (found through PATH) or no longer names a file.
+pub(crate) fn program_path() -> io::Result<std::path::PathBuf> {
+    if let Some(argv0) = std::env::args_os().next().map(std::path::PathBuf::from)
+        && argv0.as_os_str().as_encoded_bytes().contains(&b'/')
+    {
+        let path = if argv0.is_absolute() { argv0 } else { std::env::current_dir()?.join(argv0) };
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    std::env::current_exe()
+}
+
 /// A spawned child and the master's end of its IPC channel.
 #[derive(Debug)]
 pub(crate) struct Spawned {
