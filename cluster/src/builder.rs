@@ -11,7 +11,10 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 
 use crate::child::{self, ChildEnv};
-use crate::{AgentContext, AgentReady, BoxError, Config, Error, MasterContext, RestartPolicy, WorkerContext};
+use crate::{
+    AgentContext, AgentReady, BoxError, Config, Error, ListenAddr, ListenerSpec, MasterContext, RestartPolicy,
+    ShareMode, WorkerContext,
+};
 
 pub(crate) type AgentFn = Box<dyn FnOnce(AgentContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
 pub(crate) type WorkerFn = Box<dyn FnOnce(WorkerContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
@@ -77,6 +80,43 @@ impl Builder {
         self
     }
 
+    /// Declares a listener named `name` on `addr` (`host:port`, port 0 for any
+    /// free port; `unix:PATH` or an absolute path for a Unix socket), shared
+    /// the default way: `reuseport` for TCP on Linux, `shared` otherwise. The
+    /// master binds it before any child starts (a bind error fails
+    /// [`run`](Self::run)); workers take it with
+    /// [`WorkerContext::listener`](crate::WorkerContext::listener).
+    pub fn listen(self, name: impl Into<String>, addr: &str) -> Result<Self, Error> {
+        let addr = ListenAddr::parse(addr)?;
+        let mode = ShareMode::default_for(&addr);
+        Ok(self.listen_with(name, addr, mode))
+    }
+
+    /// Declares a listener with an explicit sharing mode.
+    pub fn listen_with(mut self, name: impl Into<String>, addr: ListenAddr, mode: ShareMode) -> Self {
+        self.config.listeners.push(ListenerSpec { name: name.into(), addr, mode });
+        self
+    }
+
+    /// The memory limit (RSS, bytes) of each worker: above it a worker is
+    /// replaced gracefully (see [`Config::worker_max_memory`]).
+    pub fn worker_max_memory(mut self, bytes: u64) -> Self {
+        self.config.worker_max_memory = Some(bytes);
+        self
+    }
+
+    /// The memory limit (RSS, bytes) of the agent (see [`Config::agent_max_memory`]).
+    pub fn agent_max_memory(mut self, bytes: u64) -> Self {
+        self.config.agent_max_memory = Some(bytes);
+        self
+    }
+
+    /// How many worker slots a reload replaces at once (at least 1; the default is 1).
+    pub fn reload_parallelism(mut self, n: usize) -> Self {
+        self.config.reload_parallelism = n.max(1);
+        self
+    }
+
     /// How dead processes are restarted.
     pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
         self.config.restart = policy;
@@ -127,6 +167,18 @@ impl Builder {
     /// (code 0 when it returned `Ok`); it does not return.
     pub async fn run(self) -> Result<(), Error> {
         let Builder { name, config, agent, worker, master } = self;
+        if let Some(version) = std::env::var_os(crate::spawn::ENV_IPC_VERSION)
+            && version.to_str() != Some(crate::spawn::IPC_VERSION.to_string().as_str())
+        {
+            // Started by a master of another build (a reload onto an incompatible
+            // executable): refuse before reading anything from it.
+            eprintln!(
+                "tandem: this executable speaks IPC version {} but its master speaks {version:?}; \
+                 refusing to join (restart the whole cluster to change versions)",
+                crate::spawn::IPC_VERSION
+            );
+            std::process::exit(crate::spawn::IPC_MISMATCH_EXIT);
+        }
         match ChildEnv::from_env()? {
             None => crate::master::run(name, config, master).await,
             Some(env) => {

@@ -25,8 +25,9 @@ use tracing::Instrument;
 use crate::builder::{AgentFn, WorkerFn};
 use crate::ipc::{ChildCodec, Delivery, FromChild, Init, Outcome, Ready, ToChild};
 use crate::link::LinkTable;
+use crate::listeners::ReceivedListeners;
 use crate::messenger::{Answer, ChildShared, Inbox, Port, Transport};
-use crate::spawn::{ENV_CLUSTER, ENV_IPC_FD, ENV_MASTER_PID, ENV_ROLE, ENV_WORKER_ID};
+use crate::spawn::{ENV_CLUSTER, ENV_FD_CHANNEL, ENV_IPC_FD, ENV_MASTER_PID, ENV_ROLE, ENV_WORKER_ID};
 use crate::worker::AgentInfo;
 use crate::{AgentContext, Error, Messenger, Role, Sender, WorkerContext, WorkerId};
 
@@ -50,6 +51,8 @@ pub(crate) struct ChildEnv {
     pub ipc_fd: RawFd,
     pub master_pid: u32,
     pub cluster: String,
+    /// The descriptor channel's fd.
+    pub fd_channel: Option<RawFd>,
 }
 
 impl ChildEnv {
@@ -79,6 +82,7 @@ impl ChildEnv {
             ipc_fd: var(ENV_IPC_FD)?,
             master_pid: var(ENV_MASTER_PID)?,
             cluster: var(ENV_CLUSTER)?,
+            fd_channel: std::env::var(ENV_FD_CHANNEL).ok().and_then(|v| v.parse().ok()),
         }))
     }
 }
@@ -93,6 +97,8 @@ pub(crate) struct ChildCore {
     shared: Arc<ChildShared>,
     ready_sent: AtomicBool,
     cluster_ready: watch::Receiver<bool>,
+    /// The listening sockets the master handed this worker, until taken.
+    pub listeners: std::sync::Mutex<ReceivedListeners>,
 }
 
 impl ChildCore {
@@ -113,13 +119,13 @@ impl ChildCore {
 /// Runs this child; returns its exit code (the caller exits with it).
 pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -> i32 {
     match join(&env).await {
-        Ok((init, reader, writer)) => {
+        Ok((init, reader, writer, listeners)) => {
             let pid = std::process::id();
             let span = match env.role {
                 Role::Worker => tracing::info_span!("tandem", role = "worker", worker.id = env.worker_id, pid),
                 _ => tracing::info_span!("tandem", role = "agent", pid, epoch = init.epoch),
             };
-            serve(env, init, reader, writer, agent_fn, worker_fn).instrument(span).await
+            serve(env, init, reader, writer, listeners, agent_fn, worker_fn).instrument(span).await
         }
         Err(e) => {
             tracing::error!(error = %e, source = ?std::error::Error::source(&e), "cannot join the cluster");
@@ -131,8 +137,9 @@ pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -
 type Reader = FramedRead<OwnedReadHalf, ChildCodec>;
 type Writer = FramedWrite<OwnedWriteHalf, ChildCodec>;
 
-/// Guards against orphaning, takes the IPC channel and reads `Init`.
-async fn join(env: &ChildEnv) -> Result<(Init, Reader, Writer), Error> {
+/// Guards against orphaning, takes the IPC channel, reads `Init` and receives
+/// the listening sockets.
+async fn join(env: &ChildEnv) -> Result<(Init, Reader, Writer, ReceivedListeners), Error> {
     die_with_master(env.master_pid)?;
     let stream = take_ipc(env.ipc_fd)?;
     let (rd, wr) = stream.into_split();
@@ -156,7 +163,39 @@ async fn join(env: &ChildEnv) -> Result<(Init, Reader, Writer), Error> {
             None,
         ));
     }
-    Ok((init, reader, writer))
+    let listeners = receive_listeners(env, init.listeners).await?;
+    Ok((init, reader, writer, listeners))
+}
+
+/// Reads the `count` listening sockets the master sends on the descriptor channel.
+async fn receive_listeners(env: &ChildEnv, count: u32) -> Result<ReceivedListeners, Error> {
+    let mut received = ReceivedListeners::default();
+    if count == 0 {
+        return Ok(received);
+    }
+    let Some(fd) = env.fd_channel else {
+        return Err(Error::child_setup(format!("{ENV_FD_CHANNEL} is missing but {count} listeners are due"), None));
+    };
+    let io = |what: &str, e: std::io::Error| Error::child_setup(format!("its descriptor channel {what}"), Some(e));
+    nix::sys::stat::fstat(fd).map_err(|e| io("is not open", std::io::Error::from_raw_os_error(e as i32)))?;
+    // SAFETY: `fd` was inherited from the master for exactly this purpose
+    // (named by TANDEM_FD_CHANNEL) and is open (checked above); this is the
+    // only place that wraps it, once per process (after `take_ipc`, which
+    // guards against a second run()).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| io("could not be set up", std::io::Error::from_raw_os_error(e as i32)))?;
+    let channel = Arc::new(crate::fdpass::FdChannel::new(owned).map_err(|e| io("could not be set up", e))?);
+    received.round_robin = Some(crate::round_robin::WorkerSide::new(Arc::clone(&channel)));
+    while received.len() < count as usize {
+        let message = tokio::time::timeout(INIT_TIMEOUT, channel.recv())
+            .await
+            .map_err(|_| Error::child_setup(format!("its listeners did not arrive within {INIT_TIMEOUT:?}"), None))?
+            .map_err(|e| io("failed", e))?;
+        let Some(message) = message else { return Err(Error::MasterGone) };
+        received.add(&message.header, message.fd).map_err(|problem| Error::child_setup(problem, None))?;
+    }
+    Ok(received)
 }
 
 /// Asks the kernel to SIGKILL this process when its parent dies, then checks
@@ -208,6 +247,7 @@ async fn serve(
     init: Init,
     reader: Reader,
     writer: Writer,
+    listeners: ReceivedListeners,
     agent_fn: AgentFn,
     worker_fn: WorkerFn,
 ) -> i32 {
@@ -244,8 +284,14 @@ async fn serve(
         shared: Arc::clone(&shared),
         ready_sent: AtomicBool::new(false),
         cluster_ready: ready_rx,
+        listeners: std::sync::Mutex::new(listeners),
     });
 
+    if let Ok(listeners) = core.listeners.lock()
+        && let Some(rr) = listeners.round_robin.as_ref().filter(|rr| rr.len() > 0)
+    {
+        rr.spawn_reader(stop.clone(), &tracker);
+    }
     let flush = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, rx, flush.clone()).in_current_span());
     let dispatch = Dispatch { port, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::RestartPolicy;
+use crate::{ListenerSpec, RestartPolicy};
 
 /// How the cluster runs. Only the master's values count: children receive
 /// what they need from it over IPC.
@@ -41,6 +41,19 @@ pub struct Config {
     /// Whether the master prints the status table to stderr when it exits.
     /// The default is true.
     pub status_at_exit: bool,
+    /// The listeners the master binds before any child starts and hands to
+    /// every worker (see [`Builder::listen`](crate::Builder::listen)). The
+    /// default is none.
+    pub listeners: Vec<ListenerSpec>,
+    /// How many worker slots a reload replaces at once. The default is 1.
+    pub reload_parallelism: usize,
+    /// A worker whose resident memory (RSS, sampled every second) exceeds this
+    /// many bytes is replaced gracefully: its successor is started and ready
+    /// before it is drained. The default (`None`) is no limit.
+    pub worker_max_memory: Option<u64>,
+    /// The same for the agent: it is then stopped and restarted (its Leader
+    /// fails over as after a crash, without the crash). The default is no limit.
+    pub agent_max_memory: Option<u64>,
 }
 
 impl Default for Config {
@@ -56,6 +69,10 @@ impl Default for Config {
             link_capacity: 256,
             subscription_capacity: 256,
             status_at_exit: true,
+            listeners: Vec::new(),
+            reload_parallelism: 1,
+            worker_max_memory: None,
+            agent_max_memory: None,
         }
     }
 }

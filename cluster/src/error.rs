@@ -145,6 +145,47 @@ pub enum Error {
     /// A payload could not be decoded from MessagePack into the asked type.
     #[error("could not decode the payload")]
     Decode(#[source] RemoteError),
+    /// A listener address or sharing mode could not be parsed.
+    #[error("bad listener address {addr:?}: {problem}")]
+    BadListenAddr {
+        /// What was given.
+        addr: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The master could not bind a declared listener (start-up fails).
+    #[error("could not listen on {addr} for listener {name:?}")]
+    Listen {
+        /// The listener's name.
+        name: String,
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The worker asked for a listener the cluster does not declare.
+    #[error("no listener named {name:?} (declared: {declared:?})")]
+    NoSuchListener {
+        /// The name asked for.
+        name: String,
+        /// The names declared.
+        declared: Vec<String>,
+    },
+    /// The listener is not of the kind asked for.
+    #[error("listener {name:?} is not a {expected} listener")]
+    WrongListenerKind {
+        /// The name.
+        name: String,
+        /// The kind asked for.
+        expected: &'static str,
+    },
+    /// The worker already took this listener.
+    #[error("listener {name:?} was already taken by this worker")]
+    ListenerTaken {
+        /// The name.
+        name: String,
+    },
 }
 
 impl Error {

@@ -112,6 +112,45 @@ pub enum ClusterEvent {
         /// Whether the grace periods are skipped.
         forced: bool,
     },
+    /// A worker's successor is ready; the old one is draining.
+    WorkerReplaced {
+        /// The slot.
+        id: WorkerId,
+        /// The old process.
+        old: u32,
+        /// The new one.
+        new: u32,
+        /// Why.
+        reason: crate::ReplaceReason,
+    },
+    /// A reload began.
+    ReloadStarted {
+        /// The slots it will replace (ready workers), by worker id.
+        workers: Vec<WorkerId>,
+    },
+    /// A reload replaced every ready worker.
+    ReloadDone {
+        /// The workers' pids after it, by worker id.
+        workers: Vec<u32>,
+    },
+    /// A reload was refused, or failed and was rolled back.
+    ReloadFailed {
+        /// Why.
+        reason: String,
+    },
+    /// A process's RSS exceeded its memory limit.
+    MemoryLimit {
+        /// The role.
+        role: Role,
+        /// The worker id, for workers.
+        worker_id: Option<WorkerId>,
+        /// The process.
+        pid: u32,
+        /// Its RSS in bytes.
+        rss: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
 }
 
 fn slot(role: Role, worker_id: Option<WorkerId>) -> String {
@@ -160,6 +199,19 @@ impl fmt::Display for ClusterEvent {
                 retry_after.as_millis()
             ),
             ClusterEvent::ShutdownStarted { forced } => write!(f, "shutdown started: forced={forced}"),
+            ClusterEvent::WorkerReplaced { id, old, new, reason } => {
+                write!(f, "worker replaced: worker={id} old={old} new={new} reason={reason}")
+            }
+            ClusterEvent::ReloadStarted { workers } => write!(f, "reload started: slots={}", pids(workers)),
+            ClusterEvent::ReloadDone { workers } => write!(f, "reload done: workers={}", pids(workers)),
+            ClusterEvent::ReloadFailed { reason } => write!(f, "reload failed: {reason}"),
+            ClusterEvent::MemoryLimit { role, worker_id, pid, rss, limit } => write!(
+                f,
+                "memory limit: {} pid={pid} rss_mib={:.1} limit_mib={:.1}",
+                slot(*role, *worker_id),
+                *rss as f64 / 1_048_576.0,
+                *limit as f64 / 1_048_576.0
+            ),
         }
     }
 }

@@ -97,6 +97,8 @@ pub(crate) struct Init {
     pub link_capacity: u32,
     /// Messages buffered per topic subscription.
     pub subscription_capacity: u32,
+    /// How many listening sockets follow on the descriptor channel (workers).
+    pub listeners: u32,
 }
 
 /// A user message as delivered, stamped by the master.

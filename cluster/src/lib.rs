@@ -39,6 +39,13 @@
 //! die with the master (`PR_SET_PDEATHSIG` and EOF of their IPC channel).
 //! SIGUSR1 prints the [`StatusTable`] to stderr.
 //!
+//! Serving a port: listeners declared with [`Builder::listen`] are bound by the
+//! master before any child starts and handed to every worker
+//! ([`WorkerContext::listener`]) in one of three [`ShareMode`]s. SIGHUP (or
+//! [`ClusterControl::reload`]) replaces the workers one slot at a time, each new
+//! one ready before its predecessor drains, and rolls back on failure; workers
+//! (and the agent) above their memory limit are replaced the same way.
+//!
 //! ```no_run
 //! use tandem_cluster::{AgentReady, BoxError, Cluster, Target};
 //!
@@ -89,12 +96,16 @@ mod child;
 mod config;
 mod error;
 mod events;
+mod fdpass;
 mod ipc;
 mod link;
+mod listeners;
 mod master;
 mod master_context;
 mod messenger;
 mod process;
+mod reload;
+mod round_robin;
 mod router;
 mod runtime_dir;
 mod shutdown;
@@ -111,9 +122,12 @@ pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};
 pub use events::{ClusterEvent, Events};
 pub use link::{FrameLink, IncomingLink, Links};
+pub use listeners::{LISTEN_BACKLOG, ListenAddr, Listener, ListenerInfo, ListenerSpec, ShareMode};
 pub use master_context::MasterContext;
 pub use messenger::{Message, Messenger, Sender, Subscription, Target, decode, encode};
 pub use process::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
+pub use reload::{ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
+pub use round_robin::{BACKLOG as ROUND_ROBIN_BACKLOG, MAX_UNACKED, RoundRobinListener};
 pub use status::{ProcessState, StatusRow, StatusTable};
 pub use trace::init_tracing;
 pub use worker::{AgentInfo, WorkerContext};

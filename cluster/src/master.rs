@@ -26,8 +26,11 @@ use crate::backoff::Restart;
 use crate::builder::MasterFn;
 use crate::events::Events;
 use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
+use crate::listeners::BoundListeners;
 use crate::master_context::MasterContext;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
+use crate::reload::{ClusterControl, ControlCall};
+use crate::round_robin::{Cmd as RrCmd, RoundRobin};
 use crate::router::Router;
 use crate::runtime_dir::{RuntimeDir, new_token};
 use crate::shutdown::{MasterSignal, MasterSignals, Stage, Stopping};
@@ -52,6 +55,8 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 const EOF_KILL_AFTER: Duration = Duration::from_secs(2);
 /// How often expired requests are pruned.
 const PRUNE_EVERY: Duration = Duration::from_millis(500);
+/// How often the master samples its children's RSS against their memory limits.
+const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Frames written to a child per flush.
 const WRITE_BATCH: usize = 64;
 
@@ -69,8 +74,15 @@ pub(crate) enum Input {
 #[derive(Debug)]
 pub(crate) enum Timer {
     StartDeadline(ProcKey),
-    Restart { slot: SlotId, id: u64 },
+    Restart {
+        slot: SlotId,
+        id: u64,
+    },
     StopDeadline(u64),
+    /// A replaced worker's grace period is over.
+    DrainDeadline(ProcKey),
+    /// The agent stopped for its memory limit did not exit in time.
+    AgentMemoryKill(ProcKey),
     ReapDeadline(u64),
     EofKill(ProcKey),
 }
@@ -83,6 +95,10 @@ pub(crate) struct Master {
     dir: RuntimeDir,
     token: String,
     program: Program,
+    /// The listening sockets, bound before any child starts, kept open until exit.
+    pub(crate) listeners: Arc<BoundListeners>,
+    /// The round-robin dispatcher, when a listener uses that mode.
+    pub(crate) round_robin: Option<RoundRobin>,
     pub(crate) agent: Slot,
     pub(crate) workers: Vec<Slot>,
     /// The last epoch handed to an agent.
@@ -90,7 +106,14 @@ pub(crate) struct Master {
     pub(crate) agent_info: Option<AgentInfo>,
     next_generation: u64,
     workers_started: bool,
-    announced: bool,
+    pub(crate) announced: bool,
+    /// The replacement run (reload or memory limit) in progress.
+    pub(crate) replacing: Option<crate::reload::Run>,
+    pub(crate) memory_holds: crate::reload::MemoryHolds,
+    /// The agent was asked to stop for exceeding its memory limit.
+    pub(crate) agent_memory_stop: bool,
+    control_tx: mpsc::Sender<ControlCall>,
+    control_rx: mpsc::Receiver<ControlCall>,
     pub(crate) stopping: Option<Stopping>,
     next_deadline: u64,
     pub(crate) router: Router,
@@ -116,9 +139,26 @@ impl std::fmt::Debug for Master {
 impl Master {
     fn new(name: String, config: Config) -> Result<Self, Error> {
         let pid = std::process::id();
+        let listeners = Arc::new(BoundListeners::bind(&config.listeners, config.worker_count())?);
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let rr_sockets = listeners.round_robin().map_err(|source| Error::Listen {
+            name: "round-robin".into(),
+            addr: "(duplicating the socket)".into(),
+            source,
+        })?;
+        let round_robin = if rr_sockets.is_empty() {
+            None
+        } else {
+            Some(RoundRobin::start(rr_sockets, &tasks, cancel.clone()).map_err(|source| Error::Listen {
+                name: "round-robin".into(),
+                addr: "(starting the accept loop)".into(),
+                source,
+            })?)
+        };
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
-        let exe = std::env::current_exe().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
+        let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
         let program = Program { exe, args, cluster: name.clone(), master_pid: pid };
         let workers = (1..=config.worker_count())
@@ -127,6 +167,7 @@ impl Master {
         let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
         let (local_tx, local_rx) = mpsc::channel(LOCAL_CAPACITY);
         let (events, events_rx) = broadcast::channel(EVENTS_CAPACITY);
+        let (control_tx, control_rx) = mpsc::channel(crate::reload::CONTROL_CALLS_CAPACITY);
         let port = Arc::new(Port {
             me: Sender::Master { pid },
             inbox: Inbox::new(config.subscription_capacity),
@@ -142,12 +183,19 @@ impl Master {
             dir,
             token,
             program,
+            listeners,
+            round_robin,
             workers,
             epoch: 0,
             agent_info: None,
             next_generation: 1,
             workers_started: false,
             announced: false,
+            replacing: None,
+            memory_holds: Default::default(),
+            agent_memory_stop: false,
+            control_tx,
+            control_rx,
             stopping: None,
             next_deadline: 0,
             router: Router::default(),
@@ -157,8 +205,8 @@ impl Master {
             input_tx,
             input_rx,
             local_rx,
-            tasks: TaskTracker::new(),
-            cancel: CancellationToken::new(),
+            tasks,
+            cancel,
             shutdown_requested: CancellationToken::new(),
             stopping_token: CancellationToken::new(),
             hook_error: None,
@@ -175,6 +223,8 @@ impl Master {
         }
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut memory = tokio::time::interval(MEMORY_SAMPLE_EVERY);
+        memory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !matches!(self.stopping, Some(Stopping { stage: Stage::Done, .. })) {
             tokio::select! {
                 Some(input) = self.input_rx.recv() => self.on_input(input),
@@ -182,7 +232,12 @@ impl Master {
                 signal = signals.recv() => match signal {
                     MasterSignal::Stop => self.begin_stop(),
                     MasterSignal::Status => eprint!("{}", self.status_table()),
+                    MasterSignal::Reload => self.request_reload(None),
                 },
+                Some(call) = self.control_rx.recv() => self.on_control(call),
+                _ = memory.tick(), if self.config.worker_max_memory.is_some() || self.config.agent_max_memory.is_some() => {
+                    self.check_memory()
+                }
                 _ = self.shutdown_requested.cancelled(), if self.stopping.is_none() => self.begin_stop(),
                 _ = prune.tick() => self.prune_requests(),
             }
@@ -219,6 +274,8 @@ impl Master {
             self.events.subscribe(),
             self.shutdown_requested.clone(),
             self.stopping_token.clone(),
+            self.control(),
+            self.listeners.infos(),
         );
         let input = self.input_tx.clone();
         self.tasks.spawn(
@@ -240,7 +297,7 @@ impl Master {
         let _ = self.events.send(event);
     }
 
-    fn after(&self, delay: Duration, timer: Timer) {
+    pub(crate) fn after(&self, delay: Duration, timer: Timer) {
         let tx = self.input_tx.clone();
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
@@ -265,16 +322,34 @@ impl Master {
         }
     }
 
-    /// The live process named by `key`.
+    /// The live process named by `key` (the slot's, or its predecessor still draining).
     pub(crate) fn proc(&self, key: ProcKey) -> Option<&Proc> {
-        self.slot(key.slot)?.proc.as_ref().filter(|p| p.key == key)
+        let slot = self.slot(key.slot)?;
+        slot.proc.iter().chain(slot.previous.iter()).find(|p| p.key == key)
+    }
+
+    /// A handle to ask this master for a reload.
+    pub(crate) fn control(&self) -> ClusterControl {
+        ClusterControl::new(self.control_tx.clone())
     }
 
     // ---- spawning ----------------------------------------------------------
 
-    /// Spawns a process for `slot`. A spawn error is returned (and, except for
-    /// the very first agent, handled as a failed start by the caller).
+    /// Spawns a process for `slot`. A spawn error is returned for the very
+    /// first agent; later ones are handled as a failed start (restart with backoff).
     fn start(&mut self, slot: SlotId) -> std::io::Result<()> {
+        let first = self.next_generation == 1;
+        match self.launch(slot) {
+            Err(e) if !first => {
+                self.spawn_failed(slot, &e);
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
+    /// Spawns a process into `slot` (replacing `slot.proc`); a spawn error is returned.
+    pub(crate) fn launch(&mut self, slot: SlotId) -> std::io::Result<()> {
         let generation = self.next_generation;
         self.next_generation += 1;
         let key = ProcKey { slot, generation };
@@ -285,14 +360,7 @@ impl Master {
             }
             SlotId::Worker(_) => 0,
         };
-        let spawned = match self.program.spawn(slot.role(), slot.worker_id()) {
-            Ok(spawned) => spawned,
-            Err(e) if generation == 1 => return Err(e),
-            Err(e) => {
-                self.spawn_failed(slot, &e);
-                return Ok(());
-            }
-        };
+        let spawned = self.program.spawn(slot.role(), slot.worker_id())?;
         let pid = spawned.pid;
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (data_tx, data_rx) = mpsc::channel(self.config.queue_capacity.max(1));
@@ -304,6 +372,16 @@ impl Master {
         };
         self.tasks.spawn(write_to_child(wr, control_rx, data_rx).instrument(span.clone()));
         self.tasks.spawn(read_from_child(rd, key, self.input_tx.clone()).instrument(span.clone()));
+        let listeners = match slot {
+            SlotId::Worker(id) if !self.listeners.is_empty() => {
+                let count = self.listeners.for_worker(id).len();
+                let task =
+                    send_listeners(Arc::clone(&self.listeners), id, spawned.fd_channel, self.round_robin.clone(), key);
+                self.tasks.spawn(task.instrument(span.clone()));
+                count
+            }
+            _ => 0,
+        };
         self.tasks.spawn(wait_for_child(spawned.child, kill_rx, key, self.input_tx.clone()).instrument(span));
 
         let init = Init {
@@ -321,6 +399,7 @@ impl Master {
             cluster_ready: self.announced,
             link_capacity: u32::try_from(self.config.link_window()).unwrap_or(u32::MAX),
             subscription_capacity: u32::try_from(self.config.subscription_capacity).unwrap_or(u32::MAX),
+            listeners: u32::try_from(listeners).unwrap_or(u32::MAX),
         };
         let proc = Proc::new(key, pid, control_tx, data_tx, epoch, kill_tx);
         proc.control(ToChild::Init(init));
@@ -346,7 +425,7 @@ impl Master {
         self.schedule_restart(slot);
     }
 
-    fn schedule_restart(&mut self, slot: SlotId) {
+    pub(crate) fn schedule_restart(&mut self, slot: SlotId) {
         let Some(s) = self.slot_mut(slot) else { return };
         let (decision, id) = s.died();
         match decision {
@@ -430,8 +509,8 @@ impl Master {
     fn on_ready(&mut self, key: ProcKey, ready: Ready) {
         let announced = self.announced;
         let Some(slot) = self.slot_mut(key.slot) else { return };
-        if slot.state != ProcessState::Starting || slot.proc.as_ref().is_none_or(|p| p.key != key) {
-            return; // a second report, or one during shutdown
+        if slot.state != ProcessState::Starting || slot.proc.as_ref().is_none_or(|p| p.key != key || p.timed_out) {
+            return; // a second report, one during shutdown, or one after the deadline
         }
         match (key.slot, ready) {
             (SlotId::Agent, Ready::Agent { socket }) => {
@@ -469,7 +548,8 @@ impl Master {
             (SlotId::Worker(id), Ready::Worker) => {
                 slot.state = ProcessState::Ready;
                 slot.backoff.ready();
-                let restarted = std::mem::replace(&mut slot.ever_ready, true);
+                let replacing = slot.previous.is_some();
+                let restarted = std::mem::replace(&mut slot.ever_ready, true) && !replacing;
                 let Some(proc) = slot.proc.as_ref() else { return };
                 let pid = proc.pid;
                 if announced {
@@ -479,6 +559,10 @@ impl Master {
                 if restarted {
                     self.emit(ClusterEvent::WorkerRestarted { id, pid });
                 }
+                if let Some(rr) = &self.round_robin {
+                    rr.notify(RrCmd::Ready(key));
+                }
+                self.replacement_ready(key);
                 self.check_cluster_ready();
             }
             (slot, _) => tracing::warn!(%slot, "a readiness report of the wrong role; ignored"),
@@ -513,6 +597,12 @@ impl Master {
     }
 
     fn on_exit(&mut self, key: ProcKey, status: Option<ExitStatus>) {
+        if self.replacement_exited(key, status.as_ref().map_or(ExitReason::Unknown, ExitReason::from_status)) {
+            return;
+        }
+        if key.slot == SlotId::Agent {
+            self.agent_memory_stop = false;
+        }
         let Some(slot) = self.slot_mut(key.slot) else { return };
         let was_starting = slot.state == ProcessState::Starting;
         let Some(proc) = slot.take_proc(key) else { return };
@@ -553,11 +643,16 @@ impl Master {
                     SlotId::Agent => self.config.agent_start_timeout,
                     SlotId::Worker(_) => self.config.worker_start_timeout,
                 };
+                if self.replacement_timed_out(key, timeout) {
+                    return;
+                }
                 let Some(slot) = self.slot_mut(key.slot) else { return };
                 if slot.state != ProcessState::Starting {
                     return;
                 }
-                let Some(proc) = slot.proc_mut(key) else { return };
+                // The slot's starting process only: a predecessor being
+                // replaced (`previous`) was ready long ago.
+                let Some(proc) = slot.proc.as_mut().filter(|p| p.key == key) else { return };
                 proc.timed_out = true;
                 proc.kill();
                 let process = proc.process_ref();
@@ -599,12 +694,19 @@ impl Master {
                 };
                 for slot in slots {
                     if let Some(s) = self.slot_mut(slot)
-                        && s.proc.take().is_some()
+                        && (s.proc.take().is_some() | s.previous.take().is_some())
                     {
                         s.state = ProcessState::Stopped;
                     }
                 }
                 self.advance_stop();
+            }
+            Timer::DrainDeadline(key) => self.drain_deadline(key),
+            Timer::AgentMemoryKill(key) => {
+                if let Some(agent) = self.agent.proc_mut(key) {
+                    tracing::warn!(pid = agent.pid, "agent stopped for its memory limit did not exit in time; SIGKILL");
+                    agent.kill();
+                }
             }
             Timer::EofKill(key) => {
                 if let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) {
@@ -632,16 +734,26 @@ impl Master {
         tracing::info!("stopping: workers first, then the agent");
         self.emit(ClusterEvent::ShutdownStarted { forced: false });
         self.stopping_token.cancel();
+        self.abort_run();
         self.next_deadline += 1;
         self.stopping = Some(Stopping { stage: Stage::Workers, forced: false, deadline_id: self.next_deadline });
         let grace = self.config.worker_stop_timeout;
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         for w in &mut self.workers {
+            for p in w.proc.iter().chain(w.previous.iter()) {
+                if let Some(rr) = &self.round_robin {
+                    rr.notify(RrCmd::Retire(p.key));
+                }
+            }
+            if let Some(p) = &w.previous {
+                p.control(ToChild::Stop { grace_ms });
+            }
             match &w.proc {
                 Some(p) => {
                     p.control(ToChild::Stop { grace_ms });
                     w.state = ProcessState::Stopping;
                 }
+                None if w.previous.is_some() => w.state = ProcessState::Stopping,
                 None => w.state = ProcessState::Stopped,
             }
         }
@@ -652,12 +764,12 @@ impl Master {
         self.advance_stop();
     }
 
-    fn advance_stop(&mut self) {
+    pub(crate) fn advance_stop(&mut self) {
         loop {
             let Some(stopping) = self.stopping else { return };
             match stopping.stage {
                 Stage::Workers => {
-                    if self.workers.iter().any(|w| w.proc.is_some()) {
+                    if self.workers.iter().any(|w| w.proc.is_some() || w.previous.is_some()) {
                         return;
                     }
                     self.next_deadline += 1;
@@ -693,7 +805,7 @@ impl Master {
             Stage::Done => vec![],
         };
         for slot in slots {
-            if let Some(p) = slot.proc.as_mut() {
+            for p in slot.proc.iter_mut().chain(slot.previous.iter_mut()) {
                 tracing::warn!(pid = p.pid, slot = %slot.id, "SIGKILL");
                 p.kill();
             }
@@ -724,7 +836,7 @@ impl Drop for Master {
         // Normally all children have exited; if `serve` failed early, do not
         // leave any behind.
         for slot in std::iter::once(&mut self.agent).chain(self.workers.iter_mut()) {
-            if let Some(p) = slot.proc.as_mut() {
+            for p in slot.proc.iter_mut().chain(slot.previous.iter_mut()) {
                 p.kill();
             }
         }
@@ -745,6 +857,35 @@ pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) ->
     }
     .instrument(span)
     .await
+}
+
+/// Hands worker `id` its listening sockets over its descriptor channel. A
+/// failure means the child is gone or broken; it then fails to start (it waits
+/// for these sockets), which the supervisor reports and handles.
+async fn send_listeners(
+    listeners: Arc<BoundListeners>,
+    id: WorkerId,
+    fd_channel: std::os::fd::OwnedFd,
+    round_robin: Option<RoundRobin>,
+    key: ProcKey,
+) {
+    let channel = match crate::fdpass::FdChannel::new(fd_channel) {
+        Ok(channel) => channel,
+        Err(e) => {
+            tracing::error!(error = %e, "could not set up the descriptor channel");
+            return;
+        }
+    };
+    for (header, fd) in listeners.for_worker(id) {
+        if let Err(e) = channel.send(&header, fd).await {
+            tracing::error!(error = %e, header, "could not pass a listening socket to the worker");
+            return;
+        }
+    }
+    // Round-robin connections and their acknowledgements use the same channel.
+    if let Some(rr) = round_robin {
+        rr.register(key, Arc::new(channel)).await;
+    }
 }
 
 /// Writes queued messages to one child: control first, then data, in batches.

@@ -7,7 +7,9 @@ use std::sync::{Mutex, PoisonError};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ClusterEvent, Error, Events, Messenger, StatusTable};
+use crate::{
+    ClusterControl, ClusterEvent, Error, Events, ListenerInfo, Messenger, ReloadError, ReloadReport, StatusTable,
+};
 
 /// The master's view of the cluster, given to the function set with
 /// [`Builder::master`](crate::Builder::master). It runs alongside the
@@ -22,6 +24,8 @@ pub struct MasterContext {
     later_events: broadcast::Receiver<ClusterEvent>,
     shutdown: CancellationToken,
     stopping: CancellationToken,
+    control: ClusterControl,
+    listeners: Vec<ListenerInfo>,
 }
 
 impl MasterContext {
@@ -35,6 +39,8 @@ impl MasterContext {
         later_events: broadcast::Receiver<ClusterEvent>,
         shutdown: CancellationToken,
         stopping: CancellationToken,
+        control: ClusterControl,
+        listeners: Vec<ListenerInfo>,
     ) -> Self {
         MasterContext {
             pid,
@@ -45,6 +51,8 @@ impl MasterContext {
             later_events,
             shutdown,
             stopping,
+            control,
+            listeners,
         }
     }
 
@@ -85,6 +93,23 @@ impl MasterContext {
     /// or a failure of this function).
     pub fn stopping(&self) -> CancellationToken {
         self.stopping.clone()
+    }
+
+    /// The listeners the master bound, in declaration order, with their real
+    /// addresses (the port the kernel picked for port 0).
+    pub fn listeners(&self) -> &[ListenerInfo] {
+        &self.listeners
+    }
+
+    /// A handle to reload the workers, for other tasks (a control socket).
+    pub fn control(&self) -> ClusterControl {
+        self.control.clone()
+    }
+
+    /// Reloads the workers, slot by slot, with rollback on failure (see
+    /// [`ClusterControl::reload`]). Same as SIGHUP to the master.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        self.control.reload().await
     }
 
     /// The status table.

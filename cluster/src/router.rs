@@ -252,6 +252,9 @@ impl Master {
     /// made, and close its links (the other end's `rx` ends).
     pub(crate) fn process_gone(&mut self, proc: &Proc) {
         let key = proc.key;
+        if let Some(rr) = &self.round_robin {
+            rr.notify(crate::round_robin::Cmd::Remove(key));
+        }
         let asked: Vec<u64> =
             self.router.requests.iter().filter(|(_, p)| p.replier == Replier::Proc(key)).map(|(id, _)| *id).collect();
         for id in asked {

@@ -26,6 +26,8 @@ pub(crate) enum MasterSignal {
     Stop,
     /// SIGUSR1: print the status table.
     Status,
+    /// SIGHUP: reload the workers.
+    Reload,
 }
 
 /// The master's signal handlers.
@@ -34,6 +36,7 @@ pub(crate) struct MasterSignals {
     term: Signal,
     int: Signal,
     usr1: Signal,
+    hup: Signal,
 }
 
 impl MasterSignals {
@@ -42,6 +45,7 @@ impl MasterSignals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             usr1: signal(SignalKind::user_defined1())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -50,6 +54,7 @@ impl MasterSignals {
             _ = self.term.recv() => MasterSignal::Stop,
             _ = self.int.recv() => MasterSignal::Stop,
             _ = self.usr1.recv() => MasterSignal::Status,
+            _ = self.hup.recv() => MasterSignal::Reload,
         }
     }
 }

@@ -24,6 +24,36 @@ pub(crate) const ENV_WORKER_ID: &str = "TANDEM_WORKER_ID";
 pub(crate) const ENV_IPC_FD: &str = "TANDEM_IPC_FD";
 pub(crate) const ENV_MASTER_PID: &str = "TANDEM_MASTER_PID";
 pub(crate) const ENV_CLUSTER: &str = "TANDEM_CLUSTER";
+/// The child's end of its descriptor channel ([`fdpass`](crate::fdpass)).
+pub(crate) const ENV_FD_CHANNEL: &str = "TANDEM_FD_CHANNEL";
+/// The IPC version the master speaks; a child built with another refuses to start.
+pub(crate) const ENV_IPC_VERSION: &str = "TANDEM_IPC_VERSION";
+
+/// The version of the master/child protocol (IPC messages and the descriptor
+/// channel). Bump it on any incompatible change: a reload onto an executable
+/// with another version is refused (its workers exit with
+/// [`IPC_MISMATCH_EXIT`] before joining, and the reload is rolled back).
+pub(crate) const IPC_VERSION: u32 = 2;
+
+/// The exit code of a child whose IPC version differs from its master's.
+pub(crate) const IPC_MISMATCH_EXIT: i32 = 111;
+
+/// The path children are started from: the executable's path as the master
+/// was started with it (argv[0] made absolute, symlinks kept), so a deploy
+/// that replaces the file or flips a symlink is picked up by the next spawn
+/// (a reload); `current_exe()` (symlinks resolved) when argv[0] has no `/`
+/// (found through PATH) or no longer names a file.
+pub(crate) fn program_path() -> io::Result<std::path::PathBuf> {
+    if let Some(argv0) = std::env::args_os().next().map(std::path::PathBuf::from)
+        && argv0.as_os_str().as_encoded_bytes().contains(&b'/')
+    {
+        let path = if argv0.is_absolute() { argv0 } else { std::env::current_dir()?.join(argv0) };
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    std::env::current_exe()
+}
 
 /// A spawned child and the master's end of its IPC channel.
 #[derive(Debug)]
@@ -31,6 +61,8 @@ pub(crate) struct Spawned {
     pub child: Child,
     pub pid: u32,
     pub stream: UnixStream,
+    /// The master's end of the child's descriptor channel.
+    pub fd_channel: std::os::fd::OwnedFd,
 }
 
 /// What to run.
@@ -59,6 +91,8 @@ fn spawn(
     // std creates both ends with SOCK_CLOEXEC.
     let (master_end, child_end) = StdUnixStream::pair()?;
     let child_fd = child_end.as_raw_fd();
+    let (fd_master, fd_child) = crate::fdpass::pair()?;
+    let fd_child_raw = fd_child.as_raw_fd();
 
     let mut cmd = Command::new(exe);
     cmd.args(args)
@@ -66,6 +100,8 @@ fn spawn(
         .env(ENV_IPC_FD, child_fd.to_string())
         .env(ENV_MASTER_PID, master_pid.to_string())
         .env(ENV_CLUSTER, cluster)
+        .env(ENV_FD_CHANNEL, fd_child_raw.to_string())
+        .env(ENV_IPC_VERSION, IPC_VERSION.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(false);
     match worker_id {
@@ -76,12 +112,15 @@ fn spawn(
     // SAFETY: the closure runs in the forked child between fork and exec, where
     // only async-signal-safe functions may be called. It calls only fcntl, prctl
     // and getppid (plain syscalls), allocates nothing and touches no lock.
-    // `child_fd` stays open in the master until after `spawn` returns, so the
-    // child's copy of it is valid here.
+    // `child_fd` and `fd_child_raw` stay open in the master until after `spawn`
+    // returns, so the child's copies of them are valid here.
     unsafe {
         cmd.pre_exec(move || {
             // Let the child's end (and only it) survive exec.
             if libc::fcntl(child_fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::fcntl(fd_child_raw, libc::F_SETFD, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
             // Die with the master. Linux ties this to the thread that forked us:
@@ -98,8 +137,9 @@ fn spawn(
     }
     let child = cmd.spawn()?;
     drop(child_end);
+    drop(fd_child);
     let pid = child.id().ok_or_else(|| io::Error::other("the child exited before its pid could be read"))?;
     master_end.set_nonblocking(true)?;
     let stream = UnixStream::from_std(master_end)?;
-    Ok(Spawned { child, pid, stream })
+    Ok(Spawned { child, pid, stream, fd_channel: fd_master })
 }

@@ -149,6 +149,9 @@ pub(crate) struct Slot {
     pub ever_ready: bool,
     /// The id of the pending restart timer (older timers are ignored).
     pub timer: u64,
+    /// The process being replaced (reload, memory limit): it serves while
+    /// `proc` starts, then drains. See [`reload`](crate::reload).
+    pub previous: Option<Proc>,
 }
 
 impl Slot {
@@ -161,6 +164,7 @@ impl Slot {
             proc: None,
             ever_ready: false,
             timer: 0,
+            previous: None,
         }
     }
 
@@ -172,9 +176,9 @@ impl Slot {
         }
     }
 
-    /// The slot's process if it is the one named by `key`.
+    /// The slot's process (or the one it replaces) if it is the one named by `key`.
     pub(crate) fn proc_mut(&mut self, key: ProcKey) -> Option<&mut Proc> {
-        self.proc.as_mut().filter(|p| p.key == key)
+        self.proc.iter_mut().chain(self.previous.iter_mut()).find(|p| p.key == key)
     }
 
     /// The process died (outside shutdown): decide its restart and move to

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::child::ChildCore;
 use crate::ipc::Ready;
-use crate::{Error, FrameLink, Messenger, WorkerId};
+use crate::{Error, FrameLink, Listener, Messenger, WorkerId};
 
 /// The current agent, as workers see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +87,45 @@ impl WorkerContext {
     /// `self.messenger().open_link()`).
     pub async fn open_link(&self) -> Result<FrameLink, Error> {
         self.core.messenger.open_link().await
+    }
+
+    /// Takes the listening socket the master bound for listener `name` (see
+    /// [`Builder::listen`](crate::Builder::listen)), ready for `axum::serve` or
+    /// hyper. Each listener can be taken once per worker process. Take and
+    /// serve every declared listener before [`ready`](Self::ready): a reload
+    /// stops the old worker as soon as its successor is ready.
+    pub fn listener(&self, name: &str) -> Result<Listener, Error> {
+        self.core.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take(name, &self.core.stop)
+    }
+
+    /// [`listener`](Self::listener), for a TCP listener.
+    pub fn tcp_listener(&self, name: &str) -> Result<tokio::net::TcpListener, Error> {
+        match self.listener(name)? {
+            Listener::Tcp(l) => Ok(l),
+            _ => Err(Error::WrongListenerKind { name: name.to_owned(), expected: "TCP (reuseport or shared)" }),
+        }
+    }
+
+    /// [`listener`](Self::listener), for a Unix socket listener.
+    pub fn unix_listener(&self, name: &str) -> Result<tokio::net::UnixListener, Error> {
+        match self.listener(name)? {
+            Listener::Unix(l) => Ok(l),
+            _ => Err(Error::WrongListenerKind { name: name.to_owned(), expected: "Unix" }),
+        }
+    }
+
+    /// A future that resolves when the worker is asked to stop (cluster
+    /// shutdown, a reload or memory replacement of this worker, SIGTERM), for
+    /// `axum::serve(..).with_graceful_shutdown(..)`.
+    ///
+    /// Mind hyper's graceful shutdown: it closes at once a connection that has
+    /// not delivered its first request bytes yet, as idle, so a client that
+    /// connected just before gets no answer. Stop accepting first and let
+    /// open connections finish before shutting them down, as
+    /// `examples/http_config.rs` does (`StopAccepting`, `serve`).
+    pub fn shutdown_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let token = self.core.stop.clone();
+        async move { token.cancelled().await }
     }
 
     /// Reports this worker ready (call it once its Follower is connected).

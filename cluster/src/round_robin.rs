@@ -1,0 +1,608 @@
+//! The `round-robin` sharing mode: the master accepts, and hands each
+//! connection to the next ready worker over its descriptor channel (Node's
+//! `RoundRobinHandle` model).
+//!
+//! ```text
+//! master: accept ──> dispatcher ── "C <id> <name>" + fd ──> worker (its RoundRobinListener)
+//!                        ^                                      │ accept() returns it
+//!                        └────────────── "A <id>" (ack) ────────┘ or "B <id>" (back: stopping)
+//! ```
+//!
+//! The master keeps its own descriptor of each connection until the worker
+//! acknowledges it (before reading a byte from it). A connection handed back
+//! by a stopping worker, or left unacknowledged by a worker that died, is
+//! given to another worker: nobody has read from it, so nothing is lost. A
+//! worker is given at most [`MAX_UNACKED`] connections it has not
+//! acknowledged (so a busy or stuck worker is skipped); when no worker can
+//! take one, connections wait in a backlog of [`BACKLOG`], beyond which they
+//! are closed (logged at WARN: the client sees a reset).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::fdpass::FdChannel;
+use crate::supervisor::ProcKey;
+
+/// Connections a worker may hold unacknowledged before it is skipped.
+pub const MAX_UNACKED: usize = 64;
+/// Accepted connections waiting for a worker; beyond this they are closed.
+pub const BACKLOG: usize = 4096;
+/// Commands queued for the dispatcher (accept loops wait when it is full).
+const COMMANDS: usize = 1024;
+
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    Register {
+        key: ProcKey,
+        channel: Arc<FdChannel>,
+    },
+    Ready(ProcKey),
+    /// Stopping: no new connections.
+    Retire(ProcKey),
+    /// Gone: its unacknowledged connections go to others.
+    Remove(ProcKey),
+    Accepted {
+        listener: usize,
+        fd: OwnedFd,
+    },
+    Ack {
+        key: ProcKey,
+        id: u64,
+    },
+    Back {
+        key: ProcKey,
+        id: u64,
+    },
+}
+
+/// The master's handle on the dispatcher.
+#[derive(Debug, Clone)]
+pub(crate) struct RoundRobin {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl RoundRobin {
+    /// Starts the dispatcher and one accept loop per listener
+    /// (`(name, listening socket)`, TCP).
+    pub(crate) fn start(
+        listeners: Vec<(String, OwnedFd)>,
+        tasks: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel(COMMANDS);
+        let names: Vec<String> = listeners.iter().map(|(n, _)| n.clone()).collect();
+        for (index, (name, fd)) in listeners.into_iter().enumerate() {
+            let std = std::net::TcpListener::from(fd);
+            std.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(std)?;
+            let (tx, cancel) = (tx.clone(), cancel.clone());
+            let span = tracing::info_span!("round_robin", listener = %name);
+            tasks.spawn(accept_loop(listener, index, tx, cancel).instrument(span));
+        }
+        let dispatcher = Dispatcher {
+            names,
+            workers: HashMap::new(),
+            order: Vec::new(),
+            ready_early: HashSet::new(),
+            next: 0,
+            next_id: 0,
+            backlog: VecDeque::new(),
+            tx: tx.clone(),
+            tasks: tasks.clone(),
+            cancel: cancel.clone(),
+        };
+        tasks.spawn(dispatcher.run(rx, cancel).in_current_span());
+        Ok(RoundRobin { tx })
+    }
+
+    pub(crate) fn register(&self, key: ProcKey, channel: Arc<FdChannel>) -> impl Future<Output = ()> + Send + 'static {
+        let tx = self.tx.clone();
+        async move {
+            let _ = tx.send(Cmd::Register { key, channel }).await;
+        }
+    }
+
+    /// Lifecycle notices from the master loop. Never waits: when the queue is
+    /// full (accepted connections pile up), the notice is sent by a task.
+    pub(crate) fn notify(&self, cmd: Cmd) {
+        match self.tx.try_send(cmd) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                tracing::debug!("round-robin dispatcher queue full; sending the notice from a task");
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(cmd).await;
+                });
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    index: usize,
+    tx: mpsc::Sender<Cmd>,
+    cancel: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = cancel.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                warned = false;
+                let fd = match stream.into_std() {
+                    Ok(s) => OwnedFd::from(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not take an accepted connection");
+                        continue;
+                    }
+                };
+                if tx.send(Cmd::Accepted { listener: index, fd }).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: say it once, back off briefly, retry.
+                if !warned {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Worker {
+    out: mpsc::Sender<(String, OwnedFd)>,
+    ready: bool,
+    /// Handed out, not acknowledged yet: (listener, the master's copy).
+    unacked: HashMap<u64, (usize, OwnedFd)>,
+}
+
+struct Dispatcher {
+    names: Vec<String>,
+    workers: HashMap<ProcKey, Worker>,
+    /// Round-robin order of the registered workers.
+    order: Vec<ProcKey>,
+    ready_early: HashSet<ProcKey>,
+    next: usize,
+    next_id: u64,
+    backlog: VecDeque<(usize, OwnedFd)>,
+    tx: mpsc::Sender<Cmd>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, cancel: CancellationToken) {
+        loop {
+            let cmd = tokio::select! {
+                cmd = rx.recv() => match cmd { Some(cmd) => cmd, None => return },
+                _ = cancel.cancelled() => return,
+            };
+            self.on(cmd);
+        }
+    }
+
+    fn on(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Register { key, channel } => {
+                let (out, out_rx) = mpsc::channel(MAX_UNACKED);
+                let ready = self.ready_early.remove(&key);
+                self.workers.insert(key, Worker { out, ready, unacked: HashMap::new() });
+                self.order.push(key);
+                let span = tracing::info_span!("round_robin_worker", slot = %key.slot);
+                self.tasks
+                    .spawn(write_worker(Arc::clone(&channel), out_rx, self.cancel.clone()).instrument(span.clone()));
+                self.tasks.spawn(read_worker(channel, key, self.tx.clone(), self.cancel.clone()).instrument(span));
+                self.drain_backlog();
+            }
+            Cmd::Ready(key) => match self.workers.get_mut(&key) {
+                Some(w) => {
+                    w.ready = true;
+                    self.drain_backlog();
+                }
+                None => {
+                    self.ready_early.insert(key);
+                }
+            },
+            Cmd::Retire(key) => {
+                if let Some(w) = self.workers.get_mut(&key) {
+                    w.ready = false;
+                }
+            }
+            Cmd::Remove(key) => {
+                self.ready_early.remove(&key);
+                self.order.retain(|k| *k != key);
+                if let Some(w) = self.workers.remove(&key) {
+                    for (_, (listener, fd)) in w.unacked {
+                        self.dispatch(listener, fd);
+                    }
+                }
+            }
+            Cmd::Accepted { listener, fd } => self.dispatch(listener, fd),
+            Cmd::Ack { key, id } => {
+                if let Some(w) = self.workers.get_mut(&key) {
+                    // Dropping the master's copy; the worker owns the connection now.
+                    w.unacked.remove(&id);
+                }
+                self.drain_backlog();
+            }
+            Cmd::Back { key, id } => {
+                let returned = self.workers.get_mut(&key).and_then(|w| {
+                    w.ready = false; // only a stopping worker hands connections back
+                    w.unacked.remove(&id)
+                });
+                if let Some((listener, fd)) = returned {
+                    self.dispatch(listener, fd);
+                }
+            }
+        }
+    }
+
+    fn drain_backlog(&mut self) {
+        while let Some((listener, fd)) = self.backlog.pop_front() {
+            if let Err((listener, fd)) = self.try_give(listener, fd) {
+                self.backlog.push_front((listener, fd));
+                return;
+            }
+        }
+    }
+
+    fn dispatch(&mut self, listener: usize, fd: OwnedFd) {
+        if !self.backlog.is_empty() {
+            return self.queue(listener, fd);
+        }
+        if let Err((listener, fd)) = self.try_give(listener, fd) {
+            self.queue(listener, fd);
+        }
+    }
+
+    fn queue(&mut self, listener: usize, fd: OwnedFd) {
+        if self.backlog.len() >= BACKLOG {
+            tracing::warn!(backlog = BACKLOG, "no worker can take connections and the backlog is full; closing one");
+            return;
+        }
+        self.backlog.push_back((listener, fd));
+    }
+
+    /// Gives the connection to the next ready worker with room, or returns it.
+    fn try_give(&mut self, listener: usize, fd: OwnedFd) -> Result<(), (usize, OwnedFd)> {
+        let n = self.order.len();
+        for step in 0..n {
+            let key = self.order[(self.next + step) % n];
+            let Some(w) = self.workers.get_mut(&key) else { continue };
+            if !w.ready || w.unacked.len() >= MAX_UNACKED {
+                continue;
+            }
+            let copy = match fd.try_clone() {
+                Ok(copy) => copy,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not duplicate a connection; closing it");
+                    return Ok(());
+                }
+            };
+            self.next_id += 1;
+            let id = self.next_id;
+            let header = format!("C {id} {}", self.names.get(listener).map_or("", String::as_str));
+            if w.out.try_send((header, copy)).is_err() {
+                continue; // its writer is behind or gone: try the next one
+            }
+            w.unacked.insert(id, (listener, fd));
+            self.next = (self.next + step + 1) % n;
+            return Ok(());
+        }
+        Err((listener, fd))
+    }
+}
+
+async fn write_worker(channel: Arc<FdChannel>, mut rx: mpsc::Receiver<(String, OwnedFd)>, cancel: CancellationToken) {
+    loop {
+        let (header, fd) = tokio::select! {
+            item = rx.recv() => match item { Some(item) => item, None => return },
+            _ = cancel.cancelled() => return,
+        };
+        if let Err(e) = channel.send(&header, Some(fd.as_fd())).await {
+            // The worker is gone; its exit makes the master re-dispatch what it held.
+            tracing::debug!(error = %e, "could not hand a connection to a worker");
+            return;
+        }
+    }
+}
+
+async fn read_worker(channel: Arc<FdChannel>, key: ProcKey, tx: mpsc::Sender<Cmd>, cancel: CancellationToken) {
+    loop {
+        let message = tokio::select! {
+            message = channel.recv() => message,
+            _ = cancel.cancelled() => return,
+        };
+        let message = match message {
+            Ok(Some(message)) => message,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad message on a worker's descriptor channel; ignoring the channel");
+                return;
+            }
+        };
+        let mut parts = message.header.split(' ');
+        let cmd = match (parts.next(), parts.next().and_then(|id| id.parse().ok()), message.fd) {
+            (Some("A"), Some(id), None) => Cmd::Ack { key, id },
+            (Some("B"), Some(id), None) => Cmd::Back { key, id },
+            _ => {
+                tracing::warn!(header = %message.header, "unexpected message from a worker's descriptor channel; ignored");
+                continue;
+            }
+        };
+        if tx.send(cmd).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---- the worker's side -----------------------------------------------------
+
+/// Connections handed to one round-robin listener of this worker, not taken yet.
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    items: Mutex<VecDeque<(u64, OwnedFd)>>,
+    notify: Notify,
+}
+
+/// A round-robin listener, as a worker sees it: `accept` returns the
+/// connections the master hands to this worker.
+#[derive(Debug)]
+pub struct RoundRobinListener {
+    name: String,
+    queue: Arc<Queue>,
+    channel: Arc<FdChannel>,
+    stop: CancellationToken,
+    local: Option<SocketAddr>,
+}
+
+impl RoundRobinListener {
+    /// The next connection. After the worker is asked to stop, it never
+    /// resolves (connections go to the other workers).
+    pub async fn accept(&mut self) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+        loop {
+            if self.stop.is_cancelled() {
+                return std::future::pending().await;
+            }
+            let item = self.queue.items.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+            let Some((id, fd)) = item else {
+                tokio::select! {
+                    _ = self.queue.notify.notified() => {}
+                    _ = self.stop.cancelled() => {}
+                }
+                continue;
+            };
+            // Acknowledge before reading a byte: from now on it is ours.
+            self.channel.send(&format!("A {id}"), None).await?;
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true)?;
+            let peer = std.peer_addr()?;
+            return Ok((tokio::net::TcpStream::from_std(std)?, peer));
+        }
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address the master listens on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.local.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no local address"))
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for RoundRobinListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match RoundRobinListener::accept(self).await {
+                Ok(accepted) => return accepted,
+                // A connection that closed before we took it, or a master gone.
+                Err(e) => tracing::debug!(error = %e, "round-robin accept failed"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        RoundRobinListener::local_addr(self)
+    }
+}
+
+/// The worker's side of its descriptor channel once the listeners arrived:
+/// routes handed connections to their listener's queue, or hands them back
+/// when the worker is stopping or the listener was not taken.
+#[derive(Debug)]
+pub(crate) struct WorkerSide {
+    channel: Arc<FdChannel>,
+    queues: HashMap<String, (Arc<Queue>, Option<SocketAddr>)>,
+    taken: Arc<Mutex<HashSet<String>>>,
+}
+
+impl WorkerSide {
+    pub(crate) fn new(channel: Arc<FdChannel>) -> Self {
+        WorkerSide { channel, queues: HashMap::new(), taken: Arc::default() }
+    }
+
+    pub(crate) fn declare(&mut self, name: &str, local: Option<SocketAddr>) {
+        self.queues.insert(name.to_owned(), (Arc::default(), local));
+    }
+
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.queues.contains_key(name)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub(crate) fn take(&self, name: &str, stop: CancellationToken) -> Option<RoundRobinListener> {
+        let (queue, local) = self.queues.get(name)?;
+        if !self.taken.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned()) {
+            return None;
+        }
+        Some(RoundRobinListener {
+            name: name.to_owned(),
+            queue: Arc::clone(queue),
+            channel: Arc::clone(&self.channel),
+            stop,
+            local: *local,
+        })
+    }
+
+    /// Reads handed connections until the channel closes.
+    pub(crate) fn spawn_reader(&self, stop: CancellationToken, tasks: &TaskTracker) {
+        let channel = Arc::clone(&self.channel);
+        let queues: HashMap<String, Arc<Queue>> =
+            self.queues.iter().map(|(n, (q, _))| (n.clone(), Arc::clone(q))).collect();
+        let taken = Arc::clone(&self.taken);
+        tasks.spawn(
+            async move {
+                let give_back = |id: u64| {
+                    let channel = Arc::clone(&channel);
+                    async move {
+                        if let Err(e) = channel.send(&format!("B {id}"), None).await {
+                            tracing::debug!(error = %e, "could not hand a connection back");
+                        }
+                    }
+                };
+                loop {
+                    let message = tokio::select! {
+                        message = channel.recv() => message,
+                        _ = stop.cancelled() => break,
+                    };
+                    let message = match message {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bad message on the descriptor channel");
+                            continue;
+                        }
+                    };
+                    let mut parts = message.header.splitn(3, ' ');
+                    let (Some("C"), Some(id), Some(name), Some(fd)) =
+                        (parts.next(), parts.next().and_then(|i| i.parse::<u64>().ok()), parts.next(), message.fd)
+                    else {
+                        tracing::warn!(header = %message.header, "unexpected message on the descriptor channel; ignored");
+                        continue;
+                    };
+                    let is_taken = taken.lock().unwrap_or_else(PoisonError::into_inner).contains(name);
+                    match queues.get(name).filter(|_| is_taken) {
+                        Some(queue) => {
+                            queue.items.lock().unwrap_or_else(PoisonError::into_inner).push_back((id, fd));
+                            queue.notify.notify_one();
+                        }
+                        None => give_back(id).await,
+                    }
+                }
+                // Stopping: hand back what was not taken, and whatever still comes.
+                for queue in queues.values() {
+                    let items: Vec<(u64, OwnedFd)> =
+                        queue.items.lock().unwrap_or_else(PoisonError::into_inner).drain(..).collect();
+                    for (id, _fd) in items {
+                        give_back(id).await;
+                    }
+                }
+                while let Ok(Some(message)) = channel.recv().await {
+                    if let Some(id) = message.header.strip_prefix("C ").and_then(|r| r.split(' ').next()?.parse().ok()) {
+                        give_back(id).await;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::fdpass;
+    use crate::supervisor::SlotId;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn key(id: u32) -> ProcKey {
+        ProcKey { slot: SlotId::Worker(id), generation: u64::from(id) }
+    }
+
+    /// A fake worker: the other end of a descriptor channel.
+    async fn worker(rr: &RoundRobin, id: u32) -> FdChannel {
+        let (master, worker) = fdpass::pair().unwrap();
+        rr.register(key(id), Arc::new(FdChannel::new(master).unwrap())).await;
+        rr.notify(Cmd::Ready(key(id)));
+        FdChannel::new(worker).unwrap()
+    }
+
+    /// The next handed connection: (id, the local port of the client it came from).
+    async fn handed(w: &FdChannel) -> (u64, u16) {
+        let m = tokio::time::timeout(WAIT, w.recv()).await.expect("a connection in time").unwrap().unwrap();
+        let mut parts = m.header.split(' ');
+        assert_eq!(parts.next(), Some("C"));
+        let id = parts.next().unwrap().parse().unwrap();
+        assert_eq!(parts.next(), Some("http"));
+        let stream = std::net::TcpStream::from(m.fd.unwrap());
+        (id, stream.peer_addr().unwrap().port())
+    }
+
+    #[tokio::test]
+    async fn connections_alternate_and_come_back_from_a_stopping_or_dead_worker() {
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rr = RoundRobin::start(vec![("http".into(), OwnedFd::from(listener))], &tasks, cancel.clone()).unwrap();
+        let a = worker(&rr, 1).await;
+        let b = worker(&rr, 2).await;
+
+        let c1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (id1, port1) = handed(&a).await;
+        assert_eq!(port1, c1.local_addr().unwrap().port());
+        let c2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_, port2) = handed(&b).await;
+        assert_eq!(port2, c2.local_addr().unwrap().port(), "the next worker gets the next connection");
+
+        // A hands its connection back (it is stopping): B gets the same client.
+        a.send(&format!("B {id1}"), None).await.unwrap();
+        let (_, port) = handed(&b).await;
+        assert_eq!(port, port1);
+
+        // A is not ready any more: new connections all go to B; B dies without
+        // acknowledging one, which then goes to a new worker C.
+        let c3 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_, port3) = handed(&b).await;
+        assert_eq!(port3, c3.local_addr().unwrap().port());
+        let c = worker(&rr, 3).await;
+        rr.notify(Cmd::Retire(key(1)));
+        rr.notify(Cmd::Remove(key(2)));
+        let mut ports = vec![handed(&c).await.1, handed(&c).await.1, handed(&c).await.1];
+        ports.sort_unstable();
+        let mut expected = vec![port1, port2, port3];
+        expected.sort_unstable();
+        assert_eq!(ports, expected, "every connection B had not acknowledged goes to C");
+        cancel.cancel();
+        tasks.close();
+        drop((c1, c2, c3));
+    }
+}
