@@ -41,6 +41,14 @@ pub struct Config {
     /// Whether the master prints the status table to stderr when it exits.
     /// The default is true.
     pub status_at_exit: bool,
+    /// The cluster's name for operators: the `tandem` CLI finds the cluster by
+    /// it (see [`control`](crate::control)); two clusters of one user cannot
+    /// share it. The default (`None`) is the executable's file name.
+    pub name: Option<String>,
+    /// Where the master serves `/metrics` (Prometheus text). The default
+    /// (`None`) serves no metrics. Port 0 picks a free port:
+    /// [`MasterContext::metrics_addr`](crate::MasterContext::metrics_addr) tells which.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -56,6 +64,8 @@ impl Default for Config {
             link_capacity: 256,
             subscription_capacity: 256,
             status_at_exit: true,
+            name: None,
+            metrics: None,
         }
     }
 }

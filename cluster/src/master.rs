@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::backoff::Restart;
 use crate::builder::MasterFn;
+use crate::control::{ControlCall, ControlServer, ControlStats, MasterHandle, Replaced, Snapshot};
 use crate::events::Events;
 use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
 use crate::master_context::MasterContext;
@@ -73,6 +74,19 @@ pub(crate) enum Timer {
     StopDeadline(u64),
     ReapDeadline(u64),
     EofKill(ProcKey),
+    /// A worker being replaced by a reload did not stop within its grace.
+    ReplaceKill(ProcKey),
+}
+
+/// A worker being replaced by a reload (see `control::reload_workers`).
+#[derive(Debug)]
+struct Replacement {
+    id: WorkerId,
+    old_pid: u32,
+    /// The old process while it stops, then its successor while it starts.
+    waiting_for: ProcKey,
+    started: bool,
+    reply: oneshot::Sender<Result<Replaced, String>>,
 }
 
 pub(crate) struct Master {
@@ -105,6 +119,11 @@ pub(crate) struct Master {
     shutdown_requested: CancellationToken,
     stopping_token: CancellationToken,
     hook_error: Option<BoxError>,
+    control_name: String,
+    control: Option<ControlServer>,
+    control_tx: mpsc::Sender<ControlCall>,
+    control_rx: mpsc::Receiver<ControlCall>,
+    replacing: Vec<Replacement>,
 }
 
 impl std::fmt::Debug for Master {
@@ -116,6 +135,8 @@ impl std::fmt::Debug for Master {
 impl Master {
     fn new(name: String, config: Config) -> Result<Self, Error> {
         let pid = std::process::id();
+        let control_name = config.name.clone().unwrap_or_else(crate::control::default_name);
+        let control = ControlServer::bind(&control_name)?;
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
         let exe = std::env::current_exe().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
@@ -132,7 +153,8 @@ impl Master {
             inbox: Inbox::new(config.subscription_capacity),
             transport: Transport::Master(local_tx),
         });
-        tracing::info!(runtime_dir = %dir.path().display(), workers = config.worker_count(), "master starting");
+        tracing::debug!(runtime_dir = %dir.path().display(), workers = config.worker_count(), "master starting");
+        let (control_tx, control_rx) = mpsc::channel(LOCAL_CAPACITY);
         Ok(Master {
             agent: Slot::new(SlotId::Agent, config.restart.clone()),
             config,
@@ -162,13 +184,30 @@ impl Master {
             shutdown_requested: CancellationToken::new(),
             stopping_token: CancellationToken::new(),
             hook_error: None,
+            control_name,
+            control: Some(control),
+            control_tx,
+            control_rx,
+            replacing: Vec::new(),
         })
     }
 
     async fn serve(&mut self, hook: Option<MasterFn>) -> Result<(), Error> {
         let mut signals = MasterSignals::install().map_err(Error::Signals)?;
+        let handle = MasterHandle {
+            calls: self.control_tx.clone(),
+            messenger: Messenger::new(Arc::clone(&self.port)),
+            stats: Arc::new(ControlStats::default()),
+        };
+        let metrics_addr = match self.config.metrics {
+            Some(addr) => Some(crate::metrics::serve(addr, handle.clone(), &self.tasks, self.cancel.clone()).await?),
+            None => None,
+        };
+        if let Some(control) = self.control.take() {
+            control.spawn(handle, &self.tasks, self.cancel.clone());
+        }
         if let Some(hook) = hook {
-            self.start_hook(hook);
+            self.start_hook(hook, metrics_addr);
         }
         if let Err(source) = self.start(SlotId::Agent) {
             return Err(Error::Spawn { what: "agent".into(), source });
@@ -179,6 +218,7 @@ impl Master {
             tokio::select! {
                 Some(input) = self.input_rx.recv() => self.on_input(input),
                 Some(call) = self.local_rx.recv() => self.on_local(call),
+                Some(call) = self.control_rx.recv() => self.on_control(call),
                 signal = signals.recv() => match signal {
                     MasterSignal::Stop => self.begin_stop(),
                     MasterSignal::Status => eprint!("{}", self.status_table()),
@@ -190,7 +230,7 @@ impl Master {
         if self.config.status_at_exit {
             eprint!("{}", self.status_table());
         }
-        tracing::info!("all children exited; master exiting");
+        tracing::debug!("all children exited; master exiting");
         self.port.inbox.close();
         self.cancel.cancel();
         self.tasks.close();
@@ -208,7 +248,7 @@ impl Master {
         }
     }
 
-    fn start_hook(&mut self, hook: MasterFn) {
+    fn start_hook(&mut self, hook: MasterFn, metrics_addr: Option<std::net::SocketAddr>) {
         let events = self.events_rx.take().map(Events::new);
         let ctx = MasterContext::new(
             self.pid,
@@ -219,7 +259,8 @@ impl Master {
             self.events.subscribe(),
             self.shutdown_requested.clone(),
             self.stopping_token.clone(),
-        );
+        )
+        .with_operations(self.control_name.clone(), metrics_addr);
         let input = self.input_tx.clone();
         self.tasks.spawn(
             async move {
@@ -479,6 +520,7 @@ impl Master {
                 if restarted {
                     self.emit(ClusterEvent::WorkerRestarted { id, pid });
                 }
+                self.replacement_ready(key, pid);
                 self.check_cluster_ready();
             }
             (slot, _) => tracing::warn!(%slot, "a readiness report of the wrong role; ignored"),
@@ -522,10 +564,16 @@ impl Master {
         self.process_gone(&proc);
         self.emit(ClusterEvent::Exited { process: process.clone(), exit, uptime });
         if self.stopping.is_some() {
+            for r in self.replacing.drain(..) {
+                let _ = r.reply.send(Err("the cluster is stopping".into()));
+            }
             if let Some(slot) = self.slot_mut(key.slot) {
                 slot.state = ProcessState::Stopped;
             }
             self.advance_stop();
+            return;
+        }
+        if self.replacement_exited(key, exit) {
             return;
         }
         tracing::warn!(%process, %exit, "child died");
@@ -605,6 +653,12 @@ impl Master {
                     }
                 }
                 self.advance_stop();
+            }
+            Timer::ReplaceKill(key) => {
+                if let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) {
+                    tracing::warn!(pid = proc.pid, "a worker being replaced did not stop in time; killing it");
+                    proc.kill();
+                }
             }
             Timer::EofKill(key) => {
                 if let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) {
@@ -697,6 +751,100 @@ impl Master {
                 tracing::warn!(pid = p.pid, slot = %slot.id, "SIGKILL");
                 p.kill();
             }
+        }
+    }
+
+    // ---- control (the `tandem` CLI and the metrics) -------------------------
+
+    fn on_control(&mut self, call: ControlCall) {
+        match call {
+            ControlCall::Snapshot(reply) => {
+                let snapshot = Snapshot {
+                    name: self.control_name.clone(),
+                    pid: self.pid,
+                    uptime: self.started_at.elapsed(),
+                    stopping: self.stopping.is_some(),
+                    announced: self.announced,
+                    table: self.status_table(),
+                    messages: self.router.counts,
+                    replace_timeout: self.config.worker_stop_timeout
+                        + self.config.worker_start_timeout
+                        + REAP_TIMEOUT,
+                };
+                let _ = reply.send(snapshot);
+            }
+            ControlCall::Stop(reply) => {
+                let mut pids = vec![self.pid];
+                pids.extend(
+                    std::iter::once(&self.agent).chain(&self.workers).filter_map(|s| s.proc.as_ref()).map(|p| p.pid),
+                );
+                if self.stopping.is_none() {
+                    tracing::info!("stop requested on the control socket");
+                    self.begin_stop();
+                }
+                let _ = reply.send(pids);
+            }
+            ControlCall::ReplaceWorker { id, reply } => self.replace_worker(id, reply),
+        }
+    }
+
+    /// Stops worker `id` gracefully; its exit starts the successor at once
+    /// (`replacement_exited`), whose readiness answers `reply` (`replacement_ready`).
+    fn replace_worker(&mut self, id: WorkerId, reply: oneshot::Sender<Result<Replaced, String>>) {
+        if self.stopping.is_some() {
+            let _ = reply.send(Err("the cluster is stopping".into()));
+            return;
+        }
+        let grace = self.config.worker_stop_timeout;
+        let Some(slot) = self.slot_mut(SlotId::Worker(id)) else {
+            let _ = reply.send(Err(format!("there is no worker {id}")));
+            return;
+        };
+        let (Some(proc), ProcessState::Ready) = (&slot.proc, slot.state) else {
+            let _ = reply.send(Err(format!("worker {id} is not online ({})", crate::control::state_name(slot.state))));
+            return;
+        };
+        let (key, old_pid) = (proc.key, proc.pid);
+        proc.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
+        slot.state = ProcessState::Stopping;
+        self.replacing.push(Replacement { id, old_pid, waiting_for: key, started: false, reply });
+        self.after(grace, Timer::ReplaceKill(key));
+    }
+
+    /// A process exited outside shutdown: if a reload was stopping it, start
+    /// its successor now (true: handled); if it was the successor, the reload
+    /// fails and the usual restart follows (false).
+    fn replacement_exited(&mut self, key: ProcKey, exit: ExitReason) -> bool {
+        let Some(at) = self.replacing.iter().position(|r| r.waiting_for == key) else { return false };
+        if self.replacing[at].started {
+            let r = self.replacing.swap_remove(at);
+            let _ = r.reply.send(Err(format!("worker {}'s successor exited before it was ready ({exit})", r.id)));
+            return false;
+        }
+        if let Some(s) = self.slot_mut(key.slot) {
+            s.restarts += 1;
+        }
+        if let Err(e) = self.start(key.slot) {
+            self.spawn_failed(key.slot, &e);
+        }
+        match self.slot(key.slot).and_then(|s| s.proc.as_ref()).map(|p| p.key) {
+            Some(new) => {
+                let r = &mut self.replacing[at];
+                r.waiting_for = new;
+                r.started = true;
+            }
+            None => {
+                let r = self.replacing.swap_remove(at);
+                let _ = r.reply.send(Err(format!("worker {}'s successor could not be spawned", r.id)));
+            }
+        }
+        true
+    }
+
+    fn replacement_ready(&mut self, key: ProcKey, pid: u32) {
+        if let Some(at) = self.replacing.iter().position(|r| r.started && r.waiting_for == key) {
+            let r = self.replacing.swap_remove(at);
+            let _ = r.reply.send(Ok(Replaced { worker: r.id, old_pid: r.old_pid, new_pid: pid }));
         }
     }
 

@@ -22,6 +22,8 @@ pub struct MasterContext {
     later_events: broadcast::Receiver<ClusterEvent>,
     shutdown: CancellationToken,
     stopping: CancellationToken,
+    name: String,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl MasterContext {
@@ -45,7 +47,25 @@ impl MasterContext {
             later_events,
             shutdown,
             stopping,
+            name: String::new(),
+            metrics_addr: None,
         }
+    }
+
+    pub(crate) fn with_operations(mut self, name: String, metrics_addr: Option<std::net::SocketAddr>) -> Self {
+        self.name = name;
+        self.metrics_addr = metrics_addr;
+        self
+    }
+
+    /// The cluster's name, as `tandem ls` shows it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address `/metrics` is served on, when [`Builder::metrics`](crate::Builder::metrics) asked for it.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// The master's pid.

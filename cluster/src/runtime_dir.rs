@@ -52,7 +52,7 @@ impl Drop for RuntimeDir {
     }
 }
 
-fn base_dir() -> PathBuf {
+pub(crate) fn base_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && let Ok(meta) = std::fs::metadata(&dir)
         && meta.is_dir()
