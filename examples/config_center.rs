@@ -25,9 +25,12 @@
 //!
 //! Flags: `--workers N`, `--registry ADDR`, `--subscribe KEY` (repeatable; the
 //! default is `app.greeting` and `app.flags`), `--transport direct|messenger|auto`,
-//! `--write-every MS`, `--duration SECS` (0, the default, runs until a signal).
+//! `--write-every MS`, `--duration SECS` (0, the default, runs until a signal),
+//! `--name NAME` (for the `tandem` CLI; the default is `config_center`),
+//! `--metrics ADDR` (serve `/metrics`; port 0 picks one).
 //!
 //! Output, one line each:
+//! - with `--metrics`: `metrics on <ADDR>` (the bound address)
 //! - once ready: `cluster ready: master=<pid> agent=<pid> workers=<pid>,<pid>,...`
 //! - right after: `upstream connections: <n> (workers: <N>)`, from the registry's own stats;
 //!   with `--etcd`, the ESTABLISHED TCP connections from the agent and the
@@ -81,13 +84,21 @@ struct Args {
     /// through the Leader (again under each new Leader).
     #[arg(long, value_name = "SERVICE", requires = "etcd")]
     register: Option<String>,
+    /// The cluster's name for `tandem ls/status/reload/stop/leader`. The
+    /// default is the executable's file name (`config_center`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port;
+    /// the address is printed as `metrics on <ADDR>`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where the children find the registry the master started for them.
 const REGISTRY_ENV: &str = "CONFIG_CENTER_REGISTRY";
 
 fn main() -> anyhow::Result<()> {
-    tandem::cluster::init_tracing();
+    tandem::logging::init();
     let mut args = Args::parse();
     if args.keys.is_empty() {
         args.keys = vec!["app.greeting".into(), "app.flags".into()];
@@ -120,6 +131,12 @@ fn main() -> anyhow::Result<()> {
     let mut builder = tandem::cluster::Cluster::builder("config_center");
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
+    }
+    if let Some(name) = &args.name {
+        builder = builder.name(name);
+    }
+    if let Some(addr) = args.metrics {
+        builder = builder.metrics(addr);
     }
     let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
     builder
@@ -224,6 +241,9 @@ async fn master(
             }
         });
     }
+    if let Some(addr) = ctx.metrics_addr() {
+        println!("metrics on {addr}");
+    }
     let stop_after = async {
         match args.duration {
             0 => std::future::pending().await,
@@ -267,7 +287,8 @@ async fn master(
                 );
             }
             ClusterEvent::AgentRestarted { .. } | ClusterEvent::WorkerRestarted { .. } => println!("{event}"),
-            _ => tracing::info!("{event}"),
+            // Already logged once by the cluster (at a level fitting the event).
+            _ => {}
         }
     }
     Ok(())

@@ -54,7 +54,7 @@ impl FromStr for Transport {
 
 /// The topic on which the agent answers leader introspection requests
 /// (a JSON [`tandem_leader::Stats`]).
-pub const LEADER_STATS_TOPIC: &str = "tandem.leader.stats";
+pub const LEADER_STATS_TOPIC: &str = tandem_cluster::control::AGENT_STATS_TOPIC;
 
 /// Starts the agent's Leader: epoch and token from the cluster, served on the
 /// runtime directory's socket and on relayed links, then reports the agent ready.

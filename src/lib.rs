@@ -23,6 +23,7 @@ pub mod cluster_glue;
 pub mod etcd_upstream;
 mod follow_tasks;
 pub mod registry_upstream;
+pub mod logging;
 
 pub use tandem_cluster as cluster;
 pub use tandem_follower as follower;

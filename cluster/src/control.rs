@@ -668,14 +668,17 @@ impl ControlServer {
                     let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE));
                     let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                         let refusal = Response::err(format!("too many control connections (limit {MAX_CONNECTIONS})"));
-                        tasks.spawn(async move { send(&mut framed, &refusal).await });
+                        tasks.spawn(async move { send(&mut framed, &refusal).await }.in_current_span());
                         continue;
                     };
                     let (handle, cancel) = (handle.clone(), cancel.clone());
-                    tasks.spawn(async move {
-                        serve_connection(framed, handle, cancel).await;
-                        drop(permit);
-                    });
+                    tasks.spawn(
+                        async move {
+                            serve_connection(framed, handle, cancel).await;
+                            drop(permit);
+                        }
+                        .in_current_span(),
+                    );
                 }
                 drop(self);
             }

@@ -117,5 +117,5 @@ pub use master_context::MasterContext;
 pub use messenger::{Message, Messenger, Sender, Subscription, Target, decode, encode};
 pub use process::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
 pub use status::{ProcessState, StatusRow, StatusTable};
-pub use trace::init_tracing;
+pub use trace::{init_tracing, init_tracing_with_default};
 pub use worker::{AgentInfo, WorkerContext};

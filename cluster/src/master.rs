@@ -275,8 +275,26 @@ impl Master {
 
     // ---- events and timers -------------------------------------------------
 
+    /// Sends an event to the master function's stream and logs it once: the
+    /// routine start-up steps at DEBUG, deaths and crash loops at WARN (at
+    /// DEBUG during shutdown, where exits are expected), the rest at INFO.
     pub(crate) fn emit(&self, event: ClusterEvent) {
-        tracing::info!(%event, "cluster event");
+        match &event {
+            ClusterEvent::Spawned { .. } | ClusterEvent::AgentReady { .. } | ClusterEvent::WorkerReady { .. } => {
+                tracing::debug!(%event, "cluster event")
+            }
+            ClusterEvent::Exited { process, .. }
+                if self.stopping.is_some()
+                    || self.replacing.iter().any(|r| !r.started && Some(r.old_pid) == process.pid) =>
+            {
+                tracing::debug!(%event, "cluster event")
+            }
+            ClusterEvent::Exited { .. }
+            | ClusterEvent::StartFailed { .. }
+            | ClusterEvent::RestartScheduled { .. }
+            | ClusterEvent::SlotFailed { .. } => tracing::warn!(%event, "cluster event"),
+            _ => tracing::info!(%event, "cluster event"),
+        }
         // Err: nobody listens.
         let _ = self.events.send(event);
     }
@@ -576,7 +594,7 @@ impl Master {
         if self.replacement_exited(key, exit) {
             return;
         }
-        tracing::warn!(%process, %exit, "child died");
+        tracing::debug!(%process, %exit, "child died");
         if was_starting && !proc.timed_out {
             self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Exited(exit) });
         }
@@ -683,7 +701,7 @@ impl Master {
             }
             return;
         }
-        tracing::info!("stopping: workers first, then the agent");
+        tracing::debug!("stopping: workers first, then the agent");
         self.emit(ClusterEvent::ShutdownStarted { forced: false });
         self.stopping_token.cancel();
         self.next_deadline += 1;
@@ -719,7 +737,7 @@ impl Master {
                     self.stopping = Some(Stopping { stage: Stage::Agent, deadline_id: id, ..stopping });
                     let grace = self.config.agent_stop_timeout;
                     if let Some(p) = &self.agent.proc {
-                        tracing::info!("workers stopped; stopping the agent");
+                        tracing::debug!("workers stopped; stopping the agent");
                         p.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
                         self.agent.state = ProcessState::Stopping;
                         self.after(grace, Timer::StopDeadline(id));

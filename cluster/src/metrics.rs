@@ -19,7 +19,7 @@
 //! | `tandem_leader_followers` | gauge | |
 //! | `tandem_leader_subscriptions` | gauge | |
 //! | `tandem_leader_calls_in_flight` | gauge | |
-//! | `tandem_leader_events_total` | counter | |
+//! | `tandem_leader_events_total` | counter (upstream events fanned out) | |
 //! | `tandem_leader_conflated_total` | counter | |
 //! | `tandem_upstream_up` | gauge (1 = ready) | `channel` |
 //! | `tandem_leader_call_duration_seconds` | histogram | |
@@ -166,7 +166,7 @@ pub(crate) async fn render(handle: &MasterHandle) -> Result<String, String> {
         registry.register("tandem_leader_followers", "Followers connected to the Leader", gauge(int("followers")));
         registry.register("tandem_leader_subscriptions", "Upstream subscriptions (keys with a subscriber)", gauge(subscriptions));
         registry.register("tandem_leader_calls_in_flight", "Calls running in the Leader", gauge(int("in_flight")));
-        registry.register("tandem_leader_events", "Events the Leader sent to followers", counter(int("events_sent")));
+        registry.register("tandem_leader_events", "Upstream events the Leader received and fanned out to its subscribers", counter(int("events_sent")));
         registry.register(
             "tandem_leader_conflated",
             "Events replaced before a slow follower read them",

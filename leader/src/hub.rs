@@ -24,6 +24,22 @@ use tokio_util::task::TaskTracker;
 use crate::channel::ErasedUpstream;
 use crate::outbox::Outbox;
 
+/// A key as people read it: the MessagePack string it encodes (fixstr, str8,
+/// str16, str32), else its bytes in hex.
+fn display_key(key: &[u8]) -> String {
+    let (len, at) = match key.first() {
+        Some(&b) if (0xa0..=0xbf).contains(&b) => (usize::from(b & 0x1f), 1),
+        Some(0xd9) if key.len() >= 2 => (usize::from(key[1]), 2),
+        Some(0xda) if key.len() >= 3 => (usize::from(u16::from_be_bytes([key[1], key[2]])), 3),
+        Some(0xdb) if key.len() >= 5 => (u32::from_be_bytes([key[1], key[2], key[3], key[4]]) as usize, 5),
+        _ => (usize::MAX, 0),
+    };
+    match key.get(at..).filter(|rest| rest.len() == len).map(std::str::from_utf8) {
+        Some(Ok(s)) => s.to_owned(),
+        _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
 /// Identifies one follower session within the leader.
 pub(crate) type SessionId = u64;
 
@@ -70,11 +86,13 @@ pub(crate) struct Hub {
     /// How long an upstream subscribe or unsubscribe may take.
     op_timeout: Duration,
     state: Mutex<State>,
+    /// Upstream events accepted (and fanned out) over the hub's life.
+    pub(crate) events: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
     pub(crate) fn new(channel: Arc<str>, epoch: u64, max_frame_length: usize, op_timeout: Duration) -> Self {
-        Hub { channel, epoch, max_frame_length, op_timeout, state: Mutex::new(State::default()) }
+        Hub { channel, epoch, max_frame_length, op_timeout, state: Mutex::new(State::default()), events: Default::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -85,6 +103,19 @@ impl Hub {
     pub(crate) fn counts(&self) -> HubCounts {
         let state = self.lock();
         HubCounts { keys: state.topics.len(), subscribers: state.topics.values().map(|t| t.subscribers.len()).sum() }
+    }
+
+    /// The subscribed keys and their subscriber counts, sorted.
+    pub(crate) fn keys(&self) -> Vec<crate::KeyStats> {
+        let state = self.lock();
+        let mut keys: Vec<crate::KeyStats> = state
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.subscribers.is_empty())
+            .map(|(key, t)| crate::KeyStats { key: display_key(key), subscribers: t.subscribers.len() })
+            .collect();
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        keys
     }
 
     fn ack(outbox: &Outbox, request: RequestId, result: Result<(), RemoteError>) {
@@ -248,6 +279,7 @@ impl Hub {
         }
         state.next_seq += 1;
         let seq = state.next_seq;
+        self.events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Encoded once here, copied as bytes into each subscriber's socket.
         let event = Event { channel: self.channel.to_string(), key: key.clone(), epoch: self.epoch, seq, payload };
         let event = match SharedFrame::encode(Frame::Event(event), self.max_frame_length) {

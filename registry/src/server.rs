@@ -55,7 +55,7 @@ impl Server {
     /// every client and waits (up to [`Config::shutdown_grace`]) for the connections to close.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server { listener, local_addr, shared } = self;
-        info!(addr = %local_addr, "registry serving");
+        tracing::debug!(addr = %local_addr, "registry serving");
         let tracker = TaskTracker::new();
         tracker.spawn(reap_leases(shared.clone(), shutdown.clone()));
         loop {
