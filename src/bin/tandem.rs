@@ -82,14 +82,14 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eoutln!("tandem: could not start: {e}");
+            eprintln!("tandem: could not start: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eoutln!("tandem: {e}");
+            eprintln!("tandem: {e}");
             ExitCode::FAILURE
         }
     }
