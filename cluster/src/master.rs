@@ -221,14 +221,14 @@ impl Master {
                 Some(call) = self.control_rx.recv() => self.on_control(call),
                 signal = signals.recv() => match signal {
                     MasterSignal::Stop => self.begin_stop(),
-                    MasterSignal::Status => eprint!("{}", self.status_table()),
+                    MasterSignal::Status => self.print_status(),
                 },
                 _ = self.shutdown_requested.cancelled(), if self.stopping.is_none() => self.begin_stop(),
                 _ = prune.tick() => self.prune_requests(),
             }
         }
         if self.config.status_at_exit {
-            eprint!("{}", self.status_table());
+            self.print_status();
         }
         tracing::debug!("all children exited; master exiting");
         self.port.inbox.close();
@@ -867,6 +867,17 @@ impl Master {
     }
 
     // ---- status ------------------------------------------------------------
+
+    /// The status table on stderr (SIGUSR1, exit); one JSON log event with `TANDEM_LOG=json`.
+    fn print_status(&self) {
+        let table = self.status_table();
+        if crate::trace::json_logs() {
+            let rows = serde_json::to_string(&table.rows).unwrap_or_default();
+            tracing::info!(status = %rows, "status");
+        } else {
+            eprint!("{table}");
+        }
+    }
 
     pub(crate) fn status_table(&self) -> StatusTable {
         let master = StatusRow {

@@ -16,11 +16,17 @@ pub fn init_tracing() {
     init_tracing_with_default("info");
 }
 
+/// Whether `TANDEM_LOG=json` asks for JSON lines (then the master logs its
+/// status table as a JSON event instead of printing a text table).
+pub(crate) fn json_logs() -> bool {
+    std::env::var("TANDEM_LOG").is_ok_and(|v| v.eq_ignore_ascii_case("json"))
+}
+
 /// [`init_tracing`] with another filter when `RUST_LOG` is unset (`warn`, `tandem=debug`, ...).
 pub fn init_tracing_with_default(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let json = std::env::var("TANDEM_LOG").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let json = json_logs();
     // Err: a subscriber is already installed; keep it.
     if json {
         let _ = tracing_subscriber::fmt()

@@ -35,8 +35,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(program: &Path, args: &[&str]) -> Proc {
+        Self::spawn_with_env(program, args, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables.
+    pub fn spawn_with_env(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Proc {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
