@@ -22,8 +22,8 @@ pub mod cluster_glue;
 #[cfg(feature = "etcd")]
 pub mod etcd_upstream;
 mod follow_tasks;
-pub mod registry_upstream;
 pub mod logging;
+pub mod registry_upstream;
 
 pub use tandem_cluster as cluster;
 pub use tandem_follower as follower;

@@ -84,9 +84,9 @@ fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
         .filter(|s| s.metric == name)
         .find(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
         .and_then(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => {
-                Some(v)
-            }
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
             _ => None,
         })
 }
@@ -175,10 +175,8 @@ async fn operate() {
 
     // /metrics: restarts after the kill, followers = workers (once worker 1's
     // successor connected), memory per process, the upstream, the histogram.
-    let m = metrics_until(&addr, "followers back to 2", |m| {
-        metric(m, "tandem_leader_followers", &[]) == Some(2.0)
-    })
-    .await;
+    let m =
+        metrics_until(&addr, "followers back to 2", |m| metric(m, "tandem_leader_followers", &[]) == Some(2.0)).await;
     assert_eq!(metric(&m, "tandem_restarts_total", &[("role", "worker"), ("slot", "1")]), Some(1.0));
     assert_eq!(metric(&m, "tandem_restarts_total", &[("role", "worker"), ("slot", "2")]), Some(0.0));
     assert_eq!(metric(&m, "tandem_restarts_total", &[("role", "agent")]), Some(0.0));
@@ -207,13 +205,18 @@ async fn operate() {
     let mut follower_pids: Vec<u64> =
         leader["follower_list"].as_array().unwrap().iter().map(|f| f["pid"].as_u64().unwrap()).collect();
     follower_pids.sort();
-    let mut worker_pids: Vec<u64> = [worker(&rows, 1), worker(&rows, 2)].iter().map(|w| w["pid"].as_u64().unwrap()).collect();
+    let mut worker_pids: Vec<u64> =
+        [worker(&rows, 1), worker(&rows, 2)].iter().map(|w| w["pid"].as_u64().unwrap()).collect();
     worker_pids.sort();
     assert_eq!(follower_pids, worker_pids, "{leader:#}");
     assert!(leader["follower_list"].as_array().unwrap().iter().all(|f| f["transport"] == "unix"), "{leader:#}");
     let config = leader["channels"].as_array().unwrap().iter().find(|c| c["name"] == "config").unwrap();
-    let keys: Vec<(&str, u64)> =
-        config["keys"].as_array().unwrap().iter().map(|k| (k["key"].as_str().unwrap(), k["subscribers"].as_u64().unwrap())).collect();
+    let keys: Vec<(&str, u64)> = config["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["key"].as_str().unwrap(), k["subscribers"].as_u64().unwrap()))
+        .collect();
     assert_eq!(keys, vec![("app.flags", 2), ("app.greeting", 2)], "{leader:#}");
 
     // A second cluster with the same name refuses to start, and says why.
@@ -240,7 +243,9 @@ async fn operate() {
         assert_eq!(now["state"], "online");
         assert!(report.contains(&format!("worker {id}: pid {} -> {} (ready)", before["pid"], now["pid"])), "{report}");
     }
-    let m = metrics_until(&addr, "reload counted", |m| metric(m, "tandem_reloads_total", &[("result", "ok")]) == Some(1.0)).await;
+    let m =
+        metrics_until(&addr, "reload counted", |m| metric(m, "tandem_reloads_total", &[("result", "ok")]) == Some(1.0))
+            .await;
     assert_eq!(metric(&m, "tandem_reloads_total", &[("result", "failed")]), Some(0.0));
 
     // stop: exit 0 once every process is gone; the master exits 0.
@@ -257,7 +262,11 @@ async fn operate() {
     // And it is gone from ls; asking for it names the ones left (none).
     let out = tandem(xdg.path(), &["status", name]).await;
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains(&format!("no running cluster named \"{name}\"; no cluster is running")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("no running cluster named \"{name}\"; no cluster is running")),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]

@@ -10,7 +10,9 @@
 //!
 //! **One master per name.** The master holds an exclusive `flock` on
 //! `<name>/lock` for its whole life and writes its pid to `<name>/master.pid`.
-//! A second master with the same name fails with [`Error::NameInUse`]. A
+//! A second master given the same name ([`Builder::name`](crate::Builder::name))
+//! fails with [`Error::NameInUse`]; without an explicit name, a taken default
+//! becomes `<name>-2`, `<name>-3`, ... (logged at INFO). A
 //! `control.sock` left behind by a master that died (the lock is free) is
 //! removed and taken over.
 //!
@@ -98,7 +100,11 @@ pub fn default_name() -> String {
     std::env::current_exe()
         .ok()
         .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .map(|n| n.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect::<String>())
+        .map(|n| {
+            n.chars()
+                .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+                .collect::<String>()
+        })
         .map(|n| n.trim_start_matches('.').chars().take(64).collect::<String>())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "tandem".to_owned())
@@ -394,7 +400,8 @@ pub async fn list() -> Vec<ClusterInfo> {
             continue;
         };
         let mut client = Client { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) };
-        if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), client.call_as::<ClusterInfo>(Request::Info)).await
+        if let Ok(Ok(info)) =
+            tokio::time::timeout(Duration::from_secs(2), client.call_as::<ClusterInfo>(Request::Info)).await
         {
             out.push(info);
         }
@@ -410,7 +417,10 @@ pub(crate) enum ControlCall {
     Snapshot(oneshot::Sender<Snapshot>),
     /// Stop worker `id` gracefully and start its successor at once; answer
     /// when the successor is ready (or failed).
-    ReplaceWorker { id: WorkerId, reply: oneshot::Sender<Result<Replaced, String>> },
+    ReplaceWorker {
+        id: WorkerId,
+        reply: oneshot::Sender<Result<Replaced, String>>,
+    },
     /// Start a graceful stop; answer with every pid.
     Stop(oneshot::Sender<Vec<u32>>),
 }
@@ -514,7 +524,8 @@ impl MasterHandle {
                             }
                             _ => row.uptime.filter(|u| !u.is_zero()).map(|u| cpu / u.as_secs_f64() * 100.0),
                         };
-                        if samples.get(&pid).is_none_or(|&(_, at)| now.duration_since(at) >= Duration::from_millis(100)) {
+                        if samples.get(&pid).is_none_or(|&(_, at)| now.duration_since(at) >= Duration::from_millis(100))
+                        {
                             samples.insert(pid, (cpu, now));
                         }
                         percent
@@ -633,6 +644,32 @@ impl ControlServer {
         writeln!(file, "{}", std::process::id()).map_err(setup)?;
         tracing::debug!(path = %path.display(), "control socket");
         Ok(ControlServer { listener, path, pid_file, _lock: lock })
+    }
+
+    /// Binds the default name (the executable's file name); when a live
+    /// cluster has it, the first free one of `<name>-2`, `<name>-3`, ... (up
+    /// to `-100`), said at INFO. Returns the name taken.
+    pub(crate) fn bind_default() -> Result<(String, Self), Error> {
+        let base = default_name();
+        let mut last = None;
+        for n in 1..=100 {
+            let name = if n == 1 { base.clone() } else { format!("{base}-{n}") };
+            match Self::bind(&name) {
+                Ok(server) => {
+                    if n > 1 {
+                        tracing::info!(
+                            name,
+                            taken = base,
+                            "a cluster named {base:?} is running; this one is named {name:?}"
+                        );
+                    }
+                    return Ok((name, server));
+                }
+                Err(e @ Error::NameInUse { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(Error::NameInUse { name: base, pid: 0 }))
     }
 
     /// Serves connections until `cancel`.
@@ -800,7 +837,9 @@ mod tests {
 
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("tandem-control-test-{}-{:?}", std::process::id(), Instant::now()));
-        let dir = PathBuf::from(dir.to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric() && c != '/' && c != '-', "_"));
+        let dir = PathBuf::from(
+            dir.to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric() && c != '/' && c != '-', "_"),
+        );
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -25,7 +25,9 @@ pub enum Error {
         source: io::Error,
     },
     /// Another live cluster of this user already has this name.
-    #[error("a cluster named {name:?} is already running (master pid {pid}); stop it with `tandem stop {name}` or choose another name")]
+    #[error(
+        "a cluster named {name:?} is already running (master pid {pid}); stop it with `tandem stop {name}` or choose another name"
+    )]
     NameInUse {
         /// The name.
         name: String,

@@ -70,7 +70,10 @@ pub(crate) enum Input {
 #[derive(Debug)]
 pub(crate) enum Timer {
     StartDeadline(ProcKey),
-    Restart { slot: SlotId, id: u64 },
+    Restart {
+        slot: SlotId,
+        id: u64,
+    },
     StopDeadline(u64),
     ReapDeadline(u64),
     EofKill(ProcKey),
@@ -135,8 +138,10 @@ impl std::fmt::Debug for Master {
 impl Master {
     fn new(name: String, config: Config) -> Result<Self, Error> {
         let pid = std::process::id();
-        let control_name = config.name.clone().unwrap_or_else(crate::control::default_name);
-        let control = ControlServer::bind(&control_name)?;
+        let (control_name, control) = match &config.name {
+            Some(name) => (name.clone(), ControlServer::bind(name)?),
+            None => ControlServer::bind_default()?,
+        };
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
         let exe = std::env::current_exe().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
@@ -785,9 +790,7 @@ impl Master {
                     announced: self.announced,
                     table: self.status_table(),
                     messages: self.router.counts,
-                    replace_timeout: self.config.worker_stop_timeout
-                        + self.config.worker_start_timeout
-                        + REAP_TIMEOUT,
+                    replace_timeout: self.config.worker_stop_timeout + self.config.worker_start_timeout + REAP_TIMEOUT,
                 };
                 let _ = reply.send(snapshot);
             }

@@ -95,7 +95,11 @@ impl HistogramSnapshot {
             .iter()
             .map(|b| Some((b.get(0)?.as_f64().unwrap_or(f64::INFINITY), b.get(1)?.as_u64()?)))
             .collect::<Option<Vec<_>>>()?;
-        Some(HistogramSnapshot { sum: value.get("sum_seconds")?.as_f64()?, count: value.get("count")?.as_u64()?, buckets })
+        Some(HistogramSnapshot {
+            sum: value.get("sum_seconds")?.as_f64()?,
+            count: value.get("count")?.as_u64()?,
+            buckets,
+        })
     }
 }
 
@@ -135,7 +139,9 @@ pub(crate) async fn render(handle: &MasterHandle) -> Result<String, String> {
     registry.register("tandem_restarts", "Processes started in a slot after its first one", restarts);
 
     let reloads = Family::<ResultLabels, Counter>::default();
-    reloads.get_or_create(&ResultLabels { result: "ok".into() }).inc_by(handle.stats.reloads_ok.load(Ordering::Relaxed));
+    reloads
+        .get_or_create(&ResultLabels { result: "ok".into() })
+        .inc_by(handle.stats.reloads_ok.load(Ordering::Relaxed));
     reloads
         .get_or_create(&ResultLabels { result: "failed".into() })
         .inc_by(handle.stats.reloads_failed.load(Ordering::Relaxed));
@@ -164,9 +170,17 @@ pub(crate) async fn render(handle: &MasterHandle) -> Result<String, String> {
         let subscriptions: u64 = channels.iter().filter_map(|c| c.get("subscriptions").and_then(Value::as_u64)).sum();
         registry.register("tandem_leader_epoch", "The Leader's epoch", gauge(int("epoch")));
         registry.register("tandem_leader_followers", "Followers connected to the Leader", gauge(int("followers")));
-        registry.register("tandem_leader_subscriptions", "Upstream subscriptions (keys with a subscriber)", gauge(subscriptions));
+        registry.register(
+            "tandem_leader_subscriptions",
+            "Upstream subscriptions (keys with a subscriber)",
+            gauge(subscriptions),
+        );
         registry.register("tandem_leader_calls_in_flight", "Calls running in the Leader", gauge(int("in_flight")));
-        registry.register("tandem_leader_events", "Upstream events the Leader received and fanned out to its subscribers", counter(int("events_sent")));
+        registry.register(
+            "tandem_leader_events",
+            "Upstream events the Leader received and fanned out to its subscribers",
+            counter(int("events_sent")),
+        );
         registry.register(
             "tandem_leader_conflated",
             "Events replaced before a slow follower read them",

@@ -92,7 +92,14 @@ pub(crate) struct Hub {
 
 impl Hub {
     pub(crate) fn new(channel: Arc<str>, epoch: u64, max_frame_length: usize, op_timeout: Duration) -> Self {
-        Hub { channel, epoch, max_frame_length, op_timeout, state: Mutex::new(State::default()), events: Default::default() }
+        Hub {
+            channel,
+            epoch,
+            max_frame_length,
+            op_timeout,
+            state: Mutex::new(State::default()),
+            events: Default::default(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

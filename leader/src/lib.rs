@@ -70,8 +70,8 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
 
 pub use config::Config;
 pub use error::Error;
+pub use latency::LatencyStats;
 pub use leader::{Leader, LeaderBuilder};
 pub use session::PeerInfo;
-pub use latency::LatencyStats;
 pub use stats::{ChannelStats, FollowerStats, KeyStats, Stats};
 pub use upstream::{CallContext, EventSink, Upstream};

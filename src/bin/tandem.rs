@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use serde_json::Value;
-use tandem::cluster::control::{self, Client, ClusterInfo, ControlError, ProcessInfo, ReloadReport, Request, StopReport};
+use tandem::cluster::control::{
+    self, Client, ClusterInfo, ControlError, ProcessInfo, ReloadReport, Request, StopReport,
+};
 
 /// `print!` that ignores a closed stdout (`tandem status X | head`).
 macro_rules! out {
