@@ -372,6 +372,23 @@ impl Client {
         }
     }
 
+    /// [`call`](Self::call), failing with [`ControlError::NotAnswering`] after `timeout`.
+    pub async fn call_within(
+        &mut self,
+        name: &str,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ControlError> {
+        match tokio::time::timeout(timeout, self.call(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(ControlError::NotAnswering {
+                name: name.to_owned(),
+                path: socket_path(name),
+                source: io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {timeout:?}")),
+            }),
+        }
+    }
+
     /// [`call`](Self::call), decoding the result as `T`.
     pub async fn call_as<T: serde::de::DeserializeOwned>(&mut self, request: Request) -> Result<T, ControlError> {
         let value = self.call(request).await?;

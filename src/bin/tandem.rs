@@ -91,7 +91,13 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tandem: {e}");
+            let mut line = format!("tandem: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                line += &format!(": {cause}");
+                source = cause.source();
+            }
+            eprintln!("{line}");
             ExitCode::FAILURE
         }
     }
@@ -109,7 +115,7 @@ async fn run(command: Command) -> Result<(), ControlError> {
             Ok(())
         }
         Command::Status { name, json } => {
-            let rows: Vec<ProcessInfo> = Client::connect(&name).await?.call_as(Request::Status).await?;
+            let rows: Vec<ProcessInfo> = decode(ask(&name, Request::Status).await?)?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
             } else {
@@ -118,7 +124,7 @@ async fn run(command: Command) -> Result<(), ControlError> {
             Ok(())
         }
         Command::Leader { name, json } => {
-            let stats = Client::connect(&name).await?.call(Request::Leader).await?;
+            let stats = ask(&name, Request::Leader).await?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&stats).unwrap_or_default());
             } else {
@@ -135,7 +141,7 @@ async fn run(command: Command) -> Result<(), ControlError> {
             Ok(())
         }
         Command::Stop { name, timeout } => {
-            let report: StopReport = Client::connect(&name).await?.call_as(Request::Stop).await?;
+            let report: StopReport = decode(ask(&name, Request::Stop).await?)?;
             outln!("stopping {name}: {} processes", report.pids.len());
             let deadline = Instant::now() + Duration::from_secs(timeout);
             loop {
@@ -154,6 +160,18 @@ async fn run(command: Command) -> Result<(), ControlError> {
             }
         }
     }
+}
+
+/// How long `status`, `leader` and `stop` wait for the master's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request with [`ANSWER_TIMEOUT`] (a reload is bounded by the master instead).
+async fn ask(name: &str, request: Request) -> Result<Value, ControlError> {
+    Client::connect(name).await?.call_within(name, request, ANSWER_TIMEOUT).await
+}
+
+fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ControlError> {
+    serde_json::from_value(value).map_err(|e| ControlError::Protocol(e.to_string()))
 }
 
 /// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).
