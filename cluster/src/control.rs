@@ -628,10 +628,14 @@ pub(crate) struct ControlServer {
 impl ControlServer {
     /// Takes the name (or fails with [`Error::NameInUse`]) and binds the socket.
     pub(crate) fn bind(name: &str) -> Result<Self, Error> {
+        Self::bind_in(&clusters_dir(), name)
+    }
+
+    fn bind_in(clusters: &Path, name: &str) -> Result<Self, Error> {
         validate_name(name)?;
-        let dir = clusters_dir().join(name);
+        let dir = clusters.join(name);
         let setup = |source| Error::Control { what: "control socket", path: dir.display().to_string(), source };
-        private_dir(&clusters_dir()).map_err(setup)?;
+        private_dir(clusters).map_err(setup)?;
         private_dir(&dir).map_err(setup)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -852,11 +856,35 @@ mod tests {
         std::fs::remove_dir_all(&base).unwrap();
     }
 
+    #[tokio::test]
+    async fn one_master_per_name_and_a_dead_masters_socket_is_taken_over() {
+        let base = tempfile_dir();
+        let clusters = base.join("tandem");
+        let first = ControlServer::bind_in(&clusters, "app").unwrap();
+        match ControlServer::bind_in(&clusters, "app") {
+            Err(Error::NameInUse { name, pid }) => assert_eq!((name.as_str(), pid), ("app", std::process::id())),
+            other => panic!("expected NameInUse, got {other:?}"),
+        }
+        assert_eq!(std::fs::metadata(&clusters).unwrap().mode() & 0o777, 0o700);
+        assert!(ControlServer::bind_in(&clusters, "other").is_ok());
+        drop(first);
+        // A master that died leaves its socket file behind (and no lock holder).
+        let stale = clusters.join("app").join(SOCKET_FILE);
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists());
+        let second = ControlServer::bind_in(&clusters, "app").unwrap();
+        assert!(UnixStream::connect(&stale).await.is_ok(), "the new master listens on the path");
+        drop(second);
+        assert!(!stale.exists(), "the socket is removed with its master");
+        assert!(matches!(ControlServer::bind_in(&clusters, "../x"), Err(Error::InvalidName { .. })));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
     fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tandem-control-test-{}-{:?}", std::process::id(), Instant::now()));
-        let dir = PathBuf::from(
-            dir.to_string_lossy().replace(|c: char| !c.is_ascii_alphanumeric() && c != '/' && c != '-', "_"),
-        );
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let dir = std::env::temp_dir().join(format!("tandem-control-test-{}-{n}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
