@@ -338,7 +338,12 @@ pub struct Client {
 impl Client {
     /// Connects to the cluster `name` of this user.
     pub async fn connect(name: &str) -> Result<Client, ControlError> {
-        let path = socket_path(name);
+        Self::connect_to(&socket_path(name), name).await
+    }
+
+    /// Connects to the control socket at `path` (of the cluster `name`, for errors).
+    pub async fn connect_to(path: &Path, name: &str) -> Result<Client, ControlError> {
+        let path = path.to_owned();
         match UnixStream::connect(&path).await {
             Ok(stream) => Ok(Client { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) }),
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
