@@ -250,7 +250,7 @@ pub struct Results {
 impl Results {
     pub fn new(config: Config) -> Results {
         Results {
-            bench: "tandem examples/bench.rs",
+            bench: "tandem bench/ (tandem-bench)",
             command: std::env::args().collect(),
             wall_seconds: 0.0,
             machine: Machine::current(),

@@ -3,11 +3,11 @@
 //! in the ratios.
 //!
 //! ```text
-//! cargo run --release --example bench -- --quick --json out.json     # smoke run, under 60 s
-//! cargo run --release --example bench -- --json docs/bench.json --plot docs/bench.svg
-//! cargo run --release --example bench -- --followers 1,2,4,8 --payload 64 --seconds 3
-//! cargo run --release --example bench -- --transports direct,messenger --followers 4 --phases invoke
-//! cargo run --release --example bench -- --phases failover --agent-restart-ms 0 --failover-link direct
+//! cargo run --release -p tandem-bench -- --quick --json out.json     # smoke run, under 60 s
+//! cargo run --release -p tandem-bench -- --json docs/bench.json --plot docs/bench.svg
+//! cargo run --release -p tandem-bench -- --followers 1,2,4,8 --payload 64 --seconds 3
+//! cargo run --release -p tandem-bench -- --transports direct,messenger --followers 4 --phases invoke
+//! cargo run --release -p tandem-bench -- --phases failover --agent-restart-ms 0 --failover-link direct
 //! ```
 //!
 //! Every process is this binary: the coordinator re-executes itself with a
@@ -59,37 +59,21 @@
 //! `--plot FILE.svg`: calls/s and p50 by N for each transport. `--phases` runs
 //! a subset (invoke, fanout, failover, memory); `--seconds` sets phase length.
 
-#[path = "bench/api.rs"]
 mod api;
-#[path = "bench/cli.rs"]
 mod cli;
-#[path = "bench/clock.rs"]
 mod clock;
-#[path = "bench/control.rs"]
 mod control;
-#[path = "bench/coordinator.rs"]
 mod coordinator;
-#[path = "bench/failover.rs"]
 mod failover;
-#[path = "bench/hist.rs"]
 mod hist;
-#[path = "bench/memory.rs"]
 mod memory;
-#[path = "bench/phases.rs"]
 mod phases;
-#[path = "bench/plot.rs"]
 mod plot;
-#[path = "bench/procs.rs"]
 mod procs;
-#[path = "bench/results.rs"]
 mod results;
-#[path = "bench/roles/mod.rs"]
 mod roles;
-#[path = "bench/runner.rs"]
 mod runner;
-#[path = "bench/table.rs"]
 mod table;
-#[path = "bench/tally.rs"]
 mod tally;
 
 use clap::Parser;
