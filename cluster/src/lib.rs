@@ -39,6 +39,11 @@
 //! die with the master (`PR_SET_PDEATHSIG` and EOF of their IPC channel).
 //! SIGUSR1 prints the [`StatusTable`] to stderr.
 //!
+//! Operators reach a running cluster by its name ([`Builder::name`]) through
+//! the master's [`control`] socket, with the `tandem` CLI (`tandem ls`,
+//! `status`, `leader`, `reload`, `stop`), and scrape `/metrics` when
+//! [`Builder::metrics`] is set.
+//!
 //! ```no_run
 //! use tandem_cluster::{AgentReady, BoxError, Cluster, Target};
 //!

@@ -259,7 +259,8 @@ fn upstream_state(channel: &Value) -> String {
     match channel.get("upstream") {
         Some(Value::String(s)) => s.to_lowercase(),
         Some(Value::Object(o)) if o.contains_key("Down") => {
-            let why = o["Down"].get("message").and_then(Value::as_str).unwrap_or("");
+            // Keep the status table within 80 columns: the reason is cut short.
+            let why: String = o["Down"].get("message").and_then(Value::as_str).unwrap_or("").chars().take(32).collect();
             format!("down({why})")
         }
         Some(other) => other.to_string(),
