@@ -39,8 +39,11 @@
 //! The registry may be down when the cluster starts: the agent's Leader starts
 //! anyway (workers see the channel as down, calls fail fast), keeps
 //! reconnecting, and values flow as soon as the registry is up.
+//! `--name NAME` (for the `tandem` CLI; the default is `config_center`),
+//! `--metrics ADDR` (serve `/metrics`; port 0 picks one).
 //!
 //! Output, one line each:
+//! - with `--metrics`: `metrics on <ADDR>` (the bound address)
 //! - once ready: `cluster ready: master=<pid> agent=<pid> workers=<pid>,<pid>,...`
 //! - right after: `upstream connections: <n> (workers: <N>)`, from the registry's own stats
 //!   (`upstream connections: unknown (<why>) ...` while the registry is unreachable: the
@@ -116,13 +119,21 @@ struct Args {
     /// count towards the crash-loop limit. The default is 30000.
     #[arg(long, value_name = "MS")]
     stable_after: Option<u64>,
+    /// The cluster's name for `tandem ls/status/reload/stop/leader`. The
+    /// default is the executable's file name (`config_center`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port;
+    /// the address is printed as `metrics on <ADDR>`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where the children find the registry the master started for them.
 const REGISTRY_ENV: &str = "CONFIG_CENTER_REGISTRY";
 
 fn main() -> anyhow::Result<()> {
-    tandem::cluster::init_tracing();
+    tandem::logging::init();
     let mut args = Args::parse();
     if args.keys.is_empty() {
         args.keys = vec!["app.greeting".into(), "app.flags".into()];
@@ -175,6 +186,12 @@ fn main() -> anyhow::Result<()> {
         let mut policy = tandem::cluster::RestartPolicy::default();
         policy.stable_after = Duration::from_millis(ms);
         builder = builder.restart_policy(policy);
+    }
+    if let Some(name) = &args.name {
+        builder = builder.name(name);
+    }
+    if let Some(addr) = args.metrics {
+        builder = builder.metrics(addr);
     }
     let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
     let cache_dir = args.cache_dir.clone();
@@ -325,6 +342,9 @@ async fn master(
             }
         });
     }
+    if let Some(addr) = ctx.metrics_addr() {
+        println!("metrics on {addr}");
+    }
     let stop_after = async {
         match args.duration {
             0 => std::future::pending().await,
@@ -387,7 +407,8 @@ async fn master(
                 }
             }
             ClusterEvent::AgentRestarted { .. } | ClusterEvent::WorkerRestarted { .. } => println!("{event}"),
-            _ => tracing::info!("{event}"),
+            // Already logged once by the cluster (at a level fitting the event).
+            _ => {}
         }
     }
     Ok(())

@@ -83,10 +83,7 @@ fn default_dir() -> PathBuf {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    tandem::logging::init_with_default("warn");
     let mut args = Args::parse();
     if args.keys.is_empty() {
         args.keys.push("app.greeting".into());

@@ -54,7 +54,7 @@ impl FromStr for Transport {
 
 /// The topic on which the agent answers leader introspection requests
 /// (a JSON [`tandem_leader::Stats`]).
-pub const LEADER_STATS_TOPIC: &str = "tandem.leader.stats";
+pub const LEADER_STATS_TOPIC: &str = tandem_cluster::control::AGENT_STATS_TOPIC;
 
 /// A leader builder for the agent, keeping a last-known-good cache in
 /// `cache_dir` when one is given (see the README's "Last-known-good cache").

@@ -24,6 +24,7 @@ pub mod etcd_upstream;
 mod follow_tasks;
 #[cfg(feature = "redis")]
 pub mod redis_upstream;
+pub mod logging;
 pub mod registry_upstream;
 
 pub use tandem_cluster as cluster;

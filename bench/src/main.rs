@@ -83,8 +83,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(role) = args.role.clone() {
         roles::main(role);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tandem::logging::init_with_default("error");
     procs::raise_fd_limit();
     let config = cli::Config::resolve(&args)?;
     // One thread: every child is spawned from it, so their parent-death signal

@@ -38,6 +38,12 @@ struct Args {
     /// This worker exits with code 3 before reporting ready, every time.
     #[arg(long)]
     crash_at_start: Option<u32>,
+    /// Workers exit with code 3 before reporting ready while this file exists.
+    #[arg(long)]
+    fail_start_file: Option<std::path::PathBuf>,
+    /// The cluster's name for the control socket.
+    #[arg(long)]
+    name: Option<String>,
     /// This worker never reports ready (it sends a user message "ready" instead).
     #[arg(long)]
     hang_at_start: Option<u32>,
@@ -71,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     restart.crash_loop_limit = args.crash_loop_limit;
     restart.failed_retry = Duration::from_millis(args.failed_retry_ms);
     config.restart = restart;
+    config.name = args.name.clone();
 
     let (a, w, m) = (args.clone(), args.clone(), args);
     Cluster::builder("fixture")
@@ -164,6 +171,10 @@ async fn echo_link(mut link: FrameLink) {
 
 async fn worker(ctx: WorkerContext, args: Args) -> Result<(), BoxError> {
     let id = ctx.id();
+    if args.fail_start_file.as_ref().is_some_and(|f| f.exists()) {
+        println!("worker {id} failing at start");
+        std::process::exit(3);
+    }
     if args.crash_at_start == Some(id) {
         println!("worker {id} crashing at start");
         std::process::exit(3);

@@ -60,6 +60,19 @@ impl Builder {
         self
     }
 
+    /// The cluster's name for operators (`tandem status NAME`); the default is
+    /// the executable's file name. See [`Config::name`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(name.into());
+        self
+    }
+
+    /// Serve `/metrics` on this address (port 0: any free port). See [`Config::metrics`].
+    pub fn metrics(mut self, addr: std::net::SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
+        self
+    }
+
     /// All settings at once.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;

@@ -310,7 +310,7 @@ async fn serve(
     };
     let code = match result {
         Ok(()) => {
-            tracing::info!("start function returned; exiting");
+            tracing::debug!("start function returned; exiting");
             0
         }
         Err(e) => {
@@ -395,7 +395,7 @@ impl Dispatch {
                 self.cluster_ready.send_replace(true);
             }
             ToChild::Stop { grace_ms } => {
-                tracing::info!(grace_ms, "the master asks this process to stop");
+                tracing::debug!(grace_ms, "the master asks this process to stop");
                 self.stop.cancel();
             }
             ToChild::Outcome { id, outcome: Outcome::LinkOpened { link } } => {

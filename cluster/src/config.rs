@@ -54,6 +54,14 @@ pub struct Config {
     /// The same for the agent: it is then stopped and restarted (its Leader
     /// fails over as after a crash, without the crash). The default is no limit.
     pub agent_max_memory: Option<u64>,
+    /// The cluster's name for operators: the `tandem` CLI finds the cluster by
+    /// it (see [`control`](crate::control)); two clusters of one user cannot
+    /// share it. The default (`None`) is the executable's file name.
+    pub name: Option<String>,
+    /// Where the master serves `/metrics` (Prometheus text). The default
+    /// (`None`) serves no metrics. Port 0 picks a free port:
+    /// [`MasterContext::metrics_addr`](crate::MasterContext::metrics_addr) tells which.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -73,6 +81,8 @@ impl Default for Config {
             reload_parallelism: 1,
             worker_max_memory: None,
             agent_max_memory: None,
+            name: None,
+            metrics: None,
         }
     }
 }

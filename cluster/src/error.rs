@@ -24,6 +24,35 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Another live cluster of this user already has this name.
+    #[error(
+        "a cluster named {name:?} is already running (master pid {pid}); stop it with `tandem stop {name}` or choose another name"
+    )]
+    NameInUse {
+        /// The name.
+        name: String,
+        /// The running master's pid (0 when it could not be read).
+        pid: u32,
+    },
+    /// The cluster name cannot be used as a directory name.
+    #[error("invalid cluster name {name:?}: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The control socket or the metrics endpoint could not be set up.
+    #[error("could not set up the {what} at {path}")]
+    Control {
+        /// `control socket` or `metrics endpoint`.
+        what: &'static str,
+        /// The socket path or address.
+        path: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The master could not generate the cluster's random token.
     #[error("could not generate the cluster token")]
     Token(#[source] io::Error),

@@ -45,6 +45,10 @@
 //! [`ClusterControl::reload`]) replaces the workers one slot at a time, each new
 //! one ready before its predecessor drains, and rolls back on failure; workers
 //! (and the agent) above their memory limit are replaced the same way.
+//! Operators reach a running cluster by its name ([`Builder::name`]) through
+//! the master's [`control`] socket, with the `tandem` CLI (`tandem ls`,
+//! `status`, `leader`, `reload`, `stop`), and scrape `/metrics` when
+//! [`Builder::metrics`] is set.
 //!
 //! ```no_run
 //! use tandem_cluster::{AgentReady, BoxError, Cluster, Target};
@@ -94,6 +98,7 @@ mod backoff;
 mod builder;
 mod child;
 mod config;
+pub mod control;
 mod error;
 mod events;
 mod fdpass;
@@ -103,6 +108,7 @@ mod listeners;
 mod master;
 mod master_context;
 mod messenger;
+mod metrics;
 mod process;
 mod reload;
 mod round_robin;
@@ -129,5 +135,5 @@ pub use process::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
 pub use reload::{ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 pub use round_robin::{BACKLOG as ROUND_ROBIN_BACKLOG, MAX_UNACKED, RoundRobinListener};
 pub use status::{ProcessState, StatusRow, StatusTable};
-pub use trace::init_tracing;
+pub use trace::{init_tracing, init_tracing_with_default};
 pub use worker::{AgentInfo, WorkerContext};

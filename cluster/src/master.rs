@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::backoff::Restart;
 use crate::builder::MasterFn;
+use crate::control::{ControlServer, ControlStats, MasterHandle, OpsCall, Snapshot};
 use crate::events::Events;
 use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
 use crate::listeners::BoundListeners;
@@ -87,6 +88,7 @@ pub(crate) enum Timer {
     EofKill(ProcKey),
 }
 
+
 pub(crate) struct Master {
     pub(crate) config: Config,
     pub(crate) name: String,
@@ -128,6 +130,10 @@ pub(crate) struct Master {
     shutdown_requested: CancellationToken,
     stopping_token: CancellationToken,
     hook_error: Option<BoxError>,
+    control_name: String,
+    control_server: Option<ControlServer>,
+    ops_tx: mpsc::Sender<OpsCall>,
+    ops_rx: mpsc::Receiver<OpsCall>,
 }
 
 impl std::fmt::Debug for Master {
@@ -156,6 +162,10 @@ impl Master {
                 source,
             })?)
         };
+        let (control_name, control) = match &config.name {
+            Some(name) => (name.clone(), ControlServer::bind(name)?),
+            None => ControlServer::bind_default()?,
+        };
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
         let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
@@ -173,7 +183,8 @@ impl Master {
             inbox: Inbox::new(config.subscription_capacity),
             transport: Transport::Master(local_tx),
         });
-        tracing::info!(runtime_dir = %dir.path().display(), workers = config.worker_count(), "master starting");
+        tracing::debug!(runtime_dir = %dir.path().display(), workers = config.worker_count(), "master starting");
+        let (ops_tx, ops_rx) = mpsc::channel(LOCAL_CAPACITY);
         Ok(Master {
             agent: Slot::new(SlotId::Agent, config.restart.clone()),
             config,
@@ -210,13 +221,30 @@ impl Master {
             shutdown_requested: CancellationToken::new(),
             stopping_token: CancellationToken::new(),
             hook_error: None,
+            control_name,
+            control_server: Some(control),
+            ops_tx,
+            ops_rx,
         })
     }
 
     async fn serve(&mut self, hook: Option<MasterFn>) -> Result<(), Error> {
         let mut signals = MasterSignals::install().map_err(Error::Signals)?;
+        let handle = MasterHandle {
+            calls: self.ops_tx.clone(),
+            reload: self.control(),
+            messenger: Messenger::new(Arc::clone(&self.port)),
+            stats: Arc::new(ControlStats::default()),
+        };
+        let metrics_addr = match self.config.metrics {
+            Some(addr) => Some(crate::metrics::serve(addr, handle.clone(), &self.tasks, self.cancel.clone()).await?),
+            None => None,
+        };
+        if let Some(control) = self.control_server.take() {
+            control.spawn(handle, &self.tasks, self.cancel.clone());
+        }
         if let Some(hook) = hook {
-            self.start_hook(hook);
+            self.start_hook(hook, metrics_addr);
         }
         if let Err(source) = self.start(SlotId::Agent) {
             return Err(Error::Spawn { what: "agent".into(), source });
@@ -229,9 +257,10 @@ impl Master {
             tokio::select! {
                 Some(input) = self.input_rx.recv() => self.on_input(input),
                 Some(call) = self.local_rx.recv() => self.on_local(call),
+                Some(call) = self.ops_rx.recv() => self.on_ops(call),
                 signal = signals.recv() => match signal {
                     MasterSignal::Stop => self.begin_stop(),
-                    MasterSignal::Status => eprint!("{}", self.status_table()),
+                    MasterSignal::Status => self.print_status(),
                     MasterSignal::Reload => self.request_reload(None),
                 },
                 Some(call) = self.control_rx.recv() => self.on_control(call),
@@ -243,9 +272,9 @@ impl Master {
             }
         }
         if self.config.status_at_exit {
-            eprint!("{}", self.status_table());
+            self.print_status();
         }
-        tracing::info!("all children exited; master exiting");
+        tracing::debug!("all children exited; master exiting");
         self.port.inbox.close();
         self.cancel.cancel();
         self.tasks.close();
@@ -263,7 +292,7 @@ impl Master {
         }
     }
 
-    fn start_hook(&mut self, hook: MasterFn) {
+    fn start_hook(&mut self, hook: MasterFn, metrics_addr: Option<std::net::SocketAddr>) {
         let events = self.events_rx.take().map(Events::new);
         let ctx = MasterContext::new(
             self.pid,
@@ -276,7 +305,8 @@ impl Master {
             self.stopping_token.clone(),
             self.control(),
             self.listeners.infos(),
-        );
+        )
+        .with_operations(self.control_name.clone(), metrics_addr);
         let input = self.input_tx.clone();
         self.tasks.spawn(
             async move {
@@ -291,8 +321,26 @@ impl Master {
 
     // ---- events and timers -------------------------------------------------
 
+    /// Sends an event to the master function's stream and logs it once: the
+    /// routine start-up steps at DEBUG, deaths and crash loops at WARN (at
+    /// DEBUG during shutdown, where exits are expected), the rest at INFO.
     pub(crate) fn emit(&self, event: ClusterEvent) {
-        tracing::info!(%event, "cluster event");
+        match &event {
+            ClusterEvent::Spawned { .. } | ClusterEvent::AgentReady { .. } | ClusterEvent::WorkerReady { .. } => {
+                tracing::debug!(%event, "cluster event")
+            }
+            ClusterEvent::Exited { process, .. }
+                if self.stopping.is_some()
+                    || self.replacing.is_some() =>
+            {
+                tracing::debug!(%event, "cluster event")
+            }
+            ClusterEvent::Exited { .. }
+            | ClusterEvent::StartFailed { .. }
+            | ClusterEvent::RestartScheduled { .. }
+            | ClusterEvent::SlotFailed { .. } => tracing::warn!(%event, "cluster event"),
+            _ => tracing::info!(%event, "cluster event"),
+        }
         // Err: nobody listens.
         let _ = self.events.send(event);
     }
@@ -618,7 +666,7 @@ impl Master {
             self.advance_stop();
             return;
         }
-        tracing::warn!(%process, %exit, "child died");
+        tracing::debug!(%process, %exit, "child died");
         if was_starting && !proc.timed_out {
             self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Exited(exit) });
         }
@@ -731,7 +779,7 @@ impl Master {
             }
             return;
         }
-        tracing::info!("stopping: workers first, then the agent");
+        tracing::debug!("stopping: workers first, then the agent");
         self.emit(ClusterEvent::ShutdownStarted { forced: false });
         self.stopping_token.cancel();
         self.abort_run();
@@ -777,7 +825,7 @@ impl Master {
                     self.stopping = Some(Stopping { stage: Stage::Agent, deadline_id: id, ..stopping });
                     let grace = self.config.agent_stop_timeout;
                     if let Some(p) = &self.agent.proc {
-                        tracing::info!("workers stopped; stopping the agent");
+                        tracing::debug!("workers stopped; stopping the agent");
                         p.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
                         self.agent.state = ProcessState::Stopping;
                         self.after(grace, Timer::StopDeadline(id));
@@ -812,7 +860,48 @@ impl Master {
         }
     }
 
+    // ---- control (the `tandem` CLI and the metrics) -------------------------
+
+    fn on_ops(&mut self, call: OpsCall) {
+        match call {
+            OpsCall::Snapshot(reply) => {
+                let snapshot = Snapshot {
+                    name: self.control_name.clone(),
+                    pid: self.pid,
+                    uptime: self.started_at.elapsed(),
+                    stopping: self.stopping.is_some(),
+                    announced: self.announced,
+                    table: self.status_table(),
+                    messages: self.router.counts,
+                };
+                let _ = reply.send(snapshot);
+            }
+            OpsCall::Stop(reply) => {
+                let mut pids = vec![self.pid];
+                pids.extend(
+                    std::iter::once(&self.agent).chain(&self.workers).filter_map(|s| s.proc.as_ref()).map(|p| p.pid),
+                );
+                if self.stopping.is_none() {
+                    tracing::info!("stop requested on the control socket");
+                    self.begin_stop();
+                }
+                let _ = reply.send(pids);
+            }
+        }
+    }
+
     // ---- status ------------------------------------------------------------
+
+    /// The status table on stderr (SIGUSR1, exit); one JSON log event with `TANDEM_LOG=json`.
+    fn print_status(&self) {
+        let table = self.status_table();
+        if crate::trace::json_logs() {
+            let rows = serde_json::to_string(&table.rows).unwrap_or_default();
+            tracing::info!(status = %rows, "status");
+        } else {
+            eprint!("{table}");
+        }
+    }
 
     pub(crate) fn status_table(&self) -> StatusTable {
         let master = StatusRow {

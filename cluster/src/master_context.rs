@@ -26,6 +26,8 @@ pub struct MasterContext {
     stopping: CancellationToken,
     control: ClusterControl,
     listeners: Vec<ListenerInfo>,
+    name: String,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl MasterContext {
@@ -53,7 +55,25 @@ impl MasterContext {
             stopping,
             control,
             listeners,
+            name: String::new(),
+            metrics_addr: None,
         }
+    }
+
+    pub(crate) fn with_operations(mut self, name: String, metrics_addr: Option<std::net::SocketAddr>) -> Self {
+        self.name = name;
+        self.metrics_addr = metrics_addr;
+        self
+    }
+
+    /// The cluster's name, as `tandem ls` shows it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address `/metrics` is served on, when [`Builder::metrics`](crate::Builder::metrics) asked for it.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// The master's pid.

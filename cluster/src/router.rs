@@ -52,9 +52,19 @@ struct LinkRoute {
     agent: ProcKey,
 }
 
+/// Messages the master routed, by kind, over its life (for the metrics).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct MessageCounts {
+    pub send: u64,
+    pub request: u64,
+    pub reply: u64,
+    pub link_frame: u64,
+}
+
 /// The router's state.
 #[derive(Debug, Default)]
 pub(crate) struct Router {
+    pub(crate) counts: MessageCounts,
     requests: HashMap<u64, Pending>,
     next_request: u64,
     links: HashMap<LinkId, LinkRoute>,
@@ -91,6 +101,11 @@ impl Master {
     }
 
     pub(crate) fn on_op(&mut self, origin: Sender, key: Option<ProcKey>, op: Op, responder: Responder) {
+        match &op {
+            Op::Send { .. } => self.router.counts.send += 1,
+            Op::Request { .. } => self.router.counts.request += 1,
+            Op::Status | Op::OpenLink => {}
+        }
         match op {
             Op::Send { to, topic, payload } => {
                 let outcome = self.route_send(origin, key, to, topic, payload).unwrap_or_else(Outcome::Refused);
@@ -221,6 +236,7 @@ impl Master {
 
     /// A reply from `from` (`None`: the master itself). Only the asked process may answer.
     pub(crate) fn on_reply(&mut self, from: Option<ProcKey>, request: u64, result: Result<Bytes, RemoteError>) {
+        self.router.counts.reply += 1;
         let replier = from.map_or(Replier::Master, Replier::Proc);
         match self.router.requests.get(&request) {
             Some(p) if p.replier == replier => {}
@@ -306,6 +322,7 @@ impl Master {
     }
 
     pub(crate) fn on_link_frame(&mut self, from: ProcKey, link: LinkId, frame: Bytes) {
+        self.router.counts.link_frame += 1;
         let Some(other) = self.other_end(from, link, "frame") else { return };
         let result = match self.proc(other) {
             Some(p) => p.data.try_send(ToChild::LinkFrame { link, frame }).map_err(|e| match e {

@@ -125,7 +125,7 @@ fn process_alive(pid: u32) -> bool {
     !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
 
-fn base_dir() -> PathBuf {
+pub(crate) fn base_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && let Ok(meta) = std::fs::metadata(&dir)
         && meta.is_dir()

@@ -114,9 +114,41 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
+/// The CPU time (user + system) a process has used, in seconds: fields 14
+/// and 15 of `/proc/<pid>/stat` (in clock ticks) over `sysconf(_SC_CLK_TCK)`.
+/// `None` when it cannot be read.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count
+    // the fields after its closing parenthesis (field 3, the state, is first).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()?;
+    if tick <= 0 {
+        return None;
+    }
+    Some((utime + stime) as f64 / tick as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_this_process_cpu_time() {
+        let before = cpu_seconds(std::process::id()).expect("own stat");
+        // Burn some CPU: the counter must move (clock ticks are 10 ms).
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_seconds(std::process::id()).expect("own stat");
+        assert!(after > before, "{before} -> {after}");
+        assert!(cpu_seconds(u32::MAX).is_none());
+    }
 
     #[test]
     fn reads_this_process_rss() {

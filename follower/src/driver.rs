@@ -346,7 +346,7 @@ impl<C: Connector> Driver<C> {
             status.link = LinkState::Connected { epoch: welcome.epoch, leader_pid: welcome.pid, is_leader };
             status.channels.clear();
         });
-        tracing::info!(epoch = welcome.epoch, leader.pid = welcome.pid, is_leader, "connected to the leader");
+        tracing::debug!(epoch = welcome.epoch, leader.pid = welcome.pid, is_leader, "connected to the leader");
         for command in std::mem::take(&mut core.queued) {
             core.online(command);
         }

@@ -34,6 +34,22 @@ use crate::cache::Cache;
 use crate::channel::{BoxFuture, ErasedUpstream};
 use crate::outbox::Outbox;
 
+/// A key as people read it: the MessagePack string it encodes (fixstr, str8,
+/// str16, str32), else its bytes in hex.
+fn display_key(key: &[u8]) -> String {
+    let (len, at) = match key.first() {
+        Some(&b) if (0xa0..=0xbf).contains(&b) => (usize::from(b & 0x1f), 1),
+        Some(0xd9) if key.len() >= 2 => (usize::from(key[1]), 2),
+        Some(0xda) if key.len() >= 3 => (usize::from(u16::from_be_bytes([key[1], key[2]])), 3),
+        Some(0xdb) if key.len() >= 5 => (u32::from_be_bytes([key[1], key[2], key[3], key[4]]) as usize, 5),
+        _ => (usize::MAX, 0),
+    };
+    match key.get(at..).filter(|rest| rest.len() == len).map(std::str::from_utf8) {
+        Some(Ok(s)) => s.to_owned(),
+        _ => key.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
 /// Identifies one follower session within the leader.
 pub(crate) type SessionId = u64;
 
@@ -106,6 +122,8 @@ pub(crate) struct Hub {
     /// Why the upstream will never come (a one-shot build failed).
     failed: OnceLock<RemoteError>,
     state: Mutex<State>,
+    /// Upstream events accepted (and fanned out) over the hub's life.
+    pub(crate) events: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Hub {
@@ -131,6 +149,7 @@ impl Hub {
             upstream: OnceLock::new(),
             failed: OnceLock::new(),
             state: Mutex::new(State::default()),
+            events: Default::default(),
         }
     }
 
@@ -181,6 +200,19 @@ impl Hub {
     pub(crate) fn counts(&self) -> HubCounts {
         let state = self.lock();
         HubCounts { keys: state.topics.len(), subscribers: state.topics.values().map(|t| t.subscribers.len()).sum() }
+    }
+
+    /// The subscribed keys and their subscriber counts, sorted.
+    pub(crate) fn keys(&self) -> Vec<crate::KeyStats> {
+        let state = self.lock();
+        let mut keys: Vec<crate::KeyStats> = state
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.subscribers.is_empty())
+            .map(|(key, t)| crate::KeyStats { key: display_key(key), subscribers: t.subscribers.len() })
+            .collect();
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        keys
     }
 
     fn ack(outbox: &Outbox, request: RequestId, result: Result<(), RemoteError>) {
@@ -434,6 +466,7 @@ impl Hub {
         }
         state.next_seq += 1;
         let seq = state.next_seq;
+        self.events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Encoded once here, copied as bytes into each subscriber's socket.
         let event = Event {
             channel: self.channel.to_string(),
@@ -484,5 +517,19 @@ impl TopicSink {
 
     pub(crate) fn is_closed(&self) -> bool {
         !self.hub.upgrade().is_some_and(|hub| hub.is_live(&self.key, self.generation))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_display_as_strings_or_hex() {
+        assert_eq!(display_key(b"\xa5hello"), "hello");
+        assert_eq!(display_key(&[0xd9, 2, b'h', b'i']), "hi");
+        assert_eq!(display_key(&[0x01, 0xff]), "01ff");
+        // A string header that does not match the length is not a string.
+        assert_eq!(display_key(&[0xa5, b'h']), "a568");
     }
 }

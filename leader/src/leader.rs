@@ -38,6 +38,9 @@ pub(crate) struct Shared {
     pub(crate) conflated: AtomicU64,
     /// What peers may cost before their `Hello` is accepted.
     pub(crate) handshakes: Handshakes,
+    /// The followers connected now, by session.
+    pub(crate) peers: std::sync::Mutex<HashMap<u64, crate::FollowerStats>>,
+    pub(crate) call_latency: crate::latency::CallLatency,
 }
 
 type Built = BoxFuture<Result<Arc<dyn ErasedUpstream>, RemoteError>>;
@@ -184,6 +187,8 @@ impl LeaderBuilder {
             followers: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             conflated: AtomicU64::new(0),
+            peers: Default::default(),
+            call_latency: Default::default(),
         });
         for (channel, factory) in factories {
             let cancel = shared.cancel.clone();
@@ -198,7 +203,7 @@ impl LeaderBuilder {
                 }
             });
         }
-        tracing::info!(epoch = shared.epoch, leader.id = %shared.id, "leader started");
+        tracing::debug!(epoch = shared.epoch, leader.id = %shared.id, "leader started");
         Leader { shared }
     }
 }
@@ -259,7 +264,7 @@ impl Leader {
             Err(e) => return Err(bind_error(e)),
         }
         let listener = UnixListener::bind(&path).map_err(bind_error)?;
-        tracing::info!(path = %path.display(), "leader listening");
+        tracing::debug!(path = %path.display(), "leader listening");
         let shared = self.shared.clone();
         let socket = path.clone();
         self.shared.tracker.spawn(async move {
@@ -280,7 +285,7 @@ impl Leader {
         let listener =
             TcpListener::bind(addr).await.map_err(|source| Error::Bind { path: addr.to_string(), source })?;
         let local = listener.local_addr().map_err(|source| Error::Bind { path: addr.to_string(), source })?;
-        tracing::info!(addr = %local, "leader listening on TCP");
+        tracing::debug!(addr = %local, "leader listening on TCP");
         self.shared.tracker.spawn(accept_tcp(self.shared.clone(), listener));
         Ok(local)
     }
@@ -314,6 +319,7 @@ impl Leader {
                     upstream: channel.state.borrow().clone(),
                     subscriptions: counts.keys,
                     subscribers: counts.subscribers,
+                    keys: channel.hub.keys(),
                 }
             })
             .collect();
@@ -324,6 +330,14 @@ impl Leader {
             followers: self.shared.followers.load(Ordering::Relaxed),
             in_flight: self.shared.in_flight.load(Ordering::Relaxed),
             conflated_events: self.shared.conflated.load(Ordering::Relaxed),
+            events_sent: self.shared.channels.values().map(|c| c.hub.events.load(Ordering::Relaxed)).sum(),
+            follower_list: {
+                let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());
+                let mut list: Vec<crate::FollowerStats> = peers.values().cloned().collect();
+                list.sort_by_key(|f| f.id);
+                list
+            },
+            call_latency: self.shared.call_latency.snapshot(),
             channels,
         }
     }

@@ -62,6 +62,7 @@ mod channel;
 mod config;
 mod error;
 mod hub;
+mod latency;
 mod leader;
 mod outbox;
 mod session;
@@ -78,7 +79,8 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
 pub use cache::Cache;
 pub use config::Config;
 pub use error::Error;
+pub use latency::LatencyStats;
 pub use leader::{Leader, LeaderBuilder};
 pub use session::PeerInfo;
-pub use stats::{ChannelStats, Stats};
+pub use stats::{ChannelStats, FollowerStats, KeyStats, Stats};
 pub use upstream::{CallContext, EventSink, Upstream};

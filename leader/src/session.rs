@@ -106,7 +106,7 @@ impl Session {
             }
         };
         admission.admit();
-        tracing::info!(peer.id = %hello.peer_id, hello.pid = hello.pid, channels = ?hello.channels, "follower connected");
+        tracing::debug!(peer.id = %hello.peer_id, hello.pid = hello.pid, channels = ?hello.channels, "follower connected");
         let channels: HashMap<String, Arc<Channel>> =
             hello.channels.iter().filter_map(|name| Some((name.clone(), shared.channels.get(name)?.clone()))).collect();
         let outbox = Arc::new(Outbox::new(shared.config.max_queued_frames));
@@ -117,6 +117,15 @@ impl Session {
             shared.tracker.spawn(forward_status(channel, state, outbox.clone(), cancel.clone()));
         }
         shared.followers.fetch_add(1, Ordering::Relaxed);
+        shared.peers.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            crate::FollowerStats {
+                id,
+                pid: peer.pid.or(i32::try_from(hello.pid).ok()),
+                transport: peer.transport.to_owned(),
+                channels: hello.channels.clone(),
+            },
+        );
         let mut session = Session {
             shared,
             id,
@@ -193,7 +202,7 @@ impl Session {
         }
         let normal = reason == "follower closed the connection" || reason.starts_with("follower said goodbye");
         if normal {
-            tracing::info!(reason = %reason, "follower disconnected");
+            tracing::debug!(reason = %reason, "follower disconnected");
         } else {
             tracing::warn!(reason = %reason, "follower session ended");
         }
@@ -214,6 +223,7 @@ impl Session {
         }
         self.shared.conflated.fetch_add(self.outbox.conflated(), Ordering::Relaxed);
         self.shared.followers.fetch_sub(1, Ordering::Relaxed);
+        self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
         self.outbox.close(reason);
     }
 
@@ -301,6 +311,7 @@ impl Session {
 
     fn invoke(&mut self, invoke: Invoke) -> Result<(), String> {
         let Invoke { id, channel, deadline_ms, oneway, payload } = invoke;
+        let arrived = Instant::now();
         let channel = match self.channel(&channel) {
             Ok(channel) => channel.clone(),
             Err(error) => {
@@ -323,6 +334,7 @@ impl Session {
         // Polling with a no-op waker is sound: a pending future re-registers the
         // real waker when the task below polls it again.
         if let Poll::Ready(result) = call.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            self.shared.call_latency.record(arrived.elapsed());
             self.respond(id, oneway, result);
             return Ok(());
         }
@@ -355,6 +367,7 @@ impl Session {
                 let result = result.and_then(|bytes| fit_response(shared.config.max_frame_length, bytes));
                 if lock_in_flight(&in_flight).remove(&id).is_some() {
                     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    shared.call_latency.record(arrived.elapsed());
                     if !oneway {
                         outbox.push(Frame::Response(Response { id, result }));
                     } else if let Err(error) = result {

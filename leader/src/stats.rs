@@ -21,6 +21,36 @@ pub struct Stats {
     pub conflated_events: u64,
     /// One entry per channel.
     pub channels: Vec<ChannelStats>,
+    /// Upstream events the leader received and fanned out, all channels.
+    pub events_sent: u64,
+    /// The followers connected now.
+    pub follower_list: Vec<FollowerStats>,
+    /// How long calls took from arrival to answer.
+    pub call_latency: crate::LatencyStats,
+}
+
+/// One connected follower.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct FollowerStats {
+    /// The session id (the `follower.id` of the leader's logs).
+    pub id: u64,
+    /// The follower's pid, as its transport or its Hello tells.
+    pub pid: Option<i32>,
+    /// `unix`, `tcp`, `local` or `messenger`.
+    pub transport: String,
+    /// The channels it named in Hello.
+    pub channels: Vec<String>,
+}
+
+/// One subscribed key.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct KeyStats {
+    /// The key: its MessagePack string, or the bytes in hex when it is not a string.
+    pub key: String,
+    /// Followers subscribed to it.
+    pub subscribers: usize,
 }
 
 /// A snapshot of one channel.
@@ -35,4 +65,6 @@ pub struct ChannelStats {
     pub subscriptions: usize,
     /// Subscribers over all keys.
     pub subscribers: usize,
+    /// The subscribed keys.
+    pub keys: Vec<KeyStats>,
 }

@@ -63,7 +63,7 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let Server { listener, local_addr, shared } = self;
         let config = &shared.config;
-        info!(
+        tracing::debug!(
             addr = %local_addr,
             max_connections = config.max_connections,
             frame_timeout_ms = config.frame_timeout.as_millis() as u64,

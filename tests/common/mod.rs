@@ -53,6 +53,12 @@ impl Proc {
         Proc::spawn_with(program, args, &[], false)
     }
 
+    /// [`spawn`](Self::spawn) with extra environment variables.
+    pub fn spawn_with_env(program: &Path, args: &[&str], env: &[(&str, &Path)]) -> Proc {
+        let env: Vec<(&str, &std::ffi::OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+        Proc::spawn_with(program, args, &env, false)
+    }
+
     /// Spawns with extra environment variables; with `stderr`, stderr lines
     /// join the stdout lines, prefixed with `stderr: `.
     pub fn spawn_with(program: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)], stderr: bool) -> Proc {

@@ -31,8 +31,7 @@ use crate::procs;
 /// Runs a role to its end, then exits the process.
 pub fn main(role: RoleCmd) -> ! {
     procs::prepare_role_process();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tandem::logging::init_with_default("error");
     let result = match role {
         RoleCmd::Leader { socket, group, threads } => {
             serve(server_runtime(threads), "server", group, |c, r| leader::run(socket, c, r))

@@ -1,0 +1,110 @@
+//! The control socket's reload against the real fixture cluster: a successor
+//! that fails to start ends the reload with the reason, and the workers not
+//! reached yet keep running.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tandem_cluster::control::{Client, ControlError, ProcessInfo, Request};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn fixture_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    profile_dir.join("examples").join("cluster_fixture")
+}
+
+/// The fixture's master, SIGKILLed and reaped (by pid) when dropped.
+struct Master(Child);
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn status(path: &std::path::Path, name: &str) -> Vec<ProcessInfo> {
+    let mut client = Client::connect_to(path, name).await.expect("connect");
+    client.call_as(Request::Status).await.expect("status")
+}
+
+fn worker(rows: &[ProcessInfo], id: u32) -> &ProcessInfo {
+    rows.iter().find(|r| r.role == "worker" && r.slot == Some(id)).expect("worker row")
+}
+
+#[tokio::test]
+async fn a_failed_successor_fails_the_reload_and_spares_the_rest() {
+    tokio::time::timeout(TEST_TIMEOUT, failed_reload()).await.expect("test timed out");
+}
+
+async fn failed_reload() {
+    let xdg = std::env::temp_dir().join(format!("tandem-reload-it-{}", std::process::id()));
+    std::fs::create_dir_all(&xdg).unwrap();
+    let fail = xdg.join("fail");
+    let name = "reload-it";
+    let mut child = Command::new(fixture_path())
+        .args(["--workers", "2", "--name", name, "--backoff-ms", "50", "--grace-ms", "2000"])
+        .args(["--crash-loop-limit", "100", "--failed-retry-ms", "500"])
+        .arg("--fail-start-file")
+        .arg(&fail)
+        .env("XDG_RUNTIME_DIR", &xdg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the fixture");
+    let stdout = child.stdout.take().unwrap();
+    let _master = Master(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Read to the end, even once nobody listens: a closed pipe would make
+        // the fixture's own printing fail.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = tokio::task::spawn_blocking(move || {
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+            if line.starts_with("cluster ready") {
+                return Some(line);
+            }
+        }
+        None
+    });
+    assert!(ready.await.unwrap().is_some(), "the fixture never became ready");
+    let socket = xdg.join("tandem").join(name).join("control.sock");
+    let before = status(&socket, name).await;
+    assert!(before.iter().all(|r| r.state == "online"), "{before:?}");
+
+    // From now on every new worker exits before it is ready.
+    std::fs::write(&fail, b"").unwrap();
+    let mut client = Client::connect_to(&socket, name).await.unwrap();
+    let error = match client.call(Request::Reload).await {
+        Err(ControlError::Failed(reason)) => reason,
+        other => panic!("the reload should fail, got {other:?}"),
+    };
+    assert!(error.contains("reload stopped at worker 1 (0 of the workers replaced)"), "{error}");
+    assert!(error.contains("exited before it was ready"), "{error}");
+
+    // Worker 2 was not touched; worker 1's slot is being restarted.
+    let after = status(&socket, name).await;
+    assert_eq!(worker(&after, 2).pid, worker(&before, 2).pid, "{after:?}");
+    assert_eq!(worker(&after, 2).state, "online");
+    assert_ne!(worker(&after, 1).state, "online", "{after:?}");
+
+    // Once starts succeed again, the slot comes back and a reload succeeds.
+    std::fs::remove_file(&fail).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while worker(&status(&socket, name).await, 1).state != "online" {
+        assert!(tokio::time::Instant::now() < deadline, "worker 1 did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = client.call(Request::Reload).await.expect("second reload");
+    assert_eq!(report["replaced"].as_array().map(Vec::len), Some(2), "{report}");
+    let _ = std::fs::remove_dir_all(&xdg);
+}

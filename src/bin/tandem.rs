@@ -1,0 +1,309 @@
+//! `tandem`: find, inspect and act on the running tandem clusters of this user,
+//! through each master's control socket (see `tandem_cluster::control`).
+//!
+//! ```text
+//! tandem ls                    # name, master pid, uptime, workers, state
+//! tandem status NAME [--json]  # one row per process, like `pm2 ls`
+//! tandem leader NAME [--json]  # the Leader's channels, keys, followers
+//! tandem reload NAME           # replace the workers one by one (exit 1 on failure)
+//! tandem stop NAME             # graceful stop; returns when every process is gone
+//! ```
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use tandem::cluster::control::{
+    self, Client, ClusterInfo, ControlError, ProcessInfo, ReloadReport, Request, StopReport,
+};
+
+/// `print!` that ignores a closed stdout (`tandem status X | head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "tandem", about = "Operate the tandem clusters of this user", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The running clusters: name, master pid, uptime, workers, state.
+    Ls {
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One row per process: role, slot, pid, state, restarts, uptime, CPU, RSS.
+    Status {
+        /// The cluster's name (see `tandem ls`).
+        name: String,
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The Leader's introspection: channels, keys, subscribers, followers.
+    Leader {
+        /// The cluster's name.
+        name: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the workers one at a time, each after its successor is ready.
+    Reload {
+        /// The cluster's name.
+        name: String,
+    },
+    /// Stop the cluster gracefully and wait until every process is gone.
+    Stop {
+        /// The cluster's name.
+        name: String,
+        /// How long to wait for the processes to exit, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tandem::logging::init_with_default("warn");
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("tandem: could not start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut line = format!("tandem: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                line += &format!(": {cause}");
+                source = cause.source();
+            }
+            eprintln!("{line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), ControlError> {
+    match command {
+        Command::Ls { json } => {
+            let clusters = control::list().await;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&clusters).unwrap_or_default());
+            } else {
+                out!("{}", ls_table(&clusters));
+            }
+            Ok(())
+        }
+        Command::Status { name, json } => {
+            let rows: Vec<ProcessInfo> = decode(ask(&name, Request::Status).await?)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+            } else {
+                out!("{}", status_table(&rows));
+            }
+            Ok(())
+        }
+        Command::Leader { name, json } => {
+            let stats = ask(&name, Request::Leader).await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&stats).unwrap_or_default());
+            } else {
+                out!("{}", leader_text(&stats));
+            }
+            Ok(())
+        }
+        Command::Reload { name } => {
+            let report: ReloadReport = Client::connect(&name).await?.call_as(Request::Reload).await?;
+            for r in &report.replaced {
+                outln!("worker {}: pid {} -> {} (ready)", r.worker, r.old_pid, r.new_pid);
+            }
+            outln!("reloaded {} workers", report.replaced.len());
+            Ok(())
+        }
+        Command::Stop { name, timeout } => {
+            let report: StopReport = decode(ask(&name, Request::Stop).await?)?;
+            outln!("stopping {name}: {} processes", report.pids.len());
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let alive: Vec<u32> = report.pids.iter().copied().filter(|&pid| alive(pid)).collect();
+                if alive.is_empty() {
+                    outln!("stopped");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    return Err(ControlError::Failed(format!(
+                        "still running after {timeout}s: pids {}",
+                        alive.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// How long `status`, `leader` and `stop` wait for the master's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request with [`ANSWER_TIMEOUT`] (a reload is bounded by the master instead).
+async fn ask(name: &str, request: Request) -> Result<Value, ControlError> {
+    Client::connect(name).await?.call_within(name, request, ANSWER_TIMEOUT).await
+}
+
+fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ControlError> {
+    serde_json::from_value(value).map_err(|e| ControlError::Protocol(e.to_string()))
+}
+
+/// Whether `pid` is a live process (a zombie waiting to be reaped counts as gone).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()), Some("Z" | "X")),
+        Err(_) => false,
+    }
+}
+
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n}B"),
+        1024..1_048_576 => format!("{:.1}K", n as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1}M", n as f64 / 1_048_576.0),
+        _ => format!("{:.2}G", n as f64 / 1_073_741_824.0),
+    }
+}
+
+fn ls_table(clusters: &[ClusterInfo]) -> String {
+    if clusters.is_empty() {
+        return "no running clusters\n".to_owned();
+    }
+    let mut out = format!("{:<24} {:>8} {:>8} {:>8} {}\n", "NAME", "PID", "UPTIME", "WORKERS", "STATE");
+    for c in clusters {
+        let workers = format!("{}/{}", c.workers_online, c.workers);
+        out += &format!("{:<24} {:>8} {:>8} {:>8} {}\n", c.name, c.pid, duration(c.uptime_ms), workers, c.state);
+    }
+    out
+}
+
+/// A table like `pm2 ls`, at most 80 columns wide; the agent's Leader below it.
+fn status_table(rows: &[ProcessInfo]) -> String {
+    let mut out = format!(
+        "{:<7} {:>4} {:>8} {:<15} {:>8} {:>8} {:>6} {:>8}\n",
+        "ROLE", "SLOT", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "RSS"
+    );
+    let dash = || "-".to_owned();
+    for r in rows {
+        out += &format!(
+            "{:<7} {:>4} {:>8} {:<15} {:>8} {:>8} {:>6} {:>8}\n",
+            r.role,
+            r.slot.map_or_else(dash, |s| s.to_string()),
+            r.pid.map_or_else(dash, |p| p.to_string()),
+            r.state,
+            r.restarts,
+            r.uptime_ms.map_or_else(dash, duration),
+            r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
+            r.rss_bytes.map_or_else(dash, bytes),
+        );
+    }
+    if let Some(stats) = rows.iter().find_map(|r| r.leader.as_ref()) {
+        let n = |field: &str| stats.get(field).and_then(Value::as_u64).unwrap_or(0);
+        let channels = stats.get("channels").and_then(Value::as_array).cloned().unwrap_or_default();
+        let subscriptions: u64 = channels.iter().filter_map(|c| c.get("subscriptions").and_then(Value::as_u64)).sum();
+        out += &format!(
+            "leader: epoch {}, {} followers, {} subscriptions, {} calls in flight\n",
+            n("epoch"),
+            n("followers"),
+            subscriptions,
+            n("in_flight")
+        );
+        let upstream: Vec<String> = channels
+            .iter()
+            .map(|c| format!("{}={}", c.get("name").and_then(Value::as_str).unwrap_or("?"), upstream_state(c)))
+            .collect();
+        out += &format!("upstream: {}\n", upstream.join(" "));
+    } else if rows.iter().any(|r| r.role == "agent") {
+        out += "leader: no report from the agent\n";
+    }
+    out
+}
+
+fn upstream_state(channel: &Value) -> String {
+    match channel.get("upstream") {
+        Some(Value::String(s)) => s.to_lowercase(),
+        Some(Value::Object(o)) if o.contains_key("Down") => {
+            // Keep the status table within 80 columns: the reason is cut short.
+            let why: String = o["Down"].get("message").and_then(Value::as_str).unwrap_or("").chars().take(32).collect();
+            format!("down({why})")
+        }
+        Some(other) => other.to_string(),
+        None => "?".to_owned(),
+    }
+}
+
+fn leader_text(stats: &Value) -> String {
+    let n = |field: &str| stats.get(field).and_then(Value::as_u64).unwrap_or(0);
+    let mut out = format!(
+        "leader epoch {}: {} followers, {} calls in flight, {} events, {} conflated\n",
+        n("epoch"),
+        n("followers"),
+        n("in_flight"),
+        n("events_sent"),
+        n("conflated_events")
+    );
+    for c in stats.get("channels").and_then(Value::as_array).into_iter().flatten() {
+        let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+        let count = |field: &str| c.get(field).and_then(Value::as_u64).unwrap_or(0);
+        out += &format!(
+            "channel {name}: upstream {}, {} keys, {} subscribers\n",
+            upstream_state(c),
+            count("subscriptions"),
+            count("subscribers")
+        );
+        for k in c.get("keys").and_then(Value::as_array).into_iter().flatten() {
+            let key = k.get("key").and_then(Value::as_str).unwrap_or("?");
+            let subs = k.get("subscribers").and_then(Value::as_u64).unwrap_or(0);
+            out += &format!("  {key:<40} {subs:>4} subscribers\n");
+        }
+    }
+    out += "followers:\n";
+    for f in stats.get("follower_list").and_then(Value::as_array).into_iter().flatten() {
+        let pid = f.get("pid").and_then(Value::as_i64).map_or_else(|| "-".to_owned(), |p| p.to_string());
+        let transport = f.get("transport").and_then(Value::as_str).unwrap_or("?");
+        let channels: Vec<&str> =
+            f.get("channels").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        out += &format!(
+            "  #{:<4} pid {pid:>8} {transport:<10} {}\n",
+            f.get("id").and_then(Value::as_u64).unwrap_or(0),
+            channels.join(",")
+        );
+    }
+    out
+}
