@@ -22,9 +22,9 @@ pub mod cluster_glue;
 #[cfg(feature = "etcd")]
 pub mod etcd_upstream;
 mod follow_tasks;
+pub mod logging;
 #[cfg(feature = "redis")]
 pub mod redis_upstream;
-pub mod logging;
 pub mod registry_upstream;
 
 pub use tandem_cluster as cluster;

@@ -88,7 +88,6 @@ pub(crate) enum Timer {
     EofKill(ProcKey),
 }
 
-
 pub(crate) struct Master {
     pub(crate) config: Config,
     pub(crate) name: String,
@@ -329,10 +328,7 @@ impl Master {
             ClusterEvent::Spawned { .. } | ClusterEvent::AgentReady { .. } | ClusterEvent::WorkerReady { .. } => {
                 tracing::debug!(%event, "cluster event")
             }
-            ClusterEvent::Exited { process, .. }
-                if self.stopping.is_some()
-                    || self.replacing.is_some() =>
-            {
+            ClusterEvent::Exited { process, .. } if self.stopping.is_some() || self.replacing.is_some() => {
                 tracing::debug!(%event, "cluster event")
             }
             ClusterEvent::Exited { .. }

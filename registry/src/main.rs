@@ -238,7 +238,12 @@ async fn connect(server: &str) -> Result<Client> {
     Ok(Client::connect(server).await?)
 }
 
-async fn serve(listen: &str, history: Option<usize>, max_watches: Option<usize>, limits: LimitArgs) -> Result<ExitCode> {
+async fn serve(
+    listen: &str,
+    history: Option<usize>,
+    max_watches: Option<usize>,
+    limits: LimitArgs,
+) -> Result<ExitCode> {
     let mut config = Config::default();
     if let Some(history) = history {
         config.history = history;
