@@ -193,7 +193,11 @@ const CHILD_DIR: &str = "TANDEM_TEST_CHILD_LEADER_DIR";
 #[ignore = "run as a child process by out_of_descriptors_the_leader_backs_off_and_keeps_serving"]
 async fn child_leader() {
     let Ok(dir) = std::env::var(CHILD_DIR) else { return };
-    tracing_subscriber::fmt().with_env_filter("info").with_ansi(false).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter("info,tandem_leader=debug")
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
     let upstream = MemUpstream::default();
     let mut config = tandem_leader::Config::default();
     config.handshake_timeout = Duration::from_millis(500);

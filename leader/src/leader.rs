@@ -377,7 +377,7 @@ async fn build_upstream(
             };
             return match result {
                 Ok(upstream) => {
-                    tracing::info!(channel = %channel.name, "upstream ready");
+                    tracing::debug!(channel = %channel.name, "upstream ready");
                     Some(upstream)
                 }
                 Err(error) => {
@@ -401,7 +401,7 @@ async fn build_upstream(
         match result {
             Ok(upstream) => {
                 if attempt == 1 {
-                    tracing::info!(channel = %channel.name, "upstream ready");
+                    tracing::debug!(channel = %channel.name, "upstream ready");
                 } else {
                     tracing::info!(channel = %channel.name, attempt, down_ms = started.elapsed().as_millis() as u64, "upstream ready after failed attempts");
                 }

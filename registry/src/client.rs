@@ -71,7 +71,12 @@ impl Client {
         driver::spawn(stream, tandem_protocol::DEFAULT_MAX_FRAME_LENGTH, in_flight.clone(), inputs);
         let server = match tokio::time::timeout(HELLO_TIMEOUT, hello_rx).await {
             Ok(Ok(server)) => server,
-            Ok(Err(_)) => return Err(connect_error(io::Error::other(in_flight.lost_error()))),
+            Ok(Err(_)) => {
+                // The driver dropped the hello's sender on its way out: wait for it
+                // to record why (a Goodbye's reason, such as `too_many_connections`).
+                let _ = tokio::time::timeout(HELLO_TIMEOUT, in_flight.lost().cancelled()).await;
+                return Err(connect_error(io::Error::other(in_flight.lost_error())));
+            }
             Err(_) => {
                 let error = io::Error::new(
                     io::ErrorKind::TimedOut,
