@@ -44,7 +44,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -572,8 +572,8 @@ impl MasterHandle {
 /// reload at a time: a second request is refused, not queued.
 pub(crate) async fn reload_workers(handle: &MasterHandle) -> Result<ReloadReport, String> {
     match handle.reload.reload().await {
+        // The master counts reloads (`reloads_ok`/`reloads_failed`) as they end.
         Ok(report) => {
-            handle.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
             let replaced = report
                 .replaced
                 .into_iter()
@@ -581,10 +581,7 @@ pub(crate) async fn reload_workers(handle: &MasterHandle) -> Result<ReloadReport
                 .collect();
             Ok(ReloadReport { replaced })
         }
-        Err(error) => {
-            handle.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-            Err(error.to_string())
-        }
+        Err(error) => Err(error.to_string()),
     }
 }
 

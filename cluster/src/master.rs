@@ -133,6 +133,8 @@ pub(crate) struct Master {
     control_server: Option<ControlServer>,
     ops_tx: mpsc::Sender<OpsCall>,
     ops_rx: mpsc::Receiver<OpsCall>,
+    /// Counters the control socket and `/metrics` read (reloads, whatever started them).
+    ops_stats: Arc<ControlStats>,
 }
 
 impl std::fmt::Debug for Master {
@@ -224,6 +226,7 @@ impl Master {
             control_server: Some(control),
             ops_tx,
             ops_rx,
+            ops_stats: Arc::new(ControlStats::default()),
         })
     }
 
@@ -233,7 +236,7 @@ impl Master {
             calls: self.ops_tx.clone(),
             reload: self.control(),
             messenger: Messenger::new(Arc::clone(&self.port)),
-            stats: Arc::new(ControlStats::default()),
+            stats: Arc::clone(&self.ops_stats),
         };
         let metrics_addr = match self.config.metrics {
             Some(addr) => Some(crate::metrics::serve(addr, handle.clone(), &self.tasks, self.cancel.clone()).await?),
@@ -336,6 +339,16 @@ impl Master {
             | ClusterEvent::RestartScheduled { .. }
             | ClusterEvent::SlotFailed { .. } => tracing::warn!(%event, "cluster event"),
             _ => tracing::info!(%event, "cluster event"),
+        }
+        // Reloads from SIGHUP, the API and the control socket alike.
+        match &event {
+            ClusterEvent::ReloadDone { .. } => {
+                self.ops_stats.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            ClusterEvent::ReloadFailed { .. } => {
+                self.ops_stats.reloads_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            _ => {}
         }
         // Err: nobody listens.
         let _ = self.events.send(event);
