@@ -265,13 +265,27 @@ fn down_reason(addr: &str, error: &tandem_registry::Error) -> RemoteError {
 
 /// Keeps a client connected: waits for the current one to die, then reconnects
 /// with backoff (WARN with the cause the first time) and re-registers instances.
+/// How often an idle registry connection sends a request (a `Stats`): well
+/// under the registry's idle timeout (`tandem-registry serve --idle-timeout`,
+/// default 5 min), which closes connections with no watch and no lease.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn reconnect_loop(inner: std::sync::Weak<Inner>, cancel: CancellationToken) {
     loop {
         let Some(current) = inner.upgrade().map(|i| i.client.borrow().clone()) else { return };
         if let Some(client) = current {
-            let error = tokio::select! {
-                error = client.closed() => error,
-                _ = cancel.cancelled() => return,
+            let error = loop {
+                tokio::select! {
+                    error = client.closed() => break error,
+                    _ = cancel.cancelled() => return,
+                    // A tiny request now and then, so a Leader with no watched key is not
+                    // closed by the registry's idle timeout (default 5 min).
+                    () = tokio::time::sleep(KEEPALIVE) => {
+                        if let Err(error) = client.stats().await {
+                            tracing::debug!(error = %chain(&error), "registry keepalive failed");
+                        }
+                    }
+                }
             };
             let Some(strong) = inner.upgrade() else { return };
             tracing::warn!(registry = %strong.addr, error = %chain(&error), "registry connection lost; reconnecting");
