@@ -22,6 +22,9 @@
 //! `--agent-max-memory MIB`, `--ready-timeout SECS` (default 30), `--plain` (no
 //! cluster: one process serving the same routes, for comparison).
 //!
+//! `--name NAME` and `--metrics ADDR` as in config_center (the `tandem` CLI,
+//! `/metrics`; `metrics on <ADDR>` follows `listening on`).
+//!
 //! stdout, one line each: `listening on <ADDR>` first, then `cluster ready:
 //! master=<pid> agent=<pid> workers=<pid>,...`, after SIGHUP `reload done:
 //! workers=<pid>,...` or `reload failed: <reason>`, and `worker replaced:
@@ -92,6 +95,14 @@ struct Args {
     /// rolls back after it).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     ready_timeout: u64,
+    /// The cluster's name for `tandem ls/status/reload/stop/leader`. The
+    /// default is the executable's file name (`http_config`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port;
+    /// the address is printed as `metrics on <ADDR>`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where the children find the registry the master started for them.
@@ -108,7 +119,7 @@ struct App {
 }
 
 fn main() -> anyhow::Result<()> {
-    tandem::cluster::init_tracing();
+    tandem::logging::init();
     let mut args = Args::parse();
     if args.keys.is_empty() {
         args.keys = vec!["app.greeting".into()];
@@ -138,6 +149,12 @@ fn main() -> anyhow::Result<()> {
         builder = builder.workers(workers);
     }
     builder = builder.start_timeout(Duration::from_secs(args.ready_timeout));
+    if let Some(name) = &args.name {
+        builder = builder.name(name);
+    }
+    if let Some(addr) = args.metrics {
+        builder = builder.metrics(addr);
+    }
     if let Some(mib) = args.max_memory {
         builder = builder.worker_max_memory(mib * 1024 * 1024);
     }
@@ -403,6 +420,9 @@ async fn master(
 ) -> Result<(), tandem::cluster::BoxError> {
     for listener in ctx.listeners() {
         println!("listening on {}", listener.address);
+    }
+    if let Some(addr) = ctx.metrics_addr() {
+        println!("metrics on {addr}");
     }
     let _server = match embedded {
         Some(listener) => {

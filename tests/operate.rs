@@ -347,3 +347,54 @@ async fn logs_are_one_line_per_event_plain_off_a_terminal_and_json_on_request() 
     .await
     .expect("test timed out")
 }
+
+/// The HTTP example is operated the same way: a SIGHUP reload and a `tandem
+/// reload` are both counted in `/metrics`, and `tandem stop` ends every process.
+#[tokio::test]
+async fn the_http_example_is_operated_like_any_cluster() {
+    tokio::time::timeout(TIMEOUT, async {
+        let xdg = private_dir();
+        let name = "web-it";
+        let mut cluster = Proc::spawn_with_env(
+            &example("http_config"),
+            &["--workers", "2", "--name", name, "--metrics", "127.0.0.1:0"],
+            &[("XDG_RUNTIME_DIR", xdg.path())],
+        );
+        cluster.expect_line(STEP, |l| l.starts_with("listening on ")).await;
+        let metrics_line = cluster.expect_line(STEP, |l| l.starts_with("metrics on ")).await;
+        let addr = metrics_line.trim_start_matches("metrics on ").to_owned();
+        let ready = cluster.expect_line(STEP, |l| l.starts_with("cluster ready:")).await;
+        let master: i32 = field(&ready, "master").unwrap().parse().unwrap();
+
+        // SIGHUP: the master's own reload, counted like the CLI's.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(master), nix::sys::signal::Signal::SIGHUP).unwrap();
+        cluster.expect_line(STEP, |l| l.starts_with("reload done:")).await;
+        metrics_until(&addr, "SIGHUP reload counted", |m| {
+            metric(m, "tandem_reloads_total", &[("result", "ok")]) == Some(1.0)
+        })
+        .await;
+
+        let before = status_json(xdg.path(), name).await;
+        let out = tandem(xdg.path(), &["reload", name]).await;
+        assert!(out.status.success(), "reload failed: {}{}", stdout(&out), stderr(&out));
+        assert!(stdout(&out).contains("reloaded 2 workers"), "{}", stdout(&out));
+        let after = status_json(xdg.path(), name).await;
+        for id in [1, 2] {
+            assert_ne!(worker(&before, id)["pid"], worker(&after, id)["pid"], "worker {id} not replaced");
+        }
+        metrics_until(&addr, "CLI reload counted", |m| {
+            metric(m, "tandem_reloads_total", &[("result", "ok")]) == Some(2.0)
+        })
+        .await;
+
+        let all = pids(&after);
+        let out = tandem(xdg.path(), &["stop", name]).await;
+        assert!(out.status.success(), "stop failed: {}", stderr(&out));
+        assert!(cluster.wait(STEP).await.success());
+        for pid in all {
+            assert!(!alive(pid as i32), "pid {pid} still alive after tandem stop");
+        }
+    })
+    .await
+    .expect("test timed out")
+}
