@@ -673,13 +673,16 @@ impl ControlServer {
             async move {
                 let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
                 let uid = nix::unistd::getuid().as_raw();
+                let mut errors = tandem_protocol::AcceptErrors::new("control");
                 loop {
                     let stream = tokio::select! {
                         accepted = self.listener.accept() => match accepted {
-                            Ok((stream, _)) => stream,
+                            Ok((stream, _)) => {
+                                errors.succeeded();
+                                stream
+                            }
                             Err(e) => {
-                                tracing::warn!(error = %e, "control socket accept failed");
-                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                tokio::time::sleep(errors.failed(&e)).await;
                                 continue;
                             }
                         },

@@ -132,7 +132,7 @@ async fn accept_loop(
     tx: mpsc::Sender<Cmd>,
     cancel: CancellationToken,
 ) {
-    let mut warned = false;
+    let mut errors = tandem_protocol::AcceptErrors::new("round-robin");
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -140,7 +140,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, _)) => {
-                warned = false;
+                errors.succeeded();
                 let fd = match stream.into_std() {
                     Ok(s) => OwnedFd::from(s),
                     Err(e) => {
@@ -152,14 +152,9 @@ async fn accept_loop(
                     return;
                 }
             }
-            Err(e) => {
-                // EMFILE and friends: say it once, back off briefly, retry.
-                if !warned {
-                    tracing::warn!(error = %e, "accept failed; retrying");
-                    warned = true;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            // EMFILE and friends: WARN (rate-limited) and a growing pause; the
+            // connection waits in the backlog meanwhile.
+            Err(e) => tokio::time::sleep(errors.failed(&e)).await,
         }
     }
 }
