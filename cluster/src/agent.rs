@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::ChildCore;
+use crate::child_core::ChildCore;
 use crate::ipc::Ready;
 use crate::{Error, IncomingLink, Links, Messenger};
 

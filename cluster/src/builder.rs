@@ -8,17 +8,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
 
+use crate::app::{AgentFn, MasterFn, WorkerFn};
 use crate::child::{self, ChildEnv};
 use crate::{
     AgentContext, AgentReady, BoxError, Config, Error, ListenAddr, ListenerSpec, MasterContext, RestartPolicy,
     ShareMode, WorkerContext,
 };
-
-pub(crate) type AgentFn = Box<dyn FnOnce(AgentContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
-pub(crate) type WorkerFn = Box<dyn FnOnce(WorkerContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
-pub(crate) type MasterFn = Box<dyn FnOnce(MasterContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
 
 /// A master/agent/worker cluster.
 #[derive(Debug)]

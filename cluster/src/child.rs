@@ -22,14 +22,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::builder::{AgentFn, WorkerFn};
-use crate::ipc::{ChildCodec, Delivery, FromChild, Init, Outcome, Ready, ToChild};
+use crate::app::{AgentFn, WorkerFn};
+use crate::child_core::ChildCore;
+use crate::ipc::{ChildCodec, Delivery, FromChild, Init, Outcome, ToChild};
 use crate::link::LinkTable;
 use crate::listeners::ReceivedListeners;
 use crate::messenger::{Answer, ChildShared, Inbox, Port, Transport};
 use crate::spawn::{ENV_CLUSTER, ENV_FD_CHANNEL, ENV_IPC_FD, ENV_MASTER_PID, ENV_ROLE, ENV_WORKER_ID};
-use crate::worker::AgentInfo;
-use crate::{AgentContext, Error, Messenger, Role, Sender, WorkerContext, WorkerId};
+use crate::types::{AgentInfo, Sender};
+use crate::{AgentContext, Error, Messenger, Role, WorkerContext, WorkerId};
 
 /// The exit code of a child whose master is gone (as egg's agent uses).
 pub(crate) const MASTER_GONE_EXIT: i32 = 110;
@@ -84,35 +85,6 @@ impl ChildEnv {
             cluster: var(ENV_CLUSTER)?,
             fd_channel: std::env::var(ENV_FD_CHANNEL).ok().and_then(|v| v.parse().ok()),
         }))
-    }
-}
-
-/// What the agent and worker contexts share.
-#[derive(Debug)]
-pub(crate) struct ChildCore {
-    pub init: Init,
-    pub pid: u32,
-    pub messenger: Messenger,
-    pub stop: CancellationToken,
-    shared: Arc<ChildShared>,
-    ready_sent: AtomicBool,
-    cluster_ready: watch::Receiver<bool>,
-    /// The listening sockets the master handed this worker, until taken.
-    pub listeners: std::sync::Mutex<ReceivedListeners>,
-}
-
-impl ChildCore {
-    pub(crate) async fn report_ready(&self, ready: Ready) -> Result<(), Error> {
-        if self.ready_sent.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        self.shared.writer.send(FromChild::Ready(ready)).await.map_err(|_| Error::MasterGone)
-    }
-
-    pub(crate) async fn wait_cluster_ready(&self) {
-        let mut rx = self.cluster_ready.clone();
-        // Err only when the reader is gone, and then the process is exiting.
-        let _ = rx.wait_for(|ready| *ready).await;
     }
 }
 

@@ -467,7 +467,7 @@ pub(crate) struct ControlStats {
 pub(crate) struct MasterHandle {
     pub calls: mpsc::Sender<OpsCall>,
     /// The master's rolling reload (SIGHUP does the same).
-    pub reload: crate::reload::ClusterControl,
+    pub reload: crate::cluster_control::ClusterControl,
     pub messenger: Messenger,
     pub stats: Arc<ControlStats>,
 }

@@ -32,13 +32,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::{Codec, RemoteError};
 
-use crate::messenger::{Sender, Target};
 use crate::status::StatusTable;
-use crate::worker::AgentInfo;
+use crate::types::{AgentInfo, LinkId, Sender, Target};
 use crate::{Role, WorkerId};
-
-/// A link's id, unique within one master's life.
-pub(crate) type LinkId = u64;
 
 /// The master's codec: decodes what children send.
 pub(crate) type MasterCodec = Codec<FromChild>;

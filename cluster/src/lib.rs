@@ -94,9 +94,12 @@
 //! ```
 
 mod agent;
+mod app;
 mod backoff;
 mod builder;
 mod child;
+mod child_core;
+mod cluster_control;
 mod config;
 pub mod control;
 mod error;
@@ -119,21 +122,23 @@ mod spawn;
 mod status;
 mod supervisor;
 mod trace;
+mod types;
 mod worker;
 
 pub use agent::{AgentContext, AgentReady};
 pub use backoff::RestartPolicy;
 pub use builder::{Builder, Cluster};
+pub use cluster_control::{ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};
 pub use events::{ClusterEvent, Events};
 pub use link::{FrameLink, IncomingLink, Links};
 pub use listeners::{LISTEN_BACKLOG, ListenAddr, Listener, ListenerInfo, ListenerSpec, ShareMode};
 pub use master_context::MasterContext;
-pub use messenger::{Message, Messenger, Sender, Subscription, Target, decode, encode};
+pub use messenger::{Message, Messenger, Subscription, decode, encode};
 pub use process::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
-pub use reload::{ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 pub use round_robin::{BACKLOG as ROUND_ROBIN_BACKLOG, MAX_UNACKED, RoundRobinListener};
 pub use status::{ProcessState, StatusRow, StatusTable};
 pub use trace::{init_tracing, init_tracing_with_default};
-pub use worker::{AgentInfo, WorkerContext};
+pub use types::{AgentInfo, Sender, Target};
+pub use worker::WorkerContext;

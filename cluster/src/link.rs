@@ -51,7 +51,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::WorkerId;
-use crate::ipc::{FromChild, LinkId};
+use crate::ipc::FromChild;
+use crate::types::LinkId;
 
 /// One relayed link: frames to the other end on `tx`, frames from it on `rx`.
 ///

@@ -22,24 +22,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::app::MasterFn;
 use crate::backoff::Restart;
-use crate::builder::MasterFn;
+use crate::cluster_control::{ClusterControl, ControlCall};
 use crate::control::{ControlServer, ControlStats, MasterHandle, OpsCall, Snapshot};
 use crate::events::Events;
 use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
 use crate::listeners::BoundListeners;
 use crate::master_context::MasterContext;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
-use crate::reload::{ClusterControl, ControlCall};
 use crate::round_robin::{Cmd as RrCmd, RoundRobin};
 use crate::router::Router;
 use crate::runtime_dir::{RuntimeDir, new_token};
 use crate::shutdown::{MasterSignal, MasterSignals, Stage, Stopping};
 use crate::spawn::Program;
 use crate::status::{ProcessState, StatusRow, StatusTable, rss_bytes};
-use crate::supervisor::{Proc, ProcKey, Slot, SlotId};
-use crate::worker::AgentInfo;
-use crate::{BoxError, ClusterEvent, Config, Error, ExitReason, ProcessRef, Role, Sender, StartFailure, WorkerId};
+use crate::supervisor::{Proc, Slot};
+use crate::types::{AgentInfo, ProcKey, Sender, SlotId};
+use crate::{BoxError, ClusterEvent, Config, Error, ExitReason, ProcessRef, Role, StartFailure, WorkerId};
 
 /// Inputs queued for the loop (bounded: readers wait when it is full, which
 /// back-pressures the children's sockets).
@@ -178,7 +178,7 @@ impl Master {
         let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
         let (local_tx, local_rx) = mpsc::channel(LOCAL_CAPACITY);
         let (events, events_rx) = broadcast::channel(EVENTS_CAPACITY);
-        let (control_tx, control_rx) = mpsc::channel(crate::reload::CONTROL_CALLS_CAPACITY);
+        let (control_tx, control_rx) = mpsc::channel(crate::cluster_control::CONTROL_CALLS_CAPACITY);
         let port = Arc::new(Port {
             me: Sender::Master { pid },
             inbox: Inbox::new(config.subscription_capacity),

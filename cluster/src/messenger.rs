@@ -23,14 +23,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tandem_protocol::{RemoteError, payload};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::ipc::{FromChild, Op, Outcome};
 use crate::link::{FrameLink, LinkTable};
 use crate::status::StatusTable;
+use crate::types::{Sender, Target};
 use crate::{Error, Role, WorkerId};
 
 /// The code of the `RemoteError` a requester gets when the target had no
@@ -52,105 +53,6 @@ fn check_size(topic: &str, payload: &Bytes) -> Result<(), Error> {
         return Err(Error::PayloadTooLarge { len, max: MAX_MESSAGE_LEN });
     }
     Ok(())
-}
-
-/// Where a message goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum Target {
-    /// The master process.
-    Master,
-    /// The agent.
-    Agent,
-    /// One worker, by id.
-    Worker(WorkerId),
-    /// Every ready worker except the sender.
-    Workers,
-    /// One ready worker picked at random (not the sender, when it is a worker).
-    RandomWorker,
-    /// Every process (master, agent, workers) except the sender.
-    All,
-}
-
-impl Target {
-    /// Whether the target is a single process (requests need one).
-    pub fn is_single(&self) -> bool {
-        matches!(self, Target::Master | Target::Agent | Target::Worker(_) | Target::RandomWorker)
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Master => f.write_str("master"),
-            Target::Agent => f.write_str("agent"),
-            Target::Worker(id) => write!(f, "worker {id}"),
-            Target::Workers => f.write_str("all workers"),
-            Target::RandomWorker => f.write_str("a random worker"),
-            Target::All => f.write_str("every process"),
-        }
-    }
-}
-
-/// Who sent a message, as stamped by the master (a child cannot choose it).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum Sender {
-    /// The master.
-    Master {
-        /// Its pid.
-        pid: u32,
-    },
-    /// The agent.
-    Agent {
-        /// Its pid.
-        pid: u32,
-        /// Its epoch.
-        epoch: u64,
-    },
-    /// A worker.
-    Worker {
-        /// Its id.
-        id: WorkerId,
-        /// Its pid.
-        pid: u32,
-    },
-}
-
-impl Sender {
-    /// The sender's pid.
-    pub fn pid(&self) -> u32 {
-        match *self {
-            Sender::Master { pid } | Sender::Agent { pid, .. } | Sender::Worker { pid, .. } => pid,
-        }
-    }
-
-    /// The sender's role.
-    pub fn role(&self) -> Role {
-        match self {
-            Sender::Master { .. } => Role::Master,
-            Sender::Agent { .. } => Role::Agent,
-            Sender::Worker { .. } => Role::Worker,
-        }
-    }
-
-    /// The sender's worker id, when it is a worker.
-    pub fn worker_id(&self) -> Option<WorkerId> {
-        match *self {
-            Sender::Worker { id, .. } => Some(id),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Sender {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Sender::Master { pid } => write!(f, "master (pid {pid})"),
-            Sender::Agent { pid, epoch } => write!(f, "agent (pid {pid}, epoch {epoch})"),
-            Sender::Worker { id, pid } => write!(f, "worker {id} (pid {pid})"),
-        }
-    }
 }
 
 /// Encodes a value as a MessagePack payload.

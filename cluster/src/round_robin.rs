@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::fdpass::FdChannel;
-use crate::supervisor::ProcKey;
+use crate::types::ProcKey;
 
 /// Connections a worker may hold unacknowledged before it is skipped.
 pub const MAX_UNACKED: usize = 64;
@@ -534,7 +534,7 @@ mod tests {
 
     use super::*;
     use crate::fdpass;
-    use crate::supervisor::SlotId;
+    use crate::types::SlotId;
 
     const WAIT: Duration = Duration::from_secs(5);
 

@@ -15,11 +15,12 @@ use tandem_protocol::RemoteError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
 
-use crate::ipc::{Delivery, LinkId, Op, Outcome, Refusal, ToChild};
+use crate::WorkerId;
+use crate::ipc::{Delivery, Op, Outcome, Refusal, ToChild};
 use crate::master::Master;
 use crate::status::ProcessState;
-use crate::supervisor::{Proc, ProcKey, SlotId};
-use crate::{Sender, Target, WorkerId};
+use crate::supervisor::Proc;
+use crate::types::{LinkId, ProcKey, Sender, SlotId, Target};
 
 /// Where the answer to an operation goes.
 #[derive(Debug)]

@@ -14,7 +14,6 @@
 //! table and [`ClusterEvent::SlotFailed`](crate::ClusterEvent::SlotFailed)
 //! make the failure visible.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use tokio::sync::{mpsc, oneshot};
@@ -23,47 +22,8 @@ use tokio::time::Instant;
 use crate::backoff::{Backoff, Restart};
 use crate::ipc::ToChild;
 use crate::status::{ProcessState, StatusRow, rss_bytes};
-use crate::{ProcessRef, RestartPolicy, Role, Sender, WorkerId};
-
-/// A supervised position: the agent, or worker `id`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum SlotId {
-    Agent,
-    Worker(WorkerId),
-}
-
-impl SlotId {
-    pub(crate) fn role(self) -> Role {
-        match self {
-            SlotId::Agent => Role::Agent,
-            SlotId::Worker(_) => Role::Worker,
-        }
-    }
-
-    pub(crate) fn worker_id(self) -> Option<WorkerId> {
-        match self {
-            SlotId::Agent => None,
-            SlotId::Worker(id) => Some(id),
-        }
-    }
-}
-
-impl fmt::Display for SlotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SlotId::Agent => f.write_str("agent"),
-            SlotId::Worker(id) => write!(f, "worker {id}"),
-        }
-    }
-}
-
-/// One process of a slot: the slot plus a generation unique in the master's life
-/// (pids are reused; generations are not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct ProcKey {
-    pub slot: SlotId,
-    pub generation: u64,
-}
+use crate::types::{ProcKey, Sender, SlotId};
+use crate::{ProcessRef, RestartPolicy};
 
 /// A running child process, as the master holds it.
 #[derive(Debug)]

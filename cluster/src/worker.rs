@@ -3,27 +3,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::child::ChildCore;
+use crate::child_core::ChildCore;
 use crate::ipc::Ready;
+use crate::types::AgentInfo;
 use crate::{Error, FrameLink, Listener, Messenger, WorkerId};
-
-/// The current agent, as workers see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentInfo {
-    /// Its pid.
-    pub pid: u32,
-    /// Its epoch: strictly higher for every agent the master starts.
-    pub epoch: u64,
-    /// Its Leader's socket.
-    pub socket: PathBuf,
-    /// Whether it is up. False between its death and its successor's readiness;
-    /// the other fields then still describe the dead one.
-    pub up: bool,
-}
 
 /// A worker's view of the cluster, given to its start function.
 ///

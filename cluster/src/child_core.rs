@@ -1,0 +1,43 @@
+//! What the agent's and the workers' contexts share: the child's `Init`, its
+//! messenger, its stop token and its side of the IPC channel. The child
+//! runtime ([`child`](crate::child)) builds it; the contexts wrap it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::ipc::{FromChild, Init, Ready};
+use crate::listeners::ReceivedListeners;
+use crate::messenger::{ChildShared, Messenger};
+
+/// What the agent and worker contexts share.
+#[derive(Debug)]
+pub(crate) struct ChildCore {
+    pub init: Init,
+    pub pid: u32,
+    pub messenger: Messenger,
+    pub stop: CancellationToken,
+    pub shared: Arc<ChildShared>,
+    pub ready_sent: AtomicBool,
+    pub cluster_ready: watch::Receiver<bool>,
+    /// The listening sockets the master handed this worker, until taken.
+    pub listeners: std::sync::Mutex<ReceivedListeners>,
+}
+
+impl ChildCore {
+    pub(crate) async fn report_ready(&self, ready: Ready) -> Result<(), Error> {
+        if self.ready_sent.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.shared.writer.send(FromChild::Ready(ready)).await.map_err(|_| Error::MasterGone)
+    }
+
+    pub(crate) async fn wait_cluster_ready(&self) {
+        let mut rx = self.cluster_ready.clone();
+        // Err only when the reader is gone, and then the process is exiting.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+}
