@@ -65,34 +65,12 @@
 //! ```
 
 mod client;
-mod config;
-mod driver;
-mod error;
-mod hub;
-mod in_flight;
-mod limits;
-mod outbound;
-mod reader;
-mod registration;
 mod server;
-mod services;
-mod session;
-mod state;
-mod stats;
-mod store;
-mod watch;
 mod wire;
 
-pub use client::{Client, HELLO_TIMEOUT};
-pub use config::{Config, RESERVED_FDS, SMALL_FRAME, default_max_connections};
-pub use error::Error;
-pub use registration::Registration;
-pub use server::{Server, ServerHandle, serve};
-pub use services::{Instance, ServiceEvent};
-pub use stats::Stats;
-pub use store::KeyValue;
-pub use watch::{ServiceWatch, WATCH_BUFFER, Watch, WatchEvent, WatchSpec};
-pub use wire::ServerInfo;
+pub use client::{Client, Error, HELLO_TIMEOUT, Registration, ServiceWatch, WATCH_BUFFER, Watch};
+pub use server::{Config, RESERVED_FDS, SMALL_FRAME, Server, ServerHandle, default_max_connections, serve};
+pub use wire::{Instance, KeyValue, ServerInfo, ServiceEvent, Stats, WatchEvent, WatchSpec};
 
 // Re-exported so users need not depend on the same versions themselves.
 pub use bytes::Bytes;

@@ -9,10 +9,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Error;
-use crate::services::ServiceEvent;
-use crate::watch::{Feed, Item, Undelivered, WatchEvent};
-use crate::wire::{RequestId, Response};
+use super::error::Error;
+use super::queue::{Feed, Item, Undelivered};
+use crate::wire::{RequestId, Response, ServiceEvent, WatchEvent};
 
 /// Where a watch's events go.
 #[derive(Debug)]

@@ -15,17 +15,13 @@ use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::hub::Target;
-use crate::limits::Slot;
-use crate::outbound::{self, EventBounds, Gone, Outbound};
-use crate::reader::{Read, ReadError, RequestReader};
-use crate::services::Instance;
-use crate::state::{CatchUp, Shared};
-use crate::watch::WatchSpec;
-use crate::wire::{CONNECTION_ID, Op, Request, RequestId, Response, ServerMessage};
-
-/// A connection's id, unique for the server's lifetime (its accept number).
-pub(crate) type ConnId = u64;
+use super::conn_id::ConnId;
+use super::hub::Target;
+use super::limits::Slot;
+use super::outbound::{self, EventBounds, Gone, Outbound};
+use super::reader::{Read, ReadError, RequestReader};
+use super::state::{CatchUp, Shared};
+use crate::wire::{CONNECTION_ID, Instance, Op, Request, RequestId, Response, ServerMessage, WatchSpec};
 
 /// How many replayed events a catching-up watch takes from the history per lock.
 const REPLAY_CHUNK: usize = 256;
@@ -407,9 +403,8 @@ mod tests {
     use tokio_util::codec::Framed;
 
     use super::*;
-    use crate::config::Config;
-    use crate::server::{Server, ServerHandle};
-    use crate::services::ServiceEvent;
+    use crate::server::{Config, Server, ServerHandle};
+    use crate::wire::ServiceEvent;
     use crate::{Client, Stats};
 
     const LIMIT: Duration = Duration::from_secs(10);

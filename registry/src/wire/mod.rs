@@ -1,4 +1,7 @@
-//! The registry's messages, as framed by [`tandem_protocol::Codec`].
+//! The registry's messages, as framed by [`tandem_protocol::Codec`], and the
+//! data they carry ([`KeyValue`], [`WatchSpec`], [`WatchEvent`], [`Instance`],
+//! [`ServiceEvent`], [`Stats`]): what the client and the server share. Nothing in
+//! here knows either of them.
 //!
 //! The client sends [`Request`]s, each with an id unique on its connection (never
 //! 0), and may have many in flight. The server answers each with one
@@ -30,14 +33,18 @@
 //!   |<------------------------------------------------|
 //! ```
 
+mod keys;
+mod services;
+mod stats;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::RemoteError;
 
-use crate::services::{Instance, LeaseId, ServiceEvent};
-use crate::stats::Stats;
-use crate::store::KeyValue;
-use crate::watch::{WatchEvent, WatchSpec};
+pub use keys::{KeyValue, WatchEvent, WatchSpec};
+pub(crate) use services::LeaseId;
+pub use services::{Instance, ServiceEvent};
+pub use stats::Stats;
 
 /// A request's id: unique among a connection's outstanding requests, never 0.
 pub(crate) type RequestId = u64;

@@ -2,11 +2,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::outbound::EventSender;
-use crate::services::ServiceEvent;
-use crate::session::ConnId;
-use crate::watch::{WatchEvent, WatchSpec};
-use crate::wire::{RequestId, ServerMessage};
+use super::conn_id::ConnId;
+use super::outbound::EventSender;
+use crate::wire::{RequestId, ServerMessage, ServiceEvent, WatchEvent, WatchSpec};
 
 /// What a watcher follows.
 #[derive(Debug, Clone)]

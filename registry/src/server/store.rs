@@ -4,20 +4,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
-use crate::watch::{WatchEvent, WatchSpec};
-
-/// A key, its value and the revision of the mutation that last set it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyValue {
-    /// The key.
-    pub key: String,
-    /// The value.
-    pub value: Bytes,
-    /// The revision of the `put` that set this value.
-    pub mod_revision: u64,
-}
+use crate::wire::{KeyValue, WatchEvent, WatchSpec};
 
 #[derive(Debug)]
 struct Entry {

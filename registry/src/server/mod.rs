@@ -1,5 +1,21 @@
 //! The TCP server: accepts connections, runs a session per connection and the
 //! lease reaper, and shuts down gracefully.
+//!
+//! Each connection is a `session` applying requests to the `state` every
+//! session shares: the config center's `store`, the `services` registry and
+//! the `hub` of watchers. A session reads with the `reader` and writes through
+//! its `outbound` queues, under the server-wide `limits`.
+
+mod config;
+mod conn_id;
+mod hub;
+mod limits;
+mod outbound;
+mod reader;
+mod services;
+mod session;
+mod state;
+mod store;
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,12 +32,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, RESERVED_FDS, open_file_limit};
-use crate::limits::Limits;
-use crate::session;
-use crate::state::Shared;
-use crate::stats::Stats;
-use crate::wire::{Request, ServerMessage};
+pub use config::{Config, RESERVED_FDS, SMALL_FRAME, default_max_connections};
+
+use config::open_file_limit;
+use limits::Limits;
+use state::Shared;
+
+use crate::wire::{Request, ServerMessage, Stats};
 
 /// A bound registry server, ready to [`run`](Server::run) or [`spawn`](Server::spawn).
 #[derive(Debug)]

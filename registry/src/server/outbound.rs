@@ -24,10 +24,8 @@ use tracing::warn;
 
 use futures::SinkExt;
 
-use crate::services::{Instance, ServiceEvent};
-use crate::session::ConnId;
-use crate::watch::WatchEvent;
-use crate::wire::{Reply, Request, RequestId, Response, ServerMessage};
+use super::conn_id::ConnId;
+use crate::wire::{Instance, Reply, Request, RequestId, Response, ServerMessage, ServiceEvent, WatchEvent};
 
 /// Replies and catch-up messages waiting to be written to one connection.
 /// When full, the session waits (it stops reading that connection's requests).

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
-use crate::config::SMALL_FRAME;
+use super::config::SMALL_FRAME;
 use crate::wire::Request;
 
 /// How much room the reader makes for a read when no (small) frame needs more.

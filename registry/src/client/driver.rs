@@ -13,11 +13,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::error::Error;
-use crate::in_flight::InFlight;
-use crate::services::ServiceEvent;
-use crate::watch::{Item, Undelivered};
-use crate::wire::{Op, Reply, Request, ServerInfo, ServerMessage};
+use super::error::Error;
+use super::in_flight::InFlight;
+use super::queue::{Item, Undelivered};
+use crate::wire::{Op, Reply, Request, ServerInfo, ServerMessage, ServiceEvent};
 
 /// The driver's inputs.
 #[derive(Debug)]

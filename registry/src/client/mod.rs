@@ -1,4 +1,16 @@
 //! The client: a cheap, cloneable handle over one TCP connection to the registry.
+//!
+//! The handle queues requests for the `driver` task, which owns the socket and
+//! hands replies and watch events to the callers and streams waiting in the
+//! `in_flight` table. Each watch's events wait in its own `queue` until its
+//! `watch` stream takes them; a `registration` keeps its lease alive.
+
+mod driver;
+mod error;
+mod in_flight;
+mod queue;
+mod registration;
+mod watch;
 
 use std::fmt;
 use std::io;
@@ -10,15 +22,15 @@ use bytes::Bytes;
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::driver::{self, Inputs};
-use crate::error::Error;
-use crate::in_flight::{InFlight, WatchSink};
-use crate::registration::Registration;
-use crate::services::Instance;
-use crate::stats::Stats;
-use crate::store::KeyValue;
-use crate::watch::{self, ServiceWatch, Watch, WatchSpec};
-use crate::wire::{Op, Request, RequestId, Response, ServerInfo};
+pub use error::Error;
+pub use queue::WATCH_BUFFER;
+pub use registration::Registration;
+pub use watch::{ServiceWatch, Watch};
+
+use driver::Inputs;
+use in_flight::{InFlight, WatchSink};
+
+use crate::wire::{Instance, KeyValue, Op, Request, RequestId, Response, ServerInfo, Stats, WatchSpec};
 
 /// Requests waiting for the connection task. When full, callers wait their turn.
 const OUTGOING_QUEUE: usize = 256;
@@ -172,7 +184,7 @@ impl Client {
     /// to `r`, a [`WatchEvent::Compacted`](crate::WatchEvent::Compacted) and the
     /// current values), then the live changes. With `None`, only changes from now on.
     pub async fn watch(&self, spec: WatchSpec, from_revision: Option<u64>) -> Result<Watch, Error> {
-        let (feed, rx, end) = watch::channel();
+        let (feed, rx, end) = queue::channel();
         let id = self.start_watch(WatchSink::Keys(feed), Op::Watch { spec, from_revision }).await?;
         Ok(Watch::new(self.clone(), id, rx, end, from_revision))
     }
@@ -200,7 +212,7 @@ impl Client {
 
     /// Watches the instances of `service`: one `Join` per current instance, then joins and leaves.
     pub async fn watch_service(&self, service: &str) -> Result<ServiceWatch, Error> {
-        let (feed, rx, end) = watch::channel();
+        let (feed, rx, end) = queue::channel();
         let service = service.to_owned();
         let id = self.start_watch(WatchSink::Service(feed), Op::WatchService { service }).await?;
         Ok(ServiceWatch::new(self.clone(), id, rx, end))

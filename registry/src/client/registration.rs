@@ -6,11 +6,10 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::client::Client;
-use crate::driver::error_chain;
-use crate::error::Error;
-use crate::services::Instance;
-use crate::wire::Op;
+use super::Client;
+use super::driver::error_chain;
+use super::error::Error;
+use crate::wire::{Instance, Op};
 
 /// An instance registered with [`Client::register`].
 ///

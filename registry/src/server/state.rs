@@ -11,15 +11,13 @@ use tandem_protocol::RemoteError;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use crate::config::Config;
-use crate::hub::{Target, Watchers};
-use crate::outbound::EventSender;
-use crate::services::{Instance, LeaseId, ServiceEvent, Services};
-use crate::session::ConnId;
-use crate::stats::Stats;
-use crate::store::{KeyValue, Replay, Store};
-use crate::watch::WatchEvent;
-use crate::wire::{RequestId, ServerInfo, ServerMessage};
+use super::config::Config;
+use super::conn_id::ConnId;
+use super::hub::{Target, Watchers};
+use super::outbound::EventSender;
+use super::services::Services;
+use super::store::{Replay, Store};
+use crate::wire::{Instance, KeyValue, LeaseId, RequestId, ServerInfo, ServerMessage, ServiceEvent, Stats, WatchEvent};
 
 #[derive(Debug)]
 struct State {

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tandem_protocol::Throttle;
 use tracing::{info, warn};
 
-use crate::config::Config;
-use crate::reader::{Budget, ReadError};
+use super::config::Config;
+use super::reader::{Budget, ReadError};
 
 /// What the server holds against its limits.
 #[derive(Debug)]
