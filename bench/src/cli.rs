@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use tandem::cluster_glue::Transport as Link;
 
-use crate::runner::Transport;
+use crate::transport::Transport;
 
 /// Measures tandem (direct and messenger transports) beside the raw Unix-socket floor, in one run.
 #[derive(Debug, Parser)]

@@ -26,8 +26,8 @@ use tokio::time::Instant;
 
 use crate::cli::ClusterArgs;
 use crate::clock::mono_ns;
+use crate::context::{Ctx, STARTUP};
 use crate::control::{Cmd, Report};
-use crate::coordinator::{Ctx, STARTUP};
 use crate::procs::kill_grandchild;
 use crate::results::FailoverResult;
 

@@ -62,12 +62,14 @@
 mod api;
 mod cli;
 mod clock;
+mod context;
 mod control;
 mod coordinator;
 mod failover;
 mod hist;
 mod memory;
 mod phases;
+mod placement;
 mod plot;
 mod procs;
 mod results;
@@ -75,6 +77,7 @@ mod roles;
 mod runner;
 mod table;
 mod tally;
+mod transport;
 
 use clap::Parser;
 

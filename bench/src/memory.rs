@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::context::Ctx;
 use crate::control::{Cmd, Report};
-use crate::coordinator::Ctx;
 use crate::procs::rss_kib;
 use crate::results::LeaderAtScale;
 

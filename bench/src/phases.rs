@@ -6,11 +6,12 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::clock::{Window, sleep_until_ns};
+use crate::context::{Ctx, STARTUP};
 use crate::control::{Cmd, Report};
-use crate::coordinator::{Ctx, STARTUP};
 use crate::hist::{self, Hist};
+use crate::placement::Placement;
 use crate::results::{FanoutResult, InvokeResult, RssSample};
-use crate::runner::{Group, Placement};
+use crate::runner::Group;
 
 /// Slack on top of a phase's length before the coordinator gives up on its results.
 const RESULTS_GRACE: Duration = Duration::from_secs(60);

@@ -7,8 +7,9 @@ use anyhow::{Result, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::placement::Placement;
 use crate::results::{InvokeResult, Results};
-use crate::runner::{Placement, Transport};
+use crate::transport::Transport;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {

@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::cli::Config;
-use crate::runner::{Placement, Transport};
+use crate::placement::Placement;
+use crate::transport::Transport;
 
 /// One invoke phase: all followers of one group, one concurrency.
 #[derive(Debug, Clone, Serialize)]

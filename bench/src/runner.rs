@@ -1,4 +1,4 @@
-//! Transports, and one runner per transport: how its processes are started.
+//! One runner per [`Transport`]: how its processes are started.
 //!
 //! A runner starts a [`Group`]: one server-side process and N client
 //! processes, all connected to the control channel. The phases then drive any
@@ -16,64 +16,21 @@
 //!   too, since it is on the path of every call.
 
 use std::ffi::{OsStr, OsString};
-use std::fmt;
 use std::time::Duration;
 
 use anyhow::Result;
-use serde::Serialize;
 
 use crate::cli::ClusterArgs;
+use crate::context::Ctx;
 use crate::control::Cmd;
-use crate::coordinator::Ctx;
+use crate::placement::Placement;
 use crate::procs::{rss_kib, set_affinity};
 use crate::results::RssSample;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// The raw Unix-socket floor: what any framed protocol costs at least.
-    Floor,
-    /// tandem followers on the leader's Unix socket.
-    Direct,
-    /// tandem followers in cluster workers, relayed by the cluster master to the agent's Leader.
-    Messenger,
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::Floor => "floor",
-            Transport::Direct => "direct",
-            Transport::Messenger => "messenger",
-        })
-    }
-}
-
-impl Transport {
-    /// What its (server, client) processes are called in the memory figures.
-    pub fn process_names(self) -> (&'static str, &'static str) {
-        match self {
-            Transport::Floor => ("floor_server", "floor_client"),
-            Transport::Direct => ("leader", "follower"),
-            Transport::Messenger => ("agent", "worker"),
-        }
-    }
-}
+use crate::transport::Transport;
 
 /// How long a cluster may take to stop in order (workers, then agent, each
 /// given 2 s) before its master is killed, and its children with it.
 const CLUSTER_STOP: Duration = Duration::from_secs(6);
-
-/// Where the scheduler may run a group's processes during a phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Placement {
-    /// Wherever the OS puts them (the usual figures).
-    Os,
-    /// Every thread of every process of the group on CPU 0: no cross-CPU
-    /// wake-ups, which on a VM can cost more than the software being measured.
-    OneCpu,
-}
 
 /// The processes of one transport at one N, ready for commands.
 pub struct Group {

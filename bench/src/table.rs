@@ -2,8 +2,9 @@
 
 use std::fmt::Write;
 
+use crate::placement::Placement;
 use crate::results::Results;
-use crate::runner::{Placement, Transport};
+use crate::transport::Transport;
 
 pub fn render(r: &Results) -> String {
     let mut out = String::new();

@@ -1,19 +1,17 @@
 //! The handle: key-value calls, watches and service registration over one
 //! member at a time.
 
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::error::{Error, is_connection_error};
-use crate::failover::{ConnectionState, Failover, Member};
+use crate::error::Error;
+use crate::failover::ConnectionState;
+use crate::handle::Handle;
 use crate::kv::{KeyValue, Keys, Snapshot};
 use crate::registration::Registration;
 use crate::services::{self, ServiceWatch};
@@ -25,20 +23,8 @@ use crate::watch::{Start, Watch};
 /// the last [`Watch`] / [`Registration`] made from it) is dropped.
 #[derive(Clone, Debug)]
 pub struct Client {
-    handle: Arc<Handle>,
-    /// When set, calls end by this instant (see [`Client::until`]).
-    deadline: Option<Instant>,
-}
-
-#[derive(Debug)]
-struct Handle {
-    failover: Arc<Failover>,
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.failover.cancel.cancel();
-    }
+    /// The shared connection, and the deadline of this handle's calls.
+    handle: Handle,
 }
 
 impl Client {
@@ -61,13 +47,12 @@ impl Client {
     /// [`Error::Unavailable`] while no member answers, and watches start
     /// flowing once one does. Fails only with [`Error::Config`] (no endpoint).
     pub fn start(config: Config) -> Result<Client, Error> {
-        let failover = Failover::start(Arc::new(config), CancellationToken::new())?;
-        Ok(Client { handle: Arc::new(Handle { failover }), deadline: None })
+        Ok(Client { handle: Handle::start(config)? })
     }
 
     /// The connection's state, to read or to await a transition.
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
-        self.handle.failover.state()
+        self.handle.failover().state()
     }
 
     /// The member in use, if any.
@@ -85,38 +70,13 @@ impl Client {
 
     /// The settings.
     pub fn config(&self) -> &Config {
-        self.handle.failover.config()
+        self.handle.config()
     }
 
     /// A handle whose calls end by `deadline` (or by the request timeout, if
     /// earlier) with their answer or an error.
     pub fn until(&self, deadline: Instant) -> Client {
-        Client { handle: self.handle.clone(), deadline: Some(deadline) }
-    }
-
-    pub(crate) fn failover(&self) -> &Arc<Failover> {
-        &self.handle.failover
-    }
-
-    /// Runs `op` on the member in use by the call's deadline; reports the member
-    /// if the connection failed.
-    pub(crate) async fn call<T, F, Fut>(&self, op: F) -> Result<T, Error>
-    where
-        F: FnOnce(etcd_client::Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
-    {
-        let started = Instant::now();
-        let mut until = started + self.config().request_timeout;
-        if let Some(deadline) = self.deadline {
-            until = until.min(deadline);
-        }
-        let failover = &self.handle.failover;
-        let member = failover.member_until(until).await?;
-        match tokio::time::timeout_at(until, op(member.client.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(classify(failover, &member, error)),
-            Err(_) => Err(Error::DeadlineExceeded(until.saturating_duration_since(started))),
-        }
+        Client { handle: self.handle.until(deadline) }
     }
 
     /// Reads one key.
@@ -127,7 +87,7 @@ impl Client {
 
     /// Reads a key or every key under a prefix, with the revision it was read at.
     pub async fn get_range(&self, keys: &Keys) -> Result<Snapshot, Error> {
-        let response = self.call(|mut c| async move { c.get(keys.key(), keys.get_options()).await }).await?;
+        let response = self.handle.call(|mut c| async move { c.get(keys.key(), keys.get_options()).await }).await?;
         Ok(Snapshot {
             revision: response.header().map_or(0, |h| h.revision()),
             kvs: response.kvs().iter().map(KeyValue::from_etcd).collect(),
@@ -137,13 +97,13 @@ impl Client {
     /// Writes a key; returns the revision of the write.
     pub async fn put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<i64, Error> {
         let value = value.into();
-        let response = self.call(|mut c| async move { c.put(key, value, None).await }).await?;
+        let response = self.handle.call(|mut c| async move { c.put(key, value, None).await }).await?;
         Ok(response.header().map_or(0, |h| h.revision()))
     }
 
     /// Deletes a key; returns the revision of the deletion if the key existed.
     pub async fn delete(&self, key: &str) -> Result<Option<i64>, Error> {
-        let response = self.call(|mut c| async move { c.delete(key, None).await }).await?;
+        let response = self.handle.call(|mut c| async move { c.delete(key, None).await }).await?;
         Ok((response.deleted() > 0).then(|| response.header().map_or(0, |h| h.revision())))
     }
 
@@ -152,7 +112,7 @@ impl Client {
     /// and when etcd no longer has that revision it re-reads the range and says
     /// so with a [`WatchEvent::Compacted`](crate::WatchEvent::Compacted).
     pub fn watch(&self, keys: Keys, start: Start) -> Watch {
-        Watch::spawn(self.clone(), keys, start)
+        Watch::spawn(self.handle.clone(), keys, start)
     }
 
     /// Registers `value` (as JSON) under `<services_prefix><service>/<id>`,
@@ -169,7 +129,7 @@ impl Client {
     ) -> Result<Registration, Error> {
         let key = services::instance_key(self.config(), service, id);
         let value = serde_json::to_vec(value).map_err(|source| Error::Json { key: key.clone(), source })?;
-        Registration::start(self.clone(), key, value, ttl).await
+        Registration::start(self.handle.clone(), key, value, ttl).await
     }
 
     /// Removes an instance whoever registered it (its lease, if any, stays
@@ -191,16 +151,5 @@ impl Client {
     pub fn watch_service<T: DeserializeOwned>(&self, service: &str) -> ServiceWatch<T> {
         let prefix = services::service_prefix(self.config(), service);
         ServiceWatch::new(self.watch(Keys::prefix(prefix), Start::Snapshot))
-    }
-}
-
-/// Turns an etcd-client error into ours, reporting the member when its
-/// connection is the problem.
-pub(crate) fn classify(failover: &Failover, member: &Member, error: etcd_client::Error) -> Error {
-    if is_connection_error(&error) {
-        failover.report(member, &error);
-        Error::unavailable(member.endpoint.to_string(), Some(Arc::new(error)))
-    } else {
-        Error::Refused(error)
     }
 }

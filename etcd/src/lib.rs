@@ -51,6 +51,7 @@ mod config;
 mod connections;
 mod error;
 mod failover;
+mod handle;
 mod kv;
 mod registration;
 mod services;

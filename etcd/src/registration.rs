@@ -18,9 +18,9 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, classify};
 use crate::error::Error;
 use crate::failover::{Failover, Member};
+use crate::handle::{Handle, classify};
 
 /// A key held alive by a lease that a background task keeps alive.
 ///
@@ -32,7 +32,7 @@ pub struct Registration {
     lease: watch::Receiver<i64>,
     stop: CancellationToken,
     task: AbortHandle,
-    client: Client,
+    handle: Handle,
 }
 
 impl Drop for Registration {
@@ -48,18 +48,18 @@ fn ttl_secs(ttl: Duration) -> i64 {
 }
 
 impl Registration {
-    pub(crate) async fn start(client: Client, key: String, value: Vec<u8>, ttl: Duration) -> Result<Self, Error> {
+    pub(crate) async fn start(handle: Handle, key: String, value: Vec<u8>, ttl: Duration) -> Result<Self, Error> {
         let ttl = ttl_secs(ttl);
         let lease = {
             let (key, value) = (key.clone(), value.clone());
-            client.call(move |c| grant_and_put(c, key, value, ttl)).await?
+            handle.call(move |c| grant_and_put(c, key, value, ttl)).await?
         };
         tracing::info!(key, lease, ttl, "registered");
         let (lease_tx, lease_rx) = watch::channel(lease);
         let stop = CancellationToken::new();
-        let holder = Holder { failover: client.failover().clone(), key: key.clone(), value, ttl, lease: lease_tx };
+        let holder = Holder { failover: handle.failover().clone(), key: key.clone(), value, ttl, lease: lease_tx };
         let task = tokio::spawn(holder.run(stop.clone()));
-        Ok(Registration { key, lease: lease_rx, stop, task: task.abort_handle(), client })
+        Ok(Registration { key, lease: lease_rx, stop, task: task.abort_handle(), handle })
     }
 
     /// The registered key.
@@ -83,7 +83,7 @@ impl Registration {
         self.stop.cancel();
         self.task.abort();
         let lease = self.lease();
-        let result = self.client.call(move |mut c| async move { c.lease_revoke(lease).await.map(drop) }).await;
+        let result = self.handle.call(move |mut c| async move { c.lease_revoke(lease).await.map(drop) }).await;
         match result {
             Ok(()) => Ok(()),
             // Already gone: the key is gone with it.

@@ -16,8 +16,9 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::client::{Client, classify};
+use crate::error::Error;
 use crate::failover::{Failover, Member};
+use crate::handle::{Handle, classify};
 use crate::kv::{KeyValue, Keys, Snapshot};
 
 /// Where a watch starts.
@@ -90,7 +91,8 @@ impl WatchEvent {
 pub struct Watch {
     events: mpsc::Receiver<WatchEvent>,
     task: AbortHandle,
-    _client: Client,
+    /// Keeps the connection open while the watch lives.
+    _handle: Handle,
 }
 
 impl Drop for Watch {
@@ -108,11 +110,11 @@ impl Stream for Watch {
 }
 
 impl Watch {
-    pub(crate) fn spawn(client: Client, keys: Keys, start: Start) -> Watch {
+    pub(crate) fn spawn(handle: Handle, keys: Keys, start: Start) -> Watch {
         // Full: the task waits (and so stops reading from etcd) until the consumer catches up.
-        let (tx, events) = mpsc::channel(client.config().watch_buffer.max(1));
-        let task = tokio::spawn(run(client.failover().clone(), keys, start, tx));
-        Watch { events, task: task.abort_handle(), _client: client }
+        let (tx, events) = mpsc::channel(handle.config().watch_buffer.max(1));
+        let task = tokio::spawn(run(handle.failover().clone(), keys, start, tx));
+        Watch { events, task: task.abort_handle(), _handle: handle }
     }
 }
 
@@ -240,7 +242,7 @@ async fn read(failover: &Failover, member: &Member, keys: &Keys, seen: &mut Seen
             kvs: response.kvs().iter().map(KeyValue::from_etcd).collect(),
         }),
         Ok(Err(error)) => match classify(failover, member, error) {
-            crate::Error::Unavailable { .. } => Err(Outcome::MemberFailed),
+            Error::Unavailable { .. } => Err(Outcome::MemberFailed),
             error => {
                 tracing::warn!(subscription.key = %keys, error = %error.chain(), "watch read refused");
                 Err(Outcome::Refused)
@@ -334,7 +336,7 @@ async fn follow(
 
 fn failed(failover: &Failover, member: &Member, keys: &Keys, error: etcd_client::Error) -> Outcome {
     match classify(failover, member, error) {
-        crate::Error::Unavailable { .. } => Outcome::MemberFailed,
+        Error::Unavailable { .. } => Outcome::MemberFailed,
         error => {
             tracing::warn!(subscription.key = %keys, error = %error.chain(), "watch refused");
             Outcome::Refused

@@ -34,8 +34,8 @@ use super::{follower, leader, standalone};
 use crate::api::{BenchApi, BenchUpstream};
 use crate::cli::{AGENT_STABLE_AFTER, ClusterArgs};
 use crate::clock::mono_ns;
+use crate::context::STARTUP;
 use crate::control::{self, Cmd, Report, Reporter};
-use crate::coordinator::STARTUP;
 
 /// How long workers, then the agent, may take to stop before the master kills them.
 const STOP: Duration = Duration::from_secs(2);
