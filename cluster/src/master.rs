@@ -27,12 +27,12 @@ use crate::backoff::Restart;
 use crate::cluster_control::{ClusterControl, ControlCall};
 use crate::control::{ControlServer, ControlStats, MasterHandle, OpsCall, Snapshot};
 use crate::events::Events;
-use crate::ipc::{FromChild, Init, MasterCodec, Ready, ToChild};
+use crate::ipc::{Delivery, FromChild, Init, MasterCodec, Outcome, Ready, ToChild};
 use crate::listeners::BoundListeners;
 use crate::master_context::MasterContext;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
 use crate::round_robin::{Cmd as RrCmd, RoundRobin};
-use crate::router::Router;
+use crate::router::{Action, Peers, Responder, Router};
 use crate::runtime_dir::{RuntimeDir, new_token};
 use crate::shutdown::{MasterSignal, MasterSignals, Stage, Stopping};
 use crate::spawn::Program;
@@ -270,7 +270,7 @@ impl Master {
                     self.check_memory()
                 }
                 _ = self.shutdown_requested.cancelled(), if self.stopping.is_none() => self.begin_stop(),
-                _ = prune.tick() => self.prune_requests(),
+                _ = prune.tick() => self.route(|router, _| router.on_tick(Instant::now())),
             }
         }
         if self.config.status_at_exit {
@@ -543,13 +543,17 @@ impl Master {
         let origin = proc.sender();
         match msg {
             FromChild::Ready(ready) => self.on_ready(key, ready),
-            FromChild::Op { id, op } => {
-                self.on_op(origin, Some(key), op, crate::router::Responder::Remote { key, id });
+            FromChild::Op { id, op } => self.route(|router, peers| {
+                router.on_op(peers, Instant::now(), origin, Some(key), op, Responder::Remote { key, id })
+            }),
+            FromChild::Reply { request, result } => self.route(|router, _| router.on_reply(Some(key), request, result)),
+            FromChild::LinkFrame { link, frame } => {
+                self.route(|router, peers| router.on_link_frame(peers, key, link, frame))
             }
-            FromChild::Reply { request, result } => self.on_reply(Some(key), request, result),
-            FromChild::LinkFrame { link, frame } => self.on_link_frame(key, link, frame),
-            FromChild::LinkClose { link } => self.on_link_close(key, link),
-            FromChild::LinkCredit { link, credit } => self.on_link_credit(key, link, credit),
+            FromChild::LinkClose { link } => self.route(|router, peers| router.on_link_close(peers, key, link)),
+            FromChild::LinkCredit { link, credit } => {
+                self.route(|router, peers| router.on_link_credit(peers, key, link, credit))
+            }
         }
     }
 
@@ -557,10 +561,60 @@ impl Master {
         match call {
             LocalCall::Op { op, reply } => {
                 let origin = Sender::Master { pid: self.pid };
-                self.on_op(origin, None, op, crate::router::Responder::Local(reply));
+                self.route(|router, peers| {
+                    router.on_op(peers, Instant::now(), origin, None, op, Responder::Local(reply))
+                });
             }
-            LocalCall::Reply { request, result } => self.on_reply(None, request, result),
+            LocalCall::Reply { request, result } => self.route(|router, _| router.on_reply(None, request, result)),
         }
+    }
+
+    // ---- routing -----------------------------------------------------------
+
+    /// Runs one step of the router against the current processes and carries
+    /// out its actions, in order.
+    fn route(&mut self, step: impl FnOnce(&mut Router, Peers<'_>) -> Vec<Action>) {
+        let peers = Peers { agent: &self.agent, workers: &self.workers, stopping: self.stopping.is_some() };
+        for action in step(&mut self.router, peers) {
+            self.carry_out(action);
+        }
+    }
+
+    fn carry_out(&mut self, action: Action) {
+        match action {
+            Action::Data { to, msg } => {
+                // The router checked the room; only a process gone meanwhile refuses.
+                if let Some(proc) = self.proc(to)
+                    && let Err(e) = proc.data.try_send(msg)
+                {
+                    tracing::warn!(pid = proc.pid, slot = %to.slot, error = %e, "data message not queued");
+                }
+            }
+            Action::Control { to, msg } => {
+                if let Some(proc) = self.proc(to) {
+                    proc.control(msg);
+                }
+            }
+            // Err: the caller gave up.
+            Action::Answer { reply, outcome } => drop(reply.send(outcome)),
+            Action::Deliver(Delivery { topic, payload, from, request }) => {
+                self.port.deliver(topic, from, payload, request)
+            }
+            Action::Status(responder) => {
+                let answer = responder.answer(Outcome::Status(self.status_table()));
+                self.carry_out(answer);
+            }
+        }
+    }
+
+    /// A process exited (and is out of its slot): the round-robin dispatcher
+    /// forgets it, and the router fails its requests and closes its links.
+    pub(crate) fn process_gone(&mut self, proc: &Proc) {
+        let key = proc.key;
+        if let Some(rr) = &self.round_robin {
+            rr.notify(RrCmd::Remove(key));
+        }
+        self.route(|router, peers| router.on_gone(peers, key));
     }
 
     fn on_ready(&mut self, key: ProcKey, ready: Ready) {
@@ -881,7 +935,7 @@ impl Master {
                     stopping: self.stopping.is_some(),
                     announced: self.announced,
                     table: self.status_table(),
-                    messages: self.router.counts,
+                    messages: self.router.counts(),
                 };
                 let _ = reply.send(snapshot);
             }

@@ -6,20 +6,32 @@
 //! (see `link.rs`): a link's frames in a child's queue never exceed its credit
 //! window (at most half the queue), and a link whose relay queue is full anyway
 //! is closed.
+//!
+//! The [`Router`] is a state machine: it owns the pending requests, the link
+//! routes and the counters, reads the supervised processes through [`Peers`]
+//! (their states and the room in their queues), and answers each input with
+//! the [`Action`]s the master carries out, in order. It never writes to a
+//! queue itself, so it is tested without processes.
+//!
+//! ```text
+//! master loop                      Router                        master loop
+//!   child message / local call --> on_op, on_reply, on_link_* --> Vec<Action>
+//!   prune tick                 --> on_tick(now)               --> Data / Control
+//!   a child exited             --> on_gone(key)               --> Answer / Deliver / Status
+//! ```
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 use rand::seq::SliceRandom;
 use tandem_protocol::RemoteError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{Duration, Instant};
 
 use crate::WorkerId;
 use crate::ipc::{Delivery, Op, Outcome, Refusal, ToChild};
-use crate::master::Master;
 use crate::status::ProcessState;
-use crate::supervisor::Proc;
+use crate::supervisor::{Proc, Slot};
 use crate::types::{LinkId, ProcKey, Sender, SlotId, Target};
 
 /// Where the answer to an operation goes.
@@ -29,6 +41,67 @@ pub(crate) enum Responder {
     Local(oneshot::Sender<Outcome>),
     /// A child: `Outcome{id}` on its control queue.
     Remote { key: ProcKey, id: u64 },
+}
+
+impl Responder {
+    /// The action that answers with `outcome`.
+    pub(crate) fn answer(self, outcome: Outcome) -> Action {
+        match self {
+            Responder::Local(reply) => Action::Answer { reply, outcome },
+            Responder::Remote { key, id } => Action::Control { to: key, msg: ToChild::Outcome { id, outcome } },
+        }
+    }
+}
+
+/// What the master carries out for the router, in the order given.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Queue `msg` on the data queue of process `to`. The router checked the
+    /// room, so this `try_send` only fails if the process went away meanwhile.
+    Data { to: ProcKey, msg: ToChild },
+    /// Queue `msg` on the control queue of process `to`, as
+    /// [`Proc::control`] does (dropped and logged when full). Skipped when the
+    /// process is gone.
+    Control { to: ProcKey, msg: ToChild },
+    /// Answer the master's own messenger (Err: the caller gave up).
+    Answer { reply: oneshot::Sender<Outcome>, outcome: Outcome },
+    /// Hand a message to the master's own subscribers.
+    Deliver(Delivery),
+    /// Answer with the cluster's status table, which the master builds.
+    Status(Responder),
+}
+
+/// What the router sees of the supervised processes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peers<'a> {
+    pub agent: &'a Slot,
+    pub workers: &'a [Slot],
+    /// The cluster is shutting down: no new links.
+    pub stopping: bool,
+}
+
+impl<'a> Peers<'a> {
+    fn slot(&self, id: SlotId) -> Option<&'a Slot> {
+        match id {
+            SlotId::Agent => Some(self.agent),
+            SlotId::Worker(n) => self.workers.get((n as usize).checked_sub(1)?),
+        }
+    }
+
+    /// The live process named by `key` (the slot's, or its predecessor still draining).
+    fn proc(&self, key: ProcKey) -> Option<&'a Proc> {
+        let slot = self.slot(key.slot)?;
+        slot.proc.iter().chain(slot.previous.iter()).find(|p| p.key == key)
+    }
+
+    /// A process that can take user messages now (ready, or draining during shutdown).
+    fn deliverable(&self, slot: SlotId) -> Result<&'a Proc, Refusal> {
+        let s = self.slot(slot).ok_or(Refusal::NoSuchWorker { id: slot.worker_id().unwrap_or(0), workers: 0 })?;
+        match (&s.proc, s.state) {
+            (Some(p), ProcessState::Ready | ProcessState::Stopping) => Ok(p),
+            _ => Err(Refusal::NotRunning { target: slot.to_string(), state: s.state.to_string() }),
+        }
+    }
 }
 
 /// Who may answer a request.
@@ -65,7 +138,7 @@ pub(crate) struct MessageCounts {
 /// The router's state.
 #[derive(Debug, Default)]
 pub(crate) struct Router {
-    pub(crate) counts: MessageCounts,
+    counts: MessageCounts,
     requests: HashMap<u64, Pending>,
     next_request: u64,
     links: HashMap<LinkId, LinkRoute>,
@@ -79,71 +152,123 @@ enum Dest {
     Slot(SlotId),
 }
 
-fn enqueue(proc: &Proc, msg: ToChild) -> Result<(), Refusal> {
-    proc.data.try_send(msg).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => Refusal::QueueFull { target: proc.key.slot.to_string() },
-        mpsc::error::TrySendError::Closed(_) => {
-            Refusal::NotRunning { target: proc.key.slot.to_string(), state: "exiting".into() }
-        }
-    })
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Queue {
+    Data,
+    Control,
 }
 
-impl Master {
-    pub(crate) fn respond(&self, responder: Responder, outcome: Outcome) {
-        match responder {
-            // Err: the caller gave up.
-            Responder::Local(tx) => drop(tx.send(outcome)),
-            Responder::Remote { key, id } => {
-                if let Some(proc) = self.proc(key) {
-                    proc.control(ToChild::Outcome { id, outcome });
-                }
-            }
-        }
+/// Why a queue does not take a message (`try_send`'s errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoRoom {
+    Full,
+    Closed,
+}
+
+/// The actions of one input, and the queue room they take: a queue that
+/// has room for one more message is full for the next one planned on it.
+struct Plan {
+    actions: Vec<Action>,
+    taken: HashMap<(ProcKey, Queue), usize>,
+}
+
+impl Plan {
+    fn new() -> Self {
+        Plan { actions: Vec::new(), taken: HashMap::new() }
     }
 
-    pub(crate) fn on_op(&mut self, origin: Sender, key: Option<ProcKey>, op: Op, responder: Responder) {
-        match &op {
-            Op::Send { .. } => self.router.counts.send += 1,
-            Op::Request { .. } => self.router.counts.request += 1,
-            Op::Status | Op::OpenLink => {}
+    /// Plans `msg` on a queue of `proc` with the semantics of `try_send`
+    /// (`msg` is dropped when it does not fit).
+    fn try_queue(&mut self, proc: &Proc, queue: Queue, msg: ToChild) -> Result<(), NoRoom> {
+        let tx = match queue {
+            Queue::Data => &proc.data,
+            Queue::Control => &proc.control,
+        };
+        if tx.is_closed() {
+            return Err(NoRoom::Closed);
         }
+        let taken = self.taken.entry((proc.key, queue)).or_default();
+        if tx.capacity() <= *taken {
+            return Err(NoRoom::Full);
+        }
+        *taken += 1;
+        let to = proc.key;
+        self.actions.push(match queue {
+            Queue::Data => Action::Data { to, msg },
+            Queue::Control => Action::Control { to, msg },
+        });
+        Ok(())
+    }
+
+    /// A user message or link message on the data queue; the refusal the sender gets otherwise.
+    fn enqueue(&mut self, proc: &Proc, msg: ToChild) -> Result<(), Refusal> {
+        self.try_queue(proc, Queue::Data, msg).map_err(|e| match e {
+            NoRoom::Full => Refusal::QueueFull { target: proc.key.slot.to_string() },
+            NoRoom::Closed => Refusal::NotRunning { target: proc.key.slot.to_string(), state: "exiting".into() },
+        })
+    }
+
+    /// A control message, queued as [`Proc::control`] does.
+    fn control(&mut self, to: ProcKey, msg: ToChild) {
+        *self.taken.entry((to, Queue::Control)).or_default() += 1;
+        self.actions.push(Action::Control { to, msg });
+    }
+
+    fn respond(&mut self, responder: Responder, outcome: Outcome) {
+        match responder.answer(outcome) {
+            Action::Control { to, msg } => self.control(to, msg),
+            action => self.actions.push(action),
+        }
+    }
+}
+
+impl Router {
+    /// The messages routed so far.
+    pub(crate) fn counts(&self) -> MessageCounts {
+        self.counts
+    }
+
+    /// An operation from `origin` (`key`: the child it came from; `None`: the
+    /// master's own messenger), answered through `responder`.
+    pub(crate) fn on_op(
+        &mut self,
+        peers: Peers<'_>,
+        now: Instant,
+        origin: Sender,
+        key: Option<ProcKey>,
+        op: Op,
+        responder: Responder,
+    ) -> Vec<Action> {
+        let mut plan = Plan::new();
         match op {
             Op::Send { to, topic, payload } => {
-                let outcome = self.route_send(origin, key, to, topic, payload).unwrap_or_else(Outcome::Refused);
-                self.respond(responder, outcome);
+                self.counts.send += 1;
+                let outcome = Self::route_send(&mut plan, peers, origin, key, to, topic, payload)
+                    .unwrap_or_else(Outcome::Refused);
+                plan.respond(responder, outcome);
             }
             Op::Request { to, topic, payload, deadline_ms } => {
-                self.route_request(origin, key, to, topic, payload, deadline_ms, responder)
+                self.counts.request += 1;
+                self.route_request(&mut plan, peers, now, origin, key, to, topic, payload, deadline_ms, responder)
             }
-            Op::Status => {
-                let table = self.status_table();
-                self.respond(responder, Outcome::Status(table));
-            }
+            Op::Status => plan.actions.push(Action::Status(responder)),
             Op::OpenLink => {
-                let outcome = self.open_link(key).unwrap_or_else(Outcome::Refused);
-                self.respond(responder, outcome);
+                let outcome = self.open_link(&mut plan, peers, key).unwrap_or_else(Outcome::Refused);
+                plan.respond(responder, outcome);
             }
         }
+        plan.actions
     }
 
-    /// A process that can take user messages now (ready, or draining during shutdown).
-    fn deliverable(&self, slot: SlotId) -> Result<&Proc, Refusal> {
-        let s = self.slot(slot).ok_or(Refusal::NoSuchWorker { id: slot.worker_id().unwrap_or(0), workers: 0 })?;
-        match (&s.proc, s.state) {
-            (Some(p), ProcessState::Ready | ProcessState::Stopping) => Ok(p),
-            _ => Err(Refusal::NotRunning { target: slot.to_string(), state: s.state.to_string() }),
-        }
-    }
-
-    fn resolve(&self, origin: Option<ProcKey>, to: Target) -> Result<(Dest, Option<WorkerId>), Refusal> {
-        let workers = u32::try_from(self.workers.len()).unwrap_or(u32::MAX);
+    fn resolve(peers: Peers<'_>, origin: Option<ProcKey>, to: Target) -> Result<(Dest, Option<WorkerId>), Refusal> {
+        let workers = u32::try_from(peers.workers.len()).unwrap_or(u32::MAX);
         match to {
             Target::Master => Ok((Dest::Master, None)),
             Target::Agent => Ok((Dest::Slot(SlotId::Agent), None)),
             Target::Worker(id) if id == 0 || id > workers => Err(Refusal::NoSuchWorker { id, workers }),
             Target::Worker(id) => Ok((Dest::Slot(SlotId::Worker(id)), None)),
             Target::RandomWorker => {
-                let ready: Vec<WorkerId> = self
+                let ready: Vec<WorkerId> = peers
                     .workers
                     .iter()
                     .filter(|w| w.state == ProcessState::Ready && w.proc.is_some())
@@ -158,7 +283,8 @@ impl Master {
     }
 
     fn route_send(
-        &mut self,
+        plan: &mut Plan,
+        peers: Peers<'_>,
         from: Sender,
         origin: Option<ProcKey>,
         to: Target,
@@ -168,31 +294,31 @@ impl Master {
         if matches!(to, Target::Workers | Target::All) {
             let mut count = 0u32;
             if to == Target::All && origin.is_some() {
-                self.port.deliver(topic.clone(), from.clone(), payload.clone(), None);
+                let delivery =
+                    Delivery { topic: topic.clone(), payload: payload.clone(), from: from.clone(), request: None };
+                plan.actions.push(Action::Deliver(delivery));
                 count += 1;
             }
-            let agent = (to == Target::All).then_some(&self.agent);
-            for slot in agent.into_iter().chain(&self.workers) {
+            let agent = (to == Target::All).then_some(peers.agent);
+            for slot in agent.into_iter().chain(peers.workers) {
                 if origin.is_some_and(|k| k.slot == slot.id) {
                     continue;
                 }
-                let Ok(proc) = self.deliverable(slot.id) else { continue };
+                let Ok(proc) = peers.deliverable(slot.id) else { continue };
                 let delivery =
                     Delivery { topic: topic.clone(), payload: payload.clone(), from: from.clone(), request: None };
-                match enqueue(proc, ToChild::Deliver(delivery)) {
+                match plan.enqueue(proc, ToChild::Deliver(delivery)) {
                     Ok(()) => count += 1,
                     Err(refusal) => tracing::warn!(?refusal, topic, "fan-out message not queued for one target"),
                 }
             }
             return Ok(Outcome::Sent { count, worker: None });
         }
-        let (dest, picked) = self.resolve(origin, to)?;
+        let (dest, picked) = Self::resolve(peers, origin, to)?;
+        let delivery = Delivery { topic, payload, from, request: None };
         match dest {
-            Dest::Master => self.port.deliver(topic, from, payload, None),
-            Dest::Slot(slot) => {
-                let proc = self.deliverable(slot)?;
-                enqueue(proc, ToChild::Deliver(Delivery { topic, payload, from, request: None }))?;
-            }
+            Dest::Master => plan.actions.push(Action::Deliver(delivery)),
+            Dest::Slot(slot) => plan.enqueue(peers.deliverable(slot)?, ToChild::Deliver(delivery))?,
         }
         Ok(Outcome::Sent { count: 1, worker: picked })
     }
@@ -200,6 +326,9 @@ impl Master {
     #[allow(clippy::too_many_arguments)]
     fn route_request(
         &mut self,
+        plan: &mut Plan,
+        peers: Peers<'_>,
+        now: Instant,
         from: Sender,
         origin: Option<ProcKey>,
         to: Target,
@@ -208,102 +337,108 @@ impl Master {
         deadline_ms: u64,
         responder: Responder,
     ) {
-        let (dest, _) = match self.resolve(origin, to) {
+        let (dest, _) = match Self::resolve(peers, origin, to) {
             Ok(dest) => dest,
-            Err(refusal) => return self.respond(responder, Outcome::Refused(refusal)),
+            Err(refusal) => return plan.respond(responder, Outcome::Refused(refusal)),
         };
-        self.router.next_request += 1;
-        let request = self.router.next_request;
+        self.next_request += 1;
+        let request = self.next_request;
         let delivery = Delivery { topic, payload, from, request: Some(request) };
         let (replier, target) = match dest {
             Dest::Master => (Replier::Master, "master".to_owned()),
             Dest::Slot(slot) => {
-                let queued = self.deliverable(slot).and_then(|p| {
+                let queued = peers.deliverable(slot).and_then(|p| {
                     let key = p.key;
-                    enqueue(p, ToChild::Deliver(delivery.clone())).map(|()| key)
+                    plan.enqueue(p, ToChild::Deliver(delivery.clone())).map(|()| key)
                 });
                 match queued {
                     Ok(key) => (Replier::Proc(key), slot.to_string()),
-                    Err(refusal) => return self.respond(responder, Outcome::Refused(refusal)),
+                    Err(refusal) => return plan.respond(responder, Outcome::Refused(refusal)),
                 }
             }
         };
-        let deadline = Instant::now() + Duration::from_millis(deadline_ms.min(u64::from(u32::MAX)));
-        self.router.requests.insert(request, Pending { responder, replier, target, deadline, deadline_ms });
+        let deadline = now + Duration::from_millis(deadline_ms.min(u64::from(u32::MAX)));
+        self.requests.insert(request, Pending { responder, replier, target, deadline, deadline_ms });
         if let Dest::Master = dest {
-            self.port.deliver(delivery.topic, delivery.from, delivery.payload, Some(request));
+            plan.actions.push(Action::Deliver(delivery));
         }
     }
 
     /// A reply from `from` (`None`: the master itself). Only the asked process may answer.
-    pub(crate) fn on_reply(&mut self, from: Option<ProcKey>, request: u64, result: Result<Bytes, RemoteError>) {
-        self.router.counts.reply += 1;
+    pub(crate) fn on_reply(
+        &mut self,
+        from: Option<ProcKey>,
+        request: u64,
+        result: Result<Bytes, RemoteError>,
+    ) -> Vec<Action> {
+        self.counts.reply += 1;
         let replier = from.map_or(Replier::Master, Replier::Proc);
-        match self.router.requests.get(&request) {
+        match self.requests.get(&request) {
             Some(p) if p.replier == replier => {}
             Some(_) => {
                 tracing::warn!(request, "a reply from a process that was not asked; ignored");
-                return;
+                return Vec::new();
             }
-            None => return, // expired, or the requester is gone
+            None => return Vec::new(), // expired, or the requester is gone
         }
-        if let Some(pending) = self.router.requests.remove(&request) {
-            self.respond(pending.responder, Outcome::Reply(result));
+        let mut plan = Plan::new();
+        if let Some(pending) = self.requests.remove(&request) {
+            plan.respond(pending.responder, Outcome::Reply(result));
         }
+        plan.actions
     }
 
-    /// Fails requests whose deadline passed (their requesters have given up too).
-    pub(crate) fn prune_requests(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<u64> =
-            self.router.requests.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+    /// Fails requests whose deadline passed by `now` (their requesters have given up too).
+    pub(crate) fn on_tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut plan = Plan::new();
+        let expired: Vec<u64> = self.requests.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
-            if let Some(p) = self.router.requests.remove(&id) {
+            if let Some(p) = self.requests.remove(&id) {
                 let refusal = Refusal::DeadlineExceeded { target: p.target, deadline_ms: p.deadline_ms };
-                self.respond(p.responder, Outcome::Refused(refusal));
+                plan.respond(p.responder, Outcome::Refused(refusal));
             }
         }
+        plan.actions
     }
 
-    /// A process exited: fail the requests it was asked, forget the ones it
-    /// made, and close its links (the other end's `rx` ends).
-    pub(crate) fn process_gone(&mut self, proc: &Proc) {
-        let key = proc.key;
-        if let Some(rr) = &self.round_robin {
-            rr.notify(crate::round_robin::Cmd::Remove(key));
-        }
+    /// Process `key` exited (it is no longer among `peers`): fail the requests
+    /// it was asked, forget the ones it made, and close its links (the other
+    /// end's `rx` ends).
+    pub(crate) fn on_gone(&mut self, peers: Peers<'_>, key: ProcKey) -> Vec<Action> {
+        let mut plan = Plan::new();
         let asked: Vec<u64> =
-            self.router.requests.iter().filter(|(_, p)| p.replier == Replier::Proc(key)).map(|(id, _)| *id).collect();
+            self.requests.iter().filter(|(_, p)| p.replier == Replier::Proc(key)).map(|(id, _)| *id).collect();
         for id in asked {
-            if let Some(p) = self.router.requests.remove(&id) {
-                self.respond(p.responder, Outcome::Refused(Refusal::TargetExited { target: p.target }));
+            if let Some(p) = self.requests.remove(&id) {
+                plan.respond(p.responder, Outcome::Refused(Refusal::TargetExited { target: p.target }));
             }
         }
-        self.router.requests.retain(|_, p| !matches!(p.responder, Responder::Remote { key: k, .. } if k == key));
+        self.requests.retain(|_, p| !matches!(p.responder, Responder::Remote { key: k, .. } if k == key));
         let links: Vec<LinkId> =
-            self.router.links.iter().filter(|(_, r)| r.worker == key || r.agent == key).map(|(id, _)| *id).collect();
+            self.links.iter().filter(|(_, r)| r.worker == key || r.agent == key).map(|(id, _)| *id).collect();
         let reason = format!("{} exited", key.slot);
         for link in links {
-            self.close_link(link, &reason);
+            self.close_link(&mut plan, peers, link, &reason);
         }
+        plan.actions
     }
 
-    fn open_link(&mut self, origin: Option<ProcKey>) -> Result<Outcome, Refusal> {
+    fn open_link(&mut self, plan: &mut Plan, peers: Peers<'_>, origin: Option<ProcKey>) -> Result<Outcome, Refusal> {
         let Some(key @ ProcKey { slot: SlotId::Worker(worker_id), .. }) = origin else {
             return Err(Refusal::NotAWorker);
         };
-        if self.stopping.is_some() {
+        if peers.stopping {
             return Err(Refusal::ShuttingDown);
         }
-        let pid = self.proc(key).map(|p| p.pid).ok_or(Refusal::NotAWorker)?;
-        let agent = match (&self.agent.proc, self.agent.state) {
+        let pid = peers.proc(key).map(|p| p.pid).ok_or(Refusal::NotAWorker)?;
+        let agent = match (&peers.agent.proc, peers.agent.state) {
             (Some(p), ProcessState::Ready) => p,
-            _ => return Err(Refusal::AgentUnavailable { state: self.agent.state.to_string() }),
+            _ => return Err(Refusal::AgentUnavailable { state: peers.agent.state.to_string() }),
         };
-        self.router.next_link += 1;
-        let link = self.router.next_link;
-        enqueue(agent, ToChild::IncomingLink { link, worker_id, pid })?;
-        self.router.links.insert(link, LinkRoute { worker: key, agent: agent.key });
+        self.next_link += 1;
+        let link = self.next_link;
+        plan.enqueue(agent, ToChild::IncomingLink { link, worker_id, pid })?;
+        self.links.insert(link, LinkRoute { worker: key, agent: agent.key });
         tracing::debug!(link, worker.id = worker_id, "link opened");
         Ok(Outcome::LinkOpened { link })
     }
@@ -311,7 +446,7 @@ impl Master {
     /// The end of `link` that `from` is not; `None` if the link is gone (closed
     /// meanwhile) or `from` is not one of its ends (logged).
     fn other_end(&self, from: ProcKey, link: LinkId, what: &str) -> Option<ProcKey> {
-        let route = self.router.links.get(&link).copied()?;
+        let route = self.links.get(&link).copied()?;
         if route.worker == from {
             Some(route.agent)
         } else if route.agent == from {
@@ -322,63 +457,479 @@ impl Master {
         }
     }
 
-    pub(crate) fn on_link_frame(&mut self, from: ProcKey, link: LinkId, frame: Bytes) {
-        self.router.counts.link_frame += 1;
-        let Some(other) = self.other_end(from, link, "frame") else { return };
-        let result = match self.proc(other) {
-            Some(p) => p.data.try_send(ToChild::LinkFrame { link, frame }).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => "relay queue full",
-                mpsc::error::TrySendError::Closed(_) => "the other end is gone",
+    /// A frame from one end of a link, relayed to the other; a link whose
+    /// relay queue is full is closed.
+    pub(crate) fn on_link_frame(&mut self, peers: Peers<'_>, from: ProcKey, link: LinkId, frame: Bytes) -> Vec<Action> {
+        self.counts.link_frame += 1;
+        let mut plan = Plan::new();
+        let Some(other) = self.other_end(from, link, "frame") else { return plan.actions };
+        let result = match peers.proc(other) {
+            Some(p) => plan.try_queue(p, Queue::Data, ToChild::LinkFrame { link, frame }).map_err(|e| match e {
+                NoRoom::Full => "relay queue full",
+                NoRoom::Closed => "the other end is gone",
             }),
             None => Err("the other end is gone"),
         };
         if let Err(reason) = result {
             tracing::warn!(link, reason, "closing a link");
-            self.close_link(link, reason);
+            self.close_link(&mut plan, peers, link, reason);
         }
+        plan.actions
     }
 
     /// Credit from one end of a link, relayed to the other like a frame. Never
     /// dropped: when the data queue is full it goes on the control queue (a
     /// lost credit would stall the link), and when both are full the link is
     /// closed.
-    pub(crate) fn on_link_credit(&mut self, from: ProcKey, link: LinkId, credit: u32) {
-        let Some(other) = self.other_end(from, link, "credit") else { return };
-        let result = match self.proc(other) {
-            Some(p) => match p.data.try_send(ToChild::LinkCredit { link, credit }) {
+    pub(crate) fn on_link_credit(&mut self, peers: Peers<'_>, from: ProcKey, link: LinkId, credit: u32) -> Vec<Action> {
+        let mut plan = Plan::new();
+        let Some(other) = self.other_end(from, link, "credit") else { return plan.actions };
+        let result = match peers.proc(other) {
+            Some(p) => match plan.try_queue(p, Queue::Data, ToChild::LinkCredit { link, credit }) {
                 Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full(msg)) => p.control.try_send(msg).map_err(|e| match e {
-                    mpsc::error::TrySendError::Full(_) => "relay queues full",
-                    mpsc::error::TrySendError::Closed(_) => "the other end is gone",
-                }),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err("the other end is gone"),
+                Err(NoRoom::Full) => {
+                    plan.try_queue(p, Queue::Control, ToChild::LinkCredit { link, credit }).map_err(|e| match e {
+                        NoRoom::Full => "relay queues full",
+                        NoRoom::Closed => "the other end is gone",
+                    })
+                }
+                Err(NoRoom::Closed) => Err("the other end is gone"),
             },
             None => Err("the other end is gone"),
         };
         if let Err(reason) = result {
             tracing::warn!(link, reason, "closing a link");
-            self.close_link(link, reason);
+            self.close_link(&mut plan, peers, link, reason);
         }
+        plan.actions
     }
 
-    pub(crate) fn on_link_close(&mut self, from: ProcKey, link: LinkId) {
-        match self.router.links.get(&link) {
-            Some(r) if r.worker == from || r.agent == from => self.close_link(link, "closed by the other end"),
+    /// One end closed `link`.
+    pub(crate) fn on_link_close(&mut self, peers: Peers<'_>, from: ProcKey, link: LinkId) -> Vec<Action> {
+        let mut plan = Plan::new();
+        match self.links.get(&link) {
+            Some(r) if r.worker == from || r.agent == from => {
+                self.close_link(&mut plan, peers, link, "closed by the other end")
+            }
             _ => {}
         }
+        plan.actions
     }
 
     /// Forgets a link and tells both ends (an end that is gone is skipped).
-    fn close_link(&mut self, link: LinkId, reason: &str) {
-        let Some(route) = self.router.links.remove(&link) else { return };
+    fn close_link(&mut self, plan: &mut Plan, peers: Peers<'_>, link: LinkId, reason: &str) {
+        let Some(route) = self.links.remove(&link) else { return };
         for end in [route.worker, route.agent] {
-            if let Some(p) = self.proc(end) {
-                let msg = ToChild::LinkClosed { link, reason: reason.to_owned() };
+            if let Some(p) = peers.proc(end) {
+                let closed = || ToChild::LinkClosed { link, reason: reason.to_owned() };
                 // Behind the link's frames when possible; else ahead of them.
-                if let Err(mpsc::error::TrySendError::Full(msg)) = p.data.try_send(msg) {
-                    p.control(msg);
+                if plan.try_queue(p, Queue::Data, closed()) == Err(NoRoom::Full) {
+                    plan.control(end, closed());
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    use crate::RestartPolicy;
+
+    /// The supervised slots, all ready, with their queues (no processes).
+    struct Fixture {
+        agent: Slot,
+        workers: Vec<Slot>,
+        /// The receiving ends of each process's queues, kept open.
+        _queues: Vec<(mpsc::Receiver<ToChild>, mpsc::Receiver<ToChild>, oneshot::Receiver<()>)>,
+        now: Instant,
+    }
+
+    impl Fixture {
+        /// The agent and `workers` workers, each with a data queue of `capacity` messages.
+        fn new(workers: u32, capacity: usize) -> Self {
+            let mut queues = Vec::new();
+            let mut slot = |id: SlotId, generation: u64| {
+                let (control_tx, control_rx) = mpsc::channel(8);
+                let (data_tx, data_rx) = mpsc::channel(capacity);
+                let (kill_tx, kill_rx) = oneshot::channel();
+                queues.push((control_rx, data_rx, kill_rx));
+                let key = ProcKey { slot: id, generation };
+                let pid = 1000 + u32::try_from(generation).unwrap();
+                let mut slot = Slot::new(id, RestartPolicy::default());
+                slot.proc = Some(Proc::new(key, pid, control_tx, data_tx, 1, kill_tx));
+                slot.state = ProcessState::Ready;
+                slot
+            };
+            let agent = slot(SlotId::Agent, 1);
+            let workers = (1..=workers).map(|id| slot(SlotId::Worker(id), u64::from(id) + 1)).collect();
+            Fixture { agent, workers, _queues: queues, now: Instant::now() }
+        }
+
+        fn peers(&self) -> Peers<'_> {
+            Peers { agent: &self.agent, workers: &self.workers, stopping: false }
+        }
+
+        fn agent_key(&self) -> ProcKey {
+            self.agent.proc.as_ref().unwrap().key
+        }
+
+        fn worker_key(&self, id: WorkerId) -> ProcKey {
+            self.workers[id as usize - 1].proc.as_ref().unwrap().key
+        }
+
+        fn worker_sender(&self, id: WorkerId) -> Sender {
+            self.workers[id as usize - 1].proc.as_ref().unwrap().sender()
+        }
+
+        /// The worker died: its slot is empty (the master takes the process out first).
+        fn kill_worker(&mut self, id: WorkerId) -> ProcKey {
+            let slot = &mut self.workers[id as usize - 1];
+            slot.state = ProcessState::BackingOff;
+            slot.proc.take().unwrap().key
+        }
+
+        /// Fills the data queue of the worker to the brim.
+        fn fill_worker_queue(&self, id: WorkerId) {
+            let proc = self.workers[id as usize - 1].proc.as_ref().unwrap();
+            while proc.data.try_send(ToChild::ClusterReady).is_ok() {}
+        }
+    }
+
+    fn request(to: Target, deadline_ms: u64) -> Op {
+        Op::Request { to, topic: "ping".into(), payload: Bytes::from_static(b"?"), deadline_ms }
+    }
+
+    const MASTER: Sender = Sender::Master { pid: 1 };
+
+    /// The request id of the delivery in `action`, which must be one to `to`.
+    fn delivered_request(action: &Action, to: ProcKey) -> u64 {
+        match action {
+            Action::Data { to: k, msg: ToChild::Deliver(Delivery { topic, request: Some(id), .. }) } if *k == to => {
+                assert_eq!(topic, "ping");
+                *id
+            }
+            other => panic!("expected a request delivered to {to:?}, got {other:?}"),
+        }
+    }
+
+    fn refusal(actions: Vec<Action>) -> (ProcKey, u64, Refusal) {
+        match <[Action; 1]>::try_from(actions) {
+            Ok([Action::Control { to, msg: ToChild::Outcome { id, outcome: Outcome::Refused(r) } }]) => (to, id, r),
+            other => panic!("expected one refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_is_routed_to_its_target_and_the_reply_back_to_the_requester() {
+        let f = Fixture::new(2, 4);
+        let mut router = Router::default();
+        let (w1, agent) = (f.worker_key(1), f.agent_key());
+        let responder = Responder::Remote { key: w1, id: 7 };
+        let actions =
+            router.on_op(f.peers(), f.now, f.worker_sender(1), Some(w1), request(Target::Agent, 1000), responder);
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        let id = delivered_request(&actions[0], agent);
+        match &actions[0] {
+            Action::Data { msg: ToChild::Deliver(d), .. } => assert_eq!(d.from, f.worker_sender(1)),
+            _ => unreachable!(),
+        }
+
+        // Only the asked process may answer.
+        assert!(router.on_reply(Some(f.worker_key(2)), id, Ok(Bytes::from_static(b"forged"))).is_empty());
+        let actions = router.on_reply(Some(agent), id, Ok(Bytes::from_static(b"pong")));
+        match <[Action; 1]>::try_from(actions) {
+            Ok([Action::Control { to, msg: ToChild::Outcome { id: 7, outcome: Outcome::Reply(Ok(b)) } }]) => {
+                assert_eq!(to, w1);
+                assert_eq!(&b[..], b"pong");
+            }
+            other => panic!("expected the reply for worker 1, got {other:?}"),
+        }
+        // Answered once: a second reply, and the deadline, find nothing.
+        assert!(router.on_reply(Some(agent), id, Ok(Bytes::new())).is_empty());
+        assert!(router.on_tick(f.now + Duration::from_secs(60)).is_empty());
+        let counts = router.counts();
+        assert_eq!((counts.request, counts.reply, counts.send), (1, 3, 0));
+    }
+
+    #[test]
+    fn a_request_to_the_master_is_delivered_locally_and_answered_locally() {
+        let f = Fixture::new(1, 4);
+        let mut router = Router::default();
+        let (tx, mut rx) = oneshot::channel();
+        let actions = router.on_op(f.peers(), f.now, MASTER, None, request(Target::Master, 1000), Responder::Local(tx));
+        let id = match <[Action; 1]>::try_from(actions) {
+            Ok([Action::Deliver(Delivery { request: Some(id), from: MASTER, .. })]) => id,
+            other => panic!("expected a local delivery, got {other:?}"),
+        };
+        let actions = router.on_reply(None, id, Ok(Bytes::from_static(b"me")));
+        match <[Action; 1]>::try_from(actions) {
+            Ok([Action::Answer { reply, outcome }]) => reply.send(outcome).unwrap(),
+            other => panic!("expected a local answer, got {other:?}"),
+        }
+        assert!(matches!(rx.try_recv(), Ok(Outcome::Reply(Ok(b))) if &b[..] == b"me"));
+    }
+
+    #[test]
+    fn requests_to_unknown_dead_or_full_targets_are_refused_with_the_typed_error() {
+        let mut f = Fixture::new(2, 1);
+        let mut router = Router::default();
+        let agent = f.agent_key();
+        let from = f.agent.proc.as_ref().unwrap().sender();
+        let mut ask = |f: &Fixture, to: Target, id: u64| {
+            router.on_op(
+                f.peers(),
+                f.now,
+                from.clone(),
+                Some(agent),
+                request(to, 1000),
+                Responder::Remote { key: agent, id },
+            )
+        };
+
+        let (to, id, r) = refusal(ask(&f, Target::Worker(9), 1));
+        assert_eq!((to, id), (agent, 1));
+        assert!(matches!(r, Refusal::NoSuchWorker { id: 9, workers: 2 }), "{r:?}");
+
+        f.kill_worker(1);
+        let (_, id, r) = refusal(ask(&f, Target::Worker(1), 2));
+        assert_eq!(id, 2);
+        assert!(
+            matches!(&r, Refusal::NotRunning { target, state } if target == "worker 1" && state == "backing off"),
+            "{r:?}"
+        );
+
+        f.fill_worker_queue(2);
+        let (_, id, r) = refusal(ask(&f, Target::Worker(2), 3));
+        assert_eq!(id, 3);
+        assert!(matches!(&r, Refusal::QueueFull { target } if target == "worker 2"), "{r:?}");
+
+        // A plain send to a full queue is refused the same way.
+        let send = Op::Send { to: Target::Worker(2), topic: "t".into(), payload: Bytes::new() };
+        let actions = router.on_op(f.peers(), f.now, from, Some(agent), send, Responder::Remote { key: agent, id: 4 });
+        assert!(matches!(refusal(actions).2, Refusal::QueueFull { .. }));
+
+        // Nothing refused is pending: no deadline fires later.
+        assert!(router.on_tick(f.now + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn a_fan_out_takes_the_room_it_plans_and_skips_the_sender() {
+        let f = Fixture::new(3, 1);
+        f.fill_worker_queue(3);
+        let mut router = Router::default();
+        let w1 = f.worker_key(1);
+        let send = Op::Send { to: Target::All, topic: "t".into(), payload: Bytes::from_static(b"x") };
+        let actions =
+            router.on_op(f.peers(), f.now, f.worker_sender(1), Some(w1), send, Responder::Remote { key: w1, id: 1 });
+        // The master, the agent and worker 2; worker 3's queue is full; not worker 1 itself.
+        let targets: Vec<Option<ProcKey>> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver(_) => Some(None),
+                Action::Data { to, msg: ToChild::Deliver(_) } => Some(Some(*to)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(targets, vec![None, Some(f.agent_key()), Some(f.worker_key(2))]);
+        match actions.last() {
+            Some(Action::Control { to, msg: ToChild::Outcome { id: 1, outcome } }) => {
+                assert_eq!(*to, w1);
+                assert!(matches!(outcome, Outcome::Sent { count: 3, worker: None }), "{outcome:?}");
+            }
+            other => panic!("expected the acknowledgement, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_whose_deadline_passes_is_answered_deadline_exceeded() {
+        let f = Fixture::new(1, 4);
+        let mut router = Router::default();
+        let (tx, mut rx) = oneshot::channel();
+        let actions =
+            router.on_op(f.peers(), f.now, MASTER, None, request(Target::Worker(1), 500), Responder::Local(tx));
+        let id = delivered_request(&actions[0], f.worker_key(1));
+
+        assert!(router.on_tick(f.now + Duration::from_millis(499)).is_empty(), "not yet");
+        let actions = router.on_tick(f.now + Duration::from_millis(500));
+        match <[Action; 1]>::try_from(actions) {
+            Ok([Action::Answer { reply, outcome }]) => reply.send(outcome).unwrap(),
+            other => panic!("expected the deadline's answer, got {other:?}"),
+        }
+        match rx.try_recv() {
+            Ok(Outcome::Refused(Refusal::DeadlineExceeded { target, deadline_ms: 500 })) => {
+                assert_eq!(target, "worker 1")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The late reply finds nothing to answer.
+        assert!(router.on_reply(Some(f.worker_key(1)), id, Ok(Bytes::new())).is_empty());
+    }
+
+    /// Opens a link from worker `id`; returns its id.
+    fn open_link(router: &mut Router, f: &Fixture, id: WorkerId) -> LinkId {
+        let key = f.worker_key(id);
+        let actions = router.on_op(
+            f.peers(),
+            f.now,
+            f.worker_sender(id),
+            Some(key),
+            Op::OpenLink,
+            Responder::Remote { key, id: 1 },
+        );
+        match <[Action; 2]>::try_from(actions) {
+            Ok(
+                [
+                    Action::Data { to: agent, msg: ToChild::IncomingLink { link, worker_id, pid } },
+                    Action::Control {
+                        to,
+                        msg: ToChild::Outcome { id: 1, outcome: Outcome::LinkOpened { link: opened } },
+                    },
+                ],
+            ) => {
+                assert_eq!((agent, to, worker_id, link), (f.agent_key(), key, id, opened));
+                assert_eq!(pid, f.workers[id as usize - 1].proc.as_ref().unwrap().pid);
+                link
+            }
+            other => panic!("expected a link opened, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_links_frames_and_credits_are_relayed_between_its_ends() {
+        let f = Fixture::new(2, 2);
+        let mut router = Router::default();
+        let (w1, agent) = (f.worker_key(1), f.agent_key());
+        let link = open_link(&mut router, &f, 1);
+
+        let actions = router.on_link_frame(f.peers(), w1, link, Bytes::from_static(b"f1"));
+        assert!(
+            matches!(&actions[..], [Action::Data { to, msg: ToChild::LinkFrame { link: l, frame } }]
+            if *to == agent && *l == link && &frame[..] == b"f1"),
+            "{actions:?}"
+        );
+        let actions = router.on_link_credit(f.peers(), agent, link, 5);
+        assert!(
+            matches!(&actions[..], [Action::Data { to, msg: ToChild::LinkCredit { credit: 5, .. } }] if *to == w1),
+            "{actions:?}"
+        );
+        // Not an end of the link: ignored.
+        assert!(router.on_link_frame(f.peers(), f.worker_key(2), link, Bytes::new()).is_empty());
+        assert_eq!(router.counts().link_frame, 2);
+
+        // With worker 1's data queue full, credit goes on its control queue (never lost)...
+        f.fill_worker_queue(1);
+        let actions = router.on_link_credit(f.peers(), agent, link, 3);
+        assert!(
+            matches!(&actions[..], [Action::Control { to, msg: ToChild::LinkCredit { credit: 3, .. } }] if *to == w1),
+            "{actions:?}"
+        );
+        // ...but a frame closes the link: both ends are told, the full one on its control queue.
+        let actions = router.on_link_frame(f.peers(), agent, link, Bytes::new());
+        match <[Action; 2]>::try_from(actions) {
+            Ok(
+                [
+                    Action::Control { to: a, msg: ToChild::LinkClosed { reason: r1, .. } },
+                    Action::Data { to: b, msg: ToChild::LinkClosed { reason: r2, .. } },
+                ],
+            ) => {
+                assert_eq!((a, b), (w1, agent));
+                assert_eq!((r1.as_str(), r2.as_str()), ("relay queue full", "relay queue full"));
+            }
+            other => panic!("expected the link closed, got {other:?}"),
+        }
+        assert!(router.on_link_frame(f.peers(), w1, link, Bytes::new()).is_empty(), "the link is gone");
+    }
+
+    #[test]
+    fn no_links_open_while_stopping_or_while_the_agent_is_not_ready() {
+        let mut f = Fixture::new(1, 2);
+        let mut router = Router::default();
+        let w1 = f.worker_key(1);
+        let mut peers = f.peers();
+        peers.stopping = true;
+        let actions = router.on_op(
+            peers,
+            f.now,
+            f.worker_sender(1),
+            Some(w1),
+            Op::OpenLink,
+            Responder::Remote { key: w1, id: 1 },
+        );
+        assert!(matches!(refusal(actions).2, Refusal::ShuttingDown));
+        f.agent.state = ProcessState::Starting;
+        let actions = router.on_op(
+            f.peers(),
+            f.now,
+            f.worker_sender(1),
+            Some(w1),
+            Op::OpenLink,
+            Responder::Remote { key: w1, id: 2 },
+        );
+        assert!(matches!(refusal(actions).2, Refusal::AgentUnavailable { state } if state == "starting"));
+    }
+
+    #[test]
+    fn a_child_gone_fails_what_it_was_asked_forgets_what_it_asked_and_closes_its_links() {
+        let mut f = Fixture::new(2, 4);
+        let mut router = Router::default();
+        let (w1, w2, agent) = (f.worker_key(1), f.worker_key(2), f.agent_key());
+        let link = open_link(&mut router, &f, 1);
+        // The master asks worker 1; worker 1 asks worker 2.
+        let (tx, mut rx) = oneshot::channel();
+        router.on_op(f.peers(), f.now, MASTER, None, request(Target::Worker(1), 1000), Responder::Local(tx));
+        let actions = router.on_op(
+            f.peers(),
+            f.now,
+            f.worker_sender(1),
+            Some(w1),
+            request(Target::Worker(2), 1000),
+            Responder::Remote { key: w1, id: 9 },
+        );
+        let asked_by_w1 = delivered_request(&actions[0], w2);
+
+        assert_eq!(f.kill_worker(1), w1);
+        let actions = router.on_gone(f.peers(), w1);
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        for action in actions {
+            match action {
+                Action::Answer { reply, outcome } => reply.send(outcome).unwrap(),
+                Action::Data { to, msg: ToChild::LinkClosed { link: l, reason } } => {
+                    assert_eq!((to, l, reason.as_str()), (agent, link, "worker 1 exited"));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            matches!(rx.try_recv(), Ok(Outcome::Refused(Refusal::TargetExited { target })) if target == "worker 1")
+        );
+        // Worker 2's late reply and the deadline find nothing; the link is gone.
+        assert!(router.on_reply(Some(w2), asked_by_w1, Ok(Bytes::new())).is_empty());
+        assert!(router.on_tick(f.now + Duration::from_secs(60)).is_empty());
+        assert!(router.on_link_frame(f.peers(), agent, link, Bytes::new()).is_empty());
+    }
+
+    #[test]
+    fn one_step_counts_the_room_its_own_messages_take() {
+        // The agent's data queue has room for one message.
+        let mut f = Fixture::new(1, 1);
+        let mut router = Router::default();
+        let (first, second) = (open_link(&mut router, &f, 1), open_link(&mut router, &f, 1));
+        let w1 = f.kill_worker(1);
+        let mut closed: Vec<(bool, LinkId)> = router
+            .on_gone(f.peers(), w1)
+            .into_iter()
+            .map(|a| match a {
+                Action::Data { msg: ToChild::LinkClosed { link, .. }, .. } => (true, link),
+                Action::Control { msg: ToChild::LinkClosed { link, .. }, .. } => (false, link),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        closed.sort_by_key(|&(_, link)| link);
+        // Behind the frames for one link; the other, with the queue now full, ahead of them.
+        assert_eq!(closed.iter().map(|&(_, l)| l).collect::<Vec<_>>(), vec![first, second]);
+        assert_eq!(closed.iter().filter(|&&(data, _)| data).count(), 1, "{closed:?}");
     }
 }
