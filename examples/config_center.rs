@@ -434,11 +434,11 @@ mod etcd {
     pub async fn leader(endpoints: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
         let upstream = EtcdUpstream::connect(Config::from_list(endpoints)).await?;
         Ok(builder
-            .channel::<ConfigApi, _>({
+            .channel_from::<ConfigApi, _>({
                 let upstream = upstream.clone();
                 async move { Ok(upstream) }
             })
-            .channel::<ServiceApi, _>(async move { Ok(upstream) }))
+            .channel_from::<ServiceApi, _>(async move { Ok(upstream) }))
     }
 
     /// Puts `v1`, `v2`, ... into `key` every `every_ms`, through the master's own
@@ -497,7 +497,7 @@ mod redis {
     /// The config channel served by Redis (two connections: commands and pub/sub).
     pub async fn leader(url: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
         let upstream = RedisUpstream::connect(url).await?;
-        Ok(builder.channel::<ConfigApi, _>(async move { Ok(upstream) }))
+        Ok(builder.channel_from::<ConfigApi, _>(async move { Ok(upstream) }))
     }
 
     /// Sets `key` to `v1`, `v2`, ... every `every_ms`, through the master's own

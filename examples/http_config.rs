@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
         .agent(move |ctx| async move {
             let upstream = RegistryUpstream::connect(agent_registry).await?;
             let leader =
-                start_leader(&ctx, Leader::builder().channel::<ConfigApi, _>(async move { Ok(upstream) })).await?;
+                start_leader(&ctx, Leader::builder().channel_from::<ConfigApi, _>(async move { Ok(upstream) })).await?;
             ctx.stopped().await;
             leader.shutdown().await;
             Ok(())

@@ -146,7 +146,7 @@ async fn lead(args: &Args) -> anyhow::Result<()> {
     let addr = first.strip_prefix("listening on ").context("unexpected registry output")?.trim().to_string();
 
     let upstream = RegistryUpstream::connect(addr.clone()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let leader = Leader::builder().channel::<ConfigApi, _>(async move { Ok(upstream) }).start();
+    let leader = Leader::builder().channel_from::<ConfigApi, _>(async move { Ok(upstream) }).start();
     let dir = tempfile::Builder::new().prefix("tandem-many-keys").tempdir()?;
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let socket = leader.bind_unix(dir.path().join("leader.sock"))?;

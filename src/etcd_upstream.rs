@@ -26,15 +26,15 @@
 //! with a new epoch takes over.
 //!
 //! ```no_run
+//! use tandem::apis::{ConfigApi, ServiceApi};
 //! use tandem::etcd_upstream::EtcdUpstream;
-//! use tandem::registry_upstream::{ConfigApi, ServiceApi};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = tandem::etcd_upstream::etcd::Config::from_list("http://127.0.0.1:2379,http://127.0.0.1:22379");
 //! let upstream = EtcdUpstream::connect(config).await?;
 //! let leader = tandem::Leader::builder()
-//!     .channel::<ConfigApi, _>({ let u = upstream.clone(); async move { Ok(u) } })
-//!     .channel::<ServiceApi, _>(async move { Ok(upstream) })
+//!     .channel::<ConfigApi, _>(upstream.clone())
+//!     .channel::<ServiceApi, _>(upstream)
 //!     .start();
 //! # Ok(()) }
 //! ```
@@ -45,17 +45,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_etcd::{Keys, Registration, Start, WatchEvent};
-use tandem_follower::{Client, State};
-use tandem_leader::{CallContext, EventSink, Upstream};
+use tandem_leader::{CallContext, Events, Upstream};
 use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tandem_registry::Instance;
-use tokio::sync::watch;
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::follow_tasks::FollowTasks;
-use crate::registry_upstream::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
-use crate::registry_upstream::{ServiceApi, ServiceRequest, ServiceResponse};
+use crate::apis::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
+use crate::apis::{ServiceApi, ServiceRequest, ServiceResponse};
+pub use crate::presence::{Presence, stay_registered};
 
 /// The etcd client crate this adapter wraps (its `Config`, `Client`, ...).
 pub use tandem_etcd as etcd;
@@ -69,7 +67,6 @@ pub struct EtcdUpstream {
 #[derive(Debug)]
 struct Inner {
     client: tandem_etcd::Client,
-    watches: FollowTasks,
     /// Instances registered through this Leader, by (service, id).
     registrations: Mutex<HashMap<(String, String), Registration>>,
 }
@@ -124,9 +121,7 @@ impl EtcdUpstream {
 
     /// Serves over an existing client.
     pub fn new(client: tandem_etcd::Client) -> Self {
-        EtcdUpstream {
-            inner: Arc::new(Inner { client, watches: FollowTasks::default(), registrations: Mutex::default() }),
-        }
+        EtcdUpstream { inner: Arc::new(Inner { client, registrations: Mutex::default() }) }
     }
 
     /// The channels' health from the client's connection state: `Down` while no
@@ -189,16 +184,22 @@ impl EtcdUpstream {
     }
 }
 
-/// Feeds one key's changes into `sink`, never an older revision after a newer
-/// one; `last` is the revision of the value already sent, `present` whether it
-/// was a value (not an absence).
+/// Feeds `current` (when etcd answered the first read) and then one key's
+/// changes into `tx`, never an older revision after a newer one.
 async fn follow_key(
     mut watch: tandem_etcd::Watch,
     key: String,
-    sink: EventSink<ConfigApi>,
-    mut last: i64,
-    mut present: bool,
+    tx: mpsc::UnboundedSender<ConfigValue>,
+    current: Option<ConfigValue>,
 ) {
+    // The revision of the value already sent, and whether it was a value (not an absence).
+    let (mut last, mut present) = (0, false);
+    if let Some(current) = current {
+        (last, present) = (i64::try_from(current.revision).unwrap_or(0), current.value.is_some());
+        if tx.send(current).is_err() {
+            return;
+        }
+    }
     while let Some(event) = watch.next().await {
         let value = match event {
             WatchEvent::Put(kv) => config_value(&kv),
@@ -214,7 +215,7 @@ async fn follow_key(
                 };
                 last = i64::try_from(value.revision).unwrap_or(0).min(snapshot.revision);
                 present = value.value.is_some();
-                if !sink.send(value) {
+                if tx.send(value).is_err() {
                     return;
                 }
                 continue;
@@ -236,16 +237,7 @@ async fn follow_key(
         }
         last = at;
         present = value.value.is_some();
-        if !sink.send(value) {
-            return;
-        }
-    }
-}
-
-/// Feeds one service's instance list into `sink` on every change.
-async fn follow_service(mut lists: tandem_etcd::ServiceWatch<Instance>, sink: EventSink<ServiceApi>) {
-    while let Some(list) = lists.next().await {
-        if !sink.send(list) {
+        if tx.send(value).is_err() {
             return;
         }
     }
@@ -272,37 +264,29 @@ impl Upstream<ConfigApi> for EtcdUpstream {
         }
     }
 
-    async fn subscribe(&self, key: String, sink: EventSink<ConfigApi>) -> Result<(), RemoteError> {
+    async fn subscribe(&self, key: String) -> Result<Events<ConfigValue>, RemoteError> {
         let client = self.inner.client.until(Instant::now() + SUBSCRIBE_TIMEOUT);
-        let snapshot = match client.get_range(&Keys::exact(key.as_str())).await {
-            Ok(snapshot) => snapshot,
+        let (start, current) = match client.get_range(&Keys::exact(key.as_str())).await {
+            // Always the current state, absence included (as the registry adapter
+            // does): a follower that saw a value before a failover learns that the
+            // key was deleted meanwhile.
+            Ok(snapshot) => {
+                let current = match snapshot.kvs.first() {
+                    Some(kv) => config_value(kv),
+                    None => ConfigValue { value: None, revision: revision(snapshot.revision) },
+                };
+                (Start::Revision(snapshot.revision + 1), Some(current))
+            }
+            // etcd is down: accepted now; the watch delivers the current value
+            // (a snapshot) once a member answers.
             Err(error) if error.is_unavailable() => {
-                // etcd is down: accepted now; the watch delivers the current value
-                // (a snapshot) once a member answers.
                 tracing::debug!(subscription.key = %key, error = %error.chain(), "etcd unreachable; the key follows when it is back");
-                let watch = self.inner.client.watch(Keys::exact(key.as_str()), Start::Snapshot);
-                self.inner.watches.spawn(ConfigApi::NAME, key.clone(), follow_key(watch, key, sink, 0, false));
-                return Ok(());
+                (Start::Snapshot, None)
             }
             Err(error) => return Err(remote_error(error)),
         };
-        // Always the current state, absence included (as the registry adapter
-        // does): a follower that saw a value before a failover learns that the
-        // key was deleted meanwhile.
-        let current = match snapshot.kvs.first() {
-            Some(kv) => config_value(kv),
-            None => ConfigValue { value: None, revision: revision(snapshot.revision) },
-        };
-        let (last, present) = (i64::try_from(current.revision).unwrap_or(0), current.value.is_some());
-        sink.send(current);
-        let watch = self.inner.client.watch(Keys::exact(key.as_str()), Start::Revision(snapshot.revision + 1));
-        self.inner.watches.spawn(ConfigApi::NAME, key.clone(), follow_key(watch, key.clone(), sink, last, present));
-        Ok(())
-    }
-
-    async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
-        self.inner.watches.stop(ConfigApi::NAME, key);
-        Ok(())
+        let watch = self.inner.client.watch(Keys::exact(key.as_str()), start);
+        Ok(Events::spawn(|tx| follow_key(watch, key, tx, current)))
     }
 
     async fn publish(&self, request: ConfigRequest) -> Result<(), RemoteError> {
@@ -350,86 +334,12 @@ impl Upstream<ServiceApi> for EtcdUpstream {
         }
     }
 
-    async fn subscribe(&self, service: String, sink: EventSink<ServiceApi>) -> Result<(), RemoteError> {
-        let lists = self.inner.client.watch_service::<Instance>(&service);
-        self.inner.watches.spawn(ServiceApi::NAME, service.clone(), follow_service(lists, sink));
-        Ok(())
-    }
-
-    async fn unsubscribe(&self, service: String) -> Result<(), RemoteError> {
-        self.inner.watches.stop(ServiceApi::NAME, service);
-        Ok(())
+    async fn subscribe(&self, service: String) -> Result<Events<Vec<Instance>>, RemoteError> {
+        Ok(Events::stream(self.inner.client.watch_service::<Instance>(&service)))
     }
 
     async fn publish(&self, request: ServiceRequest) -> Result<(), RemoteError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         <Self as Upstream<ServiceApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
     }
-}
-
-/// An instance kept registered through whichever Leader is current; see [`stay_registered`].
-/// Dropping it stops re-registering (the instance stays until the Leader's
-/// lease ends or it is deregistered).
-#[derive(Debug)]
-pub struct Presence {
-    registered: watch::Receiver<Option<u64>>,
-    task: AbortHandle,
-}
-
-impl Drop for Presence {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Presence {
-    /// The epoch of the Leader that holds the registration (`None` before the
-    /// first one succeeds), to await a re-registration.
-    pub fn registered(&self) -> watch::Receiver<Option<u64>> {
-        self.registered.clone()
-    }
-}
-
-/// Registers `instance` through the Leader now, and again each time a Leader
-/// with a new epoch takes over (the lease of a dead Leader dies with it, and the
-/// new one does not know its predecessor's registrations). A failed attempt is
-/// retried with a growing pause (up to 2 seconds) while the same Leader serves.
-pub fn stay_registered(client: Client<ServiceApi>, instance: Instance, ttl: Duration) -> Presence {
-    let (tx, registered) = watch::channel(None);
-    let task = tokio::spawn(async move {
-        let mut status = client.watch();
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let (epoch, ready) = {
-                let status = status.borrow_and_update();
-                (status.epoch(), status.state_of(ServiceApi::NAME) == State::Ready)
-            };
-            if ready && epoch.is_some() && epoch != *tx.borrow() {
-                let request = ServiceRequest::Register { instance: instance.clone(), ttl_ms };
-                match client.invoke(request).await {
-                    Ok(_) => {
-                        tracing::info!(channel = ServiceApi::NAME, service = %instance.service, id = %instance.id,
-                            epoch, "registered through the leader");
-                        tx.send_replace(epoch);
-                        pause = Duration::from_millis(100);
-                    }
-                    Err(error) => {
-                        tracing::warn!(channel = ServiceApi::NAME, service = %instance.service, %error,
-                            "registration failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(pause) => {}
-                            changed = status.changed() => if changed.is_err() { return },
-                        }
-                        pause = (pause * 2).min(Duration::from_secs(2));
-                    }
-                }
-                continue;
-            }
-            if status.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    Presence { registered, task: task.abort_handle() }
 }

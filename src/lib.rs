@@ -18,11 +18,12 @@
 //!  leader's own process ─memory┘        values carry (epoch, seq)
 //! ```
 
+pub mod apis;
 pub mod cluster_glue;
 #[cfg(feature = "etcd")]
 pub mod etcd_upstream;
-mod follow_tasks;
 pub mod logging;
+pub mod presence;
 #[cfg(feature = "redis")]
 pub mod redis_upstream;
 pub mod registry_upstream;
@@ -37,5 +38,5 @@ pub use tandem_follower::{
     Client, Connection, Error, LocalConnector, Role, Source, Standalone, State, Status, Subscription, UnixConnector,
     Update,
 };
-pub use tandem_leader::{CallContext, EventSink, Leader, Upstream};
+pub use tandem_leader::{CallContext, Events, Health, Leader, Upstream};
 pub use tandem_protocol::{Api, ErrorKind, RemoteError};

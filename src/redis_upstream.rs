@@ -31,11 +31,10 @@
 //!
 //! ```no_run
 //! use tandem::redis_upstream::RedisUpstream;
-//! use tandem::registry_upstream::ConfigApi;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let upstream = RedisUpstream::connect("redis://127.0.0.1:6379").await?;
-//! let leader = tandem::Leader::builder().channel::<ConfigApi, _>(async move { Ok(upstream) }).start();
+//! let leader = tandem::Leader::builder().channel(upstream).start();
 //! # Ok(()) }
 //! ```
 
@@ -45,11 +44,11 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
-use tandem_leader::{CallContext, EventSink, Upstream};
+use tandem_leader::{CallContext, Events, Health, Upstream};
 use tandem_protocol::{ErrorKind, RemoteError, UpstreamState};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::registry_upstream::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
+use crate::apis::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
 
 /// The Redis client crate this adapter wraps.
 pub use redis;
@@ -68,18 +67,20 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct RedisUpstream {
     commands: ConnectionManager,
-    /// To the pub/sub task. Bounded (64): when full, `subscribe` waits its turn.
-    requests: mpsc::Sender<Request>,
+    /// To the pub/sub task (unbounded: a dropped stream's unsubscribe cannot wait).
+    requests: mpsc::UnboundedSender<Request>,
     health: watch::Receiver<UpstreamState>,
 }
 
+type Values = mpsc::UnboundedSender<ConfigValue>;
+
 enum Request {
-    Subscribe(String, EventSink<ConfigApi>, oneshot::Sender<Result<(), RemoteError>>),
+    Subscribe(String, Values, oneshot::Sender<Result<(), RemoteError>>),
     Unsubscribe(String),
 }
 
 /// The subscribed keys: where their values go, and the last value delivered (`None`: none yet).
-type Keys = HashMap<String, (EventSink<ConfigApi>, Option<Option<String>>)>;
+type Keys = HashMap<String, (Values, Option<Option<String>>)>;
 
 /// The wire error of a Redis failure: a lost or refused connection is `Unavailable`.
 pub fn remote_error(error: redis::RedisError) -> RemoteError {
@@ -112,8 +113,13 @@ impl RedisUpstream {
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(remote_error)?;
-        let (requests, queue) = mpsc::channel(64);
-        let (health, mut first) = watch::channel(UpstreamState::Starting);
+        let (requests, queue) = mpsc::unbounded_channel();
+        let health = Health::with_backoff(
+            format!("redis at {}", client.get_connection_info().addr()),
+            Duration::from_millis(50),
+            BACKOFF_MAX,
+        );
+        let mut first = health.watch();
         tokio::spawn(follow(client, commands.clone(), queue, health));
         match first.wait_for(|state| *state != UpstreamState::Starting).await.map(|state| state.clone()) {
             Ok(UpstreamState::Down(error)) if error.code == "redis-notifications" => Err(error),
@@ -196,10 +202,10 @@ async fn deliver(commands: &mut ConnectionManager, keys: &mut Keys, dirty: Vec<S
         redis::cmd("MGET").arg(&dirty).query_async(commands).await.map_err(remote_error)?;
     for (key, value) in dirty.into_iter().zip(values) {
         let value = value.map(text);
-        if let Some((sink, last)) = keys.get_mut(&key)
+        if let Some((values, last)) = keys.get_mut(&key)
             && last.as_ref() != Some(&value)
         {
-            sink.send(ConfigValue { value: value.clone(), revision: 0 });
+            let _ = values.send(ConfigValue { value: value.clone(), revision: 0 });
             *last = Some(value);
         }
     }
@@ -210,13 +216,12 @@ async fn deliver(commands: &mut ConnectionManager, keys: &mut Keys, dirty: Vec<S
 async fn follow(
     client: redis::Client,
     mut commands: ConnectionManager,
-    mut queue: mpsc::Receiver<Request>,
-    health: watch::Sender<UpstreamState>,
+    mut queue: mpsc::UnboundedReceiver<Request>,
+    mut health: Health,
 ) {
     let db = client.get_connection_info().redis_settings().db();
     let prefix = format!("__keyspace@{db}__:");
     let mut keys = Keys::new();
-    let (mut failures, mut backoff) = (0u32, Duration::ZERO);
     loop {
         let all: Vec<String> = keys.keys().cloned().collect();
         let connected = async {
@@ -225,24 +230,19 @@ async fn follow(
             if !all.is_empty() {
                 within(sink.subscribe(all.iter().map(|key| format!("{prefix}{key}")).collect::<Vec<_>>())).await?;
             }
+            // Every subscribed key read again: a change made while the connection was down is not missed.
             deliver(&mut commands, &mut keys, all).await?;
             Ok::<_, RemoteError>((sink, stream))
         };
         let (mut sink, mut stream) = match connected.await {
             Ok(connection) => connection,
             Err(error) => {
-                match failures {
-                    0 => tracing::warn!(%error, "Redis cannot serve subscriptions; retrying with backoff"),
-                    _ => tracing::debug!(%error, failures, "Redis still cannot serve subscriptions"),
-                }
-                failures += 1;
-                health.send_replace(UpstreamState::Down(error.clone()));
-                backoff = (backoff * 2).clamp(Duration::from_millis(50), BACKOFF_MAX);
-                let pause = tokio::time::sleep(backoff);
+                // Subscribes are refused with the reason while Redis cannot serve them.
+                let pause = health.failed(error.clone());
                 tokio::pin!(pause);
                 loop {
                     tokio::select! {
-                        _ = &mut pause => break,
+                        () = &mut pause => break,
                         request = queue.recv() => match request {
                             Some(Request::Subscribe(.., reply)) => drop(reply.send(Err(error.clone()))),
                             Some(Request::Unsubscribe(key)) => drop(keys.remove(&key)),
@@ -253,11 +253,7 @@ async fn follow(
                 continue;
             }
         };
-        if failures > 0 {
-            tracing::info!(failures, "Redis reachable again; every subscribed key re-read");
-        }
-        (failures, backoff) = (0, Duration::ZERO);
-        health.send_replace(UpstreamState::Ready);
+        health.ready();
         let mut ping = tokio::time::interval(PING_EVERY);
         let lost = loop {
             tokio::select! {
@@ -273,8 +269,8 @@ async fn follow(
                     }
                 }
                 request = queue.recv() => match request {
-                    Some(Request::Subscribe(key, events, reply)) => {
-                        let result = subscribe(&mut sink, &mut commands, &mut keys, &prefix, key, events).await;
+                    Some(Request::Subscribe(key, values, reply)) => {
+                        let result = subscribe(&mut sink, &mut commands, &mut keys, &prefix, key, values).await;
                         let lost = result.as_ref().err().filter(|e| e.kind == ErrorKind::Unavailable).cloned();
                         let _ = reply.send(result);
                         if let Some(error) = lost {
@@ -294,8 +290,7 @@ async fn follow(
                 },
             }
         };
-        tracing::warn!(error = %lost, "Redis pub/sub connection lost; reconnecting");
-        health.send_replace(UpstreamState::Down(lost.with_code("redis")));
+        health.lost(lost.with_code("redis"));
     }
 }
 
@@ -306,10 +301,10 @@ async fn subscribe(
     keys: &mut Keys,
     prefix: &str,
     key: String,
-    events: EventSink<ConfigApi>,
+    values: Values,
 ) -> Result<(), RemoteError> {
     within(sink.subscribe(format!("{prefix}{key}"))).await?;
-    keys.insert(key.clone(), (events, None));
+    keys.insert(key.clone(), (values, None));
     let result = deliver(commands, keys, vec![key.clone()]).await;
     if result.is_err() {
         keys.remove(&key);
@@ -339,16 +334,14 @@ impl Upstream<ConfigApi> for RedisUpstream {
         })
     }
 
-    async fn subscribe(&self, key: String, sink: EventSink<ConfigApi>) -> Result<(), RemoteError> {
+    async fn subscribe(&self, key: String) -> Result<Events<ConfigValue>, RemoteError> {
+        let (values, events) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
         let gone = || RemoteError::internal("the Redis adapter's task has ended");
-        self.requests.send(Request::Subscribe(key, sink, reply)).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
-    }
-
-    async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
-        let gone = |_| RemoteError::internal("the Redis adapter's task has ended");
-        self.requests.send(Request::Unsubscribe(key)).await.map_err(gone)
+        self.requests.send(Request::Subscribe(key.clone(), values, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())??;
+        let requests = self.requests.clone();
+        Ok(Events::new(events).on_drop(move || drop(requests.send(Request::Unsubscribe(key)))))
     }
 
     fn health(&self) -> Option<watch::Receiver<UpstreamState>> {

@@ -30,11 +30,11 @@ struct Host {
 async fn host(endpoints: Vec<String>) -> Host {
     let upstream = EtcdUpstream::connect(etcd::Config::new(endpoints)).await.unwrap();
     let leader = Leader::builder()
-        .channel::<ConfigApi, _>({
+        .channel_from::<ConfigApi, _>({
             let upstream = upstream.clone();
             async move { Ok(upstream) }
         })
-        .channel::<ServiceApi, _>({
+        .channel_from::<ServiceApi, _>({
             let upstream = upstream.clone();
             async move { Ok(upstream) }
         })

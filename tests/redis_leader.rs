@@ -30,7 +30,7 @@ struct Host {
 async fn host(url: &str) -> Host {
     let upstream = RedisUpstream::connect(url).await.unwrap();
     let leader = Leader::builder()
-        .channel::<ConfigApi, _>({
+        .channel_from::<ConfigApi, _>({
             let upstream = upstream.clone();
             async move { Ok(upstream) }
         })

@@ -25,7 +25,7 @@ async fn a_subscribe_over_the_registry_limit_fails_at_once_and_typed() {
         let server = Server::bind("127.0.0.1:0", config).await.unwrap().spawn();
         let addr = server.local_addr().to_string();
         let upstream = RegistryUpstream::connect(addr.clone()).await.unwrap();
-        let leader = Leader::builder().channel::<ConfigApi, _>(async move { Ok(upstream) }).start();
+        let leader = Leader::builder().channel_from::<ConfigApi, _>(async move { Ok(upstream) }).start();
         let dir = tempfile::Builder::new().prefix("tandem-limit-it").tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();

@@ -179,8 +179,9 @@ async fn a_refused_subscribe_says_why_in_one_line() {
     tokio::time::timeout(TIMEOUT, async {
         let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
         let addr = server.local_addr().to_string();
-        let leader =
-            Leader::builder().channel::<ConfigApi, _>(async move { RegistryUpstream::connect(addr).await }).start();
+        let leader = Leader::builder()
+            .channel_from::<ConfigApi, _>(async move { RegistryUpstream::connect(addr).await })
+            .start();
         let connection =
             Connection::builder().channel::<ConfigApi>().connect(LocalConnector::new(leader.clone())).spawn();
         let client = connection.client::<ConfigApi>();

@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Result, anyhow};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tandem::{Api, CallContext, EventSink, RemoteError, Upstream};
+use tandem::{Api, CallContext, Events, RemoteError, Upstream};
+use tokio::sync::mpsc;
 
 use crate::clock::mono_ns;
 
@@ -40,9 +41,16 @@ pub fn key_name(key: usize) -> String {
 /// The key the failover group's ticker changes every period.
 pub const TICKING_KEY: &str = "tick";
 
+/// Where the publisher sends a key's events: bounded, so a publisher that
+/// outruns the Leader waits for it instead of queueing without end.
+pub type Sink = mpsc::Sender<Tick>;
+
+/// Events queued per key between the publisher and the Leader's pump.
+const SINK_CAPACITY: usize = 64;
+
 #[derive(Clone, Default)]
 pub struct BenchUpstream {
-    sinks: Arc<Mutex<HashMap<String, EventSink<BenchApi>>>>,
+    sinks: Arc<Mutex<HashMap<String, Sink>>>,
     /// Set in the failover group: the ticking key's period.
     ticking: Option<Duration>,
 }
@@ -60,7 +68,7 @@ impl BenchUpstream {
                 interval.tick().await;
                 let sink = sinks.lock().unwrap_or_else(|p| p.into_inner()).get(TICKING_KEY).cloned();
                 if let Some(sink) = sink {
-                    sink.send(current_tick(period));
+                    let _ = sink.try_send(current_tick(period));
                 }
             }
         });
@@ -68,12 +76,12 @@ impl BenchUpstream {
     }
 
     /// The sinks of `k0..k{keys-1}` (every key must have been subscribed).
-    pub fn sinks(&self, keys: usize) -> Result<Vec<EventSink<BenchApi>>> {
+    pub fn sinks(&self, keys: usize) -> Result<Vec<Sink>> {
         (0..keys).map(|k| self.sink(k).ok_or_else(|| anyhow!("nobody subscribed to {}", key_name(k)))).collect()
     }
 
     /// The current sink of `k{key}`, if the leader has it subscribed.
-    pub fn sink(&self, key: usize) -> Option<EventSink<BenchApi>> {
+    pub fn sink(&self, key: usize) -> Option<Sink> {
         self.sinks.lock().unwrap_or_else(|p| p.into_inner()).get(&key_name(key)).cloned()
     }
 }
@@ -89,16 +97,13 @@ impl Upstream<BenchApi> for BenchUpstream {
         Ok(request)
     }
 
-    async fn subscribe(&self, key: String, sink: EventSink<BenchApi>) -> Result<(), RemoteError> {
+    async fn subscribe(&self, key: String) -> Result<Events<Tick>, RemoteError> {
+        let (sink, events) = mpsc::channel(SINK_CAPACITY);
         if let Some(period) = self.ticking.filter(|_| key == TICKING_KEY) {
-            sink.send(current_tick(period));
+            let _ = sink.try_send(current_tick(period));
         }
         self.sinks.lock().unwrap_or_else(|p| p.into_inner()).insert(key, sink);
-        Ok(())
-    }
-
-    async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
-        self.sinks.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        Ok(())
+        let events = futures::stream::unfold(events, |mut events| async move { Some((events.recv().await?, events)) });
+        Ok(Events::stream(events))
     }
 }

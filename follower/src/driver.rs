@@ -31,12 +31,12 @@ use tandem_protocol::{
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::backoff::Backoff;
 use crate::connector::{Connected, Connector};
 use crate::error::StartupFailure;
 use crate::in_flight::{InFlight, Pending};
 use crate::state::{LinkState, Status};
 use crate::{Config, Error, StartupError};
+use tandem_protocol::Backoff;
 
 /// How long connecting may keep failing before it is logged at WARN (shorter
 /// gaps, such as a failover or a leader still binding, are logged at debug).

@@ -44,7 +44,6 @@
 //! # Ok(()) }
 //! ```
 
-mod backoff;
 mod client;
 mod config;
 mod connection;

@@ -109,6 +109,33 @@ async fn many_subscribers_share_one_upstream_subscription_and_the_last_releases_
 }
 
 #[tokio::test]
+async fn a_stream_the_upstream_ends_is_subscribed_again_while_anyone_wants_it() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        upstream.put("once-a", "1");
+        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let kv = follower(&path).client::<Kv>();
+        let mut sub = kv.subscribe("once-a".into()).await.unwrap();
+        let first = sub.next().await.unwrap();
+        assert_eq!(first.value, "1");
+        // Its stream ended after that value: the leader subscribes the key again.
+        upstream.counters.subscribes.reaches(2).await;
+        upstream.put("once-a", "2");
+        let mut last = (first.epoch, first.seq);
+        loop {
+            let update = sub.next().await.unwrap();
+            assert!((update.epoch, update.seq) > last, "positions only grow");
+            last = (update.epoch, update.seq);
+            if update.value == "2" {
+                break;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
 async fn a_call_past_its_deadline_fails_typed_and_is_cancelled_upstream() {
     with_timeout(async {
         let dir = private_dir();
@@ -195,7 +222,7 @@ async fn an_upstream_that_fails_to_start_fails_waiting_followers_with_its_error(
     with_timeout(async {
         let dir = private_dir();
         let leader = tandem_leader::Leader::builder()
-            .channel::<Kv, MemUpstream>(async {
+            .channel_from::<Kv, MemUpstream>(async {
                 Err(tandem_protocol::RemoteError::unavailable("registry unreachable").with_code("E_INIT"))
             })
             .start();
@@ -217,7 +244,7 @@ async fn a_wrong_token_is_rejected() {
         let upstream = MemUpstream::default();
         let leader = tandem_leader::Leader::builder()
             .token(Some("s3cret".into()))
-            .channel::<Kv, _>(async move { Ok(upstream) })
+            .channel_from::<Kv, _>(async move { Ok(upstream) })
             .start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
         let mut config = tandem_follower::Config::default();
@@ -276,16 +303,8 @@ impl tandem_leader::Upstream<Echo> for EchoUpstream {
     ) -> Result<String, tandem_protocol::RemoteError> {
         Ok(format!("echo: {request}"))
     }
-    async fn subscribe(
-        &self,
-        key: u32,
-        sink: tandem_leader::EventSink<Echo>,
-    ) -> Result<(), tandem_protocol::RemoteError> {
-        sink.send(key * 10);
-        Ok(())
-    }
-    async fn unsubscribe(&self, _: u32) -> Result<(), tandem_protocol::RemoteError> {
-        Ok(())
+    async fn subscribe(&self, key: u32) -> Result<tandem_leader::Events<u32>, tandem_protocol::RemoteError> {
+        Ok(tandem_leader::Events::stream(futures::stream::iter([key * 10]).chain(futures::stream::pending())))
     }
 }
 
@@ -296,8 +315,8 @@ async fn several_channels_share_one_connection() {
         let upstream = MemUpstream::default();
         let up = upstream.clone();
         let leader = tandem_leader::Leader::builder()
-            .channel::<Kv, _>(async move { Ok(up) })
-            .channel::<Echo, _>(async { Ok(EchoUpstream) })
+            .channel_from::<Kv, _>(async move { Ok(up) })
+            .channel_from::<Echo, _>(async { Ok(EchoUpstream) })
             .start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
         let connection = Connection::builder()
@@ -352,7 +371,7 @@ async fn forced_roles_are_respected() {
             let up = upstream.clone();
             let connector = tandem_follower::Standalone::new("roles", dir.path(), move |builder| {
                 let up = up.clone();
-                builder.channel::<Kv, _>(async move { Ok(up) })
+                builder.channel_from::<Kv, _>(async move { Ok(up) })
             })
             .role(role);
             Connection::builder().channel::<Kv>().connect(connector).spawn()
@@ -433,7 +452,8 @@ async fn an_oversized_answer_fails_that_call_only() {
         let up = upstream.clone();
         let mut config = tandem_leader::Config::default();
         config.max_frame_length = 1024;
-        let leader = tandem_leader::Leader::builder().config(config).channel::<Kv, _>(async move { Ok(up) }).start();
+        let leader =
+            tandem_leader::Leader::builder().config(config).channel_from::<Kv, _>(async move { Ok(up) }).start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
         let connection = follower(&path);
         let kv = connection.client::<Kv>();
@@ -453,7 +473,7 @@ async fn a_channel_that_becomes_ready_after_the_handshake_is_seen_ready() {
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let up = upstream.clone();
         let leader = tandem_leader::Leader::builder()
-            .channel::<Kv, _>(async move {
+            .channel_from::<Kv, _>(async move {
                 let _ = released.await;
                 Ok(up)
             })

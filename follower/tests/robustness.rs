@@ -111,7 +111,7 @@ async fn a_follower_that_stops_reading_does_not_delay_the_others() {
         let mut config = tandem_leader::Config::default();
         config.max_queued_frames = 16;
         config.write_stall_timeout = Duration::from_secs(60);
-        let leader = Leader::builder().config(config).channel::<Kv, _>(async move { Ok(up) }).start();
+        let leader = Leader::builder().config(config).channel_from::<Kv, _>(async move { Ok(up) }).start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
 
         // The slow one subscribes to a key, then asks for a large value over and
@@ -184,7 +184,7 @@ async fn next_reply(link: &mut Link) -> Option<Frame> {
 async fn heartbeats_spare_a_stalled_peer_and_reap_a_dead_one() {
     let upstream = MemUpstream::default();
     let up = upstream.clone();
-    let leader = Leader::builder().channel::<Kv, _>(async move { Ok(up) }).start();
+    let leader = Leader::builder().channel_from::<Kv, _>(async move { Ok(up) }).start();
     let mut link = handshake_over_pair(&leader).await;
 
     // Stalled for 5 s (a debugger, a CPU spike), then alive again: not dropped.

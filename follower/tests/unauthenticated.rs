@@ -36,7 +36,7 @@ fn hello() -> BytesMut {
 
 fn serve(upstream: &MemUpstream, dir: &Path, config: tandem_leader::Config) -> (Leader, PathBuf) {
     let up = upstream.clone();
-    let leader = Leader::builder().config(config).channel::<Kv, _>(async move { Ok(up) }).start();
+    let leader = Leader::builder().config(config).channel_from::<Kv, _>(async move { Ok(up) }).start();
     let path = leader.bind_unix(dir.join("leader.sock")).expect("bind");
     (leader, path)
 }

@@ -6,21 +6,23 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use tandem_protocol::payload::{decode, encode};
 use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tokio::sync::watch;
 
-use crate::hub::{Hub, HubContext, TopicSink};
-use crate::upstream::{CallContext, EventSink, Upstream};
+use crate::hub::{Hub, HubContext};
+use crate::upstream::{CallContext, Upstream};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+/// A key's values, encoded.
+pub(crate) type ByteEvents = Pin<Box<dyn Stream<Item = Bytes> + Send + 'static>>;
 
 /// An upstream seen through bytes: what the leader routes without knowing types.
 pub(crate) trait ErasedUpstream: Send + Sync + 'static {
     fn invoke(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<Bytes, RemoteError>>;
     fn publish(&self, payload: Bytes) -> BoxFuture<Result<(), RemoteError>>;
-    fn subscribe(&self, key: Bytes, sink: TopicSink) -> BoxFuture<Result<(), RemoteError>>;
-    fn unsubscribe(&self, key: Bytes) -> BoxFuture<Result<(), RemoteError>>;
+    fn subscribe(&self, key: Bytes) -> BoxFuture<Result<ByteEvents, RemoteError>>;
     fn health(&self) -> Option<watch::Receiver<UpstreamState>>;
 }
 
@@ -53,19 +55,21 @@ impl<A: Api, U: Upstream<A>> ErasedUpstream for Typed<A, U> {
         })
     }
 
-    fn subscribe(&self, key: Bytes, sink: TopicSink) -> BoxFuture<Result<(), RemoteError>> {
+    fn subscribe(&self, key: Bytes) -> BoxFuture<Result<ByteEvents, RemoteError>> {
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let key: A::Key = decode(&key)?;
-            upstream.subscribe(key, EventSink::new(sink)).await
-        })
-    }
-
-    fn unsubscribe(&self, key: Bytes) -> BoxFuture<Result<(), RemoteError>> {
-        let upstream = self.upstream.clone();
-        Box::pin(async move {
-            let key: A::Key = decode(&key)?;
-            upstream.unsubscribe(key).await
+            let events = upstream.subscribe(key).await?;
+            let encoded = events.filter_map(|event| {
+                futures::future::ready(match encode(&event) {
+                    Ok(bytes) => Some(bytes),
+                    Err(error) => {
+                        tracing::error!(channel = A::NAME, %error, "cannot encode an upstream event; dropped");
+                        None
+                    }
+                })
+            });
+            Ok(Box::pin(encoded) as ByteEvents)
         })
     }
 

@@ -1,17 +1,20 @@
 //! The subscription hub of one channel: N subscribers of a key, one upstream subscription.
 //!
 //! ```text
-//! follower A --Subscribe(k)--> hub: first subscriber of k --> upstream.subscribe(k, sink)
+//! follower A --Subscribe(k)--> hub: first subscriber of k --> upstream.subscribe(k) -> stream of k
 //! follower B --Subscribe(k)--> hub: cached value of k, at once (if newer than B's last seen)
-//! upstream   --sink.send(v)--> hub: seq += 1, cache v, queue Event(k, epoch, seq, v) to A and B
-//! A, B leave (or disconnect)-> hub: last subscriber gone --> upstream.unsubscribe(k), cache dropped
+//! k's pump   --next value----> hub: seq += 1, cache v, queue Event(k, epoch, seq, v) to A and B
+//! A, B leave (or disconnect)-> hub: last subscriber gone --> stream dropped (the unsubscribe), cache dropped
 //! ```
 //!
-//! Upstream subscribe and unsubscribe of one key never overlap: one task per key
-//! at a time drives the upstream towards "subscribed iff anyone is subscribed".
-//! Sequence numbers come from one counter per channel, so any value the hub
-//! emits is newer than every value emitted before it in this epoch, even across
-//! a key being released and subscribed again.
+//! One task per key at a time drives the upstream towards "subscribed iff
+//! anyone is subscribed", so a key's stream is always dropped before the key is
+//! subscribed again. Each subscribed key has a pump task polling its stream; a
+//! stream that ends means the upstream lost the subscription, and the key is
+//! subscribed again with backoff while anyone wants it. Sequence numbers come
+//! from one counter per channel, so any value the hub emits is newer than
+//! every value emitted before it in this epoch, even across a key being
+//! released and subscribed again.
 //!
 //! Before the upstream is built (or while it is being rebuilt), a channel made
 //! with `channel_with_retry` accepts subscriptions at once as pending: they are
@@ -21,17 +24,19 @@
 //! its subscribers get the build error if it fails.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use tandem_protocol::{Ack, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
-use crate::channel::{BoxFuture, ErasedUpstream};
+use crate::channel::{BoxFuture, ByteEvents, ErasedUpstream};
 use crate::outbox::Outbox;
 
 /// A key as people read it: the MessagePack string it encodes (fixstr, str8,
@@ -69,12 +74,20 @@ struct Topic {
     last: Option<(u64, SharedFrame)>,
     upstream_subscribed: bool,
     op_running: bool,
-    /// The generation of the live sink; 0 when no sink may deliver.
+    /// The generation of the live stream; 0 when no stream may deliver.
     generation: u64,
+    /// The task polling the live stream: stopped (and awaited) to unsubscribe.
+    pump: Option<Pump>,
     /// The cache lookup whose answer this topic still wants (0: none).
     lookup: u64,
     /// The delay before retrying a failed upstream subscribe of acknowledged subscribers.
     retry_delay: Duration,
+}
+
+#[derive(Debug)]
+struct Pump {
+    stop: CancellationToken,
+    done: JoinHandle<()>,
 }
 
 #[derive(Debug, Default)]
@@ -386,8 +399,7 @@ impl Hub {
             };
             match step {
                 Step::Subscribe(generation) => {
-                    let sink = TopicSink { hub: Arc::downgrade(&self), key: key.clone(), generation };
-                    let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone(), sink))
+                    let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone()))
                         .await
                         .unwrap_or_else(|_| {
                             Err(RemoteError::unavailable(format!(
@@ -398,9 +410,13 @@ impl Hub {
                     let mut state = self.lock();
                     let Some(topic) = state.topics.get_mut(&key) else { return };
                     match result {
-                        Ok(()) => {
+                        Ok(events) => {
                             topic.upstream_subscribed = true;
                             topic.retry_delay = Duration::ZERO;
+                            let stop = CancellationToken::new();
+                            let done =
+                                self.tracker.spawn(self.clone().pump(key.clone(), generation, events, stop.clone()));
+                            topic.pump = Some(Pump { stop, done });
                         }
                         Err(error) => {
                             // Those waiting for this answer get the error.
@@ -411,40 +427,93 @@ impl Hub {
                             }
                             topic.generation = 0;
                             if topic.subscribers.is_empty() {
-                                tracing::warn!(channel = %self.channel, %error, "upstream subscribe failed");
+                                tracing::warn!(channel = %self.channel, key = %display_key(&key), %error, "upstream subscribe failed");
                                 topic.last = None;
                             } else {
                                 // Subscribers acknowledged as pending stay: an
                                 // acknowledged subscription is never left dead.
-                                let first = topic.retry_delay.is_zero();
-                                let delay = (topic.retry_delay * 2).clamp(self.retry_initial, self.retry_max);
-                                topic.retry_delay = delay;
                                 topic.op_running = false;
-                                if first {
-                                    tracing::warn!(channel = %self.channel, %error, retry_ms = delay.as_millis() as u64, "upstream subscribe failed; retrying for the pending subscribers");
-                                } else {
-                                    tracing::debug!(channel = %self.channel, %error, retry_ms = delay.as_millis() as u64, "upstream subscribe failed again");
-                                }
                                 drop(state);
-                                self.tracker.spawn(self.clone().retry_later(key, delay));
+                                self.retry(key, &error, "upstream subscribe failed");
                                 return;
                             }
                         }
                     }
                 }
                 Step::Unsubscribe => {
-                    match tokio::time::timeout(self.op_timeout, upstream.unsubscribe(key.clone())).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => {
-                            tracing::warn!(channel = %self.channel, %error, "upstream unsubscribe failed")
+                    let pump = {
+                        let mut state = self.lock();
+                        state.topics.get_mut(&key).and_then(|topic| topic.pump.take())
+                    };
+                    if let Some(pump) = pump {
+                        // The pump drops the stream (the upstream's unsubscribe) and ends.
+                        pump.stop.cancel();
+                        if let Err(error) = pump.done.await {
+                            tracing::warn!(channel = %self.channel, %error, "a subscription's pump task failed");
                         }
-                        Err(_) => tracing::warn!(channel = %self.channel, "upstream unsubscribe timed out"),
                     }
                     let mut state = self.lock();
                     let Some(topic) = state.topics.get_mut(&key) else { return };
                     topic.upstream_subscribed = false;
                 }
             }
+        }
+    }
+
+    /// Schedules another upstream subscribe of `key` for its acknowledged
+    /// subscribers, with a doubling delay; WARN the first time, with why.
+    fn retry(self: &Arc<Self>, key: Bytes, error: &RemoteError, what: &str) {
+        let delay = {
+            let mut state = self.lock();
+            let Some(topic) = state.topics.get_mut(&key) else { return };
+            let first = topic.retry_delay.is_zero();
+            topic.retry_delay = (topic.retry_delay * 2).clamp(self.retry_initial, self.retry_max);
+            let delay = topic.retry_delay;
+            if first {
+                tracing::warn!(channel = %self.channel, key = %display_key(&key), %error, retry_ms = delay.as_millis() as u64, "{what}; retrying for the pending subscribers");
+            } else {
+                tracing::debug!(channel = %self.channel, key = %display_key(&key), %error, retry_ms = delay.as_millis() as u64, "{what} again");
+            }
+            delay
+        };
+        self.tracker.spawn(self.clone().retry_later(key, delay));
+    }
+
+    /// Polls one key's stream into the hub until it is stopped (the stream is
+    /// dropped here: the unsubscribe) or ends (the upstream lost it).
+    async fn pump(self: Arc<Self>, key: Bytes, generation: u64, mut events: ByteEvents, stop: CancellationToken) {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = self.cancel.cancelled() => return,
+                next = events.next() => next,
+            };
+            match next {
+                Some(payload) => {
+                    if !self.deliver(&key, generation, payload) && !self.is_live(&key, generation) {
+                        return;
+                    }
+                }
+                None => break,
+            }
+        }
+        drop(events);
+        let retry = {
+            let mut state = self.lock();
+            let Some(topic) = state.topics.get_mut(&key) else { return };
+            if topic.generation != generation || generation == 0 {
+                return;
+            }
+            topic.generation = 0;
+            topic.upstream_subscribed = false;
+            topic.pump = None;
+            // With a drive running, it sees the key unsubscribed and subscribes it again.
+            !topic.op_running && !topic.subscribers.is_empty()
+        };
+        if retry {
+            let error = RemoteError::unavailable("the upstream ended the key's stream");
+            self.retry(key, &error, "the upstream ended a subscription");
         }
     }
 
@@ -498,25 +567,6 @@ impl Hub {
     fn is_live(&self, key: &Bytes, generation: u64) -> bool {
         let state = self.lock();
         state.topics.get(key).is_some_and(|t| t.generation == generation && generation != 0)
-    }
-}
-
-/// The untyped sink behind an `EventSink`: delivers into one topic of one hub
-/// while that topic's upstream subscription is the one it was made for.
-#[derive(Debug, Clone)]
-pub(crate) struct TopicSink {
-    hub: Weak<Hub>,
-    key: Bytes,
-    generation: u64,
-}
-
-impl TopicSink {
-    pub(crate) fn send(&self, payload: Bytes) -> bool {
-        self.hub.upgrade().is_some_and(|hub| hub.deliver(&self.key, self.generation, payload))
-    }
-
-    pub(crate) fn is_closed(&self) -> bool {
-        !self.hub.upgrade().is_some_and(|hub| hub.is_live(&self.key, self.generation))
     }
 }
 

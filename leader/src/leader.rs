@@ -106,12 +106,18 @@ impl LeaderBuilder {
         Ok(self.cache(Cache::open(dir)?))
     }
 
+    /// Adds a channel served by `upstream`. (For a value that implements
+    /// `Upstream` for several APIs, name the API: `.channel_from::<ConfigApi, _>(upstream)`.)
+    pub fn channel<A: Api, U: Upstream<A>>(self, upstream: U) -> Self {
+        self.channel_from::<A, U>(async move { Ok(upstream) })
+    }
+
     /// Adds a channel whose upstream client is built by `upstream` once the
     /// leader starts. Until it resolves, the channel is `Starting` (calls and
     /// subscriptions wait); if it fails, the channel is `Down` with that error
     /// for good, and subscriptions are refused with it. To keep trying, use
     /// [`channel_with_retry`](Self::channel_with_retry).
-    pub fn channel<A: Api, U: Upstream<A>>(
+    pub fn channel_from<A: Api, U: Upstream<A>>(
         mut self,
         upstream: impl Future<Output = Result<U, RemoteError>> + Send + 'static,
     ) -> Self {

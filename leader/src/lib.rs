@@ -17,50 +17,19 @@
 //!
 //! ```text
 //! follower 1 ──┐  unix socket (uid checked, token optional)
-//! follower 2 ──┼──> sessions ──> hub (per channel) ──> Upstream::subscribe (once per key)
-//! in-process ──┘        │                          <── EventSink::send (seq += 1, cache, fan out)
+//! follower 2 ──┼──> sessions ──> hub (per channel) ──> Upstream::subscribe (once per key) -> Events
+//! in-process ──┘        │                          <── the key's pump polls Events (seq += 1, cache, fan out)
 //!                       └──> call tasks ──> Upstream::invoke (deadline, cancel)
 //! ```
 //!
-//! ```no_run
-//! use serde::{Deserialize, Serialize};
-//! use tandem_leader::{CallContext, EventSink, Leader, Upstream};
-//! use tandem_protocol::{Api, RemoteError};
-//!
-//! struct Echo;
-//! impl Api for Echo {
-//!     const NAME: &'static str = "echo";
-//!     type Key = String;
-//!     type Event = String;
-//!     type Request = String;
-//!     type Response = String;
-//! }
-//!
-//! struct EchoUpstream;
-//! impl Upstream<Echo> for EchoUpstream {
-//!     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> {
-//!         Ok(request)
-//!     }
-//!     async fn subscribe(&self, key: String, sink: EventSink<Echo>) -> Result<(), RemoteError> {
-//!         sink.send(format!("hello, {key}"));
-//!         Ok(())
-//!     }
-//!     async fn unsubscribe(&self, _key: String) -> Result<(), RemoteError> {
-//!         Ok(())
-//!     }
-//! }
-//!
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let leader = Leader::builder().epoch(1).channel::<Echo, _>(async { Ok(EchoUpstream) }).start();
-//! leader.bind_unix("/run/user/1000/myapp/leader.sock")?;
-//! # Ok(()) }
-//! ```
+//! [`Upstream`] has a complete adapter in its documentation.
 
 mod admission;
 mod cache;
 mod channel;
 mod config;
 mod error;
+mod health;
 mod hub;
 mod latency;
 mod leader;
@@ -79,8 +48,9 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
 pub use cache::Cache;
 pub use config::Config;
 pub use error::Error;
+pub use health::Health;
 pub use latency::LatencyStats;
 pub use leader::{Leader, LeaderBuilder};
 pub use session::PeerInfo;
 pub use stats::{ChannelStats, FollowerStats, KeyStats, Stats};
-pub use upstream::{CallContext, EventSink, Upstream};
+pub use upstream::{CallContext, Events, Upstream};

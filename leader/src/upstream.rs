@@ -1,12 +1,15 @@
-//! The trait a user implements once around the real upstream client.
+//! The trait a user implements once around the real upstream client, and
+//! [`Events`], the stream most implementations return from `subscribe`.
 
 use std::future::Future;
-use tokio::time::Instant;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use futures::Stream;
 use tandem_protocol::{Api, RemoteError, UpstreamState};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use crate::hub::TopicSink;
 
 /// What the leader knows about one call while it runs.
 #[derive(Debug, Clone)]
@@ -35,54 +38,74 @@ impl CallContext {
     }
 }
 
-/// Where an upstream delivers the values of one subscribed key.
-///
-/// Given to [`Upstream::subscribe`]; keep it (or a clone) and call
-/// [`send`](EventSink::send) for every new value. Sending never waits. After the
-/// leader unsubscribes the key, sends are ignored and [`is_closed`](EventSink::is_closed)
-/// turns true.
-#[derive(Debug)]
-pub struct EventSink<A: Api> {
-    inner: TopicSink,
-    _api: std::marker::PhantomData<fn(A)>,
-}
-
-impl<A: Api> Clone for EventSink<A> {
-    fn clone(&self) -> Self {
-        EventSink { inner: self.inner.clone(), _api: std::marker::PhantomData }
-    }
-}
-
-impl<A: Api> EventSink<A> {
-    pub(crate) fn new(inner: TopicSink) -> Self {
-        EventSink { inner, _api: std::marker::PhantomData }
-    }
-
-    /// Delivers a new value to every subscriber of the key: it gets the next
-    /// sequence number, becomes the key's cached value, and is queued to each
-    /// subscriber (conflated for slow ones). Returns false if the subscription
-    /// is gone (or the value could not be encoded, which is logged).
-    pub fn send(&self, event: A::Event) -> bool {
-        match tandem_protocol::payload::encode(&event) {
-            Ok(bytes) => self.inner.send(bytes),
-            Err(error) => {
-                tracing::error!(channel = A::NAME, %error, "cannot encode an upstream event; dropped");
-                false
-            }
-        }
-    }
-
-    /// Whether the leader has unsubscribed this key (sends are ignored).
-    pub fn is_closed(&self) -> bool {
-        self.inner.is_closed()
-    }
-}
-
 /// The real upstream client of one channel, as the leader runs it.
 ///
-/// Only the leader's process builds and calls it. Every method may be called
-/// concurrently; the leader guarantees that `subscribe` and `unsubscribe` of one
-/// key never overlap and alternate (subscribe, unsubscribe, subscribe, ...).
+/// Only the leader's process builds and calls it, and every method may be
+/// called concurrently. The leader owns the bookkeeping: it subscribes a key
+/// once however many followers want it, caches and numbers its values, fans
+/// them out, and drops the key's stream when its last subscriber leaves.
+///
+/// A complete adapter, for a client that keeps each key in a
+/// `tokio::sync::watch` channel:
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+///
+/// use tandem_leader::{CallContext, Events, Leader, Upstream};
+/// use tandem_protocol::{Api, RemoteError};
+/// use tokio::sync::watch;
+///
+/// /// The channel every process shares.
+/// struct Flags;
+/// impl Api for Flags {
+///     const NAME: &'static str = "flags";
+///     type Key = String;
+///     type Event = Option<String>;
+///     type Request = (String, Option<String>); // set (Some) or clear (None) a flag
+///     type Response = ();
+/// }
+///
+/// /// The "real client": an in-memory store with one watch channel per key.
+/// #[derive(Default)]
+/// struct Store(Mutex<HashMap<String, watch::Sender<Option<String>>>>);
+///
+/// impl Store {
+///     fn key(&self, key: &str) -> watch::Sender<Option<String>> {
+///         let mut keys = self.0.lock().unwrap();
+///         keys.entry(key.to_owned()).or_insert_with(|| watch::Sender::new(None)).clone()
+///     }
+/// }
+///
+/// impl Upstream<Flags> for Store {
+///     async fn invoke(&self, (key, value): (String, Option<String>), _ctx: CallContext) -> Result<(), RemoteError> {
+///         if key.is_empty() {
+///             return Err(RemoteError::bad_request("the key is empty"));
+///         }
+///         self.key(&key).send_replace(value);
+///         Ok(())
+///     }
+///
+///     async fn subscribe(&self, key: String) -> Result<Events<Option<String>>, RemoteError> {
+///         let mut values = self.key(&key).subscribe();
+///         // The current value first, then every change, until the leader drops the stream.
+///         Ok(Events::spawn(|tx| async move {
+///             loop {
+///                 let value = values.borrow_and_update().clone();
+///                 if tx.send(value).is_err() || values.changed().await.is_err() {
+///                     return;
+///                 }
+///             }
+///         }))
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let leader = Leader::builder().channel(Store::default()).start();
+/// # leader.shutdown().await;
+/// # }
+/// ```
 pub trait Upstream<A: Api>: Send + Sync + 'static {
     /// Performs one call. The leader drops the future at the caller's deadline,
     /// on a Cancel, or when the caller disconnects.
@@ -92,12 +115,21 @@ pub trait Upstream<A: Api>: Send + Sync + 'static {
         ctx: CallContext,
     ) -> impl Future<Output = Result<A::Response, RemoteError>> + Send;
 
-    /// Starts delivering the values of `key` into `sink` (the current value
-    /// first, if there is one). Called once per key however many subscribers it has.
-    fn subscribe(&self, key: A::Key, sink: EventSink<A>) -> impl Future<Output = Result<(), RemoteError>> + Send;
-
-    /// Stops delivering `key`: its last subscriber left.
-    fn unsubscribe(&self, key: A::Key) -> impl Future<Output = Result<(), RemoteError>> + Send;
+    /// Starts following `key` and returns the stream of its values, the
+    /// current value first if there is one.
+    ///
+    /// - Return once the upstream has accepted the subscription: an error is
+    ///   the answer of the follower that asked, at once (say why, e.g. a limit).
+    ///   While the upstream is unreachable, accept and let the stream start
+    ///   flowing when it is back (report the outage with [`health`](Self::health)).
+    /// - The leader calls this once per key however many followers subscribe,
+    ///   and drops the stream when the last one leaves: dropping it is the
+    ///   unsubscribe. It never subscribes a key again before the key's previous
+    ///   stream has been dropped.
+    /// - Resuming after a reconnect is the stream's business. A stream that ends
+    ///   tells the leader the subscription is lost: it logs that at WARN and
+    ///   subscribes the key again, with backoff, while followers want it.
+    fn subscribe(&self, key: A::Key) -> impl Future<Output = Result<Events<A::Event>, RemoteError>> + Send;
 
     /// The upstream's health, when it can tell: the leader forwards every change
     /// (`Ready`, `Down(error)`) to the followers, whose `Client::state()` then
@@ -111,5 +143,150 @@ pub trait Upstream<A: Api>: Send + Sync + 'static {
     fn publish(&self, request: A::Request) -> impl Future<Output = Result<(), RemoteError>> + Send {
         let _ = request;
         async { Err(RemoteError::bad_request(format!("channel {} does not support publish", A::NAME))) }
+    }
+}
+
+type Follow = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The values of one subscribed key, as [`Upstream::subscribe`] returns them.
+///
+/// - [`Events::spawn`] runs a future that sends the key's values (a watch
+///   loop, with its reconnects); the future is polled as part of the stream,
+///   in the leader's task for the key, and dropped with it.
+/// - [`Events::new`] wraps the receiving half of a channel that a task of the
+///   adapter feeds (an adapter that multiplexes many keys over one connection);
+///   [`on_drop`](Self::on_drop) tells that task the key is no longer wanted.
+/// - [`Events::stream`] takes any stream the client library already offers.
+///
+/// The stream ends once the future has returned (or every sender is gone, or
+/// the wrapped stream ended) and every value sent has been taken.
+#[must_use = "a stream does nothing unless the leader polls it"]
+pub struct Events<E> {
+    source: Source<E>,
+    on_drop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+enum Source<E> {
+    Channel { values: mpsc::UnboundedReceiver<E>, follow: Option<Follow> },
+    Stream(Pin<Box<dyn Stream<Item = E> + Send>>),
+}
+
+impl<E> std::fmt::Debug for Events<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Source::Channel { values, follow } => {
+                f.debug_struct("Events").field("following", &follow.is_some()).field("queued", &values.len()).finish()
+            }
+            Source::Stream(_) => f.debug_struct("Events").finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<E: Send + 'static> Events<E> {
+    /// A stream of what `follow` sends on the sender it is given.
+    pub fn spawn<F, Fut>(follow: F) -> Self
+    where
+        F: FnOnce(mpsc::UnboundedSender<E>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (tx, values) = mpsc::unbounded_channel();
+        Events { source: Source::Channel { values, follow: Some(Box::pin(follow(tx))) }, on_drop: None }
+    }
+
+    /// A stream of what arrives on `values`.
+    pub fn new(values: mpsc::UnboundedReceiver<E>) -> Self {
+        Events { source: Source::Channel { values, follow: None }, on_drop: None }
+    }
+
+    /// The values of `stream`.
+    pub fn stream(stream: impl Stream<Item = E> + Send + 'static) -> Self {
+        Events { source: Source::Stream(Box::pin(stream)), on_drop: None }
+    }
+
+    /// Runs `f` when the stream is dropped: the leader no longer wants the key.
+    pub fn on_drop(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.on_drop = Some(Box::new(f));
+        self
+    }
+}
+
+impl<E> Stream for Events<E> {
+    type Item = E;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<E>> {
+        // Every field is Unpin (the future and the stream are boxed).
+        match &mut self.get_mut().source {
+            Source::Channel { values, follow } => {
+                if let Some(running) = follow.as_mut()
+                    && running.as_mut().poll(cx).is_ready()
+                {
+                    // Its sender is dropped with it: the channel ends once drained.
+                    *follow = None;
+                }
+                values.poll_recv(cx)
+            }
+            Source::Stream(stream) => stream.as_mut().poll_next(cx),
+        }
+    }
+}
+
+impl<E> Drop for Events<E> {
+    fn drop(&mut self) {
+        // The follow future (and what it holds) goes before `on_drop` runs.
+        if let Source::Channel { follow, .. } = &mut self.source {
+            *follow = None;
+        }
+        if let Some(on_drop) = self.on_drop.take() {
+            on_drop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_spawned_stream_yields_what_its_future_sends_then_ends() {
+        let events = Events::spawn(|tx| async move {
+            for n in 0..3 {
+                tx.send(n).unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        assert_eq!(events.collect::<Vec<_>>().await, vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_drops_its_future_and_runs_on_drop() {
+        let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+        let (told_tx, told) = tokio::sync::oneshot::channel::<()>();
+        let mut events = Events::spawn(|tx| async move {
+            let _guard = dropped_tx; // dropped with the future
+            tx.send(1).unwrap();
+            std::future::pending::<()>().await;
+        })
+        .on_drop(move || told_tx.send(()).unwrap());
+        assert_eq!(events.next().await, Some(1));
+        drop(events);
+        assert!(dropped.await.is_err(), "the future's guard is gone");
+        assert!(told.await.is_ok(), "on_drop ran");
+    }
+
+    #[tokio::test]
+    async fn a_wrapped_stream_passes_through() {
+        let events = Events::stream(futures::stream::iter([1, 2]));
+        assert_eq!(events.collect::<Vec<_>>().await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_channel_stream_ends_when_every_sender_is_gone() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = Events::new(rx);
+        tx.send("a").unwrap();
+        tx.send("b").unwrap();
+        drop(tx);
+        assert_eq!(events.collect::<Vec<_>>().await, vec!["a", "b"]);
     }
 }

@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tandem_leader::{CallContext, EventSink, Leader, Upstream};
+use tandem_leader::{CallContext, Events, Leader, Upstream};
 use tandem_protocol::payload::{decode, encode};
 use tandem_protocol::{
     Ack, Api, ErrorKind, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, RemoteError, Response, Subscribe,
     UpstreamState, uuid::Uuid,
 };
+use tokio::sync::mpsc;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -25,18 +26,18 @@ impl Api for Text {
     type Response = String;
 }
 
-/// A test upstream: a value per key, pushed to the live sink on `put`.
+/// A test upstream: a value per key, pushed to the live stream on `put`.
 #[derive(Clone, Default)]
 struct Store {
     values: Arc<Mutex<std::collections::HashMap<String, String>>>,
-    sinks: Arc<Mutex<std::collections::HashMap<String, EventSink<Text>>>>,
+    sinks: Arc<Mutex<std::collections::HashMap<String, mpsc::UnboundedSender<String>>>>,
 }
 
 impl Store {
     fn put(&self, key: &str, value: &str) {
         self.values.lock().unwrap().insert(key.into(), value.into());
         if let Some(sink) = self.sinks.lock().unwrap().get(key) {
-            sink.send(value.into());
+            let _ = sink.send(value.into());
         }
     }
 }
@@ -45,16 +46,13 @@ impl Upstream<Text> for Store {
     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> {
         Ok(request)
     }
-    async fn subscribe(&self, key: String, sink: EventSink<Text>) -> Result<(), RemoteError> {
+    async fn subscribe(&self, key: String) -> Result<Events<String>, RemoteError> {
+        let (sink, events) = mpsc::unbounded_channel();
         if let Some(value) = self.values.lock().unwrap().get(&key) {
-            sink.send(value.clone());
+            let _ = sink.send(value.clone());
         }
         self.sinks.lock().unwrap().insert(key, sink);
-        Ok(())
-    }
-    async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
-        self.sinks.lock().unwrap().remove(&key);
-        Ok(())
+        Ok(Events::new(events))
     }
 }
 

@@ -19,8 +19,9 @@ use crate::control::{Cmd, Commands, Report, Reporter};
 pub const TICK: Duration = Duration::from_millis(10);
 
 pub async fn run(dir: PathBuf, name: String, mut commands: Commands, reporter: Reporter) -> Result<()> {
-    let connector =
-        Standalone::new(name, dir, |leader| leader.channel::<BenchApi, _>(async { Ok(BenchUpstream::ticking(TICK)) }));
+    let connector = Standalone::new(name, dir, |leader| {
+        leader.channel_from::<BenchApi, _>(async { Ok(BenchUpstream::ticking(TICK)) })
+    });
     let connection = Connection::builder().channel::<BenchApi>().connect(connector).spawn();
     let client = connection.client::<BenchApi>();
     let mut status = connection.status();

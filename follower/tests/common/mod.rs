@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tandem_follower::{Connection, Standalone};
-use tandem_leader::{CallContext, EventSink, Leader, Upstream};
+use tandem_leader::{CallContext, Events, Leader, Upstream};
 use tandem_protocol::{Api, RemoteError};
+use tokio::sync::mpsc;
 
 pub struct Kv;
 
@@ -66,7 +67,7 @@ pub struct Counters {
 #[derive(Default)]
 struct Store {
     values: HashMap<String, String>,
-    sinks: HashMap<String, EventSink<Kv>>,
+    sinks: HashMap<String, mpsc::UnboundedSender<String>>,
 }
 
 #[derive(Clone)]
@@ -93,7 +94,7 @@ impl MemUpstream {
         let mut store = self.store.lock().unwrap();
         store.values.insert(key.to_string(), value.to_string());
         if let Some(sink) = store.sinks.get(key) {
-            sink.send(value.to_string());
+            let _ = sink.send(value.to_string());
         }
     }
 }
@@ -123,23 +124,27 @@ impl Upstream<Kv> for MemUpstream {
         }
     }
 
-    async fn subscribe(&self, key: String, sink: EventSink<Kv>) -> Result<(), RemoteError> {
+    async fn subscribe(&self, key: String) -> Result<Events<String>, RemoteError> {
         if key.starts_with("denied") {
             return Err(RemoteError::rejected(format!("no access to {key}")).with_code("E_DENIED"));
         }
         self.counters.subscribes.bump();
+        let (sink, events) = mpsc::unbounded_channel();
         let mut store = self.store.lock().unwrap();
         if let Some(value) = store.values.get(&key) {
-            sink.send(value.clone());
+            let _ = sink.send(value.clone());
         }
-        store.sinks.insert(key, sink);
-        Ok(())
-    }
-
-    async fn unsubscribe(&self, key: String) -> Result<(), RemoteError> {
-        self.counters.unsubscribes.bump();
-        self.store.lock().unwrap().sinks.remove(&key);
-        Ok(())
+        if key.starts_with("once") {
+            // A stream that ends after the current value: the upstream lost it.
+            return Ok(Events::new(events));
+        }
+        store.sinks.insert(key.clone(), sink);
+        // Dropping the stream is the unsubscribe.
+        let (counters, shared) = (self.counters.clone(), self.store.clone());
+        Ok(Events::new(events).on_drop(move || {
+            counters.unsubscribes.bump();
+            shared.lock().unwrap_or_else(|p| p.into_inner()).sinks.remove(&key);
+        }))
     }
 
     fn health(&self) -> Option<tokio::sync::watch::Receiver<tandem_protocol::UpstreamState>> {
@@ -160,7 +165,7 @@ impl Upstream<Kv> for MemUpstream {
 /// A leader serving `upstream` on a socket in `dir`.
 pub fn leader(upstream: &MemUpstream, dir: &std::path::Path, epoch: u64) -> (Leader, std::path::PathBuf) {
     let up = upstream.clone();
-    let leader = Leader::builder().epoch(epoch).channel::<Kv, _>(async move { Ok(up) }).start();
+    let leader = Leader::builder().epoch(epoch).channel_from::<Kv, _>(async move { Ok(up) }).start();
     let path = leader.bind_unix(dir.join("leader.sock")).expect("bind");
     (leader, path)
 }
@@ -179,7 +184,7 @@ pub fn standalone(name: &str, dir: &std::path::Path, upstream: &MemUpstream) -> 
     let up = upstream.clone();
     let connector = Standalone::new(name, dir, move |builder| {
         let up = up.clone();
-        builder.channel::<Kv, _>(async move { Ok(up) })
+        builder.channel_from::<Kv, _>(async move { Ok(up) })
     });
     Connection::builder().channel::<Kv>().connect(connector).spawn()
 }

@@ -1,27 +1,27 @@
-//! Exponential backoff with full jitter.
+//! Exponential backoff with jitter, for every reconnect loop in tandem.
 
 use std::time::Duration;
 
 use rand::Rng;
 
-/// Delays for successive reconnect attempts: a random delay in `[0, cap]` where
-/// `cap` doubles from `initial` to `max` (full jitter, so followers that lost the
-/// same leader do not retry in lock step).
+/// Delays for successive reconnect attempts: a random delay in `[cap/2, cap]` where
+/// `cap` doubles from `initial` to `max` (jittered, so processes that lost the
+/// same peer do not retry in lock step).
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+    pub fn new(initial: Duration, max: Duration) -> Self {
         let initial = initial.max(Duration::from_millis(1));
         Backoff { initial, max: max.max(initial), cap: initial }
     }
 
     /// The next delay.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let cap = self.cap;
         self.cap = (self.cap * 2).min(self.max);
         let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
@@ -29,7 +29,7 @@ impl Backoff {
     }
 
     /// Back to the first delay (after a successful connection).
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.cap = self.initial;
     }
 }
