@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! tandem-registry serve --listen 127.0.0.1:0 [--history N] [--max-watches N]   # first stdout line: `listening on <ADDR>`
-//!     [--max-connections N] [--frame-timeout SECS] [--idle-timeout SECS]
-//!     [--partial-frame-budget BYTES] [--max-frame BYTES]   # limits (README "Limits")
+//!     [--max-connections N] [--frame-timeout SECS] [--first-request-timeout SECS]
+//!     [--idle-timeout SECS] [--partial-frame-budget BYTES] [--max-frame BYTES]   # limits (README "Limits")
 //! tandem-registry put --server ADDR KEY VALUE
 //! tandem-registry get --server ADDR KEY               # exit code 1 if absent
 //! tandem-registry delete --server ADDR KEY
@@ -118,6 +118,10 @@ struct LimitArgs {
     /// mid-request is sent a `frame_timeout` goodbye [default: 10].
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     frame_timeout: Option<Duration>,
+    /// Seconds a new connection may take to send its first complete request before it is sent a
+    /// `first_request_timeout` goodbye; 0 never closes them for that [default: 10].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs_or_zero)]
+    first_request_timeout: Option<Duration>,
     /// Seconds a connection with no watch and no lease may stay silent before it is sent an
     /// `idle_timeout` goodbye; 0 never closes idle connections [default: 300].
     #[arg(long, value_name = "SECS", value_parser = parse_secs_or_zero)]
@@ -134,12 +138,22 @@ struct LimitArgs {
 
 impl LimitArgs {
     fn apply(self, config: &mut Config) {
-        let LimitArgs { max_connections, frame_timeout, idle_timeout, partial_frame_budget, max_frame } = self;
+        let LimitArgs {
+            max_connections,
+            frame_timeout,
+            first_request_timeout,
+            idle_timeout,
+            partial_frame_budget,
+            max_frame,
+        } = self;
         if let Some(max) = max_connections {
             config.max_connections = max;
         }
         if let Some(timeout) = frame_timeout {
             config.frame_timeout = timeout;
+        }
+        if let Some(timeout) = first_request_timeout {
+            config.first_request_timeout = timeout;
         }
         if let Some(timeout) = idle_timeout {
             config.idle_timeout = timeout;

@@ -209,6 +209,88 @@ async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
     .await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_at_the_first_request_timeout_and_others_are_not() {
+    within(async {
+        let mut config = Config::default();
+        config.first_request_timeout = Duration::from_millis(200);
+        config.idle_timeout = Duration::from_millis(1500);
+        let server = start(config).await;
+        let addr = server.local_addr();
+        let watcher = Client::connect(addr).await.unwrap();
+        let mut watch = watcher.watch(WatchSpec::prefix(""), None).await.unwrap();
+        // Connected, but its first call comes only after the silent ones below are closed.
+        let late = Client::connect(addr).await.unwrap();
+        // A raw client that sends its first request at once, then nothing.
+        let prompt_at = Instant::now();
+        let mut prompt = TcpStream::connect(addr).await.unwrap();
+        prompt.write_all(&put_frame(1)).await.unwrap();
+
+        // Nothing at all, and a first frame that never finishes (the frame timeout is 10 s):
+        // both are closed at the first-request timeout, told why.
+        let opened = Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut partial = stalled_prefix(addr).await;
+        for stream in [&mut silent, &mut partial] {
+            let bytes = read_to_close(stream).await;
+            assert!(contains(&bytes, "first_request_timeout"), "{}", String::from_utf8_lossy(&bytes));
+            assert!(contains(&bytes, "no request within 200 ms of connecting"));
+        }
+        assert!(opened.elapsed() >= Duration::from_millis(200), "closed after {:?}", opened.elapsed());
+
+        // The client connected before them is past its own first-request deadline, and served.
+        assert!(!late.is_closed());
+        let revision = tokio::time::timeout(CALL, late.put("late", "v")).await.expect("in time").unwrap();
+        assert_eq!(revision, 3, "after the raw client's put");
+        assert_eq!(next(&mut watch).await.unwrap().key(), "k");
+        assert_eq!(next(&mut watch).await.unwrap().revision(), 3);
+
+        // Once its request arrived, the raw client is held to the idle timeout only.
+        let bytes = read_to_close(&mut prompt).await;
+        assert!(contains(&bytes, "idle_timeout"), "{}", String::from_utf8_lossy(&bytes));
+        assert!(!contains(&bytes, "first_request_timeout"), "{}", String::from_utf8_lossy(&bytes));
+        assert!(prompt_at.elapsed() >= Duration::from_millis(1500), "closed after {:?}", prompt_at.elapsed());
+        // The watcher has been silent for as long, and is kept.
+        assert!(!watcher.is_closed());
+        watcher.put("after", "v").await.unwrap();
+        assert_eq!(next(&mut watch).await.unwrap().key(), "after");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_filled_by_silent_clients_is_freed_at_the_first_request_timeout() {
+    within(async {
+        let mut config = Config::default();
+        config.max_connections = 5;
+        config.first_request_timeout = Duration::from_millis(500);
+        let server = start(config).await;
+        let addr = server.local_addr();
+
+        let filled_at = Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..5 {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            // The hello's first bytes: the server has accepted it and counts it.
+            let mut hello = [0u8; 1];
+            assert_eq!(stream.read(&mut hello).await.unwrap(), 1);
+            silent.push(stream);
+        }
+        let refused = tokio::time::timeout(CALL, put(addr, "k")).await.expect("at once").unwrap_err();
+        assert!(refused.contains("too_many_connections"), "{refused}");
+
+        for stream in &mut silent {
+            let bytes = read_to_close(stream).await;
+            assert!(contains(&bytes, "first_request_timeout"), "{}", String::from_utf8_lossy(&bytes));
+        }
+        assert!(filled_at.elapsed() >= Duration::from_millis(500), "closed after {:?}", filled_at.elapsed());
+        // Their places serve a normal client, long before the 5-minute idle timeout.
+        eventually("the places are free", || async { put(addr, "k").await.is_ok() }).await;
+        eventually("every connection is closed", || async { server.stats().connections == 0 }).await;
+    })
+    .await
+}
+
 /// A `tandem-registry serve` process, killed (by PID) and reaped on drop.
 struct Served {
     child: Child,
@@ -278,6 +360,20 @@ impl Served {
         }
     }
 
+    /// The log lines read (up to 10 s) until `count` of them contain `needle`.
+    fn log_until(&self, needle: &str, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = Vec::new();
+        let mut found = 0;
+        while found < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.log.recv_timeout(left).unwrap_or_else(|_| panic!("{found} of {count} {needle:?} lines"));
+            found += usize::from(line.contains(needle));
+            lines.push(line);
+        }
+        lines
+    }
+
     /// The log lines so far containing `needle`.
     fn count_log(&self, needle: &str) -> usize {
         self.log.try_iter().filter(|line| line.contains(needle)).count()
@@ -326,6 +422,31 @@ async fn the_default_cap_stays_under_the_open_file_limit() {
         held.pop();
         eventually("a place is free", || async { put(addr, "k").await.is_ok() }).await;
         assert_eq!(server.count_log("Too many open files"), 0, "the cap is reached before the descriptors run out");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_logged_each_at_debug_and_together_at_warn() {
+    within(async {
+        let server = Served::start(256, &["--first-request-timeout", "0.2"]);
+        server.expect_log("first_request_timeout_ms=200");
+        let addr = server.addr;
+        let mut silent = join_all((0..5).map(|_| TcpStream::connect(addr))).await;
+        for stream in &mut silent {
+            let stream = stream.as_mut().unwrap();
+            let bytes = read_to_close(stream).await;
+            assert!(contains(&bytes, "first_request_timeout"), "{}", String::from_utf8_lossy(&bytes));
+        }
+        // One DEBUG line per connection; one WARN for them all (the next is due in 10 s).
+        let lines = server.log_until("code first_request_timeout", 5);
+        let debug = lines.iter().filter(|l| l.contains("DEBUG") && l.contains("code first_request_timeout"));
+        assert_eq!(debug.count(), 5, "{lines:#?}");
+        let warn: Vec<&String> = lines.iter().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warn.len(), 1, "{lines:#?}");
+        assert!(warn[0].contains("--first-request-timeout") && warn[0].contains("suppressed=0"), "{}", warn[0]);
+        // The server still serves.
+        assert_eq!(put(addr, "k").await, Ok(2));
     })
     .await
 }

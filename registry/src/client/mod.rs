@@ -65,7 +65,10 @@ struct Inner {
 
 impl Client {
     /// Connects to the registry at `addr` and waits (at most [`HELLO_TIMEOUT`]) for
-    /// its hello: see [`Client::server_info`].
+    /// its hello: see [`Client::server_info`]. It then sends a `Revision` request
+    /// without waiting for the reply, so that the connection is never closed by
+    /// the server's [`first_request_timeout`](crate::Config::first_request_timeout),
+    /// however long the first call waits.
     pub async fn connect(addr: impl ToSocketAddrs + fmt::Display) -> Result<Client, Error> {
         let connect_error = |e| Error::Connect { addr: addr.to_string(), source: Arc::new(e) };
         let stream = TcpStream::connect(&addr).await.map_err(connect_error)?;
@@ -98,6 +101,9 @@ impl Client {
                 return Err(connect_error(error));
             }
         };
+        // A first request at once (its reply is not waited for), so that the server's
+        // first-request timeout never closes a client that makes its first call later.
+        let _ = detached.send(Op::Revision);
         Ok(Client { inner: Arc::new(Inner { outgoing, detached, in_flight, local_addr, peer_addr, server }) })
     }
 

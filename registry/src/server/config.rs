@@ -52,11 +52,24 @@ pub struct Config {
     /// is sent a `Goodbye` (`DeadlineExceeded`, code `frame_timeout`) and
     /// disconnected. The default is 10 seconds.
     pub frame_timeout: Duration,
+    /// How long a new connection may take, from its accept, to deliver its
+    /// first complete request: one that sends nothing (or only part of a
+    /// frame) for that long is sent a `Goodbye` (`DeadlineExceeded`, code
+    /// `first_request_timeout`) and closed, so silent clients cannot hold
+    /// places under [`max_connections`](Config::max_connections) for the whole
+    /// [`idle_timeout`](Config::idle_timeout). The registry protocol has no
+    /// client hello (the server speaks first), so this stands in for a hello
+    /// timeout; [`Client::connect`](crate::Client::connect) sends a request as
+    /// soon as the server's hello arrives. Once a request has arrived it no
+    /// longer applies. The closes are logged at DEBUG, and at WARN at most once
+    /// every 10 seconds with the count held back. Zero disables the timeout.
+    /// The default is 10 seconds.
+    pub first_request_timeout: Duration,
     /// How long a connection with no watch and no lease may go without sending
     /// a request before it is sent a `Goodbye` (`Unavailable`, code
-    /// `idle_timeout`) and closed. This includes a connection that never sends
-    /// anything: the registry protocol has no client hello (the server speaks
-    /// first). Zero disables the timeout. The default is 5 minutes.
+    /// `idle_timeout`) and closed. A connection that has sent no request yet
+    /// is closed sooner, by [`first_request_timeout`](Config::first_request_timeout),
+    /// when that is shorter. Zero disables the timeout. The default is 5 minutes.
     pub idle_timeout: Duration,
     /// The most bytes buffered at once, across all connections, for requests
     /// that have not fully arrived. A frame longer than
@@ -114,6 +127,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             max_connections: default_max_connections(),
             frame_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(5 * 60),
             partial_frame_budget: 64 * 1024 * 1024,
         }

@@ -1,10 +1,12 @@
 //! The server-wide limits that keep many, stalled or hostile clients from
 //! starving everyone else: the connection cap, the budget for partial frames,
-//! and the rate-limited warnings logged when a client runs into one.
+//! and the rate-limited warnings logged when a client runs into one of them or
+//! into a timeout (frame, first request, idle).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tandem_protocol::Throttle;
 use tracing::{info, warn};
@@ -24,6 +26,7 @@ pub(crate) struct Limits {
     stalled: Mutex<Throttle>,
     over_budget: Mutex<Throttle>,
     idle: Mutex<Throttle>,
+    silent: Mutex<Throttle>,
 }
 
 /// A connection's place under [`Config::max_connections`], given back on drop.
@@ -52,6 +55,7 @@ impl Limits {
             stalled: Mutex::default(),
             over_budget: Mutex::default(),
             idle: Mutex::default(),
+            silent: Mutex::default(),
         })
     }
 
@@ -95,6 +99,17 @@ impl Limits {
     pub(crate) fn log_idle(&self, idle_ms: u128) {
         if let Some(suppressed) = hit(&self.idle) {
             info!(idle_ms, suppressed, "closing an idle connection (no request, watch or lease; --idle-timeout)");
+        }
+    }
+
+    /// Logs (rate-limited) a connection closed because it sent no complete
+    /// request within the first-request timeout.
+    pub(crate) fn log_first_request(&self, timeout: Duration) {
+        if let Some(suppressed) = hit(&self.silent) {
+            warn!(
+                timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                suppressed, "closing connection: no request arrived after connecting (--first-request-timeout)"
+            );
         }
     }
 }

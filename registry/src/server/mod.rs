@@ -84,6 +84,7 @@ impl Server {
             addr = %local_addr,
             max_connections = config.max_connections,
             frame_timeout_ms = config.frame_timeout.as_millis() as u64,
+            first_request_timeout_ms = config.first_request_timeout.as_millis() as u64,
             idle_timeout_ms = config.idle_timeout.as_millis() as u64,
             partial_frame_budget = config.partial_frame_budget,
             max_frame = config.max_frame,

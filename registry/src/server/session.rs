@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tandem_protocol::{Codec, CodecError, RemoteError};
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::codec::FramedWrite;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -35,7 +36,7 @@ enum End {
     Io(std::io::Error),
     /// The client broke the protocol; it is told why.
     Protocol(RemoteError),
-    /// The client ran into a read limit (frame timeout, partial-frame budget); it is told which.
+    /// The client ran into a read limit (frame or first-request timeout, partial-frame budget); it is told which.
     Limit(RemoteError),
     /// The connection was idle (no request, watch or lease) for the idle timeout; the client is told.
     Idle(RemoteError),
@@ -83,6 +84,9 @@ pub(crate) async fn run(
 async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>, slot: &Slot, shutdown: CancellationToken) {
     let counted = Counted(Some(shared.clone()));
     debug!("connection accepted");
+    let first_request = shared.config.first_request_timeout;
+    // Zero disables it; a timeout too long to add is as good as none.
+    let first_deadline = (!first_request.is_zero()).then(|| Instant::now().checked_add(first_request)).flatten();
     let (read, write) = stream.into_split();
     let max_frame = shared.config.max_frame;
     let grace = shared.config.shutdown_grace;
@@ -110,7 +114,7 @@ async fn serve(stream: TcpStream, conn: ConnId, shared: Arc<Shared>, slot: &Slot
             }
             End::Dropped
         }
-        end = session.read_loop(&mut reader, slot) => end,
+        end = session.read_loop(&mut reader, slot, first_deadline) => end,
     };
     let writer_running = !matches!(end, End::Dropped);
     session.finish(end);
@@ -138,9 +142,26 @@ struct Session {
 }
 
 impl Session {
-    async fn read_loop<R: AsyncRead + Unpin>(&mut self, reader: &mut RequestReader<R>, slot: &Slot) -> End {
+    /// Reads and handles requests until the connection ends. Until the first
+    /// request has arrived whole, reading stops at `first_deadline` (the
+    /// first-request timeout from the accept), whatever has arrived by then.
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut RequestReader<R>,
+        slot: &Slot,
+        mut first_deadline: Option<Instant>,
+    ) -> End {
         loop {
-            let request = match reader.next(self.idle_timeout()).await {
+            let next = reader.next(self.idle_timeout());
+            let read = match first_deadline {
+                // Cancelling `next` loses nothing that matters: the connection is closed.
+                Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                    Ok(read) => read,
+                    Err(_) => return self.no_first_request(slot),
+                },
+                None => next.await,
+            };
+            let request = match read {
                 Ok(Read::Request(request)) => request,
                 Ok(Read::Eof) => return End::Eof,
                 // A connection holding a lease is kept, however quiet (its TTL is the limit).
@@ -165,6 +186,7 @@ impl Session {
                     return End::Limit(RemoteError::unavailable(e.to_string()).with_code("frame_budget"));
                 }
             };
+            first_deadline = None;
             if request.id == CONNECTION_ID {
                 return End::Protocol(
                     RemoteError::bad_request("request id 0 is reserved for the connection").with_code("protocol"),
@@ -174,6 +196,17 @@ impl Session {
                 return End::Dropped;
             }
         }
+    }
+
+    /// The end of a connection that sent no complete request within the first-request timeout.
+    fn no_first_request(&self, slot: &Slot) -> End {
+        let timeout = self.shared.config.first_request_timeout;
+        slot.limits().log_first_request(timeout);
+        let error = RemoteError::deadline_exceeded(format!(
+            "closing a connection that sent no request within {} ms of connecting",
+            timeout.as_millis()
+        ));
+        End::Limit(error.with_code("first_request_timeout"))
     }
 
     /// How long the next request may keep the client waiting before the
