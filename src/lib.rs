@@ -40,3 +40,8 @@ pub use tandem_follower::{
 };
 pub use tandem_leader::{CallContext, Events, Health, Leader, Upstream};
 pub use tandem_protocol::{Api, ErrorKind, RemoteError};
+
+/// README.md's Rust examples, compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -66,7 +66,10 @@ impl ConnectionBuilder {
         self
     }
 
-    /// Adds a channel this connection will carry.
+    /// Names a channel in the handshake. Optional: the first call, publish or
+    /// subscribe on a channel adds it anyway (in the next handshake, and with
+    /// an `Open` frame when connected); naming it here makes the leader check
+    /// it at the handshake, and the channel's state known before the first use.
     pub fn channel<A: Api>(mut self) -> Self {
         if !self.channels.contains(&A::NAME) {
             self.channels.push(A::NAME);
@@ -93,9 +96,10 @@ impl Connection {
         ConnectionBuilder::default()
     }
 
-    /// The typed client of one channel (which should have been added to the builder;
-    /// otherwise the leader refuses its calls).
+    /// The typed client of one channel; its first use opens the channel on
+    /// this connection (no builder step to forget).
     pub fn client<A: Api>(&self) -> Client<A> {
+        let _ = self.inner.drops.send(crate::driver::Command::Open(A::NAME));
         Client::new(self.clone())
     }
 

@@ -109,6 +109,21 @@ pub(crate) enum Command {
     /// An invoke future was dropped before its answer.
     Cancel(RequestId),
     Close(oneshot::Sender<()>),
+    /// A client of this channel was made: the connection carries it from now on.
+    Open(&'static str),
+}
+
+impl Command {
+    /// The channel a call, publish or subscribe uses.
+    fn channel(&self) -> Option<&'static str> {
+        match self {
+            Command::Invoke { channel, .. }
+            | Command::Publish { channel, .. }
+            | Command::Subscribe { channel, .. }
+            | Command::Open(channel) => Some(channel),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,6 +262,7 @@ impl<C: Connector> Driver<C> {
         let mut last_rejection: Option<RemoteError> = None;
         while !self.core.shut {
             let hello = self.core.hello();
+            let named = hello.channels.len();
             let timeout = self.core.config.handshake_timeout;
             let result = {
                 let attempt = connect(&mut self.connector, hello, timeout);
@@ -271,7 +287,7 @@ impl<C: Connector> Driver<C> {
                     backoff.reset();
                     unreachable_since = None;
                     last_rejection = None;
-                    let reason = self.connected(connected, welcome).await;
+                    let reason = self.connected(connected, welcome, named).await;
                     self.core.lost(&reason);
                     continue;
                 }
@@ -327,8 +343,9 @@ impl<C: Connector> Driver<C> {
         idle_until(commands, drops, core, tokio::time::sleep(delay)).await;
     }
 
-    /// Serves one link until it dies; returns why.
-    async fn connected(&mut self, connected: Connected, welcome: Welcome) -> String {
+    /// Serves one link until it dies; returns why. The Hello named the first
+    /// `named` channels; those opened while it was on its way are opened now.
+    async fn connected(&mut self, connected: Connected, welcome: Welcome, named: usize) -> String {
         let Connected { mut link, is_leader } = connected;
         let core = &mut self.core;
         if welcome.epoch == core.max_epoch && core.leader_id.is_some_and(|id| id != welcome.leader_id) {
@@ -347,6 +364,9 @@ impl<C: Connector> Driver<C> {
             status.channels.clear();
         });
         tracing::debug!(epoch = welcome.epoch, leader.pid = welcome.pid, is_leader, "connected to the leader");
+        if let Some(late) = core.channels.get(named..).filter(|late| !late.is_empty()) {
+            core.out.push(Frame::Open(late.iter().map(|c| c.to_string()).collect()));
+        }
         for command in std::mem::take(&mut core.queued) {
             core.online(command);
         }
@@ -519,12 +539,28 @@ impl Core {
         self.status.borrow().channels.contains_key(channel)
     }
 
+    /// Makes `channel` part of this connection: named in every later Hello,
+    /// and opened at once (`Open`, before the frame that uses it) when connected.
+    fn open(&mut self, channel: &'static str, connected: bool) {
+        if self.channels.contains(&channel) {
+            return;
+        }
+        tracing::debug!(channel, "channel opened");
+        self.channels.push(channel);
+        if connected {
+            self.out.push(Frame::Open(vec![channel.to_string()]));
+        }
+    }
+
     fn static_channel(&self, name: &str) -> Option<&'static str> {
         self.channels.iter().copied().find(|c| *c == name)
     }
 
     /// A command while no leader is connected.
     fn offline(&mut self, command: Command) {
+        if let Some(channel) = command.channel() {
+            self.open(channel, false);
+        }
         match command {
             Command::Cancel(id) => {
                 self.queued.retain(|c| !matches!(c, Command::Invoke { id: queued, .. } if *queued == id));
@@ -534,6 +570,7 @@ impl Core {
                 self.closed = Some(done);
                 self.shut = true;
             }
+            Command::Open(_) => {}
             command if self.refusal.is_some() => {
                 let error = self.refusal.clone().unwrap_or(Error::LeaderLost);
                 match command {
@@ -594,6 +631,9 @@ impl Core {
 
     /// A command while connected: may queue frames in `out`.
     fn online(&mut self, command: Command) {
+        if let Some(channel) = command.channel() {
+            self.open(channel, true);
+        }
         match command {
             Command::Invoke { id, channel, deadline, oneway, payload, reply } => {
                 if reply.as_ref().is_some_and(|r| r.is_closed()) {
@@ -627,6 +667,7 @@ impl Core {
                 self.closed = Some(done);
                 self.shut = true;
             }
+            Command::Open(_) => {}
         }
     }
 

@@ -336,6 +336,47 @@ async fn several_channels_share_one_connection() {
     .await
 }
 
+struct Unserved;
+
+impl tandem_protocol::Api for Unserved {
+    const NAME: &'static str = "unserved";
+    type Key = String;
+    type Event = String;
+    type Request = String;
+    type Response = String;
+}
+
+#[tokio::test]
+async fn asking_for_a_client_opens_its_channel_with_no_builder_step() {
+    with_timeout(async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let leader = tandem_leader::Leader::builder().channel(upstream.clone()).channel(EchoUpstream).start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        // No channel named to the builder: the client opens its own, before the link is up ...
+        let connection = Connection::builder().connect(tandem_follower::UnixConnector::new(&path)).spawn();
+        let kv = connection.client::<Kv>();
+        kv.ready().await.unwrap();
+        kv.invoke(KvRequest::Put("a".into(), "1".into())).await.unwrap();
+        // ... or on a live connection, used at once (the Open goes before the call).
+        let echo = connection.client::<Echo>();
+        assert_eq!(echo.invoke("hi".into()).await.unwrap(), "echo: hi");
+        let mut sub = echo.subscribe(4).await.unwrap();
+        assert_eq!(sub.next().await.unwrap().value, 40);
+        echo.ready().await.unwrap();
+        assert_eq!(leader.stats().followers, 1, "two channels, one connection");
+        // A channel the leader does not serve is down for good, and says why.
+        let unserved = connection.client::<Unserved>();
+        let error = unserved.ready().await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("channel"), "{error}");
+        let error = unserved.invoke("x".into()).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("channel"), "{error}");
+        // A new connection names every channel it opened in its Hello.
+        assert_eq!(kv.invoke(KvRequest::Get("a".into())).await.unwrap(), Some("1".into()));
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_follower_never_goes_back_to_an_older_epoch() {
     with_timeout(async {

@@ -227,6 +227,30 @@ impl Session {
         self.outbox.close(reason);
     }
 
+    /// Channels named after the handshake: each gets its `Status` (a channel
+    /// this leader does not serve: `Down` for good, with why).
+    fn open(&mut self, names: Vec<String>) {
+        for name in names {
+            if self.channels.contains_key(&name) {
+                continue;
+            }
+            let Some(channel) = self.shared.channels.get(&name).cloned() else {
+                let error = RemoteError::rejected(format!("this leader does not serve channel {name:?}")).with_code("channel");
+                tracing::warn!(channel = %name, "a follower opened a channel this leader does not serve");
+                self.push(Frame::Status(ChannelStatus { channel: name, state: UpstreamState::Down(error) }));
+                continue;
+            };
+            let mut state = channel.state.subscribe();
+            let current = state.borrow_and_update().clone();
+            self.push(Frame::Status(ChannelStatus { channel: name.clone(), state: current }));
+            self.shared.tracker.spawn(forward_status(channel.clone(), state, self.outbox.clone(), self.cancel.clone()));
+            if let Some(stats) = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
+                stats.channels.push(name.clone());
+            }
+            self.channels.insert(name, channel);
+        }
+    }
+
     fn channel(&self, name: &str) -> Result<&Arc<Channel>, RemoteError> {
         self.channels.get(name).ok_or_else(|| {
             RemoteError::bad_request(format!("channel {name:?} was not named in Hello or is not served by this leader"))
@@ -285,6 +309,7 @@ impl Session {
                 self.push(Frame::Ack(Ack { id: unsubscribe.id, result }));
             }
             Frame::Publish(publish) => self.publish(publish),
+            Frame::Open(names) => self.open(names),
             Frame::Ping(nonce) => self.push(Frame::Pong(nonce)),
             Frame::Pong(_) => {}
             Frame::Goodbye(reason) => return Err(format!("follower said goodbye: {reason}")),

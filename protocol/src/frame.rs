@@ -221,6 +221,10 @@ pub enum Frame {
     Pong(u64),
     /// Either way: the sender is closing the connection on purpose, and why.
     Goodbye(String),
+    /// Follower → Leader: more channels this connection will use, after `Hello`
+    /// (a client of another channel was asked for). The leader answers a
+    /// `Status` for each: a channel it does not serve is `Down` with code `channel`.
+    Open(Vec<String>),
 }
 
 impl Frame {
@@ -242,6 +246,7 @@ impl Frame {
             Frame::Ping(_) => "Ping",
             Frame::Pong(_) => "Pong",
             Frame::Goodbye(_) => "Goodbye",
+            Frame::Open(_) => "Open",
         }
     }
 }

@@ -505,6 +505,23 @@ fn goodbye() -> Frame {
     Frame::Goodbye("shutting down".into())
 }
 
+// ---------------------------------------------------------------- Open
+
+const OPEN: &str = concat!(
+    "0000000d",         // body length 13
+    "81 a4 4f70656e",   // {"Open":
+    "91 a5 666c616773", //   ["flags"] }
+);
+
+fn open() -> Frame {
+    Frame::Open(vec!["flags".into()])
+}
+
+#[test]
+fn golden_open() {
+    assert_golden(open(), OPEN);
+}
+
 #[test]
 fn golden_ping() {
     assert_golden(Frame::Ping(7), PING);
@@ -543,6 +560,7 @@ fn goldens_cover_every_frame_kind() {
         Frame::Ping(7),
         Frame::Pong(7),
         goodbye(),
+        open(),
     ];
     let kinds: BTreeSet<&str> = all.iter().map(Frame::kind).collect();
     let expected: BTreeSet<&str> = [
@@ -561,6 +579,7 @@ fn goldens_cover_every_frame_kind() {
         "Ping",
         "Pong",
         "Goodbye",
+        "Open",
     ]
     .into();
     assert_eq!(kinds, expected);
