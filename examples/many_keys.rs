@@ -183,9 +183,16 @@ async fn lead(args: &Args) -> anyhow::Result<()> {
     println!("rss follower_kib={}", rss_kib(child.id())?);
 
     let started = Instant::now();
-    for i in sample(args) {
-        admin.put(&key(i), "sampled").await?;
+    // 256 puts in flight on one registry connection.
+    let puts = futures::stream::iter(sample(args)).map(|i| {
+        let admin = &admin;
+        async move { admin.put(&key(i), "sampled").await }
+    });
+    let mut puts = puts.buffer_unordered(256);
+    while let Some(put) = puts.next().await {
+        put?;
     }
+    drop(puts);
     let received = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await;
     let received = match received {
         Ok(Some(line)) => line,
