@@ -345,7 +345,21 @@ impl Client {
     pub async fn connect_to(path: &Path, name: &str) -> Result<Client, ControlError> {
         let path = path.to_owned();
         match UnixStream::connect(&path).await {
-            Ok(stream) => Ok(Client { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) }),
+            Ok(stream) => {
+                // The master drops a connection from another user without a
+                // word (see `spawn`): say why here, not "connection closed".
+                let (master, me) = (stream.peer_cred().map(|c| c.uid()), nix::unistd::getuid().as_raw());
+                if let Ok(master) = master
+                    && master != me
+                {
+                    let why = format!("the master runs as uid {master}, this is uid {me}");
+                    return Err(ControlError::PermissionDenied {
+                        path,
+                        source: io::Error::new(io::ErrorKind::PermissionDenied, why),
+                    });
+                }
+                Ok(Client { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) })
+            }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 Err(ControlError::PermissionDenied { path, source: e })
             }

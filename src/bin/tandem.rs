@@ -133,7 +133,7 @@ async fn run(command: Command) -> Result<(), ControlError> {
             Ok(())
         }
         Command::Reload { name } => {
-            let report: ReloadReport = Client::connect(&name).await?.call_as(Request::Reload).await?;
+            let report: ReloadReport = connect_answering(&name).await?.call_as(Request::Reload).await?;
             for r in &report.replaced {
                 outln!("worker {}: pid {} -> {} (ready)", r.worker, r.old_pid, r.new_pid);
             }
@@ -168,6 +168,15 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// One request with [`ANSWER_TIMEOUT`] (a reload is bounded by the master instead).
 async fn ask(name: &str, request: Request) -> Result<Value, ControlError> {
     Client::connect(name).await?.call_within(name, request, ANSWER_TIMEOUT).await
+}
+
+/// Connects and checks that the master answers (`info` within
+/// [`ANSWER_TIMEOUT`]), for a request with no deadline of ours: a stopped
+/// master is reported as not answering instead of waited for forever.
+async fn connect_answering(name: &str) -> Result<Client, ControlError> {
+    let mut client = Client::connect(name).await?;
+    client.call_within(name, Request::Info, ANSWER_TIMEOUT).await?;
+    Ok(client)
 }
 
 fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ControlError> {
