@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tandem_protocol::{
-    Ack, CodecError, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId,
+    Ack, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId,
     Response, Subscribe, Unsubscribe, Welcome, feed_within, flush_within,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -68,15 +68,28 @@ type SubscribeReply = oneshot::Sender<Result<SubscriptionParts, Error>>;
 /// A key's newest value in this process, shared by the driver and the key's
 /// subscriptions (read on demand, so a plain lock: nothing waits on it).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Latest(Arc<std::sync::Mutex<Option<RawUpdate>>>);
+pub(crate) struct Latest(Arc<std::sync::Mutex<(Option<RawUpdate>, Option<RemoteError>)>>);
 
 impl Latest {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<RawUpdate>, Option<RemoteError>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn set(&self, update: RawUpdate) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(update);
+        self.lock().0 = Some(update);
     }
 
     pub(crate) fn get(&self) -> Option<RawUpdate> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().0.clone()
+    }
+
+    /// The leader ended the subscription, and why.
+    fn end(&self, error: RemoteError) {
+        self.lock().1 = Some(error);
+    }
+
+    pub(crate) fn ended(&self) -> Option<RemoteError> {
+        self.lock().1.clone()
     }
 }
 
@@ -134,6 +147,8 @@ enum Remote {
     Pending(RequestId),
     /// Acked.
     Active,
+    /// Ended by the leader (`Ended`): not subscribed again until a new `subscribe`.
+    Ended,
 }
 
 #[derive(Debug)]
@@ -683,6 +698,10 @@ impl Core {
             waiters: Vec::new(),
             resynced: false,
         });
+        if topic.remote == Remote::Ended {
+            // Asked again after the leader ended it: a fresh start (the old handles keep their end).
+            (topic.remote, topic.last, topic.latest) = (Remote::Unsent, None, Latest::default());
+        }
         topic.locals += 1;
         if topic.remote == Remote::Active {
             if reply.send(Ok(topic.parts())).is_err() {
@@ -717,7 +736,9 @@ impl Core {
         }
         let remote = topic.remote;
         self.topics.remove(&topic_key);
-        if remote != Remote::Unsent && matches!(self.status.borrow().link, LinkState::Connected { .. }) {
+        if matches!(remote, Remote::Pending(_) | Remote::Active)
+            && matches!(self.status.borrow().link, LinkState::Connected { .. })
+        {
             let id = self.next_id();
             self.in_flight.insert(id, Pending::Unsubscribe);
             self.out.push(Frame::Unsubscribe(Unsubscribe { id, channel: channel.to_string(), key: topic_key.1 }));
@@ -740,6 +761,7 @@ impl Core {
                 _ => {}
             },
             Frame::Event(event) => self.on_event(event),
+            Frame::Ended(ended) => self.on_ended(ended),
             Frame::Status(status) => {
                 let Some(channel) = self.static_channel(&status.channel) else { return Ok(()) };
                 let state = status.state;
@@ -790,10 +812,25 @@ impl Core {
         }
     }
 
+    /// The leader ended a subscription: its streams end (after what they hold), with the reason.
+    fn on_ended(&mut self, ended: Ended) {
+        let Some(channel) = self.static_channel(&ended.channel) else { return };
+        let capacity = self.config.subscription_buffer.max(1);
+        let Some(topic) = self.topics.get_mut(&(channel, ended.key)) else { return };
+        tracing::warn!(channel, error = %ended.error, "the leader ended a subscription");
+        topic.latest.end(ended.error.clone());
+        // Dropping the sender ends every stream of the topic once drained.
+        topic.updates = broadcast::channel(capacity).0;
+        topic.remote = Remote::Ended;
+        topic.answer_waiters(Err(Error::Remote(ended.error)));
+    }
+
     fn on_event(&mut self, event: Event) {
         let Some(channel) = self.static_channel(&event.channel) else { return };
         let position = event.position();
-        let Some(topic) = self.topics.get_mut(&(channel, event.key)) else { return };
+        let Some(topic) = self.topics.get_mut(&(channel, event.key)).filter(|t| t.remote != Remote::Ended) else {
+            return;
+        };
         // Exactly-once, in order: anything at or below what was delivered is a replay.
         if topic.last.as_ref().is_some_and(|last| last.position >= position) {
             return;
@@ -840,7 +877,9 @@ impl Core {
         self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
         self.topics.retain(|_, topic| {
-            topic.remote = Remote::Unsent;
+            if topic.remote != Remote::Ended {
+                topic.remote = Remote::Unsent;
+            }
             topic.answer_waiters(Err(Error::LeaderLost));
             topic.locals > 0
         });

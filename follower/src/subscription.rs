@@ -126,6 +126,13 @@ impl<A: Api> Subscription<A> {
     pub fn skipped(&self) -> u64 {
         self.skipped
     }
+
+    /// Why the stream ended, when the leader ended it: the upstream refused
+    /// the key after the subscription had been acknowledged as pending (while
+    /// the upstream was down). `None` while it runs.
+    pub fn ended(&self) -> Option<crate::Error> {
+        self.latest.ended().map(crate::Error::Remote)
+    }
 }
 
 impl<A: Api> Stream for Subscription<A> {

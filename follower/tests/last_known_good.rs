@@ -14,11 +14,6 @@ use futures::StreamExt;
 use tandem_follower::{Source, State, Update};
 use tandem_leader::{Cache, Leader};
 use tandem_protocol::{ErrorKind, RemoteError};
-use tokio::time::timeout;
-
-async fn with_timeout<F: std::future::Future<Output = ()>>(test: F) {
-    timeout(TEST_TIMEOUT, test).await.expect("test timed out");
-}
 
 /// An upstream that can be switched on and off: while off, building it fails.
 #[derive(Clone, Default)]
@@ -131,7 +126,7 @@ async fn fill_cache(cache_dir: &Path, values: &[(&str, &str)]) {
 
 #[tokio::test]
 async fn a_leader_starts_without_its_upstream_and_everything_flows_once_it_is_built() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let switch = Switch::default();
         switch.upstream.put("k", "first");
@@ -163,7 +158,7 @@ async fn a_leader_starts_without_its_upstream_and_everything_flows_once_it_is_bu
 
 #[tokio::test]
 async fn cached_values_are_served_marked_while_the_upstream_is_down_then_live_values_follow() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let cache_dir = private_dir();
         fill_cache(cache_dir.path(), &[("k", "remembered"), ("same", "unchanged")]).await;
         // Written atomically: two files, no temporary left, 0600 in a 0700 directory.
@@ -225,7 +220,7 @@ async fn cached_values_are_served_marked_while_the_upstream_is_down_then_live_va
 
 #[tokio::test]
 async fn the_cache_keeps_the_newest_value_of_a_burst_and_leaves_no_temporary_files() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let cache_dir = private_dir();
         let values: Vec<String> = (0..200).map(|n| format!("burst-{n}")).collect();
         {
@@ -256,7 +251,7 @@ async fn the_cache_keeps_the_newest_value_of_a_burst_and_leaves_no_temporary_fil
 
 #[tokio::test]
 async fn corrupt_and_foreign_cache_files_are_ignored_with_a_warning_naming_them() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         logs();
         let cache_dir = private_dir();
         fill_cache(cache_dir.path(), &[("truncated", "x"), ("good", "kept"), ("wrong", "y")]).await;
@@ -325,21 +320,33 @@ async fn an_insecure_cache_directory_is_refused_with_the_fix() {
 }
 
 #[tokio::test]
-async fn acknowledged_pending_subscriptions_are_retried_when_the_upstream_refuses_them() {
-    with_timeout(async {
+async fn acknowledged_pending_subscriptions_refused_by_the_upstream_end_with_the_reason() {
+    within(TEST_TIMEOUT, async {
         logs();
         let dir = private_dir();
         let switch = Switch::default();
         let (_leader, path) = retrying_leader(&switch, None, dir.path(), 1);
         let kv = follower(&path).client::<Kv>();
         // Accepted while the upstream is not built; refused once it is ("denied*" keys).
-        let _sub = kv.subscribe("denied-x".into()).await.unwrap();
+        let mut sub = kv.subscribe("denied-x".into()).await.unwrap();
+        let mut fine = kv.subscribe("fine".into()).await.unwrap();
+        assert!(sub.ended().is_none());
         switch.set(true);
-        logged(&["upstream subscribe failed; retrying for the pending subscribers", "E_DENIED"]).await;
+        // The follower that asked is told: its stream ends, with the upstream's reason.
+        assert!(sub.next().await.is_none(), "the refused subscription ends");
+        let error = sub.ended().expect("ended by the leader");
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("E_DENIED"), "{error}");
+        logged(&["the upstream refused a pending subscription; ending it for its subscribers", "E_DENIED"]).await;
+        // The others flow.
+        switch.upstream.put("fine", "1");
+        assert_eq!(fine.next().await.unwrap().value, "1");
         // A new subscriber of a refused key is told at once.
         let other = follower(&path).client::<Kv>();
         other.ready().await.unwrap();
         let error = other.subscribe("denied-y".into()).await.unwrap_err();
+        assert_eq!(error.remote().map(|e| e.code.as_str()), Some("E_DENIED"));
+        // And the same process asking again gets the refusal as an error too.
+        let error = kv.subscribe("denied-x".into()).await.unwrap_err();
         assert_eq!(error.remote().map(|e| e.code.as_str()), Some("E_DENIED"));
     })
     .await

@@ -4,19 +4,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, follower_with, leader, private_dir, standalone};
+use common::{
+    Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, follower_with, leader, private_dir, standalone, within,
+};
 use futures::StreamExt;
 use tandem_follower::{Connection, Error, LocalConnector, State};
 use tandem_protocol::ErrorKind;
 use tokio::time::timeout;
 
-async fn with_timeout<F: std::future::Future<Output = ()>>(test: F) {
-    timeout(TEST_TIMEOUT, test).await.expect("test timed out");
-}
-
 #[tokio::test]
 async fn invoke_round_trips_and_remote_errors_are_typed() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (_leader, path) = leader(&upstream, dir.path(), 1);
@@ -42,7 +40,7 @@ async fn invoke_round_trips_and_remote_errors_are_typed() {
 
 #[tokio::test]
 async fn the_leaders_own_process_uses_the_same_handle_through_memory() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (leader, path) = leader(&upstream, dir.path(), 7);
@@ -68,7 +66,7 @@ async fn the_leaders_own_process_uses_the_same_handle_through_memory() {
 
 #[tokio::test]
 async fn many_subscribers_share_one_upstream_subscription_and_the_last_releases_it() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         upstream.put("flag", "on");
@@ -110,7 +108,7 @@ async fn many_subscribers_share_one_upstream_subscription_and_the_last_releases_
 
 #[tokio::test]
 async fn a_stream_the_upstream_ends_is_subscribed_again_while_anyone_wants_it() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         upstream.put("once-a", "1");
@@ -137,7 +135,7 @@ async fn a_stream_the_upstream_ends_is_subscribed_again_while_anyone_wants_it() 
 
 #[tokio::test]
 async fn a_call_past_its_deadline_fails_typed_and_is_cancelled_upstream() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (leader, path) = leader(&upstream, dir.path(), 1);
@@ -160,7 +158,7 @@ async fn a_call_past_its_deadline_fails_typed_and_is_cancelled_upstream() {
 
 #[tokio::test]
 async fn losing_the_leader_fails_calls_at_once_and_a_new_leader_resumes_subscriptions() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         upstream.put("k", "1");
@@ -199,7 +197,7 @@ async fn losing_the_leader_fails_calls_at_once_and_a_new_leader_resumes_subscrip
 
 #[tokio::test]
 async fn a_follower_started_before_the_leader_waits_and_then_works() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let path = dir.path().join("leader.sock");
         let kv = follower(&path).client::<Kv>();
@@ -219,7 +217,7 @@ async fn a_follower_started_before_the_leader_waits_and_then_works() {
 
 #[tokio::test]
 async fn an_upstream_that_fails_to_start_fails_waiting_followers_with_its_error() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let leader = tandem_leader::Leader::builder()
             .channel_from::<Kv, MemUpstream>(async {
@@ -239,7 +237,7 @@ async fn an_upstream_that_fails_to_start_fails_waiting_followers_with_its_error(
 
 #[tokio::test]
 async fn a_wrong_token_is_rejected() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let leader = tandem_leader::Leader::builder()
@@ -262,7 +260,7 @@ async fn a_wrong_token_is_rejected() {
 
 #[tokio::test]
 async fn standalone_processes_elect_one_leader() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let first = standalone("svc", dir.path(), &upstream).client::<Kv>();
@@ -310,7 +308,7 @@ impl tandem_leader::Upstream<Echo> for EchoUpstream {
 
 #[tokio::test]
 async fn several_channels_share_one_connection() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let up = upstream.clone();
@@ -348,7 +346,7 @@ impl tandem_protocol::Api for Unserved {
 
 #[tokio::test]
 async fn asking_for_a_client_opens_its_channel_with_no_builder_step() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let leader = tandem_leader::Leader::builder().channel(upstream.clone()).channel(EchoUpstream).start();
@@ -379,7 +377,7 @@ async fn asking_for_a_client_opens_its_channel_with_no_builder_step() {
 
 #[tokio::test]
 async fn a_follower_never_goes_back_to_an_older_epoch() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (second, path) = leader(&upstream, dir.path(), 2);
@@ -405,7 +403,7 @@ async fn a_follower_never_goes_back_to_an_older_epoch() {
 
 #[tokio::test]
 async fn forced_roles_are_respected() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let make = |role| {
@@ -439,7 +437,7 @@ async fn forced_roles_are_respected() {
 
 #[tokio::test]
 async fn a_new_leader_re_announcing_the_same_value_does_not_deliver_it_twice() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         upstream.put("k", "same");
@@ -468,7 +466,7 @@ async fn a_new_leader_re_announcing_the_same_value_does_not_deliver_it_twice() {
 
 #[tokio::test]
 async fn a_refused_subscription_reports_the_upstreams_error() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (_leader, path) = leader(&upstream, dir.path(), 1);
@@ -485,7 +483,7 @@ async fn a_refused_subscription_reports_the_upstreams_error() {
 
 #[tokio::test]
 async fn an_oversized_answer_fails_that_call_only() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         upstream.put("big", &"x".repeat(4096));
@@ -508,7 +506,7 @@ async fn an_oversized_answer_fails_that_call_only() {
 
 #[tokio::test]
 async fn a_channel_that_becomes_ready_after_the_handshake_is_seen_ready() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (release, released) = tokio::sync::oneshot::channel::<()>();
@@ -532,7 +530,7 @@ async fn a_channel_that_becomes_ready_after_the_handshake_is_seen_ready() {
 
 #[tokio::test]
 async fn a_new_leader_reusing_the_epoch_still_delivers_its_values() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         upstream.put("k", "old");
@@ -556,7 +554,7 @@ async fn a_new_leader_reusing_the_epoch_still_delivers_its_values() {
 
 #[tokio::test]
 async fn an_upstream_outage_shows_in_every_followers_state_and_ends() {
-    with_timeout(async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (_leader, path) = leader(&upstream, dir.path(), 1);

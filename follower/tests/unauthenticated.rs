@@ -4,21 +4,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, private_dir};
+use common::{Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, private_dir, within};
 use futures::future::join_all;
 use tandem_leader::Leader;
 use tandem_protocol::{Frame, FrameCodec, Hello, PROTOCOL_VERSION, uuid::Uuid};
+use tandem_testkit::{Lines, ProcessGuard};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::time::timeout;
 use tokio_util::codec::{Decoder, Encoder};
 
 fn hello() -> BytesMut {
@@ -60,7 +58,7 @@ fn first_frame(bytes: &[u8]) -> Frame {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_first_frame_is_refused_at_its_length_prefix() {
-    timeout(TEST_TIMEOUT, async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let (leader, path) = serve(&upstream, dir.path(), tandem_leader::Config::default());
@@ -106,12 +104,11 @@ async fn a_big_first_frame_is_refused_at_its_length_prefix() {
         assert_eq!(leader.stats().followers, 1);
     })
     .await
-    .expect("test timed out")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_more_than_the_hello_limit_is_read_before_the_hello() {
-    timeout(TEST_TIMEOUT, async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let mut config = tandem_leader::Config::default();
@@ -139,12 +136,11 @@ async fn no_more_than_the_hello_limit_is_read_before_the_hello() {
         assert_eq!(kv.invoke(KvRequest::Get("k".into())).await.unwrap().map(|v| v.len()), Some(100_000));
     })
     .await
-    .expect("test timed out")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_peers_hold_at_most_the_handshake_slots_and_only_until_their_timeout() {
-    timeout(TEST_TIMEOUT, async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let upstream = MemUpstream::default();
         let mut config = tandem_leader::Config::default();
@@ -179,7 +175,6 @@ async fn silent_peers_hold_at_most_the_handshake_slots_and_only_until_their_time
         }
     })
     .await
-    .expect("test timed out")
 }
 
 /// Where [`child_leader`] serves, when it runs as the child of
@@ -206,19 +201,9 @@ async fn child_leader() {
     std::future::pending::<()>().await;
 }
 
-/// A child process, killed (by PID) and reaped on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_leader_backs_off_and_keeps_serving() {
-    timeout(TEST_TIMEOUT, async {
+    within(TEST_TIMEOUT, async {
         let dir = private_dir();
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
@@ -238,24 +223,12 @@ async fn out_of_descriptors_the_leader_backs_off_and_keeps_serving() {
                 Ok(())
             });
         }
-        let mut child = Killed(command.spawn().unwrap());
-        let (tx, log) = mpsc::channel();
-        let stderr = child.0.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let expect_log = |needle: &str| loop {
-            match log.recv_timeout(Duration::from_secs(10)) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => panic!("no log line with {needle:?}"),
-            }
-        };
-        expect_log("leader listening");
+        // Killed (by PID) and reaped on drop.
+        let mut child = ProcessGuard::new(command.spawn().unwrap());
+        let mut log = Lines::new("the child leader's log");
+        log.read_blocking(child.child().stderr.take().unwrap());
+        const LINE: Duration = Duration::from_secs(10);
+        log.expect_line(LINE, |l| l.contains("leader listening")).await;
         let path = dir.path().join("leader.sock");
         let kv = follower(&path).client::<Kv>();
         kv.invoke(KvRequest::Put("k".into(), "before".into())).await.unwrap();
@@ -265,19 +238,18 @@ async fn out_of_descriptors_the_leader_backs_off_and_keeps_serving() {
         for _ in 0..60 {
             silent.push(UnixStream::connect(&path).await.unwrap());
         }
-        expect_log("Too many open files");
+        log.expect_line(LINE, |l| l.contains("Too many open files")).await;
         // The admitted follower is served while accept fails.
         kv.invoke(KvRequest::Put("k".into(), "during".into())).await.unwrap();
         // Each silent peer is accepted in turn and closed at its handshake timeout.
         for peer in &mut silent {
             assert!(read_to_close(peer).await.is_empty());
         }
-        expect_log("accepting connections again");
+        log.expect_line(LINE, |l| l.contains("accepting connections again")).await;
         // A new follower gets in.
         let late = follower(&path).client::<Kv>();
         assert_eq!(late.invoke(KvRequest::Get("k".into())).await.unwrap(), Some("during".into()));
-        assert!(log.try_iter().all(|line| !line.contains("accept failed")), "rate-limited to one line per 10 s");
+        assert!(log.drain().iter().all(|line| !line.contains("accept failed")), "rate-limited to one line per 10 s");
     })
     .await
-    .expect("test timed out")
 }

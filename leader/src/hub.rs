@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tandem_protocol::{Ack, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
+use tandem_protocol::{Ack, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -429,6 +429,19 @@ impl Hub {
                             if topic.subscribers.is_empty() {
                                 tracing::warn!(channel = %self.channel, key = %display_key(&key), %error, "upstream subscribe failed");
                                 topic.last = None;
+                            } else if !error.is_retryable() {
+                                // Acknowledged as pending, now refused for good: every
+                                // subscriber is told, at once, and the key is forgotten.
+                                tracing::warn!(channel = %self.channel, key = %display_key(&key), %error,
+                                    subscribers = topic.subscribers.len(),
+                                    "the upstream refused a pending subscription; ending it for its subscribers");
+                                for outbox in topic.subscribers.values() {
+                                    outbox.forget_key(&self.channel, &key);
+                                    let channel = self.channel.to_string();
+                                    outbox.push(Frame::Ended(Ended { channel, key: key.clone(), error: error.clone() }));
+                                }
+                                state.topics.remove(&key);
+                                return;
                             } else {
                                 // Subscribers acknowledged as pending stay: an
                                 // acknowledged subscription is never left dead.

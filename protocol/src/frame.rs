@@ -166,6 +166,19 @@ pub struct Ack {
     pub result: Result<(), RemoteError>,
 }
 
+/// Leader → Follower: the leader ended this follower's subscription of a key
+/// (the upstream refused it after it had been acknowledged as pending). No
+/// more `Event`s follow for it; subscribing again is a new `Subscribe`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ended {
+    /// The channel.
+    pub channel: String,
+    /// The key, byte-for-byte as subscribed.
+    pub key: Bytes,
+    /// Why.
+    pub error: RemoteError,
+}
+
 /// The state of a channel's upstream client in the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -225,6 +238,8 @@ pub enum Frame {
     /// (a client of another channel was asked for). The leader answers a
     /// `Status` for each: a channel it does not serve is `Down` with code `channel`.
     Open(Vec<String>),
+    /// Leader → Follower: a subscription ended by the leader, and why.
+    Ended(Ended),
 }
 
 impl Frame {
@@ -247,6 +262,7 @@ impl Frame {
             Frame::Pong(_) => "Pong",
             Frame::Goodbye(_) => "Goodbye",
             Frame::Open(_) => "Open",
+            Frame::Ended(_) => "Ended",
         }
     }
 }

@@ -57,7 +57,7 @@ pub use backoff::Backoff;
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
 pub use error::{ErrorKind, RemoteError};
 pub use frame::{
-    Ack, ChannelStatus, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response, Subscribe,
+    Ack, ChannelStatus, Ended, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response, Subscribe,
     Unsubscribe, UpstreamState, Welcome,
 };
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};

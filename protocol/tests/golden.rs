@@ -522,6 +522,30 @@ fn golden_open() {
     assert_golden(open(), OPEN);
 }
 
+// ---------------------------------------------------------------- Ended
+
+fn ended() -> Frame {
+    Frame::Ended(tandem_protocol::Ended {
+        channel: "config".into(),
+        key: Bytes::from_static(KEY),
+        error: RemoteError::rejected("no").with_code("limit"),
+    })
+}
+
+const ENDED: &str = concat!(
+    "0000002b",               // body length 43
+    "81 a5 456e646564 93",    // {"Ended": [
+    "a6 636f6e666967",        //   channel "config"
+    "c4 07 a664622e75726c",   //   key
+    "93 a8 52656a6563746564", //   error: [kind "Rejected",
+    "a5 6c696d6974 a2 6e6f",  //     code "limit", message "no"] ]}
+);
+
+#[test]
+fn golden_ended() {
+    assert_golden(ended(), ENDED);
+}
+
 #[test]
 fn golden_ping() {
     assert_golden(Frame::Ping(7), PING);
@@ -561,6 +585,7 @@ fn goldens_cover_every_frame_kind() {
         Frame::Pong(7),
         goodbye(),
         open(),
+        ended(),
     ];
     let kinds: BTreeSet<&str> = all.iter().map(Frame::kind).collect();
     let expected: BTreeSet<&str> = [
@@ -580,6 +605,7 @@ fn goldens_cover_every_frame_kind() {
         "Pong",
         "Goodbye",
         "Open",
+        "Ended",
     ]
     .into();
     assert_eq!(kinds, expected);

@@ -189,11 +189,8 @@ pub fn standalone(name: &str, dir: &std::path::Path, upstream: &MemUpstream) -> 
     Connection::builder().channel::<Kv>().connect(connector).spawn()
 }
 
+/// The longest any one test here may run.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub fn private_dir() -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::Builder::new().prefix("tandem-test").tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    dir
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use tandem_testkit::{private_dir, within};
