@@ -1,8 +1,11 @@
 //! [`ClusterControl`], the handle code in the master process uses to ask the
-//! running master for a reload, and what a reload answers. The master's side
-//! of a reload (the rolling replacement itself) is in [`reload`](crate::reload).
+//! running master for a reload (of the workers, or of the agent), and what a
+//! reload answers. The master's side of a reload is in [`reload`](crate::reload)
+//! (the workers' rolling replacement) and [`agent_reload`](crate::agent_reload)
+//! (the agent's failover onto a new process).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -13,14 +16,18 @@ use crate::WorkerId;
 /// Control calls queued for the master loop.
 pub(crate) const CONTROL_CALLS_CAPACITY: usize = 16;
 
-/// Why a worker was replaced.
+/// Why a process was replaced (a worker's in
+/// [`ClusterEvent::WorkerReplaced`](crate::ClusterEvent::WorkerReplaced)), or
+/// what replacement is running (in [`ReloadError::InProgress`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ReplaceReason {
-    /// A reload (SIGHUP or [`ClusterControl::reload`]).
+    /// A reload of the workers (SIGHUP or [`ClusterControl::reload`]).
     Reload,
     /// Its RSS exceeded the memory limit.
     MaxMemory,
+    /// A reload of the agent ([`ClusterControl::reload_agent`]).
+    AgentReload,
 }
 
 impl fmt::Display for ReplaceReason {
@@ -28,6 +35,7 @@ impl fmt::Display for ReplaceReason {
         f.write_str(match self {
             ReplaceReason::Reload => "reload",
             ReplaceReason::MaxMemory => "max-memory",
+            ReplaceReason::AgentReload => "reload of the agent",
         })
     }
 }
@@ -57,6 +65,21 @@ pub struct ReloadReport {
     pub took: Duration,
 }
 
+/// The outcome of a successful [`ClusterControl::reload_agent`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReloadReport {
+    /// The agent that was stopped.
+    pub old_pid: u32,
+    /// Its epoch.
+    pub old_epoch: u64,
+    /// The new agent, ready (its Leader listening).
+    pub new_pid: u32,
+    /// The new agent's epoch, higher than every earlier agent's.
+    pub epoch: u64,
+    /// How long it took, from the stop request to the new agent's ready report.
+    pub took: Duration,
+}
+
 /// Why a reload did not happen or did not complete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -73,6 +96,17 @@ pub enum ReloadError {
     /// The cluster is still starting (not every process was ready yet).
     #[error("the cluster is not ready yet")]
     NotReady,
+    /// An agent reload was asked for while no agent is ready (it is starting,
+    /// or restarting after a crash); nothing was changed.
+    #[error("the agent is not ready (it is starting or restarting); nothing to reload")]
+    AgentNotReady,
+    /// The executable to start the new agent from is missing or not
+    /// executable; the running agent was left alone.
+    #[error("the executable {} is missing or not executable; the agent was not stopped", .path.display())]
+    ExecutableMissing {
+        /// The path the master starts its children from.
+        path: PathBuf,
+    },
     /// The master is gone (the call could not reach it).
     #[error("the master is not running")]
     MasterGone,
@@ -84,6 +118,17 @@ pub enum ReloadError {
         reason: String,
         /// The slots replaced before the failure (their new workers stay).
         replaced: Vec<ReplacedWorker>,
+    },
+    /// The old agent was stopped but the new one failed to start (it exited,
+    /// crashed, refused the IPC version or was not ready in time). There is no
+    /// rollback (the old Leader and its upstream connection are gone): the
+    /// supervisor restarts the agent with backoff, as after a crash.
+    #[error("{reason} (the old agent {old_pid} is stopped; the agent is restarted with backoff as after a crash)")]
+    AgentFailed {
+        /// What failed (`new agent 4242 exited with code 111 before it was ready: ...`).
+        reason: String,
+        /// The agent that was stopped.
+        old_pid: u32,
     },
 }
 
@@ -111,10 +156,31 @@ impl ClusterControl {
         self.tx.send(ControlCall::Reload { reply: Some(reply) }).await.map_err(|_| ReloadError::MasterGone)?;
         rx.await.map_err(|_| ReloadError::MasterGone)?
     }
+
+    /// Reloads the agent: the master stops it gracefully (its Leader and
+    /// upstream connection close within
+    /// [`Config::agent_stop_timeout`](crate::Config::agent_stop_timeout); then
+    /// SIGKILL), then starts a new agent from the executable as it is on disk
+    /// now, with a higher epoch. The workers keep running: their Followers
+    /// reconnect and resubscribe to the new Leader, as after an agent crash.
+    ///
+    /// Resolves once the new agent is ready (within
+    /// [`Config::agent_start_timeout`](crate::Config::agent_start_timeout)) with
+    /// its pid and epoch, or with why it did not happen: another reload (of the
+    /// workers or the agent) or a memory replacement is running
+    /// ([`ReloadError::InProgress`]), no agent is ready, or the new agent
+    /// failed to start ([`ReloadError::AgentFailed`]). The workers' reload
+    /// ([`reload`](Self::reload), SIGHUP) never touches the agent.
+    pub async fn reload_agent(&self) -> Result<AgentReloadReport, ReloadError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(ControlCall::ReloadAgent { reply }).await.map_err(|_| ReloadError::MasterGone)?;
+        rx.await.map_err(|_| ReloadError::MasterGone)?
+    }
 }
 
 /// A call from a [`ClusterControl`] (or SIGHUP, without a reply).
 #[derive(Debug)]
 pub(crate) enum ControlCall {
     Reload { reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>> },
+    ReloadAgent { reply: oneshot::Sender<Result<AgentReloadReport, ReloadError>> },
 }

@@ -24,11 +24,14 @@
 //! <- {"ok":true,"result":[{"role":"master","slot":null,"pid":4242,...},...]}
 //! -> {"cmd":"reload"}
 //! <- {"ok":false,"error":"worker 2 did not become ready: ..."}
+//! -> {"cmd":"reload_agent"}
+//! <- {"ok":true,"result":{"old_pid":4246,"old_epoch":1,"new_pid":4311,"epoch":2,"took_ms":212}}
 //! ```
 //!
 //! Commands: `info` ([`ClusterInfo`]), `status` (a [`ProcessInfo`] per
 //! process), `leader` (the agent's own report, as JSON; see
-//! [`AGENT_STATS_TOPIC`]), `reload` ([`ReloadReport`]), `stop` ([`StopReport`];
+//! [`AGENT_STATS_TOPIC`]), `reload` ([`ReloadReport`]), `reload_agent`
+//! ([`AgentReloadReport`]), `stop` ([`StopReport`];
 //! the master starts a graceful stop and answers at once with the pids to
 //! wait for).
 //!
@@ -168,6 +171,9 @@ pub enum Request {
     Leader,
     /// Replace the workers one by one, each after its successor is ready: [`ReloadReport`].
     Reload,
+    /// Replace the agent (stop it, start a new one with a higher epoch; the
+    /// workers fail over to its Leader): [`AgentReloadReport`].
+    ReloadAgent,
     /// Stop gracefully: [`StopReport`].
     Stop,
 }
@@ -261,6 +267,21 @@ pub struct Replaced {
 pub struct ReloadReport {
     /// The workers replaced, in order.
     pub replaced: Vec<Replaced>,
+}
+
+/// The answer to a successful `reload_agent`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentReloadReport {
+    /// The agent that was stopped.
+    pub old_pid: u32,
+    /// Its epoch.
+    pub old_epoch: u64,
+    /// The new agent, ready.
+    pub new_pid: u32,
+    /// The new agent's epoch.
+    pub epoch: u64,
+    /// From the request to the new agent's ready report, in milliseconds.
+    pub took_ms: u64,
 }
 
 /// The answer to `stop`.
@@ -599,6 +620,21 @@ pub(crate) async fn reload_workers(handle: &MasterHandle) -> Result<ReloadReport
     }
 }
 
+/// The agent's reload (`ClusterControl::reload_agent`): the old agent stops,
+/// a new one starts with a higher epoch, the workers fail over to it.
+pub(crate) async fn reload_agent(handle: &MasterHandle) -> Result<AgentReloadReport, String> {
+    match handle.reload.reload_agent().await {
+        Ok(r) => Ok(AgentReloadReport {
+            old_pid: r.old_pid,
+            old_epoch: r.old_epoch,
+            new_pid: r.new_pid,
+            epoch: r.epoch,
+            took_ms: millis(r.took),
+        }),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -770,7 +806,7 @@ async fn serve_connection(mut framed: Framed<UnixStream, LinesCodec>, handle: Ma
                 answer(request, &handle).await
             }
             Err(e) => Response::err(format!(
-                "bad request {line:?}: {e}; expected {{\"cmd\":\"info|status|leader|reload|stop\"}}"
+                "bad request {line:?}: {e}; expected {{\"cmd\":\"info|status|leader|reload|reload_agent|stop\"}}"
             )),
         };
         if !send(&mut framed, &response).await {
@@ -797,6 +833,10 @@ async fn answer(request: Request, handle: &MasterHandle) -> Response {
             None => Response::err("the agent did not answer (not running, or it serves no report)"),
         },
         Request::Reload => match reload_workers(handle).await {
+            Ok(report) => Response::ok(report),
+            Err(e) => Response::err(e),
+        },
+        Request::ReloadAgent => match reload_agent(handle).await {
             Ok(report) => Response::ok(report),
             Err(e) => Response::err(e),
         },
@@ -830,6 +870,7 @@ mod tests {
     fn requests_are_json_lines() {
         assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"cmd":"status"}"#);
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
+        assert_eq!(serde_json::to_string(&Request::ReloadAgent).unwrap(), r#"{"cmd":"reload_agent"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
     }
 

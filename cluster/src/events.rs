@@ -133,7 +133,25 @@ pub enum ClusterEvent {
         /// The workers' pids after it, by worker id.
         workers: Vec<u32>,
     },
-    /// A reload was refused, or failed and was rolled back.
+    /// A reload of the agent began: the agent `pid` is asked to stop.
+    AgentReloadStarted {
+        /// The agent being stopped.
+        pid: u32,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// A reload of the agent is done: the new agent is ready (the workers are
+    /// told of it and their Followers reconnect to its Leader).
+    AgentReloaded {
+        /// The agent that was stopped.
+        old: u32,
+        /// The new agent.
+        new: u32,
+        /// The new agent's epoch.
+        epoch: u64,
+    },
+    /// A reload (of the workers or the agent) was refused, or failed (a
+    /// workers' reload is then rolled back).
     ReloadFailed {
         /// Why.
         reason: String,
@@ -204,6 +222,12 @@ impl fmt::Display for ClusterEvent {
             }
             ClusterEvent::ReloadStarted { workers } => write!(f, "reload started: slots={}", pids(workers)),
             ClusterEvent::ReloadDone { workers } => write!(f, "reload done: workers={}", pids(workers)),
+            ClusterEvent::AgentReloadStarted { pid, epoch } => {
+                write!(f, "agent reload started: pid={pid} epoch={epoch}")
+            }
+            ClusterEvent::AgentReloaded { old, new, epoch } => {
+                write!(f, "agent reloaded: old={old} new={new} epoch={epoch}")
+            }
             ClusterEvent::ReloadFailed { reason } => write!(f, "reload failed: {reason}"),
             ClusterEvent::MemoryLimit { role, worker_id, pid, rss, limit } => write!(
                 f,

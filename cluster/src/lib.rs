@@ -45,9 +45,12 @@
 //! [`ClusterControl::reload`]) replaces the workers one slot at a time, each new
 //! one ready before its predecessor drains, and rolls back on failure; workers
 //! (and the agent) above their memory limit are replaced the same way.
+//! [`ClusterControl::reload_agent`] reloads the agent instead: the old one
+//! stops, a new one (higher epoch) starts, and the workers' Followers fail
+//! over to its Leader as after an agent crash.
 //! Operators reach a running cluster by its name ([`Builder::name`]) through
 //! the master's [`control`] socket, with the `tandem` CLI (`tandem ls`,
-//! `status`, `leader`, `reload`, `stop`), and scrape `/metrics` when
+//! `status`, `leader`, `reload [--agent]`, `stop`), and scrape `/metrics` when
 //! [`Builder::metrics`] is set.
 //!
 //! ```no_run
@@ -94,6 +97,7 @@
 //! ```
 
 mod agent;
+mod agent_reload;
 mod app;
 mod backoff;
 mod builder;
@@ -128,7 +132,9 @@ mod worker;
 pub use agent::{AgentContext, AgentReady};
 pub use backoff::RestartPolicy;
 pub use builder::{Builder, Cluster};
-pub use cluster_control::{ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
+pub use cluster_control::{
+    AgentReloadReport, ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker,
+};
 pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};
 pub use events::{ClusterEvent, Events};

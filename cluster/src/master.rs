@@ -82,8 +82,8 @@ pub(crate) enum Timer {
     StopDeadline(u64),
     /// A replaced worker's grace period is over.
     DrainDeadline(ProcKey),
-    /// The agent stopped for its memory limit did not exit in time.
-    AgentMemoryKill(ProcKey),
+    /// The agent stopped (for its memory limit, or for a reload) did not exit in time.
+    AgentStopDeadline(ProcKey),
     ReapDeadline(u64),
     EofKill(ProcKey),
 }
@@ -95,7 +95,8 @@ pub(crate) struct Master {
     pub(crate) started_at: Instant,
     dir: RuntimeDir,
     token: String,
-    program: Program,
+    /// What children are started from (the executable as on disk at each spawn).
+    pub(crate) program: Program,
     /// The listening sockets, bound before any child starts, kept open until exit.
     pub(crate) listeners: Arc<BoundListeners>,
     /// The round-robin dispatcher, when a listener uses that mode.
@@ -113,6 +114,8 @@ pub(crate) struct Master {
     pub(crate) memory_holds: crate::reload::MemoryHolds,
     /// The agent was asked to stop for exceeding its memory limit.
     pub(crate) agent_memory_stop: bool,
+    /// The reload of the agent in progress.
+    pub(crate) agent_reload: Option<crate::agent_reload::AgentReload>,
     control_tx: mpsc::Sender<ControlCall>,
     control_rx: mpsc::Receiver<ControlCall>,
     pub(crate) stopping: Option<Stopping>,
@@ -206,6 +209,7 @@ impl Master {
             replacing: None,
             memory_holds: Default::default(),
             agent_memory_stop: false,
+            agent_reload: None,
             control_tx,
             control_rx,
             stopping: None,
@@ -331,7 +335,9 @@ impl Master {
             ClusterEvent::Spawned { .. } | ClusterEvent::AgentReady { .. } | ClusterEvent::WorkerReady { .. } => {
                 tracing::debug!(%event, "cluster event")
             }
-            ClusterEvent::Exited { process, .. } if self.stopping.is_some() || self.replacing.is_some() => {
+            ClusterEvent::Exited { .. }
+                if self.stopping.is_some() || self.replacing.is_some() || self.agent_reload.is_some() =>
+            {
                 tracing::debug!(%event, "cluster event")
             }
             ClusterEvent::Exited { .. }
@@ -342,7 +348,7 @@ impl Master {
         }
         // Reloads from SIGHUP, the API and the control socket alike.
         match &event {
-            ClusterEvent::ReloadDone { .. } => {
+            ClusterEvent::ReloadDone { .. } | ClusterEvent::AgentReloaded { .. } => {
                 self.ops_stats.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             ClusterEvent::ReloadFailed { .. } => {
@@ -655,6 +661,7 @@ impl Master {
                     }
                 }
                 self.check_cluster_ready();
+                self.agent_reload_ready(key);
             }
             (SlotId::Worker(id), Ready::Worker) => {
                 slot.state = ProcessState::Ready;
@@ -744,6 +751,9 @@ impl Master {
                 }
             }
         }
+        if key.slot == SlotId::Agent && self.agent_reload_exited(&proc, exit) {
+            return; // the old agent of a reload: its successor is started now, not after a backoff
+        }
         self.schedule_restart(key.slot);
     }
 
@@ -813,9 +823,9 @@ impl Master {
                 self.advance_stop();
             }
             Timer::DrainDeadline(key) => self.drain_deadline(key),
-            Timer::AgentMemoryKill(key) => {
+            Timer::AgentStopDeadline(key) => {
                 if let Some(agent) = self.agent.proc_mut(key) {
-                    tracing::warn!(pid = agent.pid, "agent stopped for its memory limit did not exit in time; SIGKILL");
+                    tracing::warn!(pid = agent.pid, "stopped agent did not exit within its grace period; SIGKILL");
                     agent.kill();
                 }
             }
@@ -846,6 +856,7 @@ impl Master {
         self.emit(ClusterEvent::ShutdownStarted { forced: false });
         self.stopping_token.cancel();
         self.abort_run();
+        self.abort_agent_reload();
         self.next_deadline += 1;
         self.stopping = Some(Stopping { stage: Stage::Workers, forced: false, deadline_id: self.next_deadline });
         let grace = self.config.worker_stop_timeout;

@@ -8,7 +8,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ClusterControl, ClusterEvent, Error, Events, ListenerInfo, Messenger, ReloadError, ReloadReport, StatusTable,
+    AgentReloadReport, ClusterControl, ClusterEvent, Error, Events, ListenerInfo, Messenger, ReloadError, ReloadReport,
+    StatusTable,
 };
 
 /// The master's view of the cluster, given to the function set with
@@ -121,7 +122,7 @@ impl MasterContext {
         &self.listeners
     }
 
-    /// A handle to reload the workers, for other tasks (a control socket).
+    /// A handle to reload the workers or the agent, for other tasks (a control socket).
     pub fn control(&self) -> ClusterControl {
         self.control.clone()
     }
@@ -130,6 +131,13 @@ impl MasterContext {
     /// [`ClusterControl::reload`]). Same as SIGHUP to the master.
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
         self.control.reload().await
+    }
+
+    /// Reloads the agent: the old one stops, a new one starts from the
+    /// executable on disk with a higher epoch, and the workers' Followers fail
+    /// over to its Leader (see [`ClusterControl::reload_agent`]).
+    pub async fn reload_agent(&self) -> Result<AgentReloadReport, ReloadError> {
+        self.control.reload_agent().await
     }
 
     /// The status table.

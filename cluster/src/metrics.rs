@@ -13,7 +13,7 @@
 //! | `tandem_process_cpu_seconds_total` | counter | `role`, `slot` |
 //! | `tandem_process_up` | gauge (1 = online) | `role`, `slot` |
 //! | `tandem_restarts_total` | counter | `role`, `slot` |
-//! | `tandem_reloads_total` | counter | `result` (`ok`, `failed`) |
+//! | `tandem_reloads_total` | counter (workers' and agent's reloads) | `result` (`ok`, `failed`) |
 //! | `tandem_messenger_messages_total` | counter | `kind` (`send`, `request`, `reply`, `link_frame`) |
 //! | `tandem_leader_epoch` | gauge | |
 //! | `tandem_leader_followers` | gauge | |
@@ -145,7 +145,7 @@ pub(crate) async fn render(handle: &MasterHandle) -> Result<String, String> {
     reloads
         .get_or_create(&ResultLabels { result: "failed".into() })
         .inc_by(handle.stats.reloads_failed.load(Ordering::Relaxed));
-    registry.register("tandem_reloads", "Rolling reloads by outcome", reloads);
+    registry.register("tandem_reloads", "Reloads (of the workers or the agent) by outcome", reloads);
 
     let messages = Family::<KindLabels, Counter>::default();
     let m = snapshot.messages;

@@ -15,7 +15,8 @@
 //! The old process waits in [`Slot::previous`](crate::supervisor::Slot) while
 //! its successor starts, and drains there after. Both hold the slot's
 //! listening sockets (the master's, shared), so the port never stops accepting.
-//! The agent is not touched. One replacement run at a time: a reload asked for
+//! The agent is not touched (its own reload is [`agent_reload`](crate::agent_reload)).
+//! One replacement run at a time, agent reloads included: a reload asked for
 //! while one runs is refused with [`ReloadError::InProgress`].
 
 use std::collections::VecDeque;
@@ -72,6 +73,7 @@ impl Master {
     pub(crate) fn on_control(&mut self, call: ControlCall) {
         match call {
             ControlCall::Reload { reply } => self.request_reload(reply),
+            ControlCall::ReloadAgent { reply } => self.request_agent_reload(reply),
         }
     }
 
@@ -86,8 +88,8 @@ impl Master {
         if self.stopping.is_some() {
             return refuse(reply, ReloadError::ShuttingDown);
         }
-        if let Some(run) = &self.replacing {
-            let e = ReloadError::InProgress { running: run.reason };
+        if let Some(running) = self.replacement_running() {
+            let e = ReloadError::InProgress { running };
             self.emit(ClusterEvent::ReloadFailed { reason: e.to_string() });
             return refuse(reply, e);
         }
@@ -119,13 +121,23 @@ impl Master {
         self.advance_run();
     }
 
+    /// What replacement runs now, if any: a run over the workers (reload or
+    /// memory limit), or a reload of the agent. One at a time.
+    pub(crate) fn replacement_running(&self) -> Option<ReplaceReason> {
+        match (&self.replacing, &self.agent_reload) {
+            (Some(run), _) => Some(run.reason),
+            (None, Some(_)) => Some(ReplaceReason::AgentReload),
+            (None, None) => None,
+        }
+    }
+
     /// Starts replacements up to the parallelism; finishes the run when all are done.
     fn advance_run(&mut self) {
         loop {
             let Some(run) = self.replacing.as_mut() else { return };
             let parallel = match run.reason {
                 ReplaceReason::Reload => self.config.reload_parallelism.max(1),
-                ReplaceReason::MaxMemory => 1,
+                _ => 1,
             };
             if run.failed.is_some() {
                 run.pending.clear();
@@ -386,6 +398,7 @@ impl Master {
         if let (Some(limit), Some(agent)) = (self.config.agent_max_memory, self.agent.proc.as_ref())
             && self.agent.state == ProcessState::Ready
             && !self.agent_memory_stop
+            && self.agent_reload.is_none()
             && let Some(rss) = rss_bytes(agent.pid)
             && rss > limit
         {
@@ -405,10 +418,10 @@ impl Master {
                 rss,
                 limit,
             });
-            self.after(grace, Timer::AgentMemoryKill(agent.key));
+            self.after(grace, Timer::AgentStopDeadline(agent.key));
         }
         let Some(limit) = self.config.worker_max_memory else { return };
-        if self.replacing.is_some() || !self.announced {
+        if self.replacement_running().is_some() || !self.announced {
             return;
         }
         let now = Instant::now();

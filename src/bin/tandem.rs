@@ -6,6 +6,7 @@
 //! tandem status NAME [--json]  # one row per process, like `pm2 ls`
 //! tandem leader NAME [--json]  # the Leader's channels, keys, followers
 //! tandem reload NAME           # replace the workers one by one (exit 1 on failure)
+//! tandem reload NAME --agent   # replace the agent: its Leader fails over to a new one
 //! tandem stop NAME             # graceful stop; returns when every process is gone
 //! ```
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use tandem::cluster::control::{
-    self, Client, ClusterInfo, ControlError, ProcessInfo, ReloadReport, Request, StopReport,
+    self, AgentReloadReport, Client, ClusterInfo, ControlError, ProcessInfo, ReloadReport, Request, StopReport,
 };
 
 /// `print!` that ignores a closed stdout (`tandem status X | head`).
@@ -63,10 +64,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Replace the workers one at a time, each after its successor is ready.
+    /// Replace the workers one at a time, each after its successor is ready
+    /// (with --agent: replace the agent instead).
     Reload {
         /// The cluster's name.
         name: String,
+        /// Reload the agent, not the workers: it is stopped, a new one starts
+        /// with a higher epoch, and the workers' Followers fail over to its
+        /// Leader. The workers keep running.
+        #[arg(long)]
+        agent: bool,
     },
     /// Stop the cluster gracefully and wait until every process is gone.
     Stop {
@@ -132,7 +139,19 @@ async fn run(command: Command) -> Result<(), ControlError> {
             }
             Ok(())
         }
-        Command::Reload { name } => {
+        Command::Reload { name, agent: true } => {
+            let r: AgentReloadReport = Client::connect(&name).await?.call_as(Request::ReloadAgent).await?;
+            outln!(
+                "agent reloaded: old={} new={} epoch={} old_epoch={} took_ms={}",
+                r.old_pid,
+                r.new_pid,
+                r.epoch,
+                r.old_epoch,
+                r.took_ms
+            );
+            Ok(())
+        }
+        Command::Reload { name, agent: false } => {
             let report: ReloadReport = connect_answering(&name).await?.call_as(Request::Reload).await?;
             for r in &report.replaced {
                 outln!("worker {}: pid {} -> {} (ready)", r.worker, r.old_pid, r.new_pid);
