@@ -39,7 +39,7 @@ pub use tandem_follower::{
     Update,
 };
 pub use tandem_leader::{CallContext, Events, Health, Leader, Upstream};
-pub use tandem_protocol::{Api, ErrorKind, RemoteError};
+pub use tandem_protocol::{Api, ErrorCode, ErrorKind, RemoteError};
 
 /// README.md's Rust examples, compiled and run by `cargo test --doc`.
 #[cfg(doctest)]

@@ -53,6 +53,8 @@ use crate::apis::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
 /// The Redis client crate this adapter wraps.
 pub use redis;
 
+/// The code of the error that says keyspace notifications are off and cannot be turned on.
+pub const NOTIFICATIONS_OFF: &str = "redis-notifications";
 /// The notification classes a subscription needs (see the module doc).
 const NOTIFY: &str = "Kg$xe";
 /// Each Redis round trip (connect, command, SUBSCRIBE, PING) fails after this long.
@@ -122,7 +124,7 @@ impl RedisUpstream {
         let mut first = health.watch();
         tokio::spawn(follow(client, commands.clone(), queue, health));
         match first.wait_for(|state| *state != UpstreamState::Starting).await.map(|state| state.clone()) {
-            Ok(UpstreamState::Down(error)) if error.code == "redis-notifications" => Err(error),
+            Ok(UpstreamState::Down(error)) if error.has_code(NOTIFICATIONS_OFF) => Err(error),
             _ => Ok(RedisUpstream { commands, requests, health: first }),
         }
     }
@@ -189,7 +191,7 @@ async fn ensure_notifications(
         "keyspace notifications are off and Redis refused to turn them on ({refusal}): \
          notify-keyspace-events must include {NOTIFY} (for example `notify-keyspace-events KA`)"
     ))
-    .with_code("redis-notifications"))
+    .with_code(NOTIFICATIONS_OFF))
 }
 
 /// Reads `dirty` (those still subscribed) in one MGET; delivers the values that changed.

@@ -3,6 +3,7 @@
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tandem_protocol::ErrorCode;
 
 use tokio::time::Instant;
 
@@ -45,7 +46,7 @@ fn check_size(payload: &Bytes) -> Result<(), Error> {
     if payload.len() > max {
         return Err(Error::Remote(
             RemoteError::bad_request(format!("request of {} bytes exceeds the {max}-byte limit", payload.len()))
-                .with_code("too_large"),
+                .with_code(ErrorCode::TOO_LARGE),
         ));
     }
     Ok(())

@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tandem_protocol::{
-    Ack, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError, RequestId,
-    Response, Subscribe, Unsubscribe, Welcome, feed_within, flush_within,
+    Ack, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError,
+    RequestId, Response, Subscribe, Unsubscribe, Welcome, feed_within, flush_within,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;

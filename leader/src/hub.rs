@@ -438,7 +438,11 @@ impl Hub {
                                 for outbox in topic.subscribers.values() {
                                     outbox.forget_key(&self.channel, &key);
                                     let channel = self.channel.to_string();
-                                    outbox.push(Frame::Ended(Ended { channel, key: key.clone(), error: error.clone() }));
+                                    outbox.push(Frame::Ended(Ended {
+                                        channel,
+                                        key: key.clone(),
+                                        error: error.clone(),
+                                    }));
                                 }
                                 state.topics.remove(&key);
                                 return;

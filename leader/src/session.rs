@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tandem_protocol::ErrorCode;
 
 use tokio::time::Instant;
 
@@ -235,7 +236,8 @@ impl Session {
                 continue;
             }
             let Some(channel) = self.shared.channels.get(&name).cloned() else {
-                let error = RemoteError::rejected(format!("this leader does not serve channel {name:?}")).with_code("channel");
+                let error = RemoteError::rejected(format!("this leader does not serve channel {name:?}"))
+                    .with_code(ErrorCode::CHANNEL);
                 tracing::warn!(channel = %name, "a follower opened a channel this leader does not serve");
                 self.push(Frame::Status(ChannelStatus { channel: name, state: UpstreamState::Down(error) }));
                 continue;
@@ -254,7 +256,7 @@ impl Session {
     fn channel(&self, name: &str) -> Result<&Arc<Channel>, RemoteError> {
         self.channels.get(name).ok_or_else(|| {
             RemoteError::bad_request(format!("channel {name:?} was not named in Hello or is not served by this leader"))
-                .with_code("channel")
+                .with_code(ErrorCode::CHANNEL)
         })
     }
 
@@ -453,7 +455,7 @@ fn fit_response(max: usize, bytes: Bytes) -> Result<Bytes, RemoteError> {
         Ok(bytes)
     } else {
         Err(RemoteError::internal(format!("response of {} bytes exceeds the {max}-byte frame limit", bytes.len()))
-            .with_code("too_large"))
+            .with_code(ErrorCode::TOO_LARGE))
     }
 }
 
@@ -468,7 +470,7 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
         Err(_) => return Err(format!("no Hello within {} ms", config.handshake_timeout.as_millis())),
         Ok(None) => return Err("connection closed before Hello".into()),
         Ok(Some(Err(CodecError::Io(error)))) if HelloTooLong::find(&error).is_some() => {
-            let error = RemoteError::bad_request(error.to_string()).with_code("frame_too_large");
+            let error = RemoteError::bad_request(error.to_string()).with_code(ErrorCode::FRAME_TOO_LARGE);
             return Err(reject(link, config.write_stall_timeout, Reject { version: PROTOCOL_VERSION, error }).await);
         }
         Ok(Some(Err(error))) => return Err(format!("bad bytes before Hello: {}", error_chain(&error))),
@@ -477,7 +479,8 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
     let hello = match first {
         Frame::Hello(hello) => hello,
         other => {
-            let error = RemoteError::rejected(format!("expected Hello, got {}", other.kind())).with_code("protocol");
+            let error =
+                RemoteError::rejected(format!("expected Hello, got {}", other.kind())).with_code(ErrorCode::PROTOCOL);
             return Err(reject(link, config.write_stall_timeout, Reject { version: PROTOCOL_VERSION, error }).await);
         }
     };
@@ -487,7 +490,7 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
             Some(unknown) => Err(Reject {
                 version: PROTOCOL_VERSION,
                 error: RemoteError::rejected(format!("this leader does not serve channel {unknown:?}"))
-                    .with_code("channel"),
+                    .with_code(ErrorCode::CHANNEL),
             }),
             None => Ok(version),
         }

@@ -75,6 +75,12 @@ impl RemoteError {
         self
     }
 
+    /// Whether the error carries this code (one of tandem's [`ErrorCode`](crate::ErrorCode)s,
+    /// or an upstream's own, as a string).
+    pub fn has_code(&self, code: impl AsRef<str>) -> bool {
+        self.code == code.as_ref()
+    }
+
     /// Shorthand for [`ErrorKind::DeadlineExceeded`].
     pub fn deadline_exceeded(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::DeadlineExceeded, message)

@@ -1,5 +1,6 @@
 //! Protocol versions and the checks the leader applies to a `Hello`.
 
+use crate::ErrorCode;
 use crate::{Hello, Reject, RemoteError};
 
 /// The protocol version this build speaks.
@@ -19,7 +20,7 @@ pub fn negotiate(offered: u16) -> Result<u16, Reject> {
             error: RemoteError::rejected(format!(
                 "unsupported protocol version {offered}: this leader speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
             ))
-            .with_code("version"),
+            .with_code(ErrorCode::VERSION),
         })
     }
 }
@@ -32,7 +33,7 @@ pub fn check_hello(hello: &Hello, expected_token: Option<&str>) -> Result<u16, R
     {
         return Err(Reject {
             version: PROTOCOL_VERSION,
-            error: RemoteError::rejected("missing or wrong token").with_code("token"),
+            error: RemoteError::rejected("missing or wrong token").with_code(ErrorCode::TOKEN),
         });
     }
     Ok(version)

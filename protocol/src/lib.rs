@@ -43,6 +43,7 @@
 mod accept;
 mod api;
 mod backoff;
+mod code;
 mod codec;
 mod error;
 mod frame;
@@ -54,6 +55,7 @@ mod shared;
 pub use accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion};
 pub use api::{Api, Message};
 pub use backoff::Backoff;
+pub use code::ErrorCode;
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
 pub use error::{ErrorKind, RemoteError};
 pub use frame::{

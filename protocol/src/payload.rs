@@ -3,6 +3,7 @@
 //! The leader routes payloads without knowing their types; only the two ends
 //! that share an API definition encode and decode them, with these helpers.
 
+use crate::ErrorCode;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -16,11 +17,11 @@ use crate::RemoteError;
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, RemoteError> {
     rmp_serde::to_vec(value)
         .map(Bytes::from)
-        .map_err(|e| RemoteError::bad_request(format!("cannot encode payload: {e}")).with_code("encode"))
+        .map_err(|e| RemoteError::bad_request(format!("cannot encode payload: {e}")).with_code(ErrorCode::ENCODE))
 }
 
 /// Decodes a payload.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RemoteError> {
     rmp_serde::from_slice(bytes)
-        .map_err(|e| RemoteError::bad_request(format!("cannot decode payload: {e}")).with_code("decode"))
+        .map_err(|e| RemoteError::bad_request(format!("cannot decode payload: {e}")).with_code(ErrorCode::DECODE))
 }
