@@ -10,13 +10,14 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use tandem_testkit::{ProcessGuard, alive, field};
 
 /// The longest any one test may run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(40);
@@ -36,7 +37,8 @@ fn fixture_path() -> PathBuf {
 
 /// A running fixture cluster and everything it printed.
 struct Fixture {
-    child: Option<Child>,
+    /// The master: SIGTERM when dropped (so it removes its runtime directory), SIGKILL after 5 s.
+    master: Option<ProcessGuard>,
     lines: Receiver<(Instant, String)>,
     seen: Vec<(Instant, String)>,
     stderr: Arc<Mutex<Vec<String>>>,
@@ -73,7 +75,7 @@ impl Fixture {
             }
         });
         Fixture {
-            child: Some(child),
+            master: Some(ProcessGuard::with_grace(child, Duration::from_secs(5))),
             lines,
             seen: Vec::new(),
             stderr: err_lines,
@@ -82,7 +84,7 @@ impl Fixture {
     }
 
     fn master_pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("master")
+        self.master.as_ref().map(ProcessGuard::id).expect("master")
     }
 
     fn line(&self, i: usize) -> &str {
@@ -144,10 +146,10 @@ impl Fixture {
 
     /// Waits for the master to exit, at most `limit`.
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("master");
+        let master = self.master.as_mut().expect("master");
         let until = Instant::now() + limit;
         loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
+            if let Some(status) = master.child().try_wait().expect("try_wait") {
                 return status;
             }
             assert!(Instant::now() < until, "the master did not exit within {limit:?}");
@@ -172,16 +174,7 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         let pids = self.spawned_pids();
-        if let Some(mut child) = self.child.take() {
-            // SIGTERM first, so the master removes its runtime directory; SIGKILL if it lingers.
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            let until = Instant::now() + Duration::from_secs(5);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.master.take());
         for pid in pids {
             let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains("cluster_fixture"));
@@ -222,25 +215,10 @@ impl Ready {
     }
 }
 
-/// The value of `key=` in a line, up to the next space.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(&format!("{key}="))? + key.len() + 1;
-    Some(line[start..].split(' ').next().unwrap_or(""))
-}
-
 /// The pid in `(pid N)`.
 fn pid_in(line: &str) -> Option<u32> {
     let start = line.find("(pid ")? + 5;
     line[start..].split(')').next()?.parse().ok()
-}
-
-/// Whether a process exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state is the first field after the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 fn signal(pid: u32, sig: Signal) {

@@ -2,13 +2,12 @@
 //! that fails to start ends the reload with the reason and rolls it back, so
 //! every old worker keeps running.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tandem_cluster::control::{Client, ControlError, ProcessInfo, Request};
+use tandem_testkit::{Lines, ProcessGuard, within};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -16,16 +15,6 @@ fn fixture_path() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
     profile_dir.join("examples").join("cluster_fixture")
-}
-
-/// The fixture's master, SIGKILLed and reaped (by pid) when dropped.
-struct Master(Child);
-
-impl Drop for Master {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn status(path: &std::path::Path, name: &str) -> Vec<ProcessInfo> {
@@ -39,7 +28,7 @@ fn worker(rows: &[ProcessInfo], id: u32) -> &ProcessInfo {
 
 #[tokio::test]
 async fn a_failed_successor_fails_the_reload_and_spares_the_rest() {
-    tokio::time::timeout(TEST_TIMEOUT, failed_reload()).await.expect("test timed out");
+    within(TEST_TIMEOUT, failed_reload()).await;
 }
 
 async fn failed_reload() {
@@ -58,25 +47,11 @@ async fn failed_reload() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn the fixture");
-    let stdout = child.stdout.take().unwrap();
-    let _master = Master(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Read to the end, even once nobody listens: a closed pipe would make
-        // the fixture's own printing fail.
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let ready = tokio::task::spawn_blocking(move || {
-        while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
-            if line.starts_with("cluster ready") {
-                return Some(line);
-            }
-        }
-        None
-    });
-    assert!(ready.await.unwrap().is_some(), "the fixture never became ready");
+    let mut lines = Lines::new("the fixture");
+    lines.read_blocking(child.stdout.take().unwrap());
+    // The fixture's master, SIGKILLed and reaped (by pid) when dropped.
+    let _master = ProcessGuard::new(child);
+    lines.expect_line(Duration::from_secs(30), |l| l.starts_with("cluster ready")).await;
     let socket = xdg.join("tandem").join(name).join("control.sock");
     let before = status(&socket, name).await;
     assert!(before.iter().all(|r| r.state == "online"), "{before:?}");

@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tandem_testkit::Lines;
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+
+// The generic helpers live in tandem-testkit (`poll_until` is its `eventually`).
+#[allow(unused_imports)] // each test binary uses some of them
+pub use tandem_testkit::{alive, eventually as poll_until, field, free_port, private_dir};
 
 /// The path of an example binary built by `cargo test` (examples are built
 /// next to the test binaries' `deps/` folder).
@@ -40,12 +43,13 @@ pub fn registry_binary() -> PathBuf {
 
 /// A spawned process, stopped and reaped when dropped: SIGTERM (so a master
 /// removes its runtime directory), then SIGKILL by pid after 5 s.
+///
+/// Derefs to its output [`Lines`] (stdout, and stderr if asked for):
+/// `proc.expect_line(..)`, `proc.seen`, `proc.drain()`.
 pub struct Proc {
     pub pid: i32,
     child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    /// Every line read so far, in order.
-    pub seen: Vec<String>,
+    lines: Lines,
 }
 
 impl Proc {
@@ -70,65 +74,22 @@ impl Proc {
         }
         let mut child = command.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let pid = child.id().expect("pid") as i32;
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::unbounded_channel();
+        let mut lines = Lines::new(format!("pid {pid}"));
         if let Some(err) = child.stderr.take() {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut reader = BufReader::new(err).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    eprintln!("[{pid}] {line}");
-                    if tx.send(format!("stderr: {line}")).is_err() {
-                        break;
-                    }
-                }
+            lines.read_with(err, move |line| {
+                eprintln!("[{pid}] {line}");
+                format!("stderr: {line}")
             });
         }
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { pid, child, lines, seen: Vec::new() }
+        lines.read(child.stdout.take().expect("stdout"));
+        Proc { pid, child, lines }
     }
 
     /// Waits for the process to exit (at most `within`) and collects every line it wrote.
     pub async fn finish(&mut self, within: Duration) -> std::process::ExitStatus {
         let status = self.wait(within).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while let Ok(Some(line)) = tokio::time::timeout_at(deadline, self.lines.recv()).await {
-            self.seen.push(line);
-        }
+        self.lines.rest(Duration::from_secs(5)).await;
         status
-    }
-
-    /// Waits (at most `within`) for a line matching `predicate`; returns it.
-    pub async fn expect_line(&mut self, within: Duration, predicate: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => {
-                    self.seen.push(line.clone());
-                    if predicate(&line) {
-                        return line;
-                    }
-                }
-                Ok(None) => panic!("pid {} exited; lines so far: {:#?}", self.pid, self.seen),
-                Err(_) => {
-                    panic!("pid {}: no matching line within {within:?}; lines so far: {:#?}", self.pid, self.seen)
-                }
-            }
-        }
-    }
-
-    /// Moves every line already written into `seen`, without waiting.
-    pub fn drain(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
     }
 
     /// Sends a signal.
@@ -142,62 +103,25 @@ impl Proc {
     }
 }
 
+impl std::ops::Deref for Proc {
+    type Target = Lines;
+    fn deref(&self) -> &Lines {
+        &self.lines
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Lines {
+        &mut self.lines
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
-        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
         if let Ok(Some(_)) = self.child.try_wait() {
             return; // already exited and reaped: the pid may belong to someone else now
         }
-        let pid = nix::unistd::Pid::from_raw(self.pid);
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let until = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < until {
-            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(10)),
-                // Exited and reaped (or not ours to reap any more).
-                _ => return,
-            }
-        }
-        self.signal(nix::sys::signal::Signal::SIGKILL);
-        // Reap it so no zombie outlives the test.
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
-    }
-}
-
-/// Whether a process with this pid is alive (and not a zombie).
-pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next());
-            state != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
-/// A private (0700) temporary directory.
-pub fn private_dir() -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::Builder::new().prefix("tandem-it").tempdir().expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    dir
-}
-
-/// Parses `k=v` fields of a line.
-pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|part| part.strip_prefix(name)?.strip_prefix('='))
-}
-
-/// Polls `check` every 10 ms until it holds, for at most `within`.
-pub async fn poll_until<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tandem_testkit::stop(self.pid, Duration::from_secs(5));
     }
 }
 
@@ -216,11 +140,6 @@ pub fn registry_bin() -> PathBuf {
         assert!(status.success() && path.exists(), "cannot build {}", path.display());
     }
     path
-}
-
-/// A free loopback port now (nothing listens on it once this returns).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Starts `tandem-registry serve --listen <listen> <extra>` and returns it with its address.

@@ -6,45 +6,21 @@
 //! `redis-server` (which brings `redis-cli`) and runs them with `--ignored`.
 #![allow(dead_code)]
 
-use std::future::Future;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Runs `test` with a time limit (and logs, as `RUST_LOG` asks, on the test's output).
-pub async fn within<T>(limit: Duration, test: impl Future<Output = T>) -> T {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    tokio::time::timeout(limit, test).await.expect("test timed out")
-}
+use tandem_testkit::ProcessGuard;
 
-/// Polls `check` every 20 ms until it holds, for at most `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A free loopback port: bound to port 0, then released (Redis needs an explicit port).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local_addr").port()
-}
+// Tests here log as `RUST_LOG` asks, on the test's output.
+#[allow(unused_imports)] // each test binary uses some of them
+pub use tandem_testkit::{eventually, free_port, within_logged as within};
 
 /// A redis-server on loopback, killed (SIGKILL, by pid) when dropped.
 pub struct Redis {
     pub port: u16,
     extra: Vec<String>,
-    child: Option<Child>,
+    child: Option<ProcessGuard>,
 }
 
 impl Redis {
@@ -88,10 +64,10 @@ impl Redis {
                 Ok(())
             });
         }
-        let mut child = command.spawn().expect("spawn redis-server: apt-get install redis-server");
+        let mut child = ProcessGuard::new(command.spawn().expect("spawn redis-server: apt-get install redis-server"));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(Some(_)) = child.try_wait() {
+            if let Ok(Some(_)) = child.child().try_wait() {
                 return false;
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() && self.cli_ok(&["ping"]) {
@@ -99,8 +75,7 @@ impl Redis {
                 return true;
             }
             if tokio::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                drop(child); // killed and reaped
                 panic!("redis-server on port {} not answering within 10 s", self.port);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -114,16 +89,13 @@ impl Redis {
 
     /// The server's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.as_ref().map(ProcessGuard::id)
     }
 
     /// `kill -9` the server (by pid) and reap it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // By pid: ours, not reaped yet, so not reused.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // The guard SIGKILLs it by pid (ours, not reaped yet, so not reused) and reaps it.
+        drop(self.child.take());
     }
 
     /// Starts the server again on the same port (empty: nothing is persisted).

@@ -7,13 +7,12 @@
 //! installs etcd and runs them with `--ignored`.
 #![allow(dead_code)]
 
-use std::future::Future;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use tandem_testkit::{ProcessGuard, free_ports};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The etcd binary: `$ETCD_BIN`, or `etcd` on the PATH.
@@ -26,39 +25,15 @@ pub fn etcd_binary() -> PathBuf {
     found.expect("no etcd binary on the PATH: apt-get install etcd-server (or set ETCD_BIN)")
 }
 
-/// Runs `test` with a time limit (and logs, as `RUST_LOG` asks, on the test's output).
-pub async fn within<T>(limit: Duration, test: impl Future<Output = T>) -> T {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    tokio::time::timeout(limit, test).await.expect("test timed out")
-}
-
-/// Polls `check` every 20 ms until it holds, for at most `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Free loopback ports: bound together (so they differ), then released.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("local_addr").port()).collect()
-}
+// Tests here log as `RUST_LOG` asks, on the test's output.
+#[allow(unused_imports)] // each test binary uses some of them
+pub use tandem_testkit::{eventually, within_logged as within};
 
 struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
-    child: Option<Child>,
+    child: Option<ProcessGuard>,
 }
 
 /// One etcd member or a cluster of them, on loopback.
@@ -133,8 +108,7 @@ impl Etcd {
                 Ok(())
             });
         }
-        let child = command.spawn().expect("spawn etcd");
-        self.members[i].child = Some(child);
+        self.members[i].child = Some(ProcessGuard::new(command.spawn().expect("spawn etcd")));
     }
 
     fn log_path(&self, i: usize) -> PathBuf {
@@ -158,16 +132,13 @@ impl Etcd {
 
     /// Member `i`'s pid, while it runs.
     pub fn pid(&self, i: usize) -> Option<u32> {
-        self.members[i].child.as_ref().map(Child::id)
+        self.members[i].child.as_ref().map(ProcessGuard::id)
     }
 
     /// Kills member `i` (SIGKILL, by pid) and reaps it.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].child.take() {
-            // SAFETY: plain syscall on a pid we spawned and have not reaped yet.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
-            let _ = child.wait();
-        }
+        // The guard SIGKILLs it by pid (ours, not reaped yet) and reaps it.
+        drop(self.members[i].child.take());
     }
 
     /// Starts member `i` again with its data, and waits until it is healthy.
