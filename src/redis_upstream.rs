@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
-use tandem_leader::{CallContext, Events, Health, Upstream};
+use tandem_leader::{CallContext, EventSender, Events, Health, Upstream};
 use tandem_protocol::{ErrorKind, RemoteError, UpstreamState};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -74,7 +74,7 @@ pub struct RedisUpstream {
     health: watch::Receiver<UpstreamState>,
 }
 
-type Values = mpsc::UnboundedSender<ConfigValue>;
+type Values = EventSender<ConfigValue>;
 
 enum Request {
     Subscribe(String, Values, oneshot::Sender<Result<(), RemoteError>>),
@@ -207,7 +207,7 @@ async fn deliver(commands: &mut ConnectionManager, keys: &mut Keys, dirty: Vec<S
         if let Some((values, last)) = keys.get_mut(&key)
             && last.as_ref() != Some(&value)
         {
-            let _ = values.send(ConfigValue { value: value.clone(), revision: 0 });
+            values.send(ConfigValue { value: value.clone(), revision: 0 });
             *last = Some(value);
         }
     }
@@ -337,13 +337,13 @@ impl Upstream<ConfigApi> for RedisUpstream {
     }
 
     async fn subscribe(&self, key: String) -> Result<Events<ConfigValue>, RemoteError> {
-        let (values, events) = mpsc::unbounded_channel();
+        let (values, events) = Events::channel();
         let (reply, answer) = oneshot::channel();
         let gone = || RemoteError::internal("the Redis adapter's task has ended");
         self.requests.send(Request::Subscribe(key.clone(), values, reply)).map_err(|_| gone())?;
         answer.await.map_err(|_| gone())??;
         let requests = self.requests.clone();
-        Ok(Events::new(events).on_drop(move || drop(requests.send(Request::Unsubscribe(key)))))
+        Ok(events.on_drop(move || drop(requests.send(Request::Unsubscribe(key)))))
     }
 
     fn health(&self) -> Option<watch::Receiver<UpstreamState>> {

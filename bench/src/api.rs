@@ -9,8 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tandem::{Api, CallContext, Events, RemoteError, Upstream};
-use tokio::sync::mpsc;
+use tandem::{Api, CallContext, EventSender, Events, RemoteError, Upstream};
 
 use crate::clock::mono_ns;
 
@@ -41,12 +40,8 @@ pub fn key_name(key: usize) -> String {
 /// The key the failover group's ticker changes every period.
 pub const TICKING_KEY: &str = "tick";
 
-/// Where the publisher sends a key's events: bounded, so a publisher that
-/// outruns the Leader waits for it instead of queueing without end.
-pub type Sink = mpsc::Sender<Tick>;
-
-/// Events queued per key between the publisher and the Leader's pump.
-const SINK_CAPACITY: usize = 64;
+/// Where the publisher sends a key's events: delivered by the Leader as sent.
+pub type Sink = EventSender<Tick>;
 
 #[derive(Clone, Default)]
 pub struct BenchUpstream {
@@ -68,7 +63,7 @@ impl BenchUpstream {
                 interval.tick().await;
                 let sink = sinks.lock().unwrap_or_else(|p| p.into_inner()).get(TICKING_KEY).cloned();
                 if let Some(sink) = sink {
-                    let _ = sink.try_send(current_tick(period));
+                    sink.send(current_tick(period));
                 }
             }
         });
@@ -98,12 +93,11 @@ impl Upstream<BenchApi> for BenchUpstream {
     }
 
     async fn subscribe(&self, key: String) -> Result<Events<Tick>, RemoteError> {
-        let (sink, events) = mpsc::channel(SINK_CAPACITY);
+        let (sink, events) = Events::channel();
         if let Some(period) = self.ticking.filter(|_| key == TICKING_KEY) {
-            let _ = sink.try_send(current_tick(period));
+            sink.send(current_tick(period));
         }
         self.sinks.lock().unwrap_or_else(|p| p.into_inner()).insert(key, sink);
-        let events = futures::stream::unfold(events, |mut events| async move { Some((events.recv().await?, events)) });
-        Ok(Events::stream(events))
+        Ok(events)
     }
 }

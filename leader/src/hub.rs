@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tandem_protocol::{Ack, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
-use crate::channel::{BoxFuture, ByteEvents, ErasedUpstream};
+use crate::channel::{BoxFuture, ByteEvents, DirectSink, ErasedUpstream};
 use crate::outbox::Outbox;
 
 /// A key as people read it: the MessagePack string it encodes (fixstr, str8,
@@ -399,7 +399,15 @@ impl Hub {
             };
             match step {
                 Step::Subscribe(generation) => {
-                    let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone()))
+                    let direct: DirectSink = {
+                        let (hub, key) = (Arc::downgrade(&self), key.clone());
+                        Box::new(move |payload| {
+                            hub.upgrade().is_some_and(|hub| {
+                                hub.deliver(&key, generation, payload) || hub.is_live(&key, generation)
+                            })
+                        })
+                    };
+                    let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone(), direct))
                         .await
                         .unwrap_or_else(|_| {
                             Err(RemoteError::unavailable(format!(
@@ -506,13 +514,23 @@ impl Hub {
                 _ = self.cancel.cancelled() => return,
                 next = events.next() => next,
             };
-            match next {
-                Some(payload) => {
-                    if !self.deliver(&key, generation, payload) && !self.is_live(&key, generation) {
-                        return;
-                    }
+            let Some(payload) = next else { break };
+            if !self.deliver(&key, generation, payload) && !self.is_live(&key, generation) {
+                return;
+            }
+            // What else is ready goes out in the same wakeup.
+            let mut ended = false;
+            while let Some(next) = events.next().now_or_never() {
+                let Some(payload) = next else {
+                    ended = true;
+                    break;
+                };
+                if !self.deliver(&key, generation, payload) && !self.is_live(&key, generation) {
+                    return;
                 }
-                None => break,
+            }
+            if ended {
+                break;
             }
         }
         drop(events);

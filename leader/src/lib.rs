@@ -53,4 +53,4 @@ pub use latency::LatencyStats;
 pub use leader::{Leader, LeaderBuilder};
 pub use session::PeerInfo;
 pub use stats::{ChannelStats, FollowerStats, KeyStats, Stats};
-pub use upstream::{CallContext, Events, Upstream};
+pub use upstream::{CallContext, EventSender, Events, Upstream};

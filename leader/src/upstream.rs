@@ -1,9 +1,11 @@
 //! The trait a user implements once around the real upstream client, and
 //! [`Events`], the stream most implementations return from `subscribe`.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use futures::Stream;
 use tandem_protocol::{Api, RemoteError, UpstreamState};
@@ -156,6 +158,10 @@ type Follow = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// - [`Events::new`] wraps the receiving half of a channel that a task of the
 ///   adapter feeds (an adapter that multiplexes many keys over one connection);
 ///   [`on_drop`](Self::on_drop) tells that task the key is no longer wanted.
+/// - [`Events::channel`] gives an [`EventSender`] for a client whose own task
+///   or callback produces the values (a multiplexed connection, an SDK's
+///   listener): the leader delivers each `send` right there, with no hop
+///   through another task, so this is the fastest way in.
 /// - [`Events::stream`] takes any stream the client library already offers.
 ///
 /// The stream ends once the future has returned (or every sender is gone, or
@@ -169,6 +175,90 @@ pub struct Events<E> {
 enum Source<E> {
     Channel { values: mpsc::UnboundedReceiver<E>, follow: Option<Follow> },
     Stream(Pin<Box<dyn Stream<Item = E> + Send>>),
+    Direct(Arc<Slot<E>>),
+}
+
+/// Where an [`EventSender`]'s values go: the leader's delivery once it has
+/// taken the stream, a queue (read as a stream) until then.
+struct Slot<E>(Mutex<SlotState<E>>);
+
+type Deliver<E> = Box<dyn FnMut(E) -> bool + Send>;
+
+struct SlotState<E> {
+    deliver: Option<Deliver<E>>,
+    queued: VecDeque<E>,
+    waker: Option<Waker>,
+    senders: usize,
+    /// The stream was dropped: the key is no longer wanted.
+    dropped: bool,
+}
+
+impl<E> Slot<E> {
+    fn lock(&self) -> MutexGuard<'_, SlotState<E>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The sending half of [`Events::channel`]. Cheap to clone; the stream ends
+/// when the last clone is dropped.
+pub struct EventSender<E> {
+    slot: Arc<Slot<E>>,
+}
+
+impl<E> std::fmt::Debug for EventSender<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSender").field("closed", &self.is_closed()).finish()
+    }
+}
+
+impl<E> EventSender<E> {
+    /// Delivers a value of the key (never waits). False once the leader
+    /// dropped the key's stream (nobody wants the key any more).
+    pub fn send(&self, value: E) -> bool {
+        let mut state = self.slot.lock();
+        if state.dropped {
+            return false;
+        }
+        match state.deliver.as_mut() {
+            Some(deliver) => {
+                if !deliver(value) {
+                    state.dropped = true;
+                    return false;
+                }
+            }
+            None => {
+                state.queued.push_back(value);
+                if let Some(waker) = state.waker.take() {
+                    waker.wake();
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether the leader dropped the key's stream.
+    pub fn is_closed(&self) -> bool {
+        self.slot.lock().dropped
+    }
+}
+
+impl<E> Clone for EventSender<E> {
+    fn clone(&self) -> Self {
+        self.slot.lock().senders += 1;
+        EventSender { slot: self.slot.clone() }
+    }
+}
+
+impl<E> Drop for EventSender<E> {
+    fn drop(&mut self) {
+        let mut state = self.slot.lock();
+        state.senders -= 1;
+        if state.senders == 0
+            && let Some(waker) = state.waker.take()
+        {
+            waker.wake();
+        }
+    }
 }
 
 impl<E> std::fmt::Debug for Events<E> {
@@ -177,7 +267,7 @@ impl<E> std::fmt::Debug for Events<E> {
             Source::Channel { values, follow } => {
                 f.debug_struct("Events").field("following", &follow.is_some()).field("queued", &values.len()).finish()
             }
-            Source::Stream(_) => f.debug_struct("Events").finish_non_exhaustive(),
+            Source::Stream(_) | Source::Direct(_) => f.debug_struct("Events").finish_non_exhaustive(),
         }
     }
 }
@@ -203,6 +293,36 @@ impl<E: Send + 'static> Events<E> {
         Events { source: Source::Stream(Box::pin(stream)), on_drop: None }
     }
 
+    /// A stream and the sender that feeds it, delivered by the leader as it is
+    /// sent (see [`EventSender`]).
+    pub fn channel() -> (EventSender<E>, Self) {
+        let slot = Arc::new(Slot(Mutex::new(SlotState {
+            deliver: None,
+            queued: VecDeque::new(),
+            waker: None,
+            senders: 1,
+            dropped: false,
+        })));
+        (EventSender { slot: slot.clone() }, Events { source: Source::Direct(slot), on_drop: None })
+    }
+
+    /// From now on (and for what is queued, first) every value goes to
+    /// `deliver` as it is sent, if this stream came from [`Events::channel`];
+    /// the stream then yields nothing and ends with the last sender. False
+    /// (and nothing done) for the other kinds.
+    pub(crate) fn deliver_directly(&mut self, mut deliver: Deliver<E>) -> bool {
+        let Source::Direct(slot) = &self.source else { return false };
+        let mut state = slot.lock();
+        while let Some(value) = state.queued.pop_front() {
+            if !deliver(value) {
+                state.dropped = true;
+                return true;
+            }
+        }
+        state.deliver = Some(deliver);
+        true
+    }
+
     /// Runs `f` when the stream is dropped: the leader no longer wants the key.
     pub fn on_drop(mut self, f: impl FnOnce() + Send + 'static) -> Self {
         self.on_drop = Some(Box::new(f));
@@ -226,6 +346,17 @@ impl<E> Stream for Events<E> {
                 values.poll_recv(cx)
             }
             Source::Stream(stream) => stream.as_mut().poll_next(cx),
+            Source::Direct(slot) => {
+                let mut state = slot.lock();
+                if let Some(value) = state.queued.pop_front() {
+                    Poll::Ready(Some(value))
+                } else if state.senders == 0 {
+                    Poll::Ready(None)
+                } else {
+                    state.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
         }
     }
 }
@@ -233,8 +364,18 @@ impl<E> Stream for Events<E> {
 impl<E> Drop for Events<E> {
     fn drop(&mut self) {
         // The follow future (and what it holds) goes before `on_drop` runs.
-        if let Source::Channel { follow, .. } = &mut self.source {
-            *follow = None;
+        match &mut self.source {
+            Source::Channel { follow, .. } => *follow = None,
+            Source::Direct(slot) => {
+                let mut state = slot.lock();
+                state.dropped = true;
+                // What it captured (the leader's side) goes now, not with the last sender.
+                let deliver = state.deliver.take();
+                state.queued.clear();
+                drop(state);
+                drop(deliver);
+            }
+            Source::Stream(_) => {}
         }
         if let Some(on_drop) = self.on_drop.take() {
             on_drop();
@@ -278,6 +419,33 @@ mod tests {
     async fn a_wrapped_stream_passes_through() {
         let events = Events::stream(futures::stream::iter([1, 2]));
         assert_eq!(events.collect::<Vec<_>>().await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_direct_channel_queues_until_delivered_directly_then_ends_with_its_senders() {
+        let (tx, mut events) = Events::channel();
+        assert!(tx.send(1));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        assert!(events.deliver_directly(Box::new(move |v| {
+            sink.lock().unwrap().push(v);
+            true
+        })));
+        assert!(tx.send(2));
+        let second = tx.clone();
+        assert!(second.send(3));
+        assert_eq!(*got.lock().unwrap(), vec![1, 2, 3], "queued first, then as sent");
+        drop((tx, second));
+        assert_eq!(events.next().await, None, "ends with the last sender");
+    }
+
+    #[tokio::test]
+    async fn a_direct_channel_reads_as_a_stream_and_refuses_sends_once_dropped() {
+        let (tx, mut events) = Events::channel();
+        assert!(tx.send("a"));
+        assert_eq!(events.next().await, Some("a"));
+        drop(events);
+        assert!(!tx.send("b") && tx.is_closed());
     }
 
     #[tokio::test]

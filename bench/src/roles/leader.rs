@@ -54,8 +54,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// Publishes during `window`: bursts of one event per key, flat out (waiting
-/// whenever the Leader has not taken the last events yet, and yielding
+/// Publishes during `window`: bursts of one event per key, flat out (yielding
 /// between bursts), or one event every `interval_us` round the keys.
 async fn publish(
     upstream: BenchUpstream,
@@ -68,40 +67,39 @@ async fn publish(
     let keys = sinks.len();
     let mut idx = vec![0u64; keys];
     let mut published = 0u64;
+    let mut emit = |key: usize, now: u64| {
+        let tick = Tick { key: key as u32, idx: idx[key], sent_ns: now, pad: pad.clone() };
+        if !sinks[key].send(tick) {
+            // The leader dropped the key (its only subscriber lost its link)
+            // and may have subscribed it again since: like a real upstream,
+            // deliver to the current subscription from the next event on.
+            if let Some(sink) = upstream.sink(key) {
+                sinks[key] = sink;
+            }
+        }
+        idx[key] += 1;
+        published += 1;
+    };
     sleep_until_ns(window.start_ns).await;
-    let mut i = 0u64;
-    loop {
-        let (now, burst) = match interval_us {
-            0 => (mono_ns(), 0..keys),
-            _ => {
-                let at = window.start_ns + i * interval_us * 1000;
-                if at >= window.end_ns {
-                    break;
-                }
-                sleep_until_ns(at).await;
-                let key = i as usize % keys;
-                (mono_ns(), key..key + 1)
+    if interval_us == 0 {
+        loop {
+            let now = mono_ns();
+            if now >= window.end_ns {
+                break;
             }
-        };
-        if interval_us == 0 && now >= window.end_ns {
-            break;
-        }
-        for key in burst {
-            let tick = Tick { key: key as u32, idx: idx[key], sent_ns: now, pad: pad.clone() };
-            if sinks[key].send(tick).await.is_err() {
-                // The leader dropped the key (its only subscriber lost its link)
-                // and may have subscribed it again since: like a real upstream,
-                // deliver to the current subscription from the next event on.
-                if let Some(sink) = upstream.sink(key) {
-                    sinks[key] = sink;
-                }
+            for key in 0..keys {
+                emit(key, now);
             }
-            idx[key] += 1;
-            published += 1;
-        }
-        i += 1;
-        if interval_us == 0 {
             tokio::task::yield_now().await;
+        }
+    } else {
+        for i in 0u64.. {
+            let at = window.start_ns + i * interval_us * 1000;
+            if at >= window.end_ns {
+                break;
+            }
+            sleep_until_ns(at).await;
+            emit(i as usize % keys, mono_ns());
         }
     }
     published
