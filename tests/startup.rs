@@ -232,13 +232,22 @@ async fn a_wrong_token_in_standalone_is_reported_and_never_locks_correct_process
         drop(right);
         wrong.expect_line(LINE, is_role("leader")).await;
 
-        // A correct process now is rejected by it, says so, and waits...
+        // Correct processes now are rejected by it, say so, and wait...
         let mut late = spawn("right");
         late.expect_line(LINE, |l| l.contains("ERROR") && l.contains("rejected this follower")).await;
-        // ...and takes over as soon as the wrong-token process is gone.
+        let mut later = spawn("right");
+        later.expect_line(LINE, |l| l.contains("ERROR") && l.contains("rejected this follower")).await;
+        // ...and as soon as the wrong-token process is gone, one takes over and
+        // the other follows it (the socket is bound anew, maybe on the same
+        // inode: the waiting ones tell a new leader by the stored epoch).
         wrong.signal(nix::sys::signal::Signal::SIGKILL);
         drop(wrong);
-        late.expect_line(LINE, is_role("leader")).await;
+        let roles = |l: &str| field(l, "key").is_none() && matches!(field(l, "role"), Some("leader" | "follower"));
+        let first = field(&late.expect_line(LINE, roles).await, "role").map(str::to_owned);
+        let second = field(&later.expect_line(LINE, roles).await, "role").map(str::to_owned);
+        let mut both = [first.as_deref(), second.as_deref()];
+        both.sort();
+        assert_eq!(both, [Some("follower"), Some("leader")], "one leads, the other follows");
         let errors = late.seen.iter().filter(|l| l.contains("ERROR")).count();
         assert_eq!(errors, 1, "the rejection is logged once: {:#?}", late.seen);
         poll_until(LINE, "one registry connection", || async {

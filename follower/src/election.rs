@@ -127,7 +127,7 @@ pub struct Standalone {
     elected: Option<Elected>,
     /// Name, socket path and directory were checked.
     validated: bool,
-    /// The leader this process last followed: its pid and its socket's inode.
+    /// The leader this process last followed: its pid and the stored epoch when it connected.
     followed: Option<(Option<i32>, u64)>,
 }
 
@@ -252,6 +252,13 @@ impl Standalone {
     }
 }
 
+impl Standalone {
+    /// The epoch the current leader stored (0 when none is, or it cannot be read).
+    fn stored_epoch(&self) -> u64 {
+        read_epoch(&self.dir.join(format!("{}.epoch", self.name))).unwrap_or(0)
+    }
+}
+
 /// The stored epoch (0 when none was stored yet).
 fn read_epoch(path: &Path) -> io::Result<u64> {
     let text = match std::fs::read_to_string(path) {
@@ -297,17 +304,17 @@ impl Connector for Standalone {
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
         let pid = stream.peer_cred().ok().and_then(|cred| cred.pid());
-        let inode = std::fs::metadata(&socket).map(|m| m.ino()).unwrap_or(0);
-        self.followed = Some((pid, inode));
+        self.followed = Some((pid, self.stored_epoch()));
         let (read, write) = stream.into_split();
         Ok(Connected::remote(tandem_protocol::Link::from_io(read, write, FrameCodec::new())))
     }
 
     /// A different leader may be there once the lock is free (the rejecting
-    /// leader exited; this process may take over) or the socket was bound anew.
+    /// leader exited; this process may take over) or another process won the
+    /// election meanwhile (the stored epoch moved on: every new leader bumps
+    /// it; the socket's inode is no identity, the file system reuses it).
     async fn new_leader(&mut self) {
-        let socket = self.socket_path();
-        let (pid, inode) = self.followed.unwrap_or((None, 0));
+        let (pid, epoch) = self.followed.unwrap_or((None, 0));
         tracing::warn!(
             leader.pid = pid,
             name = %self.name,
@@ -317,9 +324,9 @@ impl Connector for Standalone {
         );
         loop {
             tokio::time::sleep(NEW_LEADER_POLL).await;
-            let rebound = std::fs::metadata(&socket).map(|m| m.ino()).unwrap_or(0) != inode;
+            let elected = self.stored_epoch() != epoch;
             let free = self.role != Role::FollowerOnly && matches!(self.try_lock(), Ok(Some(_)));
-            if rebound || free {
+            if elected || free {
                 return;
             }
         }
