@@ -128,9 +128,12 @@ impl RegistryUpstream {
         })
     }
 
-    /// The live registry client, waiting as long as it takes. `None` once the adapter is gone.
+    /// The live registry client, waiting as long as it takes (a client whose
+    /// connection just died is not live: its successor is waited for). `None`
+    /// once the adapter is gone.
     async fn wait_client(&self) -> Option<Client> {
-        self.inner.client.subscribe().wait_for(Option::is_some).await.ok()?.clone()
+        let mut client = self.inner.client.subscribe();
+        client.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed())).await.ok()?.clone()
     }
 
     fn registrations(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -252,7 +255,8 @@ async fn start_key(
         return Ok((watch, p.clone(), None));
     }
     if position.is_some() {
-        tracing::info!(subscription.key = %key, "the registry lost state; reading the key again");
+        // Once per key: the connection's WARN ("the registry restarted") says it for all of them.
+        tracing::debug!(subscription.key = %key, "the registry lost state; reading the key again");
     }
     let (current, revision) = client.get_with_revision(key).await.map_err(classify)?;
     let watch = client.watch(WatchSpec::key(key), Some(revision + 1)).await.map_err(classify)?;

@@ -194,9 +194,12 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> Result<ExitCode> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never in a redirected log.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match cli.command {
