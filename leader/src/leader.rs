@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) conflated: AtomicU64,
     /// What peers may cost before their `Hello` is accepted.
     pub(crate) handshakes: Handshakes,
+    /// Refused handshakes are logged at WARN at most once per period (with the count held back).
+    pub(crate) refusals: std::sync::Mutex<tandem_protocol::Throttle>,
     /// The followers connected now, by session.
     pub(crate) peers: std::sync::Mutex<HashMap<u64, crate::FollowerStats>>,
     pub(crate) call_latency: crate::latency::CallLatency,
@@ -182,6 +184,7 @@ impl LeaderBuilder {
         }
         let shared = Arc::new(Shared {
             handshakes,
+            refusals: Default::default(),
             id: Uuid::new_v4(),
             epoch: self.epoch,
             config: self.config,

@@ -102,7 +102,11 @@ impl Session {
         let (hello, states) = match handshake(&shared, &mut link, &peer).await {
             Ok(accepted) => accepted,
             Err(reason) => {
-                tracing::warn!(reason = %reason, "follower refused at handshake");
+                let logged = shared.refusals.lock().unwrap_or_else(|p| p.into_inner()).hit();
+                match logged {
+                    Some(suppressed) => tracing::warn!(reason = %reason, suppressed, "follower refused at handshake"),
+                    None => tracing::debug!(reason = %reason, "follower refused at handshake"),
+                }
                 return;
             }
         };
