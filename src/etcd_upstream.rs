@@ -45,10 +45,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_etcd::{Keys, Registration, Start, WatchEvent};
-use tandem_leader::{CallContext, Events, Upstream};
+use tandem_leader::{CallContext, EventSender, Events, Upstream};
 use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tandem_registry::Instance;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::apis::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
@@ -189,14 +189,14 @@ impl EtcdUpstream {
 async fn follow_key(
     mut watch: tandem_etcd::Watch,
     key: String,
-    tx: mpsc::UnboundedSender<ConfigValue>,
+    tx: EventSender<ConfigValue>,
     current: Option<ConfigValue>,
 ) {
     // The revision of the value already sent, and whether it was a value (not an absence).
     let (mut last, mut present) = (0, false);
     if let Some(current) = current {
         (last, present) = (i64::try_from(current.revision).unwrap_or(0), current.value.is_some());
-        if tx.send(current).is_err() {
+        if !tx.send(current) {
             return;
         }
     }
@@ -215,7 +215,7 @@ async fn follow_key(
                 };
                 last = i64::try_from(value.revision).unwrap_or(0).min(snapshot.revision);
                 present = value.value.is_some();
-                if tx.send(value).is_err() {
+                if !tx.send(value) {
                     return;
                 }
                 continue;
@@ -237,7 +237,7 @@ async fn follow_key(
         }
         last = at;
         present = value.value.is_some();
-        if tx.send(value).is_err() {
+        if !tx.send(value) {
             return;
         }
     }

@@ -31,10 +31,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tandem_leader::{CallContext, Events, Health, Upstream};
+use tandem_leader::{CallContext, EventSender, Events, Health, Upstream};
 use tandem_protocol::{RemoteError, UpstreamState};
 use tandem_registry::{Client, Instance, Registration, ServiceEvent, ServiceWatch, Watch, WatchEvent, WatchSpec};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::apis::{
@@ -273,7 +273,7 @@ async fn start_key(
 async fn follow_key(
     upstream: RegistryUpstream,
     key: String,
-    tx: mpsc::UnboundedSender<ConfigValue>,
+    tx: EventSender<ConfigValue>,
     mut started: Option<(Client, Watch, Position)>,
 ) {
     let mut position: Option<Position> = started.as_ref().map(|(_, _, p)| p.clone());
@@ -287,7 +287,7 @@ async fn follow_key(
                     Ok((watch, p, current)) => {
                         refusals = 0;
                         position = Some(p);
-                        if current.is_some_and(|value| tx.send(value).is_err()) {
+                        if current.is_some_and(|value| !tx.send(value)) {
                             return;
                         }
                         (client, watch)
@@ -329,7 +329,7 @@ async fn follow_key(
             if let Some(p) = position.as_mut() {
                 p.from = p.from.max(value.revision + 1);
             }
-            if tx.send(value).is_err() {
+            if !tx.send(value) {
                 return;
             }
         }
@@ -340,7 +340,7 @@ async fn follow_key(
 async fn follow_service(
     upstream: RegistryUpstream,
     service: String,
-    tx: mpsc::UnboundedSender<Vec<Instance>>,
+    tx: EventSender<Vec<Instance>>,
     mut started: Option<(Client, ServiceWatch)>,
 ) {
     loop {
@@ -365,7 +365,7 @@ async fn follow_service(
             Ok(list) => list.into_iter().map(|i| (i.id.clone(), i)).collect(),
             Err(_) => continue,
         };
-        if tx.send(instances.values().cloned().collect()).is_err() {
+        if !tx.send(instances.values().cloned().collect()) {
             return;
         }
         // The watch opens with one Join per current instance: those change nothing.
@@ -378,7 +378,7 @@ async fn follow_service(
                 Ok(_) => false,
                 Err(_) => break,
             };
-            if changed && tx.send(instances.values().cloned().collect()).is_err() {
+            if changed && !tx.send(instances.values().cloned().collect()) {
                 return;
             }
         }
@@ -421,7 +421,7 @@ impl Upstream<ConfigApi> for RegistryUpstream {
         let upstream = self.clone();
         Ok(Events::spawn(|tx| async move {
             let started = started.and_then(|(client, watch, position, current)| {
-                current.is_none_or(|value| tx.send(value).is_ok()).then_some((client, watch, position))
+                current.is_none_or(|value| tx.send(value)).then_some((client, watch, position))
             });
             follow_key(upstream, key, tx, started).await
         }))

@@ -113,9 +113,9 @@ impl Health {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn outages_show_as_down_with_why_and_recovery_as_ready() {
-        let mut health = Health::new("test");
+        let mut health = Health::with_backoff("test", Duration::from_millis(1), Duration::from_millis(2));
         let state = health.watch();
         assert_eq!(*state.borrow(), UpstreamState::Starting);
         health.failed(RemoteError::unavailable("refused")).await;

@@ -86,7 +86,7 @@ struct Topic {
 
 #[derive(Debug)]
 struct Pump {
-    stop: CancellationToken,
+    /// Aborted to unsubscribe: the stream is dropped with the task's future.
     done: JoinHandle<()>,
 }
 
@@ -421,10 +421,8 @@ impl Hub {
                         Ok(events) => {
                             topic.upstream_subscribed = true;
                             topic.retry_delay = Duration::ZERO;
-                            let stop = CancellationToken::new();
-                            let done =
-                                self.tracker.spawn(self.clone().pump(key.clone(), generation, events, stop.clone()));
-                            topic.pump = Some(Pump { stop, done });
+                            let done = self.tracker.spawn(self.clone().pump(key.clone(), generation, events));
+                            topic.pump = Some(Pump { done });
                         }
                         Err(error) => {
                             // Those waiting for this answer get the error.
@@ -472,9 +470,13 @@ impl Hub {
                     };
                     if let Some(pump) = pump {
                         // The pump drops the stream (the upstream's unsubscribe) and ends.
-                        pump.stop.cancel();
-                        if let Err(error) = pump.done.await {
-                            tracing::warn!(channel = %self.channel, %error, "a subscription's pump task failed");
+                        pump.done.abort();
+                        match pump.done.await {
+                            Err(error) if error.is_panic() => {
+                                tracing::warn!(channel = %self.channel, %error, "a subscription's pump task failed")
+                            }
+                            // Ended or aborted: either way its stream is dropped now.
+                            _ => {}
                         }
                     }
                     let mut state = self.lock();
@@ -506,11 +508,10 @@ impl Hub {
 
     /// Polls one key's stream into the hub until it is stopped (the stream is
     /// dropped here: the unsubscribe) or ends (the upstream lost it).
-    async fn pump(self: Arc<Self>, key: Bytes, generation: u64, mut events: ByteEvents, stop: CancellationToken) {
+    async fn pump(self: Arc<Self>, key: Bytes, generation: u64, mut events: ByteEvents) {
         loop {
             let next = tokio::select! {
                 biased;
-                _ = stop.cancelled() => return,
                 _ = self.cancel.cancelled() => return,
                 next = events.next() => next,
             };

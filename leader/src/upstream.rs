@@ -94,7 +94,7 @@ impl CallContext {
 ///         Ok(Events::spawn(|tx| async move {
 ///             loop {
 ///                 let value = values.borrow_and_update().clone();
-///                 if tx.send(value).is_err() || values.changed().await.is_err() {
+///                 if !tx.send(value) || values.changed().await.is_err() {
 ///                     return;
 ///                 }
 ///             }
@@ -173,9 +173,13 @@ pub struct Events<E> {
 }
 
 enum Source<E> {
-    Channel { values: mpsc::UnboundedReceiver<E>, follow: Option<Follow> },
+    Channel(mpsc::UnboundedReceiver<E>),
     Stream(Pin<Box<dyn Stream<Item = E> + Send>>),
-    Direct(Arc<Slot<E>>),
+    /// An [`EventSender`]'s values, and the future that sends them (for `spawn`).
+    Direct {
+        slot: Arc<Slot<E>>,
+        follow: Option<Follow>,
+    },
 }
 
 /// Where an [`EventSender`]'s values go: the leader's delivery once it has
@@ -264,28 +268,32 @@ impl<E> Drop for EventSender<E> {
 impl<E> std::fmt::Debug for Events<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.source {
-            Source::Channel { values, follow } => {
-                f.debug_struct("Events").field("following", &follow.is_some()).field("queued", &values.len()).finish()
-            }
-            Source::Stream(_) | Source::Direct(_) => f.debug_struct("Events").finish_non_exhaustive(),
+            Source::Channel(values) => f.debug_struct("Events").field("queued", &values.len()).finish(),
+            Source::Direct { follow, .. } => f.debug_struct("Events").field("following", &follow.is_some()).finish(),
+            Source::Stream(_) => f.debug_struct("Events").finish_non_exhaustive(),
         }
     }
 }
 
 impl<E: Send + 'static> Events<E> {
-    /// A stream of what `follow` sends on the sender it is given.
+    /// A stream of what `follow` sends on the [`EventSender`] it is given.
+    /// The future is polled as part of the stream, in the leader's task for
+    /// the key, and each value it sends is delivered at once.
     pub fn spawn<F, Fut>(follow: F) -> Self
     where
-        F: FnOnce(mpsc::UnboundedSender<E>) -> Fut,
+        F: FnOnce(EventSender<E>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let (tx, values) = mpsc::unbounded_channel();
-        Events { source: Source::Channel { values, follow: Some(Box::pin(follow(tx))) }, on_drop: None }
+        let (tx, mut events) = Events::channel();
+        if let Source::Direct { follow: slot, .. } = &mut events.source {
+            *slot = Some(Box::pin(follow(tx)));
+        }
+        events
     }
 
     /// A stream of what arrives on `values`.
     pub fn new(values: mpsc::UnboundedReceiver<E>) -> Self {
-        Events { source: Source::Channel { values, follow: None }, on_drop: None }
+        Events { source: Source::Channel(values), on_drop: None }
     }
 
     /// The values of `stream`.
@@ -303,7 +311,7 @@ impl<E: Send + 'static> Events<E> {
             senders: 1,
             dropped: false,
         })));
-        (EventSender { slot: slot.clone() }, Events { source: Source::Direct(slot), on_drop: None })
+        (EventSender { slot: slot.clone() }, Events { source: Source::Direct { slot, follow: None }, on_drop: None })
     }
 
     /// From now on (and for what is queued, first) every value goes to
@@ -311,7 +319,7 @@ impl<E: Send + 'static> Events<E> {
     /// the stream then yields nothing and ends with the last sender. False
     /// (and nothing done) for the other kinds.
     pub(crate) fn deliver_directly(&mut self, mut deliver: Deliver<E>) -> bool {
-        let Source::Direct(slot) = &self.source else { return false };
+        let Source::Direct { slot, .. } = &self.source else { return false };
         let mut state = slot.lock();
         while let Some(value) = state.queued.pop_front() {
             if !deliver(value) {
@@ -336,17 +344,15 @@ impl<E> Stream for Events<E> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<E>> {
         // Every field is Unpin (the future and the stream are boxed).
         match &mut self.get_mut().source {
-            Source::Channel { values, follow } => {
+            Source::Channel(values) => values.poll_recv(cx),
+            Source::Stream(stream) => stream.as_mut().poll_next(cx),
+            Source::Direct { slot, follow } => {
                 if let Some(running) = follow.as_mut()
                     && running.as_mut().poll(cx).is_ready()
                 {
-                    // Its sender is dropped with it: the channel ends once drained.
+                    // Its sender is dropped with it: the stream ends once drained.
                     *follow = None;
                 }
-                values.poll_recv(cx)
-            }
-            Source::Stream(stream) => stream.as_mut().poll_next(cx),
-            Source::Direct(slot) => {
                 let mut state = slot.lock();
                 if let Some(value) = state.queued.pop_front() {
                     Poll::Ready(Some(value))
@@ -365,8 +371,10 @@ impl<E> Drop for Events<E> {
     fn drop(&mut self) {
         // The follow future (and what it holds) goes before `on_drop` runs.
         match &mut self.source {
-            Source::Channel { follow, .. } => *follow = None,
-            Source::Direct(slot) => {
+            Source::Channel(_) | Source::Stream(_) => {}
+            Source::Direct { slot, follow } => {
+                // The follow future (and what it holds) goes first.
+                *follow = None;
                 let mut state = slot.lock();
                 state.dropped = true;
                 // What it captured (the leader's side) goes now, not with the last sender.
@@ -375,7 +383,6 @@ impl<E> Drop for Events<E> {
                 drop(state);
                 drop(deliver);
             }
-            Source::Stream(_) => {}
         }
         if let Some(on_drop) = self.on_drop.take() {
             on_drop();
@@ -392,7 +399,7 @@ mod tests {
     async fn a_spawned_stream_yields_what_its_future_sends_then_ends() {
         let events = Events::spawn(|tx| async move {
             for n in 0..3 {
-                tx.send(n).unwrap();
+                assert!(tx.send(n));
                 tokio::task::yield_now().await;
             }
         });
@@ -405,7 +412,7 @@ mod tests {
         let (told_tx, told) = tokio::sync::oneshot::channel::<()>();
         let mut events = Events::spawn(|tx| async move {
             let _guard = dropped_tx; // dropped with the future
-            tx.send(1).unwrap();
+            assert!(tx.send(1));
             std::future::pending::<()>().await;
         })
         .on_drop(move || told_tx.send(()).unwrap());
