@@ -2,8 +2,8 @@
 //! every process: [`ConfigApi`] (`"config"`: get / put / delete keys, and
 //! subscribe to a key's value) and [`ServiceApi`] (`"services"`: register /
 //! deregister / discover instances, and subscribe to a service's instance list).
-//! [`crate::registry_upstream`], [`crate::etcd_upstream`] (feature `etcd`) and
-//! [`crate::redis_upstream`] (feature `redis`, config only) serve them, so
+//! [`crate::registry_upstream`], `tandem::etcd_upstream` (feature `etcd`) and
+//! `tandem::redis_upstream` (feature `redis`, config only) serve them, so
 //! workers do not change when the upstream does.
 
 use serde::{Deserialize, Serialize};

@@ -4,7 +4,8 @@
 //! literals. An upstream's own codes (`"E_DENIED"`, `"503"`, ...) pass through
 //! unchanged beside them. PROTOCOL.md lists the ones on the wire.
 
-/// A typed error code (see the [module](self)).
+/// A typed error code: one of the constants below, written on the wire as its
+/// string. An upstream's own codes stay plain strings beside them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ErrorCode(&'static str);
 
