@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_leader::{CallContext, EventSender, Events, Health, Upstream};
-use tandem_protocol::{RemoteError, UpstreamState};
+use tandem_protocol::{RemoteError, UpstreamState, error_chain as chain};
 use tandem_registry::{Client, Instance, Registration, ServiceEvent, ServiceWatch, Watch, WatchEvent, WatchSpec};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -78,17 +78,6 @@ fn unavailable(error: tandem_registry::Error) -> RemoteError {
         tandem_registry::Error::Remote(remote) => remote,
         other => RemoteError::unavailable(format!("registry: {}", chain(&other))).with_code("registry"),
     }
-}
-
-/// An error and its causes, for logs and the reason followers see.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 impl RegistryUpstream {

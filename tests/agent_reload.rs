@@ -11,10 +11,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
-use std::sync::Mutex;
+use std::process::Output;
 use std::time::Duration;
 
+use common::cli::{forking, status_json, status_until, tandem, worker_pids};
 use common::{Proc, alive, example, field, private_dir};
 use serde_json::Value;
 use tandem::registry::{Client, Server, ServerHandle};
@@ -25,60 +25,12 @@ const WORKERS: usize = 2;
 
 /// Held while this file's tests spawn a process or write an executable, so no
 /// child forked here holds a copy being written when it is run (ETXTBSY).
-static FORK: Mutex<()> = Mutex::new(());
-
-fn forking() -> std::sync::MutexGuard<'static, ()> {
-    FORK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Runs `tandem ARGS` with this runtime dir; returns its output (at most 30 s).
-async fn tandem(xdg: &Path, args: &[&str]) -> Output {
-    let child = {
-        let _fork = forking();
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(args)
-            .env("XDG_RUNTIME_DIR", xdg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("run tandem")
-    };
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output());
-    out.await.expect("tandem timed out").expect("tandem's output")
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-async fn status_json(xdg: &Path, name: &str) -> Vec<Value> {
-    let out = tandem(xdg, &["status", name, "--json"]).await;
-    assert!(out.status.success(), "tandem status --json failed: {}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("status --json is a JSON array")
-}
-
-/// Polls `status --json` until `done` holds (at most `STEP`).
-async fn status_until(xdg: &Path, name: &str, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let rows = status_json(xdg, name).await;
-        if done(&rows) {
-            return rows;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached; last status: {rows:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn agent_row(rows: &[Value]) -> &Value {
     rows.iter().find(|r| r["role"] == "agent").expect("agent row")
-}
-
-/// The workers' pids, by slot.
-fn worker_pids(rows: &[Value]) -> Vec<u64> {
-    rows.iter().filter(|r| r["role"] == "worker").map(|r| r["pid"].as_u64().expect("worker pid")).collect()
 }
 
 /// Dropped in field order: the cluster is stopped before its runtime dir goes.
@@ -276,7 +228,7 @@ async fn a_failed_agent_reload_exits_1_with_the_reason() {
         // Fixed on disk: the supervisor's next restart brings an agent back
         // (epoch 2 was the one that refused), the workers never restarted.
         deploy(&exe, |next| std::fs::hard_link(&good, next).unwrap());
-        let rows = status_until(demo.xdg.path(), demo.name, "the agent back", |rows| {
+        let rows = status_until(demo.xdg.path(), demo.name, STEP, "the agent back", |rows| {
             let a = agent_row(rows);
             a["state"] == "online" && a["epoch"].as_u64().is_some_and(|e| e > 2)
         })

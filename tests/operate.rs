@@ -7,10 +7,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use common::cli::{status_json, status_until, stderr, stdout, tandem};
 use common::{Proc, alive, example, field, private_dir};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,46 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const TIMEOUT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(20);
 
-/// Runs `tandem ARGS` with this runtime dir; returns its output (at most 30 s).
-async fn tandem(xdg: &Path, args: &[&str]) -> Output {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", xdg)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(30), run).await.expect("tandem timed out").expect("run tandem")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-async fn status_json(xdg: &Path, name: &str) -> Vec<Value> {
-    let out = tandem(xdg, &["status", name, "--json"]).await;
-    assert!(out.status.success(), "tandem status --json failed: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("status --json is a JSON array")
-}
-
 fn worker(rows: &[Value], id: u64) -> &Value {
     rows.iter().find(|r| r["role"] == "worker" && r["slot"] == id).expect("worker row")
-}
-
-/// Polls `status --json` until `done` holds (at most `STEP`).
-async fn status_until(xdg: &Path, name: &str, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let rows = status_json(xdg, name).await;
-        if done(&rows) {
-            return rows;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not reached; last status: {rows:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// GET /metrics over a plain HTTP/1.0 connection; returns the body.
@@ -157,7 +119,7 @@ async fn operate() {
     // kill -9 a worker: its slot restarts, counted.
     let victim = worker(&rows, 1)["pid"].as_u64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let rows = status_until(xdg.path(), name, "worker 1 restarted", |rows| {
+    let rows = status_until(xdg.path(), name, STEP, "worker 1 restarted", |rows| {
         let w = worker(rows, 1);
         w["restarts"] == 1 && w["state"] == "online" && w["pid"].as_u64() != Some(victim as u64)
     })

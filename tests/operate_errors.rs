@@ -7,17 +7,15 @@
 //! Each test gets its own `XDG_RUNTIME_DIR` (a private temp dir).
 
 // tests/common re-exports testkit helpers that only some tests use.
-#[allow(unused_imports)]
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::{status_json, stderr, stdout, tandem, tandem_as, worker_pids};
 use common::{Proc, example, field, private_dir};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(20);
@@ -25,40 +23,6 @@ const STEP: Duration = Duration::from_secs(20);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The user the CLI runs as in the permission test, when the tests run as root.
 const NOBODY: u32 = 65534;
-
-/// Runs `tandem ARGS` with this runtime dir (as `uid`, when given); returns
-/// its output (at most 30 s).
-async fn tandem_as(xdg: &Path, args: &[&str], uid: Option<u32>) -> Output {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
-    command.args(args).env("XDG_RUNTIME_DIR", xdg).stdin(Stdio::null()).kill_on_drop(true);
-    if let Some(uid) = uid {
-        command.gid(uid).uid(uid);
-    }
-    let run = command.output();
-    tokio::time::timeout(Duration::from_secs(30), run).await.expect("tandem timed out").expect("run tandem")
-}
-
-async fn tandem(xdg: &Path, args: &[&str]) -> Output {
-    tandem_as(xdg, args, None).await
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-async fn status_json(xdg: &Path, name: &str) -> Vec<Value> {
-    let out = tandem(xdg, &["status", name, "--json"]).await;
-    assert!(out.status.success(), "tandem status --json failed: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).expect("status --json is a JSON array")
-}
-
-fn worker_pids(rows: &[Value]) -> Vec<u64> {
-    rows.iter().filter(|r| r["role"] == "worker").map(|r| r["pid"].as_u64().expect("worker pid")).collect()
-}
 
 /// Resumes a stopped process when dropped (declared after its [`Proc`], so
 /// it is dropped first and the Proc's SIGTERM is handled).

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_protocol::ErrorCode;
+use tandem_protocol::{ErrorCode, error_chain};
 
 use tokio::time::Instant;
 
@@ -534,18 +534,6 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
         Ok(Err(error)) => Err(format!("could not send Welcome: {error}")),
         Err(_) => Err("could not send Welcome: follower accepts no bytes".into()),
     }
-}
-
-/// `error` and its causes, for a log line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Sends a `Reject` (best effort) and returns the reason to log.

@@ -121,3 +121,16 @@ impl RemoteError {
         self.kind == ErrorKind::DeadlineExceeded
     }
 }
+
+/// An error and its causes on one line (`outer: cause: root cause`), for logs
+/// and the reasons peers are given.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

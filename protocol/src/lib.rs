@@ -57,7 +57,7 @@ pub use api::{Api, Message};
 pub use backoff::Backoff;
 pub use code::ErrorCode;
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
-pub use error::{ErrorKind, RemoteError};
+pub use error::{ErrorKind, RemoteError, error_chain};
 pub use frame::{
     Ack, ChannelStatus, Ended, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response, Subscribe,
     Unsubscribe, UpstreamState, Welcome,

@@ -7,6 +7,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tandem_testkit::Lines;
+
+pub mod cli;
 use tokio::process::{Child, Command};
 
 // The generic helpers live in tandem-testkit (`poll_until` is its `eventually`).

@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
-use tandem_protocol::{Codec, CodecError};
+use tandem_protocol::{Codec, CodecError, error_chain};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -170,16 +170,4 @@ async fn write<W: AsyncWrite + Unpin>(
         }
         Err(e) => Err(Error::lost(e)),
     }
-}
-
-/// An error and its causes, for logs.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -7,9 +7,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::Client;
-use super::driver::error_chain;
 use super::error::Error;
 use crate::wire::{Instance, Op};
+use tandem_protocol::error_chain;
 
 /// An instance registered with [`Client::register`].
 ///
