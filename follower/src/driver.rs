@@ -83,6 +83,12 @@ impl Latest {
         self.lock().0.clone()
     }
 
+    /// Whether both are the same topic's (a topic the leader ended and one
+    /// made again for the same key have different ones).
+    fn same(&self, other: &Latest) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The leader ended the subscription, and why.
     fn end(&self, error: RemoteError) {
         self.lock().1 = Some(error);
@@ -114,10 +120,11 @@ pub(crate) enum Command {
         key: Bytes,
         reply: SubscribeReply,
     },
-    /// A subscription handle was dropped.
+    /// A subscription handle was dropped (`latest`: the topic it belonged to).
     Unsubscribe {
         channel: &'static str,
         key: Bytes,
+        latest: Latest,
     },
     /// An invoke future was dropped before its answer.
     Cancel(RequestId),
@@ -147,8 +154,6 @@ enum Remote {
     Pending(RequestId),
     /// Acked.
     Active,
-    /// Ended by the leader (`Ended`): not subscribed again until a new `subscribe`.
-    Ended,
 }
 
 #[derive(Debug)]
@@ -215,7 +220,13 @@ impl<C> std::fmt::Debug for Driver<C> {
 struct Core {
     config: Config,
     peer_id: Uuid,
+    /// The channels this connection carries: first the builder's (named in
+    /// every Hello, checked by the leader at the handshake), then those opened
+    /// by use (sent as `Open` after each Welcome, so a channel the leader does
+    /// not serve is only that channel's error, never a refused Hello).
     channels: Vec<&'static str>,
+    /// How many of `channels` came from the builder.
+    declared: usize,
     status: watch::Sender<Status>,
     next_id: Arc<AtomicU64>,
     in_flight: InFlight,
@@ -251,6 +262,7 @@ impl<C: Connector> Driver<C> {
         let core = Core {
             config,
             peer_id: Uuid::new_v4(),
+            declared: channels.len(),
             channels,
             status,
             next_id,
@@ -359,7 +371,7 @@ impl<C: Connector> Driver<C> {
     }
 
     /// Serves one link until it dies; returns why. The Hello named the first
-    /// `named` channels; those opened while it was on its way are opened now.
+    /// `named` channels (the builder's); the others are opened now.
     async fn connected(&mut self, connected: Connected, welcome: Welcome, named: usize) -> String {
         let Connected { mut link, is_leader } = connected;
         let core = &mut self.core;
@@ -538,7 +550,7 @@ impl Core {
             version: PROTOCOL_VERSION,
             peer_id: self.peer_id,
             pid: std::process::id(),
-            channels: self.channels.iter().map(|c| c.to_string()).collect(),
+            channels: self.channels[..self.declared].iter().map(|c| c.to_string()).collect(),
             token: self.config.token.clone(),
         }
     }
@@ -554,8 +566,8 @@ impl Core {
         self.status.borrow().channels.contains_key(channel)
     }
 
-    /// Makes `channel` part of this connection: named in every later Hello,
-    /// and opened at once (`Open`, before the frame that uses it) when connected.
+    /// Makes `channel` part of this connection: opened at once (`Open`, before
+    /// the frame that uses it) when connected, and after every later Welcome.
     fn open(&mut self, channel: &'static str, connected: bool) {
         if self.channels.contains(&channel) {
             return;
@@ -580,7 +592,7 @@ impl Core {
             Command::Cancel(id) => {
                 self.queued.retain(|c| !matches!(c, Command::Invoke { id: queued, .. } if *queued == id));
             }
-            Command::Unsubscribe { channel, key } => self.release(channel, key),
+            Command::Unsubscribe { channel, key, latest } => self.release(channel, key, &latest),
             Command::Close(done) => {
                 self.closed = Some(done);
                 self.shut = true;
@@ -672,7 +684,7 @@ impl Core {
                 self.out.push(Frame::Publish(Publish { id, channel: channel.to_string(), payload }));
             }
             Command::Subscribe { channel, key, reply } => self.subscribe(channel, key, reply),
-            Command::Unsubscribe { channel, key } => self.release(channel, key),
+            Command::Unsubscribe { channel, key, latest } => self.release(channel, key, &latest),
             Command::Cancel(id) => {
                 if self.in_flight.remove(id).is_some() {
                     self.out.push(Frame::Cancel(id));
@@ -698,10 +710,6 @@ impl Core {
             waiters: Vec::new(),
             resynced: false,
         });
-        if topic.remote == Remote::Ended {
-            // Asked again after the leader ended it: a fresh start (the old handles keep their end).
-            (topic.remote, topic.last, topic.latest) = (Remote::Unsent, None, Latest::default());
-        }
         topic.locals += 1;
         if topic.remote == Remote::Active {
             if reply.send(Ok(topic.parts())).is_err() {
@@ -726,19 +734,18 @@ impl Core {
         self.out.push(Frame::Subscribe(Subscribe { id, channel: channel.to_string(), key, last_seen }));
     }
 
-    /// One subscription handle (or waiting caller) let go of a topic.
-    fn release(&mut self, channel: &'static str, key: Bytes) {
+    /// One subscription handle let go of a topic (not of one the leader ended:
+    /// those handles hold no share of a topic made again for the same key).
+    fn release(&mut self, channel: &'static str, key: Bytes, latest: &Latest) {
         let topic_key = (channel, key);
-        let Some(topic) = self.topics.get_mut(&topic_key) else { return };
+        let Some(topic) = self.topics.get_mut(&topic_key).filter(|topic| topic.latest.same(latest)) else { return };
         topic.locals = topic.locals.saturating_sub(1);
         if topic.locals > 0 {
             return;
         }
         let remote = topic.remote;
         self.topics.remove(&topic_key);
-        if matches!(remote, Remote::Pending(_) | Remote::Active)
-            && matches!(self.status.borrow().link, LinkState::Connected { .. })
-        {
+        if remote != Remote::Unsent && matches!(self.status.borrow().link, LinkState::Connected { .. }) {
             let id = self.next_id();
             self.in_flight.insert(id, Pending::Unsubscribe);
             self.out.push(Frame::Unsubscribe(Unsubscribe { id, channel: channel.to_string(), key: topic_key.1 }));
@@ -812,25 +819,27 @@ impl Core {
         }
     }
 
-    /// The leader ended a subscription: its streams end (after what they hold), with the reason.
+    /// The leader ended a subscription: its streams end (after what they
+    /// hold), with the reason, and the topic is forgotten (a new `subscribe`
+    /// starts afresh). Only an active one: an `Ended` sent before this
+    /// follower let go of the key and asked again is for the old subscription.
     fn on_ended(&mut self, ended: Ended) {
         let Some(channel) = self.static_channel(&ended.channel) else { return };
-        let capacity = self.config.subscription_buffer.max(1);
-        let Some(topic) = self.topics.get_mut(&(channel, ended.key)) else { return };
+        let topic_key = (channel, ended.key);
+        if !self.topics.get(&topic_key).is_some_and(|topic| topic.remote == Remote::Active) {
+            return;
+        }
+        let Some(mut topic) = self.topics.remove(&topic_key) else { return };
         tracing::warn!(channel, error = %ended.error, "the leader ended a subscription");
         topic.latest.end(ended.error.clone());
-        // Dropping the sender ends every stream of the topic once drained.
-        topic.updates = broadcast::channel(capacity).0;
-        topic.remote = Remote::Ended;
         topic.answer_waiters(Err(Error::Remote(ended.error)));
+        // Dropping the topic drops its sender: every stream of it ends once drained.
     }
 
     fn on_event(&mut self, event: Event) {
         let Some(channel) = self.static_channel(&event.channel) else { return };
         let position = event.position();
-        let Some(topic) = self.topics.get_mut(&(channel, event.key)).filter(|t| t.remote != Remote::Ended) else {
-            return;
-        };
+        let Some(topic) = self.topics.get_mut(&(channel, event.key)) else { return };
         // Exactly-once, in order: anything at or below what was delivered is a replay.
         if topic.last.as_ref().is_some_and(|last| last.position >= position) {
             return;
@@ -877,9 +886,7 @@ impl Core {
         self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
         self.topics.retain(|_, topic| {
-            if topic.remote != Remote::Ended {
-                topic.remote = Remote::Unsent;
-            }
+            topic.remote = Remote::Unsent;
             topic.answer_waiters(Err(Error::LeaderLost));
             topic.locals > 0
         });

@@ -162,6 +162,7 @@ impl<A: Api> Stream for Subscription<A> {
 
 impl<A: Api> Drop for Subscription<A> {
     fn drop(&mut self) {
-        let _ = self.drops.send(Command::Unsubscribe { channel: self.channel, key: self.key.clone() });
+        let latest = self.latest.clone();
+        let _ = self.drops.send(Command::Unsubscribe { channel: self.channel, key: self.key.clone(), latest });
     }
 }

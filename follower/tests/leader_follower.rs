@@ -134,6 +134,22 @@ async fn a_stream_the_upstream_ends_is_subscribed_again_while_anyone_wants_it() 
 }
 
 #[tokio::test]
+async fn a_stream_that_panics_is_subscribed_again_not_left_dead() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let kv = follower(&path).client::<Kv>();
+        let _sub = kv.subscribe("panics-a".into()).await.unwrap();
+        // The pump caught the panic and asked the upstream again (with backoff).
+        upstream.counters.subscribes.reaches(3).await;
+        // The leader goes on serving.
+        assert_eq!(kv.invoke(KvRequest::Put("x".into(), "1".into())).await.unwrap(), None);
+    })
+    .await
+}
+
+#[tokio::test]
 async fn a_call_past_its_deadline_fails_typed_and_is_cancelled_upstream() {
     within(TEST_TIMEOUT, async {
         let dir = private_dir();
@@ -369,8 +385,15 @@ async fn asking_for_a_client_opens_its_channel_with_no_builder_step() {
         assert!(error.remote().is_some_and(|e| e.has_code(tandem_protocol::ErrorCode::CHANNEL)), "{error}");
         let error = unserved.invoke("x".into()).await.unwrap_err();
         assert!(error.remote().is_some_and(|e| e.has_code(tandem_protocol::ErrorCode::CHANNEL)), "{error}");
-        // A new connection names every channel it opened in its Hello.
         assert_eq!(kv.invoke(KvRequest::Get("a".into())).await.unwrap(), Some("1".into()));
+        // An unserved channel opened before the link is up is only its own
+        // error: the Hello names the builder's channels, the rest are opened after it.
+        let fresh = Connection::builder().connect(tandem_follower::UnixConnector::new(&path)).spawn();
+        let unserved = fresh.client::<Unserved>();
+        let kv = fresh.client::<Kv>();
+        kv.ready().await.unwrap();
+        assert_eq!(kv.invoke(KvRequest::Get("a".into())).await.unwrap(), Some("1".into()));
+        assert!(unserved.ready().await.is_err());
     })
     .await
 }

@@ -24,6 +24,7 @@
 //! its subscribers get the build error if it fails.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -80,8 +81,11 @@ struct Topic {
     pump: Option<Pump>,
     /// The cache lookup whose answer this topic still wants (0: none).
     lookup: u64,
-    /// The delay before retrying a failed upstream subscribe of acknowledged subscribers.
+    /// The delay before retrying a failed upstream subscribe of acknowledged
+    /// subscribers (doubling; back to zero once a stream delivers a value).
     retry_delay: Duration,
+    /// Not before this instant is the key subscribed upstream again (its last stream ended).
+    resubscribe_at: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -366,7 +370,7 @@ impl Hub {
             return;
         };
         enum Step {
-            Subscribe(u64),
+            Subscribe(u64, Option<tokio::time::Instant>),
             Unsubscribe,
         }
         loop {
@@ -377,7 +381,7 @@ impl Hub {
                 if !topic.subscribers.is_empty() && !topic.upstream_subscribed {
                     state.next_generation += 1;
                     topic.generation = state.next_generation;
-                    Step::Subscribe(topic.generation)
+                    Step::Subscribe(topic.generation, topic.resubscribe_at.take())
                 } else if topic.subscribers.is_empty() && topic.upstream_subscribed {
                     topic.generation = 0;
                     topic.last = None;
@@ -398,7 +402,13 @@ impl Hub {
                 }
             };
             match step {
-                Step::Subscribe(generation) => {
+                Step::Subscribe(generation, not_before) => {
+                    if let Some(at) = not_before {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(at) => {}
+                            _ = self.cancel.cancelled() => return,
+                        }
+                    }
                     let direct: DirectSink = {
                         let (hub, key) = (Arc::downgrade(&self), key.clone());
                         Box::new(move |payload| {
@@ -420,9 +430,16 @@ impl Hub {
                     match result {
                         Ok(events) => {
                             topic.upstream_subscribed = true;
-                            topic.retry_delay = Duration::ZERO;
+                            // Spawned without the hub's lock: a runtime shutting down drops
+                            // the future in `spawn`, and dropping a stream may take its lock.
+                            drop(state);
                             let done = self.tracker.spawn(self.clone().pump(key.clone(), generation, events));
-                            topic.pump = Some(Pump { done });
+                            let mut state = self.lock();
+                            match state.topics.get_mut(&key) {
+                                Some(topic) if topic.generation == generation => topic.pump = Some(Pump { done }),
+                                // Ended already (it said so) or superseded.
+                                _ => done.abort(),
+                            }
                         }
                         Err(error) => {
                             // Those waiting for this answer get the error.
@@ -456,8 +473,9 @@ impl Hub {
                                 // Subscribers acknowledged as pending stay: an
                                 // acknowledged subscription is never left dead.
                                 topic.op_running = false;
+                                let delay = self.backoff(topic, &key, &error, "upstream subscribe failed");
                                 drop(state);
-                                self.retry(key, &error, "upstream subscribe failed");
+                                self.tracker.spawn(self.clone().retry_later(key, delay));
                                 return;
                             }
                         }
@@ -487,69 +505,81 @@ impl Hub {
         }
     }
 
-    /// Schedules another upstream subscribe of `key` for its acknowledged
-    /// subscribers, with a doubling delay; WARN the first time, with why.
-    fn retry(self: &Arc<Self>, key: Bytes, error: &RemoteError, what: &str) {
-        let delay = {
-            let mut state = self.lock();
-            let Some(topic) = state.topics.get_mut(&key) else { return };
-            let first = topic.retry_delay.is_zero();
-            topic.retry_delay = (topic.retry_delay * 2).clamp(self.retry_initial, self.retry_max);
-            let delay = topic.retry_delay;
-            if first {
-                tracing::warn!(channel = %self.channel, key = %display_key(&key), %error, retry_ms = delay.as_millis() as u64, "{what}; retrying for the pending subscribers");
-            } else {
-                tracing::debug!(channel = %self.channel, key = %display_key(&key), %error, retry_ms = delay.as_millis() as u64, "{what} again");
-            }
-            delay
-        };
-        self.tracker.spawn(self.clone().retry_later(key, delay));
+    /// The next pause before subscribing `key` again for its acknowledged
+    /// subscribers (doubling); WARN the first time, with why.
+    fn backoff(&self, topic: &mut Topic, key: &Bytes, error: &RemoteError, what: &str) -> Duration {
+        let first = topic.retry_delay.is_zero();
+        topic.retry_delay = (topic.retry_delay * 2).clamp(self.retry_initial, self.retry_max);
+        let delay = topic.retry_delay;
+        if first {
+            tracing::warn!(channel = %self.channel, key = %display_key(key), %error, retry_ms = delay.as_millis() as u64, "{what}; retrying for the pending subscribers");
+        } else {
+            tracing::debug!(channel = %self.channel, key = %display_key(key), %error, retry_ms = delay.as_millis() as u64, "{what} again");
+        }
+        delay
     }
 
     /// Polls one key's stream into the hub until it is stopped (the stream is
     /// dropped here: the unsubscribe) or ends (the upstream lost it).
     async fn pump(self: Arc<Self>, key: Bytes, generation: u64, mut events: ByteEvents) {
-        loop {
+        // An adapter's stream that panics is treated as one that ended (and logged).
+        let mut delivered = false;
+        let why = 'pump: loop {
             let next = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
-                next = events.next() => next,
+                next = AssertUnwindSafe(events.next()).catch_unwind() => next,
             };
-            let Some(payload) = next else { break };
-            if !self.deliver(&key, generation, payload) && !self.is_live(&key, generation) {
-                return;
-            }
+            let mut next = Some(next);
             // What else is ready goes out in the same wakeup.
-            let mut ended = false;
-            while let Some(next) = events.next().now_or_never() {
-                let Some(payload) = next else {
-                    ended = true;
-                    break;
-                };
-                if !self.deliver(&key, generation, payload) && !self.is_live(&key, generation) {
-                    return;
+            while let Some(polled) = next.take() {
+                match polled {
+                    Ok(Some(payload)) => {
+                        if self.deliver(&key, generation, payload) {
+                            if !delivered {
+                                delivered = true;
+                                self.delivered(&key, generation);
+                            }
+                        } else if !self.is_live(&key, generation) {
+                            return;
+                        }
+                    }
+                    Ok(None) => break 'pump "the upstream ended the key's stream",
+                    Err(_) => {
+                        tracing::error!(channel = %self.channel, key = %display_key(&key), "the upstream's stream for a key panicked; subscribing the key again");
+                        break 'pump "the upstream's stream panicked";
+                    }
                 }
+                next = AssertUnwindSafe(events.next()).catch_unwind().now_or_never();
             }
-            if ended {
-                break;
-            }
-        }
-        drop(events);
-        let retry = {
-            let mut state = self.lock();
-            let Some(topic) = state.topics.get_mut(&key) else { return };
-            if topic.generation != generation || generation == 0 {
-                return;
-            }
-            topic.generation = 0;
-            topic.upstream_subscribed = false;
-            topic.pump = None;
-            // With a drive running, it sees the key unsubscribed and subscribes it again.
-            !topic.op_running && !topic.subscribers.is_empty()
         };
-        if retry {
-            let error = RemoteError::unavailable("the upstream ended the key's stream");
-            self.retry(key, &error, "the upstream ended a subscription");
+        drop(events);
+        let mut state = self.lock();
+        let Some(topic) = state.topics.get_mut(&key) else { return };
+        if topic.generation != generation || generation == 0 {
+            return;
+        }
+        topic.generation = 0;
+        topic.upstream_subscribed = false;
+        topic.pump = None;
+        if topic.subscribers.is_empty() {
+            return;
+        }
+        let error = RemoteError::unavailable(why);
+        let delay = self.backoff(topic, &key, &error, "the upstream ended a subscription");
+        topic.resubscribe_at = Some(tokio::time::Instant::now() + delay);
+        // With a drive running, it sees the key unsubscribed and subscribes it again, not before then.
+        if !topic.op_running {
+            drop(state);
+            self.tracker.spawn(self.clone().retry_later(key, delay));
+        }
+    }
+
+    /// A stream delivered a value: its key's retry delay starts over.
+    fn delivered(&self, key: &Bytes, generation: u64) {
+        let mut state = self.lock();
+        if let Some(topic) = state.topics.get_mut(key).filter(|t| t.generation == generation) {
+            topic.retry_delay = Duration::ZERO;
         }
     }
 

@@ -242,7 +242,13 @@ impl Session {
             let Some(channel) = self.shared.channels.get(&name).cloned() else {
                 let error = RemoteError::rejected(format!("this leader does not serve channel {name:?}"))
                     .with_code(ErrorCode::CHANNEL);
-                tracing::warn!(channel = %name, "a follower opened a channel this leader does not serve");
+                let logged = self.shared.refusals.lock().unwrap_or_else(|p| p.into_inner()).hit();
+                match logged {
+                    Some(suppressed) => {
+                        tracing::warn!(channel = %name, suppressed, "a follower opened a channel this leader does not serve")
+                    }
+                    None => tracing::debug!(channel = %name, "a follower opened a channel this leader does not serve"),
+                }
                 self.push(Frame::Status(ChannelStatus { channel: name, state: UpstreamState::Down(error) }));
                 continue;
             };

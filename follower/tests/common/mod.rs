@@ -134,6 +134,12 @@ impl Upstream<Kv> for MemUpstream {
         if let Some(value) = store.values.get(&key) {
             let _ = sink.send(value.clone());
         }
+        if key.starts_with("panics") {
+            // A stream that panics when polled: the leader treats it as ended.
+            return Ok(Events::stream(futures::stream::poll_fn(|_| -> std::task::Poll<Option<String>> {
+                panic!("the test upstream's stream panicked")
+            })));
+        }
         if key.starts_with("once") {
             // A stream that ends after the current value: the upstream lost it.
             return Ok(Events::new(events));
