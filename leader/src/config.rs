@@ -48,7 +48,7 @@ pub struct Config {
     /// much per connection, and the read buffer keeps the capacity of the
     /// largest frame it read. The default is 16 MiB.
     pub max_frame_length: usize,
-    /// The longest an upstream subscribe, unsubscribe or publish may take before
+    /// The longest an upstream subscribe (until it returns its stream) or publish may take before
     /// it counts as failed (a hung upstream must not block a key forever).
     /// The default is 30 seconds.
     pub upstream_timeout: Duration,
