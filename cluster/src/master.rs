@@ -581,9 +581,11 @@ impl Master {
     /// out its actions, in order.
     fn route(&mut self, step: impl FnOnce(&mut Router, Peers<'_>) -> Vec<Action>) {
         let peers = Peers { agent: &self.agent, workers: &self.workers, stopping: self.stopping.is_some() };
-        for action in step(&mut self.router, peers) {
+        let mut actions = step(&mut self.router, peers);
+        for action in actions.drain(..) {
             self.carry_out(action);
         }
+        self.router.recycle(actions);
     }
 
     fn carry_out(&mut self, action: Action) {

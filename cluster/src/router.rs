@@ -143,6 +143,9 @@ pub(crate) struct Router {
     next_request: u64,
     links: HashMap<LinkId, LinkRoute>,
     next_link: LinkId,
+    /// The buffers of the last step, kept for the next (a step per relayed
+    /// frame: no allocation per message).
+    spare: (Vec<Action>, Vec<((ProcKey, Queue), usize)>),
 }
 
 /// A single destination.
@@ -169,12 +172,20 @@ enum NoRoom {
 /// has room for one more message is full for the next one planned on it.
 struct Plan {
     actions: Vec<Action>,
-    taken: HashMap<(ProcKey, Queue), usize>,
+    /// Room taken per queue (a step touches a few queues: a list beats a map).
+    taken: Vec<((ProcKey, Queue), usize)>,
 }
 
 impl Plan {
-    fn new() -> Self {
-        Plan { actions: Vec::new(), taken: HashMap::new() }
+    fn taken(&mut self, key: (ProcKey, Queue)) -> &mut usize {
+        let at = match self.taken.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                self.taken.push((key, 0));
+                self.taken.len() - 1
+            }
+        };
+        &mut self.taken[at].1
     }
 
     /// Plans `msg` on a queue of `proc` with the semantics of `try_send`
@@ -187,7 +198,7 @@ impl Plan {
         if tx.is_closed() {
             return Err(NoRoom::Closed);
         }
-        let taken = self.taken.entry((proc.key, queue)).or_default();
+        let taken = self.taken((proc.key, queue));
         if tx.capacity() <= *taken {
             return Err(NoRoom::Full);
         }
@@ -210,7 +221,7 @@ impl Plan {
 
     /// A control message, queued as [`Proc::control`] does.
     fn control(&mut self, to: ProcKey, msg: ToChild) {
-        *self.taken.entry((to, Queue::Control)).or_default() += 1;
+        *self.taken((to, Queue::Control)) += 1;
         self.actions.push(Action::Control { to, msg });
     }
 
@@ -223,6 +234,26 @@ impl Plan {
 }
 
 impl Router {
+    /// A plan on the spare buffers.
+    fn plan(&mut self) -> Plan {
+        let (actions, taken) = std::mem::take(&mut self.spare);
+        Plan { actions, taken }
+    }
+
+    /// The plan's actions; its room table goes back to the spares.
+    fn finish(&mut self, plan: Plan) -> Vec<Action> {
+        let Plan { actions, mut taken } = plan;
+        taken.clear();
+        self.spare.1 = taken;
+        actions
+    }
+
+    /// Gives back a step's (carried out) actions, for the next step to reuse.
+    pub(crate) fn recycle(&mut self, mut actions: Vec<Action>) {
+        actions.clear();
+        self.spare.0 = actions;
+    }
+
     /// The messages routed so far.
     pub(crate) fn counts(&self) -> MessageCounts {
         self.counts
@@ -239,7 +270,7 @@ impl Router {
         op: Op,
         responder: Responder,
     ) -> Vec<Action> {
-        let mut plan = Plan::new();
+        let mut plan = self.plan();
         match op {
             Op::Send { to, topic, payload } => {
                 self.counts.send += 1;
@@ -257,7 +288,7 @@ impl Router {
                 plan.respond(responder, outcome);
             }
         }
-        plan.actions
+        self.finish(plan)
     }
 
     fn resolve(peers: Peers<'_>, origin: Option<ProcKey>, to: Target) -> Result<(Dest, Option<WorkerId>), Refusal> {
@@ -381,16 +412,16 @@ impl Router {
             }
             None => return Vec::new(), // expired, or the requester is gone
         }
-        let mut plan = Plan::new();
+        let mut plan = self.plan();
         if let Some(pending) = self.requests.remove(&request) {
             plan.respond(pending.responder, Outcome::Reply(result));
         }
-        plan.actions
+        self.finish(plan)
     }
 
     /// Fails requests whose deadline passed by `now` (their requesters have given up too).
     pub(crate) fn on_tick(&mut self, now: Instant) -> Vec<Action> {
-        let mut plan = Plan::new();
+        let mut plan = self.plan();
         let expired: Vec<u64> = self.requests.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some(p) = self.requests.remove(&id) {
@@ -398,14 +429,14 @@ impl Router {
                 plan.respond(p.responder, Outcome::Refused(refusal));
             }
         }
-        plan.actions
+        self.finish(plan)
     }
 
     /// Process `key` exited (it is no longer among `peers`): fail the requests
     /// it was asked, forget the ones it made, and close its links (the other
     /// end's `rx` ends).
     pub(crate) fn on_gone(&mut self, peers: Peers<'_>, key: ProcKey) -> Vec<Action> {
-        let mut plan = Plan::new();
+        let mut plan = self.plan();
         let asked: Vec<u64> =
             self.requests.iter().filter(|(_, p)| p.replier == Replier::Proc(key)).map(|(id, _)| *id).collect();
         for id in asked {
@@ -420,7 +451,7 @@ impl Router {
         for link in links {
             self.close_link(&mut plan, peers, link, &reason);
         }
-        plan.actions
+        self.finish(plan)
     }
 
     fn open_link(&mut self, plan: &mut Plan, peers: Peers<'_>, origin: Option<ProcKey>) -> Result<Outcome, Refusal> {
@@ -461,8 +492,8 @@ impl Router {
     /// relay queue is full is closed.
     pub(crate) fn on_link_frame(&mut self, peers: Peers<'_>, from: ProcKey, link: LinkId, frame: Bytes) -> Vec<Action> {
         self.counts.link_frame += 1;
-        let mut plan = Plan::new();
-        let Some(other) = self.other_end(from, link, "frame") else { return plan.actions };
+        let mut plan = self.plan();
+        let Some(other) = self.other_end(from, link, "frame") else { return self.finish(plan) };
         let result = match peers.proc(other) {
             Some(p) => plan.try_queue(p, Queue::Data, ToChild::LinkFrame { link, frame }).map_err(|e| match e {
                 NoRoom::Full => "relay queue full",
@@ -474,7 +505,7 @@ impl Router {
             tracing::warn!(link, reason, "closing a link");
             self.close_link(&mut plan, peers, link, reason);
         }
-        plan.actions
+        self.finish(plan)
     }
 
     /// Credit from one end of a link, relayed to the other like a frame. Never
@@ -482,8 +513,8 @@ impl Router {
     /// lost credit would stall the link), and when both are full the link is
     /// closed.
     pub(crate) fn on_link_credit(&mut self, peers: Peers<'_>, from: ProcKey, link: LinkId, credit: u32) -> Vec<Action> {
-        let mut plan = Plan::new();
-        let Some(other) = self.other_end(from, link, "credit") else { return plan.actions };
+        let mut plan = self.plan();
+        let Some(other) = self.other_end(from, link, "credit") else { return self.finish(plan) };
         let result = match peers.proc(other) {
             Some(p) => match plan.try_queue(p, Queue::Data, ToChild::LinkCredit { link, credit }) {
                 Ok(()) => Ok(()),
@@ -501,19 +532,19 @@ impl Router {
             tracing::warn!(link, reason, "closing a link");
             self.close_link(&mut plan, peers, link, reason);
         }
-        plan.actions
+        self.finish(plan)
     }
 
     /// One end closed `link`.
     pub(crate) fn on_link_close(&mut self, peers: Peers<'_>, from: ProcKey, link: LinkId) -> Vec<Action> {
-        let mut plan = Plan::new();
+        let mut plan = self.plan();
         match self.links.get(&link) {
             Some(r) if r.worker == from || r.agent == from => {
                 self.close_link(&mut plan, peers, link, "closed by the other end")
             }
             _ => {}
         }
-        plan.actions
+        self.finish(plan)
     }
 
     /// Forgets a link and tells both ends (an end that is gone is skipped).
