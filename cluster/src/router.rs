@@ -145,8 +145,11 @@ pub(crate) struct Router {
     next_link: LinkId,
     /// The buffers of the last step, kept for the next (a step per relayed
     /// frame: no allocation per message).
-    spare: (Vec<Action>, Vec<((ProcKey, Queue), usize)>),
+    spare: (Vec<Action>, Vec<Taken>),
 }
+
+/// The room a step took on one queue of one process.
+type Taken = ((ProcKey, Queue), usize);
 
 /// A single destination.
 #[derive(Debug, Clone, Copy)]
@@ -173,7 +176,7 @@ enum NoRoom {
 struct Plan {
     actions: Vec<Action>,
     /// Room taken per queue (a step touches a few queues: a list beats a map).
-    taken: Vec<((ProcKey, Queue), usize)>,
+    taken: Vec<Taken>,
 }
 
 impl Plan {
