@@ -153,16 +153,19 @@ type Follow = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// The values of one subscribed key, as [`Upstream::subscribe`] returns them.
 ///
 /// - [`Events::spawn`] runs a future that sends the key's values (a watch
-///   loop, with its reconnects); the future is polled as part of the stream,
-///   in the leader's task for the key, and dropped with it.
-/// - [`Events::new`] wraps the receiving half of a channel that a task of the
-///   adapter feeds (an adapter that multiplexes many keys over one connection);
-///   [`on_drop`](Self::on_drop) tells that task the key is no longer wanted.
+///   loop, with its reconnects) on an [`EventSender`]; the future is polled
+///   as part of the stream, in the leader's task for the key, and dropped with it.
 /// - [`Events::channel`] gives an [`EventSender`] for a client whose own task
-///   or callback produces the values (a multiplexed connection, an SDK's
-///   listener): the leader delivers each `send` right there, with no hop
-///   through another task, so this is the fastest way in.
+///   or callback produces the values (a connection that multiplexes many
+///   keys, an SDK's listener); [`on_drop`](Self::on_drop) tells that task the
+///   key is no longer wanted.
+/// - [`Events::new`] wraps the receiving half of a tokio channel the client already fills.
 /// - [`Events::stream`] takes any stream the client library already offers.
+///
+/// An `EventSender`'s values (from `spawn` or `channel`) are delivered by the
+/// leader as they are sent, with no hop through another task: the fastest way
+/// in. Sending never waits; slow followers are the leader's business (it
+/// conflates their queued values per key).
 ///
 /// The stream ends once the future has returned (or every sender is gone, or
 /// the wrapped stream ended) and every value sent has been taken.
