@@ -435,7 +435,12 @@ impl Results {
             met: ratio.map(|r| r >= 0.5),
             detail: match direct.zip(floor) {
                 Some((d, f)) => format!(
-                    "N={n}: direct {:.0} events/s to every follower ({:.1}% of published missed), floor {:.0}",
+                    "{}direct {:.0} events/s to every follower ({:.1}% of published missed), floor {:.0}",
+                    if n == 8 {
+                        "N=8: ".to_string()
+                    } else {
+                        format!("measured at N={n}, the N nearest 8 in this run: ")
+                    },
                     d.delivered_per_sec_min,
                     d.missed_ratio * 100.0,
                     f.delivered_per_sec_min

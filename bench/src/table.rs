@@ -87,11 +87,12 @@ fn fanout(out: &mut String, r: &Results) {
     );
     let _ = writeln!(
         out,
-        "  {:<9} {:>3} {:>13} {:>15} {:>9} {:>5} {:>10} | {:>10} {:>10} {:>10} {:>5}",
+        "  {:<9} {:>3} {:>13} {:>15} {:>13} {:>9} {:>5} {:>10} | {:>10} {:>10} {:>10} {:>5}",
         "transport",
         "N",
         "published/s",
         "to every foll./s",
+        "mean foll./s",
         "missed %",
         "lost",
         "vs floor",
@@ -110,11 +111,12 @@ fn fanout(out: &mut String, r: &Results) {
         };
         let _ = writeln!(
             out,
-            "  {:<9} {:>3} {:>13.0} {:>15.0} {:>9.1} {:>5} {:>10} | {:>10.1} {:>10.1} {:>10.1} {:>5}",
+            "  {:<9} {:>3} {:>13.0} {:>15.0} {:>13.0} {:>9.1} {:>5} {:>10} | {:>10.1} {:>10.1} {:>10.1} {:>5}",
             x.transport.to_string(),
             x.followers,
             x.published_per_sec,
             x.delivered_per_sec_min,
+            x.delivered_per_sec_mean,
             x.missed_ratio * 100.0,
             x.links_lost,
             versus,
