@@ -15,7 +15,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::cli::{forking, status_json, status_until, tandem, worker_pids};
-use common::{Proc, alive, example, field, private_dir};
+use common::{Proc, alive, example, field, poll_until, private_dir};
 use serde_json::Value;
 use tandem::registry::{Client, Server, ServerHandle};
 
@@ -87,15 +87,11 @@ impl Demo {
     /// Waits until the registry sees one client connection (the Leader's;
     /// the asking one is not counted) with one watch.
     async fn one_upstream_connection(&self) {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
+        poll_until(STEP, "one upstream connection and one watch", || async {
             let stats = self.admin.stats().await.expect("registry stats");
-            if (stats.connections, stats.watches) == (1, 1) {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "not one upstream connection and one watch: {stats:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            (stats.connections, stats.watches) == (1, 1)
+        })
+        .await;
     }
 
     async fn status(&self) -> Vec<Value> {

@@ -545,8 +545,13 @@ impl Hub {
                         }
                     }
                     Ok(None) => break 'pump "the upstream ended the key's stream",
-                    Err(_) => {
-                        tracing::error!(channel = %self.channel, key = %display_key(&key), "the upstream's stream for a key panicked; subscribing the key again");
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(channel = %self.channel, key = %display_key(&key), panic = %why, "the upstream's stream for a key panicked; subscribing the key again");
                         break 'pump "the upstream's stream panicked";
                     }
                 }

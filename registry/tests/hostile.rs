@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{eventually, next, start, within};
 use futures::future::join_all;
+use tandem_protocol::error_chain;
 use tandem_registry::{Client, Config, Instance, WatchSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -47,22 +48,10 @@ async fn stalled_prefix(addr: SocketAddr) -> TcpStream {
     stream
 }
 
-/// The whole error chain, to find the registry's reason in it.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Connects and puts one key; the error chain if either fails.
 async fn put(addr: SocketAddr, key: &str) -> Result<u64, String> {
-    let client = Client::connect(addr).await.map_err(|e| chain(&e))?;
-    client.put(key, "v").await.map_err(|e| chain(&e))
+    let client = Client::connect(addr).await.map_err(|e| error_chain(&e))?;
+    client.put(key, "v").await.map_err(|e| error_chain(&e))
 }
 
 /// `Request { id: 1, op: Put { key: "k", value } }`, framed (MessagePack by hand:
@@ -204,7 +193,7 @@ async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
         assert_eq!(next(&mut watch).await.unwrap().key(), "busy");
         // Once its work is done, it is closed too.
         let error = tokio::time::timeout(Duration::from_secs(5), busy.closed()).await.expect("closed");
-        assert!(chain(&error).contains("idle_timeout"), "{}", chain(&error));
+        assert!(error_chain(&error).contains("idle_timeout"), "{}", error_chain(&error));
     })
     .await
 }

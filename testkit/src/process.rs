@@ -96,9 +96,15 @@ mod tests {
     #[test]
     fn stop_asks_with_sigterm_first() {
         // A shell that exits 0 on SIGTERM: stopped within the grace, not killed.
-        let mut child =
-            Command::new("sh").args(["-c", "trap 'exit 0' TERM; while :; do sleep 0.05; done"]).spawn().expect("sh");
-        std::thread::sleep(Duration::from_millis(200)); // let it install the trap
+        let mut child = Command::new("sh")
+            .args(["-c", "trap 'exit 0' TERM; echo trapped; while :; do sleep 0.05; done"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        // It says so once the trap is installed.
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "trapped");
         let started = Instant::now();
         stop(child.id(), Duration::from_secs(5));
         assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
