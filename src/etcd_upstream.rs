@@ -289,10 +289,6 @@ impl Upstream<ConfigApi> for EtcdUpstream {
         Ok(Events::spawn(|tx| follow_key(watch, key, tx, current)))
     }
 
-    async fn publish(&self, request: ConfigRequest) -> Result<(), RemoteError> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        <Self as Upstream<ConfigApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
-    }
 }
 
 impl Upstream<ServiceApi> for EtcdUpstream {
@@ -338,8 +334,4 @@ impl Upstream<ServiceApi> for EtcdUpstream {
         Ok(Events::stream(self.inner.client.watch_service::<Instance>(&service)))
     }
 
-    async fn publish(&self, request: ServiceRequest) -> Result<(), RemoteError> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        <Self as Upstream<ServiceApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
-    }
 }

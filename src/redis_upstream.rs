@@ -350,8 +350,4 @@ impl Upstream<ConfigApi> for RedisUpstream {
         Some(self.health.clone())
     }
 
-    async fn publish(&self, request: ConfigRequest) -> Result<(), RemoteError> {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        <Self as Upstream<ConfigApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
-    }
 }

@@ -420,10 +420,6 @@ impl Upstream<ConfigApi> for RegistryUpstream {
         Some(self.inner.health.clone())
     }
 
-    async fn publish(&self, request: ConfigRequest) -> Result<(), RemoteError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        <Self as Upstream<ConfigApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
-    }
 }
 
 impl Upstream<ServiceApi> for RegistryUpstream {
@@ -472,8 +468,4 @@ impl Upstream<ServiceApi> for RegistryUpstream {
         Some(self.inner.health.clone())
     }
 
-    async fn publish(&self, request: ServiceRequest) -> Result<(), RemoteError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        <Self as Upstream<ServiceApi>>::invoke(self, request, CallContext::until(deadline)).await.map(|_| ())
-    }
 }

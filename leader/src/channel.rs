@@ -24,7 +24,7 @@ pub(crate) type DirectSink = Box<dyn FnMut(Bytes) -> bool + Send>;
 /// An upstream seen through bytes: what the leader routes without knowing types.
 pub(crate) trait ErasedUpstream: Send + Sync + 'static {
     fn invoke(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<Bytes, RemoteError>>;
-    fn publish(&self, payload: Bytes) -> BoxFuture<Result<(), RemoteError>>;
+    fn publish(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<(), RemoteError>>;
     fn subscribe(&self, key: Bytes, direct: DirectSink) -> BoxFuture<Result<ByteEvents, RemoteError>>;
     fn health(&self) -> Option<watch::Receiver<UpstreamState>>;
 }
@@ -50,11 +50,11 @@ impl<A: Api, U: Upstream<A>> ErasedUpstream for Typed<A, U> {
         })
     }
 
-    fn publish(&self, payload: Bytes) -> BoxFuture<Result<(), RemoteError>> {
+    fn publish(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<(), RemoteError>> {
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let request: A::Request = decode(&payload)?;
-            upstream.publish(request).await
+            upstream.publish(request, ctx).await
         })
     }
 

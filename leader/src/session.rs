@@ -439,9 +439,10 @@ impl Session {
         self.shared.tracker.spawn(
             async move {
                 let deadline = Instant::now() + limit;
+                let ctx = CallContext { deadline, cancelled: cancel.child_token() };
                 let publish = async {
                     let upstream = channel.ready_upstream(deadline).await?;
-                    upstream.publish(payload).await
+                    upstream.publish(payload, ctx).await
                 };
                 tokio::select! {
                     result = tokio::time::timeout_at(deadline, publish) => {

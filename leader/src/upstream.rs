@@ -141,10 +141,13 @@ pub trait Upstream<A: Api>: Send + Sync + 'static {
         None
     }
 
-    /// Publishes something through the upstream. The default refuses.
-    fn publish(&self, request: A::Request) -> impl Future<Output = Result<(), RemoteError>> + Send {
-        let _ = request;
-        async { Err(RemoteError::bad_request(format!("channel {} does not support publish", A::NAME))) }
+    /// Performs a request nobody waits the answer of (a follower's
+    /// `Client::publish`), within the leader's `upstream_timeout` (`ctx`). The
+    /// default is [`invoke`](Self::invoke), its response dropped; override it to
+    /// refuse, or to publish differently.
+    fn publish(&self, request: A::Request, ctx: CallContext) -> impl Future<Output = Result<(), RemoteError>> + Send {
+        let call = self.invoke(request, ctx);
+        async move { call.await.map(drop) }
     }
 }
 

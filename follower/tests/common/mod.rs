@@ -157,7 +157,7 @@ impl Upstream<Kv> for MemUpstream {
         Some(self.health.subscribe())
     }
 
-    async fn publish(&self, request: KvRequest) -> Result<(), RemoteError> {
+    async fn publish(&self, request: KvRequest, _ctx: CallContext) -> Result<(), RemoteError> {
         match request {
             KvRequest::Put(key, value) => {
                 self.put(&key, &value);
