@@ -13,6 +13,11 @@
 //! - Service registry: [`Instance`]s registered under a lease with a TTL, renewed
 //!   by the client; an instance leaves when its lease expires or its connection
 //!   closes. Discover a service, or watch its joins and leaves.
+//! - Clients: [`Client`] is one connection and ends with it; [`Reconnecting`]
+//!   reconnects by itself (backoff 20 ms to 2 s, its [`ConnectionState`] in a
+//!   watch), resumes followed keys from their last revision (re-reading them
+//!   from a server that restarted with less state), follows services and
+//!   registers its instances again after every reconnect.
 //! - Limits ([`Config`]) with clear errors; a peer that sends bytes that are not
 //!   requests gets a `BadRequest` goodbye and is disconnected, and a watcher too
 //!   slow to read its events is disconnected, without slowing anyone else.
@@ -68,7 +73,10 @@ mod client;
 mod server;
 mod wire;
 
-pub use client::{Client, Error, HELLO_TIMEOUT, Registration, ServiceWatch, WATCH_BUFFER, Watch};
+pub use client::{
+    Client, ConnectionState, Error, FollowedKey, FollowedService, HELLO_TIMEOUT, KeyState, Reconnecting, Registration,
+    ServiceWatch, WATCH_BUFFER, Watch,
+};
 pub use server::{Config, RESERVED_FDS, SMALL_FRAME, Server, ServerHandle, default_max_connections, serve};
 pub use wire::{Instance, KeyValue, ServerInfo, ServiceEvent, Stats, WatchEvent, WatchSpec};
 

@@ -4,11 +4,13 @@
 //! hands replies and watch events to the callers and streams waiting in the
 //! `in_flight` table. Each watch's events wait in its own `queue` until its
 //! `watch` stream takes them; a `registration` keeps its lease alive.
+//! `reconnecting` is the client that outlives its connections.
 
 mod driver;
 mod error;
 mod in_flight;
 mod queue;
+mod reconnecting;
 mod registration;
 mod watch;
 
@@ -24,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use error::Error;
 pub use queue::WATCH_BUFFER;
+pub use reconnecting::{ConnectionState, FollowedKey, FollowedService, KeyState, Reconnecting};
 pub use registration::Registration;
 pub use watch::{ServiceWatch, Watch};
 
@@ -43,9 +46,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A background task owns the connection; calls may run concurrently and are
 /// multiplexed by request id. When the connection is lost every in-flight call
 /// fails at once with [`Error::ConnectionLost`], watches end with that error, and
-/// later calls fail immediately: connect a new client to carry on. The connection
-/// closes when the last clone (and the last watch and registration made through
-/// it) is dropped.
+/// later calls fail immediately: connect a new client to carry on (or use
+/// [`Reconnecting`], which does). The connection closes when the last clone
+/// (and the last watch and registration made through it) is dropped.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
