@@ -1,4 +1,5 @@
-//! [`Health`]: an adapter's reconnect loop, reported and paced.
+//! [`Health`]: an adapter's reconnect loop, reported and paced; and
+//! [`health_from`], for a client that reconnects by itself.
 
 use std::time::Duration;
 
@@ -109,6 +110,61 @@ impl Health {
     }
 }
 
+/// The health of an upstream whose client reconnects by itself and publishes
+/// its connection state in a watch (return it from `Upstream::health`): `map`
+/// turns each state into the health to report, or `None` to keep the last one
+/// (for a passing state, such as a switch between members). It starts as `map`
+/// of the current state, or `Starting`. A task follows `state` until its sender,
+/// or every receiver of the health, is gone.
+///
+/// ```
+/// # use tandem_leader::health_from;
+/// # use tandem_protocol::{RemoteError, UpstreamState};
+/// # use tokio::sync::watch;
+/// enum Link { Connecting, Up, Down(String) }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let (link, state) = watch::channel(Link::Connecting);
+/// let mut health = health_from(state, |link| match link {
+///     Link::Connecting => None,
+///     Link::Up => Some(UpstreamState::Ready),
+///     Link::Down(why) => Some(UpstreamState::Down(RemoteError::unavailable(why.clone()))),
+/// });
+/// assert_eq!(*health.borrow(), UpstreamState::Starting);
+/// link.send_replace(Link::Down("connection refused".into()));
+/// health.wait_for(|h| matches!(h, UpstreamState::Down(e) if e.message == "connection refused")).await.unwrap();
+/// link.send_replace(Link::Connecting); // changes nothing
+/// link.send_replace(Link::Up);
+/// health.wait_for(|h| *h == UpstreamState::Ready).await.unwrap();
+/// # }
+/// ```
+pub fn health_from<S>(
+    mut state: watch::Receiver<S>,
+    map: impl Fn(&S) -> Option<UpstreamState> + Send + 'static,
+) -> watch::Receiver<UpstreamState>
+where
+    S: Send + Sync + 'static,
+{
+    let first = map(&state.borrow_and_update());
+    let (health, receiver) = watch::channel(first.unwrap_or(UpstreamState::Starting));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { return },
+                () = health.closed() => return,
+            }
+            let Some(next) = map(&state.borrow_and_update()) else { continue };
+            health.send_if_modified(|current| {
+                let changed = *current != next;
+                *current = next;
+                changed
+            });
+        }
+    });
+    receiver
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +182,27 @@ mod tests {
         assert!(health.is_ready() && health.failures() == 0);
         health.lost(RemoteError::unavailable("reset"));
         assert!(matches!(&*state.borrow(), UpstreamState::Down(e) if e.message == "reset"));
+    }
+
+    #[tokio::test]
+    async fn a_mapped_health_keeps_its_state_on_none_and_ends_with_its_source() {
+        let (source, state) = watch::channel(0u8);
+        let mut health = health_from(state, |n| match n {
+            0 => None,
+            1 => Some(UpstreamState::Ready),
+            _ => Some(UpstreamState::Down(RemoteError::unavailable(format!("state {n}")))),
+        });
+        assert_eq!(*health.borrow_and_update(), UpstreamState::Starting);
+        source.send_replace(2);
+        health.changed().await.unwrap();
+        assert!(matches!(&*health.borrow_and_update(), UpstreamState::Down(e) if e.message == "state 2"));
+        source.send_replace(0);
+        source.send_replace(1);
+        health.changed().await.unwrap();
+        assert_eq!(*health.borrow_and_update(), UpstreamState::Ready);
+        source.send_replace(1);
+        drop(source);
+        assert!(health.changed().await.is_err(), "no change for the same state, then the end with the source");
+        assert_eq!(*health.borrow(), UpstreamState::Ready);
     }
 }

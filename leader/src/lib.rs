@@ -48,7 +48,7 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
 pub use cache::Cache;
 pub use config::Config;
 pub use error::Error;
-pub use health::Health;
+pub use health::{Health, health_from};
 pub use latency::LatencyStats;
 pub use leader::{Leader, LeaderBuilder};
 pub use session::PeerInfo;
