@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_etcd::{Keys, Registration, Start, WatchEvent};
-use tandem_leader::{CallContext, EventSender, Events, Upstream};
+use tandem_leader::{CallContext, EventSender, Events, Upstream, health_from};
 use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tandem_registry::Instance;
 use tokio::sync::watch;
@@ -128,31 +128,13 @@ impl EtcdUpstream {
     /// member answers, `Ready` once one does (a switch between members is not
     /// an outage).
     fn health_watch(&self) -> watch::Receiver<UpstreamState> {
-        let mut connection = self.inner.client.state();
-        let (health, receiver) = watch::channel(UpstreamState::Ready);
-        tokio::spawn(async move {
-            loop {
-                let next = match &*connection.borrow_and_update() {
-                    tandem_etcd::ConnectionState::Connected { .. } => Some(UpstreamState::Ready),
-                    tandem_etcd::ConnectionState::Unavailable { reason } => Some(UpstreamState::Down(
-                        RemoteError::unavailable(format!("etcd unreachable: {reason}")).with_code("etcd"),
-                    )),
-                    _ => None,
-                };
-                if let Some(next) = next {
-                    health.send_if_modified(|current| {
-                        let changed = *current != next;
-                        *current = next;
-                        changed
-                    });
-                }
-                tokio::select! {
-                    changed = connection.changed() => if changed.is_err() { return },
-                    _ = health.closed() => return,
-                }
-            }
-        });
-        receiver
+        health_from(self.inner.client.state(), |state| match state {
+            tandem_etcd::ConnectionState::Connected { .. } => Some(UpstreamState::Ready),
+            tandem_etcd::ConnectionState::Unavailable { reason } => Some(UpstreamState::Down(
+                RemoteError::unavailable(format!("etcd unreachable: {reason}")).with_code("etcd"),
+            )),
+            _ => None,
+        })
     }
 
     /// The etcd client (its connection state, the member in use).
@@ -288,7 +270,6 @@ impl Upstream<ConfigApi> for EtcdUpstream {
         let watch = self.inner.client.watch(Keys::exact(key.as_str()), start);
         Ok(Events::spawn(|tx| follow_key(watch, key, tx, current)))
     }
-
 }
 
 impl Upstream<ServiceApi> for EtcdUpstream {
@@ -333,5 +314,4 @@ impl Upstream<ServiceApi> for EtcdUpstream {
     async fn subscribe(&self, service: String) -> Result<Events<Vec<Instance>>, RemoteError> {
         Ok(Events::stream(self.inner.client.watch_service::<Instance>(&service)))
     }
-
 }

@@ -38,7 +38,7 @@ pub use tandem_follower::{
     Client, Connection, Error, LocalConnector, Role, Source, Standalone, State, Status, Subscription, UnixConnector,
     Update,
 };
-pub use tandem_leader::{CallContext, EventSender, Events, Health, Leader, Upstream};
+pub use tandem_leader::{CallContext, EventSender, Events, Health, Leader, Upstream, health_from};
 pub use tandem_protocol::{Api, ErrorCode, ErrorKind, RemoteError};
 
 /// README.md's Rust examples, compiled and run by `cargo test --doc`.
