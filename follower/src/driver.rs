@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::{
     Ack, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError,
     RequestId, Response, Subscribe, Unsubscribe, Welcome, feed_within, flush_within,
@@ -98,6 +98,10 @@ impl Latest {
         self.lock().1.clone()
     }
 }
+
+/// The most commands, or frames, handled in one wakeup before the frames they
+/// produced are flushed.
+const MAX_BURST: usize = 256;
 
 /// A request from a handle to the driver.
 #[derive(Debug)]
@@ -394,8 +398,9 @@ impl<C: Connector> Driver<C> {
         if let Some(late) = core.channels.get(named..).filter(|late| !late.is_empty()) {
             core.out.push(Frame::Open(late.iter().map(|c| c.to_string()).collect()));
         }
+        let now = Instant::now();
         for command in std::mem::take(&mut core.queued) {
-            core.online(command);
+            core.online(command, now);
         }
         let stall = core.config.peer_timeout;
         if let Err(reason) = flush(&mut link, &mut core.out, stall).await {
@@ -405,39 +410,50 @@ impl<C: Connector> Driver<C> {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_received = Instant::now();
+        let mut heard = false;
         let mut nonce = 0u64;
         loop {
             tokio::select! {
                 biased;
-                command = self.drops.recv() => if let Some(command) = command { self.core.online(command) },
+                command = self.drops.recv() => if let Some(command) = command { self.core.online(command, Instant::now()) },
                 command = self.commands.recv() => match command {
                     Some(command) => {
-                        self.core.online(command);
+                        // One clock read for the batch: deadlines are counted from here.
+                        let now = Instant::now();
+                        self.core.online(command, now);
                         // Batch whatever else is already queued into the same flush.
-                        for _ in 0..256 {
+                        for _ in 0..MAX_BURST {
                             match self.commands.try_recv() {
-                                Ok(command) => self.core.online(command),
+                                Ok(command) => self.core.online(command, now),
                                 Err(_) => break,
                             }
                         }
                     }
                     None => self.core.shut = true,
                 },
-                frame = link.rx.next() => match frame {
-                    None => return "the leader closed the connection".into(),
-                    Some(Err(error)) => return format!("bad frame from the leader: {error}"),
-                    Some(Ok(frame)) => {
-                        last_received = Instant::now();
-                        if let Err(reason) = self.core.on_frame(frame) {
+                frame = link.rx.next() => {
+                    // Silence is measured from the tick that saw no frame at
+                    // all: no clock read per frame.
+                    heard = true;
+                    if let Err(reason) = self.core.on_read(frame) {
+                        return reason;
+                    }
+                    // Handle what else already arrived in the same wakeup.
+                    for _ in 0..MAX_BURST {
+                        let Some(frame) = link.rx.next().now_or_never() else { break };
+                        if let Err(reason) = self.core.on_read(frame) {
                             return reason;
                         }
                     }
-                },
+                }
                 _ = sleep_until(self.core.retry_at) => {
                     self.core.retry_at = None;
                     self.core.resubscribe_all();
                 }
                 _ = ticker.tick() => {
+                    if std::mem::take(&mut heard) {
+                        last_received = Instant::now();
+                    }
                     let silent = last_received.elapsed();
                     if silent > self.core.config.peer_timeout {
                         return format!("no frame from the leader for {} ms", silent.as_millis());
@@ -656,8 +672,8 @@ impl Core {
         }
     }
 
-    /// A command while connected: may queue frames in `out`.
-    fn online(&mut self, command: Command) {
+    /// A command while connected (`now`: when its batch was taken): may queue frames in `out`.
+    fn online(&mut self, command: Command, now: Instant) {
         if let Some(channel) = command.channel() {
             self.open(channel, true);
         }
@@ -666,7 +682,7 @@ impl Core {
                 if reply.as_ref().is_some_and(|r| r.is_closed()) {
                     return; // the caller dropped the call before it was sent
                 }
-                let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
+                let Some(left) = deadline.checked_duration_since(now).filter(|d| !d.is_zero()) else {
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(Error::DeadlineExceeded(Duration::ZERO)));
                     }
@@ -749,6 +765,15 @@ impl Core {
             let id = self.next_id();
             self.in_flight.insert(id, Pending::Unsubscribe);
             self.out.push(Frame::Unsubscribe(Unsubscribe { id, channel: channel.to_string(), key: topic_key.1 }));
+        }
+    }
+
+    /// One read from the link; an error (or its end) ends the link, with why.
+    fn on_read(&mut self, frame: Option<Result<Frame, CodecError>>) -> Result<(), String> {
+        match frame {
+            None => Err("the leader closed the connection".into()),
+            Some(Err(error)) => Err(format!("bad frame from the leader: {error}")),
+            Some(Ok(frame)) => self.on_frame(frame),
         }
     }
 

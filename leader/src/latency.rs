@@ -20,10 +20,16 @@ pub(crate) struct CallLatency {
 
 impl CallLatency {
     pub(crate) fn record(&self, elapsed: Duration) {
+        self.record_many(elapsed, 1);
+    }
+
+    /// Records `calls` calls that each took `elapsed`.
+    pub(crate) fn record_many(&self, elapsed: Duration, calls: u64) {
         let seconds = elapsed.as_secs_f64();
         let bucket = BUCKETS.iter().position(|&le| seconds <= le).unwrap_or(BUCKETS.len());
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.counts[bucket].fetch_add(calls, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos.saturating_mul(calls), Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> LatencyStats {

@@ -6,8 +6,12 @@
 //!                                       |        |
 //!                      Outbox <---------+--------+   (replies, acks, pings, events)
 //!                        |
-//!  link.tx <-- writer task (batches, flushes once per batch, gives up on a stall)
+//!  link.tx <-- writer (batches, flushes once per batch, gives up on a stall)
 //! ```
+//!
+//! The writer is a future polled by the session's own task, not a task of its
+//! own: a burst of answers is written by the task that produced them, with no
+//! wakeup of another task (or thread) in between.
 //!
 //! Anything wrong with the peer (bad bytes, a protocol violation, silence past
 //! the peer timeout, a full outbox) ends this session only, with a log line
@@ -95,6 +99,11 @@ struct Session {
     cancel: CancellationToken,
     /// Frames were queued quietly since the writer was last woken.
     wake_writer: bool,
+    /// When the current burst of frames was read: the clock is read once per
+    /// burst, not per call.
+    burst_at: Instant,
+    /// Calls of the current burst answered inline, not yet in the latency histogram.
+    answered_inline: u64,
 }
 
 impl Session {
@@ -116,8 +125,8 @@ impl Session {
             hello.channels.iter().filter_map(|name| Some((name.clone(), shared.channels.get(name)?.clone()))).collect();
         let outbox = Arc::new(Outbox::new(shared.config.max_queued_frames));
         let cancel = shared.cancel.child_token();
-        let mut writer =
-            tokio::spawn(write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout).in_current_span());
+        let writer = write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout);
+        let mut writer = std::pin::pin!(writer);
         for (channel, state) in states {
             shared.tracker.spawn(forward_status(channel, state, outbox.clone(), cancel.clone()));
         }
@@ -140,6 +149,8 @@ impl Session {
             subscribed: HashSet::new(),
             cancel,
             wake_writer: false,
+            burst_at: Instant::now(),
+            answered_inline: 0,
         };
 
         let config = &session.shared.config;
@@ -158,19 +169,16 @@ impl Session {
                 }
                 _ = session.outbox.wait_closed() => {
                     // Overflow: the follower is not reading; stop writing to it now.
-                    writer.abort();
                     writer_done = true;
                     break session.outbox.closed_reason().unwrap_or_else(|| "outbox closed".into());
                 }
-                result = &mut writer => {
+                reason = &mut writer => {
                     writer_done = true;
-                    break match result {
-                        Ok(reason) => reason,
-                        Err(e) => format!("writer task failed: {e}"),
-                    };
+                    break reason;
                 }
                 frame = link.rx.next() => {
                     last_received = Instant::now();
+                    session.burst_at = last_received;
                     let mut ended = session.on_read(frame);
                     // Handle what else already arrived before waking the writer once.
                     for _ in 0..MAX_BURST {
@@ -183,6 +191,7 @@ impl Session {
                         }
                     }
                     session.flush_wake();
+                    session.record_inline();
                     if let Some(reason) = ended {
                         break reason;
                     }
@@ -201,9 +210,7 @@ impl Session {
         if !writer_done {
             // Let the writer flush what is queued (a Goodbye, usually), briefly.
             let grace = session.shared.config.shutdown_grace;
-            if tokio::time::timeout(grace, &mut writer).await.is_err() {
-                writer.abort();
-            }
+            let _ = tokio::time::timeout(grace, &mut writer).await;
         }
         let normal = reason == "follower closed the connection" || reason.starts_with("follower said goodbye");
         if normal {
@@ -283,6 +290,15 @@ impl Session {
         }
     }
 
+    /// Counts the calls the burst answered inline, each as taking the whole
+    /// burst (an upper bound: one clock read for all of them).
+    fn record_inline(&mut self) {
+        let answered = std::mem::take(&mut self.answered_inline);
+        if answered > 0 {
+            self.shared.call_latency.record_many(self.burst_at.elapsed(), answered);
+        }
+    }
+
     /// Wakes the writer if frames were queued quietly.
     fn flush_wake(&mut self) {
         if std::mem::take(&mut self.wake_writer) {
@@ -348,7 +364,7 @@ impl Session {
 
     fn invoke(&mut self, invoke: Invoke) -> Result<(), String> {
         let Invoke { id, channel, deadline_ms, oneway, payload } = invoke;
-        let arrived = Instant::now();
+        let arrived = self.burst_at;
         let channel = match self.channel(&channel) {
             Ok(channel) => channel.clone(),
             Err(error) => {
@@ -356,7 +372,7 @@ impl Session {
                 return Ok(());
             }
         };
-        let deadline = Instant::now() + Duration::from_millis(u64::from(deadline_ms));
+        let deadline = arrived + Duration::from_millis(u64::from(deadline_ms));
         let token = CancellationToken::new();
         let ctx = CallContext { deadline, cancelled: token.clone() };
         let mut call: BoxFuture<Result<Bytes, RemoteError>> = match channel.upstream.get() {
@@ -371,7 +387,7 @@ impl Session {
         // Polling with a no-op waker is sound: a pending future re-registers the
         // real waker when the task below polls it again.
         if let Poll::Ready(result) = call.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            self.shared.call_latency.record(arrived.elapsed());
+            self.answered_inline += 1;
             self.respond(id, oneway, result);
             return Ok(());
         }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{Decoder, Encoder};
 
-use crate::SharedFrame;
+use crate::{Frame, SharedFrame, fast};
 
 /// The default limit on a frame's body: 16 MiB.
 pub const DEFAULT_MAX_FRAME_LENGTH: usize = 16 * 1024 * 1024;
@@ -58,8 +58,75 @@ pub struct Codec<D> {
     _decodes: PhantomData<fn() -> D>,
 }
 
-/// The codec of the Leader/Follower protocol.
-pub type FrameCodec = Codec<crate::Frame>;
+/// The codec of the Leader/Follower protocol: a [`Codec`] of [`Frame`]s that
+/// reads and writes the frames of calls and events without serde (the same
+/// bytes, several times faster; the rest goes through serde as in any codec).
+#[derive(Debug, Clone, Default)]
+pub struct FrameCodec(Codec<Frame>);
+
+impl FrameCodec {
+    /// A codec with the default 16 MiB frame limit.
+    pub fn new() -> Self {
+        FrameCodec(Codec::new())
+    }
+
+    /// A codec refusing bodies longer than `max` bytes (clamped to `u32::MAX`).
+    pub fn with_max_frame_length(max: usize) -> Self {
+        FrameCodec(Codec::with_max_frame_length(max))
+    }
+
+    /// The configured limit on a frame's body, in bytes.
+    pub fn max_frame_length(&self) -> usize {
+        self.0.max
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        self.0.next_body(src, |body| fast::decode(body).map_or_else(|| decode_body(body), Ok))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        match self.decode(src)? {
+            Some(item) => Ok(Some(item)),
+            None if src.is_empty() => Ok(None),
+            None => Err(CodecError::Truncated { pending: src.len() }),
+        }
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        dst.put_u32(0);
+        if !fast::encode(frame, dst) {
+            dst.truncate(start);
+            return self.0.encode(frame, dst);
+        }
+        self.0.finish(start, dst)
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.encode(&frame, dst)
+    }
+}
+
+impl Encoder<SharedFrame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: SharedFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.0.encode(item, dst)
+    }
+}
 
 impl<D> Codec<D> {
     /// A codec with the default 16 MiB frame limit.
@@ -90,11 +157,14 @@ impl<D> Clone for Codec<D> {
     }
 }
 
-impl<D: DeserializeOwned> Decoder for Codec<D> {
-    type Item = D;
-    type Error = CodecError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
+impl<D> Codec<D> {
+    /// Decodes the next whole frame's body with `decode` once it has arrived,
+    /// then drops it from `src` (decoded or not: the stream stays in step).
+    fn next_body<T>(
+        &self,
+        src: &mut BytesMut,
+        decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
+    ) -> Result<Option<T>, CodecError> {
         // Stateless on purpose: the prefix stays in `src` until the whole frame has
         // arrived, so it is checked against the limit before anything is reserved,
         // and `decode_eof` sees a lone prefix as a truncated frame.
@@ -114,9 +184,33 @@ impl<D: DeserializeOwned> Decoder for Codec<D> {
             src.reserve((frame_len - src.len()).min(RESERVE_STEP));
             return Ok(None);
         }
-        src.advance(LENGTH_PREFIX);
-        let body = src.split_to(len);
-        decode_body(&body).map(Some)
+        // Decoded in place: payloads are copied out, so no part of the read
+        // buffer is kept alive by a frame and the buffer is reused as it is.
+        let item = decode(&src[LENGTH_PREFIX..frame_len]);
+        src.advance(frame_len);
+        item.map(Some)
+    }
+
+    /// Writes the length prefix reserved at `start` for the body after it, or
+    /// takes the frame back out if the body is over the limit.
+    fn finish(&self, start: usize, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let len = dst.len() - start - LENGTH_PREFIX;
+        if len > self.max {
+            dst.truncate(start);
+            return Err(CodecError::TooLarge { len: len as u64, max: self.max });
+        }
+        // `len <= self.max <= u32::MAX`, checked above.
+        dst[start..start + LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+impl<D: DeserializeOwned> Decoder for Codec<D> {
+    type Item = D;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
+        self.next_body(src, decode_body)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<D>, CodecError> {
@@ -164,13 +258,6 @@ impl<D, T: Serialize> Encoder<T> for Codec<D> {
             dst.truncate(start);
             return Err(CodecError::Encode(e));
         }
-        let len = dst.len() - start - LENGTH_PREFIX;
-        if len > self.max {
-            dst.truncate(start);
-            return Err(CodecError::TooLarge { len: len as u64, max: self.max });
-        }
-        // `len <= self.max <= u32::MAX`, checked above.
-        dst[start..start + LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
-        Ok(())
+        self.finish(start, dst)
     }
 }

@@ -46,6 +46,7 @@ mod backoff;
 mod code;
 mod codec;
 mod error;
+mod fast;
 mod frame;
 mod handshake;
 mod link;

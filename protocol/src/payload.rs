@@ -4,7 +4,7 @@
 //! that share an API definition encode and decode them, with these helpers.
 
 use crate::ErrorCode;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -15,9 +15,12 @@ use crate::RemoteError;
 /// Keys are compared byte-for-byte, so a key type must serialize deterministically
 /// (structs, enums, strings and numbers do; a `HashMap` does not).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, RemoteError> {
-    rmp_serde::to_vec(value)
-        .map(Bytes::from)
-        .map_err(|e| RemoteError::bad_request(format!("cannot encode payload: {e}")).with_code(ErrorCode::ENCODE))
+    // Into a buffer that freezes without a copy or a shrinking reallocation
+    // (a `Vec` turned into `Bytes` is reallocated to its length).
+    let mut buf = BytesMut::with_capacity(128).writer();
+    rmp_serde::encode::write(&mut buf, value)
+        .map_err(|e| RemoteError::bad_request(format!("cannot encode payload: {e}")).with_code(ErrorCode::ENCODE))?;
+    Ok(buf.into_inner().freeze())
 }
 
 /// Decodes a payload.

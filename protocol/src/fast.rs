@@ -1,0 +1,364 @@
+//! The frames of the hot path — calls, their answers, events, cancels and
+//! pings — read and written without serde.
+//!
+//! These frames are nearly all of a busy connection's traffic, and serde's
+//! generic MessagePack path (variant names matched through visitors, payloads
+//! read through `io::Read` into a growing `Vec`, then reallocated into
+//! `Bytes`) costs more than the rest of a call together. This module handles
+//! exactly the forms that Rust writers produce (PROTOCOL.md §3: shortest
+//! headers, unsigned integers, `bin` payloads) and says `None` for anything
+//! else, which then goes to the serde decoder: that one stays the authority on
+//! what is valid, lenient forms and error messages included. So the fast path
+//! never accepts a frame the serde path would refuse, nor reads one
+//! differently (the crate's tests check both on arbitrary frames and bytes).
+//!
+//! The writer produces byte for byte what `rmp_serde` produces for the same
+//! frame, and declines (`false`) the frames it does not cover.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::{Ack, Event, Frame, Invoke, Response};
+
+/// Decodes `body` (one frame, without its length prefix) if it is one of the
+/// hot frames in its canonical form; `None` sends it to the serde decoder.
+pub(crate) fn decode(body: &[u8]) -> Option<Frame> {
+    let mut r = Reader { buf: body, pos: 0 };
+    if r.byte()? != 0x81 {
+        return None;
+    }
+    let frame = match r.str()? {
+        "Invoke" => {
+            r.array(5)?;
+            let id = r.uint()?;
+            let channel = r.str()?.to_owned();
+            let deadline_ms = u32::try_from(r.uint()?).ok()?;
+            let oneway = r.bool()?;
+            let payload = Bytes::copy_from_slice(r.bin()?);
+            Frame::Invoke(Invoke { id, channel, deadline_ms, oneway, payload })
+        }
+        "Response" => {
+            r.array(2)?;
+            let id = r.uint()?;
+            r.ok()?;
+            let payload = Bytes::copy_from_slice(r.bin()?);
+            Frame::Response(Response { id, result: Ok(payload) })
+        }
+        "Event" => {
+            let fields = r.array_len()?;
+            if fields != 5 && fields != 6 {
+                return None;
+            }
+            let channel = r.str()?.to_owned();
+            let key = Bytes::copy_from_slice(r.bin()?);
+            let epoch = r.uint()?;
+            let seq = r.uint()?;
+            let payload = Bytes::copy_from_slice(r.bin()?);
+            let cached = if fields == 6 { r.bool()? } else { false };
+            Frame::Event(Event { channel, key, epoch, seq, payload, cached })
+        }
+        "Ack" => {
+            r.array(2)?;
+            let id = r.uint()?;
+            r.ok()?;
+            if r.byte()? != 0xc0 {
+                return None;
+            }
+            Frame::Ack(Ack { id, result: Ok(()) })
+        }
+        "Cancel" => Frame::Cancel(r.uint()?),
+        "Ping" => Frame::Ping(r.uint()?),
+        "Pong" => Frame::Pong(r.uint()?),
+        _ => return None,
+    };
+    // Trailing bytes are malformed: let the serde decoder say so.
+    (r.pos == body.len()).then_some(frame)
+}
+
+/// Appends the body of `frame` (no length prefix) if it is a hot frame;
+/// `false` (and nothing written) for the others.
+pub(crate) fn encode(frame: &Frame, dst: &mut BytesMut) -> bool {
+    match frame {
+        Frame::Invoke(Invoke { id, channel, deadline_ms, oneway, payload }) => {
+            dst.reserve(24 + channel.len() + payload.len());
+            variant(dst, "Invoke");
+            dst.put_u8(0x95);
+            uint(dst, *id);
+            str(dst, channel);
+            uint(dst, u64::from(*deadline_ms));
+            dst.put_u8(if *oneway { 0xc3 } else { 0xc2 });
+            bin(dst, payload);
+        }
+        Frame::Response(Response { id, result: Ok(payload) }) => {
+            dst.reserve(24 + payload.len());
+            variant(dst, "Response");
+            dst.put_u8(0x92);
+            uint(dst, *id);
+            variant(dst, "Ok");
+            bin(dst, payload);
+        }
+        Frame::Event(Event { channel, key, epoch, seq, payload, cached }) => {
+            dst.reserve(40 + channel.len() + key.len() + payload.len());
+            variant(dst, "Event");
+            dst.put_u8(if *cached { 0x96 } else { 0x95 });
+            str(dst, channel);
+            bin(dst, key);
+            uint(dst, *epoch);
+            uint(dst, *seq);
+            bin(dst, payload);
+            if *cached {
+                dst.put_u8(0xc3);
+            }
+        }
+        Frame::Ack(Ack { id, result: Ok(()) }) => {
+            variant(dst, "Ack");
+            dst.put_u8(0x92);
+            uint(dst, *id);
+            variant(dst, "Ok");
+            dst.put_u8(0xc0);
+        }
+        Frame::Cancel(id) => {
+            variant(dst, "Cancel");
+            uint(dst, *id);
+        }
+        Frame::Ping(nonce) => {
+            variant(dst, "Ping");
+            uint(dst, *nonce);
+        }
+        Frame::Pong(nonce) => {
+            variant(dst, "Pong");
+            uint(dst, *nonce);
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// A map of one entry whose key is `name`: how a variant starts.
+fn variant(dst: &mut BytesMut, name: &str) {
+    dst.put_u8(0x81);
+    str(dst, name);
+}
+
+fn uint(dst: &mut BytesMut, n: u64) {
+    match n {
+        0..=0x7f => dst.put_u8(n as u8),
+        0x80..=0xff => {
+            dst.put_u8(0xcc);
+            dst.put_u8(n as u8);
+        }
+        0x100..=0xffff => {
+            dst.put_u8(0xcd);
+            dst.put_u16(n as u16);
+        }
+        0x1_0000..=0xffff_ffff => {
+            dst.put_u8(0xce);
+            dst.put_u32(n as u32);
+        }
+        _ => {
+            dst.put_u8(0xcf);
+            dst.put_u64(n);
+        }
+    }
+}
+
+fn str(dst: &mut BytesMut, s: &str) {
+    let len = s.len();
+    match len {
+        0..=31 => dst.put_u8(0xa0 | len as u8),
+        32..=0xff => {
+            dst.put_u8(0xd9);
+            dst.put_u8(len as u8);
+        }
+        0x100..=0xffff => {
+            dst.put_u8(0xda);
+            dst.put_u16(len as u16);
+        }
+        _ => {
+            dst.put_u8(0xdb);
+            // Longer than any frame the codec lets through; the codec's size check refuses it.
+            dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        }
+    }
+    dst.put_slice(s.as_bytes());
+}
+
+fn bin(dst: &mut BytesMut, b: &[u8]) {
+    let len = b.len();
+    match len {
+        0..=0xff => {
+            dst.put_u8(0xc4);
+            dst.put_u8(len as u8);
+        }
+        0x100..=0xffff => {
+            dst.put_u8(0xc5);
+            dst.put_u16(len as u16);
+        }
+        _ => {
+            dst.put_u8(0xc6);
+            dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        }
+    }
+    dst.put_slice(b);
+}
+
+/// A cursor over a frame body; every read says `None` at the first surprise.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let b = *self.buf.get(self.pos)?;
+        self.pos += 1;
+        Some(b)
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let slice = self.buf.get(self.pos..end)?;
+        self.pos = end;
+        Some(slice)
+    }
+
+    fn be(&mut self, n: usize) -> Option<u64> {
+        Some(self.take(n)?.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    }
+
+    /// An unsigned integer in any width (signed forms go to serde).
+    fn uint(&mut self) -> Option<u64> {
+        match self.byte()? {
+            b @ 0x00..=0x7f => Some(u64::from(b)),
+            0xcc => self.be(1),
+            0xcd => self.be(2),
+            0xce => self.be(4),
+            0xcf => self.be(8),
+            _ => None,
+        }
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        let len = match self.byte()? {
+            b @ 0xa0..=0xbf => usize::from(b - 0xa0),
+            0xd9 => self.be(1)? as usize,
+            0xda => self.be(2)? as usize,
+            0xdb => usize::try_from(self.be(4)?).ok()?,
+            _ => return None,
+        };
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+
+    fn bin(&mut self) -> Option<&'a [u8]> {
+        let len = match self.byte()? {
+            0xc4 => self.be(1)?,
+            0xc5 => self.be(2)?,
+            0xc6 => self.be(4)?,
+            _ => return None,
+        };
+        self.take(usize::try_from(len).ok()?)
+    }
+
+    fn bool(&mut self) -> Option<bool> {
+        match self.byte()? {
+            0xc2 => Some(false),
+            0xc3 => Some(true),
+            _ => None,
+        }
+    }
+
+    fn array_len(&mut self) -> Option<u64> {
+        match self.byte()? {
+            b @ 0x90..=0x9f => Some(u64::from(b - 0x90)),
+            0xdc => self.be(2),
+            0xdd => self.be(4),
+            _ => None,
+        }
+    }
+
+    fn array(&mut self, len: u64) -> Option<()> {
+        (self.array_len()? == len).then_some(())
+    }
+
+    /// `{"Ok": ...}`: a result's success, whose value follows.
+    fn ok(&mut self) -> Option<()> {
+        (self.byte()? == 0x81 && self.str()? == "Ok").then_some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serde_body(frame: &Frame) -> Vec<u8> {
+        rmp_serde::to_vec(frame).unwrap()
+    }
+
+    fn hot_frames() -> Vec<Frame> {
+        let payload = Bytes::from(vec![7u8; 300]);
+        vec![
+            Frame::Invoke(Invoke {
+                id: 0,
+                channel: "config".into(),
+                deadline_ms: 3000,
+                oneway: false,
+                payload: payload.clone(),
+            }),
+            Frame::Invoke(Invoke {
+                id: u64::MAX,
+                channel: "c".repeat(40),
+                deadline_ms: u32::MAX,
+                oneway: true,
+                payload: Bytes::new(),
+            }),
+            Frame::Response(Response { id: 200, result: Ok(payload.clone()) }),
+            Frame::Response(Response { id: 70_000, result: Ok(Bytes::from(vec![1u8; 70_000])) }),
+            Frame::Event(Event {
+                channel: "config".into(),
+                key: Bytes::from_static(b"\xa1k"),
+                epoch: 1,
+                seq: 1 << 33,
+                payload: payload.clone(),
+                cached: false,
+            }),
+            Frame::Event(Event { channel: String::new(), key: Bytes::new(), epoch: 0, seq: 0, payload, cached: true }),
+            Frame::Ack(Ack { id: 255, result: Ok(()) }),
+            Frame::Cancel(65_535),
+            Frame::Ping(0x1_0000),
+            Frame::Pong(127),
+        ]
+    }
+
+    #[test]
+    fn writes_what_serde_writes_and_reads_it_back() {
+        for frame in hot_frames() {
+            let mut fast = BytesMut::new();
+            assert!(encode(&frame, &mut fast), "{frame:?}");
+            assert_eq!(&fast[..], &serde_body(&frame)[..], "{}", frame.kind());
+            assert_eq!(decode(&fast), Some(frame));
+        }
+    }
+
+    #[test]
+    fn other_forms_are_left_to_serde() {
+        // A signed id, a str payload, a map-shaped struct, trailing bytes, a short array: all None.
+        let bodies: [&[u8]; 5] = [
+            b"\x81\xa4Ping\xd0\x07",
+            b"\x81\xa8Response\x92\x01\x81\xa2Ok\xa1x",
+            b"\x81\xa6Cancel\x01\x00",
+            b"\x81\xa3Ack\x91\x01",
+            b"\x81\xa6Invoke\x95\x01\xa1c\xce\x00\x00\x00\x05\xc2",
+        ];
+        for body in bodies {
+            assert_eq!(decode(body), None, "{body:?}");
+        }
+        let error = Frame::Response(Response { id: 1, result: Err(crate::RemoteError::internal("x")) });
+        assert!(!encode(&error, &mut BytesMut::new()));
+        assert_eq!(decode(&serde_body(&error)), None);
+    }
+
+    #[test]
+    fn a_deadline_beyond_u32_is_not_read_as_one() {
+        let body = b"\x81\xa6Invoke\x95\x01\xa1c\xcf\x00\x00\x00\x01\x00\x00\x00\x00\xc2\xc4\x00";
+        assert_eq!(decode(body), None);
+    }
+}
