@@ -156,20 +156,21 @@ fn main() -> anyhow::Result<()> {
         tandem::redis_upstream::redis::Client::open(url.as_str()).with_context(|| format!("--redis {url}"))?;
     }
     // Code before the builder runs in every process: only the master binds the
-    // embedded registry; the children inherit its address.
+    // embedded registry; the children get its address from the master
+    // (`child_env` below).
     let mut embedded = None;
     let embedded_registry = args.registry.is_none() && args.etcd.is_none() && args.redis.is_none();
-    if embedded_registry && Role::of_this_process() == Role::Master {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
-        listener.set_nonblocking(true)?;
-        // SAFETY (of the API): set_var before any thread exists; the runtime starts below.
-        unsafe { std::env::set_var(REGISTRY_ENV, listener.local_addr()?.to_string()) };
-        embedded = Some(listener);
-    }
     let registry = match &args.registry {
         Some(addr) => addr.clone(),
         // Unused: the Leader talks to etcd or Redis.
         None if !embedded_registry => String::new(),
+        None if Role::of_this_process() == Role::Master => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
+            listener.set_nonblocking(true)?;
+            let addr = listener.local_addr()?.to_string();
+            embedded = Some(listener);
+            addr
+        }
         None => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
     };
     if let (Some(dir), Role::Master) = (&args.cache_dir, Role::of_this_process()) {
@@ -179,6 +180,9 @@ fn main() -> anyhow::Result<()> {
     let write_every = args.write_every.unwrap_or(if embedded_registry { 1000 } else { 0 });
 
     let mut builder = tandem::cluster::Cluster::builder("config_center");
+    if embedded.is_some() {
+        builder = builder.child_env(REGISTRY_ENV, registry.clone());
+    }
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
     }

@@ -125,17 +125,18 @@ fn main() -> anyhow::Result<()> {
         args.keys = vec!["app.greeting".into()];
     }
     // Code before the builder runs in every process: only the master binds the
-    // embedded registry; the children inherit its address.
+    // embedded registry; the children get its address from the master
+    // (`child_env` below).
     let mut embedded = None;
-    if args.registry.is_none() && Role::of_this_process() == Role::Master {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
-        listener.set_nonblocking(true)?;
-        // SAFETY (of the API): set_var before any thread exists; the runtime starts below.
-        unsafe { std::env::set_var(REGISTRY_ENV, listener.local_addr()?.to_string()) };
-        embedded = Some(listener);
-    }
     let registry = match &args.registry {
         Some(addr) => addr.clone(),
+        None if Role::of_this_process() == Role::Master => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
+            listener.set_nonblocking(true)?;
+            let addr = listener.local_addr()?.to_string();
+            embedded = Some(listener);
+            addr
+        }
         None => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
     };
     if args.plain {
@@ -145,6 +146,9 @@ fn main() -> anyhow::Result<()> {
     let addr = tandem::cluster::ListenAddr::parse(&args.listen)?;
     let mode = args.mode.unwrap_or_else(|| ShareMode::default_for(&addr));
     let mut builder = tandem::cluster::Cluster::builder("http_config").listen_with("http", addr, mode);
+    if embedded.is_some() {
+        builder = builder.child_env(REGISTRY_ENV, registry.clone());
+    }
     if let Some(workers) = args.workers {
         builder = builder.workers(workers);
     }

@@ -49,6 +49,13 @@ impl fmt::Debug for Builder {
 }
 
 impl Builder {
+    /// Sets an environment variable in every child the master starts (see
+    /// [`Config::child_env`]).
+    pub fn child_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.child_env.push((key.into(), value.into()));
+        self
+    }
+
     /// The number of workers. The default is the number of CPUs this process
     /// may use (see [`Config::workers`]).
     pub fn workers(mut self, n: usize) -> Self {

@@ -62,6 +62,13 @@ pub struct Config {
     /// (`None`) serves no metrics. Port 0 picks a free port:
     /// [`MasterContext::metrics_addr`](crate::MasterContext::metrics_addr) tells which.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Environment variables the master sets for every child it starts (the
+    /// agent and each worker, restarts and reloads included), on top of its own
+    /// environment: how the master hands its children what it decided before
+    /// the builder ran (the address of a socket it bound, a generated secret),
+    /// with no `std::env::set_var`. Read them in the child with
+    /// `std::env::var`. The default is none.
+    pub child_env: Vec<(String, String)>,
 }
 
 impl Default for Config {
@@ -83,6 +90,7 @@ impl Default for Config {
             agent_max_memory: None,
             name: None,
             metrics: None,
+            child_env: Vec::new(),
         }
     }
 }

@@ -174,7 +174,7 @@ impl Master {
         let token = new_token()?;
         let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        let program = Program { exe, args, cluster: name.clone(), master_pid: pid };
+        let program = Program { exe, args, cluster: name.clone(), master_pid: pid, env: config.child_env.clone() };
         let workers = (1..=config.worker_count())
             .map(|id| Slot::new(SlotId::Worker(id as WorkerId), config.restart.clone()))
             .collect();

@@ -10,7 +10,6 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::Path;
 use std::process::Stdio;
 
 use tokio::net::UnixStream;
@@ -72,22 +71,19 @@ pub(crate) struct Program {
     pub args: Vec<OsString>,
     pub cluster: String,
     pub master_pid: u32,
+    /// Set in every child ([`Config::child_env`](crate::Config::child_env)).
+    pub env: Vec<(String, String)>,
 }
 
 impl Program {
     pub(crate) fn spawn(&self, role: Role, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
-        spawn(&self.exe, &self.args, &self.cluster, self.master_pid, role, worker_id)
+        spawn(self, role, worker_id)
     }
 }
 
-fn spawn(
-    exe: &Path,
-    args: &[OsString],
-    cluster: &str,
-    master_pid: u32,
-    role: Role,
-    worker_id: Option<WorkerId>,
-) -> io::Result<Spawned> {
+fn spawn(program: &Program, role: Role, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
+    let Program { exe, args, cluster, master_pid, env } = program;
+    let master_pid = *master_pid;
     // std creates both ends with SOCK_CLOEXEC.
     let (master_end, child_end) = StdUnixStream::pair()?;
     let child_fd = child_end.as_raw_fd();
@@ -96,6 +92,7 @@ fn spawn(
 
     let mut cmd = Command::new(exe);
     cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env(ENV_ROLE, role.as_str())
         .env(ENV_IPC_FD, child_fd.to_string())
         .env(ENV_MASTER_PID, master_pid.to_string())
