@@ -369,6 +369,64 @@ mod tests {
         assert!(table.deadlines.is_empty());
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert { id: RequestId, after_ms: u64 },
+        Remove(RequestId),
+        Expire { at_ms: u64 },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..16u64, 0..100u64).prop_map(|(id, after_ms)| Op::Insert { id, after_ms }),
+            (0..16u64).prop_map(Op::Remove),
+            (0..100u64).prop_map(|at_ms| Op::Expire { at_ms }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a map of id -> deadline: the same refusals and removals, and
+        /// an expiry takes exactly the entries due, earliest first.
+        #[test]
+        fn expiry_matches_a_plain_map(ops in proptest::collection::vec(op(), 0..200)) {
+            let start = Instant::now();
+            let mut table = PendingTable::new();
+            let mut model: HashMap<RequestId, Instant> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert { id, after_ms } => {
+                        let value = call("x", start, after_ms);
+                        let deadline = value.deadline;
+                        let inserted = table.insert_expiring(id, value).is_ok();
+                        proptest::prop_assert_eq!(inserted, !model.contains_key(&id));
+                        model.entry(id).or_insert(deadline);
+                        proptest::prop_assert!(table.deadlines.len() <= 2 * table.len() + DEADLINE_SLACK);
+                    }
+                    Op::Remove(id) => {
+                        let removed = table.remove(id).map(|c| c.deadline);
+                        proptest::prop_assert_eq!(removed, model.remove(&id));
+                    }
+                    Op::Expire { at_ms } => {
+                        let now = start + Duration::from_millis(at_ms);
+                        let taken: Vec<(RequestId, Instant)> =
+                            table.take_expired(now).map(|(id, c)| (id, c.deadline)).collect();
+                        proptest::prop_assert!(taken.windows(2).all(|w| w[0].1 <= w[1].1), "{:?}", taken);
+                        let mut taken: Vec<RequestId> = taken.into_iter().map(|(id, _)| id).collect();
+                        let mut due: Vec<RequestId> =
+                            model.iter().filter(|(_, d)| **d <= now).map(|(id, _)| *id).collect();
+                        model.retain(|_, d| *d > now);
+                        taken.sort();
+                        due.sort();
+                        proptest::prop_assert_eq!(taken, due);
+                    }
+                }
+                proptest::prop_assert_eq!(table.len(), model.len());
+                proptest::prop_assert_eq!(table.earliest_deadline(), model.values().min().copied());
+            }
+        }
+    }
+
     #[test]
     fn a_closed_table_refuses_an_expiring_insert_with_its_value() {
         let start = Instant::now();
