@@ -163,11 +163,20 @@ impl<V: Expires> PendingTable<V> {
         let deadline = value.deadline();
         self.insert(id, value)?;
         if self.deadlines.len() >= 2 * self.entries.len() + DEADLINE_SLACK {
-            let entries = &self.entries;
-            self.deadlines.retain(|Reverse((deadline, id))| is_live(entries, *id, *deadline));
+            self.sweep();
         }
         self.deadlines.push(Reverse((deadline, id)));
         Ok(())
+    }
+
+    /// Leaves one heap item per expiring entry (an id removed and inserted
+    /// again with the same deadline has one item per insert, all live).
+    fn sweep(&mut self) {
+        let mut items = std::mem::take(&mut self.deadlines).into_vec();
+        items.retain(|Reverse((deadline, id))| is_live(&self.entries, *id, *deadline));
+        items.sort_unstable();
+        items.dedup();
+        self.deadlines = BinaryHeap::from(items);
     }
 
     /// The earliest deadline of the expiring entries.
@@ -425,6 +434,20 @@ mod tests {
                 proptest::prop_assert_eq!(table.earliest_deadline(), model.values().min().copied());
             }
         }
+    }
+
+    #[test]
+    fn an_id_reused_with_the_same_deadline_does_not_pile_up_either() {
+        let start = Instant::now();
+        let mut table = PendingTable::new();
+        for _ in 0..1_000 {
+            table.insert_expiring(1, call("same", start, 100)).unwrap();
+            assert!(table.deadlines.len() <= 2 * table.len() + DEADLINE_SLACK, "{}", table.deadlines.len());
+            table.remove(1);
+        }
+        table.insert_expiring(1, call("same", start, 100)).unwrap();
+        assert_eq!(names(table.take_expired(start + Duration::from_millis(100))), vec![(1, "same")]);
+        assert_eq!(table.earliest_deadline(), None);
     }
 
     #[test]
