@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use rand::seq::SliceRandom;
-use tandem_protocol::RemoteError;
+use tandem_protocol::{Expires, PendingTable, RemoteError};
 use tokio::sync::oneshot;
 use tokio::time::{Duration, Instant};
 
@@ -120,6 +120,12 @@ struct Pending {
     deadline_ms: u64,
 }
 
+impl Expires for Pending {
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct LinkRoute {
     worker: ProcKey,
@@ -139,7 +145,8 @@ pub(crate) struct MessageCounts {
 #[derive(Debug, Default)]
 pub(crate) struct Router {
     counts: MessageCounts,
-    requests: HashMap<u64, Pending>,
+    /// Answered by a reply, by `on_tick` once their deadline passed, or by `on_gone`.
+    requests: PendingTable<Pending>,
     next_request: u64,
     links: HashMap<LinkId, LinkRoute>,
     next_link: LinkId,
@@ -392,7 +399,14 @@ impl Router {
             }
         };
         let deadline = now + Duration::from_millis(deadline_ms.min(u64::from(u32::MAX)));
-        self.requests.insert(request, Pending { responder, replier, target, deadline, deadline_ms });
+        let pending = Pending { responder, replier, target, deadline, deadline_ms };
+        if let Err(refused) = self.requests.insert_expiring(request, pending) {
+            // Never: the ids come from one counter and the table is never closed.
+            tracing::error!(request, error = %refused, "request not tracked; refused");
+            let state = refused.to_string();
+            let Pending { responder, target, .. } = refused.into_value();
+            return plan.respond(responder, Outcome::Refused(Refusal::NotRunning { target, state }));
+        }
         if let Dest::Master = dest {
             plan.actions.push(Action::Deliver(delivery));
         }
@@ -407,7 +421,7 @@ impl Router {
     ) -> Vec<Action> {
         self.counts.reply += 1;
         let replier = from.map_or(Replier::Master, Replier::Proc);
-        match self.requests.get(&request) {
+        match self.requests.get(request) {
             Some(p) if p.replier == replier => {}
             Some(_) => {
                 tracing::warn!(request, "a reply from a process that was not asked; ignored");
@@ -416,7 +430,7 @@ impl Router {
             None => return Vec::new(), // expired, or the requester is gone
         }
         let mut plan = self.plan();
-        if let Some(pending) = self.requests.remove(&request) {
+        if let Some(pending) = self.requests.remove(request) {
             plan.respond(pending.responder, Outcome::Reply(result));
         }
         self.finish(plan)
@@ -425,12 +439,9 @@ impl Router {
     /// Fails requests whose deadline passed by `now` (their requesters have given up too).
     pub(crate) fn on_tick(&mut self, now: Instant) -> Vec<Action> {
         let mut plan = self.plan();
-        let expired: Vec<u64> = self.requests.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
-        for id in expired {
-            if let Some(p) = self.requests.remove(&id) {
-                let refusal = Refusal::DeadlineExceeded { target: p.target, deadline_ms: p.deadline_ms };
-                plan.respond(p.responder, Outcome::Refused(refusal));
-            }
+        for (_, p) in self.requests.take_expired(now) {
+            let refusal = Refusal::DeadlineExceeded { target: p.target, deadline_ms: p.deadline_ms };
+            plan.respond(p.responder, Outcome::Refused(refusal));
         }
         self.finish(plan)
     }
@@ -440,12 +451,8 @@ impl Router {
     /// end's `rx` ends).
     pub(crate) fn on_gone(&mut self, peers: Peers<'_>, key: ProcKey) -> Vec<Action> {
         let mut plan = self.plan();
-        let asked: Vec<u64> =
-            self.requests.iter().filter(|(_, p)| p.replier == Replier::Proc(key)).map(|(id, _)| *id).collect();
-        for id in asked {
-            if let Some(p) = self.requests.remove(&id) {
-                plan.respond(p.responder, Outcome::Refused(Refusal::TargetExited { target: p.target }));
-            }
+        for (_, p) in self.requests.take_if(|_, p| p.replier == Replier::Proc(key)) {
+            plan.respond(p.responder, Outcome::Refused(Refusal::TargetExited { target: p.target }));
         }
         self.requests.retain(|_, p| !matches!(p.responder, Responder::Remote { key: k, .. } if k == key));
         let links: Vec<LinkId> =

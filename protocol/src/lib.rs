@@ -7,7 +7,8 @@
 //! handshake rules, and [`RemoteError`], the one error type that crosses the wire.
 //! It also holds what tandem's servers share about accepting connections:
 //! [`AcceptErrors`] (a failed `accept` is logged, rate-limited, and paused on)
-//! and [`Throttle`] (rate-limited warnings).
+//! and [`Throttle`] (rate-limited warnings), and what tandem's clients share:
+//! [`PendingTable`], the requests sent and not yet answered.
 //! `PROTOCOL.md` beside this crate is the byte-level specification.
 //!
 //! ```text
@@ -51,6 +52,7 @@ mod frame;
 mod handshake;
 mod link;
 pub mod payload;
+mod pending;
 mod shared;
 
 pub use accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion};
@@ -65,6 +67,7 @@ pub use frame::{
 };
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
 pub use link::{FrameSink, Link, LinkSink, Stalled, feed_within, flush_within};
+pub use pending::{Expires, InsertError, PendingTable};
 pub use shared::SharedFrame;
 
 // Re-exported so users of the codec need not depend on the same versions themselves.

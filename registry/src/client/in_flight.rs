@@ -2,10 +2,10 @@
 //! by the callers (who register before sending) and the connection's reader (who
 //! completes them). When the connection is lost, everything in here fails at once.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use tandem_protocol::{InsertError, PendingTable, RemoteError};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -33,10 +33,22 @@ type ReplyTx = oneshot::Sender<Result<Response, Error>>;
 
 #[derive(Debug, Default)]
 struct State {
-    /// Set once, when the connection is lost.
+    /// Why the connection was lost: set once, when both tables are closed.
     closed: Option<Error>,
-    calls: HashMap<RequestId, ReplyTx>,
-    watches: HashMap<RequestId, WatchSink>,
+    calls: PendingTable<ReplyTx>,
+    watches: PendingTable<WatchSink>,
+}
+
+impl State {
+    /// What the caller of a refused request is told.
+    fn refusal<V>(&self, refused: &InsertError<V>) -> Error {
+        if refused.is_closed() {
+            return self.closed.clone().unwrap_or(Error::ConnectionLost { source: None });
+        }
+        // Never: ids come from one counter.
+        tracing::error!(error = %refused, "request not sent");
+        Error::Remote(RemoteError::internal(refused.to_string()))
+    }
 }
 
 #[derive(Debug)]
@@ -77,20 +89,25 @@ impl InFlight {
         sink: Option<WatchSink>,
     ) -> Result<oneshot::Receiver<Result<Response, Error>>, Error> {
         let mut state = self.lock();
-        if let Some(error) = &state.closed {
-            return Err(error.clone());
-        }
         let (tx, rx) = oneshot::channel();
-        state.calls.insert(id, tx);
-        if let Some(sink) = sink {
-            state.watches.insert(id, sink);
+        if let Err(refused) = state.calls.insert(id, tx) {
+            return Err(state.refusal(&refused));
+        }
+        if let Some(sink) = sink
+            && let Err(refused) = state.watches.insert(id, sink)
+        {
+            state.calls.remove(id);
+            let error = state.refusal(&refused);
+            drop(state);
+            refused.into_value().finish(Some(error.clone()));
+            return Err(error);
         }
         Ok(rx)
     }
 
     /// Hands the outcome of call `id` to its caller (ignored if the caller is gone).
     pub(crate) fn complete(&self, id: RequestId, result: Result<Response, Error>) {
-        let tx = self.lock().calls.remove(&id);
+        let tx = self.lock().calls.remove(id);
         if let Some(tx) = tx {
             let _ = tx.send(result);
         }
@@ -98,12 +115,12 @@ impl InFlight {
 
     /// Forgets call `id`, whose caller stopped waiting.
     pub(crate) fn forget_call(&self, id: RequestId) {
-        self.lock().calls.remove(&id);
+        self.lock().calls.remove(id);
     }
 
     /// Forgets watch `id`; true if it was still open.
     pub(crate) fn forget_watch(&self, id: RequestId) -> bool {
-        let sink = self.lock().watches.remove(&id);
+        let sink = self.lock().watches.remove(id);
         sink.map(|sink| sink.finish(None)).is_some()
     }
 
@@ -139,10 +156,10 @@ impl InFlight {
     ) -> Result<(), Undelivered> {
         let mut state = self.lock();
         // Unknown: the watch was cancelled; the server may still send what was in flight.
-        let Some(sink) = state.watches.get(&id) else { return Ok(()) };
+        let Some(sink) = state.watches.get(id) else { return Ok(()) };
         let result = push(sink);
         if let Err(undelivered) = &result
-            && let Some(sink) = state.watches.remove(&id)
+            && let Some(sink) = state.watches.remove(id)
         {
             sink.finish((*undelivered == Undelivered::Full).then_some(Error::Lagged));
         }
@@ -153,11 +170,11 @@ impl InFlight {
     pub(crate) fn close(&self, error: Error) {
         let (calls, watches) = {
             let mut state = self.lock();
-            if state.closed.is_some() {
+            if state.calls.is_closed() {
                 return;
             }
             state.closed = Some(error.clone());
-            (std::mem::take(&mut state.calls), std::mem::take(&mut state.watches))
+            (state.calls.close(), state.watches.close())
         };
         self.lost.cancel();
         for (_, tx) in calls {
