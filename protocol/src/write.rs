@@ -89,9 +89,9 @@ impl WriteLimits {
     }
 }
 
-/// Why a write loop ended.
+/// Why a write loop ended. Not `#[non_exhaustive]`: a loop ends for one of
+/// these three reasons, and each writer maps every one of them.
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum WriteEnd {
     /// The source has no more items; everything it gave was flushed.
     Finished,
