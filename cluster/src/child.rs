@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
+use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
@@ -296,34 +297,39 @@ async fn serve(
     code
 }
 
-async fn write_loop(mut w: Writer, mut rx: mpsc::Receiver<FromChild>, flush: CancellationToken) {
-    loop {
-        let item = tokio::select! {
+/// Writes what is queued for the master until the queue closes or `flush` is
+/// cancelled (then what is still queued is written first). Any write error,
+/// a refused frame included, ends it: the master is gone, and the reader sees
+/// EOF and exits the process.
+async fn write_loop(mut w: Writer, rx: mpsc::Receiver<FromChild>, flush: CancellationToken) {
+    let _ = tandem_protocol::write_loop(&mut ToMaster { rx, flush }, &mut w, WriteLimits::default()).await;
+}
+
+struct ToMaster {
+    rx: mpsc::Receiver<FromChild>,
+    flush: CancellationToken,
+}
+
+impl WriteSource for ToMaster {
+    type Item = FromChild;
+    type Tag = ();
+
+    async fn next(&mut self) -> Option<FromChild> {
+        tokio::select! {
             biased;
-            item = rx.recv() => item,
-            _ = flush.cancelled() => None,
-        };
-        let Some(item) = item else {
-            while let Ok(item) = rx.try_recv() {
-                if w.feed(item).await.is_err() {
-                    return;
-                }
-            }
-            let _ = SinkExt::<FromChild>::flush(&mut w).await;
-            return;
-        };
-        if w.feed(item).await.is_err() {
-            return;
+            item = self.rx.recv() => item,
+            _ = self.flush.cancelled() => self.rx.try_recv().ok(),
         }
-        while let Ok(item) = rx.try_recv() {
-            if w.feed(item).await.is_err() {
-                return;
-            }
-        }
-        if SinkExt::<FromChild>::flush(&mut w).await.is_err() {
-            // The master is gone; the reader sees EOF and exits the process.
-            return;
-        }
+    }
+
+    fn try_next(&mut self) -> Option<FromChild> {
+        self.rx.try_recv().ok()
+    }
+
+    fn tag(_: &FromChild) {}
+
+    fn refused(&mut self, (): (), error: CodecError) -> Refused<FromChild> {
+        Refused::Fatal(error)
     }
 }
 

@@ -12,7 +12,8 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
+use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -58,7 +59,7 @@ const EOF_KILL_AFTER: Duration = Duration::from_secs(2);
 const PRUNE_EVERY: Duration = Duration::from_millis(500);
 /// How often the master samples its children's RSS against their memory limits.
 const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(1);
-/// Frames written to a child per flush.
+/// Frames written to a child per flush after the first.
 const WRITE_BATCH: usize = 64;
 
 /// What the loop reacts to.
@@ -1053,41 +1054,43 @@ async fn send_listeners(
     }
 }
 
-/// Writes queued messages to one child: control first, then data, in batches.
-async fn write_to_child(wr: OwnedWriteHalf, mut control: mpsc::Receiver<ToChild>, mut data: mpsc::Receiver<ToChild>) {
+/// Writes queued messages to one child: control first, then data, in batches
+/// of at most `WRITE_BATCH + 1`. Ends when both queues are closed or the child
+/// is gone (its waiter reports the exit).
+async fn write_to_child(wr: OwnedWriteHalf, control: mpsc::Receiver<ToChild>, data: mpsc::Receiver<ToChild>) {
     let mut w = FramedWrite::new(wr, MasterCodec::new());
-    loop {
-        let item = tokio::select! {
-            biased;
-            Some(item) = control.recv() => item,
-            Some(item) = data.recv() => item,
-            else => return,
-        };
-        if !feed(&mut w, item).await {
-            return;
-        }
-        for _ in 0..WRITE_BATCH {
-            let Ok(item) = control.try_recv().or_else(|_| data.try_recv()) else { break };
-            if !feed(&mut w, item).await {
-                return;
-            }
-        }
-        if SinkExt::<ToChild>::flush(&mut w).await.is_err() {
-            return; // the child is gone; its waiter reports the exit
-        }
-    }
+    let limits = WriteLimits::default().max_batch(WRITE_BATCH + 1);
+    let _ = tandem_protocol::write_loop(&mut ToChildQueues { control, data }, &mut w, limits).await;
 }
 
-/// Feeds one message; false when the channel is broken. A message that cannot
-/// be encoded (too large) is dropped without breaking the channel.
-async fn feed(w: &mut FramedWrite<OwnedWriteHalf, MasterCodec>, item: ToChild) -> bool {
-    match w.feed(item).await {
-        Ok(()) => true,
-        Err(tandem_protocol::CodecError::Io(_)) => false,
-        Err(e) => {
-            tracing::warn!(error = %e, "message to a child dropped");
-            true
+struct ToChildQueues {
+    control: mpsc::Receiver<ToChild>,
+    data: mpsc::Receiver<ToChild>,
+}
+
+impl WriteSource for ToChildQueues {
+    type Item = ToChild;
+    type Tag = ();
+
+    async fn next(&mut self) -> Option<ToChild> {
+        tokio::select! {
+            biased;
+            Some(item) = self.control.recv() => Some(item),
+            Some(item) = self.data.recv() => Some(item),
+            else => None,
         }
+    }
+
+    fn try_next(&mut self) -> Option<ToChild> {
+        self.control.try_recv().or_else(|_| self.data.try_recv()).ok()
+    }
+
+    fn tag(_: &ToChild) {}
+
+    /// A message that cannot be encoded (too large) is dropped without breaking the channel.
+    fn refused(&mut self, (): (), error: CodecError) -> Refused<ToChild> {
+        tracing::warn!(error = %error, "message to a child dropped");
+        Refused::Skip
     }
 }
 

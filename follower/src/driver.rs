@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::{
     Ack, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError,
-    RequestId, Response, Subscribe, Unsubscribe, Welcome, feed_within, flush_within,
+    RequestId, Response, Subscribe, Unsubscribe, Welcome, WriteEnd, WriteLimits, write_loop,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -404,7 +404,7 @@ impl<C: Connector> Driver<C> {
         }
         let stall = core.config.peer_timeout;
         if let Err(reason) = flush(&mut link, &mut core.out, stall).await {
-            return reason;
+            return reason.to_string();
         }
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -470,7 +470,7 @@ impl<C: Connector> Driver<C> {
                 return "closed".into();
             }
             if let Err(reason) = flush(&mut link, &mut self.core.out, stall).await {
-                return reason;
+                return reason.to_string();
             }
         }
     }
@@ -486,27 +486,21 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn flush(link: &mut Link, out: &mut Vec<Frame>, stall: Duration) -> Result<(), String> {
-    if out.is_empty() {
-        return Ok(());
+async fn flush(link: &mut Link, out: &mut Vec<Frame>, stall: Duration) -> Result<(), WriteFailed> {
+    match write_loop(&mut out.drain(..), &mut link.tx, WriteLimits::default().stall(stall)).await {
+        WriteEnd::Finished => Ok(()),
+        WriteEnd::Failed(error) => Err(WriteFailed::Write(error)),
+        WriteEnd::Stalled(stall) => Err(WriteFailed::Stalled(stall)),
     }
-    for frame in out.drain(..) {
-        let kind = frame.kind();
-        match feed_within(&mut link.tx, frame, stall).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error @ (CodecError::TooLarge { .. } | CodecError::Encode(_)))) => {
-                // Nothing was written: the link is intact; only this frame is lost.
-                tracing::error!(%error, frame = kind, "frame not sent");
-            }
-            Ok(Err(error)) => return Err(format!("write to the leader failed: {error}")),
-            Err(_) => return Err(format!("the leader accepted no bytes for {} ms", stall.as_millis())),
-        }
-    }
-    match flush_within(&mut link.tx, stall).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(error)) => Err(format!("write to the leader failed: {error}")),
-        Err(_) => Err(format!("the leader accepted no bytes for {} ms", stall.as_millis())),
-    }
+}
+
+/// Why the frames queued for the leader were not all written.
+#[derive(Debug, thiserror::Error)]
+enum WriteFailed {
+    #[error("write to the leader failed: {0}")]
+    Write(#[source] CodecError),
+    #[error("the leader accepted no bytes for {} ms", .0.as_millis())]
+    Stalled(Duration),
 }
 
 /// Answers commands offline until `until` resolves, the handles are gone or the

@@ -35,6 +35,7 @@ mod latency;
 mod leader;
 mod outbox;
 mod session;
+mod session_end;
 mod stats;
 mod upstream;
 

@@ -9,13 +9,18 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tandem_protocol::{Frame, SharedFrame};
+use futures::Sink;
+use tandem_protocol::{CodecError, Frame, LinkSink, Refused, SharedFrame, WriteSource};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::session_end::SessionEnd;
 
 type EventKey = (Arc<str>, Bytes);
 
@@ -41,7 +46,7 @@ struct State {
     frames: VecDeque<Frame>,
     event_order: VecDeque<EventKey>,
     events: HashMap<EventKey, SharedFrame>,
-    closed: Option<String>,
+    closed: Option<SessionEnd>,
     conflated: u64,
     /// The writer found nothing to send and waits for a wake-up. Pushes wake
     /// it only then: a busy writer takes what was queued on its next round, so
@@ -93,7 +98,7 @@ impl Outbox {
             return false;
         }
         if state.frames.len() >= self.max_frames {
-            state.closed = Some(format!("outbound queue over {} frames: follower too slow", self.max_frames));
+            state.closed = Some(SessionEnd::OutboxOverflow { max_frames: self.max_frames });
             drop(state);
             self.closed.cancel();
             self.notify.notify_one();
@@ -148,10 +153,10 @@ impl Outbox {
     }
 
     /// Closes the outbox: later pushes are dropped, the writer ends after what is queued.
-    pub(crate) fn close(&self, reason: impl Into<String>) {
+    pub(crate) fn close(&self, reason: SessionEnd) {
         let mut state = self.lock();
         if state.closed.is_none() {
-            state.closed = Some(reason.into());
+            state.closed = Some(reason);
         }
         drop(state);
         self.closed.cancel();
@@ -164,7 +169,7 @@ impl Outbox {
     }
 
     /// The reason the outbox was closed, if it was.
-    pub(crate) fn closed_reason(&self) -> Option<String> {
+    pub(crate) fn closed_reason(&self) -> Option<SessionEnd> {
         self.lock().closed.clone()
     }
 
@@ -176,7 +181,7 @@ impl Outbox {
     /// Moves everything queued into `batch` (frames first, then events in the
     /// order their keys first became pending). Waits while there is nothing.
     /// Returns the close reason once the outbox is closed and drained.
-    pub(crate) async fn next_batch(&self, batch: &mut Vec<Outgoing>) -> Result<(), String> {
+    pub(crate) async fn next_batch(&self, batch: &mut VecDeque<Outgoing>) -> Result<(), SessionEnd> {
         loop {
             {
                 let mut state = self.lock();
@@ -184,7 +189,7 @@ impl Outbox {
                 batch.extend(state.frames.drain(..).map(Outgoing::Frame));
                 while let Some(key) = state.event_order.pop_front() {
                     if let Some(event) = state.events.remove(&key) {
-                        batch.push(Outgoing::Event(event));
+                        batch.push_back(Outgoing::Event(event));
                     }
                 }
                 if !batch.is_empty() {
@@ -200,6 +205,73 @@ impl Outbox {
             }
             self.notify.notified().await;
         }
+    }
+}
+
+/// The writer's view of an outbox: each wait takes everything queued (one
+/// lock), and that batch is written before the outbox is looked at again.
+#[derive(Debug)]
+pub(crate) struct Batches {
+    outbox: Arc<Outbox>,
+    batch: VecDeque<Outgoing>,
+}
+
+impl Batches {
+    pub(crate) fn new(outbox: Arc<Outbox>) -> Self {
+        Batches { outbox, batch: VecDeque::with_capacity(64) }
+    }
+}
+
+impl WriteSource for Batches {
+    type Item = Outgoing;
+    type Tag = &'static str;
+
+    /// `None` once the outbox is closed and drained.
+    async fn next(&mut self) -> Option<Outgoing> {
+        if self.batch.is_empty() {
+            self.outbox.next_batch(&mut self.batch).await.ok()?;
+        }
+        self.batch.pop_front()
+    }
+
+    fn try_next(&mut self) -> Option<Outgoing> {
+        self.batch.pop_front()
+    }
+
+    fn tag(outgoing: &Outgoing) -> &'static str {
+        outgoing.kind()
+    }
+
+    fn refused(&mut self, kind: &'static str, error: CodecError) -> Refused<Outgoing> {
+        // Nothing was written: the connection is intact; drop this frame only.
+        tracing::error!(%error, frame = kind, "frame not sent");
+        Refused::Skip
+    }
+}
+
+/// A link's sink taking each [`Outgoing`] as the frame or shared frame it holds.
+pub(crate) struct OutgoingSink<'a>(pub(crate) &'a mut LinkSink);
+
+impl Sink<Outgoing> for OutgoingSink<'_> {
+    type Error = CodecError;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_ready(self.0.as_mut(), cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Outgoing) -> Result<(), CodecError> {
+        match item {
+            Outgoing::Frame(frame) => self.0.as_mut().start_send(frame),
+            Outgoing::Event(event) => self.0.as_mut().start_send(event),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_flush(self.0.as_mut(), cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_close(self.0.as_mut(), cx)
     }
 }
 
@@ -221,7 +293,7 @@ mod tests {
         outbox.push_event(&ch, &a, &event(&a, 1, b"a1"));
         outbox.push_event(&ch, &b, &event(&b, 2, b"b1"));
         outbox.push_event(&ch, &a, &event(&a, 3, b"a2"));
-        let mut batch = Vec::new();
+        let mut batch = VecDeque::new();
         outbox.next_batch(&mut batch).await.unwrap();
         let got: Vec<(Bytes, u64)> = batch
             .into_iter()
@@ -244,11 +316,12 @@ mod tests {
         assert!(outbox.push(Frame::Ping(2)));
         assert!(!outbox.push(Frame::Ping(3)));
         let reason = outbox.closed_reason().unwrap();
-        assert!(reason.contains("too slow"), "{reason}");
-        let mut batch = Vec::new();
+        assert!(matches!(reason, SessionEnd::OutboxOverflow { max_frames: 2 }), "{reason}");
+        assert!(reason.to_string().contains("too slow"), "{reason}");
+        let mut batch = VecDeque::new();
         outbox.next_batch(&mut batch).await.unwrap();
         assert_eq!(batch, vec![Outgoing::Frame(Frame::Ping(1)), Outgoing::Frame(Frame::Ping(2))]);
         batch.clear();
-        assert!(outbox.next_batch(&mut batch).await.is_err());
+        assert!(matches!(outbox.next_batch(&mut batch).await, Err(SessionEnd::OutboxOverflow { .. })));
     }
 }

@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_protocol::{ErrorCode, error_chain};
+use tandem_protocol::ErrorCode;
 
 use tokio::time::Instant;
 
@@ -31,7 +31,7 @@ use std::task::{Context, Poll, Waker};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::{
     Ack, ChannelStatus, CodecError, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject,
-    RemoteError, RequestId, Response, UpstreamState, Welcome, check_hello, feed_within, flush_within,
+    RemoteError, RequestId, Response, UpstreamState, Welcome, WriteEnd, WriteLimits, check_hello,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,8 @@ use crate::admission::{Admission, HelloTooLong};
 use crate::channel::{BoxFuture, Channel};
 use crate::hub::SessionId;
 use crate::leader::Shared;
-use crate::outbox::{Outbox, Outgoing};
+use crate::outbox::{Batches, Outbox, OutgoingSink};
+use crate::session_end::{SessionEnd, Violation};
 use crate::upstream::CallContext;
 
 /// Who is on the other end of a link, as established by the transport.
@@ -160,17 +161,17 @@ impl Session {
         let mut last_received = Instant::now();
         let mut nonce = 0u64;
         let mut writer_done = false;
-        let reason: String = loop {
+        let reason = loop {
             tokio::select! {
                 biased;
                 _ = session.cancel.cancelled() => {
-                    session.outbox.push(Frame::Goodbye("leader shutting down".into()));
-                    break "leader shutting down".into();
+                    session.outbox.push(Frame::Goodbye(SessionEnd::LeaderShuttingDown.to_string()));
+                    break SessionEnd::LeaderShuttingDown;
                 }
                 _ = session.outbox.wait_closed() => {
                     // Overflow: the follower is not reading; stop writing to it now.
                     writer_done = true;
-                    break session.outbox.closed_reason().unwrap_or_else(|| "outbox closed".into());
+                    break session.outbox.closed_reason().unwrap_or(SessionEnd::OutboxClosed);
                 }
                 reason = &mut writer => {
                     writer_done = true;
@@ -199,7 +200,7 @@ impl Session {
                 _ = ticker.tick() => {
                     let silent = last_received.elapsed();
                     if silent > peer_timeout {
-                        break format!("no frame from follower for {} ms (peer timeout {} ms)", silent.as_millis(), peer_timeout.as_millis());
+                        break SessionEnd::PeerTimeout { silent, timeout: peer_timeout };
                     }
                     nonce += 1;
                     session.outbox.push(Frame::Ping(nonce));
@@ -212,8 +213,7 @@ impl Session {
             let grace = session.shared.config.shutdown_grace;
             let _ = tokio::time::timeout(grace, &mut writer).await;
         }
-        let normal = reason == "follower closed the connection" || reason.starts_with("follower said goodbye");
-        if normal {
+        if reason.is_normal() {
             tracing::debug!(reason = %reason, "follower disconnected");
         } else {
             tracing::warn!(reason = %reason, "follower session ended");
@@ -221,7 +221,7 @@ impl Session {
     }
 
     /// Releases everything the session held.
-    fn finish(&mut self, reason: &str) {
+    fn finish(&mut self, reason: &SessionEnd) {
         self.cancel.cancel();
         let calls = std::mem::take(&mut *lock_in_flight(&self.in_flight));
         self.shared.in_flight.fetch_sub(calls.len(), Ordering::Relaxed);
@@ -236,7 +236,7 @@ impl Session {
         self.shared.conflated.fetch_add(self.outbox.conflated(), Ordering::Relaxed);
         self.shared.followers.fetch_sub(1, Ordering::Relaxed);
         self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
-        self.outbox.close(reason);
+        self.outbox.close(reason.clone());
     }
 
     /// Channels named after the handshake: each gets its `Status` (a channel
@@ -278,16 +278,14 @@ impl Session {
     }
 
     /// One read from the link; returns why the session must end, if it must.
-    fn on_read(&mut self, frame: Option<Result<Frame, CodecError>>) -> Option<String> {
-        match frame {
-            None => Some("follower closed the connection".into()),
-            Some(Err(error)) => {
-                let reason = format!("bad frame from follower: {error}");
-                self.push(Frame::Goodbye(reason.clone()));
-                Some(reason)
-            }
-            Some(Ok(frame)) => self.handle(frame).err().inspect(|reason| self.push(Frame::Goodbye(reason.clone()))),
-        }
+    fn on_read(&mut self, frame: Option<Result<Frame, CodecError>>) -> Option<SessionEnd> {
+        let reason = match frame {
+            None => return Some(SessionEnd::FollowerClosed),
+            Some(Err(error)) => SessionEnd::BadFrame(Arc::new(error)),
+            Some(Ok(frame)) => self.handle(frame).err()?,
+        };
+        self.push(Frame::Goodbye(reason.to_string()));
+        Some(reason)
     }
 
     /// Counts the calls the burst answered inline, each as taking the whole
@@ -307,7 +305,7 @@ impl Session {
     }
 
     /// Handles one frame; an error ends the session with that reason.
-    fn handle(&mut self, frame: Frame) -> Result<(), String> {
+    fn handle(&mut self, frame: Frame) -> Result<(), SessionEnd> {
         match frame {
             Frame::Invoke(invoke) => return self.invoke(invoke),
             Frame::Cancel(id) => {
@@ -340,8 +338,8 @@ impl Session {
             Frame::Open(names) => self.open(names),
             Frame::Ping(nonce) => self.push(Frame::Pong(nonce)),
             Frame::Pong(_) => {}
-            Frame::Goodbye(reason) => return Err(format!("follower said goodbye: {reason}")),
-            other => return Err(format!("protocol violation: a follower may not send {}", other.kind())),
+            Frame::Goodbye(reason) => return Err(SessionEnd::FollowerGoodbye(reason)),
+            other => return Err(SessionEnd::ProtocolViolation(Violation::Forbidden(other.kind()))),
         }
         Ok(())
     }
@@ -362,7 +360,7 @@ impl Session {
         }
     }
 
-    fn invoke(&mut self, invoke: Invoke) -> Result<(), String> {
+    fn invoke(&mut self, invoke: Invoke) -> Result<(), SessionEnd> {
         let Invoke { id, channel, deadline_ms, oneway, payload } = invoke;
         let arrived = self.burst_at;
         let channel = match self.channel(&channel) {
@@ -400,7 +398,7 @@ impl Session {
                 return Ok(());
             }
             if in_flight.contains_key(&id) {
-                return Err(format!("protocol violation: request id {id} is already in flight"));
+                return Err(SessionEnd::ProtocolViolation(Violation::DuplicateRequest(id)));
             }
             in_flight.insert(id, token.clone());
         }
@@ -491,16 +489,16 @@ fn fit_response(max: usize, bytes: Bytes) -> Result<Bytes, RemoteError> {
 type ChannelStates = Vec<(Arc<Channel>, watch::Receiver<UpstreamState>)>;
 
 /// Reads and checks the `Hello`; answers `Welcome` and each channel's status, or `Reject`.
-async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<(Hello, ChannelStates), String> {
+async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<(Hello, ChannelStates), SessionEnd> {
     let config = &shared.config;
     let first = match tokio::time::timeout(config.handshake_timeout, link.rx.next()).await {
-        Err(_) => return Err(format!("no Hello within {} ms", config.handshake_timeout.as_millis())),
-        Ok(None) => return Err("connection closed before Hello".into()),
+        Err(_) => return Err(SessionEnd::NoHello(config.handshake_timeout)),
+        Ok(None) => return Err(SessionEnd::ClosedBeforeHello),
         Ok(Some(Err(CodecError::Io(error)))) if HelloTooLong::find(&error).is_some() => {
             let error = RemoteError::bad_request(error.to_string()).with_code(ErrorCode::FRAME_TOO_LARGE);
             return Err(reject(link, config.write_stall_timeout, Reject { version: PROTOCOL_VERSION, error }).await);
         }
-        Ok(Some(Err(error))) => return Err(format!("bad bytes before Hello: {}", error_chain(&error))),
+        Ok(Some(Err(error))) => return Err(SessionEnd::BadHello(Arc::new(error))),
         Ok(Some(Ok(frame))) => frame,
     };
     let hello = match first {
@@ -554,14 +552,14 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
     };
     match tokio::time::timeout(config.write_stall_timeout, send).await {
         Ok(Ok(())) => Ok((hello, states)),
-        Ok(Err(error)) => Err(format!("could not send Welcome: {error}")),
-        Err(_) => Err("could not send Welcome: follower accepts no bytes".into()),
+        Ok(Err(error)) => Err(SessionEnd::WelcomeFailed(Arc::new(error))),
+        Err(_) => Err(SessionEnd::WelcomeStalled),
     }
 }
 
 /// Sends a `Reject` (best effort) and returns the reason to log.
-async fn reject(link: &mut Link, stall: Duration, rejection: Reject) -> String {
-    let reason = rejection.error.to_string();
+async fn reject(link: &mut Link, stall: Duration, rejection: Reject) -> SessionEnd {
+    let reason = SessionEnd::Rejected(rejection.error.clone());
     let _ = tokio::time::timeout(stall, link.tx.send(Frame::Reject(rejection))).await;
     reason
 }
@@ -590,48 +588,19 @@ async fn forward_status(
 }
 
 /// Writes batches from the outbox until it closes or the follower stops reading.
-async fn write_loop(mut tx: LinkSink, outbox: Arc<Outbox>, stall: Duration) -> String {
-    let mut batch = Vec::with_capacity(64);
-    loop {
-        if let Err(reason) = outbox.next_batch(&mut batch).await {
+async fn write_loop(mut tx: LinkSink, outbox: Arc<Outbox>, stall: Duration) -> SessionEnd {
+    // The stall bound applies to each step, so a big batch to a reader that
+    // is slow but still reading is not mistaken for a stalled one.
+    let limits = WriteLimits::default().stall(stall);
+    let mut batches = Batches::new(outbox.clone());
+    let reason = match tandem_protocol::write_loop(&mut batches, &mut OutgoingSink(&mut tx), limits).await {
+        WriteEnd::Finished => {
             let _ = tokio::time::timeout(stall, SinkExt::<Frame>::close(&mut tx)).await;
-            return reason;
+            return outbox.closed_reason().unwrap_or(SessionEnd::OutboxClosed);
         }
-        // The stall bound applies to each step, so a big batch to a reader that
-        // is slow but still reading is not mistaken for a stalled one.
-        let mut result = Ok(Ok(()));
-        for outgoing in batch.drain(..) {
-            let kind = outgoing.kind();
-            result = match outgoing {
-                Outgoing::Frame(frame) => feed_within(&mut tx, frame, stall).await,
-                Outgoing::Event(event) => feed_within(&mut tx, event, stall).await,
-            };
-            if let Ok(Err(error @ (CodecError::TooLarge { .. } | CodecError::Encode(_)))) = &result {
-                // Nothing was written: the connection is intact; drop this frame only.
-                tracing::error!(%error, frame = kind, "frame not sent");
-                result = Ok(Ok(()));
-                continue;
-            }
-            if !matches!(result, Ok(Ok(()))) {
-                break;
-            }
-        }
-        if matches!(result, Ok(Ok(()))) {
-            result = flush_within(&mut tx, stall).await;
-        }
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                let reason = format!("write to follower failed: {error}");
-                outbox.close(reason.clone());
-                return reason;
-            }
-            Err(_) => {
-                let reason = format!("follower accepted no bytes for {} ms: too slow", stall.as_millis());
-                outbox.close(reason.clone());
-                return reason;
-            }
-        }
-        batch.clear();
-    }
+        WriteEnd::Stalled(stall) => SessionEnd::TooSlow(stall),
+        WriteEnd::Failed(error) => SessionEnd::WriteFailed(Arc::new(error)),
+    };
+    outbox.close(reason.clone());
+    reason
 }

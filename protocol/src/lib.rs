@@ -7,8 +7,9 @@
 //! handshake rules, and [`RemoteError`], the one error type that crosses the wire.
 //! It also holds what tandem's servers share about accepting connections:
 //! [`AcceptErrors`] (a failed `accept` is logged, rate-limited, and paused on)
-//! and [`Throttle`] (rate-limited warnings), and what tandem's clients share:
-//! [`PendingTable`], the requests sent and not yet answered.
+//! and [`Throttle`] (rate-limited warnings); what tandem's clients share:
+//! [`PendingTable`], the requests sent and not yet answered; and the one
+//! batching [`write_loop`] every connection's writer runs.
 //! `PROTOCOL.md` beside this crate is the byte-level specification.
 //!
 //! ```text
@@ -54,6 +55,7 @@ mod link;
 pub mod payload;
 mod pending;
 mod shared;
+mod write;
 
 pub use accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion};
 pub use api::{Api, Message};
@@ -66,9 +68,10 @@ pub use frame::{
     Unsubscribe, UpstreamState, Welcome,
 };
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
-pub use link::{FrameSink, Link, LinkSink, Stalled, feed_within, flush_within};
+pub use link::{FrameSink, Link, LinkSink};
 pub use pending::{Expires, InsertError, PendingTable};
 pub use shared::SharedFrame;
+pub use write::{Refused, Stalled, WriteEnd, WriteLimits, WriteSource, feed_within, flush_within, write_loop};
 
 // Re-exported so users of the codec need not depend on the same versions themselves.
 pub use bytes;

@@ -8,8 +8,7 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::task::{Context, Poll};
 
 use futures::channel::mpsc as fmpsc;
 use futures::sink::{Sink, SinkExt};
@@ -130,37 +129,5 @@ impl Sink<SharedFrame> for Unshare {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
         Sink::<Frame>::poll_close(self, cx)
-    }
-}
-
-/// Why [`feed_within`] or [`flush_within`] gave up.
-pub type Stalled = tokio::time::error::Elapsed;
-
-/// Feeds `item` to `tx`, waiting at most `stall` for the sink to have room.
-///
-/// A sink with room takes the item at once, with no timer armed: the common
-/// case of a batch of frames going into a socket's write buffer costs no clock
-/// read or timer per frame.
-pub async fn feed_within<I>(tx: &mut LinkSink, item: I, stall: Duration) -> Result<Result<(), CodecError>, Stalled>
-where
-    dyn FrameSink: Sink<I, Error = CodecError>,
-{
-    // Polling with a no-op waker is sound: if the sink is not ready, `feed`
-    // below polls it again with the task's waker before waiting.
-    let ready = Sink::<I>::poll_ready(tx.as_mut(), &mut Context::from_waker(Waker::noop()));
-    match ready {
-        Poll::Ready(Ok(())) => Ok(Sink::<I>::start_send(tx.as_mut(), item)),
-        Poll::Ready(Err(error)) => Ok(Err(error)),
-        Poll::Pending => tokio::time::timeout(stall, SinkExt::<I>::feed(tx, item)).await,
-    }
-}
-
-/// Flushes `tx`, waiting at most `stall` for the peer to take the bytes; a
-/// flush that completes at once arms no timer.
-pub async fn flush_within(tx: &mut LinkSink, stall: Duration) -> Result<Result<(), CodecError>, Stalled> {
-    let flushed = Sink::<Frame>::poll_flush(tx.as_mut(), &mut Context::from_waker(Waker::noop()));
-    match flushed {
-        Poll::Ready(result) => Ok(result),
-        Poll::Pending => tokio::time::timeout(stall, SinkExt::<Frame>::flush(tx)).await,
     }
 }

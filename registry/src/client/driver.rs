@@ -5,8 +5,8 @@
 use std::io;
 use std::sync::Arc;
 
-use futures::{SinkExt, StreamExt};
-use tandem_protocol::{Codec, CodecError, error_chain};
+use futures::StreamExt;
+use tandem_protocol::{Codec, CodecError, Refused, WriteLimits, WriteSource, error_chain};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::error::Error;
 use super::in_flight::InFlight;
 use super::queue::{Item, Undelivered};
-use crate::wire::{Op, Reply, Request, ServerInfo, ServerMessage, ServiceEvent};
+use crate::wire::{Op, Reply, Request, RequestId, ServerInfo, ServerMessage, ServiceEvent};
 
 /// The driver's inputs.
 #[derive(Debug)]
@@ -128,46 +128,51 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// Writes requests until every handle is gone (`Ok`) or writing fails.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: FramedWrite<W, Codec<ServerMessage>>,
-    mut outgoing: mpsc::Receiver<Request>,
-    mut detached: mpsc::UnboundedReceiver<Op>,
+    outgoing: mpsc::Receiver<Request>,
+    detached: mpsc::UnboundedReceiver<Op>,
     in_flight: &InFlight,
 ) -> Result<(), Error> {
-    loop {
-        let request = tokio::select! {
-            biased;
-            request = outgoing.recv() => match request {
-                Some(request) => request,
-                None => return Ok(()),
-            },
-            Some(op) = detached.recv() => Request { id: in_flight.next_id(), op },
-        };
-        write(&mut writer, request, in_flight).await?;
-        loop {
-            let request = match outgoing.try_recv() {
-                Ok(request) => request,
-                Err(_) => match detached.try_recv() {
-                    Ok(op) => Request { id: in_flight.next_id(), op },
-                    Err(_) => break,
-                },
-            };
-            write(&mut writer, request, in_flight).await?;
-        }
-        SinkExt::<&Request>::flush(&mut writer).await.map_err(Error::lost)?;
-    }
+    let mut requests = Requests { outgoing, detached, in_flight };
+    tandem_protocol::write_loop(&mut requests, &mut writer, WriteLimits::default())
+        .await
+        .into_result()
+        .map_err(Error::lost)
 }
 
-async fn write<W: AsyncWrite + Unpin>(
-    writer: &mut FramedWrite<W, Codec<ServerMessage>>,
-    request: Request,
-    in_flight: &InFlight,
-) -> Result<(), Error> {
-    match writer.feed(&request).await {
-        Ok(()) => Ok(()),
-        // The codec wrote nothing for this frame: only this call fails.
-        Err(e @ (CodecError::TooLarge { .. } | CodecError::Encode(_))) => {
-            in_flight.complete(request.id, Err(Error::RequestTooLarge(Arc::new(e))));
-            Ok(())
+/// Calls first, then fire-and-forget requests.
+struct Requests<'a> {
+    outgoing: mpsc::Receiver<Request>,
+    detached: mpsc::UnboundedReceiver<Op>,
+    in_flight: &'a InFlight,
+}
+
+impl WriteSource for Requests<'_> {
+    type Item = Request;
+    type Tag = RequestId;
+
+    /// `None` once every handle is gone.
+    async fn next(&mut self) -> Option<Request> {
+        tokio::select! {
+            biased;
+            request = self.outgoing.recv() => request,
+            Some(op) = self.detached.recv() => Some(Request { id: self.in_flight.next_id(), op }),
         }
-        Err(e) => Err(Error::lost(e)),
+    }
+
+    fn try_next(&mut self) -> Option<Request> {
+        match self.outgoing.try_recv() {
+            Ok(request) => Some(request),
+            Err(_) => self.detached.try_recv().ok().map(|op| Request { id: self.in_flight.next_id(), op }),
+        }
+    }
+
+    fn tag(request: &Request) -> RequestId {
+        request.id
+    }
+
+    /// The codec wrote nothing for this frame: only this call fails.
+    fn refused(&mut self, id: RequestId, e: CodecError) -> Refused<Request> {
+        self.in_flight.complete(id, Err(Error::RequestTooLarge(Arc::new(e))));
+        Refused::Skip
     }
 }

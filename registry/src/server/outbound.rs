@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tandem_protocol::{Codec, CodecError, RemoteError};
+use tandem_protocol::{Codec, CodecError, Refused, RemoteError, WriteLimits, WriteSource};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedWrite;
@@ -156,17 +156,14 @@ impl Queues {
             Err(_) => event,
         }
     }
+}
 
-    fn try_next(&mut self) -> Option<ServerMessage> {
-        if let Ok(message) = self.control.try_recv() {
-            return Some(message);
-        }
-        if let Some(event) = self.stashed.take() {
-            return Some(event);
-        }
-        let event = self.events.try_recv().ok()?;
-        Some(self.take_event(event))
-    }
+/// Control messages first; a reply the codec refuses becomes an error reply,
+/// any other refused message ends the connection.
+impl WriteSource for Queues {
+    type Item = ServerMessage;
+    /// The id of a reply.
+    type Tag = Option<RequestId>;
 
     /// The next message to write; `None` once the session dropped its [`Outbound`].
     async fn next(&mut self) -> Option<ServerMessage> {
@@ -179,6 +176,33 @@ impl Queues {
             Some(event) = self.events.recv() => Some(self.take_event(event)),
         }
     }
+
+    fn try_next(&mut self) -> Option<ServerMessage> {
+        if let Ok(message) = self.control.try_recv() {
+            return Some(message);
+        }
+        if let Some(event) = self.stashed.take() {
+            return Some(event);
+        }
+        let event = self.events.try_recv().ok()?;
+        Some(self.take_event(event))
+    }
+
+    fn tag(message: &ServerMessage) -> Option<RequestId> {
+        match message {
+            ServerMessage::Reply(Reply { id, .. }) => Some(*id),
+            _ => None,
+        }
+    }
+
+    fn refused(&mut self, reply: Option<RequestId>, e: CodecError) -> Refused<ServerMessage> {
+        // The stream stays consistent: the codec writes nothing for a frame it refuses.
+        let Some(id) = reply else { return Refused::Fatal(e) };
+        warn!(request.id = id, error = %e, "reply does not fit in a frame");
+        let error =
+            RemoteError::internal(format!("the reply does not fit in one frame: {e}")).with_code("reply_too_large");
+        Refused::Replace(ServerMessage::Reply(Reply { id, result: Err(error) }))
+    }
 }
 
 /// Writes queued messages until the session drops its [`Outbound`], then closes the socket.
@@ -186,14 +210,8 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     mut queues: Queues,
     mut sink: FramedWrite<W, Codec<Request>>,
 ) -> Result<(), CodecError> {
-    while let Some(message) = queues.next().await {
-        write(&mut sink, message).await?;
-        while let Some(message) = queues.try_next() {
-            write(&mut sink, message).await?;
-        }
-        SinkExt::<&ServerMessage>::flush(&mut sink).await?;
-    }
-    SinkExt::<&ServerMessage>::close(&mut sink).await
+    tandem_protocol::write_loop(&mut queues, &mut sink, WriteLimits::default()).await.into_result()?;
+    SinkExt::<ServerMessage>::close(&mut sink).await
 }
 
 /// Roughly what a live event costs in memory and on the wire.
@@ -213,24 +231,6 @@ fn approximate_size(message: &ServerMessage) -> usize {
             ServerMessage::ServiceEvent { event: ServiceEvent::Leave { service, id }, .. } => service.len() + id.len(),
             _ => 0,
         }
-}
-
-async fn write<W: AsyncWrite + Unpin>(
-    sink: &mut FramedWrite<W, Codec<Request>>,
-    message: ServerMessage,
-) -> Result<(), CodecError> {
-    match sink.feed(&message).await {
-        // A reply that does not fit becomes an error reply; the stream stays consistent
-        // because the codec writes nothing for a frame it refuses.
-        Err(e @ (CodecError::TooLarge { .. } | CodecError::Encode(_))) => {
-            let ServerMessage::Reply(Reply { id, .. }) = message else { return Err(e) };
-            warn!(request.id = id, error = %e, "reply does not fit in a frame");
-            let error =
-                RemoteError::internal(format!("the reply does not fit in one frame: {e}")).with_code("reply_too_large");
-            sink.feed(&ServerMessage::Reply(Reply { id, result: Err(error) })).await
-        }
-        other => other,
-    }
 }
 
 #[cfg(test)]
@@ -261,6 +261,55 @@ mod tests {
         drop((outbound, events));
         assert_eq!(queues.next().await, None);
         assert!(!closing.is_cancelled());
+    }
+
+    async fn write_all(queues: Queues, max_frame: usize) -> (Result<(), CodecError>, Vec<ServerMessage>) {
+        use futures::StreamExt;
+        use tokio_util::codec::FramedRead;
+
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let sink = FramedWrite::new(near, Codec::<Request>::with_max_frame_length(max_frame));
+        let written = tokio::time::timeout(std::time::Duration::from_secs(10), write_loop(queues, sink))
+            .await
+            .expect("the writer ends");
+        let read = FramedRead::new(far, Codec::<ServerMessage>::new()).map(|m| m.expect("a message")).collect().await;
+        (written, read)
+    }
+
+    #[tokio::test]
+    async fn a_reply_too_large_becomes_an_error_reply() {
+        use crate::wire::{KeyValue, Response};
+
+        let closing = CancellationToken::new();
+        let (outbound, queues) = channel(1, EventBounds { events: 8, bytes: 1 << 20 }, closing);
+        let kv = KeyValue { key: "k".into(), value: bytes::Bytes::from(vec![0u8; 1000]), mod_revision: 2 };
+        outbound.reply(1, Ok(Response::Value { kv: Some(kv), revision: 2 })).await.expect("queued");
+        outbound.reply(2, Ok(Response::Done)).await.expect("queued");
+        drop(outbound);
+        let (written, read) = write_all(queues, 256).await;
+        assert!(written.is_ok(), "{written:?}");
+        let ids_and_codes: Vec<(RequestId, Option<String>)> = read
+            .into_iter()
+            .map(|m| match m {
+                ServerMessage::Reply(Reply { id, result }) => (id, result.err().map(|e| e.code)),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(ids_and_codes, vec![(1, Some("reply_too_large".into())), (2, None)]);
+    }
+
+    #[tokio::test]
+    async fn an_event_too_large_ends_the_writer() {
+        let closing = CancellationToken::new();
+        let (outbound, queues) = channel(1, EventBounds { events: 8, bytes: 1 << 20 }, closing);
+        outbound.events().push(ServerMessage::Event {
+            watch_id: 1,
+            event: WatchEvent::Put { key: "k".into(), value: bytes::Bytes::from(vec![0u8; 1000]), revision: 3 },
+        });
+        let (written, read) = write_all(queues, 256).await;
+        assert!(matches!(written, Err(CodecError::TooLarge { max: 256, .. })), "{written:?}");
+        assert_eq!(read, vec![]);
+        drop(outbound);
     }
 
     #[tokio::test]
