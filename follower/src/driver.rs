@@ -376,7 +376,7 @@ impl<C: Connector> Driver<C> {
 
     /// Serves one link until it dies; returns why. The Hello named the first
     /// `named` channels (the builder's); the others are opened now.
-    async fn connected(&mut self, connected: Connected, welcome: Welcome, named: usize) -> String {
+    async fn connected(&mut self, connected: Connected, welcome: Welcome, named: usize) -> LinkEnd {
         let Connected { mut link, is_leader } = connected;
         let core = &mut self.core;
         if welcome.epoch == core.max_epoch && core.leader_id.is_some_and(|id| id != welcome.leader_id) {
@@ -403,8 +403,8 @@ impl<C: Connector> Driver<C> {
             core.online(command, now);
         }
         let stall = core.config.peer_timeout;
-        if let Err(reason) = flush(&mut link, &mut core.out, stall).await {
-            return reason.to_string();
+        if let Err(failed) = flush(&mut link, &mut core.out, stall).await {
+            return LinkEnd::Write(failed);
         }
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
@@ -456,7 +456,7 @@ impl<C: Connector> Driver<C> {
                     }
                     let silent = last_received.elapsed();
                     if silent > self.core.config.peer_timeout {
-                        return format!("no frame from the leader for {} ms", silent.as_millis());
+                        return LinkEnd::Silent(silent);
                     }
                     nonce += 1;
                     self.core.out.push(Frame::Ping(nonce));
@@ -467,10 +467,10 @@ impl<C: Connector> Driver<C> {
                 let grace = self.core.config.handshake_timeout;
                 let _ = flush(&mut link, &mut self.core.out, grace).await;
                 let _ = tokio::time::timeout(grace, SinkExt::<Frame>::close(&mut link.tx)).await;
-                return "closed".into();
+                return LinkEnd::Closed;
             }
-            if let Err(reason) = flush(&mut link, &mut self.core.out, stall).await {
-                return reason.to_string();
+            if let Err(failed) = flush(&mut link, &mut self.core.out, stall).await {
+                return LinkEnd::Write(failed);
             }
         }
     }
@@ -496,11 +496,31 @@ async fn flush(link: &mut Link, out: &mut Vec<Frame>, stall: Duration) -> Result
 
 /// Why the frames queued for the leader were not all written.
 #[derive(Debug, thiserror::Error)]
-enum WriteFailed {
+pub(crate) enum WriteFailed {
     #[error("write to the leader failed: {0}")]
     Write(#[source] CodecError),
     #[error("the leader accepted no bytes for {} ms", .0.as_millis())]
     Stalled(Duration),
+}
+
+/// Why a link to the leader ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkEnd {
+    #[error("the leader closed the connection")]
+    LeaderClosed,
+    #[error("bad frame from the leader: {0}")]
+    BadFrame(#[source] CodecError),
+    #[error("the leader said goodbye: {0}")]
+    Goodbye(String),
+    #[error("protocol violation: a leader may not send {0} now")]
+    Unexpected(&'static str),
+    #[error("no frame from the leader for {} ms", .0.as_millis())]
+    Silent(Duration),
+    #[error(transparent)]
+    Write(WriteFailed),
+    /// This follower closed the connection on purpose.
+    #[error("closed")]
+    Closed,
 }
 
 /// Answers commands offline until `until` resolves, the handles are gone or the
@@ -763,16 +783,16 @@ impl Core {
     }
 
     /// One read from the link; an error (or its end) ends the link, with why.
-    fn on_read(&mut self, frame: Option<Result<Frame, CodecError>>) -> Result<(), String> {
+    fn on_read(&mut self, frame: Option<Result<Frame, CodecError>>) -> Result<(), LinkEnd> {
         match frame {
-            None => Err("the leader closed the connection".into()),
-            Some(Err(error)) => Err(format!("bad frame from the leader: {error}")),
+            None => Err(LinkEnd::LeaderClosed),
+            Some(Err(error)) => Err(LinkEnd::BadFrame(error)),
             Some(Ok(frame)) => self.on_frame(frame),
         }
     }
 
     /// A frame from the leader; an error ends the link.
-    fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
+    fn on_frame(&mut self, frame: Frame) -> Result<(), LinkEnd> {
         match frame {
             Frame::Response(Response { id, result }) => {
                 if let Some(Pending::Invoke(reply)) = self.in_flight.remove(id) {
@@ -800,8 +820,8 @@ impl Core {
             }
             Frame::Ping(nonce) => self.out.push(Frame::Pong(nonce)),
             Frame::Pong(_) => {}
-            Frame::Goodbye(reason) => return Err(format!("the leader said goodbye: {reason}")),
-            other => return Err(format!("protocol violation: a leader may not send {} now", other.kind())),
+            Frame::Goodbye(reason) => return Err(LinkEnd::Goodbye(reason)),
+            other => return Err(LinkEnd::Unexpected(other.kind())),
         }
         Ok(())
     }
@@ -900,7 +920,7 @@ impl Core {
     }
 
     /// The link died: answer every outstanding call, keep subscriptions for later.
-    fn lost(&mut self, reason: &str) {
+    fn lost(&mut self, reason: &LinkEnd) {
         self.out.clear();
         self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
@@ -912,7 +932,7 @@ impl Core {
         if self.shut {
             return;
         }
-        tracing::warn!(reason, "lost the leader; reconnecting");
+        tracing::warn!(reason = %tandem_protocol::error_chain(reason), "lost the leader; reconnecting");
         self.status.send_modify(|status| {
             status.link = LinkState::LeaderLost;
             status.channels.clear();
