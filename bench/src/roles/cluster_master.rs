@@ -42,10 +42,12 @@ const STOP: Duration = Duration::from_secs(2);
 
 /// Runs this process's part of the cluster: the master, the agent or a worker.
 pub fn main(args: ClusterArgs) -> Result<()> {
-    // The same runtimes as the other transports: servers (the master relays
-    // every frame, the agent hosts the Leader) multi-threaded, followers not.
+    // As `Cluster::run_blocking` runs them: the master (it relays every
+    // frame, latency-bound) on one thread; the agent (it hosts the Leader,
+    // like the other transports' servers) multi-threaded; workers (followers,
+    // like the other transports' clients) on one thread.
     let runtime = match Role::of_this_process() {
-        Role::Worker => super::client_runtime(),
+        Role::Worker | Role::Master => super::client_runtime(),
         _ => super::server_runtime(args.threads),
     }?;
     let mut config = Config::default();
