@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use tandem_protocol::{Frame, payload};
+use tandem_protocol::{Frame, error_chain};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -172,10 +172,10 @@ impl LinkTable {
 
     /// A frame for this end of a link. Never waits (the IPC reader calls it).
     pub(crate) fn deliver(&self, link: LinkId, bytes: &[u8]) {
-        let frame = match payload::decode::<Frame>(bytes) {
+        let frame = match Frame::decode_body(bytes) {
             Ok(frame) => frame,
             Err(e) => {
-                tracing::warn!(link, error = %e, "undecodable frame on a link; closing it");
+                tracing::warn!(link, error = %error_chain(&e), "undecodable frame on a link; closing it");
                 self.close(link);
                 return;
             }
@@ -252,10 +252,10 @@ impl LinkTable {
                 self.close(link);
                 return;
             };
-            let bytes = match payload::encode(&frame) {
+            let bytes = match frame.encode_body() {
                 Ok(bytes) => bytes,
                 Err(e) => {
-                    tracing::warn!(link, kind = frame.kind(), error = %e, "cannot encode a frame; dropped");
+                    tracing::warn!(link, kind = frame.kind(), error = %error_chain(&e), "cannot encode a frame; dropped");
                     continue;
                 }
             };

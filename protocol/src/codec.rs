@@ -222,6 +222,26 @@ impl<D: DeserializeOwned> Decoder for Codec<D> {
     }
 }
 
+impl Frame {
+    /// The frame's MessagePack body, without a length prefix: the bytes
+    /// [`FrameCodec`] writes after the prefix (the fast path for the frames of
+    /// calls and events, serde for the others). For carriers that frame the
+    /// bytes themselves, like the cluster's relay.
+    pub fn encode_body(&self) -> Result<bytes::Bytes, CodecError> {
+        let mut body = BytesMut::with_capacity(64);
+        if !fast::encode(self, &mut body) {
+            rmp_serde::encode::write(&mut (&mut body).writer(), self).map_err(CodecError::Encode)?;
+        }
+        Ok(body.freeze())
+    }
+
+    /// Reads a frame from a body written by [`Frame::encode_body`] (or by
+    /// any writer of PROTOCOL.md), as [`FrameCodec`] does.
+    pub fn decode_body(body: &[u8]) -> Result<Frame, CodecError> {
+        fast::decode(body).map_or_else(|| decode_body(body), Ok)
+    }
+}
+
 /// Decodes a body that must hold exactly one MessagePack value.
 fn decode_body<D: DeserializeOwned>(body: &[u8]) -> Result<D, CodecError> {
     let mut de = rmp_serde::Deserializer::new(body);

@@ -198,6 +198,10 @@ proptest! {
         let mut serde_only = BytesMut::new();
         Codec::<Frame>::new().encode(&frame, &mut serde_only).unwrap();
         prop_assert_eq!(&encode(&frame)[..], &serde_only[..]);
+        // The body alone (the cluster relay's form) is the same bytes after the prefix.
+        let body = frame.encode_body().unwrap();
+        prop_assert_eq!(&body[..], &serde_only[LENGTH_PREFIX..]);
+        prop_assert_eq!(Frame::decode_body(&body).unwrap(), frame);
     }
 
     /// ... and it reads any bytes exactly as serde does: the same frame, or an
