@@ -259,18 +259,26 @@ impl LinkTable {
                     continue;
                 }
             };
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => return,
-                permit = credit.acquire() => permit,
+            // A credit at hand is taken without a future (the common case).
+            let permit = match credit.try_acquire() {
+                Ok(permit) => Ok(permit),
+                Err(_) => tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    permit = credit.acquire() => permit,
+                },
             };
             match permit {
                 Ok(permit) => permit.forget(), // given back by the other end's LinkCredit
                 Err(_) => return,              // never closed
             }
-            let send = self.writer.send(FromChild::LinkFrame { link, frame: bytes });
+            let message = match self.writer.try_send(FromChild::LinkFrame { link, frame: bytes }) {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(message)) => message,
+            };
             let sent = tokio::select! {
                 _ = cancel.cancelled() => return,
-                sent = send => sent,
+                sent = self.writer.send(message) => sent,
             };
             if sent.is_err() {
                 return;
@@ -286,7 +294,12 @@ impl LinkTable {
         let batch = self.credit_batch();
         let mut taken = 0usize;
         while let Some(frame) = received.recv().await {
-            if user.send(frame).await.is_err() {
+            let delivered = match user.try_send(frame) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(frame)) => user.send(frame).await.map_err(drop),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+            };
+            if delivered.is_err() {
                 self.close(link);
                 return;
             }

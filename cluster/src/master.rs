@@ -61,6 +61,8 @@ const PRUNE_EVERY: Duration = Duration::from_millis(500);
 const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// Frames written to a child per flush after the first.
 const WRITE_BATCH: usize = 64;
+/// The most inputs handled in one turn of the master's loop.
+const INPUT_BURST: usize = 256;
 
 /// What the loop reacts to.
 #[derive(Debug)]
@@ -262,7 +264,19 @@ impl Master {
         memory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !matches!(self.stopping, Some(Stopping { stage: Stage::Done, .. })) {
             tokio::select! {
-                Some(input) = self.input_rx.recv() => self.on_input(input),
+                Some(input) = self.input_rx.recv() => {
+                    self.on_input(input);
+                    // What else the readers queued meanwhile, before the other
+                    // branches are polled again: a relay burst costs one pass
+                    // over the signals and timers, not one per frame.
+                    for _ in 0..INPUT_BURST {
+                        if matches!(self.stopping, Some(Stopping { stage: Stage::Done, .. })) {
+                            break;
+                        }
+                        let Ok(input) = self.input_rx.try_recv() else { break };
+                        self.on_input(input);
+                    }
+                }
                 Some(call) = self.local_rx.recv() => self.on_local(call),
                 Some(call) = self.ops_rx.recv() => self.on_ops(call),
                 signal = signals.recv() => match signal {
