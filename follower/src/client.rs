@@ -115,7 +115,14 @@ impl<A: Api> Client<A> {
         let command = Command::Invoke { id, channel: A::NAME, deadline: until, oneway, payload, reply };
         let mut guard = CancelOnDrop { id, drops: &inner.drops, armed: !oneway };
         let work = async {
-            inner.commands.send(command).await.map_err(|_| Error::Closed)?;
+            // A free slot is taken without a future (the common case).
+            match inner.commands.try_send(command) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(command)) => {
+                    inner.commands.send(command).await.map_err(|_| Error::Closed)?
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::Closed),
+            }
             match answer {
                 None => Ok(Bytes::new()),
                 Some(answer) => answer.await.map_err(|_| Error::Closed)?,
