@@ -6,12 +6,11 @@
 //!                                       |        |
 //!                      Outbox <---------+--------+   (replies, acks, pings, events)
 //!                        |
-//!  link.tx <-- writer (batches, flushes once per batch, gives up on a stall)
+//!  link.tx <-- writer task (batches, flushes once per batch, gives up on a stall)
 //! ```
 //!
-//! The writer is a future polled by the session's own task, not a task of its
-//! own: a burst of answers is written by the task that produced them, with no
-//! wakeup of another task (or thread) in between.
+//! (Polling the writer inside the session's task instead was tried: no more
+//! calls/s, and a slower ping-pong when every process shares one CPU.)
 //!
 //! Anything wrong with the peer (bad bytes, a protocol violation, silence past
 //! the peer timeout, a full outbox) ends this session only, with a log line
@@ -127,7 +126,7 @@ impl Session {
         let outbox = Arc::new(Outbox::new(shared.config.max_queued_frames));
         let cancel = shared.cancel.child_token();
         let writer = write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout);
-        let mut writer = std::pin::pin!(writer);
+        let mut writer = tokio::spawn(writer.in_current_span());
         for (channel, state) in states {
             shared.tracker.spawn(forward_status(channel, state, outbox.clone(), cancel.clone()));
         }
@@ -170,12 +169,13 @@ impl Session {
                 }
                 _ = session.outbox.wait_closed() => {
                     // Overflow: the follower is not reading; stop writing to it now.
+                    writer.abort();
                     writer_done = true;
                     break session.outbox.closed_reason().unwrap_or(SessionEnd::OutboxClosed);
                 }
                 reason = &mut writer => {
                     writer_done = true;
-                    break reason;
+                    break reason.unwrap_or_else(|e| SessionEnd::WriterFailed(Arc::new(e)));
                 }
                 frame = link.rx.next() => {
                     last_received = Instant::now();
@@ -211,7 +211,9 @@ impl Session {
         if !writer_done {
             // Let the writer flush what is queued (a Goodbye, usually), briefly.
             let grace = session.shared.config.shutdown_grace;
-            let _ = tokio::time::timeout(grace, &mut writer).await;
+            if tokio::time::timeout(grace, &mut writer).await.is_err() {
+                writer.abort();
+            }
         }
         if reason.is_normal() {
             tracing::debug!(reason = %reason, "follower disconnected");

@@ -29,6 +29,8 @@ pub(crate) enum SessionEnd {
     OutboxOverflow { max_frames: usize },
     /// The outbox closed without saying why (not expected: every close names its reason).
     OutboxClosed,
+    /// The writer task panicked or was cancelled.
+    WriterFailed(Arc<tokio::task::JoinError>),
     /// The leader is shutting down.
     LeaderShuttingDown,
     /// No `Hello` arrived within the handshake timeout.
@@ -82,6 +84,7 @@ impl fmt::Display for SessionEnd {
                 write!(f, "outbound queue over {max_frames} frames: follower too slow")
             }
             SessionEnd::OutboxClosed => f.write_str("outbox closed"),
+            SessionEnd::WriterFailed(error) => write!(f, "writer task failed: {error}"),
             SessionEnd::LeaderShuttingDown => f.write_str("leader shutting down"),
             SessionEnd::NoHello(timeout) => write!(f, "no Hello within {} ms", timeout.as_millis()),
             SessionEnd::ClosedBeforeHello => f.write_str("connection closed before Hello"),
@@ -109,6 +112,7 @@ impl std::error::Error for SessionEnd {
             | SessionEnd::WriteFailed(error)
             | SessionEnd::BadHello(error)
             | SessionEnd::WelcomeFailed(error) => Some(&**error),
+            SessionEnd::WriterFailed(error) => Some(&**error),
             SessionEnd::Rejected(error) => Some(error),
             _ => None,
         }
