@@ -15,7 +15,10 @@
 //! The writer produces byte for byte what `rmp_serde` produces for the same
 //! frame, and declines (`false`) the frames it does not cover.
 
+use std::io::Write;
+
 use bytes::{BufMut, Bytes, BytesMut};
+use rmp::encode::{self, ValueWriteError};
 
 use crate::{Ack, Event, Frame, Invoke, Response};
 
@@ -77,128 +80,76 @@ pub(crate) fn decode(body: &[u8]) -> Option<Frame> {
 /// Appends the body of `frame` (no length prefix) if it is a hot frame;
 /// `false` (and nothing written) for the others.
 pub(crate) fn encode(frame: &Frame, dst: &mut BytesMut) -> bool {
+    let start = dst.len();
+    match write(frame, &mut dst.writer()) {
+        Ok(written) => written,
+        Err(_) => {
+            // Writing into memory does not fail; were it to, serde would say why.
+            dst.truncate(start);
+            false
+        }
+    }
+}
+
+/// Writes with the `rmp` functions `rmp_serde` itself writes with (so the
+/// same shortest headers); `Ok(false)` for a frame this module does not cover.
+fn write(frame: &Frame, w: &mut impl Write) -> Result<bool, ValueWriteError> {
+    let variant = |w: &mut _, name: &str| -> Result<(), ValueWriteError> {
+        encode::write_map_len(w, 1)?;
+        encode::write_str(w, name)
+    };
     match frame {
         Frame::Invoke(Invoke { id, channel, deadline_ms, oneway, payload }) => {
-            dst.reserve(24 + channel.len() + payload.len());
-            variant(dst, "Invoke");
-            dst.put_u8(0x95);
-            uint(dst, *id);
-            str(dst, channel);
-            uint(dst, u64::from(*deadline_ms));
-            dst.put_u8(if *oneway { 0xc3 } else { 0xc2 });
-            bin(dst, payload);
+            variant(w, "Invoke")?;
+            encode::write_array_len(w, 5)?;
+            encode::write_uint(w, *id)?;
+            encode::write_str(w, channel)?;
+            encode::write_uint(w, u64::from(*deadline_ms))?;
+            encode::write_bool(w, *oneway).map_err(ValueWriteError::InvalidMarkerWrite)?;
+            encode::write_bin(w, payload)?;
         }
         Frame::Response(Response { id, result: Ok(payload) }) => {
-            dst.reserve(24 + payload.len());
-            variant(dst, "Response");
-            dst.put_u8(0x92);
-            uint(dst, *id);
-            variant(dst, "Ok");
-            bin(dst, payload);
+            variant(w, "Response")?;
+            encode::write_array_len(w, 2)?;
+            encode::write_uint(w, *id)?;
+            variant(w, "Ok")?;
+            encode::write_bin(w, payload)?;
         }
         Frame::Event(Event { channel, key, epoch, seq, payload, cached }) => {
-            dst.reserve(40 + channel.len() + key.len() + payload.len());
-            variant(dst, "Event");
-            dst.put_u8(if *cached { 0x96 } else { 0x95 });
-            str(dst, channel);
-            bin(dst, key);
-            uint(dst, *epoch);
-            uint(dst, *seq);
-            bin(dst, payload);
+            variant(w, "Event")?;
+            // The 6th element is written only when true (PROTOCOL.md §4).
+            encode::write_array_len(w, if *cached { 6 } else { 5 })?;
+            encode::write_str(w, channel)?;
+            encode::write_bin(w, key)?;
+            encode::write_uint(w, *epoch)?;
+            encode::write_uint(w, *seq)?;
+            encode::write_bin(w, payload)?;
             if *cached {
-                dst.put_u8(0xc3);
+                encode::write_bool(w, true).map_err(ValueWriteError::InvalidMarkerWrite)?;
             }
         }
         Frame::Ack(Ack { id, result: Ok(()) }) => {
-            variant(dst, "Ack");
-            dst.put_u8(0x92);
-            uint(dst, *id);
-            variant(dst, "Ok");
-            dst.put_u8(0xc0);
+            variant(w, "Ack")?;
+            encode::write_array_len(w, 2)?;
+            encode::write_uint(w, *id)?;
+            variant(w, "Ok")?;
+            encode::write_nil(w).map_err(ValueWriteError::InvalidMarkerWrite)?;
         }
         Frame::Cancel(id) => {
-            variant(dst, "Cancel");
-            uint(dst, *id);
+            variant(w, "Cancel")?;
+            encode::write_uint(w, *id)?;
         }
         Frame::Ping(nonce) => {
-            variant(dst, "Ping");
-            uint(dst, *nonce);
+            variant(w, "Ping")?;
+            encode::write_uint(w, *nonce)?;
         }
         Frame::Pong(nonce) => {
-            variant(dst, "Pong");
-            uint(dst, *nonce);
+            variant(w, "Pong")?;
+            encode::write_uint(w, *nonce)?;
         }
-        _ => return false,
+        _ => return Ok(false),
     }
-    true
-}
-
-/// A map of one entry whose key is `name`: how a variant starts.
-fn variant(dst: &mut BytesMut, name: &str) {
-    dst.put_u8(0x81);
-    str(dst, name);
-}
-
-fn uint(dst: &mut BytesMut, n: u64) {
-    match n {
-        0..=0x7f => dst.put_u8(n as u8),
-        0x80..=0xff => {
-            dst.put_u8(0xcc);
-            dst.put_u8(n as u8);
-        }
-        0x100..=0xffff => {
-            dst.put_u8(0xcd);
-            dst.put_u16(n as u16);
-        }
-        0x1_0000..=0xffff_ffff => {
-            dst.put_u8(0xce);
-            dst.put_u32(n as u32);
-        }
-        _ => {
-            dst.put_u8(0xcf);
-            dst.put_u64(n);
-        }
-    }
-}
-
-fn str(dst: &mut BytesMut, s: &str) {
-    let len = s.len();
-    match len {
-        0..=31 => dst.put_u8(0xa0 | len as u8),
-        32..=0xff => {
-            dst.put_u8(0xd9);
-            dst.put_u8(len as u8);
-        }
-        0x100..=0xffff => {
-            dst.put_u8(0xda);
-            dst.put_u16(len as u16);
-        }
-        _ => {
-            dst.put_u8(0xdb);
-            // Longer than any frame the codec lets through; the codec's size check refuses it.
-            dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        }
-    }
-    dst.put_slice(s.as_bytes());
-}
-
-fn bin(dst: &mut BytesMut, b: &[u8]) {
-    let len = b.len();
-    match len {
-        0..=0xff => {
-            dst.put_u8(0xc4);
-            dst.put_u8(len as u8);
-        }
-        0x100..=0xffff => {
-            dst.put_u8(0xc5);
-            dst.put_u16(len as u16);
-        }
-        _ => {
-            dst.put_u8(0xc6);
-            dst.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        }
-    }
-    dst.put_slice(b);
+    Ok(true)
 }
 
 /// A cursor over a frame body; every read says `None` at the first surprise.
