@@ -342,6 +342,44 @@ impl Results {
         self.config.followers.iter().copied().min_by_key(|&n| n.abs_diff(wanted)).unwrap_or(wanted)
     }
 
+    /// The ping-pong p50 of `measured` over that of `base` at N=1, the worse of
+    /// OS placement and one CPU.
+    fn p50_target(
+        &self,
+        name: &'static str,
+        goal: &'static str,
+        limit: f64,
+        measured: Transport,
+        base: Transport,
+    ) -> Target {
+        let n = self.nearest(1);
+        let ratios: Vec<(Placement, f64, f64)> = [Placement::Os, Placement::OneCpu]
+            .into_iter()
+            .filter_map(|placement| {
+                let m = self.invoke_placed(measured, n, 1, placement)?;
+                let b = self.invoke_placed(base, n, 1, placement)?;
+                Some((placement, m.p50_us, b.p50_us))
+            })
+            .collect();
+        let worst = ratios.iter().map(|(_, m, b)| m / b).reduce(f64::max);
+        Target {
+            name,
+            goal,
+            measured: worst,
+            unit: "ratio",
+            met: worst.map(|r| r <= limit),
+            detail: if ratios.is_empty() {
+                "not measured".into()
+            } else {
+                let parts: Vec<String> = ratios
+                    .iter()
+                    .map(|(p, m, b)| format!("{p:?}: {measured} {m:.1} us / {base} {b:.1} us = {:.2}x", m / b))
+                    .collect();
+                format!("N={n}, {}", parts.join("; "))
+            },
+        }
+    }
+
     fn check_targets(&self) -> Vec<Target> {
         let mut targets = Vec::new();
         let c = self.config.in_flight;
@@ -366,32 +404,13 @@ impl Results {
             },
         });
 
-        let n = self.nearest(1);
-        let ratios: Vec<(Placement, f64, f64)> = [Placement::Os, Placement::OneCpu]
-            .into_iter()
-            .filter_map(|placement| {
-                let direct = self.invoke_placed(Transport::Direct, n, 1, placement)?;
-                let floor = self.invoke_placed(Transport::Floor, n, 1, placement)?;
-                Some((placement, direct.p50_us, floor.p50_us))
-            })
-            .collect();
-        let worst = ratios.iter().map(|(_, d, f)| d / f).reduce(f64::max);
-        targets.push(Target {
-            name: "direct_p50_vs_floor",
-            goal: "<= 1.5x the floor's ping-pong p50 (concurrency 1; the worse of OS placement and one CPU)",
-            measured: worst,
-            unit: "ratio",
-            met: worst.map(|r| r <= 1.5),
-            detail: if ratios.is_empty() {
-                "not measured".into()
-            } else {
-                let parts: Vec<String> = ratios
-                    .iter()
-                    .map(|(p, d, f)| format!("{p:?}: direct {d:.1} us / floor {f:.1} us = {:.2}x", d / f))
-                    .collect();
-                format!("N={n}, {}", parts.join("; "))
-            },
-        });
+        targets.push(self.p50_target(
+            "direct_p50_vs_floor",
+            "<= 1.5x the floor's ping-pong p50 (concurrency 1; the worse of OS placement and one CPU)",
+            1.5,
+            Transport::Direct,
+            Transport::Floor,
+        ));
 
         let n = self.nearest(4);
         let (messenger, direct) = (self.invoke_at(Transport::Messenger, n, c), self.invoke_at(Transport::Direct, n, c));
@@ -423,32 +442,13 @@ impl Results {
             },
         });
 
-        let n = self.nearest(1);
-        let ratios: Vec<(Placement, f64, f64)> = [Placement::Os, Placement::OneCpu]
-            .into_iter()
-            .filter_map(|placement| {
-                let messenger = self.invoke_placed(Transport::Messenger, n, 1, placement)?;
-                let direct = self.invoke_placed(Transport::Direct, n, 1, placement)?;
-                Some((placement, messenger.p50_us, direct.p50_us))
-            })
-            .collect();
-        let worst = ratios.iter().map(|(_, m, d)| m / d).reduce(f64::max);
-        targets.push(Target {
-            name: "messenger_p50_vs_direct",
-            goal: "<= 2.5x direct's ping-pong p50 (concurrency 1; the worse of OS placement and one CPU)",
-            measured: worst,
-            unit: "ratio",
-            met: worst.map(|r| r <= 2.5),
-            detail: if ratios.is_empty() {
-                "not measured".into()
-            } else {
-                let parts: Vec<String> = ratios
-                    .iter()
-                    .map(|(p, m, d)| format!("{p:?}: messenger {m:.1} us / direct {d:.1} us = {:.2}x", m / d))
-                    .collect();
-                format!("N={n}, {}", parts.join("; "))
-            },
-        });
+        targets.push(self.p50_target(
+            "messenger_p50_vs_direct",
+            "<= 2.5x direct's ping-pong p50 (concurrency 1; the worse of OS placement and one CPU)",
+            2.5,
+            Transport::Messenger,
+            Transport::Direct,
+        ));
 
         // The target names N=4 and N=8; each is checked where it was measured
         // (--quick runs N=1 and 4 only, so its N=8 line says so).
