@@ -67,7 +67,9 @@ pub struct Config {
     /// environment: how the master hands its children what it decided before
     /// the builder ran (the address of a socket it bound, a generated secret),
     /// with no `std::env::set_var`. Read them in the child with
-    /// `std::env::var`. The default is none.
+    /// `std::env::var`. A key that is empty, holds `=` or NUL, or starts with
+    /// `TANDEM_` (the cluster's own) makes the master fail at start with
+    /// [`Error::InvalidChildEnv`](crate::Error::InvalidChildEnv). The default is none.
     pub child_env: Vec<(String, String)>,
 }
 

@@ -42,6 +42,14 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// A [`Config::child_env`](crate::Config::child_env) key that cannot be set in a child.
+    #[error("invalid child_env key {key:?}: {reason}")]
+    InvalidChildEnv {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
     /// The control socket or the metrics endpoint could not be set up.
     #[error("could not set up the {what} at {path}")]
     Control {

@@ -177,6 +177,7 @@ impl Master {
         let token = new_token()?;
         let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        check_child_env(&config.child_env)?;
         let program = Program { exe, args, cluster: name.clone(), master_pid: pid, env: config.child_env.clone() };
         let workers = (1..=config.worker_count())
             .map(|id| Slot::new(SlotId::Worker(id as WorkerId), config.restart.clone()))
@@ -1068,6 +1069,23 @@ async fn send_listeners(
     }
 }
 
+/// Refuses keys a child's environment cannot carry, or that the cluster sets itself.
+fn check_child_env(env: &[(String, String)]) -> Result<(), Error> {
+    for (key, value) in env {
+        let reason = if key.is_empty() {
+            "it is empty"
+        } else if key.contains('=') || key.contains('\0') || value.contains('\0') {
+            "a key may not hold '=' and neither key nor value a NUL byte"
+        } else if key.starts_with("TANDEM_") {
+            "TANDEM_* variables are the cluster's own"
+        } else {
+            continue;
+        };
+        return Err(Error::InvalidChildEnv { key: key.clone(), reason });
+    }
+    Ok(())
+}
+
 /// Writes queued messages to one child: control first, then data, in batches
 /// of at most `WRITE_BATCH + 1`. Ends when both queues are closed or the child
 /// is gone (its waiter reports the exit).
@@ -1148,4 +1166,26 @@ async fn wait_for_child(mut child: Child, kill: oneshot::Receiver<()>, key: Proc
         }
     };
     let _ = tx.send(Input::Exited(key, status)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_env_refuses_what_a_child_cannot_carry_or_the_cluster_sets() {
+        let env = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        assert!(check_child_env(&env("APP_REGISTRY", "127.0.0.1:7000")).is_ok());
+        for (key, value, why) in
+            [("", "x", "empty"), ("A=B", "x", "'='"), ("A", "x\0y", "NUL"), ("TANDEM_ROLE", "agent", "TANDEM_")]
+        {
+            match check_child_env(&env(key, value)) {
+                Err(Error::InvalidChildEnv { key: k, reason }) => {
+                    assert_eq!(k, key);
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("{key:?}: {other:?}"),
+            }
+        }
+    }
 }
