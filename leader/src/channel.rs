@@ -12,14 +12,18 @@ use tandem_protocol::{Api, RemoteError, UpstreamState};
 use tokio::sync::watch;
 
 use crate::hub::{Hub, HubContext};
-use crate::upstream::{CallContext, Upstream};
+use crate::upstream::{CallContext, Room, Upstream};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// A key's values, encoded.
 pub(crate) type ByteEvents = Pin<Box<dyn Stream<Item = Bytes> + Send + 'static>>;
 /// The hub's delivery of one key's encoded values, for streams from
-/// `Events::channel` (false: the key is no longer wanted).
-pub(crate) type DirectSink = Box<dyn FnMut(Bytes) -> bool + Send>;
+/// `Events::channel` (false: the key is no longer wanted), and its answer to
+/// `EventSender::ready`.
+pub(crate) struct DirectSink {
+    pub(crate) deliver: Box<dyn FnMut(Bytes) -> bool + Send>,
+    pub(crate) room: Room,
+}
 
 /// An upstream seen through bytes: what the leader routes without knowing types.
 pub(crate) trait ErasedUpstream: Send + Sync + 'static {
@@ -58,19 +62,23 @@ impl<A: Api, U: Upstream<A>> ErasedUpstream for Typed<A, U> {
         })
     }
 
-    fn subscribe(&self, key: Bytes, mut direct: DirectSink) -> BoxFuture<Result<ByteEvents, RemoteError>> {
+    fn subscribe(&self, key: Bytes, direct: DirectSink) -> BoxFuture<Result<ByteEvents, RemoteError>> {
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let key: A::Key = decode(&key)?;
             let mut events = upstream.subscribe(key).await?;
             // An `Events::channel` is delivered as it is sent; the stream then only tells its end.
-            events.deliver_directly(Box::new(move |event| match encode(&event) {
-                Ok(bytes) => direct(bytes),
-                Err(error) => {
-                    tracing::error!(channel = A::NAME, %error, "cannot encode an upstream event; dropped");
-                    true
-                }
-            }));
+            let DirectSink { mut deliver, room } = direct;
+            events.deliver_directly(
+                Box::new(move |event| match encode(&event) {
+                    Ok(bytes) => deliver(bytes),
+                    Err(error) => {
+                        tracing::error!(channel = A::NAME, %error, "cannot encode an upstream event; dropped");
+                        true
+                    }
+                }),
+                room,
+            );
             let encoded = events.filter_map(|event| {
                 futures::future::ready(match encode(&event) {
                     Ok(bytes) => Some(bytes),

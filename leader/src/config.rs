@@ -33,9 +33,18 @@ pub struct Config {
     /// seconds (a debugger, a CPU spike) is not dropped. The default is 15 seconds.
     pub peer_timeout: Duration,
     /// The most replies and control frames queued to one follower; past it the
-    /// follower is disconnected as too slow. Events do not count: they are
-    /// conflated per key. The default is 8192.
+    /// follower is disconnected as too slow. Events do not count (see
+    /// [`max_queued_events`](Config::max_queued_events)). The default is 8192.
     pub max_queued_frames: usize,
+    /// The most events queued to one follower in publish order, every one
+    /// delivered. Past it the follower is behind: further events are conflated
+    /// per key (a newer value replaces the key's pending one; the newest value
+    /// is never lost, and the follower's `Subscription` sees the skipped
+    /// positions), so a follower that stops reading costs at most this many
+    /// queued events plus one per key. Counted in `Stats::conflated_events`; an
+    /// upstream that can wait uses [`EventSender::ready`](crate::EventSender::ready)
+    /// to pace itself instead. The default is 1024.
+    pub max_queued_events: usize,
     /// A follower whose socket accepts no bytes for this long is disconnected. The default is 10 seconds.
     pub write_stall_timeout: Duration,
     /// The most calls one follower may have in flight; more are rejected. The default is 4096.
@@ -72,6 +81,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(15),
             max_queued_frames: 8192,
+            max_queued_events: 1024,
             write_stall_timeout: Duration::from_secs(10),
             max_in_flight: 4096,
             max_frame_length: tandem_protocol::DEFAULT_MAX_FRAME_LENGTH,

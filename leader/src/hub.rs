@@ -39,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::cache::Cache;
 use crate::channel::{BoxFuture, ByteEvents, DirectSink, ErasedUpstream};
 use crate::outbox::Outbox;
+use crate::upstream::Room;
 
 /// A key as people read it: the MessagePack string it encodes (fixstr, str8,
 /// str16, str32), else its bytes in hex.
@@ -409,13 +410,16 @@ impl Hub {
                             _ = self.cancel.cancelled() => return,
                         }
                     }
-                    let direct: DirectSink = {
-                        let (hub, key) = (Arc::downgrade(&self), key.clone());
-                        Box::new(move |payload| {
+                    let direct = {
+                        let (hub, topic) = (Arc::downgrade(&self), key.clone());
+                        let deliver = Box::new(move |payload| {
                             hub.upgrade().is_some_and(|hub| {
-                                hub.deliver(&key, generation, payload) || hub.is_live(&key, generation)
+                                hub.deliver(&topic, generation, payload) || hub.is_live(&topic, generation)
                             })
-                        })
+                        });
+                        let (hub, topic) = (Arc::downgrade(&self), key.clone());
+                        let room: Room = Arc::new(move || hub.upgrade().and_then(|hub| hub.room(&topic)));
+                        DirectSink { deliver, room }
                     };
                     let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone(), direct))
                         .await
@@ -633,6 +637,14 @@ impl Hub {
             cache.save(&self.channel, key, payload);
         }
         true
+    }
+
+    /// `None` when every subscriber of `key` has room for an event, else a
+    /// future that resolves when the first one without has been taken.
+    fn room(&self, key: &Bytes) -> Option<BoxFuture<()>> {
+        let state = self.lock();
+        let topic = state.topics.get(key)?;
+        topic.subscribers.values().find_map(|outbox| outbox.room()).map(|taken| Box::pin(taken) as BoxFuture<()>)
     }
 
     fn is_live(&self, key: &Bytes, generation: u64) -> bool {

@@ -1,11 +1,17 @@
-//! One follower's outbound queue: bounded for replies, conflating for events.
+//! One follower's outbound queue: bounded for replies, conflating for events
+//! only once the follower is behind.
 //!
 //! The leader never waits for a follower. Replies, acks and control frames go
 //! in a FIFO bounded by `Config::max_queued_frames`; when it is full the
 //! follower is too slow, and its session is closed with that reason. Events go
-//! in a second queue holding at most one entry per (channel, key): a newer
-//! value replaces a pending older one in place (conflation), so a slow
-//! follower costs memory proportional to its keys, not to the event rate.
+//! in a second FIFO, in publish order, up to `Config::max_queued_events`: a
+//! follower that keeps up gets every value. Past that the follower is behind,
+//! and further events go in a third queue holding at most one entry per
+//! (channel, key): a newer value replaces a pending older one in place
+//! (conflation), so a slow follower costs memory bounded by the budget plus
+//! its keys, not by the event rate. Each key's values stay in order (the FIFO
+//! is written before the conflated queue, and nothing joins the FIFO while
+//! the conflated queue holds anything).
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -44,8 +50,12 @@ impl Outgoing {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Frame>,
-    event_order: VecDeque<EventKey>,
-    events: HashMap<EventKey, SharedFrame>,
+    /// Events in publish order, up to the budget.
+    events: VecDeque<SharedFrame>,
+    /// Past the budget: the newest pending event of each key, and the order
+    /// in which the keys became pending.
+    behind: HashMap<EventKey, SharedFrame>,
+    behind_order: VecDeque<EventKey>,
     closed: Option<SessionEnd>,
     conflated: u64,
     /// The writer found nothing to send and waits for a wake-up. Pushes wake
@@ -60,17 +70,23 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     max_frames: usize,
+    max_events: usize,
     /// Cancelled when the outbox closes, so the session notices an overflow at once.
     closed: CancellationToken,
+    /// Notified (every waiter) when the writer takes the events of a full
+    /// queue: an upstream waiting for room ([`Outbox::room`]) may send again.
+    room: Arc<Notify>,
 }
 
 impl Outbox {
-    pub(crate) fn new(max_frames: usize) -> Self {
+    pub(crate) fn new(max_frames: usize, max_events: usize) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             max_frames: max_frames.max(1),
+            max_events: max_events.max(1),
             closed: CancellationToken::new(),
+            room: Arc::new(Notify::new()),
         }
     }
 
@@ -102,6 +118,7 @@ impl Outbox {
             drop(state);
             self.closed.cancel();
             self.notify.notify_one();
+            self.room.notify_waiters();
             return false;
         }
         state.frames.push_back(frame);
@@ -119,23 +136,28 @@ impl Outbox {
         }
     }
 
-    /// Queues an event (of the key `channel`/`key`), replacing a pending older
-    /// event of the same key.
+    /// Queues an event (of the key `channel`/`key`): in publish order while
+    /// the follower keeps up, replacing a pending older event of the same key
+    /// once it is behind (more than `max_events` queued).
     pub(crate) fn push_event(&self, channel: &Arc<str>, key: &Bytes, event: &SharedFrame) {
         let mut state = self.lock();
         if state.closed.is_some() {
             return;
         }
         let state = &mut *state;
-        match state.events.entry((channel.clone(), key.clone())) {
-            Entry::Occupied(mut pending) => {
-                *pending.get_mut() = event.clone();
-                state.conflated += 1;
-                return;
-            }
-            Entry::Vacant(slot) => {
-                state.event_order.push_back(slot.key().clone());
-                slot.insert(event.clone());
+        if state.behind.is_empty() && state.events.len() < self.max_events {
+            state.events.push_back(event.clone());
+        } else {
+            match state.behind.entry((channel.clone(), key.clone())) {
+                Entry::Occupied(mut pending) => {
+                    *pending.get_mut() = event.clone();
+                    state.conflated += 1;
+                    return;
+                }
+                Entry::Vacant(slot) => {
+                    state.behind_order.push_back(slot.key().clone());
+                    slot.insert(event.clone());
+                }
             }
         }
         if std::mem::take(&mut state.writer_idle) {
@@ -143,13 +165,38 @@ impl Outbox {
         }
     }
 
+    /// Whether the follower is behind: its event queue is at the budget.
+    fn full(state: &State, max_events: usize) -> bool {
+        !state.behind.is_empty() || state.events.len() >= max_events
+    }
+
+    /// `None` if the event queue has room (or the outbox is closed), else a
+    /// future that resolves once the writer has taken the queued events.
+    pub(crate) fn room(&self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let has_room = |state: &State| state.closed.is_some() || !Self::full(state, self.max_events);
+        if has_room(&self.lock()) {
+            return None;
+        }
+        // Registered before the second look, so a take in between is not missed.
+        let mut taken = Box::pin(self.room.clone().notified_owned());
+        taken.as_mut().enable();
+        if has_room(&self.lock()) {
+            return None;
+        }
+        Some(taken)
+    }
+
     /// Drops any pending event of a key (the follower unsubscribed it).
     pub(crate) fn forget_key(&self, channel: &Arc<str>, key: &Bytes) {
         let mut state = self.lock();
         let event_key = (channel.clone(), key.clone());
-        if state.events.remove(&event_key).is_some() {
-            state.event_order.retain(|k| k != &event_key);
+        if state.behind.remove(&event_key).is_some() {
+            state.behind_order.retain(|k| k != &event_key);
         }
+        state.events.retain(|event| match event.frame() {
+            Frame::Event(event) => event.channel != **channel || event.key != *key,
+            _ => true,
+        });
     }
 
     /// Closes the outbox: later pushes are dropped, the writer ends after what is queued.
@@ -161,6 +208,7 @@ impl Outbox {
         drop(state);
         self.closed.cancel();
         self.notify.notify_one();
+        self.room.notify_waiters();
     }
 
     /// Resolves once the outbox is closed.
@@ -186,14 +234,19 @@ impl Outbox {
             {
                 let mut state = self.lock();
                 let state = &mut *state;
+                let was_full = Self::full(state, self.max_events);
                 batch.extend(state.frames.drain(..).map(Outgoing::Frame));
-                while let Some(key) = state.event_order.pop_front() {
-                    if let Some(event) = state.events.remove(&key) {
+                batch.extend(state.events.drain(..).map(Outgoing::Event));
+                while let Some(key) = state.behind_order.pop_front() {
+                    if let Some(event) = state.behind.remove(&key) {
                         batch.push_back(Outgoing::Event(event));
                     }
                 }
                 if !batch.is_empty() {
                     state.writer_idle = false;
+                    if was_full {
+                        self.room.notify_waiters();
+                    }
                     return Ok(());
                 }
                 if let Some(reason) = &state.closed {
@@ -205,6 +258,13 @@ impl Outbox {
             }
             self.notify.notified().await;
         }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // Nobody will take the queue now: an upstream waiting for room goes on.
+        self.room.notify_waiters();
     }
 }
 
@@ -277,41 +337,105 @@ impl Sink<Outgoing> for OutgoingSink<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
-    #[tokio::test]
-    async fn events_of_one_key_are_conflated_in_place() {
-        let outbox = Outbox::new(8);
-        let ch: Arc<str> = Arc::from("c");
-        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
-        let event = |key: &Bytes, seq: u64, payload: &'static [u8]| {
-            let payload = Bytes::from_static(payload);
-            let event =
-                tandem_protocol::Event { channel: "c".into(), key: key.clone(), epoch: 1, seq, payload, cached: false };
-            SharedFrame::encode(Frame::Event(event), 1 << 20).unwrap()
-        };
-        outbox.push_event(&ch, &a, &event(&a, 1, b"a1"));
-        outbox.push_event(&ch, &b, &event(&b, 2, b"b1"));
-        outbox.push_event(&ch, &a, &event(&a, 3, b"a2"));
-        let mut batch = VecDeque::new();
-        outbox.next_batch(&mut batch).await.unwrap();
-        let got: Vec<(Bytes, u64)> = batch
+    fn event(key: &Bytes, seq: u64) -> SharedFrame {
+        let payload = Bytes::from(format!("{}{seq}", String::from_utf8_lossy(key)));
+        let event =
+            tandem_protocol::Event { channel: "c".into(), key: key.clone(), epoch: 1, seq, payload, cached: false };
+        SharedFrame::encode(Frame::Event(event), 1 << 20).unwrap()
+    }
+
+    fn seqs(batch: VecDeque<Outgoing>) -> Vec<(Bytes, u64)> {
+        batch
             .into_iter()
             .map(|f| match f {
                 Outgoing::Event(e) => match e.frame() {
-                    Frame::Event(e) => (e.payload.clone(), e.seq),
+                    Frame::Event(e) => (e.key.clone(), e.seq),
                     other => panic!("unexpected {other:?}"),
                 },
                 other => panic!("unexpected {other:?}"),
             })
-            .collect();
-        assert_eq!(got, vec![(Bytes::from_static(b"a2"), 3), (Bytes::from_static(b"b1"), 2)]);
-        assert_eq!(outbox.conflated(), 1);
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_keeps_up_gets_every_event_in_order() {
+        let outbox = Outbox::new(8, 4);
+        let ch: Arc<str> = Arc::from("c");
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        for (key, seq) in [(&a, 1), (&a, 2), (&b, 3), (&a, 4)] {
+            outbox.push_event(&ch, key, &event(key, seq));
+        }
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(seqs(batch), vec![(a.clone(), 1), (a.clone(), 2), (b.clone(), 3), (a, 4)]);
+        assert_eq!(outbox.conflated(), 0);
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_events_are_conflated_per_key_in_order() {
+        let outbox = Outbox::new(8, 1);
+        let ch: Arc<str> = Arc::from("c");
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        // a1 fills the budget; then one pending event per key, the newest.
+        for (key, seq) in [(&a, 1), (&b, 2), (&a, 3), (&a, 4), (&b, 5)] {
+            outbox.push_event(&ch, key, &event(key, seq));
+        }
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(seqs(batch), vec![(a.clone(), 1), (b.clone(), 5), (a.clone(), 4)]);
+        assert_eq!(outbox.conflated(), 2);
+        // Taken: the next one is queued in order again.
+        outbox.push_event(&ch, &b, &event(&b, 6));
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(seqs(batch), vec![(b, 6)]);
+    }
+
+    #[tokio::test]
+    async fn an_unsubscribed_key_leaves_both_event_queues() {
+        let outbox = Outbox::new(8, 2);
+        let ch: Arc<str> = Arc::from("c");
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        for (key, seq) in [(&a, 1), (&b, 2), (&a, 3), (&b, 4)] {
+            outbox.push_event(&ch, key, &event(key, seq));
+        }
+        outbox.forget_key(&ch, &a);
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(seqs(batch), vec![(b.clone(), 2), (b, 4)]);
+    }
+
+    #[tokio::test]
+    async fn room_waits_for_the_writer_to_take_a_full_queue() {
+        let outbox = Arc::new(Outbox::new(8, 2));
+        let ch: Arc<str> = Arc::from("c");
+        let a = Bytes::from_static(b"a");
+        outbox.push_event(&ch, &a, &event(&a, 1));
+        assert!(outbox.room().is_none(), "room for one more");
+        outbox.push_event(&ch, &a, &event(&a, 2));
+        let taken = outbox.room().expect("full: the sender waits");
+        let mut taken = std::pin::pin!(taken);
+        assert!(futures::poll!(taken.as_mut()).is_pending());
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), taken).await.expect("taking the queue makes room");
+        assert!(outbox.room().is_none());
+        // A closed outbox never holds a sender.
+        outbox.push_event(&ch, &a, &event(&a, 3));
+        outbox.push_event(&ch, &a, &event(&a, 4));
+        let taken = outbox.room().expect("full again");
+        outbox.close(SessionEnd::LeaderShuttingDown);
+        tokio::time::timeout(Duration::from_secs(1), taken).await.expect("closing releases the sender");
+        assert!(outbox.room().is_none());
     }
 
     #[tokio::test]
     async fn overflow_closes_with_a_reason() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, 16);
         assert!(outbox.push(Frame::Ping(1)));
         assert!(outbox.push(Frame::Ping(2)));
         assert!(!outbox.push(Frame::Ping(3)));

@@ -123,7 +123,7 @@ impl Session {
         tracing::debug!(peer.id = %hello.peer_id, hello.pid = hello.pid, channels = ?hello.channels, "follower connected");
         let channels: HashMap<String, Arc<Channel>> =
             hello.channels.iter().filter_map(|name| Some((name.clone(), shared.channels.get(name)?.clone()))).collect();
-        let outbox = Arc::new(Outbox::new(shared.config.max_queued_frames));
+        let outbox = Arc::new(Outbox::new(shared.config.max_queued_frames, shared.config.max_queued_events));
         let cancel = shared.cancel.child_token();
         let writer = write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout);
         let mut writer = tokio::spawn(writer.in_current_span());

@@ -194,8 +194,14 @@ struct Slot<E>(Mutex<SlotState<E>>);
 
 type Deliver<E> = Box<dyn FnMut(E) -> bool + Send>;
 
+/// The leader's answer to "may the key's sender go on": `None` when every
+/// subscriber's queue has room, else a future that resolves when one that had
+/// none has been taken (the sender then asks again).
+pub(crate) type Room = Arc<dyn Fn() -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> + Send + Sync>;
+
 struct SlotState<E> {
     deliver: Option<Deliver<E>>,
+    room: Option<Room>,
     queued: VecDeque<E>,
     waker: Option<Waker>,
     senders: usize,
@@ -249,6 +255,29 @@ impl<E> EventSender<E> {
     /// Whether the leader dropped the key's stream.
     pub fn is_closed(&self) -> bool {
         self.slot.lock().dropped
+    }
+
+    /// Resolves once every follower subscribed to the key has room in its
+    /// event queue (fewer than [`Config::max_queued_events`](crate::Config::max_queued_events)
+    /// queued); at once when they have, when the leader has not taken the
+    /// stream yet, or when the key was dropped (then `send` returns false).
+    ///
+    /// `send` never waits, and a follower that falls behind has its queued
+    /// values conflated per key. An upstream that can wait (a log it reads at
+    /// its own pace, a producer with its own buffer) awaits `ready` before
+    /// sending instead: every value then reaches every follower that keeps
+    /// reading, at the pace of the slowest. A follower that stops reading does
+    /// not hold it for ever: its session ends after
+    /// [`Config::write_stall_timeout`](crate::Config::write_stall_timeout)
+    /// (or when its peer goes silent), and its queue with it.
+    pub async fn ready(&self) {
+        loop {
+            let Some(room) = self.slot.lock().room.clone() else { return };
+            match room() {
+                Some(taken) => taken.await,
+                None => return,
+            }
+        }
     }
 }
 
@@ -312,6 +341,7 @@ impl<E: Send + 'static> Events<E> {
     pub fn channel() -> (EventSender<E>, Self) {
         let slot = Arc::new(Slot(Mutex::new(SlotState {
             deliver: None,
+            room: None,
             queued: VecDeque::new(),
             waker: None,
             senders: 1,
@@ -321,12 +351,13 @@ impl<E: Send + 'static> Events<E> {
     }
 
     /// From now on (and for what is queued, first) every value goes to
-    /// `deliver` as it is sent, if this stream came from [`Events::channel`];
-    /// the stream then yields nothing and ends with the last sender. False
-    /// (and nothing done) for the other kinds.
-    pub(crate) fn deliver_directly(&mut self, mut deliver: Deliver<E>) -> bool {
+    /// `deliver` as it is sent, if this stream came from [`Events::channel`],
+    /// and [`EventSender::ready`] asks `room`; the stream then yields nothing
+    /// and ends with the last sender. False (and nothing done) for the other kinds.
+    pub(crate) fn deliver_directly(&mut self, mut deliver: Deliver<E>, room: Room) -> bool {
         let Source::Direct { slot, .. } = &self.source else { return false };
         let mut state = slot.lock();
+        state.room = Some(room);
         while let Some(value) = state.queued.pop_front() {
             if !deliver(value) {
                 state.dropped = true;
@@ -385,9 +416,10 @@ impl<E> Drop for Events<E> {
                 state.dropped = true;
                 // What it captured (the leader's side) goes now, not with the last sender.
                 let deliver = state.deliver.take();
+                let room = state.room.take();
                 state.queued.clear();
                 drop(state);
-                drop(deliver);
+                drop((deliver, room));
             }
         }
         if let Some(on_drop) = self.on_drop.take() {
@@ -440,10 +472,13 @@ mod tests {
         assert!(tx.send(1));
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = got.clone();
-        assert!(events.deliver_directly(Box::new(move |v| {
-            sink.lock().unwrap().push(v);
-            true
-        })));
+        assert!(events.deliver_directly(
+            Box::new(move |v| {
+                sink.lock().unwrap().push(v);
+                true
+            }),
+            Arc::new(|| None),
+        ));
         assert!(tx.send(2));
         let second = tx.clone();
         assert!(second.send(3));

@@ -54,8 +54,10 @@ pub async fn serve(
     Ok(())
 }
 
-/// Publishes during `window`: bursts of one event per key, flat out (yielding
-/// between bursts), or one event every `interval_us` round the keys.
+/// Publishes during `window`: bursts of one event per key, flat out (as fast
+/// as the followers take them: like the floor's publisher, it waits while a
+/// follower's queue is full, with [`Sink::ready`]), or one event every
+/// `interval_us` round the keys.
 async fn publish(
     upstream: BenchUpstream,
     mut sinks: Vec<Sink>,
@@ -67,7 +69,7 @@ async fn publish(
     let keys = sinks.len();
     let mut idx = vec![0u64; keys];
     let mut published = 0u64;
-    let mut emit = |key: usize, now: u64| {
+    let mut emit = |sinks: &mut Vec<Sink>, key: usize, now: u64| {
         let tick = Tick { key: key as u32, idx: idx[key], sent_ns: now, pad: pad.clone() };
         if !sinks[key].send(tick) {
             // The leader dropped the key (its only subscriber lost its link)
@@ -83,12 +85,16 @@ async fn publish(
     sleep_until_ns(window.start_ns).await;
     if interval_us == 0 {
         loop {
+            // Every key has the same subscribers (each follower takes them
+            // all), and a follower's queue is shared by its keys: one look
+            // per burst is a look for each key.
+            sinks[0].ready().await;
             let now = mono_ns();
             if now >= window.end_ns {
                 break;
             }
             for key in 0..keys {
-                emit(key, now);
+                emit(&mut sinks, key, now);
             }
             tokio::task::yield_now().await;
         }
@@ -99,7 +105,7 @@ async fn publish(
                 break;
             }
             sleep_until_ns(at).await;
-            emit(i as usize % keys, mono_ns());
+            emit(&mut sinks, i as usize % keys, mono_ns());
         }
     }
     published
