@@ -4,7 +4,7 @@
 //! handles ──Command──> driver ──Frame──> leader
 //!    ^                   │  <──Frame───
 //!    └── oneshot replies ┤
-//!        subscriptions <─┘ (broadcast per key, last value kept)
+//!        subscriptions <─┘ (a feed per key: last value kept, a queue per handle)
 //! ```
 //!
 //! The driver connects (with backoff and jitter), says `Hello`, and then turns
@@ -28,7 +28,9 @@ use tandem_protocol::{
     Ack, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError,
     RequestId, Response, Subscribe, Unsubscribe, Welcome, WriteEnd, WriteLimits, write_loop,
 };
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::feed::{Feed, Reader};
 use uuid::Uuid;
 
 use crate::connector::{Connected, Connector};
@@ -57,47 +59,12 @@ pub(crate) struct RawUpdate {
 /// What a new subscription handle is made of.
 #[derive(Debug)]
 pub(crate) struct SubscriptionParts {
-    /// The value at the moment the subscription was made; `updates` holds what comes after.
+    /// The value at the moment the subscription was made; `reader` gets what comes after.
     pub(crate) first: Option<RawUpdate>,
-    pub(crate) updates: broadcast::Receiver<RawUpdate>,
-    pub(crate) latest: Latest,
+    pub(crate) reader: Reader,
 }
 
 type SubscribeReply = oneshot::Sender<Result<SubscriptionParts, Error>>;
-
-/// A key's newest value in this process, shared by the driver and the key's
-/// subscriptions (read on demand, so a plain lock: nothing waits on it).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Latest(Arc<std::sync::Mutex<(Option<RawUpdate>, Option<RemoteError>)>>);
-
-impl Latest {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<RawUpdate>, Option<RemoteError>)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn set(&self, update: RawUpdate) {
-        self.lock().0 = Some(update);
-    }
-
-    pub(crate) fn get(&self) -> Option<RawUpdate> {
-        self.lock().0.clone()
-    }
-
-    /// Whether both are the same topic's (a topic the leader ended and one
-    /// made again for the same key have different ones).
-    fn same(&self, other: &Latest) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-
-    /// The leader ended the subscription, and why.
-    fn end(&self, error: RemoteError) {
-        self.lock().1 = Some(error);
-    }
-
-    pub(crate) fn ended(&self) -> Option<RemoteError> {
-        self.lock().1.clone()
-    }
-}
 
 /// The most commands, or frames, handled in one wakeup before the frames they
 /// produced are flushed.
@@ -124,11 +91,11 @@ pub(crate) enum Command {
         key: Bytes,
         reply: SubscribeReply,
     },
-    /// A subscription handle was dropped (`latest`: the topic it belonged to).
+    /// A subscription handle was dropped (`feed`: the topic it belonged to).
     Unsubscribe {
         channel: &'static str,
         key: Bytes,
-        latest: Latest,
+        feed: Feed,
     },
     /// An invoke future was dropped before its answer.
     Cancel(RequestId),
@@ -163,8 +130,8 @@ enum Remote {
 #[derive(Debug)]
 struct Topic {
     last: Option<RawUpdate>,
-    updates: broadcast::Sender<RawUpdate>,
-    latest: Latest,
+    /// The newest value and every handle's queue.
+    feed: Feed,
     /// Live subscription handles (and callers waiting to get one).
     locals: usize,
     remote: Remote,
@@ -174,9 +141,16 @@ struct Topic {
     resynced: bool,
 }
 
+impl Drop for Topic {
+    fn drop(&mut self) {
+        // Its handles end once they have read what they hold.
+        self.feed.close();
+    }
+}
+
 impl Topic {
     fn parts(&self) -> SubscriptionParts {
-        SubscriptionParts { first: self.last.clone(), updates: self.updates.subscribe(), latest: self.latest.clone() }
+        SubscriptionParts { first: self.last.clone(), reader: self.feed.reader() }
     }
 
     /// Answers the waiters; the ones whose caller gave up release their share.
@@ -622,7 +596,7 @@ impl Core {
             Command::Cancel(id) => {
                 self.queued.retain(|c| !matches!(c, Command::Invoke { id: queued, .. } if *queued == id));
             }
-            Command::Unsubscribe { channel, key, latest } => self.release(channel, key, &latest),
+            Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
             Command::Close(done) => {
                 self.closed = Some(done);
                 self.shut = true;
@@ -714,7 +688,7 @@ impl Core {
                 self.out.push(Frame::Publish(Publish { id, channel: channel.to_string(), payload }));
             }
             Command::Subscribe { channel, key, reply } => self.subscribe(channel, key, reply),
-            Command::Unsubscribe { channel, key, latest } => self.release(channel, key, &latest),
+            Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
             Command::Cancel(id) => {
                 if self.in_flight.remove(id).is_some() {
                     self.out.push(Frame::Cancel(id));
@@ -733,8 +707,7 @@ impl Core {
         let capacity = self.config.subscription_buffer.max(1);
         let topic = self.topics.entry((channel, key.clone())).or_insert_with(|| Topic {
             last: None,
-            updates: broadcast::channel(capacity).0,
-            latest: Latest::default(),
+            feed: Feed::new(capacity),
             locals: 0,
             remote: Remote::Unsent,
             waiters: Vec::new(),
@@ -766,9 +739,9 @@ impl Core {
 
     /// One subscription handle let go of a topic (not of one the leader ended:
     /// those handles hold no share of a topic made again for the same key).
-    fn release(&mut self, channel: &'static str, key: Bytes, latest: &Latest) {
+    fn release(&mut self, channel: &'static str, key: Bytes, feed: &Feed) {
         let topic_key = (channel, key);
-        let Some(topic) = self.topics.get_mut(&topic_key).filter(|topic| topic.latest.same(latest)) else { return };
+        let Some(topic) = self.topics.get_mut(&topic_key).filter(|topic| topic.feed.same(feed)) else { return };
         topic.locals = topic.locals.saturating_sub(1);
         if topic.locals > 0 {
             return;
@@ -870,9 +843,9 @@ impl Core {
         }
         let Some(mut topic) = self.topics.remove(&topic_key) else { return };
         tracing::warn!(channel, error = %ended.error, "the leader ended a subscription");
-        topic.latest.end(ended.error.clone());
+        topic.feed.end(ended.error.clone());
         topic.answer_waiters(Err(Error::Remote(ended.error)));
-        // Dropping the topic drops its sender: every stream of it ends once drained.
+        // Dropping the topic closes its feed: every stream of it ends once drained.
     }
 
     fn on_event(&mut self, event: Event) {
@@ -891,12 +864,11 @@ impl Core {
         {
             // The same value, re-announced by a new leader: move the position on, deliver nothing.
             topic.last = Some(update.clone());
-            topic.latest.set(update);
+            topic.feed.set(update);
             return;
         }
         topic.last = Some(update.clone());
-        topic.latest.set(update.clone());
-        let _ = topic.updates.send(update);
+        topic.feed.publish(update);
     }
 
     fn resubscribe_all(&mut self) {

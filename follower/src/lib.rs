@@ -13,7 +13,7 @@
 //! ```text
 //! Client<A> ──┐                         ┌── Unix socket ──> leader process
 //! Client<B> ──┼─> Connection ─> Driver ─┼── memory (this process leads)
-//! Subscription <─ broadcast per key ────┘── cluster relay (messenger)
+//! Subscription <─ a feed per key ───────┘── cluster relay (messenger)
 //! ```
 //!
 //! [`Standalone`] elects a leader among processes that share a name and a
@@ -51,6 +51,7 @@ mod connector;
 mod driver;
 mod election;
 mod error;
+mod feed;
 mod in_flight;
 mod state;
 mod subscription;

@@ -8,11 +8,10 @@ use bytes::Bytes;
 use futures::Stream;
 use tandem_protocol::{Api, Position};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::Connection;
-use crate::driver::{Command, Latest, RawUpdate, SubscriptionParts};
+use crate::driver::{Command, RawUpdate, SubscriptionParts};
+use crate::feed::Reader;
 
 /// Where a value comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,9 +70,7 @@ pub struct Subscription<A: Api> {
     channel: &'static str,
     key: Bytes,
     first: Option<RawUpdate>,
-    updates: BroadcastStream<RawUpdate>,
-    latest: Latest,
-    skipped: u64,
+    reader: Reader,
     /// Keeps the connection (and its driver) alive while the subscription is.
     _connection: Connection,
     drops: mpsc::UnboundedSender<Command>,
@@ -82,7 +79,7 @@ pub struct Subscription<A: Api> {
 
 impl<A: Api> std::fmt::Debug for Subscription<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("channel", &self.channel).field("skipped", &self.skipped).finish()
+        f.debug_struct("Subscription").field("channel", &self.channel).field("skipped", &self.skipped()).finish()
     }
 }
 
@@ -108,9 +105,7 @@ impl<A: Api> Subscription<A> {
             channel,
             key,
             first: parts.first,
-            updates: BroadcastStream::new(parts.updates),
-            latest: parts.latest,
-            skipped: 0,
+            reader: parts.reader,
             _connection: connection,
             drops,
             _api: PhantomData,
@@ -119,19 +114,19 @@ impl<A: Api> Subscription<A> {
 
     /// The key's newest value known to this process (it may not have been yielded yet).
     pub fn latest(&self) -> Option<Update<A::Event>> {
-        self.latest.get().as_ref().and_then(decode::<A>)
+        self.reader.feed().latest().as_ref().and_then(decode::<A>)
     }
 
     /// How many values this subscription skipped because its reader fell behind.
     pub fn skipped(&self) -> u64 {
-        self.skipped
+        self.reader.skipped()
     }
 
     /// Why the stream ended, when the leader ended it: the upstream refused
     /// the key after the subscription had been acknowledged as pending (while
     /// the upstream was down). `None` while it runs.
     pub fn ended(&self) -> Option<crate::Error> {
-        self.latest.ended().map(crate::Error::Remote)
+        self.reader.feed().ended().map(crate::Error::Remote)
     }
 }
 
@@ -143,14 +138,10 @@ impl<A: Api> Stream for Subscription<A> {
         loop {
             let raw = match this.first.take() {
                 Some(first) => first,
-                None => match Pin::new(&mut this.updates).poll_next(cx) {
+                None => match this.reader.poll_next(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(None) => return Poll::Ready(None),
-                    Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
-                        this.skipped += n;
-                        continue;
-                    }
-                    Poll::Ready(Some(Ok(update))) => update,
+                    Poll::Ready(Some(update)) => update,
                 },
             };
             if let Some(update) = decode::<A>(&raw) {
@@ -162,7 +153,7 @@ impl<A: Api> Stream for Subscription<A> {
 
 impl<A: Api> Drop for Subscription<A> {
     fn drop(&mut self) {
-        let latest = self.latest.clone();
-        let _ = self.drops.send(Command::Unsubscribe { channel: self.channel, key: self.key.clone(), latest });
+        let feed = self.reader.feed().clone();
+        let _ = self.drops.send(Command::Unsubscribe { channel: self.channel, key: self.key.clone(), feed });
     }
 }
