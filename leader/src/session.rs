@@ -373,8 +373,8 @@ impl Session {
             }
         };
         let deadline = arrived + Duration::from_millis(u64::from(deadline_ms));
-        let token = CancellationToken::new();
-        let ctx = CallContext { deadline, cancelled: token.clone() };
+        let ctx = CallContext::until(deadline);
+        let context = ctx.clone();
         let mut call: BoxFuture<Result<Bytes, RemoteError>> = match channel.upstream.get() {
             Some(upstream) => upstream.invoke(payload, ctx),
             None => Box::pin(async move {
@@ -402,8 +402,10 @@ impl Session {
             if in_flight.contains_key(&id) {
                 return Err(SessionEnd::ProtocolViolation(Violation::DuplicateRequest(id)));
             }
-            in_flight.insert(id, token.clone());
+            in_flight.insert(id, context.cancelled().clone());
         }
+        let token = context.cancelled().clone();
+        drop(context);
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let (outbox, in_flight, shared) = (self.outbox.clone(), self.in_flight.clone(), self.shared.clone());
         let session = self.cancel.clone();
@@ -411,6 +413,8 @@ impl Session {
             async move {
                 let result = tokio::select! {
                     result = tokio::time::timeout_at(deadline, call) => result.unwrap_or_else(|_| {
+                        // The caller stops waiting now: so does work the upstream handed off.
+                        token.cancel();
                         Err(RemoteError::deadline_exceeded(format!("call took longer than its {deadline_ms} ms deadline")))
                     }),
                     // Cancelled by the follower or its disconnect: nobody waits for an answer.
@@ -455,7 +459,8 @@ impl Session {
         self.shared.tracker.spawn(
             async move {
                 let deadline = Instant::now() + limit;
-                let ctx = CallContext { deadline, cancelled: cancel.child_token() };
+                let token = cancel.child_token();
+                let ctx = CallContext::with_token(deadline, token.clone());
                 let publish = async {
                     let upstream = channel.ready_upstream(deadline).await?;
                     upstream.publish(payload, ctx).await
@@ -463,6 +468,7 @@ impl Session {
                 tokio::select! {
                     result = tokio::time::timeout_at(deadline, publish) => {
                         let result = result.unwrap_or_else(|_| {
+                            token.cancel();
                             Err(RemoteError::deadline_exceeded(format!("publish took longer than {} ms", limit.as_millis())))
                         });
                         outbox.push(Frame::Ack(Ack { id, result }));

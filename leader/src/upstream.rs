@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use futures::Stream;
@@ -17,13 +17,19 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct CallContext {
     pub(crate) deadline: Instant,
-    pub(crate) cancelled: CancellationToken,
+    /// Made on first use: a call answered at once (most are) never needs one.
+    cancelled: Arc<OnceLock<CancellationToken>>,
 }
 
 impl CallContext {
     /// A context with this deadline (for calls an upstream makes on itself, and tests).
     pub fn until(deadline: Instant) -> Self {
-        CallContext { deadline, cancelled: CancellationToken::new() }
+        CallContext { deadline, cancelled: Arc::default() }
+    }
+
+    /// A context cancelled with `token`.
+    pub(crate) fn with_token(deadline: Instant, token: CancellationToken) -> Self {
+        CallContext { deadline, cancelled: Arc::new(OnceLock::from(token)) }
     }
 
     /// When the caller stops waiting (on tokio's clock). The leader drops the call's future at this
@@ -36,7 +42,7 @@ impl CallContext {
     /// The call's future is dropped at the same moment, so most upstreams need
     /// not look at this; it is there for work handed off to other tasks.
     pub fn cancelled(&self) -> &CancellationToken {
-        &self.cancelled
+        self.cancelled.get_or_init(CancellationToken::new)
     }
 }
 
