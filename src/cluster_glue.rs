@@ -83,7 +83,7 @@ pub async fn start_leader(ctx: &AgentContext, builder: LeaderBuilder) -> Result<
             tokio::select! {
                 incoming = links.recv() => {
                     let Some(incoming) = incoming else { return };
-                    let link = Link::from_mpsc(incoming.link.tx, incoming.link.rx);
+                    let link = Link::from(incoming.link);
                     let pid = i32::try_from(incoming.pid).ok();
                     tracing::debug!(worker.id = incoming.worker_id, pid = incoming.pid, "relayed follower link");
                     relay_leader.serve_link(link, PeerInfo::relayed("messenger", pid));
@@ -144,7 +144,7 @@ impl WorkerConnector {
 
     async fn relayed(&self) -> io::Result<Connected> {
         let link = self.messenger.open_link().await.map_err(io::Error::other)?;
-        Ok(Connected::remote(Link::from_mpsc(link.tx, link.rx)))
+        Ok(Connected::remote(Link::from(link)))
     }
 }
 

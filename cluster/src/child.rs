@@ -227,9 +227,11 @@ async fn serve(
     let pid = std::process::id();
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel::<FromChild>(WRITER_CAPACITY);
+    // Link messages: bounded by the links' credits (see `link`), never waited for.
+    let (links_tx, links_rx) = mpsc::unbounded_channel::<FromChild>();
     let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_LINKS_CAPACITY);
     let incoming = (env.role == Role::Agent).then_some(incoming_tx);
-    let links = LinkTable::new(init.link_capacity as usize, tx.clone(), tracker.clone(), incoming);
+    let links = LinkTable::new(init.link_capacity as usize, links_tx, incoming);
     let shared = Arc::new(ChildShared::new(tx, links));
     let me = match (env.role, env.worker_id) {
         (Role::Worker, Some(id)) => Sender::Worker { id, pid },
@@ -266,7 +268,7 @@ async fn serve(
         rr.spawn_reader(stop.clone(), &tracker);
     }
     let flush = CancellationToken::new();
-    let writer_task = tokio::spawn(write_loop(writer, rx, flush.clone()).in_current_span());
+    let writer_task = tokio::spawn(write_loop(writer, rx, links_rx, flush.clone()).in_current_span());
     let dispatch = Dispatch { port, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };
     tracker.spawn(read_loop(reader, dispatch).in_current_span());
     match crate::shutdown::child_signals(stop) {
@@ -301,12 +303,19 @@ async fn serve(
 /// cancelled (then what is still queued is written first). Any write error,
 /// a refused frame included, ends it: the master is gone, and the reader sees
 /// EOF and exits the process.
-async fn write_loop(mut w: Writer, rx: mpsc::Receiver<FromChild>, flush: CancellationToken) {
-    let _ = tandem_protocol::write_loop(&mut ToMaster { rx, flush }, &mut w, WriteLimits::default()).await;
+async fn write_loop(
+    mut w: Writer,
+    rx: mpsc::Receiver<FromChild>,
+    links: mpsc::UnboundedReceiver<FromChild>,
+    flush: CancellationToken,
+) {
+    let _ = tandem_protocol::write_loop(&mut ToMaster { rx, links, flush }, &mut w, WriteLimits::default()).await;
 }
 
 struct ToMaster {
     rx: mpsc::Receiver<FromChild>,
+    /// The links' frames, credits and closes.
+    links: mpsc::UnboundedReceiver<FromChild>,
     flush: CancellationToken,
 }
 
@@ -317,13 +326,14 @@ impl WriteSource for ToMaster {
     async fn next(&mut self) -> Option<FromChild> {
         tokio::select! {
             biased;
-            item = self.rx.recv() => item,
-            _ = self.flush.cancelled() => self.rx.try_recv().ok(),
+            Some(item) = self.rx.recv() => Some(item),
+            Some(item) = self.links.recv() => Some(item),
+            _ = self.flush.cancelled() => self.try_next(),
         }
     }
 
     fn try_next(&mut self) -> Option<FromChild> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().or_else(|_| self.links.try_recv()).ok()
     }
 
     fn tag(_: &FromChild) {}

@@ -138,7 +138,7 @@ pub use cluster_control::{
 pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};
 pub use events::{ClusterEvent, Events};
-pub use link::{FrameLink, IncomingLink, Links};
+pub use link::{FrameLink, IncomingLink, LinkReceiver, LinkSender, Links};
 pub use listeners::{LISTEN_BACKLOG, ListenAddr, Listener, ListenerInfo, ListenerSpec, ShareMode};
 pub use master_context::MasterContext;
 pub use messenger::{Message, Messenger, Subscription, decode, encode};
