@@ -37,7 +37,9 @@
 //! - invoke, 64 in flight per follower (`--in-flight`): calls/s, p50/p99;
 //! - fan-out: one event stream over 16 keys (`--fanout-keys`) to every follower,
 //!   flat out (events/s delivered to every follower; what the leader conflated is
-//!   counted as missed, with per-key index gaps) and paced at one event per 10 ms
+//!   counted as missed, with per-key index gaps; tandem's publisher waits with
+//!   `EventSender::ready` while a follower's queue is full, as the floor's
+//!   publisher waits for its slowest client) and paced at one event per 10 ms
 //!   (publish-to-receipt p50/p99 from CLOCK_MONOTONIC stamps);
 //! - failover: 4 processes elect a leader with `tandem::Standalone`; kill -9 the
 //!   leader; time until every survivor holds a value from the next leader; p50

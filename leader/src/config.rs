@@ -39,8 +39,7 @@ pub struct Config {
     /// The most events queued to one follower in publish order, every one
     /// delivered. Past it the follower is behind: further events are conflated
     /// per key (a newer value replaces the key's pending one; the newest value
-    /// is never lost, and the follower's `Subscription` sees the skipped
-    /// positions), so a follower that stops reading costs at most this many
+    /// is never lost), so a follower that stops reading costs at most this many
     /// queued events plus one per key. Counted in `Stats::conflated_events`; an
     /// upstream that can wait uses [`EventSender::ready`](crate::EventSender::ready)
     /// to pace itself instead. The default is 1024.
