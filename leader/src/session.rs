@@ -391,6 +391,10 @@ impl Session {
             self.respond(id, oneway, result);
             return Ok(());
         }
+        // It waits: its cancellation token is needed now (by the table, and by
+        // the upstream through `ctx`, which shares it).
+        let token = context.cancelled().clone();
+        drop(context);
         {
             let mut in_flight = lock_in_flight(&self.in_flight);
             if in_flight.len() >= self.shared.config.max_in_flight {
@@ -402,10 +406,8 @@ impl Session {
             if in_flight.contains_key(&id) {
                 return Err(SessionEnd::ProtocolViolation(Violation::DuplicateRequest(id)));
             }
-            in_flight.insert(id, context.cancelled().clone());
+            in_flight.insert(id, token.clone());
         }
-        let token = context.cancelled().clone();
-        drop(context);
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         let (outbox, in_flight, shared) = (self.outbox.clone(), self.in_flight.clone(), self.shared.clone());
         let session = self.cancel.clone();
