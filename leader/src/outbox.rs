@@ -189,6 +189,11 @@ impl Outbox {
     /// Drops any pending event of a key (the follower unsubscribed it).
     pub(crate) fn forget_key(&self, channel: &Arc<str>, key: &Bytes) {
         let mut state = self.lock();
+        if state.closed.is_some() {
+            // The session is ending (and lets go of every key): not worth a
+            // pass over the queue per key.
+            return;
+        }
         let event_key = (channel.clone(), key.clone());
         if state.behind.remove(&event_key).is_some() {
             state.behind_order.retain(|k| k != &event_key);

@@ -230,6 +230,8 @@ impl Session {
         for token in calls.into_values() {
             token.cancel();
         }
+        // Closed first: the hub's unsubscribes then skip its queue.
+        self.outbox.close(reason.clone());
         for (channel, key) in std::mem::take(&mut self.subscribed) {
             if let Some(channel) = self.channels.get(&*channel) {
                 channel.hub.unsubscribe(self.id, &key);
@@ -238,7 +240,6 @@ impl Session {
         self.shared.conflated.fetch_add(self.outbox.conflated(), Ordering::Relaxed);
         self.shared.followers.fetch_sub(1, Ordering::Relaxed);
         self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
-        self.outbox.close(reason.clone());
     }
 
     /// Channels named after the handshake: each gets its `Status` (a channel
