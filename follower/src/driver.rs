@@ -30,7 +30,7 @@ use tandem_protocol::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::feed::{Feed, Reader};
+use crate::feed::{Feed, RawUpdate, Reader};
 use uuid::Uuid;
 
 use crate::connector::{Connected, Connector};
@@ -46,15 +46,6 @@ const UNREACHABLE_WARN_AFTER: Duration = Duration::from_secs(1);
 
 /// How long to wait before asking again for a subscription the leader refused.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
-
-/// One value of a subscription, still encoded.
-#[derive(Debug, Clone)]
-pub(crate) struct RawUpdate {
-    pub(crate) position: Position,
-    pub(crate) payload: Bytes,
-    /// Served from the leader's last-known-good cache, not live.
-    pub(crate) cached: bool,
-}
 
 /// What a new subscription handle is made of.
 #[derive(Debug)]

@@ -11,9 +11,17 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use tandem_protocol::RemoteError;
+use bytes::Bytes;
+use tandem_protocol::{Position, RemoteError};
 
-use crate::driver::RawUpdate;
+/// One value of a subscription, still encoded.
+#[derive(Debug, Clone)]
+pub(crate) struct RawUpdate {
+    pub(crate) position: Position,
+    pub(crate) payload: Bytes,
+    /// Served from the leader's last-known-good cache, not live.
+    pub(crate) cached: bool,
+}
 
 /// The shared state of one topic (cheap to clone: a handle to it).
 #[derive(Debug, Clone)]
@@ -165,9 +173,6 @@ impl Drop for Reader {
 #[cfg(test)]
 mod tests {
     use std::task::Waker;
-
-    use bytes::Bytes;
-    use tandem_protocol::Position;
 
     use super::*;
 

@@ -10,8 +10,8 @@ use tandem_protocol::{Api, Position};
 use tokio::sync::mpsc;
 
 use crate::Connection;
-use crate::driver::{Command, RawUpdate, SubscriptionParts};
-use crate::feed::Reader;
+use crate::driver::{Command, SubscriptionParts};
+use crate::feed::{RawUpdate, Reader};
 
 /// Where a value comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
