@@ -29,12 +29,11 @@ use tandem_protocol::{
     RequestId, Response, Subscribe, Unsubscribe, Welcome, WriteEnd, WriteLimits, write_loop,
 };
 use tokio::sync::{mpsc, oneshot, watch};
-
-use crate::feed::{Feed, RawUpdate, Reader};
 use uuid::Uuid;
 
 use crate::connector::{Connected, Connector};
 use crate::error::StartupFailure;
+use crate::feed::{Feed, RawUpdate, Reader};
 use crate::in_flight::{InFlight, Pending};
 use crate::state::{LinkState, Status};
 use crate::{Config, Error, StartupError};
