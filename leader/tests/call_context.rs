@@ -1,12 +1,14 @@
 //! `CallContext::cancelled` on the wire: work an upstream hands off to another
 //! task hears that its caller gave up (a Cancel frame, or the deadline).
 
+mod common;
+
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use tandem_leader::{CallContext, Events, Leader, Upstream};
 use tandem_protocol::payload::encode;
-use tandem_protocol::{Api, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, RemoteError, uuid::Uuid};
+use tandem_protocol::{Api, Frame, Invoke, RemoteError};
 use tokio::sync::mpsc;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -40,25 +42,6 @@ impl Upstream<Work> for HandOff {
     }
 }
 
-async fn connect(leader: &Leader) -> Link {
-    let mut link = leader.connect_local();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        peer_id: Uuid::new_v4(),
-        pid: std::process::id(),
-        channels: vec![Work::NAME.into()],
-        token: None,
-    };
-    link.tx.send(Frame::Hello(hello)).await.unwrap();
-    loop {
-        match link.rx.next().await.expect("link open").expect("a valid frame") {
-            Frame::Welcome(_) => return link,
-            Frame::Ping(_) | Frame::Pong(_) | Frame::Status(_) => {}
-            other => panic!("expected Welcome, got {other:?}"),
-        }
-    }
-}
-
 fn invoke(id: u64, request: &str, deadline_ms: u32) -> Frame {
     let payload = encode(&request.to_string()).unwrap();
     Frame::Invoke(Invoke { id, channel: Work::NAME.into(), deadline_ms, oneway: false, payload })
@@ -69,7 +52,7 @@ async fn handed_off_work_hears_a_cancel_frame_and_a_deadline() {
     tokio::time::timeout(TIMEOUT, async {
         let (tx, mut cancelled) = mpsc::unbounded_channel();
         let leader = Leader::builder().epoch(1).channel::<Work, _>(HandOff { cancelled: tx }).start();
-        let mut link = connect(&leader).await;
+        let mut link = common::connect(&leader, Work::NAME).await;
         link.tx.send(invoke(1, "cancel me", 60_000)).await.unwrap();
         link.tx.send(Frame::Cancel(1)).await.unwrap();
         assert_eq!(cancelled.recv().await.as_deref(), Some("cancel me"));

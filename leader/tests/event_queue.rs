@@ -2,14 +2,17 @@
 //! up, conflation per key only once it is behind (and then without holding
 //! anyone else), and `EventSender::ready` pacing an upstream that can wait.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::next;
 use futures::{SinkExt, StreamExt};
 use tandem_leader::{CallContext, EventSender, Events, Leader, Upstream};
 use tandem_protocol::payload::{decode, encode};
-use tandem_protocol::{Ack, Api, Event, Frame, Hello, Link, PROTOCOL_VERSION, RemoteError, Subscribe, uuid::Uuid};
+use tandem_protocol::{Ack, Api, Event, Frame, Link, RemoteError, Subscribe};
 use tokio::sync::Notify;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,27 +63,9 @@ fn leader(feed: &Feed, config: tandem_leader::Config) -> Leader {
     Leader::builder().epoch(1).config(config).channel::<Counter, _>(feed.clone()).start()
 }
 
-async fn next(link: &mut Link) -> Frame {
-    loop {
-        match link.rx.next().await.expect("link open").expect("a valid frame") {
-            Frame::Ping(_) | Frame::Pong(_) | Frame::Status(_) => continue,
-            frame => return frame,
-        }
-    }
-}
-
 /// Hello, Welcome, then a subscription to `key`, acknowledged.
 async fn follower(leader: &Leader, key: &str) -> Link {
-    let mut link = leader.connect_local();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        peer_id: Uuid::new_v4(),
-        pid: std::process::id(),
-        channels: vec![Counter::NAME.into()],
-        token: None,
-    };
-    link.tx.send(Frame::Hello(hello)).await.unwrap();
-    assert!(matches!(next(&mut link).await, Frame::Welcome(_)));
+    let mut link = common::connect(leader, Counter::NAME).await;
     let subscribe =
         Subscribe { id: 1, channel: Counter::NAME.into(), key: encode(&key.to_string()).unwrap(), last_seen: None };
     link.tx.send(Frame::Subscribe(subscribe)).await.unwrap();
