@@ -121,8 +121,8 @@ struct Pending {
 }
 
 impl Expires for Pending {
-    fn deadline(&self) -> Instant {
-        self.deadline
+    fn deadline(&self) -> Option<Instant> {
+        Some(self.deadline)
     }
 }
 

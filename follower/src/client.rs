@@ -112,25 +112,28 @@ impl<A: Api> Client<A> {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(rx))
         };
-        let command = Command::Invoke { id, channel: A::NAME, deadline: until, oneway, payload, reply };
-        let mut guard = CancelOnDrop { id, drops: &inner.drops, armed: !oneway };
-        let work = async {
-            // A free slot is taken without a future (the common case).
-            match inner.commands.try_send(command) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(command)) => {
-                    inner.commands.send(command).await.map_err(|_| Error::Closed)?
+        let command =
+            Command::Invoke { id, channel: A::NAME, deadline: until, budget: deadline, oneway, payload, reply };
+        // Once the driver has the call it keeps the deadline (one timer for all
+        // its calls, none per call) and cancels the call at the leader; until
+        // then, the wait for room in the queue is bounded here.
+        let mut guard = CancelOnDrop { id, drops: &inner.drops, armed: false };
+        match inner.commands.try_send(command) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                match tokio::time::timeout_at(until, inner.commands.send(command)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(Error::Closed),
+                    Err(_) => return Err(Error::DeadlineExceeded(deadline)),
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::Closed),
             }
-            match answer {
-                None => Ok(Bytes::new()),
-                Some(answer) => answer.await.map_err(|_| Error::Closed)?,
-            }
-        };
-        let result = tokio::time::timeout_at(until, work).await.unwrap_or(Err(Error::DeadlineExceeded(deadline)));
-        // Answered (or failed without reaching the leader): nothing to cancel.
-        guard.armed = matches!(result, Err(Error::DeadlineExceeded(_)));
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::Closed),
+        }
+        let Some(answer) = answer else { return Ok(Bytes::new()) };
+        // Dropped from here on, the call is cancelled at the leader.
+        guard.armed = true;
+        let result = answer.await.map_err(|_| Error::Closed)?;
+        guard.armed = false;
         result
     }
 

@@ -66,7 +66,10 @@ pub(crate) enum Command {
     Invoke {
         id: RequestId,
         channel: &'static str,
+        /// When the driver answers the call with [`Error::DeadlineExceeded`]
+        /// (carrying `budget`, the time the caller gave it), wherever it is.
         deadline: Instant,
+        budget: Duration,
         oneway: bool,
         payload: Bytes,
         reply: Option<oneshot::Sender<Result<Bytes, Error>>>,
@@ -199,9 +202,12 @@ struct Core {
     next_id: Arc<AtomicU64>,
     in_flight: InFlight,
     topics: HashMap<(&'static str, Bytes), Topic>,
-    /// Commands that arrived before any leader was reached: they wait (their
-    /// callers are bounded by their own deadlines).
+    /// Commands that arrived before any leader was reached, or while the
+    /// leader was slow to take what was written: they wait, calls until their
+    /// deadline.
     queued: Vec<Command>,
+    /// The earliest deadline of the calls in `queued`.
+    queued_due: Option<Instant>,
     ever_connected: bool,
     max_epoch: u64,
     closed: Option<oneshot::Sender<()>>,
@@ -237,6 +243,7 @@ impl<C: Connector> Driver<C> {
             in_flight: InFlight::default(),
             topics: HashMap::new(),
             queued: Vec::new(),
+            queued_due: None,
             ever_connected: false,
             max_epoch: 0,
             closed: None,
@@ -265,6 +272,7 @@ impl<C: Connector> Driver<C> {
                 loop {
                     tokio::select! {
                         result = &mut attempt => break Some(result),
+                        _ = sleep_until(self.core.queued_due) => self.core.expire(Instant::now(), false),
                         command = self.drops.recv() => if let Some(command) = command { self.core.offline(command) },
                         command = self.commands.recv() => match command {
                             Some(command) => self.core.offline(command),
@@ -362,12 +370,9 @@ impl<C: Connector> Driver<C> {
         if let Some(late) = core.channels.get(named..).filter(|late| !late.is_empty()) {
             core.out.push(Frame::Open(late.iter().map(|c| c.to_string()).collect()));
         }
-        let now = Instant::now();
-        for command in std::mem::take(&mut core.queued) {
-            core.online(command, now);
-        }
+        core.send_queued();
         let stall = core.config.peer_timeout;
-        if let Err(failed) = flush(&mut link, &mut core.out, stall).await {
+        if let Err(failed) = self.flush(&mut link, stall).await {
             return LinkEnd::Write(failed);
         }
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
@@ -376,7 +381,18 @@ impl<C: Connector> Driver<C> {
         let mut last_received = Instant::now();
         let mut heard = false;
         let mut nonce = 0u64;
+        // The calls' deadlines, one timer for all: armed for the earliest,
+        // moved only when a call expires sooner (answered calls leave their
+        // deadline behind, so it may fire for nothing once per deadline).
+        let far = tokio::time::Instant::now() + FAR;
+        let expiry = tokio::time::sleep_until(far);
+        tokio::pin!(expiry);
+        let mut armed = far;
         loop {
+            if let Some(due) = self.core.in_flight.earliest_deadline().filter(|due| *due < armed) {
+                armed = due;
+                expiry.as_mut().reset(due);
+            }
             tokio::select! {
                 biased;
                 command = self.drops.recv() => if let Some(command) = command { self.core.online(command, Instant::now()) },
@@ -414,6 +430,11 @@ impl<C: Connector> Driver<C> {
                     self.core.retry_at = None;
                     self.core.resubscribe_all();
                 }
+                () = &mut expiry => {
+                    self.core.expire(Instant::now(), true);
+                    armed = self.core.in_flight.earliest_deadline().unwrap_or(far);
+                    expiry.as_mut().reset(armed);
+                }
                 _ = ticker.tick() => {
                     if std::mem::take(&mut heard) {
                         last_received = Instant::now();
@@ -433,12 +454,50 @@ impl<C: Connector> Driver<C> {
                 let _ = tokio::time::timeout(grace, SinkExt::<Frame>::close(&mut link.tx)).await;
                 return LinkEnd::Closed;
             }
-            if let Err(failed) = flush(&mut link, &mut self.core.out, stall).await {
+            if let Err(failed) = self.flush(&mut link, stall).await {
                 return LinkEnd::Write(failed);
             }
         }
     }
+
+    /// Writes the queued frames, giving up after `stall` without progress,
+    /// and keeps every call's deadline meanwhile: a leader slow to take bytes
+    /// holds no caller past its deadline. Commands that arrive meanwhile wait
+    /// in `queued` (no more than the command queue holds) and are sent next.
+    async fn flush(&mut self, link: &mut Link, stall: Duration) -> Result<(), WriteFailed> {
+        let capacity = self.core.config.command_queue.max(1);
+        while !self.core.out.is_empty() {
+            let mut batch = std::mem::take(&mut self.core.out);
+            let result = {
+                let write = flush(link, &mut batch, stall);
+                tokio::pin!(write);
+                loop {
+                    let due = self.core.next_deadline();
+                    let room = !self.core.shut && self.core.queued.len() < capacity;
+                    tokio::select! {
+                        biased;
+                        result = &mut write => break result,
+                        _ = sleep_until(due) => self.core.expire(Instant::now(), true),
+                        command = self.commands.recv(), if room => match command {
+                            Some(command) => self.core.hold(command),
+                            None => self.core.shut = true,
+                        },
+                    }
+                }
+            };
+            result?;
+            // Frames made meanwhile (cancels of expired calls) go out next, in
+            // the same allocation.
+            batch.append(&mut self.core.out);
+            self.core.out = batch;
+            self.core.send_queued();
+        }
+        Ok(())
+    }
 }
+
+/// Beyond any deadline: where the call timer rests with no call in flight.
+const FAR: Duration = Duration::from_secs(86_400 * 365);
 
 /// Writes the queued frames, giving up after `stall` without progress (a
 /// leader that stopped reading must not stop this driver's heartbeats).
@@ -499,6 +558,7 @@ async fn idle_until(
     loop {
         tokio::select! {
             _ = &mut until => return,
+            _ = sleep_until(core.queued_due) => core.expire(Instant::now(), false),
             command = drops.recv() => if let Some(command) = command { core.offline(command) },
             command = commands.recv() => match command {
                 Some(command) => core.offline(command),
@@ -607,7 +667,7 @@ impl Core {
                     _ => {}
                 }
             }
-            command if !self.ever_connected => self.queued.push(command),
+            command if !self.ever_connected => self.hold(command),
             // The leader was lost: fail fast rather than leave callers waiting.
             Command::Invoke { reply, .. } => {
                 if let Some(reply) = reply {
@@ -633,8 +693,68 @@ impl Core {
         });
     }
 
+    /// Keeps `command` for when a link can take it.
+    fn hold(&mut self, command: Command) {
+        if let Command::Invoke { deadline, reply: Some(_), .. } = &command {
+            self.queued_due = Some(self.queued_due.map_or(*deadline, |due| due.min(*deadline)));
+        }
+        self.queued.push(command);
+    }
+
+    fn take_queued(&mut self) -> Vec<Command> {
+        self.queued_due = None;
+        std::mem::take(&mut self.queued)
+    }
+
+    /// Hands the commands kept for a link to the connected one.
+    fn send_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for command in self.take_queued() {
+            self.online(command, now);
+        }
+    }
+
+    /// When the next waiting call expires, queued or in flight.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        match (self.in_flight.earliest_deadline(), self.queued_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Answers the calls whose deadline is at or before `now` with
+    /// [`Error::DeadlineExceeded`], queued ones and (cancelled at the leader
+    /// when `connected`) those in flight.
+    fn expire(&mut self, now: Instant, connected: bool) {
+        let mut expired = Vec::new();
+        self.in_flight.expire(now, &mut expired);
+        if connected {
+            self.out.extend(expired.into_iter().map(Frame::Cancel));
+        }
+        if self.queued_due.is_none_or(|due| due > now) {
+            return;
+        }
+        let late = |command: &mut Command| matches!(command, Command::Invoke { deadline, .. } if *deadline <= now);
+        for command in self.queued.extract_if(.., late) {
+            if let Command::Invoke { reply: Some(reply), budget, .. } = command {
+                let _ = reply.send(Err(Error::DeadlineExceeded(budget)));
+            }
+        }
+        self.queued_due = self
+            .queued
+            .iter()
+            .filter_map(|command| match command {
+                Command::Invoke { deadline, reply: Some(_), .. } => Some(*deadline),
+                _ => None,
+            })
+            .min();
+    }
+
     fn fail_queued(&mut self, error: &Error) {
-        for command in std::mem::take(&mut self.queued) {
+        for command in self.take_queued() {
             match command {
                 Command::Invoke { reply: Some(reply), .. } => {
                     let _ = reply.send(Err(error.clone()));
@@ -656,18 +776,18 @@ impl Core {
             self.open(channel, true);
         }
         match command {
-            Command::Invoke { id, channel, deadline, oneway, payload, reply } => {
+            Command::Invoke { id, channel, deadline, budget, oneway, payload, reply } => {
                 if reply.as_ref().is_some_and(|r| r.is_closed()) {
                     return; // the caller dropped the call before it was sent
                 }
                 let Some(left) = deadline.checked_duration_since(now).filter(|d| !d.is_zero()) else {
                     if let Some(reply) = reply {
-                        let _ = reply.send(Err(Error::DeadlineExceeded(Duration::ZERO)));
+                        let _ = reply.send(Err(Error::DeadlineExceeded(budget)));
                     }
                     return;
                 };
                 if let Some(reply) = reply {
-                    self.in_flight.insert(id, Pending::Invoke(reply));
+                    self.in_flight.insert(id, Pending::Invoke { reply, deadline, budget });
                 }
                 let deadline_ms = u32::try_from(left.as_millis().max(1)).unwrap_or(u32::MAX);
                 self.out.push(Frame::Invoke(Invoke { id, channel: channel.to_string(), deadline_ms, oneway, payload }));
@@ -758,7 +878,7 @@ impl Core {
     fn on_frame(&mut self, frame: Frame) -> Result<(), LinkEnd> {
         match frame {
             Frame::Response(Response { id, result }) => {
-                if let Some(Pending::Invoke(reply)) = self.in_flight.remove(id) {
+                if let Some(Pending::Invoke { reply, .. }) = self.in_flight.remove(id) {
                     let _ = reply.send(result.map_err(Error::Remote));
                 }
             }

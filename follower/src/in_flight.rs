@@ -1,16 +1,21 @@
 //! Requests sent to the current leader and not yet answered.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use tandem_protocol::{PendingTable, RemoteError, RequestId};
+use tandem_protocol::{Expires, PendingTable, RemoteError, RequestId};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::Error;
 
 /// What an outstanding request id stands for.
 #[derive(Debug)]
 pub(crate) enum Pending {
-    /// A call; the caller waits on `reply`.
-    Invoke(oneshot::Sender<Result<Bytes, Error>>),
+    /// A call; the caller waits on `reply` until `deadline`, when the driver
+    /// answers it with [`Error::DeadlineExceeded`] (carrying `budget`, the
+    /// time the caller gave it).
+    Invoke { reply: oneshot::Sender<Result<Bytes, Error>>, deadline: Instant, budget: Duration },
     /// A publish; the caller waits on `reply`.
     Publish(oneshot::Sender<Result<(), Error>>),
     /// A (re)subscription of a topic.
@@ -24,7 +29,7 @@ impl Pending {
     /// subscription it was.
     fn fail(self, error: &Error) -> Option<(&'static str, Bytes)> {
         match self {
-            Pending::Invoke(reply) => {
+            Pending::Invoke { reply, .. } => {
                 let _ = reply.send(Err(error.clone()));
             }
             Pending::Publish(reply) => {
@@ -34,6 +39,15 @@ impl Pending {
             Pending::Unsubscribe => {}
         }
         None
+    }
+}
+
+impl Expires for Pending {
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Pending::Invoke { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
     }
 }
 
@@ -48,7 +62,7 @@ impl InFlight {
     /// Tracks request `id`. An id already in flight (never: ids come from one
     /// counter) keeps its request; this one's caller is answered with an error.
     pub(crate) fn insert(&mut self, id: RequestId, pending: Pending) {
-        if let Err(refused) = self.pending.insert(id, pending) {
+        if let Err(refused) = self.pending.insert_expiring(id, pending) {
             tracing::error!(request.id = id, error = %refused, "request not tracked");
             let error = Error::Remote(RemoteError::internal(refused.to_string()));
             refused.into_value().fail(&error);
@@ -57,6 +71,23 @@ impl InFlight {
 
     pub(crate) fn remove(&mut self, id: RequestId) -> Option<Pending> {
         self.pending.remove(id)
+    }
+
+    /// When the earliest call in flight expires.
+    pub(crate) fn earliest_deadline(&mut self) -> Option<Instant> {
+        self.pending.earliest_deadline()
+    }
+
+    /// Answers the calls whose deadline is at or before `now` with
+    /// [`Error::DeadlineExceeded`]; `expired` gets their ids (to cancel them at
+    /// the leader).
+    pub(crate) fn expire(&mut self, now: Instant, expired: &mut Vec<RequestId>) {
+        for (id, pending) in self.pending.take_expired(now) {
+            if let Pending::Invoke { reply, budget, .. } = pending {
+                let _ = reply.send(Err(Error::DeadlineExceeded(budget)));
+            }
+            expired.push(id);
+        }
     }
 
     /// Empties the table, answering every waiting caller with `error`; returns

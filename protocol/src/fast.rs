@@ -77,27 +77,77 @@ pub(crate) fn decode(body: &[u8]) -> Option<Frame> {
     (r.pos == body.len()).then_some(frame)
 }
 
+/// Room for a hot frame's head (everything before its payload) on the stack:
+/// the variant name, ids, a channel name and a key of ordinary length.
+const HEAD: usize = 192;
+
 /// Appends the body of `frame` (no length prefix) if it is a hot frame;
 /// `false` (and nothing written) for the others.
+///
+/// The head is written into a stack buffer and appended with the payload in
+/// one reservation: `rmp`'s many one-byte writes then cost a store each,
+/// not a buffer check and a copy each.
 pub(crate) fn encode(frame: &Frame, dst: &mut BytesMut) -> bool {
-    let start = dst.len();
-    match write(frame, &mut dst.writer()) {
-        Ok(written) => written,
+    let mut head = [0u8; HEAD];
+    let mut room = &mut head[..];
+    match write(frame, &mut room) {
+        Ok(Some(tail)) => {
+            let len = HEAD - room.len();
+            dst.reserve(len + tail.payload.len() + 1);
+            dst.put_slice(&head[..len]);
+            tail.put(dst);
+            true
+        }
+        Ok(None) => false,
+        // A head too long for the stack (a long channel name or key).
         Err(_) => {
-            // Writing into memory does not fail; were it to, serde would say why.
-            dst.truncate(start);
-            false
+            let start = dst.len();
+            match write(frame, &mut dst.writer()) {
+                Ok(Some(tail)) => {
+                    tail.put(dst);
+                    true
+                }
+                Ok(None) => false,
+                Err(_) => {
+                    // Writing into memory does not fail; were it to, serde would say why.
+                    dst.truncate(start);
+                    false
+                }
+            }
         }
     }
 }
 
-/// Writes with the `rmp` functions `rmp_serde` itself writes with (so the
-/// same shortest headers); `Ok(false)` for a frame this module does not cover.
-fn write(frame: &Frame, w: &mut impl Write) -> Result<bool, ValueWriteError> {
+/// What follows a hot frame's head: its payload, then for a cached event the
+/// `true` that ends it.
+struct Tail<'a> {
+    payload: &'a [u8],
+    cached: bool,
+}
+
+impl Tail<'_> {
+    fn put(&self, dst: &mut BytesMut) {
+        dst.put_slice(self.payload);
+        if self.cached {
+            dst.put_u8(0xc3);
+        }
+    }
+}
+
+/// Writes the head of `frame` with the `rmp` functions `rmp_serde` itself
+/// writes with (so the same shortest headers), and says what follows it;
+/// `Ok(None)` for a frame this module does not cover.
+fn write<'f>(frame: &'f Frame, w: &mut impl Write) -> Result<Option<Tail<'f>>, ValueWriteError> {
     let variant = |w: &mut _, name: &str| -> Result<(), ValueWriteError> {
         encode::write_map_len(w, 1)?;
         encode::write_str(w, name)
     };
+    let bin = |w: &mut _, payload: &'f [u8], cached: bool| -> Result<Option<Tail<'f>>, ValueWriteError> {
+        // `rmp` refuses nothing a frame can hold: a frame is at most u32::MAX bytes.
+        encode::write_bin_len(w, u32::try_from(payload.len()).unwrap_or(u32::MAX))?;
+        Ok(Some(Tail { payload, cached }))
+    };
+    let none = Tail { payload: &[], cached: false };
     match frame {
         Frame::Invoke(Invoke { id, channel, deadline_ms, oneway, payload }) => {
             variant(w, "Invoke")?;
@@ -106,14 +156,14 @@ fn write(frame: &Frame, w: &mut impl Write) -> Result<bool, ValueWriteError> {
             encode::write_str(w, channel)?;
             encode::write_uint(w, u64::from(*deadline_ms))?;
             encode::write_bool(w, *oneway).map_err(ValueWriteError::InvalidMarkerWrite)?;
-            encode::write_bin(w, payload)?;
+            bin(w, payload, false)
         }
         Frame::Response(Response { id, result: Ok(payload) }) => {
             variant(w, "Response")?;
             encode::write_array_len(w, 2)?;
             encode::write_uint(w, *id)?;
             variant(w, "Ok")?;
-            encode::write_bin(w, payload)?;
+            bin(w, payload, false)
         }
         Frame::Event(Event { channel, key, epoch, seq, payload, cached }) => {
             variant(w, "Event")?;
@@ -123,10 +173,7 @@ fn write(frame: &Frame, w: &mut impl Write) -> Result<bool, ValueWriteError> {
             encode::write_bin(w, key)?;
             encode::write_uint(w, *epoch)?;
             encode::write_uint(w, *seq)?;
-            encode::write_bin(w, payload)?;
-            if *cached {
-                encode::write_bool(w, true).map_err(ValueWriteError::InvalidMarkerWrite)?;
-            }
+            bin(w, payload, *cached)
         }
         Frame::Ack(Ack { id, result: Ok(()) }) => {
             variant(w, "Ack")?;
@@ -134,22 +181,25 @@ fn write(frame: &Frame, w: &mut impl Write) -> Result<bool, ValueWriteError> {
             encode::write_uint(w, *id)?;
             variant(w, "Ok")?;
             encode::write_nil(w).map_err(ValueWriteError::InvalidMarkerWrite)?;
+            Ok(Some(none))
         }
         Frame::Cancel(id) => {
             variant(w, "Cancel")?;
             encode::write_uint(w, *id)?;
+            Ok(Some(none))
         }
         Frame::Ping(nonce) => {
             variant(w, "Ping")?;
             encode::write_uint(w, *nonce)?;
+            Ok(Some(none))
         }
         Frame::Pong(nonce) => {
             variant(w, "Pong")?;
             encode::write_uint(w, *nonce)?;
+            Ok(Some(none))
         }
-        _ => return Ok(false),
+        _ => Ok(None),
     }
-    Ok(true)
 }
 
 /// A cursor over a frame body; every read says `None` at the first surprise.
@@ -271,7 +321,30 @@ mod tests {
                 payload: payload.clone(),
                 cached: false,
             }),
-            Frame::Event(Event { channel: String::new(), key: Bytes::new(), epoch: 0, seq: 0, payload, cached: true }),
+            Frame::Event(Event {
+                channel: String::new(),
+                key: Bytes::new(),
+                epoch: 0,
+                seq: 0,
+                payload: payload.clone(),
+                cached: true,
+            }),
+            // Heads longer than the stack buffer: written through the fallback.
+            Frame::Invoke(Invoke {
+                id: 9,
+                channel: "long".repeat(HEAD),
+                deadline_ms: 10,
+                oneway: false,
+                payload: payload.clone(),
+            }),
+            Frame::Event(Event {
+                channel: "config".into(),
+                key: Bytes::from(vec![b'k'; HEAD]),
+                epoch: 2,
+                seq: 3,
+                payload,
+                cached: true,
+            }),
             Frame::Ack(Ack { id: 255, result: Ok(()) }),
             Frame::Cancel(65_535),
             Frame::Ping(0x1_0000),

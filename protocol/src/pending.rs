@@ -43,10 +43,11 @@ impl<V> InsertError<V> {
     }
 }
 
-/// A value with a deadline, for [`PendingTable::insert_expiring`].
+/// A value that may have a deadline, for [`PendingTable::insert_expiring`].
 pub trait Expires {
-    /// When the request expires; must not change while it is in the table.
-    fn deadline(&self) -> Instant;
+    /// When the request expires (`None`: never); must not change while it is
+    /// in the table.
+    fn deadline(&self) -> Option<Instant>;
 }
 
 /// Outstanding requests by id. Once [`closed`](PendingTable::close) it stays
@@ -158,14 +159,17 @@ impl<V> PendingTable<V> {
 
 impl<V: Expires> PendingTable<V> {
     /// [`insert`](PendingTable::insert)s request `id`, to be taken by
-    /// [`take_expired`](PendingTable::take_expired) once its deadline passes.
+    /// [`take_expired`](PendingTable::take_expired) once its deadline passes
+    /// (a value without one is only inserted).
     pub fn insert_expiring(&mut self, id: RequestId, value: V) -> Result<(), InsertError<V>> {
         let deadline = value.deadline();
         self.insert(id, value)?;
-        if self.deadlines.len() >= 2 * self.entries.len() + DEADLINE_SLACK {
-            self.sweep();
+        if let Some(deadline) = deadline {
+            if self.deadlines.len() >= 2 * self.entries.len() + DEADLINE_SLACK {
+                self.sweep();
+            }
+            self.deadlines.push(Reverse((deadline, id)));
         }
-        self.deadlines.push(Reverse((deadline, id)));
         Ok(())
     }
 
@@ -214,7 +218,7 @@ impl<V: Expires> PendingTable<V> {
 
 /// Whether heap item (`deadline`, `id`) is still an entry's deadline.
 fn is_live<V: Expires>(entries: &HashMap<RequestId, V>, id: RequestId, deadline: Instant) -> bool {
-    entries.get(&id).is_some_and(|value| value.deadline() == deadline)
+    entries.get(&id).is_some_and(|value| value.deadline() == Some(deadline))
 }
 
 #[cfg(test)]
@@ -230,8 +234,8 @@ mod tests {
     }
 
     impl Expires for Call {
-        fn deadline(&self) -> Instant {
-            self.deadline
+        fn deadline(&self) -> Option<Instant> {
+            Some(self.deadline)
         }
     }
 
