@@ -138,7 +138,7 @@ impl WorkerConnector {
 
     async fn direct(&self) -> io::Result<Connected> {
         let stream = tokio::net::UnixStream::connect(self.socket()).await?;
-        let (read, write) = stream.into_split();
+        let (read, write) = tandem_protocol::unix::split(stream)?;
         Ok(Connected::remote(Link::from_io(read, write, FrameCodec::new())))
     }
 

@@ -196,7 +196,16 @@ impl Builder {
             std::process::exit(crate::spawn::IPC_MISMATCH_EXIT);
         }
         match ChildEnv::from_env()? {
-            None => crate::master::run(name, config, master).await,
+            // The master's loop runs as a task of its own, not as the future
+            // the caller's `block_on` polls: a `block_on` future that is woken
+            // makes a current-thread runtime check the driver once more before
+            // it sleeps, an extra `epoll_wait` per relayed frame.
+            None => match tokio::spawn(crate::master::run(name, config, master)).await {
+                Ok(result) => result,
+                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                // Cancelled: the runtime itself is shutting down.
+                Err(_) => Err(Error::ShuttingDown),
+            },
             Some(env) => {
                 if env.cluster != name {
                     return Err(Error::child_setup(

@@ -14,9 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
 use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource};
-use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -107,15 +106,14 @@ pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -
     }
 }
 
-type Reader = FramedRead<OwnedReadHalf, ChildCodec>;
-type Writer = FramedWrite<OwnedWriteHalf, ChildCodec>;
+type Reader = FramedRead<UnixReadHalf, ChildCodec>;
+type Writer = FramedWrite<UnixWriteHalf, ChildCodec>;
 
 /// Guards against orphaning, takes the IPC channel, reads `Init` and receives
 /// the listening sockets.
 async fn join(env: &ChildEnv) -> Result<(Init, Reader, Writer, ReceivedListeners), Error> {
     die_with_master(env.master_pid)?;
-    let stream = take_ipc(env.ipc_fd)?;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = take_ipc(env.ipc_fd)?;
     let mut reader = FramedRead::new(rd, ChildCodec::new());
     let writer = FramedWrite::new(wr, ChildCodec::new());
     let init = match tokio::time::timeout(INIT_TIMEOUT, reader.next()).await {
@@ -190,7 +188,7 @@ fn die_with_master(master_pid: u32) -> Result<(), Error> {
 static IPC_TAKEN: AtomicBool = AtomicBool::new(false);
 
 /// Takes ownership of the inherited IPC socket.
-fn take_ipc(fd: RawFd) -> Result<UnixStream, Error> {
+fn take_ipc(fd: RawFd) -> Result<(UnixReadHalf, UnixWriteHalf), Error> {
     use nix::sys::stat::{SFlag, fstat};
     if IPC_TAKEN.swap(true, Ordering::AcqRel) {
         return Err(Error::child_setup("its IPC channel was already taken by an earlier run()", None));
@@ -210,9 +208,7 @@ fn take_ipc(fd: RawFd) -> Result<UnixStream, Error> {
     // Our own children (if the user spawns any) must not inherit it.
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
         .map_err(|e| io(std::io::Error::from_raw_os_error(e as i32)))?;
-    let std_stream = StdUnixStream::from(owned);
-    std_stream.set_nonblocking(true).map_err(io)?;
-    UnixStream::from_std(std_stream).map_err(io)
+    tandem_protocol::unix::split_std(StdUnixStream::from(owned)).map_err(io)
 }
 
 async fn serve(

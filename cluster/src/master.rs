@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
 use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -444,7 +444,7 @@ impl Master {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (data_tx, data_rx) = mpsc::channel(self.config.queue_capacity.max(1));
         let (kill_tx, kill_rx) = oneshot::channel();
-        let (rd, wr) = spawned.stream.into_split();
+        let (rd, wr) = spawned.stream;
         let span = match slot {
             SlotId::Agent => tracing::info_span!("child", child.role = "agent", child.pid = pid, epoch),
             SlotId::Worker(id) => tracing::info_span!("child", child.role = "worker", worker.id = id, child.pid = pid),
@@ -1089,7 +1089,7 @@ fn check_child_env(env: &[(String, String)]) -> Result<(), Error> {
 /// Writes queued messages to one child: control first, then data, in batches
 /// of at most `WRITE_BATCH + 1`. Ends when both queues are closed or the child
 /// is gone (its waiter reports the exit).
-async fn write_to_child(wr: OwnedWriteHalf, control: mpsc::Receiver<ToChild>, data: mpsc::Receiver<ToChild>) {
+async fn write_to_child(wr: UnixWriteHalf, control: mpsc::Receiver<ToChild>, data: mpsc::Receiver<ToChild>) {
     let mut w = FramedWrite::new(wr, MasterCodec::new());
     let limits = WriteLimits::default().max_batch(WRITE_BATCH + 1);
     let _ = tandem_protocol::write_loop(&mut ToChildQueues { control, data }, &mut w, limits).await;
@@ -1126,7 +1126,7 @@ impl WriteSource for ToChildQueues {
     }
 }
 
-async fn read_from_child(rd: OwnedReadHalf, key: ProcKey, tx: mpsc::Sender<Input>) {
+async fn read_from_child(rd: UnixReadHalf, key: ProcKey, tx: mpsc::Sender<Input>) {
     let mut reader = FramedRead::new(rd, MasterCodec::new());
     loop {
         let input = match reader.next().await {

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::Stdio;
 
-use tokio::net::UnixStream;
+use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
 use tokio::process::{Child, Command};
 
 use crate::{Role, WorkerId};
@@ -59,7 +59,8 @@ pub(crate) fn program_path() -> io::Result<std::path::PathBuf> {
 pub(crate) struct Spawned {
     pub child: Child,
     pub pid: u32,
-    pub stream: UnixStream,
+    /// The master's end of the IPC channel, in halves (see `tandem_protocol::unix`).
+    pub stream: (UnixReadHalf, UnixWriteHalf),
     /// The master's end of the child's descriptor channel.
     pub fd_channel: std::os::fd::OwnedFd,
 }
@@ -136,7 +137,6 @@ fn spawn(program: &Program, role: Role, worker_id: Option<WorkerId>) -> io::Resu
     drop(child_end);
     drop(fd_child);
     let pid = child.id().ok_or_else(|| io::Error::other("the child exited before its pid could be read"))?;
-    master_end.set_nonblocking(true)?;
-    let stream = UnixStream::from_std(master_end)?;
+    let stream = tandem_protocol::unix::split_std(master_end)?;
     Ok(Spawned { child, pid, stream, fd_channel: fd_master })
 }

@@ -57,7 +57,7 @@ impl UnixConnector {
 impl Connector for UnixConnector {
     async fn connect(&mut self) -> io::Result<Connected> {
         let stream = tokio::net::UnixStream::connect(&self.path).await?;
-        let (read, write) = stream.into_split();
+        let (read, write) = tandem_protocol::unix::split(stream)?;
         Ok(Connected::remote(Link::from_io(read, write, FrameCodec::with_max_frame_length(self.max_frame_length))))
     }
 }

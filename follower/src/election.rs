@@ -305,7 +305,7 @@ impl Connector for Standalone {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
         let pid = stream.peer_cred().ok().and_then(|cred| cred.pid());
         self.followed = Some((pid, self.stored_epoch()));
-        let (read, write) = stream.into_split();
+        let (read, write) = tandem_protocol::unix::split(stream)?;
         Ok(Connected::remote(tandem_protocol::Link::from_io(read, write, FrameCodec::new())))
     }
 

@@ -534,7 +534,13 @@ async fn accept_unix(shared: Arc<Shared>, listener: UnixListener) {
             tracing::warn!(peer.uid = cred.uid(), peer.pid = cred.pid(), "connection from another user refused");
             continue;
         }
-        let (read, write) = stream.into_split();
+        let (read, write) = match tandem_protocol::unix::split(stream) {
+            Ok(halves) => halves,
+            Err(error) => {
+                tracing::warn!(%error, "cannot register the connection; connection dropped");
+                continue;
+            }
+        };
         let read = admission.limit(read, shared.config.max_hello_length);
         let link = Link::from_io(read, write, FrameCodec::with_max_frame_length(shared.config.max_frame_length));
         let peer = PeerInfo { pid: cred.pid(), uid: Some(cred.uid()), transport: "unix", trusted: false };

@@ -9,7 +9,10 @@
 //! [`AcceptErrors`] (a failed `accept` is logged, rate-limited, and paused on)
 //! and [`Throttle`] (rate-limited warnings); what tandem's clients share:
 //! [`PendingTable`], the requests sent and not yet answered; and the one
-//! batching [`write_loop`] every connection's writer runs.
+//! batching [`write_loop`] every connection's writer runs; and [`unix::split`],
+//! the Unix-socket halves every tandem link uses, which ask the kernel for
+//! writability only while a write waits for room (no wake-up each time the
+//! peer reads).
 //! `PROTOCOL.md` beside this crate is the byte-level specification.
 //!
 //! ```text
@@ -55,6 +58,7 @@ mod link;
 pub mod payload;
 mod pending;
 mod shared;
+pub mod unix;
 mod write;
 
 pub use accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion};
