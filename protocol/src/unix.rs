@@ -17,7 +17,7 @@
 //! and drop it as soon as a write gets through. The bytes and the errors are
 //! the socket's own: this changes which wake-ups happen, nothing else.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -117,9 +117,22 @@ impl AsyncRead for UnixReadHalf {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.io.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
+            // Read into the buffer's spare room as it is, not zeroed first: a
+            // connection's 64 KiB read buffer then only costs the pages that
+            // bytes ever land in (zeroing it made every idle connection
+            // resident at full size).
+            // SAFETY: only `read(2)` writes through this pointer, and
+            // `assume_init` below covers just the bytes it wrote.
+            let unfilled = unsafe { buf.unfilled_mut() };
             let wanted = unfilled.len();
-            match guard.try_io(|io| io.get_ref().read(unfilled)) {
+            let dst = unfilled.as_mut_ptr().cast::<libc::c_void>();
+            let result = guard.try_io(|io| {
+                // SAFETY: `dst` is valid for `wanted` bytes of writes (the
+                // unfilled part of `buf`, borrowed for this call).
+                let n = unsafe { libc::read(io.get_ref().as_raw_fd(), dst, wanted) };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            });
+            match result {
                 Ok(Ok(n)) => {
                     // A short read emptied the socket: the next read waits for
                     // the next event instead of asking the kernel first (as
@@ -128,6 +141,8 @@ impl AsyncRead for UnixReadHalf {
                     if n > 0 && n < wanted {
                         guard.clear_ready();
                     }
+                    // SAFETY: `read(2)` wrote these `n` bytes.
+                    unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -191,6 +206,26 @@ mod tests {
             aw.shutdown().await.unwrap();
             let mut rest = Vec::new();
             assert_eq!(br.read_to_end(&mut rest).await.unwrap(), 0, "EOF after the peer's shutdown");
+        })
+        .await
+        .expect("within the timeout");
+    }
+
+    /// The read buffer's spare room is read into as it is: nothing past the
+    /// bytes received is written (so idle connections' buffers stay
+    /// unbacked by memory; zeroing them cost 64 KiB of RSS per connection).
+    #[tokio::test]
+    async fn a_read_initializes_only_the_bytes_it_received() {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let (a, b) = tokio::net::UnixStream::pair().unwrap();
+            let (_ar, mut aw) = split(a).unwrap();
+            let (mut br, _bw) = split(b).unwrap();
+            aw.write_all(b"hello").await.unwrap();
+            let mut storage = vec![std::mem::MaybeUninit::<u8>::uninit(); 64 * 1024];
+            let mut buf = ReadBuf::uninit(&mut storage);
+            std::future::poll_fn(|cx| Pin::new(&mut br).poll_read(cx, &mut buf)).await.unwrap();
+            assert_eq!(buf.filled(), b"hello");
+            assert_eq!(buf.initialized().len(), 5, "only the received bytes are initialized");
         })
         .await
         .expect("within the timeout");
