@@ -68,19 +68,7 @@ pub struct UnixWriteHalf {
     waiting: Option<AsyncFd<OwnedFd>>,
 }
 
-impl UnixReadHalf {
-    /// The underlying socket, for what its halves do not cover (credentials).
-    pub fn socket(&self) -> &StdUnixStream {
-        self.io.get_ref()
-    }
-}
-
 impl UnixWriteHalf {
-    /// The underlying socket, for what its halves do not cover (credentials).
-    pub fn socket(&self) -> &StdUnixStream {
-        self.io.get_ref()
-    }
-
     /// Runs `write` on the socket; when it would block, waits (registered for
     /// writability only now) and tries again.
     fn poll_with<R>(
@@ -190,12 +178,22 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    type Halves = (UnixReadHalf, UnixWriteHalf);
+
+    /// Both ends of a connected pair, each split.
+    fn pair() -> (Halves, Halves) {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        (split(a).unwrap(), split(b).unwrap())
+    }
+
+    async fn within_10s(test: impl std::future::Future<Output = ()>) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), test).await.expect("within the timeout")
+    }
+
     #[tokio::test]
     async fn bytes_cross_both_ways_and_eof_after_shutdown() {
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            let (a, b) = tokio::net::UnixStream::pair().unwrap();
-            let (mut ar, mut aw) = split(a).unwrap();
-            let (mut br, mut bw) = split(b).unwrap();
+        within_10s(async {
+            let ((mut ar, mut aw), (mut br, mut bw)) = pair();
             aw.write_all(b"ping").await.unwrap();
             let mut got = [0u8; 4];
             br.read_exact(&mut got).await.unwrap();
@@ -207,8 +205,7 @@ mod tests {
             let mut rest = Vec::new();
             assert_eq!(br.read_to_end(&mut rest).await.unwrap(), 0, "EOF after the peer's shutdown");
         })
-        .await
-        .expect("within the timeout");
+        .await;
     }
 
     /// The read buffer's spare room is read into as it is: nothing past the
@@ -216,10 +213,8 @@ mod tests {
     /// unbacked by memory; zeroing them cost 64 KiB of RSS per connection).
     #[tokio::test]
     async fn a_read_initializes_only_the_bytes_it_received() {
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            let (a, b) = tokio::net::UnixStream::pair().unwrap();
-            let (_ar, mut aw) = split(a).unwrap();
-            let (mut br, _bw) = split(b).unwrap();
+        within_10s(async {
+            let ((_ar, mut aw), (mut br, _bw)) = pair();
             aw.write_all(b"hello").await.unwrap();
             let mut storage = vec![std::mem::MaybeUninit::<u8>::uninit(); 64 * 1024];
             let mut buf = ReadBuf::uninit(&mut storage);
@@ -227,18 +222,15 @@ mod tests {
             assert_eq!(buf.filled(), b"hello");
             assert_eq!(buf.initialized().len(), 5, "only the received bytes are initialized");
         })
-        .await
-        .expect("within the timeout");
+        .await;
     }
 
     /// A writer that fills the socket's buffer waits (registered for
     /// writability only then) and finishes once the reader drains it.
     #[tokio::test]
     async fn a_full_buffer_waits_for_room_then_completes() {
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            let (a, b) = tokio::net::UnixStream::pair().unwrap();
-            let (_ar, mut aw) = split(a).unwrap();
-            let (mut br, _bw) = split(b).unwrap();
+        within_10s(async {
+            let ((_ar, mut aw), (mut br, _bw)) = pair();
             // Far more than a Unix socket buffers (a few hundred KiB).
             let data: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
             let expected = data.clone();
@@ -253,16 +245,14 @@ mod tests {
             assert_eq!(got.len(), expected.len());
             assert!(got == expected, "every byte, in order");
         })
-        .await
-        .expect("within the timeout");
+        .await;
     }
 
     #[tokio::test]
     async fn writing_to_a_closed_peer_is_an_error_not_a_hang() {
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            let (a, b) = tokio::net::UnixStream::pair().unwrap();
-            let (_ar, mut aw) = split(a).unwrap();
-            drop(b);
+        within_10s(async {
+            let ((_ar, mut aw), peer) = pair();
+            drop(peer);
             let mut result = Ok(());
             // The first write may land in the buffer; a later one must fail.
             for _ in 0..64 {
@@ -273,7 +263,6 @@ mod tests {
             }
             assert!(result.is_err(), "EPIPE once the peer is gone");
         })
-        .await
-        .expect("within the timeout");
+        .await;
     }
 }
