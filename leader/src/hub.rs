@@ -617,7 +617,7 @@ impl Hub {
             key: key.clone(),
             epoch: self.epoch,
             seq,
-            payload: payload.clone(),
+            payload,
             cached: false,
         };
         let event = match SharedFrame::encode(Frame::Event(event), self.max_frame_length) {
@@ -630,12 +630,12 @@ impl Hub {
         for outbox in topic.subscribers.values() {
             outbox.push_event(&self.channel, key, &event);
         }
+        // Under the hub's lock, so saves keep the order of the values (it only queues).
+        if let (Some(cache), Frame::Event(value)) = (&self.cache, event.frame()) {
+            cache.save(&self.channel, key, value.payload.clone());
+        }
         topic.last = Some((seq, event));
         topic.lookup = 0;
-        // Under the hub's lock, so saves keep the order of the values (it only queues).
-        if let Some(cache) = &self.cache {
-            cache.save(&self.channel, key, payload);
-        }
         true
     }
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::arena::Arena;
 use crate::{Frame, SharedFrame, fast};
 
 /// The default limit on a frame's body: 16 MiB.
@@ -61,18 +62,23 @@ pub struct Codec<D> {
 /// The codec of the Leader/Follower protocol: a [`Codec`] of [`Frame`]s that
 /// reads and writes the frames of calls and events without serde (the same
 /// bytes, several times faster; the rest goes through serde as in any codec).
+///
+/// Small keys and payloads are copied out of the read buffer into shared 4 KiB
+/// chunks (a copy and a reference count each, no allocation); a key or payload
+/// kept alive keeps its chunk alive, so it holds at most 4 KiB. Values over
+/// 512 bytes get their own allocation.
 #[derive(Debug, Clone, Default)]
-pub struct FrameCodec(Codec<Frame>);
+pub struct FrameCodec(Codec<Frame>, Arena);
 
 impl FrameCodec {
     /// A codec with the default 16 MiB frame limit.
     pub fn new() -> Self {
-        FrameCodec(Codec::new())
+        FrameCodec(Codec::new(), Arena::default())
     }
 
     /// A codec refusing bodies longer than `max` bytes (clamped to `u32::MAX`).
     pub fn with_max_frame_length(max: usize) -> Self {
-        FrameCodec(Codec::with_max_frame_length(max))
+        FrameCodec(Codec::with_max_frame_length(max), Arena::default())
     }
 
     /// The configured limit on a frame's body, in bytes.
@@ -86,7 +92,8 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        self.0.next_body(src, |body| fast::decode(body).map_or_else(|| decode_body(body), Ok))
+        let arena = &mut self.1;
+        self.0.next_body(src, |body| fast::decode(body, Some(arena)).map_or_else(|| decode_body(body), Ok))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
@@ -238,7 +245,7 @@ impl Frame {
     /// Reads a frame from a body written by [`Frame::encode_body`] (or by
     /// any writer of PROTOCOL.md), as [`FrameCodec`] does.
     pub fn decode_body(body: &[u8]) -> Result<Frame, CodecError> {
-        fast::decode(body).map_or_else(|| decode_body(body), Ok)
+        fast::decode(body, None).map_or_else(|| decode_body(body), Ok)
     }
 }
 

@@ -20,11 +20,16 @@ use std::io::Write;
 use bytes::{BufMut, Bytes, BytesMut};
 use rmp::encode::{self, ValueWriteError};
 
+use crate::arena::{self, Arena};
 use crate::{Ack, Event, Frame, Invoke, Response};
 
 /// Decodes `body` (one frame, without its length prefix) if it is one of the
 /// hot frames in its canonical form; `None` sends it to the serde decoder.
-pub(crate) fn decode(body: &[u8]) -> Option<Frame> {
+/// An event's key and payload are copied into `arena` (each on its own
+/// without one): events are the values a follower clones (to each
+/// subscription handle and as its latest value) and keeps.
+pub(crate) fn decode(body: &[u8], mut arena: Option<&mut Arena>) -> Option<Frame> {
+    let mut copy = |bytes: &[u8]| arena::copy(arena.as_deref_mut(), bytes);
     let mut r = Reader { buf: body, pos: 0 };
     if r.byte()? != 0x81 {
         return None;
@@ -36,6 +41,10 @@ pub(crate) fn decode(body: &[u8]) -> Option<Frame> {
             let channel = r.str()?.to_owned();
             let deadline_ms = u32::try_from(r.uint()?).ok()?;
             let oneway = r.bool()?;
+            // Calls and answers copy on their own: each is taken once and
+            // dropped, never cloned, so a chunk saves one allocation at the
+            // price of two atomic counts (in the bench, N=4 x 64 in flight,
+            // calls through the arena ran about 10 % slower).
             let payload = Bytes::copy_from_slice(r.bin()?);
             Frame::Invoke(Invoke { id, channel, deadline_ms, oneway, payload })
         }
@@ -52,10 +61,10 @@ pub(crate) fn decode(body: &[u8]) -> Option<Frame> {
                 return None;
             }
             let channel = r.str()?.to_owned();
-            let key = Bytes::copy_from_slice(r.bin()?);
+            let key = copy(r.bin()?);
             let epoch = r.uint()?;
             let seq = r.uint()?;
-            let payload = Bytes::copy_from_slice(r.bin()?);
+            let payload = copy(r.bin()?);
             let cached = if fields == 6 { r.bool()? } else { false };
             Frame::Event(Event { channel, key, epoch, seq, payload, cached })
         }
@@ -358,7 +367,8 @@ mod tests {
             let mut fast = BytesMut::new();
             assert!(encode(&frame, &mut fast), "{frame:?}");
             assert_eq!(&fast[..], &serde_body(&frame)[..], "{}", frame.kind());
-            assert_eq!(decode(&fast), Some(frame));
+            assert_eq!(decode(&fast, None), Some(frame.clone()));
+            assert_eq!(decode(&fast, Some(&mut Arena::default())), Some(frame));
         }
     }
 
@@ -373,16 +383,16 @@ mod tests {
             b"\x81\xa6Invoke\x95\x01\xa1c\xce\x00\x00\x00\x05\xc2",
         ];
         for body in bodies {
-            assert_eq!(decode(body), None, "{body:?}");
+            assert_eq!(decode(body, None), None, "{body:?}");
         }
         let error = Frame::Response(Response { id: 1, result: Err(crate::RemoteError::internal("x")) });
         assert!(!encode(&error, &mut BytesMut::new()));
-        assert_eq!(decode(&serde_body(&error)), None);
+        assert_eq!(decode(&serde_body(&error), None), None);
     }
 
     #[test]
     fn a_deadline_beyond_u32_is_not_read_as_one() {
         let body = b"\x81\xa6Invoke\x95\x01\xa1c\xcf\x00\x00\x00\x01\x00\x00\x00\x00\xc2\xc4\x00";
-        assert_eq!(decode(body), None);
+        assert_eq!(decode(body, None), None);
     }
 }

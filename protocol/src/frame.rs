@@ -243,6 +243,19 @@ pub enum Frame {
 }
 
 impl Frame {
+    /// About how many bytes the frame takes on the wire, its length prefix
+    /// included: its payload, channel and key, and room for the rest (to size
+    /// a buffer; not a bound).
+    pub(crate) fn size_hint(&self) -> usize {
+        const HEAD: usize = 64;
+        HEAD + match self {
+            Frame::Invoke(invoke) => invoke.channel.len() + invoke.payload.len(),
+            Frame::Response(Response { result: Ok(payload), .. }) => payload.len(),
+            Frame::Event(event) => event.channel.len() + event.key.len() + event.payload.len(),
+            _ => 0,
+        }
+    }
+
     /// The variant name, as written on the wire and in logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -47,6 +47,7 @@
 
 mod accept;
 mod api;
+mod arena;
 mod backoff;
 mod code;
 mod codec;

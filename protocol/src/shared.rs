@@ -26,7 +26,8 @@ struct Inner {
 impl SharedFrame {
     /// Encodes `frame` once, refusing a body longer than `max` bytes.
     pub fn encode(frame: Frame, max: usize) -> Result<SharedFrame, CodecError> {
-        let mut wire = BytesMut::new();
+        // Room for the whole frame at once: one allocation, no regrowth.
+        let mut wire = BytesMut::with_capacity(frame.size_hint());
         FrameCodec::with_max_frame_length(max).encode(&frame, &mut wire)?;
         Ok(SharedFrame(Arc::new(Inner { frame, wire: wire.freeze() })))
     }

@@ -33,7 +33,7 @@ pub async fn serve(connection: &Connection, mut commands: Commands, reporter: &R
     let losses = LinkLosses::watch(connection);
     reporter.send(&Report::Ready);
     let events = Arc::new(Mutex::new(Events::new()));
-    let mut receiver = None;
+    let mut receivers = Vec::new();
     while let Some(cmd) = commands.next().await? {
         match cmd {
             Cmd::Invoke { concurrency, payload, window } => {
@@ -47,13 +47,17 @@ pub async fn serve(connection: &Connection, mut commands: Commands, reporter: &R
                 for key in 0..keys {
                     subscriptions.push(client.subscribe(key_name(key)).await?);
                 }
-                let events = events.clone();
-                receiver = Some(tokio::spawn(async move {
-                    let mut all = futures::stream::select_all(subscriptions);
-                    while let Some(update) = all.next().await {
-                        let tick = update.value;
-                        lock(&events).record(tick.key, tick.idx, tick.sent_ns, mono_ns());
-                    }
+                // One task per subscription, as a service reading several
+                // keys would have (merging them with `futures`' `select_all`
+                // instead allocates a task node per event it yields).
+                receivers.extend(subscriptions.into_iter().map(|mut subscription| {
+                    let events = events.clone();
+                    tokio::spawn(async move {
+                        while let Some(update) = subscription.next().await {
+                            let tick = update.value;
+                            lock(&events).record(tick.key, tick.idx, tick.sent_ns, mono_ns());
+                        }
+                    })
                 }));
                 reporter.send(&Report::Subscribed);
             }
@@ -68,7 +72,7 @@ pub async fn serve(connection: &Connection, mut commands: Commands, reporter: &R
             other => bail!("a follower cannot {other:?}"),
         }
     }
-    if let Some(receiver) = receiver {
+    for receiver in receivers {
         receiver.abort();
     }
     losses.task.abort();
