@@ -1,5 +1,5 @@
-//! Where a connection's decoder copies small keys and payloads to: shared
-//! chunks of [`CHUNK`] bytes, carved into one [`Bytes`] per value.
+//! Where a connection's decoder copies events' small keys and payloads to:
+//! shared chunks of [`CHUNK`] bytes, carved into one [`Bytes`] per value.
 //!
 //! A decoded value must not borrow the read buffer (a kept value would pin
 //! the connection's whole 64 KiB buffer, and the next read would need a new

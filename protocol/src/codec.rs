@@ -63,10 +63,10 @@ pub struct Codec<D> {
 /// reads and writes the frames of calls and events without serde (the same
 /// bytes, several times faster; the rest goes through serde as in any codec).
 ///
-/// Small keys and payloads are copied out of the read buffer into shared 4 KiB
-/// chunks (a copy and a reference count each, no allocation); a key or payload
-/// kept alive keeps its chunk alive, so it holds at most 4 KiB. Values over
-/// 512 bytes get their own allocation.
+/// An event's key and payload are copied out of the read buffer into shared
+/// 4 KiB chunks (a copy and a reference count each, no allocation); one kept
+/// alive keeps its chunk alive, so it holds at most 4 KiB. Those over 512
+/// bytes, and the payloads of calls and answers, get their own allocation.
 #[derive(Debug, Clone, Default)]
 pub struct FrameCodec(Codec<Frame>, Arena);
 
