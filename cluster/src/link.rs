@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 
 use futures::{Sink, Stream, StreamExt};
-use tandem_protocol::{CodecError, Frame, Link, error_chain};
+use tandem_protocol::{CodecError, Frame, FrameCodec, Link, error_chain};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 
@@ -152,6 +152,8 @@ struct EndState {
     tx_wakers: Vec<Waker>,
     /// The link ended (closed by either end or by a process's death).
     closed: bool,
+    /// Decodes the received bytes (its chunks hold the events' keys and payloads).
+    decoder: FrameCodec,
 }
 
 impl fmt::Debug for LinkEnd {
@@ -445,18 +447,19 @@ impl LinkTable {
     /// A frame for this end of a link. Never waits (the IPC reader calls it).
     pub(crate) fn deliver(&self, link: LinkId, bytes: &[u8]) {
         let Some(end) = self.get(link) else { return }; // closed meanwhile
-        let frame = match Frame::decode_body(bytes) {
+        let mut state = end.lock();
+        if state.closed {
+            return;
+        }
+        let frame = match state.decoder.decode_body(bytes) {
             Ok(frame) => frame,
             Err(e) => {
+                drop(state);
                 tracing::warn!(link, error = %error_chain(&e), "undecodable frame on a link; closing it");
                 end.close(true);
                 return;
             }
         };
-        let mut state = end.lock();
-        if state.closed {
-            return;
-        }
         if state.inbound.len() >= self.window {
             drop(state);
             // The other end sent more than its credit allows.

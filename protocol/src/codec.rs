@@ -85,6 +85,14 @@ impl FrameCodec {
     pub fn max_frame_length(&self) -> usize {
         self.0.max
     }
+
+    /// Reads a frame from a body without its length prefix, as [`Decoder::decode`]
+    /// does (events' keys and payloads into this codec's chunks), for
+    /// carriers that frame the bytes themselves, like the cluster's relay.
+    /// [`Frame::decode_body`] is the same for a one-off body.
+    pub fn decode_body(&mut self, body: &[u8]) -> Result<Frame, CodecError> {
+        fast::decode(body, Some(&mut self.1)).map_or_else(|| decode_body(body), Ok)
+    }
 }
 
 impl Decoder for FrameCodec {
@@ -92,8 +100,8 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        let arena = &mut self.1;
-        self.0.next_body(src, |body| fast::decode(body, Some(arena)).map_or_else(|| decode_body(body), Ok))
+        let FrameCodec(codec, arena) = self;
+        codec.next_body(src, |body| fast::decode(body, Some(arena)).map_or_else(|| decode_body(body), Ok))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {

@@ -201,7 +201,12 @@ proptest! {
         // The body alone (the cluster relay's form) is the same bytes after the prefix.
         let body = frame.encode_body().unwrap();
         prop_assert_eq!(&body[..], &serde_only[LENGTH_PREFIX..]);
-        prop_assert_eq!(Frame::decode_body(&body).unwrap(), frame);
+        prop_assert_eq!(Frame::decode_body(&body).unwrap(), frame.clone());
+        // A relay's codec reads it the same, and keeps what it read intact as it reads on.
+        let mut relay = FrameCodec::new();
+        let first = relay.decode_body(&body).unwrap();
+        prop_assert_eq!(relay.decode_body(&body).unwrap(), frame.clone());
+        prop_assert_eq!(first, frame);
     }
 
     /// ... and it reads any bytes exactly as serde does: the same frame, or an
