@@ -25,8 +25,8 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::{
-    Ack, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish, RemoteError,
-    RequestId, Response, Subscribe, Unsubscribe, Welcome, WriteEnd, WriteLimits, write_loop,
+    Ack, ChannelName, CodecError, Ended, Event, Frame, Hello, Invoke, Link, PROTOCOL_VERSION, Position, Publish,
+    RemoteError, RequestId, Response, Subscribe, Unsubscribe, Welcome, WriteEnd, WriteLimits, write_loop,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -790,12 +790,18 @@ impl Core {
                     self.in_flight.insert(id, Pending::Invoke { reply, deadline, budget });
                 }
                 let deadline_ms = u32::try_from(left.as_millis().max(1)).unwrap_or(u32::MAX);
-                self.out.push(Frame::Invoke(Invoke { id, channel: channel.to_string(), deadline_ms, oneway, payload }));
+                self.out.push(Frame::Invoke(Invoke {
+                    id,
+                    channel: ChannelName::from_static(channel),
+                    deadline_ms,
+                    oneway,
+                    payload,
+                }));
             }
             Command::Publish { channel, payload, reply } => {
                 let id = self.next_id();
                 self.in_flight.insert(id, Pending::Publish(reply));
-                self.out.push(Frame::Publish(Publish { id, channel: channel.to_string(), payload }));
+                self.out.push(Frame::Publish(Publish { id, channel: ChannelName::from_static(channel), payload }));
             }
             Command::Subscribe { channel, key, reply } => self.subscribe(channel, key, reply),
             Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
@@ -844,7 +850,7 @@ impl Core {
             topic.resynced = last_seen.is_some();
         }
         self.in_flight.insert(id, Pending::Subscribe { channel, key: key.clone() });
-        self.out.push(Frame::Subscribe(Subscribe { id, channel: channel.to_string(), key, last_seen }));
+        self.out.push(Frame::Subscribe(Subscribe { id, channel: ChannelName::from_static(channel), key, last_seen }));
     }
 
     /// One subscription handle let go of a topic (not of one the leader ended:
@@ -861,7 +867,11 @@ impl Core {
         if remote != Remote::Unsent && matches!(self.status.borrow().link, LinkState::Connected { .. }) {
             let id = self.next_id();
             self.in_flight.insert(id, Pending::Unsubscribe);
-            self.out.push(Frame::Unsubscribe(Unsubscribe { id, channel: channel.to_string(), key: topic_key.1 }));
+            self.out.push(Frame::Unsubscribe(Unsubscribe {
+                id,
+                channel: ChannelName::from_static(channel),
+                key: topic_key.1,
+            }));
         }
     }
 
@@ -936,7 +946,11 @@ impl Core {
             if remote == Remote::Active {
                 let id = self.next_id();
                 self.in_flight.insert(id, Pending::Unsubscribe);
-                self.out.push(Frame::Unsubscribe(Unsubscribe { id, channel: channel.to_string(), key: topic_key.1 }));
+                self.out.push(Frame::Unsubscribe(Unsubscribe {
+                    id,
+                    channel: ChannelName::from_static(channel),
+                    key: topic_key.1,
+                }));
             }
         }
     }

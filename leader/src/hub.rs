@@ -326,7 +326,7 @@ impl Hub {
         state.next_seq += 1;
         let seq = state.next_seq;
         let event = Event {
-            channel: self.channel.to_string(),
+            channel: self.channel.clone().into(),
             key: key.clone(),
             epoch: self.epoch,
             seq,
@@ -464,7 +464,7 @@ impl Hub {
                                     "the upstream refused a pending subscription; ending it for its subscribers");
                                 for outbox in topic.subscribers.values() {
                                     outbox.forget_key(&self.channel, &key);
-                                    let channel = self.channel.to_string();
+                                    let channel = self.channel.clone().into();
                                     outbox.push(Frame::Ended(Ended {
                                         channel,
                                         key: key.clone(),
@@ -613,7 +613,7 @@ impl Hub {
         self.events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Encoded once here, copied as bytes into each subscriber's socket.
         let event = Event {
-            channel: self.channel.to_string(),
+            channel: self.channel.clone().into(),
             key: key.clone(),
             epoch: self.epoch,
             seq,

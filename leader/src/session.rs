@@ -259,12 +259,12 @@ impl Session {
                     }
                     None => tracing::debug!(channel = %name, "a follower opened a channel this leader does not serve"),
                 }
-                self.push(Frame::Status(ChannelStatus { channel: name, state: UpstreamState::Down(error) }));
+                self.push(Frame::Status(ChannelStatus { channel: name.into(), state: UpstreamState::Down(error) }));
                 continue;
             };
             let mut state = channel.state.subscribe();
             let current = state.borrow_and_update().clone();
-            self.push(Frame::Status(ChannelStatus { channel: name.clone(), state: current }));
+            self.push(Frame::Status(ChannelStatus { channel: name.clone().into(), state: current }));
             self.shared.tracker.spawn(forward_status(channel.clone(), state, self.outbox.clone(), self.cancel.clone()));
             if let Some(stats) = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
                 stats.channels.push(name.clone());
@@ -550,7 +550,7 @@ async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<
         if let Some(channel) = shared.channels.get(name) {
             let mut state = channel.state.subscribe();
             let current = state.borrow_and_update().clone();
-            statuses.push(Frame::Status(ChannelStatus { channel: name.clone(), state: current }));
+            statuses.push(Frame::Status(ChannelStatus { channel: name.clone().into(), state: current }));
             states.push((channel.clone(), state));
         }
     }
@@ -590,7 +590,7 @@ async fn forward_status(
                     return;
                 }
                 let current = state.borrow_and_update().clone();
-                if !outbox.push(Frame::Status(ChannelStatus { channel: channel.name.to_string(), state: current })) {
+                if !outbox.push(Frame::Status(ChannelStatus { channel: channel.name.clone().into(), state: current })) {
                     return;
                 }
             }

@@ -17,16 +17,20 @@
 
 use bytes::{Bytes, BytesMut};
 
+use crate::name::{ChannelName, Names};
+
 /// Bytes in one chunk.
 pub const CHUNK: usize = 4 * 1024;
 
 /// The largest value carved from a chunk; longer ones are copied on their own.
 pub const SMALL: usize = 512;
 
-/// A decoder's current chunk (empty until the first small value arrives).
+/// A decoder's current chunk (empty until the first small value arrives),
+/// and the channel names it read lately.
 #[derive(Debug, Default)]
 pub(crate) struct Arena {
     chunk: BytesMut,
+    names: Names,
 }
 
 impl Clone for Arena {
@@ -52,6 +56,14 @@ impl Arena {
         // Within the capacity: no reallocation, so the values already carved stay where they are.
         self.chunk.extend_from_slice(bytes);
         self.chunk.split().freeze()
+    }
+}
+
+/// A channel name, shared with the arena's copy when it has one.
+pub(crate) fn name(arena: Option<&mut Arena>, name: &str) -> ChannelName {
+    match arena {
+        Some(arena) => arena.names.get(name),
+        None => ChannelName::from(name),
     }
 }
 

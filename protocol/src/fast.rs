@@ -29,7 +29,6 @@ use crate::{Ack, Event, Frame, Invoke, Response};
 /// without one): events are the values a follower clones (to each
 /// subscription handle and as its latest value) and keeps.
 pub(crate) fn decode(body: &[u8], mut arena: Option<&mut Arena>) -> Option<Frame> {
-    let mut copy = |bytes: &[u8]| arena::copy(arena.as_deref_mut(), bytes);
     let mut r = Reader { buf: body, pos: 0 };
     if r.byte()? != 0x81 {
         return None;
@@ -38,7 +37,7 @@ pub(crate) fn decode(body: &[u8], mut arena: Option<&mut Arena>) -> Option<Frame
         "Invoke" => {
             r.array(5)?;
             let id = r.uint()?;
-            let channel = r.str()?.to_owned();
+            let channel = arena::name(arena.as_deref_mut(), r.str()?);
             let deadline_ms = u32::try_from(r.uint()?).ok()?;
             let oneway = r.bool()?;
             // Calls and answers copy on their own: each is taken once and
@@ -60,11 +59,11 @@ pub(crate) fn decode(body: &[u8], mut arena: Option<&mut Arena>) -> Option<Frame
             if fields != 5 && fields != 6 {
                 return None;
             }
-            let channel = r.str()?.to_owned();
-            let key = copy(r.bin()?);
+            let channel = arena::name(arena.as_deref_mut(), r.str()?);
+            let key = arena::copy(arena.as_deref_mut(), r.bin()?);
             let epoch = r.uint()?;
             let seq = r.uint()?;
-            let payload = copy(r.bin()?);
+            let payload = arena::copy(arena, r.bin()?);
             let cached = if fields == 6 { r.bool()? } else { false };
             Frame::Event(Event { channel, key, epoch, seq, payload, cached })
         }
@@ -315,7 +314,7 @@ mod tests {
             }),
             Frame::Invoke(Invoke {
                 id: u64::MAX,
-                channel: "c".repeat(40),
+                channel: "c".repeat(40).into(),
                 deadline_ms: u32::MAX,
                 oneway: true,
                 payload: Bytes::new(),
@@ -331,7 +330,7 @@ mod tests {
                 cached: false,
             }),
             Frame::Event(Event {
-                channel: String::new(),
+                channel: String::new().into(),
                 key: Bytes::new(),
                 epoch: 0,
                 seq: 0,
@@ -341,7 +340,7 @@ mod tests {
             // Heads longer than the stack buffer: written through the fallback.
             Frame::Invoke(Invoke {
                 id: 9,
-                channel: "long".repeat(HEAD),
+                channel: "long".repeat(HEAD).into(),
                 deadline_ms: 10,
                 oneway: false,
                 payload: payload.clone(),

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::RemoteError;
+use crate::{ChannelName, RemoteError};
 
 /// A request identifier, unique among one connection's outstanding requests.
 pub type RequestId = u64;
@@ -71,7 +71,7 @@ pub struct Invoke {
     /// Matches the `Response`; unused (but still unique) when `oneway`.
     pub id: RequestId,
     /// The channel (API name) the call belongs to.
-    pub channel: String,
+    pub channel: ChannelName,
     /// Time left for the call, in milliseconds, counted from when the leader reads the frame.
     pub deadline_ms: u32,
     /// When true, the leader sends no `Response`.
@@ -95,7 +95,7 @@ pub struct Subscribe {
     /// Matches the `Ack`.
     pub id: RequestId,
     /// The channel.
-    pub channel: String,
+    pub channel: ChannelName,
     /// The key: opaque MessagePack bytes of the channel's key type.
     pub key: Bytes,
     /// The newest position this follower has already seen for the key, if any.
@@ -109,7 +109,7 @@ pub struct Unsubscribe {
     /// Matches the `Ack`.
     pub id: RequestId,
     /// The channel.
-    pub channel: String,
+    pub channel: ChannelName,
     /// The key, byte-for-byte as subscribed.
     pub key: Bytes,
 }
@@ -118,7 +118,7 @@ pub struct Unsubscribe {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// The channel.
-    pub channel: String,
+    pub channel: ChannelName,
     /// The key, byte-for-byte as subscribed.
     pub key: Bytes,
     /// The leader epoch.
@@ -152,7 +152,7 @@ pub struct Publish {
     /// Matches the `Ack`.
     pub id: RequestId,
     /// The channel.
-    pub channel: String,
+    pub channel: ChannelName,
     /// What to publish: opaque MessagePack bytes of the channel's request type.
     pub payload: Bytes,
 }
@@ -172,7 +172,7 @@ pub struct Ack {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ended {
     /// The channel.
-    pub channel: String,
+    pub channel: ChannelName,
     /// The key, byte-for-byte as subscribed.
     pub key: Bytes,
     /// Why.
@@ -195,7 +195,7 @@ pub enum UpstreamState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelStatus {
     /// The channel.
-    pub channel: String,
+    pub channel: ChannelName,
     /// Its upstream's state.
     pub state: UpstreamState,
 }

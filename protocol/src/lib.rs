@@ -56,6 +56,7 @@ mod fast;
 mod frame;
 mod handshake;
 mod link;
+mod name;
 pub mod payload;
 mod pending;
 mod shared;
@@ -74,6 +75,7 @@ pub use frame::{
 };
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
 pub use link::{FrameSink, Link, LinkSink};
+pub use name::ChannelName;
 pub use pending::{Expires, InsertError, PendingTable};
 pub use shared::SharedFrame;
 pub use write::{Refused, Stalled, WriteEnd, WriteLimits, WriteSource, feed_within, flush_within, write_loop};

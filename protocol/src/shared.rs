@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio_util::codec::Encoder;
 
 use crate::{CodecError, Frame, FrameCodec};
@@ -20,7 +20,8 @@ pub struct SharedFrame(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     frame: Frame,
-    wire: Bytes,
+    /// Kept as written: the `Arc` already shares it, so no `Bytes` counter is needed.
+    wire: BytesMut,
 }
 
 impl SharedFrame {
@@ -29,7 +30,7 @@ impl SharedFrame {
         // Room for the whole frame at once: one allocation, no regrowth.
         let mut wire = BytesMut::with_capacity(frame.size_hint());
         FrameCodec::with_max_frame_length(max).encode(&frame, &mut wire)?;
-        Ok(SharedFrame(Arc::new(Inner { frame, wire: wire.freeze() })))
+        Ok(SharedFrame(Arc::new(Inner { frame, wire })))
     }
 
     /// The frame.
@@ -38,7 +39,7 @@ impl SharedFrame {
     }
 
     /// The bytes on the wire: the u32 length prefix, then the MessagePack body.
-    pub fn wire(&self) -> &Bytes {
+    pub fn wire(&self) -> &[u8] {
         &self.0.wire
     }
 }

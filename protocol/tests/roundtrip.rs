@@ -73,7 +73,7 @@ fn reject() -> impl Strategy<Value = Frame> {
 fn invoke() -> impl Strategy<Value = Frame> {
     (any::<u64>(), text(), any::<u32>(), any::<bool>(), bytes()).prop_map(
         |(id, channel, deadline_ms, oneway, payload)| {
-            Frame::Invoke(Invoke { id, channel, deadline_ms, oneway, payload })
+            Frame::Invoke(Invoke { id, channel: channel.into(), deadline_ms, oneway, payload })
         },
     )
 }
@@ -84,22 +84,27 @@ fn response() -> impl Strategy<Value = Frame> {
 }
 
 fn subscribe() -> impl Strategy<Value = Frame> {
-    (any::<u64>(), text(), bytes(), option::of(position()))
-        .prop_map(|(id, channel, key, last_seen)| Frame::Subscribe(Subscribe { id, channel, key, last_seen }))
+    (any::<u64>(), text(), bytes(), option::of(position())).prop_map(|(id, channel, key, last_seen)| {
+        Frame::Subscribe(Subscribe { id, channel: channel.into(), key, last_seen })
+    })
 }
 
 fn unsubscribe() -> impl Strategy<Value = Frame> {
-    (any::<u64>(), text(), bytes()).prop_map(|(id, channel, key)| Frame::Unsubscribe(Unsubscribe { id, channel, key }))
+    (any::<u64>(), text(), bytes())
+        .prop_map(|(id, channel, key)| Frame::Unsubscribe(Unsubscribe { id, channel: channel.into(), key }))
 }
 
 fn event() -> impl Strategy<Value = Frame> {
     (text(), bytes(), any::<u64>(), any::<u64>(), bytes(), any::<bool>()).prop_map(
-        |(channel, key, epoch, seq, payload, cached)| Frame::Event(Event { channel, key, epoch, seq, payload, cached }),
+        |(channel, key, epoch, seq, payload, cached)| {
+            Frame::Event(Event { channel: channel.into(), key, epoch, seq, payload, cached })
+        },
     )
 }
 
 fn publish() -> impl Strategy<Value = Frame> {
-    (any::<u64>(), text(), bytes()).prop_map(|(id, channel, payload)| Frame::Publish(Publish { id, channel, payload }))
+    (any::<u64>(), text(), bytes())
+        .prop_map(|(id, channel, payload)| Frame::Publish(Publish { id, channel: channel.into(), payload }))
 }
 
 fn ack() -> impl Strategy<Value = Frame> {
@@ -108,7 +113,8 @@ fn ack() -> impl Strategy<Value = Frame> {
 }
 
 fn status() -> impl Strategy<Value = Frame> {
-    (text(), upstream_state()).prop_map(|(channel, state)| Frame::Status(ChannelStatus { channel, state }))
+    (text(), upstream_state())
+        .prop_map(|(channel, state)| Frame::Status(ChannelStatus { channel: channel.into(), state }))
 }
 
 /// Any frame, every kind equally likely.
