@@ -59,11 +59,12 @@ impl Arena {
     }
 }
 
-/// A channel name, shared with the arena's copy when it has one.
-pub(crate) fn name(arena: Option<&mut Arena>, name: &str) -> ChannelName {
+/// A channel name read as `bytes`, shared with the arena's copy when it has
+/// one; `None` if the bytes are not UTF-8.
+pub(crate) fn name(arena: Option<&mut Arena>, bytes: &[u8]) -> Option<ChannelName> {
     match arena {
-        Some(arena) => arena.names.get(name),
-        None => ChannelName::from(name),
+        Some(arena) => arena.names.get(bytes),
+        None => std::str::from_utf8(bytes).ok().map(ChannelName::from),
     }
 }
 

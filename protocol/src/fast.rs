@@ -37,7 +37,7 @@ pub(crate) fn decode(body: &[u8], mut arena: Option<&mut Arena>) -> Option<Frame
         "Invoke" => {
             r.array(5)?;
             let id = r.uint()?;
-            let channel = arena::name(arena.as_deref_mut(), r.str()?);
+            let channel = arena::name(arena.as_deref_mut(), r.str_bytes()?)?;
             let deadline_ms = u32::try_from(r.uint()?).ok()?;
             let oneway = r.bool()?;
             // Calls and answers copy on their own: each is taken once and
@@ -59,7 +59,7 @@ pub(crate) fn decode(body: &[u8], mut arena: Option<&mut Arena>) -> Option<Frame
             if fields != 5 && fields != 6 {
                 return None;
             }
-            let channel = arena::name(arena.as_deref_mut(), r.str()?);
+            let channel = arena::name(arena.as_deref_mut(), r.str_bytes()?)?;
             let key = arena::copy(arena.as_deref_mut(), r.bin()?);
             let epoch = r.uint()?;
             let seq = r.uint()?;
@@ -247,6 +247,11 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.str_bytes()?).ok()
+    }
+
+    /// A string's bytes, not yet checked to be UTF-8.
+    fn str_bytes(&mut self) -> Option<&'a [u8]> {
         let len = match self.byte()? {
             b @ 0xa0..=0xbf => usize::from(b - 0xa0),
             0xd9 => self.be(1)? as usize,
@@ -254,7 +259,7 @@ impl<'a> Reader<'a> {
             0xdb => usize::try_from(self.be(4)?).ok()?,
             _ => return None,
         };
-        std::str::from_utf8(self.take(len)?).ok()
+        self.take(len)
     }
 
     fn bin(&mut self) -> Option<&'a [u8]> {

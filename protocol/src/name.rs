@@ -204,19 +204,21 @@ pub(crate) struct Names {
 }
 
 impl Names {
-    /// `name`, shared with the last time it was read if it is kept.
-    pub(crate) fn get(&mut self, name: &str) -> ChannelName {
-        if let Some(kept) = self.kept.iter().find(|kept| kept.as_str() == name) {
-            return kept.clone();
+    /// The name read as `bytes`, shared with the last time it was read if it
+    /// is kept (kept names are UTF-8 already: only a new one is checked);
+    /// `None` if the bytes are not UTF-8.
+    pub(crate) fn get(&mut self, bytes: &[u8]) -> Option<ChannelName> {
+        if let Some(kept) = self.kept.iter().find(|kept| kept.as_bytes() == bytes) {
+            return Some(kept.clone());
         }
-        let new = ChannelName::from(name);
+        let new = ChannelName::from(std::str::from_utf8(bytes).ok()?);
         if self.kept.len() < KEPT {
             self.kept.push(new.clone());
         } else {
             self.kept[self.next] = new.clone();
             self.next = (self.next + 1) % KEPT;
         }
-        new
+        Some(new)
     }
 }
 
@@ -255,16 +257,20 @@ mod tests {
     #[test]
     fn a_name_read_again_is_shared_and_the_list_stays_bounded() {
         let mut names = Names::default();
-        let first = names.get("config");
-        let again = names.get("config");
+        let first = names.get(b"config").unwrap();
+        let again = names.get(b"config").unwrap();
         assert!(std::ptr::eq(first.as_str(), again.as_str()), "read again: the same allocation");
         for i in 0..100 {
-            assert_eq!(names.get(&format!("n{i}")), format!("n{i}"));
+            assert_eq!(names.get(format!("n{i}").as_bytes()).unwrap(), format!("n{i}"));
             assert!(names.kept.len() <= KEPT);
         }
         // Pushed out by the others: a new allocation, the same name.
-        assert_eq!(names.get("config"), first);
-        let kept = names.get("n99");
-        assert!(std::ptr::eq(kept.as_str(), names.get("n99").as_str()));
+        assert_eq!(names.get(b"config").unwrap(), first);
+        let kept = names.get(b"n99").unwrap();
+        assert!(std::ptr::eq(kept.as_str(), names.get(b"n99").unwrap().as_str()));
+        // Not UTF-8: no name, and nothing kept.
+        let before = names.kept.len();
+        assert!(names.get(b"\xff\xfe").is_none());
+        assert_eq!(names.kept.len(), before);
     }
 }
