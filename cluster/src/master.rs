@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
-use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource};
+use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource, error_chain};
 use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -68,7 +68,10 @@ const INPUT_BURST: usize = 256;
 #[derive(Debug)]
 pub(crate) enum Input {
     FromChild(ProcKey, FromChild),
+    /// The child sent bytes that are not an IPC message (the error, with its causes).
     BadFrame(ProcKey, String),
+    /// Reading from the child failed (it died with bytes unread, most often): as `Eof`, with why.
+    ReadFailed(ProcKey, String),
     Eof(ProcKey),
     Exited(ProcKey, Option<ExitStatus>),
     Timer(Timer),
@@ -540,6 +543,12 @@ impl Master {
                 if let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) {
                     tracing::error!(pid = proc.pid, error, "bad frame from a child; killing it");
                     proc.kill();
+                }
+            }
+            Input::ReadFailed(key, error) => {
+                if let Some(proc) = self.proc(key) {
+                    tracing::warn!(pid = proc.pid, error, "reading from a child failed; it is gone or going");
+                    self.after(EOF_KILL_AFTER, Timer::EofKill(key));
                 }
             }
             Input::Eof(key) => {
@@ -1132,7 +1141,11 @@ async fn read_from_child(rd: UnixReadHalf, key: ProcKey, tx: mpsc::Sender<Input>
         let input = match reader.next().await {
             Some(Ok(msg)) => Input::FromChild(key, msg),
             Some(Err(e)) => {
-                let _ = tx.send(Input::BadFrame(key, e.to_string())).await;
+                let input = match e {
+                    CodecError::Io(_) => Input::ReadFailed(key, error_chain(&e)),
+                    _ => Input::BadFrame(key, error_chain(&e)),
+                };
+                let _ = tx.send(input).await;
                 return;
             }
             None => {
@@ -1170,7 +1183,44 @@ async fn wait_for_child(mut child: Child, kill: oneshot::Receiver<()>, key: Proc
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
+
+    const TEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// What `read_from_child` reports for the bytes a child end writes and then how it goes away.
+    async fn read_outcome(written: &[u8], child_reads_nothing_sent: bool) -> Input {
+        let (master, mut child) = tokio::net::UnixStream::pair().unwrap();
+        let (rd, mut wr) = tandem_protocol::unix::split(master).unwrap();
+        child.write_all(written).await.unwrap();
+        if child_reads_nothing_sent {
+            // Bytes the child never read: closing its end resets the connection.
+            wr.write_all(b"unread").await.unwrap();
+        }
+        drop(child);
+        let key = ProcKey { slot: SlotId::Agent, generation: 1 };
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::time::timeout(TEST_TIMEOUT, read_from_child(rd, key, tx)).await.unwrap();
+        rx.recv().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_child_gone_with_bytes_unread_is_a_read_failure_with_its_cause_not_a_bad_frame() {
+        match read_outcome(b"", true).await {
+            Input::ReadFailed(_, error) => assert!(error.contains("connection I/O failed: "), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(read_outcome(b"", false).await, Input::Eof(_)));
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_no_ipc_message_are_a_bad_frame_with_the_decoder_s_reason() {
+        match read_outcome(b"\x00\x00\x00\x01\xc1", false).await {
+            Input::BadFrame(_, error) => assert!(error.starts_with("malformed frame body: "), "{error}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn child_env_refuses_what_a_child_cannot_carry_or_the_cluster_sets() {
