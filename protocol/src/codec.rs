@@ -68,8 +68,9 @@ pub struct Codec<D> {
 /// alive keeps its chunk alive, so it holds at most 4 KiB. Those over 512
 /// bytes, and the payloads of calls and answers, get their own allocation.
 /// The channel names of calls and events are shared too: the codec keeps the
-/// last 8 different names it read, and a frame naming one of them gets a
-/// clone of it ([`ChannelName`](crate::ChannelName)), not a new string.
+/// last 8 different names of up to 128 bytes it read, and a frame naming one
+/// of them gets a clone of it ([`ChannelName`](crate::ChannelName)), not a
+/// new string.
 #[derive(Debug, Clone, Default)]
 pub struct FrameCodec(Codec<Frame>, Arena);
 

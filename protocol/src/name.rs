@@ -192,8 +192,12 @@ impl<'de> Deserialize<'de> for ChannelName {
 
 /// How many names a decoder keeps: a connection uses a few channels, and a
 /// peer sending many different names only costs an allocation per frame, as
-/// without the list.
+/// without the list. A connection holds at most `KEPT` × [`KEPT_LEN`] bytes of names.
 pub(crate) const KEPT: usize = 8;
+
+/// The longest name a decoder keeps: channel names are short, and a peer
+/// sending long ones must not make a connection hold [`KEPT`] of them.
+pub(crate) const KEPT_LEN: usize = 128;
 
 /// The names a decoder has read lately: the same name read again is a clone.
 #[derive(Debug, Default)]
@@ -212,6 +216,9 @@ impl Names {
             return Some(kept.clone());
         }
         let new = ChannelName::from(std::str::from_utf8(bytes).ok()?);
+        if bytes.len() > KEPT_LEN {
+            return Some(new);
+        }
         if self.kept.len() < KEPT {
             self.kept.push(new.clone());
         } else {
@@ -268,6 +275,11 @@ mod tests {
         assert_eq!(names.get(b"config").unwrap(), first);
         let kept = names.get(b"n99").unwrap();
         assert!(std::ptr::eq(kept.as_str(), names.get(b"n99").unwrap().as_str()));
+        // Too long to keep: read, not kept.
+        let long = "l".repeat(KEPT_LEN + 1);
+        let kept_before: Vec<ChannelName> = names.kept.clone();
+        assert_eq!(names.get(long.as_bytes()).unwrap(), long);
+        assert_eq!(names.kept, kept_before);
         // Not UTF-8: no name, and nothing kept.
         let before = names.kept.len();
         assert!(names.get(b"\xff\xfe").is_none());
