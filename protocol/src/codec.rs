@@ -67,10 +67,10 @@ pub struct Codec<D> {
 /// 4 KiB chunks (a copy and a reference count each, no allocation); one kept
 /// alive keeps its chunk alive, so it holds at most 4 KiB. Those over 512
 /// bytes, and the payloads of calls and answers, get their own allocation.
-/// The channel names of calls and events are shared too: the codec keeps the
-/// last 8 different names of up to 128 bytes it read, and a frame naming one
-/// of them gets a clone of it ([`ChannelName`](crate::ChannelName)), not a
-/// new string.
+/// The channel names of calls and events are shared too: the codec keeps up
+/// to 8 names of up to 128 bytes (a new one replaces the one kept longest),
+/// and a frame naming one of them gets a clone of it
+/// ([`ChannelName`](crate::ChannelName)), not a new string.
 #[derive(Debug, Clone, Default)]
 pub struct FrameCodec(Codec<Frame>, Arena);
 

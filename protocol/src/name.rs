@@ -184,6 +184,14 @@ impl<'de> Deserialize<'de> for ChannelName {
             fn visit_str<E: de::Error>(self, name: &str) -> Result<ChannelName, E> {
                 Ok(ChannelName::from(name))
             }
+
+            /// As `String` reads them: MessagePack `bin` holding UTF-8 is a name too.
+            fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<ChannelName, E> {
+                match std::str::from_utf8(bytes) {
+                    Ok(name) => Ok(ChannelName::from(name)),
+                    Err(_) => Err(E::invalid_value(de::Unexpected::Bytes(bytes), &self)),
+                }
+            }
         }
 
         deserializer.deserialize_str(NameVisitor)
@@ -199,7 +207,8 @@ pub(crate) const KEPT: usize = 8;
 /// sending long ones must not make a connection hold [`KEPT`] of them.
 pub(crate) const KEPT_LEN: usize = 128;
 
-/// The names a decoder has read lately: the same name read again is a clone.
+/// Names a decoder has read: the same name read again is a clone. Once
+/// [`KEPT`] are kept, a new one replaces the one kept longest.
 #[derive(Debug, Default)]
 pub(crate) struct Names {
     kept: Vec<ChannelName>,
@@ -259,6 +268,13 @@ mod tests {
         assert_eq!(back, name);
         let refused = rmp_serde::from_slice::<ChannelName>(&rmp_serde::to_vec(&7u8).unwrap()).unwrap_err();
         assert!(refused.to_string().contains("channel name"), "{refused}");
+        // Read as leniently as a `String` is: `bin` holding UTF-8, and only that.
+        let bin = [0xc4, 3, b'a', b'b', b'c'];
+        assert_eq!(rmp_serde::from_slice::<String>(&bin).unwrap(), "abc");
+        assert_eq!(rmp_serde::from_slice::<ChannelName>(&bin).unwrap(), "abc");
+        let not_utf8 = [0xc4, 2, 0xff, 0xfe];
+        assert!(rmp_serde::from_slice::<String>(&not_utf8).is_err());
+        assert!(rmp_serde::from_slice::<ChannelName>(&not_utf8).is_err());
     }
 
     #[test]
@@ -272,7 +288,9 @@ mod tests {
             assert!(names.kept.len() <= KEPT);
         }
         // Pushed out by the others: a new allocation, the same name.
-        assert_eq!(names.get(b"config").unwrap(), first);
+        let read_again = names.get(b"config").unwrap();
+        assert_eq!(read_again, first);
+        assert!(!std::ptr::eq(read_again.as_str(), first.as_str()));
         let kept = names.get(b"n99").unwrap();
         assert!(std::ptr::eq(kept.as_str(), names.get(b"n99").unwrap().as_str()));
         // Too long to keep: read, not kept.

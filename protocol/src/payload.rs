@@ -23,8 +23,9 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, RemoteError> {
 }
 
 /// Payloads up to this many bytes are written on the stack, then copied out
-/// at their exact length: one allocation. A buffer with room to spare costs
-/// two, as `Bytes` adds its shared counter to it when frozen.
+/// at their exact length: one allocation, and a second (`Bytes`' shared
+/// counter) only if the payload is ever cloned. A buffer with room to spare
+/// costs both at once, as `Bytes` adds the counter to it when frozen.
 const STACK: usize = 256;
 
 /// A writer that keeps the first [`STACK`] bytes on the stack and moves to
@@ -60,7 +61,8 @@ impl io::Write for Spill {
             self.head[self.len..end].copy_from_slice(buf);
             self.len = end;
         } else {
-            let mut rest = BytesMut::with_capacity((2 * end).max(4 * STACK));
+            // What is known so far; later writes grow it as a `Vec` grows.
+            let mut rest = BytesMut::with_capacity(end.max(2 * STACK));
             rest.extend_from_slice(&self.head[..self.len]);
             rest.extend_from_slice(buf);
             self.rest = Some(rest);
