@@ -70,9 +70,9 @@ pub(crate) enum Input {
     FromChild(ProcKey, FromChild),
     /// The child sent bytes that are not an IPC message (the error, with its causes).
     BadFrame(ProcKey, String),
-    /// Reading from the child failed (it died with bytes unread, most often): as `Eof`, with why.
-    ReadFailed(ProcKey, String),
-    Eof(ProcKey),
+    /// The child's end of the channel closed; with why when reading failed
+    /// (it died with bytes unread, most often) rather than at a clean EOF.
+    Eof(ProcKey, Option<String>),
     Exited(ProcKey, Option<ExitStatus>),
     Timer(Timer),
     HookFailed(BoxError),
@@ -545,14 +545,11 @@ impl Master {
                     proc.kill();
                 }
             }
-            Input::ReadFailed(key, error) => {
+            Input::Eof(key, failure) => {
                 if let Some(proc) = self.proc(key) {
-                    tracing::warn!(pid = proc.pid, error, "reading from a child failed; it is gone or going");
-                    self.after(EOF_KILL_AFTER, Timer::EofKill(key));
-                }
-            }
-            Input::Eof(key) => {
-                if self.proc(key).is_some() {
+                    if let Some(error) = failure {
+                        tracing::warn!(pid = proc.pid, error, "reading from a child failed; it is gone or going");
+                    }
                     self.after(EOF_KILL_AFTER, Timer::EofKill(key));
                 }
             }
@@ -1142,14 +1139,14 @@ async fn read_from_child(rd: UnixReadHalf, key: ProcKey, tx: mpsc::Sender<Input>
             Some(Ok(msg)) => Input::FromChild(key, msg),
             Some(Err(e)) => {
                 let input = match e {
-                    CodecError::Io(_) => Input::ReadFailed(key, error_chain(&e)),
+                    CodecError::Io(_) => Input::Eof(key, Some(error_chain(&e))),
                     _ => Input::BadFrame(key, error_chain(&e)),
                 };
                 let _ = tx.send(input).await;
                 return;
             }
             None => {
-                let _ = tx.send(Input::Eof(key)).await;
+                let _ = tx.send(Input::Eof(key, None)).await;
                 return;
             }
         };
@@ -1208,10 +1205,10 @@ mod tests {
     #[tokio::test]
     async fn a_child_gone_with_bytes_unread_is_a_read_failure_with_its_cause_not_a_bad_frame() {
         match read_outcome(b"", true).await {
-            Input::ReadFailed(_, error) => assert!(error.contains("connection I/O failed: "), "{error}"),
+            Input::Eof(_, Some(error)) => assert!(error.contains("connection I/O failed: "), "{error}"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(read_outcome(b"", false).await, Input::Eof(_)));
+        assert!(matches!(read_outcome(b"", false).await, Input::Eof(_, None)));
     }
 
     #[tokio::test]
