@@ -104,3 +104,82 @@ async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
     .await
     .expect("test timed out")
 }
+
+/// Issue 23: a leader that hangs (SIGSTOP) keeps its lock, so its followers
+/// take its place after their `peer_timeout` (5 s by default, plus a
+/// heartbeat). Resumed, the old leader is fenced: it serves nothing more at
+/// its epoch (not even to its own process, whose watch event arrived while it
+/// was stopped), drops its upstream connection and follows the new leader.
+#[tokio::test]
+async fn a_hung_leader_is_replaced_and_resumed_never_serves_at_its_epoch() {
+    tokio::time::timeout(TIMEOUT, async {
+        let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
+        let addr = server.local_addr().to_string();
+        let admin = Client::connect(addr.as_str()).await.unwrap();
+        let dir = private_dir();
+        let run_dir = dir.path().join("run");
+        let run_dir = run_dir.to_str().unwrap();
+        let bin = example("standalone");
+        let args = ["--name", "hung", "--dir", run_dir, "--registry", &addr, "--subscribe", "k", "--write-every", "0"];
+        let mut procs: Vec<Proc> = (0..3).map(|_| Proc::spawn(&bin, &args)).collect();
+        let mut leader_at = None;
+        for (i, proc) in procs.iter_mut().enumerate() {
+            let line = proc.expect_line(LINE, |l| field(l, "role").is_some() && field(l, "key").is_none()).await;
+            assert_eq!(field(&line, "epoch"), Some("1"));
+            if field(&line, "role") == Some("leader") {
+                leader_at = Some(i);
+            }
+        }
+        admin.put("k", "v1").await.unwrap();
+        for proc in &mut procs {
+            proc.expect_line(LINE, is_value("v1")).await;
+        }
+
+        // Stop the leader; a change arrives while it cannot run (its watch event waits in its socket).
+        let mut old = procs.remove(leader_at.expect("one leader"));
+        old.signal(nix::sys::signal::Signal::SIGSTOP);
+        admin.put("k", "v2").await.unwrap();
+        let stopped_at = std::time::Instant::now();
+        let mut new_leaders = 0;
+        for proc in &mut procs {
+            let line = proc
+                .expect_line(Duration::from_secs(12), |l| field(l, "epoch") == Some("2") && field(l, "key").is_none())
+                .await;
+            new_leaders += usize::from(field(&line, "role") == Some("leader"));
+        }
+        assert_eq!(new_leaders, 1, "exactly one follower took the hung leader's place");
+        let replaced_in = stopped_at.elapsed();
+        for proc in &mut procs {
+            let line = proc.expect_line(LINE, is_value("v2")).await;
+            assert_eq!(field(&line, "epoch"), Some("2"), "{line}");
+        }
+
+        // Resume it: it must step down before serving anything at epoch 1.
+        old.drain();
+        let resumed_from = old.seen.len();
+        old.signal(nix::sys::signal::Signal::SIGCONT);
+        let line = old.expect_line(LINE, |l| field(l, "epoch") == Some("2") && field(l, "key").is_none()).await;
+        assert_eq!(field(&line, "role"), Some("follower"), "{line}");
+        // Its upstream connection is gone: one connection (the new leader's) per host again.
+        poll_until(LINE, "one registry connection", || async {
+            admin.stats().await.map(|s| s.connections == 1 && s.watches == 1).unwrap_or(false)
+        })
+        .await;
+        admin.put("k", "v3").await.unwrap();
+        procs.push(old);
+        for proc in &mut procs {
+            let line = proc.expect_line(LINE, is_value("v3")).await;
+            assert_eq!(field(&line, "epoch"), Some("2"), "{line}");
+        }
+        let old = procs.last().unwrap();
+        let served_after_resume: Vec<&String> =
+            old.seen[resumed_from..].iter().filter(|l| field(l, "epoch") == Some("1")).collect();
+        assert!(served_after_resume.is_empty(), "served at the old epoch after resuming: {served_after_resume:#?}");
+        for proc in &procs {
+            assert_in_order(proc);
+        }
+        eprintln!("hung leader replaced in {replaced_in:?}");
+    })
+    .await
+    .expect("test timed out")
+}

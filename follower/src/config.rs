@@ -19,8 +19,11 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// How long the leader may take to answer `Hello`. The default is 5 seconds.
     pub handshake_timeout: Duration,
-    /// A leader that sends nothing (not even a ping) for this long is given up
-    /// for dead and the follower reconnects. The default is 15 seconds.
+    /// A leader that sends nothing (not even a ping: it sends one every
+    /// heartbeat, 1 second by default) for this long is given up for hung and
+    /// the follower reconnects; in standalone mode, a follower then takes the
+    /// hung leader's place. Also how long a write to the leader may make no
+    /// progress. The default is 5 seconds.
     pub peer_timeout: Duration,
     /// The secret to present in `Hello`, when the leader requires one. The default is none.
     pub token: Option<String>,
@@ -39,7 +42,7 @@ impl Default for Config {
             reconnect_initial: Duration::from_millis(1),
             reconnect_max: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(5),
-            peer_timeout: Duration::from_secs(15),
+            peer_timeout: Duration::from_secs(5),
             token: None,
             command_queue: 1024,
             subscription_buffer: 256,

@@ -38,6 +38,17 @@ pub trait Connector: Send + 'static {
     fn new_leader(&mut self) -> impl Future<Output = ()> + Send {
         std::future::pending()
     }
+
+    /// The leader reached by the last [`connect`](Self::connect) stopped
+    /// answering: nothing arrived from it for `peer_timeout` (a ping is sent
+    /// every heartbeat), it took no bytes for as long, or it sent no `Welcome`
+    /// within `handshake_timeout`. `epoch` is the one its `Welcome` announced
+    /// (`None` when it sent none). The driver reconnects next; a connector that
+    /// can elect (the standalone election) may take the hung leader's place.
+    /// The default does nothing.
+    fn unresponsive(&mut self, epoch: Option<u64>) {
+        let _ = epoch;
+    }
 }
 
 /// Connects to a leader's Unix socket.

@@ -170,6 +170,8 @@ enum ConnectError {
     Rejected(RemoteError),
     #[error("handshake failed: {0}")]
     Handshake(String),
+    #[error("handshake failed: no Welcome within {} ms", .0.as_millis())]
+    NoWelcome(Duration),
 }
 
 /// The task that owns the connection. Spawn [`Driver::run`] (or use
@@ -294,7 +296,11 @@ impl<C: Connector> Driver<C> {
                     backoff.reset();
                     unreachable_since = None;
                     last_rejection = None;
+                    let epoch = welcome.epoch;
                     let reason = self.connected(connected, welcome, named).await;
+                    if reason.is_unresponsive() {
+                        self.connector.unresponsive(Some(epoch));
+                    }
                     self.core.lost(&reason);
                     continue;
                 }
@@ -330,6 +336,9 @@ impl<C: Connector> Driver<C> {
                     break;
                 }
                 Err(error) => {
+                    if matches!(error, ConnectError::NoWelcome(_)) {
+                        self.connector.unresponsive(None);
+                    }
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if !warned_unreachable && since.elapsed() >= UNREACHABLE_WARN_AFTER {
                         warned_unreachable = true;
@@ -550,6 +559,14 @@ pub(crate) enum LinkEnd {
     Closed,
 }
 
+impl LinkEnd {
+    /// The leader stopped answering (silent, or taking no bytes), as opposed
+    /// to closing or misbehaving.
+    fn is_unresponsive(&self) -> bool {
+        matches!(self, LinkEnd::Silent(_) | LinkEnd::Write(WriteFailed::Stalled(_)))
+    }
+}
+
 /// Answers commands offline until `until` resolves, the handles are gone or the
 /// connection is closed.
 async fn idle_until(
@@ -598,7 +615,7 @@ async fn connect<C: Connector>(
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(welcome)) => Ok((connected, welcome)),
         Ok(Err(error)) => Err(error),
-        Err(_) => Err(ConnectError::Handshake(format!("no Welcome within {} ms", timeout.as_millis()))),
+        Err(_) => Err(ConnectError::NoWelcome(timeout)),
     }
 }
 

@@ -12,6 +12,20 @@
 //! stale lock after a crash. The epoch is stored in `<dir>/<name>.epoch` and
 //! bumped by each new leader, so epochs strictly increase across leaders.
 //!
+//! A leader that hangs (`SIGSTOP`, a frozen VM, a blocked runtime) keeps its
+//! lock, so its followers take its place instead of waiting for the lock:
+//!
+//! ```text
+//! B: no frame from the leader (epoch E) for peer_timeout, or no Welcome within handshake_timeout
+//! B: flock(name.takeover) -> name.epoch still E? -> new lock file, flock it, rename over name.lock
+//!    -> epoch E + 1 -> Leader binds a new name.sock -> name.epoch = E + 1
+//! A (resumed): name.lock is not the file it locked -> fenced: serves nothing more at E,
+//!    drops its upstream connection, then follows B like any other process
+//! ```
+//!
+//! Every lock taken is checked to still be the file at `<name>.lock` (a
+//! process that opened the replaced file cannot win with it).
+//!
 //! Mistakes that no retry can fix end the election at once with a
 //! [`StartupError`] (the driver fails every call with it and stops): a name
 //! that cannot name a file, a socket path over the Unix limit, a directory that
@@ -113,6 +127,14 @@ struct Elected {
     _lock: Flock<File>,
 }
 
+/// A file's identity: (device, inode).
+type FileId = (u64, u64);
+
+/// The identity of the file `path` names now (not following a symlink).
+fn file_id(path: &Path) -> io::Result<FileId> {
+    std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
+}
+
 /// A [`Connector`] that elects a leader among the processes sharing `name` and `dir`.
 ///
 /// `setup` adds the channels (and their upstream factories) to the leader this
@@ -129,6 +151,9 @@ pub struct Standalone {
     validated: bool,
     /// The leader this process last followed: its pid and the stored epoch when it connected.
     followed: Option<(Option<i32>, u64)>,
+    /// The leader this process gave up for hung (pid, stored epoch): if it
+    /// still holds the lock at that epoch, this process takes its place.
+    hung: Option<(Option<i32>, u64)>,
 }
 
 impl std::fmt::Debug for Standalone {
@@ -160,6 +185,7 @@ impl Standalone {
             elected: None,
             validated: false,
             followed: None,
+            hung: None,
         }
     }
 
@@ -208,27 +234,100 @@ impl Standalone {
         Ok(())
     }
 
-    fn try_lock(&self) -> Result<Option<Flock<File>>, StartupError> {
-        let path = self.dir.join(format!("{}.lock", self.name));
+    fn lock_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.lock", self.name))
+    }
+
+    /// Takes the election lock if it is free. A lock taken on a file that a
+    /// takeover has since replaced is worth nothing: it is let go, and the
+    /// file now at the path is tried instead.
+    fn try_lock(&self) -> Result<Option<(Flock<File>, FileId)>, StartupError> {
+        let path = self.lock_path();
+        let io = |source| StartupError::Io { path: path.clone(), source };
+        for _ in 0..3 {
+            let file =
+                OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+            let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => lock,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+                Err((_, errno)) => return Err(io(io::Error::from(errno))),
+            };
+            let locked = lock.metadata().map(|m| (m.dev(), m.ino())).map_err(io)?;
+            match file_id(&path) {
+                Ok(now) if now == locked => return Ok(Some((lock, locked))),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        // Replaced three times while we looked: someone is taking over; not us.
+        Ok(None)
+    }
+
+    /// Takes the place of the leader at `epoch`, which holds the lock but was
+    /// given up for hung: a new lock file (locked first) replaces the old one,
+    /// so the old leader's fence sees the file it locked is gone. `None` when
+    /// that leader is no longer the one to replace (another process took over,
+    /// or it exited and the lock is simply free: the caller elects as usual).
+    ///
+    /// The third item is the takeover lock: hold it until the new epoch is
+    /// stored, so the next process to get it sees the epoch moved on.
+    fn take_over(&self, epoch: u64) -> io::Result<Option<(Flock<File>, FileId, Flock<File>)>> {
+        let path = self.dir.join(format!("{}.takeover", self.name));
+        // Plain I/O errors, retried by the driver (with a WARN if they last).
+        let io = |path: &Path, source: io::Error| io::Error::new(source.kind(), format!("{}: {source}", path.display()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|source| StartupError::Io { path: path.clone(), source })?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(Some(lock)),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-            Err((_, errno)) => Err(StartupError::Io { path, source: io::Error::from(errno) }),
+            .map_err(|e| io(&path, e))?;
+        // One process at a time; the others find the epoch moved on when they get it.
+        let turn = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(turn) => turn,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                // Its socket may not be there yet: retry soon rather than reach the hung one.
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "another process is taking the hung leader's place"));
+            }
+            Err((_, errno)) => return Err(io(&path, io::Error::from(errno))),
+        };
+        if self.stored_epoch() != epoch {
+            return Ok(None);
         }
+        let lock_path = self.lock_path();
+        let fresh = self.dir.join(format!("{}.lock.{}", self.name, std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&fresh)
+            .map_err(|e| io(&fresh, e))?;
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, errno)) => {
+                let _ = std::fs::remove_file(&fresh);
+                return Err(io(&fresh, io::Error::from(errno)));
+            }
+        };
+        let id = lock.metadata().map(|m| (m.dev(), m.ino())).map_err(|e| io(&fresh, e))?;
+        if let Err(e) = std::fs::rename(&fresh, &lock_path) {
+            let _ = std::fs::remove_file(&fresh);
+            return Err(io(&lock_path, e));
+        }
+        Ok(Some((lock, id, turn)))
     }
 
-    async fn become_leader(&mut self, lock: Flock<File>) -> Result<Leader, StartupError> {
+    async fn become_leader(&mut self, lock: Flock<File>, lock_id: FileId) -> Result<Leader, StartupError> {
         let epoch_file = self.dir.join(format!("{}.epoch", self.name));
         let epoch_error = |source| StartupError::Io { path: epoch_file.clone(), source };
         let epoch = read_epoch(&epoch_file).map_err(epoch_error)? + 1;
-        let builder = Leader::builder().epoch(epoch).token(self.token.clone()).config(self.config.clone());
+        let builder = Leader::builder()
+            .epoch(epoch)
+            .token(self.token.clone())
+            .config(self.config.clone())
+            .fence(still_leader(self.lock_path(), lock_id, epoch_file.clone(), epoch));
         let leader = (self.setup)(builder).start();
         let socket = self.socket_path();
         if let Err(source) = leader.bind_unix(&socket) {
@@ -243,6 +342,7 @@ impl Standalone {
         }
         tracing::info!(epoch, name = %self.name, "won the election: this process is the leader");
         self.elected = Some(Elected { leader: leader.clone(), _lock: lock });
+        self.hung = None;
         Ok(leader)
     }
 
@@ -259,6 +359,25 @@ impl Standalone {
     }
 }
 
+/// The fence of the leader elected at `epoch` with the lock file `lock_id`:
+/// it still holds its place while `<name>.lock` is that file and no later
+/// epoch was stored. A lock file that is gone counts as lost (the directory
+/// was cleaned up under a live leader); an error reading it does not.
+fn still_leader(
+    lock_path: PathBuf,
+    lock_id: FileId,
+    epoch_file: PathBuf,
+    epoch: u64,
+) -> impl Fn() -> bool + Send + Sync {
+    move || {
+        let lock_held = match file_id(&lock_path) {
+            Ok(id) => id == lock_id,
+            Err(e) => e.kind() != io::ErrorKind::NotFound,
+        };
+        lock_held && read_epoch(&epoch_file).map_or(true, |stored| stored <= epoch)
+    }
+}
+
 /// The stored epoch (0 when none was stored yet).
 fn read_epoch(path: &Path) -> io::Result<u64> {
     let text = match std::fs::read_to_string(path) {
@@ -272,9 +391,10 @@ fn read_epoch(path: &Path) -> io::Result<u64> {
     text.trim().parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
 }
 
-/// Stores `epoch` atomically (write, fsync, rename).
+/// Stores `epoch` atomically (write, fsync, rename; the temporary file is this
+/// process's own).
 fn store_epoch(path: &Path, epoch: u64) -> io::Result<()> {
-    let tmp = path.with_extension("epoch.tmp");
+    let tmp = path.with_extension(format!("epoch.{}.tmp", std::process::id()));
     let mut file = File::create(&tmp)?;
     writeln!(file, "{epoch}")?;
     file.sync_all()?;
@@ -284,13 +404,36 @@ fn store_epoch(path: &Path, epoch: u64) -> io::Result<()> {
 impl Connector for Standalone {
     async fn connect(&mut self) -> io::Result<Connected> {
         if let Some(elected) = &self.elected {
-            return Ok(Connected { link: elected.leader.connect_local(), is_leader: true });
+            if !elected.leader.is_fenced() {
+                return Ok(Connected { link: elected.leader.connect_local(), is_leader: true });
+            }
+            // Replaced while it could not run: let its lock go and follow the new leader.
+            tracing::warn!(epoch = elected.leader.epoch(), name = %self.name, "this process's leader was replaced; following the new one");
+            if let Some(elected) = self.elected.take() {
+                elected.leader.shutdown().await;
+            }
         }
         self.validate().map_err(StartupError::into_io)?;
         if self.role != Role::FollowerOnly {
-            match self.try_lock().map_err(StartupError::into_io)? {
-                Some(lock) => {
-                    let leader = self.become_leader(lock).await.map_err(StartupError::into_io)?;
+            let mut won = self.try_lock().map_err(StartupError::into_io)?;
+            // Held until the new epoch is stored (dropped at the end of this block).
+            let mut _turn = None;
+            if won.is_none()
+                && let Some((pid, epoch)) = self.hung
+                && let Some((lock, id, turn)) = self.take_over(epoch)?
+            {
+                tracing::warn!(
+                    leader.pid = pid,
+                    epoch,
+                    name = %self.name,
+                    "the leader stopped answering but holds the lock; this process takes its place"
+                );
+                won = Some((lock, id));
+                _turn = Some(turn);
+            }
+            match won {
+                Some((lock, id)) => {
+                    let leader = self.become_leader(lock, id).await.map_err(StartupError::into_io)?;
                     return Ok(Connected { link: leader.connect_local(), is_leader: true });
                 }
                 None if self.role == Role::LeaderOnly => {
@@ -307,6 +450,17 @@ impl Connector for Standalone {
         self.followed = Some((pid, self.stored_epoch()));
         let (read, write) = tandem_protocol::unix::split(stream)?;
         Ok(Connected::remote(tandem_protocol::Link::from_io(read, write, FrameCodec::new())))
+    }
+
+    /// The leader followed last stopped answering: the next connect takes its
+    /// place if it still holds the lock at the same epoch (the one it sent in
+    /// its `Welcome`; else the one stored when this process connected).
+    fn unresponsive(&mut self, epoch: Option<u64>) {
+        if self.elected.is_none()
+            && let Some((pid, stored)) = self.followed
+        {
+            self.hung = Some((pid, epoch.unwrap_or(stored)));
+        }
     }
 
     /// A different leader may be there once the lock is free (the rejecting
@@ -395,6 +549,59 @@ mod tests {
         let file = base.path().join("file");
         std::fs::write(&file, b"").unwrap();
         assert!(matches!(ensure_private_dir(&file), Err(StartupError::NotADirectory { .. })));
+    }
+
+    fn standalone(dir: &Path) -> Standalone {
+        Standalone::new("app", dir, |builder| builder)
+    }
+
+    #[test]
+    fn a_takeover_replaces_the_lock_file_and_fences_the_hung_leader() {
+        let base = private_base();
+        let dir = base.path();
+        let (a, b, c) = (standalone(dir), standalone(dir), standalone(dir));
+        let (a_lock, a_id) = a.try_lock().unwrap().expect("the lock is free");
+        store_epoch(&dir.join("app.epoch"), 1).unwrap();
+        let a_holds = still_leader(a.lock_path(), a_id, dir.join("app.epoch"), 1);
+        assert!(a_holds());
+        assert!(b.try_lock().unwrap().is_none(), "held by a");
+
+        // b gave a up for hung at epoch 1: it takes the place, a new lock file in the old one's.
+        assert!(b.take_over(0).unwrap().is_none(), "not at the epoch b saw: someone else took over already");
+        let (b_lock, b_id, b_turn) = b.take_over(1).unwrap().expect("b takes a's place");
+        assert_eq!(c.take_over(1).unwrap_err().kind(), io::ErrorKind::WouldBlock, "one takeover at a time");
+        drop(b_turn);
+        assert_ne!(a_id, b_id);
+        assert!(!a_holds(), "a's lock file is gone from the path: a is fenced");
+        assert!(c.take_over(1).unwrap().is_some_and(|(_, id, _)| id != b_id), "a second takeover at the same epoch...");
+        // ...is what the takeover lock and the stored epoch prevent in practice: the new leader stores epoch 2.
+        store_epoch(&dir.join("app.epoch"), 2).unwrap();
+        assert!(c.take_over(1).unwrap().is_none(), "the epoch moved on: nothing to take over");
+
+        // a exiting frees only the file it locked: nobody can win with it.
+        drop(a_lock);
+        drop(b_lock);
+        let (_c_lock, c_id) = c.try_lock().unwrap().expect("every holder of the current file is gone");
+        assert_eq!(file_id(&c.lock_path()).unwrap(), c_id);
+        assert!(a.try_lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_later_epoch_or_a_removed_lock_file_fences_too() {
+        let base = private_base();
+        let dir = base.path();
+        let a = standalone(dir);
+        let (_lock, id) = a.try_lock().unwrap().unwrap();
+        let epoch_file = dir.join("app.epoch");
+        store_epoch(&epoch_file, 4).unwrap();
+        let holds = still_leader(a.lock_path(), id, epoch_file.clone(), 4);
+        assert!(holds());
+        store_epoch(&epoch_file, 5).unwrap();
+        assert!(!holds(), "a later leader stored its epoch");
+        store_epoch(&epoch_file, 4).unwrap();
+        assert!(holds());
+        std::fs::remove_file(a.lock_path()).unwrap();
+        assert!(!holds(), "the lock file was removed under the leader");
     }
 
     #[test]

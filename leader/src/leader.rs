@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::admission::{Admission, Handshakes};
 use crate::cache::Cache;
 use crate::channel::{BoxFuture, Channel, ErasedUpstream, Typed};
+use crate::fence::Fence;
 use crate::hub::HubContext;
 use crate::session::{self, PeerInfo};
 use crate::{ChannelStats, Config, Error, Stats, Upstream};
@@ -43,7 +44,13 @@ pub(crate) struct Shared {
     /// The followers connected now, by session.
     pub(crate) peers: std::sync::Mutex<HashMap<u64, crate::FollowerStats>>,
     pub(crate) call_latency: crate::latency::CallLatency,
+    /// Set when another process may replace this leader (standalone mode):
+    /// nothing is served once it says the place is lost.
+    pub(crate) fence: Option<Arc<Fence>>,
 }
+
+/// Checks whether a leader still holds its place: see [`LeaderBuilder::fence`].
+type StillLeader = Box<dyn Fn() -> bool + Send + Sync>;
 
 type Built = BoxFuture<Result<Arc<dyn ErasedUpstream>, RemoteError>>;
 
@@ -63,6 +70,7 @@ pub struct LeaderBuilder {
     token: Option<String>,
     cache: Option<Cache>,
     channels: Vec<(String, Factory)>,
+    still_leader: Option<StillLeader>,
 }
 
 impl std::fmt::Debug for LeaderBuilder {
@@ -91,6 +99,23 @@ impl LeaderBuilder {
     /// party and in-process handles are exempt). The default is none.
     pub fn token(mut self, token: Option<String>) -> Self {
         self.token = token;
+        self
+    }
+
+    /// Fences the leader: `still_leader` says whether this leader still holds
+    /// its place (its election lock, its epoch). It is called every
+    /// [`FENCE_CHECK_INTERVAL`](crate::FENCE_CHECK_INTERVAL), and before
+    /// anything is read from or written to a follower after this process did
+    /// not run for a while (`SIGSTOP`, a frozen VM). Once it returns `false`,
+    /// the leader stops at once: no frame more goes out at this epoch, every
+    /// session ends, and the upstream clients are dropped (their connections
+    /// close). It must be quick (a `stat` or two) and must not block for long.
+    /// The default is none: the leader serves until it is shut down.
+    ///
+    /// The standalone election sets it; a leader whose process is supervised
+    /// (the cluster's agent, killed when hung) needs none.
+    pub fn fence(mut self, still_leader: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.still_leader = Some(Box::new(still_leader));
         self
     }
 
@@ -177,6 +202,11 @@ impl LeaderBuilder {
             factories.push((channel, factory));
         }
         let handshakes = Handshakes::new(&self.config);
+        let fence = self.still_leader.map(|check| Arc::new(Fence::new(check, cancel.clone())));
+        if let Some(fence) = fence.clone() {
+            let epoch = self.epoch;
+            tracker.spawn(async move { fence.watch(epoch).await });
+        }
         if let Some(cache) = self.cache.clone() {
             // Its own token: the writer flushes what is pending once the leader stops.
             let stop = cancel.clone();
@@ -198,6 +228,7 @@ impl LeaderBuilder {
             conflated: AtomicU64::new(0),
             peers: Default::default(),
             call_latency: Default::default(),
+            fence,
         });
         for (channel, factory) in factories {
             let cancel = shared.cancel.clone();
@@ -234,7 +265,14 @@ impl std::fmt::Debug for Leader {
 impl Leader {
     /// A builder with default settings, epoch 1, no token and no channels.
     pub fn builder() -> LeaderBuilder {
-        LeaderBuilder { config: Config::default(), epoch: 1, token: None, cache: None, channels: Vec::new() }
+        LeaderBuilder {
+            config: Config::default(),
+            epoch: 1,
+            token: None,
+            cache: None,
+            channels: Vec::new(),
+            still_leader: None,
+        }
     }
 
     /// The leader's random id.
@@ -245,6 +283,12 @@ impl Leader {
     /// The leader's epoch.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch
+    }
+
+    /// Whether the leader's [fence](LeaderBuilder::fence) said another process
+    /// took its place: it serves nothing more (it stops as if shut down).
+    pub fn is_fenced(&self) -> bool {
+        self.shared.fence.as_ref().is_some_and(|fence| fence.is_fenced())
     }
 
     /// The current state of a channel's upstream, if the leader serves it.
@@ -273,12 +317,18 @@ impl Leader {
             Err(e) => return Err(bind_error(e)),
         }
         let listener = UnixListener::bind(&path).map_err(bind_error)?;
+        let bound = std::fs::symlink_metadata(&path).map(|m| (m.dev(), m.ino())).map_err(bind_error)?;
         tracing::debug!(path = %path.display(), "leader listening");
         let shared = self.shared.clone();
         let socket = path.clone();
         self.shared.tracker.spawn(async move {
             accept_unix(shared, listener).await;
-            let _ = std::fs::remove_file(&socket);
+            // Only the socket this leader bound: a leader that took over from
+            // this one (fenced) has its own socket at the same path.
+            let ours = std::fs::symlink_metadata(&socket).is_ok_and(|m| (m.dev(), m.ino()) == bound);
+            if ours {
+                let _ = std::fs::remove_file(&socket);
+            }
         });
         Ok(path)
     }

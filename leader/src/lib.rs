@@ -29,6 +29,7 @@ mod cache;
 mod channel;
 mod config;
 mod error;
+mod fence;
 mod health;
 mod hub;
 mod latency;
@@ -49,6 +50,7 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
 pub use cache::Cache;
 pub use config::Config;
 pub use error::Error;
+pub use fence::FENCE_CHECK_INTERVAL;
 pub use health::{Health, health_from};
 pub use latency::LatencyStats;
 pub use leader::{Leader, LeaderBuilder};

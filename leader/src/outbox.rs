@@ -26,6 +26,7 @@ use tandem_protocol::{CodecError, Frame, LinkSink, Refused, SharedFrame, WriteSo
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::fence::Fence;
 use crate::session_end::SessionEnd;
 
 type EventKey = (Arc<str>, Bytes);
@@ -279,11 +280,15 @@ impl Drop for Outbox {
 pub(crate) struct Batches {
     outbox: Arc<Outbox>,
     batch: VecDeque<Outgoing>,
+    /// The leader's fence and epoch, when it has one: each batch is written
+    /// only if the fence admits it (nothing goes out at an epoch another
+    /// leader replaced).
+    fence: Option<(Arc<Fence>, u64)>,
 }
 
 impl Batches {
-    pub(crate) fn new(outbox: Arc<Outbox>) -> Self {
-        Batches { outbox, batch: VecDeque::with_capacity(64) }
+    pub(crate) fn new(outbox: Arc<Outbox>, fence: Option<(Arc<Fence>, u64)>) -> Self {
+        Batches { outbox, batch: VecDeque::with_capacity(64), fence }
     }
 }
 
@@ -295,6 +300,12 @@ impl WriteSource for Batches {
     async fn next(&mut self) -> Option<Outgoing> {
         if self.batch.is_empty() {
             self.outbox.next_batch(&mut self.batch).await.ok()?;
+            if let Some((fence, epoch)) = &self.fence
+                && !fence.admits(*epoch)
+            {
+                self.batch.clear();
+                return None;
+            }
         }
         self.batch.pop_front()
     }

@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::admission::{Admission, HelloTooLong};
 use crate::channel::{BoxFuture, Channel};
+use crate::fence::Fence;
 use crate::hub::SessionId;
 use crate::leader::Shared;
 use crate::outbox::{Batches, Outbox, OutgoingSink};
@@ -127,7 +128,8 @@ impl Session {
             hello.channels.iter().filter_map(|name| Some((name.clone(), shared.channels.get(name)?.clone()))).collect();
         let outbox = Arc::new(Outbox::new(shared.config.max_queued_frames, shared.config.max_queued_events));
         let cancel = shared.cancel.child_token();
-        let writer = write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout);
+        let fence = shared.fence.clone().map(|fence| (fence, shared.epoch));
+        let writer = write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout, fence);
         let mut writer = tokio::spawn(writer.in_current_span());
         for (channel, state) in states {
             shared.tracker.spawn(forward_status(channel, state, outbox.clone(), cancel.clone()));
@@ -180,6 +182,11 @@ impl Session {
                     break reason.unwrap_or_else(|e| SessionEnd::WriterFailed(Arc::new(e)));
                 }
                 frame = link.rx.next() => {
+                    if let Some(fence) = &session.shared.fence
+                        && !fence.admits(session.shared.epoch)
+                    {
+                        break SessionEnd::Fenced;
+                    }
                     last_received = Instant::now();
                     session.burst_at = last_received;
                     let mut ended = session.on_read(frame);
@@ -601,11 +608,16 @@ async fn forward_status(
 }
 
 /// Writes batches from the outbox until it closes or the follower stops reading.
-async fn write_loop(mut tx: LinkSink, outbox: Arc<Outbox>, stall: Duration) -> SessionEnd {
+async fn write_loop(
+    mut tx: LinkSink,
+    outbox: Arc<Outbox>,
+    stall: Duration,
+    fence: Option<(Arc<Fence>, u64)>,
+) -> SessionEnd {
     // The stall bound applies to each step, so a big batch to a reader that
     // is slow but still reading is not mistaken for a stalled one.
     let limits = WriteLimits::default().stall(stall);
-    let mut batches = Batches::new(outbox.clone());
+    let mut batches = Batches::new(outbox.clone(), fence);
     let reason = match tandem_protocol::write_loop(&mut batches, &mut OutgoingSink(&mut tx), limits).await {
         WriteEnd::Finished => {
             let _ = tokio::time::timeout(stall, SinkExt::<Frame>::close(&mut tx)).await;

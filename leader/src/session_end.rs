@@ -33,6 +33,8 @@ pub(crate) enum SessionEnd {
     WriterFailed(Arc<tokio::task::JoinError>),
     /// The leader is shutting down.
     LeaderShuttingDown,
+    /// Another process took this leader's place (its fence said so).
+    Fenced,
     /// No `Hello` arrived within the handshake timeout.
     NoHello(Duration),
     /// The connection closed before its `Hello`.
@@ -67,6 +69,7 @@ impl fmt::Display for SessionEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SessionEnd::FollowerClosed => f.write_str("follower closed the connection"),
+            SessionEnd::Fenced => f.write_str("another process took this leader's place"),
             SessionEnd::FollowerGoodbye(reason) => write!(f, "follower said goodbye: {reason}"),
             SessionEnd::BadFrame(error) => write!(f, "bad frame from follower: {error}"),
             SessionEnd::ProtocolViolation(violation) => write!(f, "protocol violation: {violation}"),
