@@ -42,6 +42,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tandem_protocol::ErrorCode;
 
 use futures::StreamExt;
 use tandem_etcd::{Keys, Registration, Start, WatchEvent};
@@ -53,6 +54,10 @@ use tokio::time::Instant;
 
 use crate::apis::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
 use crate::apis::{ServiceApi, ServiceRequest, ServiceResponse};
+
+/// The code of every error this adapter raises itself (an unreachable or
+/// refusing etcd): match with `RemoteError::has_code(CODE)`.
+pub const CODE: ErrorCode = ErrorCode::named("etcd");
 pub use crate::presence::{Presence, stay_registered};
 
 /// The etcd client crate this adapter wraps (its `Config`, `Client`, ...).
@@ -83,7 +88,7 @@ pub fn remote_error(error: tandem_etcd::Error) -> RemoteError {
         tandem_etcd::Error::Refused(_) => RemoteError::upstream(message),
         _ => RemoteError::internal(message),
     };
-    error.with_code("etcd")
+    error.with_code(CODE)
 }
 
 /// A little before the caller's deadline, so an upstream failure reaches the
@@ -131,7 +136,7 @@ impl EtcdUpstream {
         health_from(self.inner.client.state(), |state| match state {
             tandem_etcd::ConnectionState::Connected { .. } => Some(UpstreamState::Ready),
             tandem_etcd::ConnectionState::Unavailable { reason } => Some(UpstreamState::Down(
-                RemoteError::unavailable(format!("etcd unreachable: {reason}")).with_code("etcd"),
+                RemoteError::unavailable(format!("etcd unreachable: {reason}")).with_code(CODE),
             )),
             _ => None,
         })

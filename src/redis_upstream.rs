@@ -6,6 +6,7 @@
 //! again. Health: `Down` while disconnected (retried, backoff up to 2 s; the pub/sub link is PINGed), then `Ready`.
 
 use std::{collections::HashMap, future::ready, time::Duration};
+use tandem_protocol::ErrorCode;
 
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -16,11 +17,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::apis::{ConfigApi, ConfigRequest, ConfigResponse, ConfigValue};
 
+/// The code of every error this adapter raises itself (an unreachable or
+/// refusing Redis): match with `RemoteError::has_code(CODE)`.
+pub const CODE: ErrorCode = ErrorCode::named("redis");
+
 /// The Redis client crate this adapter wraps.
 pub use redis;
 
 /// The code of the error that says keyspace notifications are off and cannot be turned on.
-pub const NOTIFICATIONS_OFF: &str = "redis-notifications";
+pub const NOTIFICATIONS_OFF: ErrorCode = ErrorCode::named("redis-notifications");
 const NOTIFY: &str = "Kg$xe";
 const EVENTS: &str = "notify-keyspace-events";
 const PROBE: &str = "tandem:probe";
@@ -39,13 +44,13 @@ pub struct RedisUpstream {
 /// The wire error of a Redis failure: a lost or refused connection is `Unavailable`.
 pub fn remote_error(error: redis::RedisError) -> RemoteError {
     let why = format!("redis: {error}");
-    if error.is_io_error() { RemoteError::unavailable(why) } else { RemoteError::upstream(why) }.with_code("redis")
+    if error.is_io_error() { RemoteError::unavailable(why) } else { RemoteError::upstream(why) }.with_code(CODE)
 }
 
 impl RedisUpstream {
     /// Connects to `redis://HOST:PORT[/DB]`, down or not; fails on a bad URL or notifications Redis will not turn on.
     pub async fn connect(url: &str) -> Result<Self, RemoteError> {
-        let bad = |e: redis::RedisError| RemoteError::bad_request(format!("redis URL {url:?}: {e}")).with_code("redis");
+        let bad = |e: redis::RedisError| RemoteError::bad_request(format!("redis URL {url:?}: {e}")).with_code(CODE);
         let info = url.into_connection_info().map_err(bad)?;
         let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(bad)?;
@@ -96,7 +101,7 @@ impl Follower {
                     },
                     _ = ping.tick() => redis::cmd("PING").exec_async(&mut pubsub).await.map_err(remote_error),
                 } {
-                    break lost.with_code("redis");
+                    break lost.with_code(CODE);
                 }
             });
         }

@@ -24,12 +24,19 @@
 //! ```
 
 use std::time::Duration;
+use tandem_protocol::ErrorCode;
 
 use futures::StreamExt;
 use tandem_leader::{CallContext, Events, Upstream, health_from};
 use tandem_protocol::{RemoteError, UpstreamState, error_chain as chain};
 use tandem_registry::{Client, ConnectionState, Instance, KeyState, Reconnecting};
 use tokio::sync::watch;
+
+/// The code of the errors this adapter raises when the registry is
+/// unreachable or refuses: match with `RemoteError::has_code(CODE)`.
+pub const CODE: ErrorCode = ErrorCode::named("registry");
+/// The code of the error for an empty registry address.
+pub const BAD_ADDRESS: ErrorCode = ErrorCode::named("bad_address");
 
 pub use crate::apis::{
     ConfigApi, ConfigRequest, ConfigResponse, ConfigValue, ServiceApi, ServiceRequest, ServiceResponse,
@@ -43,7 +50,7 @@ pub struct RegistryUpstream {
 
 /// Why the registry at `addr` cannot be used now.
 fn unreachable(addr: &str, reason: &str) -> RemoteError {
-    RemoteError::unavailable(format!("registry at {addr} unreachable ({reason}); reconnecting")).with_code("registry")
+    RemoteError::unavailable(format!("registry at {addr} unreachable ({reason}); reconnecting")).with_code(CODE)
 }
 
 fn config_value(state: KeyState) -> ConfigValue {
@@ -60,7 +67,7 @@ impl RegistryUpstream {
     pub async fn connect(addr: impl Into<String>) -> Result<Self, RemoteError> {
         let addr = addr.into();
         if addr.trim().is_empty() {
-            return Err(RemoteError::bad_request("the registry address is empty").with_code("bad_address"));
+            return Err(RemoteError::bad_request("the registry address is empty").with_code(BAD_ADDRESS));
         }
         let registry = Reconnecting::start(addr);
         let _ = registry.state().wait_for(|state| !matches!(state, ConnectionState::Connecting)).await;
@@ -75,7 +82,7 @@ impl RegistryUpstream {
         }
         match &*self.registry.state().borrow() {
             ConnectionState::Unavailable { reason } => unreachable(self.registry.addr(), reason),
-            _ => RemoteError::unavailable(format!("registry: {}", chain(&error))).with_code("registry"),
+            _ => RemoteError::unavailable(format!("registry: {}", chain(&error))).with_code(CODE),
         }
     }
 

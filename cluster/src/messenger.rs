@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tandem_protocol::{RemoteError, payload};
+use tandem_protocol::{ErrorCode, RemoteError, payload};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::ipc::{FromChild, Op, Outcome};
@@ -36,7 +36,7 @@ use crate::{Error, Role, WorkerId};
 
 /// The code of the `RemoteError` a requester gets when the target had no
 /// handler for the topic, or dropped the request without replying.
-pub(crate) const NO_HANDLER: &str = "no_handler";
+pub(crate) const NO_HANDLER: ErrorCode = ErrorCode::named("no_handler");
 
 /// Outstanding operations (sends waiting for the master's acknowledgement,
 /// requests waiting for their reply) per child; more wait for a permit. This

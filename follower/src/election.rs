@@ -130,6 +130,10 @@ struct Elected {
 /// A file's identity: (device, inode).
 type FileId = (u64, u64);
 
+/// A hung leader's place, taken: the new lock file (locked, and its identity)
+/// and the takeover lock, held until the new epoch is stored.
+type Takeover = (Flock<File>, FileId, Flock<File>);
+
 /// The identity of the file `path` names now (not following a symlink).
 fn file_id(path: &Path) -> io::Result<FileId> {
     std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
@@ -272,10 +276,11 @@ impl Standalone {
     ///
     /// The third item is the takeover lock: hold it until the new epoch is
     /// stored, so the next process to get it sees the epoch moved on.
-    fn take_over(&self, epoch: u64) -> io::Result<Option<(Flock<File>, FileId, Flock<File>)>> {
+    fn take_over(&self, epoch: u64) -> io::Result<Option<Takeover>> {
         let path = self.dir.join(format!("{}.takeover", self.name));
         // Plain I/O errors, retried by the driver (with a WARN if they last).
-        let io = |path: &Path, source: io::Error| io::Error::new(source.kind(), format!("{}: {source}", path.display()));
+        let io =
+            |path: &Path, source: io::Error| io::Error::new(source.kind(), format!("{}: {source}", path.display()));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -288,7 +293,10 @@ impl Standalone {
             Ok(turn) => turn,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
                 // Its socket may not be there yet: retry soon rather than reach the hung one.
-                return Err(io::Error::new(io::ErrorKind::WouldBlock, "another process is taking the hung leader's place"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "another process is taking the hung leader's place",
+                ));
             }
             Err((_, errno)) => return Err(io(&path, io::Error::from(errno))),
         };

@@ -15,6 +15,8 @@ use tandem_follower::{Source, State, Update};
 use tandem_leader::{Cache, Leader};
 use tandem_protocol::{ErrorKind, RemoteError};
 
+const E_DOWN: tandem_protocol::ErrorCode = tandem_protocol::ErrorCode::named("E_DOWN");
+
 /// An upstream that can be switched on and off: while off, building it fails.
 #[derive(Clone, Default)]
 struct Switch {
@@ -46,11 +48,7 @@ fn retrying_leader(switch: &Switch, cache: Option<Cache>, sock_dir: &Path, epoch
         .channel_with_retry::<Kv, _, _, _>(move || {
             let (up, upstream) = (switch.up.load(Ordering::SeqCst), switch.upstream.clone());
             async move {
-                if up {
-                    Ok(upstream)
-                } else {
-                    Err(RemoteError::unavailable("registry unreachable").with_code("E_DOWN"))
-                }
+                if up { Ok(upstream) } else { Err(RemoteError::unavailable("registry unreachable").with_code(E_DOWN)) }
             }
         })
         .start();

@@ -12,6 +12,8 @@ use tandem_follower::{Connection, Error, LocalConnector, State};
 use tandem_protocol::ErrorKind;
 use tokio::time::timeout;
 
+const E_INIT: tandem_protocol::ErrorCode = tandem_protocol::ErrorCode::named("E_INIT");
+
 #[tokio::test]
 async fn invoke_round_trips_and_remote_errors_are_typed() {
     within(TEST_TIMEOUT, async {
@@ -237,7 +239,7 @@ async fn an_upstream_that_fails_to_start_fails_waiting_followers_with_its_error(
         let dir = private_dir();
         let leader = tandem_leader::Leader::builder()
             .channel_from::<Kv, MemUpstream>(async {
-                Err(tandem_protocol::RemoteError::unavailable("registry unreachable").with_code("E_INIT"))
+                Err(tandem_protocol::RemoteError::unavailable("registry unreachable").with_code(E_INIT))
             })
             .start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();

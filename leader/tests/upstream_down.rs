@@ -15,6 +15,8 @@ use tandem_protocol::{
 };
 use tokio::sync::mpsc;
 
+const E_NET: tandem_protocol::ErrorCode = tandem_protocol::ErrorCode::named("E_NET");
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 struct Text;
@@ -68,7 +70,7 @@ fn leader(store: &Store, up: &Arc<AtomicBool>, cache: &std::path::Path, epoch: u
         .unwrap()
         .channel_with_retry::<Text, _, _, _>(move || {
             let (store, up) = (store.clone(), up.load(Ordering::SeqCst));
-            async move { if up { Ok(store) } else { Err(RemoteError::unavailable("no route").with_code("E_NET")) } }
+            async move { if up { Ok(store) } else { Err(RemoteError::unavailable("no route").with_code(E_NET)) } }
         })
         .start()
 }

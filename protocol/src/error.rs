@@ -1,5 +1,6 @@
 //! The one error that crosses the wire.
 
+use crate::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 /// What kind of failure a [`RemoteError`] reports.
@@ -58,7 +59,7 @@ pub struct RemoteError {
     /// The kind of failure.
     pub kind: ErrorKind,
     /// A machine-readable code; may be empty.
-    pub code: String,
+    pub code: ErrorCode,
     /// A human-readable explanation.
     pub message: String,
 }
@@ -66,12 +67,14 @@ pub struct RemoteError {
 impl RemoteError {
     /// A new error with an empty code.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        RemoteError { kind, code: String::new(), message: message.into() }
+        RemoteError { kind, code: ErrorCode::NONE, message: message.into() }
     }
 
-    /// Sets the machine-readable code.
-    pub fn with_code(mut self, code: impl Into<String>) -> Self {
-        self.code = code.into();
+    /// Sets the machine-readable code: one of tandem's [`ErrorCode`]
+    /// constants, a constant of your own ([`ErrorCode::named`]), or an
+    /// upstream's code passed through ([`ErrorCode::upstream`]).
+    pub fn with_code(mut self, code: ErrorCode) -> Self {
+        self.code = code;
         self
     }
 

@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 use bytes::{Bytes, BytesMut};
 use tandem_protocol::uuid::Uuid;
 use tandem_protocol::{
-    Ack, ChannelStatus, ErrorKind, Event, Frame, FrameCodec, Hello, Invoke, Position, Publish, Reject, RemoteError,
-    Response, Subscribe, Unsubscribe, UpstreamState, Welcome,
+    Ack, ChannelStatus, ErrorCode, ErrorKind, Event, Frame, FrameCodec, Hello, Invoke, Position, Publish, Reject,
+    RemoteError, Response, Subscribe, Unsubscribe, UpstreamState, Welcome,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -126,7 +126,10 @@ fn golden_welcome() {
 // ---------------------------------------------------------------- Reject
 
 fn reject() -> Frame {
-    Frame::Reject(Reject { version: 1, error: RemoteError::rejected("missing or wrong token").with_code("token") })
+    Frame::Reject(Reject {
+        version: 1,
+        error: RemoteError::rejected("missing or wrong token").with_code(ErrorCode::TOKEN),
+    })
 }
 
 const REJECT: &str = concat!(
@@ -402,7 +405,10 @@ const ACK_OK: &str = concat!(
 );
 
 fn ack_err() -> Frame {
-    Frame::Ack(Ack { id: 8, result: Err(RemoteError::upstream("registry refused").with_code("503")) })
+    Frame::Ack(Ack {
+        id: 8,
+        result: Err(RemoteError::upstream("registry refused").with_code(ErrorCode::upstream("503"))),
+    })
 }
 
 const ACK_ERR: &str = concat!(
@@ -457,7 +463,9 @@ const STATUS_DOWN: &str = concat!(
 );
 
 fn status_down() -> Frame {
-    status(UpstreamState::Down(RemoteError::unavailable("connection refused").with_code("connect")))
+    status(UpstreamState::Down(
+        RemoteError::unavailable("connection refused").with_code(ErrorCode::upstream("connect")),
+    ))
 }
 
 #[test]
@@ -528,7 +536,7 @@ fn ended() -> Frame {
     Frame::Ended(tandem_protocol::Ended {
         channel: "config".into(),
         key: Bytes::from_static(KEY),
-        error: RemoteError::rejected("no").with_code("limit"),
+        error: RemoteError::rejected("no").with_code(ErrorCode::upstream("limit")),
     })
 }
 
@@ -644,7 +652,7 @@ const REMOTE_ERRORS: [(ErrorKind, &str); 7] = [
 #[test]
 fn golden_remote_error_of_every_kind() {
     for (kind, golden) in REMOTE_ERRORS {
-        let error = RemoteError::new(kind, "m").with_code("c");
+        let error = RemoteError::new(kind, "m").with_code(ErrorCode::upstream("c"));
         let expected = unhex(golden);
         assert_eq!(hex(&rmp_serde::to_vec(&error).unwrap()), hex(&expected), "{kind}");
         assert_eq!(rmp_serde::from_slice::<RemoteError>(&expected).unwrap(), error, "{kind}");
@@ -658,7 +666,7 @@ fn unknown_error_kind_decodes_as_internal() {
     // array(3) [kind "Bogus", code "c", message "m"]
     let bytes = unhex("93 a5 426f677573 a163 a16d");
     let error: RemoteError = rmp_serde::from_slice(&bytes).unwrap();
-    assert_eq!(error, RemoteError::internal("m").with_code("c"));
+    assert_eq!(error, RemoteError::internal("m").with_code(ErrorCode::upstream("c")));
 }
 
 #[test]

@@ -7,8 +7,8 @@ use proptest::option;
 use proptest::prelude::*;
 use tandem_protocol::uuid::Uuid;
 use tandem_protocol::{
-    Ack, ChannelStatus, Codec, ErrorKind, Event, Frame, FrameCodec, Hello, Invoke, LENGTH_PREFIX, Position, Publish,
-    Reject, RemoteError, Response, Subscribe, Unsubscribe, UpstreamState, Welcome, payload,
+    Ack, ChannelStatus, Codec, ErrorCode, ErrorKind, Event, Frame, FrameCodec, Hello, Invoke, LENGTH_PREFIX, Position,
+    Publish, Reject, RemoteError, Response, Subscribe, Unsubscribe, UpstreamState, Welcome, payload,
 };
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -41,7 +41,8 @@ fn error_kind() -> impl Strategy<Value = ErrorKind> {
 }
 
 fn remote_error() -> impl Strategy<Value = RemoteError> {
-    (error_kind(), text(), text()).prop_map(|(kind, code, message)| RemoteError::new(kind, message).with_code(code))
+    (error_kind(), text(), text())
+        .prop_map(|(kind, code, message)| RemoteError::new(kind, message).with_code(ErrorCode::upstream(code)))
 }
 
 fn position() -> impl Strategy<Value = Position> {

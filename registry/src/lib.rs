@@ -70,6 +70,7 @@
 //! ```
 
 mod client;
+pub mod code;
 mod server;
 mod wire;
 

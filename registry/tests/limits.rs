@@ -11,7 +11,7 @@ use tandem_registry::{Client, Config, ErrorKind, Instance, Stats, WatchSpec};
 fn refusal(error: tandem_registry::Error) -> (ErrorKind, String) {
     let remote = error.remote().expect("a refusal from the registry").clone();
     assert!(!remote.message.is_empty());
-    (remote.kind, remote.code)
+    (remote.kind, remote.code.into())
 }
 
 #[tokio::test]

@@ -11,6 +11,9 @@ use tandem_leader::{CallContext, Events, Leader, Upstream};
 use tandem_protocol::{Api, RemoteError};
 use tokio::sync::mpsc;
 
+pub const E_TEST: tandem_protocol::ErrorCode = tandem_protocol::ErrorCode::named("E_TEST");
+pub const E_DENIED: tandem_protocol::ErrorCode = tandem_protocol::ErrorCode::named("E_DENIED");
+
 pub struct Kv;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -120,13 +123,13 @@ impl Upstream<Kv> for MemUpstream {
                 std::future::pending::<()>().await;
                 unreachable!()
             }
-            KvRequest::Fail(message) => Err(RemoteError::upstream(message).with_code("E_TEST")),
+            KvRequest::Fail(message) => Err(RemoteError::upstream(message).with_code(E_TEST)),
         }
     }
 
     async fn subscribe(&self, key: String) -> Result<Events<String>, RemoteError> {
         if key.starts_with("denied") {
-            return Err(RemoteError::rejected(format!("no access to {key}")).with_code("E_DENIED"));
+            return Err(RemoteError::rejected(format!("no access to {key}")).with_code(E_DENIED));
         }
         self.counters.subscribes.bump();
         let (sink, events) = mpsc::unbounded_channel();

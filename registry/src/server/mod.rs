@@ -17,6 +17,7 @@ mod session;
 mod state;
 mod store;
 
+use crate::code;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -202,7 +203,7 @@ fn refuse(stream: TcpStream, max_connections: usize) {
     let error = RemoteError::unavailable(format!(
         "the registry is serving its limit of {max_connections} connections; try again later"
     ))
-    .with_code("too_many_connections");
+    .with_code(code::TOO_MANY_CONNECTIONS);
     let mut goodbye = BytesMut::new();
     if let Err(e) = Codec::<Request>::new().encode(ServerMessage::Goodbye(error), &mut goodbye) {
         debug!(error = %e, "cannot encode the refusal");

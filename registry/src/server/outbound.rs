@@ -12,6 +12,7 @@
 //! event, so everything queued on control before an event is written first (a
 //! watch's replay and `Progress` always precede its live events).
 
+use crate::code;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -200,7 +201,7 @@ impl WriteSource for Queues {
         let Some(id) = reply else { return Refused::Fatal(e) };
         warn!(request.id = id, error = %e, "reply does not fit in a frame");
         let error =
-            RemoteError::internal(format!("the reply does not fit in one frame: {e}")).with_code("reply_too_large");
+            RemoteError::internal(format!("the reply does not fit in one frame: {e}")).with_code(code::REPLY_TOO_LARGE);
         Refused::Replace(ServerMessage::Reply(Reply { id, result: Err(error) }))
     }
 }
@@ -288,14 +289,14 @@ mod tests {
         drop(outbound);
         let (written, read) = write_all(queues, 256).await;
         assert!(written.is_ok(), "{written:?}");
-        let ids_and_codes: Vec<(RequestId, Option<String>)> = read
+        let ids_and_codes: Vec<(RequestId, Option<tandem_protocol::ErrorCode>)> = read
             .into_iter()
             .map(|m| match m {
                 ServerMessage::Reply(Reply { id, result }) => (id, result.err().map(|e| e.code)),
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(ids_and_codes, vec![(1, Some("reply_too_large".into())), (2, None)]);
+        assert_eq!(ids_and_codes, vec![(1, Some(code::REPLY_TOO_LARGE)), (2, None)]);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The service registry: instances of services, each held by a lease that its
 //! registering connection keeps alive.
 
+use crate::code;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -114,7 +115,7 @@ impl Services {
 
 fn unknown_lease(lease: LeaseId) -> RemoteError {
     RemoteError::bad_request(format!("lease {lease} is not held by this connection (expired or never granted)"))
-        .with_code("unknown_lease")
+        .with_code(code::UNKNOWN_LEASE)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! One client connection: reads requests, applies them to the shared state,
 //! replies, and streams the connection's watches; cleans up when it ends.
 
+use crate::code;
 use std::collections::HashSet;
 use std::error::Error as _;
 use std::net::SocketAddr;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_protocol::{Codec, CodecError, RemoteError};
+use tandem_protocol::{Codec, CodecError, ErrorCode, RemoteError};
 use tokio::io::AsyncRead;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -173,23 +174,24 @@ impl Session {
                         "closing an idle connection: no request, watch or lease for {} ms",
                         idle.as_millis()
                     ));
-                    return End::Idle(error.with_code("idle_timeout"));
+                    return End::Idle(error.with_code(code::IDLE_TIMEOUT));
                 }
                 Err(ReadError::Codec(CodecError::Io(e))) => return End::Io(e),
                 Err(ReadError::Codec(e)) => return End::Protocol(protocol_error(&e)),
                 Err(e @ ReadError::Stalled { .. }) => {
                     slot.limits().log_read_limit(&e);
-                    return End::Limit(RemoteError::deadline_exceeded(e.to_string()).with_code("frame_timeout"));
+                    return End::Limit(RemoteError::deadline_exceeded(e.to_string()).with_code(code::FRAME_TIMEOUT));
                 }
                 Err(e @ ReadError::OverBudget { .. }) => {
                     slot.limits().log_read_limit(&e);
-                    return End::Limit(RemoteError::unavailable(e.to_string()).with_code("frame_budget"));
+                    return End::Limit(RemoteError::unavailable(e.to_string()).with_code(code::FRAME_BUDGET));
                 }
             };
             first_deadline = None;
             if request.id == CONNECTION_ID {
                 return End::Protocol(
-                    RemoteError::bad_request("request id 0 is reserved for the connection").with_code("protocol"),
+                    RemoteError::bad_request("request id 0 is reserved for the connection")
+                        .with_code(ErrorCode::PROTOCOL),
                 );
             }
             if self.handle(request).await.is_err() {
@@ -206,7 +208,7 @@ impl Session {
             "closing a connection that sent no request within {} ms of connecting",
             timeout.as_millis()
         ));
-        End::Limit(error.with_code("first_request_timeout"))
+        End::Limit(error.with_code(code::FIRST_REQUEST_TIMEOUT))
     }
 
     /// How long the next request may keep the client waiting before the
@@ -230,7 +232,7 @@ impl Session {
             End::Dropped => info!("connection dropped"),
             End::Shutdown => {
                 outbound.try_send(ServerMessage::Goodbye(
-                    RemoteError::unavailable("the registry is shutting down").with_code("shutdown"),
+                    RemoteError::unavailable("the registry is shutting down").with_code(code::SHUTDOWN),
                 ));
             }
             End::Protocol(error) => {
@@ -288,7 +290,7 @@ impl Session {
                 "value of {} bytes exceeds the limit of {max} bytes",
                 value.len()
             ))
-            .with_code("value_too_large"));
+            .with_code(code::VALUE_TOO_LARGE));
         }
         Ok(Response::Revision(self.shared.put(key, value)))
     }
@@ -296,7 +298,7 @@ impl Session {
     fn register(&self, instance: Instance, ttl_ms: u64) -> Result<Response, RemoteError> {
         if instance.service.is_empty() || instance.id.is_empty() {
             return Err(RemoteError::bad_request("the service name and the instance id must not be empty")
-                .with_code("empty_name"));
+                .with_code(code::EMPTY_NAME));
         }
         self.check_name("service name", &instance.service)?;
         self.check_name("instance id", &instance.id)?;
@@ -306,7 +308,7 @@ impl Session {
             return Err(RemoteError::bad_request(format!(
                 "instance address and metadata of {size} bytes exceed the limit of {max} bytes"
             ))
-            .with_code("instance_too_large"));
+            .with_code(code::INSTANCE_TOO_LARGE));
         }
         let ttl = Duration::from_millis(ttl_ms);
         let (min, max) = (self.shared.config.min_lease_ttl, self.shared.config.max_lease_ttl);
@@ -316,7 +318,7 @@ impl Session {
                 duration_ms(min),
                 duration_ms(max)
             ))
-            .with_code("bad_ttl"));
+            .with_code(code::BAD_TTL));
         }
         debug!(service = %instance.service, instance.id = %instance.id, ttl_ms, "register");
         let lease = self.shared.register(self.conn, instance, ttl);
@@ -325,9 +327,8 @@ impl Session {
 
     fn cancel_watch(&mut self, watch_id: RequestId) -> Result<Response, RemoteError> {
         if !self.watches.remove(&watch_id) {
-            return Err(
-                RemoteError::bad_request(format!("no watch {watch_id} on this connection")).with_code("unknown_watch")
-            );
+            return Err(RemoteError::bad_request(format!("no watch {watch_id} on this connection"))
+                .with_code(code::UNKNOWN_WATCH));
         }
         self.shared.remove_watcher(self.conn, watch_id);
         Ok(Response::Done)
@@ -338,11 +339,11 @@ impl Session {
         let max = self.shared.config.max_watches_per_connection;
         if self.watches.len() >= max {
             return Err(RemoteError::rejected(format!("too many watches: at most {max} per connection"))
-                .with_code("too_many_watches"));
+                .with_code(code::TOO_MANY_WATCHES));
         }
         if self.watches.contains(&id) {
             return Err(RemoteError::bad_request(format!("watch id {id} is already in use on this connection"))
-                .with_code("duplicate_watch"));
+                .with_code(code::DUPLICATE_WATCH));
         }
         self.shared.add_watcher(self.conn, id, target, self.outbound.events());
         self.watches.insert(id);
@@ -390,7 +391,7 @@ impl Session {
 
     fn check_key(&self, key: &str) -> Result<(), RemoteError> {
         if key.is_empty() {
-            return Err(RemoteError::bad_request("the key is empty").with_code("empty_key"));
+            return Err(RemoteError::bad_request("the key is empty").with_code(code::EMPTY_KEY));
         }
         self.check_name("key", key)
     }
@@ -403,7 +404,7 @@ impl Session {
                 "{what} of {} bytes exceeds the limit of {max} bytes",
                 name.len()
             ))
-            .with_code("key_too_large"));
+            .with_code(code::KEY_TOO_LARGE));
         }
         Ok(())
     }
@@ -416,8 +417,8 @@ fn protocol_error(e: &CodecError) -> RemoteError {
         None => e.to_string(),
     };
     let code = match e {
-        CodecError::TooLarge { .. } => "frame_too_large",
-        _ => "malformed",
+        CodecError::TooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
+        _ => code::MALFORMED,
     };
     RemoteError::bad_request(message).with_code(code)
 }
@@ -505,7 +506,7 @@ mod tests {
             );
             assert_eq!(server.stats().instances, 0);
             let renewed = call(&mut raw, 3, Op::KeepAlive { lease }).await;
-            assert_eq!(renewed.map_err(|e| e.code), Err("unknown_lease".to_owned()));
+            assert_eq!(renewed.map_err(|e| e.code), Err(code::UNKNOWN_LEASE));
         })
         .await
         .expect("test timed out");
@@ -556,11 +557,11 @@ mod tests {
             let progress = raw.next().await.expect("message").expect("decodes");
             assert_eq!(progress, ServerMessage::Progress { watch_id: 5, revision: 1 });
             // Request ids are the client's to choose; reusing a live watch's id is refused.
-            assert_eq!(call(&mut raw, 5, watch).await.map_err(|e| e.code), Err("duplicate_watch".to_owned()));
+            assert_eq!(call(&mut raw, 5, watch).await.map_err(|e| e.code), Err(code::DUPLICATE_WATCH));
             assert_eq!(call(&mut raw, 6, Op::CancelWatch { watch_id: 5 }).await, Ok(Response::Done));
             assert_eq!(
                 call(&mut raw, 7, Op::CancelWatch { watch_id: 5 }).await.map_err(|e| e.code),
-                Err("unknown_watch".to_owned())
+                Err(code::UNKNOWN_WATCH)
             );
             // A put after the cancel: the next message is the put's reply, not an event.
             let put = Op::Put { key: "k".into(), value: Bytes::from_static(b"v") };
