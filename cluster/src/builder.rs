@@ -76,6 +76,22 @@ impl Builder {
         self
     }
 
+    /// The most connections `/metrics` serves at once (one more is refused
+    /// with a `503` and counted). See [`Config::metrics_max_connections`].
+    pub fn metrics_max_connections(mut self, n: usize) -> Self {
+        self.config.metrics_max_connections = Some(n);
+        self
+    }
+
+    /// How long a `/metrics` connection has to send a complete request head,
+    /// and how long it may move no byte at all, before it is closed. See
+    /// [`Config::metrics_header_timeout`] and [`Config::metrics_idle_timeout`].
+    pub fn metrics_timeouts(mut self, header: Duration, idle: Duration) -> Self {
+        self.config.metrics_header_timeout = header;
+        self.config.metrics_idle_timeout = idle;
+        self
+    }
+
     /// All settings at once.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;

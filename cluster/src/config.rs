@@ -62,6 +62,22 @@ pub struct Config {
     /// (`None`) serves no metrics. Port 0 picks a free port:
     /// [`MasterContext::metrics_addr`](crate::MasterContext::metrics_addr) tells which.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The most connections `/metrics` serves at once; one more is sent a
+    /// `503` and closed at once, and counted
+    /// (`tandem_metrics_connections_refused_total`), so the endpoint alone
+    /// can never take the master's descriptors. The default (`None`) is 64,
+    /// or a quarter of the soft open-file limit (`RLIMIT_NOFILE`) when that is
+    /// lower.
+    pub metrics_max_connections: Option<usize>,
+    /// How long a connection to `/metrics` has to send a complete request
+    /// head, from its accept or, on a kept-alive connection, from the previous
+    /// response: a kept-alive connection waiting for its next request is
+    /// closed after this too. The default is 5 seconds.
+    pub metrics_header_timeout: Duration,
+    /// How long a connection to `/metrics` may go without moving a byte in
+    /// either direction (a client that stops reading its response, a request
+    /// body that stalls) before it is closed. The default is 30 seconds.
+    pub metrics_idle_timeout: Duration,
     /// Environment variables the master sets for every child it starts (the
     /// agent and each worker, restarts and reloads included), on top of its own
     /// environment: how the master hands its children what it decided before
@@ -92,6 +108,9 @@ impl Default for Config {
             agent_max_memory: None,
             name: None,
             metrics: None,
+            metrics_max_connections: None,
+            metrics_header_timeout: Duration::from_secs(5),
+            metrics_idle_timeout: Duration::from_secs(30),
             child_env: Vec::new(),
         }
     }

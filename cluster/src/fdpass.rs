@@ -41,6 +41,11 @@ pub(crate) struct FdChannel {
 pub(crate) struct Received {
     pub header: String,
     pub fd: Option<OwnedFd>,
+    /// The message carried descriptors this process did not receive: the
+    /// kernel set `MSG_CTRUNC`, because this process is out of descriptors
+    /// (`EMFILE`: the kernel closes what it could not install) or the message
+    /// carried more than fit. The header is intact; `fd` is `None`.
+    pub fd_lost: bool,
 }
 
 impl FdChannel {
@@ -101,20 +106,28 @@ fn recv_one(fd: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
         .map_err(io::Error::from)?;
-    let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+    // Descriptors that did not fit: out of descriptors (the kernel closed the
+    // ones it could not install) or more than `cmsg` holds. nix will not
+    // iterate a truncated control buffer, so a descriptor the kernel did
+    // install in the second case stays open: only a broken sender sends more
+    // than one, and the master never does.
+    let fd_lost = msg.flags.contains(MsgFlags::MSG_CTRUNC);
     let len = msg.bytes;
     let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for r in raw {
-                // SAFETY: the kernel just installed `r` in this process's fd
-                // table for this message (SCM_RIGHTS); nothing else refers to
-                // it, so wrapping it in an `OwnedFd` makes it closed exactly once.
-                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+    if !fd_lost {
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for r in raw {
+                    // SAFETY: the kernel just installed `r` in this process's fd
+                    // table for this message (SCM_RIGHTS); nothing else refers to
+                    // it, so wrapping it in an `OwnedFd` makes it closed exactly once.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                }
             }
         }
     }
-    if len == 0 && fds.is_empty() {
+    if len == 0 && fds.is_empty() && !fd_lost {
         return Ok(None); // seqpacket EOF
     }
     if truncated || fds.len() > 1 {
@@ -126,7 +139,7 @@ fn recv_one(fd: BorrowedFd<'_>) -> io::Result<Option<Received>> {
     let header = std::str::from_utf8(&buf[..len])
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "an fd-channel header is not UTF-8"))?
         .to_owned();
-    Ok(Some(Received { header, fd: fds.pop() }))
+    Ok(Some(Received { header, fd: fds.pop(), fd_lost }))
 }
 
 #[cfg(test)]
@@ -176,6 +189,27 @@ mod tests {
         let iov = [IoSlice::new(b"ok")];
         sendmsg::<()>(a.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
         assert_eq!(b.recv().await.unwrap().unwrap().header, "ok");
+    }
+
+    /// What a receiver out of descriptors sees (`MSG_CTRUNC`), driven here by
+    /// more descriptors than the receive buffer holds: the header arrives, the
+    /// descriptor is reported lost, and the channel goes on.
+    #[tokio::test]
+    async fn a_descriptor_that_could_not_be_received_is_reported_with_its_header() {
+        let (a, b) = pair().unwrap();
+        let b = FdChannel::new(b).unwrap();
+        let listeners: Vec<_> = (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let raw: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
+        let iov = [IoSlice::new(b"C 7 http")];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None).unwrap();
+        let got = b.recv().await.expect("not an error").expect("not EOF");
+        assert_eq!(got.header, "C 7 http");
+        assert!(got.fd.is_none());
+        assert!(got.fd_lost);
+        let iov = [IoSlice::new(b"ok")];
+        sendmsg::<()>(a.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+        let got = b.recv().await.unwrap().unwrap();
+        assert_eq!((got.header.as_str(), got.fd_lost), ("ok", false));
     }
 
     #[tokio::test]

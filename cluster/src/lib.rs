@@ -116,6 +116,7 @@ mod master;
 mod master_context;
 mod messenger;
 mod metrics;
+mod metrics_endpoint;
 mod process;
 mod reload;
 mod round_robin;

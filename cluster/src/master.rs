@@ -250,7 +250,14 @@ impl Master {
             stats: Arc::clone(&self.ops_stats),
         };
         let metrics_addr = match self.config.metrics {
-            Some(addr) => Some(crate::metrics::serve(addr, handle.clone(), &self.tasks, self.cancel.clone()).await?),
+            Some(addr) => {
+                let limits = crate::metrics_endpoint::Limits::from_config(&self.config);
+                let round_robin = self.round_robin.as_ref().map(RoundRobin::stats);
+                Some(
+                    crate::metrics::serve(addr, limits, handle.clone(), round_robin, &self.tasks, self.cancel.clone())
+                        .await?,
+                )
+            }
             None => None,
         };
         if let Some(control) = self.control_server.take() {

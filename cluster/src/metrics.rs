@@ -23,11 +23,20 @@
 //! | `tandem_leader_conflated_total` | counter | |
 //! | `tandem_upstream_up` | gauge (1 = ready) | `channel` |
 //! | `tandem_leader_call_duration_seconds` | histogram | |
+//! | `tandem_metrics_connections_accepted_total` | counter (served by this endpoint) | |
+//! | `tandem_metrics_connections_refused_total` | counter (over its connection cap: `503`, closed) | |
+//! | `tandem_metrics_connections_timed_out_total` | counter (header or idle timeout) | |
+//! | `tandem_metrics_connections_open` | gauge | |
+//! | `tandem_metrics_accept_errors_total` | counter (`EMFILE` and the like) | |
+//! | `tandem_round_robin_lost_total` | counter (handed-off connections a worker could not receive; closed) | |
 //!
 //! `slot` is `master`, `agent` or the worker id. The `tandem_leader_*`,
 //! `tandem_upstream_up` and the histogram are absent while the agent is down.
+//! The endpoint's own limits (connection cap, header and idle timeouts) are
+//! [`Config::metrics_max_connections`](crate::Config::metrics_max_connections) and the two after it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::http::{StatusCode, header};
@@ -41,9 +50,10 @@ use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::control::MasterHandle;
+use crate::metrics_endpoint::{EndpointStats, Limits};
+use crate::round_robin::RoundRobinStats;
 use crate::{Error, Role};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -106,7 +116,11 @@ impl HistogramSnapshot {
 type FloatCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
 /// Renders one scrape.
-pub(crate) async fn render(handle: &MasterHandle) -> Result<String, String> {
+pub(crate) async fn render(
+    handle: &MasterHandle,
+    endpoint: &EndpointStats,
+    round_robin: Option<&RoundRobinStats>,
+) -> Result<String, String> {
     let leader = handle.agent_stats().await;
     let snapshot = handle.snapshot().await?;
     let processes = handle.processes(&snapshot, None);
@@ -197,27 +211,38 @@ pub(crate) async fn render(handle: &MasterHandle) -> Result<String, String> {
             registry.register("tandem_leader_call_duration_seconds", "Time from a call's arrival to its answer", h);
         }
     }
+    endpoint.register(&mut registry);
+    if let Some(round_robin) = round_robin {
+        round_robin.register(&mut registry);
+    }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| e.to_string())?;
     Ok(text)
 }
 
-/// Binds `addr` and serves `/metrics` until `cancel`. Returns the bound address.
+/// Binds `addr` and serves `/metrics` until `cancel`, within `limits` (see
+/// [`metrics_endpoint`](crate::metrics_endpoint)). Returns the bound address.
 pub(crate) async fn serve(
     addr: SocketAddr,
+    limits: Limits,
     handle: MasterHandle,
+    round_robin: Option<Arc<RoundRobinStats>>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<SocketAddr, Error> {
     let setup = |source| Error::Control { what: "metrics endpoint", path: addr.to_string(), source };
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(setup)?;
     let bound = listener.local_addr().map_err(setup)?;
+    let endpoint = Arc::new(EndpointStats::default());
+    let stats = Arc::clone(&endpoint);
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let handle = handle.clone();
+            let stats = Arc::clone(&stats);
+            let round_robin = round_robin.clone();
             async move {
-                match render(&handle).await {
+                match render(&handle, &stats, round_robin.as_deref()).await {
                     Ok(text) => (
                         StatusCode::OK,
                         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
@@ -229,14 +254,6 @@ pub(crate) async fn serve(
             }
         }),
     );
-    tracker.spawn(
-        async move {
-            let serving = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned());
-            if let Err(e) = serving.await {
-                tracing::error!(error = %e, "the metrics endpoint stopped");
-            }
-        }
-        .in_current_span(),
-    );
+    crate::metrics_endpoint::spawn(listener, app, limits, endpoint, tracker, cancel);
     Ok(bound)
 }

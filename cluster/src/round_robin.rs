@@ -6,6 +6,7 @@
 //! master: accept ──> dispatcher ── "C <id> <name>" + fd ──> worker (its RoundRobinListener)
 //!                        ^                                      │ accept() returns it
 //!                        └────────────── "A <id>" (ack) ────────┘ or "B <id>" (back: stopping)
+//!                                                                  or "L <id>" (lost: see below)
 //! ```
 //!
 //! The master keeps its own descriptor of each connection until the worker
@@ -16,12 +17,23 @@
 //! acknowledged (so a busy or stuck worker is skipped); when no worker can
 //! take one, connections wait in a backlog of [`BACKLOG`], beyond which they
 //! are closed (logged at WARN: the client sees a reset).
+//!
+//! A worker out of descriptors receives the header of a handed connection but
+//! not its descriptor (the kernel closes it: `MSG_CTRUNC`). It answers
+//! `L <id>`; the master then closes its own copy, the last one, so the client
+//! sees the connection closed instead of a hang, and counts it
+//! ([`RoundRobinStats`], `tandem_round_robin_lost_total` in `/metrics`). Both
+//! sides log it at WARN the first time, then at most once per
+//! [`WARN_EVERY`](tandem_protocol::WARN_EVERY) with the count held back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use tandem_protocol::Throttle;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -61,12 +73,38 @@ pub(crate) enum Cmd {
         key: ProcKey,
         id: u64,
     },
+    /// The worker could not receive the connection's descriptor.
+    Lost {
+        key: ProcKey,
+        id: u64,
+    },
+}
+
+/// The master's round-robin counters.
+#[derive(Debug, Default)]
+pub(crate) struct RoundRobinStats {
+    /// Handed connections a worker could not receive (closed by the master).
+    lost: AtomicU64,
+}
+
+impl RoundRobinStats {
+    /// Registers the counters in `registry` (for `/metrics`).
+    pub(crate) fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let lost = prometheus_client::metrics::counter::Counter::<u64>::default();
+        lost.inc_by(self.lost.load(Ordering::Relaxed));
+        registry.register(
+            "tandem_round_robin_lost",
+            "Handed-off connections a worker could not receive (out of descriptors); closed",
+            lost,
+        );
+    }
 }
 
 /// The master's handle on the dispatcher.
 #[derive(Debug, Clone)]
 pub(crate) struct RoundRobin {
     tx: mpsc::Sender<Cmd>,
+    stats: Arc<RoundRobinStats>,
 }
 
 impl RoundRobin {
@@ -79,6 +117,7 @@ impl RoundRobin {
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel(COMMANDS);
         let names: Vec<String> = listeners.iter().map(|(n, _)| n.clone()).collect();
+        let stats = Arc::new(RoundRobinStats::default());
         for (index, (name, fd)) in listeners.into_iter().enumerate() {
             let std = std::net::TcpListener::from(fd);
             std.set_nonblocking(true)?;
@@ -98,9 +137,16 @@ impl RoundRobin {
             tx: tx.clone(),
             tasks: tasks.clone(),
             cancel: cancel.clone(),
+            stats: Arc::clone(&stats),
+            lost_log: Throttle::default(),
         };
         tasks.spawn(dispatcher.run(rx, cancel).in_current_span());
-        Ok(RoundRobin { tx })
+        Ok(RoundRobin { tx, stats })
+    }
+
+    /// The dispatcher's counters.
+    pub(crate) fn stats(&self) -> Arc<RoundRobinStats> {
+        Arc::clone(&self.stats)
     }
 
     pub(crate) fn register(&self, key: ProcKey, channel: Arc<FdChannel>) -> impl Future<Output = ()> + Send + 'static {
@@ -179,6 +225,8 @@ struct Dispatcher {
     tx: mpsc::Sender<Cmd>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    stats: Arc<RoundRobinStats>,
+    lost_log: Throttle,
 }
 
 impl Dispatcher {
@@ -244,6 +292,24 @@ impl Dispatcher {
                 if let Some((listener, fd)) = returned {
                     self.dispatch(listener, fd);
                 }
+            }
+            Cmd::Lost { key, id } => {
+                let lost_connection = self.workers.get_mut(&key).and_then(|w| w.unacked.remove(&id));
+                if let Some(connection) = lost_connection {
+                    let lost = self.stats.lost.fetch_add(1, Ordering::Relaxed) + 1;
+                    if let Some(suppressed) = self.lost_log.hit() {
+                        tracing::warn!(
+                            slot = %key.slot,
+                            lost,
+                            suppressed,
+                            "a worker could not receive a handed-off connection (it is out of descriptors); \
+                             the connection is closed"
+                        );
+                    }
+                    // Dropping the master's copy, the last one: the client sees the close.
+                    drop(connection);
+                }
+                self.drain_backlog();
             }
         }
     }
@@ -336,6 +402,7 @@ async fn read_worker(channel: Arc<FdChannel>, key: ProcKey, tx: mpsc::Sender<Cmd
         let cmd = match (parts.next(), parts.next().and_then(|id| id.parse().ok()), message.fd) {
             (Some("A"), Some(id), None) => Cmd::Ack { key, id },
             (Some("B"), Some(id), None) => Cmd::Back { key, id },
+            (Some("L"), Some(id), None) => Cmd::Lost { key, id },
             _ => {
                 tracing::warn!(header = %message.header, "unexpected message from a worker's descriptor channel; ignored");
                 continue;
@@ -348,6 +415,50 @@ async fn read_worker(channel: Arc<FdChannel>, key: ProcKey, tx: mpsc::Sender<Cmd
 }
 
 // ---- the worker's side -----------------------------------------------------
+
+/// What went wrong on a worker's descriptor channel: counted, and logged at
+/// WARN the first time, then at most once per `WARN_EVERY` per kind.
+#[derive(Debug, Default)]
+struct ChannelFailures {
+    lost: u64,
+    lost_log: Throttle,
+    bad: u64,
+    bad_log: Throttle,
+}
+
+impl ChannelFailures {
+    fn lost(&mut self, id: u64, fd_lost: bool) {
+        self.lost += 1;
+        if let Some(suppressed) = self.lost_log.hit() {
+            let cause = if fd_lost {
+                "this process is out of descriptors (raise `ulimit -n` or lower the connections a worker keeps)"
+            } else {
+                "the message carried no descriptor"
+            };
+            tracing::warn!(
+                connection.id = id,
+                lost = self.lost,
+                suppressed,
+                "could not receive a handed-off connection: {cause}; the master closes it"
+            );
+        }
+    }
+
+    fn bad_message(&mut self, error: &io::Error) {
+        self.bad += 1;
+        if let Some(suppressed) = self.bad_log.hit() {
+            tracing::warn!(%error, bad = self.bad, suppressed, "bad message on the descriptor channel; ignored");
+        }
+    }
+
+    fn unexpected(&mut self, header: &str) {
+        self.bad += 1;
+        if let Some(suppressed) = self.bad_log.hit() {
+            let header: String = header.chars().take(64).collect();
+            tracing::warn!(%header, bad = self.bad, suppressed, "unexpected message on the descriptor channel; ignored");
+        }
+    }
+}
 
 /// Connections handed to one round-robin listener of this worker, not taken yet.
 #[derive(Debug, Default)]
@@ -480,6 +591,7 @@ impl WorkerSide {
                         }
                     }
                 };
+                let mut failures = ChannelFailures::default();
                 loop {
                     let message = tokio::select! {
                         message = channel.recv() => message,
@@ -488,16 +600,30 @@ impl WorkerSide {
                     let message = match message {
                         Ok(Some(m)) => m,
                         Ok(None) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "bad message on the descriptor channel");
+                        // One malformed message (consumed): the next one may be fine.
+                        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                            failures.bad_message(&e);
                             continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the descriptor channel failed; no more round-robin connections");
+                            return;
                         }
                     };
                     let mut parts = message.header.splitn(3, ' ');
-                    let (Some("C"), Some(id), Some(name), Some(fd)) =
-                        (parts.next(), parts.next().and_then(|i| i.parse::<u64>().ok()), parts.next(), message.fd)
+                    let (Some("C"), Some(id), Some(name)) =
+                        (parts.next(), parts.next().and_then(|i| i.parse::<u64>().ok()), parts.next())
                     else {
-                        tracing::warn!(header = %message.header, "unexpected message on the descriptor channel; ignored");
+                        failures.unexpected(&message.header);
+                        continue;
+                    };
+                    let Some(fd) = message.fd else {
+                        // Out of descriptors: the kernel closed ours; the master
+                        // closes its copy, the last one, when it reads `L`.
+                        failures.lost(id, message.fd_lost);
+                        if let Err(e) = channel.send(&format!("L {id}"), None).await {
+                            tracing::debug!(error = %e, "could not tell the master a connection was lost");
+                        }
                         continue;
                     };
                     let is_taken = taken.lock().unwrap_or_else(PoisonError::into_inner).contains(name);
@@ -599,5 +725,80 @@ mod tests {
         cancel.cancel();
         tasks.close();
         drop((c1, c2, c3));
+    }
+
+    #[tokio::test]
+    async fn a_connection_a_worker_could_not_receive_is_closed_counted_and_frees_its_slot() {
+        use tokio::io::AsyncReadExt;
+        tandem_testkit::within(Duration::from_secs(30), async {
+            let tasks = TaskTracker::new();
+            let cancel = CancellationToken::new();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let rr = RoundRobin::start(vec![("http".into(), OwnedFd::from(listener))], &tasks, cancel.clone()).unwrap();
+            let a = worker(&rr, 1).await;
+
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (id, _) = handed(&a).await; // the worker's copy is closed: as if never received
+            a.send(&format!("L {id}"), None).await.unwrap();
+            let mut buf = [0u8; 1];
+            let read =
+                tokio::time::timeout(WAIT, client.read(&mut buf)).await.expect("the client sees a close, not a hang");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+            assert_eq!(rr.stats().lost.load(Ordering::Relaxed), 1);
+
+            // The lost connection no longer counts as unacknowledged: the worker
+            // still gets MAX_UNACKED new ones.
+            let mut clients = Vec::new();
+            for _ in 0..MAX_UNACKED {
+                clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+                handed(&a).await;
+            }
+            cancel.cancel();
+            tasks.close();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_cannot_receive_a_descriptor_says_so_and_goes_on() {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+        tandem_testkit::within(Duration::from_secs(30), async {
+            let (master, worker_end) = fdpass::pair().unwrap();
+            let master_raw = master.try_clone().unwrap();
+            let master = FdChannel::new(master).unwrap();
+            let mut side = WorkerSide::new(Arc::new(FdChannel::new(worker_end).unwrap()));
+            side.declare("http", None);
+            let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+            let mut listener = side.take("http", stop.clone()).unwrap();
+            side.spawn_reader(stop.clone(), &tasks);
+
+            // More descriptors than the receiver takes: the kernel truncates the
+            // control data (`MSG_CTRUNC`), as for a worker out of descriptors.
+            let sockets: Vec<_> = (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+            let raw: Vec<_> = sockets.iter().map(AsRawFd::as_raw_fd).collect();
+            let iov = [IoSlice::new(b"C 7 http")];
+            sendmsg::<()>(master_raw.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)
+                .unwrap();
+            let answer = tokio::time::timeout(WAIT, master.recv()).await.expect("an answer").unwrap().unwrap();
+            assert_eq!(answer.header, "L 7");
+            assert!(listener.queue.items.lock().unwrap().is_empty(), "nothing queued for accept");
+
+            // The channel goes on: the next connection is taken and acknowledged.
+            let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+            let (conn, _) = server.accept().unwrap();
+            master.send("C 8 http", Some(conn.as_fd())).await.unwrap();
+            let (stream, peer) = tokio::time::timeout(WAIT, listener.accept()).await.expect("accepted").unwrap();
+            assert_eq!(peer, client.local_addr().unwrap());
+            let ack = tokio::time::timeout(WAIT, master.recv()).await.expect("an ack").unwrap().unwrap();
+            assert_eq!(ack.header, "A 8");
+            drop(stream);
+            stop.cancel();
+            tasks.close();
+        })
+        .await;
     }
 }

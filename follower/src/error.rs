@@ -108,7 +108,9 @@ pub enum StartupError {
         mode: u32,
     },
     /// The directory belongs to another user.
-    #[error("refusing to use {dir}: it belongs to uid {owner}, not to this user (uid {uid}); choose another directory")]
+    #[error(
+        "refusing to use {dir}: it belongs to uid {owner}, not to this user (uid {uid}); choose a directory of this user's, or have uid {owner} or root run `chown {uid} {dir}`"
+    )]
     ForeignDirectory {
         /// The directory.
         dir: PathBuf,
@@ -117,8 +119,8 @@ pub enum StartupError {
         /// This process's effective uid.
         uid: u32,
     },
-    /// The path is a symbolic link or not a directory.
-    #[error("refusing to use {dir}: it is not a directory (a symbolic link or a file); choose another directory")]
+    /// The path is a file (or a symbolic link to one), not a directory.
+    #[error("refusing to use {dir}: it is not a directory (a file, or a link to one); choose another directory")]
     NotADirectory {
         /// The path.
         dir: PathBuf,
@@ -196,3 +198,56 @@ impl PartialEq for StartupFailure {
 }
 
 impl Eq for StartupFailure {}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+    use crate::Standalone;
+
+    #[test]
+    fn each_refusal_of_the_standalone_directory_names_its_own_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+
+        // Mode 0700, wrong owner: chmod would not help. (A fresh directory
+        // given to `nobody` as root; `/`, root's, otherwise.)
+        let foreign = if nix::unistd::geteuid().is_root() {
+            let dir = tmp.path().join("foreign");
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            nix::unistd::chown(&dir, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            dir
+        } else {
+            PathBuf::from("/")
+        };
+        let owner = std::fs::metadata(&foreign).unwrap().uid();
+        let error = Standalone::check("n", &foreign).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, StartupError::ForeignDirectory { owner: o, .. } if o == owner), "{message}");
+        assert!(message.contains(&format!("belongs to uid {owner}")), "{message}");
+        assert!(
+            message.contains(&format!("chown {uid} {}", foreign.display())) && !message.contains("chmod"),
+            "{message}"
+        );
+
+        let loose = tmp.path().join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let error = Standalone::check("n", &loose).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, StartupError::InsecureDirectory { mode: 0o755, .. }), "{message}");
+        assert!(
+            message.contains(&format!("run `chmod 700 {}`", loose.display())) && !message.contains("chown"),
+            "{message}"
+        );
+
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let error = Standalone::check("n", &file).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, StartupError::NotADirectory { .. }), "{message}");
+        assert!(!message.contains("chmod") && !message.contains("chown"), "{message}");
+    }
+}

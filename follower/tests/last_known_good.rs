@@ -314,7 +314,10 @@ async fn an_insecure_cache_directory_is_refused_with_the_fix() {
     // A file is not a directory.
     let file = dir.path().join("file");
     std::fs::write(&file, b"").unwrap();
-    assert!(matches!(Cache::open(&file), Err(tandem_leader::Error::CacheDirectory { .. })));
+    let error = Cache::open(&file).unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, tandem_leader::Error::CacheNotADirectory { .. }), "{message}");
+    assert!(message.contains("not a directory") && !message.contains("chmod"), "{message}");
 }
 
 #[tokio::test]

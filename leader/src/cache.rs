@@ -83,7 +83,8 @@ impl Cache {
     ///
     /// An existing directory must belong to this user and be closed to others
     /// (no group or other permission bits), like the leader's socket directory:
-    /// otherwise [`Error::InsecureCacheDirectory`] says what to fix. Stale
+    /// otherwise [`Error::ForeignCacheDirectory`], [`Error::InsecureCacheDirectory`]
+    /// or [`Error::CacheNotADirectory`] says what to fix. Stale
     /// temporary files of dead processes are removed; files that are not
     /// tandem's are reported at WARN and left alone.
     pub fn open(dir: impl AsRef<Path>) -> Result<Cache, Error> {
@@ -94,11 +95,15 @@ impl Cache {
         match std::fs::metadata(&dir) {
             Ok(meta) => {
                 if !meta.is_dir() {
-                    return Err(io_error(io::Error::other("not a directory")));
+                    return Err(Error::CacheNotADirectory { path: dir });
+                }
+                // The owner first: only the owner can fix the mode.
+                if meta.uid() != uid {
+                    return Err(Error::ForeignCacheDirectory { path: dir, owner: meta.uid(), uid });
                 }
                 let mode = meta.permissions().mode() & 0o7777;
-                if meta.uid() != uid || mode & 0o077 != 0 {
-                    return Err(Error::InsecureCacheDirectory { path: dir, mode, owner: meta.uid() });
+                if mode & 0o077 != 0 {
+                    return Err(Error::InsecureCacheDirectory { path: dir, mode });
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {

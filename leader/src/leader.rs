@@ -310,6 +310,8 @@ impl Leader {
         ensure_private_dir(dir).map_err(|e| match e {
             DirError::Io(source) => bind_error(source),
             DirError::Insecure(mode) => Error::InsecureDirectory { path: dir.to_path_buf(), mode },
+            DirError::Foreign { owner, uid } => Error::ForeignDirectory { path: dir.to_path_buf(), owner, uid },
+            DirError::NotADirectory => Error::NotADirectory { path: dir.to_path_buf() },
         })?;
         match std::fs::remove_file(&path) {
             Ok(()) => tracing::debug!(path = %path.display(), "removed a stale socket"),
@@ -509,13 +511,23 @@ async fn forward_health(channel: &Channel, mut health: watch::Receiver<UpstreamS
 enum DirError {
     Io(std::io::Error),
     Insecure(u32),
+    Foreign { owner: u32, uid: u32 },
+    NotADirectory,
 }
 
 fn ensure_private_dir(dir: &Path) -> Result<(), DirError> {
     match std::fs::metadata(dir) {
         Ok(meta) => {
+            if !meta.is_dir() {
+                return Err(DirError::NotADirectory);
+            }
+            // The owner first: only the owner can fix the mode.
+            let uid = nix::unistd::geteuid().as_raw();
+            if meta.uid() != uid {
+                return Err(DirError::Foreign { owner: meta.uid(), uid });
+            }
             let mode = meta.permissions().mode() & 0o7777;
-            if meta.uid() != nix::unistd::geteuid().as_raw() || mode & 0o077 != 0 {
+            if mode & 0o077 != 0 {
                 return Err(DirError::Insecure(mode));
             }
             Ok(())
