@@ -35,11 +35,30 @@
 //! the master starts a graceful stop and answers at once with the pids to
 //! wait for).
 //!
-//! Limits: a line is at most [`MAX_LINE`] bytes (a longer one gets an error
-//! and the connection is closed); at most [`MAX_CONNECTIONS`] connections at
-//! once (one more gets an error line and is closed); a connection idle for
-//! [`IDLE_TIMEOUT`] is closed. Only processes of the master's own user may
-//! connect: the peer's uid is checked with `SO_PEERCRED` on every connection.
+//! **Limits.** Only processes of the master's own user may connect: the
+//! peer's uid is checked with `SO_PEERCRED` on every connection. Beyond that,
+//! nothing a client sends or fails to read makes the master hold more than a
+//! bounded amount per connection:
+//!
+//! - a request line is at most [`MAX_REQUEST_LINE`] bytes (4 KiB; a request
+//!   is a few dozen): a longer one gets an error naming the limit and the
+//!   connection is closed, after at most about 16 KiB was read;
+//! - an answer is at most [`MAX_LINE`] bytes (4 MiB): a larger one is
+//!   replaced by an error saying so. The error for a line that is not a
+//!   request echoes at most its first [`ECHO_PREFIX`] bytes, with its length,
+//!   so it stays under 1 KiB whatever was sent;
+//! - every answer must be written within [`WRITE_TIMEOUT`] (5 s): a client
+//!   that does not read its answers loses its connection, and its slot;
+//! - at most [`MAX_CONNECTIONS`] connections are served at once. One more
+//!   gets a refusal line with [`Response::code`] [`CODE_TOO_MANY_CONNECTIONS`]
+//!   ("the master is serving its limit of 16 control connections; try
+//!   again") and is closed; a connection with no request for
+//!   [`IDLE_TIMEOUT`] is closed.
+//!
+//! So the control socket holds at most `MAX_CONNECTIONS` × (16 KiB of read
+//! buffer + one answer of at most `MAX_LINE`), each answer for at most
+//! `WRITE_TIMEOUT`; in practice an answer is a few KiB (a `status` row is
+//! about 300 bytes).
 
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -54,21 +73,43 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio_util::codec::{Framed, LinesCodec};
+use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use tandem_protocol::Throttle;
+
 use crate::status::{ProcessState, StatusTable, cpu_seconds};
 use crate::{Error, Messenger, Role, Target, WorkerId};
 
-/// The longest request or response line, in bytes: 4 MiB (a status of many
-/// workers or a leader report with many keys fits).
+/// The longest answer line, in bytes: 4 MiB (a status of many workers or a
+/// leader report with many keys fits). The master answers a larger result
+/// with an error instead; the client reads no longer line.
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
-/// Control connections served at once. The default is 16.
+/// The longest request line the master reads, in bytes: 4 KiB (the longest
+/// request, `{"cmd":"reload_agent"}`, is 22). A longer line is answered with
+/// an error and the connection is closed.
+pub const MAX_REQUEST_LINE: usize = 4 * 1024;
+/// How much of a line that is not a request its error answer echoes, in
+/// bytes: 64 (with the line's length).
+pub const ECHO_PREFIX: usize = 64;
+/// Control connections served at once: 16.
 pub const MAX_CONNECTIONS: usize = 16;
 /// A control connection with no request for this long is closed: 60 seconds.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An answer not taken by the client (written whole to the socket) within
+/// this long closes the connection and frees its slot: 5 seconds.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`list`] waits for each master's `info` (they are asked at the
+/// same time): 2 seconds. One that has not answered by then is listed as
+/// `not answering`.
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(2);
+/// [`Response::code`] of the refusal a connection over [`MAX_CONNECTIONS`] gets.
+pub const CODE_TOO_MANY_CONNECTIONS: &str = "too_many_connections";
+/// How long a client whose request could not be sent (the master closed the
+/// connection first) still waits for the line the master left: 2 seconds.
+const REFUSAL_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// The messenger topic on which the master asks the agent for its report
 /// (JSON), for `tandem leader`, `tandem status` and the metrics. An agent that
 /// does not answer it simply has no report.
@@ -189,19 +230,113 @@ pub struct Response {
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A stable code for failures a client handles on its own: only
+    /// [`CODE_TOO_MANY_CONNECTIONS`] so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl Response {
     fn ok(result: impl Serialize) -> Self {
         match serde_json::to_value(result) {
-            Ok(value) => Response { ok: true, result: Some(value), error: None },
+            Ok(value) => Response { ok: true, result: Some(value), error: None, code: None },
             Err(e) => Response::err(format!("could not encode the result: {e}")),
         }
     }
 
     fn err(error: impl Into<String>) -> Self {
-        Response { ok: false, result: None, error: Some(error.into()) }
+        Response { ok: false, result: None, error: Some(error.into()), code: None }
     }
+
+    /// The refusal a connection over [`MAX_CONNECTIONS`] gets.
+    fn too_many_connections() -> Self {
+        Response {
+            code: Some(CODE_TOO_MANY_CONNECTIONS.to_owned()),
+            ..Response::err(format!(
+                "the master is serving its limit of {MAX_CONNECTIONS} control connections; try again"
+            ))
+        }
+    }
+
+    /// The answer to a line that is not a request: its length, its first
+    /// [`ECHO_PREFIX`] bytes and the parser's complaint (cut short too, as it
+    /// may quote the line), so that it stays small whatever the line.
+    fn bad_request(line: &str, error: &serde_json::Error) -> Self {
+        let why = error.to_string();
+        Response::err(format!(
+            "bad request ({} bytes, starting {:?}{}): {}{}; expected {{\"cmd\":\"info|status|leader|reload|reload_agent|stop\"}}",
+            line.len(),
+            cut(line, ECHO_PREFIX),
+            if line.len() > ECHO_PREFIX { "..." } else { "" },
+            cut(&why, 2 * ECHO_PREFIX),
+            if why.len() > 2 * ECHO_PREFIX { "..." } else { "" },
+        ))
+    }
+
+    /// The answer to a request line over [`MAX_REQUEST_LINE`]: `start` is
+    /// what was read of it.
+    fn line_too_long(start: &[u8]) -> Self {
+        let start = String::from_utf8_lossy(&start[..start.len().min(ECHO_PREFIX)]);
+        Response::err(format!(
+            "bad request: the line is longer than {MAX_REQUEST_LINE} bytes (the limit), starting {:?}...",
+            cut(&start, ECHO_PREFIX)
+        ))
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A [`Write`] that keeps at most `limit` bytes and counts the rest: an
+/// answer over the limit is measured without being held.
+#[derive(Debug)]
+struct Capped {
+    kept: Vec<u8>,
+    limit: usize,
+    len: usize,
+}
+
+impl Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.len += bytes.len();
+        if self.len <= self.limit {
+            self.kept.extend_from_slice(bytes);
+        } else {
+            self.kept = Vec::new();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One answer line of at most `limit` bytes: `response`, or an error saying
+/// how large it was.
+fn encode_reply(response: &Response, limit: usize) -> String {
+    const FALLBACK: &str = r#"{"ok":false,"error":"the master could not encode its answer"}"#;
+    let mut out = Capped { kept: Vec::new(), limit, len: 0 };
+    if let Err(e) = serde_json::to_writer(&mut out, response) {
+        tracing::warn!(error = %e, "could not encode a control answer");
+        return FALLBACK.to_owned();
+    }
+    if out.len <= limit {
+        // serde_json writes UTF-8.
+        return String::from_utf8(out.kept).unwrap_or_else(|_| FALLBACK.to_owned());
+    }
+    tracing::warn!(bytes = out.len, limit, "a control answer is over the line limit; answered with an error instead");
+    let error = Response::err(format!("the answer is {} bytes, over the control socket's limit of {limit}", out.len));
+    serde_json::to_string(&error).unwrap_or_else(|_| FALLBACK.to_owned())
 }
 
 /// The answer to `info`.
@@ -341,9 +476,28 @@ pub enum ControlError {
     /// The master answered something that is not a response line.
     #[error("bad answer from the cluster's master: {0}")]
     Protocol(String),
+    /// The master closed the connection without an answer.
+    #[error("the cluster's master closed the connection without answering")]
+    Closed {
+        /// What failed: sending the request or reading the answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The master is serving its limit of control connections
+    /// ([`MAX_CONNECTIONS`]) and refused this one: try again.
+    #[error("{0}")]
+    Busy(String),
     /// The master refused or failed the command.
     #[error("{0}")]
     Failed(String),
+}
+
+impl ControlError {
+    /// Whether the same request may succeed if tried again later: the master
+    /// was busy or did not answer.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ControlError::Busy(_) | ControlError::NotAnswering { .. })
+    }
 }
 
 fn known_list(known: &[String]) -> String {
@@ -396,19 +550,25 @@ impl Client {
     }
 
     /// Sends one request and returns its result.
+    ///
+    /// A master at its connection limit writes its refusal and closes the
+    /// connection, possibly before the request is sent: then sending fails
+    /// (`EPIPE`, `ECONNRESET`) and the refusal is still read, for
+    /// [`ControlError::Busy`] rather than the broken pipe.
     pub async fn call(&mut self, request: Request) -> Result<serde_json::Value, ControlError> {
         let line = serde_json::to_string(&request).map_err(|e| ControlError::Protocol(e.to_string()))?;
-        self.framed.send(line).await.map_err(|e| ControlError::Protocol(e.to_string()))?;
-        let line = match self.framed.next().await {
-            Some(Ok(line)) => line,
-            Some(Err(e)) => return Err(ControlError::Protocol(e.to_string())),
-            None => return Err(ControlError::Protocol("the master closed the connection".into())),
-        };
-        let response: Response = serde_json::from_str(&line).map_err(|e| ControlError::Protocol(e.to_string()))?;
-        match (response.ok, response.result, response.error) {
-            (true, Some(result), _) => Ok(result),
-            (true, None, _) => Ok(serde_json::Value::Null),
-            (false, _, error) => Err(ControlError::Failed(error.unwrap_or_else(|| "failed".into()))),
+        if let Err(e) = self.framed.send(line).await {
+            let sent = io_error(e);
+            return match tokio::time::timeout(REFUSAL_READ_TIMEOUT, self.framed.next()).await {
+                Ok(Some(Ok(line))) => response_result(&line),
+                _ => Err(ControlError::Closed { source: sent }),
+            };
+        }
+        match self.framed.next().await {
+            Some(Ok(line)) => response_result(&line),
+            Some(Err(LinesCodecError::Io(e))) => Err(ControlError::Closed { source: e }),
+            Some(Err(e)) => Err(ControlError::Protocol(e.to_string())),
+            None => Err(ControlError::Closed { source: io::ErrorKind::UnexpectedEof.into() }),
         }
     }
 
@@ -436,34 +596,126 @@ impl Client {
     }
 }
 
-/// The names of this user's clusters whose master answers `info`, sorted.
-pub async fn running() -> Vec<String> {
-    list().await.into_iter().map(|info| info.name).collect()
+fn io_error(e: LinesCodecError) -> io::Error {
+    match e {
+        LinesCodecError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
 }
 
-/// `info` from every cluster of this user whose master answers, sorted by name.
-pub async fn list() -> Vec<ClusterInfo> {
-    let Ok(entries) = std::fs::read_dir(clusters_dir()) else { return Vec::new() };
+/// The result in one answer line.
+fn response_result(line: &str) -> Result<serde_json::Value, ControlError> {
+    let response: Response = serde_json::from_str(line).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    match (response.ok, response.result, response.error) {
+        (true, Some(result), _) => Ok(result),
+        (true, None, _) => Ok(serde_json::Value::Null),
+        (false, _, error) => {
+            let error = error.unwrap_or_else(|| "failed".into());
+            if response.code.as_deref() == Some(CODE_TOO_MANY_CONNECTIONS) {
+                Err(ControlError::Busy(error))
+            } else {
+                Err(ControlError::Failed(error))
+            }
+        }
+    }
+}
+
+/// The names of this user's running clusters (answering or not), sorted.
+pub async fn running() -> Vec<String> {
+    list().await.into_iter().map(|listed| listed.name().to_owned()).collect()
+}
+
+/// One cluster in [`list`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+#[non_exhaustive]
+pub enum Listed {
+    /// Its master answered `info`.
+    Answering(ClusterInfo),
+    /// Its master holds the socket but gave no `info`.
+    Silent(Silent),
+}
+
+impl Listed {
+    /// The cluster's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Listed::Answering(info) => &info.name,
+            Listed::Silent(silent) => &silent.name,
+        }
+    }
+}
+
+/// A cluster whose master gave no `info` to [`list`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Silent {
+    /// The cluster's name.
+    pub name: String,
+    /// The master's pid, from its pid file.
+    pub pid: Option<u32>,
+    /// `not answering` (no answer within [`LIST_TIMEOUT`], or the connection
+    /// failed) or `busy` (serving its limit of control connections).
+    pub state: String,
+    /// Why, in words.
+    pub error: String,
+}
+
+/// Every running cluster of this user, sorted by name: `info` from each
+/// master, asked at the same time, or why it gave none within
+/// [`LIST_TIMEOUT`]. A socket nobody listens on (a master that died) is not
+/// listed.
+pub async fn list() -> Vec<Listed> {
+    let dir = clusters_dir();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
         .filter(|e| e.path().join(SOCKET_FILE).exists())
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|name| validate_name(name).is_ok())
         .collect();
     names.sort();
-    let mut out = Vec::new();
-    for name in names {
-        let path = socket_path(&name);
-        let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(&path)).await else {
-            continue;
+    let asks = names.into_iter().map(|name| {
+        let dir = dir.join(&name);
+        async move { list_one(name, &dir).await }
+    });
+    futures::future::join_all(asks).await.into_iter().flatten().collect()
+}
+
+/// `info` from the master in `dir`; `None` when nobody listens there.
+async fn list_one(name: String, dir: &Path) -> Option<Listed> {
+    let ask = async {
+        let stream = match UnixStream::connect(dir.join(SOCKET_FILE)).await {
+            Ok(stream) => stream,
+            // A socket file left by a master that died.
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => return None,
+            Err(e) => return Some(Err(("not answering", e.to_string()))),
         };
         let mut client = Client { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) };
-        if let Ok(Ok(info)) =
-            tokio::time::timeout(Duration::from_secs(2), client.call_as::<ClusterInfo>(Request::Info)).await
-        {
-            out.push(info);
-        }
+        Some(match client.call_as::<ClusterInfo>(Request::Info).await {
+            Ok(info) => Ok(info),
+            Err(e @ ControlError::Busy(_)) => Err(("busy", e.to_string())),
+            Err(e) => Err(("not answering", error_chain(&e))),
+        })
+    };
+    let (state, error) = match tokio::time::timeout(LIST_TIMEOUT, ask).await {
+        Ok(None) => return None,
+        Ok(Some(Ok(info))) => return Some(Listed::Answering(info)),
+        Ok(Some(Err(why))) => why,
+        Err(_) => ("not answering", format!("no answer within {LIST_TIMEOUT:?}")),
+    };
+    let pid = std::fs::read_to_string(dir.join(PID_FILE)).ok().and_then(|s| s.trim().parse().ok());
+    Some(Listed::Silent(Silent { name, pid, state: state.to_owned(), error }))
+}
+
+/// `error` and its causes, `: `-separated.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line += &format!(": {cause}");
+        source = cause.source();
     }
-    out
+    line
 }
 
 // ---- the master side ---------------------------------------------------------
@@ -724,6 +976,8 @@ impl ControlServer {
                 let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
                 let uid = nix::unistd::getuid().as_raw();
                 let mut errors = tandem_protocol::AcceptErrors::new("control");
+                let mut refusals = Throttle::default();
+                let warnings = Arc::new(Warnings::default());
                 loop {
                     let stream = tokio::select! {
                         accepted = self.listener.accept() => match accepted {
@@ -749,16 +1003,22 @@ impl ControlServer {
                             continue;
                         }
                     }
-                    let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE));
                     let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-                        let refusal = Response::err(format!("too many control connections (limit {MAX_CONNECTIONS})"));
-                        tasks.spawn(async move { send(&mut framed, &refusal).await }.in_current_span());
+                        refuse(stream);
+                        if let Some(suppressed) = refusals.hit() {
+                            tracing::warn!(
+                                limit = MAX_CONNECTIONS,
+                                suppressed,
+                                "control connection refused: serving the limit of control connections"
+                            );
+                        }
                         continue;
                     };
-                    let (handle, cancel) = (handle.clone(), cancel.clone());
+                    let framed = Framed::new(stream, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
+                    let (handle, cancel, warnings) = (handle.clone(), cancel.clone(), Arc::clone(&warnings));
                     tasks.spawn(
                         async move {
-                            serve_connection(framed, handle, cancel).await;
+                            serve_connection(framed, handle, cancel, &warnings).await;
                             drop(permit);
                         }
                         .in_current_span(),
@@ -779,14 +1039,66 @@ impl Drop for ControlServer {
     }
 }
 
-async fn send(framed: &mut Framed<UnixStream, LinesCodec>, response: &Response) -> bool {
-    match serde_json::to_string(response) {
-        Ok(line) => framed.send(line).await.is_ok(),
-        Err(_) => false,
+/// Writes the refusal to a connection over [`MAX_CONNECTIONS`] and closes
+/// it, without a task: the line (about 150 bytes) goes into the new socket's
+/// empty send buffer at once. A request the client sent first stays unread;
+/// its client reads the refusal, then the reset.
+fn refuse(stream: UnixStream) {
+    let mut line = encode_reply(&Response::too_many_connections(), MAX_LINE);
+    line.push('\n');
+    let written = stream.into_std().and_then(|mut stream| stream.write(line.as_bytes()));
+    match written {
+        Ok(n) if n == line.len() => {}
+        Ok(n) => tracing::debug!(written = n, bytes = line.len(), "control refusal cut short"),
+        Err(e) => tracing::debug!(error = %e, "control refusal not written"),
     }
 }
 
-async fn serve_connection(mut framed: Framed<UnixStream, LinesCodec>, handle: MasterHandle, cancel: CancellationToken) {
+/// The rate limits of the warnings that a flood of connections can repeat.
+#[derive(Debug, Default)]
+struct Warnings {
+    bad_requests: std::sync::Mutex<Throttle>,
+    slow_readers: std::sync::Mutex<Throttle>,
+}
+
+impl Warnings {
+    /// Whether to log one more `which` now: `Some(held back since the last one)`.
+    fn hit(which: &std::sync::Mutex<Throttle>) -> Option<u64> {
+        which.lock().unwrap_or_else(|p| p.into_inner()).hit()
+    }
+}
+
+/// Writes one answer, whole, within [`WRITE_TIMEOUT`]. `false` when the
+/// connection is to be closed: the client went away, or did not read.
+async fn send(framed: &mut Framed<UnixStream, LinesCodec>, response: &Response, warnings: &Warnings) -> bool {
+    let line = encode_reply(response, MAX_LINE);
+    let bytes = line.len();
+    match tokio::time::timeout(WRITE_TIMEOUT, framed.send(line)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "control client gone before its answer was written");
+            false
+        }
+        Err(_) => {
+            if let Some(suppressed) = Warnings::hit(&warnings.slow_readers) {
+                tracing::warn!(
+                    bytes,
+                    timeout_ms = millis(WRITE_TIMEOUT),
+                    suppressed,
+                    "control client did not read its answer in time; connection closed and its slot freed"
+                );
+            }
+            false
+        }
+    }
+}
+
+async fn serve_connection(
+    mut framed: Framed<UnixStream, LinesCodec>,
+    handle: MasterHandle,
+    cancel: CancellationToken,
+    warnings: &Warnings,
+) {
     loop {
         let line = tokio::select! {
             line = tokio::time::timeout(IDLE_TIMEOUT, framed.next()) => line,
@@ -794,8 +1106,30 @@ async fn serve_connection(mut framed: Framed<UnixStream, LinesCodec>, handle: Ma
         };
         let line = match line {
             Ok(Some(Ok(line))) => line,
-            Ok(Some(Err(e))) => {
-                let _ = send(&mut framed, &Response::err(format!("bad request line: {e}"))).await;
+            Ok(Some(Err(LinesCodecError::MaxLineLengthExceeded))) => {
+                // The codec leaves what it read of the line in the buffer.
+                let response = Response::line_too_long(framed.read_buffer());
+                if let Some(suppressed) = Warnings::hit(&warnings.bad_requests) {
+                    tracing::warn!(
+                        limit = MAX_REQUEST_LINE,
+                        suppressed,
+                        "control request line too long; connection closed"
+                    );
+                }
+                let _ = send(&mut framed, &response, warnings).await;
+                return;
+            }
+            Ok(Some(Err(LinesCodecError::Io(e)))) if e.kind() != io::ErrorKind::InvalidData => {
+                tracing::debug!(error = %e, "control connection failed");
+                return;
+            }
+            Ok(Some(Err(LinesCodecError::Io(e)))) => {
+                // A line that is not UTF-8.
+                let response = Response::err(format!("bad request line: {e}"));
+                if let Some(suppressed) = Warnings::hit(&warnings.bad_requests) {
+                    tracing::warn!(error = %e, suppressed, "unreadable control request; connection closed");
+                }
+                let _ = send(&mut framed, &response, warnings).await;
                 return;
             }
             Ok(None) | Err(_) => return,
@@ -805,11 +1139,14 @@ async fn serve_connection(mut framed: Framed<UnixStream, LinesCodec>, handle: Ma
                 tracing::debug!(?request, "control request");
                 answer(request, &handle).await
             }
-            Err(e) => Response::err(format!(
-                "bad request {line:?}: {e}; expected {{\"cmd\":\"info|status|leader|reload|reload_agent|stop\"}}"
-            )),
+            Err(e) => {
+                if let Some(suppressed) = Warnings::hit(&warnings.bad_requests) {
+                    tracing::warn!(bytes = line.len(), error = %cut(&e.to_string(), 2 * ECHO_PREFIX), suppressed, "bad control request");
+                }
+                Response::bad_request(&line, &e)
+            }
         };
-        if !send(&mut framed, &response).await {
+        if !send(&mut framed, &response, warnings).await {
             return;
         }
     }
@@ -872,6 +1209,129 @@ mod tests {
         assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
         assert_eq!(serde_json::to_string(&Request::ReloadAgent).unwrap(), r#"{"cmd":"reload_agent"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+    }
+
+    #[test]
+    fn the_refusal_line_is_pinned() {
+        assert_eq!(
+            encode_reply(&Response::too_many_connections(), MAX_LINE),
+            r#"{"ok":false,"error":"the master is serving its limit of 16 control connections; try again","code":"too_many_connections"}"#
+        );
+        let refused = response_result(&encode_reply(&Response::too_many_connections(), MAX_LINE));
+        assert!(matches!(&refused, Err(e @ ControlError::Busy(_)) if e.is_retryable()), "{refused:?}");
+        let failed = response_result(r#"{"ok":false,"error":"reload already running"}"#);
+        assert!(matches!(&failed, Err(ControlError::Failed(e)) if e == "reload already running"), "{failed:?}");
+    }
+
+    #[test]
+    fn a_bad_request_is_echoed_cut_short_with_its_length() {
+        let why = |line: &str| {
+            let e = serde_json::from_str::<Request>(line).unwrap_err();
+            Response::bad_request(line, &e)
+        };
+        assert_eq!(
+            why("status").error.as_deref(),
+            Some(
+                r#"bad request (6 bytes, starting "status"): expected value at line 1 column 1; expected {"cmd":"info|status|leader|reload|reload_agent|stop"}"#
+            )
+        );
+        // The repro of issue 23: 4 MiB of \x01 (Debug-escaped, each is 5 bytes).
+        let flood = "\u{1}".repeat(4 * 1024 * 1024);
+        let line = encode_reply(&why(&flood), MAX_LINE);
+        assert!(line.len() < 1024, "{} bytes: {line}", line.len());
+        let prefix = r"\\u{1}".repeat(ECHO_PREFIX);
+        assert!(line.contains(&format!(r#"(4194304 bytes, starting \"{prefix}\"...): "#)), "{line}");
+        // The parser quotes an unknown command: cut short too.
+        let long = format!(r#"{{"cmd":"{}"}}"#, "é".repeat(2000));
+        let line = encode_reply(&why(&long), MAX_LINE);
+        assert!(line.len() < 1024, "{} bytes: {line}", line.len());
+        assert!(line.contains("(4010 bytes, starting ") && line.contains("unknown variant"), "{line}");
+        let too_long = encode_reply(&Response::line_too_long(&[b'x'; MAX_REQUEST_LINE + 1]), MAX_LINE);
+        assert!(too_long.len() < 1024, "{too_long}");
+        assert!(
+            too_long.contains(&format!("longer than 4096 bytes (the limit), starting \\\"{}\\\"...", "x".repeat(64)))
+        );
+    }
+
+    #[test]
+    fn cut_stops_at_a_character_boundary() {
+        assert_eq!(cut("abc", 10), "abc");
+        assert_eq!(cut("abc", 2), "ab");
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("", 0), "");
+    }
+
+    #[test]
+    fn an_answer_over_the_line_limit_is_replaced_by_an_error() {
+        let small = Response::ok("x".repeat(20));
+        assert_eq!(encode_reply(&small, 64), serde_json::to_string(&small).unwrap());
+        let big = Response::ok("x".repeat(100));
+        let line = encode_reply(&big, 64);
+        assert_eq!(line, r#"{"ok":false,"error":"the answer is 123 bytes, over the control socket's limit of 64"}"#);
+        assert_eq!(serde_json::to_string(&big).unwrap().len(), 123);
+    }
+
+    /// A client that never reads: its answer (larger than the socket's
+    /// buffers) is abandoned after `WRITE_TIMEOUT`, the connection to be
+    /// closed; one that reads gets it.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_not_read_is_abandoned_after_the_write_timeout() {
+        let answer = Response::ok("x".repeat(MAX_LINE - 100));
+        let (master, _client) = UnixStream::pair().unwrap();
+        let mut framed = Framed::new(master, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
+        let started = tokio::time::Instant::now();
+        assert!(!send(&mut framed, &answer, &Warnings::default()).await);
+        assert_eq!(started.elapsed(), WRITE_TIMEOUT);
+
+        let (master, client) = UnixStream::pair().unwrap();
+        let mut framed = Framed::new(master, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
+        let reader = tokio::spawn(async move {
+            let mut client = Framed::new(client, LinesCodec::new_with_max_length(MAX_LINE));
+            client.next().await.map(|line| line.map(|l| l.len()))
+        });
+        let started = tokio::time::Instant::now();
+        assert!(send(&mut framed, &answer, &Warnings::default()).await);
+        assert!(started.elapsed() < WRITE_TIMEOUT);
+        assert_eq!(reader.await.unwrap().unwrap().unwrap(), MAX_LINE - 100 + r#"{"ok":true,"result":""}"#.len());
+    }
+
+    /// The master refuses a connection over its limit (`refuse`) and closes
+    /// it: whether that happens before the client sent its request (which
+    /// then fails with EPIPE) or after, the client reads the refusal.
+    #[tokio::test]
+    async fn a_refused_client_reads_the_refusal_even_when_its_request_was_not_sent() {
+        let base = tempfile_dir();
+        let path = base.join("control.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let busy = "the master is serving its limit of 16 control connections; try again";
+
+        // Refused (and closed) before the request is sent.
+        let mut client = Client::connect_to(&path, "app").await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        refuse(stream);
+        match client.call(Request::Status).await {
+            Err(ControlError::Busy(why)) => assert_eq!(why, busy),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+
+        // Refused after the request arrived (it stays unread).
+        let mut client = Client::connect_to(&path, "app").await.unwrap();
+        let call = tokio::spawn(async move { client.call(Request::Status).await });
+        let (stream, _) = listener.accept().await.unwrap();
+        stream.readable().await.unwrap();
+        refuse(stream);
+        match call.await.unwrap() {
+            Err(ControlError::Busy(why)) => assert_eq!(why, busy),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+
+        // Closed without a word: the cause is said, not "bad answer".
+        let mut client = Client::connect_to(&path, "app").await.unwrap();
+        drop(listener.accept().await.unwrap());
+        let closed = client.call(Request::Status).await;
+        assert!(matches!(closed, Err(ControlError::Closed { .. })), "{closed:?}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! through each master's control socket (see `tandem_cluster::control`).
 //!
 //! ```text
-//! tandem ls                    # name, master pid, uptime, workers, state
+//! tandem ls                    # name, master pid, uptime, workers, state (or not answering)
 //! tandem status NAME [--json]  # one row per process, like `pm2 ls`
 //! tandem leader NAME [--json]  # the Leader's channels, keys, followers
 //! tandem reload NAME           # replace the workers one by one (exit 1 on failure)
 //! tandem reload NAME --agent   # replace the agent: its Leader fails over to a new one
 //! tandem stop NAME             # graceful stop; returns when every process is gone
 //! ```
+//!
+//! Exit codes: see [`EXIT_CODES`].
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use tandem::cluster::control::{
-    self, AgentReloadReport, Client, ClusterInfo, ControlError, ProcessInfo, ReloadReport, Request, StopReport,
+    self, AgentReloadReport, Client, ControlError, Listed, ProcessInfo, ReloadReport, Request, StopReport,
 };
 
 /// `print!` that ignores a closed stdout (`tandem status X | head`).
@@ -33,8 +35,20 @@ macro_rules! outln {
     }};
 }
 
+/// The exit codes, as `tandem --help` shows them.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  done
+  1  failed: no such cluster, its master not answering, another user's
+     cluster, a reload that failed (and was rolled back), a stop timed out
+  2  bad command line
+  3  the master is serving its limit of control connections: try again";
+
+/// Exit code 3: the master refused the connection at its limit.
+const EXIT_BUSY: u8 = 3;
+
 #[derive(Parser, Debug)]
-#[command(name = "tandem", about = "Operate the tandem clusters of this user", version)]
+#[command(name = "tandem", about = "Operate the tandem clusters of this user", version, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,6 +57,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The running clusters: name, master pid, uptime, workers, state.
+    ///
+    /// Every master is asked at once; one that gives no answer within 2 s is
+    /// listed as `not answering` (`busy` when it is serving its limit of
+    /// control connections), with the pid from its pid file.
     Ls {
         /// JSON array instead of a table.
         #[arg(long)]
@@ -105,7 +123,10 @@ fn main() -> ExitCode {
                 source = cause.source();
             }
             eprintln!("{line}");
-            ExitCode::FAILURE
+            match e {
+                ControlError::Busy(_) => ExitCode::from(EXIT_BUSY),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -229,14 +250,30 @@ fn bytes(n: u64) -> String {
     }
 }
 
-fn ls_table(clusters: &[ClusterInfo]) -> String {
+fn ls_table(clusters: &[Listed]) -> String {
     if clusters.is_empty() {
         return "no running clusters\n".to_owned();
     }
     let mut out = format!("{:<24} {:>8} {:>8} {:>8} {}\n", "NAME", "PID", "UPTIME", "WORKERS", "STATE");
-    for c in clusters {
-        let workers = format!("{}/{}", c.workers_online, c.workers);
-        out += &format!("{:<24} {:>8} {:>8} {:>8} {}\n", c.name, c.pid, duration(c.uptime_ms), workers, c.state);
+    for listed in clusters {
+        let row = |name: &str, pid: String, uptime: String, workers: String, state: &str| {
+            format!("{name:<24} {pid:>8} {uptime:>8} {workers:>8} {state}\n")
+        };
+        out += &match listed {
+            Listed::Answering(c) => row(
+                &c.name,
+                c.pid.to_string(),
+                duration(c.uptime_ms),
+                format!("{}/{}", c.workers_online, c.workers),
+                &c.state,
+            ),
+            Listed::Silent(s) => {
+                let pid = s.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+                row(&s.name, pid, "-".to_owned(), "-".to_owned(), &format!("{} ({})", s.state, s.error))
+            }
+            // A kind of entry this CLI does not know: its name at least.
+            other => row(other.name(), "-".to_owned(), "-".to_owned(), "-".to_owned(), "?"),
+        };
     }
     out
 }
