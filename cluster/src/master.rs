@@ -888,7 +888,9 @@ impl Master {
             return;
         }
         let mut hung = Vec::new();
-        for slot in std::iter::once(&mut self.agent).chain(self.workers.iter_mut()) {
+        // An agent asked to stop for its memory limit has its own deadline.
+        let agent = (!self.agent_memory_stop).then_some(&mut self.agent);
+        for slot in agent.into_iter().chain(self.workers.iter_mut()) {
             if slot.state != ProcessState::Ready {
                 continue;
             }
