@@ -54,6 +54,8 @@
 //! - with `--register`: `registered: worker=<id> pid=<pid> service=<service> epoch=<leader epoch>`
 //! - each value a worker receives: `worker=<id> pid=<pid> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
 //!   (`source=cache`: the agent's last-known-good value, served while the registry is unreachable)
+//! - after a process stopped answering the master's pings (SIGSTOP, a blocked runtime)
+//!   and was killed: `hung: agent (pid <pid>) silent_ms=<ms>; killed` (then it restarts)
 //! - after an agent restart: `agent restarted: pid=<pid> epoch=<epoch>`
 //! - after a worker restart: `worker restarted: worker=<id> pid=<pid>`
 //!
@@ -61,7 +63,8 @@
 //! any process starts: `--workers 0`, an empty or over-long `--subscribe` key.
 //!
 //! Try `kill -9` on the agent's pid: the master starts a new agent with a higher
-//! epoch, the workers reconnect and resubscribe, and the values resume. SIGTERM
+//! epoch, the workers reconnect and resubscribe, and the values resume. `kill
+//! -STOP` on it does the same about 3 seconds later: the master finds it hung. SIGTERM
 //! or Ctrl-C stops workers, then the agent, then the master (exit code 0).
 
 use std::path::PathBuf;
@@ -410,7 +413,9 @@ async fn master(
                     Err(error) => println!("upstream connections: unknown ({error:#}) (workers: {})", workers.len()),
                 }
             }
-            ClusterEvent::AgentRestarted { .. } | ClusterEvent::WorkerRestarted { .. } => println!("{event}"),
+            ClusterEvent::AgentRestarted { .. } | ClusterEvent::WorkerRestarted { .. } | ClusterEvent::Hung { .. } => {
+                println!("{event}")
+            }
             // Already logged once by the cluster (at a level fitting the event).
             _ => {}
         }

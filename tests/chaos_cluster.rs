@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Proc, example, field, poll_until, registry_binary};
+use common::{Proc, alive, example, field, poll_until, registry_binary};
 use nix::sys::signal::Signal;
 use tandem::registry::Client;
 use tokio::sync::Mutex;
@@ -191,6 +191,164 @@ async fn the_agent_killed_10_times_and_the_registry_restarted_twice_under_writes
             writer.stats().await.map(|s| s.connections == 1).unwrap_or(false)
         })
         .await;
+    })
+    .await
+    .expect("test timed out")
+}
+
+/// A SIGSTOPped process, SIGKILLed and resumed when dropped unless the test saw it gone.
+struct Stopped {
+    pid: i32,
+    gone: bool,
+}
+
+impl Stopped {
+    fn stop(pid: i32) -> Stopped {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+        Stopped { pid, gone: false }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if !self.gone {
+            let pid = nix::unistd::Pid::from_raw(self.pid);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+        }
+    }
+}
+
+/// Issue 23 §4: a hung Leader (its agent SIGSTOPped, as a runtime blocked by
+/// user code looks to the master) is found by the master's pings within
+/// `agent_hang_timeout` (3 s) plus one `ping_interval` (1 s), SIGKILLed and
+/// replaced by a new agent at a higher epoch; the workers get values at that
+/// epoch, never an older one after it, and the stopped process is gone. When
+/// the cluster stops, its name's directory goes too.
+#[tokio::test]
+async fn a_sigstopped_agent_is_found_hung_killed_and_replaced_at_a_new_epoch() {
+    tokio::time::timeout(TIMEOUT, async {
+        let name = format!("hang-{}", std::process::id());
+        let args = ["--workers", "2", "--write-every", "100", "--name", &name];
+        let mut master = Proc::spawn(&example("config_center"), &args);
+        let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+        let agent: i32 = field(&ready, "agent").unwrap().parse().unwrap();
+        let dir = tandem::cluster::control::clusters_dir().join(&name);
+        assert!(dir.join("lock").exists(), "{} holds the name's lock", dir.display());
+        // Both workers get values from the first Leader.
+        let mut ids = BTreeSet::new();
+        while ids.len() < WORKERS {
+            let line =
+                master.expect_line(LINE, |l| field(l, "epoch") == Some("1") && field(l, "value").is_some()).await;
+            ids.insert(field(&line, "worker").unwrap().to_string());
+        }
+
+        let mut stopped = Stopped::stop(agent);
+        let at = std::time::Instant::now();
+        let hung = master.expect_line(LINE, |l| l.starts_with("hung: agent")).await;
+        let found = at.elapsed();
+        assert!(hung.contains(&format!("(pid {agent})")), "{hung}");
+        let silent_ms: u64 = field(&hung, "silent_ms").unwrap().trim_end_matches(';').parse().unwrap();
+        // Judged at a ping tick: silent for the 3 s timeout, less than one more interval.
+        assert!((3000..4500).contains(&silent_ms), "{hung}");
+        // Its last answer came at most one interval before the stop.
+        assert!(found >= Duration::from_secs(2) && found < Duration::from_millis(4500), "found after {found:?}");
+        let line = master.expect_line(LINE, |l| l.starts_with("agent restarted:")).await;
+        let replaced = at.elapsed();
+        assert_eq!(field(&line, "epoch"), Some("2"), "{line}");
+        assert_ne!(field(&line, "pid"), Some(agent.to_string().as_str()));
+        // The restart delay (100 ms) and a start-up on a busy machine.
+        assert!(replaced < Duration::from_secs(8), "replaced after {replaced:?}");
+        // SIGKILLed while stopped, and reaped by the master: it never serves again.
+        poll_until(LINE, "the stopped agent to be gone", || async move { !alive(agent) }).await;
+        stopped.gone = true;
+
+        let mut new_epoch = BTreeSet::new();
+        while new_epoch.len() < WORKERS {
+            let line =
+                master.expect_line(LINE, |l| field(l, "epoch") == Some("2") && field(l, "value").is_some()).await;
+            new_epoch.insert(field(&line, "worker").unwrap().to_string());
+        }
+        assert_eq!(new_epoch, ids);
+        assert_in_order(&master.seen);
+        eprintln!("SIGSTOPped agent found hung after {found:?} (silent {silent_ms} ms), replaced after {replaced:?}");
+
+        master.signal(Signal::SIGTERM);
+        assert!(master.finish(LINE).await.success());
+        assert_in_order(&master.seen);
+        assert!(!dir.exists(), "the name's directory {} is removed when the cluster stops", dir.display());
+    })
+    .await
+    .expect("test timed out")
+}
+
+/// The master's descriptor limit in the next test: low, so that a few hundred
+/// connections fill its table.
+const MASTER_NOFILE: usize = 256;
+
+/// The master's open descriptors.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Issue 23 §3: with the master's descriptor table full (its soft and hard
+/// `RLIMIT_NOFILE` at 256, and idle connections held on its `/metrics`
+/// listener), a `kill -9`ed worker is respawned within its normal restart
+/// delay, with the descriptors the master keeps in reserve, and its slot never
+/// goes `failed`; `tandem status` still gets its answer.
+#[tokio::test]
+async fn a_worker_killed_while_the_masters_descriptors_are_exhausted_is_respawned() {
+    tokio::time::timeout(TIMEOUT, async {
+        let exe = example("config_center");
+        let script = format!("ulimit -n {MASTER_NOFILE} && exec \"$0\" \"$@\"");
+        let name = format!("fds-{}", std::process::id());
+        let args =
+            ["-c", &script, exe.to_str().unwrap(), "--workers", "2", "--metrics", "127.0.0.1:0", "--name", &name];
+        let mut master = Proc::spawn_with(std::path::Path::new("/bin/sh"), &args, &[], true);
+        let line = master.expect_line(LINE, |l| l.starts_with("metrics on ")).await;
+        let metrics: std::net::SocketAddr = line.trim_start_matches("metrics on ").trim().parse().unwrap();
+        let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+        let victim: i32 = field(&ready, "workers").unwrap().split(',').next().unwrap().parse().unwrap();
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", master.pid)).unwrap();
+        let nofile = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+        assert_eq!(nofile.split_whitespace().nth(3), Some(MASTER_NOFILE.to_string().as_str()), "{nofile}");
+
+        // Idle connections until the master's table is full (the rest wait in the backlog).
+        let mut flood = Vec::new();
+        for _ in 0..MASTER_NOFILE + 64 {
+            flood.push(tokio::net::TcpStream::connect(metrics).await.unwrap());
+        }
+        let pid = master.pid;
+        poll_until(LINE, "the master's descriptor table to be full", || async move { open_fds(pid) >= MASTER_NOFILE })
+            .await;
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+        let at = std::time::Instant::now();
+        let line = master.expect_line(LINE, |l| l.starts_with("worker restarted:")).await;
+        let took = at.elapsed();
+        let new: i32 = field(&line, "pid").unwrap().parse().unwrap();
+        assert_ne!(new, victim);
+        // The first restart delay is 100 ms; the rest is the start-up of a worker.
+        assert!(took < Duration::from_secs(5), "respawned after {took:?}");
+        // The table was still full: the spawn took the reserve.
+        assert!(open_fds(pid) >= MASTER_NOFILE - 1, "{} descriptors", open_fds(pid));
+        assert!(master.seen.iter().any(|l| l.contains("descriptor table full: spawned with the reserve")));
+        // The new worker serves: it gets values through the Leader.
+        let new_pid = new.to_string();
+        master.expect_line(LINE, |l| field(l, "pid") == Some(new_pid.as_str()) && field(l, "value").is_some()).await;
+        for line in &master.seen {
+            assert!(!line.contains("slot failed") && !line.contains("could not spawn"), "{line}");
+        }
+        // The control socket answers too, with a descriptor of the reserve.
+        assert!(open_fds(pid) >= MASTER_NOFILE - 1, "{} descriptors", open_fds(pid));
+        let mut control = tandem::cluster::control::Client::connect(&name).await.unwrap();
+        let status = control.call(tandem::cluster::control::Request::Status).await.unwrap().to_string();
+        assert!(status.contains(&format!("\"pid\":{new}")), "{status}");
+        eprintln!("worker {victim} killed with the master's table full; {new} ready after {took:?}");
+
+        drop(flood);
+        master.signal(Signal::SIGTERM);
+        assert!(master.finish(LINE).await.success());
     })
     .await
     .expect("test timed out")

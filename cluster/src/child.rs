@@ -378,6 +378,14 @@ impl Dispatch {
             ToChild::ClusterReady => {
                 self.cluster_ready.send_replace(true);
             }
+            ToChild::Ping { seq } => {
+                // Answered here, by the task that reads the channel: only a
+                // runtime that runs answers. When the writer's queue is full
+                // the master is not reading; this ping then goes unanswered.
+                if let Err(e) = self.shared.writer.try_send(FromChild::Pong { seq }) {
+                    tracing::debug!(error = %e, seq, "ping not answered");
+                }
+            }
             ToChild::Stop { grace_ms } => {
                 tracing::debug!(grace_ms, "the master asks this process to stop");
                 self.stop.cancel();

@@ -87,6 +87,22 @@ pub struct Config {
     /// `TANDEM_` (the cluster's own) makes the master fail at start with
     /// [`Error::InvalidChildEnv`](crate::Error::InvalidChildEnv). The default is none.
     pub child_env: Vec<(String, String)>,
+    /// How often the master pings each ready child it watches for hangs (see
+    /// `agent_hang_timeout`). The child answers from its tokio runtime, so a
+    /// stopped process (SIGSTOP) or a runtime whose threads are all blocked
+    /// does not. Zero turns hang detection off for every process. The default
+    /// is 1 second.
+    pub ping_interval: Duration,
+    /// An agent that answers no ping for this long is hung: the master logs it
+    /// at ERROR, SIGKILLs it and restarts it as after a crash (a new epoch; the
+    /// followers reconnect to the new Leader). It is detected at the next ping,
+    /// so within this plus `ping_interval` of its last answer; a value under two
+    /// ping intervals is raised to that. `None` turns it off. The default is 3 seconds.
+    pub agent_hang_timeout: Option<Duration>,
+    /// The same for each worker. The default (`None`) is off: a worker runs
+    /// the application's own code, which may block its runtime on purpose;
+    /// turn it on when a blocked worker should be replaced.
+    pub worker_hang_timeout: Option<Duration>,
 }
 
 impl Default for Config {
@@ -112,6 +128,9 @@ impl Default for Config {
             metrics_header_timeout: Duration::from_secs(5),
             metrics_idle_timeout: Duration::from_secs(30),
             child_env: Vec::new(),
+            ping_interval: Duration::from_secs(1),
+            agent_hang_timeout: Some(Duration::from_secs(3)),
+            worker_hang_timeout: None,
         }
     }
 }
@@ -122,6 +141,18 @@ impl Config {
     /// process's queue in the master), and at least 1.
     pub(crate) fn link_window(&self) -> usize {
         self.link_capacity.min(self.queue_capacity / 2).max(1)
+    }
+
+    /// The hang timeout of a process of this slot, when hang detection is on.
+    pub(crate) fn hang_timeout(&self, slot: crate::types::SlotId) -> Option<Duration> {
+        if self.ping_interval.is_zero() {
+            return None;
+        }
+        match slot {
+            crate::types::SlotId::Agent => self.agent_hang_timeout,
+            crate::types::SlotId::Worker(_) => self.worker_hang_timeout,
+        }
+        .filter(|t| !t.is_zero())
     }
 
     /// The number of workers to run.

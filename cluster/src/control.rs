@@ -61,9 +61,9 @@
 //! about 300 bytes).
 
 use std::collections::HashMap;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{DirBuilder, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -897,7 +897,9 @@ pub(crate) struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     pid_file: PathBuf,
-    _lock: nix::fcntl::Flock<File>,
+    /// The name's directory, removed with the lock file at drop.
+    dir: PathBuf,
+    lock: Option<nix::fcntl::Flock<File>>,
 }
 
 impl ControlServer {
@@ -910,23 +912,15 @@ impl ControlServer {
         validate_name(name)?;
         let dir = clusters.join(name);
         let setup = |source| Error::Control { what: "control socket", path: dir.display().to_string(), source };
-        private_dir(clusters).map_err(setup)?;
-        private_dir(&dir).map_err(setup)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(dir.join(LOCK_FILE))
-            .map_err(setup)?;
         let pid_file = dir.join(PID_FILE);
-        let lock = match nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+        // The name's directory goes when its master stops: (re)made under the lock's retry.
+        let prepare = || private_dir(clusters).and_then(|()| private_dir(&dir));
+        let lock = match crate::runtime_dir::lock_name_dir(&dir, LOCK_FILE, prepare).map_err(setup)? {
+            Some(lock) => lock,
+            None => {
                 let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
                 return Err(Error::NameInUse { name: name.to_owned(), pid });
             }
-            Err((_, errno)) => return Err(setup(errno.into())),
         };
         let path = dir.join(SOCKET_FILE);
         // We hold the lock: a socket file here is a dead master's.
@@ -939,7 +933,7 @@ impl ControlServer {
         let mut file = File::create(&pid_file).map_err(setup)?;
         writeln!(file, "{}", std::process::id()).map_err(setup)?;
         tracing::debug!(path = %path.display(), "control socket");
-        Ok(ControlServer { listener, path, pid_file, _lock: lock })
+        Ok(ControlServer { listener, path, pid_file, dir, lock: Some(lock) })
     }
 
     /// Binds the default name (the executable's file name); when a live
@@ -986,6 +980,10 @@ impl ControlServer {
                                 stream
                             }
                             Err(e) => {
+                                // Out of descriptors: one of the master's reserve for this accept.
+                                if crate::descriptors::release_one_for(&e) {
+                                    continue;
+                                }
                                 tokio::time::sleep(errors.failed(&e)).await;
                                 continue;
                             }
@@ -1036,6 +1034,9 @@ impl Drop for ControlServer {
         // The lock is still ours: these files are ours to remove.
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(&self.pid_file);
+        if let Some(lock) = self.lock.take() {
+            crate::runtime_dir::remove_name_dir(&self.dir, LOCK_FILE, lock);
+        }
     }
 }
 
@@ -1359,7 +1360,9 @@ mod tests {
         assert_eq!(std::fs::metadata(&clusters).unwrap().mode() & 0o777, 0o700);
         assert!(ControlServer::bind_in(&clusters, "other").is_ok());
         drop(first);
-        // A master that died leaves its socket file behind (and no lock holder).
+        assert!(!clusters.join("app").exists(), "a stopped master removes its name's directory");
+        // A master that died leaves its directory and socket file behind (and no lock holder).
+        private_dir(&clusters.join("app")).unwrap();
         let stale = clusters.join("app").join(SOCKET_FILE);
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
         assert!(stale.exists());

@@ -156,6 +156,15 @@ pub enum ClusterEvent {
         /// Why.
         reason: String,
     },
+    /// A ready process answered no ping for its hang timeout
+    /// ([`Config::agent_hang_timeout`](crate::Config::agent_hang_timeout)): it
+    /// was SIGKILLed, and is restarted as after a crash.
+    Hung {
+        /// The process.
+        process: ProcessRef,
+        /// How long it had not answered.
+        silent_for: Duration,
+    },
     /// A process's RSS exceeded its memory limit.
     MemoryLimit {
         /// The role.
@@ -229,6 +238,9 @@ impl fmt::Display for ClusterEvent {
                 write!(f, "agent reloaded: old={old} new={new} epoch={epoch}")
             }
             ClusterEvent::ReloadFailed { reason } => write!(f, "reload failed: {reason}"),
+            ClusterEvent::Hung { process, silent_for } => {
+                write!(f, "hung: {process} silent_ms={}; killed", silent_for.as_millis())
+            }
             ClusterEvent::MemoryLimit { role, worker_id, pid, rss, limit } => write!(
                 f,
                 "memory limit: {} pid={pid} rss_mib={:.1} limit_mib={:.1}",

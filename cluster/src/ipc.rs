@@ -14,6 +14,10 @@
 //!   |<------------------------------------------|
 //!   | ClusterReady, AgentChanged, Stop{grace}   |   control (own queue, sent first)
 //!   |------------------------------------------>|
+//!   | Ping{seq}  (every ping interval, once ready)
+//!   |------------------------------------------>|
+//!   |                                 Pong{seq} |   from the child's runtime (see `liveness`)
+//!   |<------------------------------------------|
 //!   |                                Op{id, op}  |   send / request / status / open link
 //!   |<------------------------------------------|
 //!   | Outcome{id, outcome}                      |
@@ -53,6 +57,8 @@ pub(crate) enum ToChild {
     ClusterReady,
     /// Control: stop gracefully within this many milliseconds.
     Stop { grace_ms: u64 },
+    /// Control: answer with `Pong { seq }` (see [`liveness`](crate::liveness)).
+    Ping { seq: u64 },
     /// Control: the outcome of the child's `Op` with this id.
     Outcome { id: u64, outcome: Outcome },
     /// Data: a user message.
@@ -113,6 +119,9 @@ pub(crate) struct Delivery {
 pub(crate) enum FromChild {
     /// Lifecycle: the child's start function reported ready.
     Ready(Ready),
+    /// Lifecycle: the answer to `Ping { seq }`, sent by the task that reads
+    /// the channel: the child's runtime runs.
+    Pong { seq: u64 },
     /// An operation the master answers with an `Outcome` of the same id.
     Op { id: u64, op: Op },
     /// The answer to a delivered request.

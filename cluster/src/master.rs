@@ -30,6 +30,7 @@ use crate::control::{ControlServer, ControlStats, MasterHandle, OpsCall, Snapsho
 use crate::events::Events;
 use crate::ipc::{Delivery, FromChild, Init, MasterCodec, Outcome, Ready, ToChild};
 use crate::listeners::BoundListeners;
+use crate::liveness::{Liveness, Verdict};
 use crate::master_context::MasterContext;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
 use crate::round_robin::{Cmd as RrCmd, RoundRobin};
@@ -82,6 +83,12 @@ pub(crate) enum Input {
 pub(crate) enum Timer {
     StartDeadline(ProcKey),
     Restart {
+        slot: SlotId,
+        id: u64,
+    },
+    /// Another attempt after a spawn failed for a transient lack of resources
+    /// (not a restart: not counted in the slot's restarts).
+    Retry {
         slot: SlotId,
         id: u64,
     },
@@ -178,6 +185,7 @@ impl Master {
         };
         let dir = RuntimeDir::create(&name)?;
         let token = new_token()?;
+        crate::descriptors::master_reserve().refill();
         let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
         check_child_env(&config.child_env)?;
@@ -273,6 +281,10 @@ impl Master {
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut memory = tokio::time::interval(MEMORY_SAMPLE_EVERY);
         memory.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Zero (hang detection off) never ticks; `interval` refuses a zero period.
+        let pinging = !self.config.ping_interval.is_zero();
+        let mut ping = tokio::time::interval(self.config.ping_interval.max(Duration::from_millis(1)));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !matches!(self.stopping, Some(Stopping { stage: Stage::Done, .. })) {
             tokio::select! {
                 Some(input) = self.input_rx.recv() => {
@@ -299,8 +311,12 @@ impl Master {
                 _ = memory.tick(), if self.config.worker_max_memory.is_some() || self.config.agent_max_memory.is_some() => {
                     self.check_memory()
                 }
+                _ = ping.tick(), if pinging => self.check_liveness(Instant::now()),
                 _ = self.shutdown_requested.cancelled(), if self.stopping.is_none() => self.begin_stop(),
-                _ = prune.tick() => self.route(|router, _| router.on_tick(Instant::now())),
+                _ = prune.tick() => {
+                    self.route(|router, _| router.on_tick(Instant::now()));
+                    self.refill_reserve();
+                }
             }
         }
         if self.config.status_at_exit {
@@ -358,7 +374,11 @@ impl Master {
     /// DEBUG during shutdown, where exits are expected), the rest at INFO.
     pub(crate) fn emit(&self, event: ClusterEvent) {
         match &event {
-            ClusterEvent::Spawned { .. } | ClusterEvent::AgentReady { .. } | ClusterEvent::WorkerReady { .. } => {
+            // Hung: logged at ERROR, with its fields, where it is decided.
+            ClusterEvent::Spawned { .. }
+            | ClusterEvent::AgentReady { .. }
+            | ClusterEvent::WorkerReady { .. }
+            | ClusterEvent::Hung { .. } => {
                 tracing::debug!(%event, "cluster event")
             }
             ClusterEvent::Exited { .. }
@@ -449,7 +469,7 @@ impl Master {
             }
             SlotId::Worker(_) => 0,
         };
-        let spawned = self.program.spawn(slot.role(), slot.worker_id())?;
+        let spawned = self.spawn_process(slot)?;
         let pid = spawned.pid;
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CAPACITY);
         let (data_tx, data_rx) = mpsc::channel(self.config.queue_capacity.max(1));
@@ -501,17 +521,81 @@ impl Master {
             s.proc = Some(proc);
             s.state = ProcessState::Starting;
             s.backoff.spawned();
+            let transient = std::mem::take(&mut s.transient_failures);
+            if transient > 0 {
+                tracing::info!(%slot, pid, failed_attempts = transient, "spawned again: the resources freed");
+            }
         }
         self.after(timeout, Timer::StartDeadline(key));
         self.emit(ClusterEvent::Spawned { process, epoch: (slot == SlotId::Agent).then_some(epoch) });
         Ok(())
     }
 
+    /// Spawns a child; when the descriptor table is full, gives back the
+    /// reserve and tries once more, then takes the reserve again.
+    fn spawn_process(&mut self, slot: SlotId) -> std::io::Result<crate::spawn::Spawned> {
+        let error = match self.program.spawn(slot.role(), slot.worker_id()) {
+            Err(e) if crate::descriptors::is_fd_exhaustion(&e) && crate::descriptors::master_reserve().held() > 0 => e,
+            result => {
+                self.refill_reserve();
+                return result;
+            }
+        };
+        let mut reserve = crate::descriptors::master_reserve();
+        let released = reserve.release();
+        let result = self.program.spawn(slot.role(), slot.worker_id());
+        let held = reserve.refill();
+        drop(reserve);
+        match &result {
+            Ok(spawned) => {
+                tracing::warn!(%slot, error = %error, released, held, pid = spawned.pid, "descriptor table full: spawned with the reserve")
+            }
+            Err(e) => tracing::debug!(%slot, error = %e, released, held, "descriptor table full even with the reserve"),
+        }
+        result
+    }
+
+    /// Reopens what of the descriptor reserve is missing (a no-op when it is full).
+    fn refill_reserve(&self) {
+        let mut reserve = crate::descriptors::master_reserve();
+        let before = reserve.held();
+        if before < crate::descriptors::RESERVE && reserve.refill() == crate::descriptors::RESERVE {
+            tracing::info!(reopened = crate::descriptors::RESERVE - before, "descriptor reserve complete again");
+        }
+    }
+
     fn spawn_failed(&mut self, slot: SlotId, error: &std::io::Error) {
         let process = ProcessRef { role: slot.role(), worker_id: slot.worker_id(), pid: None };
+        if crate::descriptors::is_transient(error) {
+            self.spawn_failed_transiently(slot, error);
+            return;
+        }
         tracing::error!(slot = %slot, error = %error, "could not spawn");
         self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Spawn(error.to_string()) });
         self.schedule_restart(slot);
+    }
+
+    /// The spawn failed for a lack of resources that frees by itself: retry
+    /// with a capped backoff, without counting towards the crash-loop limit
+    /// (the slot stays `BackingOff`, never `Failed`). WARN the first time.
+    fn spawn_failed_transiently(&mut self, slot: SlotId, error: &std::io::Error) {
+        let Some(s) = self.slot_mut(slot) else { return };
+        s.transient_failures = s.transient_failures.saturating_add(1);
+        s.state = ProcessState::BackingOff;
+        s.timer += 1;
+        let (failures, id) = (s.transient_failures, s.timer);
+        let delay = crate::descriptors::transient_retry_delay(failures);
+        if failures == 1 {
+            tracing::warn!(
+                %slot,
+                error = %error,
+                retry_in_ms = delay.as_millis() as u64,
+                "could not spawn for a lack of resources; retrying until it frees (not counted as a crash)"
+            );
+        } else {
+            tracing::debug!(%slot, error = %error, failures, "spawn still short of resources");
+        }
+        self.after(delay, Timer::Retry { slot, id });
     }
 
     pub(crate) fn schedule_restart(&mut self, slot: SlotId) {
@@ -578,6 +662,13 @@ impl Master {
         let origin = proc.sender();
         match msg {
             FromChild::Ready(ready) => self.on_ready(key, ready),
+            FromChild::Pong { seq } => {
+                if let Some(live) =
+                    self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)).and_then(|p| p.liveness.as_mut())
+                {
+                    live.answered(seq, Instant::now());
+                }
+            }
             FromChild::Op { id, op } => self.route(|router, peers| {
                 router.on_op(peers, Instant::now(), origin, Some(key), op, Responder::Remote { key, id })
             }),
@@ -656,6 +747,10 @@ impl Master {
 
     fn on_ready(&mut self, key: ProcKey, ready: Ready) {
         let announced = self.announced;
+        let watch = self
+            .config
+            .hang_timeout(key.slot)
+            .map(|timeout| Liveness::new(timeout, self.config.ping_interval, Instant::now()));
         let Some(slot) = self.slot_mut(key.slot) else { return };
         if slot.state != ProcessState::Starting || slot.proc.as_ref().is_none_or(|p| p.key != key || p.timed_out) {
             return; // a second report, one during shutdown, or one after the deadline
@@ -666,6 +761,7 @@ impl Master {
                 slot.backoff.ready();
                 let restarted = std::mem::replace(&mut slot.ever_ready, true);
                 let Some(proc) = slot.proc.as_mut() else { return };
+                proc.liveness = watch;
                 proc.socket = Some(socket.clone());
                 let (pid, epoch) = (proc.pid, proc.epoch);
                 if announced {
@@ -699,7 +795,8 @@ impl Master {
                 slot.backoff.ready();
                 let replacing = slot.previous.is_some();
                 let restarted = std::mem::replace(&mut slot.ever_ready, true) && !replacing;
-                let Some(proc) = slot.proc.as_ref() else { return };
+                let Some(proc) = slot.proc.as_mut() else { return };
+                proc.liveness = watch;
                 let pid = proc.pid;
                 if announced {
                     proc.control(ToChild::ClusterReady);
@@ -788,6 +885,44 @@ impl Master {
         self.schedule_restart(key.slot);
     }
 
+    /// A ping tick: pings every ready process watched for hangs, and SIGKILLs
+    /// one silent for its hang timeout (its exit is then handled as a crash:
+    /// restart with backoff, a new epoch for the agent). Nothing is judged
+    /// during shutdown, nor a process being replaced or stopped (those have
+    /// their own deadlines).
+    fn check_liveness(&mut self, now: Instant) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let mut hung = Vec::new();
+        // An agent asked to stop for its memory limit has its own deadline.
+        let agent = (!self.agent_memory_stop).then_some(&mut self.agent);
+        for slot in agent.into_iter().chain(self.workers.iter_mut()) {
+            if slot.state != ProcessState::Ready {
+                continue;
+            }
+            let Some(proc) = slot.proc.as_mut() else { continue };
+            let Some(live) = proc.liveness.as_mut() else { continue };
+            match live.tick(now) {
+                Verdict::Ping(seq) => proc.control(ToChild::Ping { seq }),
+                Verdict::Hung { silent_for } => {
+                    tracing::error!(
+                        pid = proc.pid,
+                        slot = %slot.id,
+                        silent_ms = u64::try_from(silent_for.as_millis()).unwrap_or(u64::MAX),
+                        "no answer to pings: hung; SIGKILL, then restart as after a crash"
+                    );
+                    proc.liveness = None;
+                    proc.kill();
+                    hung.push(ClusterEvent::Hung { process: proc.process_ref(), silent_for });
+                }
+            }
+        }
+        for event in hung {
+            self.emit(event);
+        }
+    }
+
     fn on_timer(&mut self, timer: Timer) {
         match timer {
             Timer::StartDeadline(key) => {
@@ -820,6 +955,18 @@ impl Master {
                     return;
                 }
                 s.restarts += 1;
+                if let Err(e) = self.start(slot) {
+                    self.spawn_failed(slot, &e);
+                }
+            }
+            Timer::Retry { slot, id } => {
+                if self.stopping.is_some() {
+                    return;
+                }
+                let Some(s) = self.slot_mut(slot) else { return };
+                if s.timer != id || s.state != ProcessState::BackingOff {
+                    return;
+                }
                 if let Err(e) = self.start(slot) {
                     self.spawn_failed(slot, &e);
                 }
@@ -1042,6 +1189,15 @@ pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) ->
     let pid = std::process::id();
     let span = tracing::info_span!("tandem", role = "master", pid, cluster = %name);
     async move {
+        match crate::descriptors::raise_nofile_limit() {
+            Ok(crate::descriptors::Raised::Raised { from, to }) => {
+                tracing::info!(from, to, "raised the soft descriptor limit (RLIMIT_NOFILE) to the hard limit")
+            }
+            Ok(crate::descriptors::Raised::AtHard(limit)) => {
+                tracing::debug!(limit, "the descriptor limit (RLIMIT_NOFILE) is already at its hard limit")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not raise the descriptor limit (RLIMIT_NOFILE)"),
+        }
         let mut master = Master::new(name, config)?;
         let result = master.serve(hook).await;
         let tasks = master.tasks.clone();

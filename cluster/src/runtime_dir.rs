@@ -1,5 +1,7 @@
 //! The master's private runtime directory (mode 0700, unique name, removed at
-//! exit) and the cluster's random token.
+//! exit), the cluster's random token, and the lock of a cluster's name
+//! directory (`<clusters dir>/<name>/`, see [`control`](crate::control)),
+//! removed with its directory when its master stops.
 //!
 //! A master killed with SIGKILL cannot remove its directory, so a starting
 //! master removes the leftovers of dead masters of the same user first:
@@ -69,6 +71,75 @@ impl Drop for RuntimeDir {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "could not remove the runtime directory");
         }
+    }
+}
+
+/// Takes the exclusive lock of a cluster's name directory: the file `lock`
+/// (created 0600) in `dir`, which `prepare` creates first. `Ok(None)`: a live
+/// master holds it.
+///
+/// A stopping master unlinks the lock file (still holding it) and then removes
+/// the directory ([`remove_name_dir`]). A master that opened the file just
+/// before the unlink would lock a file no longer in the directory: so after
+/// locking, the file at `lock`'s path must be the one locked, else (or when the
+/// directory vanished under `prepare`) this starts over.
+pub(crate) fn lock_name_dir(
+    dir: &Path,
+    lock: &str,
+    prepare: impl Fn() -> io::Result<()>,
+) -> io::Result<Option<Flock<File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    const ATTEMPTS: usize = 100;
+    let path = dir.join(lock);
+    let mut last = io::Error::from(io::ErrorKind::NotFound);
+    for _ in 0..ATTEMPTS {
+        prepare()?;
+        let file = match OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path) {
+            Ok(file) => file,
+            // The directory was removed by the master that stopped: again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                last = e;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, errno)) => return Err(errno.into()),
+        };
+        let held = locked.metadata()?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(Some(locked)),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => last = e,
+            Err(e) => return Err(e),
+        }
+        // Unlinked (and maybe replaced) while we waited: not the name's lock.
+    }
+    Err(last)
+}
+
+/// Removes a stopping master's name directory: unlinks the lock file while
+/// `locked` still holds it (see [`lock_name_dir`]), releases the lock, then
+/// removes the directory if it is empty. A directory that is not empty (a new
+/// master of the same name has already put its own lock file there) stays.
+/// Call it after removing the master's other files in `dir`. Best effort: a
+/// failure is logged, and the next master of the name takes the leftovers over.
+pub(crate) fn remove_name_dir(dir: &Path, lock: &str, locked: Flock<File>) {
+    match std::fs::remove_file(dir.join(lock)) {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::debug!(path = %dir.display(), error = %e, "could not remove the name's lock file");
+            return;
+        }
+    }
+    drop(locked);
+    match std::fs::remove_dir(dir) {
+        Ok(()) => tracing::debug!(path = %dir.display(), "removed the cluster's name directory"),
+        // Another master of this name took it meanwhile, or it is gone already.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOENT)) => {}
+        Err(e) => tracing::warn!(path = %dir.display(), error = %e, "could not remove the cluster's name directory"),
     }
 }
 
@@ -193,6 +264,64 @@ mod tests {
         assert!(!dead.exists() && !old.exists());
         assert!(live.path().exists() && starting.exists() && other.exists() && target.exists());
         assert!(std::fs::symlink_metadata(&link).is_ok());
+    }
+
+    /// The name's directory as `control` makes it: the directory, then the lock.
+    fn lock(dir: &Path) -> io::Result<Option<Flock<File>>> {
+        lock_name_dir(dir, "lock", || match DirBuilder::new().mode(0o700).create(dir) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        })
+    }
+
+    #[test]
+    fn a_name_directory_is_locked_once_and_removed_with_its_lock_when_released() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("app");
+        let first = lock(&dir).unwrap().expect("free");
+        assert!(lock(&dir).unwrap().is_none(), "held by the first");
+        File::create(dir.join("master.pid")).unwrap();
+        std::fs::remove_file(dir.join("master.pid")).unwrap();
+        remove_name_dir(&dir, "lock", first);
+        assert!(!dir.exists(), "the directory and its lock file are gone");
+        // The name is free again: a next master makes it anew.
+        let again = lock(&dir).unwrap().expect("free again");
+        assert!(dir.join("lock").exists());
+        drop(again);
+    }
+
+    #[test]
+    fn a_master_that_opened_the_lock_before_its_removal_does_not_keep_the_dead_file() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("app");
+        let first = lock(&dir).unwrap().expect("free");
+        // A second master opened the lock file and waits to lock it ...
+        let early = OpenOptions::new().write(true).open(dir.join("lock")).unwrap();
+        // ... while the first stops and removes the name's directory.
+        remove_name_dir(&dir, "lock", first);
+        assert!(!dir.exists());
+        // Its lock on the unlinked file succeeds, but that is not the name's lock:
+        let stale = Flock::lock(early, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e).unwrap();
+        assert!(std::fs::symlink_metadata(dir.join("lock")).is_err());
+        // lock_name_dir starts over on the path instead, so two masters never both own it.
+        let second = lock(&dir).unwrap().expect("the name's real lock");
+        assert!(lock(&dir).unwrap().is_none());
+        let held = second.metadata().unwrap();
+        let at_path = std::fs::metadata(dir.join("lock")).unwrap();
+        assert_eq!((held.dev(), held.ino()), (at_path.dev(), at_path.ino()));
+        assert_ne!(stale.metadata().unwrap().ino(), held.ino());
+    }
+
+    #[test]
+    fn a_name_directory_another_master_already_uses_is_left_in_place() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("app");
+        let first = lock(&dir).unwrap().expect("free");
+        // Between the unlink and the rmdir a new master of the name puts its files there:
+        // simulated by a file the stopping master does not know.
+        File::create(dir.join("control.sock")).unwrap();
+        remove_name_dir(&dir, "lock", first);
+        assert!(dir.join("control.sock").exists(), "a directory in use is never removed");
     }
 
     #[test]

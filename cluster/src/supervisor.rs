@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::backoff::{Backoff, Restart};
 use crate::ipc::ToChild;
+use crate::liveness::Liveness;
 use crate::status::{ProcessState, StatusRow, rss_bytes};
 use crate::types::{ProcKey, Sender, SlotId};
 use crate::{ProcessRef, RestartPolicy};
@@ -41,6 +42,8 @@ pub(crate) struct Proc {
     pub socket: Option<PathBuf>,
     /// Killed for missing its start-up deadline (already reported).
     pub timed_out: bool,
+    /// Its pings, once ready, when the master watches it for hangs.
+    pub liveness: Option<Liveness>,
     kill: Option<oneshot::Sender<()>>,
 }
 
@@ -62,6 +65,7 @@ impl Proc {
             epoch,
             socket: None,
             timed_out: false,
+            liveness: None,
             kill: Some(kill),
         }
     }
@@ -112,6 +116,9 @@ pub(crate) struct Slot {
     /// The process being replaced (reload, memory limit): it serves while
     /// `proc` starts, then drains. See [`reload`](crate::reload).
     pub previous: Option<Proc>,
+    /// Consecutive spawns that failed for a transient lack of resources
+    /// (descriptors, processes, memory): retried, never counted as crashes.
+    pub transient_failures: u32,
 }
 
 impl Slot {
@@ -125,6 +132,7 @@ impl Slot {
             ever_ready: false,
             timer: 0,
             previous: None,
+            transient_failures: 0,
         }
     }
 
