@@ -12,7 +12,7 @@ use tandem_protocol::payload::{decode, encode};
 use tandem_protocol::{Api, RemoteError, RequestId, UpstreamState};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::driver::Command;
+use crate::command::Command;
 use crate::state::{State, Status};
 use crate::{Connection, Error, Subscription};
 

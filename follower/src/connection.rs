@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicU64;
 use tandem_protocol::Api;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::driver::{Command, Driver};
+use crate::command::Command;
+use crate::driver::Driver;
 use crate::state::Status;
 use crate::{Client, Config, Connector};
 
@@ -99,7 +100,7 @@ impl Connection {
     /// The typed client of one channel; its first use opens the channel on
     /// this connection (no builder step to forget).
     pub fn client<A: Api>(&self) -> Client<A> {
-        let _ = self.inner.drops.send(crate::driver::Command::Open(A::NAME));
+        let _ = self.inner.drops.send(crate::command::Command::Open(A::NAME));
         Client::new(self.clone())
     }
 

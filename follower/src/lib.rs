@@ -45,16 +45,21 @@
 //! ```
 
 mod client;
+mod command;
 mod config;
 mod connection;
 mod connector;
+mod core;
 mod driver;
 mod election;
 mod error;
 mod feed;
+mod handshake;
 mod in_flight;
+mod link_end;
 mod state;
 mod subscription;
+mod topic;
 
 pub use client::Client;
 pub use config::Config;

@@ -10,7 +10,7 @@ use tandem_protocol::{Api, Position};
 use tokio::sync::mpsc;
 
 use crate::Connection;
-use crate::driver::{Command, SubscriptionParts};
+use crate::command::{Command, SubscriptionParts};
 use crate::feed::{RawUpdate, Reader};
 
 /// Where a value comes from.

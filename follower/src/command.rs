@@ -1,0 +1,72 @@
+//! What a handle asks of the driver: the [`Command`]s sent over the driver's
+//! queue, and what a new subscription handle is made of.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_protocol::RequestId;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::Error;
+use crate::feed::{Feed, RawUpdate, Reader};
+
+/// What a new subscription handle is made of.
+#[derive(Debug)]
+pub(crate) struct SubscriptionParts {
+    /// The value at the moment the subscription was made; `reader` gets what comes after.
+    pub(crate) first: Option<RawUpdate>,
+    pub(crate) reader: Reader,
+}
+
+pub(crate) type SubscribeReply = oneshot::Sender<Result<SubscriptionParts, Error>>;
+
+/// A request from a handle to the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Invoke {
+        id: RequestId,
+        channel: &'static str,
+        /// When the driver answers the call with [`Error::DeadlineExceeded`]
+        /// (carrying `budget`, the time the caller gave it), wherever it is.
+        deadline: Instant,
+        budget: Duration,
+        oneway: bool,
+        payload: Bytes,
+        reply: Option<oneshot::Sender<Result<Bytes, Error>>>,
+    },
+    Publish {
+        channel: &'static str,
+        payload: Bytes,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Subscribe {
+        channel: &'static str,
+        key: Bytes,
+        reply: SubscribeReply,
+    },
+    /// A subscription handle was dropped (`feed`: the topic it belonged to).
+    Unsubscribe {
+        channel: &'static str,
+        key: Bytes,
+        feed: Feed,
+    },
+    /// An invoke future was dropped before its answer.
+    Cancel(RequestId),
+    Close(oneshot::Sender<()>),
+    /// A client of this channel was made: the connection carries it from now on.
+    Open(&'static str),
+}
+
+impl Command {
+    /// The channel a call, publish or subscribe uses.
+    pub(crate) fn channel(&self) -> Option<&'static str> {
+        match self {
+            Command::Invoke { channel, .. }
+            | Command::Publish { channel, .. }
+            | Command::Subscribe { channel, .. }
+            | Command::Open(channel) => Some(channel),
+            _ => None,
+        }
+    }
+}

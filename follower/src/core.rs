@@ -1,0 +1,555 @@
+//! The driver's core: everything the driver knows and decides, with no I/O.
+//! Commands from the handles and frames from the leader go in; frames to
+//! write (`out`), replies, and subscription values come out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_protocol::{
+    Ack, ChannelName, CodecError, Ended, Event, Frame, Hello, Invoke, PROTOCOL_VERSION, Position, Publish, RemoteError,
+    RequestId, Response, Subscribe, Unsubscribe,
+};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::command::{Command, SubscribeReply};
+use crate::feed::{Feed, RawUpdate};
+use crate::in_flight::{InFlight, Pending};
+use crate::link_end::LinkEnd;
+use crate::state::{LinkState, Status};
+use crate::topic::{Remote, Topic};
+use crate::{Config, Error};
+
+/// How long to wait before asking again for a subscription the leader refused.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_secs(1);
+
+pub(crate) struct Core {
+    pub(crate) config: Config,
+    pub(crate) peer_id: Uuid,
+    /// The channels this connection carries: first the builder's (named in
+    /// every Hello, checked by the leader at the handshake), then those opened
+    /// by use (sent as `Open` after each Welcome, so a channel the leader does
+    /// not serve is only that channel's error, never a refused Hello).
+    pub(crate) channels: Vec<&'static str>,
+    /// How many of `channels` came from the builder.
+    pub(crate) declared: usize,
+    pub(crate) status: watch::Sender<Status>,
+    pub(crate) next_id: Arc<AtomicU64>,
+    pub(crate) in_flight: InFlight,
+    /// Looked up for every event the leader sends: hashed with foldhash
+    /// (randomly seeded, several times faster than the default SipHash on a
+    /// short key; the keys are this follower's own subscriptions, so a
+    /// leader cannot fill it with colliding ones).
+    pub(crate) topics: HashMap<(&'static str, Bytes), Topic, foldhash::fast::RandomState>,
+    /// Commands that arrived before any leader was reached, or while the
+    /// leader was slow to take what was written: they wait, calls until their
+    /// deadline.
+    pub(crate) queued: Vec<Command>,
+    /// The earliest deadline of the calls in `queued`.
+    pub(crate) queued_due: Option<Instant>,
+    pub(crate) ever_connected: bool,
+    pub(crate) max_epoch: u64,
+    pub(crate) closed: Option<oneshot::Sender<()>>,
+    pub(crate) shut: bool,
+    /// Frames to write after the current step.
+    pub(crate) out: Vec<Frame>,
+    /// When to retry subscriptions the leader refused (its upstream may recover).
+    pub(crate) retry_at: Option<Instant>,
+    /// The leader of the current (or last) link.
+    pub(crate) leader_id: Option<Uuid>,
+    /// While set, every call fails at once with this error (a rejection or a
+    /// start-up failure) instead of waiting for a leader.
+    pub(crate) refusal: Option<Error>,
+}
+
+impl Core {
+    pub(crate) fn new(
+        config: Config,
+        channels: Vec<&'static str>,
+        status: watch::Sender<Status>,
+        next_id: Arc<AtomicU64>,
+    ) -> Self {
+        Core {
+            config,
+            peer_id: Uuid::new_v4(),
+            declared: channels.len(),
+            channels,
+            status,
+            next_id,
+            in_flight: InFlight::default(),
+            topics: HashMap::default(),
+            queued: Vec::new(),
+            queued_due: None,
+            ever_connected: false,
+            max_epoch: 0,
+            closed: None,
+            shut: false,
+            out: Vec::new(),
+            retry_at: None,
+            leader_id: None,
+            refusal: None,
+        }
+    }
+}
+
+impl Core {
+    pub(crate) fn hello(&self) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: self.peer_id,
+            pid: std::process::id(),
+            channels: self.channels[..self.declared].iter().map(|c| c.to_string()).collect(),
+            token: self.config.token.clone(),
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> RequestId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether subscriptions of the channel go to the leader now: once it said
+    /// how its upstream is (the leader accepts them while the upstream is down,
+    /// as pending, and serves its last-known-good values meanwhile).
+    pub(crate) fn channel_ready(&self, channel: &str) -> bool {
+        self.status.borrow().channels.contains_key(channel)
+    }
+
+    /// Makes `channel` part of this connection: opened at once (`Open`, before
+    /// the frame that uses it) when connected, and after every later Welcome.
+    pub(crate) fn open(&mut self, channel: &'static str, connected: bool) {
+        if self.channels.contains(&channel) {
+            return;
+        }
+        tracing::debug!(channel, "channel opened");
+        self.channels.push(channel);
+        if connected {
+            self.out.push(Frame::Open(vec![channel.to_string()]));
+        }
+    }
+
+    pub(crate) fn static_channel(&self, name: &str) -> Option<&'static str> {
+        self.channels.iter().copied().find(|c| *c == name)
+    }
+
+    /// A command while no leader is connected.
+    pub(crate) fn offline(&mut self, command: Command) {
+        if let Some(channel) = command.channel() {
+            self.open(channel, false);
+        }
+        match command {
+            Command::Cancel(id) => {
+                self.queued.retain(|c| !matches!(c, Command::Invoke { id: queued, .. } if *queued == id));
+            }
+            Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
+            Command::Close(done) => {
+                self.closed = Some(done);
+                self.shut = true;
+            }
+            Command::Open(_) => {}
+            command if self.refusal.is_some() => {
+                let error = self.refusal.clone().unwrap_or(Error::LeaderLost);
+                match command {
+                    Command::Invoke { reply: Some(reply), .. } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Command::Publish { reply, .. } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Command::Subscribe { reply, .. } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    _ => {}
+                }
+            }
+            command if !self.ever_connected => self.hold(command),
+            // The leader was lost: fail fast rather than leave callers waiting.
+            Command::Invoke { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(Error::LeaderLost));
+                }
+            }
+            Command::Publish { reply, .. } => {
+                let _ = reply.send(Err(Error::LeaderLost));
+            }
+            Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Err(Error::LeaderLost));
+            }
+        }
+    }
+
+    /// No hello will be sent for now: every call fails with `error`.
+    pub(crate) fn refuse(&mut self, error: Error, link: LinkState) {
+        self.fail_queued(&error);
+        self.refusal = Some(error);
+        self.status.send_modify(|status| {
+            status.link = link;
+            status.channels.clear();
+        });
+    }
+
+    /// Keeps `command` for when a link can take it.
+    pub(crate) fn hold(&mut self, command: Command) {
+        if let Command::Invoke { deadline, reply: Some(_), .. } = &command {
+            self.queued_due = Some(self.queued_due.map_or(*deadline, |due| due.min(*deadline)));
+        }
+        self.queued.push(command);
+    }
+
+    pub(crate) fn take_queued(&mut self) -> Vec<Command> {
+        self.queued_due = None;
+        std::mem::take(&mut self.queued)
+    }
+
+    /// Hands the commands kept for a link to the connected one.
+    pub(crate) fn send_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for command in self.take_queued() {
+            self.online(command, now);
+        }
+    }
+
+    /// When the next waiting call expires, queued or in flight.
+    pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
+        match (self.in_flight.earliest_deadline(), self.queued_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Answers the calls whose deadline is at or before `now` with
+    /// [`Error::DeadlineExceeded`], queued ones and (cancelled at the leader
+    /// when `connected`) those in flight.
+    pub(crate) fn expire(&mut self, now: Instant, connected: bool) {
+        let mut expired = Vec::new();
+        self.in_flight.expire(now, &mut expired);
+        if connected {
+            self.out.extend(expired.into_iter().map(Frame::Cancel));
+        }
+        if self.queued_due.is_none_or(|due| due > now) {
+            return;
+        }
+        let late = |command: &mut Command| matches!(command, Command::Invoke { deadline, .. } if *deadline <= now);
+        for command in self.queued.extract_if(.., late) {
+            if let Command::Invoke { reply: Some(reply), budget, .. } = command {
+                let _ = reply.send(Err(Error::DeadlineExceeded(budget)));
+            }
+        }
+        self.queued_due = self
+            .queued
+            .iter()
+            .filter_map(|command| match command {
+                Command::Invoke { deadline, reply: Some(_), .. } => Some(*deadline),
+                _ => None,
+            })
+            .min();
+    }
+
+    pub(crate) fn fail_queued(&mut self, error: &Error) {
+        for command in self.take_queued() {
+            match command {
+                Command::Invoke { reply: Some(reply), .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Command::Publish { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Command::Subscribe { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A command while connected (`now`: when its batch was taken): may queue frames in `out`.
+    pub(crate) fn online(&mut self, command: Command, now: Instant) {
+        if let Some(channel) = command.channel() {
+            self.open(channel, true);
+        }
+        match command {
+            Command::Invoke { id, channel, deadline, budget, oneway, payload, reply } => {
+                if reply.as_ref().is_some_and(|r| r.is_closed()) {
+                    return; // the caller dropped the call before it was sent
+                }
+                let Some(left) = deadline.checked_duration_since(now).filter(|d| !d.is_zero()) else {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(Error::DeadlineExceeded(budget)));
+                    }
+                    return;
+                };
+                if let Some(reply) = reply {
+                    self.in_flight.insert(id, Pending::Invoke { reply, deadline, budget });
+                }
+                let deadline_ms = u32::try_from(left.as_millis().max(1)).unwrap_or(u32::MAX);
+                self.out.push(Frame::Invoke(Invoke {
+                    id,
+                    channel: ChannelName::from_static(channel),
+                    deadline_ms,
+                    oneway,
+                    payload,
+                }));
+            }
+            Command::Publish { channel, payload, reply } => {
+                let id = self.next_id();
+                self.in_flight.insert(id, Pending::Publish(reply));
+                self.out.push(Frame::Publish(Publish { id, channel: ChannelName::from_static(channel), payload }));
+            }
+            Command::Subscribe { channel, key, reply } => self.subscribe(channel, key, reply),
+            Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
+            Command::Cancel(id) => {
+                if self.in_flight.remove(id).is_some() {
+                    self.out.push(Frame::Cancel(id));
+                }
+            }
+            Command::Close(done) => {
+                self.closed = Some(done);
+                self.shut = true;
+            }
+            Command::Open(_) => {}
+        }
+    }
+
+    pub(crate) fn subscribe(&mut self, channel: &'static str, key: Bytes, reply: SubscribeReply) {
+        let ready = self.channel_ready(channel);
+        let capacity = self.config.subscription_buffer.max(1);
+        let topic = self.topics.entry((channel, key.clone())).or_insert_with(|| Topic {
+            last: None,
+            feed: Feed::new(capacity),
+            locals: 0,
+            remote: Remote::Unsent,
+            waiters: Vec::new(),
+            resynced: false,
+        });
+        topic.locals += 1;
+        if topic.remote == Remote::Active {
+            if reply.send(Ok(topic.parts())).is_err() {
+                topic.locals -= 1;
+            }
+            return;
+        }
+        topic.waiters.push(reply);
+        if topic.remote == Remote::Unsent && ready {
+            let last_seen = topic.last.as_ref().map(|u| u.position);
+            self.send_subscribe(channel, key, last_seen);
+        }
+    }
+
+    pub(crate) fn send_subscribe(&mut self, channel: &'static str, key: Bytes, last_seen: Option<Position>) {
+        let id = self.next_id();
+        if let Some(topic) = self.topics.get_mut(&(channel, key.clone())) {
+            topic.remote = Remote::Pending(id);
+            topic.resynced = last_seen.is_some();
+        }
+        self.in_flight.insert(id, Pending::Subscribe { channel, key: key.clone() });
+        self.out.push(Frame::Subscribe(Subscribe { id, channel: ChannelName::from_static(channel), key, last_seen }));
+    }
+
+    /// One subscription handle let go of a topic (not of one the leader ended:
+    /// those handles hold no share of a topic made again for the same key).
+    pub(crate) fn release(&mut self, channel: &'static str, key: Bytes, feed: &Feed) {
+        let topic_key = (channel, key);
+        let Some(topic) = self.topics.get_mut(&topic_key).filter(|topic| topic.feed.same(feed)) else { return };
+        topic.locals = topic.locals.saturating_sub(1);
+        if topic.locals > 0 {
+            return;
+        }
+        let remote = topic.remote;
+        self.topics.remove(&topic_key);
+        if remote != Remote::Unsent && matches!(self.status.borrow().link, LinkState::Connected { .. }) {
+            let id = self.next_id();
+            self.in_flight.insert(id, Pending::Unsubscribe);
+            self.out.push(Frame::Unsubscribe(Unsubscribe {
+                id,
+                channel: ChannelName::from_static(channel),
+                key: topic_key.1,
+            }));
+        }
+    }
+
+    /// One read from the link; an error (or its end) ends the link, with why.
+    pub(crate) fn on_read(&mut self, frame: Option<Result<Frame, CodecError>>) -> Result<(), LinkEnd> {
+        match frame {
+            None => Err(LinkEnd::LeaderClosed),
+            Some(Err(error)) => Err(LinkEnd::BadFrame(error)),
+            Some(Ok(frame)) => self.on_frame(frame),
+        }
+    }
+
+    /// A frame from the leader; an error ends the link.
+    pub(crate) fn on_frame(&mut self, frame: Frame) -> Result<(), LinkEnd> {
+        match frame {
+            Frame::Response(Response { id, result }) => {
+                if let Some(Pending::Invoke { reply, .. }) = self.in_flight.remove(id) {
+                    let _ = reply.send(result.map_err(Error::Remote));
+                }
+            }
+            Frame::Ack(Ack { id, result }) => match self.in_flight.remove(id) {
+                Some(Pending::Publish(reply)) => {
+                    let _ = reply.send(result.map_err(Error::Remote));
+                }
+                Some(Pending::Subscribe { channel, key }) => self.on_subscribed(id, channel, key, result),
+                _ => {}
+            },
+            Frame::Event(event) => self.on_event(event),
+            Frame::Ended(ended) => self.on_ended(ended),
+            Frame::Status(status) => {
+                let Some(channel) = self.static_channel(&status.channel) else { return Ok(()) };
+                let state = status.state;
+                tracing::debug!(channel, state = ?state, "upstream state");
+                self.status.send_modify(|s| {
+                    s.channels.insert(channel.to_string(), state);
+                });
+                // Any state lets subscriptions through (the leader decides).
+                self.resubscribe(channel);
+            }
+            Frame::Ping(nonce) => self.out.push(Frame::Pong(nonce)),
+            Frame::Pong(_) => {}
+            Frame::Goodbye(reason) => return Err(LinkEnd::Goodbye(reason)),
+            other => return Err(LinkEnd::Unexpected(other.kind())),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn on_subscribed(
+        &mut self,
+        id: RequestId,
+        channel: &'static str,
+        key: Bytes,
+        result: Result<(), RemoteError>,
+    ) {
+        let topic_key = (channel, key);
+        let Some(topic) = self.topics.get_mut(&topic_key) else { return };
+        if topic.remote != Remote::Pending(id) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                topic.remote = Remote::Active;
+                topic.answer_waiters(Ok(()));
+            }
+            Err(error) => {
+                tracing::warn!(channel, %error, "subscribe refused by the leader");
+                topic.remote = Remote::Unsent;
+                topic.answer_waiters(Err(Error::Remote(error)));
+                if topic.locals > 0 && self.retry_at.is_none() {
+                    // Live subscriptions must not stall: ask again shortly.
+                    self.retry_at = Some(Instant::now() + RESUBSCRIBE_RETRY);
+                }
+            }
+        }
+        if topic.locals == 0 {
+            let remote = topic.remote;
+            self.topics.remove(&topic_key);
+            if remote == Remote::Active {
+                let id = self.next_id();
+                self.in_flight.insert(id, Pending::Unsubscribe);
+                self.out.push(Frame::Unsubscribe(Unsubscribe {
+                    id,
+                    channel: ChannelName::from_static(channel),
+                    key: topic_key.1,
+                }));
+            }
+        }
+    }
+
+    /// The leader ended a subscription: its streams end (after what they
+    /// hold), with the reason, and the topic is forgotten (a new `subscribe`
+    /// starts afresh). Only an active one: an `Ended` sent before this
+    /// follower let go of the key and asked again is for the old subscription.
+    pub(crate) fn on_ended(&mut self, ended: Ended) {
+        let Some(channel) = self.static_channel(&ended.channel) else { return };
+        let topic_key = (channel, ended.key);
+        if !self.topics.get(&topic_key).is_some_and(|topic| topic.remote == Remote::Active) {
+            return;
+        }
+        let Some(mut topic) = self.topics.remove(&topic_key) else { return };
+        tracing::warn!(channel, error = %ended.error, "the leader ended a subscription");
+        topic.feed.end(ended.error.clone());
+        topic.answer_waiters(Err(Error::Remote(ended.error)));
+        // Dropping the topic closes its feed: every stream of it ends once drained.
+    }
+
+    pub(crate) fn on_event(&mut self, event: Event) {
+        let Some(channel) = self.static_channel(&event.channel) else { return };
+        let position = event.position();
+        let Some(topic) = self.topics.get_mut(&(channel, event.key)) else { return };
+        // Exactly-once, in order: anything at or below what was delivered is a replay.
+        if topic.last.as_ref().is_some_and(|last| last.position >= position) {
+            return;
+        }
+        let resynced = std::mem::take(&mut topic.resynced);
+        let update = RawUpdate { position, payload: event.payload, cached: event.cached };
+        // (A live value never hides behind a cached copy of itself: it is delivered.)
+        if resynced
+            && topic.last.as_ref().is_some_and(|last| last.payload == update.payload && (update.cached || !last.cached))
+        {
+            // The same value, re-announced by a new leader: move the position on, deliver nothing.
+            topic.last = Some(update.clone());
+            topic.feed.set(update);
+            return;
+        }
+        topic.last = Some(update.clone());
+        topic.feed.publish(update);
+    }
+
+    pub(crate) fn resubscribe_all(&mut self) {
+        for channel in self.channels.clone() {
+            if self.channel_ready(channel) {
+                self.resubscribe(channel);
+            }
+        }
+    }
+
+    pub(crate) fn resubscribe(&mut self, channel: &'static str) {
+        let unsent: Vec<(Bytes, Option<Position>)> = self
+            .topics
+            .iter()
+            .filter(|((c, _), topic)| *c == channel && topic.remote == Remote::Unsent)
+            .map(|((_, key), topic)| (key.clone(), topic.last.as_ref().map(|u| u.position)))
+            .collect();
+        for (key, last_seen) in unsent {
+            self.send_subscribe(channel, key, last_seen);
+        }
+    }
+
+    /// The link died: answer every outstanding call, keep subscriptions for later.
+    pub(crate) fn lost(&mut self, reason: &LinkEnd) {
+        self.out.clear();
+        self.retry_at = None;
+        self.in_flight.fail_all(&Error::LeaderLost);
+        self.topics.retain(|_, topic| {
+            topic.remote = Remote::Unsent;
+            topic.answer_waiters(Err(Error::LeaderLost));
+            topic.locals > 0
+        });
+        if self.shut {
+            return;
+        }
+        tracing::warn!(reason = %tandem_protocol::error_chain(reason), "lost the leader; reconnecting");
+        self.status.send_modify(|status| {
+            status.link = LinkState::LeaderLost;
+            status.channels.clear();
+        });
+    }
+
+    pub(crate) fn shutdown(&mut self) {
+        self.shut = true;
+        self.fail_queued(&Error::Closed);
+        self.in_flight.fail_all(&Error::Closed);
+        self.topics.clear();
+        self.status.send_modify(|status| {
+            status.link = LinkState::Closed;
+            status.channels.clear();
+        });
+        if let Some(done) = self.closed.take() {
+            let _ = done.send(());
+        }
+    }
+}
