@@ -40,7 +40,7 @@
 //! anyway (workers see the channel as down, calls fail fast), keeps
 //! reconnecting, and values flow as soon as the registry is up.
 //! `--name NAME` (for the `tandem` CLI; the default is `config_center`),
-//! `--metrics ADDR` (serve `/metrics`; port 0 picks one).
+//! `--metrics ADDR` (serve `/metrics`; port 0 picks one), `--metrics-max-connections N`.
 //!
 //! Output, one line each:
 //! - with `--metrics`: `metrics on <ADDR>` (the bound address)
@@ -130,6 +130,10 @@ struct Args {
     /// the address is printed as `metrics on <ADDR>`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// The most `/metrics` connections served at once (the default is 64, or
+    /// a quarter of the descriptor limit when lower).
+    #[arg(long, value_name = "N")]
+    metrics_max_connections: Option<usize>,
 }
 
 /// Where the children find the registry the master started for them.
@@ -199,6 +203,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(addr) = args.metrics {
         builder = builder.metrics(addr);
+    }
+    if let Some(n) = args.metrics_max_connections {
+        builder = builder.metrics_max_connections(n);
     }
     let (agent_registry, agent_etcd, worker_args) = (registry.clone(), args.etcd.clone(), args.clone());
     let cache_dir = args.cache_dir.clone();

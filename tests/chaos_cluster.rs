@@ -293,7 +293,8 @@ fn open_fds(pid: i32) -> usize {
 
 /// Issue 23 §3: with the master's descriptor table full (its soft and hard
 /// `RLIMIT_NOFILE` at 256, and idle connections held on its `/metrics`
-/// listener), a `kill -9`ed worker is respawned within its normal restart
+/// listener, whose connection cap is raised past the limit for this test: by
+/// default it refuses them long before), a `kill -9`ed worker is respawned within its normal restart
 /// delay, with the descriptors the master keeps in reserve, and its slot never
 /// goes `failed`; `tandem status` still gets its answer.
 #[tokio::test]
@@ -302,8 +303,20 @@ async fn a_worker_killed_while_the_masters_descriptors_are_exhausted_is_respawne
         let exe = example("config_center");
         let script = format!("ulimit -n {MASTER_NOFILE} && exec \"$0\" \"$@\"");
         let name = format!("fds-{}", std::process::id());
-        let args =
-            ["-c", &script, exe.to_str().unwrap(), "--workers", "2", "--metrics", "127.0.0.1:0", "--name", &name];
+        let cap = (MASTER_NOFILE * 4).to_string();
+        let args = [
+            "-c",
+            &script,
+            exe.to_str().unwrap(),
+            "--workers",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+            "--metrics-max-connections",
+            &cap,
+            "--name",
+            &name,
+        ];
         let mut master = Proc::spawn_with(std::path::Path::new("/bin/sh"), &args, &[], true);
         let line = master.expect_line(LINE, |l| l.starts_with("metrics on ")).await;
         let metrics: std::net::SocketAddr = line.trim_start_matches("metrics on ").trim().parse().unwrap();
