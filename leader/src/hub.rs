@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
-use crate::channel::{BoxFuture, ByteEvents, DirectSink, ErasedUpstream};
+use crate::erased::{BoxFuture, ByteEvents, DirectSink, ErasedUpstream};
 use crate::outbox::Outbox;
 use crate::upstream::Room;
 

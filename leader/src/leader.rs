@@ -18,36 +18,13 @@ use uuid::Uuid;
 
 use crate::admission::{Admission, Handshakes};
 use crate::cache::Cache;
-use crate::channel::{BoxFuture, Channel, ErasedUpstream, Typed};
+use crate::channel::Channel;
+use crate::erased::{BoxFuture, ErasedUpstream, Typed};
 use crate::fence::Fence;
 use crate::hub::HubContext;
 use crate::session::{self, PeerInfo};
+use crate::shared::Shared;
 use crate::{ChannelStats, Config, Error, Stats, Upstream};
-
-/// State shared by the leader handle, its listeners and its sessions.
-pub(crate) struct Shared {
-    pub(crate) id: Uuid,
-    pub(crate) epoch: u64,
-    pub(crate) config: Config,
-    pub(crate) token: Option<String>,
-    pub(crate) channels: HashMap<String, Arc<Channel>>,
-    pub(crate) tracker: TaskTracker,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) next_session: AtomicU64,
-    pub(crate) followers: AtomicUsize,
-    pub(crate) in_flight: AtomicUsize,
-    pub(crate) conflated: AtomicU64,
-    /// What peers may cost before their `Hello` is accepted.
-    pub(crate) handshakes: Handshakes,
-    /// Refused handshakes are logged at WARN at most once per period (with the count held back).
-    pub(crate) refusals: std::sync::Mutex<tandem_protocol::Throttle>,
-    /// The followers connected now, by session.
-    pub(crate) peers: std::sync::Mutex<HashMap<u64, crate::FollowerStats>>,
-    pub(crate) call_latency: crate::latency::CallLatency,
-    /// Set when another process may replace this leader (standalone mode):
-    /// nothing is served once it says the place is lost.
-    pub(crate) fence: Option<Arc<Fence>>,
-}
 
 /// Checks whether a leader still holds its place: see [`LeaderBuilder::fence`].
 type StillLeader = Box<dyn Fn() -> bool + Send + Sync>;

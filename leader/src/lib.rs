@@ -28,6 +28,7 @@ mod admission;
 mod cache;
 mod channel;
 mod config;
+mod erased;
 mod error;
 mod fence;
 mod health;
@@ -37,6 +38,7 @@ mod leader;
 mod outbox;
 mod session;
 mod session_end;
+mod shared;
 mod stats;
 mod upstream;
 

@@ -37,12 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admission::{Admission, HelloTooLong};
-use crate::channel::{BoxFuture, Channel};
+use crate::channel::Channel;
+use crate::erased::BoxFuture;
 use crate::fence::Fence;
 use crate::hub::SessionId;
-use crate::leader::Shared;
 use crate::outbox::{Batches, Outbox, OutgoingSink};
 use crate::session_end::{SessionEnd, Violation};
+use crate::shared::Shared;
 use crate::upstream::CallContext;
 
 /// Who is on the other end of a link, as established by the transport.
