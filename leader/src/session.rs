@@ -364,12 +364,10 @@ impl Session {
         self.wake_writer = true;
     }
 
+    /// Answers a call inline (see [`answer`] for what is sent).
     fn respond(&mut self, id: RequestId, oneway: bool, result: Result<Bytes, RemoteError>) {
-        let result = result.and_then(|bytes| fit_response(self.shared.config.max_frame_length, bytes));
-        if !oneway {
-            self.push(Frame::Response(Response { id, result }));
-        } else if let Err(error) = result {
-            tracing::warn!(request.id = id, %error, "one-way call failed");
+        if let Some(frame) = answer(self.shared.config.max_frame_length, id, oneway, result) {
+            self.push(frame);
         }
     }
 
@@ -434,14 +432,11 @@ impl Session {
                     _ = token.cancelled() => return,
                     _ = session.cancelled() => return,
                 };
-                let result = result.and_then(|bytes| fit_response(shared.config.max_frame_length, bytes));
                 if lock_in_flight(&in_flight).remove(&id).is_some() {
                     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     shared.call_latency.record(arrived.elapsed());
-                    if !oneway {
-                        outbox.push(Frame::Response(Response { id, result }));
-                    } else if let Err(error) = result {
-                        tracing::warn!(request.id = id, %error, "one-way call failed");
+                    if let Some(frame) = answer(shared.config.max_frame_length, id, oneway, result) {
+                        outbox.push(frame);
                     }
                 }
             }
@@ -493,6 +488,20 @@ impl Session {
             .in_current_span(),
         );
     }
+}
+
+/// The one way a call is answered, inline or from its task: the `Response`
+/// (the answer, or a typed error when it would not fit in one frame); for a
+/// one-way call nothing, and a failure is logged instead.
+fn answer(max_frame: usize, id: RequestId, oneway: bool, result: Result<Bytes, RemoteError>) -> Option<Frame> {
+    let result = result.and_then(|bytes| fit_response(max_frame, bytes));
+    if !oneway {
+        return Some(Frame::Response(Response { id, result }));
+    }
+    if let Err(error) = result {
+        tracing::warn!(request.id = id, %error, "one-way call failed");
+    }
+    None
 }
 
 /// The answer itself, or a typed error if it would not fit in one frame.
