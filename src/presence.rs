@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::apis::{ServiceApi, ServiceRequest};
-use tandem_protocol::Api;
+use tandem_protocol::{Api, Backoff};
 
 /// An instance kept registered through whichever Leader is current; see [`stay_registered`].
 /// Dropping it stops re-registering (the instance stays until the Leader's
@@ -45,7 +45,7 @@ pub fn stay_registered(client: Client<ServiceApi>, instance: Instance, ttl: Dura
     let task = tokio::spawn(async move {
         let mut status = client.watch();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let (epoch, ready) = {
                 let status = status.borrow_and_update();
@@ -58,16 +58,15 @@ pub fn stay_registered(client: Client<ServiceApi>, instance: Instance, ttl: Dura
                         tracing::info!(channel = ServiceApi::NAME, service = %instance.service, id = %instance.id,
                             epoch, "registered through the leader");
                         tx.send_replace(epoch);
-                        pause = Duration::from_millis(100);
+                        backoff.reset();
                     }
                     Err(error) => {
                         tracing::warn!(channel = ServiceApi::NAME, service = %instance.service, %error,
                             "registration failed; retrying");
                         tokio::select! {
-                            _ = tokio::time::sleep(pause) => {}
+                            _ = tokio::time::sleep(backoff.next_delay()) => {}
                             changed = status.changed() => if changed.is_err() { return },
                         }
-                        pause = (pause * 2).min(Duration::from_secs(2));
                     }
                 }
                 continue;

@@ -5,7 +5,7 @@
 //! Connected ───────────────────> Connecting ───────────────> Connected (next member, generation + 1)
 //!     ^                              │ every endpoint failed once
 //!     │ probe ok                     v
-//!     └──────────────────────────  Down ── retry a round after a pause (doubling, capped)
+//!     └──────────────────────────  Down ── retry a round after a pause (doubling, capped, jittered)
 //! ```
 //!
 //! The failover task is the only writer of the state. Calls wait for a member
@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_protocol::Backoff;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -221,7 +222,7 @@ async fn run(failover: Arc<Failover>) {
     let n = failover.urls.len();
     let mut next = 0;
     let mut generation = 0;
-    let mut pause = failover.config.retry_initial;
+    let mut backoff = Backoff::new(failover.config.retry_initial, failover.config.retry_max);
     let mut failed = failover.failed.subscribe();
     loop {
         let mut last_cause = None;
@@ -252,13 +253,12 @@ async fn run(failover: Arc<Failover>) {
             }
             failover.publish(Current::Down { tried: failover.urls.join(","), cause: last_cause });
             tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = failover.cancel.cancelled() => return,
             }
-            pause = (pause * 2).min(failover.config.retry_max);
             continue;
         };
-        pause = failover.config.retry_initial;
+        backoff.reset();
         generation += 1;
         let endpoint: Arc<str> = Arc::from(failover.urls[index].as_str());
         tracing::info!(%endpoint, generation, "etcd member in use");

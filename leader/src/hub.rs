@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use tandem_protocol::{Ack, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
+use tandem_protocol::{
+    Ack, Backoff, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -82,9 +84,9 @@ struct Topic {
     pump: Option<Pump>,
     /// The cache lookup whose answer this topic still wants (0: none).
     lookup: u64,
-    /// The delay before retrying a failed upstream subscribe of acknowledged
-    /// subscribers (doubling; back to zero once a stream delivers a value).
-    retry_delay: Duration,
+    /// The delays before retrying a failed upstream subscribe of acknowledged
+    /// subscribers, while it fails (none once a stream delivers a value).
+    retry: Option<Backoff>,
     /// Not before this instant is the key subscribed upstream again (its last stream ended).
     resubscribe_at: Option<tokio::time::Instant>,
 }
@@ -512,9 +514,8 @@ impl Hub {
     /// The next pause before subscribing `key` again for its acknowledged
     /// subscribers (doubling); WARN the first time, with why.
     fn backoff(&self, topic: &mut Topic, key: &Bytes, error: &RemoteError, what: &str) -> Duration {
-        let first = topic.retry_delay.is_zero();
-        topic.retry_delay = (topic.retry_delay * 2).clamp(self.retry_initial, self.retry_max);
-        let delay = topic.retry_delay;
+        let first = topic.retry.is_none();
+        let delay = topic.retry.get_or_insert_with(|| Backoff::new(self.retry_initial, self.retry_max)).next_delay();
         if first {
             tracing::warn!(channel = %self.channel, key = %display_key(key), %error, retry_ms = delay.as_millis() as u64, "{what}; retrying for the pending subscribers");
         } else {
@@ -588,7 +589,7 @@ impl Hub {
     fn delivered(&self, key: &Bytes, generation: u64) {
         let mut state = self.lock();
         if let Some(topic) = state.topics.get_mut(key).filter(|t| t.generation == generation) {
-            topic.retry_delay = Duration::ZERO;
+            topic.retry = None;
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tandem_protocol::{AcceptErrors, Api, FrameCodec, Link, RemoteError, UpstreamState};
+use tandem_protocol::{AcceptErrors, Api, Backoff, FrameCodec, Link, RemoteError, UpstreamState};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -429,8 +429,9 @@ async fn build_upstream(
         Factory::Retry(build) => build,
     };
     let started = tokio::time::Instant::now();
-    let mut delay = initial;
+    let mut backoff = Backoff::new(initial, max);
     let mut last_error: Option<RemoteError> = None;
+    let mut delay;
     for attempt in 1u64.. {
         let result = tokio::select! {
             result = build() => result,
@@ -446,6 +447,7 @@ async fn build_upstream(
                 return Some(upstream);
             }
             Err(error) => {
+                delay = backoff.next_delay();
                 // WARN the first time, and whenever the cause changes; DEBUG otherwise.
                 if last_error.as_ref() != Some(&error) {
                     tracing::warn!(channel = %channel.name, %error, attempt, retry_ms = delay.as_millis() as u64, "cannot build the upstream; serving without it and retrying");
@@ -460,7 +462,6 @@ async fn build_upstream(
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => return None,
         }
-        delay = (delay * 2).min(max);
     }
     None
 }
