@@ -13,12 +13,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Proc, alive, example, field, poll_until, registry_binary};
+use common::{Proc, alive, assert_in_order, example, field, poll_until, registry_binary};
 use nix::sys::signal::Signal;
 use tandem::registry::Client;
 use tokio::sync::Mutex;
@@ -61,22 +61,6 @@ async fn put_with(client: &mut Client, addr: &str, value: String) {
     if client.put("k", value.clone()).await.is_err() {
         *client = connect(addr).await;
         client.put("k", value).await.expect("put after reconnecting");
-    }
-}
-
-/// Checks each worker's value lines: no (epoch, seq) twice, never an older one after a newer.
-fn assert_in_order(lines: &[String]) {
-    let mut last: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for line in lines {
-        let (Some(worker), Some(_), Some(epoch), Some(seq)) =
-            (field(line, "worker"), field(line, "key"), field(line, "epoch"), field(line, "seq"))
-        else {
-            continue;
-        };
-        let position = (epoch.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
-        if let Some(previous) = last.insert(worker, position) {
-            assert!(position > previous, "worker {worker}: {position:?} after {previous:?} in {lines:#?}");
-        }
     }
 }
 
@@ -157,7 +141,7 @@ async fn the_agent_killed_10_times_and_the_registry_restarted_twice_under_writes
                 put_with(&mut client, &addr, last.clone()).await;
                 expect_everywhere(&mut master, &ids, &last).await;
             }
-            assert_in_order(&master.seen);
+            assert_in_order(&master.seen, "worker");
 
             if REGISTRY_RESTARTS.contains(&round) {
                 // Every watch is established at a high revision now: kill -9 the
@@ -170,7 +154,7 @@ async fn the_agent_killed_10_times_and_the_registry_restarted_twice_under_writes
                 let last = format!("restart-{round}");
                 put_with(&mut client, &addr, last.clone()).await;
                 expect_everywhere(&mut master, &ids, &last).await;
-                assert_in_order(&master.seen);
+                assert_in_order(&master.seen, "worker");
             }
         }
 
@@ -178,7 +162,7 @@ async fn the_agent_killed_10_times_and_the_registry_restarted_twice_under_writes
         let _ = writing.await;
         put(&writer, &addr, "final".into()).await;
         expect_everywhere(&mut master, &ids, "final").await;
-        assert_in_order(&master.seen);
+        assert_in_order(&master.seen, "worker");
         let writes = written.load(Ordering::Relaxed);
         assert!(writes > AGENT_KILLS, "the writer kept writing during the rounds");
         eprintln!(
@@ -270,12 +254,12 @@ async fn a_sigstopped_agent_is_found_hung_killed_and_replaced_at_a_new_epoch() {
             new_epoch.insert(field(&line, "worker").unwrap().to_string());
         }
         assert_eq!(new_epoch, ids);
-        assert_in_order(&master.seen);
+        assert_in_order(&master.seen, "worker");
         eprintln!("SIGSTOPped agent found hung after {found:?} (silent {silent_ms} ms), replaced after {replaced:?}");
 
         master.signal(Signal::SIGTERM);
         assert!(master.finish(LINE).await.success());
-        assert_in_order(&master.seen);
+        assert_in_order(&master.seen, "worker");
         assert!(!dir.exists(), "the name's directory {} is removed when the cluster stops", dir.display());
     })
     .await

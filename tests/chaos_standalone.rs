@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Proc, example, field, poll_until, private_dir, registry_binary};
+use common::{Proc, assert_in_order, example, field, poll_until, private_dir, registry_binary};
 use nix::sys::signal::Signal;
 use tandem::registry::Client;
 
@@ -20,22 +20,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const LINE: Duration = Duration::from_secs(10);
 const PROCESSES: usize = 3;
 const ROUNDS: u64 = 20;
-
-/// Checks a process's value lines: no (epoch, seq) twice, never an older one after a newer.
-fn assert_in_order(proc: &Proc) {
-    let mut last: Option<(u64, u64)> = None;
-    for line in &proc.seen {
-        if field(line, "key").is_none() {
-            continue;
-        }
-        let (Some(epoch), Some(seq)) = (field(line, "epoch"), field(line, "seq")) else { continue };
-        let position = (epoch.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
-        if let Some(last) = last {
-            assert!(position > last, "pid {}: {position:?} after {last:?} in {:#?}", proc.pid, proc.seen);
-        }
-        last = Some(position);
-    }
-}
 
 /// The (epoch, pid) of the leader the processes last announced, if exactly one
 /// live process's last role line says leader at the highest epoch seen.
@@ -110,7 +94,7 @@ async fn the_standalone_leader_killed_20_times_under_writes() {
                 }
             }
             for proc in &procs {
-                assert_in_order(proc);
+                assert_in_order(&proc.seen, "pid");
             }
 
             // kill -9 the leader; a fresh process keeps the count.
@@ -134,7 +118,7 @@ async fn the_standalone_leader_killed_20_times_under_writes() {
         writer.put("k", "final").await.unwrap();
         for proc in &mut procs {
             proc.expect_line(LINE, |l| field(l, "value") == Some("final")).await;
-            assert_in_order(proc);
+            assert_in_order(&proc.seen, "pid");
         }
         let writes = written.load(Ordering::Relaxed);
         assert!(writes > ROUNDS, "the writer kept writing during the rounds");

@@ -6,7 +6,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::{Proc, alive, example, field, poll_until};
+use common::{Proc, alive, assert_in_order, example, field, poll_until};
 use nix::sys::signal::Signal;
 use tandem::registry::{Client, Server, ServerHandle};
 
@@ -85,17 +85,7 @@ impl Demo {
 
     /// Every worker's values are in (epoch, seq) order, none repeated.
     fn assert_in_order(&self) {
-        let mut last: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-        for line in &self.master.seen {
-            let (Some(pid), Some(epoch), Some(seq)) = (field(line, "pid"), field(line, "epoch"), field(line, "seq"))
-            else {
-                continue;
-            };
-            let position = (epoch.parse().unwrap(), seq.parse().unwrap());
-            if let Some(previous) = last.insert(pid, position) {
-                assert!(position > previous, "pid {pid}: {position:?} after {previous:?}");
-            }
-        }
+        assert_in_order(&self.master.seen, "pid");
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Proc, example, field, poll_until, private_dir};
+use common::{Proc, assert_in_order, example, field, poll_until, private_dir};
 use tandem::registry::{Client, Server};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -14,19 +14,6 @@ const LINE: Duration = Duration::from_secs(10);
 
 fn is_value(value: &str) -> impl Fn(&str) -> bool + '_ {
     move |line| field(line, "value") == Some(value)
-}
-
-/// Checks a process's value lines: no (epoch, seq) twice, never an older one after a newer.
-fn assert_in_order(proc: &Proc) {
-    let mut last: Option<(u64, u64)> = None;
-    for line in &proc.seen {
-        let (Some(epoch), Some(seq)) = (field(line, "epoch"), field(line, "seq")) else { continue };
-        let position = (epoch.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
-        if let Some(last) = last {
-            assert!(position > last, "pid {}: {position:?} after {last:?} in {:#?}", proc.pid, proc.seen);
-        }
-        last = Some(position);
-    }
 }
 
 #[tokio::test]
@@ -93,7 +80,7 @@ async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
             assert_eq!(field(&line, "epoch"), Some("2"));
         }
         for proc in &procs {
-            assert_in_order(proc);
+            assert_in_order(&proc.seen, "pid");
         }
         // Still one upstream connection: the dead leader's closed, the new one's open.
         poll_until(LINE, "one registry connection", || async {
@@ -176,7 +163,7 @@ async fn a_hung_leader_is_replaced_and_resumed_never_serves_at_its_epoch() {
             old.seen[resumed_from..].iter().filter(|l| field(l, "epoch") == Some("1")).collect();
         assert!(served_after_resume.is_empty(), "served at the old epoch after resuming: {served_after_resume:#?}");
         for proc in &procs {
-            assert_in_order(proc);
+            assert_in_order(&proc.seen, "pid");
         }
         eprintln!("hung leader replaced in {replaced_in:?}");
     })

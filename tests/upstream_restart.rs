@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Proc, example, field, free_port, poll_until, private_dir, serve_registry};
+use common::{Proc, assert_in_order, example, field, free_port, poll_until, private_dir, serve_registry};
 use tandem::registry::Client;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -15,19 +15,6 @@ const LINE: Duration = Duration::from_secs(15);
 
 fn is_value(value: &str) -> impl Fn(&str) -> bool + '_ {
     move |line| field(line, "value") == Some(value)
-}
-
-/// No (epoch, seq) twice, never an older one after a newer.
-fn assert_in_order(proc: &Proc) {
-    let mut last: Option<(u64, u64)> = None;
-    for line in &proc.seen {
-        let (Some(epoch), Some(seq)) = (field(line, "epoch"), field(line, "seq")) else { continue };
-        let position = (epoch.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
-        if let Some(last) = last {
-            assert!(position > last, "pid {}: {position:?} after {last:?} in {:#?}", proc.pid, proc.seen);
-        }
-        last = Some(position);
-    }
 }
 
 /// Connects, retrying while the registry is starting.
@@ -98,7 +85,7 @@ async fn a_registry_restarted_empty_on_the_same_port_strands_no_follower() {
         second.put("K", "later").await.unwrap();
         for proc in &mut procs {
             proc.expect_line(LINE, is_value("later")).await;
-            assert_in_order(proc);
+            assert_in_order(&proc.seen, "pid");
         }
     })
     .await

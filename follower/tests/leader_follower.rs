@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, follower_with, leader, private_dir, standalone, within,
+    Fixture, Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, follower_with, leader, private_dir, standalone, within,
 };
 use futures::StreamExt;
 use tandem_follower::{Connection, Error, LocalConnector, State};
@@ -17,9 +17,7 @@ const E_INIT: tandem_protocol::ErrorCode = tandem_protocol::ErrorCode::named("E_
 #[tokio::test]
 async fn invoke_round_trips_and_remote_errors_are_typed() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir: _dir, upstream: _, leader: _leader, path } = Fixture::start(1);
         let kv = follower(&path).client::<Kv>();
         kv.ready().await.unwrap();
         assert!(!kv.is_leader());
@@ -43,9 +41,7 @@ async fn invoke_round_trips_and_remote_errors_are_typed() {
 #[tokio::test]
 async fn the_leaders_own_process_uses_the_same_handle_through_memory() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        let (leader, path) = leader(&upstream, dir.path(), 7);
+        let Fixture { dir: _dir, upstream, leader, path } = Fixture::start(7);
         let local = Connection::builder().channel::<Kv>().connect(LocalConnector::new(leader.clone())).spawn();
         let here = local.client::<Kv>();
         here.ready().await.unwrap();
@@ -69,10 +65,7 @@ async fn the_leaders_own_process_uses_the_same_handle_through_memory() {
 #[tokio::test]
 async fn many_subscribers_share_one_upstream_subscription_and_the_last_releases_it() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        upstream.put("flag", "on");
-        let (leader, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir: _dir, upstream, leader, path } = Fixture::seeded(1, &[("flag", "on")]);
         let clients: Vec<_> = (0..4).map(|_| follower(&path).client::<Kv>()).collect();
         let mut subs = Vec::new();
         for client in &clients {
@@ -111,10 +104,7 @@ async fn many_subscribers_share_one_upstream_subscription_and_the_last_releases_
 #[tokio::test]
 async fn a_stream_the_upstream_ends_is_subscribed_again_while_anyone_wants_it() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        upstream.put("once-a", "1");
-        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir: _dir, upstream, leader: _leader, path } = Fixture::seeded(1, &[("once-a", "1")]);
         let kv = follower(&path).client::<Kv>();
         let mut sub = kv.subscribe("once-a".into()).await.unwrap();
         let first = sub.next().await.unwrap();
@@ -138,9 +128,7 @@ async fn a_stream_the_upstream_ends_is_subscribed_again_while_anyone_wants_it() 
 #[tokio::test]
 async fn a_stream_that_panics_is_subscribed_again_not_left_dead() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir: _dir, upstream, leader: _leader, path } = Fixture::start(1);
         let kv = follower(&path).client::<Kv>();
         let _sub = kv.subscribe("panics-a".into()).await.unwrap();
         // The pump caught the panic and asked the upstream again (with backoff).
@@ -154,9 +142,7 @@ async fn a_stream_that_panics_is_subscribed_again_not_left_dead() {
 #[tokio::test]
 async fn a_call_past_its_deadline_fails_typed_and_is_cancelled_upstream() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        let (leader, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir: _dir, upstream, leader, path } = Fixture::start(1);
         let kv = follower(&path).client::<Kv>();
         kv.ready().await.unwrap();
         let started = std::time::Instant::now();
@@ -177,10 +163,7 @@ async fn a_call_past_its_deadline_fails_typed_and_is_cancelled_upstream() {
 #[tokio::test]
 async fn losing_the_leader_fails_calls_at_once_and_a_new_leader_resumes_subscriptions() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        upstream.put("k", "1");
-        let (old, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir, upstream, leader: old, path } = Fixture::seeded(1, &[("k", "1")]);
         let connection = follower(&path);
         let kv = connection.client::<Kv>();
         let mut sub = kv.subscribe("k".into()).await.unwrap();
@@ -403,9 +386,7 @@ async fn asking_for_a_client_opens_its_channel_with_no_builder_step() {
 #[tokio::test]
 async fn a_follower_never_goes_back_to_an_older_epoch() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        let (second, path) = leader(&upstream, dir.path(), 2);
+        let Fixture { dir, upstream, leader: second, path } = Fixture::start(2);
         let connection = follower(&path);
         let kv = connection.client::<Kv>();
         kv.ready().await.unwrap();
@@ -463,10 +444,7 @@ async fn forced_roles_are_respected() {
 #[tokio::test]
 async fn a_new_leader_re_announcing_the_same_value_does_not_deliver_it_twice() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        upstream.put("k", "same");
-        let (old, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir, upstream, leader: old, path } = Fixture::seeded(1, &[("k", "same")]);
         let connection = follower(&path);
         let kv = connection.client::<Kv>();
         let mut sub = kv.subscribe("k".into()).await.unwrap();
@@ -492,9 +470,7 @@ async fn a_new_leader_re_announcing_the_same_value_does_not_deliver_it_twice() {
 #[tokio::test]
 async fn a_refused_subscription_reports_the_upstreams_error() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir: _dir, upstream, leader: _leader, path } = Fixture::start(1);
         let kv = follower(&path).client::<Kv>();
         let error = kv.subscribe("denied.key".into()).await.unwrap_err();
         assert_eq!(error.remote().map(|e| e.code.as_str()), Some("E_DENIED"), "{error:?}");
@@ -556,10 +532,7 @@ async fn a_channel_that_becomes_ready_after_the_handshake_is_seen_ready() {
 #[tokio::test]
 async fn a_new_leader_reusing_the_epoch_still_delivers_its_values() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        upstream.put("k", "old");
-        let (first, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir, upstream, leader: first, path } = Fixture::seeded(1, &[("k", "old")]);
         let connection = follower(&path);
         let kv = connection.client::<Kv>();
         let mut sub = kv.subscribe("k".into()).await.unwrap();
@@ -580,9 +553,7 @@ async fn a_new_leader_reusing_the_epoch_still_delivers_its_values() {
 #[tokio::test]
 async fn an_upstream_outage_shows_in_every_followers_state_and_ends() {
     within(TEST_TIMEOUT, async {
-        let dir = private_dir();
-        let upstream = MemUpstream::default();
-        let (_leader, path) = leader(&upstream, dir.path(), 1);
+        let Fixture { dir: _dir, upstream, leader: _leader, path } = Fixture::start(1);
         let kv = follower(&path).client::<Kv>();
         kv.ready().await.unwrap();
         let mut status = kv.watch();

@@ -153,3 +153,21 @@ pub async fn serve_registry(listen: &str, extra: &[&str]) -> (Proc, String) {
     let addr = line.trim_start_matches("listening on ").trim().to_string();
     (proc, addr)
 }
+
+/// The core promise, checked on output lines: for each value of the field
+/// `stream` (`pid`, `worker`), the lines carrying an `epoch` and a `seq` (the
+/// value lines) go strictly up in (epoch, seq): no value delivered twice, none
+/// older after a newer one.
+pub fn assert_in_order(lines: &[String], stream: &str) {
+    let mut last: std::collections::BTreeMap<&str, (u64, u64)> = std::collections::BTreeMap::new();
+    for line in lines {
+        let (Some(who), Some(epoch), Some(seq)) = (field(line, stream), field(line, "epoch"), field(line, "seq"))
+        else {
+            continue;
+        };
+        let position = (epoch.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap());
+        if let Some(previous) = last.insert(who, position) {
+            assert!(position > previous, "{stream} {who}: {position:?} after {previous:?} in {lines:#?}");
+        }
+    }
+}

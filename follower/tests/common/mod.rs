@@ -179,6 +179,33 @@ pub fn leader(upstream: &MemUpstream, dir: &std::path::Path, epoch: u64) -> (Lea
     (leader, path)
 }
 
+/// What most tests start from: a private directory, an upstream, and a
+/// leader serving it on a socket in that directory.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub upstream: MemUpstream,
+    pub leader: Leader,
+    pub path: std::path::PathBuf,
+}
+
+impl Fixture {
+    /// A leader at `epoch` over an empty upstream.
+    pub fn start(epoch: u64) -> Fixture {
+        Fixture::seeded(epoch, &[])
+    }
+
+    /// A leader at `epoch` over an upstream that holds `values` before it starts.
+    pub fn seeded(epoch: u64, values: &[(&str, &str)]) -> Fixture {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        for (key, value) in values {
+            upstream.put(key, value);
+        }
+        let (leader, path) = leader(&upstream, dir.path(), epoch);
+        Fixture { dir, upstream, leader, path }
+    }
+}
+
 /// A follower connection to the socket at `path`.
 pub fn follower(path: &std::path::Path) -> Connection {
     follower_with(path, tandem_follower::Config::default())
