@@ -540,6 +540,40 @@ impl Ctx {
         }
     }
 
+    /// Polls the driver's `status` until it reports a link to the leader at `epoch`
+    /// (a follower may fail calls while it is still reading the new `Welcome`).
+    async fn await_connected(&mut self, epoch: u64) -> Outcome {
+        let until = Instant::now() + self.step;
+        loop {
+            let id = self.child.send(json!({ "op": "status", "channel": CHANNEL })).await?;
+            let reply = self.child.ok(id, self.step).await?;
+            if reply["link"] == json!("connected") && reply["epoch"] == json!(epoch) {
+                return Ok(());
+            }
+            ensure!(Instant::now() < until, "the follower reports {reply}, expected connected at epoch {epoch}");
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling the driver, with a deadline
+        }
+    }
+
+    /// [`Self::await_connected`], answering the follower's pings meanwhile.
+    async fn await_connected_answering(&mut self, conn: &mut Conn, epoch: u64) -> Outcome {
+        let until = Instant::now() + self.step;
+        loop {
+            let id = self.child.send(json!({ "op": "status", "channel": CHANNEL })).await?;
+            let reply = self.child.ok(id, self.step).await?;
+            if reply["link"] == json!("connected") && reply["epoch"] == json!(epoch) {
+                return Ok(());
+            }
+            ensure!(Instant::now() < until, "the follower reports {reply}, expected connected at epoch {epoch}");
+            // Answers what arrived (pings) for a moment: the poll interval, with a deadline.
+            match conn.recv(Duration::from_millis(20)).await {
+                Ok(frame) => return Err(format!("expected nothing but pings, got {frame:?}")),
+                Err(e) if e.starts_with("no frame") => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn upstream_status(&mut self) -> Outcome {
         let mut conn = self.connected().await?;
         let down = RemoteError::unavailable("connection refused").with_code(ErrorCode::upstream("connect"));
@@ -596,7 +630,9 @@ impl Ctx {
         ensure!(took >= peer_timeout / 2, "the follower gave up after {} ms of silence", took.as_millis());
         let error = self.child.err(command, self.step).await?;
         ensure!(error_type(&error) == "LeaderLost", "the call in flight ended with {error}, expected LeaderLost");
-        let (mut conn, _) = self.accept(2, QUIET_HEARTBEAT_MS).await?;
+        // The new leader pings (100 ms) and answers pings, so the 600 ms peer timeout keeps it.
+        let (mut conn, _) = self.accept(2, 100).await?;
+        self.await_connected_answering(&mut conn, 2).await?;
         self.round_trip(&mut conn, &[]).await
     }
 
@@ -688,6 +724,7 @@ impl Ctx {
             ensure!(self.child.alive(), "the follower process exited after {what}");
             conn = self.accept(1, QUIET_HEARTBEAT_MS).await.map_err(|e| format!("reconnecting after {what}: {e}"))?.0;
         }
+        self.await_connected(1).await?;
         self.round_trip(&mut conn, &[]).await
     }
 }
