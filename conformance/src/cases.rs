@@ -621,7 +621,10 @@ impl Ctx {
 
     async fn peer_timeout(&mut self) -> Outcome {
         let peer_timeout = Duration::from_millis(600);
-        let (mut conn, _) = self.connect(1, 100, json!({ "peer_timeout_ms": peer_timeout.as_millis() as u64 })).await?;
+        // A leader that announced a heartbeat far longer than the peer timeout:
+        // the follower still checks for silence within its own timeout.
+        let (mut conn, _) =
+            self.connect(1, 60_000, json!({ "peer_timeout_ms": peer_timeout.as_millis() as u64 })).await?;
         let (command, _) = self.start_invoke(&mut conn, "hang", 20_000).await?;
         let silent_since = Instant::now();
         // From now on the leader sends nothing, and answers no Ping.

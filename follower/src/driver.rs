@@ -197,7 +197,11 @@ impl<C: Connector> Driver<C> {
             return LinkEnd::Write(failed);
         }
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        // Silence is checked at least four times per peer timeout, whatever
+        // heartbeat the leader announced; a ping goes out once per heartbeat.
+        let tick = heartbeat.min(self.core.config.peer_timeout / 4).max(Duration::from_millis(10));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+        let mut next_ping = Instant::now() + heartbeat;
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_received = Instant::now();
         let mut heard = false;
@@ -257,15 +261,19 @@ impl<C: Connector> Driver<C> {
                     expiry.as_mut().reset(armed);
                 }
                 _ = ticker.tick() => {
+                    let now = Instant::now();
                     if std::mem::take(&mut heard) {
-                        last_received = Instant::now();
+                        last_received = now;
                     }
-                    let silent = last_received.elapsed();
+                    let silent = now.saturating_duration_since(last_received);
                     if silent > self.core.config.peer_timeout {
                         return LinkEnd::Silent(silent);
                     }
-                    nonce += 1;
-                    self.core.out.push(Frame::Ping(nonce));
+                    if now >= next_ping {
+                        next_ping = now + heartbeat;
+                        nonce += 1;
+                        self.core.out.push(Frame::Ping(nonce));
+                    }
                 }
             }
             if self.core.shut {
