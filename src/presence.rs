@@ -11,7 +11,8 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::apis::{ServiceApi, ServiceRequest};
-use tandem_protocol::{Api, Backoff};
+use tandem_protocol::Api;
+use tandem_protocol::internal::Backoff;
 
 /// An instance kept registered through whichever Leader is current; see [`stay_registered`].
 /// Dropping it stops re-registering (the instance stays until the Leader's

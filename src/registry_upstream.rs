@@ -28,7 +28,8 @@ use tandem_protocol::ErrorCode;
 
 use futures::StreamExt;
 use tandem_leader::{CallContext, Events, Upstream, health_from};
-use tandem_protocol::{RemoteError, UpstreamState, error_chain as chain};
+use tandem_protocol::internal::error_chain as chain;
+use tandem_protocol::{RemoteError, UpstreamState};
 use tandem_registry::{Client, ConnectionState, Instance, KeyState, Reconnecting};
 use tokio::sync::watch;
 

@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use tandem_protocol::CodecError;
+use tandem_protocol::internal::{Refused, WriteLimits, WriteSource};
 use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
-use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
@@ -305,7 +306,8 @@ async fn write_loop(
     links: mpsc::UnboundedReceiver<FromChild>,
     flush: CancellationToken,
 ) {
-    let _ = tandem_protocol::write_loop(&mut ToMaster { rx, links, flush }, &mut w, WriteLimits::default()).await;
+    let _ =
+        tandem_protocol::internal::write_loop(&mut ToMaster { rx, links, flush }, &mut w, WriteLimits::default()).await;
 }
 
 struct ToMaster {

@@ -78,7 +78,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use tandem_protocol::Throttle;
+use tandem_protocol::internal::Throttle;
 
 use crate::status::{ProcessState, StatusTable, cpu_seconds};
 use crate::{Error, Messenger, Role, Target, WorkerId};
@@ -969,7 +969,7 @@ impl ControlServer {
             async move {
                 let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
                 let uid = nix::unistd::getuid().as_raw();
-                let mut errors = tandem_protocol::AcceptErrors::new("control");
+                let mut errors = tandem_protocol::internal::AcceptErrors::new("control");
                 let mut refusals = Throttle::default();
                 let warnings = Arc::new(Warnings::default());
                 loop {

@@ -55,7 +55,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 
 use futures::{Sink, Stream, StreamExt};
-use tandem_protocol::{CodecError, Frame, FrameCodec, Link, error_chain};
+use tandem_protocol::internal::error_chain;
+use tandem_protocol::{CodecError, Frame, FrameCodec, Link};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 

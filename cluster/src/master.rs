@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use tandem_protocol::CodecError;
+use tandem_protocol::internal::{Refused, WriteLimits, WriteSource, error_chain};
 use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
-use tandem_protocol::{CodecError, Refused, WriteLimits, WriteSource, error_chain};
 use tokio::process::Child;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -1261,7 +1262,7 @@ fn check_child_env(env: &[(String, String)]) -> Result<(), Error> {
 async fn write_to_child(wr: UnixWriteHalf, control: mpsc::Receiver<ToChild>, data: mpsc::Receiver<ToChild>) {
     let mut w = FramedWrite::new(wr, MasterCodec::new());
     let limits = WriteLimits::default().max_batch(WRITE_BATCH + 1);
-    let _ = tandem_protocol::write_loop(&mut ToChildQueues { control, data }, &mut w, limits).await;
+    let _ = tandem_protocol::internal::write_loop(&mut ToChildQueues { control, data }, &mut w, limits).await;
 }
 
 struct ToChildQueues {

@@ -24,7 +24,7 @@
 //!   to close, then dropped if it still moves nothing for as long again.
 //! - `accept` failing for lack of descriptors or memory (`EMFILE`, `ENFILE`,
 //!   `ENOBUFS`, `ENOMEM`) is logged at WARN with its cause (the first time,
-//!   then once per [`WARN_EVERY`](tandem_protocol::WARN_EVERY)) and followed by
+//!   then once per [`WARN_EVERY`](tandem_protocol::internal::WARN_EVERY)) and followed by
 //!   a growing pause ([`AcceptErrors`]); accepting resumes by itself.
 //!
 //! [`EndpointStats`] counts all of it for the scrape itself.
@@ -42,7 +42,7 @@ use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tandem_protocol::{AcceptErrors, Throttle};
+use tandem_protocol::internal::{AcceptErrors, Throttle};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};

@@ -24,7 +24,7 @@
 //! sees the connection closed instead of a hang, and counts it
 //! ([`RoundRobinStats`], `tandem_round_robin_lost_total` in `/metrics`). Both
 //! sides log it at WARN the first time, then at most once per
-//! [`WARN_EVERY`](tandem_protocol::WARN_EVERY) with the count held back.
+//! [`WARN_EVERY`](tandem_protocol::internal::WARN_EVERY) with the count held back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -33,7 +33,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tandem_protocol::Throttle;
+use tandem_protocol::internal::Throttle;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -178,7 +178,7 @@ async fn accept_loop(
     tx: mpsc::Sender<Cmd>,
     cancel: CancellationToken,
 ) {
-    let mut errors = tandem_protocol::AcceptErrors::new("round-robin");
+    let mut errors = tandem_protocol::internal::AcceptErrors::new("round-robin");
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -24,7 +24,8 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use rand::seq::SliceRandom;
-use tandem_protocol::{Expires, PendingTable, RemoteError};
+use tandem_protocol::RemoteError;
+use tandem_protocol::internal::{Expires, PendingTable};
 use tokio::sync::oneshot;
 use tokio::time::{Duration, Instant};
 

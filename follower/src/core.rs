@@ -532,7 +532,7 @@ impl Core {
         if self.shut {
             return;
         }
-        tracing::warn!(reason = %tandem_protocol::error_chain(reason), "lost the leader; reconnecting");
+        tracing::warn!(reason = %tandem_protocol::internal::error_chain(reason), "lost the leader; reconnecting");
         self.status.send_modify(|status| {
             status.link = LinkState::LeaderLost;
             status.channels.clear();

@@ -19,8 +19,9 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
-use tandem_protocol::Backoff;
-use tandem_protocol::{Frame, Link, RemoteError, Welcome, WriteEnd, WriteLimits, write_loop};
+use tandem_protocol::internal::Backoff;
+use tandem_protocol::internal::{WriteEnd, WriteLimits, write_loop};
+use tandem_protocol::{Frame, Link, RemoteError, Welcome};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_protocol::{Expires, PendingTable, RemoteError, RequestId};
+use tandem_protocol::internal::{Expires, PendingTable};
+use tandem_protocol::{RemoteError, RequestId};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 

@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use tandem_protocol::{LENGTH_PREFIX, Throttle};
+use tandem_protocol::LENGTH_PREFIX;
+use tandem_protocol::internal::Throttle;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 

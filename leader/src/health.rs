@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use tandem_protocol::{Backoff, RemoteError, UpstreamState};
+use tandem_protocol::internal::Backoff;
+use tandem_protocol::{RemoteError, UpstreamState};
 use tokio::sync::watch;
 
 /// What an [`Upstream`](crate::Upstream) adapter knows of its connection, in

@@ -30,9 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use tandem_protocol::{
-    Ack, Backoff, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState,
-};
+use tandem_protocol::internal::Backoff;
+use tandem_protocol::{Ack, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

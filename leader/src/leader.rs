@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tandem_protocol::{AcceptErrors, Api, Backoff, FrameCodec, Link, RemoteError, UpstreamState};
+use tandem_protocol::internal::{AcceptErrors, Backoff};
+use tandem_protocol::{Api, FrameCodec, Link, RemoteError, UpstreamState};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -22,7 +22,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::Sink;
-use tandem_protocol::{CodecError, Frame, LinkSink, Refused, SharedFrame, WriteSource};
+use tandem_protocol::internal::{Refused, WriteSource};
+use tandem_protocol::{CodecError, Frame, LinkSink, SharedFrame};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

@@ -28,9 +28,10 @@ use bytes::Bytes;
 use std::task::{Context, Poll, Waker};
 
 use futures::{FutureExt, SinkExt, StreamExt};
+use tandem_protocol::internal::{WriteEnd, WriteLimits, check_hello};
 use tandem_protocol::{
     Ack, ChannelStatus, CodecError, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject,
-    RemoteError, RequestId, Response, UpstreamState, Welcome, WriteEnd, WriteLimits, check_hello,
+    RemoteError, RequestId, Response, UpstreamState, Welcome,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -628,7 +629,7 @@ async fn write_loop(
     // is slow but still reading is not mistaken for a stalled one.
     let limits = WriteLimits::default().stall(stall);
     let mut batches = Batches::new(outbox.clone(), fence);
-    let reason = match tandem_protocol::write_loop(&mut batches, &mut OutgoingSink(&mut tx), limits).await {
+    let reason = match tandem_protocol::internal::write_loop(&mut batches, &mut OutgoingSink(&mut tx), limits).await {
         WriteEnd::Finished => {
             let _ = tokio::time::timeout(stall, SinkExt::<Frame>::close(&mut tx)).await;
             return outbox.closed_reason().unwrap_or(SessionEnd::OutboxClosed);

@@ -5,7 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_protocol::{CodecError, RemoteError, RequestId, error_chain};
+use tandem_protocol::internal::error_chain;
+use tandem_protocol::{CodecError, RemoteError, RequestId};
 
 /// Why a session ended. `Display` is the reason as logged (and as sent in a
 /// `Goodbye`); `source()` is the underlying error, where there is one.

@@ -30,7 +30,7 @@ pub(crate) struct Shared {
     /// What peers may cost before their `Hello` is accepted.
     pub(crate) handshakes: Handshakes,
     /// Refused handshakes are logged at WARN at most once per period (with the count held back).
-    pub(crate) refusals: std::sync::Mutex<tandem_protocol::Throttle>,
+    pub(crate) refusals: std::sync::Mutex<tandem_protocol::internal::Throttle>,
     /// The followers connected now, by session.
     pub(crate) peers: std::sync::Mutex<HashMap<u64, crate::FollowerStats>>,
     pub(crate) call_latency: crate::latency::CallLatency,

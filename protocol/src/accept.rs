@@ -70,7 +70,7 @@ impl Default for Throttle {
 ///
 /// ```no_run
 /// # async fn demo(listener: tokio::net::TcpListener) {
-/// let mut errors = tandem_protocol::AcceptErrors::new("registry");
+/// let mut errors = tandem_protocol::internal::AcceptErrors::new("registry");
 /// loop {
 ///     match listener.accept().await {
 ///         Ok((stream, _)) => {

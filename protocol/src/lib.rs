@@ -4,15 +4,16 @@
 //! registry — carries frames: a u32 big-endian length, then that many bytes of
 //! MessagePack. This crate owns the Leader/Follower [`Frame`]s, the [`Codec`] that
 //! reads and writes them with a size limit checked before any allocation, the
-//! handshake rules, and [`RemoteError`], the one error type that crosses the wire.
-//! It also holds what tandem's servers share about accepting connections:
-//! [`AcceptErrors`] (a failed `accept` is logged, rate-limited, and paused on)
-//! and [`Throttle`] (rate-limited warnings); what tandem's clients share:
-//! [`PendingTable`], the requests sent and not yet answered; and the one
-//! batching [`write_loop`] every connection's writer runs; and [`unix::split`],
-//! the Unix-socket halves every tandem link uses, which ask the kernel for
-//! writability only while a write waits for room (no wake-up each time the
-//! peer reads).
+//! handshake rules, and [`RemoteError`], the one error type that crosses the wire,
+//! with its typed [`ErrorCode`]; [`Link`], a connection as a stream and a sink of
+//! frames (what a custom `Connector` of the follower returns); and
+//! [`unix::split`], the Unix-socket halves every tandem link uses, which ask the
+//! kernel for writability only while a write waits for room (no wake-up each
+//! time the peer reads).
+//!
+//! What tandem's own crates share beyond that (the batching writer every
+//! connection runs, the table of requests not yet answered, backoff,
+//! accept-error handling) lives in a module that is not part of the API.
 //! `PROTOCOL.md` beside this crate is the byte-level specification.
 //!
 //! ```text
@@ -63,22 +64,37 @@ mod shared;
 pub mod unix;
 mod write;
 
-pub use accept::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion};
 pub use api::{Api, Message};
-pub use backoff::Backoff;
 pub use code::ErrorCode;
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
-pub use error::{ErrorKind, RemoteError, error_chain};
+pub use error::{ErrorKind, RemoteError};
 pub use frame::{
     Ack, ChannelStatus, Ended, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response, Subscribe,
     Unsubscribe, UpstreamState, Welcome,
 };
-pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, check_hello, negotiate};
+pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use link::{FrameSink, Link, LinkSink};
 pub use name::ChannelName;
-pub use pending::{Expires, InsertError, PendingTable};
 pub use shared::SharedFrame;
-pub use write::{Refused, Stalled, WriteEnd, WriteLimits, WriteSource, feed_within, flush_within, write_loop};
+
+/// Machinery tandem's own crates share (the Leader, the Follower, the
+/// cluster, the registry, the conformance kit): writing with stall limits,
+/// tables of pending requests, backoff, accept-error handling, handshake
+/// checks. **Not part of the API**: it is not re-exported by `tandem` and may
+/// change in any release.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::accept::{
+        ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion,
+    };
+    pub use crate::backoff::Backoff;
+    pub use crate::error::error_chain;
+    pub use crate::handshake::{check_hello, negotiate};
+    pub use crate::pending::{Expires, InsertError, PendingTable};
+    pub use crate::write::{
+        Refused, Stalled, WriteEnd, WriteLimits, WriteSource, feed_within, flush_within, write_loop,
+    };
+}
 
 // Re-exported so users of the codec need not depend on the same versions themselves.
 pub use bytes;

@@ -10,10 +10,11 @@ use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use proptest::collection::vec;
 use proptest::prelude::*;
+use tandem_protocol::internal::{check_hello, negotiate};
 use tandem_protocol::uuid::Uuid;
 use tandem_protocol::{
     Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, ErrorKind, Event, Frame, FrameCodec, Hello, Invoke, LENGTH_PREFIX,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Reject, check_hello, negotiate,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Reject,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::codec::{Decoder, Encoder, Framed, FramedRead};

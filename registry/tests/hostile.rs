@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{eventually, next, start, within};
 use futures::future::join_all;
-use tandem_protocol::error_chain;
+use tandem_protocol::internal::error_chain;
 use tandem_registry::{Client, Config, Instance, WatchSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -6,7 +6,8 @@ use std::io;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use tandem_protocol::{Codec, CodecError, Refused, WriteLimits, WriteSource, error_chain};
+use tandem_protocol::internal::{Refused, WriteLimits, WriteSource, error_chain};
+use tandem_protocol::{Codec, CodecError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -133,7 +134,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     in_flight: &InFlight,
 ) -> Result<(), Error> {
     let mut requests = Requests { outgoing, detached, in_flight };
-    tandem_protocol::write_loop(&mut requests, &mut writer, WriteLimits::default())
+    tandem_protocol::internal::write_loop(&mut requests, &mut writer, WriteLimits::default())
         .await
         .into_result()
         .map_err(Error::lost)

@@ -5,7 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use tandem_protocol::{InsertError, PendingTable, RemoteError};
+use tandem_protocol::RemoteError;
+use tandem_protocol::internal::{InsertError, PendingTable};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tandem_protocol::{Backoff, error_chain};
+use tandem_protocol::internal::{Backoff, error_chain};
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, error, info, warn};

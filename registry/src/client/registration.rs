@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 use super::Client;
 use super::error::Error;
 use crate::wire::{Instance, Op};
-use tandem_protocol::error_chain;
+use tandem_protocol::internal::error_chain;
 
 /// An instance registered with [`Client::register`].
 ///

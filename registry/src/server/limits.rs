@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tandem_protocol::Throttle;
+use tandem_protocol::internal::Throttle;
 use tracing::{info, warn};
 
 use super::config::Config;

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tandem_protocol::{AcceptErrors, Codec, RemoteError};
+use tandem_protocol::internal::AcceptErrors;
+use tandem_protocol::{Codec, RemoteError};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

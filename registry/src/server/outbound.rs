@@ -16,7 +16,8 @@ use crate::code;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tandem_protocol::{Codec, CodecError, Refused, RemoteError, WriteLimits, WriteSource};
+use tandem_protocol::internal::{Refused, WriteLimits, WriteSource};
+use tandem_protocol::{Codec, CodecError, RemoteError};
 use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedWrite;
@@ -211,7 +212,7 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
     mut queues: Queues,
     mut sink: FramedWrite<W, Codec<Request>>,
 ) -> Result<(), CodecError> {
-    tandem_protocol::write_loop(&mut queues, &mut sink, WriteLimits::default()).await.into_result()?;
+    tandem_protocol::internal::write_loop(&mut queues, &mut sink, WriteLimits::default()).await.into_result()?;
     SinkExt::<ServerMessage>::close(&mut sink).await
 }
 
