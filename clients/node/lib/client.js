@@ -551,19 +551,19 @@ class Client extends EventEmitter {
   /** The reconnect loop: backoff with jitter, refuse older epochs, wait out a rejection until the socket changes. */
   async reconnect() {
     let delay = this.config.reconnectInitial;
-    let rejectedInode = null;
+    let rejectedSocket = null;
     while (this.state !== 'closed') {
       await this.pause(delay * (0.5 + Math.random() / 2));
       delay = Math.min(delay * 2, this.config.reconnectMax);
       if (this.state === 'closed') return;
-      if (rejectedInode !== null) {
+      if (rejectedSocket !== null) {
         // PROTOCOL.md §5: do not send a rejected Hello again unchanged; wait
         // for a new leader, which binds a new socket at the path.
-        if (socketInode(this.config.socket) === rejectedInode) {
+        if (socketIdentity(this.config.socket) === rejectedSocket) {
           delay = this.config.reconnectMax;
           continue;
         }
-        rejectedInode = null;
+        rejectedSocket = null;
       }
       let opened;
       try {
@@ -572,7 +572,7 @@ class Client extends EventEmitter {
         if (this.state === 'closed') return;
         this.lastError = error;
         if (error instanceof Rejected) {
-          rejectedInode = socketInode(this.config.socket);
+          rejectedSocket = socketIdentity(this.config.socket);
           this.rejection = error;
           this.setState('rejected', error);
           this.emit('rejected', error);
@@ -599,11 +599,16 @@ class Client extends EventEmitter {
   }
 }
 
-function socketInode(path) {
+/**
+ * What identifies the socket file at `path`: a new leader binds a new one.
+ * Its inode and creation time (an inode number alone may be reused at once).
+ */
+function socketIdentity(path) {
   try {
-    return fs.statSync(path).ino;
+    const stat = fs.statSync(path);
+    return `${stat.ino}:${stat.birthtimeMs || stat.ctimeMs}`;
   } catch {
-    return -1;
+    return 'none';
   }
 }
 

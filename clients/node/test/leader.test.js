@@ -228,3 +228,30 @@ test('gives up a silent leader (SIGSTOP) after peerTimeout and reconnects', { ti
     await client.close();
   }
 });
+
+test('a new leader that rejects the token: calls fail with Rejected until another leader replaces it', { timeout: 60000 }, async () => {
+  const dir = tempDir();
+  const first = await startLeader({ dir, registry: registry.addr, token: TOKEN });
+  const client = await connect({ socket: first.socket, token: TOKEN, channels: ['config'], reconnectMax: 100 });
+  try {
+    const rejected = waitEvent(client, 'rejected');
+    await kill(first.child);
+    const other = await startLeader({ dir, registry: registry.addr, token: 'another-token' });
+    const [error] = await rejected;
+    assert.equal(error.code, 'token');
+    assert.equal(client.state, 'rejected');
+    await assert.rejects(client.invoke('config', { Get: 'x' }), (e) => e instanceof Rejected && e.code === 'token');
+    // The rejected Hello is not sent again to the same leader: no second rejection while it runs.
+    let again = 0;
+    client.on('rejected', () => { again += 1; });
+    const reconnected = waitEvent(client, 'connected');
+    await kill(other.child);
+    const third = await startLeader({ dir, registry: registry.addr, token: TOKEN });
+    const [welcome] = await reconnected;
+    assert.equal(welcome.epoch, third.epoch);
+    assert.equal(again, 0);
+    assert.deepEqual(await client.invoke('config', { Get: 'node.absent' }), { Value: null });
+  } finally {
+    await client.close();
+  }
+});
