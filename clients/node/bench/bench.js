@@ -9,7 +9,7 @@
 //
 // DIR holds `examples/standalone` and `tandem-registry` (default: the
 // repository's target/release if both are there, else target/debug; build
-// them with `cargo build --release --example standalone -p tandem -p tandem-registry`).
+// them with `cargo build --release --example standalone -p tandem && cargo build --release -p tandem-registry`).
 // The leader is one standalone process in front of the bundled registry
 // server; every call is a `config` Get that the leader forwards to the
 // registry over TCP and answers (one more hop than cluster-client's
