@@ -6,7 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tandem_protocol::{
-    Ack, ErrorCode, Frame, Hello, Invoke, Position, Reject, RemoteError, Response, Subscribe, UpstreamState,
+    Ack, ErrorCode, Frame, Hello, Invoke, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Position, Reject, RemoteError,
+    Response, Subscribe, UpstreamState,
 };
 use tokio::time::Instant;
 
@@ -26,7 +27,7 @@ pub struct Case {
 pub const CASES: &[Case] = &[
     Case {
         name: "hello",
-        about: "the first frame is Hello: version 1, the token from TANDEM_TOKEN, the channels, the real pid; Goodbye or close on close",
+        about: "the first frame is Hello: a version the reference speaks (1 or 2), the token from TANDEM_TOKEN, the channels, the real pid; Goodbye or close on close",
     },
     Case {
         name: "reject_token",
@@ -190,7 +191,11 @@ impl Ctx {
     async fn accept(&mut self, epoch: u64, heartbeat_ms: u32) -> Result<(Conn, Hello), String> {
         let mut conn = self.leader.accept(self.step).await?;
         let hello = conn.hello(self.step).await?;
-        ensure!(hello.version == 1, "Hello.version is {}, expected 1", hello.version);
+        ensure!(
+            (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version),
+            "Hello.version is {}, expected {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
+            hello.version
+        );
         ensure!(
             hello.token.as_deref() == Some(self.token.as_str()),
             "Hello.token is {:?}, expected TANDEM_TOKEN {:?}",
@@ -292,8 +297,20 @@ impl Ctx {
             );
             (1, "missing or wrong token".to_string())
         } else {
-            ensure!(hello.version == 1, "Hello.version is {}, expected 1", hello.version);
-            (2, format!("unsupported protocol version {}: this leader speaks versions 2 to 2", hello.version))
+            ensure!(
+                (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version),
+                "Hello.version is {}, expected {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
+                hello.version
+            );
+            // A leader newer than any follower: there is no older version to fall back to.
+            let newer = PROTOCOL_VERSION + 1;
+            (
+                newer,
+                format!(
+                    "unsupported protocol version {}: this leader speaks versions {newer} to {newer}",
+                    hello.version
+                ),
+            )
         };
         let error = RemoteError::rejected(message).with_code(ErrorCode::named(if code == "token" {
             "token"

@@ -130,7 +130,8 @@ impl Conn {
     /// `Welcome` at `epoch`, then `Status Ready` for each channel the `Hello` named.
     pub(crate) async fn welcome(&mut self, hello: &Hello, epoch: u64, heartbeat_ms: u32) -> Result<(), String> {
         self.send(Frame::Welcome(Welcome {
-            version: 1,
+            // The harness speaks whatever version the follower offered (it checked the range).
+            version: hello.version,
             leader_id: leader_id(epoch),
             epoch,
             pid: std::process::id(),

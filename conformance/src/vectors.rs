@@ -43,7 +43,9 @@ pub fn direction(frame: &Frame) -> &'static str {
         | Frame::Subscribe(_)
         | Frame::Unsubscribe(_)
         | Frame::Publish(_)
-        | Frame::Open(_) => "F>L",
+        | Frame::Open(_)
+        | Frame::SubscribeOne(_)
+        | Frame::Settle(_) => "F>L",
         Frame::Ping(_) | Frame::Pong(_) | Frame::Goodbye(_) => "both",
         _ => "L>F",
     }
@@ -95,6 +97,19 @@ pub fn fields(frame: &Frame) -> Value {
         Frame::Goodbye(reason) => json!({ "reason": reason }),
         Frame::Open(channels) => json!({ "channels": channels }),
         Frame::Ended(e) => json!({ "channel": e.channel.as_str(), "key": hex(&e.key), "error": error_json(&e.error) }),
+        Frame::SubscribeOne(s) => json!({
+            "id": u64_json(s.id), "channel": s.channel.as_str(), "key": hex(&s.key),
+            "window": s.window, "ack_timeout_ms": s.ack_timeout_ms,
+        }),
+        Frame::Delivery(d) => json!({
+            "sub": u64_json(d.sub), "tag": u64_json(d.tag), "epoch": u64_json(d.epoch),
+            "seq": u64_json(d.seq), "payload": hex(&d.payload), "redelivered": d.redelivered,
+        }),
+        Frame::Settle(s) => json!({
+            "sub": u64_json(s.sub),
+            "acked": s.acked.iter().map(|t| u64_json(*t)).collect::<Vec<_>>(),
+            "released": s.released.iter().map(|t| u64_json(*t)).collect::<Vec<_>>(),
+        }),
         other => json!({ "unsupported": other.kind() }),
     }
 }

@@ -154,6 +154,59 @@ impl<A: Api> Client<A> {
         Ok(Subscription::new(A::NAME, key, parts, self.connection.clone()))
     }
 
+    /// Subscribes to a key in deliver-to-one mode, with the leader's defaults:
+    /// each event of the key goes to ONE deliver-to-one subscriber of it
+    /// among all the processes of the host (round-robin among those with room
+    /// in their window), and is redelivered to another, marked
+    /// [`redelivered`](crate::Delivery::redelivered), unless it is
+    /// [acked](crate::Delivery::ack) in time: at-least-once. No cached value is
+    /// replayed: a subscriber gets only the events that arrive (or are
+    /// redelivered) while it is subscribed. Waits for the leader's answer
+    /// within the default deadline. See `docs/deliver-to-one.md`.
+    ///
+    /// ```no_run
+    /// use futures::StreamExt;
+    /// # use tandem_follower::Client;
+    /// # struct Jobs;
+    /// # impl tandem_protocol::Api for Jobs {
+    /// #     const NAME: &'static str = "jobs";
+    /// #     type Key = String; type Event = String; type Request = String; type Response = String;
+    /// # }
+    /// # fn process(_: &str) {}
+    /// # async fn run(jobs: Client<Jobs>) -> Result<(), tandem_follower::Error> {
+    /// let mut work = jobs.subscribe_one("resize".to_string()).await?;
+    /// while let Some(job) = work.next().await {
+    ///     if job.redelivered() {
+    ///         // Another subscriber may have processed it already: be idempotent.
+    ///     }
+    ///     process(job.value());
+    ///     job.ack(); // dropped unacked, it goes to another subscriber
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe_one(&self, key: A::Key) -> Result<crate::Deliveries<A>, Error> {
+        self.subscribe_one_with(key, crate::DeliverOptions::default()).await
+    }
+
+    /// [`subscribe_one`](Client::subscribe_one) with a window and an ack timeout of its own.
+    pub async fn subscribe_one_with(
+        &self,
+        key: A::Key,
+        options: crate::DeliverOptions,
+    ) -> Result<crate::Deliveries<A>, Error> {
+        let inner = &self.connection.inner;
+        let key = encode(&key)?;
+        let deadline = inner.config.default_deadline;
+        let (reply, answer) = oneshot::channel();
+        let command = Command::SubscribeOne { channel: A::NAME, key, options, reply };
+        let work = async {
+            inner.commands.send(command).await.map_err(|_| Error::Closed)?;
+            answer.await.map_err(|_| Error::Closed)?
+        };
+        let parts = tokio::time::timeout(deadline, work).await.unwrap_or(Err(Error::DeadlineExceeded(deadline)))?;
+        Ok(crate::Deliveries::new(parts, self.connection.clone()))
+    }
+
     /// Publishes through the upstream and waits for its acknowledgement
     /// (within the default deadline).
     pub async fn publish(&self, request: A::Request) -> Result<(), Error> {

@@ -51,6 +51,24 @@ pub(crate) enum Command {
         key: Bytes,
         feed: Feed,
     },
+    /// A deliver-to-one subscription.
+    SubscribeOne {
+        channel: &'static str,
+        key: Bytes,
+        options: crate::DeliverOptions,
+        reply: crate::one::SubscribeOneReply,
+    },
+    /// A deliver-to-one handle was dropped.
+    UnsubscribeOne {
+        local: u64,
+    },
+    /// A delivery was acked (`ack`) or released, on link `link`.
+    Settle {
+        link: u64,
+        sub: RequestId,
+        tag: u64,
+        ack: bool,
+    },
     /// An invoke future was dropped before its answer.
     Cancel(RequestId),
     Close(oneshot::Sender<()>),
@@ -65,6 +83,7 @@ impl Command {
             Command::Invoke { channel, .. }
             | Command::Publish { channel, .. }
             | Command::Subscribe { channel, .. }
+            | Command::SubscribeOne { channel, .. }
             | Command::Open(channel) => Some(channel),
             _ => None,
         }

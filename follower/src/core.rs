@@ -64,6 +64,10 @@ pub(crate) struct Core {
     /// While set, every call fails at once with this error (a rejection or a
     /// start-up failure) instead of waiting for a leader.
     pub(crate) refusal: Option<Error>,
+    /// The protocol version of the current (or last) link.
+    pub(crate) version: u16,
+    /// Deliver-to-one subscriptions.
+    pub(crate) ones: crate::one::Ones,
 }
 
 impl Core {
@@ -92,6 +96,8 @@ impl Core {
             retry_at: None,
             leader_id: None,
             refusal: None,
+            version: PROTOCOL_VERSION,
+            ones: Default::default(),
         }
     }
 }
@@ -145,6 +151,9 @@ impl Core {
                 self.queued.retain(|c| !matches!(c, Command::Invoke { id: queued, .. } if *queued == id));
             }
             Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
+            Command::UnsubscribeOne { local } => self.unsubscribe_one(local),
+            // Of a lost link: that leader redelivered it already.
+            Command::Settle { .. } => {}
             Command::Close(done) => {
                 self.closed = Some(done);
                 self.shut = true;
@@ -162,6 +171,9 @@ impl Core {
                     Command::Subscribe { reply, .. } => {
                         let _ = reply.send(Err(error));
                     }
+                    Command::SubscribeOne { reply, .. } => {
+                        let _ = reply.send(Err(error));
+                    }
                     _ => {}
                 }
             }
@@ -176,6 +188,9 @@ impl Core {
                 let _ = reply.send(Err(Error::LeaderLost));
             }
             Command::Subscribe { reply, .. } => {
+                let _ = reply.send(Err(Error::LeaderLost));
+            }
+            Command::SubscribeOne { reply, .. } => {
                 let _ = reply.send(Err(Error::LeaderLost));
             }
         }
@@ -263,6 +278,9 @@ impl Core {
                 Command::Subscribe { reply, .. } => {
                     let _ = reply.send(Err(error.clone()));
                 }
+                Command::SubscribeOne { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
                 _ => {}
             }
         }
@@ -303,6 +321,9 @@ impl Core {
             }
             Command::Subscribe { channel, key, reply } => self.subscribe(channel, key, reply),
             Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
+            Command::SubscribeOne { channel, key, options, reply } => self.subscribe_one(channel, key, options, reply),
+            Command::UnsubscribeOne { local } => self.unsubscribe_one(local),
+            Command::Settle { link, sub, tag, ack, .. } => self.settle(sub, link, tag, ack),
             Command::Cancel(id) => {
                 if self.in_flight.remove(id).is_some() {
                     self.out.push(Frame::Cancel(id));
@@ -395,10 +416,15 @@ impl Core {
                     let _ = reply.send(result.map_err(Error::Remote));
                 }
                 Some(Pending::Subscribe { channel, key }) => self.on_subscribed(id, channel, key, result),
+                Some(Pending::SubscribeOne { local }) => self.on_subscribed_one(id, local, result),
                 _ => {}
             },
             Frame::Event(event) => self.on_event(event),
-            Frame::Ended(ended) => self.on_ended(ended),
+            Frame::Delivery(delivery) => self.on_delivery(delivery),
+            Frame::Ended(ended) => {
+                self.end_ones(&ended.channel, &ended.key, &ended.error);
+                self.on_ended(ended)
+            }
             Frame::Status(status) => {
                 let Some(channel) = self.static_channel(&status.channel) else { return Ok(()) };
                 let state = status.state;
@@ -517,6 +543,7 @@ impl Core {
         for (key, last_seen) in unsent {
             self.send_subscribe(channel, key, last_seen);
         }
+        self.resubscribe_ones(channel);
     }
 
     /// The link died: answer every outstanding call, keep subscriptions for later.
@@ -524,6 +551,7 @@ impl Core {
         self.out.clear();
         self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
+        self.lost_ones();
         self.topics.retain(|_, topic| {
             topic.remote = Remote::Unsent;
             topic.answer_waiters(Err(Error::LeaderLost));
@@ -544,6 +572,7 @@ impl Core {
         self.fail_queued(&Error::Closed);
         self.in_flight.fail_all(&Error::Closed);
         self.topics.clear();
+        self.close_ones();
         self.status.send_modify(|status| {
             status.link = LinkState::Closed;
             status.channels.clear();

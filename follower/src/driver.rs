@@ -183,6 +183,7 @@ impl<C: Connector> Driver<C> {
         }
         core.leader_id = Some(welcome.leader_id);
         core.max_epoch = welcome.epoch;
+        core.version = welcome.version;
         core.ever_connected = true;
         core.status.send_modify(|status| {
             status.link = LinkState::Connected { epoch: welcome.epoch, leader_pid: welcome.pid, is_leader };
@@ -221,7 +222,17 @@ impl<C: Connector> Driver<C> {
             }
             tokio::select! {
                 biased;
-                command = self.drops.recv() => if let Some(command) = command { self.core.online(command, Instant::now()) },
+                command = self.drops.recv() => if let Some(command) = command {
+                    let now = Instant::now();
+                    self.core.online(command, now);
+                    // Acks come in bursts: one Settle frame for all of them.
+                    for _ in 0..MAX_BURST {
+                        match self.drops.try_recv() {
+                            Ok(command) => self.core.online(command, now),
+                            Err(_) => break,
+                        }
+                    }
+                },
                 command = self.commands.recv() => match command {
                     Some(command) => {
                         // One clock read for the batch: deadlines are counted from here.
@@ -284,6 +295,7 @@ impl<C: Connector> Driver<C> {
                 let _ = tokio::time::timeout(grace, SinkExt::<Frame>::close(&mut link.tx)).await;
                 return LinkEnd::Closed;
             }
+            self.core.flush_settles();
             if let Err(failed) = self.flush(&mut link, stall).await {
                 return LinkEnd::Write(failed);
             }

@@ -5,7 +5,7 @@ use std::io;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tandem_protocol::{Frame, Hello, RemoteError, Welcome};
+use tandem_protocol::{ErrorCode, Frame, Hello, MIN_PROTOCOL_VERSION, RemoteError, Welcome};
 
 use crate::StartupError;
 use crate::connector::{Connected, Connector};
@@ -26,29 +26,69 @@ pub(crate) enum ConnectError {
     NoWelcome(Duration),
 }
 
-/// Establishes a link and performs the handshake.
+/// Establishes a link and performs the handshake. A leader that rejects the
+/// offered version naming an older one this build speaks (a version 1 leader)
+/// is asked again, on a new link, offering that version.
 pub(crate) async fn connect<C: Connector>(
+    connector: &mut C,
+    mut hello: Hello,
+    timeout: Duration,
+) -> Result<(Connected, Welcome), ConnectError> {
+    loop {
+        match attempt(connector, hello.clone(), timeout).await {
+            Err(Retry::Older(version)) => {
+                tracing::debug!(
+                    offered = hello.version,
+                    version,
+                    "the leader speaks an older protocol version; offering it"
+                );
+                hello.version = version;
+            }
+            Err(Retry::No(error)) => return Err(error),
+            Ok(connected) => return Ok(connected),
+        }
+    }
+}
+
+enum Retry {
+    /// Offer this (older, supported) version instead.
+    Older(u16),
+    No(ConnectError),
+}
+
+async fn attempt<C: Connector>(
     connector: &mut C,
     hello: Hello,
     timeout: Duration,
-) -> Result<(Connected, Welcome), ConnectError> {
-    let mut connected = connector.connect().await.map_err(|error| match StartupError::from_io(error) {
-        Ok(failure) => ConnectError::Startup(failure),
-        Err(error) => ConnectError::Io(error),
+) -> Result<(Connected, Welcome), Retry> {
+    let offered = hello.version;
+    let mut connected = connector.connect().await.map_err(|error| {
+        Retry::No(match StartupError::from_io(error) {
+            Ok(failure) => ConnectError::Startup(failure),
+            Err(error) => ConnectError::Io(error),
+        })
     })?;
+    // Err(Ok(error)): failed; Err(Err(version)): offer `version` instead.
     let handshake = async {
-        connected.link.tx.send(Frame::Hello(hello)).await.map_err(|e| ConnectError::Handshake(e.to_string()))?;
+        connected.link.tx.send(Frame::Hello(hello)).await.map_err(|e| Ok(ConnectError::Handshake(e.to_string())))?;
         match connected.link.rx.next().await {
             Some(Ok(Frame::Welcome(welcome))) => Ok(welcome),
-            Some(Ok(Frame::Reject(reject))) => Err(ConnectError::Rejected(reject.error)),
-            Some(Ok(other)) => Err(ConnectError::Handshake(format!("expected Welcome, got {}", other.kind()))),
-            Some(Err(error)) => Err(ConnectError::Handshake(error.to_string())),
-            None => Err(ConnectError::Handshake("the leader closed the connection".into())),
+            Some(Ok(Frame::Reject(reject)))
+                if reject.error.code == ErrorCode::VERSION
+                    && (MIN_PROTOCOL_VERSION..offered).contains(&reject.version) =>
+            {
+                Err(Err(reject.version))
+            }
+            Some(Ok(Frame::Reject(reject))) => Err(Ok(ConnectError::Rejected(reject.error))),
+            Some(Ok(other)) => Err(Ok(ConnectError::Handshake(format!("expected Welcome, got {}", other.kind())))),
+            Some(Err(error)) => Err(Ok(ConnectError::Handshake(error.to_string()))),
+            None => Err(Ok(ConnectError::Handshake("the leader closed the connection".into()))),
         }
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(welcome)) => Ok((connected, welcome)),
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(ConnectError::NoWelcome(timeout)),
+        Ok(Err(Ok(error))) => Err(Retry::No(error)),
+        Ok(Err(Err(version))) => Err(Retry::Older(version)),
+        Err(_) => Err(Retry::No(ConnectError::NoWelcome(timeout))),
     }
 }

@@ -23,6 +23,8 @@ pub(crate) enum Pending {
     Subscribe { channel: &'static str, key: Bytes },
     /// An unsubscription; nobody waits.
     Unsubscribe,
+    /// A deliver-to-one (re)subscription of the handle `local`.
+    SubscribeOne { local: u64 },
 }
 
 impl Pending {
@@ -37,7 +39,7 @@ impl Pending {
                 let _ = reply.send(Err(error.clone()));
             }
             Pending::Subscribe { channel, key } => return Some((channel, key)),
-            Pending::Unsubscribe => {}
+            Pending::Unsubscribe | Pending::SubscribeOne { .. } => {}
         }
         None
     }

@@ -69,6 +69,25 @@ pub struct Config {
     pub upstream_retry_max: Duration,
     /// On shutdown, how long sessions get to flush their `Goodbye`. The default is 2 seconds.
     pub shutdown_grace: Duration,
+    /// Deliver-to-one: the most undelivered events kept per key while no
+    /// subscriber of the key has room (none subscribed, or all at their
+    /// window). Past it a new event is dropped: logged at WARN and counted in
+    /// `Stats::undelivered_dropped`. An upstream that awaits
+    /// [`EventSender::ready`](crate::EventSender::ready) waits instead of
+    /// losing events. The default is 10 000.
+    pub deliver_queue: usize,
+    /// Deliver-to-one: how many unsettled deliveries a subscription holds at
+    /// once when it does not say. The default is 256.
+    pub deliver_window: usize,
+    /// Deliver-to-one: the largest window a subscription may ask for (larger
+    /// ones are capped). Deliveries count against
+    /// [`max_queued_frames`](Config::max_queued_frames) while queued to a
+    /// follower. The default is 1024.
+    pub deliver_max_window: usize,
+    /// Deliver-to-one: how long a delivery may stay unsettled before it is
+    /// given to another subscriber, marked redelivered, when the subscription
+    /// does not say. The default is 30 seconds.
+    pub deliver_ack_timeout: Duration,
 }
 
 impl Default for Config {
@@ -88,6 +107,10 @@ impl Default for Config {
             upstream_retry_initial: Duration::from_millis(100),
             upstream_retry_max: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(2),
+            deliver_queue: 10_000,
+            deliver_window: 256,
+            deliver_max_window: 1024,
+            deliver_ack_timeout: Duration::from_secs(30),
         }
     }
 }

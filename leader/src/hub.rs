@@ -30,14 +30,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_protocol::internal::Backoff;
-use tandem_protocol::{Ack, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState};
-use tokio::sync::watch;
+use tandem_protocol::{
+    Ack, Delivery, Ended, Event, Frame, Position, RemoteError, RequestId, SharedFrame, UpstreamState,
+};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
+use crate::deliver::{Dispatch, Send};
 use crate::erased::{BoxFuture, ByteEvents, DirectSink, ErasedUpstream};
 use crate::outbox::Outbox;
 use crate::upstream::Room;
@@ -66,11 +70,48 @@ struct Waiter {
     session: SessionId,
     request: RequestId,
     last_seen: Option<Position>,
+    /// A deliver-to-one subscriber (its `request` is the subscription's id).
+    one: bool,
+}
+
+/// A key's deliver-to-one side: who takes its events, and the sessions they
+/// are on. Made by the key's first deliver-to-one subscriber, kept while the
+/// key is subscribed (events that find no subscriber queue up meanwhile).
+#[derive(Debug)]
+struct OneTopic {
+    dispatch: Dispatch,
+    /// The sessions of the members, with how many members each has.
+    outboxes: HashMap<SessionId, (Arc<Outbox>, usize)>,
+    /// Wakes the key's deadline task: a new earliest deadline, or the end.
+    timer: Arc<Notify>,
+    /// Notified when the queue has room again (an upstream waiting in `ready`).
+    room: Arc<Notify>,
+    /// The hub's count of undelivered events dropped.
+    dropped: Arc<AtomicU64>,
+    /// The deadline the key's deadline task sleeps until.
+    armed: Option<tokio::time::Instant>,
+}
+
+impl Drop for OneTopic {
+    fn drop(&mut self) {
+        let queued = self.dispatch.queued() + self.dispatch.held();
+        if queued > 0 {
+            self.dropped.fetch_add(queued as u64, Ordering::Relaxed);
+            tracing::warn!(
+                dropped = queued,
+                "a deliver-to-one key lost its last subscriber: its undelivered events are dropped"
+            );
+        }
+        self.timer.notify_one();
+        self.room.notify_waiters();
+    }
 }
 
 #[derive(Debug, Default)]
 struct Topic {
     subscribers: HashMap<SessionId, Arc<Outbox>>,
+    /// Deliver-to-one subscribers, if the key ever had one (boxed: most keys have none).
+    one: Option<Box<OneTopic>>,
     /// Subscribers whose Ack waits for the upstream subscription.
     waiters: Vec<Waiter>,
     /// The cached value: its seq, and its Event frame encoded once.
@@ -88,6 +129,22 @@ struct Topic {
     retry: Option<Backoff>,
     /// Not before this instant is the key subscribed upstream again (its last stream ended).
     resubscribe_at: Option<tokio::time::Instant>,
+}
+
+impl Topic {
+    /// Nobody wants the key: no subscriber of either kind.
+    fn idle(&self) -> bool {
+        self.subscribers.is_empty() && self.one.as_ref().is_none_or(|one| one.dispatch.is_empty())
+    }
+
+    /// The outbox of a waiter's session, for its answer.
+    fn outbox_of(&self, waiter: &Waiter) -> Option<&Arc<Outbox>> {
+        if waiter.one {
+            self.one.as_ref()?.outboxes.get(&waiter.session).map(|(outbox, _)| outbox)
+        } else {
+            self.subscribers.get(&waiter.session)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -143,6 +200,19 @@ pub(crate) struct Hub {
     state: Mutex<State>,
     /// Upstream events accepted (and fanned out) over the hub's life.
     pub(crate) events: std::sync::atomic::AtomicU64,
+    /// Deliver-to-one events dropped undelivered (a full queue, a key released with events queued).
+    pub(crate) undelivered_dropped: Arc<AtomicU64>,
+    /// Deliver-to-one settings.
+    deliver: DeliverLimits,
+}
+
+/// The leader's deliver-to-one settings, from its [`Config`](crate::Config).
+#[derive(Debug, Clone, Copy)]
+struct DeliverLimits {
+    max_queue: usize,
+    default_window: usize,
+    max_window: usize,
+    ack_timeout: Duration,
 }
 
 impl std::fmt::Debug for Hub {
@@ -169,6 +239,13 @@ impl Hub {
             failed: OnceLock::new(),
             state: Mutex::new(State::default()),
             events: Default::default(),
+            undelivered_dropped: Default::default(),
+            deliver: DeliverLimits {
+                max_queue: ctx.config.deliver_queue,
+                default_window: ctx.config.deliver_window,
+                max_window: ctx.config.deliver_max_window,
+                ack_timeout: ctx.config.deliver_ack_timeout,
+            },
         }
     }
 
@@ -182,7 +259,7 @@ impl Hub {
             state
                 .topics
                 .iter_mut()
-                .filter(|(_, topic)| !topic.subscribers.is_empty() && !topic.op_running)
+                .filter(|(_, topic)| !topic.idle() && !topic.op_running)
                 .map(|(key, topic)| {
                     topic.op_running = true;
                     key.clone()
@@ -203,11 +280,11 @@ impl Hub {
         let mut state = self.lock();
         state.topics.retain(|_, topic| {
             for waiter in std::mem::take(&mut topic.waiters) {
-                if let Some(outbox) = topic.subscribers.remove(&waiter.session) {
+                if let Some(outbox) = self.drop_waiter(topic, &waiter) {
                     Self::ack(&outbox, waiter.request, Err(error.clone()));
                 }
             }
-            !topic.subscribers.is_empty()
+            !topic.idle()
         });
     }
 
@@ -218,7 +295,11 @@ impl Hub {
 
     pub(crate) fn counts(&self) -> HubCounts {
         let state = self.lock();
-        HubCounts { keys: state.topics.len(), subscribers: state.topics.values().map(|t| t.subscribers.len()).sum() }
+        let members = |t: &Topic| t.one.as_ref().map_or(0, |one| one.dispatch.members());
+        HubCounts {
+            keys: state.topics.len(),
+            subscribers: state.topics.values().map(|t| t.subscribers.len() + members(t)).sum(),
+        }
     }
 
     /// The subscribed keys and their subscriber counts, sorted.
@@ -227,8 +308,11 @@ impl Hub {
         let mut keys: Vec<crate::KeyStats> = state
             .topics
             .iter()
-            .filter(|(_, t)| !t.subscribers.is_empty())
-            .map(|(key, t)| crate::KeyStats { key: display_key(key), subscribers: t.subscribers.len() })
+            .filter(|(_, t)| !t.idle())
+            .map(|(key, t)| crate::KeyStats {
+                key: display_key(key),
+                subscribers: t.subscribers.len() + t.one.as_ref().map_or(0, |one| one.dispatch.members()),
+            })
             .collect();
         keys.sort_by(|a, b| a.key.cmp(&b.key));
         keys
@@ -279,7 +363,7 @@ impl Hub {
             self.send_cached(topic, outbox, &key, last_seen);
             return;
         }
-        topic.waiters.push(Waiter { session, request, last_seen });
+        topic.waiters.push(Waiter { session, request, last_seen, one: false });
         if attached && !topic.op_running {
             topic.op_running = true;
             self.tracker.spawn(self.clone().drive(key));
@@ -293,8 +377,14 @@ impl Hub {
         if let Some(outbox) = topic.subscribers.remove(&session) {
             outbox.forget_key(&self.channel, key);
         }
-        topic.waiters.retain(|w| w.session != session);
-        if topic.subscribers.is_empty() && !topic.op_running {
+        topic.waiters.retain(|w| w.session != session || w.one);
+        self.release_if_idle(state, key);
+    }
+
+    /// Starts releasing a key nobody wants any more.
+    fn release_if_idle(self: &Arc<Self>, mut state: MutexGuard<'_, State>, key: &Bytes) {
+        let Some(topic) = state.topics.get_mut(key) else { return };
+        if topic.idle() && !topic.op_running {
             if self.upstream.get().is_some() {
                 topic.op_running = true;
                 drop(state);
@@ -353,7 +443,7 @@ impl Hub {
             {
                 let mut state = self.lock();
                 let Some(topic) = state.topics.get_mut(&key) else { return };
-                if topic.op_running || topic.upstream_subscribed || topic.subscribers.is_empty() {
+                if topic.op_running || topic.upstream_subscribed || topic.idle() {
                     return;
                 }
                 topic.op_running = true;
@@ -380,24 +470,26 @@ impl Hub {
                 let mut state = self.lock();
                 let state = &mut *state;
                 let Some(topic) = state.topics.get_mut(&key) else { return };
-                if !topic.subscribers.is_empty() && !topic.upstream_subscribed {
+                if !topic.idle() && !topic.upstream_subscribed {
                     state.next_generation += 1;
                     topic.generation = state.next_generation;
                     Step::Subscribe(topic.generation, topic.resubscribe_at.take())
-                } else if topic.subscribers.is_empty() && topic.upstream_subscribed {
+                } else if topic.idle() && topic.upstream_subscribed {
                     topic.generation = 0;
                     topic.last = None;
                     Step::Unsubscribe
                 } else {
                     // Stable: answer whoever waited, then stop (or forget the key).
                     for waiter in std::mem::take(&mut topic.waiters) {
-                        if let Some(outbox) = topic.subscribers.get(&waiter.session) {
+                        if let Some(outbox) = topic.outbox_of(&waiter) {
                             Self::ack(outbox, waiter.request, Ok(()));
-                            self.send_cached(topic, outbox, &key, waiter.last_seen);
+                            if !waiter.one {
+                                self.send_cached(topic, outbox, &key, waiter.last_seen);
+                            }
                         }
                     }
                     topic.op_running = false;
-                    if topic.subscribers.is_empty() {
+                    if topic.idle() {
                         state.topics.remove(&key);
                     }
                     return;
@@ -449,12 +541,12 @@ impl Hub {
                         Err(error) => {
                             // Those waiting for this answer get the error.
                             for waiter in std::mem::take(&mut topic.waiters) {
-                                if let Some(outbox) = topic.subscribers.remove(&waiter.session) {
+                                if let Some(outbox) = self.drop_waiter(topic, &waiter) {
                                     Self::ack(&outbox, waiter.request, Err(error.clone()));
                                 }
                             }
                             topic.generation = 0;
-                            if topic.subscribers.is_empty() {
+                            if topic.idle() {
                                 tracing::warn!(channel = %self.channel, key = %display_key(&key), %error, "upstream subscribe failed");
                                 topic.last = None;
                             } else if !error.is_retryable() {
@@ -465,6 +557,9 @@ impl Hub {
                                     "the upstream refused a pending subscription; ending it for its subscribers");
                                 for outbox in topic.subscribers.values() {
                                     outbox.forget_key(&self.channel, &key);
+                                }
+                                let ones = topic.one.iter().flat_map(|one| one.outboxes.values().map(|(o, _)| o));
+                                for outbox in topic.subscribers.values().chain(ones) {
                                     let channel = self.channel.clone().into();
                                     outbox.push(Frame::Ended(Ended {
                                         channel,
@@ -571,7 +666,7 @@ impl Hub {
         topic.generation = 0;
         topic.upstream_subscribed = false;
         topic.pump = None;
-        if topic.subscribers.is_empty() {
+        if topic.idle() {
             return;
         }
         let error = RemoteError::unavailable(why);
@@ -630,6 +725,9 @@ impl Hub {
         for outbox in topic.subscribers.values() {
             outbox.push_event(&self.channel, key, &event);
         }
+        if let (Some(one), Frame::Event(value)) = (topic.one.as_deref_mut(), event.frame()) {
+            self.offer_one(one, key, seq, value.payload.clone());
+        }
         // Under the hub's lock, so saves keep the order of the values (it only queues).
         if let (Some(cache), Frame::Event(value)) = (&self.cache, event.frame()) {
             cache.save(&self.channel, key, value.payload.clone());
@@ -644,7 +742,198 @@ impl Hub {
     fn room(&self, key: &Bytes) -> Option<BoxFuture<()>> {
         let state = self.lock();
         let topic = state.topics.get(key)?;
+        if let Some(one) = topic.one.as_ref().filter(|one| one.dispatch.full()) {
+            // Registered before the look under the same lock: a drain after it is not missed.
+            let mut drained = Box::pin(one.room.clone().notified_owned());
+            drained.as_mut().enable();
+            return Some(drained);
+        }
         topic.subscribers.values().find_map(|outbox| outbox.room()).map(|taken| Box::pin(taken) as BoxFuture<()>)
+    }
+
+    /// Adds a deliver-to-one subscriber (`sub`: its `SubscribeOne` id) of a
+    /// key: acknowledged like [`Hub::subscribe`], never sent a cached value;
+    /// events queued for the key go to it at once.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn subscribe_one(
+        self: &Arc<Self>,
+        session: SessionId,
+        outbox: &Arc<Outbox>,
+        sub: RequestId,
+        key: Bytes,
+        window: u32,
+        ack_timeout_ms: u32,
+    ) {
+        if let Some(error) = self.failed.get() {
+            Self::ack(outbox, sub, Err(error.clone()));
+            return;
+        }
+        let limits = self.deliver;
+        let window = match window {
+            0 => limits.default_window,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        }
+        .clamp(1, limits.max_window.max(1));
+        let ack_timeout = match ack_timeout_ms {
+            0 => limits.ack_timeout,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let now = tokio::time::Instant::now();
+        let mut state = self.lock();
+        let topic = state.topics.entry(key.clone()).or_default();
+        let one = topic.one.get_or_insert_with(|| {
+            let timer = Arc::new(Notify::new());
+            self.tracker.spawn(self.clone().expiry(key.clone(), timer.clone()));
+            Box::new(OneTopic {
+                dispatch: Dispatch::new(limits.max_queue),
+                outboxes: HashMap::new(),
+                timer,
+                room: Arc::new(Notify::new()),
+                dropped: self.undelivered_dropped.clone(),
+                armed: None,
+            })
+        });
+        one.outboxes.entry(session).or_insert_with(|| (outbox.clone(), 0)).1 += 1;
+        let sends = one.dispatch.join((session, sub), window, ack_timeout, now);
+        let attached = self.upstream.get().is_some();
+        if (topic.upstream_subscribed && !topic.op_running) || (!attached && self.accept_pending) {
+            Self::ack(outbox, sub, Ok(()));
+        } else {
+            topic.waiters.push(Waiter { session, request: sub, last_seen: None, one: true });
+            if attached && !topic.op_running {
+                topic.op_running = true;
+                self.tracker.spawn(self.clone().drive(key));
+            }
+        }
+        if let Some(one) = topic.one.as_deref_mut() {
+            self.send_all(one, sends);
+        }
+    }
+
+    /// Removes a deliver-to-one subscriber: what it held goes to the others,
+    /// marked redelivered (or waits in the key's queue).
+    pub(crate) fn unsubscribe_one(self: &Arc<Self>, session: SessionId, sub: RequestId, key: &Bytes) {
+        let mut state = self.lock();
+        let Some(topic) = state.topics.get_mut(key) else { return };
+        topic.waiters.retain(|w| !(w.one && w.session == session && w.request == sub));
+        if let Some(one) = topic.one.as_deref_mut() {
+            let sends = one.dispatch.leave((session, sub), tokio::time::Instant::now());
+            Self::forget_member(one, session);
+            self.send_all(one, sends);
+        }
+        self.release_if_idle(state, key);
+    }
+
+    /// A deliver-to-one subscriber acked or released deliveries.
+    pub(crate) fn settle(&self, session: SessionId, sub: RequestId, key: &Bytes, acked: &[u64], released: &[u64]) {
+        let mut state = self.lock();
+        let Some(one) = state.topics.get_mut(key).and_then(|topic| topic.one.as_deref_mut()) else { return };
+        let sends = one.dispatch.settle((session, sub), acked, released, tokio::time::Instant::now());
+        self.send_all(one, sends);
+        if !one.dispatch.full() {
+            one.room.notify_waiters();
+        }
+    }
+
+    /// One member of `session` left: the session's outbox is kept while it has others.
+    fn forget_member(one: &mut OneTopic, session: SessionId) {
+        if let Some((_, members)) = one.outboxes.get_mut(&session) {
+            *members -= 1;
+            if *members == 0 {
+                one.outboxes.remove(&session);
+            }
+        }
+    }
+
+    /// A waiter whose subscription failed leaves; its session's outbox, for the answer.
+    fn drop_waiter(&self, topic: &mut Topic, waiter: &Waiter) -> Option<Arc<Outbox>> {
+        if !waiter.one {
+            return topic.subscribers.remove(&waiter.session);
+        }
+        let one = topic.one.as_deref_mut()?;
+        let outbox = one.outboxes.get(&waiter.session).map(|(outbox, _)| outbox.clone());
+        let sends = one.dispatch.leave((waiter.session, waiter.request), tokio::time::Instant::now());
+        Self::forget_member(one, waiter.session);
+        self.send_all(one, sends);
+        outbox
+    }
+
+    /// A new event of a key with a deliver-to-one side: to one subscriber, or
+    /// queued, or (the queue full) dropped, logged and counted.
+    fn offer_one(&self, one: &mut OneTopic, key: &Bytes, seq: u64, payload: Bytes) {
+        match one.dispatch.offer(seq, payload, tokio::time::Instant::now()) {
+            Ok(sends) => self.send_all(one, sends),
+            Err(full) => {
+                let dropped = self.undelivered_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Logged once per power of two, so a flood does not flood the log.
+                if dropped.is_power_of_two() {
+                    tracing::warn!(channel = %self.channel, key = %display_key(key), error = %full, dropped_total = dropped,
+                        "deliver-to-one event dropped: its queue is full");
+                }
+            }
+        }
+    }
+
+    /// Sends deliveries to their members' sessions, and wakes the key's
+    /// deadline task if the earliest deadline moved earlier.
+    fn send_all(&self, one: &mut OneTopic, sends: Vec<Send>) {
+        if sends.is_empty() {
+            return;
+        }
+        for Send { member: (session, sub), tag, item } in sends {
+            if let Some((outbox, _)) = one.outboxes.get(&session) {
+                // A closed outbox: its session is ending, and its leave puts the event back.
+                outbox.push(Frame::Delivery(Delivery {
+                    sub,
+                    tag,
+                    epoch: self.epoch,
+                    seq: item.seq,
+                    payload: item.payload,
+                    redelivered: item.redelivered,
+                }));
+            }
+        }
+        let next = one.dispatch.next_deadline();
+        if next.is_some() && one.armed.is_none_or(|armed| next < Some(armed)) {
+            one.armed = next;
+            one.timer.notify_one();
+        }
+    }
+
+    /// Redelivers a key's deliveries whose ack deadline passed, until the key's
+    /// deliver-to-one side is gone.
+    async fn expiry(self: Arc<Self>, key: Bytes, timer: Arc<Notify>) {
+        let far = Duration::from_secs(86_400 * 365);
+        loop {
+            let at = {
+                let mut state = self.lock();
+                let Some(one) = state.topics.get_mut(&key).and_then(|t| t.one.as_deref_mut()) else { return };
+                if !Arc::ptr_eq(&one.timer, &timer) {
+                    return;
+                }
+                one.armed = one.dispatch.next_deadline();
+                one.armed.unwrap_or_else(|| tokio::time::Instant::now() + far)
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                () = timer.notified() => {}
+                () = self.cancel.cancelled() => return,
+            }
+            let mut state = self.lock();
+            let Some(one) = state.topics.get_mut(&key).and_then(|t| t.one.as_deref_mut()) else { return };
+            if !Arc::ptr_eq(&one.timer, &timer) {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            if one.dispatch.next_deadline().is_some_and(|due| due <= now) {
+                let sends = one.dispatch.expire(now);
+                tracing::debug!(channel = %self.channel, key = %display_key(&key), redelivered = sends.len(), "deliver-to-one ack deadline passed");
+                self.send_all(one, sends);
+                if !one.dispatch.full() {
+                    one.room.notify_waiters();
+                }
+            }
+        }
     }
 
     fn is_live(&self, key: &Bytes, generation: u64) -> bool {

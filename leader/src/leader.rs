@@ -370,6 +370,12 @@ impl Leader {
             in_flight: self.shared.in_flight.load(Ordering::Relaxed),
             conflated_events: self.shared.conflated.load(Ordering::Relaxed),
             events_sent: self.shared.channels.values().map(|c| c.hub.events.load(Ordering::Relaxed)).sum(),
+            undelivered_dropped: self
+                .shared
+                .channels
+                .values()
+                .map(|c| c.hub.undelivered_dropped.load(Ordering::Relaxed))
+                .sum(),
             follower_list: {
                 let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());
                 let mut list: Vec<crate::FollowerStats> = peers.values().cloned().collect();

@@ -28,6 +28,7 @@ mod admission;
 mod cache;
 mod channel;
 mod config;
+mod deliver;
 mod erased;
 mod error;
 mod fence;

@@ -30,8 +30,8 @@ use std::task::{Context, Poll, Waker};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::internal::{WriteEnd, WriteLimits, check_hello};
 use tandem_protocol::{
-    Ack, ChannelStatus, CodecError, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION, Publish, Reject,
-    RemoteError, RequestId, Response, UpstreamState, Welcome,
+    Ack, ChannelStatus, CodecError, DELIVER_ONE_VERSION, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION,
+    Publish, Reject, RemoteError, RequestId, Response, SubscribeOne, UpstreamState, Welcome,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +101,10 @@ struct Session {
     channels: HashMap<String, Arc<Channel>, foldhash::fast::RandomState>,
     in_flight: InFlight,
     subscribed: HashSet<(Arc<str>, Bytes)>,
+    /// Deliver-to-one subscriptions, by their `SubscribeOne` id.
+    ones: HashMap<RequestId, (Arc<Channel>, Bytes)>,
+    /// The protocol version spoken on this connection.
+    version: u16,
     cancel: CancellationToken,
     /// Frames were queued quietly since the writer was last woken.
     wake_writer: bool,
@@ -153,6 +157,8 @@ impl Session {
             channels,
             in_flight: InFlight::default(),
             subscribed: HashSet::new(),
+            ones: HashMap::new(),
+            version: hello.version,
             cancel,
             wake_writer: false,
             burst_at: Instant::now(),
@@ -248,6 +254,10 @@ impl Session {
                 channel.hub.unsubscribe(self.id, &key);
             }
         }
+        // What its deliver-to-one subscriptions held goes to the others.
+        for (sub, (channel, key)) in std::mem::take(&mut self.ones) {
+            channel.hub.unsubscribe_one(self.id, sub, &key);
+        }
         self.shared.conflated.fetch_add(self.outbox.conflated(), Ordering::Relaxed);
         self.shared.followers.fetch_sub(1, Ordering::Relaxed);
         self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
@@ -326,6 +336,30 @@ impl Session {
                 if let Some(token) = lock_in_flight(&self.in_flight).remove(&id) {
                     self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     token.cancel();
+                } else if let Some((channel, key)) = self.ones.remove(&id) {
+                    // The end of a deliver-to-one subscription (no answer).
+                    channel.hub.unsubscribe_one(self.id, id, &key);
+                }
+            }
+            Frame::SubscribeOne(subscribe) if self.version >= DELIVER_ONE_VERSION => {
+                let SubscribeOne { id, channel, key, window, ack_timeout_ms } = subscribe;
+                match self.channel(&channel).cloned() {
+                    Ok(channel) => {
+                        if self.ones.contains_key(&id) || lock_in_flight(&self.in_flight).contains_key(&id) {
+                            return Err(SessionEnd::ProtocolViolation(Violation::DuplicateRequest(id)));
+                        }
+                        self.ones.insert(id, (channel.clone(), key.clone()));
+                        channel.hub.subscribe_one(self.id, &self.outbox, id, key, window, ack_timeout_ms);
+                    }
+                    Err(error) => {
+                        self.outbox.push(Frame::Ack(Ack { id, result: Err(error) }));
+                    }
+                }
+            }
+            Frame::Settle(settle) if self.version >= DELIVER_ONE_VERSION => {
+                // A subscription cancelled meanwhile: its deliveries went back already.
+                if let Some((channel, key)) = self.ones.get(&settle.sub) {
+                    channel.hub.settle(self.id, settle.sub, key, &settle.acked, &settle.released);
                 }
             }
             Frame::Subscribe(subscribe) => {

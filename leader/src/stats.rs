@@ -23,6 +23,10 @@ pub struct Stats {
     pub channels: Vec<ChannelStats>,
     /// Upstream events the leader received and fanned out, all channels.
     pub events_sent: u64,
+    /// Deliver-to-one events dropped undelivered, all channels, over the
+    /// leader's life: a key's queue was full (`Config::deliver_queue`), or the
+    /// key's last subscriber left with events queued or unsettled.
+    pub undelivered_dropped: u64,
     /// The followers connected now.
     pub follower_list: Vec<FollowerStats>,
     /// How long calls took from arrival to answer.

@@ -179,6 +179,58 @@ pub struct Ended {
     pub error: RemoteError,
 }
 
+/// Follower → Leader (version 2): start a deliver-to-one subscription of a key.
+///
+/// Each event of the key goes to ONE live deliver-to-one subscriber of it
+/// (across every follower of the leader), which settles it (`Settle`). The
+/// subscription lasts until the follower sends `Cancel(id)` or the connection
+/// ends; its `Delivery` frames name it by `id`. No cached value is replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeOne {
+    /// Matches the `Ack`, names the subscription in `Delivery`, `Settle` and `Cancel`.
+    pub id: RequestId,
+    /// The channel.
+    pub channel: ChannelName,
+    /// The key: opaque MessagePack bytes of the channel's key type.
+    pub key: Bytes,
+    /// The most deliveries this subscription holds unsettled at once (0: the
+    /// leader's default); the leader caps it at its own maximum.
+    pub window: u32,
+    /// How long, in milliseconds, a delivery may stay unsettled before the
+    /// leader gives it to another subscriber (0: the leader's default).
+    pub ack_timeout_ms: u32,
+}
+
+/// Leader → Follower (version 2): one event of a deliver-to-one subscription,
+/// given to this subscriber only until it is settled or its ack timeout passes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The `SubscribeOne` id of the subscription it is for.
+    pub sub: RequestId,
+    /// Names this delivery in `Settle`; unique within the subscription's key at this leader.
+    pub tag: u64,
+    /// The leader epoch.
+    pub epoch: u64,
+    /// The event's sequence number within the epoch (a redelivery keeps it).
+    pub seq: u64,
+    /// The value: opaque MessagePack bytes of the channel's event type.
+    pub payload: Bytes,
+    /// True when the event was given to a subscriber before (which did not
+    /// settle it in time, released it, or went away): it may have been processed.
+    pub redelivered: bool,
+}
+
+/// Follower → Leader (version 2): deliveries of one subscription are done with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settle {
+    /// The `SubscribeOne` id.
+    pub sub: RequestId,
+    /// Tags processed: the leader forgets them.
+    pub acked: Vec<u64>,
+    /// Tags given back unprocessed: the leader redelivers them (to another subscriber when there is one).
+    pub released: Vec<u64>,
+}
+
 /// The state of a channel's upstream client in the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -240,6 +292,12 @@ pub enum Frame {
     Open(Vec<String>),
     /// Leader → Follower: a subscription ended by the leader, and why.
     Ended(Ended),
+    /// Follower → Leader (version 2): a deliver-to-one subscription.
+    SubscribeOne(SubscribeOne),
+    /// Leader → Follower (version 2): an event for one deliver-to-one subscriber.
+    Delivery(Delivery),
+    /// Follower → Leader (version 2): deliveries acked or released.
+    Settle(Settle),
 }
 
 impl Frame {
@@ -252,6 +310,8 @@ impl Frame {
             Frame::Invoke(invoke) => invoke.channel.len() + invoke.payload.len(),
             Frame::Response(Response { result: Ok(payload), .. }) => payload.len(),
             Frame::Event(event) => event.channel.len() + event.key.len() + event.payload.len(),
+            Frame::Delivery(delivery) => delivery.payload.len(),
+            Frame::Settle(settle) => 9 * (settle.acked.len() + settle.released.len()),
             _ => 0,
         }
     }
@@ -276,6 +336,9 @@ impl Frame {
             Frame::Goodbye(_) => "Goodbye",
             Frame::Open(_) => "Open",
             Frame::Ended(_) => "Ended",
+            Frame::SubscribeOne(_) => "SubscribeOne",
+            Frame::Delivery(_) => "Delivery",
+            Frame::Settle(_) => "Settle",
         }
     }
 }

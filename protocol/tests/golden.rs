@@ -167,6 +167,22 @@ fn golden_ended() {
 }
 
 #[test]
+fn golden_subscribe_one() {
+    assert_golden(subscribe_one(), SUBSCRIBE_ONE);
+}
+
+#[test]
+fn golden_delivery() {
+    assert_golden(delivery(false), DELIVERY);
+    assert_golden(delivery(true), DELIVERY_REDELIVERED);
+}
+
+#[test]
+fn golden_settle() {
+    assert_golden(settle(), SETTLE);
+}
+
+#[test]
 fn golden_ping() {
     assert_golden(Frame::Ping(7), PING);
     assert_golden(Frame::Ping(0xdead_beef), PING_U32);
@@ -206,6 +222,9 @@ fn goldens_cover_every_frame_kind() {
         goodbye(),
         open(),
         ended(),
+        subscribe_one(),
+        delivery(true),
+        settle(),
     ];
     let kinds: BTreeSet<&str> = all.iter().map(Frame::kind).collect();
     let expected: BTreeSet<&str> = [
@@ -226,6 +245,9 @@ fn goldens_cover_every_frame_kind() {
         "Goodbye",
         "Open",
         "Ended",
+        "SubscribeOne",
+        "Delivery",
+        "Settle",
     ]
     .into();
     assert_eq!(kinds, expected);

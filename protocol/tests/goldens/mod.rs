@@ -60,6 +60,10 @@ pub fn all() -> Vec<Golden> {
         golden("goodbye", goodbye(), GOODBYE),
         golden("open", open(), OPEN),
         golden("ended", ended(), ENDED),
+        golden("subscribe_one", subscribe_one(), SUBSCRIBE_ONE),
+        golden("delivery", delivery(false), DELIVERY),
+        golden("delivery_redelivered", delivery(true), DELIVERY_REDELIVERED),
+        golden("settle", settle(), SETTLE),
     ]
 }
 
@@ -463,6 +467,77 @@ pub const ENDED: &str = concat!(
     "c4 07 a664622e75726c",   //   key
     "93 a8 52656a6563746564", //   error: [kind "Rejected",
     "a5 6c696d6974 a2 6e6f",  //     code "limit", message "no"] ]}
+);
+
+// ---------------------------------------------------------------- SubscribeOne (version 2)
+
+pub fn subscribe_one() -> Frame {
+    Frame::SubscribeOne(tandem_protocol::SubscribeOne {
+        id: 9,
+        channel: "config".into(),
+        key: Bytes::from_static(KEY),
+        window: 64,
+        ack_timeout_ms: 30_000,
+    })
+}
+
+pub const SUBSCRIBE_ONE: &str = concat!(
+    "00000024",                          // body length 36
+    "81 ac 5375627363726962654f6e65 95", // {"SubscribeOne": [
+    "09",                                //   id 9
+    "a6 636f6e666967",                   //   channel "config"
+    "c4 07 a664622e75726c",              //   key
+    "40",                                //   window 64
+    "cd 7530",                           //   ack_timeout_ms 30000 ]}
+);
+
+// ---------------------------------------------------------------- Delivery (version 2)
+
+pub fn delivery(redelivered: bool) -> Frame {
+    Frame::Delivery(tandem_protocol::Delivery {
+        sub: 9,
+        tag: 3,
+        epoch: 2,
+        seq: 8,
+        payload: Bytes::from_static(b"\xadpostgres://db"),
+        redelivered,
+    })
+}
+
+pub const DELIVERY: &str = concat!(
+    "00000020",                           // body length 32
+    "81 a8 44656c6976657279 96",          // {"Delivery": [
+    "09",                                 //   sub 9
+    "03",                                 //   tag 3
+    "02",                                 //   epoch 2
+    "08",                                 //   seq 8
+    "c4 0e ad706f7374677265733a2f2f6462", //   payload: the MessagePack string "postgres://db"
+    "c2",                                 //   redelivered false ]}
+);
+
+pub const DELIVERY_REDELIVERED: &str = concat!(
+    "00000020",                           // body length 32
+    "81 a8 44656c6976657279 96",          // {"Delivery": [
+    "09",                                 //   sub 9
+    "03",                                 //   tag 3
+    "02",                                 //   epoch 2
+    "08",                                 //   seq 8
+    "c4 0e ad706f7374677265733a2f2f6462", //   payload
+    "c3",                                 //   redelivered true ]}
+);
+
+// ---------------------------------------------------------------- Settle (version 2)
+
+pub fn settle() -> Frame {
+    Frame::Settle(tandem_protocol::Settle { sub: 9, acked: vec![3, 4], released: vec![5] })
+}
+
+pub const SETTLE: &str = concat!(
+    "0000000f",              // body length 15
+    "81 a6 536574746c65 93", // {"Settle": [
+    "09",                    //   sub 9
+    "92 03 04",              //   acked [3, 4]
+    "91 05",                 //   released [5] ]}
 );
 
 /// A newer leader answers with an error kind this build does not know: it decodes as `Internal`.
