@@ -26,9 +26,13 @@
 //! `--etcd ENDPOINTS` (comma-separated) gives the agent's Leader an etcd client
 //! instead of the registry's; the demo then only subscribes unless
 //! `--write-every MS` is given (the master then writes through its own etcd
-//! connection). `--register SERVICE` (with `--etcd`) has each worker register
-//! itself as instance `worker-<id>` of SERVICE through the Leader, on the
-//! Leader's 2-second lease, and again under each new Leader.
+//! connection). `--register SERVICE` (with the registry or `--etcd`) has each
+//! worker register itself as instance `worker-<id>` of SERVICE through the
+//! Leader, on the Leader's 2-second lease, and again under each new Leader.
+//! `--own PREFIX` has each worker keep the key `PREFIX/worker-<id>` (value
+//! `pid=<pid> epoch=<epoch>`) published through the Leader: once per Leader,
+//! again when `Client::watch()` shows a new epoch (publishes are not replayed
+//! after a failover: the owner re-publishes).
 //!
 //! Flags: `--workers N`, `--registry ADDR`, `--subscribe KEY` (repeatable; the
 //! default is `app.greeting` and `app.flags`), `--transport direct|messenger|auto`,
@@ -52,6 +56,7 @@
 //!   workers to the etcd endpoints, read from /proc (the master's writer is not counted);
 //!   with `--redis`, the clients in Redis's `CLIENT LIST` but the one asking (and the writer)
 //! - with `--register`: `registered: worker=<id> pid=<pid> service=<service> epoch=<leader epoch>`
+//! - with `--own`: `owned: worker=<id> pid=<pid> key=<key> epoch=<leader epoch>`
 //! - each value a worker receives: `worker=<id> pid=<pid> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
 //!   (`source=cache`: the agent's last-known-good value, served while the registry is unreachable)
 //! - after a process stopped answering the master's pings (SIGSTOP, a blocked runtime)
@@ -77,6 +82,8 @@ use futures::StreamExt;
 use tandem::Connection;
 use tandem::cluster::{ClusterEvent, MasterContext, Role, WorkerContext};
 use tandem::cluster_glue::{Transport, WorkerConnector, agent_leader, start_leader};
+use tandem::presence::{Presence, stay_registered};
+use tandem::registry::Instance;
 use tandem::registry_upstream::{ConfigApi, ConfigRequest, RegistryUpstream, ServiceApi};
 
 #[derive(Parser, Debug, Clone)]
@@ -109,10 +116,14 @@ struct Args {
     /// registry. Needs the `redis` feature.
     #[arg(long, value_name = "URL", conflicts_with_all = ["registry", "etcd"])]
     redis: Option<String>,
-    /// With `--etcd`: each worker registers itself as an instance of SERVICE
-    /// through the Leader (again under each new Leader).
-    #[arg(long, value_name = "SERVICE", requires = "etcd")]
+    /// Each worker registers itself as an instance of SERVICE through the
+    /// Leader (again under each new Leader). With the registry or `--etcd`.
+    #[arg(long, value_name = "SERVICE", conflicts_with = "redis")]
     register: Option<String>,
+    /// Each worker publishes the key PREFIX/worker-<id> through the Leader,
+    /// again under each new Leader.
+    #[arg(long, value_name = "PREFIX")]
+    own: Option<String>,
     /// Keep the last-known-good value of every subscribed key in DIR (created
     /// 0700; files 0600) and serve it while the upstream is unreachable.
     #[arg(long, value_name = "DIR")]
@@ -290,8 +301,9 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), tandem::cluster::B
         streams.push(subscription.map(move |update| (key.clone(), update)).boxed());
     }
     ctx.ready().await?;
-    #[cfg(feature = "etcd")]
-    let _presence = args.register.as_deref().map(|service| etcd::register(&connection, service, ctx.id()));
+    let _presence = args.register.as_deref().map(|service| register(&connection, service, ctx.id()));
+    let _owned =
+        args.own.as_deref().map(|prefix| own(client.clone(), format!("{prefix}/worker-{}", ctx.id()), ctx.id()));
 
     let (id, pid) = (ctx.id(), std::process::id());
     let mut gets = tokio::time::interval(Duration::from_secs(5));
@@ -430,21 +442,83 @@ async fn master(
     Ok(())
 }
 
+/// How long a worker's registration outlives a Leader that stopped keeping it alive.
+const REGISTRATION_TTL: Duration = Duration::from_secs(2);
+
+/// Registers this worker as `worker-<id>` of `service`, under every new
+/// Leader; prints a line each time.
+fn register(connection: &Connection, service: &str, worker: impl std::fmt::Display) -> Presence {
+    let pid = std::process::id();
+    let mut instance = Instance::new(service, format!("worker-{worker}"), format!("pid:{pid}"));
+    instance.metadata.insert("pid".into(), pid.to_string());
+    let presence = stay_registered(connection.client::<ServiceApi>(), instance, REGISTRATION_TTL);
+    let mut registered = presence.registered();
+    let (service, worker) = (service.to_string(), worker.to_string());
+    tokio::spawn(async move {
+        while registered.changed().await.is_ok() {
+            if let Some(epoch) = *registered.borrow_and_update() {
+                println!("registered: worker={worker} pid={pid} service={service} epoch={epoch}");
+            }
+        }
+    });
+    presence
+}
+
+/// Keeps `key` published through the Leader, as README's "re-publish what a
+/// process owns" says: once per Leader, when `Client::watch()` shows its epoch
+/// (a publish is not replayed after a failover). Prints a line each time;
+/// stops when dropped.
+fn own(client: tandem::Client<ConfigApi>, key: String, worker: impl std::fmt::Display) -> AbortOnDrop {
+    let (pid, worker) = (std::process::id(), worker.to_string());
+    let task = tokio::spawn(async move {
+        let mut status = client.watch();
+        let mut owned_at = None;
+        loop {
+            let (epoch, ready) = {
+                let status = status.borrow_and_update();
+                (status.epoch(), status.state_of(<ConfigApi as tandem::Api>::NAME) == tandem::State::Ready)
+            };
+            if ready && epoch.is_some() && epoch != owned_at {
+                let value = format!("pid={pid} epoch={}", epoch.unwrap_or_default());
+                match client.publish(ConfigRequest::Put(key.clone(), value)).await {
+                    Ok(()) => {
+                        owned_at = epoch;
+                        println!("owned: worker={worker} pid={pid} key={key} epoch={}", epoch.unwrap_or_default());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, key, "publish failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                continue;
+            }
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    AbortOnDrop(task.abort_handle())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The demo's etcd side (`--etcd`): the agent's upstream, the master's writer,
-/// the connection count and the workers' registration.
+/// and the connection count.
 #[cfg(feature = "etcd")]
 mod etcd {
     use std::time::Duration;
 
-    use tandem::Connection;
+    use tandem::etcd_upstream::EtcdUpstream;
     use tandem::etcd_upstream::etcd::{Client, Config, endpoint_addrs, established_connections};
-    use tandem::etcd_upstream::{EtcdUpstream, Presence, stay_registered};
     use tandem::leader::LeaderBuilder;
-    use tandem::registry::Instance;
     use tandem::registry_upstream::{ConfigApi, ServiceApi};
-
-    /// How long a worker's registration outlives a Leader that stopped keeping it alive.
-    const REGISTRATION_TTL: Duration = Duration::from_secs(2);
 
     /// Both channels served by one etcd client (one connection).
     pub async fn leader(endpoints: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
@@ -477,25 +551,6 @@ mod etcd {
     pub fn connections(endpoints: &str, pids: &[u32]) -> Result<usize, tandem::cluster::BoxError> {
         let addrs = endpoint_addrs(&Config::from_list(endpoints).endpoints)?;
         Ok(established_connections(pids, &addrs)?)
-    }
-
-    /// Registers this worker as `worker-<id>` of `service`, under every new
-    /// Leader; prints a line each time.
-    pub fn register(connection: &Connection, service: &str, worker: impl std::fmt::Display) -> Presence {
-        let pid = std::process::id();
-        let mut instance = Instance::new(service, format!("worker-{worker}"), format!("pid:{pid}"));
-        instance.metadata.insert("pid".into(), pid.to_string());
-        let presence = stay_registered(connection.client::<ServiceApi>(), instance, REGISTRATION_TTL);
-        let mut registered = presence.registered();
-        let (service, worker) = (service.to_string(), worker.to_string());
-        tokio::spawn(async move {
-            while registered.changed().await.is_ok() {
-                if let Some(epoch) = *registered.borrow_and_update() {
-                    println!("registered: worker={worker} pid={pid} service={service} epoch={epoch}");
-                }
-            }
-        });
-        presence
     }
 }
 

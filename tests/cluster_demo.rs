@@ -152,3 +152,102 @@ async fn killing_the_master_leaves_no_child_behind() {
     .await
     .expect("test timed out")
 }
+
+/// The Leader's followers now, by pid: their transport (`tandem leader NAME --json`).
+async fn transports(xdg: &std::path::Path, name: &str) -> BTreeMap<i64, String> {
+    let out = common::cli::tandem(xdg, &["leader", name, "--json"]).await;
+    assert!(out.status.success(), "tandem leader: {}", common::cli::stderr(&out));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).expect("leader --json");
+    let list = stats["follower_list"].as_array().expect("follower_list").iter();
+    list.map(|f| (f["pid"].as_i64().expect("pid"), f["transport"].as_str().expect("transport").to_owned())).collect()
+}
+
+/// Waits for a line matching `pred`, unless one came already.
+async fn line_seen(proc: &mut Proc, pred: impl Fn(&str) -> bool) {
+    if !proc.seen.iter().any(|l| pred(l)) {
+        proc.expect_line(LINE, pred).await;
+    }
+}
+
+/// Waits until each of `pids` printed `value` (in a line seen already or to come).
+async fn value_reaches(proc: &mut Proc, value: &str, pids: &[i32]) {
+    for pid in pids {
+        let pid = pid.to_string();
+        line_seen(proc, |l| field(l, "value") == Some(value) && field(l, "pid") == Some(pid.as_str())).await;
+    }
+}
+
+/// Polls the Leader until the follower of `pid` uses `transport`.
+async fn until_transport(xdg: &std::path::Path, name: &str, pid: i32, transport: &str) {
+    let what = format!("worker pid {pid} on {transport}");
+    poll_until(LINE, &what, || async {
+        transports(xdg, name).await.get(&i64::from(pid)) == Some(&transport.to_owned())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn auto_transport_falls_back_to_the_messenger_and_returns_to_direct() {
+    tokio::time::timeout(TIMEOUT, async {
+        let xdg = common::private_dir();
+        let name = "auto-it";
+        let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
+        let addr = server.local_addr().to_string();
+        let args = [
+            "--workers",
+            "2",
+            "--registry",
+            &addr,
+            "--subscribe",
+            "k",
+            "--transport",
+            "auto",
+            "--write-every",
+            "0",
+            "--name",
+            name,
+        ];
+        let env = [("XDG_RUNTIME_DIR", xdg.path().as_os_str())];
+        let mut master = Proc::spawn_with(&example("config_center"), &args, &env, true);
+        let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+        let workers: Vec<i32> = field(&ready, "workers").unwrap().split(',').map(|p| p.parse().unwrap()).collect();
+        let admin = Client::connect(addr.as_str()).await.unwrap();
+        // Both workers reach the Leader's socket directly.
+        for &pid in &workers {
+            until_transport(xdg.path(), name, pid, "unix").await;
+        }
+
+        // The socket becomes unreachable (moved away: the Leader still listens
+        // on it); a worker that connects now cannot use it.
+        let runtime = std::fs::read_dir(xdg.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("leader.sock").exists())
+            .expect("the runtime directory with the Leader's socket");
+        let (socket, away) = (runtime.join("leader.sock"), runtime.join("leader.sock.away"));
+        std::fs::rename(&socket, &away).unwrap();
+        kill(workers[0]);
+        let line = master.expect_line(LINE, |l| l.starts_with("worker restarted:")).await;
+        let moved: i32 = field(&line, "pid").unwrap().parse().unwrap();
+        line_seen(&mut master, |l| l.contains("leader socket unreachable; using the messenger relay")).await;
+        until_transport(xdg.path(), name, moved, "messenger").await;
+        assert_eq!(transports(xdg.path(), name).await.get(&i64::from(workers[1])).map(String::as_str), Some("unix"));
+        // Values reach it through the relay.
+        admin.put("k", "via-relay").await.unwrap();
+        value_reaches(&mut master, "via-relay", &[moved, workers[1]]).await;
+
+        // The socket is back: the worker leaves the relay for it (probed every second).
+        std::fs::rename(&away, &socket).unwrap();
+        line_seen(&mut master, |l| l.contains("leader socket reachable again; leaving the relay")).await;
+        until_transport(xdg.path(), name, moved, "unix").await;
+        let now = transports(xdg.path(), name).await;
+        assert!(now.values().all(|t| t == "unix"), "no follower left on the relay: {now:?}");
+        admin.put("k", "direct-again").await.unwrap();
+        value_reaches(&mut master, "direct-again", &[moved, workers[1]]).await;
+        // Across both moves: every worker's values in (epoch, seq) order, none twice.
+        assert_in_order(&master.seen, "pid");
+        drop(server);
+    })
+    .await
+    .expect("test timed out")
+}

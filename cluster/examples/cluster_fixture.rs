@@ -20,6 +20,10 @@ struct Args {
     /// Number of workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Leave the number of workers to the cluster's default (the CPUs this
+    /// process may use) instead of `--workers`.
+    #[arg(long)]
+    default_workers: bool,
     /// Start-up timeout of the agent and each worker, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     start_timeout_ms: u64,
@@ -66,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     tandem_cluster::init_tracing();
     let args = Args::parse();
     let mut config = Config::default();
-    config.workers = Some(args.workers);
+    config.workers = (!args.default_workers).then_some(args.workers);
     config.agent_start_timeout = Duration::from_millis(args.start_timeout_ms);
     config.worker_start_timeout = Duration::from_millis(args.start_timeout_ms);
     config.worker_stop_timeout = Duration::from_millis(args.grace_ms);

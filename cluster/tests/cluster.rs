@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -47,14 +48,16 @@ struct Fixture {
 
 impl Fixture {
     fn start(args: &[&str]) -> Fixture {
-        let mut child = Command::new(fixture_path())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the fixture");
+        Fixture::start_with(args, |_| {})
+    }
+
+    /// [`start`](Self::start), with the command adjusted by `prepare` first
+    /// (a `pre_exec` hook: CPU affinity, a cgroup).
+    fn start_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Fixture {
+        let mut command = Command::new(fixture_path());
+        command.args(args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        prepare(&mut command);
+        let mut child = command.spawn().expect("spawn the fixture");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
@@ -365,6 +368,45 @@ fn a_second_signal_skips_the_grace() {
 }
 
 #[test]
+fn a_worker_that_ignores_the_stop_is_sigkilled_when_the_grace_expires_and_the_master_exits_0() {
+    const GRACE: Duration = Duration::from_millis(1000);
+    let mut f = Fixture::start(&["--workers", "2", "--stubborn", "--grace-ms", "1000"]);
+    let ready = f.ready();
+    let started = Instant::now();
+    signal(ready.master, Signal::SIGTERM);
+    f.wait_line("worker 1 stopping");
+    f.wait_line("worker 2 stopping");
+    let status = f.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(took >= GRACE, "the workers were killed before their grace was over: {took:?}");
+    assert!(took < GRACE + Duration::from_secs(3), "took {took:?}: the grace did not end in a SIGKILL");
+    // Killed, not stopped: the exit events say SIGKILL, and the agent stopped
+    // gracefully only after both were gone.
+    let agent = f.wait_line("agent stopping");
+    for pid in &ready.workers {
+        let exited = f.wait(&format!("worker pid {pid} killed"), |l| {
+            l.starts_with("exited: worker ") && l.contains(&format!("(pid {pid})")) && l.contains("(SIGKILL)")
+        });
+        assert!(exited < agent, "worker pid {pid} must be gone before the agent stops");
+    }
+    assert_eq!(
+        f.count(|l| l.starts_with("shutdown started: forced=true")),
+        0,
+        "one signal: the grace ran out by itself"
+    );
+    // The master says why, and whom it killed.
+    f.wait_stderr("the grace-over line", |l| {
+        l.contains("grace period over; killing what is left") && l.contains("Workers")
+    });
+    for pid in &ready.workers {
+        f.wait_stderr("the SIGKILL line", |l| l.contains("SIGKILL") && l.contains(&format!("pid={pid}")));
+    }
+    let children: Vec<u32> = ready.workers.iter().copied().chain([ready.agent]).collect();
+    wait_all_dead(&children, Duration::from_secs(1));
+}
+
+#[test]
 fn a_worker_crashing_at_start_up_is_backed_off_reported_and_retried_later() {
     let mut f = Fixture::start(&[
         "--workers",
@@ -537,4 +579,155 @@ fn a_slow_link_reader_slows_its_sender_instead_of_losing_the_link() {
     let stderr = f.stderr.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let closes: Vec<&String> = stderr.iter().filter(|l| l.contains("closing")).collect();
     assert!(closes.is_empty(), "a link was closed: {closes:?}");
+}
+
+// ---- the default worker count: the CPUs the master may use -----------------
+
+/// The CPUs in the calling thread's affinity mask.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero `cpu_set_t` is a valid empty set; the kernel writes
+    // at most `size_of::<cpu_set_t>()` bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity: {}", std::io::Error::last_os_error());
+    // SAFETY: every index is below CPU_SETSIZE, the set's size.
+    (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect()
+}
+
+/// Restricts the calling thread (or, before exec, the process) to `cpu` alone.
+/// Async-signal-safe: a stack value and one system call.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as in `allowed_cpus`; `cpu` is one of the CPUs it returned.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[test]
+fn the_default_worker_count_follows_this_threads_cpu_affinity() {
+    let allowed = allowed_cpus();
+    let unpinned = tandem_cluster::default_workers();
+    // A cgroup CPU quota may lower it further, never raise it.
+    assert!((1..=allowed.len()).contains(&unpinned), "{unpinned} workers for CPUs {allowed:?}");
+    assert_eq!(tandem_cluster::Config::default().worker_count(), unpinned);
+    if allowed.len() < 2 {
+        eprintln!("NOTE: this host lets the test use one CPU only ({allowed:?}): pinning cannot change the count");
+    }
+    // Affinity is per thread: a thread of the test's own, pinned to one CPU.
+    let cpu = allowed[0];
+    let counts = std::thread::spawn(move || {
+        pin_to(cpu).expect("sched_setaffinity");
+        let mut config = tandem_cluster::Config::default();
+        let by_default = config.worker_count();
+        config.workers = Some(3);
+        (tandem_cluster::default_workers(), by_default, config.worker_count())
+    })
+    .join()
+    .expect("the pinned thread");
+    assert_eq!(counts, (1, 1, 3), "pinned to CPU {cpu}");
+}
+
+#[test]
+fn a_master_pinned_to_one_cpu_starts_one_worker_by_default() {
+    let allowed = allowed_cpus();
+    if allowed.len() < 2 {
+        eprintln!("NOTE: this host lets the test use one CPU only ({allowed:?}): one worker either way");
+    }
+    let cpu = allowed[0];
+    let mut f = Fixture::start_with(&["--default-workers"], |command| {
+        // SAFETY: between fork and exec the hook only calls `pin_to`: a stack
+        // value and `sched_setaffinity`, async-signal-safe.
+        unsafe { command.pre_exec(move || pin_to(cpu)) };
+    });
+    let ready = f.ready();
+    assert_eq!(ready.workers.len(), 1, "{ready:?}");
+    // The children inherit the mask.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", ready.workers[0])).expect("the worker's status");
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(str::trim);
+    assert_eq!(list, Some(cpu.to_string().as_str()));
+}
+
+/// A cgroup v1 `cpu` group of its own with a CPU quota, removed when dropped
+/// (once the processes in it are gone).
+struct CpuQuota {
+    dir: PathBuf,
+    procs: std::ffi::CString,
+}
+
+impl CpuQuota {
+    /// A group limited to `cpus` CPUs, or why it cannot be made here (not
+    /// root, no writable cgroup v1 `cpu` hierarchy).
+    fn new(cpus: u32) -> Result<CpuQuota, String> {
+        let root = PathBuf::from("/sys/fs/cgroup/cpu");
+        if !root.join("cpu.cfs_quota_us").exists() {
+            return Err(format!("no cgroup v1 cpu controller at {}", root.display()));
+        }
+        let dir = root.join(format!("tandem-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let group = CpuQuota { procs: std::ffi::CString::new(format!("{}/cgroup.procs", dir.display())).unwrap(), dir };
+        let write = |file: &str, value: String| {
+            std::fs::write(group.dir.join(file), value).map_err(|e| format!("cannot set {file}: {e}"))
+        };
+        write("cpu.cfs_period_us", "100000".into())?;
+        write("cpu.cfs_quota_us", (100_000 * cpus).to_string())?;
+        Ok(group)
+    }
+
+    /// Moves the calling process into the group. Async-signal-safe (open, write, close).
+    fn enter(procs: &std::ffi::CStr) -> std::io::Result<()> {
+        // SAFETY: a NUL-terminated path and a 1-byte buffer that outlive the calls.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0": the writing process itself.
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        // The group can go once its last process is reaped.
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn a_master_under_a_one_cpu_cgroup_quota_starts_one_worker_by_default() {
+    let allowed = allowed_cpus();
+    if allowed.len() < 2 {
+        eprintln!("NOTE: this host lets the test use one CPU only ({allowed:?}): one worker either way");
+    }
+    let quota = match CpuQuota::new(1) {
+        Ok(quota) => quota,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot set a CPU quota here ({why}); the cgroup part of the default count did not run");
+            return;
+        }
+    };
+    let procs = quota.procs.clone();
+    // Dropped before `quota` (declared after it): the cluster is gone when the group is removed.
+    let mut f = Fixture::start_with(&["--default-workers"], move |command| {
+        // SAFETY: between fork and exec the hook only calls `CpuQuota::enter`:
+        // open, write and close, async-signal-safe.
+        unsafe { command.pre_exec(move || CpuQuota::enter(&procs)) };
+    });
+    let ready = f.ready();
+    assert_eq!(ready.workers.len(), 1, "{ready:?}");
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", ready.workers[0])).expect("the worker's cgroup");
+    let name = quota.dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(cgroup.lines().any(|l| l.contains(":cpu") && l.ends_with(&name)), "{cgroup}");
 }
