@@ -71,6 +71,7 @@ impl Builder {
     }
 
     /// Serve `/metrics` on this address (port 0: any free port). See [`Config::metrics`].
+    #[cfg(feature = "metrics")]
     pub fn metrics(mut self, addr: std::net::SocketAddr) -> Self {
         self.config.metrics = Some(addr);
         self
@@ -78,6 +79,7 @@ impl Builder {
 
     /// The most connections `/metrics` serves at once (one more is refused
     /// with a `503` and counted). See [`Config::metrics_max_connections`].
+    #[cfg(feature = "metrics")]
     pub fn metrics_max_connections(mut self, n: usize) -> Self {
         self.config.metrics_max_connections = Some(n);
         self
@@ -86,6 +88,7 @@ impl Builder {
     /// How long a `/metrics` connection has to send a complete request head,
     /// and how long it may move no byte at all, before it is closed. See
     /// [`Config::metrics_header_timeout`] and [`Config::metrics_idle_timeout`].
+    #[cfg(feature = "metrics")]
     pub fn metrics_timeouts(mut self, header: Duration, idle: Duration) -> Self {
         self.config.metrics_header_timeout = header;
         self.config.metrics_idle_timeout = idle;
