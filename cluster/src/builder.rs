@@ -22,6 +22,38 @@ pub struct Cluster;
 
 impl Cluster {
     /// Starts describing a cluster. `name` must be the same in every process.
+    ///
+    /// The same `main` runs as the master, the agent and every worker:
+    /// [`run_blocking`](Builder::run_blocking) runs this process's part.
+    ///
+    /// ```no_run
+    /// use tandem_cluster::{AgentReady, BoxError, Cluster};
+    ///
+    /// fn main() -> Result<(), BoxError> {
+    ///     tandem_cluster::init_tracing();
+    ///     Cluster::builder("myapp")
+    ///         .workers(2)
+    ///         .listen("http", "127.0.0.1:8080")?
+    ///         .agent(|ctx| async move {
+    ///             // Start the Leader here (`tandem::cluster_glue::start_leader`).
+    ///             ctx.ready(AgentReady { socket: ctx.default_socket_path() }).await?;
+    ///             ctx.stopped().await;
+    ///             Ok(())
+    ///         })
+    ///         .worker(|ctx| async move {
+    ///             let listener = ctx.tcp_listener("http")?; // bound once by the master
+    ///             ctx.ready().await?;
+    ///             loop {
+    ///                 tokio::select! {
+    ///                     accepted = listener.accept() => drop(accepted?),
+    ///                     _ = ctx.stopped() => return Ok(()),
+    ///                 }
+    ///             }
+    ///         })
+    ///         .run_blocking()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn builder(name: impl Into<String>) -> Builder {
         Builder { name: name.into(), config: Config::default(), agent: None, worker: None, master: None }
     }
