@@ -251,3 +251,55 @@ async fn auto_transport_falls_back_to_the_messenger_and_returns_to_direct() {
     .await
     .expect("test timed out")
 }
+
+/// Every path under `dir`, relative to it.
+fn tree(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut paths = std::collections::BTreeSet::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(at) = todo.pop() {
+        for entry in std::fs::read_dir(&at).unwrap_or_else(|e| panic!("read {}: {e}", at.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() && !path.is_symlink() {
+                todo.push(path.clone());
+            }
+            paths.insert(path.strip_prefix(dir).unwrap().to_path_buf());
+        }
+    }
+    paths
+}
+
+#[tokio::test]
+async fn a_clean_stop_leaves_nothing_in_the_runtime_and_temp_directories() {
+    tokio::time::timeout(TIMEOUT, async {
+        // The cluster's runtime directory goes under XDG_RUNTIME_DIR, and
+        // anything it puts in the temp dir under TMPDIR: both fresh, so
+        // nothing else writes there meanwhile.
+        let (xdg, tmp) = (common::private_dir(), common::private_dir());
+        let before = (tree(xdg.path()), tree(tmp.path()));
+        let name = "leftovers-it";
+        let mut master = Proc::spawn_with_env(
+            &example("config_center"),
+            &["--workers", "2", "--name", name, "--write-every", "50"],
+            &[("XDG_RUNTIME_DIR", xdg.path()), ("TMPDIR", tmp.path())],
+        );
+        let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+        let agent: i32 = field(&ready, "agent").unwrap().parse().unwrap();
+        // Running: its name directory (lock, control socket, leader socket) is there.
+        let running = tree(xdg.path());
+        assert!(running.contains(&std::path::Path::new("tandem").join(name)), "{running:?}");
+        // Values flow to the workers (the embedded registry writes every 50 ms).
+        master.expect_line(LINE, |l| field(l, "source") == Some("live")).await;
+
+        master.signal(Signal::SIGTERM);
+        let status = master.wait(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(0));
+        assert!(!alive(agent), "the agent outlived its master");
+        // The clusters' parent directory (`tandem`, shared by every cluster
+        // of this user) may stay; nothing of this cluster does.
+        let mut after = (tree(xdg.path()), tree(tmp.path()));
+        after.0.remove(std::path::Path::new("tandem"));
+        assert_eq!(after, before, "left behind by a clean stop (runtime dir, temp dir)");
+    })
+    .await
+    .expect("test timed out")
+}

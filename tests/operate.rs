@@ -291,7 +291,13 @@ async fn logs_are_one_line_per_event_plain_off_a_terminal_and_json_on_request() 
         assert_eq!(shutdown.len(), 1, "{text}");
         // Start-up is quiet: at INFO, only the cluster-ready line before the stop.
         let before_stop: Vec<&str> = text.lines().take_while(|l| !l.contains("shutdown started")).collect();
-        let info: Vec<&&str> = before_stop.iter().filter(|l| l.contains(" INFO ")).collect();
+        // (Where the soft descriptor limit is below the hard one, as for a
+        // user whose session set it so, the master raising it says so once:
+        // it depends on who runs the test, not on the cluster.)
+        let info: Vec<&&str> = before_stop
+            .iter()
+            .filter(|l| l.contains(" INFO ") && !l.contains("raised the soft descriptor limit"))
+            .collect();
         assert_eq!(info.len(), 1, "start-up INFO lines:\n{}", before_stop.join("\n"));
         assert!(info[0].contains("cluster ready"), "{}", info[0]);
         assert!(info[0].contains("role=\"master\""), "{}", info[0]);

@@ -13,7 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cli::{status_json, stderr, stdout, tandem, tandem_as, worker_pids};
+use common::cli::{closed_to, copy_for_user, status_json, stderr, stdout, tandem, tandem_as, worker_pids};
 use common::{Proc, example, field, private_dir};
 use nix::sys::signal::Signal;
 
@@ -120,8 +120,23 @@ async fn another_users_cluster_is_permission_denied() {
             return;
         }
 
-        // The CLI runs as nobody, with a runtime dir of its own.
+        // The CLI runs as nobody, from a copy nobody can execute (the test
+        // binary's own may sit in a checkout closed to nobody), with a
+        // runtime dir of its own. Both in the temp dir: where nobody cannot
+        // reach it either, this part cannot run, and says so.
         let mine = private_dir();
+        let bin = tempfile::Builder::new().prefix("tandem-test").tempdir().unwrap();
+        let program = match closed_to(mine.path().parent().expect("a temp dir's parent"), NOBODY) {
+            Some(closed) => Err(format!("{} is closed to uid {NOBODY}", closed.display())),
+            None => copy_for_user(bin.path(), NOBODY),
+        };
+        let program = match program {
+            Ok(program) => program,
+            Err(why) => {
+                eprintln!("SKIPPED: the CLI cannot run as nobody ({why}): the uid checks are not exercised");
+                return;
+            }
+        };
         std::os::unix::fs::chown(mine.path(), Some(NOBODY), Some(NOBODY)).unwrap();
         let my_clusters = mine.path().join("tandem");
         let my_socket = my_clusters.join(name).join("control.sock");
@@ -129,7 +144,7 @@ async fn another_users_cluster_is_permission_denied() {
         // 1. Its clusters directory is root's (a symlink to it): the kernel
         // refuses connect() with EACCES (the directory is 0700).
         std::os::unix::fs::symlink(&clusters, &my_clusters).unwrap();
-        let out = tandem_as(mine.path(), &["status", name], Some(NOBODY)).await;
+        let out = tandem_as(&program, mine.path(), &["status", name], Some(NOBODY)).await;
         assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
         assert_eq!(
             stderr(&out),
@@ -151,7 +166,7 @@ async fn another_users_cluster_is_permission_denied() {
         std::fs::hard_link(clusters.join(name).join("control.sock"), &my_socket).unwrap();
         std::fs::set_permissions(&my_socket, std::fs::Permissions::from_mode(0o777)).unwrap();
         for command in ["status", "reload", "stop"] {
-            let out = tandem_as(mine.path(), &[command, name], Some(NOBODY)).await;
+            let out = tandem_as(&program, mine.path(), &[command, name], Some(NOBODY)).await;
             assert_eq!(out.status.code(), Some(1), "{command}: {}{}", stdout(&out), stderr(&out));
             assert_eq!(
                 stderr(&out),

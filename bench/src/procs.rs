@@ -92,7 +92,7 @@ pub fn kill_grandchild(pid: u32, parent: u32) -> Result<()> {
     Ok(())
 }
 
-/// Resident set size of a process, in KiB (VmRSS from /proc/<pid>/status).
+/// Resident set size of a process, in KiB (VmRSS from `/proc/<pid>/status`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;

@@ -22,6 +22,38 @@ pub struct Cluster;
 
 impl Cluster {
     /// Starts describing a cluster. `name` must be the same in every process.
+    ///
+    /// The same `main` runs as the master, the agent and every worker:
+    /// [`run_blocking`](Builder::run_blocking) runs this process's part.
+    ///
+    /// ```no_run
+    /// use tandem_cluster::{AgentReady, BoxError, Cluster};
+    ///
+    /// fn main() -> Result<(), BoxError> {
+    ///     tandem_cluster::init_tracing();
+    ///     Cluster::builder("myapp")
+    ///         .workers(2)
+    ///         .listen("http", "127.0.0.1:8080")?
+    ///         .agent(|ctx| async move {
+    ///             // Start the Leader here (`tandem::cluster_glue::start_leader`).
+    ///             ctx.ready(AgentReady { socket: ctx.default_socket_path() }).await?;
+    ///             ctx.stopped().await;
+    ///             Ok(())
+    ///         })
+    ///         .worker(|ctx| async move {
+    ///             let listener = ctx.tcp_listener("http")?; // bound once by the master
+    ///             ctx.ready().await?;
+    ///             loop {
+    ///                 tokio::select! {
+    ///                     accepted = listener.accept() => drop(accepted?),
+    ///                     _ = ctx.stopped() => return Ok(()),
+    ///                 }
+    ///             }
+    ///         })
+    ///         .run_blocking()?;
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn builder(name: impl Into<String>) -> Builder {
         Builder { name: name.into(), config: Config::default(), agent: None, worker: None, master: None }
     }
@@ -71,6 +103,7 @@ impl Builder {
     }
 
     /// Serve `/metrics` on this address (port 0: any free port). See [`Config::metrics`].
+    #[cfg(feature = "metrics")]
     pub fn metrics(mut self, addr: std::net::SocketAddr) -> Self {
         self.config.metrics = Some(addr);
         self
@@ -78,6 +111,7 @@ impl Builder {
 
     /// The most connections `/metrics` serves at once (one more is refused
     /// with a `503` and counted). See [`Config::metrics_max_connections`].
+    #[cfg(feature = "metrics")]
     pub fn metrics_max_connections(mut self, n: usize) -> Self {
         self.config.metrics_max_connections = Some(n);
         self
@@ -86,6 +120,7 @@ impl Builder {
     /// How long a `/metrics` connection has to send a complete request head,
     /// and how long it may move no byte at all, before it is closed. See
     /// [`Config::metrics_header_timeout`] and [`Config::metrics_idle_timeout`].
+    #[cfg(feature = "metrics")]
     pub fn metrics_timeouts(mut self, header: Duration, idle: Duration) -> Self {
         self.config.metrics_header_timeout = header;
         self.config.metrics_idle_timeout = idle;

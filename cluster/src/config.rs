@@ -61,6 +61,7 @@ pub struct Config {
     /// Where the master serves `/metrics` (Prometheus text). The default
     /// (`None`) serves no metrics. Port 0 picks a free port:
     /// [`MasterContext::metrics_addr`](crate::MasterContext::metrics_addr) tells which.
+    #[cfg(feature = "metrics")]
     pub metrics: Option<std::net::SocketAddr>,
     /// The most connections `/metrics` serves at once; one more is sent a
     /// `503` and closed at once, and counted
@@ -68,15 +69,18 @@ pub struct Config {
     /// can never take the master's descriptors. The default (`None`) is 64,
     /// or a quarter of the soft open-file limit (`RLIMIT_NOFILE`) when that is
     /// lower.
+    #[cfg(feature = "metrics")]
     pub metrics_max_connections: Option<usize>,
     /// How long a connection to `/metrics` has to send a complete request
     /// head, from its accept or, on a kept-alive connection, from the previous
     /// response: a kept-alive connection waiting for its next request is
     /// closed after this too. The default is 5 seconds.
+    #[cfg(feature = "metrics")]
     pub metrics_header_timeout: Duration,
     /// How long a connection to `/metrics` may go without moving a byte in
     /// either direction (a client that stops reading its response, a request
     /// body that stalls) before it is closed. The default is 30 seconds.
+    #[cfg(feature = "metrics")]
     pub metrics_idle_timeout: Duration,
     /// Environment variables the master sets for every child it starts (the
     /// agent and each worker, restarts and reloads included), on top of its own
@@ -123,9 +127,13 @@ impl Default for Config {
             worker_max_memory: None,
             agent_max_memory: None,
             name: None,
+            #[cfg(feature = "metrics")]
             metrics: None,
+            #[cfg(feature = "metrics")]
             metrics_max_connections: None,
+            #[cfg(feature = "metrics")]
             metrics_header_timeout: Duration::from_secs(5),
+            #[cfg(feature = "metrics")]
             metrics_idle_timeout: Duration::from_secs(30),
             child_env: Vec::new(),
             ping_interval: Duration::from_secs(1),

@@ -737,6 +737,7 @@ pub(crate) struct Snapshot {
     pub stopping: bool,
     pub announced: bool,
     pub table: StatusTable,
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))] // read by `/metrics`
     pub messages: crate::router::MessageCounts,
 }
 

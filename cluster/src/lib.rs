@@ -117,7 +117,9 @@ mod liveness;
 mod master;
 mod master_context;
 mod messenger;
+#[cfg(feature = "metrics")]
 mod metrics;
+#[cfg(feature = "metrics")]
 mod metrics_endpoint;
 mod process;
 mod reload;

@@ -258,6 +258,7 @@ impl Master {
             messenger: Messenger::new(Arc::clone(&self.port)),
             stats: Arc::clone(&self.ops_stats),
         };
+        #[cfg(feature = "metrics")]
         let metrics_addr = match self.config.metrics {
             Some(addr) => {
                 let limits = crate::metrics_endpoint::Limits::from_config(&self.config);
@@ -269,6 +270,8 @@ impl Master {
             }
             None => None,
         };
+        #[cfg(not(feature = "metrics"))]
+        let metrics_addr = None;
         if let Some(control) = self.control_server.take() {
             control.spawn(handle, &self.tasks, self.cancel.clone());
         }

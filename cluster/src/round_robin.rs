@@ -89,6 +89,7 @@ pub(crate) struct RoundRobinStats {
 
 impl RoundRobinStats {
     /// Registers the counters in `registry` (for `/metrics`).
+    #[cfg(feature = "metrics")]
     pub(crate) fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         let lost = prometheus_client::metrics::counter::Counter::<u64>::default();
         lost.inc_by(self.lost.load(Ordering::Relaxed));
@@ -145,6 +146,7 @@ impl RoundRobin {
     }
 
     /// The dispatcher's counters.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))] // read by `/metrics` and tests
     pub(crate) fn stats(&self) -> Arc<RoundRobinStats> {
         Arc::clone(&self.stats)
     }

@@ -23,6 +23,46 @@ pub(crate) struct Inner {
 
 /// One connection to the leader (direct, relayed or in-process), shared by the
 /// typed [`Client`]s of every channel it was built with. Cheap to clone.
+///
+/// Built with [`Connection::builder`] ([`ConnectionBuilder`]) and a
+/// [`Connector`](crate::Connector): here the leader's own process reaches it
+/// through memory ([`LocalConnector`](crate::LocalConnector)) and another
+/// connection through its Unix socket ([`UnixConnector`](crate::UnixConnector)),
+/// as a follower process would.
+///
+/// ```
+/// use tandem_follower::{Connection, LocalConnector, UnixConnector};
+/// use tandem_leader::Leader;
+/// # use tandem_leader::{CallContext, Events, Upstream};
+/// # use tandem_protocol::{Api, RemoteError};
+/// # struct Echo;
+/// # impl Api for Echo {
+/// #     const NAME: &'static str = "echo";
+/// #     type Key = String; type Event = String; type Request = String; type Response = String;
+/// # }
+/// # struct EchoUpstream;
+/// # impl Upstream<Echo> for EchoUpstream {
+/// #     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> { Ok(request) }
+/// #     async fn subscribe(&self, _key: String) -> Result<Events<String>, RemoteError> {
+/// #         Err(RemoteError::bad_request("no keys"))
+/// #     }
+/// # }
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # use std::os::unix::fs::PermissionsExt;
+/// # let dir = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o700)).tempdir()?;
+/// let leader = Leader::builder().channel(EchoUpstream).start();
+/// let socket = leader.bind_unix(dir.path().join("leader.sock"))?; // in a private (0700) directory
+///
+/// let own = Connection::builder().connect(LocalConnector::new(leader.clone())).spawn();
+/// let follower = Connection::builder().connect(UnixConnector::new(socket)).spawn();
+/// assert_eq!(own.client::<Echo>().invoke("a".into()).await?, "a");
+/// assert_eq!(follower.client::<Echo>().invoke("b".into()).await?, "b");
+/// assert!(own.is_leader() && !follower.is_leader());
+/// follower.close().await;
+/// leader.shutdown().await;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Connection {
     pub(crate) inner: Arc<Inner>,

@@ -143,6 +143,39 @@ fn file_id(path: &Path) -> io::Result<FileId> {
 ///
 /// `setup` adds the channels (and their upstream factories) to the leader this
 /// process builds if it wins; it is called at most once per process.
+///
+/// Every process of the application runs the same code; the first to take the
+/// lock leads, the others follow it over the Unix socket in `dir`, and one of
+/// them takes over if it dies:
+///
+/// ```
+/// use tandem_follower::{Connection, Standalone};
+/// # use tandem_leader::{CallContext, Events, Upstream};
+/// # use tandem_protocol::{Api, RemoteError};
+/// # struct Echo;
+/// # impl Api for Echo {
+/// #     const NAME: &'static str = "echo";
+/// #     type Key = String; type Event = String; type Request = String; type Response = String;
+/// # }
+/// # struct EchoUpstream;
+/// # impl Upstream<Echo> for EchoUpstream {
+/// #     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> { Ok(request) }
+/// #     async fn subscribe(&self, _key: String) -> Result<Events<String>, RemoteError> {
+/// #         Err(RemoteError::bad_request("no keys"))
+/// #     }
+/// # }
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let tmp = tempfile::tempdir()?;
+/// // A private (0700) directory, e.g. $XDG_RUNTIME_DIR/myapp.
+/// let dir = tmp.path().join("myapp");
+/// let connector = Standalone::new("myapp", &dir, |leader| leader.channel(EchoUpstream));
+/// let connection = Connection::builder().connect(connector).spawn();
+/// let echo = connection.client::<Echo>();
+/// assert_eq!(echo.invoke("hi".into()).await?, "hi");
+/// assert!(connection.is_leader()); // alone, it leads
+/// # Ok(()) }
+/// ```
 pub struct Standalone {
     name: String,
     dir: PathBuf,

@@ -172,7 +172,7 @@ async fn cached_values_are_served_marked_while_the_upstream_is_down_then_live_va
         // A new leader, upstream unreachable: the cached values at once, marked.
         let sock = private_dir();
         let switch = Switch::default();
-        let (_leader, path) = retrying_leader(&switch, Some(Cache::open(cache_dir.path()).unwrap()), sock.path(), 2);
+        let (leader, path) = retrying_leader(&switch, Some(Cache::open(cache_dir.path()).unwrap()), sock.path(), 2);
         let kv = follower(&path).client::<Kv>();
         let mut sub = kv.subscribe("k".into()).await.unwrap();
         let mut same = kv.subscribe("same".into()).await.unwrap();
@@ -212,6 +212,12 @@ async fn cached_values_are_served_marked_while_the_upstream_is_down_then_live_va
             last = late.next().await.unwrap();
         }
         assert_eq!(last.source, Source::Live);
+        // Its cache writer stopped before the cache directory is removed:
+        // one still writing would leave the directory and a `.lkg` file.
+        leader.shutdown().await;
+        let path = cache_dir.path().to_owned();
+        cache_dir.close().unwrap_or_else(|e| panic!("{} not removed: {e}", path.display()));
+        assert!(!path.exists(), "{} left behind", path.display());
     })
     .await
 }
@@ -237,12 +243,13 @@ async fn the_cache_keeps_the_newest_value_of_a_burst_and_leaves_no_temporary_fil
         let files = names(cache_dir.path());
         assert_eq!(files.len(), 1, "one file per key, no temporary files: {files:?}");
         let sock = private_dir();
-        let (_leader, path) =
+        let (leader, path) =
             retrying_leader(&Switch::default(), Some(Cache::open(cache_dir.path()).unwrap()), sock.path(), 2);
         let kv = follower(&path).client::<Kv>();
         let mut sub = kv.subscribe("hot".into()).await.unwrap();
         let update = sub.next().await.unwrap();
         assert_eq!((update.value.as_str(), update.source), ("burst-199", Source::Cache));
+        leader.shutdown().await;
     })
     .await
 }
@@ -271,7 +278,7 @@ async fn corrupt_and_foreign_cache_files_are_ignored_with_a_warning_naming_them(
         std::fs::write(cache_dir.path().join("notes.txt"), b"hello").unwrap();
 
         let sock = private_dir();
-        let (_leader, path) =
+        let (leader, path) =
             retrying_leader(&Switch::default(), Some(Cache::open(cache_dir.path()).unwrap()), sock.path(), 2);
         logged(&["notes.txt", "not a tandem cache file"]).await;
         let kv = follower(&path).client::<Kv>();
@@ -293,6 +300,7 @@ async fn corrupt_and_foreign_cache_files_are_ignored_with_a_warning_naming_them(
         let mut good = kv.subscribe("good".into()).await.unwrap();
         let update = good.next().await.unwrap();
         assert_eq!((update.value.as_str(), update.source), ("kept", Source::Cache));
+        leader.shutdown().await;
     })
     .await
 }

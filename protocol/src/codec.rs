@@ -90,7 +90,8 @@ impl FrameCodec {
         self.0.max
     }
 
-    /// Reads a frame from a body without its length prefix, as [`Decoder::decode`]
+    /// Reads a frame from a body without its length prefix, as
+    /// [`Decoder::decode`](https://docs.rs/tokio-util/0.7/tokio_util/codec/trait.Decoder.html#tymethod.decode)
     /// does (events' keys and payloads into this codec's chunks), for
     /// carriers that frame the bytes themselves, like the cluster's relay.
     /// [`Frame::decode_body`] is the same for a one-off body.

@@ -59,7 +59,7 @@ pub struct UnixReadHalf {
 }
 
 /// The writing half of [`split`]. Dropping it does not shut the socket down;
-/// [`AsyncWrite::poll_shutdown`] does.
+/// [`AsyncWrite::poll_shutdown`](https://docs.rs/tokio/1/tokio/io/trait.AsyncWrite.html#tymethod.poll_shutdown) does.
 #[derive(Debug)]
 pub struct UnixWriteHalf {
     io: Arc<AsyncFd<StdUnixStream>>,

@@ -81,7 +81,10 @@ pub use client::{
 pub use server::{Config, RESERVED_FDS, SMALL_FRAME, Server, ServerHandle, default_max_connections, serve};
 pub use wire::{Instance, KeyValue, ServerInfo, ServiceEvent, Stats, WatchEvent, WatchSpec};
 
-// Re-exported so users need not depend on the same versions themselves.
+// Re-exported so users need not depend on the same versions themselves
+// (not inlined: their docs are their crates').
+#[doc(no_inline)]
 pub use bytes::Bytes;
 pub use tandem_protocol::{ErrorKind, RemoteError};
+#[doc(no_inline)]
 pub use tokio_util::sync::CancellationToken;
