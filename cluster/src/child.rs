@@ -267,7 +267,7 @@ async fn serve(
     let writer_task = tokio::spawn(write_loop(writer, rx, links_rx, flush.clone()).in_current_span());
     let dispatch = Dispatch { port, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };
     tracker.spawn(read_loop(reader, dispatch).in_current_span());
-    match crate::shutdown::child_signals(stop) {
+    match crate::signals::child_signals(stop) {
         Ok(signals) => {
             tracker.spawn(signals.in_current_span());
         }

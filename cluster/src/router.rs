@@ -28,11 +28,11 @@ use tandem_protocol::{Expires, PendingTable, RemoteError};
 use tokio::sync::oneshot;
 use tokio::time::{Duration, Instant};
 
-use crate::WorkerId;
 use crate::ipc::{Delivery, Op, Outcome, Refusal, ToChild};
 use crate::status::ProcessState;
-use crate::supervisor::{Proc, Slot};
+use crate::supervisor::{Proc, Slot, Slots};
 use crate::types::{LinkId, ProcKey, Sender, SlotId, Target};
+use crate::{Role, WorkerId};
 
 /// Where the answer to an operation goes.
 #[derive(Debug)]
@@ -74,24 +74,20 @@ pub(crate) enum Action {
 /// What the router sees of the supervised processes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peers<'a> {
-    pub agent: &'a Slot,
-    pub workers: &'a [Slot],
+    /// Every supervised slot, agent and workers (the master's list).
+    pub slots: &'a Slots,
     /// The cluster is shutting down: no new links.
     pub stopping: bool,
 }
 
 impl<'a> Peers<'a> {
     fn slot(&self, id: SlotId) -> Option<&'a Slot> {
-        match id {
-            SlotId::Agent => Some(self.agent),
-            SlotId::Worker(n) => self.workers.get((n as usize).checked_sub(1)?),
-        }
+        self.slots.get(id)
     }
 
     /// The live process named by `key` (the slot's, or its predecessor still draining).
     fn proc(&self, key: ProcKey) -> Option<&'a Proc> {
-        let slot = self.slot(key.slot)?;
-        slot.proc.iter().chain(slot.previous.iter()).find(|p| p.key == key)
+        self.slots.proc(key)
     }
 
     /// A process that can take user messages now (ready, or draining during shutdown).
@@ -302,16 +298,17 @@ impl Router {
     }
 
     fn resolve(peers: Peers<'_>, origin: Option<ProcKey>, to: Target) -> Result<(Dest, Option<WorkerId>), Refusal> {
-        let workers = u32::try_from(peers.workers.len()).unwrap_or(u32::MAX);
         match to {
             Target::Master => Ok((Dest::Master, None)),
             Target::Agent => Ok((Dest::Slot(SlotId::Agent), None)),
-            Target::Worker(id) if id == 0 || id > workers => Err(Refusal::NoSuchWorker { id, workers }),
-            Target::Worker(id) => Ok((Dest::Slot(SlotId::Worker(id)), None)),
+            Target::Worker(id) => match peers.slot(SlotId::Worker(id)) {
+                Some(_) => Ok((Dest::Slot(SlotId::Worker(id)), None)),
+                None => Err(Refusal::NoSuchWorker { id, workers: peers.slots.worker_count() }),
+            },
             Target::RandomWorker => {
                 let ready: Vec<WorkerId> = peers
-                    .workers
-                    .iter()
+                    .slots
+                    .workers()
                     .filter(|w| w.state == ProcessState::Ready && w.proc.is_some())
                     .filter(|w| origin.is_none_or(|k| k.slot != w.id))
                     .filter_map(|w| w.id.worker_id())
@@ -340,8 +337,10 @@ impl Router {
                 plan.actions.push(Action::Deliver(delivery));
                 count += 1;
             }
-            let agent = (to == Target::All).then_some(peers.agent);
-            for slot in agent.into_iter().chain(peers.workers) {
+            for slot in peers.slots.iter() {
+                if to == Target::Workers && slot.id.role() != Role::Worker {
+                    continue;
+                }
                 if origin.is_some_and(|k| k.slot == slot.id) {
                     continue;
                 }
@@ -472,9 +471,10 @@ impl Router {
             return Err(Refusal::ShuttingDown);
         }
         let pid = peers.proc(key).map(|p| p.pid).ok_or(Refusal::NotAWorker)?;
-        let agent = match (&peers.agent.proc, peers.agent.state) {
+        let agent = peers.slot(SlotId::Agent).ok_or(Refusal::AgentUnavailable { state: "absent".to_owned() })?;
+        let agent = match (&agent.proc, agent.state) {
             (Some(p), ProcessState::Ready) => p,
-            _ => return Err(Refusal::AgentUnavailable { state: peers.agent.state.to_string() }),
+            _ => return Err(Refusal::AgentUnavailable { state: agent.state.to_string() }),
         };
         self.next_link += 1;
         let link = self.next_link;
@@ -575,66 +575,60 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::mpsc;
-
-    use crate::RestartPolicy;
 
     /// The supervised slots, all ready, with their queues (no processes).
     struct Fixture {
-        agent: Slot,
-        workers: Vec<Slot>,
-        /// The receiving ends of each process's queues, kept open.
-        _queues: Vec<(mpsc::Receiver<ToChild>, mpsc::Receiver<ToChild>, oneshot::Receiver<()>)>,
+        inner: crate::supervisor::testing::Fixture,
         now: Instant,
     }
 
     impl Fixture {
         /// The agent and `workers` workers, each with a data queue of `capacity` messages.
         fn new(workers: u32, capacity: usize) -> Self {
-            let mut queues = Vec::new();
-            let mut slot = |id: SlotId, generation: u64| {
-                let (control_tx, control_rx) = mpsc::channel(8);
-                let (data_tx, data_rx) = mpsc::channel(capacity);
-                let (kill_tx, kill_rx) = oneshot::channel();
-                queues.push((control_rx, data_rx, kill_rx));
-                let key = ProcKey { slot: id, generation };
-                let pid = 1000 + u32::try_from(generation).unwrap();
-                let mut slot = Slot::new(id, RestartPolicy::default());
-                slot.proc = Some(Proc::new(key, pid, control_tx, data_tx, 1, kill_tx));
-                slot.state = ProcessState::Ready;
-                slot
-            };
-            let agent = slot(SlotId::Agent, 1);
-            let workers = (1..=workers).map(|id| slot(SlotId::Worker(id), u64::from(id) + 1)).collect();
-            Fixture { agent, workers, _queues: queues, now: Instant::now() }
+            Fixture {
+                inner: crate::supervisor::testing::Fixture::with_capacity(workers, capacity),
+                now: Instant::now(),
+            }
         }
 
         fn peers(&self) -> Peers<'_> {
-            Peers { agent: &self.agent, workers: &self.workers, stopping: false }
+            Peers { slots: &self.inner.slots, stopping: false }
+        }
+
+        fn slot(&self, id: SlotId) -> &Slot {
+            self.inner.slots.get(id).unwrap()
         }
 
         fn agent_key(&self) -> ProcKey {
-            self.agent.proc.as_ref().unwrap().key
+            self.inner.key(SlotId::Agent)
+        }
+
+        fn agent_sender(&self) -> Sender {
+            self.slot(SlotId::Agent).proc.as_ref().unwrap().sender()
         }
 
         fn worker_key(&self, id: WorkerId) -> ProcKey {
-            self.workers[id as usize - 1].proc.as_ref().unwrap().key
+            self.inner.key(SlotId::Worker(id))
+        }
+
+        fn worker_pid(&self, id: WorkerId) -> u32 {
+            self.slot(SlotId::Worker(id)).proc.as_ref().unwrap().pid
         }
 
         fn worker_sender(&self, id: WorkerId) -> Sender {
-            self.workers[id as usize - 1].proc.as_ref().unwrap().sender()
+            self.slot(SlotId::Worker(id)).proc.as_ref().unwrap().sender()
         }
 
         /// The worker died: its slot is empty (the master takes the process out first).
         fn kill_worker(&mut self, id: WorkerId) -> ProcKey {
-            let slot = &mut self.workers[id as usize - 1];
+            let slot = self.inner.slots.get_mut(SlotId::Worker(id)).unwrap();
             slot.state = ProcessState::BackingOff;
             slot.proc.take().unwrap().key
         }
 
         /// Fills the data queue of the worker to the brim.
         fn fill_worker_queue(&self, id: WorkerId) {
-            let proc = self.workers[id as usize - 1].proc.as_ref().unwrap();
+            let proc = self.slot(SlotId::Worker(id)).proc.as_ref().unwrap();
             while proc.data.try_send(ToChild::ClusterReady).is_ok() {}
         }
     }
@@ -718,7 +712,7 @@ mod tests {
         let mut f = Fixture::new(2, 1);
         let mut router = Router::default();
         let agent = f.agent_key();
-        let from = f.agent.proc.as_ref().unwrap().sender();
+        let from = f.agent_sender();
         let mut ask = |f: &Fixture, to: Target, id: u64| {
             router.on_op(
                 f.peers(),
@@ -831,7 +825,7 @@ mod tests {
                 ],
             ) => {
                 assert_eq!((agent, to, worker_id, link), (f.agent_key(), key, id, opened));
-                assert_eq!(pid, f.workers[id as usize - 1].proc.as_ref().unwrap().pid);
+                assert_eq!(pid, f.worker_pid(id));
                 link
             }
             other => panic!("expected a link opened, got {other:?}"),
@@ -900,7 +894,7 @@ mod tests {
             Responder::Remote { key: w1, id: 1 },
         );
         assert!(matches!(refusal(actions).2, Refusal::ShuttingDown));
-        f.agent.state = ProcessState::Starting;
+        f.inner.slots.get_mut(SlotId::Agent).unwrap().state = ProcessState::Starting;
         let actions = router.on_op(
             f.peers(),
             f.now,
