@@ -234,3 +234,107 @@ impl AgentReload {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::supervisor::testing::{Fixture, kinds};
+
+    const GRACE: Duration = Duration::from_secs(5);
+
+    fn open() -> Gate {
+        Gate {
+            stopping: false,
+            announced: true,
+            running: None,
+            memory_stop: false,
+            exe: PathBuf::from("/bin/app"),
+            executable: true,
+        }
+    }
+
+    fn reply_of(actions: &mut Vec<Action>) -> Result<AgentReloadReport, ReloadError> {
+        let pos = actions.iter().position(|a| matches!(a, Action::Reply(_))).expect("a reply");
+        match actions.remove(pos) {
+            Action::Reply(Reply::AgentReload(_, result)) => result,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_old_agent_stops_first_then_its_successor_starts_and_the_reload_answers_when_it_is_ready() {
+        let mut f = Fixture::ready(1);
+        let mut reload = AgentReload::default();
+        let old = f.key(SlotId::Agent);
+        let old_pid = f.pid(old);
+        let (tx, _rx) = oneshot::channel();
+        let agent = f.slots.agent().unwrap();
+        assert_eq!(
+            kinds(&reload.request(agent, open(), GRACE, tx)),
+            [
+                format!("stop {old:?} 5s"),
+                "state agent stopping".into(),
+                "emit AgentReloadStarted".into(),
+                format!("after 5s AgentStopDeadline({old:?})"),
+            ]
+        );
+        f.exit(old);
+        let timeout = Duration::from_secs(10);
+        assert_eq!(kinds(&reload.on_exited(old, ExitReason::Code(0), false, timeout).unwrap()), ["relaunch agent"]);
+        let new = f.spawn(SlotId::Agent, 8);
+        assert!(reload.on_launched(Ok((new, f.pid(new))), SlotId::Agent).is_empty());
+        assert!(reload.on_ready(old, 1).is_empty(), "not the new agent");
+        let mut done = reload.on_ready(new, 7);
+        let report = reply_of(&mut done).unwrap();
+        assert_eq!(kinds(&done), ["emit AgentReloaded"]);
+        assert_eq!((report.old_pid, report.new_pid, report.epoch), (old_pid, f.pid(new), 7));
+        assert!(!reload.is_running());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_that_exits_before_ready_fails_the_reload_and_the_slot_restarts_with_backoff() {
+        let mut f = Fixture::ready(1);
+        let mut reload = AgentReload::default();
+        let old = f.key(SlotId::Agent);
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
+        f.exit(old);
+        let timeout = Duration::from_secs(10);
+        let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
+        let new = f.spawn(SlotId::Agent, 8);
+        let _ = reload.on_launched(Ok((new, f.pid(new))), SlotId::Agent);
+        let mut failed = reload.on_exited(new, ExitReason::Code(IPC_MISMATCH_EXIT), false, timeout).unwrap();
+        match reply_of(&mut failed) {
+            Err(ReloadError::AgentFailed { reason, .. }) => assert!(reason.contains("another IPC version"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(kinds(&failed), ["emit ReloadFailed", "restart agent"]);
+        assert!(reload.on_exited(new, ExitReason::Code(1), false, timeout).is_none(), "over: a crash as usual");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_answered_at_once_and_change_nothing() {
+        let mut f = Fixture::ready(1);
+        let mut reload = AgentReload::default();
+        let mut refusal = |f: &Fixture, gate: Gate| {
+            let (tx, _rx) = oneshot::channel();
+            let mut actions = reload.request(f.slots.agent().unwrap(), gate, GRACE, tx);
+            reply_of(&mut actions).unwrap_err()
+        };
+        assert_eq!(refusal(&f, Gate { stopping: true, ..open() }), ReloadError::ShuttingDown);
+        assert_eq!(
+            refusal(&f, Gate { running: Some(ReplaceReason::Reload), ..open() }),
+            ReloadError::InProgress { running: ReplaceReason::Reload }
+        );
+        assert_eq!(
+            refusal(&f, Gate { memory_stop: true, ..open() }),
+            ReloadError::InProgress { running: ReplaceReason::MaxMemory }
+        );
+        assert_eq!(refusal(&f, Gate { announced: false, ..open() }), ReloadError::NotReady);
+        assert!(matches!(refusal(&f, Gate { executable: false, ..open() }), ReloadError::ExecutableMissing { .. }));
+        f.slots.get_mut(SlotId::Agent).unwrap().state = ProcessState::Starting;
+        assert_eq!(refusal(&f, open()), ReloadError::AgentNotReady);
+    }
+}

@@ -377,3 +377,149 @@ fn finish(run: Run, slots: &Slots, actions: &mut Vec<Action>) {
         actions.push(Action::Reply(Reply::Reload(reply, result)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::supervisor::testing::{Fixture, kinds};
+
+    const SETTINGS: Settings =
+        Settings { parallelism: 1, start_timeout: Duration::from_secs(10), stop_timeout: Duration::from_secs(3) };
+    const OPEN: Gate = Gate { stopping: false, announced: true, running: None };
+
+    /// Carries out an `Action::Replace(id)` as the master does: the old
+    /// process aside, a new one starting.
+    fn replace(f: &mut Fixture, id: WorkerId) -> (ProcKey, u32) {
+        let slot = f.slots.get_mut(SlotId::Worker(id)).unwrap();
+        slot.previous = slot.proc.take();
+        let key = f.spawn(SlotId::Worker(id), 8);
+        (key, f.pid(key))
+    }
+
+    fn reply_of(actions: Vec<Action>) -> Result<ReloadReport, ReloadError> {
+        for a in actions {
+            if let Action::Reply(Reply::Reload(_, result)) = a {
+                return result;
+            }
+        }
+        panic!("no reply")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_replaced_one_by_one_and_each_old_worker_stops_only_once_its_successor_is_ready() {
+        let mut f = Fixture::ready(2);
+        let mut reload = Reload::default();
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(kinds(&reload.request(&f.slots, OPEN, Some(tx))), ["emit ReloadStarted", "advance Reload"]);
+        let mut replaced = Vec::new();
+        for id in 1..=2 {
+            assert_eq!(kinds(&reload.on_advance(&f.slots, SETTINGS)), [format!("replace {id}")]);
+            let old = f.key(SlotId::Worker(id));
+            let (new, pid) = replace(&mut f, id);
+            assert_eq!(kinds(&reload.on_launched(id, Ok((new, pid)))), ["advance Reload"]);
+            assert!(reload.on_advance(&f.slots, SETTINGS).is_empty(), "one slot at a time");
+            assert!(reload.is_starting(new));
+            let ready = reload.on_ready(&f.slots, new, SETTINGS).unwrap();
+            assert_eq!(
+                kinds(&ready),
+                [
+                    format!("stop {old:?} 3s"),
+                    format!("retire {old:?}"),
+                    "emit WorkerReplaced".into(),
+                    format!("after 3s DrainDeadline({old:?})"),
+                    "advance Reload".into(),
+                ]
+            );
+            f.slots.get_mut(SlotId::Worker(id)).unwrap().state = ProcessState::Ready;
+            assert!(reload.on_advance(&f.slots, SETTINGS).is_empty(), "the old one drains first");
+            f.exit(old);
+            assert_eq!(kinds(&reload.on_old_exited(old)), ["advance Reload"]);
+            replaced.push(pid);
+        }
+        let end = reload.on_advance(&f.slots, SETTINGS);
+        assert_eq!(kinds(&end), ["emit ReloadDone", "reply reload true"]);
+        let report = reply_of(end).unwrap();
+        assert_eq!(report.replaced.iter().map(|r| r.new_pid).collect::<Vec<_>>(), replaced);
+        assert_eq!(report.workers, replaced.iter().map(|p| Some(*p)).collect::<Vec<_>>());
+        assert!(reload.running().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_exiting_before_it_is_ready_rolls_its_slot_back_and_fails_the_reload() {
+        let mut f = Fixture::ready(2);
+        let mut reload = Reload::default();
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(&f.slots, OPEN, Some(tx));
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let (new, pid) = replace(&mut f, 1);
+        let _ = reload.on_launched(1, Ok((new, pid)));
+        f.exit(new);
+        let exit = ExitReason::Code(IPC_MISMATCH_EXIT);
+        let actions = reload.on_new_exited(&f.slots, new, exit, false, SETTINGS, false);
+        assert_eq!(kinds(&actions), ["restore worker 1", "advance Reload"], "the old one is still there: no restart");
+        let slot = f.slots.get_mut(SlotId::Worker(1)).unwrap();
+        slot.proc = slot.previous.take();
+        let end = reload.on_advance(&f.slots, SETTINGS);
+        assert_eq!(kinds(&end), ["emit ReloadFailed", "reply reload false"], "worker 2 is left alone");
+        match reply_of(end) {
+            Err(ReloadError::Failed { reason, replaced }) => {
+                assert!(reason.contains("another IPC version"), "{reason}");
+                assert!(replaced.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_spawn_puts_the_old_worker_back() {
+        let mut f = Fixture::ready(1);
+        let mut reload = Reload::default();
+        let _ = reload.request(&f.slots, OPEN, None);
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let actions = reload.on_launched(1, Err("no memory".into()));
+        assert_eq!(kinds(&actions), ["restore worker 1", "advance Reload"]);
+        assert_eq!(kinds(&reload.on_advance(&f.slots, SETTINGS)), ["emit ReloadFailed"], "SIGHUP: no one to answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_missing_its_deadline_is_stopped_gracefully_not_killed() {
+        let mut f = Fixture::ready(1);
+        let mut reload = Reload::default();
+        let _ = reload.request(&f.slots, OPEN, None);
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let (new, pid) = replace(&mut f, 1);
+        let _ = reload.on_launched(1, Ok((new, pid)));
+        let old = f.slots.get(SlotId::Worker(1)).unwrap().previous.as_ref().unwrap().key;
+        assert!(reload.on_start_timeout(&f.slots, old, SETTINGS).is_none(), "not a replacement");
+        assert_eq!(
+            kinds(&reload.on_start_timeout(&f.slots, new, SETTINGS).unwrap()),
+            [
+                format!("timed out {new:?}"),
+                format!("stop {new:?} 3s"),
+                format!("retire {new:?}"),
+                "emit StartFailed".into(),
+                format!("after 3s DrainDeadline({new:?})"),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_is_refused_while_stopping_while_another_runs_and_before_cluster_ready() {
+        let f = Fixture::ready(1);
+        let mut reload = Reload::default();
+        let refusal = |reload: &mut Reload, gate| {
+            let (tx, _rx) = oneshot::channel();
+            reply_of(reload.request(&f.slots, gate, Some(tx))).unwrap_err()
+        };
+        assert_eq!(refusal(&mut reload, Gate { stopping: true, ..OPEN }), ReloadError::ShuttingDown);
+        assert_eq!(refusal(&mut reload, Gate { announced: false, ..OPEN }), ReloadError::NotReady);
+        let agent = Gate { running: Some(ReplaceReason::AgentReload), ..OPEN };
+        assert_eq!(refusal(&mut reload, agent), ReloadError::InProgress { running: ReplaceReason::AgentReload });
+        let _ = reload.replace_over_memory(1);
+        assert_eq!(refusal(&mut reload, OPEN), ReloadError::InProgress { running: ReplaceReason::MaxMemory });
+        assert!(reload.abort().is_empty(), "a memory replacement has no one to answer");
+        assert!(reload.running().is_none());
+    }
+}
