@@ -474,7 +474,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_spawn_puts_the_old_worker_back() {
-        let mut f = Fixture::ready(1);
+        let f = Fixture::ready(1);
         let mut reload = Reload::default();
         let _ = reload.request(&f.slots, OPEN, None);
         let _ = reload.on_advance(&f.slots, SETTINGS);
