@@ -40,8 +40,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster_control::{AgentReloadReport, ReloadError, ReplaceReason};
 use crate::lifecycle::{Action, AgentReloadReply, Reply, Timer};
+use crate::reload_handle::{AgentReloadReport, ReloadError, ReplaceReason};
 use crate::spawn::IPC_MISMATCH_EXIT;
 use crate::status::ProcessState;
 use crate::supervisor::Slot;

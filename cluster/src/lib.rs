@@ -104,7 +104,6 @@ mod builder;
 mod child;
 mod child_core;
 mod child_io;
-mod cluster_control;
 mod config;
 pub mod control;
 mod descriptors;
@@ -124,6 +123,7 @@ mod metrics;
 mod metrics_endpoint;
 mod process;
 mod reload;
+mod reload_handle;
 mod round_robin;
 mod router;
 mod runtime_dir;
@@ -140,9 +140,6 @@ mod worker;
 pub use agent::{AgentContext, AgentReady};
 pub use backoff::RestartPolicy;
 pub use builder::{Builder, Cluster};
-pub use cluster_control::{
-    AgentReloadReport, ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker,
-};
 pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};
 pub use events::{ClusterEvent, Events};
@@ -151,6 +148,7 @@ pub use listeners::{LISTEN_BACKLOG, ListenAddr, Listener, ListenerInfo, Listener
 pub use master_context::MasterContext;
 pub use messenger::{Message, Messenger, Subscription, decode, encode};
 pub use process::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
+pub use reload_handle::{AgentReloadReport, ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 pub use round_robin::{BACKLOG as ROUND_ROBIN_BACKLOG, MAX_UNACKED, RoundRobinListener};
 pub use status::{ProcessState, StatusRow, StatusTable};
 pub use trace::{init_tracing, init_tracing_with_default};

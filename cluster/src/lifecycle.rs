@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::cluster_control::{AgentReloadReport, ReloadError, ReloadReport};
+use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport};
 use crate::status::ProcessState;
 use crate::types::{ProcKey, SlotId};
 use crate::{ClusterEvent, WorkerId};

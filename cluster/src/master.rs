@@ -29,7 +29,6 @@ mod operations;
 use crate::agent_reload::AgentReload;
 use crate::app::MasterFn;
 use crate::child_io::Input;
-use crate::cluster_control::{ClusterControl, ControlCall};
 use crate::control::{ControlServer, ControlStats, MasterHandle, OpsCall};
 use crate::events::Events;
 use crate::ipc::{Delivery, FromChild, Outcome};
@@ -39,6 +38,7 @@ use crate::master_context::MasterContext;
 use crate::memory::MemoryLimits;
 use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
 use crate::reload::Reload;
+use crate::reload_handle::{ClusterControl, ControlCall};
 use crate::round_robin::{Cmd as RrCmd, RoundRobin};
 use crate::router::{Action as Route, Peers, Responder, Router};
 use crate::runtime_dir::{RuntimeDir, new_token};
@@ -197,7 +197,7 @@ impl Master {
         let (input_tx, input) = mpsc::channel(INPUT_CAPACITY);
         let (local_tx, local) = mpsc::channel(LOCAL_CAPACITY);
         let (events, first_events) = broadcast::channel(EVENTS_CAPACITY);
-        let (control_tx, control_rx) = mpsc::channel(crate::cluster_control::CONTROL_CALLS_CAPACITY);
+        let (control_tx, control_rx) = mpsc::channel(crate::reload_handle::CONTROL_CALLS_CAPACITY);
         let port = Arc::new(Port {
             me: Sender::Master { pid },
             inbox: Inbox::new(config.subscription_capacity),

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster_control::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 use crate::lifecycle::{Action, Machine, ReloadReply, Reply, Timer};
+use crate::reload_handle::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 use crate::spawn::IPC_MISMATCH_EXIT;
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
