@@ -40,12 +40,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, AgentReloadReply, Reply, Timer};
 use crate::reload_handle::{AgentReloadReport, ReloadError, ReplaceReason};
 use crate::spawn::IPC_MISMATCH_EXIT;
 use crate::status::ProcessState;
 use crate::supervisor::Slot;
-use crate::types::{ProcKey, SlotId};
 use crate::{ClusterEvent, ExitReason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,10 +14,10 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::identity::ProcKey;
 use crate::ipc::{FromChild, MasterCodec, ToChild};
 use crate::listeners::BoundListeners;
 use crate::round_robin::RoundRobin;
-use crate::types::ProcKey;
 use crate::{BoxError, WorkerId};
 
 /// Frames written to a child per flush after the first.
@@ -164,7 +164,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::types::SlotId;
+    use crate::identity::SlotId;
 
     const TEST_TIMEOUT: Duration = Duration::from_secs(10);
 

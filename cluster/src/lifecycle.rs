@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::identity::{ProcKey, SlotId};
 use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport};
 use crate::status::ProcessState;
-use crate::types::{ProcKey, SlotId};
 use crate::{ClusterEvent, WorkerId};
 
 /// Something a lifecycle machine asks the master to do.

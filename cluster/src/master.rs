@@ -31,12 +31,13 @@ use crate::app::MasterFn;
 use crate::child_io::Input;
 use crate::control::{ControlServer, ControlStats, MasterHandle, OpsCall};
 use crate::events::Events;
+use crate::identity::{AgentInfo, Origin, ProcKey, SlotId};
 use crate::ipc::{Delivery, FromChild, Outcome};
 use crate::lifecycle::Timer;
 use crate::listeners::BoundListeners;
 use crate::master_context::MasterContext;
 use crate::memory::MemoryLimits;
-use crate::messenger::{Inbox, LocalCall, Messenger, Port, Transport};
+use crate::messenger::{Endpoint, Inbox, LocalCall, Messenger, Transport};
 use crate::reload::Reload;
 use crate::reload_handle::{ClusterControl, ControlCall};
 use crate::round_robin::{Cmd as RrCmd, RoundRobin};
@@ -47,7 +48,6 @@ use crate::spawn::Program;
 use crate::stop::{Graces, StopSequence};
 use crate::supervisor::{Proc, Slots};
 use crate::timers::TimerQueue;
-use crate::types::{AgentInfo, ProcKey, Sender, SlotId};
 use crate::{BoxError, ClusterEvent, Config, Error, WorkerId};
 
 /// Inputs queued for the loop (bounded: readers wait when it is full, which
@@ -149,7 +149,7 @@ pub(crate) struct Master {
     /// Every deadline of the master, in one queue polled by the loop.
     timers: TimerQueue<Timer>,
     router: Router,
-    port: Arc<Port>,
+    endpoint: Arc<Endpoint>,
     inbound: Inbound,
     outbound: Outbound,
     lifetime: Lifetime,
@@ -198,8 +198,8 @@ impl Master {
         let (local_tx, local) = mpsc::channel(LOCAL_CAPACITY);
         let (events, first_events) = broadcast::channel(EVENTS_CAPACITY);
         let (control_tx, control_rx) = mpsc::channel(crate::reload_handle::CONTROL_CALLS_CAPACITY);
-        let port = Arc::new(Port {
-            me: Sender::Master { pid },
+        let endpoint = Arc::new(Endpoint {
+            me: Origin::Master { pid },
             inbox: Inbox::new(config.subscription_capacity),
             transport: Transport::Master(local_tx),
         });
@@ -223,7 +223,7 @@ impl Master {
             memory: MemoryLimits::default(),
             timers: TimerQueue::default(),
             router: Router::default(),
-            port,
+            endpoint,
             inbound: Inbound { input_tx, input, local, control_tx, control: control_rx, ops_tx, ops },
             outbound: Outbound { events, first_events: Some(first_events), stats: Arc::new(ControlStats::default()) },
             lifetime: Lifetime {
@@ -241,7 +241,7 @@ impl Master {
         let handle = MasterHandle {
             calls: self.inbound.ops_tx.clone(),
             reload: self.control(),
-            messenger: Messenger::new(Arc::clone(&self.port)),
+            messenger: Messenger::new(Arc::clone(&self.endpoint)),
             stats: Arc::clone(&self.outbound.stats),
         };
         let metrics_addr = match self.setup.config.metrics {
@@ -304,7 +304,7 @@ impl Master {
             self.print_status();
         }
         tracing::debug!("all children exited; master exiting");
-        self.port.inbox.close();
+        self.endpoint.inbox.close();
         self.lifetime.cancel.cancel();
         self.lifetime.tasks.close();
         match self.hook_error.take() {
@@ -327,7 +327,7 @@ impl Master {
             self.setup.pid,
             self.setup.dir.path().to_owned(),
             self.setup.token.clone(),
-            Messenger::new(Arc::clone(&self.port)),
+            Messenger::new(Arc::clone(&self.endpoint)),
             events,
             self.outbound.events.subscribe(),
             self.lifetime.shutdown_requested.clone(),
@@ -466,7 +466,7 @@ impl Master {
     fn on_local(&mut self, call: LocalCall) {
         match call {
             LocalCall::Op { op, reply } => {
-                let origin = Sender::Master { pid: self.setup.pid };
+                let origin = Origin::Master { pid: self.setup.pid };
                 self.route(|router, peers| {
                     router.on_op(peers, Instant::now(), origin, None, op, Responder::Local(reply))
                 });
@@ -506,7 +506,7 @@ impl Master {
             // Err: the caller gave up.
             Route::Answer { reply, outcome } => drop(reply.send(outcome)),
             Route::Deliver(Delivery { topic, payload, from, request }) => {
-                self.port.deliver(topic, from, payload, request)
+                self.endpoint.deliver(topic, from, payload, request)
             }
             Route::Status(responder) => {
                 let answer = responder.answer(Outcome::Status(self.status_table()));

@@ -16,10 +16,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backoff::Restart;
+use crate::identity::SlotId;
 use crate::lifecycle::{Action, Timer};
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
-use crate::types::SlotId;
 use crate::{ClusterEvent, Role, WorkerId};
 
 /// The limits, and what else runs that a sample must not disturb.

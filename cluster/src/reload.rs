@@ -28,12 +28,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, Machine, ReloadReply, Reply, Timer};
 use crate::reload_handle::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 use crate::spawn::IPC_MISMATCH_EXIT;
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
-use crate::types::{ProcKey, SlotId};
 use crate::{ClusterEvent, ExitReason, StartFailure, WorkerId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -41,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::fdpass::FdChannel;
-use crate::types::ProcKey;
+use crate::identity::ProcKey;
 
 /// Connections a worker may hold unacknowledged before it is skipped.
 pub const MAX_UNACKED: usize = 64;

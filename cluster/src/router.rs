@@ -28,10 +28,10 @@ use tandem_protocol::{Expires, PendingTable, RemoteError};
 use tokio::sync::oneshot;
 use tokio::time::{Duration, Instant};
 
+use crate::identity::{LinkId, Origin, ProcKey, SlotId, Target};
 use crate::ipc::{Delivery, Op, Outcome, Refusal, ToChild};
 use crate::status::ProcessState;
 use crate::supervisor::{Proc, Slot, Slots};
-use crate::types::{LinkId, ProcKey, Sender, SlotId, Target};
 use crate::{Role, WorkerId};
 
 /// Where the answer to an operation goes.
@@ -271,7 +271,7 @@ impl Router {
         &mut self,
         peers: Peers<'_>,
         now: Instant,
-        origin: Sender,
+        origin: Origin,
         key: Option<ProcKey>,
         op: Op,
         responder: Responder,
@@ -323,7 +323,7 @@ impl Router {
     fn route_send(
         plan: &mut Plan,
         peers: Peers<'_>,
-        from: Sender,
+        from: Origin,
         origin: Option<ProcKey>,
         to: Target,
         topic: String,
@@ -369,7 +369,7 @@ impl Router {
         plan: &mut Plan,
         peers: Peers<'_>,
         now: Instant,
-        from: Sender,
+        from: Origin,
         origin: Option<ProcKey>,
         to: Target,
         topic: String,

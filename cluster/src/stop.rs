@@ -15,10 +15,10 @@
 
 use std::time::Duration;
 
+use crate::identity::SlotId;
 use crate::lifecycle::{Action, Timer};
 use crate::status::ProcessState;
 use crate::supervisor::{Slot, Slots};
-use crate::types::SlotId;
 use crate::{ClusterEvent, Role};
 
 /// How long the master waits for SIGKILLed processes to be reaped before giving up on them.

@@ -20,11 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::backoff::{Backoff, Restart};
+use crate::identity::{Origin, ProcKey, SlotId};
 use crate::ipc::ToChild;
 use crate::lifecycle::{Action, Timer};
 use crate::liveness::Liveness;
 use crate::status::{ProcessState, StatusRow, rss_bytes};
-use crate::types::{ProcKey, Sender, SlotId};
 use crate::{ClusterEvent, ProcessRef, RestartPolicy, Role, WorkerId};
 
 /// A running child process, as the master holds it.
@@ -84,10 +84,10 @@ impl Proc {
     }
 
     /// How receivers see messages from this process.
-    pub(crate) fn sender(&self) -> Sender {
+    pub(crate) fn sender(&self) -> Origin {
         match self.key.slot {
-            SlotId::Agent => Sender::Agent { pid: self.pid, epoch: self.epoch },
-            SlotId::Worker(id) => Sender::Worker { id, pid: self.pid },
+            SlotId::Agent => Origin::Agent { pid: self.pid, epoch: self.epoch },
+            SlotId::Worker(id) => Origin::Worker { id, pid: self.pid },
         }
     }
 

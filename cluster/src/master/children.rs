@@ -12,13 +12,13 @@ use tracing::Instrument;
 
 use super::Master;
 use crate::child_io::{read_from_child, send_listeners, wait_for_child, write_to_child};
+use crate::identity::{AgentInfo, ProcKey, SlotId};
 use crate::ipc::{Init, Ready, ToChild};
 use crate::lifecycle::Timer;
 use crate::liveness::{Liveness, Verdict};
 use crate::round_robin::Cmd as RrCmd;
 use crate::status::ProcessState;
 use crate::supervisor::{Proc, Slot};
-use crate::types::{AgentInfo, ProcKey, SlotId};
 use crate::{ClusterEvent, ExitReason, ProcessRef, Role, StartFailure};
 
 /// Control messages per child: more than `MAX_OUTSTANDING_OPS` outcomes plus lifecycle messages.

@@ -8,12 +8,12 @@ use std::collections::VecDeque;
 use tokio::time::Instant;
 
 use super::{MEMORY_SAMPLE_EVERY, Master, PRUNE_EVERY};
+use crate::identity::{ProcKey, SlotId};
 use crate::ipc::ToChild;
 use crate::lifecycle::{Action, AgentReloadReply, Machine, ReloadReply, Timer, grace_ms};
 use crate::reload_handle::ReplaceReason;
 use crate::round_robin::Cmd as RrCmd;
 use crate::status::{ProcessState, rss_bytes};
-use crate::types::{ProcKey, SlotId};
 use crate::{ClusterEvent, StartFailure, WorkerId};
 
 impl Master {

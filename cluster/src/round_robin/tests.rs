@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::fdpass;
-use crate::types::SlotId;
+use crate::identity::SlotId;
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -27,7 +27,7 @@ impl Fixture {
         self.inner.key(SlotId::Agent)
     }
 
-    fn agent_sender(&self) -> Sender {
+    fn agent_sender(&self) -> Origin {
         self.slot(SlotId::Agent).proc.as_ref().unwrap().sender()
     }
 
@@ -39,7 +39,7 @@ impl Fixture {
         self.slot(SlotId::Worker(id)).proc.as_ref().unwrap().pid
     }
 
-    fn worker_sender(&self, id: WorkerId) -> Sender {
+    fn worker_sender(&self, id: WorkerId) -> Origin {
         self.slot(SlotId::Worker(id)).proc.as_ref().unwrap().sender()
     }
 
@@ -61,7 +61,7 @@ fn request(to: Target, deadline_ms: u64) -> Op {
     Op::Request { to, topic: "ping".into(), payload: Bytes::from_static(b"?"), deadline_ms }
 }
 
-const MASTER: Sender = Sender::Master { pid: 1 };
+const MASTER: Origin = Origin::Master { pid: 1 };
 
 /// The request id of the delivery in `action`, which must be one to `to`.
 fn delivered_request(action: &Action, to: ProcKey) -> u64 {
