@@ -59,7 +59,7 @@ pub enum ControlError {
         source: io::Error,
     },
     /// The master is serving its limit of control connections
-    /// ([`MAX_CONNECTIONS`]) and refused this one: try again.
+    /// ([`MAX_CONNECTIONS`](super::MAX_CONNECTIONS)) and refused this one: try again.
     #[error("{0}")]
     Busy(String),
     /// The master refused or failed the command.

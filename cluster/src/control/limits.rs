@@ -20,11 +20,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// An answer not taken by the client (written whole to the socket) within
 /// this long closes the connection and frees its slot: 5 seconds.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long [`list`] waits for each master's `info` (they are asked at the
+/// How long [`list`](super::list) waits for each master's `info` (they are asked at the
 /// same time): 2 seconds. One that has not answered by then is listed as
 /// `not answering`.
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(2);
-/// [`Response::code`] of the refusal a connection over [`MAX_CONNECTIONS`] gets.
+/// [`Response::code`](super::Response::code) of the refusal a connection over [`MAX_CONNECTIONS`] gets.
 pub const CODE_TOO_MANY_CONNECTIONS: &str = "too_many_connections";
 /// How long a client whose request could not be sent (the master closed the
 /// connection first) still waits for the line the master left: 2 seconds.

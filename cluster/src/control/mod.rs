@@ -11,7 +11,7 @@
 //! **One master per name.** The master holds an exclusive `flock` on
 //! `<name>/lock` for its whole life and writes its pid to `<name>/master.pid`.
 //! A second master given the same name ([`Builder::name`](crate::Builder::name))
-//! fails with [`Error::NameInUse`]; without an explicit name, a taken default
+//! fails with [`Error::NameInUse`](crate::Error::NameInUse); without an explicit name, a taken default
 //! becomes `<name>-2`, `<name>-3`, ... (logged at INFO). A
 //! `control.sock` left behind by a master that died (the lock is free) is
 //! removed and taken over.

@@ -21,10 +21,10 @@ pub enum Request {
     Status,
     /// The agent's report (for a tandem agent, the Leader's introspection).
     Leader,
-    /// Replace the workers one by one, each after its successor is ready: [`ReloadReport`].
+    /// Replace the workers one by one, each after its successor is ready: [`ReloadReport`](crate::ReloadReport).
     Reload,
     /// Replace the agent (stop it, start a new one with a higher epoch; the
-    /// workers fail over to its Leader): [`AgentReloadReport`].
+    /// workers fail over to its Leader): [`AgentReloadReport`](crate::AgentReloadReport).
     ReloadAgent,
     /// Stop gracefully: [`StopReport`].
     Stop,
