@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backoff::Restart;
 use crate::identity::SlotId;
 use crate::lifecycle::{Action, Timer};
+use crate::restart::Restart;
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
 use crate::{ClusterEvent, Role, WorkerId};
@@ -116,7 +116,7 @@ impl MemoryLimits {
                 }
                 self.due.remove(&id);
             } else {
-                let (delay, failures) = match w.backoff.exited() {
+                let (delay, failures) = match w.crash_loop.exited() {
                     Restart::After { failures, .. } if failures <= 1 => (Duration::ZERO, failures),
                     Restart::After { delay, failures } => (delay, failures),
                     Restart::Failed { retry_after, failures } => (retry_after, failures),

@@ -19,11 +19,11 @@ use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backoff::{Backoff, Restart};
 use crate::identity::{Origin, ProcKey, SlotId};
 use crate::ipc::ToChild;
 use crate::lifecycle::{Action, Timer};
 use crate::liveness::Liveness;
+use crate::restart::{CrashLoop, Restart};
 use crate::status::{ProcessState, StatusRow, rss_bytes};
 use crate::{ClusterEvent, ProcessRef, RestartPolicy, Role, WorkerId};
 
@@ -106,7 +106,7 @@ impl Proc {
 pub(crate) struct Slot {
     pub id: SlotId,
     pub state: ProcessState,
-    pub backoff: Backoff,
+    pub crash_loop: CrashLoop,
     /// Processes started after the first one.
     pub restarts: u32,
     pub proc: Option<Proc>,
@@ -127,7 +127,7 @@ impl Slot {
         Slot {
             id,
             state: ProcessState::Pending,
-            backoff: Backoff::new(policy),
+            crash_loop: CrashLoop::new(policy),
             restarts: 0,
             proc: None,
             ever_ready: false,
@@ -153,7 +153,7 @@ impl Slot {
     /// The process died (outside shutdown): decide its restart and move to
     /// `BackingOff` or `Failed`. Returns the decision and the timer id to arm.
     pub(crate) fn died(&mut self) -> (Restart, u64) {
-        let decision = self.backoff.exited();
+        let decision = self.crash_loop.exited();
         self.state = match decision {
             Restart::After { .. } => ProcessState::BackingOff,
             Restart::Failed { .. } => ProcessState::Failed,
@@ -315,7 +315,7 @@ mod tests {
         let mut slot = Slot::new(SlotId::Worker(1), policy);
         let mut seen = Vec::new();
         for _ in 0..3 {
-            slot.backoff.spawned();
+            slot.crash_loop.spawned();
             seen.push(testing::kinds(&slot.on_died()));
             seen.push(vec![slot.state.to_string()]);
         }

@@ -108,7 +108,7 @@ impl Master {
         if let Some(s) = self.slots.get_mut(slot) {
             s.proc = Some(proc);
             s.state = ProcessState::Starting;
-            s.backoff.spawned();
+            s.crash_loop.spawned();
             let transient = std::mem::take(&mut s.transient_failures);
             if transient > 0 {
                 tracing::info!(%slot, pid, failed_attempts = transient, "spawned again: the resources freed");
@@ -211,7 +211,7 @@ impl Master {
         match (key.slot, ready) {
             (SlotId::Agent, Ready::Agent { socket }) => {
                 slot.state = ProcessState::Ready;
-                slot.backoff.ready();
+                slot.crash_loop.ready();
                 let restarted = std::mem::replace(&mut slot.ever_ready, true);
                 let Some(proc) = slot.proc.as_mut() else { return };
                 proc.liveness = watch;
@@ -242,7 +242,7 @@ impl Master {
             }
             (SlotId::Worker(id), Ready::Worker) => {
                 slot.state = ProcessState::Ready;
-                slot.backoff.ready();
+                slot.crash_loop.ready();
                 let replacing = slot.previous.is_some();
                 let restarted = std::mem::replace(&mut slot.ever_ready, true) && !replacing;
                 let Some(proc) = slot.proc.as_mut() else { return };
