@@ -21,7 +21,10 @@ use crate::status::ProcessState;
 use crate::supervisor::{Proc, Slot};
 use crate::{ClusterEvent, ExitReason, ProcessRef, Role, StartFailure};
 
-/// Control messages per child: more than `MAX_OUTSTANDING_OPS` outcomes plus lifecycle messages.
+/// Control messages per child: more than `MAX_OUTSTANDING_OPS` outcomes plus
+/// lifecycle messages. Full: the child is not reading; a message is dropped
+/// and logged ([`Proc::control`]). The data queue (`Config::queue_capacity`)
+/// is never found full: the router checks its room first.
 const CONTROL_CAPACITY: usize = crate::messenger::MAX_OUTSTANDING_OPS + 64;
 
 impl Master {
