@@ -260,12 +260,15 @@ impl Master {
         let first = !self.stop.is_stopping();
         let mut actions = self.stop.begin(&self.slots, self.graces());
         if first {
+            // In this order: the `ShutdownStarted` event, the stop token, the
+            // reloads in progress ended (answered), then the workers stopped.
+            let rest = actions.split_off(actions.len().min(1));
+            self.apply(actions);
             self.lifetime.stopping.cancel();
-            // After the `ShutdownStarted` event: the reloads in progress end, answered.
             let mut aborted = self.reload.abort();
             aborted.extend(self.agent_reload.abort());
-            let at = actions.len().min(1);
-            actions.splice(at..at, aborted);
+            self.apply(aborted);
+            actions = rest;
         }
         self.apply(actions);
     }
