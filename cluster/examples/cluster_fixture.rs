@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use tandem_cluster::{
     AgentContext, AgentReady, BoxError, Cluster, ClusterEvent, Config, Events, FrameLink, MasterContext, Messenger,
-    RestartPolicy, Sender, Target, WorkerContext,
+    Origin, RestartPolicy, Target, WorkerContext,
 };
 use tandem_protocol::Frame;
 
@@ -94,11 +94,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `master/<pid>`, `agent/<pid>`, `worker/<id>/<pid>`: how the fixture prints senders.
-fn who(sender: &Sender) -> String {
+fn who(sender: &Origin) -> String {
     match sender {
-        Sender::Master { pid } => format!("master/{pid}"),
-        Sender::Agent { pid, .. } => format!("agent/{pid}"),
-        Sender::Worker { id, pid } => format!("worker/{id}/{pid}"),
+        Origin::Master { pid } => format!("master/{pid}"),
+        Origin::Agent { pid, .. } => format!("agent/{pid}"),
+        Origin::Worker { id, pid } => format!("worker/{id}/{pid}"),
         other => format!("{other}"),
     }
 }

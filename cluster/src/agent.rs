@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::child_core::ChildCore;
+use crate::child_context::ChildContext;
 use crate::ipc::Ready;
 use crate::{Error, IncomingLink, Links, Messenger};
 
@@ -26,12 +26,12 @@ pub struct AgentReady {
 /// [`stop_token`](Self::stop_token) is cancelled, and returns.
 #[derive(Debug, Clone)]
 pub struct AgentContext {
-    core: Arc<ChildCore>,
+    core: Arc<ChildContext>,
     links: Arc<Mutex<Option<mpsc::Receiver<IncomingLink>>>>,
 }
 
 impl AgentContext {
-    pub(crate) fn new(core: Arc<ChildCore>, links: mpsc::Receiver<IncomingLink>) -> Self {
+    pub(crate) fn new(core: Arc<ChildContext>, links: mpsc::Receiver<IncomingLink>) -> Self {
         AgentContext { core, links: Arc::new(Mutex::new(Some(links))) }
     }
 

@@ -29,65 +29,114 @@
 //! `restarts`, as a reloaded worker does. The workers are not restarted. One
 //! reload at a time, the workers' and the agent's together: a request while
 //! one runs is refused with [`ReloadError::InProgress`].
+//!
+//! A state machine without I/O: the master tells it what happened (a request,
+//! the old agent's exit, the new one's spawn, ready report or exit) and
+//! carries out the [`Action`]s it returns.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::cluster_control::{AgentReloadReport, ReloadError, ReplaceReason};
-use crate::ipc::ToChild;
-use crate::master::{Master, Timer};
+use crate::identity::{ProcKey, SlotId};
+use crate::lifecycle::{Action, AgentReloadReply, Reply, Timer};
+use crate::reload_handle::{AgentReloadReport, ReloadError, ReplaceReason};
 use crate::spawn::IPC_MISMATCH_EXIT;
 use crate::status::ProcessState;
-use crate::supervisor::Proc;
-use crate::types::{ProcKey, SlotId};
+use crate::supervisor::Slot;
 use crate::{ClusterEvent, ExitReason};
-
-type Reply = oneshot::Sender<Result<AgentReloadReport, ReloadError>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// The old agent was asked to stop; the new one starts when it has exited.
     Stopping { old: ProcKey },
+    /// The new agent is being spawned.
+    Launching,
     /// The new agent is starting.
     Starting { new: ProcKey, new_pid: u32 },
 }
 
-/// A reload of the agent in progress.
 #[derive(Debug)]
-pub(crate) struct AgentReload {
+struct Running {
     phase: Phase,
     old_pid: u32,
     old_epoch: u64,
-    reply: Reply,
+    reply: AgentReloadReply,
     started: Instant,
 }
 
+/// What an agent reload needs to know of the rest of the master when asked for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gate {
+    pub stopping: bool,
+    pub announced: bool,
+    /// A replacement of the workers running.
+    pub running: Option<ReplaceReason>,
+    /// The agent was asked to stop for its memory limit.
+    pub memory_stop: bool,
+    /// The executable children start from.
+    pub exe: PathBuf,
+    /// Whether it is there and executable.
+    pub executable: bool,
+}
+
+/// The agent's reload: idle, or one in progress.
+#[derive(Debug, Default)]
+pub(crate) struct AgentReload {
+    running: Option<Running>,
+}
+
 /// Whether `path` is a file the master can start children from.
-fn executable(path: &Path) -> bool {
+pub(crate) fn executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-impl Master {
-    /// Starts a reload of the agent, or refuses it (answered at once).
-    pub(crate) fn request_agent_reload(&mut self, reply: Reply) {
-        if let Err(e) = self.agent_reload_allowed() {
+impl AgentReload {
+    pub(crate) fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// A reload of the agent asked for: stop the agent (its successor starts
+    /// once it has exited), or refuse (answered at once).
+    pub(crate) fn request(
+        &mut self,
+        agent: &Slot,
+        gate: Gate,
+        grace: Duration,
+        reply: AgentReloadReply,
+    ) -> Vec<Action> {
+        let allowed = if gate.stopping {
+            Err(ReloadError::ShuttingDown)
+        } else if let Some(running) = gate.running.or(self.running.as_ref().map(|_| ReplaceReason::AgentReload)) {
+            Err(ReloadError::InProgress { running })
+        } else if gate.memory_stop {
+            Err(ReloadError::InProgress { running: ReplaceReason::MaxMemory })
+        } else if !gate.announced {
+            Err(ReloadError::NotReady)
+        } else if agent.state != ProcessState::Ready || agent.proc.is_none() {
+            Err(ReloadError::AgentNotReady)
+        } else if !gate.executable {
+            Err(ReloadError::ExecutableMissing { path: gate.exe })
+        } else {
+            Ok(())
+        };
+        let mut actions = Vec::new();
+        if let Err(e) = allowed {
             tracing::warn!(error = %e, "agent reload refused");
             if matches!(e, ReloadError::InProgress { .. } | ReloadError::ExecutableMissing { .. }) {
-                self.emit(ClusterEvent::ReloadFailed { reason: e.to_string() });
+                actions.push(Action::Emit(ClusterEvent::ReloadFailed { reason: e.to_string() }));
             }
-            let _ = reply.send(Err(e));
-            return;
+            actions.push(Action::Reply(Reply::AgentReload(reply, Err(e))));
+            return actions;
         }
-        let Some(old) = self.agent.proc.as_ref() else { return };
+        let Some(old) = agent.proc.as_ref() else { return actions };
         let (key, pid, epoch) = (old.key, old.pid, old.epoch);
-        let grace = self.config.agent_stop_timeout;
-        old.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
+        actions.push(Action::Stop { to: key, grace });
         // Requests to the agent are still routed while it stops; new links are refused.
-        self.agent.state = ProcessState::Stopping;
-        self.agent_reload = Some(AgentReload {
+        actions.push(Action::SetState(agent.id, ProcessState::Stopping));
+        self.running = Some(Running {
             phase: Phase::Stopping { old: key },
             old_pid: pid,
             old_epoch: epoch,
@@ -95,99 +144,197 @@ impl Master {
             started: Instant::now(),
         });
         tracing::info!(pid, epoch, "agent reload: stopping the agent; its successor starts once it has exited");
-        self.emit(ClusterEvent::AgentReloadStarted { pid, epoch });
-        self.after(grace, Timer::AgentStopDeadline(key));
+        actions.push(Action::Emit(ClusterEvent::AgentReloadStarted { pid, epoch }));
+        actions.push(Action::After(grace, Timer::AgentStopDeadline(key)));
+        actions
     }
 
-    fn agent_reload_allowed(&self) -> Result<(), ReloadError> {
-        if self.stopping.is_some() {
-            return Err(ReloadError::ShuttingDown);
-        }
-        if let Some(running) = self.replacement_running() {
-            return Err(ReloadError::InProgress { running });
-        }
-        if self.agent_memory_stop {
-            return Err(ReloadError::InProgress { running: ReplaceReason::MaxMemory });
-        }
-        if !self.announced {
-            return Err(ReloadError::NotReady);
-        }
-        if self.agent.state != ProcessState::Ready || self.agent.proc.is_none() {
-            return Err(ReloadError::AgentNotReady);
-        }
-        if !executable(&self.program.exe) {
-            return Err(ReloadError::ExecutableMissing { path: self.program.exe.clone() });
-        }
-        Ok(())
-    }
-
-    /// An agent exited (and is out of its slot). If it is the old agent of a
-    /// reload, its successor is started now and this returns true. If it is
-    /// the successor, not ready yet, the reload fails and this returns false:
-    /// the caller restarts the slot with backoff, as after any crash.
-    pub(crate) fn agent_reload_exited(&mut self, proc: &Proc, exit: ExitReason) -> bool {
-        let Some(reload) = self.agent_reload.as_ref() else { return false };
-        match reload.phase {
-            Phase::Stopping { old } if old == proc.key => match self.launch(SlotId::Agent) {
-                Ok(()) => {
-                    // The status table's `restarts` counts every new process of the slot.
-                    self.agent.restarts += 1;
-                    let Some(new) = self.agent.proc.as_ref() else { return true };
-                    let (new_key, new_pid, epoch) = (new.key, new.pid, new.epoch);
-                    tracing::info!(old = proc.pid, new = new_pid, epoch, "agent reload: new agent started");
-                    if let Some(reload) = self.agent_reload.as_mut() {
-                        reload.phase = Phase::Starting { new: new_key, new_pid };
-                    }
-                    true
-                }
-                Err(e) => {
-                    self.fail_agent_reload(format!("could not spawn the new agent: {e}"));
-                    false
-                }
-            },
-            Phase::Starting { new, new_pid } if new == proc.key => {
-                let why = if proc.timed_out {
-                    format!("was not ready within {:?}", self.config.agent_start_timeout)
+    /// An agent exited (the master took it out of its slot). The old agent of
+    /// a reload: its successor is spawned now. Its successor, not ready yet:
+    /// the reload fails and the slot restarts with backoff, as after any crash.
+    /// `None`: neither (the master restarts the slot as usual).
+    pub(crate) fn on_exited(
+        &mut self,
+        key: ProcKey,
+        exit: ExitReason,
+        timed_out: bool,
+        start_timeout: Duration,
+    ) -> Option<Vec<Action>> {
+        let running = self.running.as_mut()?;
+        match running.phase {
+            Phase::Stopping { old } if old == key => {
+                running.phase = Phase::Launching;
+                Some(vec![Action::Relaunch(key.slot)])
+            }
+            Phase::Starting { new, new_pid } if new == key => {
+                let why = if timed_out {
+                    format!("was not ready within {start_timeout:?}")
                 } else if exit == ExitReason::Code(IPC_MISMATCH_EXIT) {
                     format!("{exit} before it was ready: the executable on disk speaks another IPC version")
                 } else {
                     format!("{exit} before it was ready")
                 };
-                self.fail_agent_reload(format!("new agent {new_pid} {why}"));
-                false
+                let mut actions = self.fail(format!("new agent {new_pid} {why}"));
+                actions.push(Action::Restart(key.slot));
+                Some(actions)
             }
-            _ => false,
+            _ => None,
         }
     }
 
-    /// An agent reported ready: if it is a reload's new agent, the reload is done.
-    pub(crate) fn agent_reload_ready(&mut self, key: ProcKey) {
-        let Some(reload) = self.agent_reload.take_if(|r| matches!(r.phase, Phase::Starting { new, .. } if new == key))
-        else {
-            return;
-        };
-        let Phase::Starting { new_pid, .. } = reload.phase else { return };
-        let epoch = self.agent.proc.as_ref().map_or(0, |p| p.epoch);
-        let took = reload.started.elapsed();
-        tracing::info!(old = reload.old_pid, new = new_pid, epoch, ?took, "agent reloaded");
-        self.emit(ClusterEvent::AgentReloaded { old: reload.old_pid, new: new_pid, epoch });
-        let report = AgentReloadReport { old_pid: reload.old_pid, old_epoch: reload.old_epoch, new_pid, epoch, took };
-        // Err: the caller gave up waiting.
-        let _ = reload.reply.send(Ok(report));
+    /// The outcome of an [`Action::Relaunch`]: the new agent's key and pid, or
+    /// why it could not be spawned (the slot then restarts with backoff).
+    pub(crate) fn on_launched(&mut self, outcome: Result<(ProcKey, u32), String>, slot: SlotId) -> Vec<Action> {
+        let Some(running) = self.running.as_mut().filter(|r| r.phase == Phase::Launching) else { return Vec::new() };
+        match outcome {
+            Ok((new, new_pid)) => {
+                tracing::info!(old = running.old_pid, new = new_pid, "agent reload: new agent started");
+                running.phase = Phase::Starting { new, new_pid };
+                Vec::new()
+            }
+            Err(e) => {
+                let mut actions = self.fail(format!("could not spawn the new agent: {e}"));
+                actions.push(Action::Restart(slot));
+                actions
+            }
+        }
     }
 
-    fn fail_agent_reload(&mut self, reason: String) {
-        let Some(reload) = self.agent_reload.take() else { return };
-        let e = ReloadError::AgentFailed { reason, old_pid: reload.old_pid };
+    /// An agent reported ready: if it is the reload's new agent, the reload is done.
+    pub(crate) fn on_ready(&mut self, key: ProcKey, epoch: u64) -> Vec<Action> {
+        let Some(running) = self.running.take_if(|r| matches!(r.phase, Phase::Starting { new, .. } if new == key))
+        else {
+            return Vec::new();
+        };
+        let Phase::Starting { new_pid, .. } = running.phase else { return Vec::new() };
+        let took = running.started.elapsed();
+        tracing::info!(old = running.old_pid, new = new_pid, epoch, ?took, "agent reloaded");
+        let report = AgentReloadReport { old_pid: running.old_pid, old_epoch: running.old_epoch, new_pid, epoch, took };
+        vec![
+            Action::Emit(ClusterEvent::AgentReloaded { old: running.old_pid, new: new_pid, epoch }),
+            Action::Reply(Reply::AgentReload(running.reply, Ok(report))),
+        ]
+    }
+
+    fn fail(&mut self, reason: String) -> Vec<Action> {
+        let Some(running) = self.running.take() else { return Vec::new() };
+        let e = ReloadError::AgentFailed { reason, old_pid: running.old_pid };
         tracing::error!(error = %e, "agent reload failed");
-        self.emit(ClusterEvent::ReloadFailed { reason: e.to_string() });
-        let _ = reload.reply.send(Err(e));
+        vec![
+            Action::Emit(ClusterEvent::ReloadFailed { reason: e.to_string() }),
+            Action::Reply(Reply::AgentReload(running.reply, Err(e))),
+        ]
     }
 
     /// Shutdown began: a reload of the agent in progress ends there.
-    pub(crate) fn abort_agent_reload(&mut self) {
-        if let Some(reload) = self.agent_reload.take() {
-            let _ = reload.reply.send(Err(ReloadError::ShuttingDown));
+    pub(crate) fn abort(&mut self) -> Vec<Action> {
+        match self.running.take() {
+            Some(r) => vec![Action::Reply(Reply::AgentReload(r.reply, Err(ReloadError::ShuttingDown)))],
+            None => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::supervisor::testing::{Fixture, kinds};
+
+    const GRACE: Duration = Duration::from_secs(5);
+
+    fn open() -> Gate {
+        Gate {
+            stopping: false,
+            announced: true,
+            running: None,
+            memory_stop: false,
+            exe: PathBuf::from("/bin/app"),
+            executable: true,
+        }
+    }
+
+    fn reply_of(actions: &mut Vec<Action>) -> Result<AgentReloadReport, ReloadError> {
+        let pos = actions.iter().position(|a| matches!(a, Action::Reply(_))).expect("a reply");
+        match actions.remove(pos) {
+            Action::Reply(Reply::AgentReload(_, result)) => result,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_old_agent_stops_first_then_its_successor_starts_and_the_reload_answers_when_it_is_ready() {
+        let mut f = Fixture::ready(1);
+        let mut reload = AgentReload::default();
+        let old = f.key(SlotId::Agent);
+        let old_pid = f.pid(old);
+        let (tx, _rx) = oneshot::channel();
+        let agent = f.slots.agent().unwrap();
+        assert_eq!(
+            kinds(&reload.request(agent, open(), GRACE, tx)),
+            [
+                format!("stop {old:?} 5s"),
+                "state agent stopping".into(),
+                "emit AgentReloadStarted".into(),
+                format!("after 5s AgentStopDeadline({old:?})"),
+            ]
+        );
+        f.exit(old);
+        let timeout = Duration::from_secs(10);
+        assert_eq!(kinds(&reload.on_exited(old, ExitReason::Code(0), false, timeout).unwrap()), ["relaunch agent"]);
+        let new = f.spawn(SlotId::Agent, 8);
+        assert!(reload.on_launched(Ok((new, f.pid(new))), SlotId::Agent).is_empty());
+        assert!(reload.on_ready(old, 1).is_empty(), "not the new agent");
+        let mut done = reload.on_ready(new, 7);
+        let report = reply_of(&mut done).unwrap();
+        assert_eq!(kinds(&done), ["emit AgentReloaded"]);
+        assert_eq!((report.old_pid, report.new_pid, report.epoch), (old_pid, f.pid(new), 7));
+        assert!(!reload.is_running());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_that_exits_before_ready_fails_the_reload_and_the_slot_restarts_with_backoff() {
+        let mut f = Fixture::ready(1);
+        let mut reload = AgentReload::default();
+        let old = f.key(SlotId::Agent);
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
+        f.exit(old);
+        let timeout = Duration::from_secs(10);
+        let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
+        let new = f.spawn(SlotId::Agent, 8);
+        let _ = reload.on_launched(Ok((new, f.pid(new))), SlotId::Agent);
+        let mut failed = reload.on_exited(new, ExitReason::Code(IPC_MISMATCH_EXIT), false, timeout).unwrap();
+        match reply_of(&mut failed) {
+            Err(ReloadError::AgentFailed { reason, .. }) => assert!(reason.contains("another IPC version"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(kinds(&failed), ["emit ReloadFailed", "restart agent"]);
+        assert!(reload.on_exited(new, ExitReason::Code(1), false, timeout).is_none(), "over: a crash as usual");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_answered_at_once_and_change_nothing() {
+        let mut f = Fixture::ready(1);
+        let mut reload = AgentReload::default();
+        let mut refusal = |f: &Fixture, gate: Gate| {
+            let (tx, _rx) = oneshot::channel();
+            let mut actions = reload.request(f.slots.agent().unwrap(), gate, GRACE, tx);
+            reply_of(&mut actions).unwrap_err()
+        };
+        assert_eq!(refusal(&f, Gate { stopping: true, ..open() }), ReloadError::ShuttingDown);
+        assert_eq!(
+            refusal(&f, Gate { running: Some(ReplaceReason::Reload), ..open() }),
+            ReloadError::InProgress { running: ReplaceReason::Reload }
+        );
+        assert_eq!(
+            refusal(&f, Gate { memory_stop: true, ..open() }),
+            ReloadError::InProgress { running: ReplaceReason::MaxMemory }
+        );
+        assert_eq!(refusal(&f, Gate { announced: false, ..open() }), ReloadError::NotReady);
+        assert!(matches!(refusal(&f, Gate { executable: false, ..open() }), ReloadError::ExecutableMissing { .. }));
+        f.slots.get_mut(SlotId::Agent).unwrap().state = ProcessState::Starting;
+        assert_eq!(refusal(&f, open()), ReloadError::AgentNotReady);
     }
 }

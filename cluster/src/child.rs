@@ -24,13 +24,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::app::{AgentFn, WorkerFn};
-use crate::child_core::ChildCore;
+use crate::child_context::ChildContext;
+use crate::identity::{AgentInfo, Origin};
 use crate::ipc::{ChildCodec, Delivery, FromChild, Init, Outcome, ToChild};
 use crate::link::LinkTable;
 use crate::listeners::ReceivedListeners;
-use crate::messenger::{Answer, ChildShared, Inbox, Port, Transport};
+use crate::messenger::{Answer, ChildShared, Endpoint, Inbox, Transport};
 use crate::spawn::{ENV_CLUSTER, ENV_FD_CHANNEL, ENV_IPC_FD, ENV_MASTER_PID, ENV_ROLE, ENV_WORKER_ID};
-use crate::types::{AgentInfo, Sender};
 use crate::{AgentContext, Error, Messenger, Role, WorkerContext, WorkerId};
 
 /// The exit code of a child whose master is gone (as egg's agent uses).
@@ -231,10 +231,10 @@ async fn serve(
     let links = LinkTable::new(init.link_capacity as usize, links_tx, incoming);
     let shared = Arc::new(ChildShared::new(tx, links));
     let me = match (env.role, env.worker_id) {
-        (Role::Worker, Some(id)) => Sender::Worker { id, pid },
-        _ => Sender::Agent { pid, epoch: init.epoch },
+        (Role::Worker, Some(id)) => Origin::Worker { id, pid },
+        _ => Origin::Agent { pid, epoch: init.epoch },
     };
-    let port = Arc::new(Port {
+    let endpoint = Arc::new(Endpoint {
         me,
         inbox: Inbox::new(init.subscription_capacity as usize),
         transport: Transport::Child(Arc::clone(&shared)),
@@ -248,10 +248,10 @@ async fn serve(
         up: false,
     });
     let (agent_tx, agent_rx) = watch::channel(agent_info);
-    let core = Arc::new(ChildCore {
+    let core = Arc::new(ChildContext {
         init,
         pid,
-        messenger: Messenger::new(Arc::clone(&port)),
+        messenger: Messenger::new(Arc::clone(&endpoint)),
         stop: stop.clone(),
         shared: Arc::clone(&shared),
         ready_sent: AtomicBool::new(false),
@@ -266,9 +266,9 @@ async fn serve(
     }
     let flush = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, rx, links_rx, flush.clone()).in_current_span());
-    let dispatch = Dispatch { port, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };
+    let dispatch = Dispatch { endpoint, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };
     tracker.spawn(read_loop(reader, dispatch).in_current_span());
-    match crate::shutdown::child_signals(stop) {
+    match crate::signals::child_signals(stop) {
         Ok(signals) => {
             tracker.spawn(signals.in_current_span());
         }
@@ -342,7 +342,7 @@ impl WriteSource for ToMaster {
 }
 
 struct Dispatch {
-    port: Arc<Port>,
+    endpoint: Arc<Endpoint>,
     shared: Arc<ChildShared>,
     stop: CancellationToken,
     cluster_ready: watch::Sender<bool>,
@@ -399,7 +399,7 @@ impl Dispatch {
             }
             ToChild::Outcome { id, outcome } => self.shared.complete(id, Answer::Outcome(outcome)),
             ToChild::Deliver(Delivery { topic, payload, from, request }) => {
-                self.port.deliver(topic, from, payload, request)
+                self.endpoint.deliver(topic, from, payload, request)
             }
             ToChild::IncomingLink { link, worker_id, pid } => self.shared.links.incoming(link, worker_id, pid),
             ToChild::LinkFrame { link, frame } => self.shared.links.deliver(link, &frame),

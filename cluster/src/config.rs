@@ -152,13 +152,13 @@ impl Config {
     }
 
     /// The hang timeout of a process of this slot, when hang detection is on.
-    pub(crate) fn hang_timeout(&self, slot: crate::types::SlotId) -> Option<Duration> {
+    pub(crate) fn hang_timeout(&self, slot: crate::identity::SlotId) -> Option<Duration> {
         if self.ping_interval.is_zero() {
             return None;
         }
         match slot {
-            crate::types::SlotId::Agent => self.agent_hang_timeout,
-            crate::types::SlotId::Worker(_) => self.worker_hang_timeout,
+            crate::identity::SlotId::Agent => self.agent_hang_timeout,
+            crate::identity::SlotId::Worker(_) => self.worker_hang_timeout,
         }
         .filter(|t| !t.is_zero())
     }

@@ -36,8 +36,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::{Codec, RemoteError};
 
+use crate::identity::{AgentInfo, LinkId, Origin, Target};
 use crate::status::StatusTable;
-use crate::types::{AgentInfo, LinkId, Sender, Target};
 use crate::{Role, WorkerId};
 
 /// The master's codec: decodes what children send.
@@ -109,7 +109,7 @@ pub(crate) struct Delivery {
     pub topic: String,
     pub payload: Bytes,
     /// Who sent it: set by the master from the channel it arrived on.
-    pub from: Sender,
+    pub from: Origin,
     /// When the sender awaits a reply: the master's request id to answer.
     pub request: Option<u64>,
 }
@@ -242,7 +242,7 @@ mod tests {
         }
         #[derive(Serialize)]
         enum ForgedOp {
-            Send { to: Target, topic: String, payload: Bytes, from: Sender },
+            Send { to: Target, topic: String, payload: Bytes, from: Origin },
         }
         let forged = Forged::Op {
             id: 1,
@@ -250,7 +250,7 @@ mod tests {
                 to: Target::Agent,
                 topic: "t".into(),
                 payload: Bytes::new(),
-                from: Sender::Master { pid: 1 },
+                from: Origin::Master { pid: 1 },
             },
         };
         let mut codec = MasterCodec::new();

@@ -61,8 +61,8 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 
 use crate::WorkerId;
+use crate::identity::LinkId;
 use crate::ipc::FromChild;
-use crate::types::LinkId;
 
 /// One relayed link: frames to the other end on `tx`, frames from it on `rx`.
 ///

@@ -6,7 +6,7 @@
 //! Each send is acknowledged by the master: `Ok` means the message was queued
 //! for the target process; a dead, restarting or overloaded target is a typed
 //! error ([`Error::NotRunning`], [`Error::QueueFull`], ...), never a silent drop.
-//! The master stamps each message with its true [`Sender`]. Fan-outs
+//! The master stamps each message with its true [`Origin`]. Fan-outs
 //! ([`Target::Workers`], [`Target::All`]) skip the sender itself.
 //!
 //! Receiving is by topic: [`Messenger::subscribe`] returns a [`Subscription`]
@@ -25,13 +25,14 @@ use bytes::Bytes;
 use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tandem_protocol::internal::PendingTable;
 use tandem_protocol::{ErrorCode, RemoteError, payload};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::identity::{Origin, Target};
 use crate::ipc::{FromChild, Op, Outcome};
 use crate::link::{FrameLink, LinkTable};
 use crate::status::StatusTable;
-use crate::types::{Sender, Target};
 use crate::{Error, Role, WorkerId};
 
 /// The code of the `RemoteError` a requester gets when the target had no
@@ -71,7 +72,7 @@ pub struct Message {
     /// The topic it was sent on.
     pub topic: String,
     /// Who sent it (stamped by the master).
-    pub from: Sender,
+    pub from: Origin,
     /// The payload bytes.
     pub payload: Bytes,
     reply: Option<Arc<ReplySlot>>,
@@ -119,7 +120,9 @@ impl Message {
             check_size(&self.topic, payload)?;
         }
         match &self.reply {
-            Some(slot) if !slot.done.swap(true, Ordering::AcqRel) => slot.port.send_reply(slot.request, result).await,
+            Some(slot) if !slot.done.swap(true, Ordering::AcqRel) => {
+                slot.endpoint.send_reply(slot.request, result).await
+            }
             _ => Ok(()),
         }
     }
@@ -128,7 +131,7 @@ impl Message {
 /// The right to answer one request; answers "no handler" when dropped unanswered,
 /// so the requester fails at once instead of waiting for its deadline.
 struct ReplySlot {
-    port: Arc<Port>,
+    endpoint: Arc<Endpoint>,
     request: u64,
     topic: String,
     done: AtomicBool,
@@ -142,7 +145,7 @@ impl Drop for ReplySlot {
                 self.topic
             ))
             .with_code(NO_HANDLER);
-            self.port.try_send_reply(self.request, Err(error));
+            self.endpoint.try_send_reply(self.request, Err(error));
         }
     }
 }
@@ -168,7 +171,8 @@ pub(crate) enum Answer {
 pub(crate) struct ChildShared {
     /// Frames to the master (bounded; senders wait when it is full).
     pub writer: mpsc::Sender<FromChild>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    /// The callers waiting for an answer, by operation id; closed once the master is gone.
+    pending: Mutex<PendingTable<oneshot::Sender<Answer>>>,
     next_id: AtomicU64,
     permits: Semaphore,
     /// The links of this process.
@@ -179,7 +183,7 @@ impl ChildShared {
     pub(crate) fn new(writer: mpsc::Sender<FromChild>, links: LinkTable) -> Self {
         ChildShared {
             writer,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(PendingTable::new()),
             next_id: AtomicU64::new(1),
             permits: Semaphore::new(MAX_OUTSTANDING_OPS),
             links,
@@ -188,23 +192,25 @@ impl ChildShared {
 
     /// Completes the operation with this id (the reader calls this).
     pub(crate) fn complete(&self, id: u64, answer: Answer) {
-        let waiter = self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        let waiter = self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
         if let Some(waiter) = waiter {
             // The caller may have given up (deadline); then the answer is dropped.
             let _ = waiter.send(answer);
         }
     }
 
-    /// Fails every outstanding operation (the master is gone).
+    /// Fails every outstanding operation, and every later one (the master is gone).
     pub(crate) fn fail_all(&self) {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        drop(self.pending.lock().unwrap_or_else(PoisonError::into_inner).close());
     }
 
     async fn call(&self, op: Op) -> Result<Answer, Error> {
         let _permit = self.permits.acquire().await.map_err(|_| Error::MasterGone)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(id, tx);
+        // Err: closed (the master is gone), or an id in use (never: one counter).
+        let inserted = self.pending.lock().unwrap_or_else(PoisonError::into_inner).insert(id, tx);
+        inserted.map_err(|_| Error::MasterGone)?;
         let _guard = PendingGuard { shared: self, id };
         self.writer.send(FromChild::Op { id, op }).await.map_err(|_| Error::MasterGone)?;
         rx.await.map_err(|_| Error::MasterGone)
@@ -219,7 +225,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        self.shared.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(self.id);
     }
 }
 
@@ -231,13 +237,13 @@ pub(crate) enum Transport {
 
 /// One process's messaging endpoint: who it is, its subscriptions, its transport.
 #[derive(Debug)]
-pub(crate) struct Port {
-    pub me: Sender,
+pub(crate) struct Endpoint {
+    pub me: Origin,
     pub inbox: Inbox,
     pub transport: Transport,
 }
 
-impl Port {
+impl Endpoint {
     async fn call(&self, op: Op) -> Result<Answer, Error> {
         match &self.transport {
             Transport::Child(shared) => shared.call(op).await,
@@ -280,9 +286,14 @@ impl Port {
     }
 
     /// Hands a delivered message to the topic's subscribers.
-    pub(crate) fn deliver(self: &Arc<Self>, topic: String, from: Sender, payload: Bytes, request: Option<u64>) {
+    pub(crate) fn deliver(self: &Arc<Self>, topic: String, from: Origin, payload: Bytes, request: Option<u64>) {
         let reply = request.map(|request| {
-            Arc::new(ReplySlot { port: Arc::clone(self), request, topic: topic.clone(), done: AtomicBool::new(false) })
+            Arc::new(ReplySlot {
+                endpoint: Arc::clone(self),
+                request,
+                topic: topic.clone(),
+                done: AtomicBool::new(false),
+            })
         });
         // When nobody takes it, dropping `reply` answers the requester.
         self.inbox.dispatch(Message { topic, from, payload, reply });
@@ -356,7 +367,7 @@ pub struct Subscription {
     topic: String,
     id: u64,
     rx: mpsc::Receiver<Message>,
-    port: Arc<Port>,
+    endpoint: Arc<Endpoint>,
 }
 
 impl Subscription {
@@ -381,31 +392,31 @@ impl Stream for Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.port.inbox.remove(&self.topic, self.id);
+        self.endpoint.inbox.remove(&self.topic, self.id);
     }
 }
 
 /// Sends and receives messages; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Messenger {
-    port: Arc<Port>,
+    endpoint: Arc<Endpoint>,
 }
 
 impl Messenger {
-    pub(crate) fn new(port: Arc<Port>) -> Self {
-        Messenger { port }
+    pub(crate) fn new(endpoint: Arc<Endpoint>) -> Self {
+        Messenger { endpoint }
     }
 
     /// This process, as receivers see it.
-    pub fn me(&self) -> &Sender {
-        &self.port.me
+    pub fn me(&self) -> &Origin {
+        &self.endpoint.me
     }
 
     /// Receives the messages of `topic` from now on.
     pub fn subscribe(&self, topic: impl Into<String>) -> Subscription {
         let topic = topic.into();
-        let (id, rx) = self.port.inbox.add(&topic);
-        Subscription { topic, id, rx, port: Arc::clone(&self.port) }
+        let (id, rx) = self.endpoint.inbox.add(&topic);
+        Subscription { topic, id, rx, endpoint: Arc::clone(&self.endpoint) }
     }
 
     /// Queues a message for `to`; returns how many processes it was queued for.
@@ -413,7 +424,7 @@ impl Messenger {
         let (topic, payload) = (topic.into(), payload.into());
         check_size(&topic, &payload)?;
         let op = Op::Send { to, topic, payload };
-        match self.port.outcome(op).await? {
+        match self.endpoint.outcome(op).await? {
             Outcome::Sent { count, .. } => Ok(count as usize),
             _ => Err(unexpected("something other than an acknowledgement")),
         }
@@ -448,7 +459,7 @@ impl Messenger {
         let (topic, payload) = (topic.into(), payload.into());
         check_size(&topic, &payload)?;
         let op = Op::Send { to: Target::RandomWorker, topic, payload };
-        match self.port.outcome(op).await? {
+        match self.endpoint.outcome(op).await? {
             Outcome::Sent { worker: Some(id), .. } => Ok(id),
             _ => Err(unexpected("no worker id")),
         }
@@ -479,7 +490,7 @@ impl Messenger {
         check_size(&topic, &payload)?;
         let deadline_ms = u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX);
         let op = Op::Request { to, topic: topic.clone(), payload, deadline_ms };
-        let outcome = match tokio::time::timeout(deadline, self.port.outcome(op)).await {
+        let outcome = match tokio::time::timeout(deadline, self.endpoint.outcome(op)).await {
             Err(_) => return Err(Error::DeadlineExceeded { target: to.to_string(), deadline }),
             Ok(outcome) => outcome?,
         };
@@ -493,7 +504,7 @@ impl Messenger {
 
     /// The cluster's status table (pid, role, state, restarts, uptime, RSS).
     pub async fn status(&self) -> Result<StatusTable, Error> {
-        match self.port.outcome(Op::Status).await? {
+        match self.endpoint.outcome(Op::Status).await? {
             Outcome::Status(table) => Ok(table),
             _ => Err(unexpected("something other than a status table")),
         }
@@ -503,13 +514,13 @@ impl Messenger {
     /// Follower's fallback transport. Fails with [`Error::AgentUnavailable`]
     /// while the agent is not ready.
     pub async fn open_link(&self) -> Result<FrameLink, Error> {
-        let Transport::Child(_) = &self.port.transport else {
+        let Transport::Child(_) = &self.endpoint.transport else {
             return Err(Error::NotAWorker { what: "opening a link" });
         };
-        if self.port.me.role() != Role::Worker {
+        if self.endpoint.me.role() != Role::Worker {
             return Err(Error::NotAWorker { what: "opening a link" });
         }
-        match self.port.call(Op::OpenLink).await? {
+        match self.endpoint.call(Op::OpenLink).await? {
             Answer::Link(link) => Ok(link),
             Answer::Outcome(Outcome::Refused(refusal)) => Err(refusal.into()),
             Answer::Outcome(_) => Err(unexpected("something other than a link")),

@@ -18,24 +18,28 @@
 //! The agent is not touched (its own reload is [`agent_reload`](crate::agent_reload)).
 //! One replacement run at a time, agent reloads included: a reload asked for
 //! while one runs is refused with [`ReloadError::InProgress`].
+//!
+//! A state machine without I/O: it reads the slots, takes the master's inputs
+//! (a request, a spawn's outcome, a ready report, an exit, a start deadline)
+//! and returns [`Action`]s for the master to carry out.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::backoff::Restart;
-use crate::cluster_control::{ControlCall, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
-use crate::ipc::ToChild;
-use crate::master::{Master, Timer};
+use crate::identity::{ProcKey, SlotId};
+use crate::lifecycle::{Action, Machine, ReloadReply, Reply, Timer};
+use crate::reload_handle::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
 use crate::spawn::IPC_MISMATCH_EXIT;
-use crate::status::{ProcessState, rss_bytes};
-use crate::types::{ProcKey, SlotId};
-use crate::{ClusterEvent, ExitReason, WorkerId};
+use crate::status::ProcessState;
+use crate::supervisor::Slots;
+use crate::{ClusterEvent, ExitReason, StartFailure, WorkerId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// The old process was moved aside; its successor is being spawned.
+    Launching,
     /// The new process is starting; the old one serves.
     Starting { new: ProcKey },
     /// The new one is ready; the old one drains.
@@ -52,53 +56,73 @@ struct Active {
 
 /// A replacement run in progress.
 #[derive(Debug)]
-pub(crate) struct Run {
+struct Run {
     reason: ReplaceReason,
     pending: VecDeque<WorkerId>,
     active: Vec<Active>,
     replaced: Vec<ReplacedWorker>,
     skipped: Vec<WorkerId>,
     failed: Option<String>,
-    reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
+    reply: Option<ReloadReply>,
     started: Instant,
 }
 
-/// When a worker over its memory limit may be replaced (crash-loop backoff).
-#[derive(Debug, Default)]
-pub(crate) struct MemoryHolds {
-    due: std::collections::HashMap<WorkerId, Instant>,
+/// What the reload needs to know of the rest of the master when asked for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gate {
+    pub stopping: bool,
+    pub announced: bool,
+    /// Another replacement running (the agent's reload).
+    pub running: Option<ReplaceReason>,
 }
 
-impl Master {
-    pub(crate) fn on_control(&mut self, call: ControlCall) {
-        match call {
-            ControlCall::Reload { reply } => self.request_reload(reply),
-            ControlCall::ReloadAgent { reply } => self.request_agent_reload(reply),
-        }
+/// The settings a reload follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settings {
+    /// Slots replaced at once by a reload (a memory replacement does one).
+    pub parallelism: usize,
+    /// How long a new worker has to report ready.
+    pub start_timeout: Duration,
+    /// How long an old worker has to drain.
+    pub stop_timeout: Duration,
+}
+
+/// The workers' replacement: idle, or one run (a reload, or a memory replacement).
+#[derive(Debug, Default)]
+pub(crate) struct Reload {
+    run: Option<Run>,
+}
+
+impl Reload {
+    /// What runs now, if anything.
+    pub(crate) fn running(&self) -> Option<ReplaceReason> {
+        self.run.as_ref().map(|r| r.reason)
     }
 
-    /// Starts a reload (SIGHUP: no reply; the outcome is an event and a log line).
-    pub(crate) fn request_reload(&mut self, reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>) {
-        let refuse = |reply: Option<oneshot::Sender<_>>, e: ReloadError| {
+    /// A reload asked for (SIGHUP: no reply; the outcome is an event and a log line).
+    pub(crate) fn request(&mut self, slots: &Slots, gate: Gate, reply: Option<ReloadReply>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let refused = if gate.stopping {
+            Some(ReloadError::ShuttingDown)
+        } else if let Some(running) = self.running().or(gate.running) {
+            let e = ReloadError::InProgress { running };
+            actions.push(Action::Emit(ClusterEvent::ReloadFailed { reason: e.to_string() }));
+            Some(e)
+        } else if !gate.announced {
+            Some(ReloadError::NotReady)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
             tracing::warn!(error = %e, "reload refused");
             if let Some(reply) = reply {
-                let _ = reply.send(Err(e));
+                actions.push(Action::Reply(Reply::Reload(reply, Err(e))));
             }
-        };
-        if self.stopping.is_some() {
-            return refuse(reply, ReloadError::ShuttingDown);
-        }
-        if let Some(running) = self.replacement_running() {
-            let e = ReloadError::InProgress { running };
-            self.emit(ClusterEvent::ReloadFailed { reason: e.to_string() });
-            return refuse(reply, e);
-        }
-        if !self.announced {
-            return refuse(reply, ReloadError::NotReady);
+            return actions;
         }
         let mut pending = VecDeque::new();
         let mut skipped = Vec::new();
-        for w in &self.workers {
+        for w in slots.workers() {
             let Some(id) = w.id.worker_id() else { continue };
             if w.state == ProcessState::Ready && w.proc.is_some() && w.previous.is_none() {
                 pending.push_back(id);
@@ -107,234 +131,163 @@ impl Master {
             }
         }
         tracing::info!(workers = pending.len(), skipped = ?skipped, "reload: replacing workers one slot at a time");
-        self.emit(ClusterEvent::ReloadStarted { workers: pending.iter().copied().collect() });
-        self.replacing = Some(Run {
-            reason: ReplaceReason::Reload,
-            pending,
-            active: Vec::new(),
-            replaced: Vec::new(),
-            skipped,
-            failed: None,
-            reply,
-            started: Instant::now(),
-        });
-        self.advance_run();
+        actions.push(Action::Emit(ClusterEvent::ReloadStarted { workers: pending.iter().copied().collect() }));
+        self.run = Some(Run::new(ReplaceReason::Reload, pending, skipped, reply));
+        actions.push(Action::Advance(Machine::Reload));
+        actions
     }
 
-    /// What replacement runs now, if any: a run over the workers (reload or
-    /// memory limit), or a reload of the agent. One at a time.
-    pub(crate) fn replacement_running(&self) -> Option<ReplaceReason> {
-        match (&self.replacing, &self.agent_reload) {
-            (Some(run), _) => Some(run.reason),
-            (None, Some(_)) => Some(ReplaceReason::AgentReload),
-            (None, None) => None,
-        }
+    /// Worker `id` is over its memory limit: replace it (a run of one slot).
+    /// The caller checked that nothing else is replaced.
+    pub(crate) fn replace_over_memory(&mut self, id: WorkerId) -> Vec<Action> {
+        tracing::info!(worker.id = id, "replacing it gracefully for its memory limit");
+        self.run = Some(Run::new(ReplaceReason::MaxMemory, VecDeque::from([id]), Vec::new(), None));
+        vec![Action::Advance(Machine::Reload)]
     }
 
-    /// Starts replacements up to the parallelism; finishes the run when all are done.
-    fn advance_run(&mut self) {
+    /// Starts the next replacement, up to the parallelism; finishes the run when all are done.
+    pub(crate) fn on_advance(&mut self, slots: &Slots, settings: Settings) -> Vec<Action> {
+        let mut actions = Vec::new();
         loop {
-            let Some(run) = self.replacing.as_mut() else { return };
+            let Some(run) = self.run.as_mut() else { return actions };
             let parallel = match run.reason {
-                ReplaceReason::Reload => self.config.reload_parallelism.max(1),
+                ReplaceReason::Reload => settings.parallelism.max(1),
                 _ => 1,
             };
             if run.failed.is_some() {
                 run.pending.clear();
             }
-            if run.active.len() >= parallel || run.pending.is_empty() {
+            if run.active.iter().any(|a| a.phase == Phase::Launching)
+                || run.active.len() >= parallel
+                || run.pending.is_empty()
+            {
                 break;
             }
             let Some(id) = run.pending.pop_front() else { break };
-            self.replace_slot(id);
+            let slot = slots.get(SlotId::Worker(id));
+            match slot.filter(|s| s.state == ProcessState::Ready && s.previous.is_none()).and_then(|s| s.proc.as_ref())
+            {
+                Some(old) => {
+                    run.active.push(Active { id, old_pid: old.pid, new_pid: 0, phase: Phase::Launching });
+                    // One at a time: the outcome comes back to `on_launched`, which advances again.
+                    actions.push(Action::Replace(id));
+                    return actions;
+                }
+                None => run.skipped.push(id),
+            }
         }
-        let done = self.replacing.as_ref().is_some_and(|run| run.active.is_empty() && run.pending.is_empty());
-        if done && let Some(run) = self.replacing.take() {
-            self.finish_run(run);
+        let done = self.run.as_ref().is_some_and(|run| run.active.is_empty() && run.pending.is_empty());
+        if done && let Some(run) = self.run.take() {
+            finish(run, slots, &mut actions);
         }
+        actions
     }
 
-    fn finish_run(&mut self, run: Run) {
-        let workers: Vec<Option<u32>> = self.workers.iter().map(|w| w.proc.as_ref().map(|p| p.pid)).collect();
-        let result = match run.failed {
-            Some(reason) => {
-                if run.reason == ReplaceReason::Reload {
-                    let kept = self.workers.iter().filter(|w| w.proc.is_some()).count();
-                    self.emit(ClusterEvent::ReloadFailed {
-                        reason: format!(
-                            "{reason}; rolled back ({} slot(s) replaced before, {kept} worker(s) serving)",
-                            run.replaced.len()
-                        ),
-                    });
-                } else {
-                    tracing::error!(%reason, "memory replacement failed; the old worker keeps serving");
-                }
-                Err(ReloadError::Failed { reason, replaced: run.replaced })
-            }
-            None => {
-                if run.reason == ReplaceReason::Reload {
-                    self.emit(ClusterEvent::ReloadDone { workers: workers.iter().flatten().copied().collect() });
-                }
-                Ok(ReloadReport { replaced: run.replaced, skipped: run.skipped, workers, took: run.started.elapsed() })
-            }
+    /// The outcome of an [`Action::Replace`]: the successor's key and pid, or
+    /// why it could not be spawned (the old process is then put back).
+    pub(crate) fn on_launched(&mut self, id: WorkerId, outcome: Result<(ProcKey, u32), String>) -> Vec<Action> {
+        let Some(run) = self.run.as_mut() else { return Vec::new() };
+        let Some(pos) = run.active.iter().position(|a| a.id == id && a.phase == Phase::Launching) else {
+            return Vec::new();
         };
-        if let Some(reply) = run.reply {
-            let _ = reply.send(result);
-        }
-    }
-
-    /// Moves slot `id`'s process aside and starts its successor.
-    fn replace_slot(&mut self, id: WorkerId) {
-        let slot_id = SlotId::Worker(id);
-        let Some(slot) = self.slot_mut(slot_id) else { return };
-        if slot.state != ProcessState::Ready || slot.previous.is_some() {
-            if let Some(run) = self.replacing.as_mut() {
-                run.skipped.push(id);
-            }
-            return;
-        }
-        let Some(old) = slot.proc.take() else { return };
-        let old_pid = old.pid;
-        slot.previous = Some(old);
-        match self.launch(slot_id) {
-            Ok(()) => {
-                let Some(slot) = self.slot_mut(slot_id) else { return };
-                // The status table's `restarts` counts every new process of the slot.
-                slot.restarts += 1;
-                let Some(new) = slot.proc.as_ref() else { return };
-                let (new_key, new_pid) = (new.key, new.pid);
-                tracing::info!(worker.id = id, old = old_pid, new = new_pid, "replacement started");
-                if let Some(run) = self.replacing.as_mut() {
-                    run.active.push(Active { id, old_pid, new_pid, phase: Phase::Starting { new: new_key } });
-                }
+        match outcome {
+            Ok((new, new_pid)) => {
+                let active = &mut run.active[pos];
+                tracing::info!(worker.id = id, old = active.old_pid, new = new_pid, "replacement started");
+                active.new_pid = new_pid;
+                active.phase = Phase::Starting { new };
+                vec![Action::Advance(Machine::Reload)]
             }
             Err(e) => {
                 tracing::error!(worker.id = id, error = %e, "could not spawn the replacement; the old worker stays");
-                self.restore_previous(slot_id);
-                if let Some(run) = self.replacing.as_mut() {
-                    run.failed.get_or_insert_with(|| format!("worker {id}: could not spawn: {e}"));
-                }
+                run.active.remove(pos);
+                run.failed.get_or_insert_with(|| format!("worker {id}: could not spawn: {e}"));
+                vec![Action::Restore(SlotId::Worker(id)), Action::Advance(Machine::Reload)]
             }
         }
     }
 
-    /// Puts the old process back in its slot as the serving one.
-    fn restore_previous(&mut self, slot_id: SlotId) {
-        let Some(slot) = self.slot_mut(slot_id) else { return };
-        if let Some(old) = slot.previous.take() {
-            slot.proc = Some(old);
-            slot.state = ProcessState::Ready;
-        }
-    }
-
-    /// Called when a worker reports ready: if it is a replacement, stop its predecessor.
-    /// Returns whether it was one.
-    pub(crate) fn replacement_ready(&mut self, key: ProcKey) -> bool {
-        let Some(run) = self.replacing.as_mut() else { return false };
-        let Some(active) = run.active.iter_mut().find(|a| a.phase == Phase::Starting { new: key }) else {
-            return false;
-        };
-        let reason = run.reason;
+    /// A worker reported ready: if it is a replacement, its predecessor is
+    /// stopped and drains. `None`: it is not one.
+    pub(crate) fn on_ready(&mut self, slots: &Slots, key: ProcKey, settings: Settings) -> Option<Vec<Action>> {
+        let run = self.run.as_mut()?;
+        let active = run.active.iter_mut().find(|a| a.phase == Phase::Starting { new: key })?;
         let (id, old_pid, new_pid) = (active.id, active.old_pid, active.new_pid);
-        let grace = self.config.worker_stop_timeout;
-        let Some(slot) = self.slot_mut(key.slot) else { return true };
-        let old_key = match slot.previous.as_mut() {
+        let grace = settings.stop_timeout;
+        let mut actions = Vec::new();
+        // None: it died while its successor started.
+        let old = slots.get(key.slot).and_then(|s| s.previous.as_ref()).map(|p| p.key);
+        if let Some(old) = old {
+            actions.push(Action::Stop { to: old, grace });
+            actions.push(Action::Retire(old));
+        }
+        actions.push(Action::Emit(ClusterEvent::WorkerReplaced { id, old: old_pid, new: new_pid, reason: run.reason }));
+        run.replaced.push(ReplacedWorker { id, old_pid, new_pid });
+        match old {
             Some(old) => {
-                old.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
-                Some(old.key)
+                active.phase = Phase::Draining { old };
+                actions.push(Action::After(grace, Timer::DrainDeadline(old)));
             }
-            None => None, // it died while its successor started
-        };
-        if let (Some(rr), Some(old)) = (&self.round_robin, old_key) {
-            rr.notify(crate::round_robin::Cmd::Retire(old));
+            None => run.active.retain(|a| a.id != id),
         }
-        self.emit(ClusterEvent::WorkerReplaced { id, old: old_pid, new: new_pid, reason });
-        if let Some(run) = self.replacing.as_mut() {
-            run.replaced.push(ReplacedWorker { id, old_pid, new_pid });
-            match old_key {
-                Some(old) => {
-                    if let Some(a) = run.active.iter_mut().find(|a| a.id == id) {
-                        a.phase = Phase::Draining { old };
-                    }
-                    self.after(grace, Timer::DrainDeadline(old));
-                }
-                None => run.active.retain(|a| a.id != id),
-            }
-        }
-        self.advance_run();
-        true
-    }
-
-    /// The drain deadline of a replaced process, or of a replacement that was
-    /// not ready in time: kill it if it is still there.
-    pub(crate) fn drain_deadline(&mut self, key: ProcKey) {
-        let Some(slot) = self.slot_mut(key.slot) else { return };
-        if let Some(p) = slot.proc_mut(key) {
-            tracing::warn!(pid = p.pid, "stopped worker did not exit within its grace period; SIGKILL");
-            p.kill();
-        }
+        actions.push(Action::Advance(Machine::Reload));
+        Some(actions)
     }
 
     /// A replacement missed its ready deadline: it may already serve (it took
     /// its listeners), so it is stopped gracefully, not killed; its exit rolls
-    /// the slot back. Returns whether `key` was such a replacement.
-    pub(crate) fn replacement_timed_out(&mut self, key: ProcKey, timeout: Duration) -> bool {
-        let is_replacement = self
-            .replacing
-            .as_ref()
-            .is_some_and(|run| run.active.iter().any(|a| a.phase == Phase::Starting { new: key }));
-        if !is_replacement {
-            return false;
+    /// the slot back. `None`: `key` is no replacement.
+    pub(crate) fn on_start_timeout(&mut self, slots: &Slots, key: ProcKey, settings: Settings) -> Option<Vec<Action>> {
+        let run = self.run.as_ref()?;
+        if !run.active.iter().any(|a| a.phase == Phase::Starting { new: key }) {
+            return None;
         }
-        let grace = self.config.worker_stop_timeout;
-        let Some(proc) = self.slot_mut(key.slot).and_then(|s| s.proc_mut(key)) else { return true };
-        proc.timed_out = true;
-        proc.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
+        let Some(proc) = slots.proc(key) else { return Some(Vec::new()) };
         let process = proc.process_ref();
+        let timeout = settings.start_timeout;
         tracing::error!(%process, ?timeout, "replacement not ready in time; stopping it, the old worker stays");
-        if let Some(rr) = &self.round_robin {
-            rr.notify(crate::round_robin::Cmd::Retire(key));
-        }
-        self.emit(ClusterEvent::StartFailed { process, reason: crate::StartFailure::TimedOut(timeout) });
-        self.after(grace, Timer::DrainDeadline(key));
-        true
+        Some(vec![
+            Action::TimedOut(key),
+            Action::Stop { to: key, grace: settings.stop_timeout },
+            Action::Retire(key),
+            Action::Emit(ClusterEvent::StartFailed { process, reason: StartFailure::TimedOut(timeout) }),
+            Action::After(settings.stop_timeout, Timer::DrainDeadline(key)),
+        ])
     }
 
-    /// Handles the exit of a process in a replacement (the old one, or a new
-    /// one that was not ready yet). Returns whether it was one.
-    pub(crate) fn replacement_exited(&mut self, key: ProcKey, exit: ExitReason) -> bool {
-        let Some(slot) = self.slot_mut(key.slot) else { return false };
-        // The old process exited (drained, or died while its successor started).
-        if let Some(old) = slot.previous.take_if(|p| p.key == key) {
-            let process = old.process_ref();
-            let uptime = old.spawned_at.elapsed();
-            self.process_gone(&old);
-            self.emit(ClusterEvent::Exited { process, exit, uptime });
-            if let Some(run) = self.replacing.as_mut() {
-                run.active.retain(|a| a.phase != Phase::Draining { old: key });
-            }
-            if self.stopping.is_some() {
-                self.advance_stop();
-            } else {
-                self.advance_run();
-            }
-            return true;
+    /// Whether `key` is a replacement not ready yet.
+    pub(crate) fn is_starting(&self, key: ProcKey) -> bool {
+        self.run.as_ref().is_some_and(|run| run.active.iter().any(|a| a.phase == Phase::Starting { new: key }))
+    }
+
+    /// A replaced process exited (drained, or died while its successor
+    /// started); the master took it out of its slot.
+    pub(crate) fn on_old_exited(&mut self, key: ProcKey) -> Vec<Action> {
+        if let Some(run) = self.run.as_mut() {
+            run.active.retain(|a| a.phase != Phase::Draining { old: key });
         }
-        // A new process that was not ready yet: roll this slot back.
-        let Some(run) = self.replacing.as_mut() else { return false };
+        vec![Action::Advance(Machine::Reload)]
+    }
+
+    /// A new process exited before it was ready (the master took it out of
+    /// its slot; `timed_out`: it missed its deadline): roll the slot back.
+    pub(crate) fn on_new_exited(
+        &mut self,
+        slots: &Slots,
+        key: ProcKey,
+        exit: ExitReason,
+        timed_out: bool,
+        settings: Settings,
+        stopping: bool,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(run) = self.run.as_mut() else { return actions };
         let Some(pos) = run.active.iter().position(|a| a.phase == Phase::Starting { new: key }) else {
-            return false;
+            return actions;
         };
         let active = run.active.remove(pos);
-        let Some(slot) = self.slot_mut(key.slot) else { return true };
-        let Some(new) = slot.take_proc(key) else { return true };
-        let timed_out = new.timed_out;
-        let process = new.process_ref();
-        let uptime = new.spawned_at.elapsed();
-        self.process_gone(&new);
-        self.emit(ClusterEvent::Exited { process, exit, uptime });
         let why = if timed_out {
-            format!("was not ready within {:?}", self.config.worker_start_timeout)
+            format!("was not ready within {:?}", settings.start_timeout)
         } else if exit == ExitReason::Code(IPC_MISMATCH_EXIT) {
             "the executable on disk speaks another IPC version (refused to join)".to_owned()
         } else {
@@ -342,152 +295,231 @@ impl Master {
         };
         let reason = format!("worker {}: new process {} {why}", active.id, active.new_pid);
         tracing::error!(%reason, "replacement failed; rolling back");
-        let had_old = self.slot(key.slot).is_some_and(|s| s.previous.is_some());
-        self.restore_previous(key.slot);
-        if !had_old && self.stopping.is_none() {
+        let had_old = slots.get(key.slot).is_some_and(|s| s.previous.is_some());
+        actions.push(Action::Restore(key.slot));
+        if !had_old && !stopping {
             // The old one died meanwhile: the slot is empty, the supervisor restarts it.
-            self.schedule_restart(key.slot);
+            actions.push(Action::Restart(key.slot));
         }
-        if let Some(run) = self.replacing.as_mut() {
-            if run.failed.is_none() {
-                run.failed = Some(reason);
-            }
-            // Stop the other new workers that are not ready yet (their exits roll them back).
-            let starting: Vec<ProcKey> = run
-                .active
-                .iter()
-                .filter_map(|a| match a.phase {
-                    Phase::Starting { new } => Some(new),
-                    Phase::Draining { .. } => None,
-                })
-                .collect();
-            for k in starting {
-                if let Some(p) = self.slot_mut(k.slot).and_then(|s| s.proc_mut(k)) {
-                    p.kill();
-                }
+        run.failed.get_or_insert(reason);
+        // Stop the other new workers that are not ready yet (their exits roll them back).
+        for a in &run.active {
+            if let Phase::Starting { new } = a.phase {
+                actions.push(Action::Kill(new));
             }
         }
-        if self.stopping.is_some() {
-            self.advance_stop();
-        } else {
-            self.advance_run();
+        if !stopping {
+            actions.push(Action::Advance(Machine::Reload));
         }
-        true
+        actions
     }
 
     /// Shutdown began: a run in progress ends (reported as failed).
-    pub(crate) fn abort_run(&mut self) {
-        if let Some(run) = self.replacing.as_mut() {
-            run.failed.get_or_insert_with(|| "the cluster is shutting down".to_owned());
-            run.pending.clear();
+    pub(crate) fn abort(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(run) = self.run.take()
+            && let Some(reply) = run.reply
+        {
+            actions.push(Action::Reply(Reply::Reload(reply, Err(ReloadError::ShuttingDown))));
         }
-        if let Some(mut run) = self.replacing.take() {
-            run.active.clear();
-            if let Some(reply) = run.reply.take() {
-                let _ = reply.send(Err(ReloadError::ShuttingDown));
+        actions
+    }
+}
+
+impl Run {
+    fn new(
+        reason: ReplaceReason,
+        pending: VecDeque<WorkerId>,
+        skipped: Vec<WorkerId>,
+        reply: Option<ReloadReply>,
+    ) -> Self {
+        Run {
+            reason,
+            pending,
+            active: Vec::new(),
+            replaced: Vec::new(),
+            skipped,
+            failed: None,
+            reply,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The run is over: its event, and its answer.
+fn finish(run: Run, slots: &Slots, actions: &mut Vec<Action>) {
+    let workers: Vec<Option<u32>> = slots.workers().map(|w| w.proc.as_ref().map(|p| p.pid)).collect();
+    let result = match run.failed {
+        Some(reason) => {
+            if run.reason == ReplaceReason::Reload {
+                let kept = slots.workers().filter(|w| w.proc.is_some()).count();
+                actions.push(Action::Emit(ClusterEvent::ReloadFailed {
+                    reason: format!(
+                        "{reason}; rolled back ({} slot(s) replaced before, {kept} worker(s) serving)",
+                        run.replaced.len()
+                    ),
+                }));
+            } else {
+                tracing::error!(%reason, "memory replacement failed; the old worker keeps serving");
             }
+            Err(ReloadError::Failed { reason, replaced: run.replaced })
+        }
+        None => {
+            if run.reason == ReplaceReason::Reload {
+                actions.push(Action::Emit(ClusterEvent::ReloadDone {
+                    workers: workers.iter().flatten().copied().collect(),
+                }));
+            }
+            Ok(ReloadReport { replaced: run.replaced, skipped: run.skipped, workers, took: run.started.elapsed() })
+        }
+    };
+    if let Some(reply) = run.reply {
+        actions.push(Action::Reply(Reply::Reload(reply, result)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::supervisor::testing::{Fixture, kinds};
+
+    const SETTINGS: Settings =
+        Settings { parallelism: 1, start_timeout: Duration::from_secs(10), stop_timeout: Duration::from_secs(3) };
+    const OPEN: Gate = Gate { stopping: false, announced: true, running: None };
+
+    /// Carries out an `Action::Replace(id)` as the master does: the old
+    /// process aside, a new one starting.
+    fn replace(f: &mut Fixture, id: WorkerId) -> (ProcKey, u32) {
+        let slot = f.slots.get_mut(SlotId::Worker(id)).unwrap();
+        slot.previous = slot.proc.take();
+        let key = f.spawn(SlotId::Worker(id), 8);
+        (key, f.pid(key))
+    }
+
+    fn reply_of(actions: Vec<Action>) -> Result<ReloadReport, ReloadError> {
+        for a in actions {
+            if let Action::Reply(Reply::Reload(_, result)) = a {
+                return result;
+            }
+        }
+        panic!("no reply")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_replaced_one_by_one_and_each_old_worker_stops_only_once_its_successor_is_ready() {
+        let mut f = Fixture::ready(2);
+        let mut reload = Reload::default();
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(kinds(&reload.request(&f.slots, OPEN, Some(tx))), ["emit ReloadStarted", "advance Reload"]);
+        let mut replaced = Vec::new();
+        for id in 1..=2 {
+            assert_eq!(kinds(&reload.on_advance(&f.slots, SETTINGS)), [format!("replace {id}")]);
+            let old = f.key(SlotId::Worker(id));
+            let (new, pid) = replace(&mut f, id);
+            assert_eq!(kinds(&reload.on_launched(id, Ok((new, pid)))), ["advance Reload"]);
+            assert!(reload.on_advance(&f.slots, SETTINGS).is_empty(), "one slot at a time");
+            assert!(reload.is_starting(new));
+            let ready = reload.on_ready(&f.slots, new, SETTINGS).unwrap();
+            assert_eq!(
+                kinds(&ready),
+                [
+                    format!("stop {old:?} 3s"),
+                    format!("retire {old:?}"),
+                    "emit WorkerReplaced".into(),
+                    format!("after 3s DrainDeadline({old:?})"),
+                    "advance Reload".into(),
+                ]
+            );
+            f.slots.get_mut(SlotId::Worker(id)).unwrap().state = ProcessState::Ready;
+            assert!(reload.on_advance(&f.slots, SETTINGS).is_empty(), "the old one drains first");
+            f.exit(old);
+            assert_eq!(kinds(&reload.on_old_exited(old)), ["advance Reload"]);
+            replaced.push(pid);
+        }
+        let end = reload.on_advance(&f.slots, SETTINGS);
+        assert_eq!(kinds(&end), ["emit ReloadDone", "reply reload true"]);
+        let report = reply_of(end).unwrap();
+        assert_eq!(report.replaced.iter().map(|r| r.new_pid).collect::<Vec<_>>(), replaced);
+        assert_eq!(report.workers, replaced.iter().map(|p| Some(*p)).collect::<Vec<_>>());
+        assert!(reload.running().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_exiting_before_it_is_ready_rolls_its_slot_back_and_fails_the_reload() {
+        let mut f = Fixture::ready(2);
+        let mut reload = Reload::default();
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(&f.slots, OPEN, Some(tx));
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let (new, pid) = replace(&mut f, 1);
+        let _ = reload.on_launched(1, Ok((new, pid)));
+        f.exit(new);
+        let exit = ExitReason::Code(IPC_MISMATCH_EXIT);
+        let actions = reload.on_new_exited(&f.slots, new, exit, false, SETTINGS, false);
+        assert_eq!(kinds(&actions), ["restore worker 1", "advance Reload"], "the old one is still there: no restart");
+        let slot = f.slots.get_mut(SlotId::Worker(1)).unwrap();
+        slot.proc = slot.previous.take();
+        let end = reload.on_advance(&f.slots, SETTINGS);
+        assert_eq!(kinds(&end), ["emit ReloadFailed", "reply reload false"], "worker 2 is left alone");
+        match reply_of(end) {
+            Err(ReloadError::Failed { reason, replaced }) => {
+                assert!(reason.contains("another IPC version"), "{reason}");
+                assert!(replaced.is_empty());
+            }
+            other => panic!("{other:?}"),
         }
     }
 
-    /// Samples every child's RSS; a worker over its limit is replaced
-    /// gracefully (after a backoff delay if it exceeded it soon after start).
-    pub(crate) fn check_memory(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        if let (Some(limit), Some(agent)) = (self.config.agent_max_memory, self.agent.proc.as_ref())
-            && self.agent.state == ProcessState::Ready
-            && !self.agent_memory_stop
-            && self.agent_reload.is_none()
-            && let Some(rss) = rss_bytes(agent.pid)
-            && rss > limit
-        {
-            tracing::warn!(
-                pid = agent.pid,
-                rss,
-                limit,
-                "agent over its memory limit; stopping it (it will be restarted)"
-            );
-            let grace = self.config.agent_stop_timeout;
-            agent.control(ToChild::Stop { grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX) });
-            self.agent_memory_stop = true;
-            self.emit(ClusterEvent::MemoryLimit {
-                role: crate::Role::Agent,
-                worker_id: None,
-                pid: agent.pid,
-                rss,
-                limit,
-            });
-            self.after(grace, Timer::AgentStopDeadline(agent.key));
-        }
-        let Some(limit) = self.config.worker_max_memory else { return };
-        if self.replacement_running().is_some() || !self.announced {
-            return;
-        }
-        let now = Instant::now();
-        for i in 0..self.workers.len() {
-            let w = &self.workers[i];
-            let Some(id) = w.id.worker_id() else { continue };
-            let Some(proc) = w.proc.as_ref().filter(|_| w.state == ProcessState::Ready && w.previous.is_none()) else {
-                continue;
-            };
-            let pid = proc.pid;
-            let Some(rss) = rss_bytes(pid) else { continue };
-            if rss <= limit {
-                self.memory_holds.due.remove(&id);
-                continue;
-            }
-            if let Some(due) = self.memory_holds.due.get(&id) {
-                if now < *due {
-                    continue;
-                }
-                self.memory_holds.due.remove(&id);
-            } else {
-                let decision = self.workers[i].backoff.exited();
-                let (delay, failures) = match decision {
-                    Restart::After { failures, .. } if failures <= 1 => (Duration::ZERO, failures),
-                    Restart::After { delay, failures } => (delay, failures),
-                    Restart::Failed { retry_after, failures } => (retry_after, failures),
-                };
-                self.emit(ClusterEvent::MemoryLimit {
-                    role: crate::Role::Worker,
-                    worker_id: Some(id),
-                    pid,
-                    rss,
-                    limit,
-                });
-                if !delay.is_zero() {
-                    tracing::warn!(
-                        worker.id = id,
-                        pid,
-                        rss,
-                        limit,
-                        ?delay,
-                        "over the memory limit again soon after start; replacing after a backoff delay"
-                    );
-                    self.emit(ClusterEvent::RestartScheduled {
-                        role: crate::Role::Worker,
-                        worker_id: Some(id),
-                        after: delay,
-                        failures,
-                    });
-                    self.memory_holds.due.insert(id, now + delay);
-                    continue;
-                }
-            }
-            tracing::warn!(worker.id = id, pid, rss, limit, "over the memory limit; replacing it gracefully");
-            self.replacing = Some(Run {
-                reason: ReplaceReason::MaxMemory,
-                pending: VecDeque::from([id]),
-                active: Vec::new(),
-                replaced: Vec::new(),
-                skipped: Vec::new(),
-                failed: None,
-                reply: None,
-                started: now,
-            });
-            self.advance_run();
-            return;
-        }
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_spawn_puts_the_old_worker_back() {
+        let f = Fixture::ready(1);
+        let mut reload = Reload::default();
+        let _ = reload.request(&f.slots, OPEN, None);
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let actions = reload.on_launched(1, Err("no memory".into()));
+        assert_eq!(kinds(&actions), ["restore worker 1", "advance Reload"]);
+        assert_eq!(kinds(&reload.on_advance(&f.slots, SETTINGS)), ["emit ReloadFailed"], "SIGHUP: no one to answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_missing_its_deadline_is_stopped_gracefully_not_killed() {
+        let mut f = Fixture::ready(1);
+        let mut reload = Reload::default();
+        let _ = reload.request(&f.slots, OPEN, None);
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let (new, pid) = replace(&mut f, 1);
+        let _ = reload.on_launched(1, Ok((new, pid)));
+        let old = f.slots.get(SlotId::Worker(1)).unwrap().previous.as_ref().unwrap().key;
+        assert!(reload.on_start_timeout(&f.slots, old, SETTINGS).is_none(), "not a replacement");
+        assert_eq!(
+            kinds(&reload.on_start_timeout(&f.slots, new, SETTINGS).unwrap()),
+            [
+                format!("timed out {new:?}"),
+                format!("stop {new:?} 3s"),
+                format!("retire {new:?}"),
+                "emit StartFailed".into(),
+                format!("after 3s DrainDeadline({new:?})"),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_is_refused_while_stopping_while_another_runs_and_before_cluster_ready() {
+        let f = Fixture::ready(1);
+        let mut reload = Reload::default();
+        let refusal = |reload: &mut Reload, gate| {
+            let (tx, _rx) = oneshot::channel();
+            reply_of(reload.request(&f.slots, gate, Some(tx))).unwrap_err()
+        };
+        assert_eq!(refusal(&mut reload, Gate { stopping: true, ..OPEN }), ReloadError::ShuttingDown);
+        assert_eq!(refusal(&mut reload, Gate { announced: false, ..OPEN }), ReloadError::NotReady);
+        let agent = Gate { running: Some(ReplaceReason::AgentReload), ..OPEN };
+        assert_eq!(refusal(&mut reload, agent), ReloadError::InProgress { running: ReplaceReason::AgentReload });
+        let _ = reload.replace_over_memory(1);
+        assert_eq!(refusal(&mut reload, OPEN), ReloadError::InProgress { running: ReplaceReason::MaxMemory });
+        assert!(reload.abort().is_empty(), "a memory replacement has no one to answer");
+        assert!(reload.running().is_none());
     }
 }

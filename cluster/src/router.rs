@@ -29,11 +29,11 @@ use tandem_protocol::internal::{Expires, PendingTable};
 use tokio::sync::oneshot;
 use tokio::time::{Duration, Instant};
 
-use crate::WorkerId;
+use crate::identity::{LinkId, Origin, ProcKey, SlotId, Target};
 use crate::ipc::{Delivery, Op, Outcome, Refusal, ToChild};
 use crate::status::ProcessState;
-use crate::supervisor::{Proc, Slot};
-use crate::types::{LinkId, ProcKey, Sender, SlotId, Target};
+use crate::supervisor::{Proc, Slot, Slots};
+use crate::{Role, WorkerId};
 
 /// Where the answer to an operation goes.
 #[derive(Debug)]
@@ -75,24 +75,20 @@ pub(crate) enum Action {
 /// What the router sees of the supervised processes.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peers<'a> {
-    pub agent: &'a Slot,
-    pub workers: &'a [Slot],
+    /// Every supervised slot, agent and workers (the master's list).
+    pub slots: &'a Slots,
     /// The cluster is shutting down: no new links.
     pub stopping: bool,
 }
 
 impl<'a> Peers<'a> {
     fn slot(&self, id: SlotId) -> Option<&'a Slot> {
-        match id {
-            SlotId::Agent => Some(self.agent),
-            SlotId::Worker(n) => self.workers.get((n as usize).checked_sub(1)?),
-        }
+        self.slots.get(id)
     }
 
     /// The live process named by `key` (the slot's, or its predecessor still draining).
     fn proc(&self, key: ProcKey) -> Option<&'a Proc> {
-        let slot = self.slot(key.slot)?;
-        slot.proc.iter().chain(slot.previous.iter()).find(|p| p.key == key)
+        self.slots.proc(key)
     }
 
     /// A process that can take user messages now (ready, or draining during shutdown).
@@ -276,7 +272,7 @@ impl Router {
         &mut self,
         peers: Peers<'_>,
         now: Instant,
-        origin: Sender,
+        origin: Origin,
         key: Option<ProcKey>,
         op: Op,
         responder: Responder,
@@ -303,16 +299,17 @@ impl Router {
     }
 
     fn resolve(peers: Peers<'_>, origin: Option<ProcKey>, to: Target) -> Result<(Dest, Option<WorkerId>), Refusal> {
-        let workers = u32::try_from(peers.workers.len()).unwrap_or(u32::MAX);
         match to {
             Target::Master => Ok((Dest::Master, None)),
             Target::Agent => Ok((Dest::Slot(SlotId::Agent), None)),
-            Target::Worker(id) if id == 0 || id > workers => Err(Refusal::NoSuchWorker { id, workers }),
-            Target::Worker(id) => Ok((Dest::Slot(SlotId::Worker(id)), None)),
+            Target::Worker(id) => match peers.slot(SlotId::Worker(id)) {
+                Some(_) => Ok((Dest::Slot(SlotId::Worker(id)), None)),
+                None => Err(Refusal::NoSuchWorker { id, workers: peers.slots.worker_count() }),
+            },
             Target::RandomWorker => {
                 let ready: Vec<WorkerId> = peers
-                    .workers
-                    .iter()
+                    .slots
+                    .workers()
                     .filter(|w| w.state == ProcessState::Ready && w.proc.is_some())
                     .filter(|w| origin.is_none_or(|k| k.slot != w.id))
                     .filter_map(|w| w.id.worker_id())
@@ -327,7 +324,7 @@ impl Router {
     fn route_send(
         plan: &mut Plan,
         peers: Peers<'_>,
-        from: Sender,
+        from: Origin,
         origin: Option<ProcKey>,
         to: Target,
         topic: String,
@@ -341,8 +338,10 @@ impl Router {
                 plan.actions.push(Action::Deliver(delivery));
                 count += 1;
             }
-            let agent = (to == Target::All).then_some(peers.agent);
-            for slot in agent.into_iter().chain(peers.workers) {
+            for slot in peers.slots.iter() {
+                if to == Target::Workers && slot.id.role() != Role::Worker {
+                    continue;
+                }
                 if origin.is_some_and(|k| k.slot == slot.id) {
                     continue;
                 }
@@ -371,7 +370,7 @@ impl Router {
         plan: &mut Plan,
         peers: Peers<'_>,
         now: Instant,
-        from: Sender,
+        from: Origin,
         origin: Option<ProcKey>,
         to: Target,
         topic: String,
@@ -473,9 +472,10 @@ impl Router {
             return Err(Refusal::ShuttingDown);
         }
         let pid = peers.proc(key).map(|p| p.pid).ok_or(Refusal::NotAWorker)?;
-        let agent = match (&peers.agent.proc, peers.agent.state) {
+        let agent = peers.slot(SlotId::Agent).ok_or(Refusal::AgentUnavailable { state: "absent".to_owned() })?;
+        let agent = match (&agent.proc, agent.state) {
             (Some(p), ProcessState::Ready) => p,
-            _ => return Err(Refusal::AgentUnavailable { state: peers.agent.state.to_string() }),
+            _ => return Err(Refusal::AgentUnavailable { state: agent.state.to_string() }),
         };
         self.next_link += 1;
         let link = self.next_link;
@@ -574,404 +574,4 @@ impl Router {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::sync::mpsc;
-
-    use crate::RestartPolicy;
-
-    /// The supervised slots, all ready, with their queues (no processes).
-    struct Fixture {
-        agent: Slot,
-        workers: Vec<Slot>,
-        /// The receiving ends of each process's queues, kept open.
-        _queues: Vec<(mpsc::Receiver<ToChild>, mpsc::Receiver<ToChild>, oneshot::Receiver<()>)>,
-        now: Instant,
-    }
-
-    impl Fixture {
-        /// The agent and `workers` workers, each with a data queue of `capacity` messages.
-        fn new(workers: u32, capacity: usize) -> Self {
-            let mut queues = Vec::new();
-            let mut slot = |id: SlotId, generation: u64| {
-                let (control_tx, control_rx) = mpsc::channel(8);
-                let (data_tx, data_rx) = mpsc::channel(capacity);
-                let (kill_tx, kill_rx) = oneshot::channel();
-                queues.push((control_rx, data_rx, kill_rx));
-                let key = ProcKey { slot: id, generation };
-                let pid = 1000 + u32::try_from(generation).unwrap();
-                let mut slot = Slot::new(id, RestartPolicy::default());
-                slot.proc = Some(Proc::new(key, pid, control_tx, data_tx, 1, kill_tx));
-                slot.state = ProcessState::Ready;
-                slot
-            };
-            let agent = slot(SlotId::Agent, 1);
-            let workers = (1..=workers).map(|id| slot(SlotId::Worker(id), u64::from(id) + 1)).collect();
-            Fixture { agent, workers, _queues: queues, now: Instant::now() }
-        }
-
-        fn peers(&self) -> Peers<'_> {
-            Peers { agent: &self.agent, workers: &self.workers, stopping: false }
-        }
-
-        fn agent_key(&self) -> ProcKey {
-            self.agent.proc.as_ref().unwrap().key
-        }
-
-        fn worker_key(&self, id: WorkerId) -> ProcKey {
-            self.workers[id as usize - 1].proc.as_ref().unwrap().key
-        }
-
-        fn worker_sender(&self, id: WorkerId) -> Sender {
-            self.workers[id as usize - 1].proc.as_ref().unwrap().sender()
-        }
-
-        /// The worker died: its slot is empty (the master takes the process out first).
-        fn kill_worker(&mut self, id: WorkerId) -> ProcKey {
-            let slot = &mut self.workers[id as usize - 1];
-            slot.state = ProcessState::BackingOff;
-            slot.proc.take().unwrap().key
-        }
-
-        /// Fills the data queue of the worker to the brim.
-        fn fill_worker_queue(&self, id: WorkerId) {
-            let proc = self.workers[id as usize - 1].proc.as_ref().unwrap();
-            while proc.data.try_send(ToChild::ClusterReady).is_ok() {}
-        }
-    }
-
-    fn request(to: Target, deadline_ms: u64) -> Op {
-        Op::Request { to, topic: "ping".into(), payload: Bytes::from_static(b"?"), deadline_ms }
-    }
-
-    const MASTER: Sender = Sender::Master { pid: 1 };
-
-    /// The request id of the delivery in `action`, which must be one to `to`.
-    fn delivered_request(action: &Action, to: ProcKey) -> u64 {
-        match action {
-            Action::Data { to: k, msg: ToChild::Deliver(Delivery { topic, request: Some(id), .. }) } if *k == to => {
-                assert_eq!(topic, "ping");
-                *id
-            }
-            other => panic!("expected a request delivered to {to:?}, got {other:?}"),
-        }
-    }
-
-    fn refusal(actions: Vec<Action>) -> (ProcKey, u64, Refusal) {
-        match <[Action; 1]>::try_from(actions) {
-            Ok([Action::Control { to, msg: ToChild::Outcome { id, outcome: Outcome::Refused(r) } }]) => (to, id, r),
-            other => panic!("expected one refusal, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_request_is_routed_to_its_target_and_the_reply_back_to_the_requester() {
-        let f = Fixture::new(2, 4);
-        let mut router = Router::default();
-        let (w1, agent) = (f.worker_key(1), f.agent_key());
-        let responder = Responder::Remote { key: w1, id: 7 };
-        let actions =
-            router.on_op(f.peers(), f.now, f.worker_sender(1), Some(w1), request(Target::Agent, 1000), responder);
-        assert_eq!(actions.len(), 1, "{actions:?}");
-        let id = delivered_request(&actions[0], agent);
-        match &actions[0] {
-            Action::Data { msg: ToChild::Deliver(d), .. } => assert_eq!(d.from, f.worker_sender(1)),
-            _ => unreachable!(),
-        }
-
-        // Only the asked process may answer.
-        assert!(router.on_reply(Some(f.worker_key(2)), id, Ok(Bytes::from_static(b"forged"))).is_empty());
-        let actions = router.on_reply(Some(agent), id, Ok(Bytes::from_static(b"pong")));
-        match <[Action; 1]>::try_from(actions) {
-            Ok([Action::Control { to, msg: ToChild::Outcome { id: 7, outcome: Outcome::Reply(Ok(b)) } }]) => {
-                assert_eq!(to, w1);
-                assert_eq!(&b[..], b"pong");
-            }
-            other => panic!("expected the reply for worker 1, got {other:?}"),
-        }
-        // Answered once: a second reply, and the deadline, find nothing.
-        assert!(router.on_reply(Some(agent), id, Ok(Bytes::new())).is_empty());
-        assert!(router.on_tick(f.now + Duration::from_secs(60)).is_empty());
-        let counts = router.counts();
-        assert_eq!((counts.request, counts.reply, counts.send), (1, 3, 0));
-    }
-
-    #[test]
-    fn a_request_to_the_master_is_delivered_locally_and_answered_locally() {
-        let f = Fixture::new(1, 4);
-        let mut router = Router::default();
-        let (tx, mut rx) = oneshot::channel();
-        let actions = router.on_op(f.peers(), f.now, MASTER, None, request(Target::Master, 1000), Responder::Local(tx));
-        let id = match <[Action; 1]>::try_from(actions) {
-            Ok([Action::Deliver(Delivery { request: Some(id), from: MASTER, .. })]) => id,
-            other => panic!("expected a local delivery, got {other:?}"),
-        };
-        let actions = router.on_reply(None, id, Ok(Bytes::from_static(b"me")));
-        match <[Action; 1]>::try_from(actions) {
-            Ok([Action::Answer { reply, outcome }]) => reply.send(outcome).unwrap(),
-            other => panic!("expected a local answer, got {other:?}"),
-        }
-        assert!(matches!(rx.try_recv(), Ok(Outcome::Reply(Ok(b))) if &b[..] == b"me"));
-    }
-
-    #[test]
-    fn requests_to_unknown_dead_or_full_targets_are_refused_with_the_typed_error() {
-        let mut f = Fixture::new(2, 1);
-        let mut router = Router::default();
-        let agent = f.agent_key();
-        let from = f.agent.proc.as_ref().unwrap().sender();
-        let mut ask = |f: &Fixture, to: Target, id: u64| {
-            router.on_op(
-                f.peers(),
-                f.now,
-                from.clone(),
-                Some(agent),
-                request(to, 1000),
-                Responder::Remote { key: agent, id },
-            )
-        };
-
-        let (to, id, r) = refusal(ask(&f, Target::Worker(9), 1));
-        assert_eq!((to, id), (agent, 1));
-        assert!(matches!(r, Refusal::NoSuchWorker { id: 9, workers: 2 }), "{r:?}");
-
-        f.kill_worker(1);
-        let (_, id, r) = refusal(ask(&f, Target::Worker(1), 2));
-        assert_eq!(id, 2);
-        assert!(
-            matches!(&r, Refusal::NotRunning { target, state } if target == "worker 1" && state == "backing off"),
-            "{r:?}"
-        );
-
-        f.fill_worker_queue(2);
-        let (_, id, r) = refusal(ask(&f, Target::Worker(2), 3));
-        assert_eq!(id, 3);
-        assert!(matches!(&r, Refusal::QueueFull { target } if target == "worker 2"), "{r:?}");
-
-        // A plain send to a full queue is refused the same way.
-        let send = Op::Send { to: Target::Worker(2), topic: "t".into(), payload: Bytes::new() };
-        let actions = router.on_op(f.peers(), f.now, from, Some(agent), send, Responder::Remote { key: agent, id: 4 });
-        assert!(matches!(refusal(actions).2, Refusal::QueueFull { .. }));
-
-        // Nothing refused is pending: no deadline fires later.
-        assert!(router.on_tick(f.now + Duration::from_secs(60)).is_empty());
-    }
-
-    #[test]
-    fn a_fan_out_takes_the_room_it_plans_and_skips_the_sender() {
-        let f = Fixture::new(3, 1);
-        f.fill_worker_queue(3);
-        let mut router = Router::default();
-        let w1 = f.worker_key(1);
-        let send = Op::Send { to: Target::All, topic: "t".into(), payload: Bytes::from_static(b"x") };
-        let actions =
-            router.on_op(f.peers(), f.now, f.worker_sender(1), Some(w1), send, Responder::Remote { key: w1, id: 1 });
-        // The master, the agent and worker 2; worker 3's queue is full; not worker 1 itself.
-        let targets: Vec<Option<ProcKey>> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Deliver(_) => Some(None),
-                Action::Data { to, msg: ToChild::Deliver(_) } => Some(Some(*to)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(targets, vec![None, Some(f.agent_key()), Some(f.worker_key(2))]);
-        match actions.last() {
-            Some(Action::Control { to, msg: ToChild::Outcome { id: 1, outcome } }) => {
-                assert_eq!(*to, w1);
-                assert!(matches!(outcome, Outcome::Sent { count: 3, worker: None }), "{outcome:?}");
-            }
-            other => panic!("expected the acknowledgement, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_request_whose_deadline_passes_is_answered_deadline_exceeded() {
-        let f = Fixture::new(1, 4);
-        let mut router = Router::default();
-        let (tx, mut rx) = oneshot::channel();
-        let actions =
-            router.on_op(f.peers(), f.now, MASTER, None, request(Target::Worker(1), 500), Responder::Local(tx));
-        let id = delivered_request(&actions[0], f.worker_key(1));
-
-        assert!(router.on_tick(f.now + Duration::from_millis(499)).is_empty(), "not yet");
-        let actions = router.on_tick(f.now + Duration::from_millis(500));
-        match <[Action; 1]>::try_from(actions) {
-            Ok([Action::Answer { reply, outcome }]) => reply.send(outcome).unwrap(),
-            other => panic!("expected the deadline's answer, got {other:?}"),
-        }
-        match rx.try_recv() {
-            Ok(Outcome::Refused(Refusal::DeadlineExceeded { target, deadline_ms: 500 })) => {
-                assert_eq!(target, "worker 1")
-            }
-            other => panic!("{other:?}"),
-        }
-        // The late reply finds nothing to answer.
-        assert!(router.on_reply(Some(f.worker_key(1)), id, Ok(Bytes::new())).is_empty());
-    }
-
-    /// Opens a link from worker `id`; returns its id.
-    fn open_link(router: &mut Router, f: &Fixture, id: WorkerId) -> LinkId {
-        let key = f.worker_key(id);
-        let actions = router.on_op(
-            f.peers(),
-            f.now,
-            f.worker_sender(id),
-            Some(key),
-            Op::OpenLink,
-            Responder::Remote { key, id: 1 },
-        );
-        match <[Action; 2]>::try_from(actions) {
-            Ok(
-                [
-                    Action::Data { to: agent, msg: ToChild::IncomingLink { link, worker_id, pid } },
-                    Action::Control {
-                        to,
-                        msg: ToChild::Outcome { id: 1, outcome: Outcome::LinkOpened { link: opened } },
-                    },
-                ],
-            ) => {
-                assert_eq!((agent, to, worker_id, link), (f.agent_key(), key, id, opened));
-                assert_eq!(pid, f.workers[id as usize - 1].proc.as_ref().unwrap().pid);
-                link
-            }
-            other => panic!("expected a link opened, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_links_frames_and_credits_are_relayed_between_its_ends() {
-        let f = Fixture::new(2, 2);
-        let mut router = Router::default();
-        let (w1, agent) = (f.worker_key(1), f.agent_key());
-        let link = open_link(&mut router, &f, 1);
-
-        let actions = router.on_link_frame(f.peers(), w1, link, Bytes::from_static(b"f1"));
-        assert!(
-            matches!(&actions[..], [Action::Data { to, msg: ToChild::LinkFrame { link: l, frame } }]
-            if *to == agent && *l == link && &frame[..] == b"f1"),
-            "{actions:?}"
-        );
-        let actions = router.on_link_credit(f.peers(), agent, link, 5);
-        assert!(
-            matches!(&actions[..], [Action::Data { to, msg: ToChild::LinkCredit { credit: 5, .. } }] if *to == w1),
-            "{actions:?}"
-        );
-        // Not an end of the link: ignored.
-        assert!(router.on_link_frame(f.peers(), f.worker_key(2), link, Bytes::new()).is_empty());
-        assert_eq!(router.counts().link_frame, 2);
-
-        // With worker 1's data queue full, credit goes on its control queue (never lost)...
-        f.fill_worker_queue(1);
-        let actions = router.on_link_credit(f.peers(), agent, link, 3);
-        assert!(
-            matches!(&actions[..], [Action::Control { to, msg: ToChild::LinkCredit { credit: 3, .. } }] if *to == w1),
-            "{actions:?}"
-        );
-        // ...but a frame closes the link: both ends are told, the full one on its control queue.
-        let actions = router.on_link_frame(f.peers(), agent, link, Bytes::new());
-        match <[Action; 2]>::try_from(actions) {
-            Ok(
-                [
-                    Action::Control { to: a, msg: ToChild::LinkClosed { reason: r1, .. } },
-                    Action::Data { to: b, msg: ToChild::LinkClosed { reason: r2, .. } },
-                ],
-            ) => {
-                assert_eq!((a, b), (w1, agent));
-                assert_eq!((r1.as_str(), r2.as_str()), ("relay queue full", "relay queue full"));
-            }
-            other => panic!("expected the link closed, got {other:?}"),
-        }
-        assert!(router.on_link_frame(f.peers(), w1, link, Bytes::new()).is_empty(), "the link is gone");
-    }
-
-    #[test]
-    fn no_links_open_while_stopping_or_while_the_agent_is_not_ready() {
-        let mut f = Fixture::new(1, 2);
-        let mut router = Router::default();
-        let w1 = f.worker_key(1);
-        let mut peers = f.peers();
-        peers.stopping = true;
-        let actions = router.on_op(
-            peers,
-            f.now,
-            f.worker_sender(1),
-            Some(w1),
-            Op::OpenLink,
-            Responder::Remote { key: w1, id: 1 },
-        );
-        assert!(matches!(refusal(actions).2, Refusal::ShuttingDown));
-        f.agent.state = ProcessState::Starting;
-        let actions = router.on_op(
-            f.peers(),
-            f.now,
-            f.worker_sender(1),
-            Some(w1),
-            Op::OpenLink,
-            Responder::Remote { key: w1, id: 2 },
-        );
-        assert!(matches!(refusal(actions).2, Refusal::AgentUnavailable { state } if state == "starting"));
-    }
-
-    #[test]
-    fn a_child_gone_fails_what_it_was_asked_forgets_what_it_asked_and_closes_its_links() {
-        let mut f = Fixture::new(2, 4);
-        let mut router = Router::default();
-        let (w1, w2, agent) = (f.worker_key(1), f.worker_key(2), f.agent_key());
-        let link = open_link(&mut router, &f, 1);
-        // The master asks worker 1; worker 1 asks worker 2.
-        let (tx, mut rx) = oneshot::channel();
-        router.on_op(f.peers(), f.now, MASTER, None, request(Target::Worker(1), 1000), Responder::Local(tx));
-        let actions = router.on_op(
-            f.peers(),
-            f.now,
-            f.worker_sender(1),
-            Some(w1),
-            request(Target::Worker(2), 1000),
-            Responder::Remote { key: w1, id: 9 },
-        );
-        let asked_by_w1 = delivered_request(&actions[0], w2);
-
-        assert_eq!(f.kill_worker(1), w1);
-        let actions = router.on_gone(f.peers(), w1);
-        assert_eq!(actions.len(), 2, "{actions:?}");
-        for action in actions {
-            match action {
-                Action::Answer { reply, outcome } => reply.send(outcome).unwrap(),
-                Action::Data { to, msg: ToChild::LinkClosed { link: l, reason } } => {
-                    assert_eq!((to, l, reason.as_str()), (agent, link, "worker 1 exited"));
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        assert!(
-            matches!(rx.try_recv(), Ok(Outcome::Refused(Refusal::TargetExited { target })) if target == "worker 1")
-        );
-        // Worker 2's late reply and the deadline find nothing; the link is gone.
-        assert!(router.on_reply(Some(w2), asked_by_w1, Ok(Bytes::new())).is_empty());
-        assert!(router.on_tick(f.now + Duration::from_secs(60)).is_empty());
-        assert!(router.on_link_frame(f.peers(), agent, link, Bytes::new()).is_empty());
-    }
-
-    #[test]
-    fn one_step_counts_the_room_its_own_messages_take() {
-        // The agent's data queue has room for one message.
-        let mut f = Fixture::new(1, 1);
-        let mut router = Router::default();
-        let (first, second) = (open_link(&mut router, &f, 1), open_link(&mut router, &f, 1));
-        let w1 = f.kill_worker(1);
-        let mut closed: Vec<(bool, LinkId)> = router
-            .on_gone(f.peers(), w1)
-            .into_iter()
-            .map(|a| match a {
-                Action::Data { msg: ToChild::LinkClosed { link, .. }, .. } => (true, link),
-                Action::Control { msg: ToChild::LinkClosed { link, .. }, .. } => (false, link),
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
-        closed.sort_by_key(|&(_, link)| link);
-        // Behind the frames for one link; the other, with the queue now full, ahead of them.
-        assert_eq!(closed.iter().map(|&(_, l)| l).collect::<Vec<_>>(), vec![first, second]);
-        assert_eq!(closed.iter().filter(|&&(data, _)| data).count(), 1, "{closed:?}");
-    }
-}
+mod tests;

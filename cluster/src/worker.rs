@@ -6,9 +6,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::child_core::ChildCore;
+use crate::child_context::ChildContext;
+use crate::identity::AgentInfo;
 use crate::ipc::Ready;
-use crate::types::AgentInfo;
 use crate::{Error, FrameLink, Listener, Messenger, WorkerId};
 
 /// A worker's view of the cluster, given to its start function.
@@ -19,13 +19,13 @@ use crate::{Error, FrameLink, Listener, Messenger, WorkerId};
 /// cancelled, and returns.
 #[derive(Debug, Clone)]
 pub struct WorkerContext {
-    core: Arc<ChildCore>,
+    core: Arc<ChildContext>,
     id: WorkerId,
     agent: watch::Receiver<AgentInfo>,
 }
 
 impl WorkerContext {
-    pub(crate) fn new(core: Arc<ChildCore>, id: WorkerId, agent: watch::Receiver<AgentInfo>) -> Self {
+    pub(crate) fn new(core: Arc<ChildContext>, id: WorkerId, agent: watch::Receiver<AgentInfo>) -> Self {
         WorkerContext { core, id, agent }
     }
 

@@ -168,14 +168,14 @@ async fn run(command: Command) -> Result<(), ControlError> {
                 r.new_pid,
                 r.epoch,
                 r.old_epoch,
-                r.took_ms
+                r.took.as_millis()
             );
             Ok(())
         }
         Command::Reload { name, agent: false } => {
             let report: ReloadReport = connect_answering(&name).await?.call_as(Request::Reload).await?;
             for r in &report.replaced {
-                outln!("worker {}: pid {} -> {} (ready)", r.worker, r.old_pid, r.new_pid);
+                outln!("worker {}: pid {} -> {} (ready)", r.id, r.old_pid, r.new_pid);
             }
             outln!("reloaded {} workers", report.replaced.len());
             Ok(())

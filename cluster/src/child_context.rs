@@ -1,4 +1,4 @@
-//! What the agent's and the workers' contexts share: the child's `Init`, its
+//! The context every child has, which the agent's and the workers' contexts wrap: the child's `Init`, its
 //! messenger, its stop token and its side of the IPC channel. The child
 //! runtime ([`child`](crate::child)) builds it; the contexts wrap it.
 
@@ -15,7 +15,7 @@ use crate::messenger::{ChildShared, Messenger};
 
 /// What the agent and worker contexts share.
 #[derive(Debug)]
-pub(crate) struct ChildCore {
+pub(crate) struct ChildContext {
     pub init: Init,
     pub pid: u32,
     pub messenger: Messenger,
@@ -27,7 +27,7 @@ pub(crate) struct ChildCore {
     pub listeners: std::sync::Mutex<ReceivedListeners>,
 }
 
-impl ChildCore {
+impl ChildContext {
     pub(crate) async fn report_ready(&self, ready: Ready) -> Result<(), Error> {
         if self.ready_sent.swap(true, Ordering::AcqRel) {
             return Ok(());

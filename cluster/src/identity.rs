@@ -1,7 +1,7 @@
-//! The plain data types that several modules share: who a message is from
-//! and to, the current agent as workers see it, and the names the master
-//! gives its slots, processes and links. A leaf: it imports no other module
-//! of the crate but the process identities.
+//! Who is who in a cluster: where a message goes ([`Target`]), which process
+//! it came from ([`Origin`]), the current agent as workers see it, and the
+//! names the master gives its slots, processes and links. A leaf: it imports
+//! no other module of the crate but the roles and worker ids.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -51,7 +51,7 @@ impl fmt::Display for Target {
 /// Who sent a message, as stamped by the master (a child cannot choose it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
-pub enum Sender {
+pub enum Origin {
     /// The master.
     Master {
         /// Its pid.
@@ -73,38 +73,38 @@ pub enum Sender {
     },
 }
 
-impl Sender {
+impl Origin {
     /// The sender's pid.
     pub fn pid(&self) -> u32 {
         match *self {
-            Sender::Master { pid } | Sender::Agent { pid, .. } | Sender::Worker { pid, .. } => pid,
+            Origin::Master { pid } | Origin::Agent { pid, .. } | Origin::Worker { pid, .. } => pid,
         }
     }
 
     /// The sender's role.
     pub fn role(&self) -> Role {
         match self {
-            Sender::Master { .. } => Role::Master,
-            Sender::Agent { .. } => Role::Agent,
-            Sender::Worker { .. } => Role::Worker,
+            Origin::Master { .. } => Role::Master,
+            Origin::Agent { .. } => Role::Agent,
+            Origin::Worker { .. } => Role::Worker,
         }
     }
 
     /// The sender's worker id, when it is a worker.
     pub fn worker_id(&self) -> Option<WorkerId> {
         match *self {
-            Sender::Worker { id, .. } => Some(id),
+            Origin::Worker { id, .. } => Some(id),
             _ => None,
         }
     }
 }
 
-impl fmt::Display for Sender {
+impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Sender::Master { pid } => write!(f, "master (pid {pid})"),
-            Sender::Agent { pid, epoch } => write!(f, "agent (pid {pid}, epoch {epoch})"),
-            Sender::Worker { id, pid } => write!(f, "worker {id} (pid {pid})"),
+            Origin::Master { pid } => write!(f, "master (pid {pid})"),
+            Origin::Agent { pid, epoch } => write!(f, "agent (pid {pid}, epoch {epoch})"),
+            Origin::Worker { id, pid } => write!(f, "worker {id} (pid {pid})"),
         }
     }
 }

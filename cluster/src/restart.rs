@@ -1,6 +1,11 @@
 //! The restart policy: exponential backoff, reset after a stable uptime, and a
 //! crash-loop limit after which a slot is marked failed and retried later —
 //! never given up for good (unlike cfork's refork limit, eggjs/egg#4538).
+//!
+//! [`CrashLoop`] counts a slot's unstable exits and turns them into delays.
+//! Its delays follow [`RestartPolicy`]'s multiplier and symmetric jitter
+//! fraction (both public settings), which `tandem_protocol::internal::Backoff` (×2, a
+//! delay drawn in [cap/2, cap]) does not offer; so the delay formula stays here.
 
 use std::time::Duration;
 
@@ -53,17 +58,18 @@ pub(crate) enum Restart {
     Failed { retry_after: Duration, failures: u32 },
 }
 
-/// The backoff state of one slot.
+/// One slot's crash-loop state: its consecutive unstable exits, and when its
+/// process became ready (a stable run resets the count).
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub(crate) struct CrashLoop {
     policy: RestartPolicy,
     failures: u32,
     ready_at: Option<Instant>,
 }
 
-impl Backoff {
+impl CrashLoop {
     pub(crate) fn new(policy: RestartPolicy) -> Self {
-        Backoff { policy, failures: 0, ready_at: None }
+        CrashLoop { policy, failures: 0, ready_at: None }
     }
 
     /// A new process of the slot was spawned.
@@ -135,7 +141,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn delays_grow_exponentially_up_to_the_cap() {
-        let mut b = Backoff::new(policy());
+        let mut b = CrashLoop::new(policy());
         let mut delays = Vec::new();
         for _ in 0..6 {
             b.spawned();
@@ -148,7 +154,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_crash_at_start_up_counts_as_unstable() {
-        let mut b = Backoff::new(policy());
+        let mut b = CrashLoop::new(policy());
         b.spawned();
         advance(Duration::from_secs(3600)).await; // a long time, but never ready
         assert_eq!(delay(b.exited()), Duration::from_millis(100));
@@ -159,7 +165,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stable_run_resets_the_backoff() {
-        let mut b = Backoff::new(policy());
+        let mut b = CrashLoop::new(policy());
         for _ in 0..3 {
             b.spawned();
             b.ready();
@@ -179,7 +185,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_crash_loop_marks_the_slot_failed_and_the_retry_is_half_open() {
-        let mut b = Backoff::new(policy());
+        let mut b = CrashLoop::new(policy());
         for _ in 0..6 {
             b.spawned();
             assert!(matches!(b.exited(), Restart::After { .. }));
@@ -200,7 +206,7 @@ mod tests {
     async fn jitter_stays_within_its_fraction() {
         let mut p = policy();
         p.jitter = 0.1;
-        let mut b = Backoff::new(p);
+        let mut b = CrashLoop::new(p);
         for _ in 0..50 {
             b.failures = 0;
             let d = delay(b.exited()).as_secs_f64();

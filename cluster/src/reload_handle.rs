@@ -1,8 +1,10 @@
 //! [`ClusterControl`], the handle code in the master process uses to ask the
 //! running master for a reload (of the workers, or of the agent), and what a
-//! reload answers. The master's side of a reload is in [`reload`](crate::reload)
-//! (the workers' rolling replacement) and [`agent_reload`](crate::agent_reload)
-//! (the agent's failover onto a new process).
+//! reload answers: the same report types the control socket sends the
+//! `tandem` CLI (`took` is `took_ms` on the wire). The master's side of a
+//! reload is in [`reload`](crate::reload) (the workers' rolling replacement)
+//! and [`agent_reload`](crate::agent_reload) (the agent's failover onto a new
+//! process).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -43,7 +45,8 @@ impl fmt::Display for ReplaceReason {
 /// One replaced worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplacedWorker {
-    /// The slot.
+    /// The slot (`worker` on the wire).
+    #[serde(rename = "worker")]
     pub id: WorkerId,
     /// The old process.
     pub old_pid: u32,
@@ -58,10 +61,13 @@ pub struct ReloadReport {
     pub replaced: Vec<ReplacedWorker>,
     /// Slots with no ready process when the reload began (starting, backing
     /// off, failed): left to the supervisor, not replaced.
+    #[serde(default)]
     pub skipped: Vec<WorkerId>,
     /// The workers' pids after the reload, by slot (`None`: no process).
+    #[serde(default)]
     pub workers: Vec<Option<u32>>,
-    /// How long it took.
+    /// How long it took (`took_ms` on the wire).
+    #[serde(rename = "took_ms", with = "millis", default)]
     pub took: Duration,
 }
 
@@ -76,7 +82,9 @@ pub struct AgentReloadReport {
     pub new_pid: u32,
     /// The new agent's epoch, higher than every earlier agent's.
     pub epoch: u64,
-    /// How long it took, from the stop request to the new agent's ready report.
+    /// How long it took, from the stop request to the new agent's ready report
+    /// (`took_ms` on the wire).
+    #[serde(rename = "took_ms", with = "millis")]
     pub took: Duration,
 }
 
@@ -183,4 +191,48 @@ impl ClusterControl {
 pub(crate) enum ControlCall {
     Reload { reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>> },
     ReloadAgent { reply: oneshot::Sender<Result<AgentReloadReport, ReloadError>> },
+}
+
+/// A duration as whole milliseconds, as the control protocol writes durations.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reports_keep_the_control_protocol_s_field_names() {
+        let report = ReloadReport {
+            replaced: vec![ReplacedWorker { id: 2, old_pid: 10, new_pid: 11 }],
+            skipped: vec![3],
+            workers: vec![Some(9), Some(11), None],
+            took: Duration::from_millis(1500),
+        };
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(
+            json,
+            r#"{"replaced":[{"worker":2,"old_pid":10,"new_pid":11}],"skipped":[3],"workers":[9,11,null],"took_ms":1500}"#
+        );
+        assert_eq!(serde_json::from_str::<ReloadReport>(&json).unwrap(), report);
+        // An answer with only the replaced workers (an older master's) still reads.
+        let old: ReloadReport = serde_json::from_str(r#"{"replaced":[{"worker":1,"old_pid":4,"new_pid":5}]}"#).unwrap();
+        assert_eq!(old.replaced, vec![ReplacedWorker { id: 1, old_pid: 4, new_pid: 5 }]);
+        let agent =
+            AgentReloadReport { old_pid: 4, old_epoch: 1, new_pid: 5, epoch: 2, took: Duration::from_millis(212) };
+        let json = serde_json::to_string(&agent).unwrap();
+        assert_eq!(json, r#"{"old_pid":4,"old_epoch":1,"new_pid":5,"epoch":2,"took_ms":212}"#);
+        assert_eq!(serde_json::from_str::<AgentReloadReport>(&json).unwrap(), agent);
+    }
 }

@@ -1,4 +1,5 @@
-//! Signals and the order of a graceful stop.
+//! The signals the master and the children handle. The order of a graceful
+//! stop they start is [`stop`](crate::stop)'s.
 //!
 //! ```text
 //! SIGTERM/SIGINT -> master: stop restarting; Stop{grace} to every worker
@@ -57,27 +58,6 @@ impl MasterSignals {
             _ = self.hup.recv() => MasterSignal::Reload,
         }
     }
-}
-
-/// Where a shutdown is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stage {
-    /// Waiting for the workers to exit.
-    Workers,
-    /// Waiting for the agent to exit.
-    Agent,
-    /// Everything has exited.
-    Done,
-}
-
-/// A shutdown in progress.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Stopping {
-    pub stage: Stage,
-    /// A second signal: no more grace.
-    pub forced: bool,
-    /// Tells this stage's deadline timer from an earlier stage's.
-    pub deadline_id: u64,
 }
 
 /// In a child: SIGTERM cancels `stop` (a graceful stop of this process alone);

@@ -1,0 +1,203 @@
+//! The control socket's unit tests.
+
+use std::io::{self};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+
+use futures::StreamExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{Framed, LinesCodec};
+
+use super::client::*;
+use super::limits::*;
+use super::names::*;
+use super::server::*;
+use super::wire::*;
+use crate::Error;
+
+#[test]
+fn names_are_checked() {
+    assert!(validate_name("config_center").is_ok());
+    assert!(validate_name("a.b-c_1").is_ok());
+    for bad in ["", ".hidden", "a/b", "..", "x y", &"n".repeat(65)] {
+        assert!(validate_name(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn requests_are_json_lines() {
+    assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"cmd":"status"}"#);
+    assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
+    assert_eq!(serde_json::to_string(&Request::ReloadAgent).unwrap(), r#"{"cmd":"reload_agent"}"#);
+    assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+}
+
+#[test]
+fn the_refusal_line_is_pinned() {
+    assert_eq!(
+        encode_reply(&Response::too_many_connections(), MAX_LINE),
+        r#"{"ok":false,"error":"the master is serving its limit of 16 control connections; try again","code":"too_many_connections"}"#
+    );
+    let refused = response_result(&encode_reply(&Response::too_many_connections(), MAX_LINE));
+    assert!(matches!(&refused, Err(e @ ControlError::Busy(_)) if e.is_retryable()), "{refused:?}");
+    let failed = response_result(r#"{"ok":false,"error":"reload already running"}"#);
+    assert!(matches!(&failed, Err(ControlError::Failed(e)) if e == "reload already running"), "{failed:?}");
+}
+
+#[test]
+fn a_bad_request_is_echoed_cut_short_with_its_length() {
+    let why = |line: &str| {
+        let e = serde_json::from_str::<Request>(line).unwrap_err();
+        Response::bad_request(line, &e)
+    };
+    assert_eq!(
+        why("status").error.as_deref(),
+        Some(
+            r#"bad request (6 bytes, starting "status"): expected value at line 1 column 1; expected {"cmd":"info|status|leader|reload|reload_agent|stop"}"#
+        )
+    );
+    // The repro of issue 23: 4 MiB of \x01 (Debug-escaped, each is 5 bytes).
+    let flood = "\u{1}".repeat(4 * 1024 * 1024);
+    let line = encode_reply(&why(&flood), MAX_LINE);
+    assert!(line.len() < 1024, "{} bytes: {line}", line.len());
+    let prefix = r"\\u{1}".repeat(ECHO_PREFIX);
+    assert!(line.contains(&format!(r#"(4194304 bytes, starting \"{prefix}\"...): "#)), "{line}");
+    // The parser quotes an unknown command: cut short too.
+    let long = format!(r#"{{"cmd":"{}"}}"#, "é".repeat(2000));
+    let line = encode_reply(&why(&long), MAX_LINE);
+    assert!(line.len() < 1024, "{} bytes: {line}", line.len());
+    assert!(line.contains("(4010 bytes, starting ") && line.contains("unknown variant"), "{line}");
+    let too_long = encode_reply(&Response::line_too_long(&[b'x'; MAX_REQUEST_LINE + 1]), MAX_LINE);
+    assert!(too_long.len() < 1024, "{too_long}");
+    assert!(too_long.contains(&format!("longer than 4096 bytes (the limit), starting \\\"{}\\\"...", "x".repeat(64))));
+}
+
+#[test]
+fn cut_stops_at_a_character_boundary() {
+    assert_eq!(cut("abc", 10), "abc");
+    assert_eq!(cut("abc", 2), "ab");
+    assert_eq!(cut("héllo", 2), "h");
+    assert_eq!(cut("héllo", 3), "hé");
+    assert_eq!(cut("", 0), "");
+}
+
+#[test]
+fn an_answer_over_the_line_limit_is_replaced_by_an_error() {
+    let small = Response::ok("x".repeat(20));
+    assert_eq!(encode_reply(&small, 64), serde_json::to_string(&small).unwrap());
+    let big = Response::ok("x".repeat(100));
+    let line = encode_reply(&big, 64);
+    assert_eq!(line, r#"{"ok":false,"error":"the answer is 123 bytes, over the control socket's limit of 64"}"#);
+    assert_eq!(serde_json::to_string(&big).unwrap().len(), 123);
+}
+
+/// A client that never reads: its answer (larger than the socket's
+/// buffers) is abandoned after `WRITE_TIMEOUT`, the connection to be
+/// closed; one that reads gets it.
+#[tokio::test(start_paused = true)]
+async fn an_answer_not_read_is_abandoned_after_the_write_timeout() {
+    let answer = Response::ok("x".repeat(MAX_LINE - 100));
+    let (master, _client) = UnixStream::pair().unwrap();
+    let mut framed = Framed::new(master, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
+    let started = tokio::time::Instant::now();
+    assert!(!send(&mut framed, &answer, &Warnings::default()).await);
+    assert_eq!(started.elapsed(), WRITE_TIMEOUT);
+
+    let (master, client) = UnixStream::pair().unwrap();
+    let mut framed = Framed::new(master, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
+    let reader = tokio::spawn(async move {
+        let mut client = Framed::new(client, LinesCodec::new_with_max_length(MAX_LINE));
+        client.next().await.map(|line| line.map(|l| l.len()))
+    });
+    let started = tokio::time::Instant::now();
+    assert!(send(&mut framed, &answer, &Warnings::default()).await);
+    assert!(started.elapsed() < WRITE_TIMEOUT);
+    assert_eq!(reader.await.unwrap().unwrap().unwrap(), MAX_LINE - 100 + r#"{"ok":true,"result":""}"#.len());
+}
+
+/// The master refuses a connection over its limit (`refuse`) and closes
+/// it: whether that happens before the client sent its request (which
+/// then fails with EPIPE) or after, the client reads the refusal.
+#[tokio::test]
+async fn a_refused_client_reads_the_refusal_even_when_its_request_was_not_sent() {
+    let base = tempfile_dir();
+    let path = base.join("control.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let busy = "the master is serving its limit of 16 control connections; try again";
+
+    // Refused (and closed) before the request is sent.
+    let mut client = Client::connect_to(&path, "app").await.unwrap();
+    let (stream, _) = listener.accept().await.unwrap();
+    refuse(stream);
+    match client.call(Request::Status).await {
+        Err(ControlError::Busy(why)) => assert_eq!(why, busy),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+
+    // Refused after the request arrived (it stays unread).
+    let mut client = Client::connect_to(&path, "app").await.unwrap();
+    let call = tokio::spawn(async move { client.call(Request::Status).await });
+    let (stream, _) = listener.accept().await.unwrap();
+    stream.readable().await.unwrap();
+    refuse(stream);
+    match call.await.unwrap() {
+        Err(ControlError::Busy(why)) => assert_eq!(why, busy),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+
+    // Closed without a word: the cause is said, not "bad answer".
+    let mut client = Client::connect_to(&path, "app").await.unwrap();
+    drop(listener.accept().await.unwrap());
+    let closed = client.call(Request::Status).await;
+    assert!(matches!(closed, Err(ControlError::Closed { .. })), "{closed:?}");
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+fn private_dir_refuses_open_directories() {
+    let base = tempfile_dir();
+    let open = base.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(private_dir(&open).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+    let fresh = base.join("fresh");
+    private_dir(&fresh).unwrap();
+    assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[tokio::test]
+async fn one_master_per_name_and_a_dead_masters_socket_is_taken_over() {
+    let base = tempfile_dir();
+    let clusters = base.join("tandem");
+    let first = ControlServer::bind_in(&clusters, "app").unwrap();
+    match ControlServer::bind_in(&clusters, "app") {
+        Err(Error::NameInUse { name, pid }) => assert_eq!((name.as_str(), pid), ("app", std::process::id())),
+        other => panic!("expected NameInUse, got {other:?}"),
+    }
+    assert_eq!(std::fs::metadata(&clusters).unwrap().mode() & 0o777, 0o700);
+    assert!(ControlServer::bind_in(&clusters, "other").is_ok());
+    drop(first);
+    assert!(!clusters.join("app").exists(), "a stopped master removes its name's directory");
+    // A master that died leaves its directory and socket file behind (and no lock holder).
+    private_dir(&clusters.join("app")).unwrap();
+    let stale = clusters.join("app").join(SOCKET_FILE);
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let second = ControlServer::bind_in(&clusters, "app").unwrap();
+    assert!(UnixStream::connect(&stale).await.is_ok(), "the new master listens on the path");
+    drop(second);
+    assert!(!stale.exists(), "the socket is removed with its master");
+    assert!(matches!(ControlServer::bind_in(&clusters, "../x"), Err(Error::InvalidName { .. })));
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+fn tempfile_dir() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let dir = std::env::temp_dir().join(format!("tandem-control-test-{}-{n}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
