@@ -1,11 +1,13 @@
 //! What a handle asks of the driver: the [`Command`]s sent over the driver's
 //! queue, and what a new subscription handle is made of.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_protocol::RequestId;
-use tokio::sync::oneshot;
+use tandem_protocol::{Position, RequestId};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::Error;
@@ -56,7 +58,7 @@ pub(crate) enum Command {
         channel: &'static str,
         key: Bytes,
         options: crate::DeliverOptions,
-        reply: crate::one::SubscribeOneReply,
+        reply: SubscribeOneReply,
     },
     /// A deliver-to-one handle was dropped.
     UnsubscribeOne {
@@ -89,3 +91,27 @@ impl Command {
         }
     }
 }
+
+/// One delivery as the driver hands it to a subscription's stream.
+#[derive(Debug)]
+pub(crate) struct RawDelivery {
+    /// The link it came on (an ack is only worth sending on that link).
+    pub(crate) link: u64,
+    pub(crate) sub: RequestId,
+    pub(crate) tag: u64,
+    pub(crate) position: Position,
+    pub(crate) payload: Bytes,
+    pub(crate) redelivered: bool,
+}
+
+/// What the driver gives a new deliver-to-one subscription.
+#[derive(Debug)]
+pub(crate) struct DeliveriesParts {
+    pub(crate) local: u64,
+    pub(crate) rx: mpsc::Receiver<RawDelivery>,
+    /// The driver's current link: deliveries of an earlier one are skipped
+    /// (that leader already gave them to another subscriber).
+    pub(crate) link: Arc<AtomicU64>,
+}
+
+pub(crate) type SubscribeOneReply = oneshot::Sender<Result<DeliveriesParts, Error>>;

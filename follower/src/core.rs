@@ -20,6 +20,7 @@ use crate::command::{Command, SubscribeReply};
 use crate::feed::{Feed, RawUpdate};
 use crate::in_flight::{InFlight, Pending};
 use crate::link_end::LinkEnd;
+use crate::one::{Ones, Step};
 use crate::state::{LinkState, Status};
 use crate::topic::{Remote, Topic};
 use crate::{Config, Error};
@@ -67,7 +68,7 @@ pub(crate) struct Core {
     /// The protocol version of the current (or last) link.
     pub(crate) version: u16,
     /// Deliver-to-one subscriptions.
-    pub(crate) ones: crate::one::Ones,
+    pub(crate) ones: Ones,
 }
 
 impl Core {
@@ -113,6 +114,24 @@ impl Core {
         }
     }
 
+    /// Runs a step of the deliver-to-one subscriptions with what they use of the core.
+    fn with_ones<T>(&mut self, f: impl FnOnce(&mut Ones, &mut Step<'_>) -> T) -> T {
+        let mut step = Step {
+            out: &mut self.out,
+            in_flight: &mut self.in_flight,
+            next_id: &self.next_id,
+            version: self.version,
+            status: &self.status,
+            retry_at: &mut self.retry_at,
+        };
+        f(&mut self.ones, &mut step)
+    }
+
+    /// The settles of this step, one frame per subscription.
+    pub(crate) fn flush_settles(&mut self) {
+        self.ones.flush_settles(&mut self.out);
+    }
+
     pub(crate) fn next_id(&self) -> RequestId {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -151,7 +170,7 @@ impl Core {
                 self.queued.retain(|c| !matches!(c, Command::Invoke { id: queued, .. } if *queued == id));
             }
             Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
-            Command::UnsubscribeOne { local } => self.unsubscribe_one(local),
+            Command::UnsubscribeOne { local } => self.with_ones(|ones, step| ones.unsubscribe(step, local)),
             // Of a lost link: that leader redelivered it already.
             Command::Settle { .. } => {}
             Command::Close(done) => {
@@ -321,9 +340,11 @@ impl Core {
             }
             Command::Subscribe { channel, key, reply } => self.subscribe(channel, key, reply),
             Command::Unsubscribe { channel, key, feed } => self.release(channel, key, &feed),
-            Command::SubscribeOne { channel, key, options, reply } => self.subscribe_one(channel, key, options, reply),
-            Command::UnsubscribeOne { local } => self.unsubscribe_one(local),
-            Command::Settle { link, sub, tag, ack, .. } => self.settle(sub, link, tag, ack),
+            Command::SubscribeOne { channel, key, options, reply } => {
+                self.with_ones(|ones, step| ones.subscribe(step, channel, key, options, reply))
+            }
+            Command::UnsubscribeOne { local } => self.with_ones(|ones, step| ones.unsubscribe(step, local)),
+            Command::Settle { link, sub, tag, ack, .. } => self.ones.settle(sub, link, tag, ack),
             Command::Cancel(id) => {
                 if self.in_flight.remove(id).is_some() {
                     self.out.push(Frame::Cancel(id));
@@ -416,13 +437,15 @@ impl Core {
                     let _ = reply.send(result.map_err(Error::Remote));
                 }
                 Some(Pending::Subscribe { channel, key }) => self.on_subscribed(id, channel, key, result),
-                Some(Pending::SubscribeOne { local }) => self.on_subscribed_one(id, local, result),
+                Some(Pending::SubscribeOne { local }) => {
+                    self.with_ones(|ones, step| ones.on_subscribed(step, id, local, result))
+                }
                 _ => {}
             },
             Frame::Event(event) => self.on_event(event),
-            Frame::Delivery(delivery) => self.on_delivery(delivery),
+            Frame::Delivery(delivery) => self.ones.on_delivery(delivery),
             Frame::Ended(ended) => {
-                self.end_ones(&ended.channel, &ended.key, &ended.error);
+                self.ones.end(&ended.channel, &ended.key, &ended.error);
                 self.on_ended(ended)
             }
             Frame::Status(status) => {
@@ -543,7 +566,7 @@ impl Core {
         for (key, last_seen) in unsent {
             self.send_subscribe(channel, key, last_seen);
         }
-        self.resubscribe_ones(channel);
+        self.with_ones(|ones, step| ones.resubscribe(step, channel));
     }
 
     /// The link died: answer every outstanding call, keep subscriptions for later.
@@ -551,7 +574,7 @@ impl Core {
         self.out.clear();
         self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
-        self.lost_ones();
+        self.ones.lost();
         self.topics.retain(|_, topic| {
             topic.remote = Remote::Unsent;
             topic.answer_waiters(Err(Error::LeaderLost));
@@ -572,7 +595,7 @@ impl Core {
         self.fail_queued(&Error::Closed);
         self.in_flight.fail_all(&Error::Closed);
         self.topics.clear();
-        self.close_ones();
+        self.ones.close();
         self.status.send_modify(|status| {
             status.link = LinkState::Closed;
             status.channels.clear();

@@ -22,13 +22,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::Stream;
 use tandem_protocol::{Api, Position, RequestId};
 use tokio::sync::mpsc;
 
 use crate::Connection;
-use crate::command::Command;
+use crate::command::{Command, DeliveriesParts, RawDelivery};
 
 /// How a deliver-to-one subscription asks to be served. `Default` leaves both
 /// to the leader.
@@ -58,28 +57,6 @@ impl DeliverOptions {
         self.ack_timeout = Some(timeout);
         self
     }
-}
-
-/// One delivery as the driver hands it to a subscription's stream.
-#[derive(Debug)]
-pub(crate) struct RawDelivery {
-    /// The link it came on (an ack is only worth sending on that link).
-    pub(crate) link: u64,
-    pub(crate) sub: RequestId,
-    pub(crate) tag: u64,
-    pub(crate) position: Position,
-    pub(crate) payload: Bytes,
-    pub(crate) redelivered: bool,
-}
-
-/// What the driver gives a new deliver-to-one subscription.
-#[derive(Debug)]
-pub(crate) struct DeliveriesParts {
-    pub(crate) local: u64,
-    pub(crate) rx: mpsc::Receiver<RawDelivery>,
-    /// The driver's current link: deliveries of an earlier one are skipped
-    /// (that leader already gave them to another subscriber).
-    pub(crate) link: Arc<AtomicU64>,
 }
 
 /// Tells the driver how a delivery ended.

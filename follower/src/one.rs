@@ -10,14 +10,14 @@ use bytes::Bytes;
 use tandem_protocol::{
     ChannelName, DELIVER_ONE_VERSION, Delivery, ErrorCode, Frame, RemoteError, RequestId, Settle, SubscribeOne,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::Error;
-use crate::core::Core;
-use crate::deliveries::{DeliverOptions, DeliveriesParts, RawDelivery};
-use crate::in_flight::Pending;
-use crate::state::LinkState;
+use crate::command::{DeliveriesParts, RawDelivery, SubscribeOneReply};
+use crate::deliveries::DeliverOptions;
+use crate::in_flight::{InFlight, Pending};
+use crate::state::{LinkState, Status};
 use crate::topic::Remote;
 
 /// How long to wait before asking again for a subscription the leader refused.
@@ -27,8 +27,6 @@ const RESUBSCRIBE_RETRY: std::time::Duration = std::time::Duration::from_secs(1)
 /// (the leader's largest window by default): a delivery that finds it full is
 /// released at once.
 const DEFAULT_QUEUE: usize = 1024;
-
-pub(crate) type SubscribeOneReply = oneshot::Sender<Result<DeliveriesParts, Error>>;
 
 /// One deliver-to-one subscription handle, as the driver keeps it.
 #[derive(Debug)]
@@ -56,39 +54,64 @@ pub(crate) struct Ones {
     link: u64,
 }
 
-impl Core {
+/// What the deliver-to-one subscriptions use of the driver's core in one step.
+pub(crate) struct Step<'a> {
+    /// Frames to write after the step.
+    pub(crate) out: &'a mut Vec<Frame>,
+    pub(crate) in_flight: &'a mut InFlight,
+    /// The connection's request ids (shared with the handles).
+    pub(crate) next_id: &'a AtomicU64,
+    /// The protocol version of the current link.
+    pub(crate) version: u16,
+    pub(crate) status: &'a watch::Sender<Status>,
+    /// When to retry refused subscriptions.
+    pub(crate) retry_at: &'a mut Option<Instant>,
+}
+
+impl Step<'_> {
+    fn next_id(&self) -> RequestId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn channel_ready(&self, channel: &str) -> bool {
+        self.status.borrow().channels.contains_key(channel)
+    }
+}
+
+impl Ones {
     /// A new deliver-to-one subscription: sent once the channel is ready.
-    pub(crate) fn subscribe_one(
+    pub(crate) fn subscribe(
         &mut self,
+        step: &mut Step<'_>,
         channel: &'static str,
         key: Bytes,
         options: DeliverOptions,
         reply: SubscribeOneReply,
     ) {
-        let local = self.next_id();
+        let local = step.next_id();
         let capacity = match options.window {
             0 => DEFAULT_QUEUE,
             n => usize::try_from(n).unwrap_or(DEFAULT_QUEUE),
         };
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let link = Arc::new(AtomicU64::new(self.ones.link));
+        let link = Arc::new(AtomicU64::new(self.link));
         let parts = DeliveriesParts { local, rx, link: link.clone() };
         let one =
             One { channel, key, options, tx, link, remote: Remote::Unsent, sub: None, waiting: Some((reply, parts)) };
-        self.ones.by_local.insert(local, one);
-        if self.channel_ready(channel) {
-            self.send_subscribe_one(local);
+        self.by_local.insert(local, one);
+        if step.channel_ready(channel) {
+            self.send_subscribe(step, local);
         }
     }
 
-    fn send_subscribe_one(&mut self, local: u64) {
-        if self.version < DELIVER_ONE_VERSION {
+    fn send_subscribe(&mut self, step: &mut Step<'_>, local: u64) {
+        if step.version < DELIVER_ONE_VERSION {
             let error = RemoteError::rejected(format!(
                 "the leader speaks protocol version {}; deliver-to-one needs version {DELIVER_ONE_VERSION}",
-                self.version
+                step.version
             ))
             .with_code(ErrorCode::VERSION);
-            if let Some(mut one) = self.ones.by_local.remove(&local) {
+            if let Some(mut one) = self.by_local.remove(&local) {
                 tracing::warn!(channel = one.channel, %error, "deliver-to-one subscription ended");
                 if let Some((reply, _)) = one.waiting.take() {
                     let _ = reply.send(Err(Error::Remote(error)));
@@ -96,15 +119,15 @@ impl Core {
             }
             return;
         }
-        let id = self.next_id();
-        let Some(one) = self.ones.by_local.get_mut(&local) else { return };
+        let id = step.next_id();
+        let Some(one) = self.by_local.get_mut(&local) else { return };
         one.remote = Remote::Pending(id);
         one.sub = Some(id);
-        self.ones.by_sub.insert(id, local);
-        self.in_flight.insert(id, Pending::SubscribeOne { local });
+        self.by_sub.insert(id, local);
+        step.in_flight.insert(id, Pending::SubscribeOne { local });
         let ack_timeout_ms =
             one.options.ack_timeout.map_or(0, |t| u32::try_from(t.as_millis().max(1)).unwrap_or(u32::MAX));
-        self.out.push(Frame::SubscribeOne(SubscribeOne {
+        step.out.push(Frame::SubscribeOne(SubscribeOne {
             id,
             channel: ChannelName::from_static(one.channel),
             key: one.key.clone(),
@@ -114,8 +137,14 @@ impl Core {
     }
 
     /// The leader answered a `SubscribeOne`.
-    pub(crate) fn on_subscribed_one(&mut self, id: RequestId, local: u64, result: Result<(), RemoteError>) {
-        let Some(one) = self.ones.by_local.get_mut(&local).filter(|one| one.remote == Remote::Pending(id)) else {
+    pub(crate) fn on_subscribed(
+        &mut self,
+        step: &mut Step<'_>,
+        id: RequestId,
+        local: u64,
+        result: Result<(), RemoteError>,
+    ) {
+        let Some(one) = self.by_local.get_mut(&local).filter(|one| one.remote == Remote::Pending(id)) else {
             return;
         };
         match result {
@@ -125,19 +154,19 @@ impl Core {
                     && reply.send(Ok(parts)).is_err()
                 {
                     // The caller gave up: nobody reads it.
-                    self.unsubscribe_one(local);
+                    self.unsubscribe(step, local);
                 }
             }
             Err(error) => {
                 tracing::warn!(channel = one.channel, %error, "deliver-to-one subscribe refused by the leader");
-                self.ones.by_sub.remove(&id);
+                self.by_sub.remove(&id);
                 one.remote = Remote::Unsent;
                 one.sub = None;
                 if let Some((reply, _)) = one.waiting.take() {
                     let _ = reply.send(Err(Error::Remote(error)));
-                    self.ones.by_local.remove(&local);
-                } else if self.retry_at.is_none() {
-                    self.retry_at = Some(Instant::now() + RESUBSCRIBE_RETRY);
+                    self.by_local.remove(&local);
+                } else if step.retry_at.is_none() {
+                    *step.retry_at = Some(Instant::now() + RESUBSCRIBE_RETRY);
                 }
             }
         }
@@ -147,9 +176,9 @@ impl Core {
     /// at once when nobody can take it.
     pub(crate) fn on_delivery(&mut self, delivery: Delivery) {
         let Delivery { sub, tag, epoch, seq, payload, redelivered } = delivery;
-        let taken = self.ones.by_sub.get(&sub).and_then(|local| self.ones.by_local.get(local)).is_some_and(|one| {
+        let taken = self.by_sub.get(&sub).and_then(|local| self.by_local.get(local)).is_some_and(|one| {
             let raw = RawDelivery {
-                link: self.ones.link,
+                link: self.link,
                 sub,
                 tag,
                 position: tandem_protocol::Position { epoch, seq },
@@ -159,60 +188,59 @@ impl Core {
             one.tx.try_send(raw).is_ok()
         });
         if !taken {
-            self.ones.settles.entry(sub).or_default().1.push(tag);
+            self.settles.entry(sub).or_default().1.push(tag);
         }
     }
 
     /// A handle acked (or released) a delivery of link `link`.
     pub(crate) fn settle(&mut self, sub: RequestId, link: u64, tag: u64, ack: bool) {
-        if link != self.ones.link || !self.ones.by_sub.contains_key(&sub) {
+        if link != self.link || !self.by_sub.contains_key(&sub) {
             return; // of a lost link, or a subscription ended: the leader redelivered it already
         }
-        let (acked, released) = self.ones.settles.entry(sub).or_default();
+        let (acked, released) = self.settles.entry(sub).or_default();
         if ack { acked.push(tag) } else { released.push(tag) }
     }
 
     /// The settles of this step, one frame per subscription.
-    pub(crate) fn flush_settles(&mut self) {
-        for (sub, (acked, released)) in self.ones.settles.drain() {
-            self.out.push(Frame::Settle(Settle { sub, acked, released }));
+    pub(crate) fn flush_settles(&mut self, out: &mut Vec<Frame>) {
+        for (sub, (acked, released)) in self.settles.drain() {
+            out.push(Frame::Settle(Settle { sub, acked, released }));
         }
     }
 
     /// A deliver-to-one handle was dropped: the leader hands what it held to others.
-    pub(crate) fn unsubscribe_one(&mut self, local: u64) {
-        let Some(one) = self.ones.by_local.remove(&local) else { return };
+    pub(crate) fn unsubscribe(&mut self, step: &mut Step<'_>, local: u64) {
+        let Some(one) = self.by_local.remove(&local) else { return };
         let Some(sub) = one.sub else { return };
-        self.ones.by_sub.remove(&sub);
-        self.ones.settles.remove(&sub);
-        if one.remote != Remote::Unsent && matches!(self.status.borrow().link, LinkState::Connected { .. }) {
-            self.in_flight.remove(sub);
-            self.out.push(Frame::Cancel(sub));
+        self.by_sub.remove(&sub);
+        self.settles.remove(&sub);
+        if one.remote != Remote::Unsent && matches!(step.status.borrow().link, LinkState::Connected { .. }) {
+            step.in_flight.remove(sub);
+            step.out.push(Frame::Cancel(sub));
         }
     }
 
     /// Subscriptions of `channel` not at the current leader are sent.
-    pub(crate) fn resubscribe_ones(&mut self, channel: &'static str) {
+    pub(crate) fn resubscribe(&mut self, step: &mut Step<'_>, channel: &'static str) {
         let unsent: Vec<u64> = self
-            .ones
             .by_local
             .iter()
             .filter(|(_, one)| one.channel == channel && one.remote == Remote::Unsent)
             .map(|(local, _)| *local)
             .collect();
         for local in unsent {
-            self.send_subscribe_one(local);
+            self.send_subscribe(step, local);
         }
     }
 
     /// The leader ended the key's subscriptions: their streams end.
-    pub(crate) fn end_ones(&mut self, channel: &str, key: &Bytes, error: &RemoteError) {
+    pub(crate) fn end(&mut self, channel: &str, key: &Bytes, error: &RemoteError) {
         let ended: Vec<u64> =
-            self.ones.by_local.iter().filter(|(_, o)| o.channel == channel && o.key == *key).map(|(l, _)| *l).collect();
+            self.by_local.iter().filter(|(_, o)| o.channel == channel && o.key == *key).map(|(l, _)| *l).collect();
         for local in ended {
-            if let Some(mut one) = self.ones.by_local.remove(&local) {
+            if let Some(mut one) = self.by_local.remove(&local) {
                 if let Some(sub) = one.sub {
-                    self.ones.by_sub.remove(&sub);
+                    self.by_sub.remove(&sub);
                 }
                 if let Some((reply, _)) = one.waiting.take() {
                     let _ = reply.send(Err(Error::Remote(error.clone())));
@@ -223,12 +251,12 @@ impl Core {
 
     /// The link died: what the streams hold of it is void; the subscriptions
     /// wait for the next leader (a caller still waiting gets `LeaderLost`).
-    pub(crate) fn lost_ones(&mut self) {
-        self.ones.link += 1;
-        self.ones.by_sub.clear();
-        self.ones.settles.clear();
-        let link = self.ones.link;
-        self.ones.by_local.retain(|_, one| {
+    pub(crate) fn lost(&mut self) {
+        self.link += 1;
+        self.by_sub.clear();
+        self.settles.clear();
+        let link = self.link;
+        self.by_local.retain(|_, one| {
             one.link.store(link, Ordering::Release);
             one.remote = Remote::Unsent;
             one.sub = None;
@@ -243,8 +271,8 @@ impl Core {
     }
 
     /// The connection closed: every stream ends.
-    pub(crate) fn close_ones(&mut self) {
-        self.ones.by_local.clear();
-        self.ones.by_sub.clear();
+    pub(crate) fn close(&mut self) {
+        self.by_local.clear();
+        self.by_sub.clear();
     }
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::hub::SessionId;
+use crate::session_id::SessionId;
 use tandem_protocol::RequestId;
 
 /// A deliver-to-one subscriber: its session and its `SubscribeOne` id.

@@ -44,6 +44,7 @@ use crate::cache::Cache;
 use crate::deliver::{Dispatch, Send};
 use crate::erased::{BoxFuture, ByteEvents, DirectSink, ErasedUpstream};
 use crate::outbox::Outbox;
+use crate::session_id::SessionId;
 use crate::upstream::Room;
 
 /// A key as people read it: the MessagePack string it encodes (fixstr, str8,
@@ -61,9 +62,6 @@ fn display_key(key: &[u8]) -> String {
         _ => key.iter().map(|b| format!("{b:02x}")).collect(),
     }
 }
-
-/// Identifies one follower session within the leader.
-pub(crate) type SessionId = u64;
 
 #[derive(Debug)]
 struct Waiter {

@@ -39,6 +39,7 @@ mod leader;
 mod outbox;
 mod session;
 mod session_end;
+mod session_id;
 mod shared;
 mod stats;
 mod upstream;

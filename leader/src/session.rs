@@ -41,9 +41,9 @@ use crate::admission::{Admission, HelloTooLong};
 use crate::channel::Channel;
 use crate::erased::BoxFuture;
 use crate::fence::Fence;
-use crate::hub::SessionId;
 use crate::outbox::{Batches, Outbox, OutgoingSink};
 use crate::session_end::{SessionEnd, Violation};
+use crate::session_id::SessionId;
 use crate::shared::Shared;
 use crate::upstream::CallContext;
 
