@@ -288,6 +288,10 @@ fn bodies_that_are_not_a_frame_are_malformed() {
     assert_malformed(b""); // empty body
     assert_malformed(b"\x80"); // {}
     assert_malformed(b"\x82\xa4Ping\x07\xa4Pong\x08"); // two entries
+    assert_malformed(b"\x82\xa4Ping\x07\xa4Ping\x07"); // two entries with the same key (PROTOCOL.md §3)
+    // A Response whose result map repeats `Ok`, a Status whose state map repeats `Down`.
+    assert_malformed(b"\x81\xa8Response\x92\x01\x82\xa2Ok\xc4\x00\xa2Ok\xc4\x00");
+    assert_malformed(b"\x81\xa6Status\x92\xa1c\x82\xa4Down\x93\xa0\xa0\xa0\xa4Down\x93\xa0\xa0\xa0");
     assert_malformed(b"\xa4Ping"); // a bare variant name
     assert_malformed(b"\x92\xa4Ping\x07"); // ["Ping", 7]
     assert_malformed(b"\x81\xa4Ping\xa1x"); // {"Ping": "x"}

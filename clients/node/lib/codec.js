@@ -25,7 +25,30 @@ const { ProtocolError } = require('./errors');
 // a BigInt before encoding (this encoder would write a *number* that large as
 // a float).
 const frameEncoder = new Encoder({ useBigInt64: true, initialBufferSize: 4096 });
-const frameDecoder = new Decoder({ useBigInt64: true });
+// Every map key the frame decoder reads is counted: a map whose keys repeat
+// decodes to an object with fewer keys, and that makes the frame malformed
+// (§3; the decoder itself keeps the last value of a repeated key).
+let mapKeysRead = 0;
+const frameDecoder = new Decoder({
+  useBigInt64: true,
+  mapKeyConverter(key) {
+    if (typeof key !== 'string' && typeof key !== 'number') throw new TypeError(`a map key must be a string, got ${typeof key}`);
+    mapKeysRead += 1;
+    return key;
+  },
+});
+
+/** How many keys the objects (maps) of a decoded value hold. */
+function keysIn(value) {
+  if (value === null || typeof value !== 'object' || value instanceof Uint8Array) return 0;
+  let n = 0;
+  if (Array.isArray(value)) {
+    for (const item of value) n += keysIn(item);
+    return n;
+  }
+  for (const key of Object.keys(value)) n += 1 + keysIn(value[key]);
+  return n;
+}
 // User values (requests, keys, responses, events): plain numbers both ways,
 // exact up to 2^53 - 1 and written in the shortest form (integers of 2^32 or
 // more as uint64 / int64), as JSON.parse would give them.
@@ -409,6 +432,7 @@ const FRAME_KINDS = Object.freeze(Object.keys(KINDS));
  */
 function decodeBody(body) {
   let value;
+  mapKeysRead = 0;
   try {
     value = frameDecoder.decode(body);
   } catch (error) {
@@ -421,6 +445,9 @@ function decodeBody(body) {
     throw new ProtocolError(`malformed frame: the body must be a map of one entry, got ${describe(value)}`, {
       code: 'malformed',
     });
+  }
+  if (keysIn(value) !== mapKeysRead) {
+    throw new ProtocolError('malformed frame: a map repeats a key', { code: 'malformed' });
   }
   const names = Object.keys(value);
   if (names.length !== 1) {

@@ -108,7 +108,10 @@ class Link {
             return;
           }
           if (!settled) {
-            if (frame.kind === 'Welcome') {
+            if (frame.kind === 'Welcome' && frame.version !== hello.version) {
+              // §5.3: the leader speaks the version offered, or rejects it.
+              fail(new ProtocolError(`Welcome.version is ${frame.version}, this follower offered ${hello.version}`, { code: 'handshake' }));
+            } else if (frame.kind === 'Welcome') {
               settled = true;
               clearTimeout(timer);
               resolve({ link, welcome: frame });
@@ -136,7 +139,17 @@ class Link {
   start({ heartbeatMs, peerTimeout, onFrame, onEnd }) {
     this.onFrame = onFrame;
     this.onEnd = onEnd;
-    const interval = Math.max(heartbeatMs, 10);
+    if (this.ended) {
+      // The link ended between the Welcome and now: no session to run.
+      onEnd(this.endReason || new LeaderLost('the leader closed the connection'));
+      return;
+    }
+    const heartbeat = Math.max(heartbeatMs, 10);
+    // Silence is checked at least four times per peer timeout, whatever
+    // heartbeat the leader announced; a ping goes out once per heartbeat
+    // (as the Rust follower, follower/src/driver.rs).
+    const interval = Math.max(Math.min(heartbeat, peerTimeout / 4), 10);
+    let nextPing = Date.now() + heartbeat;
     let lastReceived = Date.now();
     let nonce = 0;
     let writeProgress = Date.now();
@@ -159,8 +172,13 @@ class Link {
         this.end(new LeaderLost(`the leader accepted no bytes for ${now - writeProgress} ms`));
         return;
       }
-      nonce += 1;
-      this.send({ kind: 'Ping', nonce });
+      // The tick nearest the ping's time sends it (a timer may fire a
+      // millisecond early by Date.now()).
+      if (nextPing - now < interval / 2) {
+        nextPing = now + heartbeat;
+        nonce += 1;
+        this.send({ kind: 'Ping', nonce });
+      }
     }, interval);
     this.timer.unref();
     const early = this.early;
@@ -224,13 +242,20 @@ class Link {
   end(reason) {
     if (this.ended) return;
     this.ended = true;
+    // Before `start` (bad bytes in the same read as the Welcome, say) nobody
+    // listens yet: `start` reports it.
+    this.endReason = reason;
     clearInterval(this.timer);
     this.out = [];
     this.socket.destroy();
     if (this.onEnd) this.onEnd(reason);
   }
 
-  /** Says Goodbye, flushes, and closes; resolves once the socket is closed (or after `grace` ms). */
+  /**
+   * Says Goodbye, flushes, and closes; resolves once the Goodbye and the end
+   * of the stream are written (the socket is then destroyed: the leader's own
+   * close is not waited for, as the Rust follower), or after `grace` ms.
+   */
   close(reason, grace) {
     if (this.ended) return Promise.resolve();
     this.send({ kind: 'Goodbye', reason });
@@ -244,10 +269,13 @@ class Link {
         resolve();
       }, grace);
       timer.unref();
-      this.socket.once('close', () => {
+      const done = () => {
         clearTimeout(timer);
+        this.socket.destroy();
         resolve();
-      });
+      };
+      this.socket.once('finish', done);
+      this.socket.once('close', done);
       this.socket.end(out.length ? Buffer.concat(out) : undefined);
     });
   }

@@ -166,6 +166,57 @@ test('a truncated frame then a close is a broken link, not a clean one', { timeo
   }
 });
 
+test('bad bytes in the same write as the Welcome: the link ends at once and the client reconnects', { timeout: 15000 }, async () => {
+  // Found by the conformance harness (case malformed): the link ended before
+  // the session started, nobody was told, and the client stayed stuck.
+  const garbageAfterWelcome = async (peer) => {
+    const hello = await peer.next();
+    peer.raw(Buffer.concat([
+      codec.encodeFrame({ kind: 'Welcome', version: 1, leaderId: LEADER_ID, epoch: 1, pid: 4242, heartbeatMs: 1000 }),
+      ...hello.channels.map((channel) => codec.encodeFrame({ kind: 'Status', channel, state: 'Ready' })),
+      Buffer.from('0000000781a5426f67757301', 'hex'), // {"Bogus": 1}
+    ]));
+    await peer.next(); // the follower closes
+  };
+  const { server, socketPath } = await scriptedLeader(async (peer, n) => {
+    if (n === 0 || n === 2) return garbageAfterWelcome(peer);
+    await peer.welcome(1);
+    if (n === 1) {
+      await peer.next();
+      peer.send({ kind: 'Goodbye', reason: 'leaving' });
+      peer.socket.end();
+      return;
+    }
+    await serve(peer);
+  });
+  // The first connect: its first link dies that way, connect tries again.
+  const client = await connect({ socket: socketPath, channels: ['c'] });
+  try {
+    assert.equal(server.peers.length, 2);
+    const back = waitEvent(client, 'connected');
+    await assert.rejects(client.invoke('c', 'x'), LeaderLost);
+    // A reconnect: its first link dies that way too, the next one serves.
+    await back;
+    assert.equal(server.peers.length, 4);
+    assert.equal(await client.invoke('c', 'y'), 'y');
+  } finally {
+    await client.close();
+  }
+});
+
+test('a Welcome of another version than the Hello offered is a broken handshake', { timeout: 15000 }, async () => {
+  const { socketPath } = await scriptedLeader(async (peer) => {
+    const hello = await peer.next();
+    assert.equal(hello.version, 1);
+    peer.send({ kind: 'Welcome', version: 2, leaderId: LEADER_ID, epoch: 1, pid: 4242, heartbeatMs: 1000 });
+  });
+  await assert.rejects(connect({ socket: socketPath, connectTimeout: 300 }), (error) => {
+    assert.ok(error instanceof NotReady, `${error}`);
+    assert.ok(error.cause instanceof ProtocolError && error.cause.code === 'handshake', `cause: ${error.cause}`);
+    return true;
+  });
+});
+
 test('garbage instead of a Welcome: connect fails with NotReady caused by a ProtocolError', { timeout: 15000 }, async () => {
   const { socketPath } = await scriptedLeader(async (peer) => {
     await peer.next();
