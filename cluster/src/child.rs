@@ -30,7 +30,7 @@ use crate::ipc::{ChildCodec, Delivery, FromChild, Init, Outcome, ToChild};
 use crate::link::LinkTable;
 use crate::listeners::ReceivedListeners;
 use crate::messenger::{Answer, ChildShared, Endpoint, Inbox, Transport};
-use crate::spawn::{ENV_CLUSTER, ENV_FD_CHANNEL, ENV_IPC_FD, ENV_MASTER_PID, ENV_ROLE, ENV_WORKER_ID};
+use crate::spawn::{ENV_CLUSTER, ENV_FD_CHANNEL, ENV_IPC_FD, ENV_MASTER_PID, ENV_NAME, ENV_ROLE, ENV_WORKER_ID};
 use crate::{AgentContext, Error, Messenger, Role, WorkerContext, WorkerId};
 
 /// The exit code of a child whose master is gone (as egg's agent uses).
@@ -53,6 +53,8 @@ pub(crate) struct ChildEnv {
     pub ipc_fd: RawFd,
     pub master_pid: u32,
     pub cluster: String,
+    /// The cluster's name as `tandem ls` shows it.
+    pub name: String,
     /// The descriptor channel's fd.
     pub fd_channel: Option<RawFd>,
 }
@@ -84,6 +86,7 @@ impl ChildEnv {
             ipc_fd: var(ENV_IPC_FD)?,
             master_pid: var(ENV_MASTER_PID)?,
             cluster: var(ENV_CLUSTER)?,
+            name: std::env::var(ENV_NAME).unwrap_or_default(),
             fd_channel: std::env::var(ENV_FD_CHANNEL).ok().and_then(|v| v.parse().ok()),
         }))
     }
@@ -95,8 +98,10 @@ pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -
         Ok((init, reader, writer, listeners)) => {
             let pid = std::process::id();
             let span = match env.role {
-                Role::Worker => tracing::info_span!("tandem", role = "worker", worker.id = env.worker_id, pid),
-                _ => tracing::info_span!("tandem", role = "agent", pid, epoch = init.epoch),
+                Role::Worker => {
+                    tracing::info_span!("tandem", cluster = %env.name, role = "worker", worker.id = env.worker_id, pid)
+                }
+                _ => tracing::info_span!("tandem", cluster = %env.name, role = "agent", pid, epoch = init.epoch),
             };
             serve(env, init, reader, writer, listeners, agent_fn, worker_fn).instrument(span).await
         }

@@ -192,7 +192,14 @@ impl Master {
         let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
         check_child_env(&config.child_env)?;
-        let program = Program { exe, args, cluster: name.clone(), master_pid: pid, env: config.child_env.clone() };
+        let program = Program {
+            exe,
+            args,
+            cluster: name.clone(),
+            name: control_name.clone(),
+            master_pid: pid,
+            env: config.child_env.clone(),
+        };
         let slots = Slots::new(config.worker_count() as WorkerId, &config.restart);
         let (input_tx, input) = mpsc::channel(INPUT_CAPACITY);
         let (local_tx, local) = mpsc::channel(LOCAL_CAPACITY);
@@ -544,7 +551,8 @@ impl Drop for Master {
 /// Runs the master until shutdown, then waits briefly for its tasks.
 pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) -> Result<(), Error> {
     let pid = std::process::id();
-    let span = tracing::info_span!("tandem", role = "master", pid, cluster = %name);
+    // `cluster` is the name `tandem ls` shows: known once the control socket is bound.
+    let span = tracing::info_span!("tandem", role = "master", pid, cluster = tracing::field::Empty);
     async move {
         match crate::descriptors::raise_nofile_limit() {
             Ok(crate::descriptors::Raised::Raised { from, to }) => {
@@ -556,6 +564,7 @@ pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) ->
             Err(e) => tracing::warn!(error = %e, "could not raise the descriptor limit (RLIMIT_NOFILE)"),
         }
         let mut master = Master::new(name, config)?;
+        tracing::Span::current().record("cluster", tracing::field::display(&master.setup.control_name));
         let result = master.serve(hook).await;
         let tasks = master.lifetime.tasks.clone();
         drop(master);

@@ -23,6 +23,9 @@ pub(crate) const ENV_WORKER_ID: &str = "TANDEM_WORKER_ID";
 pub(crate) const ENV_IPC_FD: &str = "TANDEM_IPC_FD";
 pub(crate) const ENV_MASTER_PID: &str = "TANDEM_MASTER_PID";
 pub(crate) const ENV_CLUSTER: &str = "TANDEM_CLUSTER";
+/// The cluster's name as `tandem ls` shows it (`--name`, or the name taken
+/// by default), for the children's log lines.
+pub(crate) const ENV_NAME: &str = "TANDEM_NAME";
 /// The child's end of its descriptor channel ([`fdpass`](crate::fdpass)).
 pub(crate) const ENV_FD_CHANNEL: &str = "TANDEM_FD_CHANNEL";
 /// The IPC version the master speaks; a child built with another refuses to start.
@@ -72,6 +75,8 @@ pub(crate) struct Program {
     pub exe: std::path::PathBuf,
     pub args: Vec<OsString>,
     pub cluster: String,
+    /// The name the control socket serves (`tandem ls`), carried by every log line.
+    pub name: String,
     pub master_pid: u32,
     /// Set in every child ([`Config::child_env`](crate::Config::child_env)).
     pub env: Vec<(String, String)>,
@@ -84,7 +89,7 @@ impl Program {
 }
 
 fn spawn(program: &Program, role: Role, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
-    let Program { exe, args, cluster, master_pid, env } = program;
+    let Program { exe, args, cluster, name, master_pid, env } = program;
     let master_pid = *master_pid;
     // std creates both ends with SOCK_CLOEXEC.
     let (master_end, child_end) = StdUnixStream::pair()?;
@@ -99,6 +104,7 @@ fn spawn(program: &Program, role: Role, worker_id: Option<WorkerId>) -> io::Resu
         .env(ENV_IPC_FD, child_fd.to_string())
         .env(ENV_MASTER_PID, master_pid.to_string())
         .env(ENV_CLUSTER, cluster)
+        .env(ENV_NAME, name)
         .env(ENV_FD_CHANNEL, fd_child_raw.to_string())
         .env(ENV_IPC_VERSION, IPC_VERSION.to_string())
         .stdin(Stdio::null())

@@ -87,7 +87,8 @@ pub struct NewConnection<C> {
 impl<C: Connector> NewConnection<C> {
     /// Spawns the driver on the current tokio runtime and returns the handle.
     pub fn spawn(self) -> Connection {
-        tokio::spawn(self.driver.run());
+        // In the caller's span: the driver's lines carry the process's role and pid.
+        tokio::spawn(tracing::Instrument::in_current_span(self.driver.run()));
         self.connection
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::admission::{Admission, Handshakes};
@@ -333,15 +334,18 @@ impl Leader {
         tracing::debug!(path = %path.display(), "leader listening");
         let shared = self.shared.clone();
         let socket = path.clone();
-        self.shared.tracker.spawn(async move {
-            accept_unix(shared, listener).await;
-            // Only the socket this leader bound: a leader that took over from
-            // this one (fenced) has its own socket at the same path.
-            let ours = std::fs::symlink_metadata(&socket).is_ok_and(|m| (m.dev(), m.ino()) == bound);
-            if ours {
-                let _ = std::fs::remove_file(&socket);
+        self.shared.tracker.spawn(
+            async move {
+                accept_unix(shared, listener).await;
+                // Only the socket this leader bound: a leader that took over from
+                // this one (fenced) has its own socket at the same path.
+                let ours = std::fs::symlink_metadata(&socket).is_ok_and(|m| (m.dev(), m.ino()) == bound);
+                if ours {
+                    let _ = std::fs::remove_file(&socket);
+                }
             }
-        });
+            .in_current_span(),
+        );
         Ok(path)
     }
 
@@ -357,14 +361,16 @@ impl Leader {
             TcpListener::bind(addr).await.map_err(|source| Error::Bind { path: addr.to_string(), source })?;
         let local = listener.local_addr().map_err(|source| Error::Bind { path: addr.to_string(), source })?;
         tracing::debug!(addr = %local, "leader listening on TCP");
-        self.shared.tracker.spawn(accept_tcp(self.shared.clone(), listener));
+        self.shared.tracker.spawn(accept_tcp(self.shared.clone(), listener).in_current_span());
         Ok(local)
     }
 
     /// Serves one follower over a link that some other transport established
     /// (the cluster's messenger relay, a test harness).
     pub fn serve_link(&self, link: Link, peer: PeerInfo) {
-        self.shared.tracker.spawn(session::run(self.shared.clone(), link, peer, Admission::trusted()));
+        self.shared
+            .tracker
+            .spawn(session::run(self.shared.clone(), link, peer, Admission::trusted()).in_current_span());
     }
 
     /// A link for a follower in this very process: frames travel through memory,
@@ -623,7 +629,7 @@ async fn accept_unix(shared: Arc<Shared>, listener: UnixListener) {
         let read = admission.limit(read, shared.config.max_hello_length);
         let link = Link::from_io(read, write, FrameCodec::with_max_frame_length(shared.config.max_frame_length));
         let peer = PeerInfo { pid: cred.pid(), uid: Some(cred.uid()), transport: "unix", trusted: false };
-        shared.tracker.spawn(session::run(shared.clone(), link, peer, admission));
+        shared.tracker.spawn(session::run(shared.clone(), link, peer, admission).in_current_span());
     }
 }
 
@@ -641,6 +647,6 @@ async fn accept_tcp(shared: Arc<Shared>, listener: TcpListener) {
         let read = admission.limit(read, shared.config.max_hello_length);
         let link = Link::from_io(read, write, FrameCodec::with_max_frame_length(shared.config.max_frame_length));
         let peer = PeerInfo { pid: None, uid: None, transport: "tcp", trusted: false };
-        shared.tracker.spawn(session::run(shared.clone(), link, peer, admission));
+        shared.tracker.spawn(session::run(shared.clone(), link, peer, admission).in_current_span());
     }
 }

@@ -132,7 +132,23 @@ async fn a_peer_of_another_uid_is_disconnected_without_a_word_and_logged() {
         // The same user is welcome with the very same Hello.
         assert_eq!(knock(&path).await, "frame=Welcome");
 
-        let mut command = Command::new(std::env::current_exe().unwrap());
+        // The test binary may sit where `nobody` cannot run it (a checkout in
+        // a 0700 directory, a target directory closed to others): run a copy
+        // from a directory `nobody` can search.
+        let runnable = tempfile::Builder::new().prefix("tandem-peer-uid").tempdir().unwrap();
+        std::fs::set_permissions(runnable.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        if let Some(closed) = closed_to_nobody(runnable.path()).or_else(|| closed_to_nobody(dir.path())) {
+            println!(
+                "SKIPPED: {} is closed to uid {NOBODY}, so no process of that user can reach the Leader here; \
+                 the Leader's peer uid check did not run",
+                closed.display()
+            );
+            return;
+        }
+        let program = runnable.path().join("peer_uid");
+        std::fs::copy(std::env::current_exe().unwrap(), &program).unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut command = Command::new(&program);
         command
             .args(["peer_child", "--exact", "--ignored", "--nocapture", "--test-threads", "1"])
             .env(PEER_SOCKET, &path)
@@ -177,4 +193,20 @@ async fn peer_child() {
     let Ok(path) = std::env::var(PEER_SOCKET) else { return };
     let outcome = within(TIMEOUT, knock(Path::new(&path))).await;
     println!("peer uid={} pid={} outcome: {outcome}", nix::unistd::geteuid(), std::process::id());
+}
+
+/// The first directory at or above `path` that `nobody` cannot search, if any
+/// (`nobody` owns none of them and is in none of their groups).
+fn closed_to_nobody(path: &Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut at = Some(path);
+    while let Some(dir) = at {
+        let meta = std::fs::metadata(dir).ok()?;
+        let searchable = if meta.uid() == NOBODY { meta.mode() & 0o100 != 0 } else { meta.mode() & 0o001 != 0 };
+        if !searchable {
+            return Some(dir.to_owned());
+        }
+        at = dir.parent();
+    }
+    None
 }
