@@ -301,6 +301,10 @@ async fn logs_are_one_line_per_event_plain_off_a_terminal_and_json_on_request() 
         assert_eq!(info.len(), 1, "start-up INFO lines:\n{}", before_stop.join("\n"));
         assert!(info[0].contains("cluster ready"), "{}", info[0]);
         assert!(info[0].contains("role=\"master\""), "{}", info[0]);
+        // Every line of the master and of its children names the cluster as `tandem ls` does.
+        for line in text.lines().filter(|l| l.contains("tandem{")) {
+            assert!(line.contains("cluster=logs-it"), "a line without its cluster's name: {line}");
+        }
 
         let text = demo_stderr(true).await;
         let mut lines = 0;
