@@ -303,3 +303,49 @@ async fn a_clean_stop_leaves_nothing_in_the_runtime_and_temp_directories() {
     .await
     .expect("test timed out")
 }
+
+/// `config_center | head -2`: the demo's master function panics printing to a
+/// closed stdout. The cluster stops with a clear error and exit code 1,
+/// leaving no child behind (a panic used to end only the function's task, so a
+/// cluster it was to stop ran on until killed).
+#[tokio::test]
+async fn a_master_function_that_panics_stops_the_cluster_with_an_error() {
+    tokio::time::timeout(TIMEOUT, async {
+        let xdg = common::private_dir();
+        let mut command = tokio::process::Command::new(example("config_center"));
+        command
+            .args(["--workers", "2", "--duration", "30"])
+            .env("XDG_RUNTIME_DIR", xdg.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn config_center");
+        // Nobody reads the demo's output: its first line fails with EPIPE.
+        drop(child.stdout.take());
+        let stderr = child.stderr.take().expect("stderr");
+        let out = tokio::spawn(async move {
+            let mut text = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut tokio::io::BufReader::new(stderr), &mut text).await.ok();
+            text
+        });
+        let status = tokio::time::timeout(LINE, child.wait()).await.expect("the cluster did not stop").unwrap();
+        let text = out.await.unwrap();
+        assert_eq!(status.code(), Some(1), "{text}");
+        assert!(text.contains("the master function panicked"), "{text}");
+        // Every child it had started is gone.
+        let ready = text.lines().find(|l| l.contains("cluster ready: ")).map(str::to_owned);
+        if let Some(line) = ready {
+            let line = &line[line.find("cluster ready: ").unwrap()..];
+            let mut pids: Vec<i32> = vec![field(line, "agent").unwrap().parse().unwrap()];
+            pids.extend(field(line, "workers").unwrap().split(',').map(|p| p.parse::<i32>().unwrap()));
+            poll_until(LINE, "every child gone", || {
+                let pids = pids.clone();
+                async move { pids.iter().all(|pid| !alive(*pid)) }
+            })
+            .await;
+        }
+    })
+    .await
+    .expect("test timed out")
+}

@@ -14,6 +14,8 @@
 
 use std::ffi::OsString;
 use std::sync::Arc;
+
+use futures::FutureExt;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
@@ -349,10 +351,24 @@ impl Master {
         let input = self.inbound.input_tx.clone();
         self.lifetime.tasks.spawn(
             async move {
-                if let Err(e) = hook(ctx).await {
-                    tracing::error!(error = %e, "the master function failed; shutting down");
-                    let _ = input.send(Input::HookFailed(e)).await;
-                }
+                // A panic ends the cluster as an error does (it would otherwise
+                // end only this task, and a cluster the master function was to
+                // stop would run on with nobody to stop it).
+                let outcome = std::panic::AssertUnwindSafe(hook(ctx)).catch_unwind().await;
+                let error: BoxError = match outcome {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e,
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".to_owned());
+                        format!("the master function panicked: {what}").into()
+                    }
+                };
+                tracing::error!(error = %error, "the master function failed; shutting down");
+                let _ = input.send(Input::HookFailed(error)).await;
             }
             .in_current_span(),
         );
