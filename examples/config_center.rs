@@ -468,45 +468,17 @@ fn register(connection: &Connection, service: &str, worker: impl std::fmt::Displ
 /// process owns" says: once per Leader, when `Client::watch()` shows its epoch
 /// (a publish is not replayed after a failover). Prints a line each time;
 /// stops when dropped.
-fn own(client: tandem::Client<ConfigApi>, key: String, worker: impl std::fmt::Display) -> AbortOnDrop {
+fn own(client: tandem::Client<ConfigApi>, key: String, worker: impl std::fmt::Display) -> tandem::presence::Presence {
     let (pid, worker) = (std::process::id(), worker.to_string());
-    let task = tokio::spawn(async move {
-        let mut status = client.watch();
-        let mut owned_at = None;
-        loop {
-            let (epoch, ready) = {
-                let status = status.borrow_and_update();
-                (status.epoch(), status.state_of(<ConfigApi as tandem::Api>::NAME) == tandem::State::Ready)
-            };
-            if ready && epoch.is_some() && epoch != owned_at {
-                let value = format!("pid={pid} epoch={}", epoch.unwrap_or_default());
-                match client.publish(ConfigRequest::Put(key.clone(), value)).await {
-                    Ok(()) => {
-                        owned_at = epoch;
-                        println!("owned: worker={worker} pid={pid} key={key} epoch={}", epoch.unwrap_or_default());
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, key, "publish failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-                continue;
-            }
-            if status.changed().await.is_err() {
-                return;
-            }
+    let caller = client.clone();
+    tandem::presence::on_each_leader(&caller, "publishing an owned key", move |epoch| {
+        let (client, key, worker) = (client.clone(), key.clone(), worker.clone());
+        async move {
+            client.publish(ConfigRequest::Put(key.clone(), format!("pid={pid} epoch={epoch}"))).await?;
+            println!("owned: worker={worker} pid={pid} key={key} epoch={epoch}");
+            Ok(())
         }
-    });
-    AbortOnDrop(task.abort_handle())
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    })
 }
 
 /// The demo's etcd side (`--etcd`): the agent's upstream, the master's writer,
