@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{Proc, assert_in_order, example, field, poll_until, private_dir};
@@ -16,25 +15,57 @@ fn is_value(value: &str) -> impl Fn(&str) -> bool + '_ {
     move |line| field(line, "value") == Some(value)
 }
 
-#[tokio::test]
-async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
-    tokio::time::timeout(TIMEOUT, async {
+/// A registry, and `n` standalone processes electing under `name` in a
+/// private directory: each said `epoch=1`, exactly one is the leader.
+struct Group {
+    _server: tandem::registry::ServerHandle,
+    admin: Client,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    procs: Vec<Proc>,
+    /// Where the leader is in `procs`.
+    leader_at: usize,
+}
+
+impl Group {
+    async fn start(name: &str, n: usize) -> Group {
         let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
         let addr = server.local_addr().to_string();
         let admin = Client::connect(addr.as_str()).await.unwrap();
         let dir = private_dir();
-        let run_dir = dir.path().join("run");
-        let run_dir = run_dir.to_str().unwrap();
-        let bin = example("standalone");
-        let args = ["--name", "it", "--dir", run_dir, "--registry", &addr, "--subscribe", "k", "--write-every", "0"];
-        let mut procs: Vec<Proc> = (0..4).map(|_| Proc::spawn(&bin, &args)).collect();
-        let mut roles = HashMap::new();
-        for proc in &mut procs {
+        let run_dir = dir.path().join("run").to_str().unwrap().to_owned();
+        let args: Vec<String> =
+            ["--name", name, "--dir", &run_dir, "--registry", &addr, "--subscribe", "k", "--write-every", "0"]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+        let mut group = Group { _server: server, admin, dir, args, procs: Vec::new(), leader_at: 0 };
+        group.procs = (0..n).map(|_| group.spawn()).collect();
+        let mut leaders = Vec::new();
+        for (i, proc) in group.procs.iter_mut().enumerate() {
             let line = proc.expect_line(LINE, |l| field(l, "role").is_some() && field(l, "key").is_none()).await;
             assert_eq!(field(&line, "epoch"), Some("1"));
-            roles.insert(proc.pid, field(&line, "role").unwrap().to_string());
+            if field(&line, "role") == Some("leader") {
+                leaders.push(i);
+            }
         }
-        assert_eq!(roles.values().filter(|r| *r == "leader").count(), 1, "{roles:?}");
+        assert_eq!(leaders.len(), 1, "{leaders:?}");
+        group.leader_at = leaders[0];
+        group
+    }
+
+    /// One more process of the group.
+    fn spawn(&self) -> Proc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Proc::spawn(&example("standalone"), &args)
+    }
+}
+
+#[tokio::test]
+async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut group = Group::start("it", 4).await;
+        let (admin, mut procs, leader_at) = (group.admin.clone(), std::mem::take(&mut group.procs), group.leader_at);
 
         // One put reaches every process; the registry saw ONE connection and ONE watch.
         admin.put("k", "v1").await.unwrap();
@@ -45,13 +76,13 @@ async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
         assert_eq!((stats.connections, stats.watches), (1, 1), "{stats:?}");
 
         // A late process gets the current value at once.
-        let mut late = Proc::spawn(&bin, &args);
+        let mut late = group.spawn();
         let line = late.expect_line(LINE, |l| field(l, "key").is_some()).await;
         assert_eq!(field(&line, "value"), Some("v1"), "the first value a late subscriber sees is the current one");
         drop(late);
 
         // Garbage on the leader's socket ends only that session.
-        let socket = dir.path().join("run").join("it.sock");
+        let socket = group.dir.path().join("run").join("it.sock");
         let mut garbage = tokio::net::UnixStream::connect(&socket).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(&mut garbage, b"\xff\xff\xff\xffgarbage").await.unwrap();
         admin.put("k", "v2").await.unwrap();
@@ -60,7 +91,6 @@ async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
         }
 
         // kill -9 the leader: a survivor takes over with a higher epoch within 2 s.
-        let leader_at = procs.iter().position(|p| roles[&p.pid] == "leader").unwrap();
         let leader = procs.remove(leader_at);
         leader.signal(nix::sys::signal::Signal::SIGKILL);
         drop(leader);
@@ -100,30 +130,15 @@ async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
 #[tokio::test]
 async fn a_hung_leader_is_replaced_and_resumed_never_serves_at_its_epoch() {
     tokio::time::timeout(TIMEOUT, async {
-        let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
-        let addr = server.local_addr().to_string();
-        let admin = Client::connect(addr.as_str()).await.unwrap();
-        let dir = private_dir();
-        let run_dir = dir.path().join("run");
-        let run_dir = run_dir.to_str().unwrap();
-        let bin = example("standalone");
-        let args = ["--name", "hung", "--dir", run_dir, "--registry", &addr, "--subscribe", "k", "--write-every", "0"];
-        let mut procs: Vec<Proc> = (0..3).map(|_| Proc::spawn(&bin, &args)).collect();
-        let mut leader_at = None;
-        for (i, proc) in procs.iter_mut().enumerate() {
-            let line = proc.expect_line(LINE, |l| field(l, "role").is_some() && field(l, "key").is_none()).await;
-            assert_eq!(field(&line, "epoch"), Some("1"));
-            if field(&line, "role") == Some("leader") {
-                leader_at = Some(i);
-            }
-        }
+        let mut group = Group::start("hung", 3).await;
+        let (admin, mut procs, leader_at) = (group.admin.clone(), std::mem::take(&mut group.procs), group.leader_at);
         admin.put("k", "v1").await.unwrap();
         for proc in &mut procs {
             proc.expect_line(LINE, is_value("v1")).await;
         }
 
         // Stop the leader; a change arrives while it cannot run (its watch event waits in its socket).
-        let mut old = procs.remove(leader_at.expect("one leader"));
+        let mut old = procs.remove(leader_at);
         old.signal(nix::sys::signal::Signal::SIGSTOP);
         admin.put("k", "v2").await.unwrap();
         let stopped_at = std::time::Instant::now();
