@@ -80,7 +80,7 @@ use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
 use tandem::Connection;
-use tandem::cluster::{ClusterEvent, MasterContext, Role, WorkerContext};
+use tandem::cluster::{ClusterEvent, MasterContext, ProcessRole, WorkerContext};
 use tandem::cluster_glue::{Transport, WorkerConnector, agent_leader, start_leader};
 use tandem::presence::{Presence, stay_registered};
 use tandem::registry::Instance;
@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<()> {
         Some(addr) => addr.clone(),
         // Unused: the Leader talks to etcd or Redis.
         None if !embedded_registry => String::new(),
-        None if Role::of_this_process() == Role::Master => {
+        None if ProcessRole::of_this_process() == ProcessRole::Master => {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
             listener.set_nonblocking(true)?;
             let addr = listener.local_addr()?.to_string();
@@ -191,7 +191,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => std::env::var(REGISTRY_ENV).context("the master did not pass the registry address")?,
     };
-    if let (Some(dir), Role::Master) = (&args.cache_dir, Role::of_this_process()) {
+    if let (Some(dir), ProcessRole::Master) = (&args.cache_dir, ProcessRole::of_this_process()) {
         // Fail here, once, rather than in every agent start.
         tandem::leader::Cache::open(dir).with_context(|| format!("--cache-dir {}", dir.display()))?;
     }
@@ -254,7 +254,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn registry_stats(addr: &str) -> anyhow::Result<tandem::registry::Stats> {
-    Ok(tandem::registry::Client::connect(addr).await?.stats().await?)
+    Ok(tandem::registry::RegistryClient::connect(addr).await?.stats().await?)
 }
 
 /// Refuses, before the cluster starts, what would only make a worker crash-loop.
@@ -355,7 +355,7 @@ async fn master(
     }
     if write_every > 0 && args.etcd.is_none() && args.redis.is_none() {
         // The writer's own connection: a stand-in for whoever changes the config.
-        let writer = tandem::registry::Client::connect(registry.as_str()).await?;
+        let writer = tandem::registry::RegistryClient::connect(registry.as_str()).await?;
         let key = args.keys[0].clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(write_every));
@@ -488,7 +488,7 @@ mod etcd {
     use std::time::Duration;
 
     use tandem::etcd_upstream::EtcdUpstream;
-    use tandem::etcd_upstream::etcd::{Client, Config, endpoint_addrs, established_connections};
+    use tandem::etcd_upstream::etcd::{Config, EtcdClient, endpoint_addrs, established_connections};
     use tandem::leader::LeaderBuilder;
     use tandem::registry_upstream::{ConfigApi, ServiceApi};
 
@@ -506,7 +506,7 @@ mod etcd {
     /// Puts `v1`, `v2`, ... into `key` every `every_ms`, through the master's own
     /// connection; keeps going through outages.
     pub async fn spawn_writer(endpoints: &str, key: String, every_ms: u64) -> Result<(), tandem::cluster::BoxError> {
-        let writer = Client::connect(Config::from_list(endpoints)).await?;
+        let writer = EtcdClient::connect(Config::from_list(endpoints)).await?;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
             for n in 1u64.. {

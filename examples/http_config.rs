@@ -43,7 +43,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
 use futures::StreamExt;
-use tandem::cluster::{ClusterEvent, Listener, MasterContext, Role, ShareMode, WorkerContext};
+use tandem::cluster::{ClusterEvent, Listener, MasterContext, ProcessRole, ShareMode, WorkerContext};
 use tandem::cluster_glue::{Transport, WorkerConnector, start_leader};
 use tandem::registry_upstream::{ConfigApi, ConfigRequest, ConfigResponse, RegistryUpstream};
 use tandem::{Connection, Leader};
@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
     let mut embedded = None;
     let registry = match &args.registry {
         Some(addr) => addr.clone(),
-        None if Role::of_this_process() == Role::Master => {
+        None if ProcessRole::of_this_process() == ProcessRole::Master => {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the embedded registry")?;
             listener.set_nonblocking(true)?;
             let addr = listener.local_addr()?.to_string();
@@ -433,7 +433,7 @@ async fn master(
             let addr = listener.local_addr()?.to_string();
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let server = tandem::registry::Server::from_listener(listener, Default::default())?.spawn();
-            tandem::registry::Client::connect(addr.as_str()).await?.put("app.greeting", "hello").await?;
+            tandem::registry::RegistryClient::connect(addr.as_str()).await?.put("app.greeting", "hello").await?;
             Some(server)
         }
         None => None,
@@ -503,7 +503,7 @@ fn plain(args: Args, embedded: Option<std::net::TcpListener>, registry: String) 
             }
             None => None,
         };
-        let client = tandem::registry::Client::connect(registry.as_str()).await?;
+        let client = tandem::registry::RegistryClient::connect(registry.as_str()).await?;
         if args.registry.is_none() {
             client.put("app.greeting", "hello").await?;
         }

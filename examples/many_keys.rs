@@ -173,7 +173,7 @@ async fn lead(args: &Args) -> anyhow::Result<()> {
     let subscribed = tokio::time::timeout(Duration::from_secs(600), rx.recv()).await?.context("follower exited")?;
     println!("{subscribed}");
 
-    let admin = tandem::registry::Client::connect(addr.as_str()).await?;
+    let admin = tandem::registry::RegistryClient::connect(addr.as_str()).await?;
     let stats = admin.stats().await?;
     let leader_stats = leader.stats();
     let keys: usize = leader_stats.channels.iter().map(|c| c.subscriptions).sum();

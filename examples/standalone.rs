@@ -145,7 +145,7 @@ async fn embedded_registry(key: String, write_every: u64) -> anyhow::Result<(tan
     let server = tandem::registry::Server::bind("127.0.0.1:0", Default::default()).await?.spawn();
     let addr = server.local_addr().to_string();
     if write_every > 0 {
-        let writer = tandem::registry::Client::connect(addr.as_str()).await?;
+        let writer = tandem::registry::RegistryClient::connect(addr.as_str()).await?;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(write_every));
             for n in 1u64.. {

@@ -1,5 +1,5 @@
 //! etcd behind a Leader: the [`Upstream`] adapter of [`ConfigApi`] and
-//! [`ServiceApi`] over [`tandem_etcd::Client`] (feature `etcd`).
+//! [`ServiceApi`] over [`tandem_etcd::EtcdClient`] (feature `etcd`).
 //!
 //! The same two channels as [`crate::registry_upstream`], so followers cannot
 //! tell which upstream their Leader holds:
@@ -60,7 +60,7 @@ use crate::apis::{ServiceApi, ServiceRequest, ServiceResponse};
 pub const CODE: ErrorCode = ErrorCode::named("etcd");
 pub use crate::presence::{Presence, stay_registered};
 
-/// The etcd client crate this adapter wraps (its `Config`, `Client`, ...).
+/// The etcd client crate this adapter wraps (its `Config`, `EtcdClient`, ...).
 pub use tandem_etcd as etcd;
 
 /// One etcd client serving [`ConfigApi`] and [`ServiceApi`]. Cheap to clone.
@@ -71,7 +71,7 @@ pub struct EtcdUpstream {
 
 #[derive(Debug)]
 struct Inner {
-    client: tandem_etcd::Client,
+    client: tandem_etcd::EtcdClient,
     /// Instances registered through this Leader, by (service, id).
     registrations: Mutex<HashMap<(String, String), Registration>>,
 }
@@ -107,7 +107,7 @@ fn revision(revision: i64) -> u64 {
 }
 
 impl EtcdUpstream {
-    /// Connects to etcd (see [`tandem_etcd::Client::start`]) and waits for the
+    /// Connects to etcd (see [`tandem_etcd::EtcdClient::start`]) and waits for the
     /// first round over the endpoints. If no member answers it still returns
     /// the adapter, logs why at WARN, and the client keeps reconnecting in the
     /// background: meanwhile the channels' health is `Down(why)`, calls fail at
@@ -115,7 +115,7 @@ impl EtcdUpstream {
     /// (the current value first) once a member answers. Fails only for a bad
     /// configuration (no endpoint).
     pub async fn connect(config: tandem_etcd::Config) -> Result<Self, RemoteError> {
-        let client = tandem_etcd::Client::start(config).map_err(remote_error)?;
+        let client = tandem_etcd::EtcdClient::start(config).map_err(remote_error)?;
         let mut state = client.state();
         let first = state.wait_for(|s| !matches!(s, tandem_etcd::ConnectionState::Connecting)).await.map(|s| s.clone());
         if let Ok(tandem_etcd::ConnectionState::Unavailable { reason }) = first {
@@ -125,7 +125,7 @@ impl EtcdUpstream {
     }
 
     /// Serves over an existing client.
-    pub fn new(client: tandem_etcd::Client) -> Self {
+    pub fn new(client: tandem_etcd::EtcdClient) -> Self {
         EtcdUpstream { inner: Arc::new(Inner { client, registrations: Mutex::default() }) }
     }
 
@@ -143,7 +143,7 @@ impl EtcdUpstream {
     }
 
     /// The etcd client (its connection state, the member in use).
-    pub fn client(&self) -> &tandem_etcd::Client {
+    pub fn client(&self) -> &tandem_etcd::EtcdClient {
         &self.inner.client
     }
 

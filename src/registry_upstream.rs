@@ -30,7 +30,7 @@ use futures::StreamExt;
 use tandem_leader::{CallContext, Events, Upstream, health_from};
 use tandem_protocol::internal::error_chain as chain;
 use tandem_protocol::{RemoteError, UpstreamState};
-use tandem_registry::{Client, ConnectionState, Instance, KeyState, Reconnecting};
+use tandem_registry::{ConnectionState, Instance, KeyState, Reconnecting, RegistryClient};
 use tokio::sync::watch;
 
 /// The code of the errors this adapter raises when the registry is
@@ -88,7 +88,7 @@ impl RegistryUpstream {
     }
 
     /// The live registry client; fails at once (with why) while reconnecting.
-    fn client(&self) -> Result<Client, RemoteError> {
+    fn client(&self) -> Result<RegistryClient, RemoteError> {
         self.registry.current().map_err(|error| self.remote_error(error))
     }
 

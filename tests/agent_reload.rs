@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::cli::{forking, status_json, status_until, tandem, worker_pids};
 use common::{Proc, alive, example, field, poll_until, private_dir};
 use serde_json::Value;
-use tandem::registry::{Client, Server, ServerHandle};
+use tandem::registry::{RegistryClient, Server, ServerHandle};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(20);
@@ -39,7 +39,7 @@ struct Demo {
     name: &'static str,
     agent: u32,
     workers: HashSet<u32>,
-    admin: Client,
+    admin: RegistryClient,
     _registry: ServerHandle,
     xdg: tempfile::TempDir,
 }
@@ -61,7 +61,7 @@ async fn start(name: &'static str, exe: &Path) -> Demo {
     let workers: HashSet<u32> = field(&ready, "workers").unwrap().split(',').map(|p| p.parse().unwrap()).collect();
     assert_eq!(workers.len(), WORKERS, "{ready}");
     master.expect_line(STEP, |l| l.starts_with("upstream connections:")).await;
-    let admin = Client::connect(addr.as_str()).await.expect("connect to the registry");
+    let admin = RegistryClient::connect(addr.as_str()).await.expect("connect to the registry");
     let mut demo = Demo { master, name, agent, workers, admin, _registry: registry, xdg };
     demo.one_upstream_connection().await;
     let pids = demo.workers.clone();

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use common::{Proc, alive, assert_in_order, example, field, poll_until, registry_binary};
 use nix::sys::signal::Signal;
-use tandem::registry::Client;
+use tandem::registry::RegistryClient;
 use tokio::sync::Mutex;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,10 +39,10 @@ async fn start_registry(listen: &str) -> (Proc, String) {
 }
 
 /// A connection to the registry that comes back after the registry does.
-async fn connect(addr: &str) -> Client {
+async fn connect(addr: &str) -> RegistryClient {
     let deadline = tokio::time::Instant::now() + LINE;
     loop {
-        match Client::connect(addr).await {
+        match RegistryClient::connect(addr).await {
             Ok(client) => return client,
             Err(error) => {
                 assert!(tokio::time::Instant::now() < deadline, "cannot reach the registry at {addr}: {error}");
@@ -53,11 +53,11 @@ async fn connect(addr: &str) -> Client {
 }
 
 /// Puts through `writer`, reconnecting it once if the registry was restarted.
-async fn put(writer: &Mutex<Client>, addr: &str, value: String) {
+async fn put(writer: &Mutex<RegistryClient>, addr: &str, value: String) {
     put_with(&mut *writer.lock().await, addr, value).await
 }
 
-async fn put_with(client: &mut Client, addr: &str, value: String) {
+async fn put_with(client: &mut RegistryClient, addr: &str, value: String) {
     if client.put("k", value.clone()).await.is_err() {
         *client = connect(addr).await;
         client.put("k", value).await.expect("put after reconnecting");
@@ -338,7 +338,7 @@ async fn a_worker_killed_while_the_masters_descriptors_are_exhausted_is_respawne
         }
         // The control socket answers too, with a descriptor of the reserve.
         assert!(open_fds(pid) >= MASTER_NOFILE - 1, "{} descriptors", open_fds(pid));
-        let mut control = tandem::cluster::control::Client::connect(&name).await.unwrap();
+        let mut control = tandem::cluster::control::ControlClient::connect(&name).await.unwrap();
         let status = control.call(tandem::cluster::control::Request::Status).await.unwrap().to_string();
         assert!(status.contains(&format!("\"pid\":{new}")), "{status}");
         eprintln!("worker {victim} killed with the master's table full; {new} ready after {took:?}");

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{Proc, assert_in_order, example, field, poll_until, private_dir, registry_binary};
 use nix::sys::signal::Signal;
-use tandem::registry::Client;
+use tandem::registry::RegistryClient;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const LINE: Duration = Duration::from_secs(10);
@@ -46,7 +46,7 @@ async fn the_standalone_leader_killed_20_times_under_writes() {
         let mut registry = Proc::spawn(&registry_binary(), &["serve", "--listen", "127.0.0.1:0"]);
         let line = registry.expect_line(LINE, |l| l.starts_with("listening on ")).await;
         let addr = line.trim_start_matches("listening on ").trim().to_string();
-        let writer = Arc::new(Client::connect(addr.as_str()).await.unwrap());
+        let writer = Arc::new(RegistryClient::connect(addr.as_str()).await.unwrap());
 
         // The writer keeps putting; the test takes the gate to write a round's final value.
         let gate = Arc::new(tokio::sync::Mutex::new(()));

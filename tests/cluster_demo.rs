@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Proc, alive, assert_in_order, example, field, poll_until};
 use nix::sys::signal::Signal;
-use tandem::registry::{Client, Server, ServerHandle};
+use tandem::registry::{RegistryClient, Server, ServerHandle};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const LINE: Duration = Duration::from_secs(15);
@@ -19,7 +19,7 @@ struct Demo {
     agent: i32,
     /// worker id -> pid
     workers: BTreeMap<u32, i32>,
-    admin: Client,
+    admin: RegistryClient,
     _server: ServerHandle,
 }
 
@@ -47,7 +47,7 @@ async fn start(transport: &str) -> Demo {
     let line = master.expect_line(LINE, |l| l.starts_with("upstream connections:")).await;
     assert_eq!(line, format!("upstream connections: 1 (workers: {WORKERS})"));
     // Connected only now, so the demo's count above saw the agent's connection alone.
-    let admin = Client::connect(addr.as_str()).await.unwrap();
+    let admin = RegistryClient::connect(addr.as_str()).await.unwrap();
     // The demo's own short-lived stats connection may still be closing.
     poll_until(LINE, "one upstream connection and one watch", || async {
         admin.stats().await.map(|s| (s.connections, s.watches) == (1, 1)).unwrap_or(false)
@@ -211,7 +211,7 @@ async fn auto_transport_falls_back_to_the_messenger_and_returns_to_direct() {
         let mut master = Proc::spawn_with(&example("config_center"), &args, &env, true);
         let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
         let workers: Vec<i32> = field(&ready, "workers").unwrap().split(',').map(|p| p.parse().unwrap()).collect();
-        let admin = Client::connect(addr.as_str()).await.unwrap();
+        let admin = RegistryClient::connect(addr.as_str()).await.unwrap();
         // Both workers reach the Leader's socket directly.
         for &pid in &workers {
             until_transport(xdg.path(), name, pid, "unix").await;

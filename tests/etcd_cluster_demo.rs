@@ -107,7 +107,7 @@ async fn etcdctl_puts_reach_all_four_workers_over_one_etcd_connection() {
 }
 
 /// The instance ids of service `svc` and the leases that hold them.
-async fn registered(observer: &etcd::Client) -> (Vec<String>, BTreeSet<i64>) {
+async fn registered(observer: &etcd::EtcdClient) -> (Vec<String>, BTreeSet<i64>) {
     let snapshot = observer.get_range(&Keys::prefix("/tandem/services/svc/")).await.unwrap();
     let ids = snapshot.kvs.iter().map(|kv| kv.key.rsplit('/').next().unwrap().to_string()).collect();
     (ids, snapshot.kvs.iter().map(|kv| kv.lease).collect())
@@ -119,7 +119,7 @@ async fn registrations_die_with_their_leader_and_the_next_leader_registers_them_
     within(LIMIT, async {
         let etcd = Etcd::single().await;
         let endpoint = etcd.endpoint(0);
-        let observer = etcd::Client::connect(etcd::Config::new([endpoint.clone()])).await.unwrap();
+        let observer = etcd::EtcdClient::connect(etcd::Config::new([endpoint.clone()])).await.unwrap();
         let mut lists = observer.watch_service::<Instance>("svc");
         let mut demo = start(&endpoint, 2, &["--register", "svc"]).await;
         let both = vec!["worker-1".to_string(), "worker-2".to_string()];

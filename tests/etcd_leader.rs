@@ -62,7 +62,7 @@ async fn next_value(sub: &mut Subscription<ConfigApi>) -> String {
 }
 
 /// Puts through an etcd client of its own, retrying while the cluster elects a leader.
-async fn put_retrying(writer: &etcd::Client, key: &str, value: String) {
+async fn put_retrying(writer: &etcd::EtcdClient, key: &str, value: String) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match writer.put(key, value.clone()).await {
@@ -81,7 +81,7 @@ async fn a_member_killed_while_values_change_every_follower_ends_with_the_final_
     within(LIMIT, async {
         let mut etcd = Etcd::cluster(3).await;
         let host = host(etcd.endpoints()).await;
-        let writer = etcd::Client::connect(etcd::Config::new([etcd.endpoint(1), etcd.endpoint(2)])).await.unwrap();
+        let writer = etcd::EtcdClient::connect(etcd::Config::new([etcd.endpoint(1), etcd.endpoint(2)])).await.unwrap();
         writer.put("k", "0").await.unwrap();
 
         const FOLLOWERS: usize = 3;
@@ -192,7 +192,7 @@ async fn an_etcd_replaced_by_an_empty_one_strands_no_follower() {
     within(LIMIT, async {
         let mut etcd = Etcd::single().await;
         let host = host(etcd.endpoints()).await;
-        let writer = etcd::Client::connect(etcd::Config::new(etcd.endpoints())).await.unwrap();
+        let writer = etcd::EtcdClient::connect(etcd::Config::new(etcd.endpoints())).await.unwrap();
         let a = follower(&host).await;
         let mut sub = a.subscribe("k".to_string()).await.unwrap();
         assert_eq!(next_value(&mut sub).await, "<none>");
@@ -249,7 +249,7 @@ async fn a_leader_starts_with_etcd_down_and_flows_once_it_is_up() {
         let mut sub = a.subscribe("k".to_string()).await.unwrap();
 
         etcd.restart(0).await;
-        let writer = etcd::Client::connect(etcd::Config::new(etcd.endpoints())).await.unwrap();
+        let writer = etcd::EtcdClient::connect(etcd::Config::new(etcd.endpoints())).await.unwrap();
         put_retrying(&writer, "k", "up-at-last".into()).await;
         assert_eq!(next_value(&mut sub).await, "up-at-last");
         a.ready().await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Proc, example, field, private_dir};
 use nix::sys::signal::Signal;
-use tandem::registry::{Client, Server};
+use tandem::registry::{RegistryClient, Server};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const LINE: Duration = Duration::from_secs(20);
@@ -50,7 +50,7 @@ async fn config_center_serves_cached_values_while_the_registry_is_down_then_live
         let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
         let addr = server.local_addr();
         let addr_arg = addr.to_string();
-        Client::connect(addr).await.unwrap().put("k", "remembered").await.unwrap();
+        RegistryClient::connect(addr).await.unwrap().put("k", "remembered").await.unwrap();
         let args = [
             "--workers",
             "2",
@@ -87,7 +87,7 @@ async fn config_center_serves_cached_values_while_the_registry_is_down_then_live
 
         // 3. The registry comes back on the same address: live values, no restart.
         let server = Server::bind(addr, Default::default()).await.unwrap().spawn();
-        Client::connect(addr).await.unwrap().put("k", "live-now").await.unwrap();
+        RegistryClient::connect(addr).await.unwrap().put("k", "live-now").await.unwrap();
         let live = expect_value(&mut second, 2, "live-now", "live").await;
         for (worker, position) in &live {
             assert!(position > &cached[worker], "worker {worker}: {position:?} after {:?}", cached[worker]);

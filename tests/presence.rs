@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::{Proc, example, field, poll_until};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
-use tandem::registry::{Client, Server, ServerHandle, ServiceEvent, WatchEvent, WatchSpec};
+use tandem::registry::{RegistryClient, Server, ServerHandle, ServiceEvent, WatchEvent, WatchSpec};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const LINE: Duration = Duration::from_secs(20);
@@ -30,7 +30,7 @@ struct Cluster {
 }
 
 /// A registry server here, and `config_center` on it with `extra` flags.
-async fn start(extra: &[&str]) -> (Cluster, Client) {
+async fn start(extra: &[&str]) -> (Cluster, RegistryClient) {
     let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
     let addr = server.local_addr().to_string();
     let workers = WORKERS.to_string();
@@ -39,7 +39,7 @@ async fn start(extra: &[&str]) -> (Cluster, Client) {
     let mut master = Proc::spawn(&example("config_center"), &args);
     let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
     let agent = field(&ready, "agent").unwrap().parse().unwrap();
-    let observer = Client::connect(addr.as_str()).await.unwrap();
+    let observer = RegistryClient::connect(addr.as_str()).await.unwrap();
     (Cluster { master, agent, _server: server }, observer)
 }
 

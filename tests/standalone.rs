@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Proc, assert_in_order, example, field, poll_until, private_dir};
-use tandem::registry::{Client, Server};
+use tandem::registry::{RegistryClient, Server};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const LINE: Duration = Duration::from_secs(10);
@@ -19,7 +19,7 @@ fn is_value(value: &str) -> impl Fn(&str) -> bool + '_ {
 /// private directory: each said `epoch=1`, exactly one is the leader.
 struct Group {
     _server: tandem::registry::ServerHandle,
-    admin: Client,
+    admin: RegistryClient,
     dir: tempfile::TempDir,
     args: Vec<String>,
     procs: Vec<Proc>,
@@ -31,7 +31,7 @@ impl Group {
     async fn start(name: &str, n: usize) -> Group {
         let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
         let addr = server.local_addr().to_string();
-        let admin = Client::connect(addr.as_str()).await.unwrap();
+        let admin = RegistryClient::connect(addr.as_str()).await.unwrap();
         let dir = private_dir();
         let run_dir = dir.path().join("run").to_str().unwrap().to_owned();
         let args: Vec<String> =

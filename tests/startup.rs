@@ -251,7 +251,7 @@ async fn a_wrong_token_in_standalone_is_reported_and_never_locks_correct_process
         let errors = late.seen.iter().filter(|l| l.contains("ERROR")).count();
         assert_eq!(errors, 1, "the rejection is logged once: {:#?}", late.seen);
         poll_until(LINE, "one registry connection", || async {
-            let admin = tandem::registry::Client::connect(server.local_addr().to_string().as_str()).await;
+            let admin = tandem::registry::RegistryClient::connect(server.local_addr().to_string().as_str()).await;
             match admin {
                 Ok(admin) => admin.stats().await.map(|s| s.connections == 1).unwrap_or(false),
                 Err(_) => false,

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{Proc, assert_in_order, example, field, free_port, poll_until, private_dir, serve_registry};
-use tandem::registry::Client;
+use tandem::registry::RegistryClient;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const LINE: Duration = Duration::from_secs(15);
@@ -18,10 +18,10 @@ fn is_value(value: &str) -> impl Fn(&str) -> bool + '_ {
 }
 
 /// Connects, retrying while the registry is starting.
-async fn admin(addr: &str) -> Client {
+async fn admin(addr: &str) -> RegistryClient {
     let deadline = tokio::time::Instant::now() + LINE;
     loop {
-        match Client::connect(addr).await {
+        match RegistryClient::connect(addr).await {
             Ok(client) => return client,
             Err(error) if tokio::time::Instant::now() < deadline => {
                 let _ = error;

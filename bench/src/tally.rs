@@ -43,7 +43,7 @@ impl Calls {
 }
 
 /// Events received by one follower during a fan-out phase.
-pub struct Events {
+pub struct EventTally {
     window: Option<Window>,
     events: u64,
     gaps: u64,
@@ -51,14 +51,14 @@ pub struct Events {
     hist: Hist,
 }
 
-impl Events {
-    pub fn new() -> Events {
-        Events { window: None, events: 0, gaps: 0, last: HashMap::new(), hist: hist::new() }
+impl EventTally {
+    pub fn new() -> EventTally {
+        EventTally { window: None, events: 0, gaps: 0, last: HashMap::new(), hist: hist::new() }
     }
 
     /// Starts counting for a new window (the publisher numbers each key from 0 again).
     pub fn start(&mut self, window: Window) {
-        *self = Events::new();
+        *self = EventTally::new();
         self.window = Some(window);
     }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use tandem_cluster::{
-    AgentContext, AgentReady, BoxError, Cluster, ClusterEvent, Config, Events, FrameLink, MasterContext, Messenger,
-    Origin, RestartPolicy, Target, WorkerContext,
+    AgentContext, AgentReady, BoxError, Cluster, ClusterEvent, ClusterEvents, Config, FrameLink, MasterContext,
+    Messenger, Origin, RestartPolicy, Target, WorkerContext,
 };
 use tandem_protocol::Frame;
 
@@ -377,7 +377,7 @@ fn show<T: std::fmt::Debug>(r: Result<T, tandem_cluster::Error>) -> String {
 }
 
 /// The master's messenger checks (three workers).
-async fn master_checks(m: Messenger, mut events: Events, workers: Vec<u32>) {
+async fn master_checks(m: Messenger, mut events: ClusterEvents, workers: Vec<u32>) {
     let secs = Duration::from_secs(3);
     println!("check to-agent: {}", show(m.send_to_agent("note", "m1").await));
     println!("check to-worker: {}", show(m.send_to_worker(2, "note", "m2").await));

@@ -12,8 +12,8 @@ use futures::FutureExt;
 use crate::app::{AgentFn, MasterFn, WorkerFn};
 use crate::child::{self, ChildEnv};
 use crate::{
-    AgentContext, AgentReady, BoxError, Config, Error, ListenAddr, ListenerSpec, MasterContext, RestartPolicy, Role,
-    ShareMode, WorkerContext,
+    AgentContext, AgentReady, BoxError, Config, Error, ListenAddr, ListenerSpec, MasterContext, ProcessRole,
+    RestartPolicy, ShareMode, WorkerContext,
 };
 
 /// A master/agent/worker cluster.
@@ -282,9 +282,11 @@ impl Builder {
     /// ping-pong p50 about halves, its pipelined calls/s rise by a fifth).
     /// Call [`run`](Self::run) from your own runtime to choose otherwise.
     pub fn run_blocking(self) -> Result<(), Error> {
-        let runtime = match Role::of_this_process() {
-            Role::Master => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-            Role::Agent | Role::Worker => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        let runtime = match ProcessRole::of_this_process() {
+            ProcessRole::Master => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            ProcessRole::Agent | ProcessRole::Worker => {
+                tokio::runtime::Builder::new_multi_thread().enable_all().build()
+            }
         };
         runtime.map_err(Error::Runtime)?.block_on(self.run())
     }

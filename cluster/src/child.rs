@@ -31,7 +31,7 @@ use crate::link::LinkTable;
 use crate::listeners::ReceivedListeners;
 use crate::messenger::{Answer, ChildShared, Endpoint, Inbox, Transport};
 use crate::spawn::{ENV_CLUSTER, ENV_FD_CHANNEL, ENV_IPC_FD, ENV_MASTER_PID, ENV_NAME, ENV_ROLE, ENV_WORKER_ID};
-use crate::{AgentContext, Error, Messenger, Role, WorkerContext, WorkerId};
+use crate::{AgentContext, Error, Messenger, ProcessRole, WorkerContext, WorkerId};
 
 /// The exit code of a child whose master is gone (as egg's agent uses).
 pub(crate) const MASTER_GONE_EXIT: i32 = 110;
@@ -48,7 +48,7 @@ const INCOMING_LINKS_CAPACITY: usize = 64;
 /// What the master put in this child's environment.
 #[derive(Debug, Clone)]
 pub(crate) struct ChildEnv {
-    pub role: Role,
+    pub role: ProcessRole,
     pub worker_id: Option<WorkerId>,
     pub ipc_fd: RawFd,
     pub master_pid: u32,
@@ -66,8 +66,8 @@ impl ChildEnv {
             return Ok(None);
         };
         let role = match role.to_str() {
-            Some("agent") => Role::Agent,
-            Some("worker") => Role::Worker,
+            Some("agent") => ProcessRole::Agent,
+            Some("worker") => ProcessRole::Worker,
             _ => return Err(Error::child_setup(format!("{ENV_ROLE}={role:?} is not agent or worker"), None)),
         };
         fn var<T: std::str::FromStr>(name: &str) -> Result<T, Error> {
@@ -77,7 +77,7 @@ impl ChildEnv {
                 .ok_or_else(|| Error::child_setup(format!("{name} is missing or invalid"), None))
         }
         let worker_id = match role {
-            Role::Worker => Some(var(ENV_WORKER_ID)?),
+            ProcessRole::Worker => Some(var(ENV_WORKER_ID)?),
             _ => None,
         };
         Ok(Some(ChildEnv {
@@ -98,7 +98,7 @@ pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -
         Ok((init, reader, writer, listeners)) => {
             let pid = std::process::id();
             let span = match env.role {
-                Role::Worker => {
+                ProcessRole::Worker => {
                     tracing::info_span!("tandem", cluster = %env.name, role = "worker", worker.id = env.worker_id, pid)
                 }
                 _ => tracing::info_span!("tandem", cluster = %env.name, role = "agent", pid, epoch = init.epoch),
@@ -232,11 +232,11 @@ async fn serve(
     // Link messages: bounded by the links' credits (see `link`), never waited for.
     let (links_tx, links_rx) = mpsc::unbounded_channel::<FromChild>();
     let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_LINKS_CAPACITY);
-    let incoming = (env.role == Role::Agent).then_some(incoming_tx);
+    let incoming = (env.role == ProcessRole::Agent).then_some(incoming_tx);
     let links = LinkTable::new(init.link_capacity as usize, links_tx, incoming);
     let shared = Arc::new(ChildShared::new(tx, links));
     let me = match (env.role, env.worker_id) {
-        (Role::Worker, Some(id)) => Origin::Worker { id, pid },
+        (ProcessRole::Worker, Some(id)) => Origin::Worker { id, pid },
         _ => Origin::Agent { pid, epoch: init.epoch },
     };
     let endpoint = Arc::new(Endpoint {
@@ -282,7 +282,7 @@ async fn serve(
 
     tracing::debug!("started");
     let result = match env.role {
-        Role::Agent => agent_fn(AgentContext::new(core, incoming_rx)).await,
+        ProcessRole::Agent => agent_fn(AgentContext::new(core, incoming_rx)).await,
         _ => worker_fn(WorkerContext::new(Arc::clone(&core), env.worker_id.unwrap_or(0), agent_rx)).await,
     };
     let code = match result {

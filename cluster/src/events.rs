@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::{ExitReason, ProcessRef, Role, StartFailure, WorkerId};
+use crate::{ExitReason, ProcessRef, ProcessRole, StartFailure, WorkerId};
 
 /// Something that happened to the cluster.
 ///
@@ -88,7 +88,7 @@ pub enum ClusterEvent {
     /// A dead process's slot will be restarted after a delay.
     RestartScheduled {
         /// The role.
-        role: Role,
+        role: ProcessRole,
         /// The worker id, for workers.
         worker_id: Option<WorkerId>,
         /// The delay.
@@ -99,7 +99,7 @@ pub enum ClusterEvent {
     /// A crash-looping slot was marked failed; it is retried after `retry_after`.
     SlotFailed {
         /// The role.
-        role: Role,
+        role: ProcessRole,
         /// The worker id, for workers.
         worker_id: Option<WorkerId>,
         /// Consecutive unstable exits.
@@ -168,7 +168,7 @@ pub enum ClusterEvent {
     /// A process's RSS exceeded its memory limit.
     MemoryLimit {
         /// The role.
-        role: Role,
+        role: ProcessRole,
         /// The worker id, for workers.
         worker_id: Option<WorkerId>,
         /// The process.
@@ -180,7 +180,7 @@ pub enum ClusterEvent {
     },
 }
 
-fn slot(role: Role, worker_id: Option<WorkerId>) -> String {
+fn slot(role: ProcessRole, worker_id: Option<WorkerId>) -> String {
     match worker_id {
         Some(id) => format!("worker={id}"),
         None => role.to_string(),
@@ -255,13 +255,13 @@ impl fmt::Display for ClusterEvent {
 /// The cluster's events as a `Stream`. A reader that falls more than the
 /// buffer (1024 events) behind misses the oldest ones (logged).
 #[derive(Debug)]
-pub struct Events {
+pub struct ClusterEvents {
     inner: BroadcastStream<ClusterEvent>,
 }
 
-impl Events {
+impl ClusterEvents {
     pub(crate) fn new(rx: broadcast::Receiver<ClusterEvent>) -> Self {
-        Events { inner: BroadcastStream::new(rx) }
+        ClusterEvents { inner: BroadcastStream::new(rx) }
     }
 
     /// The next event; `None` once the master has stopped.
@@ -270,7 +270,7 @@ impl Events {
     }
 }
 
-impl Stream for Events {
+impl Stream for ClusterEvents {
     type Item = ClusterEvent;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ClusterEvent>> {

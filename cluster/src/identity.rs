@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::process::{Role, WorkerId};
+use crate::process::{ProcessRole, WorkerId};
 
 /// Where a message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -82,11 +82,11 @@ impl Origin {
     }
 
     /// The sender's role.
-    pub fn role(&self) -> Role {
+    pub fn role(&self) -> ProcessRole {
         match self {
-            Origin::Master { .. } => Role::Master,
-            Origin::Agent { .. } => Role::Agent,
-            Origin::Worker { .. } => Role::Worker,
+            Origin::Master { .. } => ProcessRole::Master,
+            Origin::Agent { .. } => ProcessRole::Agent,
+            Origin::Worker { .. } => ProcessRole::Worker,
         }
     }
 
@@ -131,10 +131,10 @@ pub(crate) enum SlotId {
 }
 
 impl SlotId {
-    pub(crate) fn role(self) -> Role {
+    pub(crate) fn role(self) -> ProcessRole {
         match self {
-            SlotId::Agent => Role::Agent,
-            SlotId::Worker(_) => Role::Worker,
+            SlotId::Agent => ProcessRole::Agent,
+            SlotId::Worker(_) => ProcessRole::Worker,
         }
     }
 

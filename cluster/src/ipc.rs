@@ -38,7 +38,7 @@ use tandem_protocol::{Codec, RemoteError};
 
 use crate::identity::{AgentInfo, LinkId, Origin, Target};
 use crate::status::StatusTable;
-use crate::{Role, WorkerId};
+use crate::{ProcessRole, WorkerId};
 
 /// The master's codec: decodes what children send.
 pub(crate) type MasterCodec = Codec<FromChild>;
@@ -79,7 +79,7 @@ pub(crate) struct Init {
     /// The cluster's name.
     pub cluster: String,
     /// The child's role.
-    pub role: Role,
+    pub role: ProcessRole,
     /// The worker's id.
     pub worker_id: Option<WorkerId>,
     /// The master's pid.

@@ -32,7 +32,7 @@ use crate::agent_reload::AgentReload;
 use crate::app::MasterFn;
 use crate::child_io::Input;
 use crate::control::{ControlServer, ControlStats, MasterHandle, OpsCall};
-use crate::events::Events;
+use crate::events::ClusterEvents;
 use crate::identity::{AgentInfo, Origin, ProcKey, SlotId};
 use crate::ipc::{Delivery, FromChild, Outcome};
 use crate::lifecycle::Timer;
@@ -57,7 +57,7 @@ use crate::{BoxError, ClusterEvent, Config, Error, WorkerId};
 const INPUT_CAPACITY: usize = 1024;
 /// Calls from the master's own messenger (full: its callers wait).
 const LOCAL_CAPACITY: usize = 256;
-/// Events buffered for slow readers of [`Events`] (full: the slowest reader lags).
+/// Events buffered for slow readers of [`ClusterEvents`] (full: the slowest reader lags).
 const EVENTS_CAPACITY: usize = 1024;
 /// A child whose IPC channel closed but which has not exited after this long is killed.
 const EOF_KILL_AFTER: Duration = Duration::from_secs(2);
@@ -334,7 +334,7 @@ impl Master {
     }
 
     fn start_hook(&mut self, hook: MasterFn, metrics_addr: Option<std::net::SocketAddr>) {
-        let events = self.outbound.first_events.take().map(Events::new);
+        let events = self.outbound.first_events.take().map(ClusterEvents::new);
         let ctx = MasterContext::new(
             self.setup.pid,
             self.setup.dir.path().to_owned(),

@@ -8,8 +8,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    AgentReloadReport, ClusterControl, ClusterEvent, Error, Events, ListenerInfo, Messenger, ReloadError, ReloadReport,
-    StatusTable,
+    AgentReloadReport, ClusterControl, ClusterEvent, ClusterEvents, Error, ListenerInfo, Messenger, ReloadError,
+    ReloadReport, StatusTable,
 };
 
 /// The master's view of the cluster, given to the function set with
@@ -21,7 +21,7 @@ pub struct MasterContext {
     runtime_dir: PathBuf,
     token: String,
     messenger: Messenger,
-    first_events: Mutex<Option<Events>>,
+    first_events: Mutex<Option<ClusterEvents>>,
     later_events: broadcast::Receiver<ClusterEvent>,
     shutdown: CancellationToken,
     stopping: CancellationToken,
@@ -38,7 +38,7 @@ impl MasterContext {
         runtime_dir: PathBuf,
         token: String,
         messenger: Messenger,
-        first_events: Option<Events>,
+        first_events: Option<ClusterEvents>,
         later_events: broadcast::Receiver<ClusterEvent>,
         shutdown: CancellationToken,
         stopping: CancellationToken,
@@ -100,9 +100,9 @@ impl MasterContext {
     /// The cluster's events. The first call gets every event since the master
     /// started; later calls get the events from then on. The stream ends when
     /// the master exits.
-    pub fn events(&self) -> Events {
+    pub fn events(&self) -> ClusterEvents {
         let first = self.first_events.lock().unwrap_or_else(PoisonError::into_inner).take();
-        first.unwrap_or_else(|| Events::new(self.later_events.resubscribe()))
+        first.unwrap_or_else(|| ClusterEvents::new(self.later_events.resubscribe()))
     }
 
     /// Asks for a graceful shutdown, as SIGTERM does.

@@ -20,7 +20,7 @@ use crate::lifecycle::{Action, Timer};
 use crate::restart::Restart;
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
-use crate::{ClusterEvent, Role, WorkerId};
+use crate::{ClusterEvent, ProcessRole, WorkerId};
 
 /// The limits, and what else runs that a sample must not disturb.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +86,7 @@ impl MemoryLimits {
             actions.push(Action::Stop { to: key, grace: sample.agent_grace });
             self.agent_stopping = true;
             actions.push(Action::Emit(ClusterEvent::MemoryLimit {
-                role: Role::Agent,
+                role: ProcessRole::Agent,
                 worker_id: None,
                 pid,
                 rss,
@@ -99,7 +99,7 @@ impl MemoryLimits {
             return actions;
         }
         let now = sample.now;
-        for w in slots.iter_mut().filter(|s| s.id.role() == Role::Worker) {
+        for w in slots.iter_mut().filter(|s| s.id.role() == ProcessRole::Worker) {
             let SlotId::Worker(id) = w.id else { continue };
             let Some(proc) = w.proc.as_ref().filter(|_| w.state == ProcessState::Ready && w.previous.is_none()) else {
                 continue;
@@ -122,7 +122,7 @@ impl MemoryLimits {
                     Restart::Failed { retry_after, failures } => (retry_after, failures),
                 };
                 actions.push(Action::Emit(ClusterEvent::MemoryLimit {
-                    role: Role::Worker,
+                    role: ProcessRole::Worker,
                     worker_id: Some(id),
                     pid,
                     rss,
@@ -138,7 +138,7 @@ impl MemoryLimits {
                         "over the memory limit again soon after start; replacing after a backoff delay"
                     );
                     actions.push(Action::Emit(ClusterEvent::RestartScheduled {
-                        role: Role::Worker,
+                        role: ProcessRole::Worker,
                         worker_id: Some(id),
                         after: delay,
                         failures,

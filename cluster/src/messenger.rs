@@ -2,14 +2,14 @@
 //! relayed by the master.
 //!
 //! Every process has one [`Messenger`]. A message is a topic and opaque payload
-//! bytes (MessagePack through [`encode`] / [`Message::decode`] for typed use).
+//! bytes (MessagePack through [`encode`] / [`Envelope::decode`] for typed use).
 //! Each send is acknowledged by the master: `Ok` means the message was queued
 //! for the target process; a dead, restarting or overloaded target is a typed
 //! error ([`Error::NotRunning`], [`Error::QueueFull`], ...), never a silent drop.
 //! The master stamps each message with its true [`Origin`]. Fan-outs
 //! ([`Target::Workers`], [`Target::All`]) skip the sender itself.
 //!
-//! Receiving is by topic: [`Messenger::subscribe`] returns a [`Subscription`]
+//! Receiving is by topic: [`Messenger::subscribe`] returns a [`TopicStream`]
 //! stream. Subscribe before calling `ready()`: messages that arrive for a topic
 //! nobody subscribed to are dropped (a request gets [`Error::NoHandler`]).
 
@@ -33,7 +33,7 @@ use crate::identity::{Origin, Target};
 use crate::ipc::{FromChild, Op, Outcome};
 use crate::link::{FrameLink, LinkTable};
 use crate::status::StatusTable;
-use crate::{Error, Role, WorkerId};
+use crate::{Error, ProcessRole, WorkerId};
 
 /// The code of the `RemoteError` a requester gets when the target had no
 /// handler for the topic, or dropped the request without replying.
@@ -68,7 +68,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
 
 /// A received message.
 #[derive(Clone)]
-pub struct Message {
+pub struct Envelope {
     /// The topic it was sent on.
     pub topic: String,
     /// Who sent it (stamped by the master).
@@ -78,9 +78,9 @@ pub struct Message {
     reply: Option<Arc<ReplySlot>>,
 }
 
-impl fmt::Debug for Message {
+impl fmt::Debug for Envelope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Message")
+        f.debug_struct("Envelope")
             .field("topic", &self.topic)
             .field("from", &self.from)
             .field("payload_len", &self.payload.len())
@@ -89,7 +89,7 @@ impl fmt::Debug for Message {
     }
 }
 
-impl Message {
+impl Envelope {
     /// Decodes the payload as MessagePack.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
         decode(&self.payload)
@@ -296,7 +296,7 @@ impl Endpoint {
             })
         });
         // When nobody takes it, dropping `reply` answers the requester.
-        self.inbox.dispatch(Message { topic, from, payload, reply });
+        self.inbox.dispatch(Envelope { topic, from, payload, reply });
     }
 }
 
@@ -305,7 +305,7 @@ fn unexpected(what: &str) -> Error {
 }
 
 /// One topic's subscribers, each with its id.
-type Subscribers = Vec<(u64, mpsc::Sender<Message>)>;
+type Subscribers = Vec<(u64, mpsc::Sender<Envelope>)>;
 
 /// Subscriptions by topic.
 #[derive(Debug)]
@@ -320,7 +320,7 @@ impl Inbox {
         Inbox { subs: Mutex::new(HashMap::new()), next: AtomicU64::new(1), capacity: capacity.max(1) }
     }
 
-    fn add(&self, topic: &str) -> (u64, mpsc::Receiver<Message>) {
+    fn add(&self, topic: &str) -> (u64, mpsc::Receiver<Envelope>) {
         let (tx, rx) = mpsc::channel(self.capacity);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.subs.lock().unwrap_or_else(PoisonError::into_inner).entry(topic.to_owned()).or_default().push((id, tx));
@@ -338,7 +338,7 @@ impl Inbox {
     }
 
     /// Never waits: a subscriber whose queue is full misses the message (logged).
-    fn dispatch(&self, msg: Message) {
+    fn dispatch(&self, msg: Envelope) {
         let subs = self.subs.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(list) = subs.get(&msg.topic) else {
             tracing::debug!(topic = %msg.topic, from = %msg.from, "message for a topic nobody subscribed to; dropped");
@@ -363,16 +363,16 @@ impl Inbox {
 
 /// The messages of one topic, as a `Stream`. Dropping it unsubscribes.
 #[derive(Debug)]
-pub struct Subscription {
+pub struct TopicStream {
     topic: String,
     id: u64,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Envelope>,
     endpoint: Arc<Endpoint>,
 }
 
-impl Subscription {
+impl TopicStream {
     /// The next message; `None` once the process is shutting down.
-    pub async fn recv(&mut self) -> Option<Message> {
+    pub async fn recv(&mut self) -> Option<Envelope> {
         self.rx.recv().await
     }
 
@@ -382,15 +382,15 @@ impl Subscription {
     }
 }
 
-impl Stream for Subscription {
-    type Item = Message;
+impl Stream for TopicStream {
+    type Item = Envelope;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Envelope>> {
         self.get_mut().rx.poll_recv(cx)
     }
 }
 
-impl Drop for Subscription {
+impl Drop for TopicStream {
     fn drop(&mut self) {
         self.endpoint.inbox.remove(&self.topic, self.id);
     }
@@ -413,10 +413,10 @@ impl Messenger {
     }
 
     /// Receives the messages of `topic` from now on.
-    pub fn subscribe(&self, topic: impl Into<String>) -> Subscription {
+    pub fn subscribe(&self, topic: impl Into<String>) -> TopicStream {
         let topic = topic.into();
         let (id, rx) = self.endpoint.inbox.add(&topic);
-        Subscription { topic, id, rx, endpoint: Arc::clone(&self.endpoint) }
+        TopicStream { topic, id, rx, endpoint: Arc::clone(&self.endpoint) }
     }
 
     /// Queues a message for `to`; returns how many processes it was queued for.
@@ -517,7 +517,7 @@ impl Messenger {
         let Transport::Child(_) = &self.endpoint.transport else {
             return Err(Error::NotAWorker { what: "opening a link" });
         };
-        if self.endpoint.me.role() != Role::Worker {
+        if self.endpoint.me.role() != ProcessRole::Worker {
             return Err(Error::NotAWorker { what: "opening a link" });
         }
         match self.endpoint.call(Op::OpenLink).await? {

@@ -54,7 +54,7 @@ use tokio_util::task::TaskTracker;
 use crate::control::MasterHandle;
 use crate::metrics_endpoint::{EndpointStats, Limits};
 use crate::round_robin::RoundRobinStats;
-use crate::{Error, Role};
+use crate::{Error, ProcessRole};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProcessLabels {
@@ -137,7 +137,7 @@ pub(crate) async fn render(
         };
         let labels = ProcessLabels { role: p.role.clone(), slot };
         up.get_or_create(&labels).set(i64::from(p.state == "online"));
-        if p.role != Role::Master.to_string() {
+        if p.role != ProcessRole::Master.to_string() {
             restarts.get_or_create(&labels).inc_by(u64::from(p.restarts));
         }
         if let Some(bytes) = p.rss_bytes {

@@ -11,7 +11,7 @@ pub type WorkerId = u32;
 
 /// The role of a process in the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Role {
+pub enum ProcessRole {
     /// The supervisor: spawns, routes, stops.
     Master,
     /// The single agent: hosts the Leader.
@@ -20,32 +20,32 @@ pub enum Role {
     Worker,
 }
 
-impl Role {
+impl ProcessRole {
     /// The role's name as used in logs and in the `TANDEM_ROLE` variable.
     pub fn as_str(self) -> &'static str {
         match self {
-            Role::Master => "master",
-            Role::Agent => "agent",
-            Role::Worker => "worker",
+            ProcessRole::Master => "master",
+            ProcessRole::Agent => "agent",
+            ProcessRole::Worker => "worker",
         }
     }
 }
 
-impl Role {
+impl ProcessRole {
     /// The role this process was started in: `Agent` or `Worker` when the
     /// master spawned it, `Master` otherwise. Code in `main` before the
     /// builder runs in every process; use this to do master-only work there
     /// (for example binding a listener whose address the children inherit).
-    pub fn of_this_process() -> Role {
+    pub fn of_this_process() -> ProcessRole {
         match std::env::var(crate::spawn::ENV_ROLE).as_deref() {
-            Ok("agent") => Role::Agent,
-            Ok("worker") => Role::Worker,
-            _ => Role::Master,
+            Ok("agent") => ProcessRole::Agent,
+            Ok("worker") => ProcessRole::Worker,
+            _ => ProcessRole::Master,
         }
     }
 }
 
-impl fmt::Display for Role {
+impl fmt::Display for ProcessRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -56,7 +56,7 @@ impl fmt::Display for Role {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessRef {
     /// The role.
-    pub role: Role,
+    pub role: ProcessRole,
     /// The worker id, for workers.
     pub worker_id: Option<WorkerId>,
     /// The process id, once spawned.

@@ -33,7 +33,7 @@ use crate::identity::{LinkId, Origin, ProcKey, SlotId, Target};
 use crate::ipc::{Delivery, Op, Outcome, Refusal, ToChild};
 use crate::status::ProcessState;
 use crate::supervisor::{Proc, Slot, Slots};
-use crate::{Role, WorkerId};
+use crate::{ProcessRole, WorkerId};
 
 /// Where the answer to an operation goes.
 #[derive(Debug)]
@@ -339,7 +339,7 @@ impl Router {
                 count += 1;
             }
             for slot in peers.slots.iter() {
-                if to == Target::Workers && slot.id.role() != Role::Worker {
+                if to == Target::Workers && slot.id.role() != ProcessRole::Worker {
                     continue;
                 }
                 if origin.is_some_and(|k| k.slot == slot.id) {

@@ -15,7 +15,7 @@ use std::process::Stdio;
 use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
 use tokio::process::{Child, Command};
 
-use crate::{Role, WorkerId};
+use crate::{ProcessRole, WorkerId};
 
 /// The environment variables a child reads (never secrets: the token travels over IPC).
 pub(crate) const ENV_ROLE: &str = "TANDEM_ROLE";
@@ -83,12 +83,12 @@ pub(crate) struct Program {
 }
 
 impl Program {
-    pub(crate) fn spawn(&self, role: Role, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
+    pub(crate) fn spawn(&self, role: ProcessRole, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
         spawn(self, role, worker_id)
     }
 }
 
-fn spawn(program: &Program, role: Role, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
+fn spawn(program: &Program, role: ProcessRole, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
     let Program { exe, args, cluster, name, master_pid, env } = program;
     let master_pid = *master_pid;
     // std creates both ends with SOCK_CLOEXEC.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Role, WorkerId};
+use crate::{ProcessRole, WorkerId};
 
 /// The state of a process slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +54,7 @@ impl fmt::Display for ProcessState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRow {
     /// The role.
-    pub role: Role,
+    pub role: ProcessRole,
     /// The worker id, for workers.
     pub worker_id: Option<WorkerId>,
     /// The current process's pid, when one is running.
@@ -161,7 +161,7 @@ mod tests {
         let table = StatusTable {
             rows: vec![
                 StatusRow {
-                    role: Role::Master,
+                    role: ProcessRole::Master,
                     worker_id: None,
                     pid: Some(10),
                     state: ProcessState::Ready,
@@ -171,7 +171,7 @@ mod tests {
                     epoch: None,
                 },
                 StatusRow {
-                    role: Role::Worker,
+                    role: ProcessRole::Worker,
                     worker_id: Some(2),
                     pid: None,
                     state: ProcessState::BackingOff,

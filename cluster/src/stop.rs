@@ -19,7 +19,7 @@ use crate::identity::SlotId;
 use crate::lifecycle::{Action, Timer};
 use crate::status::ProcessState;
 use crate::supervisor::{Slot, Slots};
-use crate::{ClusterEvent, Role};
+use crate::{ClusterEvent, ProcessRole};
 
 /// How long the master waits for SIGKILLed processes to be reaped before giving up on them.
 pub(crate) const REAP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,10 +37,10 @@ pub(crate) enum Stage {
 
 impl Stage {
     /// The role whose processes this stage waits for.
-    fn role(self) -> Option<Role> {
+    fn role(self) -> Option<ProcessRole> {
         match self {
-            Stage::Workers => Some(Role::Worker),
-            Stage::Agent => Some(Role::Agent),
+            Stage::Workers => Some(ProcessRole::Worker),
+            Stage::Agent => Some(ProcessRole::Agent),
             Stage::Done => None,
         }
     }
@@ -93,8 +93,8 @@ impl StopSequence {
                 stopping.forced = true;
                 tracing::warn!("second stop signal: skipping the grace period");
                 actions.push(Action::Emit(ClusterEvent::ShutdownStarted { forced: true }));
-                kill_role(slots, Role::Worker, &mut actions);
-                kill_role(slots, Role::Agent, &mut actions);
+                kill_role(slots, ProcessRole::Worker, &mut actions);
+                kill_role(slots, ProcessRole::Agent, &mut actions);
             }
             return actions;
         }
@@ -102,7 +102,7 @@ impl StopSequence {
         actions.push(Action::Emit(ClusterEvent::ShutdownStarted { forced: false }));
         self.next_deadline += 1;
         self.stopping = Some(Stopping { stage: Stage::Workers, forced: false, deadline_id: self.next_deadline });
-        for w in slots.with_role(Role::Worker) {
+        for w in slots.with_role(ProcessRole::Worker) {
             for p in w.proc.iter().chain(w.previous.iter()) {
                 actions.push(Action::Retire(p.key));
             }
@@ -118,7 +118,7 @@ impl StopSequence {
                 None => actions.push(Action::SetState(w.id, ProcessState::Stopped)),
             }
         }
-        for a in slots.with_role(Role::Agent).filter(|a| a.proc.is_none()) {
+        for a in slots.with_role(ProcessRole::Agent).filter(|a| a.proc.is_none()) {
             actions.push(Action::SetState(a.id, ProcessState::Stopped));
         }
         actions.push(Action::After(graces.workers, Timer::StopDeadline(self.next_deadline)));
@@ -138,14 +138,14 @@ impl StopSequence {
             let Some(stopping) = self.stopping else { return };
             match stopping.stage {
                 Stage::Workers => {
-                    if slots.with_role(Role::Worker).any(occupied) {
+                    if slots.with_role(ProcessRole::Worker).any(occupied) {
                         return;
                     }
                     self.next_deadline += 1;
                     let id = self.next_deadline;
                     self.stopping = Some(Stopping { stage: Stage::Agent, deadline_id: id, ..stopping });
                     let mut any = false;
-                    for p in slots.with_role(Role::Agent).filter_map(|a| a.proc.as_ref()) {
+                    for p in slots.with_role(ProcessRole::Agent).filter_map(|a| a.proc.as_ref()) {
                         tracing::debug!("workers stopped; stopping the agent");
                         actions.push(Action::Stop { to: p.key, grace: graces.agent });
                         actions.push(Action::SetState(p.key.slot, ProcessState::Stopping));
@@ -154,15 +154,15 @@ impl StopSequence {
                     if any {
                         actions.push(Action::After(graces.agent, Timer::StopDeadline(id)));
                         if stopping.forced {
-                            kill_role(slots, Role::Agent, actions);
+                            kill_role(slots, ProcessRole::Agent, actions);
                         }
                     }
                 }
                 Stage::Agent => {
-                    if slots.with_role(Role::Agent).any(|a| a.proc.is_some()) {
+                    if slots.with_role(ProcessRole::Agent).any(|a| a.proc.is_some()) {
                         return;
                     }
-                    for a in slots.with_role(Role::Agent) {
+                    for a in slots.with_role(ProcessRole::Agent) {
                         actions.push(Action::SetState(a.id, ProcessState::Stopped));
                     }
                     self.stopping = Some(Stopping { stage: Stage::Done, ..stopping });
@@ -204,7 +204,7 @@ fn occupied(slot: &Slot) -> bool {
     slot.proc.is_some() || slot.previous.is_some()
 }
 
-fn kill_role(slots: &Slots, role: Role, actions: &mut Vec<Action>) {
+fn kill_role(slots: &Slots, role: ProcessRole, actions: &mut Vec<Action>) {
     for slot in slots.with_role(role) {
         for p in slot.proc.iter().chain(slot.previous.iter()) {
             tracing::warn!(pid = p.pid, slot = %slot.id, "SIGKILL");

@@ -25,7 +25,7 @@ use crate::lifecycle::{Action, Timer};
 use crate::liveness::Liveness;
 use crate::restart::{CrashLoop, Restart};
 use crate::status::{ProcessState, StatusRow, rss_bytes};
-use crate::{ClusterEvent, ProcessRef, RestartPolicy, Role, WorkerId};
+use crate::{ClusterEvent, ProcessRef, ProcessRole, RestartPolicy, WorkerId};
 
 /// A running child process, as the master holds it.
 #[derive(Debug)]
@@ -258,7 +258,7 @@ impl Slots {
     }
 
     /// The slots of `role`, in list order.
-    pub(crate) fn with_role(&self, role: Role) -> impl Iterator<Item = &Slot> {
+    pub(crate) fn with_role(&self, role: ProcessRole) -> impl Iterator<Item = &Slot> {
         self.list.iter().filter(move |s| s.id.role() == role)
     }
 
@@ -269,7 +269,7 @@ impl Slots {
 
     /// The workers' slots, by id.
     pub(crate) fn workers(&self) -> impl Iterator<Item = &Slot> {
-        self.with_role(Role::Worker)
+        self.with_role(ProcessRole::Worker)
     }
 
     /// How many worker slots there are.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tandem_cluster::control::{Client, ControlError, ProcessInfo, Request};
+use tandem_cluster::control::{ControlClient, ControlError, ProcessInfo, Request};
 use tokio::sync::mpsc;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -73,7 +73,7 @@ impl Lines {
 }
 
 async fn status(socket: &Path) -> Vec<ProcessInfo> {
-    let mut client = Client::connect_to(socket, NAME).await.expect("connect");
+    let mut client = ControlClient::connect_to(socket, NAME).await.expect("connect");
     client.call_as(Request::Status).await.expect("status")
 }
 
@@ -116,7 +116,7 @@ fn worker_pids(rows: &[ProcessInfo]) -> Vec<Option<u32>> {
 }
 
 async fn reload_agent(socket: &Path) -> Result<serde_json::Value, ControlError> {
-    Client::connect_to(socket, NAME).await.expect("connect").call(Request::ReloadAgent).await
+    ControlClient::connect_to(socket, NAME).await.expect("connect").call(Request::ReloadAgent).await
 }
 
 /// Puts `contents` at `path` the way a deploy does: a new file renamed over the old.
@@ -185,7 +185,7 @@ async fn agent_reload() {
     // stubborn predecessor, the agent's is refused and the agent stays.
     let workers_reload = tokio::spawn({
         let socket = socket.clone();
-        async move { Client::connect_to(&socket, NAME).await.expect("connect").call(Request::Reload).await }
+        async move { ControlClient::connect_to(&socket, NAME).await.expect("connect").call(Request::Reload).await }
     });
     status_until(&socket, "worker 1's successor started", |rows| {
         rows.iter().any(|r| r.role == "worker" && r.slot == Some(1) && r.restarts == 1)

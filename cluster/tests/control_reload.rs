@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tandem_cluster::control::{Client, ControlError, ProcessInfo, Request};
+use tandem_cluster::control::{ControlClient, ControlError, ProcessInfo, Request};
 use tandem_testkit::{Lines, ProcessGuard, within};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -18,7 +18,7 @@ fn fixture_path() -> PathBuf {
 }
 
 async fn status(path: &std::path::Path, name: &str) -> Vec<ProcessInfo> {
-    let mut client = Client::connect_to(path, name).await.expect("connect");
+    let mut client = ControlClient::connect_to(path, name).await.expect("connect");
     client.call_as(Request::Status).await.expect("status")
 }
 
@@ -58,7 +58,7 @@ async fn failed_reload() {
 
     // From now on every new worker exits before it is ready.
     std::fs::write(&fail, b"").unwrap();
-    let mut client = Client::connect_to(&socket, name).await.unwrap();
+    let mut client = ControlClient::connect_to(&socket, name).await.unwrap();
     let error = match client.call(Request::Reload).await {
         Err(ControlError::Failed(reason)) => reason,
         other => panic!("the reload should fail, got {other:?}"),

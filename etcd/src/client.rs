@@ -22,17 +22,17 @@ use crate::watch::{Start, Watch};
 /// connection, and every watch and registration, ends when the last clone (and
 /// the last [`Watch`] / [`Registration`] made from it) is dropped.
 #[derive(Clone, Debug)]
-pub struct Client {
+pub struct EtcdClient {
     /// The shared connection, and the deadline of this handle's calls.
     handle: Handle,
 }
 
-impl Client {
+impl EtcdClient {
     /// Starts a client and waits for the first round over the endpoints: it
     /// returns once a member answers, or fails with [`Error::Unavailable`] if none
     /// does (or [`Error::Config`] for an empty list).
-    pub async fn connect(config: Config) -> Result<Client, Error> {
-        let client = Client::start(config)?;
+    pub async fn connect(config: Config) -> Result<EtcdClient, Error> {
+        let client = EtcdClient::start(config)?;
         let mut state = client.state();
         let state = state.wait_for(|state| !matches!(state, ConnectionState::Connecting)).await;
         match state.as_deref() {
@@ -46,8 +46,8 @@ impl Client {
     /// reconnecting, with backoff) in the background; calls fail with
     /// [`Error::Unavailable`] while no member answers, and watches start
     /// flowing once one does. Fails only with [`Error::Config`] (no endpoint).
-    pub fn start(config: Config) -> Result<Client, Error> {
-        Ok(Client { handle: Handle::start(config)? })
+    pub fn start(config: Config) -> Result<EtcdClient, Error> {
+        Ok(EtcdClient { handle: Handle::start(config)? })
     }
 
     /// The connection's state, to read or to await a transition.
@@ -75,8 +75,8 @@ impl Client {
 
     /// A handle whose calls end by `deadline` (or by the request timeout, if
     /// earlier) with their answer or an error.
-    pub fn until(&self, deadline: Instant) -> Client {
-        Client { handle: self.handle.until(deadline) }
+    pub fn until(&self, deadline: Instant) -> EtcdClient {
+        EtcdClient { handle: self.handle.until(deadline) }
     }
 
     /// Reads one key.

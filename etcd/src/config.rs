@@ -1,4 +1,4 @@
-//! How a [`Client`](crate::Client) reaches etcd.
+//! How a [`EtcdClient`](crate::EtcdClient) reaches etcd.
 
 use std::time::Duration;
 
@@ -8,14 +8,14 @@ use std::time::Duration;
 pub struct Config {
     /// The members' client URLs (`http://127.0.0.1:2379`; a bare `host:port` gets
     /// `http://`). The client talks to one at a time, in this order, and moves on
-    /// when the one in use fails. The default is empty: [`Client::connect`](crate::Client::connect)
+    /// when the one in use fails. The default is empty: [`EtcdClient::connect`](crate::EtcdClient::connect)
     /// refuses an empty list.
     pub endpoints: Vec<String>,
     /// How long a member has to answer its first request before the client
     /// moves on to the next one. The default is 1 second.
     pub connect_timeout: Duration,
     /// The longest a call may take when its caller set no earlier deadline
-    /// (see [`Client::until`](crate::Client::until)). The default is 5 seconds.
+    /// (see [`EtcdClient::until`](crate::EtcdClient::until)). The default is 5 seconds.
     pub request_timeout: Duration,
     /// How often an HTTP/2 ping checks the member in use, so one that stopped
     /// answering without closing the connection is noticed. The default is 2 seconds.

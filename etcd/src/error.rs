@@ -6,7 +6,7 @@ use std::time::Duration;
 /// A failure cause shared by every call that failed for the same reason.
 pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
-/// The error of a [`Client`](crate::Client) call.
+/// The error of an [`EtcdClient`](crate::EtcdClient) call.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -1,9 +1,9 @@
-//! The connection a [`Client`](crate::Client) and everything made from it (its
+//! The connection a [`EtcdClient`](crate::EtcdClient) and everything made from it (its
 //! clones, [`Watch`](crate::Watch)es and [`Registration`](crate::Registration)s)
 //! share, and calls on the member in use.
 //!
 //! ```text
-//! Client, its clones ──┐
+//! EtcdClient, its clones ──┐
 //! Watch ───────────────┼─> Handle { deadline } ──> Shared { Failover }   the last one dropped cancels it
 //! Registration ────────┘   call(op): on the member in use, by the deadline; its error classified
 //! ```
@@ -22,7 +22,7 @@ use crate::failover::{Failover, Member};
 #[derive(Clone, Debug)]
 pub(crate) struct Handle {
     shared: Arc<Shared>,
-    /// When set, calls end by this instant (see [`Client::until`](crate::Client::until)).
+    /// When set, calls end by this instant (see [`EtcdClient::until`](crate::EtcdClient::until)).
     deadline: Option<Instant>,
 }
 

@@ -1,7 +1,7 @@
 //! tandem's etcd upstream: a typed etcd client for the process that holds the
 //! host's one upstream connection (the tandem Leader).
 //!
-//! [`Client`] wraps the `etcd-client` crate with what a long-lived, shared
+//! [`EtcdClient`] wraps the `etcd-client` crate with what a long-lived, shared
 //! connection needs:
 //! - **one member at a time, failover across endpoints**: configured with
 //!   several endpoints, it talks to one member over one TCP connection and moves
@@ -11,16 +11,16 @@
 //!   after the last event it delivered, on whichever member is in use; if etcd
 //!   compacted that revision away, it re-reads the range and says so with
 //!   [`WatchEvent::Compacted`];
-//! - **lease-based registration**: [`Client::register`] puts a JSON value under
+//! - **lease-based registration**: [`EtcdClient::register`] puts a JSON value under
 //!   `/tandem/services/<service>/<id>` on a lease kept alive in the background;
-//!   it vanishes when the process dies; [`Client::watch_service`] streams a
+//!   it vanishes when the process dies; [`EtcdClient::watch_service`] streams a
 //!   service's instance list.
 //!
 //! The tandem root crate adapts it to the Leader's `Upstream` trait
 //! (`tandem::etcd_upstream`, feature `etcd`). This crate does not depend on tandem.
 //!
 //! ```text
-//!  Leader ── Client ──(one TCP connection)──> etcd member A      (endpoints A, B, C)
+//!  Leader ── EtcdClient ──(one TCP connection)──> etcd member A      (endpoints A, B, C)
 //!              │  get / put / delete ──────────>   │
 //!              │  Watch from rev N <───events───── │  A dies
 //!              │                                   X
@@ -30,10 +30,10 @@
 //!
 //! ```no_run
 //! use futures::StreamExt;
-//! use tandem_etcd::{Client, Config, Keys, Start, WatchEvent};
+//! use tandem_etcd::{EtcdClient, Config, Keys, Start, WatchEvent};
 //!
 //! # async fn run() -> Result<(), tandem_etcd::Error> {
-//! let etcd = Client::connect(Config::from_list("http://127.0.0.1:2379,http://127.0.0.1:22379")).await?;
+//! let etcd = EtcdClient::connect(Config::from_list("http://127.0.0.1:2379,http://127.0.0.1:22379")).await?;
 //! let revision = etcd.put("feature.flags", "on").await?;
 //! let mut changes = etcd.watch(Keys::exact("feature.flags"), Start::Revision(revision + 1));
 //! while let Some(event) = changes.next().await {
@@ -57,7 +57,7 @@ mod registration;
 mod services;
 mod watch;
 
-pub use client::Client;
+pub use client::EtcdClient;
 pub use config::Config;
 pub use connections::{endpoint_addrs, established_connections};
 pub use error::{Cause, Error};

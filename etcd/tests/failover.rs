@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use support::{Etcd, eventually, within};
-use tandem_etcd::{Client, Config, ConnectionState, Keys, Start, WatchEvent};
+use tandem_etcd::{Config, ConnectionState, EtcdClient, Keys, Start, WatchEvent};
 use tokio::time::Instant;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Puts `value`, retrying while the cluster elects a new leader.
-async fn put_retrying(client: &Client, key: &str, value: String) {
+async fn put_retrying(client: &EtcdClient, key: &str, value: String) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match client.put(key, value.clone()).await {
@@ -54,11 +54,11 @@ async fn killing_the_member_in_use_moves_on_without_missing_an_event() {
     within(LIMIT, async {
         let mut etcd = Etcd::cluster(3).await;
         make_raft_leader(&etcd, 0).await;
-        let client = Client::connect(Config::new(etcd.endpoints())).await.unwrap();
+        let client = EtcdClient::connect(Config::new(etcd.endpoints())).await.unwrap();
         let in_use = client.endpoint().unwrap();
         assert_eq!(in_use, etcd.endpoint(0), "the first endpoint is tried first");
         // The writer talks to the two members that survive.
-        let writer = Client::connect(Config::new([etcd.endpoint(1), etcd.endpoint(2)])).await.unwrap();
+        let writer = EtcdClient::connect(Config::new([etcd.endpoint(1), etcd.endpoint(2)])).await.unwrap();
         let start = writer.put("f/k", "0").await.unwrap() + 1;
         let mut watch = client.watch(Keys::exact("f/k"), Start::Revision(start));
 
@@ -120,7 +120,7 @@ async fn killing_the_member_in_use_moves_on_without_missing_an_event() {
 async fn a_total_outage_fails_calls_as_unavailable_then_everything_resumes() {
     within(LIMIT, async {
         let mut etcd = Etcd::single().await;
-        let client = Client::connect(Config::new(etcd.endpoints())).await.unwrap();
+        let client = EtcdClient::connect(Config::new(etcd.endpoints())).await.unwrap();
         let start = client.put("o/k", "before").await.unwrap();
         let mut watch = client.watch(Keys::exact("o/k"), Start::Revision(start));
         let first = watch.next().await.unwrap();

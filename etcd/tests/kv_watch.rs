@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use support::{Etcd, within};
-use tandem_etcd::{Client, Config, Keys, Start, Watch, WatchEvent};
+use tandem_etcd::{Config, EtcdClient, Keys, Start, Watch, WatchEvent};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -20,7 +20,7 @@ async fn next(watch: &mut Watch) -> WatchEvent {
 async fn get_put_delete_round_trip() {
     within(LIMIT, async {
         let etcd = Etcd::single().await;
-        let client = Client::connect(Config::new(etcd.endpoints())).await.unwrap();
+        let client = EtcdClient::connect(Config::new(etcd.endpoints())).await.unwrap();
         assert_eq!(client.get("a").await.unwrap(), None);
         let written = client.put("a", "1").await.unwrap();
         let kv = client.get("a").await.unwrap().unwrap();
@@ -44,7 +44,7 @@ async fn get_put_delete_round_trip() {
 async fn watches_of_a_key_and_a_prefix_see_every_change_in_order_on_one_connection() {
     within(LIMIT, async {
         let etcd = Etcd::single().await;
-        let client = Client::connect(Config::new(etcd.endpoints())).await.unwrap();
+        let client = EtcdClient::connect(Config::new(etcd.endpoints())).await.unwrap();
         let start = client.put("p/seed", "0").await.unwrap() + 1;
         let mut key = client.watch(Keys::exact("p/k"), Start::Revision(start));
         let mut prefix = client.watch(Keys::prefix("p/"), Start::Revision(start));
@@ -89,7 +89,7 @@ async fn watches_of_a_key_and_a_prefix_see_every_change_in_order_on_one_connecti
 async fn a_watch_from_a_compacted_revision_rereads_the_state_and_says_so() {
     within(LIMIT, async {
         let etcd = Etcd::single().await;
-        let client = Client::connect(Config::new(etcd.endpoints())).await.unwrap();
+        let client = EtcdClient::connect(Config::new(etcd.endpoints())).await.unwrap();
         let first = client.put("c", "v1").await.unwrap();
         client.put("c", "v2").await.unwrap();
         let last = client.put("c", "v3").await.unwrap();

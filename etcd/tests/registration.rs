@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use support::{Etcd, within};
-use tandem_etcd::{Client, Config, ServiceWatch};
+use tandem_etcd::{Config, EtcdClient, ServiceWatch};
 use tokio::time::Instant;
 
 const LIMIT: Duration = Duration::from_secs(40);
@@ -34,11 +34,11 @@ async fn next_list(watch: &mut ServiceWatch<Instance>) -> Vec<String> {
 async fn a_registration_is_kept_alive_renewed_and_gone_with_its_owner() {
     within(LIMIT, async {
         let etcd = Etcd::single().await;
-        let observer = Client::connect(Config::new(etcd.endpoints())).await.unwrap();
+        let observer = EtcdClient::connect(Config::new(etcd.endpoints())).await.unwrap();
         let mut lists = observer.watch_service::<Instance>("svc");
         assert_eq!(next_list(&mut lists).await, Vec::<String>::new());
 
-        let owner = Client::connect(Config::new(etcd.endpoints())).await.unwrap();
+        let owner = EtcdClient::connect(Config::new(etcd.endpoints())).await.unwrap();
         let registration = owner.register("svc", "a", &instance("a"), TTL).await.unwrap();
         assert_eq!(registration.key(), "/tandem/services/svc/a");
         assert_eq!(next_list(&mut lists).await, ["a"]);

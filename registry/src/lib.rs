@@ -1,5 +1,5 @@
 //! tandem's bundled upstream: a small, real config center and service registry
-//! served over TCP, its async [`Client`], and the `tandem-registry` CLI.
+//! served over TCP, its async [`RegistryClient`], and the `tandem-registry` CLI.
 //!
 //! It is the default upstream of tandem's examples and tests, so nothing external
 //! is needed, and its [`Stats`] let a test prove that many processes share one
@@ -13,7 +13,7 @@
 //! - Service registry: [`Instance`]s registered under a lease with a TTL, renewed
 //!   by the client; an instance leaves when its lease expires or its connection
 //!   closes. Discover a service, or watch its joins and leaves.
-//! - Clients: [`Client`] is one connection and ends with it; [`Reconnecting`]
+//! - Clients: [`RegistryClient`] is one connection and ends with it; [`Reconnecting`]
 //!   reconnects by itself (backoff 20 ms to 2 s, its [`ConnectionState`] in a
 //!   watch), resumes followed keys from their last revision (re-reading them
 //!   from a server that restarted with less state), follows services and
@@ -29,7 +29,7 @@
 //! connection:
 //!
 //! ```text
-//! Client (clones)        driver task                 Server: session          shared state
+//! RegistryClient (clones)        driver task                 Server: session          shared state
 //!   | put("a", v)             |                             |                       |
 //!   |------------------------>| Request{id 1, Put}          |                       |
 //!   | watch(Prefix "a")       |---------------------------->| put ----------------->| revision 2
@@ -46,11 +46,11 @@
 //!
 //! ```no_run
 //! use futures::StreamExt;
-//! use tandem_registry::{Client, Config, Server, WatchEvent, WatchSpec};
+//! use tandem_registry::{RegistryClient, Config, Server, WatchEvent, WatchSpec};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let server = Server::bind("127.0.0.1:0", Config::default()).await?.spawn();
-//! let client = Client::connect(server.local_addr()).await?;
+//! let client = RegistryClient::connect(server.local_addr()).await?;
 //!
 //! let revision = client.put("app/db.url", "postgres://db/app").await?;
 //! let kv = client.get("app/db.url").await?.expect("just set");
@@ -75,8 +75,8 @@ mod server;
 mod wire;
 
 pub use client::{
-    Client, ConnectionState, Error, FollowedKey, FollowedService, HELLO_TIMEOUT, KeyState, Reconnecting, Registration,
-    ServiceWatch, WATCH_BUFFER, Watch,
+    ConnectionState, Error, FollowedKey, FollowedService, HELLO_TIMEOUT, KeyState, Reconnecting, Registration,
+    RegistryClient, ServiceWatch, WATCH_BUFFER, Watch,
 };
 pub use server::{Config, RESERVED_FDS, SMALL_FRAME, Server, ServerHandle, default_max_connections, serve};
 pub use wire::{Instance, KeyValue, ServerInfo, ServiceEvent, Stats, WatchEvent, WatchSpec};

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use tandem_registry::{CancellationToken, Client, Config, Instance, Server, WatchEvent, WatchSpec};
+use tandem_registry::{CancellationToken, Config, Instance, RegistryClient, Server, WatchEvent, WatchSpec};
 use tracing_subscriber::EnvFilter;
 
 /// tandem's bundled in-memory config center and service registry.
@@ -251,8 +251,8 @@ async fn main() -> Result<ExitCode> {
     }
 }
 
-async fn connect(server: &str) -> Result<Client> {
-    Ok(Client::connect(server).await?)
+async fn connect(server: &str) -> Result<RegistryClient> {
+    Ok(RegistryClient::connect(server).await?)
 }
 
 async fn serve(

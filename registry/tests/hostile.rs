@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::{eventually, next, start, within};
 use futures::future::join_all;
 use tandem_protocol::internal::error_chain;
-use tandem_registry::{Client, Config, Instance, WatchSpec};
+use tandem_registry::{Config, Instance, RegistryClient, WatchSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -50,7 +50,7 @@ async fn stalled_prefix(addr: SocketAddr) -> TcpStream {
 
 /// Connects and puts one key; the error chain if either fails.
 async fn put(addr: SocketAddr, key: &str) -> Result<u64, String> {
-    let client = Client::connect(addr).await.map_err(|e| error_chain(&e))?;
+    let client = RegistryClient::connect(addr).await.map_err(|e| error_chain(&e))?;
     client.put(key, "v").await.map_err(|e| error_chain(&e))
 }
 
@@ -73,7 +73,7 @@ async fn stalled_clients_beyond_the_cap_are_refused_while_a_connected_client_is_
         config.frame_timeout = Duration::from_millis(1500);
         let server = start(config).await;
         let addr = server.local_addr();
-        let client = Client::connect(addr).await.unwrap();
+        let client = RegistryClient::connect(addr).await.unwrap();
         let mut watch = client.watch(WatchSpec::key("k"), None).await.unwrap();
 
         // 9 more fill the cap; the 21 after them are told why they are refused. (One after
@@ -123,7 +123,7 @@ async fn large_frames_that_trickle_in_are_bounded_by_the_budget() {
         config.partial_frame_budget = 2 * 1024 * 1024;
         let server = start(config).await;
         let addr = server.local_addr();
-        let client = Client::connect(addr).await.unwrap();
+        let client = RegistryClient::connect(addr).await.unwrap();
 
         // Ten clients each start a 1 MiB put and send half of it: two fit in the budget.
         let frame = put_frame(1024 * 1024 - 64);
@@ -167,9 +167,9 @@ async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
         config.idle_timeout = Duration::from_millis(300);
         let server = start(config).await;
         let addr = server.local_addr();
-        let watcher = Client::connect(addr).await.unwrap();
+        let watcher = RegistryClient::connect(addr).await.unwrap();
         let mut watch = watcher.watch(WatchSpec::prefix(""), None).await.unwrap();
-        let holder = Client::connect(addr).await.unwrap();
+        let holder = RegistryClient::connect(addr).await.unwrap();
         // Kept alive every 10 s: silent for many idle timeouts in between.
         let _registration =
             holder.register(Instance::new("billing", "b1", "10.0.0.1:80"), Duration::from_secs(30)).await.unwrap();
@@ -183,7 +183,7 @@ async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
             assert!(opened.elapsed() >= Duration::from_millis(300), "closed after {:?}", opened.elapsed());
         }
         // A client that sends requests is not idle, however many idle periods it lasts.
-        let busy = Client::connect(addr).await.unwrap();
+        let busy = RegistryClient::connect(addr).await.unwrap();
         for _ in 0..10 {
             busy.put("busy", "v").await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -206,10 +206,10 @@ async fn silent_connections_are_closed_at_the_first_request_timeout_and_others_a
         config.idle_timeout = Duration::from_millis(1500);
         let server = start(config).await;
         let addr = server.local_addr();
-        let watcher = Client::connect(addr).await.unwrap();
+        let watcher = RegistryClient::connect(addr).await.unwrap();
         let mut watch = watcher.watch(WatchSpec::prefix(""), None).await.unwrap();
         // Connected, but its first call comes only after the silent ones below are closed.
-        let late = Client::connect(addr).await.unwrap();
+        let late = RegistryClient::connect(addr).await.unwrap();
         // A raw client that sends its first request at once, then nothing.
         let prompt_at = Instant::now();
         let mut prompt = TcpStream::connect(addr).await.unwrap();
@@ -376,7 +376,7 @@ async fn out_of_file_descriptors_the_server_backs_off_and_keeps_serving() {
         let server = Served::start(64, &["--max-connections", "1000", "--frame-timeout", "1"]);
         server.expect_log("the connection limit is above what the open-file limit allows");
         let addr = server.addr;
-        let client = Client::connect(addr).await.unwrap();
+        let client = RegistryClient::connect(addr).await.unwrap();
 
         let mut stalled = join_all((0..100).map(|_| stalled_prefix(addr))).await;
         server.expect_log("Too many open files");

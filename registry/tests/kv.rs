@@ -5,7 +5,7 @@ mod common;
 use bytes::Bytes;
 use common::{next, start, within};
 use futures::future::join_all;
-use tandem_registry::{Client, Config, WatchEvent, WatchSpec};
+use tandem_registry::{Config, RegistryClient, WatchEvent, WatchSpec};
 
 fn put(key: &str, value: &str, revision: u64) -> WatchEvent {
     WatchEvent::Put { key: key.into(), value: Bytes::from(value.to_owned()), revision }
@@ -19,7 +19,7 @@ fn delete(key: &str, revision: u64) -> WatchEvent {
 async fn put_get_delete_track_revisions() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         assert_eq!(client.revision().await.unwrap(), 1);
         assert_eq!(client.get("a").await.unwrap(), None);
 
@@ -45,7 +45,7 @@ async fn put_get_delete_track_revisions() {
 async fn many_calls_in_flight_share_one_connection() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let puts = (0..200).map(|i| {
             let client = client.clone();
             async move { client.put(&format!("k/{i}"), format!("v{i}")).await.unwrap() }
@@ -69,8 +69,8 @@ async fn many_calls_in_flight_share_one_connection() {
 async fn a_prefix_watch_sees_its_puts_and_deletes_in_order() {
     within(async {
         let server = start(Config::default()).await;
-        let watcher = Client::connect(server.local_addr()).await.unwrap();
-        let writer = Client::connect(server.local_addr()).await.unwrap();
+        let watcher = RegistryClient::connect(server.local_addr()).await.unwrap();
+        let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut app = watcher.watch(WatchSpec::prefix("app/"), None).await.unwrap();
         let mut key = watcher.watch(WatchSpec::key("app/a"), None).await.unwrap();
 
@@ -101,7 +101,7 @@ async fn a_prefix_watch_sees_its_puts_and_deletes_in_order() {
 async fn a_watch_from_a_revision_gets_what_it_missed_then_live_changes() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         for i in 0..600 {
             client.put(&format!("app/{}", i % 7), format!("{i}")).await.unwrap(); // revisions 2..=601
         }
@@ -137,7 +137,7 @@ async fn a_watch_older_than_the_history_gets_compacted_then_the_current_values()
         let mut config = Config::default();
         config.history = 4;
         let server = start(config).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         client.put("app/a", "a1").await.unwrap(); // 2
         client.put("app/b", "b1").await.unwrap(); // 3
         client.put("app/gone", "x").await.unwrap(); // 4
@@ -168,7 +168,7 @@ async fn a_watch_older_than_the_history_gets_compacted_then_the_current_values()
 async fn a_dropped_watch_is_cancelled_on_the_server() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let first = client.watch(WatchSpec::prefix(""), None).await.unwrap();
         let mut second = client.watch(WatchSpec::prefix(""), None).await.unwrap();
         assert_eq!(client.stats().await.unwrap().watches, 2);
@@ -184,7 +184,7 @@ async fn a_dropped_watch_is_cancelled_on_the_server() {
 async fn a_catching_up_watch_sees_every_change_exactly_once_while_writes_continue() {
     within(async {
         let server = start(Config::default()).await;
-        let writer = Client::connect(server.local_addr()).await.unwrap();
+        let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
         for i in 0..2000 {
             writer.put(&format!("k/{}", i % 10), "old").await.unwrap(); // revisions 2..=2001
         }
@@ -193,7 +193,7 @@ async fn a_catching_up_watch_sees_every_change_exactly_once_while_writes_continu
                 writer.put(&format!("k/{}", i % 10), "new").await.unwrap(); // 2002..=3001
             }
         });
-        let watcher = Client::connect(server.local_addr()).await.unwrap();
+        let watcher = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut watch = watcher.watch(WatchSpec::prefix("k/"), Some(2)).await.unwrap();
         for revision in 2..=3001u64 {
             assert_eq!(next(&mut watch).await.unwrap().revision(), revision);

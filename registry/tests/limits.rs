@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{eventually, next, start, within};
 use futures::future::join_all;
-use tandem_registry::{Client, Config, ErrorKind, Instance, Stats, WatchSpec};
+use tandem_registry::{Config, ErrorKind, Instance, RegistryClient, Stats, WatchSpec};
 
 fn refusal(error: tandem_registry::Error) -> (ErrorKind, String) {
     let remote = error.remote().expect("a refusal from the registry").clone();
@@ -18,12 +18,12 @@ fn refusal(error: tandem_registry::Error) -> (ErrorKind, String) {
 async fn stats_count_other_connections_watches_keys_and_instances() {
     within(async {
         let server = start(Config::default()).await;
-        let asker = Client::connect(server.local_addr()).await.unwrap();
+        let asker = RegistryClient::connect(server.local_addr()).await.unwrap();
         let expected = Stats { connections: 0, accepted_total: 1, watches: 0, keys: 0, instances: 0 };
         assert_eq!(asker.stats().await.unwrap(), expected);
 
-        let others = join_all((0..3).map(|_| Client::connect(server.local_addr()))).await;
-        let others: Vec<Client> = others.into_iter().map(Result::unwrap).collect();
+        let others = join_all((0..3).map(|_| RegistryClient::connect(server.local_addr()))).await;
+        let others: Vec<RegistryClient> = others.into_iter().map(Result::unwrap).collect();
         let w1 = others[0].watch(WatchSpec::prefix("a/"), None).await.unwrap();
         let w2 = others[0].watch(WatchSpec::key("b"), None).await.unwrap();
         let w3 = others[1].watch_service("billing").await.unwrap();
@@ -59,7 +59,7 @@ async fn stats_count_other_connections_watches_keys_and_instances() {
 async fn oversized_keys_and_values_are_refused_and_the_connection_keeps_working() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let long_key = "k".repeat(4 * 1024 + 1);
         let big_value = vec![0u8; 1024 * 1024 + 1];
 
@@ -85,7 +85,7 @@ async fn oversized_keys_and_values_are_refused_and_the_connection_keeps_working(
 async fn a_request_over_the_frame_limit_fails_alone() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         // Over the client's 16 MiB frame limit: refused before anything is sent.
         let e = client.put("k", vec![0u8; 17 * 1024 * 1024]).await.unwrap_err();
         assert!(matches!(e, tandem_registry::Error::RequestTooLarge(_)), "{e:?}");
@@ -100,7 +100,7 @@ async fn too_many_watches_on_one_connection_are_refused() {
         let mut config = Config::default();
         config.max_watches_per_connection = 3;
         let server = start(config).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut watches = Vec::new();
         for i in 0..2 {
             watches.push(client.watch(WatchSpec::key(format!("k{i}")), None).await.unwrap());
@@ -111,7 +111,7 @@ async fn too_many_watches_on_one_connection_are_refused() {
         assert_eq!(refusal(client.watch_service("other").await.unwrap_err()).1, "too_many_watches");
 
         // Another connection has its own budget, and the full one still works.
-        let other = Client::connect(server.local_addr()).await.unwrap();
+        let other = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut other_watch = other.watch(WatchSpec::key("k0"), None).await.unwrap();
         client.put("k0", "v").await.unwrap();
         assert_eq!(next(&mut watches[0]).await.unwrap().revision(), 2);

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::{eventually, next, start, within};
 use futures::StreamExt;
 use tandem_registry::{
-    Client, Config, ConnectionState, Error, Instance, KeyState, Reconnecting, Server, ServerHandle, ServerInfo,
+    Config, ConnectionState, Error, Instance, KeyState, Reconnecting, RegistryClient, Server, ServerHandle, ServerInfo,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -119,7 +119,7 @@ async fn a_registry_not_there_yet_fails_calls_at_once_and_what_was_followed_flow
 async fn a_lost_connection_resumes_every_key_from_its_revision_and_registers_again() {
     within(async {
         let server = start(Config::default()).await;
-        let admin = Client::connect(server.local_addr()).await.unwrap();
+        let admin = RegistryClient::connect(server.local_addr()).await.unwrap();
         admin.put("k", "v1").await.unwrap(); // 2
         let proxy = Proxy::to(server.local_addr()).await;
         let registry = Reconnecting::start(proxy.addr.to_string());
@@ -164,7 +164,7 @@ async fn a_resume_past_the_history_delivers_the_current_state() {
         let mut config = Config::default();
         config.history = 2;
         let server = start(config).await;
-        let admin = Client::connect(server.local_addr()).await.unwrap();
+        let admin = RegistryClient::connect(server.local_addr()).await.unwrap();
         admin.put("kept", "old").await.unwrap(); // 2
         admin.put("gone", "old").await.unwrap(); // 3
         let proxy = Proxy::to(server.local_addr()).await;
@@ -246,7 +246,7 @@ async fn services_are_followed_and_instances_registered_again_across_a_restart()
         let _server = serve_on(addr, Config::default()).await;
         connected(&registry).await;
         // Registered again before the new connection is published.
-        let admin = Client::connect(addr).await.unwrap();
+        let admin = RegistryClient::connect(addr).await.unwrap();
         assert_eq!(admin.discover("billing").await.unwrap(), vec![b1.clone()]);
         // The list on the new connection (an empty one may come first, from the old server's last moments).
         while next(&mut lists).await != vec![b1.clone()] {}

@@ -6,24 +6,24 @@ mod common;
 
 use bytes::Bytes;
 use common::{next, start, within};
-use tandem_registry::{Client, Config, WatchEvent, WatchSpec};
+use tandem_registry::{Config, RegistryClient, WatchEvent, WatchSpec};
 
 #[tokio::test]
 async fn the_hello_carries_the_incarnation_and_the_revision() {
     within(async {
         let server = start(Config::default()).await;
-        let first = Client::connect(server.local_addr()).await.unwrap();
+        let first = RegistryClient::connect(server.local_addr()).await.unwrap();
         assert_eq!(first.server_info().revision, 1);
         for i in 0..5 {
             first.put("k", format!("v{i}")).await.unwrap();
         }
-        let second = Client::connect(server.local_addr()).await.unwrap();
+        let second = RegistryClient::connect(server.local_addr()).await.unwrap();
         assert_eq!(second.server_info().revision, 6);
         assert_eq!(second.server_info().incarnation, first.server_info().incarnation);
         assert_eq!(first.server_info().incarnation.len(), 36, "a UUID");
 
         let other = start(Config::default()).await;
-        let third = Client::connect(other.local_addr()).await.unwrap();
+        let third = RegistryClient::connect(other.local_addr()).await.unwrap();
         assert_ne!(third.server_info().incarnation, first.server_info().incarnation);
         assert_eq!(third.server_info().revision, 1);
     })
@@ -35,7 +35,7 @@ async fn a_watch_from_beyond_the_revision_gets_a_snapshot_then_live_changes() {
     within(async {
         // The old server reached revision 31 for "k"; the new one only has revision 3.
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         client.put("k", "after-restart").await.unwrap(); // 2
         client.put("other", "x").await.unwrap(); // 3
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use common::{eventually, next, start, within};
 use futures::StreamExt;
 use futures::future::join_all;
-use tandem_registry::{Client, Config, Error, ErrorKind, WatchEvent, WatchSpec};
+use tandem_registry::{Config, Error, ErrorKind, RegistryClient, WatchEvent, WatchSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -52,7 +52,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 async fn garbage_and_a_4_gib_length_prefix_leave_the_server_serving_others() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut watch = client.watch(WatchSpec::prefix("app/"), None).await.unwrap();
         client.put("app/before", "1").await.unwrap();
 
@@ -111,8 +111,8 @@ async fn a_watcher_that_never_reads_is_dropped_without_blocking_anyone() {
         let server = start(config).await;
         let mut slow = TcpStream::connect(server.local_addr()).await.unwrap();
         slow.write_all(RAW_WATCH_EVERYTHING).await.unwrap();
-        let writer = Client::connect(server.local_addr()).await.unwrap();
-        let reader = Client::connect(server.local_addr()).await.unwrap();
+        let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
+        let reader = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut fast = reader.watch(WatchSpec::prefix(""), None).await.unwrap();
         eventually("both watches are registered", || async { server.stats().watches == 2 }).await;
 
@@ -150,7 +150,7 @@ async fn in_flight_calls_fail_at_once_when_the_connection_dies() {
             peer.write_all(b"\x00\x00\x00\x0b\x81\xa5Hello\x92\xa1i\x03").await.unwrap();
             peer
         });
-        let client = Client::connect(addr).await.unwrap();
+        let client = RegistryClient::connect(addr).await.unwrap();
         assert_eq!((client.server_info().incarnation.as_str(), client.server_info().revision), ("i", 3));
         let mut peer = accept.await.unwrap();
         let calls: Vec<_> = (0..10)
@@ -191,7 +191,7 @@ async fn a_peer_that_never_says_hello_is_not_a_registry() {
             peer.write_all(b"\x00\x00\x00\x18\x81\xa7Goodbye\x93\xaaBadRequest\xa0\xa1x").await.unwrap();
             peer
         });
-        let error = Client::connect(addr).await.unwrap_err();
+        let error = RegistryClient::connect(addr).await.unwrap_err();
         assert!(matches!(error, Error::Connect { .. }) && error.is_retryable(), "{error:?}");
         let _peer = accept.await.unwrap();
     })
@@ -202,7 +202,7 @@ async fn a_peer_that_never_says_hello_is_not_a_registry() {
 async fn shutdown_says_goodbye_and_ends_watches_with_a_retryable_error() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut watch = client.watch(WatchSpec::prefix(""), None).await.unwrap();
         client.put("k", "v").await.unwrap();
         server.shutdown().await;
@@ -222,8 +222,8 @@ async fn shutdown_says_goodbye_and_ends_watches_with_a_retryable_error() {
 async fn a_watch_resumes_on_a_new_connection_without_gaps_or_duplicates() {
     within(async {
         let server = start(Config::default()).await;
-        let writer = Client::connect(server.local_addr()).await.unwrap();
-        let first = Client::connect(server.local_addr()).await.unwrap();
+        let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
+        let first = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut watch = first.watch(WatchSpec::prefix("app/"), None).await.unwrap();
         let mut seen = Vec::new();
         for i in 0..5 {
@@ -236,7 +236,7 @@ async fn a_watch_resumes_on_a_new_connection_without_gaps_or_duplicates() {
         for i in 5..10 {
             writer.put(&format!("app/{i}"), "v").await.unwrap();
         }
-        let second = Client::connect(server.local_addr()).await.unwrap();
+        let second = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut resumed = second.watch(WatchSpec::prefix("app/"), Some(watch.revision() + 1)).await.unwrap();
         writer.put("app/10", "v").await.unwrap();
         for _ in 5..11 {

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{eventually, next, start, within};
-use tandem_registry::{Client, Config, Instance, ServiceEvent};
+use tandem_registry::{Config, Instance, RegistryClient, ServiceEvent};
 
 fn leave(service: &str, id: &str) -> ServiceEvent {
     ServiceEvent::Leave { service: service.into(), id: id.into() }
@@ -15,8 +15,8 @@ fn leave(service: &str, id: &str) -> ServiceEvent {
 async fn a_service_watch_starts_with_the_current_instances_then_sees_joins_and_leaves() {
     within(async {
         let server = start(Config::default()).await;
-        let a = Client::connect(server.local_addr()).await.unwrap();
-        let b = Client::connect(server.local_addr()).await.unwrap();
+        let a = RegistryClient::connect(server.local_addr()).await.unwrap();
+        let b = RegistryClient::connect(server.local_addr()).await.unwrap();
         let one = Instance::new("billing", "b1", "10.0.0.1:80").with_metadata("zone", "a");
         let two = Instance::new("billing", "b2", "10.0.0.2:80");
         let reg_one = a.register(one.clone(), Duration::from_secs(30)).await.unwrap();
@@ -44,8 +44,8 @@ async fn a_service_watch_starts_with_the_current_instances_then_sees_joins_and_l
 async fn closing_the_registering_connection_removes_its_instances() {
     within(async {
         let server = start(Config::default()).await;
-        let owner = Client::connect(server.local_addr()).await.unwrap();
-        let observer = Client::connect(server.local_addr()).await.unwrap();
+        let owner = RegistryClient::connect(server.local_addr()).await.unwrap();
+        let observer = RegistryClient::connect(server.local_addr()).await.unwrap();
         let _registration =
             owner.register(Instance::new("billing", "b1", "a:1"), Duration::from_secs(30)).await.unwrap();
         let mut watch = observer.watch_service("billing").await.unwrap();
@@ -65,8 +65,8 @@ async fn closing_the_registering_connection_removes_its_instances() {
 async fn the_keepalive_task_holds_the_lease_for_many_ttls() {
     within(async {
         let server = start(Config::default()).await;
-        let owner = Client::connect(server.local_addr()).await.unwrap();
-        let observer = Client::connect(server.local_addr()).await.unwrap();
+        let owner = RegistryClient::connect(server.local_addr()).await.unwrap();
+        let observer = RegistryClient::connect(server.local_addr()).await.unwrap();
         let ttl = Duration::from_secs(1);
         let registration = owner.register(Instance::new("billing", "b1", "a:1"), ttl).await.unwrap();
         assert_eq!(registration.ttl(), ttl);
@@ -86,8 +86,8 @@ async fn the_keepalive_task_holds_the_lease_for_many_ttls() {
 async fn a_later_registration_of_the_same_id_replaces_the_earlier_one() {
     within(async {
         let server = start(Config::default()).await;
-        let first = Client::connect(server.local_addr()).await.unwrap();
-        let second = Client::connect(server.local_addr()).await.unwrap();
+        let first = RegistryClient::connect(server.local_addr()).await.unwrap();
+        let second = RegistryClient::connect(server.local_addr()).await.unwrap();
         let old = first.register(Instance::new("billing", "b1", "old:1"), Duration::from_secs(30)).await.unwrap();
         let _new = second.register(Instance::new("billing", "b1", "new:1"), Duration::from_secs(30)).await.unwrap();
         let found = second.discover("billing").await.unwrap();
@@ -106,7 +106,7 @@ async fn a_later_registration_of_the_same_id_replaces_the_earlier_one() {
 async fn bad_registrations_are_refused_clearly() {
     within(async {
         let server = start(Config::default()).await;
-        let client = Client::connect(server.local_addr()).await.unwrap();
+        let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let code = |e: tandem_registry::Error| e.remote().map(|r| r.code.clone()).unwrap_or_default();
         let short = client.register(Instance::new("s", "i", "a"), Duration::from_millis(1)).await.unwrap_err();
         assert_eq!(code(short), "bad_ttl");

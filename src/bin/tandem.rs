@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use tandem::cluster::control::{
-    self, AgentReloadReport, Client, ControlError, Listed, ProcessInfo, ReloadReport, Request, StopReport,
+    self, AgentReloadReport, ControlClient, ControlError, Listed, ProcessInfo, ReloadReport, Request, StopReport,
 };
 
 /// `print!` that ignores a closed stdout (`tandem status X | head`).
@@ -161,7 +161,7 @@ async fn run(command: Command) -> Result<(), ControlError> {
             Ok(())
         }
         Command::Reload { name, agent: true } => {
-            let r: AgentReloadReport = Client::connect(&name).await?.call_as(Request::ReloadAgent).await?;
+            let r: AgentReloadReport = ControlClient::connect(&name).await?.call_as(Request::ReloadAgent).await?;
             outln!(
                 "agent reloaded: old={} new={} epoch={} old_epoch={} took_ms={}",
                 r.old_pid,
@@ -207,14 +207,14 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One request with [`ANSWER_TIMEOUT`] (a reload is bounded by the master instead).
 async fn ask(name: &str, request: Request) -> Result<Value, ControlError> {
-    Client::connect(name).await?.call_within(name, request, ANSWER_TIMEOUT).await
+    ControlClient::connect(name).await?.call_within(name, request, ANSWER_TIMEOUT).await
 }
 
 /// Connects and checks that the master answers (`info` within
 /// [`ANSWER_TIMEOUT`]), for a request with no deadline of ours: a stopped
 /// master is reported as not answering instead of waited for forever.
-async fn connect_answering(name: &str) -> Result<Client, ControlError> {
-    let mut client = Client::connect(name).await?;
+async fn connect_answering(name: &str) -> Result<ControlClient, ControlError> {
+    let mut client = ControlClient::connect(name).await?;
     client.call_within(name, Request::Info, ANSWER_TIMEOUT).await?;
     Ok(client)
 }

@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use tandem::Connection;
-use tandem::cluster::{AgentContext, BoxError, Cluster, Config, MasterContext, RestartPolicy, Role, WorkerContext};
+use tandem::cluster::{
+    AgentContext, BoxError, Cluster, Config, MasterContext, ProcessRole, RestartPolicy, WorkerContext,
+};
 use tandem::cluster_glue::{WorkerConnector, start_leader};
 
 use super::{follower, leader, standalone};
@@ -46,8 +48,8 @@ pub fn main(args: ClusterArgs) -> Result<()> {
     // frame, latency-bound) on one thread; the agent (it hosts the Leader,
     // like the other transports' servers) multi-threaded; workers (followers,
     // like the other transports' clients) on one thread.
-    let runtime = match Role::of_this_process() {
-        Role::Worker | Role::Master => super::client_runtime(),
+    let runtime = match ProcessRole::of_this_process() {
+        ProcessRole::Worker | ProcessRole::Master => super::client_runtime(),
         _ => super::server_runtime(args.threads),
     }?;
     let mut config = Config::default();

@@ -15,12 +15,12 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::floor_wire::{ECHO, FANOUT, has_frame, parse_event, put_frame, read_frame};
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
-use crate::tally::{Calls, DRAIN, Events};
+use crate::tally::{Calls, DRAIN, EventTally};
 
 pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
     let (mut read, mut write) = open(&socket, ECHO).await?;
     reporter.send(&Report::Ready);
-    let events = Arc::new(Mutex::new(Events::new()));
+    let events = Arc::new(Mutex::new(EventTally::new()));
     let mut receiver = None;
     while let Some(cmd) = commands.next().await? {
         match cmd {
@@ -62,7 +62,7 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
     Ok(())
 }
 
-fn lock(events: &Mutex<Events>) -> std::sync::MutexGuard<'_, Events> {
+fn lock(events: &Mutex<EventTally>) -> std::sync::MutexGuard<'_, EventTally> {
     events.lock().unwrap_or_else(|p| p.into_inner())
 }
 

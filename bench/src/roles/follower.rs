@@ -17,7 +17,7 @@ use tandem::{Client, Connection, UnixConnector};
 use crate::api::{BenchApi, TICKING_KEY, key_name};
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
-use crate::tally::{Calls, DRAIN, Events};
+use crate::tally::{Calls, DRAIN, EventTally};
 
 pub async fn run(socket: PathBuf, commands: Commands, reporter: Reporter) -> Result<()> {
     let connection = Connection::builder().channel::<BenchApi>().connect(UnixConnector::new(socket)).spawn();
@@ -32,7 +32,7 @@ pub async fn serve(connection: &Connection, mut commands: Commands, reporter: &R
     client.ready().await?;
     let losses = LinkLosses::watch(connection);
     reporter.send(&Report::Ready);
-    let events = Arc::new(Mutex::new(Events::new()));
+    let events = Arc::new(Mutex::new(EventTally::new()));
     let mut receivers = Vec::new();
     while let Some(cmd) = commands.next().await? {
         match cmd {
@@ -141,7 +141,7 @@ pub async fn watch(connection: &Connection, mut commands: Commands, reporter: &R
     }
 }
 
-fn lock(events: &Mutex<Events>) -> std::sync::MutexGuard<'_, Events> {
+fn lock(events: &Mutex<EventTally>) -> std::sync::MutexGuard<'_, EventTally> {
     events.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -1,4 +1,4 @@
-//! The client side: [`Client`], for the `tandem` CLI, and the listing of
+//! The client side: [`ControlClient`], for the `tandem` CLI, and the listing of
 //! the running clusters of this user.
 
 use std::io;
@@ -81,18 +81,18 @@ pub(crate) fn known_list(known: &[String]) -> String {
 
 /// A connection to one cluster's master.
 #[derive(Debug)]
-pub struct Client {
+pub struct ControlClient {
     framed: Framed<UnixStream, LinesCodec>,
 }
 
-impl Client {
+impl ControlClient {
     /// Connects to the cluster `name` of this user.
-    pub async fn connect(name: &str) -> Result<Client, ControlError> {
+    pub async fn connect(name: &str) -> Result<ControlClient, ControlError> {
         Self::connect_to(&socket_path(name), name).await
     }
 
     /// Connects to the control socket at `path` (of the cluster `name`, for errors).
-    pub async fn connect_to(path: &Path, name: &str) -> Result<Client, ControlError> {
+    pub async fn connect_to(path: &Path, name: &str) -> Result<ControlClient, ControlError> {
         let path = path.to_owned();
         match UnixStream::connect(&path).await {
             Ok(stream) => {
@@ -108,7 +108,7 @@ impl Client {
                         source: io::Error::new(io::ErrorKind::PermissionDenied, why),
                     });
                 }
-                Ok(Client { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) })
+                Ok(ControlClient { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) })
             }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 Err(ControlError::PermissionDenied { path, source: e })
@@ -265,7 +265,7 @@ pub(crate) async fn list_one(name: String, dir: &Path) -> Option<Listed> {
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => return None,
             Err(e) => return Some(Err(("not answering", e.to_string()))),
         };
-        let mut client = Client { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) };
+        let mut client = ControlClient { framed: Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE)) };
         Some(match client.call_as::<ClusterInfo>(Request::Info).await {
             Ok(info) => Ok(info),
             Err(e @ ControlError::Busy(_)) => Err(("busy", e.to_string())),

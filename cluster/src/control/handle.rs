@@ -12,7 +12,7 @@ use super::limits::{AGENT_STATS_DEADLINE, AGENT_STATS_TOPIC};
 use super::wire::{ClusterInfo, ProcessInfo, state_name};
 use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport};
 use crate::status::{ProcessState, StatusTable, cpu_seconds};
-use crate::{Messenger, Role, Target};
+use crate::{Messenger, ProcessRole, Target};
 
 // ---- the master side ---------------------------------------------------------
 
@@ -83,7 +83,7 @@ impl MasterHandle {
     }
 
     pub(crate) fn info(snapshot: &Snapshot) -> ClusterInfo {
-        let workers: Vec<_> = snapshot.table.rows.iter().filter(|r| r.role == Role::Worker).collect();
+        let workers: Vec<_> = snapshot.table.rows.iter().filter(|r| r.role == ProcessRole::Worker).collect();
         ClusterInfo {
             name: snapshot.name.clone(),
             pid: snapshot.pid,
@@ -141,7 +141,7 @@ impl MasterHandle {
                     cpu_seconds: cpu,
                     rss_bytes: row.rss_bytes,
                     epoch: row.epoch,
-                    leader: if row.role == Role::Agent { leader.take() } else { None },
+                    leader: if row.role == ProcessRole::Agent { leader.take() } else { None },
                 }
             })
             .collect();

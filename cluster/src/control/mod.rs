@@ -71,7 +71,7 @@ mod wire;
 
 /// The reports of `reload` and `reload_agent`: the crate's own, with `took` as `took_ms`.
 pub use crate::reload_handle::{AgentReloadReport, ReloadReport, ReplacedWorker};
-pub use client::{Client, ControlError, Listed, Silent, list, running};
+pub use client::{ControlClient, ControlError, Listed, Silent, list, running};
 pub(crate) use handle::{ControlStats, MasterHandle, OpsCall, Snapshot};
 pub use limits::{
     AGENT_STATS_TOPIC, CODE_TOO_MANY_CONNECTIONS, ECHO_PREFIX, IDLE_TIMEOUT, LIST_TIMEOUT, MAX_CONNECTIONS, MAX_LINE,

@@ -127,7 +127,7 @@ async fn a_refused_client_reads_the_refusal_even_when_its_request_was_not_sent()
     let busy = "the master is serving its limit of 16 control connections; try again";
 
     // Refused (and closed) before the request is sent.
-    let mut client = Client::connect_to(&path, "app").await.unwrap();
+    let mut client = ControlClient::connect_to(&path, "app").await.unwrap();
     let (stream, _) = listener.accept().await.unwrap();
     refuse(stream);
     match client.call(Request::Status).await {
@@ -136,7 +136,7 @@ async fn a_refused_client_reads_the_refusal_even_when_its_request_was_not_sent()
     }
 
     // Refused after the request arrived (it stays unread).
-    let mut client = Client::connect_to(&path, "app").await.unwrap();
+    let mut client = ControlClient::connect_to(&path, "app").await.unwrap();
     let call = tokio::spawn(async move { client.call(Request::Status).await });
     let (stream, _) = listener.accept().await.unwrap();
     stream.readable().await.unwrap();
@@ -147,7 +147,7 @@ async fn a_refused_client_reads_the_refusal_even_when_its_request_was_not_sent()
     }
 
     // Closed without a word: the cause is said, not "bad answer".
-    let mut client = Client::connect_to(&path, "app").await.unwrap();
+    let mut client = ControlClient::connect_to(&path, "app").await.unwrap();
     drop(listener.accept().await.unwrap());
     let closed = client.call(Request::Status).await;
     assert!(matches!(closed, Err(ControlError::Closed { .. })), "{closed:?}");

@@ -19,7 +19,7 @@ use crate::liveness::{Liveness, Verdict};
 use crate::round_robin::Cmd as RrCmd;
 use crate::status::ProcessState;
 use crate::supervisor::{Proc, Slot};
-use crate::{ClusterEvent, ExitReason, ProcessRef, Role, StartFailure};
+use crate::{ClusterEvent, ExitReason, ProcessRef, ProcessRole, StartFailure};
 
 /// Control messages per child: more than `MAX_OUTSTANDING_OPS` outcomes plus
 /// lifecycle messages. Full: the child is not reading; a message is dropped
@@ -384,7 +384,7 @@ impl Master {
         // An agent asked to stop for its memory limit has its own deadline.
         let agent_stopping = self.memory.agent_stopping();
         for slot in self.slots.iter_mut() {
-            if agent_stopping && slot.id.role() == Role::Agent {
+            if agent_stopping && slot.id.role() == ProcessRole::Agent {
                 continue;
             }
             if slot.state != ProcessState::Ready {

@@ -2,7 +2,7 @@
 //! snapshot, a stop, the status table.
 
 use super::Master;
-use crate::Role;
+use crate::ProcessRole;
 use crate::control::{OpsCall, Snapshot};
 use crate::status::{ProcessState, StatusRow, StatusTable, rss_bytes};
 
@@ -50,7 +50,7 @@ impl Master {
 
     pub(super) fn status_table(&self) -> StatusTable {
         let master = StatusRow {
-            role: Role::Master,
+            role: ProcessRole::Master,
             worker_id: None,
             pid: Some(self.setup.pid),
             state: if self.stop.is_stopping() { ProcessState::Stopping } else { ProcessState::Ready },

@@ -45,7 +45,7 @@ async fn run(stream: TcpStream, max_frame: usize, in_flight: Arc<InFlight>, inpu
     let writer = FramedWrite::new(write, Codec::<ServerMessage>::with_max_frame_length(max_frame));
     let Inputs { outgoing, detached, detached_tx, hello } = inputs;
     let reason = tokio::select! {
-        // `Client::close`: the in-flight table is already closed.
+        // `RegistryClient::close`: the in-flight table is already closed.
         () = in_flight.lost().cancelled() => return,
         error = read_loop(reader, &in_flight, detached_tx, hello) => {
             warn!(error = %error_chain(&error), "registry connection lost");

@@ -38,7 +38,7 @@ use crate::wire::{Instance, KeyValue, Op, Request, RequestId, Response, ServerIn
 /// Requests waiting for the connection task. When full, callers wait their turn.
 const OUTGOING_QUEUE: usize = 256;
 
-/// How long [`Client::connect`] waits for the server's hello once connected.
+/// How long [`RegistryClient::connect`] waits for the server's hello once connected.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A handle to the registry over one TCP connection, shared by every clone.
@@ -50,7 +50,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`Reconnecting`], which does). The connection closes when the last clone
 /// (and the last watch and registration made through it) is dropped.
 #[derive(Debug, Clone)]
-pub struct Client {
+pub struct RegistryClient {
     inner: Arc<Inner>,
 }
 
@@ -66,13 +66,13 @@ struct Inner {
     server: ServerInfo,
 }
 
-impl Client {
+impl RegistryClient {
     /// Connects to the registry at `addr` and waits (at most [`HELLO_TIMEOUT`]) for
-    /// its hello: see [`Client::server_info`]. It then sends a `Revision` request
+    /// its hello: see [`RegistryClient::server_info`]. It then sends a `Revision` request
     /// without waiting for the reply, so that the connection is never closed by
     /// the server's [`first_request_timeout`](crate::Config::first_request_timeout),
     /// however long the first call waits.
-    pub async fn connect(addr: impl ToSocketAddrs + fmt::Display) -> Result<Client, Error> {
+    pub async fn connect(addr: impl ToSocketAddrs + fmt::Display) -> Result<RegistryClient, Error> {
         let connect_error = |e| Error::Connect { addr: addr.to_string(), source: Arc::new(e) };
         let stream = TcpStream::connect(&addr).await.map_err(connect_error)?;
         let (local_addr, peer_addr) = match (stream.local_addr(), stream.peer_addr()) {
@@ -107,7 +107,7 @@ impl Client {
         // A first request at once (its reply is not waited for), so that the server's
         // first-request timeout never closes a client that makes its first call later.
         let _ = detached.send(Op::Revision);
-        Ok(Client { inner: Arc::new(Inner { outgoing, detached, in_flight, local_addr, peer_addr, server }) })
+        Ok(RegistryClient { inner: Arc::new(Inner { outgoing, detached, in_flight, local_addr, peer_addr, server }) })
     }
 
     /// What the registry announced when this connection opened: its incarnation
@@ -310,7 +310,7 @@ impl Drop for CallGuard<'_> {
 
 /// Ends a watch that failed to start, or whose caller stopped waiting for it to start.
 struct WatchGuard<'a> {
-    client: &'a Client,
+    client: &'a RegistryClient,
     id: RequestId,
     armed: bool,
 }

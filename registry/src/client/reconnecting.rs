@@ -1,7 +1,7 @@
 //! [`Reconnecting`]: a registry client that stays connected, and what it was
 //! asked to follow or hold survives every reconnect.
 //!
-//! A [`Client`] is one TCP connection and ends with it. A `Reconnecting`
+//! A [`RegistryClient`] is one TCP connection and ends with it. A `Reconnecting`
 //! client owns a task that connects, and connects again whenever the
 //! connection is lost, with a backoff from 20 ms to 2 s (the cause is in its
 //! [`ConnectionState`]). On every new connection it registers again the
@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, error, info, warn};
 
-use super::{Client, Error, Registration, ServiceWatch, Watch};
+use super::{Error, Registration, RegistryClient, ServiceWatch, Watch};
 use crate::wire::{Instance, ServerInfo, ServiceEvent, WatchEvent, WatchSpec};
 
 /// How often a connection sends a request (a `Stats`): well under the
@@ -98,7 +98,7 @@ pub struct Reconnecting {
 struct Shared {
     addr: String,
     /// The live client, or why there is none.
-    link: watch::Sender<Result<Client, Error>>,
+    link: watch::Sender<Result<RegistryClient, Error>>,
     state: watch::Sender<ConnectionState>,
     held: Mutex<Held>,
 }
@@ -140,13 +140,13 @@ impl Reconnecting {
     /// none, with why (the last attempt's error, or the lost connection's). A
     /// connection that died a moment ago may not be noticed yet: its calls
     /// fail with [`Error::ConnectionLost`].
-    pub fn current(&self) -> Result<Client, Error> {
+    pub fn current(&self) -> Result<RegistryClient, Error> {
         self.shared.link.borrow().clone()
     }
 
     /// The connected client, waiting as long as it takes (a client whose
     /// connection just died is not connected: its successor is waited for).
-    async fn connected(&self) -> Option<Client> {
+    async fn connected(&self) -> Option<RegistryClient> {
         let mut link = self.shared.link.subscribe();
         let link = link.wait_for(|link| link.as_ref().is_ok_and(|c| !c.is_closed())).await.ok()?;
         link.as_ref().ok().cloned()
@@ -239,7 +239,7 @@ impl Shared {
     }
 
     /// Registers the held instances again on `client`, a new connection.
-    async fn register_again(&self, client: &Client) {
+    async fn register_again(&self, client: &RegistryClient) {
         let held: Vec<(Instance, Duration)> = self.held().values().map(|(i, ttl, _)| (i.clone(), *ttl)).collect();
         for (instance, ttl) in held {
             match client.register(instance.clone(), ttl).await {
@@ -265,7 +265,7 @@ async fn connection_task(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         let connected = tokio::select! {
             () = stop.cancelled() => return,
-            connected = Client::connect(addr) => connected,
+            connected = RegistryClient::connect(addr) => connected,
         };
         let client = match connected {
             Ok(client) => client,
@@ -376,7 +376,7 @@ struct Position {
 impl Position {
     /// Whether `client`'s server can resume from here: the same incarnation, and
     /// a revision that reached ours (a lower one means the server lost state).
-    fn valid_on(&self, client: &Client) -> bool {
+    fn valid_on(&self, client: &RegistryClient) -> bool {
         let info = client.server_info();
         info.incarnation == self.incarnation && info.revision.saturating_add(1) >= self.from
     }
@@ -385,7 +385,7 @@ impl Position {
 /// A key's watch on `client`: from `position` if that server can resume from
 /// there, or else from a fresh read of the key (then also its current value).
 async fn start_key(
-    client: &Client,
+    client: &RegistryClient,
     key: &str,
     position: Option<&Position>,
 ) -> Result<(Watch, Position, Option<KeyState>), Error> {
@@ -414,14 +414,14 @@ struct KeyFollower {
     key: String,
     position: Option<Position>,
     /// The watch, and the client it runs on; `None` until (re)started.
-    live: Option<(Client, Watch)>,
+    live: Option<(RegistryClient, Watch)>,
     /// The value read when the watch was first started, not yet yielded.
     first: Option<KeyState>,
 }
 
 impl KeyFollower {
     /// Watches the key on `client`; returns its value when it was read again.
-    async fn start(&mut self, client: Client) -> Result<Option<KeyState>, Error> {
+    async fn start(&mut self, client: RegistryClient) -> Result<Option<KeyState>, Error> {
         let (watch, position, current) = Box::pin(start_key(&client, &self.key, self.position.as_ref())).await?;
         self.position = Some(position);
         self.live = Some((client, watch));
@@ -492,7 +492,7 @@ struct ServiceFollower {
     registry: Reconnecting,
     service: String,
     /// The watch, and the client it runs on; `None` until (re)started.
-    live: Option<(Client, ServiceWatch)>,
+    live: Option<(RegistryClient, ServiceWatch)>,
     /// By id: the instances as last listed and changed.
     instances: BTreeMap<String, Instance>,
     /// Listed again and not yet yielded.
@@ -501,7 +501,7 @@ struct ServiceFollower {
 
 impl ServiceFollower {
     /// Watches the service on `client`, then lists it (so no change falls in between).
-    async fn start(&mut self, client: Client) -> Result<(), Error> {
+    async fn start(&mut self, client: RegistryClient) -> Result<(), Error> {
         let watch = client.watch_service(&self.service).await?;
         let listed = client.discover(&self.service).await?;
         self.instances = listed.into_iter().map(|i| (i.id.clone(), i)).collect();

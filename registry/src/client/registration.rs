@@ -6,12 +6,12 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::Client;
+use super::RegistryClient;
 use super::error::Error;
 use crate::wire::{Instance, Op};
 use tandem_protocol::internal::error_chain;
 
-/// An instance registered with [`Client::register`].
+/// An instance registered with [`RegistryClient::register`].
 ///
 /// A background task renews its lease every TTL / 3. Dropping the registration
 /// (or [`deregister`](Registration::deregister)ing it) removes the instance; so
@@ -20,7 +20,7 @@ use tandem_protocol::internal::error_chain;
 #[derive(Debug)]
 #[must_use = "the instance is deregistered when the registration is dropped"]
 pub struct Registration {
-    client: Client,
+    client: RegistryClient,
     lease: u64,
     instance: Instance,
     ttl: Duration,
@@ -30,7 +30,7 @@ pub struct Registration {
 }
 
 impl Registration {
-    pub(crate) fn start(client: Client, lease: u64, instance: Instance, ttl: Duration) -> Self {
+    pub(crate) fn start(client: RegistryClient, lease: u64, instance: Instance, ttl: Duration) -> Self {
         let stop = CancellationToken::new();
         tokio::spawn(keep_alive(client.clone(), lease, ttl, stop.clone()));
         Registration { client, lease, instance, ttl, stop, registered: true }
@@ -68,7 +68,7 @@ impl Drop for Registration {
     }
 }
 
-async fn keep_alive(client: Client, lease: u64, ttl: Duration, stop: CancellationToken) {
+async fn keep_alive(client: RegistryClient, lease: u64, ttl: Duration, stop: CancellationToken) {
     let period = (ttl / 3).max(Duration::from_millis(1));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);

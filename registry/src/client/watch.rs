@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 
-use super::Client;
+use super::RegistryClient;
 use super::error::Error;
 use super::queue::{Item, Receiver, Rx};
 use crate::wire::{RequestId, ServiceEvent, WatchEvent};
@@ -15,7 +15,7 @@ use crate::wire::{RequestId, ServiceEvent, WatchEvent};
 /// Cancels a server-side watch when its stream goes away.
 #[derive(Debug)]
 struct CancelOnDrop {
-    client: Client,
+    client: RegistryClient,
     id: RequestId,
 }
 
@@ -25,7 +25,7 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// A stream of the changes of a key or prefix, from [`Client::watch`].
+/// A stream of the changes of a key or prefix, from [`RegistryClient::watch`].
 ///
 /// Yields `Ok(event)` in revision order. When the connection is lost (or the
 /// watch falls behind by more than [`WATCH_BUFFER`](crate::WATCH_BUFFER) events) it yields one `Err`,
@@ -43,7 +43,7 @@ pub struct Watch {
 
 impl Watch {
     pub(crate) fn new(
-        client: Client,
+        client: RegistryClient,
         id: RequestId,
         rx: Rx<WatchEvent>,
         end: Arc<OnceLock<Error>>,
@@ -106,7 +106,7 @@ impl Stream for Watch {
     }
 }
 
-/// A stream of the instances joining and leaving a service, from [`Client::watch_service`].
+/// A stream of the instances joining and leaving a service, from [`RegistryClient::watch_service`].
 ///
 /// Starts with one [`ServiceEvent::Join`] per current instance. Ends like a
 /// [`Watch`]: one `Err` when the connection is lost, then `None`. Dropping it
@@ -119,7 +119,7 @@ pub struct ServiceWatch {
 }
 
 impl ServiceWatch {
-    pub(crate) fn new(client: Client, id: RequestId, rx: Rx<ServiceEvent>, end: Arc<OnceLock<Error>>) -> Self {
+    pub(crate) fn new(client: RegistryClient, id: RequestId, rx: Rx<ServiceEvent>, end: Arc<OnceLock<Error>>) -> Self {
         ServiceWatch { receiver: Receiver::new(rx, end), _cancel: CancelOnDrop { client, id } }
     }
 }

@@ -59,7 +59,7 @@ pub struct Config {
     /// places under [`max_connections`](Config::max_connections) for the whole
     /// [`idle_timeout`](Config::idle_timeout). The registry protocol has no
     /// client hello (the server speaks first), so this stands in for a hello
-    /// timeout; [`Client::connect`](crate::Client::connect) sends a request as
+    /// timeout; [`RegistryClient::connect`](crate::RegistryClient::connect) sends a request as
     /// soon as the server's hello arrives. Once a request has arrived it no
     /// longer applies. The closes are logged at DEBUG, and at WARN at most once
     /// every 10 seconds with the count held back. Zero disables the timeout.

@@ -439,7 +439,7 @@ mod tests {
     use super::*;
     use crate::server::{Config, Server, ServerHandle};
     use crate::wire::ServiceEvent;
-    use crate::{Client, Stats};
+    use crate::{RegistryClient, Stats};
 
     const LIMIT: Duration = Duration::from_secs(10);
 
@@ -477,7 +477,7 @@ mod tests {
     async fn an_instance_leaves_when_its_lease_is_not_renewed() {
         timeout(LIMIT * 10, async {
             let server = start(Config::default()).await;
-            let watcher = Client::connect(server.local_addr()).await.expect("connects");
+            let watcher = RegistryClient::connect(server.local_addr()).await.expect("connects");
             let mut watch = watcher.watch_service("billing").await.expect("watches");
             let mut raw = connect_raw(&server).await;
             let instance = Instance::new("billing", "b1", "10.0.0.1:80");
@@ -540,7 +540,7 @@ mod tests {
             assert_eq!(goodbye(&mut raw).await.code, "protocol");
 
             // The server still serves, and has forgotten both peers.
-            let client = Client::connect(server.local_addr()).await.expect("connects");
+            let client = RegistryClient::connect(server.local_addr()).await.expect("connects");
             assert_eq!(client.stats().await.expect("stats"), Stats { accepted_total: 3, ..Stats::default() });
         })
         .await
