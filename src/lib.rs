@@ -130,3 +130,5 @@ pub use tandem_protocol::{Api, ErrorCode, ErrorKind, RemoteError};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+#[cfg(doctest)]
+mod doctests;

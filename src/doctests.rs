@@ -1,0 +1,7 @@
+//! The guide's Rust examples (`docs/*.md`), compiled and run by
+//! `cargo test --doc` as README.md's are (`ReadmeDoctests` in `lib.rs`): one
+//! item per chapter that has Rust code blocks.
+
+/// `docs/using.md`: a whole program wrapping your own client.
+#[doc = include_str!("../docs/using.md")]
+pub struct Using;
