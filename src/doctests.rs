@@ -5,3 +5,7 @@
 /// `docs/using.md`: a whole program wrapping your own client.
 #[doc = include_str!("../docs/using.md")]
 pub struct Using;
+
+/// `docs/serving.md`: a worker serving the master's listener with axum.
+#[doc = include_str!("../docs/serving.md")]
+pub struct Serving;
