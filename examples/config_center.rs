@@ -9,14 +9,14 @@
 //! changes `--subscribe`'s first key every second, so values flow. With it, the
 //! demo only subscribes (`--write-every MS` turns the writer on).
 //!
-//! Against etcd (built with the `etcd` feature; see the README's "Against etcd"):
+//! Against etcd (built with the `etcd` feature; see `docs/etcd.md`):
 //!
 //! ```text
 //! cargo run --features etcd --example config_center -- --etcd http://127.0.0.1:2379 --workers 4 --subscribe K
 //! etcdctl --endpoints http://127.0.0.1:2379 put K hello     # all 4 workers print value=hello
 //! ```
 //!
-//! Against Redis (built with the `redis` feature; see the README's "Against Redis"):
+//! Against Redis (built with the `redis` feature; see `docs/redis.md`):
 //!
 //! ```text
 //! cargo run --features redis --example config_center -- --redis redis://127.0.0.1:6379 --workers 4 --subscribe K
@@ -464,7 +464,7 @@ fn register(connection: &Connection, service: &str, worker: impl std::fmt::Displ
     presence
 }
 
-/// Keeps `key` published through the Leader, as README's "re-publish what a
+/// Keeps `key` published through the Leader, as `docs/using.md`'s "re-publish what a
 /// process owns" says: once per Leader, when `Client::watch()` shows its epoch
 /// (a publish is not replayed after a failover). Prints a line each time;
 /// stops when dropped.

@@ -57,7 +57,7 @@ impl FromStr for Transport {
 pub const LEADER_STATS_TOPIC: &str = tandem_cluster::control::AGENT_STATS_TOPIC;
 
 /// A leader builder for the agent, keeping a last-known-good cache in
-/// `cache_dir` when one is given (see the README's "Last-known-good cache").
+/// `cache_dir` when one is given (see `docs/cache.md`, "Last-known-good cache").
 ///
 /// Call it in the master too, before the cluster starts, so that a bad
 /// directory (not ours, open to others, not creatable) stops the program with

@@ -42,7 +42,7 @@ async fn five_thousand_keys_through_one_leader_all_receive_their_updates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow in debug builds (about 80 s on 2 cores); run with --release for the figures in the README"]
+#[ignore = "slow in debug builds (about 80 s on 2 cores); run with --release for the figures in docs/upstream-restarts.md"]
 async fn a_hundred_thousand_keys_through_one_leader_all_receive_their_updates() {
     // Every one of the 100 000 keys gets a put, and every put reaches the follower.
     tokio::time::timeout(Duration::from_secs(600), run(100_000, 100_000, Duration::from_secs(300)))

@@ -5,7 +5,7 @@
 //! - registrations (`--register`, `tandem::presence::stay_registered`): the
 //!   dead Leader's connection takes its instances with it, and the new Leader
 //!   (epoch 2) holds them again;
-//! - other publishes (`--own`, README's "re-publish what a process owns when
+//! - other publishes (`--own`, `docs/using.md`'s "re-publish what a process owns when
 //!   `Client::watch()` shows a new epoch"): re-published once under the new
 //!   Leader, and never replayed by the follower.
 

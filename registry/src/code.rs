@@ -1,6 +1,6 @@
 //! The codes the bundled registry server writes in its errors' [`ErrorCode`]:
 //! match on these (with `RemoteError::has_code`), never on string literals.
-//! `README.md` ("Limits", "The bundled registry") says when each is sent.
+//! `docs/limits.md` ("The bundled registry") says when each is sent.
 
 use tandem_protocol::ErrorCode;
 

@@ -3,7 +3,7 @@
 //! ```text
 //! tandem-registry serve --listen 127.0.0.1:0 [--history N] [--max-watches N]   # first stdout line: `listening on <ADDR>`
 //!     [--max-connections N] [--frame-timeout SECS] [--first-request-timeout SECS]
-//!     [--idle-timeout SECS] [--partial-frame-budget BYTES] [--max-frame BYTES]   # limits (README "Limits")
+//!     [--idle-timeout SECS] [--partial-frame-budget BYTES] [--max-frame BYTES]   # limits (docs/limits.md)
 //! tandem-registry put --server ADDR KEY VALUE
 //! tandem-registry get --server ADDR KEY               # exit code 1 if absent
 //! tandem-registry delete --server ADDR KEY
