@@ -86,6 +86,7 @@ pub fn remote_error(error: tandem_etcd::Error) -> RemoteError {
         tandem_etcd::Error::Unavailable { .. } => RemoteError::unavailable(message),
         tandem_etcd::Error::DeadlineExceeded(_) => RemoteError::deadline_exceeded(message),
         tandem_etcd::Error::Refused(_) => RemoteError::upstream(message),
+        tandem_etcd::Error::Unauthenticated { .. } | tandem_etcd::Error::Config(_) => RemoteError::rejected(message),
         _ => RemoteError::internal(message),
     };
     error.with_code(CODE)
@@ -112,14 +113,22 @@ impl EtcdUpstream {
     /// the adapter, logs why at WARN, and the client keeps reconnecting in the
     /// background: meanwhile the channels' health is `Down(why)`, calls fail at
     /// once with `Unavailable`, and subscriptions are accepted and start flowing
-    /// (the current value first) once a member answers. Fails only for a bad
-    /// configuration (no endpoint).
+    /// (the current value first) once a member answers. Fails (`Rejected`)
+    /// only where retrying cannot help: a bad configuration (no endpoint, a
+    /// TLS setting that contradicts an endpoint's scheme), or credentials etcd
+    /// refused.
     pub async fn connect(config: tandem_etcd::Config) -> Result<Self, RemoteError> {
         let client = tandem_etcd::EtcdClient::start(config).map_err(remote_error)?;
         let mut state = client.state();
         let first = state.wait_for(|s| !matches!(s, tandem_etcd::ConnectionState::Connecting)).await.map(|s| s.clone());
-        if let Ok(tandem_etcd::ConnectionState::Unavailable { reason }) = first {
-            tracing::warn!(endpoints = ?client.endpoints(), reason, "etcd unreachable at start; starting without it and reconnecting");
+        match first {
+            Ok(tandem_etcd::ConnectionState::Unavailable { reason }) => {
+                tracing::warn!(endpoints = ?client.endpoints(), reason, "etcd unreachable at start; starting without it and reconnecting");
+            }
+            Ok(tandem_etcd::ConnectionState::Refused { reason }) => {
+                return Err(remote_error(tandem_etcd::Error::Unauthenticated { reason }));
+            }
+            _ => {}
         }
         Ok(EtcdUpstream::new(client))
     }
@@ -137,6 +146,9 @@ impl EtcdUpstream {
             tandem_etcd::ConnectionState::Connected { .. } => Some(UpstreamState::Ready),
             tandem_etcd::ConnectionState::Unavailable { reason } => Some(UpstreamState::Down(
                 RemoteError::unavailable(format!("etcd unreachable: {reason}")).with_code(CODE),
+            )),
+            tandem_etcd::ConnectionState::Refused { reason } => Some(UpstreamState::Down(
+                RemoteError::rejected(format!("etcd refused the credentials: {reason}")).with_code(CODE),
             )),
             _ => None,
         })

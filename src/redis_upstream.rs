@@ -24,6 +24,10 @@ pub const CODE: ErrorCode = ErrorCode::named("redis");
 /// The Redis client crate this adapter wraps.
 pub use redis;
 
+/// The code of the error that says Redis refused the credentials (`WRONGPASS`,
+/// `NOAUTH`): the adapter does not retry them, as no retry can help.
+pub const AUTH: ErrorCode = ErrorCode::named("redis-auth");
+
 /// The code of the error that says keyspace notifications are off and cannot be turned on.
 pub const NOTIFICATIONS_OFF: ErrorCode = ErrorCode::named("redis-notifications");
 const NOTIFY: &str = "Kg$xe";
@@ -41,19 +45,113 @@ pub struct RedisUpstream {
     health: watch::Receiver<UpstreamState>,
 }
 
-/// The wire error of a Redis failure: a lost or refused connection is `Unavailable`.
+/// The wire error of a Redis failure: a lost or refused connection is `Unavailable`; refused credentials are
+/// `Rejected` with [`AUTH`].
 pub fn remote_error(error: redis::RedisError) -> RemoteError {
     let why = format!("redis: {error}");
+    if is_auth_refusal(&error) {
+        return RemoteError::rejected(format!("{why}: Redis refused the credentials")).with_code(AUTH);
+    }
     if error.is_io_error() { RemoteError::unavailable(why) } else { RemoteError::upstream(why) }.with_code(CODE)
 }
 
+fn is_auth_refusal(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed || matches!(error.code(), Some("NOAUTH" | "WRONGPASS"))
+}
+
+/// TLS and credentials for [`RedisUpstream::connect_with`], beside what the URL says. `Debug` shows neither the
+/// password nor the key.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct RedisSecurity {
+    /// The PEM certificate of the CA that signed the server's certificate, for `rediss://` URLs. The default is the
+    /// platform's trusted roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// This client's PEM certificate and key, for a server started with `--tls-auth-clients yes`. The default is none.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The ACL user. The default is the URL's, or Redis's `default` user.
+    pub user: Option<String>,
+    /// The password, kept out of the URL (and so out of `ps` and logs). The default is the URL's, or none.
+    pub password: Option<String>,
+}
+
+impl RedisSecurity {
+    /// Reads the CA and, when given, the client certificate and key from PEM files; a file that cannot be read is a
+    /// `BadRequest` naming it.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Self, RemoteError> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                RemoteError::bad_request(format!("cannot read the Redis {what} {}: {e}", path.display()))
+                    .with_code(CODE)
+            })
+        };
+        let ca_pem = ca.map(|ca| read(ca, "CA certificate")).transpose()?;
+        let identity = match identity {
+            Some((cert, key)) => Some((read(cert, "client certificate")?, read(key, "client key")?)),
+            None => None,
+        };
+        Ok(RedisSecurity { ca_pem, identity, user: None, password: None })
+    }
+
+    /// These settings, authenticating as `user` (an ACL user) with `password`.
+    pub fn credentials(mut self, user: Option<String>, password: impl Into<String>) -> Self {
+        self.user = user;
+        self.password = Some(password.into());
+        self
+    }
+}
+
+impl std::fmt::Debug for RedisSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSecurity")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|pem| format!("{} bytes", pem.len())))
+            .field("identity", &self.identity.as_ref().map(|_| "<certificate and key>"))
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
 impl RedisUpstream {
-    /// Connects to `redis://HOST:PORT[/DB]`, down or not; fails on a bad URL or notifications Redis will not turn on.
+    /// Connects to `redis://HOST:PORT[/DB]` (or `rediss://` for TLS with the platform's roots; a user and password
+    /// may be in the URL), down or not; fails on a bad URL, credentials Redis refuses, or notifications Redis will
+    /// not turn on.
     pub async fn connect(url: &str) -> Result<Self, RemoteError> {
+        RedisUpstream::connect_with(url, RedisSecurity::default()).await
+    }
+
+    /// [`connect`](Self::connect), with TLS settings (a CA, a client certificate) and credentials kept out of the
+    /// URL. TLS settings need a `rediss://` URL.
+    pub async fn connect_with(url: &str, security: RedisSecurity) -> Result<Self, RemoteError> {
         let bad = |e: redis::RedisError| RemoteError::bad_request(format!("redis URL {url:?}: {e}")).with_code(CODE);
         let info = url.into_connection_info().map_err(bad)?;
-        let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(bad)?;
+        let mut settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+        if let Some(user) = &security.user {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &security.password {
+            settings = settings.set_password(password);
+        }
+        let info = info.set_redis_settings(settings);
+        let tls = security.ca_pem.is_some() || security.identity.is_some();
+        let client = if tls {
+            if !url.starts_with("rediss://") {
+                let why = format!("redis URL {url:?}: TLS settings are given, so the URL must be rediss://");
+                return Err(RemoteError::bad_request(why).with_code(CODE));
+            }
+            let certificates = redis::TlsCertificates {
+                client_tls: security
+                    .identity
+                    .map(|(client_cert, client_key)| redis::ClientTlsConfig { client_cert, client_key }),
+                root_cert: security.ca_pem,
+            };
+            redis::Client::build_with_tls(info, certificates).map_err(bad)?
+        } else {
+            redis::Client::open(info).map_err(bad)?
+        };
         let config = ConnectionManagerConfig::new().set_number_of_retries(1).set_response_timeout(Some(TIMEOUT));
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(remote_error)?;
         let health = Health::new(format!("redis at {}", client.get_connection_info().addr()));
@@ -62,7 +160,7 @@ impl RedisUpstream {
         let (requests, queue) = mpsc::unbounded_channel();
         tokio::spawn(Follower { client, commands: commands.clone(), keys: HashMap::new(), prefix }.run(queue, health));
         match first.wait_for(|state| *state != UpstreamState::Starting).await.map(|state| state.clone()) {
-            Ok(UpstreamState::Down(error)) if error.has_code(NOTIFICATIONS_OFF) => Err(error),
+            Ok(UpstreamState::Down(error)) if error.has_code(NOTIFICATIONS_OFF) || error.has_code(AUTH) => Err(error),
             _ => Ok(RedisUpstream { commands, requests, health: first }),
         }
     }
@@ -81,6 +179,7 @@ impl Follower {
         while !queue.is_closed() {
             let (mut pubsub, mut pushes) = match self.resume().await {
                 Ok(connection) => connection,
+                Err(error) if error.has_code(AUTH) => return health.gave_up(error),
                 Err(error) => {
                     health.failed(error).await;
                     continue;

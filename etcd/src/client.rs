@@ -38,6 +38,7 @@ impl EtcdClient {
         match state.as_deref() {
             Ok(ConnectionState::Connected { .. }) => Ok(client),
             Ok(ConnectionState::Unavailable { reason }) => Err(Error::unavailable(reason.clone(), None)),
+            Ok(ConnectionState::Refused { reason }) => Err(Error::Unauthenticated { reason: reason.clone() }),
             _ => Err(Error::unavailable(client.endpoints().join(","), None)),
         }
     }

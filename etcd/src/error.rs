@@ -37,7 +37,15 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// The configuration cannot work (no endpoint, a malformed URL).
+    /// etcd refused this client's credentials (user and password, or its TLS
+    /// client certificate). The client has stopped: retrying cannot help.
+    #[error("etcd refused the credentials: {reason}")]
+    Unauthenticated {
+        /// etcd's answer.
+        reason: String,
+    },
+    /// The configuration cannot work (no endpoint, a malformed URL, a TLS
+    /// setting that contradicts an endpoint's scheme, an unreadable PEM file).
     #[error("invalid etcd configuration: {0}")]
     Config(String),
 }

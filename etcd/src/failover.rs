@@ -48,7 +48,12 @@ impl std::fmt::Debug for Member {
 enum Current {
     Connecting,
     Connected(Box<Member>),
-    Down { tried: String, cause: Option<Cause> },
+    Down {
+        tried: String,
+        cause: Option<Cause>,
+    },
+    /// A member refused the credentials: the client has given up.
+    Refused(String),
 }
 
 /// What a client can observe about its connection to etcd.
@@ -68,6 +73,14 @@ pub enum ConnectionState {
         /// Why the last attempt failed.
         reason: String,
     },
+    /// A member refused this client's credentials (user and password, or its
+    /// TLS client certificate). Retrying cannot help, so the client has
+    /// stopped: calls fail with [`Error::Unauthenticated`], watches and
+    /// registrations end. Fix the settings and start a new client.
+    Refused {
+        /// etcd's answer.
+        reason: String,
+    },
 }
 
 /// The connection manager shared by a client and its background tasks.
@@ -85,7 +98,7 @@ pub(crate) struct Failover {
 impl Failover {
     /// Starts the failover task. It stops when `cancel` is cancelled.
     pub(crate) fn start(config: Arc<Config>, cancel: CancellationToken) -> Result<Arc<Failover>, Error> {
-        let urls = config.urls();
+        let urls = config.urls()?;
         if urls.is_empty() {
             return Err(Error::Config("no endpoint given".into()));
         }
@@ -133,6 +146,7 @@ impl Failover {
             match &*rx.borrow_and_update() {
                 Current::Connected(member) => return Ok(Member::clone(member)),
                 Current::Down { tried, cause } => return Err(Error::unavailable(tried.clone(), cause.clone())),
+                Current::Refused(reason) => return Err(Error::Unauthenticated { reason: reason.clone() }),
                 Current::Connecting => {}
             }
             match tokio::time::timeout_at(until, rx.changed()).await {
@@ -148,10 +162,11 @@ impl Failover {
         }
     }
 
-    /// The member in use, waiting as long as it takes; `None` once the client is closed.
+    /// The member in use, waiting as long as it takes; `None` once the client
+    /// is closed, or has given up because etcd refused its credentials.
     pub(crate) async fn member(&self) -> Option<Member> {
         let mut rx = self.current.subscribe();
-        let wait = rx.wait_for(|current| matches!(current, Current::Connected(_)));
+        let wait = rx.wait_for(|current| matches!(current, Current::Connected(_) | Current::Refused(_)));
         let current = tokio::select! {
             current = wait => current.ok()?.clone(),
             _ = self.cancel.cancelled() => return None,
@@ -183,6 +198,7 @@ impl Failover {
                     None => tried.clone(),
                 },
             },
+            Current::Refused(reason) => ConnectionState::Refused { reason: reason.clone() },
         };
         self.current.send_replace(current);
         self.public.send_if_modified(|state| {
@@ -196,11 +212,18 @@ impl Failover {
     /// requires a leader, that it has one).
     async fn probe(&self, url: &str) -> Result<etcd_client::Client, Cause> {
         let config = &self.config;
-        let options = etcd_client::ConnectOptions::new()
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(config.keep_alive_interval, config.keep_alive_timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        if let Some(tls) = &config.tls {
+            options = options.with_tls(tls.options());
+        }
+        if let Some(credentials) = &config.credentials {
+            // etcd-client asks for a token at connect, and a new one when it expires.
+            options = options.with_user(credentials.user(), credentials.password()).with_auto_token_refresh(true);
+        }
         let attempt = async {
             let mut client = etcd_client::Client::connect([url], Some(options)).await?;
             client.status().await?;
@@ -217,6 +240,18 @@ impl Failover {
 #[derive(Debug, thiserror::Error)]
 #[error("no answer within {0:?}")]
 struct Timeout(Duration);
+
+/// Whether a member refused the credentials themselves (a wrong user or
+/// password, or credentials for a cluster without auth), which no retry fixes.
+fn is_refusal(cause: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    let Some(etcd_client::Error::GRpcStatus(status)) = cause.downcast_ref::<etcd_client::Error>() else {
+        return false;
+    };
+    matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+        || (status.code() == tonic::Code::InvalidArgument && status.message().contains("authentication failed"))
+        || (status.code() == tonic::Code::FailedPrecondition
+            && status.message().contains("authentication is not enabled"))
+}
 
 async fn run(failover: Arc<Failover>) {
     let n = failover.urls.len();
@@ -238,6 +273,15 @@ async fn run(failover: Arc<Failover>) {
                 Ok(client) => {
                     connected = Some((index, client));
                     break;
+                }
+                Err(cause) if is_refusal(&*cause) => {
+                    let reason = tandem_protocol::internal::error_chain(&*cause);
+                    let user = failover.config.credentials.as_ref().map(|c| c.user().to_owned());
+                    tracing::error!(endpoint = %url, user, reason,
+                        "etcd refused this client's credentials; retrying cannot help, so the client stops: \
+                         fix the user, password or client certificate and start again");
+                    failover.publish(Current::Refused(reason));
+                    return;
                 }
                 Err(cause) => {
                     tracing::debug!(endpoint = %url, error = %cause, "etcd member does not answer");

@@ -58,7 +58,7 @@ mod services;
 mod watch;
 
 pub use client::EtcdClient;
-pub use config::Config;
+pub use config::{Config, Credentials, Tls};
 pub use connections::{endpoint_addrs, established_connections};
 pub use error::{Cause, Error};
 pub use failover::ConnectionState;

@@ -90,6 +90,15 @@ impl Health {
         self.state.send_replace(UpstreamState::Down(error));
     }
 
+    /// The upstream refused us for a reason no retry fixes (credentials,
+    /// configuration): ERROR with why, and `Down(error)` for good. The caller
+    /// stops trying.
+    pub fn gave_up(&mut self, error: RemoteError) {
+        tracing::error!(upstream = %self.upstream, %error, "the upstream refused us and retrying cannot help; giving up");
+        self.failures += 1;
+        self.state.send_replace(UpstreamState::Down(error));
+    }
+
     /// An attempt failed: reports it (WARN the first time, DEBUG after), shows
     /// `Down(error)` to followers, and waits before the next attempt.
     pub async fn failed(&mut self, error: RemoteError) {

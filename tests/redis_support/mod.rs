@@ -20,6 +20,9 @@ pub use tandem_testkit::{eventually, free_port, within_logged as within};
 pub struct Redis {
     pub port: u16,
     extra: Vec<String>,
+    /// `redis-cli`'s own TLS and credential arguments, for a TLS server.
+    cli_extra: Vec<String>,
+    tls: bool,
     child: Option<ProcessGuard>,
 }
 
@@ -31,9 +34,20 @@ impl Redis {
 
     /// A fresh server with extra `redis-server` arguments (`--notify-keyspace-events KA`, ...).
     pub async fn with_args(extra: &[&str]) -> Redis {
+        Redis::start_with(extra, &[], false).await
+    }
+
+    /// A fresh server that speaks TLS only (its `--tls-*` settings in `extra`),
+    /// asked by `redis-cli` with `cli_extra` (`--tls --cacert ... --user ... --pass ...`).
+    pub async fn tls(extra: &[&str], cli_extra: &[&str]) -> Redis {
+        Redis::start_with(extra, cli_extra, true).await
+    }
+
+    async fn start_with(extra: &[&str], cli_extra: &[&str], tls: bool) -> Redis {
+        let owned = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         for _ in 0..5 {
             let mut redis =
-                Redis { port: free_port(), extra: extra.iter().map(|s| s.to_string()).collect(), child: None };
+                Redis { port: free_port(), extra: owned(extra), cli_extra: owned(cli_extra), tls, child: None };
             // Another process may take the port between its release and redis-server's bind: retry.
             if redis.spawn().await {
                 return redis;
@@ -44,14 +58,17 @@ impl Redis {
 
     /// A server that will run on this port once [`Redis::restart`] is called.
     pub fn not_started(port: u16) -> Redis {
-        Redis { port, extra: Vec::new(), child: None }
+        Redis { port, extra: Vec::new(), cli_extra: Vec::new(), tls: false, child: None }
     }
 
     /// Whether the server came up (false: it exited, e.g. the port was taken).
     async fn spawn(&mut self) -> bool {
         let mut command = Command::new("redis-server");
+        let port = self.port.to_string();
+        let ports: &[&str] = if self.tls { &["--port", "0", "--tls-port", &port] } else { &["--port", &port] };
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(ports)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -82,9 +99,10 @@ impl Redis {
         }
     }
 
-    /// The URL the adapter and the demo take.
+    /// The URL the adapter and the demo take (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The server's pid, while it runs.
@@ -110,13 +128,15 @@ impl Redis {
     }
 
     fn cli_ok(&self, args: &[&str]) -> bool {
-        let output = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
+        let output =
+            Command::new("redis-cli").args(&self.cli_extra).args(["-p", &self.port.to_string()]).args(args).output();
         output.is_ok_and(|o| o.status.success() && !o.stdout.starts_with(b"ERR") && !o.stdout.is_empty())
     }
 
     /// Runs the real `redis-cli` against the server; returns its trimmed output.
     pub fn cli(&self, args: &[&str]) -> String {
         let output = Command::new("redis-cli")
+            .args(&self.cli_extra)
             .args(["-p", &self.port.to_string()])
             .args(args)
             .output()

@@ -33,7 +33,17 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain-http `/health` (and metrics), when the client URLs are https.
+    metrics_port: Option<u16>,
     child: Option<ProcessGuard>,
+}
+
+/// A member's TLS settings: its certificate and key, and the CA its clients'
+/// certificates must be signed by (`--client-cert-auth`).
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 /// One etcd member or a cluster of them, on loopback.
@@ -42,6 +52,7 @@ pub struct Etcd {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    tls: Option<ServerTls>,
 }
 
 impl Etcd {
@@ -50,15 +61,26 @@ impl Etcd {
         Etcd::cluster(1).await
     }
 
+    /// One member serving its clients over TLS only, and requiring client
+    /// certificates signed by `tls.client_ca`; healthy.
+    pub async fn single_tls(tls: ServerTls) -> Etcd {
+        Etcd::start(1, Some(tls)).await
+    }
+
     /// `n` members forming one cluster, all healthy (a leader elected).
     pub async fn cluster(n: usize) -> Etcd {
+        Etcd::start(n, None).await
+    }
+
+    async fn start(n: usize, tls: Option<ServerTls>) -> Etcd {
         let dir = tempfile::Builder::new().prefix("tandem-etcd").tempdir().expect("tempdir");
-        let ports = free_ports(2 * n);
+        let ports = free_ports(3 * n);
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[3 * i],
+                peer_port: ports[3 * i + 1],
+                metrics_port: tls.as_ref().map(|_| ports[3 * i + 2]),
                 child: None,
             })
             .collect();
@@ -68,7 +90,7 @@ impl Etcd {
             .collect::<Vec<_>>()
             .join(",");
         let token = format!("tandem-test-{}", ports[0]);
-        let mut etcd = Etcd { dir, members, initial_cluster, token };
+        let mut etcd = Etcd { dir, members, initial_cluster, token, tls };
         for i in 0..n {
             etcd.spawn(i);
         }
@@ -82,7 +104,7 @@ impl Etcd {
         let member = &self.members[i];
         let data = self.dir.path().join(&member.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(i)).expect("etcd log file");
-        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let client = self.endpoint(i);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
         let mut command = Command::new(etcd_binary());
         command
@@ -96,10 +118,19 @@ impl Etcd {
             .args(["--initial-cluster-token", &self.token])
             // Fast elections, so a killed leader is replaced within a second.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log);
+            .args(["--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"]);
+        if let (Some(tls), Some(metrics)) = (&self.tls, member.metrics_port) {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca)
+                .arg("--client-cert-auth")
+                .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{metrics}")]);
+        }
+        command.stdin(Stdio::null()).stdout(log.try_clone().expect("log fd")).stderr(log);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent;
         // it makes the kernel kill etcd if this test process dies before the guard runs.
         unsafe {
@@ -120,9 +151,10 @@ impl Etcd {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
-    /// Member `i`'s client URL.
+    /// Member `i`'s client URL (`https://` for a TLS member).
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
     }
 
     /// The index of the member with this client URL.
@@ -161,7 +193,8 @@ impl Etcd {
 
     /// Waits (at most 20 s) until member `i` answers `/health` with a leader.
     pub async fn wait_healthy(&self, i: usize) {
-        let port = self.members[i].client_port;
+        let member = &self.members[i];
+        let port = member.metrics_port.unwrap_or(member.client_port);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if health(port).await {
