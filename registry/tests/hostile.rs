@@ -13,10 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{eventually, next, start, within};
+use common::{LIMIT, SETTLE, next, start};
 use futures::future::join_all;
 use tandem_protocol::internal::error_chain;
 use tandem_registry::{Config, Instance, RegistryClient, WatchSpec};
+use tandem_testkit::{eventually, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -67,7 +68,7 @@ fn put_frame(value_len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_clients_beyond_the_cap_are_refused_while_a_connected_client_is_served() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.max_connections = 10;
         config.frame_timeout = Duration::from_millis(1500);
@@ -106,8 +107,8 @@ async fn stalled_clients_beyond_the_cap_are_refused_while_a_connected_client_is_
         let waited = stalled_at.elapsed();
         assert!(waited >= Duration::from_millis(1500), "closed after {waited:?}");
         // ...and their places serve new clients.
-        eventually("the places are free", || async { put(addr, "k").await.is_ok() }).await;
-        eventually("only the first client is left", || async {
+        eventually(SETTLE, "the places are free", || async { put(addr, "k").await.is_ok() }).await;
+        eventually(SETTLE, "only the first client is left", || async {
             let stats = client.stats().await.unwrap();
             (stats.connections, stats.watches) == (0, 1)
         })
@@ -118,7 +119,7 @@ async fn stalled_clients_beyond_the_cap_are_refused_while_a_connected_client_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_frames_that_trickle_in_are_bounded_by_the_budget() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.partial_frame_budget = 2 * 1024 * 1024;
         let server = start(config).await;
@@ -152,7 +153,7 @@ async fn large_frames_that_trickle_in_are_bounded_by_the_budget() {
         for stream in &mut held {
             stream.write_all(&frame[frame.len() / 2..]).await.unwrap();
         }
-        eventually("both puts are applied", || async { client.stats().await.unwrap().keys == 2 }).await;
+        eventually(SETTLE, "both puts are applied", || async { client.stats().await.unwrap().keys == 2 }).await;
         let value = vec![b'y'; 1024 * 1024 - 64];
         tokio::time::timeout(CALL, client.put("large", value)).await.expect("in time").unwrap();
         assert_eq!(client.get("k").await.unwrap().unwrap().value.len(), 1024 * 1024 - 64);
@@ -162,7 +163,7 @@ async fn large_frames_that_trickle_in_are_bounded_by_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.idle_timeout = Duration::from_millis(300);
         let server = start(config).await;
@@ -200,7 +201,7 @@ async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_at_the_first_request_timeout_and_others_are_not() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.first_request_timeout = Duration::from_millis(200);
         config.idle_timeout = Duration::from_millis(1500);
@@ -249,7 +250,7 @@ async fn silent_connections_are_closed_at_the_first_request_timeout_and_others_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cap_filled_by_silent_clients_is_freed_at_the_first_request_timeout() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.max_connections = 5;
         config.first_request_timeout = Duration::from_millis(500);
@@ -274,8 +275,8 @@ async fn a_cap_filled_by_silent_clients_is_freed_at_the_first_request_timeout() 
         }
         assert!(filled_at.elapsed() >= Duration::from_millis(500), "closed after {:?}", filled_at.elapsed());
         // Their places serve a normal client, long before the 5-minute idle timeout.
-        eventually("the places are free", || async { put(addr, "k").await.is_ok() }).await;
-        eventually("every connection is closed", || async { server.stats().connections == 0 }).await;
+        eventually(SETTLE, "the places are free", || async { put(addr, "k").await.is_ok() }).await;
+        eventually(SETTLE, "every connection is closed", || async { server.stats().connections == 0 }).await;
     })
     .await
 }
@@ -371,7 +372,7 @@ impl Served {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_server_backs_off_and_keeps_serving() {
-    within(async {
+    within(LIMIT, async {
         // 64 descriptors, and a connection cap above them: `accept` fails with EMFILE.
         let server = Served::start(64, &["--max-connections", "1000", "--frame-timeout", "1"]);
         server.expect_log("the connection limit is above what the open-file limit allows");
@@ -397,7 +398,7 @@ async fn out_of_file_descriptors_the_server_backs_off_and_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_cap_stays_under_the_open_file_limit() {
-    within(async {
+    within(LIMIT, async {
         let server = Served::start(64, &[]);
         // 64 descriptors minus 32 reserved.
         server.expect_log("max_connections=32");
@@ -409,7 +410,7 @@ async fn the_default_cap_stays_under_the_open_file_limit() {
         server.expect_log("connection refused: the registry is at its connection limit");
         // A place frees up when a connection closes.
         held.pop();
-        eventually("a place is free", || async { put(addr, "k").await.is_ok() }).await;
+        eventually(SETTLE, "a place is free", || async { put(addr, "k").await.is_ok() }).await;
         assert_eq!(server.count_log("Too many open files"), 0, "the cap is reached before the descriptors run out");
     })
     .await
@@ -417,7 +418,7 @@ async fn the_default_cap_stays_under_the_open_file_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_logged_each_at_debug_and_together_at_warn() {
-    within(async {
+    within(LIMIT, async {
         let server = Served::start(256, &["--first-request-timeout", "0.2"]);
         server.expect_log("first_request_timeout_ms=200");
         let addr = server.addr;
