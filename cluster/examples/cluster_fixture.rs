@@ -9,9 +9,10 @@
 use std::time::Duration;
 
 use clap::Parser;
+use tandem_cluster::internal::FrameLink;
 use tandem_cluster::{
-    AgentContext, AgentReady, BoxError, Cluster, ClusterEvent, ClusterEvents, Config, FrameLink, MasterContext,
-    Messenger, Origin, RestartPolicy, Target, WorkerContext,
+    AgentContext, AgentReady, BoxError, Cluster, ClusterEvent, ClusterEvents, Config, MasterContext, Messenger, Origin,
+    RestartPolicy, Target, WorkerContext,
 };
 use tandem_protocol::Frame;
 

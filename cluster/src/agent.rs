@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::child_context::ChildContext;
 use crate::ipc::Ready;
-use crate::{Error, IncomingLink, Links, Messenger};
+use crate::link::{IncomingLink, Links};
+use crate::{Error, Messenger};
 
 /// What the agent reports once its Leader is listening.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,7 +29,7 @@ pub struct Config {
     /// the sender gets [`Error::QueueFull`](crate::Error::QueueFull) (a link
     /// is closed instead). The default is 1024.
     pub queue_capacity: usize,
-    /// The credit window of each link direction: a [`FrameLink`](crate::FrameLink)'s
+    /// The credit window of each link direction: a [`FrameLink`](crate::internal::FrameLink)'s
     /// `tx` may have this many frames the other end has not taken out of its
     /// `rx` yet; beyond that `tx.send` waits (a slow reader slows its writer
     /// down rather than losing the link). Also the frames each end buffers

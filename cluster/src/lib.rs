@@ -34,7 +34,8 @@
 //! After start-up the master restarts dead processes with backoff
 //! ([`RestartPolicy`]; a restarted agent gets a higher [`AgentContext::epoch`]
 //! and workers see it through [`WorkerContext::agent`]), relays the
-//! [`Messenger`]'s messages and the workers' [`FrameLink`]s to the agent, and
+//! [`Messenger`]'s messages and the workers' relayed Leader/Follower links to
+//! the agent (the Follower's fallback transport, see `tandem::cluster_glue`), and
 //! on SIGTERM/SIGINT stops the workers, then the agent, then exits 0. Children
 //! die with the master (`PR_SET_PDEATHSIG` and EOF of their IPC channel).
 //! SIGUSR1 prints the [`StatusTable`] to stderr.
@@ -145,7 +146,6 @@ pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};
 pub use events::{ClusterEvent, ClusterEvents};
 pub use identity::{AgentInfo, Origin, Target};
-pub use link::{FrameLink, IncomingLink, LinkReceiver, LinkSender, Links};
 pub use listeners::{LISTEN_BACKLOG, ListenAddr, Listener, ListenerInfo, ListenerSpec, ShareMode};
 pub use master_context::MasterContext;
 pub use messenger::{Envelope, Messenger, TopicStream, decode, encode};
@@ -156,3 +156,13 @@ pub use round_robin::{BACKLOG as ROUND_ROBIN_BACKLOG, MAX_UNACKED, RoundRobinLis
 pub use status::{ProcessState, StatusRow, StatusTable};
 pub use trace::{init_tracing, init_tracing_with_default};
 pub use worker::WorkerContext;
+
+/// Machinery tandem's own crates share: the relayed Leader/Follower links
+/// that `tandem::cluster_glue` serves in the agent and opens in the workers
+/// ([`AgentContext::links`], [`WorkerContext::open_link`]). **Not part of the
+/// API**: a program joins its Leader and Followers to the cluster with
+/// `tandem::cluster_glue`, and these may change in any release.
+#[doc(hidden)]
+pub mod internal {
+    pub use crate::link::{FrameLink, IncomingLink, LinkReceiver, LinkSender, Links};
+}

@@ -512,7 +512,9 @@ impl Messenger {
 
     /// Opens a link to the agent, relayed by the master (workers only): the
     /// Follower's fallback transport. Fails with [`Error::AgentUnavailable`]
-    /// while the agent is not ready.
+    /// while the agent is not ready. Internal, as its [`FrameLink`] is (see
+    /// [`crate::internal`]): `tandem::cluster_glue` opens it.
+    #[doc(hidden)]
     pub async fn open_link(&self) -> Result<FrameLink, Error> {
         let Transport::Child(_) = &self.endpoint.transport else {
             return Err(Error::NotAWorker { what: "opening a link" });

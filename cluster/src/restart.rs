@@ -2,25 +2,25 @@
 //! crash-loop limit after which a slot is marked failed and retried later —
 //! never given up for good (unlike cfork's refork limit, eggjs/egg#4538).
 //!
-//! [`CrashLoop`] counts a slot's unstable exits and turns them into delays.
-//! Its delays follow [`RestartPolicy`]'s multiplier and symmetric jitter
-//! fraction (both public settings), which `tandem_protocol::internal::Backoff` (×2, a
-//! delay drawn in [cap/2, cap]) does not offer; so the delay formula stays here.
+//! [`CrashLoop`] counts a slot's unstable exits and turns them into delays
+//! with tandem's one backoff (`tandem_protocol::internal::Backoff`), set to
+//! [`RestartPolicy`]'s multiplier and symmetric jitter fraction.
 
 use std::time::Duration;
 
-use rand::Rng;
+use tandem_protocol::internal::{Backoff, Jitter};
 use tokio::time::Instant;
 
 /// How a dead agent or worker is restarted.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct RestartPolicy {
-    /// The delay before the first restart after a crash. The default is 100 ms.
+    /// The delay before the first restart after a crash (at least 1 ms). The
+    /// default is 100 ms.
     pub initial_delay: Duration,
     /// Each further consecutive crash multiplies the delay by this. The default is 2.
     pub multiplier: f64,
-    /// The longest delay. The default is 15 seconds.
+    /// The longest delay (before jitter). The default is 15 seconds.
     pub max_delay: Duration,
     /// A process ready for this long counts as stable: its next crash starts
     /// the backoff afresh. The default is 30 seconds.
@@ -58,18 +58,23 @@ pub(crate) enum Restart {
     Failed { retry_after: Duration, failures: u32 },
 }
 
-/// One slot's crash-loop state: its consecutive unstable exits, and when its
-/// process became ready (a stable run resets the count).
+/// One slot's crash-loop state: its consecutive unstable exits, their
+/// backoff, and when its process became ready (a stable run resets both).
 #[derive(Debug, Clone)]
 pub(crate) struct CrashLoop {
     policy: RestartPolicy,
+    backoff: Backoff,
     failures: u32,
     ready_at: Option<Instant>,
 }
 
 impl CrashLoop {
     pub(crate) fn new(policy: RestartPolicy) -> Self {
-        CrashLoop { policy, failures: 0, ready_at: None }
+        // The first delay is capped by `max_delay` too, as each later one is.
+        let backoff = Backoff::new(policy.initial_delay.min(policy.max_delay), policy.max_delay)
+            .multiplier(policy.multiplier)
+            .jitter(Jitter::Symmetric(policy.jitter));
+        CrashLoop { policy, backoff, failures: 0, ready_at: None }
     }
 
     /// A new process of the slot was spawned.
@@ -93,6 +98,7 @@ impl CrashLoop {
         let stable = self.ready_at.take().is_some_and(|t| t.elapsed() >= self.policy.stable_after);
         if stable {
             self.failures = 0;
+            self.backoff.reset();
         }
         self.failures = self.failures.saturating_add(1);
         if self.failures > self.policy.crash_loop_limit {
@@ -101,17 +107,9 @@ impl CrashLoop {
             self.failures = self.policy.crash_loop_limit;
             return Restart::Failed { retry_after: self.policy.failed_retry, failures };
         }
-        Restart::After { delay: self.delay(self.failures), failures: self.failures }
-    }
-
-    fn delay(&self, failures: u32) -> Duration {
-        let p = &self.policy;
-        let exp = i32::try_from(failures.saturating_sub(1)).unwrap_or(i32::MAX);
-        let base = p.initial_delay.as_secs_f64() * p.multiplier.max(1.0).powi(exp);
-        let capped = base.min(p.max_delay.as_secs_f64());
-        let jitter = p.jitter.clamp(0.0, 1.0);
-        let factor = if jitter > 0.0 { rand::thread_rng().gen_range(1.0 - jitter..=1.0 + jitter) } else { 1.0 };
-        Duration::try_from_secs_f64(capped * factor).unwrap_or(p.max_delay)
+        // The n-th consecutive unstable exit gets the backoff's n-th delay: a
+        // Failed slot only leaves that state by a stable run, which resets it.
+        Restart::After { delay: self.backoff.next_delay(), failures: self.failures }
     }
 }
 
@@ -206,11 +204,68 @@ mod tests {
     async fn jitter_stays_within_its_fraction() {
         let mut p = policy();
         p.jitter = 0.1;
-        let mut b = CrashLoop::new(p);
         for _ in 0..50 {
-            b.failures = 0;
+            let mut b = CrashLoop::new(p.clone());
             let d = delay(b.exited()).as_secs_f64();
             assert!((0.09..=0.11).contains(&d), "{d}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_spreads_every_delay_of_the_growth_around_its_cap() {
+        let p = RestartPolicy { jitter: 0.1, ..policy() };
+        let mut spread = false;
+        for _ in 0..20 {
+            let mut b = CrashLoop::new(p.clone());
+            for cap in [100.0, 200.0, 400.0, 800.0, 1000.0, 1000.0] {
+                let d = delay(b.exited()).as_secs_f64() * 1000.0;
+                assert!((cap * 0.9..=cap * 1.1).contains(&d), "{d} ms outside ±10 % of {cap} ms");
+                spread |= (d - cap).abs() > 1.0;
+            }
+        }
+        assert!(spread, "120 jittered delays all within 1 ms of their cap");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_policy_multiplier_sets_the_growth() {
+        let p = RestartPolicy { multiplier: 3.0, max_delay: Duration::from_secs(5), ..policy() };
+        let mut b = CrashLoop::new(p);
+        let delays: Vec<u128> = (0..5).map(|_| delay(b.exited()).as_millis()).collect();
+        assert_eq!(delays, vec![100, 300, 900, 2700, 5000]);
+
+        // Below 1 the delay stays at the first one (as it always did).
+        let mut b = CrashLoop::new(RestartPolicy { multiplier: 0.5, ..policy() });
+        let delays: Vec<u128> = (0..3).map(|_| delay(b.exited()).as_millis()).collect();
+        assert_eq!(delays, vec![100, 100, 100]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_max_delay_below_the_first_delay_caps_it() {
+        let p = RestartPolicy {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_millis(200),
+            ..policy()
+        };
+        let mut b = CrashLoop::new(p);
+        assert_eq!(delay(b.exited()), Duration::from_millis(200));
+        assert_eq!(delay(b.exited()), Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_crash_loop_a_stable_run_starts_the_growth_afresh() {
+        let mut b = CrashLoop::new(policy());
+        for _ in 0..7 {
+            b.spawned();
+            let _ = b.exited();
+        }
+        b.spawned();
+        b.ready();
+        advance(Duration::from_secs(30)).await;
+        let mut delays = vec![delay(b.exited()).as_millis()];
+        for _ in 0..2 {
+            b.spawned();
+            delays.push(delay(b.exited()).as_millis());
+        }
+        assert_eq!(delays, vec![100, 200, 400]);
     }
 }

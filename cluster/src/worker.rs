@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use crate::child_context::ChildContext;
 use crate::identity::AgentInfo;
 use crate::ipc::Ready;
-use crate::{Error, FrameLink, Listener, Messenger, WorkerId};
+use crate::link::FrameLink;
+use crate::{Error, Listener, Messenger, WorkerId};
 
 /// A worker's view of the cluster, given to its start function.
 ///

@@ -87,7 +87,7 @@ pub mod internal {
     pub use crate::accept::{
         ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptErrors, Throttle, WARN_EVERY, is_resource_exhaustion,
     };
-    pub use crate::backoff::Backoff;
+    pub use crate::backoff::{Backoff, Jitter};
     pub use crate::error::error_chain;
     pub use crate::handshake::{check_hello, negotiate};
     pub use crate::pending::{Expires, InsertError, PendingTable};

@@ -1,185 +1,153 @@
 //! The `tandem-registry` binary, as separate processes talking to a served registry.
 
-use std::io::{BufRead, BufReader, Lines, Read};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::LIMIT;
+use tandem_testkit::{Lines, ProcessGuard, eventually, within};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tandem-registry");
 
 /// How long any one step may take.
 const STEP: Duration = Duration::from_secs(10);
 
-/// A spawned process, killed (by PID) and reaped when dropped.
-struct Spawned {
-    child: Child,
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    command
 }
 
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Spawns a long-running command: the process (killed by PID and reaped when
+/// dropped) and its stdout lines.
+fn spawn(args: &[&str]) -> (ProcessGuard, Lines) {
+    let mut child = ProcessGuard::new(command(args).spawn().expect("spawns tandem-registry"));
+    let mut lines = Lines::new(format!("tandem-registry {args:?}"));
+    lines.read_blocking(child.child().stdout.take().expect("piped stdout"));
+    (child, lines)
 }
 
-/// Lines of a child's stdout, read on a thread so reads can time out.
-struct LineReader {
-    lines: mpsc::Receiver<String>,
-}
-
-impl LineReader {
-    fn new(stdout: ChildStdout) -> Self {
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            let lines: Lines<BufReader<ChildStdout>> = BufReader::new(stdout).lines();
-            for line in lines.map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        LineReader { lines }
-    }
-
-    fn next(&self) -> String {
-        self.lines.recv_timeout(STEP).expect("a line within the time limit")
-    }
-}
-
-fn spawn(args: &[&str]) -> (Spawned, LineReader) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawns tandem-registry");
-    let stdout = child.stdout.take().expect("piped stdout");
-    (Spawned { child }, LineReader::new(stdout))
+/// The next line of a child's stdout, within [`STEP`].
+async fn next_line(lines: &mut Lines) -> String {
+    lines.expect_line(STEP, |_| true).await
 }
 
 /// `serve --listen 127.0.0.1:0`; returns the process and the address from its first line.
-fn serve() -> (Spawned, String) {
-    let (server, lines) = spawn(&["serve", "--listen", "127.0.0.1:0"]);
-    let first = lines.next();
+async fn serve() -> (ProcessGuard, String) {
+    let (server, mut lines) = spawn(&["serve", "--listen", "127.0.0.1:0"]);
+    let first = next_line(&mut lines).await;
     let addr = first.strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {first:?}"));
     (server, addr.to_owned())
 }
 
-/// Runs a command to completion (within [`STEP`]); returns its exit code and stdout.
-fn run(args: &[&str]) -> (Option<i32>, String) {
-    let child = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawns tandem-registry");
-    let mut spawned = Spawned { child };
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(status) = spawned.child.try_wait().expect("waits") {
-            let mut out = String::new();
-            if let Some(mut stdout) = spawned.child.stdout.take() {
-                stdout.read_to_string(&mut out).expect("reads stdout");
-            }
-            return (status.code(), out);
-        }
-        assert!(Instant::now() < deadline, "{args:?} did not finish in time");
-        thread::sleep(Duration::from_millis(10));
-    }
+/// Waits (within [`STEP`]) for a guarded child to exit; returns its exit code.
+async fn exit_code(child: &mut ProcessGuard, what: &str) -> Option<i32> {
+    let mut status = None;
+    eventually(STEP, what, || {
+        status = child.child().try_wait().expect("waits");
+        std::future::ready(status.is_some())
+    })
+    .await;
+    status.and_then(|s| s.code())
 }
 
-fn stats(addr: &str) -> serde_json::Value {
-    let (code, out) = run(&["stats", "--server", addr]);
+/// Runs a command to completion (within [`STEP`]); returns its exit code and stdout.
+async fn run(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = ProcessGuard::new(command(args).spawn().expect("spawns tandem-registry"));
+    let code = exit_code(&mut child, &format!("{args:?} to finish")).await;
+    let mut out = String::new();
+    if let Some(mut stdout) = child.child().stdout.take() {
+        stdout.read_to_string(&mut out).expect("reads stdout");
+    }
+    (code, out)
+}
+
+async fn stats(addr: &str) -> serde_json::Value {
+    let (code, out) = run(&["stats", "--server", addr]).await;
     assert_eq!(code, Some(0));
     serde_json::from_str(out.trim()).expect("stats is one JSON object")
 }
 
-/// Polls `condition` for up to [`STEP`].
-fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + STEP;
-    while !condition() {
-        assert!(Instant::now() < deadline, "still not true: {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
+#[tokio::test]
+async fn put_and_get_round_trip_between_processes() {
+    within(LIMIT, async {
+        let (_server, addr) = serve().await;
+        assert_eq!(run(&["put", "--server", &addr, "app/db.url", "postgres://db/app"]).await, (Some(0), "2\n".into()));
+        assert_eq!(run(&["get", "--server", &addr, "app/db.url"]).await, (Some(0), "postgres://db/app\n".into()));
+        assert_eq!(run(&["get", "--server", &addr, "app/absent"]).await, (Some(1), String::new()));
+        assert_eq!(run(&["delete", "--server", &addr, "app/db.url"]).await, (Some(0), "3\n".into()));
+        assert_eq!(run(&["get", "--server", &addr, "app/db.url"]).await, (Some(1), String::new()));
+    })
+    .await;
 }
 
-#[test]
-fn put_and_get_round_trip_between_processes() {
-    let (_server, addr) = serve();
-    assert_eq!(run(&["put", "--server", &addr, "app/db.url", "postgres://db/app"]), (Some(0), "2\n".into()));
-    assert_eq!(run(&["get", "--server", &addr, "app/db.url"]), (Some(0), "postgres://db/app\n".into()));
-    assert_eq!(run(&["get", "--server", &addr, "app/absent"]), (Some(1), String::new()));
-    assert_eq!(run(&["delete", "--server", &addr, "app/db.url"]), (Some(0), "3\n".into()));
-    assert_eq!(run(&["get", "--server", &addr, "app/db.url"]), (Some(1), String::new()));
+#[tokio::test]
+async fn a_running_watch_prints_later_puts_and_deletes() {
+    within(LIMIT, async {
+        let (_server, addr) = serve().await;
+        let (_watch, mut lines) = spawn(&["watch", "--server", &addr, "app/"]);
+        // The watch is registered once the server counts it.
+        eventually(STEP, "the watch is registered", || async { stats(&addr).await["watches"] == 1 }).await;
+        assert_eq!(run(&["put", "--server", &addr, "app/a", "hello world"]).await.0, Some(0));
+        assert_eq!(run(&["put", "--server", &addr, "other/b", "ignored"]).await.0, Some(0));
+        assert_eq!(run(&["delete", "--server", &addr, "app/a"]).await.0, Some(0));
+        assert_eq!(run(&["put", "--server", &addr, "app/c", "3"]).await.0, Some(0));
+        assert_eq!(next_line(&mut lines).await, "2 put app/a hello world");
+        assert_eq!(next_line(&mut lines).await, "4 delete app/a");
+        assert_eq!(next_line(&mut lines).await, "5 put app/c 3");
+
+        // A second watch from an old revision replays what it missed.
+        let (_replay, mut replayed) = spawn(&["watch", "--server", &addr, "app/", "--from", "3"]);
+        assert_eq!(next_line(&mut replayed).await, "4 delete app/a");
+        assert_eq!(next_line(&mut replayed).await, "5 put app/c 3");
+    })
+    .await;
 }
 
-#[test]
-fn a_running_watch_prints_later_puts_and_deletes() {
-    let (_server, addr) = serve();
-    let (_watch, lines) = spawn(&["watch", "--server", &addr, "app/"]);
-    // The watch is registered once the server counts it.
-    eventually("the watch is registered", || stats(&addr)["watches"] == 1);
-    assert_eq!(run(&["put", "--server", &addr, "app/a", "hello world"]).0, Some(0));
-    assert_eq!(run(&["put", "--server", &addr, "other/b", "ignored"]).0, Some(0));
-    assert_eq!(run(&["delete", "--server", &addr, "app/a"]).0, Some(0));
-    assert_eq!(run(&["put", "--server", &addr, "app/c", "3"]).0, Some(0));
-    assert_eq!(lines.next(), "2 put app/a hello world");
-    assert_eq!(lines.next(), "4 delete app/a");
-    assert_eq!(lines.next(), "5 put app/c 3");
+#[tokio::test]
+async fn stats_counts_the_open_connections_of_other_processes() {
+    within(LIMIT, async {
+        let (_server, addr) = serve().await;
+        let first = stats(&addr).await;
+        assert_eq!(first["connections"], 0, "the asking connection is not counted: {first}");
+        assert_eq!(first["accepted_total"], 1);
+        let fields: Vec<&String> = first.as_object().expect("an object").keys().collect();
+        assert_eq!(fields, ["accepted_total", "connections", "instances", "keys", "watches"]);
 
-    // A second watch from an old revision replays what it missed.
-    let (_replay, replayed) = spawn(&["watch", "--server", &addr, "app/", "--from", "3"]);
-    assert_eq!(replayed.next(), "4 delete app/a");
-    assert_eq!(replayed.next(), "5 put app/c 3");
+        let (_watch, _) = spawn(&["watch", "--server", &addr, ""]);
+        let (registered, _) = spawn(&["register", "--server", &addr, "billing", "b1", "10.0.0.1:80", "--ttl", "5"]);
+        eventually(STEP, "the watch and the instance are there", || async {
+            let s = stats(&addr).await;
+            s["watches"] == 1 && s["instances"] == 1
+        })
+        .await;
+        let s = stats(&addr).await;
+        assert_eq!(s["connections"], 2, "{s}");
+        assert_eq!(run(&["discover", "--server", &addr, "billing"]).await, (Some(0), "b1 10.0.0.1:80\n".into()));
+
+        // A killed registrant's connection closes, and its instance leaves with it.
+        drop(registered);
+        eventually(STEP, "the registrant is gone", || async {
+            let s = stats(&addr).await;
+            s["connections"] == 1 && s["instances"] == 0
+        })
+        .await;
+        assert_eq!(run(&["discover", "--server", &addr, "billing"]).await, (Some(0), String::new()));
+    })
+    .await;
 }
 
-#[test]
-fn stats_counts_the_open_connections_of_other_processes() {
-    let (_server, addr) = serve();
-    let first = stats(&addr);
-    assert_eq!(first["connections"], 0, "the asking connection is not counted: {first}");
-    assert_eq!(first["accepted_total"], 1);
-    let fields: Vec<&String> = first.as_object().expect("an object").keys().collect();
-    assert_eq!(fields, ["accepted_total", "connections", "instances", "keys", "watches"]);
-
-    let (_watch, _) = spawn(&["watch", "--server", &addr, ""]);
-    let (registered, _) = spawn(&["register", "--server", &addr, "billing", "b1", "10.0.0.1:80", "--ttl", "5"]);
-    eventually("the watch and the instance are there", || {
-        let s = stats(&addr);
-        s["watches"] == 1 && s["instances"] == 1
-    });
-    let s = stats(&addr);
-    assert_eq!(s["connections"], 2, "{s}");
-    assert_eq!(run(&["discover", "--server", &addr, "billing"]), (Some(0), "b1 10.0.0.1:80\n".into()));
-
-    // A killed registrant's connection closes, and its instance leaves with it.
-    drop(registered);
-    eventually("the registrant is gone", || {
-        let s = stats(&addr);
-        s["connections"] == 1 && s["instances"] == 0
-    });
-    assert_eq!(run(&["discover", "--server", &addr, "billing"]), (Some(0), String::new()));
-}
-
-#[test]
-fn serve_exits_cleanly_on_sigterm() {
-    let (mut server, addr) = serve();
-    assert_eq!(run(&["put", "--server", &addr, "k", "v"]).0, Some(0));
-    let pid = server.child.id().to_string();
-    let kill = Command::new("kill").args(["-TERM", &pid]).status().expect("runs kill");
-    assert!(kill.success());
-    let deadline = Instant::now() + STEP;
-    let status = loop {
-        if let Some(status) = server.child.try_wait().expect("waits") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the server did not exit after SIGTERM");
-        thread::sleep(Duration::from_millis(10));
-    };
-    assert_eq!(status.code(), Some(0));
+#[tokio::test]
+async fn serve_exits_cleanly_on_sigterm() {
+    within(LIMIT, async {
+        let (mut server, addr) = serve().await;
+        assert_eq!(run(&["put", "--server", &addr, "k", "v"]).await.0, Some(0));
+        let pid = server.id().to_string();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status().expect("runs kill");
+        assert!(kill.success());
+        assert_eq!(exit_code(&mut server, "the server to exit after SIGTERM").await, Some(0));
+    })
+    .await;
 }

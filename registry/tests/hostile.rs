@@ -6,17 +6,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{eventually, next, start, within};
+use common::{LIMIT, SETTLE, next, start};
 use futures::future::join_all;
 use tandem_protocol::internal::error_chain;
 use tandem_registry::{Config, Instance, RegistryClient, WatchSpec};
+use tandem_testkit::{Lines, ProcessGuard, eventually, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -67,7 +66,7 @@ fn put_frame(value_len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_clients_beyond_the_cap_are_refused_while_a_connected_client_is_served() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.max_connections = 10;
         config.frame_timeout = Duration::from_millis(1500);
@@ -106,8 +105,8 @@ async fn stalled_clients_beyond_the_cap_are_refused_while_a_connected_client_is_
         let waited = stalled_at.elapsed();
         assert!(waited >= Duration::from_millis(1500), "closed after {waited:?}");
         // ...and their places serve new clients.
-        eventually("the places are free", || async { put(addr, "k").await.is_ok() }).await;
-        eventually("only the first client is left", || async {
+        eventually(SETTLE, "the places are free", || async { put(addr, "k").await.is_ok() }).await;
+        eventually(SETTLE, "only the first client is left", || async {
             let stats = client.stats().await.unwrap();
             (stats.connections, stats.watches) == (0, 1)
         })
@@ -118,7 +117,7 @@ async fn stalled_clients_beyond_the_cap_are_refused_while_a_connected_client_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_frames_that_trickle_in_are_bounded_by_the_budget() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.partial_frame_budget = 2 * 1024 * 1024;
         let server = start(config).await;
@@ -152,7 +151,7 @@ async fn large_frames_that_trickle_in_are_bounded_by_the_budget() {
         for stream in &mut held {
             stream.write_all(&frame[frame.len() / 2..]).await.unwrap();
         }
-        eventually("both puts are applied", || async { client.stats().await.unwrap().keys == 2 }).await;
+        eventually(SETTLE, "both puts are applied", || async { client.stats().await.unwrap().keys == 2 }).await;
         let value = vec![b'y'; 1024 * 1024 - 64];
         tokio::time::timeout(CALL, client.put("large", value)).await.expect("in time").unwrap();
         assert_eq!(client.get("k").await.unwrap().unwrap().value.len(), 1024 * 1024 - 64);
@@ -162,7 +161,7 @@ async fn large_frames_that_trickle_in_are_bounded_by_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.idle_timeout = Duration::from_millis(300);
         let server = start(config).await;
@@ -200,7 +199,7 @@ async fn idle_connections_are_closed_but_watchers_and_lease_holders_are_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_at_the_first_request_timeout_and_others_are_not() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.first_request_timeout = Duration::from_millis(200);
         config.idle_timeout = Duration::from_millis(1500);
@@ -249,7 +248,7 @@ async fn silent_connections_are_closed_at_the_first_request_timeout_and_others_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cap_filled_by_silent_clients_is_freed_at_the_first_request_timeout() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.max_connections = 5;
         config.first_request_timeout = Duration::from_millis(500);
@@ -274,31 +273,27 @@ async fn a_cap_filled_by_silent_clients_is_freed_at_the_first_request_timeout() 
         }
         assert!(filled_at.elapsed() >= Duration::from_millis(500), "closed after {:?}", filled_at.elapsed());
         // Their places serve a normal client, long before the 5-minute idle timeout.
-        eventually("the places are free", || async { put(addr, "k").await.is_ok() }).await;
-        eventually("every connection is closed", || async { server.stats().connections == 0 }).await;
+        eventually(SETTLE, "the places are free", || async { put(addr, "k").await.is_ok() }).await;
+        eventually(SETTLE, "every connection is closed", || async { server.stats().connections == 0 }).await;
     })
     .await
 }
 
+/// How long the server may take to write an awaited log line.
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
 /// A `tandem-registry serve` process, killed (by PID) and reaped on drop.
 struct Served {
-    child: Child,
+    _process: ProcessGuard,
     addr: SocketAddr,
     /// Its stderr (the log), line by line.
-    log: mpsc::Receiver<String>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    log: Lines,
 }
 
 impl Served {
     /// Serves with the open-file limit set to `nofile` in the child only (this
     /// test process keeps its own).
-    fn start(nofile: u64, args: &[&str]) -> Served {
+    async fn start(nofile: u64, args: &[&str]) -> Served {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--listen", "127.0.0.1:0"])
@@ -319,67 +314,47 @@ impl Served {
                 Ok(())
             });
         }
-        let mut child = command.spawn().expect("spawns tandem-registry");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut first = String::new();
-        BufReader::new(stdout).read_line(&mut first).expect("reads the first line");
+        let mut process = ProcessGuard::new(command.spawn().expect("spawns tandem-registry"));
+        let mut stdout = Lines::new("tandem-registry's stdout");
+        stdout.read_blocking(process.child().stdout.take().expect("piped stdout"));
+        let mut log = Lines::new("tandem-registry's log");
+        log.read_blocking(process.child().stderr.take().expect("piped stderr"));
+        let first = stdout.expect_line(LOG_WAIT, |_| true).await;
         let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected {first:?}"));
-        Served { addr: addr.parse().expect("an address"), child, log }
+        Served { addr: addr.parse().expect("an address"), _process: process, log }
     }
 
-    /// Waits (up to 10 s) for a log line containing `needle`; returns it.
-    fn expect_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no log line with {needle:?} within 10 s"),
-            }
+    /// Waits (up to [`LOG_WAIT`]) for a log line containing `needle`; returns it.
+    async fn expect_log(&mut self, needle: &str) -> String {
+        self.log.expect_line(LOG_WAIT, |line| line.contains(needle)).await
+    }
+
+    /// The log lines read (each within [`LOG_WAIT`]) until `count` of them contain `needle`.
+    async fn log_until(&mut self, needle: &str, count: usize) -> Vec<String> {
+        let from = self.log.seen.len();
+        for _ in 0..count {
+            self.expect_log(needle).await;
         }
+        self.log.seen[from..].to_vec()
     }
 
-    /// The log lines read (up to 10 s) until `count` of them contain `needle`.
-    fn log_until(&self, needle: &str, count: usize) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut lines = Vec::new();
-        let mut found = 0;
-        while found < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.log.recv_timeout(left).unwrap_or_else(|_| panic!("{found} of {count} {needle:?} lines"));
-            found += usize::from(line.contains(needle));
-            lines.push(line);
-        }
-        lines
-    }
-
-    /// The log lines so far containing `needle`.
-    fn count_log(&self, needle: &str) -> usize {
-        self.log.try_iter().filter(|line| line.contains(needle)).count()
+    /// The log lines read since the last look containing `needle`.
+    fn count_log(&mut self, needle: &str) -> usize {
+        self.log.drain().iter().filter(|line| line.contains(needle)).count()
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_server_backs_off_and_keeps_serving() {
-    within(async {
+    within(LIMIT, async {
         // 64 descriptors, and a connection cap above them: `accept` fails with EMFILE.
-        let server = Served::start(64, &["--max-connections", "1000", "--frame-timeout", "1"]);
-        server.expect_log("the connection limit is above what the open-file limit allows");
+        let mut server = Served::start(64, &["--max-connections", "1000", "--frame-timeout", "1"]).await;
+        server.expect_log("the connection limit is above what the open-file limit allows").await;
         let addr = server.addr;
         let client = RegistryClient::connect(addr).await.unwrap();
 
         let mut stalled = join_all((0..100).map(|_| stalled_prefix(addr))).await;
-        server.expect_log("Too many open files");
+        server.expect_log("Too many open files").await;
         // The connected client is served while accept fails.
         tokio::time::timeout(CALL, client.put("k", "during")).await.expect("in time").unwrap();
         // Every stalled connection is accepted in turn and closed at its frame timeout.
@@ -387,7 +362,7 @@ async fn out_of_file_descriptors_the_server_backs_off_and_keeps_serving() {
             let bytes = read_to_close(stream).await;
             assert!(contains(&bytes, "frame_timeout"), "{}", String::from_utf8_lossy(&bytes));
         }
-        server.expect_log("accepting connections again");
+        server.expect_log("accepting connections again").await;
         assert_eq!(put(addr, "k").await, Ok(3));
         // The failures were logged once, not once per attempt (the next line is due in 10 s).
         assert_eq!(server.count_log("accept failed"), 0, "rate-limited to one line per 10 s");
@@ -397,19 +372,19 @@ async fn out_of_file_descriptors_the_server_backs_off_and_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_cap_stays_under_the_open_file_limit() {
-    within(async {
-        let server = Served::start(64, &[]);
+    within(LIMIT, async {
+        let mut server = Served::start(64, &[]).await;
         // 64 descriptors minus 32 reserved.
-        server.expect_log("max_connections=32");
+        server.expect_log("max_connections=32").await;
         let addr = server.addr;
         let mut held = join_all((0..32).map(|_| TcpStream::connect(addr))).await;
         let mut refused = TcpStream::connect(addr).await.unwrap();
         let bytes = tokio::time::timeout(CALL, read_to_close(&mut refused)).await.expect("refused at once");
         assert!(contains(&bytes, "limit of 32 connections"), "{}", String::from_utf8_lossy(&bytes));
-        server.expect_log("connection refused: the registry is at its connection limit");
+        server.expect_log("connection refused: the registry is at its connection limit").await;
         // A place frees up when a connection closes.
         held.pop();
-        eventually("a place is free", || async { put(addr, "k").await.is_ok() }).await;
+        eventually(SETTLE, "a place is free", || async { put(addr, "k").await.is_ok() }).await;
         assert_eq!(server.count_log("Too many open files"), 0, "the cap is reached before the descriptors run out");
     })
     .await
@@ -417,9 +392,9 @@ async fn the_default_cap_stays_under_the_open_file_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_logged_each_at_debug_and_together_at_warn() {
-    within(async {
-        let server = Served::start(256, &["--first-request-timeout", "0.2"]);
-        server.expect_log("first_request_timeout_ms=200");
+    within(LIMIT, async {
+        let mut server = Served::start(256, &["--first-request-timeout", "0.2"]).await;
+        server.expect_log("first_request_timeout_ms=200").await;
         let addr = server.addr;
         let mut silent = join_all((0..5).map(|_| TcpStream::connect(addr))).await;
         for stream in &mut silent {
@@ -428,7 +403,7 @@ async fn silent_connections_are_logged_each_at_debug_and_together_at_warn() {
             assert!(contains(&bytes, "first_request_timeout"), "{}", String::from_utf8_lossy(&bytes));
         }
         // One DEBUG line per connection; one WARN for them all (the next is due in 10 s).
-        let lines = server.log_until("code first_request_timeout", 5);
+        let lines = server.log_until("code first_request_timeout", 5).await;
         let debug = lines.iter().filter(|l| l.contains("DEBUG") && l.contains("code first_request_timeout"));
         assert_eq!(debug.count(), 5, "{lines:#?}");
         let warn: Vec<&String> = lines.iter().filter(|l| l.contains("WARN")).collect();

@@ -3,9 +3,10 @@
 mod common;
 
 use bytes::Bytes;
-use common::{next, start, within};
+use common::{LIMIT, SETTLE, next, start};
 use futures::future::join_all;
 use tandem_registry::{Config, RegistryClient, WatchEvent, WatchSpec};
+use tandem_testkit::{eventually, within};
 
 fn put(key: &str, value: &str, revision: u64) -> WatchEvent {
     WatchEvent::Put { key: key.into(), value: Bytes::from(value.to_owned()), revision }
@@ -17,7 +18,7 @@ fn delete(key: &str, revision: u64) -> WatchEvent {
 
 #[tokio::test]
 async fn put_get_delete_track_revisions() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         assert_eq!(client.revision().await.unwrap(), 1);
@@ -43,7 +44,7 @@ async fn put_get_delete_track_revisions() {
 
 #[tokio::test]
 async fn many_calls_in_flight_share_one_connection() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let puts = (0..200).map(|i| {
@@ -67,7 +68,7 @@ async fn many_calls_in_flight_share_one_connection() {
 
 #[tokio::test]
 async fn a_prefix_watch_sees_its_puts_and_deletes_in_order() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let watcher = RegistryClient::connect(server.local_addr()).await.unwrap();
         let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
@@ -99,7 +100,7 @@ async fn a_prefix_watch_sees_its_puts_and_deletes_in_order() {
 
 #[tokio::test]
 async fn a_watch_from_a_revision_gets_what_it_missed_then_live_changes() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         for i in 0..600 {
@@ -133,7 +134,7 @@ async fn a_watch_from_a_revision_gets_what_it_missed_then_live_changes() {
 
 #[tokio::test]
 async fn a_watch_older_than_the_history_gets_compacted_then_the_current_values() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.history = 4;
         let server = start(config).await;
@@ -166,14 +167,14 @@ async fn a_watch_older_than_the_history_gets_compacted_then_the_current_values()
 
 #[tokio::test]
 async fn a_dropped_watch_is_cancelled_on_the_server() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let first = client.watch(WatchSpec::prefix(""), None).await.unwrap();
         let mut second = client.watch(WatchSpec::prefix(""), None).await.unwrap();
         assert_eq!(client.stats().await.unwrap().watches, 2);
         drop(first);
-        common::eventually("the dropped watch is gone", || async { client.stats().await.unwrap().watches == 1 }).await;
+        eventually(SETTLE, "the dropped watch is gone", || async { client.stats().await.unwrap().watches == 1 }).await;
         client.put("k", "v").await.unwrap();
         assert_eq!(next(&mut second).await.unwrap(), put("k", "v", 2));
     })
@@ -182,7 +183,7 @@ async fn a_dropped_watch_is_cancelled_on_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_catching_up_watch_sees_every_change_exactly_once_while_writes_continue() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
         for i in 0..2000 {

@@ -4,9 +4,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, next, start, within};
+use common::{LIMIT, SETTLE, next, start};
 use futures::future::join_all;
 use tandem_registry::{Config, ErrorKind, Instance, RegistryClient, Stats, WatchSpec};
+use tandem_testkit::{eventually, within};
 
 fn refusal(error: tandem_registry::Error) -> (ErrorKind, String) {
     let remote = error.remote().expect("a refusal from the registry").clone();
@@ -16,7 +17,7 @@ fn refusal(error: tandem_registry::Error) -> (ErrorKind, String) {
 
 #[tokio::test]
 async fn stats_count_other_connections_watches_keys_and_instances() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let asker = RegistryClient::connect(server.local_addr()).await.unwrap();
         let expected = Stats { connections: 0, accepted_total: 1, watches: 0, keys: 0, instances: 0 };
@@ -39,14 +40,14 @@ async fn stats_count_other_connections_watches_keys_and_instances() {
         drop((w1, w2));
         others[0].close();
         drop(registration);
-        eventually("the dropped watches and instance are gone", || async {
+        eventually(SETTLE, "the dropped watches and instance are gone", || async {
             let stats = asker.stats().await.unwrap();
             (stats.connections, stats.watches, stats.instances) == (2, 1, 0)
         })
         .await;
         drop(w3);
         drop(others);
-        eventually("every other connection is closed", || async {
+        eventually(SETTLE, "every other connection is closed", || async {
             asker.stats().await.unwrap()
                 == Stats { connections: 0, accepted_total: 4, watches: 0, keys: 2, instances: 0 }
         })
@@ -57,7 +58,7 @@ async fn stats_count_other_connections_watches_keys_and_instances() {
 
 #[tokio::test]
 async fn oversized_keys_and_values_are_refused_and_the_connection_keeps_working() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let long_key = "k".repeat(4 * 1024 + 1);
@@ -83,7 +84,7 @@ async fn oversized_keys_and_values_are_refused_and_the_connection_keeps_working(
 
 #[tokio::test]
 async fn a_request_over_the_frame_limit_fails_alone() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         // Over the client's 16 MiB frame limit: refused before anything is sent.
@@ -96,7 +97,7 @@ async fn a_request_over_the_frame_limit_fails_alone() {
 
 #[tokio::test]
 async fn too_many_watches_on_one_connection_are_refused() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.max_watches_per_connection = 3;
         let server = start(config).await;
@@ -119,7 +120,7 @@ async fn too_many_watches_on_one_connection_are_refused() {
 
         // Dropping a watch frees its slot.
         drop(service);
-        eventually("a slot is free", || async { client.stats().await.unwrap().watches == 3 }).await;
+        eventually(SETTLE, "a slot is free", || async { client.stats().await.unwrap().watches == 3 }).await;
         let _again = client.watch(WatchSpec::key("k9"), None).await.unwrap();
     })
     .await

@@ -8,11 +8,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, next, start, within};
+use common::{LIMIT, SETTLE, next, start};
 use futures::StreamExt;
 use tandem_registry::{
     Config, ConnectionState, Error, Instance, KeyState, Reconnecting, RegistryClient, Server, ServerHandle, ServerInfo,
 };
+use tandem_testkit::{eventually, within};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -91,7 +92,7 @@ impl Proxy {
 
 #[tokio::test]
 async fn a_registry_not_there_yet_fails_calls_at_once_and_what_was_followed_flows_once_it_is_up() {
-    within(async {
+    within(LIMIT, async {
         let addr = free_addr().await;
         let registry = Reconnecting::start(addr.to_string());
         assert_eq!(registry.addr(), addr.to_string());
@@ -117,7 +118,7 @@ async fn a_registry_not_there_yet_fails_calls_at_once_and_what_was_followed_flow
 
 #[tokio::test]
 async fn a_lost_connection_resumes_every_key_from_its_revision_and_registers_again() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let admin = RegistryClient::connect(server.local_addr()).await.unwrap();
         admin.put("k", "v1").await.unwrap(); // 2
@@ -160,7 +161,7 @@ async fn a_lost_connection_resumes_every_key_from_its_revision_and_registers_aga
 
 #[tokio::test]
 async fn a_resume_past_the_history_delivers_the_current_state() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.history = 2;
         let server = start(config).await;
@@ -194,7 +195,7 @@ async fn a_resume_past_the_history_delivers_the_current_state() {
 
 #[tokio::test]
 async fn a_registry_restarted_empty_on_the_same_port_is_read_again() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let addr = server.local_addr();
         let registry = Reconnecting::start(addr.to_string());
@@ -230,7 +231,7 @@ async fn a_registry_restarted_empty_on_the_same_port_is_read_again() {
 
 #[tokio::test]
 async fn services_are_followed_and_instances_registered_again_across_a_restart() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let addr = server.local_addr();
         let registry = Reconnecting::start(addr.to_string());
@@ -263,7 +264,7 @@ async fn services_are_followed_and_instances_registered_again_across_a_restart()
 
 #[tokio::test]
 async fn a_refusal_is_the_callers_at_once_and_retried_after_a_reconnect() {
-    within(async {
+    within(LIMIT, async {
         let limited = |max| {
             let mut config = Config::default();
             config.max_watches_per_connection = max;
@@ -299,7 +300,7 @@ async fn a_refusal_is_the_callers_at_once_and_retried_after_a_reconnect() {
 
 #[tokio::test]
 async fn the_connection_closes_with_the_last_handle_and_stream() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let registry = Reconnecting::start(server.local_addr().to_string());
         connected(&registry).await;
@@ -313,7 +314,7 @@ async fn the_connection_closes_with_the_last_handle_and_stream() {
         drop(copy);
         assert_eq!((server.stats().connections, server.stats().watches), (1, 1));
         drop(values);
-        eventually("the connection closed", || async { server.stats().connections == 0 }).await;
+        eventually(SETTLE, "the connection closed", || async { server.stats().connections == 0 }).await;
     })
     .await
 }

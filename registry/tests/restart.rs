@@ -5,12 +5,13 @@
 mod common;
 
 use bytes::Bytes;
-use common::{next, start, within};
+use common::{LIMIT, next, start};
 use tandem_registry::{Config, RegistryClient, WatchEvent, WatchSpec};
+use tandem_testkit::within;
 
 #[tokio::test]
 async fn the_hello_carries_the_incarnation_and_the_revision() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let first = RegistryClient::connect(server.local_addr()).await.unwrap();
         assert_eq!(first.server_info().revision, 1);
@@ -32,7 +33,7 @@ async fn the_hello_carries_the_incarnation_and_the_revision() {
 
 #[tokio::test]
 async fn a_watch_from_beyond_the_revision_gets_a_snapshot_then_live_changes() {
-    within(async {
+    within(LIMIT, async {
         // The old server reached revision 31 for "k"; the new one only has revision 3.
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();

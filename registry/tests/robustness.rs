@@ -5,10 +5,11 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, next, start, within};
+use common::{LIMIT, SETTLE, next, start};
 use futures::StreamExt;
 use futures::future::join_all;
 use tandem_registry::{Config, Error, ErrorKind, RegistryClient, WatchEvent, WatchSpec};
+use tandem_testkit::{eventually, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -50,7 +51,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_a_4_gib_length_prefix_leave_the_server_serving_others() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut watch = client.watch(WatchSpec::prefix("app/"), None).await.unwrap();
@@ -92,7 +93,7 @@ async fn garbage_and_a_4_gib_length_prefix_leave_the_server_serving_others() {
         assert!(told >= 20, "only {told} of 25 framed garbage peers were told their frame is malformed");
 
         // Every bad peer is gone; the good client kept its one connection and its watch.
-        eventually("every garbage connection is closed", || async { server.stats().connections == 1 }).await;
+        eventually(SETTLE, "every garbage connection is closed", || async { server.stats().connections == 1 }).await;
         client.put("app/after", "2").await.unwrap();
         assert_eq!(next(&mut watch).await.unwrap().key(), "app/before");
         assert_eq!(next(&mut watch).await.unwrap().key(), "app/after");
@@ -105,7 +106,7 @@ async fn garbage_and_a_4_gib_length_prefix_leave_the_server_serving_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_never_reads_is_dropped_without_blocking_anyone() {
-    within(async {
+    within(LIMIT, async {
         let mut config = Config::default();
         config.outbound_queue_bytes = 4 * 1024 * 1024;
         let server = start(config).await;
@@ -114,7 +115,7 @@ async fn a_watcher_that_never_reads_is_dropped_without_blocking_anyone() {
         let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
         let reader = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut fast = reader.watch(WatchSpec::prefix(""), None).await.unwrap();
-        eventually("both watches are registered", || async { server.stats().watches == 2 }).await;
+        eventually(SETTLE, "both watches are registered", || async { server.stats().watches == 2 }).await;
 
         // 64 KiB values: the slow peer's socket buffers fill within a few hundred puts,
         // then its 4 MiB queue. Every put must still complete promptly.
@@ -140,7 +141,7 @@ async fn a_watcher_that_never_reads_is_dropped_without_blocking_anyone() {
 
 #[tokio::test]
 async fn in_flight_calls_fail_at_once_when_the_connection_dies() {
-    within(async {
+    within(LIMIT, async {
         // A "registry" that reads requests and never answers.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -181,7 +182,7 @@ async fn in_flight_calls_fail_at_once_when_the_connection_dies() {
 
 #[tokio::test]
 async fn a_peer_that_never_says_hello_is_not_a_registry() {
-    within(async {
+    within(LIMIT, async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         // Speaks first, but not a hello: a reply to a request nobody sent.
@@ -200,7 +201,7 @@ async fn a_peer_that_never_says_hello_is_not_a_registry() {
 
 #[tokio::test]
 async fn shutdown_says_goodbye_and_ends_watches_with_a_retryable_error() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let mut watch = client.watch(WatchSpec::prefix(""), None).await.unwrap();
@@ -220,7 +221,7 @@ async fn shutdown_says_goodbye_and_ends_watches_with_a_retryable_error() {
 
 #[tokio::test]
 async fn a_watch_resumes_on_a_new_connection_without_gaps_or_duplicates() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let writer = RegistryClient::connect(server.local_addr()).await.unwrap();
         let first = RegistryClient::connect(server.local_addr()).await.unwrap();

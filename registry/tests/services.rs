@@ -4,8 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, next, start, within};
+use common::{LIMIT, SETTLE, next, start};
 use tandem_registry::{Config, Instance, RegistryClient, ServiceEvent};
+use tandem_testkit::{eventually, within};
 
 fn leave(service: &str, id: &str) -> ServiceEvent {
     ServiceEvent::Leave { service: service.into(), id: id.into() }
@@ -13,7 +14,7 @@ fn leave(service: &str, id: &str) -> ServiceEvent {
 
 #[tokio::test]
 async fn a_service_watch_starts_with_the_current_instances_then_sees_joins_and_leaves() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let a = RegistryClient::connect(server.local_addr()).await.unwrap();
         let b = RegistryClient::connect(server.local_addr()).await.unwrap();
@@ -42,7 +43,7 @@ async fn a_service_watch_starts_with_the_current_instances_then_sees_joins_and_l
 
 #[tokio::test]
 async fn closing_the_registering_connection_removes_its_instances() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let owner = RegistryClient::connect(server.local_addr()).await.unwrap();
         let observer = RegistryClient::connect(server.local_addr()).await.unwrap();
@@ -63,7 +64,7 @@ async fn closing_the_registering_connection_removes_its_instances() {
 
 #[tokio::test(start_paused = true)]
 async fn the_keepalive_task_holds_the_lease_for_many_ttls() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let owner = RegistryClient::connect(server.local_addr()).await.unwrap();
         let observer = RegistryClient::connect(server.local_addr()).await.unwrap();
@@ -84,7 +85,7 @@ async fn the_keepalive_task_holds_the_lease_for_many_ttls() {
 
 #[tokio::test]
 async fn a_later_registration_of_the_same_id_replaces_the_earlier_one() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let first = RegistryClient::connect(server.local_addr()).await.unwrap();
         let second = RegistryClient::connect(server.local_addr()).await.unwrap();
@@ -96,7 +97,7 @@ async fn a_later_registration_of_the_same_id_replaces_the_earlier_one() {
         let refused = old.deregister().await.unwrap_err();
         assert_eq!(refused.remote().map(|e| e.code.as_str()), Some("unknown_lease"));
         first.close();
-        eventually("the first connection is gone", || async { server.stats().connections == 1 }).await;
+        eventually(SETTLE, "the first connection is gone", || async { server.stats().connections == 1 }).await;
         assert_eq!(second.discover("billing").await.unwrap().len(), 1);
     })
     .await
@@ -104,7 +105,7 @@ async fn a_later_registration_of_the_same_id_replaces_the_earlier_one() {
 
 #[tokio::test]
 async fn bad_registrations_are_refused_clearly() {
-    within(async {
+    within(LIMIT, async {
         let server = start(Config::default()).await;
         let client = RegistryClient::connect(server.local_addr()).await.unwrap();
         let code = |e: tandem_registry::Error| e.remote().map(|r| r.code.clone()).unwrap_or_default();
