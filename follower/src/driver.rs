@@ -159,6 +159,11 @@ impl<C: Connector> Driver<C> {
             }
             self.idle(backoff.next_delay()).await;
         }
+        // Closed (or every handle dropped) while leading: hand off, so that the
+        // followers re-elect at once and log no fault.
+        if self.connector.step_down().await {
+            tracing::debug!("this process handed off its leadership as its connection closed");
+        }
         self.core.shutdown();
     }
 
@@ -180,6 +185,16 @@ impl<C: Connector> Driver<C> {
             for topic in core.topics.values_mut() {
                 topic.last = None;
             }
+        }
+        if let Some((previous, goodbye)) = core.left.take() {
+            tracing::info!(
+                epoch.previous = previous,
+                epoch = welcome.epoch,
+                leader.pid = welcome.pid,
+                is_leader,
+                reason = %goodbye,
+                "following the new leader after the hand-off"
+            );
         }
         core.leader_id = Some(welcome.leader_id);
         core.max_epoch = welcome.epoch;
@@ -286,6 +301,15 @@ impl<C: Connector> Driver<C> {
                         nonce += 1;
                         self.core.out.push(Frame::Ping(nonce));
                     }
+                }
+            }
+            if !self.core.stepping_down.is_empty() {
+                // The leader stops with a hand-off Goodbye on this very link
+                // too: read next, it ends the link like any follower's.
+                let handed_off = is_leader && self.connector.step_down().await;
+                let result = if handed_off { Ok(()) } else { Err(Error::NotLeader) };
+                for reply in self.core.stepping_down.drain(..) {
+                    let _ = reply.send(result.clone());
                 }
             }
             if self.core.shut {
