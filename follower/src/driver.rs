@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
+use tandem_leader::LeaderGoodbye;
 use tandem_protocol::internal::Backoff;
 use tandem_protocol::internal::{WriteEnd, WriteLimits, write_loop};
 use tandem_protocol::{Frame, Link, RemoteError, Welcome};
@@ -36,6 +37,11 @@ use crate::{Config, Error};
 /// How long connecting may keep failing before it is logged at WARN (shorter
 /// gaps, such as a failover or a leader still binding, are logged at debug).
 const UNREACHABLE_WARN_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a link whose leader closed it (a write failed) is still read for
+/// the `Goodbye` it may have sent first: the bytes are in this end's socket
+/// already, the end of the stream right behind them.
+const GOODBYE_GRACE: Duration = Duration::from_millis(200);
 
 /// The most commands, or frames, handled in one wakeup before the frames they
 /// produced are flushed.
@@ -211,7 +217,7 @@ impl<C: Connector> Driver<C> {
         core.send_queued();
         let stall = core.config.peer_timeout;
         if let Err(failed) = self.flush(&mut link, stall).await {
-            return LinkEnd::Write(failed);
+            return self.write_failed(&mut link, failed).await;
         }
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
         // Silence is checked at least four times per peer timeout, whatever
@@ -311,6 +317,12 @@ impl<C: Connector> Driver<C> {
                 for reply in self.core.stepping_down.drain(..) {
                     let _ = reply.send(result.clone());
                 }
+                if handed_off {
+                    // The leader at the other end has stopped: take what it
+                    // sent before its Goodbye (here already), write nothing more.
+                    self.core.out.clear();
+                    return self.read_rest(&mut link).await.unwrap_or(LinkEnd::LeaderLeft(LeaderGoodbye::HandOff));
+                }
             }
             if self.core.shut {
                 self.core.out.push(Frame::Goodbye("follower closing".into()));
@@ -321,9 +333,36 @@ impl<C: Connector> Driver<C> {
             }
             self.core.flush_settles();
             if let Err(failed) = self.flush(&mut link, stall).await {
-                return LinkEnd::Write(failed);
+                return self.write_failed(&mut link, failed).await;
             }
         }
+    }
+
+    /// Why the link ended when a write to it failed: a leader that left on
+    /// purpose may have closed its end right after its Goodbye, which is then
+    /// waiting to be read; otherwise the write's failure.
+    async fn write_failed(&mut self, link: &mut Link, failed: WriteFailed) -> LinkEnd {
+        // A leader that takes no bytes (stalled) is no closed one: nothing to wait for.
+        if let WriteFailed::Write(_) = failed
+            && let Some(left @ LinkEnd::LeaderLeft(_)) = self.read_rest(link).await
+        {
+            return left;
+        }
+        LinkEnd::Write(failed)
+    }
+
+    /// Handles what the leader sent before its end of the link closed (for
+    /// at most [`GOODBYE_GRACE`]); returns why the link ended, if it ended.
+    async fn read_rest(&mut self, link: &mut Link) -> Option<LinkEnd> {
+        let core = &mut self.core;
+        let rest = async {
+            loop {
+                if let Err(reason) = core.on_read(link.rx.next().await) {
+                    return reason;
+                }
+            }
+        };
+        tokio::time::timeout(GOODBYE_GRACE, rest).await.ok()
     }
 
     /// Writes the queued frames, giving up after `stall` without progress,
