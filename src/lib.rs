@@ -130,3 +130,9 @@ pub use tandem_protocol::{Api, ErrorCode, ErrorKind, RemoteError};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// docs/state.md's example ("Where your state lives": what survives a change
+/// of Leader, and the graceful hand-off), compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/state.md")]
+pub struct StateDoctests;

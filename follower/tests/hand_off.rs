@@ -222,3 +222,25 @@ async fn a_fixed_role_cannot_step_down() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_lone_leader_that_steps_down_leads_again_at_the_next_epoch() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let upstream = MemUpstream::default();
+        let a = named("lone_a", || standalone("app", &dir.path().join("run"), &upstream));
+        a.client::<Kv>().ready().await.unwrap();
+        leads_at(&a, 1).await;
+        let stepped_at = tokio::time::Instant::now();
+        a.step_down().await.unwrap();
+        // Nobody else took the lock within the hand-off wait (500 ms): it leads again.
+        leads_at(&a, 2).await;
+        let waited = stepped_at.elapsed();
+        assert!(waited >= Duration::from_millis(500), "it left the lock to the others first: {waited:?}");
+        assert_eq!(a.client::<Kv>().invoke(KvRequest::Get("k".into())).await.unwrap(), None);
+        logged("lone_a", "INFO", &["following the new leader after the hand-off", "epoch.previous=1", "epoch=2"]).await;
+        no_lost_leader("lone_a");
+        a.close().await;
+    })
+    .await
+}
