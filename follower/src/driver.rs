@@ -310,16 +310,18 @@ impl<C: Connector> Driver<C> {
                 }
             }
             if !self.core.stepping_down.is_empty() {
-                // The leader stops with a hand-off Goodbye on this very link
-                // too: read next, it ends the link like any follower's.
+                // Only the leader's own process can: its leader is at the
+                // other end of this (in-memory) link.
                 let handed_off = is_leader && self.connector.step_down().await;
                 let result = if handed_off { Ok(()) } else { Err(Error::NotLeader) };
                 for reply in self.core.stepping_down.drain(..) {
                     let _ = reply.send(result.clone());
                 }
                 if handed_off {
-                    // The leader at the other end has stopped: take what it
-                    // sent before its Goodbye (here already), write nothing more.
+                    // That leader has stopped: take what it sent up to its
+                    // hand-off Goodbye (here already), write nothing more; the
+                    // link ends like any follower's, and this process follows
+                    // the next leader.
                     self.core.out.clear();
                     return self.read_rest(&mut link).await.unwrap_or(LinkEnd::LeaderLeft(LeaderGoodbye::HandOff));
                 }
