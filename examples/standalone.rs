@@ -13,7 +13,25 @@
 //! `--write-every MS` (on by default with an embedded registry), a writer
 //! changes the first subscribed key so values flow. Kill the leader
 //! (`kill -9 <pid>` of the process that printed `role=leader`) and watch a
-//! follower take over with a higher epoch.
+//! follower take over with a higher epoch: the followers log `WARN lost the
+//! leader`, a fault.
+//!
+//! A graceful hand-off instead: `kill -USR2 <pid>` of the leader makes it step
+//! down (`Connection::step_down`) and stay on as a follower; `kill <pid>`
+//! (SIGTERM) or Ctrl-C makes it close, which hands off too, and exit 0.
+//! Either way the next process leads at the next epoch at once, and the
+//! followers log the hand-off at INFO (`RUST_LOG=info` shows it: the default
+//! filter here is `warn`), with no WARN:
+//!
+//! ```text
+//! pid=4101 stepped_down=yes
+//! INFO tandem_follower::core: the leader handed off; following the next leader epoch=1
+//! INFO tandem_follower::driver: following the new leader after the hand-off epoch.previous=1 epoch=2 ...
+//! pid=4102 role=leader epoch=2
+//! ```
+//!
+//! What lives in the leader's memory goes with it (here the registry is
+//! outside, so every value survives): see `docs/state.md`.
 //!
 //! With `--cache-dir DIR` the elected leader keeps the last value of every
 //! subscribed key in DIR and serves it, marked `source=cache`, while the
@@ -24,6 +42,8 @@
 //! - on every role change: `pid=<pid> role=<leader|follower> epoch=<epoch>`
 //! - on every value: `pid=<pid> role=<role> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
 //!   (`value=<none>` while the key is absent or after a delete)
+//! - on SIGUSR2: `pid=<pid> stepped_down=yes`, or `stepped_down=no` (with the
+//!   reason at WARN) when the process does not lead
 //!
 //! Mistakes end the process at once with exit code 1 and one error line on
 //! stderr: an empty or over-long `--subscribe` key, `--spawn 0`, a `--name`
@@ -285,6 +305,8 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
     config.token = args.token.clone();
     let connection = Connection::builder().config(config).channel::<ConfigApi>().connect(connector).spawn();
     let client = connection.client::<ConfigApi>();
+    // Handled from now on (its default action would end the process).
+    let mut sigusr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())?;
 
     // Print every role change.
     let mut status = connection.status();
@@ -341,6 +363,13 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
+            _ = sigusr2.recv() => match connection.step_down().await {
+                Ok(()) => println!("pid={pid} stepped_down=yes"),
+                Err(error) => {
+                    tracing::warn!(%error, "SIGUSR2: cannot step down");
+                    println!("pid={pid} stepped_down=no");
+                }
+            },
             item = streams.next() => {
                 let Some((key, update)) = item else { break };
                 let value = update.value.value.unwrap_or_else(|| "<none>".into());
@@ -356,6 +385,7 @@ async fn run_process(args: Args, dir: PathBuf) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    // On the leading process, close hands off: the others re-elect at once, with no WARN.
     connection.close().await;
     Ok(())
 }

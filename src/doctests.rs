@@ -9,3 +9,7 @@ pub struct Using;
 /// `docs/serving.md`: a worker serving the master's listener with axum.
 #[doc = include_str!("../docs/serving.md")]
 pub struct Serving;
+
+/// `docs/state.md`: what survives a change of Leader, and the graceful hand-off.
+#[doc = include_str!("../docs/state.md")]
+pub struct State;

@@ -12,7 +12,17 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const LINE: Duration = Duration::from_secs(10);
 
 fn is_value(value: &str) -> impl Fn(&str) -> bool + '_ {
-    move |line| field(line, "value") == Some(value)
+    move |line| is_stdout(line) && field(line, "value") == Some(value)
+}
+
+/// A line the example printed (not a log line of its stderr, when captured).
+fn is_stdout(line: &str) -> bool {
+    !line.starts_with("stderr: ")
+}
+
+/// A role line (`pid=.. role=.. epoch=..`) at `epoch`.
+fn is_role_at(epoch: &str) -> impl Fn(&str) -> bool + '_ {
+    move |line| is_stdout(line) && field(line, "epoch") == Some(epoch) && field(line, "key").is_none()
 }
 
 /// A registry, and `n` standalone processes electing under `name` in a
@@ -25,10 +35,21 @@ struct Group {
     procs: Vec<Proc>,
     /// Where the leader is in `procs`.
     leader_at: usize,
+    /// The processes log at INFO and their stderr lines join `seen` (`stderr: ...`).
+    logged: bool,
 }
 
 impl Group {
     async fn start(name: &str, n: usize) -> Group {
+        Group::start_with(name, n, false).await
+    }
+
+    /// [`start`](Self::start), with each process's INFO log lines captured.
+    async fn start_logged(name: &str, n: usize) -> Group {
+        Group::start_with(name, n, true).await
+    }
+
+    async fn start_with(name: &str, n: usize, logged: bool) -> Group {
         let server = Server::bind("127.0.0.1:0", Default::default()).await.unwrap().spawn();
         let addr = server.local_addr().to_string();
         let admin = RegistryClient::connect(addr.as_str()).await.unwrap();
@@ -39,11 +60,13 @@ impl Group {
                 .iter()
                 .map(|a| a.to_string())
                 .collect();
-        let mut group = Group { _server: server, admin, dir, args, procs: Vec::new(), leader_at: 0 };
+        let mut group = Group { _server: server, admin, dir, args, procs: Vec::new(), leader_at: 0, logged };
         group.procs = (0..n).map(|_| group.spawn()).collect();
         let mut leaders = Vec::new();
         for (i, proc) in group.procs.iter_mut().enumerate() {
-            let line = proc.expect_line(LINE, |l| field(l, "role").is_some() && field(l, "key").is_none()).await;
+            let line = proc
+                .expect_line(LINE, |l| is_stdout(l) && field(l, "role").is_some() && field(l, "key").is_none())
+                .await;
             assert_eq!(field(&line, "epoch"), Some("1"));
             if field(&line, "role") == Some("leader") {
                 leaders.push(i);
@@ -57,7 +80,11 @@ impl Group {
     /// One more process of the group.
     fn spawn(&self) -> Proc {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Proc::spawn(&example("standalone"), &args)
+        if self.logged {
+            Proc::spawn_with(&example("standalone"), &args, &[("RUST_LOG", std::ffi::OsStr::new("info"))], true)
+        } else {
+            Proc::spawn(&example("standalone"), &args)
+        }
     }
 }
 
@@ -184,4 +211,107 @@ async fn a_hung_leader_is_replaced_and_resumed_never_serves_at_its_epoch() {
     })
     .await
     .expect("test timed out")
+}
+
+/// Issue 25: a leader that steps down (SIGUSR2: `Connection::step_down`) hands
+/// off: its followers log it at INFO with the old and the new epoch, never
+/// `WARN lost the leader`; the next process leads at epoch + 1 at once, values
+/// flow on in order, and the old process follows it. A leader that is stopped
+/// (SIGTERM: `close`) hands off the same way and exits 0.
+#[tokio::test]
+async fn a_leader_that_steps_down_hands_off_without_a_fault() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut group = Group::start_logged("handoff", 3).await;
+        let (admin, mut procs, leader_at) = (group.admin.clone(), std::mem::take(&mut group.procs), group.leader_at);
+        admin.put("k", "v1").await.unwrap();
+        for proc in &mut procs {
+            proc.expect_line(LINE, is_value("v1")).await;
+        }
+        for proc in &mut procs {
+            proc.drain();
+        }
+        let marks: Vec<usize> = procs.iter().map(|p| p.seen.len()).collect();
+
+        // Step down: every process (the old leader too) sees epoch 2 within 2 s; the new leader is another process.
+        procs[leader_at].signal(nix::sys::signal::Signal::SIGUSR2);
+        let stepped_at = std::time::Instant::now();
+        procs[leader_at].expect_line(LINE, |l| is_stdout(l) && field(l, "stepped_down") == Some("yes")).await;
+        let mut new_leader = None;
+        for (i, proc) in procs.iter_mut().enumerate() {
+            let line = proc.expect_line(Duration::from_secs(2), is_role_at("2")).await;
+            if field(&line, "role") == Some("leader") {
+                assert!(new_leader.replace(i).is_none(), "two leaders at epoch 2");
+            }
+        }
+        let handed_off_in = stepped_at.elapsed();
+        let new_leader = new_leader.expect("a leader at epoch 2");
+        assert_ne!(new_leader, leader_at, "the process that stepped down left the lead to another");
+
+        admin.put("k", "v2").await.unwrap();
+        for proc in &mut procs {
+            let line = proc.expect_line(LINE, is_value("v2")).await;
+            assert_eq!(field(&line, "epoch"), Some("2"), "{line}");
+        }
+        // The old leader's upstream connection went with it: one per host.
+        poll_until(LINE, "one registry connection", || async {
+            admin.stats().await.map(|s| s.connections == 1 && s.watches == 1).unwrap_or(false)
+        })
+        .await;
+
+        for (i, proc) in procs.iter_mut().enumerate() {
+            proc.drain();
+            let since = &proc.seen[marks[i]..];
+            if i != leader_at {
+                expect_logged(since, "INFO", &["the leader handed off", "epoch=1"]);
+            }
+            expect_logged(
+                since,
+                "INFO",
+                &["following the new leader after the hand-off", "epoch.previous=1", "epoch=2"],
+            );
+            expect_no_fault(since);
+            assert_in_order(&proc.seen, "pid");
+        }
+
+        // SIGTERM the new leader: it closes, which hands off too, and exits 0.
+        let marks: Vec<usize> = procs.iter().map(|p| p.seen.len()).collect();
+        let mut stopped = procs.remove(new_leader);
+        stopped.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = stopped.finish(LINE).await;
+        assert!(status.success(), "{status:?}");
+        expect_logged(&stopped.seen, "INFO", &["stepping down", "epoch=2"]);
+        let marks: Vec<usize> = marks.iter().enumerate().filter(|(i, _)| *i != new_leader).map(|(_, m)| *m).collect();
+        let mut leaders = 0;
+        for proc in &mut procs {
+            let line = proc.expect_line(Duration::from_secs(2), is_role_at("3")).await;
+            leaders += usize::from(field(&line, "role") == Some("leader"));
+        }
+        assert_eq!(leaders, 1);
+        admin.put("k", "v3").await.unwrap();
+        for (i, proc) in procs.iter_mut().enumerate() {
+            let line = proc.expect_line(LINE, is_value("v3")).await;
+            assert_eq!(field(&line, "epoch"), Some("3"), "{line}");
+            proc.drain();
+            let since = &proc.seen[marks[i]..];
+            expect_logged(since, "INFO", &["the leader handed off", "epoch=2"]);
+            expect_no_fault(since);
+            assert_in_order(&proc.seen, "pid");
+        }
+        eprintln!("handed off in {handed_off_in:?}");
+    })
+    .await
+    .expect("test timed out")
+}
+
+/// One of `lines` is a log line at `level` with every one of `parts`.
+fn expect_logged(lines: &[String], level: &str, parts: &[&str]) {
+    let found = lines.iter().any(|l| !is_stdout(l) && l.contains(level) && parts.iter().all(|p| l.contains(p)));
+    assert!(found, "no {level} line with {parts:?} in {lines:#?}");
+}
+
+/// No WARN or ERROR line: a hand-off is no fault.
+fn expect_no_fault(lines: &[String]) {
+    let faults: Vec<&String> =
+        lines.iter().filter(|l| !is_stdout(l) && (l.contains("WARN") || l.contains("ERROR"))).collect();
+    assert!(faults.is_empty(), "a hand-off logged as a fault: {faults:#?}");
 }

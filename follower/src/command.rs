@@ -74,6 +74,8 @@ pub(crate) enum Command {
     /// An invoke future was dropped before its answer.
     Cancel(RequestId),
     Close(oneshot::Sender<()>),
+    /// Hand this process's leadership to another process (see `Connection::step_down`).
+    StepDown(oneshot::Sender<Result<(), Error>>),
     /// A client of this channel was made: the connection carries it from now on.
     Open(&'static str),
 }

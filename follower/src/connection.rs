@@ -155,8 +155,73 @@ impl Connection {
         self.inner.status.borrow().is_leader()
     }
 
+    /// Hands this process's leadership to another process, gracefully, and
+    /// keeps the connection: this process then follows the new leader.
+    ///
+    /// The leader sends every follower `Goodbye("leader handing off")` and
+    /// stops (its upstream clients are dropped); with [`Standalone`](crate::Standalone)
+    /// the election lock is released, the other processes re-elect at once
+    /// and the next one leads at the next epoch. Followers log the hand-off
+    /// at INFO with the old and the new epoch, not `lost the leader` at WARN
+    /// (which stays the sign of a fault: a leader that died, or a process
+    /// that exited while leading without stepping down or closing). Calls in
+    /// flight fail with [`Error::LeaderLost`](crate::Error::LeaderLost) and
+    /// may be retried; subscriptions carry on with the next leader, in order.
+    ///
+    /// The process that stepped down leaves the lock to the others for
+    /// 500 ms (`HAND_OFF_WAIT`); if none takes it (it was alone), it leads
+    /// again at the next epoch. [`close`](Self::close) on a leading process
+    /// steps down too, so a process that leaves its `main` after `close`
+    /// ends cleanly.
+    ///
+    /// Returns once the old leader has stopped and its lock is released, or
+    /// [`Error::NotLeader`](crate::Error::NotLeader) when this process does
+    /// not lead (or leads by a fixed role: a [`LocalConnector`](crate::LocalConnector)).
+    ///
+    /// ```
+    /// use tandem_follower::{Connection, Standalone};
+    /// # use tandem_leader::{CallContext, Events, Upstream};
+    /// # use tandem_protocol::{Api, RemoteError};
+    /// # struct Echo;
+    /// # impl Api for Echo {
+    /// #     const NAME: &'static str = "echo";
+    /// #     type Key = String; type Event = String; type Request = String; type Response = String;
+    /// # }
+    /// # struct EchoUpstream;
+    /// # impl Upstream<Echo> for EchoUpstream {
+    /// #     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> { Ok(request) }
+    /// #     async fn subscribe(&self, _key: String) -> Result<Events<String>, RemoteError> {
+    /// #         Err(RemoteError::bad_request("no keys"))
+    /// #     }
+    /// # }
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let tmp = tempfile::tempdir()?;
+    /// let dir = tmp.path().join("myapp"); // private (0700), shared by the processes
+    /// let setup = |leader: tandem_leader::LeaderBuilder| leader.channel(EchoUpstream);
+    /// let a = Connection::builder().connect(Standalone::new("myapp", &dir, setup)).spawn();
+    /// a.client::<Echo>().ready().await?;
+    /// let b = Connection::builder().connect(Standalone::new("myapp", &dir, setup)).spawn();
+    /// b.client::<Echo>().ready().await?;
+    /// assert!(a.is_leader() && !b.is_leader());
+    ///
+    /// a.step_down().await?; // b logs "the leader handed off" (INFO) and leads at epoch 2
+    /// let mut status = b.status();
+    /// status.wait_for(|s| s.is_leader() && s.epoch() == Some(2)).await?;
+    /// assert_eq!(b.client::<Echo>().invoke("hi".into()).await?, "hi");
+    /// a.close().await; // a followed b meanwhile; closing a follower hands nothing off
+    /// # Ok(()) }
+    /// ```
+    pub async fn step_down(&self) -> Result<(), crate::Error> {
+        let (reply, stepped) = oneshot::channel();
+        self.inner.commands.send(Command::StepDown(reply)).await.map_err(|_| crate::Error::Closed)?;
+        stepped.await.unwrap_or(Err(crate::Error::Closed))
+    }
+
     /// Says goodbye to the leader and stops the driver; outstanding calls fail
-    /// with [`Error::Closed`](crate::Error::Closed).
+    /// with [`Error::Closed`](crate::Error::Closed). On the leading process
+    /// (elected by [`Standalone`](crate::Standalone)) it first
+    /// [steps down](Self::step_down): the followers re-elect at once.
     pub async fn close(&self) {
         let (done, closed) = oneshot::channel();
         if self.inner.drops.send(Command::Close(done)).is_ok() {

@@ -49,6 +49,18 @@ pub trait Connector: Send + 'static {
     fn unresponsive(&mut self, epoch: Option<u64>) {
         let _ = epoch;
     }
+
+    /// Hands the leadership this process holds through this connector to
+    /// another process, gracefully: the leader says `Goodbye("leader handing
+    /// off")` to every follower and stops, and whatever elects leaders lets
+    /// the next process win. Returns whether it did; `false` when this
+    /// process does not lead through it. Called by
+    /// [`Connection::step_down`](crate::Connection::step_down), and when the
+    /// connection closes. The default does nothing and returns `false`
+    /// (fixed roles: a leader that is not elected cannot hand its place on).
+    fn step_down(&mut self) -> impl Future<Output = bool> + Send {
+        std::future::ready(false)
+    }
 }
 
 /// Connects to a leader's Unix socket.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tandem_leader::LeaderGoodbye;
 use tandem_protocol::{
     Ack, ChannelName, CodecError, Ended, Event, Frame, Hello, Invoke, PROTOCOL_VERSION, Position, Publish, RemoteError,
     RequestId, Response, Subscribe, Unsubscribe,
@@ -69,6 +70,11 @@ pub(crate) struct Core {
     pub(crate) version: u16,
     /// Deliver-to-one subscriptions.
     pub(crate) ones: Ones,
+    /// Callers waiting for this process to step down (the driver asks its connector).
+    pub(crate) stepping_down: Vec<oneshot::Sender<Result<(), Error>>>,
+    /// The last leader left on purpose: its epoch and why. Logged with the
+    /// next leader's epoch once connected to it.
+    pub(crate) left: Option<(u64, LeaderGoodbye)>,
 }
 
 impl Core {
@@ -99,6 +105,8 @@ impl Core {
             refusal: None,
             version: PROTOCOL_VERSION,
             ones: Default::default(),
+            stepping_down: Vec::new(),
+            left: None,
         }
     }
 }
@@ -178,6 +186,11 @@ impl Core {
                 self.shut = true;
             }
             Command::Open(_) => {}
+            // No link: whatever this process led, it leads no more (a leader
+            // reaches itself through memory, and is connected while it leads).
+            Command::StepDown(reply) => {
+                let _ = reply.send(Err(Error::NotLeader));
+            }
             command if self.refusal.is_some() => {
                 let error = self.refusal.clone().unwrap_or(Error::LeaderLost);
                 match command {
@@ -355,6 +368,7 @@ impl Core {
                 self.shut = true;
             }
             Command::Open(_) => {}
+            Command::StepDown(reply) => self.stepping_down.push(reply),
         }
     }
 
@@ -460,7 +474,12 @@ impl Core {
             }
             Frame::Ping(nonce) => self.out.push(Frame::Pong(nonce)),
             Frame::Pong(_) => {}
-            Frame::Goodbye(reason) => return Err(LinkEnd::Goodbye(reason)),
+            Frame::Goodbye(reason) => {
+                return Err(match LeaderGoodbye::from_reason(&reason) {
+                    Some(goodbye) => LinkEnd::LeaderLeft(goodbye),
+                    None => LinkEnd::Goodbye(reason),
+                });
+            }
             other => return Err(LinkEnd::Unexpected(other.kind())),
         }
         Ok(())
@@ -583,7 +602,23 @@ impl Core {
         if self.shut {
             return;
         }
-        tracing::warn!(reason = %tandem_protocol::internal::error_chain(reason), "lost the leader; reconnecting");
+        match reason {
+            // On purpose: INFO, with the epoch that ends; the next one is logged once connected.
+            LinkEnd::LeaderLeft(goodbye) => {
+                self.left = Some((self.max_epoch, *goodbye));
+                match goodbye {
+                    LeaderGoodbye::HandOff => {
+                        tracing::info!(epoch = self.max_epoch, "the leader handed off; following the next leader")
+                    }
+                    _ => {
+                        tracing::info!(epoch = self.max_epoch, reason = %goodbye, "the leader stopped; following the next leader")
+                    }
+                }
+            }
+            _ => {
+                tracing::warn!(reason = %tandem_protocol::internal::error_chain(reason), "lost the leader; reconnecting")
+            }
+        }
         self.status.send_modify(|status| {
             status.link = LinkState::LeaderLost;
             status.channels.clear();
@@ -592,6 +627,9 @@ impl Core {
 
     pub(crate) fn shutdown(&mut self) {
         self.shut = true;
+        for reply in self.stepping_down.drain(..) {
+            let _ = reply.send(Err(Error::Closed));
+        }
         self.fail_queued(&Error::Closed);
         self.in_flight.fail_all(&Error::Closed);
         self.topics.clear();

@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
+use tandem_leader::LeaderGoodbye;
 use tandem_protocol::internal::Backoff;
 use tandem_protocol::internal::{WriteEnd, WriteLimits, write_loop};
 use tandem_protocol::{Frame, Link, RemoteError, Welcome};
@@ -36,6 +37,11 @@ use crate::{Config, Error};
 /// How long connecting may keep failing before it is logged at WARN (shorter
 /// gaps, such as a failover or a leader still binding, are logged at debug).
 const UNREACHABLE_WARN_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a link whose leader closed it (a write failed) is still read for
+/// the `Goodbye` it may have sent first: the bytes are in this end's socket
+/// already, the end of the stream right behind them.
+const GOODBYE_GRACE: Duration = Duration::from_millis(200);
 
 /// The most commands, or frames, handled in one wakeup before the frames they
 /// produced are flushed.
@@ -159,6 +165,11 @@ impl<C: Connector> Driver<C> {
             }
             self.idle(backoff.next_delay()).await;
         }
+        // Closed (or every handle dropped) while leading: hand off, so that the
+        // followers re-elect at once and log no fault.
+        if self.connector.step_down().await {
+            tracing::debug!("this process handed off its leadership as its connection closed");
+        }
         self.core.shutdown();
     }
 
@@ -181,6 +192,16 @@ impl<C: Connector> Driver<C> {
                 topic.last = None;
             }
         }
+        if let Some((previous, goodbye)) = core.left.take() {
+            tracing::info!(
+                epoch.previous = previous,
+                epoch = welcome.epoch,
+                leader.pid = welcome.pid,
+                is_leader,
+                reason = %goodbye,
+                "following the new leader after the hand-off"
+            );
+        }
         core.leader_id = Some(welcome.leader_id);
         core.max_epoch = welcome.epoch;
         core.version = welcome.version;
@@ -196,7 +217,7 @@ impl<C: Connector> Driver<C> {
         core.send_queued();
         let stall = core.config.peer_timeout;
         if let Err(failed) = self.flush(&mut link, stall).await {
-            return LinkEnd::Write(failed);
+            return self.write_failed(&mut link, failed).await;
         }
         let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_ms.max(10)));
         // Silence is checked at least four times per peer timeout, whatever
@@ -288,6 +309,23 @@ impl<C: Connector> Driver<C> {
                     }
                 }
             }
+            if !self.core.stepping_down.is_empty() {
+                // Only the leader's own process can: its leader is at the
+                // other end of this (in-memory) link.
+                let handed_off = is_leader && self.connector.step_down().await;
+                let result = if handed_off { Ok(()) } else { Err(Error::NotLeader) };
+                for reply in self.core.stepping_down.drain(..) {
+                    let _ = reply.send(result.clone());
+                }
+                if handed_off {
+                    // That leader has stopped: take what it sent up to its
+                    // hand-off Goodbye (here already), write nothing more; the
+                    // link ends like any follower's, and this process follows
+                    // the next leader.
+                    self.core.out.clear();
+                    return self.read_rest(&mut link).await.unwrap_or(LinkEnd::LeaderLeft(LeaderGoodbye::HandOff));
+                }
+            }
             if self.core.shut {
                 self.core.out.push(Frame::Goodbye("follower closing".into()));
                 let grace = self.core.config.handshake_timeout;
@@ -297,9 +335,36 @@ impl<C: Connector> Driver<C> {
             }
             self.core.flush_settles();
             if let Err(failed) = self.flush(&mut link, stall).await {
-                return LinkEnd::Write(failed);
+                return self.write_failed(&mut link, failed).await;
             }
         }
+    }
+
+    /// Why the link ended when a write to it failed: a leader that left on
+    /// purpose may have closed its end right after its Goodbye, which is then
+    /// waiting to be read; otherwise the write's failure.
+    async fn write_failed(&mut self, link: &mut Link, failed: WriteFailed) -> LinkEnd {
+        // A leader that takes no bytes (stalled) is no closed one: nothing to wait for.
+        if let WriteFailed::Write(_) = failed
+            && let Some(left @ LinkEnd::LeaderLeft(_)) = self.read_rest(link).await
+        {
+            return left;
+        }
+        LinkEnd::Write(failed)
+    }
+
+    /// Handles what the leader sent before its end of the link closed (for
+    /// at most [`GOODBYE_GRACE`]); returns why the link ended, if it ended.
+    async fn read_rest(&mut self, link: &mut Link) -> Option<LinkEnd> {
+        let core = &mut self.core;
+        let rest = async {
+            loop {
+                if let Err(reason) = core.on_read(link.rx.next().await) {
+                    return reason;
+                }
+            }
+        };
+        tokio::time::timeout(GOODBYE_GRACE, rest).await.ok()
     }
 
     /// Writes the queued frames, giving up after `stall` without progress,

@@ -26,6 +26,15 @@
 //! Every lock taken is checked to still be the file at `<name>.lock` (a
 //! process that opened the replaced file cannot win with it).
 //!
+//! A leader that steps down (`Connection::step_down`, or `close` while
+//! leading) hands off instead of dying:
+//!
+//! ```text
+//! A: Leader::hand_off -> Goodbye("leader handing off") to every follower, upstream dropped -> unlock
+//! B, C: INFO "the leader handed off" -> reconnect at once: flock won by B -> epoch + 1 -> Leader
+//! A: leaves the lock to the others for HAND_OFF_WAIT (500 ms) -> follows B (or leads again, if alone)
+//! ```
+//!
 //! Mistakes that no retry can fix end the election at once with a
 //! [`StartupError`] (the driver fails every call with it and stops): a name
 //! that cannot name a file, a socket path over the Unix limit, a directory that
@@ -53,6 +62,12 @@ pub const MAX_SOCKET_PATH: usize = 107;
 
 /// How often a rejected follower checks whether the leader changed.
 const NEW_LEADER_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How long a process that stepped down leaves the lock to the others: past
+/// it, with no new leader (it was alone), it competes again and may lead at
+/// the next epoch. Shorter than the driver's 1 s before connect failures are
+/// logged at WARN.
+pub(crate) const HAND_OFF_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Checks that `name` can name the election's files (`<name>.lock`, `.epoch`, `.sock`).
 fn validate_name(name: &str) -> Result<(), StartupError> {
@@ -191,6 +206,9 @@ pub struct Standalone {
     /// The leader this process gave up for hung (pid, stored epoch): if it
     /// still holds the lock at that epoch, this process takes its place.
     hung: Option<(Option<i32>, u64)>,
+    /// This process stepped down from this epoch: until the deadline (or a
+    /// newer epoch is stored) it leaves the lock to the others.
+    yielded: Option<(u64, tokio::time::Instant)>,
 }
 
 impl std::fmt::Debug for Standalone {
@@ -223,6 +241,7 @@ impl Standalone {
             validated: false,
             followed: None,
             hung: None,
+            yielded: None,
         }
     }
 
@@ -394,6 +413,17 @@ impl Standalone {
 }
 
 impl Standalone {
+    /// Whether this process still leaves the lock to the others after
+    /// stepping down: until [`HAND_OFF_WAIT`] passed or a newer leader stored its epoch.
+    fn yielding(&mut self) -> bool {
+        let Some((epoch, until)) = self.yielded else { return false };
+        if tokio::time::Instant::now() < until && self.stored_epoch() <= epoch {
+            return true;
+        }
+        self.yielded = None;
+        false
+    }
+
     /// The epoch the current leader stored (0 when none is, or it cannot be read).
     fn stored_epoch(&self) -> u64 {
         read_epoch(&self.dir.join(format!("{}.epoch", self.name))).unwrap_or(0)
@@ -455,7 +485,7 @@ impl Connector for Standalone {
             }
         }
         self.validate().map_err(StartupError::into_io)?;
-        if self.role != Role::FollowerOnly {
+        if self.role != Role::FollowerOnly && !self.yielding() {
             let mut won = self.try_lock().map_err(StartupError::into_io)?;
             // Held until the new epoch is stored (dropped at the end of this block).
             let mut _turn = None;
@@ -491,6 +521,25 @@ impl Connector for Standalone {
         self.followed = Some((pid, self.stored_epoch()));
         let (read, write) = tandem_protocol::unix::split(stream)?;
         Ok(Connected::remote(tandem_protocol::Link::from_io(read, write, FrameCodec::new())))
+    }
+
+    /// Hands off the leader this process runs: `Goodbye("leader handing off")`
+    /// to every follower, the leader stopped (its upstream clients dropped),
+    /// then the lock released, so the next process leads at the next epoch.
+    async fn step_down(&mut self) -> bool {
+        let Some(elected) = self.elected.take() else { return false };
+        let epoch = elected.leader.epoch();
+        if elected.leader.is_fenced() {
+            // Another process leads already: nothing to hand off.
+            elected.leader.shutdown().await;
+            return false;
+        }
+        tracing::info!(epoch, name = %self.name, "stepping down: this process hands the lead to another");
+        elected.leader.hand_off().await;
+        // Released only now: one upstream connection per host, even during the hand-off.
+        drop(elected);
+        self.yielded = Some((epoch, tokio::time::Instant::now() + HAND_OFF_WAIT));
+        true
     }
 
     /// The leader followed last stopped answering: the next connect takes its

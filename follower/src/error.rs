@@ -35,6 +35,12 @@ pub enum Error {
     /// The handle was closed.
     #[error("the client is closed")]
     Closed,
+    /// [`Connection::step_down`](crate::Connection::step_down): this process
+    /// does not lead, or leads by a fixed role that it cannot hand on (a
+    /// [`LocalConnector`](crate::LocalConnector): the cluster's agent, which its
+    /// master replaces).
+    #[error("this process does not lead (or cannot hand its leadership on): nothing to step down from")]
+    NotLeader,
 }
 
 impl Error {
@@ -43,7 +49,7 @@ impl Error {
         match self {
             Error::DeadlineExceeded(_) | Error::LeaderLost | Error::NotReady(_) => true,
             Error::Remote(e) => e.is_retryable(),
-            Error::Closed | Error::Rejected(_) | Error::Startup(_) => false,
+            Error::Closed | Error::Rejected(_) | Error::Startup(_) | Error::NotLeader => false,
         }
     }
 

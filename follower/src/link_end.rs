@@ -22,6 +22,9 @@ pub(crate) enum LinkEnd {
     BadFrame(#[source] CodecError),
     #[error("the leader said goodbye: {0}")]
     Goodbye(String),
+    /// The leader left on purpose (it handed off, or shut down): not a fault.
+    #[error("the leader left on purpose: {0}")]
+    LeaderLeft(tandem_leader::LeaderGoodbye),
     #[error("protocol violation: a leader may not send {0} now")]
     Unexpected(&'static str),
     #[error("no frame from the leader for {} ms", .0.as_millis())]

@@ -21,7 +21,8 @@ pub enum LinkState {
         /// Whether the leader is this very process.
         is_leader: bool,
     },
-    /// The leader was lost; reconnecting.
+    /// The leader was lost, or left on purpose (it handed off or shut down);
+    /// reconnecting (re-electing, with [`Standalone`](crate::Standalone)).
     LeaderLost,
     /// The leader refused this follower's hello (token, version or channels).
     /// The same hello is not sent again to that leader; the connector is asked

@@ -26,7 +26,7 @@ use crate::fence::Fence;
 use crate::hub::HubContext;
 use crate::session::{self, PeerInfo};
 use crate::shared::Shared;
-use crate::{ChannelStats, Config, Error, Stats, Upstream};
+use crate::{ChannelStats, Config, Error, LeaderGoodbye, Stats, Upstream};
 
 /// Checks whether a leader still holds its place: see [`LeaderBuilder::fence`].
 type StillLeader = Box<dyn Fn() -> bool + Send + Sync>;
@@ -208,6 +208,7 @@ impl LeaderBuilder {
             peers: Default::default(),
             call_latency: Default::default(),
             fence,
+            leaving: Default::default(),
         });
         for (channel, factory) in factories {
             let cancel = shared.cancel.clone();
@@ -430,9 +431,55 @@ impl Leader {
         self.shared.cancel.clone()
     }
 
-    /// Stops: says goodbye to every follower, stops listening, cancels calls,
-    /// and waits (up to the configured grace) for sessions to flush.
+    /// Stops: says goodbye to every follower (`Goodbye("leader shutting
+    /// down")`, [`LeaderGoodbye::ShuttingDown`]), stops listening, cancels
+    /// calls, and waits (up to the configured grace) for sessions to flush.
+    /// Followers log it at INFO and reconnect to whoever leads next; a leader
+    /// whose process just exits (or whose handle is dropped with the runtime)
+    /// says nothing, and its followers log `lost the leader` at WARN.
     pub async fn shutdown(&self) {
+        self.stop(LeaderGoodbye::ShuttingDown).await;
+    }
+
+    /// Steps down so that another process leads: like [`shutdown`](Self::shutdown),
+    /// but every follower is told `Goodbye("leader handing off")`
+    /// ([`LeaderGoodbye::HandOff`]), logs the hand-off at INFO (not as a lost
+    /// leader) and looks for the next leader at once. Whoever elects leaders
+    /// releases its lock after this returns: the standalone election does it
+    /// in `Connection::step_down` (tandem-follower).
+    ///
+    /// ```
+    /// use tandem_leader::Leader;
+    /// # use tandem_leader::{CallContext, Events, Upstream};
+    /// # use tandem_protocol::{Api, RemoteError};
+    /// # struct Echo;
+    /// # impl Api for Echo {
+    /// #     const NAME: &'static str = "echo";
+    /// #     type Key = String; type Event = String; type Request = String; type Response = String;
+    /// # }
+    /// # struct EchoUpstream;
+    /// # impl Upstream<Echo> for EchoUpstream {
+    /// #     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> { Ok(request) }
+    /// #     async fn subscribe(&self, _key: String) -> Result<Events<String>, RemoteError> {
+    /// #         Err(RemoteError::bad_request("no keys"))
+    /// #     }
+    /// # }
+    /// # #[tokio::main]
+    /// # async fn main() {
+    /// let leader = Leader::builder().epoch(7).channel(EchoUpstream).start();
+    /// // ... serve followers ...
+    /// leader.hand_off().await; // followers: "the leader handed off" (INFO), then the next leader
+    /// assert!(leader.shutdown_token().is_cancelled());
+    /// # }
+    /// ```
+    pub async fn hand_off(&self) {
+        self.stop(LeaderGoodbye::HandOff).await;
+    }
+
+    async fn stop(&self, goodbye: LeaderGoodbye) {
+        // The first reason given wins: a hand-off is not turned into a shutdown by a later call.
+        let _ = self.shared.leaving.set(goodbye);
+        tracing::debug!(epoch = self.shared.epoch, reason = %goodbye, "leader stopping");
         self.shared.cancel.cancel();
         self.shared.tracker.close();
         let grace = self.shared.config.shutdown_grace + Duration::from_millis(100);

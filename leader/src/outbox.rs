@@ -445,7 +445,7 @@ mod tests {
         outbox.push_event(&ch, &a, &event(&a, 3));
         outbox.push_event(&ch, &a, &event(&a, 4));
         let taken = outbox.room().expect("full again");
-        outbox.close(SessionEnd::LeaderShuttingDown);
+        outbox.close(SessionEnd::LeaderLeaving(crate::LeaderGoodbye::ShuttingDown));
         tokio::time::timeout(Duration::from_secs(1), taken).await.expect("closing releases the sender");
         assert!(outbox.room().is_none());
     }

@@ -176,8 +176,13 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = session.cancel.cancelled() => {
-                    session.outbox.push(Frame::Goodbye(SessionEnd::LeaderShuttingDown.to_string()));
-                    break SessionEnd::LeaderShuttingDown;
+                    // A fenced leader sends nothing more (its writer checks the fence too).
+                    if session.shared.fence.as_ref().is_some_and(|fence| fence.is_fenced()) {
+                        break SessionEnd::Fenced;
+                    }
+                    let goodbye = session.shared.leaving.get().copied().unwrap_or(crate::LeaderGoodbye::ShuttingDown);
+                    session.outbox.push(Frame::Goodbye(goodbye.reason().to_string()));
+                    break SessionEnd::LeaderLeaving(goodbye);
                 }
                 _ = session.outbox.wait_closed() => {
                     // Overflow: the follower is not reading; stop writing to it now.

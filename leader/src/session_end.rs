@@ -32,8 +32,9 @@ pub(crate) enum SessionEnd {
     OutboxClosed,
     /// The writer task panicked or was cancelled.
     WriterFailed(Arc<tokio::task::JoinError>),
-    /// The leader is shutting down.
-    LeaderShuttingDown,
+    /// The leader stops on purpose (shut down, or handing off to another
+    /// process); the follower was told with this `Goodbye`.
+    LeaderLeaving(crate::LeaderGoodbye),
     /// Another process took this leader's place (its fence said so).
     Fenced,
     /// No `Hello` arrived within the handshake timeout.
@@ -60,9 +61,10 @@ pub(crate) enum Violation {
 }
 
 impl SessionEnd {
-    /// The follower left as followers do (closed, or said goodbye): not worth a warning.
+    /// The session ended as sessions do (the follower closed or said goodbye,
+    /// or the leader stops on purpose): not worth a warning.
     pub(crate) fn is_normal(&self) -> bool {
-        matches!(self, SessionEnd::FollowerClosed | SessionEnd::FollowerGoodbye(_))
+        matches!(self, SessionEnd::FollowerClosed | SessionEnd::FollowerGoodbye(_) | SessionEnd::LeaderLeaving(_))
     }
 }
 
@@ -89,7 +91,7 @@ impl fmt::Display for SessionEnd {
             }
             SessionEnd::OutboxClosed => f.write_str("outbox closed"),
             SessionEnd::WriterFailed(error) => write!(f, "writer task failed: {error}"),
-            SessionEnd::LeaderShuttingDown => f.write_str("leader shutting down"),
+            SessionEnd::LeaderLeaving(goodbye) => f.write_str(goodbye.reason()),
             SessionEnd::NoHello(timeout) => write!(f, "no Hello within {} ms", timeout.as_millis()),
             SessionEnd::ClosedBeforeHello => f.write_str("connection closed before Hello"),
             SessionEnd::BadHello(error) => write!(f, "bad bytes before Hello: {}", error_chain(&**error)),
@@ -152,7 +154,8 @@ mod tests {
             (SessionEnd::WriteFailed(io()), "write to follower failed: connection I/O failed"),
             (SessionEnd::TooSlow(Duration::from_secs(5)), "follower accepted no bytes for 5000 ms: too slow"),
             (SessionEnd::OutboxOverflow { max_frames: 8 }, "outbound queue over 8 frames: follower too slow"),
-            (SessionEnd::LeaderShuttingDown, "leader shutting down"),
+            (SessionEnd::LeaderLeaving(crate::LeaderGoodbye::ShuttingDown), "leader shutting down"),
+            (SessionEnd::LeaderLeaving(crate::LeaderGoodbye::HandOff), "leader handing off"),
             (SessionEnd::NoHello(Duration::from_secs(2)), "no Hello within 2000 ms"),
             (SessionEnd::BadHello(io()), "bad bytes before Hello: connection I/O failed: gone"),
             (SessionEnd::WelcomeStalled, "could not send Welcome: follower accepts no bytes"),
@@ -169,6 +172,8 @@ mod tests {
         assert_eq!(source.to_string(), "frame of 9 bytes exceeds the limit of 8 bytes");
         assert!(SessionEnd::TooSlow(Duration::from_secs(1)).source().is_none());
         assert!(SessionEnd::FollowerGoodbye("x".into()).is_normal());
-        assert!(!SessionEnd::LeaderShuttingDown.is_normal());
+        assert!(SessionEnd::LeaderLeaving(crate::LeaderGoodbye::HandOff).is_normal());
+        assert!(!SessionEnd::Fenced.is_normal());
+        assert!(!SessionEnd::TooSlow(Duration::from_secs(1)).is_normal());
     }
 }

@@ -37,4 +37,7 @@ pub(crate) struct Shared {
     /// Set when another process may replace this leader (standalone mode):
     /// nothing is served once it says the place is lost.
     pub(crate) fence: Option<Arc<Fence>>,
+    /// Why the leader stops, once it was asked to: the reason of the
+    /// `Goodbye` every session sends (the first call to stop wins).
+    pub(crate) leaving: std::sync::OnceLock<crate::LeaderGoodbye>,
 }
