@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backoff::{Backoff, Jitter};
+
 /// How often a repeated warning is logged at most (the first one always is).
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -86,7 +88,8 @@ impl Default for Throttle {
 pub struct AcceptErrors {
     listener: &'static str,
     throttle: Throttle,
-    backoff: Duration,
+    /// Exact doubling from the minimum to the maximum (no jitter: one listener's pauses).
+    backoff: Backoff,
     /// Failures since the last successful accept.
     failures: u64,
 }
@@ -94,7 +97,8 @@ pub struct AcceptErrors {
 impl AcceptErrors {
     /// Tracks the accept errors of `listener` (a name for the log).
     pub fn new(listener: &'static str) -> Self {
-        AcceptErrors { listener, throttle: Throttle::default(), backoff: Duration::ZERO, failures: 0 }
+        let backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX).jitter(Jitter::Symmetric(0.0));
+        AcceptErrors { listener, throttle: Throttle::default(), backoff, failures: 0 }
     }
 
     /// Logs a failed `accept` and returns how long to wait before the next one:
@@ -106,7 +110,7 @@ impl AcceptErrors {
             return Duration::ZERO;
         }
         self.failures += 1;
-        self.backoff = (self.backoff * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
+        let pause = self.backoff.next_delay();
         if let Some(suppressed) = self.throttle.hit() {
             let cause = if is_resource_exhaustion(error) {
                 "out of file descriptors or kernel memory: new connections wait in the backlog; existing ones are still served"
@@ -118,11 +122,11 @@ impl AcceptErrors {
                 %error,
                 failures = self.failures,
                 suppressed,
-                backoff_ms = self.backoff.as_millis() as u64,
+                backoff_ms = pause.as_millis() as u64,
                 "accept failed: {cause}"
             );
         }
-        self.backoff
+        pause
     }
 
     /// Records a successful `accept`: the backoff starts over, and if accepts
@@ -131,7 +135,7 @@ impl AcceptErrors {
         if self.failures > 0 {
             tracing::info!(listener = self.listener, failures = self.failures, "accepting connections again");
             self.failures = 0;
-            self.backoff = Duration::ZERO;
+            self.backoff.reset();
         }
     }
 }
