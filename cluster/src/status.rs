@@ -223,7 +223,7 @@ mod tests {
         assert_eq!(ProcessInfo::table(&info).to_string(), table.to_string());
         assert_eq!(
             table.to_string().lines().nth(1),
-            Some("worker    1       12 online                3   3m07s     -    3.4K signal 64")
+            Some("worker    1       12 online                 3   3m07s     -    3.4K signal 64")
         );
     }
 
