@@ -149,7 +149,11 @@ async fn flood() {
     assert!(refused >= refused_seen as f64, "refused {refused}, seen {refused_seen}:\n{text}");
     assert!(timed_out >= served as f64, "timed out {timed_out}, served {served}:\n{text}");
     assert_eq!(sample(&text, "tandem_metrics_connections_open"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "tandem_process_up{cluster=\"flood-it\",role=\"worker\",slot=\"1\"}"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "tandem_process_up{cluster=\"flood-it\",role=\"worker\",slot=\"1\"}"),
+        Some(1.0),
+        "{text}"
+    );
 
     // The refusals are logged rate-limited: one WARN line per 10 s at most.
     let warned = cluster.drain().iter().filter(|l| l.contains("serving its limit of connections")).count();

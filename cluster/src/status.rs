@@ -226,5 +226,4 @@ mod tests {
             Some("worker    1       12 online                 3   3m07s     -    3.4K signal 64")
         );
     }
-
 }
