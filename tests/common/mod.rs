@@ -45,7 +45,8 @@ pub fn registry_binary() -> PathBuf {
 /// A spawned process, stopped and reaped when dropped: SIGTERM (so a master
 /// removes its runtime directory), then SIGKILL by pid after 5 s.
 ///
-/// Derefs to its output [`Lines`] (stdout, and stderr if asked for):
+/// Derefs to its output [`Lines`] (stdout, the cluster events, and the other
+/// log lines if asked for: see [`spawn_with`](Self::spawn_with)):
 /// `proc.expect_line(..)`, `proc.seen`, `proc.drain()`.
 pub struct Proc {
     pub pid: i32,
