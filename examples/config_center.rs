@@ -46,10 +46,9 @@
 //! `--name NAME` (for the `tandem` CLI; the default is `config_center`),
 //! `--metrics ADDR` (serve `/metrics`; port 0 picks one), `--metrics-max-connections N`.
 //!
-//! Output, one line each:
+//! stdout is the demo's own output, one line each:
 //! - with `--metrics`: `metrics on <ADDR>` (the bound address)
-//! - once ready: `cluster ready: master=<pid> agent=<pid> workers=<pid>,<pid>,...`
-//! - right after: `upstream connections: <n> (workers: <N>)`, from the registry's own stats
+//! - once the cluster is ready: `upstream connections: <n> (workers: <N>)`, from the registry's own stats
 //!   (`upstream connections: unknown (<why>) ...` while the registry is unreachable: the
 //!   cluster starts anyway, and values flow once it is up);
 //!   with `--etcd`, the ESTABLISHED TCP connections from the agent and the
@@ -59,10 +58,13 @@
 //! - with `--own`: `owned: worker=<id> pid=<pid> key=<key> epoch=<leader epoch>`
 //! - each value a worker receives: `worker=<id> pid=<pid> key=<key> value=<value> epoch=<epoch> seq=<seq> source=<live|cache>`
 //!   (`source=cache`: the agent's last-known-good value, served while the registry is unreachable)
-//! - after a process stopped answering the master's pings (SIGSTOP, a blocked runtime)
-//!   and was killed: `hung: agent (pid <pid>) silent_ms=<ms>; killed` (then it restarts)
-//! - after an agent restart: `agent restarted: pid=<pid> epoch=<epoch>`
-//! - after a worker restart: `worker restarted: worker=<id> pid=<pid>`
+//!
+//! stderr is the log (`tandem::logging::init`): the cluster logs each of its
+//! lifecycle events there once, for example
+//! `cluster ready: master=<pid> agent=<pid> workers=<pid>,<pid>,...` (INFO),
+//! `agent restarted: pid=<pid> epoch=<epoch>`, `worker restarted: worker=<id> pid=<pid>` (INFO),
+//! `hung: agent (pid <pid>) silent_ms=<ms>; killed` (ERROR: a process stopped
+//! answering the master's pings, SIGSTOP or a blocked runtime; it then restarts).
 //!
 //! Mistakes end the master at once with exit code 1 and one error line, before
 //! any process starts: `--workers 0`, an empty or over-long `--subscribe` key.
@@ -395,7 +397,6 @@ async fn master(
         match &event {
             #[cfg(feature = "etcd")]
             ClusterEvent::ClusterReady { agent, workers, .. } if args.etcd.is_some() => {
-                println!("{event}");
                 let endpoints = args.etcd.as_deref().unwrap_or_default();
                 let pids: Vec<u32> = std::iter::once(*agent).chain(workers.iter().copied()).collect();
                 let connections = etcd::connections(endpoints, &pids)?;
@@ -403,7 +404,6 @@ async fn master(
             }
             #[cfg(feature = "redis")]
             ClusterEvent::ClusterReady { workers, .. } if args.redis.is_some() => {
-                println!("{event}");
                 // Redis may be down now (the Leader rides it out): then say so and go on.
                 match redis::connections(args.redis.as_deref().unwrap_or_default()).await {
                     Ok(clients) => {
@@ -418,7 +418,6 @@ async fn master(
                 }
             }
             ClusterEvent::ClusterReady { workers, .. } => {
-                println!("{event}");
                 // A short-lived connection: the registry does not count the one
                 // asking, and the writer (when on) is not a worker's, so leave it out.
                 let writers = usize::from(write_every > 0) as u64;
@@ -432,10 +431,7 @@ async fn master(
                     Err(error) => println!("upstream connections: unknown ({error:#}) (workers: {})", workers.len()),
                 }
             }
-            ClusterEvent::AgentRestarted { .. } | ClusterEvent::WorkerRestarted { .. } | ClusterEvent::Hung { .. } => {
-                println!("{event}")
-            }
-            // Already logged once by the cluster (at a level fitting the event).
+            // The cluster logs every event once (stderr); the demo only acts on them.
             _ => {}
         }
     }

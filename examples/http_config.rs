@@ -25,11 +25,17 @@
 //! `--name NAME` and `--metrics ADDR` as in config_center (the `tandem` CLI,
 //! `/metrics`; `metrics on <ADDR>` follows `listening on`).
 //!
-//! stdout, one line each: `listening on <ADDR>` first, then `cluster ready:
-//! master=<pid> agent=<pid> workers=<pid>,...`, after SIGHUP `reload done:
-//! workers=<pid>,...` or `reload failed: <reason>`, and `worker replaced:
-//! worker=<id> old=<pid> new=<pid> reason=<reload|max-memory>`; also
-//! `memory limit: ...`, `restart scheduled: ...`, `worker restarted: ...`.
+//! stdout is the service's own output, one line each: `listening on <ADDR>`
+//! first, `metrics on <ADDR>` with `--metrics`, and with `--api-reloads N`
+//! `api reload: ok replaced=<n> workers=<pid>,...` (or `api reload: error: <why>`).
+//!
+//! stderr is the log (`tandem::logging::init`): the cluster logs each of its
+//! lifecycle events there once: `cluster ready: master=<pid> agent=<pid>
+//! workers=<pid>,...`, after SIGHUP `reload started: slots=<id>,...`, `worker
+//! replaced: worker=<id> old=<pid> new=<pid> reason=<reload|max-memory>` and
+//! `reload done: workers=<pid>,...` (INFO) or `reload failed: <reason>`
+//! (WARN); also `memory limit: ...`, `restart scheduled: ...` (WARN),
+//! `worker restarted: ...` (INFO).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -446,6 +452,7 @@ async fn master(
     };
     tokio::pin!(stop_after);
     let mut stopping = false;
+    // The cluster logs every event once (stderr); the service only acts on them.
     let mut events = ctx.events();
     loop {
         let event = tokio::select! {
@@ -473,19 +480,6 @@ async fn master(
                     }
                 });
             }
-        }
-        match &event {
-            ClusterEvent::ClusterReady { .. }
-            | ClusterEvent::ReloadStarted { .. }
-            | ClusterEvent::ReloadDone { .. }
-            | ClusterEvent::ReloadFailed { .. }
-            | ClusterEvent::WorkerReplaced { .. }
-            | ClusterEvent::MemoryLimit { .. }
-            | ClusterEvent::RestartScheduled { .. }
-            | ClusterEvent::SlotFailed { .. }
-            | ClusterEvent::AgentRestarted { .. }
-            | ClusterEvent::WorkerRestarted { .. } => println!("{event}"),
-            _ => tracing::info!("{event}"),
         }
     }
     Ok(())

@@ -38,8 +38,16 @@ async fn scrape(addr: &str) -> (String, String) {
     (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
 }
 
+/// The value of the sample `name` (whatever its labels: every sample carries `cluster`).
 fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let value = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
+        value.parse().ok()
+    })
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -141,7 +149,11 @@ async fn flood() {
     assert!(refused >= refused_seen as f64, "refused {refused}, seen {refused_seen}:\n{text}");
     assert!(timed_out >= served as f64, "timed out {timed_out}, served {served}:\n{text}");
     assert_eq!(sample(&text, "tandem_metrics_connections_open"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "tandem_process_up{role=\"worker\",slot=\"1\"}"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "tandem_process_up{cluster=\"flood-it\",role=\"worker\",slot=\"1\"}"),
+        Some(1.0),
+        "{text}"
+    );
 
     // The refusals are logged rate-limited: one WARN line per 10 s at most.
     let warned = cluster.drain().iter().filter(|l| l.contains("serving its limit of connections")).count();

@@ -13,10 +13,22 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::{ExitReason, ProcessRef, ProcessRole, StartFailure, WorkerId};
 
+/// The `tracing` target of the master's one log line per event: filter the
+/// lifecycle events alone with `RUST_LOG=warn,tandem_cluster::events=info`.
+pub(crate) const LOG_TARGET: &str = "tandem_cluster::events";
+
 /// Something that happened to the cluster.
 ///
-/// `Display` gives one line per event; the ready and restart lines are the
-/// ones the demos print (`cluster ready: master=<pid> agent=<pid> workers=<pid>,...`).
+/// The master logs each event once, on stderr through `tracing` (target
+/// `tandem_cluster::events`), with the event's `Display` as the message: one
+/// line per event (`cluster ready: master=<pid> agent=<pid> workers=<pid>,...`).
+/// The routine start-up steps ([`Spawned`](Self::Spawned),
+/// [`AgentReady`](Self::AgentReady), [`WorkerReady`](Self::WorkerReady)) and
+/// the exits of a stop or a replacement are logged at DEBUG; an unexpected
+/// exit, a restart scheduled, a memory limit and a failed reload at WARN; a
+/// failed start, a crash loop and a hang at ERROR; the rest at INFO.
+/// [`MasterContext::events`](crate::MasterContext::events) hands the same
+/// events to the master function, for it to act on (not to log them again).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ClusterEvent {

@@ -93,6 +93,8 @@ struct Progress {
     workers_started: bool,
     /// The first cluster-ready was announced.
     announced: bool,
+    /// How each slot's last process ended (the status table's `LAST EXIT`).
+    last_exits: std::collections::HashMap<SlotId, crate::ExitReason>,
 }
 
 /// The sockets the master holds for its whole life.
@@ -223,6 +225,7 @@ impl Master {
                 next_generation: 1,
                 workers_started: false,
                 announced: false,
+                last_exits: std::collections::HashMap::new(),
             },
             slots,
             sockets: Sockets { listeners, round_robin, control: Some(control) },
@@ -376,27 +379,30 @@ impl Master {
 
     // ---- events and timers -------------------------------------------------
 
-    /// Sends an event to the master function's stream and logs it once: the
-    /// routine start-up steps at DEBUG, deaths and crash loops at WARN (at
-    /// DEBUG during shutdown, where exits are expected), the rest at INFO.
+    /// Sends an event to the master function's stream and logs it, the one
+    /// log line of that event (no other line of the cluster repeats it): at
+    /// the level [`ClusterEvent`] documents, with target
+    /// [`LOG_TARGET`](crate::events::LOG_TARGET) and the event's `Display` as
+    /// the message.
     fn emit(&self, event: ClusterEvent) {
+        use crate::events::LOG_TARGET;
         let replacing = self.reload.running().is_some() || self.agent_reload.is_running();
         match &event {
-            // Hung: logged at ERROR, with its fields, where it is decided.
-            ClusterEvent::Spawned { .. }
-            | ClusterEvent::AgentReady { .. }
-            | ClusterEvent::WorkerReady { .. }
-            | ClusterEvent::Hung { .. } => {
-                tracing::debug!(%event, "cluster event")
+            ClusterEvent::Spawned { .. } | ClusterEvent::AgentReady { .. } | ClusterEvent::WorkerReady { .. } => {
+                tracing::debug!(target: LOG_TARGET, "{event}")
             }
+            // Expected: the stop or the replacement asked for it.
             ClusterEvent::Exited { .. } if self.stop.is_stopping() || replacing => {
-                tracing::debug!(%event, "cluster event")
+                tracing::debug!(target: LOG_TARGET, "{event}")
+            }
+            ClusterEvent::StartFailed { .. } | ClusterEvent::SlotFailed { .. } | ClusterEvent::Hung { .. } => {
+                tracing::error!(target: LOG_TARGET, "{event}")
             }
             ClusterEvent::Exited { .. }
-            | ClusterEvent::StartFailed { .. }
             | ClusterEvent::RestartScheduled { .. }
-            | ClusterEvent::SlotFailed { .. } => tracing::warn!(%event, "cluster event"),
-            _ => tracing::info!(%event, "cluster event"),
+            | ClusterEvent::MemoryLimit { .. }
+            | ClusterEvent::ReloadFailed { .. } => tracing::warn!(target: LOG_TARGET, "{event}"),
+            _ => tracing::info!(target: LOG_TARGET, "{event}"),
         }
         // Reloads from SIGHUP, the API and the control socket alike.
         match &event {

@@ -30,11 +30,17 @@
 //! | `tandem_metrics_accept_errors_total` | counter (`EMFILE` and the like) | |
 //! | `tandem_round_robin_lost_total` | counter (handed-off connections a worker could not receive; closed) | |
 //!
+//! Every sample also carries `cluster`, the cluster's name as `tandem ls`
+//! shows it ([`Builder::name`](crate::Builder::name), the executable's name by
+//! default), so that the clusters of one host (or of one binary) are told
+//! apart: `tandem_process_up{cluster="shop",role="worker",slot="1"} 1`.
+//!
 //! `slot` is `master`, `agent` or the worker id. The `tandem_leader_*`,
 //! `tandem_upstream_up` and the histogram are absent while the agent is down.
 //! The endpoint's own limits (connection cap, header and idle timeouts) are
 //! [`Config::metrics_max_connections`](crate::Config::metrics_max_connections) and the two after it.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -124,7 +130,9 @@ pub(crate) async fn render(
     let leader = handle.agent_stats().await;
     let snapshot = handle.snapshot().await?;
     let processes = handle.processes(&snapshot, None);
-    let mut registry = Registry::default();
+    // Every sample carries the cluster's name, as `tandem ls` shows it.
+    let cluster = (Cow::Borrowed("cluster"), Cow::Owned(snapshot.name.clone()));
+    let mut registry = Registry::with_labels(std::iter::once(cluster));
 
     let rss = Family::<ProcessLabels, Gauge>::default();
     let cpu = Family::<ProcessLabels, FloatCounter>::default();

@@ -1,13 +1,26 @@
-//! The status table: one row per process (pid, role, state, restarts, uptime,
-//! RSS), printed by the master on SIGUSR1 and at exit, and available to every
-//! process through [`Messenger::status`](crate::Messenger::status).
+//! The status table: one row per process (role, slot, pid, state, restarts,
+//! uptime, CPU, RSS, last exit), printed by the master on SIGUSR1 and at exit,
+//! shown by `tandem status`, and available to every process through
+//! [`Messenger::status`](crate::Messenger::status).
+//!
+//! [`ProcessInfo::table`] is the one text form of it: the master's table (on
+//! SIGUSR1 and at every stop) and `tandem status` print the same columns
+//! under the same headings.
+//!
+//! ```text
+//! ROLE   SLOT      PID STATE           RESTARTS  UPTIME  CPU%     RSS LAST EXIT
+//! master    -    16893 stopping               0      7s   0.4   16.8M -
+//! agent     -        - stopped                1       -     -       - code 0
+//! worker    1        - stopped                2       -     -       - code 0
+//! ```
 
 use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ProcessRole, WorkerId};
+use crate::control::ProcessInfo;
+use crate::{ExitReason, ProcessRole, WorkerId};
 
 /// The state of a process slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +82,9 @@ pub struct StatusRow {
     pub rss_bytes: Option<u64>,
     /// The agent's epoch.
     pub epoch: Option<u64>,
+    /// How the slot's last process ended (at a stop: how this one did).
+    #[serde(default)]
+    pub last_exit: Option<ExitReason>,
 }
 
 /// The cluster's status, master first, then the agent, then workers by id.
@@ -78,30 +94,11 @@ pub struct StatusTable {
     pub rows: Vec<StatusRow>,
 }
 
+/// The master's table (SIGUSR1, every stop), in the one text form
+/// `tandem status` prints too: [`ProcessInfo::table`].
 impl fmt::Display for StatusTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{:<10} {:>8} {:<12} {:>8} {:>10} {:>10} {:>5}",
-            "process", "pid", "state", "restarts", "uptime", "rss", "epoch"
-        )?;
-        for row in &self.rows {
-            let name = match row.worker_id {
-                Some(id) => format!("worker {id}"),
-                None => row.role.to_string(),
-            };
-            let pid = row.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
-            let uptime = row.uptime.map_or_else(|| "-".to_owned(), |u| format!("{:.1}s", u.as_secs_f64()));
-            let rss = row.rss_bytes.map_or_else(|| "-".to_owned(), |b| format!("{:.1}MiB", b as f64 / 1_048_576.0));
-            let epoch = row.epoch.map_or_else(|| "-".to_owned(), |e| e.to_string());
-            writeln!(
-                f,
-                "{name:<10} {pid:>8} {:<12} {:>8} {uptime:>10} {rss:>10} {epoch:>5}",
-                row.state.as_str(),
-                row.restarts
-            )?;
-        }
-        Ok(())
+        ProcessInfo::table(&self.processes()).fmt(f)
     }
 }
 
@@ -156,36 +153,77 @@ mod tests {
         assert!(rss > 100 * 1024, "{rss}");
     }
 
+    fn row(role: ProcessRole, worker_id: Option<WorkerId>, state: ProcessState) -> StatusRow {
+        StatusRow {
+            role,
+            worker_id,
+            pid: None,
+            state,
+            restarts: 0,
+            uptime: None,
+            rss_bytes: None,
+            epoch: None,
+            last_exit: None,
+        }
+    }
+
     #[test]
-    fn prints_one_line_per_process() {
-        let table = StatusTable {
-            rows: vec![
-                StatusRow {
-                    role: ProcessRole::Master,
-                    worker_id: None,
-                    pid: Some(10),
-                    state: ProcessState::Ready,
-                    restarts: 0,
-                    uptime: Some(Duration::from_secs(3)),
-                    rss_bytes: Some(2 * 1_048_576),
-                    epoch: None,
-                },
-                StatusRow {
-                    role: ProcessRole::Worker,
-                    worker_id: Some(2),
-                    pid: None,
-                    state: ProcessState::BackingOff,
-                    restarts: 4,
-                    uptime: None,
-                    rss_bytes: None,
-                    epoch: None,
-                },
-            ],
+    fn the_table_has_one_heading_and_one_aligned_line_per_process_within_80_columns() {
+        let master = StatusRow {
+            pid: Some(4_194_303),
+            uptime: Some(Duration::from_secs(3 * 86400 + 5 * 3600)),
+            rss_bytes: Some(16 * 1_048_576 + 838_861),
+            ..row(ProcessRole::Master, None, ProcessState::Stopping)
         };
+        let agent = StatusRow {
+            restarts: 1,
+            last_exit: Some(ExitReason::Code(0)),
+            ..row(ProcessRole::Agent, None, ProcessState::Stopped)
+        };
+        let worker = StatusRow {
+            restarts: 12,
+            last_exit: Some(ExitReason::Signal(9)),
+            ..row(ProcessRole::Worker, Some(2), ProcessState::BackingOff)
+        };
+        let table = StatusTable { rows: vec![master, agent, worker] };
         let text = table.to_string();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert!(lines[1].starts_with("master") && lines[1].contains("ready") && lines[1].contains("2.0MiB"));
-        assert!(lines[2].starts_with("worker 2") && lines[2].contains("backing off") && lines[2].contains(" 4 "));
+        assert_eq!(
+            lines,
+            [
+                "ROLE   SLOT      PID STATE           RESTARTS  UPTIME  CPU%     RSS LAST EXIT",
+                "master    -  4194303 stopping               0   3d05h     -   16.8M -",
+                "agent     -        - stopped                1       -     -       - code 0",
+                "worker    2        - waiting-restart       12       -     -       - SIGKILL",
+            ]
+        );
+        assert_eq!(lines[0], ProcessInfo::TABLE_HEADER);
+        assert!(lines.iter().all(|l| l.len() <= 80), "{text}");
+        // The state column starts where its heading does on every line.
+        let at = ProcessInfo::TABLE_HEADER.find("STATE").unwrap();
+        assert_eq!(&lines[3][at..at + 15], "waiting-restart");
+    }
+
+    #[test]
+    fn the_status_answer_and_the_masters_table_render_alike() {
+        let table = StatusTable {
+            rows: vec![StatusRow {
+                pid: Some(12),
+                restarts: 3,
+                uptime: Some(Duration::from_millis(187_000)),
+                rss_bytes: Some(3500),
+                last_exit: Some(ExitReason::Signal(64)),
+                ..row(ProcessRole::Worker, Some(1), ProcessState::Ready)
+            }],
+        };
+        let info = table.processes();
+        assert_eq!(info[0].state, "online");
+        assert_eq!(info[0].last_exit.as_deref(), Some("signal 64"));
+        // The pid does not exist: no CPU to read, as `status` would show it.
+        assert_eq!(ProcessInfo::table(&info).to_string(), table.to_string());
+        assert_eq!(
+            table.to_string().lines().nth(1),
+            Some("worker    1       12 online                 3   3m07s     -    3.4K signal 64")
+        );
     }
 }

@@ -200,6 +200,8 @@ impl Slot {
             uptime: proc.map(|p| p.spawned_at.elapsed()),
             rss_bytes: proc.and_then(|p| rss_bytes(p.pid)),
             epoch: proc.filter(|p| p.key.slot == SlotId::Agent).map(|p| p.epoch),
+            // The master fills it in (`Master::status_table`).
+            last_exit: None,
         }
     }
 }

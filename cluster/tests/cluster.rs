@@ -275,11 +275,18 @@ fn start_up_is_ordered_and_the_ready_line_lists_live_processes() {
     let m = format!("pid={}", ready.master);
     f.wait_stderr("the master's log line", |l| l.contains("role=\"master\"") && l.contains(&m));
 
-    // SIGUSR1: the status table on stderr.
+    // SIGUSR1: the status table on stderr (ROLE SLOT PID STATE RESTARTS UPTIME CPU% RSS LAST EXIT).
     signal(ready.master, Signal::SIGUSR1);
     let agent = ready.agent.to_string();
-    f.wait_stderr("the agent's status row", |l| l.starts_with("agent") && l.contains(&agent) && l.contains("ready"));
-    f.wait_stderr("worker 3's status row", |l| l.starts_with("worker 3") && l.contains("ready") && l.contains("MiB"));
+    let row = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<String>>();
+    f.wait_stderr("the agent's status row", |l| {
+        let r = row(l);
+        r.len() == 9 && r[0] == "agent" && r[2] == agent && r[3] == "online"
+    });
+    f.wait_stderr("worker 3's status row", |l| {
+        let r = row(l);
+        r.len() == 9 && r[0] == "worker" && r[1] == "3" && r[3] == "online" && r[7].ends_with('M')
+    });
 }
 
 #[test]

@@ -66,7 +66,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// One row per process: role, slot, pid, state, restarts, uptime, CPU, RSS.
+    /// One row per process: role, slot, pid, state, restarts, uptime, CPU, RSS,
+    /// last exit (the table the master prints at every stop).
     Status {
         /// The cluster's name (see `tandem ls`).
         name: String,
@@ -241,15 +242,6 @@ fn duration(ms: u64) -> String {
     }
 }
 
-fn bytes(n: u64) -> String {
-    match n {
-        0..1024 => format!("{n}B"),
-        1024..1_048_576 => format!("{:.1}K", n as f64 / 1024.0),
-        1_048_576..1_073_741_824 => format!("{:.1}M", n as f64 / 1_048_576.0),
-        _ => format!("{:.2}G", n as f64 / 1_073_741_824.0),
-    }
-}
-
 fn ls_table(clusters: &[Listed]) -> String {
     if clusters.is_empty() {
         return "no running clusters\n".to_owned();
@@ -278,26 +270,10 @@ fn ls_table(clusters: &[Listed]) -> String {
     out
 }
 
-/// A table like `pm2 ls`, at most 80 columns wide; the agent's Leader below it.
+/// The status table, in the one form the master prints at every stop too
+/// ([`ProcessInfo::table`]); the agent's Leader below it.
 fn status_table(rows: &[ProcessInfo]) -> String {
-    let mut out = format!(
-        "{:<7} {:>4} {:>8} {:<15} {:>8} {:>8} {:>6} {:>8}\n",
-        "ROLE", "SLOT", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "RSS"
-    );
-    let dash = || "-".to_owned();
-    for r in rows {
-        out += &format!(
-            "{:<7} {:>4} {:>8} {:<15} {:>8} {:>8} {:>6} {:>8}\n",
-            r.role,
-            r.slot.map_or_else(dash, |s| s.to_string()),
-            r.pid.map_or_else(dash, |p| p.to_string()),
-            r.state,
-            r.restarts,
-            r.uptime_ms.map_or_else(dash, duration),
-            r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
-            r.rss_bytes.map_or_else(dash, bytes),
-        );
-    }
+    let mut out = ProcessInfo::table(rows).to_string();
     if let Some(stats) = rows.iter().find_map(|r| r.leader.as_ref()) {
         let n = |field: &str| stats.get(field).and_then(Value::as_u64).unwrap_or(0);
         let channels = stats.get("channels").and_then(Value::as_array).cloned().unwrap_or_default();

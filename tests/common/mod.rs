@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use tandem_testkit::Lines;
@@ -46,7 +45,8 @@ pub fn registry_binary() -> PathBuf {
 /// A spawned process, stopped and reaped when dropped: SIGTERM (so a master
 /// removes its runtime directory), then SIGKILL by pid after 5 s.
 ///
-/// Derefs to its output [`Lines`] (stdout, and stderr if asked for):
+/// Derefs to its output [`Lines`] (stdout, the cluster events, and the other
+/// log lines if asked for: see [`spawn_with`](Self::spawn_with)):
 /// `proc.expect_line(..)`, `proc.seen`, `proc.drain()`.
 pub struct Proc {
     pub pid: i32,
@@ -65,25 +65,43 @@ impl Proc {
         Proc::spawn_with(program, args, &env, false)
     }
 
-    /// Spawns with extra environment variables; with `stderr`, stderr lines
-    /// join the stdout lines, prefixed with `stderr: `.
+    /// Spawns with extra environment variables. stdout and stderr share one
+    /// pipe, so the lines keep the order they were written in: stdout's lines
+    /// as they are; each cluster event's log line (target
+    /// `tandem_cluster::events`) as the event's own text (`cluster ready:
+    /// ...`); the other log lines echoed to the test's stderr and, with
+    /// `stderr`, kept too, prefixed with `stderr: `.
     pub fn spawn_with(program: &Path, args: &[&str], env: &[(&str, &std::ffi::OsStr)], stderr: bool) -> Proc {
+        let (reader, writer) = std::io::pipe().expect("pipe");
         let mut command = Command::new(program);
-        command.args(args).stdout(Stdio::piped()).kill_on_drop(true);
-        command.stderr(if stderr { Stdio::piped() } else { Stdio::inherit() });
+        command.args(args).kill_on_drop(true);
+        command.stdout(writer.try_clone().expect("pipe")).stderr(writer);
+        // The lines are read in the plain format, the events at INFO at least.
+        command.env_remove("TANDEM_LOG");
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            command.env("RUST_LOG", format!("{filter},tandem_cluster::events=info"));
+        }
         for (name, value) in env {
             command.env(name, value);
         }
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        let child = command.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        // The write ends are the child's only: the output ends when it (and its children) exit.
+        drop(command);
         let pid = child.id().expect("pid") as i32;
         let mut lines = Lines::new(format!("pid {pid}"));
-        if let Some(err) = child.stderr.take() {
-            lines.read_with(err, move |line| {
-                eprintln!("[{pid}] {line}");
-                format!("stderr: {line}")
-            });
-        }
-        lines.read(child.stdout.take().expect("stdout"));
+        let output = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into()).expect("pipe receiver");
+        let (mut kept, kept_rx) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            let mut output = tokio::io::BufReader::new(output).lines();
+            while let Ok(Some(line)) = output.next_line().await {
+                if let Some(line) = output_line(pid, stderr, line) {
+                    // Err: nobody reads the lines any more; the output is still read to its end.
+                    let _ = kept.write_all(format!("{line}\n").as_bytes()).await;
+                }
+            }
+        });
+        lines.read(kept_rx);
         Proc { pid, child, lines }
     }
 
@@ -125,6 +143,29 @@ impl Drop for Proc {
         }
         tandem_testkit::stop(self.pid, Duration::from_secs(5));
     }
+}
+
+/// The marker of a cluster event's log line in the plain format:
+/// `<time> <LEVEL> <span>: tandem_cluster::events: <the event>`.
+const EVENT_TARGET: &str = " tandem_cluster::events: ";
+
+/// What [`Proc`] keeps of one line of its output (see [`Proc::spawn_with`]).
+fn output_line(pid: i32, stderr: bool, line: String) -> Option<String> {
+    if let Some(at) = line.find(EVENT_TARGET) {
+        eprintln!("[{pid}] {line}");
+        return Some(line[at + EVENT_TARGET.len()..].to_owned());
+    }
+    if is_log_line(&line) {
+        eprintln!("[{pid}] {line}");
+        return stderr.then(|| format!("stderr: {line}"));
+    }
+    Some(line)
+}
+
+/// A `tracing` line in the plain format: it starts with an RFC 3339 time (`2026-12-07T16:10:48.175491Z`).
+fn is_log_line(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.len() > 20 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' && b[7] == b'-' && b[10] == b'T'
 }
 
 /// The real `tandem-registry` binary (built by `cargo test --workspace`; built

@@ -141,6 +141,7 @@ impl MasterHandle {
                     cpu_seconds: cpu,
                     rss_bytes: row.rss_bytes,
                     epoch: row.epoch,
+                    last_exit: row.last_exit.map(super::wire::short_exit),
                     leader: if row.role == ProcessRole::Agent { leader.take() } else { None },
                 }
             })

@@ -1,12 +1,13 @@
 //! The control protocol: JSON lines, the requests, the answers and their limits.
 
+use std::fmt;
 use std::io::{self, Write};
 
 use serde::{Deserialize, Serialize};
 
 use super::limits::{CODE_TOO_MANY_CONNECTIONS, ECHO_PREFIX, MAX_CONNECTIONS, MAX_REQUEST_LINE};
-use crate::WorkerId;
-use crate::status::ProcessState;
+use crate::status::{ProcessState, StatusRow, StatusTable, cpu_seconds};
+use crate::{ExitReason, WorkerId};
 
 // ---- the protocol ------------------------------------------------------------
 
@@ -191,10 +192,139 @@ pub struct ProcessInfo {
     pub rss_bytes: Option<u64>,
     /// The agent's epoch.
     pub epoch: Option<u64>,
+    /// How the slot's last process ended: `code <n>`, a signal's name
+    /// (`SIGKILL`; `signal <n>` when it has none) or `unknown`. `None` while
+    /// no process of the slot has ended.
+    #[serde(default)]
+    pub last_exit: Option<String>,
     /// On the agent's row: its report (for a tandem agent, the Leader's
     /// `Stats`), when it answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<serde_json::Value>,
+}
+
+impl ProcessInfo {
+    /// The heading line of [`table`](Self::table), without its newline.
+    pub const TABLE_HEADER: &'static str =
+        "ROLE   SLOT      PID STATE           RESTARTS  UPTIME  CPU%     RSS LAST EXIT";
+
+    /// The one text form of the status table, at most 80 columns wide: the
+    /// [heading](Self::TABLE_HEADER), then one line per process. The master
+    /// prints it on SIGUSR1 and at every stop
+    /// ([`StatusTable`]'s `Display`); `tandem status NAME` prints it from the
+    /// control socket's answer.
+    ///
+    /// | column | what |
+    /// |---|---|
+    /// | `ROLE` | `master`, `agent` or `worker` |
+    /// | `SLOT` | the worker id (`-` for the others) |
+    /// | `PID` | the running process (`-`: none) |
+    /// | `STATE` | as [`state`](Self::state) |
+    /// | `RESTARTS` | processes started in the slot after the first (crashes and reloads) |
+    /// | `UPTIME` | of the running process: `42s`, `3m07s`, `5h02m`, `2d04h` |
+    /// | `CPU%` | of one core |
+    /// | `RSS` | resident memory: `512B`, `3.4K`, `16.8M`, `1.25G` |
+    /// | `LAST EXIT` | as [`last_exit`](Self::last_exit); `-` when no process of the slot has ended |
+    ///
+    /// ```text
+    /// ROLE   SLOT      PID STATE           RESTARTS  UPTIME  CPU%     RSS LAST EXIT
+    /// master    -    16893 stopping               0      7s   0.4   16.8M -
+    /// agent     -        - stopped                1       -     -       - code 0
+    /// worker    1        - stopped                2       -     -       - code 0
+    /// ```
+    pub fn table(rows: &[ProcessInfo]) -> impl fmt::Display + '_ {
+        ProcessTable(rows)
+    }
+}
+
+/// [`ProcessInfo::table`].
+struct ProcessTable<'a>(&'a [ProcessInfo]);
+
+impl fmt::Display for ProcessTable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", ProcessInfo::TABLE_HEADER)?;
+        let dash = || "-".to_owned();
+        for r in self.0 {
+            writeln!(
+                f,
+                "{:<6} {:>4} {:>8} {:<15} {:>8} {:>7} {:>5} {:>7} {}",
+                r.role,
+                r.slot.map_or_else(dash, |s| s.to_string()),
+                r.pid.map_or_else(dash, |p| p.to_string()),
+                r.state,
+                r.restarts,
+                r.uptime_ms.map_or_else(dash, duration),
+                r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
+                r.rss_bytes.map_or_else(dash, bytes),
+                r.last_exit.as_deref().unwrap_or("-"),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl StatusTable {
+    /// The rows as the control socket's `status` gives them, with each
+    /// process's CPU use averaged over its life (read from `/proc` now).
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        self.rows.iter().map(StatusRow::process_info).collect()
+    }
+}
+
+impl StatusRow {
+    /// This row as the control socket's `status` gives it, with the CPU use
+    /// averaged over the process's life (read from `/proc` now).
+    pub fn process_info(&self) -> ProcessInfo {
+        let cpu = self.pid.and_then(cpu_seconds);
+        let cpu_percent = cpu.zip(self.uptime.filter(|u| !u.is_zero())).map(|(cpu, u)| cpu / u.as_secs_f64() * 100.0);
+        ProcessInfo {
+            role: self.role.to_string(),
+            slot: self.worker_id,
+            pid: self.pid,
+            state: state_name(self.state).to_owned(),
+            restarts: self.restarts,
+            uptime_ms: self.uptime.map(|u| u64::try_from(u.as_millis()).unwrap_or(u64::MAX)),
+            cpu_percent: cpu_percent.map(|p| (p * 10.0).round() / 10.0),
+            cpu_seconds: cpu,
+            rss_bytes: self.rss_bytes,
+            epoch: self.epoch,
+            last_exit: self.last_exit.map(short_exit),
+            leader: None,
+        }
+    }
+}
+
+/// An exit, short: `code 0`, `SIGKILL` (`signal 64` when the signal has no name), `unknown`.
+pub(crate) fn short_exit(exit: ExitReason) -> String {
+    match exit {
+        ExitReason::Code(code) => format!("code {code}"),
+        ExitReason::Signal(sig) => match nix::sys::signal::Signal::try_from(sig) {
+            Ok(name) => name.to_string(),
+            Err(_) => format!("signal {sig}"),
+        },
+        _ => "unknown".to_owned(),
+    }
+}
+
+/// A duration in milliseconds, in two units at most: `42s`, `3m07s`, `5h02m`, `2d04h`.
+fn duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// A size in bytes, in one unit: `512B`, `3.4K`, `16.8M`, `1.25G`.
+fn bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n}B"),
+        1024..1_048_576 => format!("{:.1}K", n as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1}M", n as f64 / 1_048_576.0),
+        _ => format!("{:.2}G", n as f64 / 1_073_741_824.0),
+    }
 }
 
 /// The answer to `stop`.
@@ -214,5 +344,22 @@ pub(crate) fn state_name(state: ProcessState) -> &'static str {
         ProcessState::Failed => "failed",
         ProcessState::Stopping => "stopping",
         ProcessState::Stopped => "stopped",
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn exits_sizes_and_durations_are_short() {
+        assert_eq!(short_exit(ExitReason::Code(3)), "code 3");
+        assert_eq!(short_exit(ExitReason::Signal(15)), "SIGTERM");
+        assert_eq!(short_exit(ExitReason::Signal(64)), "signal 64");
+        assert_eq!(short_exit(ExitReason::Unknown), "unknown");
+        assert_eq!(bytes(512), "512B");
+        assert_eq!(bytes(5 * 1_073_741_824 / 4), "1.25G");
+        assert_eq!(duration(59_999), "59s");
+        assert_eq!(duration(5 * 3_600_000 + 120_000), "5h02m");
     }
 }

@@ -161,7 +161,7 @@ impl Master {
             self.spawn_failed_transiently(slot, error);
             return;
         }
-        tracing::error!(slot = %slot, error = %error, "could not spawn");
+        // Logged once, as the event.
         self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Spawn(error.to_string()) });
         self.schedule_restart(slot);
     }
@@ -300,6 +300,7 @@ impl Master {
 
     pub(super) fn on_exit(&mut self, key: ProcKey, status: Option<ExitStatus>) {
         let exit = status.as_ref().map_or(ExitReason::Unknown, ExitReason::from_status);
+        self.progress.last_exits.insert(key.slot, exit);
         // A predecessor moved aside by a replacement (drained, or died while its successor started).
         if let Some(old) = self.slots.get_mut(key.slot).and_then(|s| s.previous.take_if(|p| p.key == key)) {
             let (process, uptime) = (old.process_ref(), old.spawned_at.elapsed());
@@ -343,7 +344,6 @@ impl Master {
             self.advance_stop();
             return;
         }
-        tracing::debug!(%process, %exit, "child died");
         if was_starting && !proc.timed_out {
             self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Exited(exit) });
         }
@@ -395,12 +395,8 @@ impl Master {
             match live.tick(now) {
                 Verdict::Ping(seq) => proc.control(ToChild::Ping { seq }),
                 Verdict::Hung { silent_for } => {
-                    tracing::error!(
-                        pid = proc.pid,
-                        slot = %slot.id,
-                        silent_ms = u64::try_from(silent_for.as_millis()).unwrap_or(u64::MAX),
-                        "no answer to pings: hung; SIGKILL, then restart as after a crash"
-                    );
+                    // Logged once, as the event (at ERROR); its exit is then
+                    // handled as a crash: a restart with backoff.
                     proc.liveness = None;
                     proc.kill();
                     hung.push(ClusterEvent::Hung { process: proc.process_ref(), silent_for });

@@ -205,7 +205,7 @@ impl Master {
         proc.timed_out = true;
         proc.kill();
         let process = proc.process_ref();
-        tracing::error!(%process, ?timeout, "did not report ready in time; killed");
+        // Logged once, as the event (at ERROR).
         self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::TimedOut(timeout) });
     }
 

@@ -37,14 +37,18 @@ impl Master {
 
     // ---- status ------------------------------------------------------------
 
-    /// The status table on stderr (SIGUSR1, exit); one JSON log event with `TANDEM_LOG=json`.
+    /// The status table on stderr (SIGUSR1, every stop), in the format `tandem
+    /// status` prints too ([`ProcessInfo::table`](crate::control::ProcessInfo::table));
+    /// one JSON log event with `TANDEM_LOG=json`.
     pub(super) fn print_status(&self) {
         let table = self.status_table();
         if crate::trace::json_logs() {
             let rows = serde_json::to_string(&table.rows).unwrap_or_default();
             tracing::info!(status = %rows, "status");
         } else {
-            eprint!("{table}");
+            // One write, so that no other line lands inside the table.
+            let text = table.to_string();
+            eprint!("{text}");
         }
     }
 
@@ -58,9 +62,14 @@ impl Master {
             uptime: Some(self.setup.started_at.elapsed()),
             rss_bytes: rss_bytes(self.setup.pid),
             epoch: None,
+            last_exit: None,
         };
         let mut rows = vec![master];
-        rows.extend(self.slots.iter().map(|s| s.status_row()));
+        rows.extend(self.slots.iter().map(|s| {
+            let mut row = s.status_row();
+            row.last_exit = self.progress.last_exits.get(&s.id).copied();
+            row
+        }));
         StatusTable { rows }
     }
 }
