@@ -201,6 +201,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The sockets passed by systemd's socket activation (`LISTEN_FDS`,
+    /// `LISTEN_FDNAMES`) cannot be used (start-up fails).
+    #[error("socket activation: {0}")]
+    SocketActivation(String),
     /// The worker asked for a listener the cluster does not declare.
     #[error("no listener named {name:?} (declared: {declared:?})")]
     NoSuchListener {

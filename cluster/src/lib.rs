@@ -136,6 +136,7 @@ mod spawn;
 mod status;
 mod stop;
 mod supervisor;
+mod systemd;
 mod timers;
 mod trace;
 mod worker;

@@ -181,8 +181,24 @@ pub(crate) struct BoundListeners {
 }
 
 impl BoundListeners {
-    /// Binds every listener; `workers` reuseport sockets each.
+    /// Binds every listener; `workers` reuseport sockets each. A listener
+    /// whose name is one of the sockets passed by systemd's socket activation
+    /// takes that socket instead (see [`crate::systemd::Activated`]).
     pub(crate) fn bind(specs: &[ListenerSpec], workers: usize) -> Result<Self, Error> {
+        let mut activated = crate::systemd::Activated::from_env()?;
+        let out = BoundListeners::bind_with(specs, workers, &mut activated)?;
+        for name in activated.leftover() {
+            tracing::warn!(socket = %name, declared = ?specs.iter().map(|s| &s.name).collect::<Vec<_>>(),
+                "socket activation passed a socket that no listener of the cluster is named after; closed");
+        }
+        Ok(out)
+    }
+
+    fn bind_with(
+        specs: &[ListenerSpec],
+        workers: usize,
+        activated: &mut crate::systemd::Activated,
+    ) -> Result<Self, Error> {
         let mut out = BoundListeners::default();
         for (i, spec) in specs.iter().enumerate() {
             if specs[..i].iter().any(|s| s.name == spec.name) {
@@ -194,14 +210,24 @@ impl BoundListeners {
             }
             let fail =
                 |source: io::Error| Error::Listen { name: spec.name.clone(), addr: spec.addr.to_string(), source };
-            let bound = match &spec.addr {
-                ListenAddr::Tcp(addr) => bind_tcp(addr, spec.mode, workers.max(1)).map_err(fail)?,
-                ListenAddr::Unix(path) => bind_unix(path, spec.mode).map_err(fail)?,
+            let mut mode = spec.mode;
+            let bound = match (activated.take(&spec.name), &spec.addr) {
+                (Some(socket), _) => {
+                    // One socket, systemd's: reuseport (a socket per worker) cannot be had from it.
+                    if mode == ShareMode::ReusePort {
+                        tracing::info!(listener = %spec.name,
+                            "the listener comes from socket activation, one socket: its workers share it (mode shared)");
+                        mode = ShareMode::Shared;
+                    }
+                    adopt(socket).map_err(fail)?
+                }
+                (None, ListenAddr::Tcp(addr)) => bind_tcp(addr, mode, workers.max(1)).map_err(fail)?,
+                (None, ListenAddr::Unix(path)) => bind_unix(path, mode).map_err(fail)?,
             };
             let (kind, sockets, address, unix_path) = bound;
-            tracing::info!(listener = %spec.name, %address, mode = %spec.mode, sockets = sockets.len(), "listening");
+            tracing::info!(listener = %spec.name, %address, %mode, sockets = sockets.len(), "listening");
             out.bound.push(Bound {
-                info: ListenerInfo { name: spec.name.clone(), address, mode: spec.mode },
+                info: ListenerInfo { name: spec.name.clone(), address, mode },
                 kind,
                 sockets,
                 unix_path,
@@ -261,6 +287,23 @@ impl Drop for BoundListeners {
 }
 
 type BindResult = (Kind, Vec<OwnedFd>, String, Option<PathBuf>);
+
+/// A listening socket passed by socket activation: its kind and address from
+/// the socket itself; its file (for a Unix socket) belongs to systemd.
+fn adopt(socket: OwnedFd) -> io::Result<BindResult> {
+    let local = socket2::SockRef::from(&socket).local_addr()?;
+    let (kind, address) = match (local.as_socket(), local.as_pathname()) {
+        (Some(addr), _) => (Kind::Tcp, addr.to_string()),
+        (None, Some(path)) => (Kind::Unix, format!("unix:{}", path.display())),
+        (None, None) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a passed socket that is neither TCP nor a Unix path",
+            ));
+        }
+    };
+    Ok((kind, vec![socket], address, None))
+}
 
 fn bind_tcp(addr: &str, mode: ShareMode, workers: usize) -> io::Result<BindResult> {
     let mut resolved = addr.to_socket_addrs()?;

@@ -268,6 +268,10 @@ impl Master {
         };
         #[cfg(not(feature = "metrics"))]
         let metrics_addr = None;
+        if let Some(notifier) = crate::systemd::Notifier::from_env() {
+            let events = self.outbound.events.subscribe();
+            crate::systemd::spawn(notifier, events, handle.clone(), &self.lifetime.tasks, self.lifetime.cancel.clone());
+        }
         if let Some(control) = self.sockets.control.take() {
             control.spawn(handle, &self.lifetime.tasks, self.lifetime.cancel.clone());
         }

@@ -98,6 +98,11 @@ fn spawn(program: &Program, role: ProcessRole, worker_id: Option<WorkerId>) -> i
     let fd_child_raw = fd_child.as_raw_fd();
 
     let mut cmd = Command::new(exe);
+    // systemd's variables are the master's: its children are not the service's
+    // main process and hold none of the passed sockets.
+    for key in crate::systemd::ENV {
+        cmd.env_remove(key);
+    }
     cmd.args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env(ENV_ROLE, role.as_str())
