@@ -124,9 +124,11 @@ impl AgentReload {
         };
         let mut actions = Vec::new();
         if let Err(e) = allowed {
-            tracing::warn!(error = %e, "agent reload refused");
             if matches!(e, ReloadError::InProgress { .. } | ReloadError::ExecutableMissing { .. }) {
+                tracing::debug!(error = %e, "agent reload refused");
                 actions.push(Action::Emit(ClusterEvent::ReloadFailed { reason: e.to_string() }));
+            } else {
+                tracing::warn!(error = %e, "agent reload refused");
             }
             actions.push(Action::Reply(Reply::AgentReload(reply, Err(e))));
             return actions;
@@ -143,7 +145,7 @@ impl AgentReload {
             reply,
             started: Instant::now(),
         });
-        tracing::info!(pid, epoch, "agent reload: stopping the agent; its successor starts once it has exited");
+        tracing::debug!(pid, epoch, "agent reload: stopping the agent; its successor starts once it has exited");
         actions.push(Action::Emit(ClusterEvent::AgentReloadStarted { pid, epoch }));
         actions.push(Action::After(grace, Timer::AgentStopDeadline(key)));
         actions
@@ -208,7 +210,7 @@ impl AgentReload {
         };
         let Phase::Starting { new_pid, .. } = running.phase else { return Vec::new() };
         let took = running.started.elapsed();
-        tracing::info!(old = running.old_pid, new = new_pid, epoch, ?took, "agent reloaded");
+        tracing::debug!(old = running.old_pid, new = new_pid, epoch, ?took, "agent reloaded");
         let report = AgentReloadReport { old_pid: running.old_pid, old_epoch: running.old_epoch, new_pid, epoch, took };
         vec![
             Action::Emit(ClusterEvent::AgentReloaded { old: running.old_pid, new: new_pid, epoch }),
@@ -219,7 +221,7 @@ impl AgentReload {
     fn fail(&mut self, reason: String) -> Vec<Action> {
         let Some(running) = self.running.take() else { return Vec::new() };
         let e = ReloadError::AgentFailed { reason, old_pid: running.old_pid };
-        tracing::error!(error = %e, "agent reload failed");
+        tracing::debug!(error = %e, "agent reload failed");
         vec![
             Action::Emit(ClusterEvent::ReloadFailed { reason: e.to_string() }),
             Action::Reply(Reply::AgentReload(running.reply, Err(e))),

@@ -379,7 +379,7 @@ impl Dispatch {
         match msg {
             ToChild::Init(_) => tracing::warn!("a second Init from the master; ignored"),
             ToChild::AgentChanged(info) => {
-                tracing::info!(agent.pid = info.pid, epoch = info.epoch, up = info.up, "agent changed");
+                tracing::debug!(agent.pid = info.pid, epoch = info.epoch, up = info.up, "agent changed");
                 self.agent.send_replace(info);
             }
             ToChild::ClusterReady => {

@@ -55,7 +55,7 @@
 //! [`Builder::metrics`] is set.
 //!
 //! ```no_run
-//! use tandem_cluster::{AgentReady, BoxError, Cluster, Target};
+//! use tandem_cluster::{AgentReady, BoxError, Cluster, ClusterEvent, Target};
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), BoxError> {
@@ -85,9 +85,13 @@
 //!             Ok(())
 //!         })
 //!         .master(|ctx| async move {
+//!             // The cluster logs each event itself (stderr); the master
+//!             // function acts on the ones it cares about.
 //!             let mut events = ctx.events();
 //!             while let Some(event) = events.recv().await {
-//!                 println!("{event}"); // "cluster ready: master=.. agent=.. workers=..,.."
+//!                 if let ClusterEvent::ClusterReady { workers, .. } = event {
+//!                     println!("serving with {} workers", workers.len());
+//!                 }
 //!             }
 //!             Ok(())
 //!         })

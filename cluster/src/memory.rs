@@ -82,7 +82,7 @@ impl MemoryLimits {
             && rss > limit
         {
             let (pid, key) = (proc.pid, proc.key);
-            tracing::warn!(pid, rss, limit, "agent over its memory limit; stopping it (it will be restarted)");
+            tracing::debug!(pid, rss, limit, "agent over its memory limit; stopping it (it will be restarted)");
             actions.push(Action::Stop { to: key, grace: sample.agent_grace });
             self.agent_stopping = true;
             actions.push(Action::Emit(ClusterEvent::MemoryLimit {
@@ -129,7 +129,7 @@ impl MemoryLimits {
                     limit,
                 }));
                 if !delay.is_zero() {
-                    tracing::warn!(
+                    tracing::debug!(
                         worker.id = id,
                         pid,
                         rss,
@@ -147,7 +147,7 @@ impl MemoryLimits {
                     continue;
                 }
             }
-            tracing::warn!(worker.id = id, pid, rss, limit, "over the memory limit; replacing it gracefully");
+            tracing::debug!(worker.id = id, pid, rss, limit, "over the memory limit; replacing it gracefully");
             actions.push(Action::ReplaceOverMemory(id));
             return actions;
         }

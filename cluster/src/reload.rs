@@ -130,7 +130,7 @@ impl Reload {
                 skipped.push(id);
             }
         }
-        tracing::info!(workers = pending.len(), skipped = ?skipped, "reload: replacing workers one slot at a time");
+        tracing::debug!(workers = pending.len(), skipped = ?skipped, "reload: replacing workers one slot at a time");
         actions.push(Action::Emit(ClusterEvent::ReloadStarted { workers: pending.iter().copied().collect() }));
         self.run = Some(Run::new(ReplaceReason::Reload, pending, skipped, reply));
         actions.push(Action::Advance(Machine::Reload));
@@ -193,7 +193,7 @@ impl Reload {
         match outcome {
             Ok((new, new_pid)) => {
                 let active = &mut run.active[pos];
-                tracing::info!(worker.id = id, old = active.old_pid, new = new_pid, "replacement started");
+                tracing::debug!(worker.id = id, old = active.old_pid, new = new_pid, "replacement started");
                 active.new_pid = new_pid;
                 active.phase = Phase::Starting { new };
                 vec![Action::Advance(Machine::Reload)]
@@ -294,7 +294,8 @@ impl Reload {
             format!("{exit} before it was ready")
         };
         let reason = format!("worker {}: new process {} {why}", active.id, active.new_pid);
-        tracing::error!(%reason, "replacement failed; rolling back");
+        // The `reload failed` event (WARN, with this reason) is the log line.
+        tracing::debug!(%reason, "replacement failed; rolling back");
         let had_old = slots.get(key.slot).is_some_and(|s| s.previous.is_some());
         actions.push(Action::Restore(key.slot));
         if !had_old && !stopping {

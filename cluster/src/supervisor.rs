@@ -175,7 +175,7 @@ impl Slot {
                 Action::After(delay, Timer::Restart { slot, id }),
             ],
             Restart::Failed { retry_after, failures } => {
-                tracing::error!(slot = %slot, failures, "crash loop: slot marked failed");
+                tracing::debug!(slot = %slot, failures, "crash loop: slot marked failed");
                 vec![
                     Action::Emit(ClusterEvent::SlotFailed { role, worker_id, failures, retry_after }),
                     Action::After(retry_after, Timer::Restart { slot, id }),
