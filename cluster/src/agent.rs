@@ -75,6 +75,7 @@ impl AgentContext {
 
     /// The links workers open to this agent (the Followers' relayed transport).
     /// The first call gets the stream; later calls get one that ends at once.
+    #[doc(hidden)]
     pub fn links(&self) -> Links {
         let taken = self.links.lock().unwrap_or_else(PoisonError::into_inner).take();
         match taken {

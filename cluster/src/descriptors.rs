@@ -21,6 +21,8 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use tandem_protocol::internal::{Backoff, Jitter};
+
 /// Descriptors held in reserve: more than one spawn needs (see the module docs).
 pub(crate) const RESERVE: usize = 16;
 
@@ -99,11 +101,10 @@ pub(crate) const TRANSIENT_RETRY_FIRST: std::time::Duration = std::time::Duratio
 /// The longest wait between such retries: a slot recovers within this of the resource freeing.
 pub(crate) const TRANSIENT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The wait before the next attempt after `failures` consecutive transient
-/// spawn failures: 100 ms, doubling, at most 1 s.
-pub(crate) fn transient_retry_delay(failures: u32) -> std::time::Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    TRANSIENT_RETRY_FIRST.saturating_mul(1 << exp).min(TRANSIENT_RETRY_MAX)
+/// The waits between attempts after spawns failed for a transient lack of
+/// resources: 100 ms, doubling, at most 1 s (exact: no jitter, a slot's own pauses).
+pub(crate) fn transient_backoff() -> Backoff {
+    Backoff::new(TRANSIENT_RETRY_FIRST, TRANSIENT_RETRY_MAX).jitter(Jitter::Symmetric(0.0))
 }
 
 /// What [`raise_nofile_limit`] did.
@@ -158,10 +159,11 @@ mod tests {
 
     #[test]
     fn transient_retries_back_off_to_a_one_second_cap() {
-        let ms: Vec<u128> = (1..=7).map(|n| transient_retry_delay(n).as_millis()).collect();
+        let mut backoff = transient_backoff();
+        let ms: Vec<u128> = (1..=7).map(|_| backoff.next_delay().as_millis()).collect();
         assert_eq!(ms, [100, 200, 400, 800, 1000, 1000, 1000]);
-        assert_eq!(transient_retry_delay(u32::MAX), TRANSIENT_RETRY_MAX);
-        assert_eq!(transient_retry_delay(0), TRANSIENT_RETRY_FIRST);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), TRANSIENT_RETRY_FIRST);
     }
 
     #[test]

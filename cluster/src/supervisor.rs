@@ -16,6 +16,7 @@
 
 use std::path::PathBuf;
 
+use tandem_protocol::internal::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -120,6 +121,8 @@ pub(crate) struct Slot {
     /// Consecutive spawns that failed for a transient lack of resources
     /// (descriptors, processes, memory): retried, never counted as crashes.
     pub transient_failures: u32,
+    /// The pauses between those retries.
+    pub transient_backoff: Backoff,
 }
 
 impl Slot {
@@ -134,6 +137,7 @@ impl Slot {
             timer: 0,
             previous: None,
             transient_failures: 0,
+            transient_backoff: crate::descriptors::transient_backoff(),
         }
     }
 

@@ -15,7 +15,8 @@ use crate::{Error, Listener, Messenger, WorkerId};
 /// A worker's view of the cluster, given to its start function.
 ///
 /// The function connects its Follower (to [`agent_socket`](Self::agent_socket)
-/// with [`token`](Self::token), or over [`open_link`](Self::open_link)), calls
+/// with [`token`](Self::token), or over a link the master relays, which
+/// `tandem::cluster_glue::WorkerConnector` opens), calls
 /// [`ready`](Self::ready), works until [`stop_token`](Self::stop_token) is
 /// cancelled, and returns.
 #[derive(Debug, Clone)]
@@ -71,7 +72,8 @@ impl WorkerContext {
     }
 
     /// Opens a link to the agent relayed by the master (same as
-    /// `self.messenger().open_link()`).
+    /// `self.messenger().open_link()`); tandem's own glue uses it.
+    #[doc(hidden)]
     pub async fn open_link(&self) -> Result<FrameLink, Error> {
         self.core.messenger.open_link().await
     }

@@ -113,6 +113,7 @@ impl Master {
             s.state = ProcessState::Starting;
             s.crash_loop.spawned();
             let transient = std::mem::take(&mut s.transient_failures);
+            s.transient_backoff.reset();
             if transient > 0 {
                 tracing::info!(%slot, pid, failed_attempts = transient, "spawned again: the resources freed");
             }
@@ -175,7 +176,7 @@ impl Master {
         s.state = ProcessState::BackingOff;
         s.timer += 1;
         let (failures, id) = (s.transient_failures, s.timer);
-        let delay = crate::descriptors::transient_retry_delay(failures);
+        let delay = s.transient_backoff.next_delay();
         if failures == 1 {
             tracing::warn!(
                 %slot,
