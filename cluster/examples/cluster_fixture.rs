@@ -65,6 +65,11 @@ struct Args {
     /// worker 1 opens one and reads it slowly (bursts with pauses).
     #[arg(long, default_value_t = 0)]
     flood: u64,
+    /// Worker 1 leaves this many orphans once ready: each a `sleep` whose
+    /// parent shell exits at once, so it is re-parented (to PID 1, the master
+    /// in a new PID namespace) and exits 50 ms later.
+    #[arg(long, default_value_t = 0)]
+    orphans: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -206,6 +211,12 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), BoxError> {
     ctx.ready().await?;
     if args.links && id == 1 {
         tokio::spawn(link_checks(ctx.clone()));
+    }
+    if args.orphans > 0 && id == 1 {
+        for _ in 0..args.orphans {
+            tokio::process::Command::new("sh").args(["-c", "sleep 0.05 & exit 0"]).status().await?;
+        }
+        println!("worker 1 orphans made={}", args.orphans);
     }
     if args.flood > 0 && id == 1 {
         tokio::spawn(flood_check(ctx.clone(), args.flood));

@@ -129,6 +129,7 @@ mod metrics;
 #[cfg(feature = "metrics")]
 mod metrics_endpoint;
 mod process;
+mod reaper;
 mod reload;
 mod reload_handle;
 mod restart;

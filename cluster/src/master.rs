@@ -268,6 +268,7 @@ impl Master {
         };
         #[cfg(not(feature = "metrics"))]
         let metrics_addr = None;
+        crate::reaper::spawn_if_init(&self.lifetime.tasks, self.lifetime.cancel.clone());
         if let Some(notifier) = crate::systemd::Notifier::from_env() {
             let events = self.outbound.events.subscribe();
             crate::systemd::spawn(notifier, events, handle.clone(), &self.lifetime.tasks, self.lifetime.cancel.clone());
