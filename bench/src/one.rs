@@ -5,7 +5,8 @@
 //! coordinator: 1 leader + F followers (F = --one-followers, 4), each `subscribe_one("jobs")`
 //! leader:      publishes seq 0, 1, 2… on "jobs" at --one-rate (per-ms bursts, awaiting EventSender::ready)
 //! follower:    per batch read: Delivered{seqs, positions, redelivered} ──written to the socket──> then ack
-//! every --one-kill-ms: SIGKILL the next follower (round-robin), start a replacement at once
+//! every --one-kill-ms: SIGKILL the next follower (round-robin; from a timer thread, at a moment
+//!                      independent of the reports), start a replacement at once
 //! window over: the publisher reports its count; wait until every seq is received (at most DRAIN),
 //!              then until the reports go quiet (QUIET); count
 //! ```
@@ -21,12 +22,14 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::api::ONE_KEY;
 use crate::clock::{NS_PER_MS, Window, mono_ns};
 use crate::context::Ctx;
 use crate::control::{Cmd, Incoming, Report};
+use crate::procs::kill_at;
 use crate::results::DeliverOneResult;
 
 /// How long after the window the followers may take to receive every published seq.
@@ -36,6 +39,8 @@ const DRAIN: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(300);
 /// How long the publisher may take to report its count after the window.
 const PUBLISHER_REPORT: Duration = Duration::from_secs(30);
+/// How late a kill may come after its time before the phase gives up.
+const KILL_LATE: Duration = Duration::from_secs(5);
 /// How long the group may take to start and subscribe.
 const STARTUP: Duration = crate::context::STARTUP;
 
@@ -124,6 +129,8 @@ struct Group {
     subscribed: HashSet<u32>,
     published: Option<(u64, f64, u64)>,
     received: Received,
+    /// The kill armed and not yet seen done: its victim must not be reaped before.
+    armed: Option<oneshot::Receiver<std::io::Result<()>>>,
 }
 
 impl Group {
@@ -174,8 +181,13 @@ pub async fn run(ctx: &mut Ctx) -> Result<DeliverOneResult> {
         subscribed: HashSet::new(),
         published: None,
         received: Received::new(limit),
+        armed: None,
     };
     let result = measure(ctx, &mut g, follower_args).await;
+    if let Some(fired) = g.armed.take() {
+        // Failed with a kill armed: let it fire before its victim can be reaped.
+        let _ = tokio::time::timeout(Duration::from_millis(config.one_kill_ms) + KILL_LATE, fired).await;
+    }
     let live: Vec<u32> = g.slots.clone();
     let _ = ctx.control.send_all(&live, &Cmd::Quit);
     ctx.procs.reap(&live, Duration::from_secs(3)).await;
@@ -211,14 +223,23 @@ async fn measure(ctx: &mut Ctx, g: &mut Group, follower_args: Vec<OsString>) -> 
     let mut killed = 0usize;
     let mut subscribed_at_kills = usize::MAX;
     while let Some(&at) = kill_times.peek() {
+        let slot = killed % followers;
+        let victim = g.slots[slot];
+        // Armed ahead, fired by the clock (see `kill_at`): its end is no surprise from now on.
+        g.killed.insert(victim);
+        g.armed = Some(kill_at(victim, at)?);
         pump(ctx, g, at_instant(at), |_| false).await?;
         kill_times.next();
         // A replacement may still be starting: how many were subscribed when one was killed.
         subscribed_at_kills = subscribed_at_kills.min(g.live_subscribed());
-        let slot = killed % followers;
-        let victim = g.slots[slot];
-        g.killed.insert(victim);
-        ctx.procs.kill(victim).with_context(|| format!("kill follower {victim}"))?;
+        let fired = g.armed.take().expect("armed above");
+        tokio::time::timeout(KILL_LATE, fired)
+            .await
+            .with_context(|| format!("follower {victim} was not killed within {KILL_LATE:?} of its time"))?
+            .context("the killer thread ended")?
+            .with_context(|| format!("kill follower {victim}"))?;
+        // Reaps it (the second SIGKILL finds it dead).
+        ctx.procs.kill(victim).with_context(|| format!("reap follower {victim}"))?;
         let pid = ctx.spawn(follower_args.clone())?;
         g.slots[slot] = pid;
         g.all.insert(pid);
