@@ -646,15 +646,16 @@ impl Results {
             },
             Target {
                 name: "deliver_one_duplicates",
-                goal: "<= 0.01 % of published, each marked redelivered",
-                measured: one.map(|o| o.duplicates_ratio * 100.0),
-                unit: "%",
+                goal: "<= 0.01 % (100 ppm) of published, each marked redelivered",
+                measured: one.map(|o| o.duplicates_ratio * 1e6),
+                unit: "ppm",
                 met: one.map(|o| o.duplicates_ratio <= 0.0001 && o.unmarked_duplicates == 0),
                 detail: one.map_or(setting.clone(), |o| {
                     format!(
-                        "{} duplicates ({:.1} per kill), {} unmarked; {} deliveries marked redelivered; \
+                        "{} duplicates ({:.4} %, {:.1} per kill), {} unmarked; {} deliveries marked redelivered; \
                          {} copies with another position",
                         o.duplicates,
+                        o.duplicates_ratio * 100.0,
                         o.duplicates as f64 / o.kills.max(1) as f64,
                         o.unmarked_duplicates,
                         o.marked_redelivered,
