@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::api::ONE_KEY;
+use crate::cli::MAX_ONE_EVENTS;
 use crate::clock::{NS_PER_MS, Window, mono_ns};
 use crate::context::Ctx;
 use crate::control::{Cmd, Incoming, Report};
@@ -172,7 +173,10 @@ pub async fn run(ctx: &mut Ctx) -> Result<DeliverOneResult> {
     follower_args.extend(common);
 
     let leader = ctx.spawn(leader_args)?;
-    let limit = (config.one_rate as f64 * config.one_seconds).ceil() as u64 + 1;
+    let limit = match config.one_rate {
+        0 => MAX_ONE_EVENTS,
+        rate => (rate as f64 * config.one_seconds).ceil() as u64 + 1,
+    };
     let mut g = Group {
         leader,
         slots: Vec::new(),

@@ -152,7 +152,7 @@ pub struct DeliverOneResult {
     pub followers: usize,
     pub payload_bytes: usize,
     pub seconds: f64,
-    /// The rate asked of the publisher, events/s.
+    /// The rate asked of the publisher, events/s (0: flat out).
     pub offered_rate: u64,
     /// Events the publisher sent (numbered 0..published).
     pub published: u64,

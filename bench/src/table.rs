@@ -154,7 +154,7 @@ fn deliver_one(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "  {:>10} {:>12.0} {:>10} {:>10} {:>6} {:>11} {:>8.4} {:>9} {:>9.0} {:>12.0}",
-        o.offered_rate,
+        if o.offered_rate == 0 { "flat out".to_string() } else { o.offered_rate.to_string() },
         o.published_per_sec,
         o.published,
         o.received_total,
@@ -180,10 +180,15 @@ fn deliver_one(out: &mut String, r: &Results) {
             let _ = writeln!(
                 out,
                 "  beside broadcast (direct, N={}, flat out): {:.0} events/s to every follower, {:.0} deliveries/s \
-                 in all; deliver-to-one is paced at the offered rate, not flat out",
+                 in all{}",
                 b.followers,
                 b.delivered_per_sec_min,
-                b.delivered_total as f64 / b.seconds
+                b.delivered_total as f64 / b.seconds,
+                if o.offered_rate == 0 {
+                    ""
+                } else {
+                    "; deliver-to-one ran paced at the offered rate (--one-rate 0: flat out)"
+                }
             );
         }
         None => {

@@ -11,6 +11,7 @@ use tandem::Leader;
 use tandem::leader::LeaderBuilder;
 
 use crate::api::{BenchApi, BenchUpstream, Sink, Tick};
+use crate::cli::MAX_ONE_EVENTS;
 use crate::clock::NS_PER_MS;
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
@@ -146,6 +147,9 @@ async fn publish_one(
 ) -> Result<Report> {
     let mut sink = upstream.sink_named(&key).with_context(|| format!("nobody subscribed to {key}"))?;
     let pad = Bytes::from(vec![0xA5; payload]);
+    if rate == 0 {
+        return Ok(flat_out_one(upstream, key, sink, pad, window).await);
+    }
     let (mut seq, mut refused, mut waited_ns, mut skipped) = (0u64, 0u64, 0u64, 0u64);
     let max_behind = rate.saturating_mul(MAX_CATCH_UP_MS) / 1000;
     let stop_ns = window.end_ns + STOP_AFTER_MS * NS_PER_MS;
@@ -195,3 +199,40 @@ async fn publish_one(
     }
     Ok(Report::PublishedOne { events: seq, waited_ms: waited_ns as f64 / 1e6, refused })
 }
+
+/// Deliver-to-one flat out (`--one-rate 0`): from the window's start, bursts
+/// of [`FLAT_OUT_BURST`] events as fast as [`Sink::ready`] allows, until the
+/// window ends (or [`MAX_ONE_EVENTS`] were sent).
+async fn flat_out_one(upstream: BenchUpstream, key: String, mut sink: Sink, pad: Bytes, window: Window) -> Report {
+    let (mut seq, mut refused, mut waited_ns) = (0u64, 0u64, 0u64);
+    sleep_until_ns(window.start_ns).await;
+    'window: while seq < MAX_ONE_EVENTS {
+        for _ in 0..FLAT_OUT_BURST {
+            {
+                let ready = sink.ready();
+                tokio::pin!(ready);
+                if ready.as_mut().now_or_never().is_none() {
+                    let before = mono_ns();
+                    ready.await;
+                    waited_ns += mono_ns() - before;
+                }
+            }
+            let now = mono_ns();
+            if now >= window.end_ns {
+                break 'window;
+            }
+            if !sink.send(Tick { key: 0, idx: seq, sent_ns: now, pad: pad.clone() }) {
+                refused += 1;
+                if let Some(next) = upstream.sink_named(&key) {
+                    sink = next;
+                }
+            }
+            seq += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    Report::PublishedOne { events: seq, waited_ms: waited_ns as f64 / 1e6, refused }
+}
+
+/// Events the flat-out publisher sends between two yields to the runtime.
+const FLAT_OUT_BURST: usize = 64;
