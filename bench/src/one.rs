@@ -254,16 +254,16 @@ async fn measure(ctx: &mut Ctx, g: &mut Group, follower_args: Vec<OsString>) -> 
         bail!("the publisher did not report its count within {PUBLISHER_REPORT:?} of the window's end");
     };
     let all_in = |g: &Group| g.received.unique >= published;
-    pump(ctx, g, at_instant(window.end_ns) + DRAIN, all_in).await?;
+    let drain_end = at_instant(window.end_ns) + DRAIN;
+    pump(ctx, g, drain_end, all_in).await?;
     let drained_ms = (mono_ns().saturating_sub(window.end_ns)) as f64 / 1e6;
-    if all_in(g) {
-        // Redeliveries of the last kill may still be on their way: count them.
-        loop {
-            let quiet = g.received.total;
-            pump(ctx, g, Instant::now() + QUIET, |g| g.received.total != quiet).await?;
-            if g.received.total == quiet {
-                break;
-            }
+    // Redeliveries of the last kill may still be on their way: counted until
+    // the reports stop for QUIET (within the drain's bound).
+    while all_in(g) && Instant::now() < drain_end {
+        let heard = g.received.total;
+        pump(ctx, g, (Instant::now() + QUIET).min(drain_end), |g| g.received.total != heard).await?;
+        if g.received.total == heard {
+            break;
         }
     }
     ctx.control.send(g.leader, &Cmd::Stats)?;

@@ -168,10 +168,11 @@ fn deliver_one(out: &mut String, r: &Results) {
     let _ = writeln!(
         out,
         "  marked redelivered {}; copies with another position {}; fewest subscribed at a kill {}; \
-         every seq in {:.0} ms after the window; leader dropped {}",
+         {} {:.0} ms after the window; leader dropped {}",
         o.marked_redelivered,
         o.position_changed,
         o.min_subscribed_at_kill,
+        if o.lost == 0 { "every seq in" } else { "the wait for the rest gave up" },
         o.drained_after_window_ms,
         o.leader_undelivered_dropped
     );
