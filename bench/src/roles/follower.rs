@@ -180,15 +180,9 @@ async fn take_one(client: &Client<BenchApi>, key: String, mut commands: Commands
                 {
                     batch.push(next);
                 }
-                let mut report = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()), Vec::new());
-                for (i, delivery) in batch.iter().enumerate() {
-                    report.0.push(delivery.value().idx);
-                    report.1.push(delivery.position().seq);
-                    if delivery.redelivered() {
-                        report.2.push(i as u32);
-                    }
-                }
-                let (seqs, positions, redelivered) = report;
+                let seqs = batch.iter().map(|d| d.value().idx).collect();
+                let positions = batch.iter().map(|d| d.position().seq).collect();
+                let redelivered = (0u32..).zip(&batch).filter(|(_, d)| d.redelivered()).map(|(i, _)| i).collect();
                 reporter.send(&Report::Delivered { seqs, positions, redelivered });
                 reporter.sync(REPORT_WRITTEN).await?;
                 for delivery in batch {
