@@ -37,6 +37,9 @@ pub fn key_name(key: usize) -> String {
     format!("k{key}")
 }
 
+/// The key of the deliver-to-one phase (its events are jobs shared by the followers).
+pub const ONE_KEY: &str = "jobs";
+
 /// The key the failover group's ticker changes every period.
 pub const TICKING_KEY: &str = "tick";
 
@@ -77,7 +80,12 @@ impl BenchUpstream {
 
     /// The current sink of `k{key}`, if the leader has it subscribed.
     pub fn sink(&self, key: usize) -> Option<Sink> {
-        self.sinks.lock().unwrap_or_else(|p| p.into_inner()).get(&key_name(key)).cloned()
+        self.sink_named(&key_name(key))
+    }
+
+    /// The current sink of `key`, if the leader has it subscribed.
+    pub fn sink_named(&self, key: &str) -> Option<Sink> {
+        self.sinks.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 }
 

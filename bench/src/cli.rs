@@ -76,6 +76,24 @@ pub struct Args {
     #[arg(long)]
     pub agent_restart_ms: Option<u64>,
 
+    /// Deliver-to-one: events per second the publisher offers on one key (paced in
+    /// per-millisecond bursts; it waits with `EventSender::ready` when the leader's queue is full).
+    /// 0: flat out (as fast as `ready` lets it).
+    #[arg(long, default_value_t = 50_000)]
+    pub one_rate: u64,
+
+    /// Deliver-to-one: length of the window, in seconds. Default 30 (5 with --quick).
+    #[arg(long)]
+    pub one_seconds: Option<f64>,
+
+    /// Deliver-to-one: follower processes subscribed to the key.
+    #[arg(long, default_value_t = 4)]
+    pub one_followers: usize,
+
+    /// Deliver-to-one: period of the follower kills (one SIGKILL, round-robin, then a replacement), in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub one_kill_ms: u64,
+
     /// Follower connections held open for the leader-memory measurement.
     #[arg(long, default_value_t = 1000)]
     pub mass_followers: usize,
@@ -107,6 +125,8 @@ pub enum Phase {
     Fanout,
     /// kill -9 of the standalone leader, then of the cluster's agent.
     Failover,
+    /// Deliver-to-one on one key to a few followers, one of them killed (and replaced) every second.
+    One,
     /// A leader with 1,000 follower connections.
     Memory,
 }
@@ -236,6 +256,10 @@ impl ClusterArgs {
 /// crash loop with a doubling delay). Below the steady period between kills.
 pub const AGENT_STABLE_AFTER: Duration = Duration::from_millis(100);
 
+/// The most events a deliver-to-one window may publish (`--one-rate` × `--one-seconds`):
+/// the coordinator keeps a few bytes per event to find losses and duplicates.
+pub const MAX_ONE_EVENTS: u64 = 100_000_000;
+
 /// The configuration of one bench run, as recorded in the JSON output.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -258,6 +282,11 @@ pub struct Config {
     /// A cluster agent ready this long counts as stable, so each kill is
     /// restarted after `agent_restart_ms` rather than a growing backoff.
     pub agent_stable_after_ms: u64,
+    /// Deliver-to-one: the offered rate (events/s), window, followers and kill period.
+    pub one_rate: u64,
+    pub one_seconds: f64,
+    pub one_followers: usize,
+    pub one_kill_ms: u64,
     pub mass_followers: usize,
     pub mass_processes: usize,
     pub server_threads: usize,
@@ -290,6 +319,18 @@ impl Config {
         );
         let default_restart = tandem::cluster::RestartPolicy::default().initial_delay;
         anyhow::ensure!(args.mass_processes >= 1 && args.mass_followers >= args.mass_processes, "--mass-*");
+        let one_seconds = args.one_seconds.unwrap_or(if quick { 5.0 } else { 30.0 });
+        anyhow::ensure!((1.0..=600.0).contains(&one_seconds), "--one-seconds: between 1 and 600");
+        anyhow::ensure!(args.one_rate <= 1_000_000, "--one-rate: at most 1000000 events/s (0: flat out)");
+        anyhow::ensure!(
+            args.one_rate as f64 * one_seconds <= MAX_ONE_EVENTS as f64,
+            "--one-rate x --one-seconds: at most {MAX_ONE_EVENTS} events (the coordinator keeps a count per event)"
+        );
+        anyhow::ensure!(
+            (2..=64).contains(&args.one_followers),
+            "--one-followers: 2..=64 (one is always being replaced)"
+        );
+        anyhow::ensure!((100..=60_000).contains(&args.one_kill_ms), "--one-kill-ms: 100..=60000");
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Config {
             quick,
@@ -298,7 +339,7 @@ impl Config {
             phases: args
                 .phases
                 .clone()
-                .unwrap_or_else(|| vec![Phase::Invoke, Phase::Fanout, Phase::Failover, Phase::Memory]),
+                .unwrap_or_else(|| vec![Phase::Invoke, Phase::Fanout, Phase::One, Phase::Failover, Phase::Memory]),
             payload_bytes: args.payload,
             seconds,
             warmup_seconds: if quick { 0.2 } else { 0.5 },
@@ -311,6 +352,10 @@ impl Config {
             failover_link: if args.failover_link == Link::Messenger { "messenger" } else { "direct" },
             agent_restart_ms: args.agent_restart_ms.unwrap_or(default_restart.as_millis() as u64),
             agent_stable_after_ms: AGENT_STABLE_AFTER.as_millis() as u64,
+            one_rate: args.one_rate,
+            one_seconds,
+            one_followers: args.one_followers,
+            one_kill_ms: args.one_kill_ms,
             mass_followers: args.mass_followers,
             mass_processes: args.mass_processes,
             server_threads: args.server_threads.unwrap_or(cores).max(1),
@@ -332,6 +377,11 @@ impl Config {
 
     pub fn phase(&self) -> Duration {
         Duration::from_secs_f64(self.seconds)
+    }
+
+    /// The deliver-to-one window.
+    pub fn one_window(&self) -> Duration {
+        Duration::from_secs_f64(self.one_seconds)
     }
 
     pub fn warmup(&self) -> Duration {

@@ -3,8 +3,8 @@
 //! ```text
 //! coordinator: listens on <private dir>/control.sock
 //! role process ──connect──> Hello{role, group, pid}      (path from TANDEM_BENCH_CONTROL)
-//! coordinator  ──Cmd──────> Invoke / Subscribe / Receive / Publish / Stats / Quit
-//! role process ──Report───> Ready / Invoked / Received / Published / Role / Value / Serving / Failed
+//! coordinator  ──Cmd──────> Invoke / Subscribe / Receive / Publish / SubscribeOne / PublishOne / Stats / Quit
+//! role process ──Report───> Ready / Invoked / Received / Published / Delivered / Role / Value / Serving / Failed
 //! ```
 //!
 //! One JSON object per line, both ways. A role exits when the channel closes,
@@ -45,6 +45,13 @@ pub enum Cmd {
     /// Publish on `k0..k{keys-1}` during `window`: flat out when `interval_us` is 0,
     /// otherwise one event every `interval_us`.
     Publish { keys: usize, interval_us: u64, payload: usize, window: Window },
+    /// Deliver-to-one: subscribe to `key` with `subscribe_one`, then report every
+    /// batch of deliveries (written to the channel) before acking it, until `Quit`.
+    SubscribeOne { key: String },
+    /// Deliver-to-one: publish on `key` during `window` at `rate` events/s, in
+    /// per-millisecond bursts, each event numbered from 0; wait with
+    /// `EventSender::ready` while the leader's queue for the key is full.
+    PublishOne { key: String, rate: u64, payload: usize, window: Window },
     /// Report the leader's statistics.
     Stats,
     /// Exit.
@@ -80,9 +87,28 @@ pub enum Report {
     Published {
         events: u64,
     },
+    /// Deliver-to-one: the publisher's count, and how long it waited in `EventSender::ready`.
+    PublishedOne {
+        events: u64,
+        waited_ms: f64,
+        /// Sends refused because the leader had dropped the key (nobody subscribed).
+        refused: u64,
+    },
+    /// Deliver-to-one: one batch of deliveries a follower read, reported before it acks them.
+    Delivered {
+        /// The publisher's sequence number of each delivery.
+        seqs: Vec<u64>,
+        /// The leader's `position().seq` of each delivery (a redelivery keeps it).
+        positions: Vec<u64>,
+        /// Indices into `seqs` of the deliveries marked `redelivered()`.
+        redelivered: Vec<u32>,
+    },
     Stats {
         followers: usize,
         subscribers: usize,
+        /// Deliver-to-one events the leader dropped undelivered (`Stats::undelivered_dropped`).
+        #[serde(default)]
+        undelivered_dropped: u64,
     },
     /// A standalone process's role changed.
     Role {
@@ -172,16 +198,27 @@ impl Control {
         &mut self,
         timeout: Duration,
         what: &str,
-        mut pick: impl FnMut(&Incoming) -> Option<T>,
+        pick: impl FnMut(&Incoming) -> Option<T>,
     ) -> Result<T> {
+        match self.wait_until(Instant::now() + timeout, pick).await? {
+            Some(value) => Ok(value),
+            None => bail!("timed out after {timeout:?} waiting for {what}"),
+        }
+    }
+
+    /// As [`Control::wait`], but reaching `deadline` is no error: `None`.
+    pub async fn wait_until<T>(
+        &mut self,
+        deadline: Instant,
+        mut pick: impl FnMut(&Incoming) -> Option<T>,
+    ) -> Result<Option<T>> {
         if let Some(i) = self.backlog.iter().position(|m| pick(m).is_some()) {
             let incoming = self.backlog.remove(i).expect("position is in range");
-            return Ok(pick(&incoming).expect("picked before"));
+            return Ok(pick(&incoming));
         }
-        let deadline = Instant::now() + timeout;
         loop {
             let Some(incoming) = self.next(deadline).await else {
-                bail!("timed out after {timeout:?} waiting for {what}");
+                return Ok(None);
             };
             if self.forgotten.contains(&incoming.pid) {
                 continue;
@@ -190,7 +227,7 @@ impl Control {
                 bail!("process {} failed: {error}", incoming.pid);
             }
             if let Some(value) = pick(&incoming) {
-                return Ok(value);
+                return Ok(Some(value));
             }
             if self.backlog.len() >= BACKLOG {
                 self.backlog.pop_front();
@@ -293,6 +330,20 @@ impl Reporter {
     pub fn send(&self, report: &Report) {
         if let Ok(line) = serde_json::to_string(report) {
             let _ = self.tx.send(Out::Line(line));
+        }
+    }
+
+    /// Waits until every report sent so far is written to the channel (in the
+    /// kernel's socket buffer: the coordinator reads it even if this process
+    /// is killed next). An error if that takes longer than `timeout` or the
+    /// channel has closed: the caller must not act as if the reports were written.
+    pub async fn sync(&self, timeout: Duration) -> Result<()> {
+        let (done, written) = oneshot::channel();
+        self.tx.send(Out::Flush(done)).map_err(|_| anyhow!("the control channel has closed"))?;
+        match tokio::time::timeout(timeout, written).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => bail!("the control channel closed before the reports were written"),
+            Err(_) => bail!("the reports were not written to the control channel within {timeout:?}"),
         }
     }
 

@@ -6,6 +6,7 @@
 //!     start a group (1 server process + N client processes)
 //!     RSS idle -> invoke c=1 -> invoke c=64 (RSS) -> subscribe -> fan-out flat out (RSS) -> fan-out paced
 //!     stop the group
+//! deliver-to-one: one leader, 4 followers on one key, one killed and replaced every second
 //! failover: standalone group, kill -9 the leader, repeat;
 //!           cluster (master, agent, workers), kill -9 the agent, repeat
 //! memory:   one leader, 1,000 follower connections in a few processes
@@ -21,7 +22,7 @@ use crate::context::Ctx;
 use crate::placement::Placement;
 use crate::results::Results;
 use crate::transport::Transport;
-use crate::{failover, memory, phases, plot, runner, table};
+use crate::{failover, memory, one, phases, plot, runner, table};
 
 /// Runs the whole bench and writes its outputs.
 pub async fn run(config: Config) -> Result<()> {
@@ -71,6 +72,19 @@ pub async fn run(config: Config) -> Result<()> {
             }
             group.stop(&mut ctx).await;
         }
+    }
+
+    if config.runs(Phase::One) {
+        ctx.progress(format!(
+            "deliver-to-one: {} followers, {} events/s offered for {} s, SIGKILL one every {} ms",
+            config.one_followers, config.one_rate, config.one_seconds, config.one_kill_ms
+        ));
+        let one = one::run(&mut ctx).await?;
+        ctx.progress(format!(
+            "deliver-to-one: {} published, {} lost, {} duplicates ({} unmarked) over {} kills",
+            one.published, one.lost, one.duplicates, one.unmarked_duplicates, one.kills
+        ));
+        results.deliver_one = Some(one);
     }
 
     if config.runs(Phase::Failover) {

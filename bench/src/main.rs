@@ -8,6 +8,7 @@
 //! cargo run --release -p tandem-bench -- --followers 1,2,4,8 --payload 64 --seconds 3
 //! cargo run --release -p tandem-bench -- --transports direct,messenger --followers 4 --phases invoke
 //! cargo run --release -p tandem-bench -- --phases failover --agent-restart-ms 0 --failover-link direct
+//! cargo run --release -p tandem-bench -- --phases one --one-rate 50000 --one-seconds 30
 //! ```
 //!
 //! Every process is this binary: the coordinator re-executes itself with a
@@ -41,6 +42,16 @@
 //!   `EventSender::ready` while a follower's queue is full, as the floor's
 //!   publisher waits for its slowest client) and paced at one event per 10 ms
 //!   (publish-to-receipt p50/p99 from CLOCK_MONOTONIC stamps);
+//! - deliver-to-one (`one`): a Leader process publishes numbered events on one
+//!   key at `--one-rate` (default 50,000/s, in per-millisecond bursts, awaiting
+//!   `EventSender::ready`) for `--one-seconds` (default 30; `--quick`: 5) to 4
+//!   follower processes (`--one-followers`) that `subscribe_one` it; every
+//!   `--one-kill-ms` (1,000) one follower is SIGKILLed, round-robin, and a
+//!   replacement started. Each follower reports every batch it reads (written
+//!   to the control socket) before acking it, so the count is exact across
+//!   kills: lost (published seqs never received), duplicates (and those not
+//!   marked redelivered), the achieved offered rate and the processed rate,
+//!   printed beside the direct fan-out's when both ran. JSON: `deliver_one`;
 //! - failover: 4 processes elect a leader with `tandem::Standalone`; kill -9 the
 //!   leader; time until every survivor holds a value from the next leader; p50
 //!   and max over 10 kills (`--quick`: 3). Then a cluster with 4 workers
@@ -59,7 +70,7 @@
 //! Output: a table on stdout (progress on stderr); `--json FILE`: every figure,
 //! the targets, the machine (cores, kernel, CPU model) and the configuration;
 //! `--plot FILE.svg`: calls/s and p50 by N for each transport. `--phases` runs
-//! a subset (invoke, fanout, failover, memory); `--seconds` sets phase length.
+//! a subset (invoke, fanout, one, failover, memory); `--seconds` sets phase length.
 
 mod api;
 mod cli;
@@ -70,6 +81,7 @@ mod coordinator;
 mod failover;
 mod hist;
 mod memory;
+mod one;
 mod phases;
 mod placement;
 mod plot;

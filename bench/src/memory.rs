@@ -49,7 +49,7 @@ pub async fn leader_at_scale(ctx: &mut Ctx) -> Result<LeaderAtScale> {
         let (connected, subscribers) = ctx
             .control
             .collect(&[leader], Duration::from_secs(10), "leader stats", |r| match r {
-                Report::Stats { followers, subscribers } => Some((*followers, *subscribers)),
+                Report::Stats { followers, subscribers, .. } => Some((*followers, *subscribers)),
                 _ => None,
             })
             .await?[&leader];

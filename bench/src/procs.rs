@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
+use tokio::sync::oneshot;
 
 use crate::control;
 
@@ -90,6 +91,36 @@ pub fn kill_grandchild(pid: u32, parent: u32) -> Result<()> {
         return Err(std::io::Error::last_os_error()).context("kill");
     }
     Ok(())
+}
+
+/// SIGKILLs our child `pid` at `at_ns` on CLOCK_MONOTONIC, from a thread of
+/// its own: the moment then depends on the clock only, not on when the
+/// coordinator's one thread gets round to it (which is right after it read
+/// some report, so a kill from it would favour a follower that had just
+/// written one). The child must stay unreaped until the answer comes, so its
+/// pid cannot have been reused.
+pub fn kill_at(pid: u32, at_ns: u64) -> Result<oneshot::Receiver<std::io::Result<()>>> {
+    let target = libc::pid_t::try_from(pid).context("pid")?;
+    let (done, answer) = oneshot::channel();
+    std::thread::Builder::new().name("bench-killer".into()).spawn(move || {
+        let at = libc::timespec {
+            tv_sec: libc::time_t::try_from(at_ns / 1_000_000_000).unwrap_or(libc::time_t::MAX),
+            tv_nsec: (at_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: `at` is a valid timespec; a null remainder is allowed with
+        // TIMER_ABSTIME. Interrupted (EINTR), it sleeps again until `at`.
+        while unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &at, std::ptr::null_mut()) }
+            == libc::EINTR
+        {}
+        // SAFETY: kill(2) with a valid signal; `target` is an unreaped child (see above).
+        let killed = if unsafe { libc::kill(target, libc::SIGKILL) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        let _ = done.send(killed);
+    })?;
+    Ok(answer)
 }
 
 /// Resident set size of a process, in KiB (VmRSS from `/proc/<pid>/status`).

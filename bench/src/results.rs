@@ -145,6 +145,56 @@ impl FailoverResult {
     }
 }
 
+/// Deliver-to-one on one key, followers killed and replaced during the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliverOneResult {
+    /// Follower processes subscribed with `subscribe_one` (one of them being replaced after each kill).
+    pub followers: usize,
+    pub payload_bytes: usize,
+    pub seconds: f64,
+    /// The rate asked of the publisher, events/s (0: flat out).
+    pub offered_rate: u64,
+    /// Events the publisher sent (numbered 0..published).
+    pub published: u64,
+    /// The rate achieved: published / seconds (below `offered_rate` when the
+    /// publisher waited in `EventSender::ready` or fell behind its schedule).
+    pub published_per_sec: f64,
+    /// Time the publisher spent in `EventSender::ready` (the leader's queue for the key full).
+    pub publisher_waited_ms: f64,
+    /// Sends the leader refused (the key dropped: nobody subscribed); each is also lost.
+    pub publisher_refused: u64,
+    /// Deliveries reported by the followers, copies included.
+    pub received_total: u64,
+    /// Distinct seqs reported.
+    pub received_unique: u64,
+    /// Published seqs never reported.
+    pub lost: u64,
+    /// The first lost seqs (at most 20).
+    pub lost_first: Vec<u64>,
+    /// received_total − received_unique.
+    pub duplicates: u64,
+    /// duplicates / published.
+    pub duplicates_ratio: f64,
+    /// Deliveries reported with `redelivered()` true.
+    pub marked_redelivered: u64,
+    /// Copies of a seq beyond the first that were not marked redelivered.
+    pub unmarked_duplicates: u64,
+    /// Copies whose `position()` differed from the first copy's (a redelivery keeps its position).
+    pub position_changed: u64,
+    /// Followers killed (SIGKILL), each replaced at once.
+    pub kills: usize,
+    pub kill_interval_ms: u64,
+    /// The fewest live followers subscribed at a kill (the victim included).
+    pub min_subscribed_at_kill: usize,
+    /// From the window's end until every published seq was received (or the drain gave up).
+    pub drained_after_window_ms: f64,
+    /// The leader's `Stats::undelivered_dropped` at the end (queue full, or no subscriber left).
+    pub leader_undelivered_dropped: u64,
+    /// Distinct published seqs received per second of the window.
+    pub throughput_per_sec: f64,
+    pub measures: &'static str,
+}
+
 /// Both failover modes.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Failover {
@@ -244,6 +294,8 @@ pub struct Results {
     pub fanout: Vec<FanoutResult>,
     /// `standalone` (kill -9 of the elected Leader) and `cluster_agent` (of the cluster's agent).
     pub failover: Failover,
+    /// Deliver-to-one with follower kills (phase `one`).
+    pub deliver_one: Option<DeliverOneResult>,
     pub memory: Memory,
     pub targets: Vec<Target>,
 }
@@ -259,6 +311,7 @@ impl Results {
             invoke: Vec::new(),
             fanout: Vec::new(),
             failover: Failover::default(),
+            deliver_one: None,
             memory: Memory::default(),
             targets: Vec::new(),
         }
@@ -518,6 +571,8 @@ impl Results {
             }),
         });
 
+        targets.extend(self.deliver_one_targets());
+
         let agent = self.failover.cluster_agent.as_ref();
         targets.push(Target {
             name: "agent_failover",
@@ -541,6 +596,87 @@ impl Results {
             }),
         });
         targets
+    }
+}
+
+impl Results {
+    /// The broadcast fan-out this run measured to compare deliver-to-one with:
+    /// direct, flat out, at the N nearest the deliver-to-one followers.
+    pub fn broadcast_beside_one(&self) -> Option<&FanoutResult> {
+        let one = self.deliver_one.as_ref()?;
+        let n = self.nearest(one.followers);
+        self.fanout_at(Transport::Direct, n, "max_rate")
+    }
+
+    /// Issue 26's deliver-to-one targets: nothing lost, duplicates rare and
+    /// all marked, at the offered rate, while a follower is killed every second.
+    fn deliver_one_targets(&self) -> Vec<Target> {
+        let one = self.deliver_one.as_ref();
+        let setting = one.map_or("not measured".to_string(), |o| {
+            format!(
+                "{} followers, {} kills (one every {} ms), {:.0} s at {:.0} events/s offered",
+                o.followers, o.kills, o.kill_interval_ms, o.seconds, o.published_per_sec
+            )
+        });
+        let versus = match (one, self.broadcast_beside_one()) {
+            (Some(o), Some(b)) => format!(
+                "; deliver-to-one {:.0} events/s processed, broadcast (direct, N={}, flat out) {:.0} events/s \
+                 to every follower",
+                o.throughput_per_sec, b.followers, b.delivered_per_sec_min
+            ),
+            (Some(o), None) => format!("; deliver-to-one {:.0} events/s processed", o.throughput_per_sec),
+            _ => String::new(),
+        };
+        vec![
+            Target {
+                name: "deliver_one_lost",
+                goal: "0 events lost (every published seq received) with a follower killed every second",
+                measured: one.map(|o| o.lost as f64),
+                unit: "events",
+                met: one.map(|o| o.lost == 0 && o.published > 0),
+                detail: one.map_or(setting.clone(), |o| {
+                    format!(
+                        "{setting}: {} published, {} received ({} distinct){}",
+                        o.published,
+                        o.received_total,
+                        o.received_unique,
+                        if o.lost == 0 { String::new() } else { format!("; first lost seqs {:?}", o.lost_first) }
+                    )
+                }),
+            },
+            Target {
+                name: "deliver_one_duplicates",
+                goal: "<= 0.01 % (100 ppm) of published, each marked redelivered",
+                measured: one.map(|o| o.duplicates_ratio * 1e6),
+                unit: "ppm",
+                met: one.map(|o| o.duplicates_ratio <= 0.0001 && o.unmarked_duplicates == 0),
+                detail: one.map_or(setting.clone(), |o| {
+                    format!(
+                        "{} duplicates ({:.4} %, {:.1} per kill), {} unmarked; {} deliveries marked redelivered; \
+                         {} copies with another position",
+                        o.duplicates,
+                        o.duplicates_ratio * 100.0,
+                        o.duplicates as f64 / o.kills.max(1) as f64,
+                        o.unmarked_duplicates,
+                        o.marked_redelivered,
+                        o.position_changed
+                    )
+                }),
+            },
+            Target {
+                name: "deliver_one_offered",
+                goal: ">= 50,000 events/s offered (the achieved publish rate)",
+                measured: one.map(|o| o.published_per_sec),
+                unit: "events/s",
+                met: one.map(|o| o.published_per_sec >= 50_000.0),
+                detail: one.map_or(setting.clone(), |o| {
+                    format!(
+                        "{setting}; the publisher waited {:.0} ms for room in the leader's queue{versus}",
+                        o.publisher_waited_ms
+                    )
+                }),
+            },
+        ]
     }
 }
 

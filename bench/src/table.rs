@@ -22,6 +22,7 @@ pub fn render(r: &Results) -> String {
     );
     invoke(&mut out, r);
     fanout(&mut out, r);
+    deliver_one(&mut out, r);
     failover(&mut out, r);
     memory(&mut out, r);
     targets(&mut out, r);
@@ -125,6 +126,75 @@ fn fanout(out: &mut String, r: &Results) {
             paced.map_or(0.0, |p| p.p999_us),
             paced.map_or(0, |p| p.links_lost),
         );
+    }
+    out.push('\n');
+}
+
+fn deliver_one(out: &mut String, r: &Results) {
+    let Some(o) = &r.deliver_one else { return };
+    let _ = writeln!(
+        out,
+        "DELIVER-TO-ONE (one key, {} followers, SIGKILL one every {} ms and start a replacement; {:.0} s, {} kills)",
+        o.followers, o.kill_interval_ms, o.seconds, o.kills
+    );
+    let _ = writeln!(
+        out,
+        "  {:>10} {:>12} {:>10} {:>10} {:>6} {:>11} {:>8} {:>9} {:>9} {:>12}",
+        "offered/s",
+        "published/s",
+        "published",
+        "received",
+        "lost",
+        "duplicates",
+        "dup %",
+        "unmarked",
+        "waited ms",
+        "processed/s"
+    );
+    let _ = writeln!(
+        out,
+        "  {:>10} {:>12.0} {:>10} {:>10} {:>6} {:>11} {:>8.4} {:>9} {:>9.0} {:>12.0}",
+        if o.offered_rate == 0 { "flat out".to_string() } else { o.offered_rate.to_string() },
+        o.published_per_sec,
+        o.published,
+        o.received_total,
+        o.lost,
+        o.duplicates,
+        o.duplicates_ratio * 100.0,
+        o.unmarked_duplicates,
+        o.publisher_waited_ms,
+        o.throughput_per_sec
+    );
+    let _ = writeln!(
+        out,
+        "  marked redelivered {}; copies with another position {}; fewest subscribed at a kill {}; \
+         {} {:.0} ms after the window; leader dropped {}",
+        o.marked_redelivered,
+        o.position_changed,
+        o.min_subscribed_at_kill,
+        if o.lost == 0 { "every seq in" } else { "the wait for the rest gave up" },
+        o.drained_after_window_ms,
+        o.leader_undelivered_dropped
+    );
+    match r.broadcast_beside_one() {
+        Some(b) => {
+            let _ = writeln!(
+                out,
+                "  beside broadcast (direct, N={}, flat out): {:.0} events/s to every follower, {:.0} deliveries/s \
+                 in all{}",
+                b.followers,
+                b.delivered_per_sec_min,
+                b.delivered_total as f64 / b.seconds,
+                if o.offered_rate == 0 {
+                    ""
+                } else {
+                    "; deliver-to-one ran paced at the offered rate (--one-rate 0: flat out)"
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "  (no direct fan-out in this run to compare with: add --phases fanout)");
+        }
     }
     out.push('\n');
 }

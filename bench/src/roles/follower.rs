@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tandem::follower::LinkState;
 use tandem::{Client, Connection, UnixConnector};
 
@@ -67,6 +67,14 @@ pub async fn serve(connection: &Connection, mut commands: Commands, reporter: &R
                 sleep_until_ns(window.end_ns + DRAIN.as_nanos() as u64).await;
                 let report = lock(&events).finish(losses.count() - before);
                 reporter.send(&report);
+            }
+            Cmd::SubscribeOne { key } => {
+                // From now on this process only takes deliveries (the deliver-to-one phase's own followers).
+                for receiver in receivers.drain(..) {
+                    receiver.abort();
+                }
+                losses.task.abort();
+                return take_one(&client, key, commands, reporter).await;
             }
             Cmd::Quit => break,
             other => bail!("a follower cannot {other:?}"),
@@ -135,6 +143,50 @@ pub async fn watch(connection: &Connection, mut commands: Commands, reporter: &R
                 if update.epoch != epoch {
                     epoch = update.epoch;
                     reporter.send(&Report::Value { epoch, seq: update.seq, recv_ns: mono_ns() });
+                }
+            }
+        }
+    }
+}
+
+/// The most deliveries one `Delivered` report carries.
+const MAX_BATCH: usize = 1024;
+
+/// How long a report may take to reach the coordinator's socket before the
+/// follower gives up (it does not ack what it could not report).
+const REPORT_WRITTEN: Duration = Duration::from_secs(30);
+
+/// The deliver-to-one phase's follower: `subscribe_one` to `key`; for each
+/// batch of deliveries ready at once, report them (publisher seq, position,
+/// redelivered), wait until the report is written to the control socket, and
+/// only then ack them. So whatever this process acked, the coordinator counts
+/// even if the process is killed the next instant (the kernel keeps the bytes
+/// queued for the coordinator), and whatever it did not ack, the leader
+/// redelivers: a seq the coordinator never hears of was lost by tandem.
+async fn take_one(client: &Client<BenchApi>, key: String, mut commands: Commands, reporter: &Reporter) -> Result<()> {
+    let mut deliveries = client.subscribe_one(key.clone()).await.with_context(|| format!("subscribe_one {key}"))?;
+    reporter.send(&Report::Subscribed);
+    loop {
+        tokio::select! {
+            cmd = commands.next() => match cmd? {
+                None | Some(Cmd::Quit) => return Ok(()),
+                Some(other) => bail!("a deliver-to-one follower cannot {other:?}"),
+            },
+            first = deliveries.next() => {
+                let first = first.context("the deliver-to-one subscription ended")?;
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH
+                    && let Some(Some(next)) = deliveries.next().now_or_never()
+                {
+                    batch.push(next);
+                }
+                let seqs = batch.iter().map(|d| d.value().idx).collect();
+                let positions = batch.iter().map(|d| d.position().seq).collect();
+                let redelivered = (0u32..).zip(&batch).filter(|(_, d)| d.redelivered()).map(|(i, _)| i).collect();
+                reporter.send(&Report::Delivered { seqs, positions, redelivered });
+                reporter.sync(REPORT_WRITTEN).await?;
+                for delivery in batch {
+                    delivery.ack();
                 }
             }
         }

@@ -4,12 +4,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use futures::FutureExt;
 use tandem::Leader;
 use tandem::leader::LeaderBuilder;
 
 use crate::api::{BenchApi, BenchUpstream, Sink, Tick};
+use crate::cli::MAX_ONE_EVENTS;
+use crate::clock::NS_PER_MS;
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
 
@@ -42,10 +45,18 @@ pub async fn serve(
                 let events = tokio::spawn(publish(upstream.clone(), sinks, interval_us, payload, window)).await?;
                 reporter.send(&Report::Published { events });
             }
+            Cmd::PublishOne { key, rate, payload, window } => {
+                let published = tokio::spawn(publish_one(upstream.clone(), key, rate, payload, window)).await??;
+                reporter.send(&published);
+            }
             Cmd::Stats => {
                 let stats = leader.stats();
                 let subscribers = stats.channels.iter().map(|c| c.subscribers).sum();
-                reporter.send(&Report::Stats { followers: stats.followers, subscribers });
+                reporter.send(&Report::Stats {
+                    followers: stats.followers,
+                    subscribers,
+                    undelivered_dropped: stats.undelivered_dropped,
+                });
             }
             Cmd::Quit => break,
             other => bail!("the leader cannot {other:?}"),
@@ -110,3 +121,118 @@ async fn publish(
     }
     published
 }
+
+/// The most a paced publisher catches up in one burst after it waited
+/// (for `ready`, or for a late timer): 100 ms of its rate. Past that it lets
+/// the schedule go rather than offer a burst the pacing never meant.
+const MAX_CATCH_UP_MS: u64 = 100;
+
+/// A paced publisher still waiting for room this long after its window gives
+/// up on the events due (they count as not offered).
+const STOP_AFTER_MS: u64 = 10;
+
+/// Deliver-to-one: publishes on `key` during `window`, `rate` events per
+/// second, one burst per millisecond (what the schedule says is due by then;
+/// the last burst, at the window's end, completes the window's share), numbered
+/// 0, 1, 2… in `Tick::idx`. Before each event it awaits [`Sink::ready`], so an
+/// event finds room in the leader's queue for the key (`deliver_queue`)
+/// instead of being dropped; the time it actually waited is reported. Events
+/// still waiting for room [`STOP_AFTER_MS`] after the window are not sent.
+async fn publish_one(
+    upstream: BenchUpstream,
+    key: String,
+    rate: u64,
+    payload: usize,
+    window: Window,
+) -> Result<Report> {
+    let mut sink = upstream.sink_named(&key).with_context(|| format!("nobody subscribed to {key}"))?;
+    let pad = Bytes::from(vec![0xA5; payload]);
+    if rate == 0 {
+        return Ok(flat_out_one(upstream, key, sink, pad, window).await);
+    }
+    let (mut seq, mut refused, mut waited_ns, mut skipped) = (0u64, 0u64, 0u64, 0u64);
+    let max_behind = rate.saturating_mul(MAX_CATCH_UP_MS) / 1000;
+    let stop_ns = window.end_ns + STOP_AFTER_MS * NS_PER_MS;
+    let mut tick = window.start_ns;
+    'window: loop {
+        sleep_until_ns(tick).await;
+        let now = mono_ns().min(window.end_ns);
+        // Due by now: rate × elapsed, in integers (no drift over a long window).
+        let due = u128::from(now - window.start_ns) * u128::from(rate) / 1_000_000_000;
+        let mut due = u64::try_from(due).unwrap_or(u64::MAX).saturating_sub(skipped);
+        if due.saturating_sub(seq) > max_behind {
+            // Behind the schedule by more than the catch-up allowance: the
+            // excess is never offered (the offered rate falls short, and the
+            // report shows it); the numbers stay dense.
+            skipped += due - seq - max_behind;
+            due = seq + max_behind;
+        }
+        while seq < due {
+            {
+                let ready = sink.ready();
+                tokio::pin!(ready);
+                if ready.as_mut().now_or_never().is_none() {
+                    let before = mono_ns();
+                    ready.await;
+                    let after = mono_ns();
+                    waited_ns += after - before;
+                    if after >= stop_ns {
+                        break 'window;
+                    }
+                }
+            }
+            let event = Tick { key: 0, idx: seq, sent_ns: mono_ns(), pad: pad.clone() };
+            if !sink.send(event) {
+                // The leader dropped the key (every subscriber gone at once):
+                // that event is lost; send to the key's next subscription.
+                refused += 1;
+                if let Some(next) = upstream.sink_named(&key) {
+                    sink = next;
+                }
+            }
+            seq += 1;
+        }
+        if now >= window.end_ns {
+            break;
+        }
+        tick = ((now / NS_PER_MS + 1) * NS_PER_MS).min(window.end_ns);
+    }
+    Ok(Report::PublishedOne { events: seq, waited_ms: waited_ns as f64 / 1e6, refused })
+}
+
+/// Deliver-to-one flat out (`--one-rate 0`): from the window's start, bursts
+/// of [`FLAT_OUT_BURST`] events as fast as [`Sink::ready`] allows, until the
+/// window ends (or [`MAX_ONE_EVENTS`] were sent).
+async fn flat_out_one(upstream: BenchUpstream, key: String, mut sink: Sink, pad: Bytes, window: Window) -> Report {
+    let (mut seq, mut refused, mut waited_ns) = (0u64, 0u64, 0u64);
+    sleep_until_ns(window.start_ns).await;
+    'window: while seq < MAX_ONE_EVENTS {
+        for _ in 0..FLAT_OUT_BURST {
+            {
+                let ready = sink.ready();
+                tokio::pin!(ready);
+                if ready.as_mut().now_or_never().is_none() {
+                    let before = mono_ns();
+                    ready.await;
+                    waited_ns += mono_ns() - before;
+                }
+            }
+            let now = mono_ns();
+            if now >= window.end_ns {
+                break 'window;
+            }
+            if !sink.send(Tick { key: 0, idx: seq, sent_ns: now, pad: pad.clone() }) {
+                refused += 1;
+                if let Some(next) = upstream.sink_named(&key) {
+                    sink = next;
+                }
+            }
+            seq += 1;
+        }
+        tokio::task::yield_now().await;
+    }
+    Report::PublishedOne { events: seq, waited_ms: waited_ns as f64 / 1e6, refused }
+}
+
+/// Events the flat-out publisher sends between two yields to the runtime.
+const FLAT_OUT_BURST: usize = 64;
