@@ -168,8 +168,7 @@ impl AgentReload {
                 Some(vec![Action::Relaunch(key.slot)])
             }
             Phase::Starting { new, new_pid } if new == key => {
-                let cause =
-                    if timed_out { StartFailure::TimedOut(start_timeout) } else { StartFailure::exited(exit) };
+                let cause = if timed_out { StartFailure::TimedOut(start_timeout) } else { StartFailure::exited(exit) };
                 let mut actions = self.fail(Some(new_pid), cause);
                 actions.push(Action::Restart(key.slot));
                 Some(actions)
@@ -368,7 +367,8 @@ mod tests {
             }
         );
         assert!(
-            e.to_string().starts_with("the new agent could not be spawned: Permission denied (os error 13) (the old agent "),
+            e.to_string()
+                .starts_with("the new agent could not be spawned: Permission denied (os error 13) (the old agent "),
             "{e}"
         );
         assert_eq!(kinds(&failed), ["emit ReloadFailed", "restart agent"]);

@@ -167,7 +167,11 @@ mod tests {
     #[test]
     fn a_start_failure_reads_as_a_sentence_and_keeps_its_shape_on_the_wire() {
         let cases = [
-            (StartFailure::TimedOut(Duration::from_secs(2)), "was not ready within 2s", r#"{"kind":"timed_out","detail":2000}"#),
+            (
+                StartFailure::TimedOut(Duration::from_secs(2)),
+                "was not ready within 2s",
+                r#"{"kind":"timed_out","detail":2000}"#,
+            ),
             (
                 StartFailure::exited(ExitReason::Code(3)),
                 "exited with code 3 before it was ready",

@@ -551,7 +551,9 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            format!("worker 2: new process {second} was not ready within 10s (rolled back; 1 slot(s) had already been replaced)")
+            format!(
+                "worker 2: new process {second} was not ready within 10s (rolled back; 1 slot(s) had already been replaced)"
+            )
         );
         assert_eq!(e.start_failure(), Some(&StartFailure::TimedOut(Duration::from_secs(10))));
     }

@@ -40,7 +40,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  done
   1  failed: no such cluster, its master not answering, another user's
-     cluster, a reload that failed (and was rolled back), a stop timed out
+     cluster, a reload refused or failed (a workers' reload is rolled back),
+     a stop timed out
   2  bad command line
   3  the master is serving its limit of control connections: try again";
 
@@ -126,6 +127,10 @@ fn main() -> ExitCode {
             eprintln!("{line}");
             match e {
                 ControlError::Busy(_) => ExitCode::from(EXIT_BUSY),
+                // A reload refused or failed: the master's `ReloadError`,
+                // typed (printed as its text above), or in words from an
+                // older master. Exit 1 like every other failure.
+                ControlError::Reload(_) | ControlError::Failed(_) => ExitCode::FAILURE,
                 _ => ExitCode::FAILURE,
             }
         }
