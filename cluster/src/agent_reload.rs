@@ -16,9 +16,12 @@
 //! The old agent goes first: there is one Leader, and one upstream connection,
 //! at any time (and every agent's Leader listens on the same socket path). So
 //! there is no rollback: when the new agent exits (an executable speaking
-//! another IPC version exits [`IPC_MISMATCH_EXIT`](crate::spawn::IPC_MISMATCH_EXIT)), crashes, or is not ready
-//! within [`Config::agent_start_timeout`](crate::Config::agent_start_timeout),
-//! the reload answers [`ReloadError::AgentFailed`] and the supervisor restarts
+//! another IPC version exits
+//! [`IPC_MISMATCH_EXIT`](crate::spawn::IPC_MISMATCH_EXIT)), crashes, or is
+//! not ready within
+//! [`Config::agent_start_timeout`](crate::Config::agent_start_timeout), the
+//! reload answers [`ReloadError::AgentFailed`] (with the cause, a
+//! [`StartFailure`]) and the supervisor restarts
 //! the agent with backoff, exactly as after a crash. What can be checked
 //! before anything is stopped is: the executable is there and executable
 //! ([`ReloadError::ExecutableMissing`]).

@@ -1,7 +1,7 @@
 //! [`ClusterControl`], the handle code in the master process uses to ask the
 //! running master for a reload (of the workers, or of the agent), and what a
-//! reload answers: the same report types the control socket sends the
-//! `tandem` CLI (`took` is `took_ms` on the wire). The master's side of a
+//! reload answers: the same report and error types the control socket sends
+//! the `tandem` CLI (`took` is `took_ms` on the wire). The master's side of a
 //! reload is in [`reload`](crate::reload) (the workers' rolling replacement)
 //! and [`agent_reload`](crate::agent_reload) (the agent's failover onto a new
 //! process).

@@ -83,14 +83,15 @@ impl Response {
     /// and typed. An error that cannot be written as JSON (an executable path
     /// that is not UTF-8) goes in words only.
     pub(crate) fn reload_failed(e: ReloadError) -> Self {
-        let typed = match serde_json::to_value(&e) {
-            Ok(_) => Some(e.clone()),
+        let error = e.to_string();
+        let reload_error = match serde_json::to_value(&e) {
+            Ok(_) => Some(e),
             Err(why) => {
-                tracing::warn!(error = %why, reload.error = %e, "a reload error could not be encoded; answered in words only");
+                tracing::warn!(error = %why, reload.error = %error, "a reload error could not be encoded; answered in words only");
                 None
             }
         };
-        Response { reload_error: typed, ..Response::err(e.to_string()) }
+        Response { reload_error, ..Response::err(error) }
     }
 
     /// The refusal a connection over [`MAX_CONNECTIONS`] gets.
