@@ -16,9 +16,12 @@
 //! The old agent goes first: there is one Leader, and one upstream connection,
 //! at any time (and every agent's Leader listens on the same socket path). So
 //! there is no rollback: when the new agent exits (an executable speaking
-//! another IPC version exits [`IPC_MISMATCH_EXIT`]), crashes, or is not ready
-//! within [`Config::agent_start_timeout`](crate::Config::agent_start_timeout),
-//! the reload answers [`ReloadError::AgentFailed`] and the supervisor restarts
+//! another IPC version exits
+//! [`IPC_MISMATCH_EXIT`](crate::spawn::IPC_MISMATCH_EXIT)), crashes, or is
+//! not ready within
+//! [`Config::agent_start_timeout`](crate::Config::agent_start_timeout), the
+//! reload answers [`ReloadError::AgentFailed`] (with the cause, a
+//! [`StartFailure`]) and the supervisor restarts
 //! the agent with backoff, exactly as after a crash. What can be checked
 //! before anything is stopped is: the executable is there and executable
 //! ([`ReloadError::ExecutableMissing`]).
@@ -43,10 +46,9 @@ use tokio::time::Instant;
 use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, AgentReloadReply, Reply, Timer};
 use crate::reload_handle::{AgentReloadReport, ReloadError, ReplaceReason};
-use crate::spawn::IPC_MISMATCH_EXIT;
 use crate::status::ProcessState;
 use crate::supervisor::Slot;
-use crate::{ClusterEvent, ExitReason};
+use crate::{ClusterEvent, ExitReason, StartFailure};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -169,14 +171,8 @@ impl AgentReload {
                 Some(vec![Action::Relaunch(key.slot)])
             }
             Phase::Starting { new, new_pid } if new == key => {
-                let why = if timed_out {
-                    format!("was not ready within {start_timeout:?}")
-                } else if exit == ExitReason::Code(IPC_MISMATCH_EXIT) {
-                    format!("{exit} before it was ready: the executable on disk speaks another IPC version")
-                } else {
-                    format!("{exit} before it was ready")
-                };
-                let mut actions = self.fail(format!("new agent {new_pid} {why}"));
+                let cause = if timed_out { StartFailure::TimedOut(start_timeout) } else { StartFailure::exited(exit) };
+                let mut actions = self.fail(Some(new_pid), cause);
                 actions.push(Action::Restart(key.slot));
                 Some(actions)
             }
@@ -195,7 +191,7 @@ impl AgentReload {
                 Vec::new()
             }
             Err(e) => {
-                let mut actions = self.fail(format!("could not spawn the new agent: {e}"));
+                let mut actions = self.fail(None, StartFailure::Spawn(e));
                 actions.push(Action::Restart(slot));
                 actions
             }
@@ -218,9 +214,11 @@ impl AgentReload {
         ]
     }
 
-    fn fail(&mut self, reason: String) -> Vec<Action> {
+    /// The new agent (`new_pid`; `None`: not spawned) failed to start: the
+    /// reload is over, answered with why.
+    fn fail(&mut self, new_pid: Option<u32>, cause: StartFailure) -> Vec<Action> {
         let Some(running) = self.running.take() else { return Vec::new() };
-        let e = ReloadError::AgentFailed { reason, old_pid: running.old_pid };
+        let e = ReloadError::AgentFailed { old_pid: running.old_pid, new_pid, cause };
         tracing::debug!(error = %e, "agent reload failed");
         vec![
             Action::Emit(ClusterEvent::ReloadFailed { reason: e.to_string() }),
@@ -242,6 +240,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::spawn::IPC_MISMATCH_EXIT;
     use crate::supervisor::testing::{Fixture, kinds};
 
     const GRACE: Duration = Duration::from_secs(5);
@@ -300,20 +299,82 @@ mod tests {
         let mut f = Fixture::ready(1);
         let mut reload = AgentReload::default();
         let old = f.key(SlotId::Agent);
+        let old_pid = f.pid(old);
         let (tx, _rx) = oneshot::channel();
         let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
         f.exit(old);
         let timeout = Duration::from_secs(10);
         let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
         let new = f.spawn(SlotId::Agent, 8);
-        let _ = reload.on_launched(Ok((new, f.pid(new))), SlotId::Agent);
+        let new_pid = f.pid(new);
+        let _ = reload.on_launched(Ok((new, new_pid)), SlotId::Agent);
         let mut failed = reload.on_exited(new, ExitReason::Code(IPC_MISMATCH_EXIT), false, timeout).unwrap();
-        match reply_of(&mut failed) {
-            Err(ReloadError::AgentFailed { reason, .. }) => assert!(reason.contains("another IPC version"), "{reason}"),
-            other => panic!("{other:?}"),
-        }
+        let e = reply_of(&mut failed).unwrap_err();
+        assert_eq!(
+            e,
+            ReloadError::AgentFailed {
+                old_pid,
+                new_pid: Some(new_pid),
+                cause: StartFailure::IpcMismatch(ExitReason::Code(IPC_MISMATCH_EXIT)),
+            }
+        );
+        let text = format!(
+            "new agent {new_pid} exited with code 111 before it was ready: the executable on disk speaks another IPC \
+             version (the old agent {old_pid} is stopped; the agent is restarted with backoff as after a crash)"
+        );
+        assert_eq!(e.to_string(), text);
+        assert!(matches!(&failed[0], Action::Emit(ClusterEvent::ReloadFailed { reason }) if *reason == text));
         assert_eq!(kinds(&failed), ["emit ReloadFailed", "restart agent"]);
         assert!(reload.on_exited(new, ExitReason::Code(1), false, timeout).is_none(), "over: a crash as usual");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_not_ready_in_time_or_not_spawned_fails_the_reload_with_that_cause() {
+        let mut f = Fixture::ready(1);
+        let timeout = Duration::from_secs(10);
+        // Not ready in time: the master killed it (`timed_out`), then it exited.
+        let mut reload = AgentReload::default();
+        let old = f.key(SlotId::Agent);
+        let old_pid = f.pid(old);
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
+        f.exit(old);
+        let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
+        let new = f.spawn(SlotId::Agent, 8);
+        let new_pid = f.pid(new);
+        let _ = reload.on_launched(Ok((new, new_pid)), SlotId::Agent);
+        let mut failed = reload.on_exited(new, ExitReason::Signal(9), true, timeout).unwrap();
+        let e = reply_of(&mut failed).unwrap_err();
+        assert_eq!(
+            e,
+            ReloadError::AgentFailed { old_pid, new_pid: Some(new_pid), cause: StartFailure::TimedOut(timeout) }
+        );
+        assert!(e.to_string().starts_with(&format!("new agent {new_pid} was not ready within 10s (the old agent ")));
+
+        // Not spawned at all.
+        let old = f.spawn(SlotId::Agent, 9);
+        let old_pid = f.pid(old);
+        f.slots.get_mut(SlotId::Agent).unwrap().state = ProcessState::Ready;
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
+        f.exit(old);
+        let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
+        let mut failed = reload.on_launched(Err("Permission denied (os error 13)".into()), SlotId::Agent);
+        let e = reply_of(&mut failed).unwrap_err();
+        assert_eq!(
+            e,
+            ReloadError::AgentFailed {
+                old_pid,
+                new_pid: None,
+                cause: StartFailure::Spawn("Permission denied (os error 13)".into())
+            }
+        );
+        assert!(
+            e.to_string()
+                .starts_with("the new agent could not be spawned: Permission denied (os error 13) (the old agent "),
+            "{e}"
+        );
+        assert_eq!(kinds(&failed), ["emit ReloadFailed", "restart agent"]);
     }
 
     #[tokio::test(start_paused = true)]

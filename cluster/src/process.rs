@@ -118,17 +118,85 @@ impl fmt::Display for ExitReason {
     }
 }
 
-/// Why a process failed to start (it is backed off and retried).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a process failed to start: in the [`StartFailed`](crate::ClusterEvent::StartFailed)
+/// event (the slot is backed off and retried), and as the cause of a failed
+/// reload ([`ReloadError::Failed`](crate::ReloadError::Failed),
+/// [`ReloadError::AgentFailed`](crate::ReloadError::AgentFailed)).
+///
+/// On the control socket it is `{"kind":"timed_out","detail":2000}` (the
+/// timeout in milliseconds), `{"kind":"exited","detail":{"Code":3}}`,
+/// `{"kind":"ipc_mismatch","detail":{"Code":111}}` or
+/// `{"kind":"spawn","detail":"No such file or directory (os error 2)"}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum StartFailure {
-    /// It did not report ready within the start-up timeout and was killed.
-    #[error("did not report ready within {0:?}")]
-    TimedOut(Duration),
+    /// It did not report ready within the start-up timeout (and was stopped).
+    #[error("was not ready within {0:?}")]
+    TimedOut(#[serde(with = "crate::reload_handle::millis")] Duration),
     /// It ended before reporting ready.
-    #[error("{0} before reporting ready")]
+    #[error("{0} before it was ready")]
     Exited(ExitReason),
+    /// It exited with code 111 before reporting ready: the code of a child
+    /// whose executable (as on disk now) speaks another IPC version than its
+    /// master's, and refused to join.
+    #[error("{0} before it was ready: the executable on disk speaks another IPC version")]
+    IpcMismatch(ExitReason),
     /// The executable could not be spawned.
     #[error("could not be spawned: {0}")]
     Spawn(String),
+}
+
+impl StartFailure {
+    /// A process that ended (`exit`) before it was ready:
+    /// [`IpcMismatch`](Self::IpcMismatch) when it exited with
+    /// `IPC_MISMATCH_EXIT` (111), else [`Exited`](Self::Exited).
+    pub(crate) fn exited(exit: ExitReason) -> Self {
+        if exit == ExitReason::Code(crate::spawn::IPC_MISMATCH_EXIT) {
+            StartFailure::IpcMismatch(exit)
+        } else {
+            StartFailure::Exited(exit)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_failure_reads_as_a_sentence_and_keeps_its_shape_on_the_wire() {
+        let cases = [
+            (
+                StartFailure::TimedOut(Duration::from_secs(2)),
+                "was not ready within 2s",
+                r#"{"kind":"timed_out","detail":2000}"#,
+            ),
+            (
+                StartFailure::exited(ExitReason::Code(3)),
+                "exited with code 3 before it was ready",
+                r#"{"kind":"exited","detail":{"Code":3}}"#,
+            ),
+            (
+                StartFailure::exited(ExitReason::Code(crate::spawn::IPC_MISMATCH_EXIT)),
+                "exited with code 111 before it was ready: the executable on disk speaks another IPC version",
+                r#"{"kind":"ipc_mismatch","detail":{"Code":111}}"#,
+            ),
+            (
+                StartFailure::exited(ExitReason::Signal(9)),
+                "was killed by signal 9 (SIGKILL) before it was ready",
+                r#"{"kind":"exited","detail":{"Signal":9}}"#,
+            ),
+            (
+                StartFailure::Spawn("Permission denied (os error 13)".into()),
+                "could not be spawned: Permission denied (os error 13)",
+                r#"{"kind":"spawn","detail":"Permission denied (os error 13)"}"#,
+            ),
+        ];
+        for (failure, text, json) in cases {
+            assert_eq!(failure.to_string(), text);
+            assert_eq!(serde_json::to_string(&failure).unwrap(), json);
+            assert_eq!(serde_json::from_str::<StartFailure>(json).unwrap(), failure);
+        }
+    }
 }

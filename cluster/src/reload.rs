@@ -30,8 +30,7 @@ use tokio::time::Instant;
 
 use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, Machine, ReloadReply, Reply, Timer};
-use crate::reload_handle::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
-use crate::spawn::IPC_MISMATCH_EXIT;
+use crate::reload_handle::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker, worker_failure};
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
 use crate::{ClusterEvent, ExitReason, StartFailure, WorkerId};
@@ -62,9 +61,19 @@ struct Run {
     active: Vec<Active>,
     replaced: Vec<ReplacedWorker>,
     skipped: Vec<WorkerId>,
-    failed: Option<String>,
+    /// The first replacement that failed: the run stops there.
+    failed: Option<Failure>,
     reply: Option<ReloadReply>,
     started: Instant,
+}
+
+/// A replacement that failed: the slot, its new process (`None`: not
+/// spawned) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    worker: WorkerId,
+    new_pid: Option<u32>,
+    cause: StartFailure,
 }
 
 /// What the reload needs to know of the rest of the master when asked for one.
@@ -201,7 +210,7 @@ impl Reload {
             Err(e) => {
                 tracing::error!(worker.id = id, error = %e, "could not spawn the replacement; the old worker stays");
                 run.active.remove(pos);
-                run.failed.get_or_insert_with(|| format!("worker {id}: could not spawn: {e}"));
+                run.failed.get_or_insert(Failure { worker: id, new_pid: None, cause: StartFailure::Spawn(e) });
                 vec![Action::Restore(SlotId::Worker(id)), Action::Advance(Machine::Reload)]
             }
         }
@@ -286,23 +295,17 @@ impl Reload {
             return actions;
         };
         let active = run.active.remove(pos);
-        let why = if timed_out {
-            format!("was not ready within {:?}", settings.start_timeout)
-        } else if exit == ExitReason::Code(IPC_MISMATCH_EXIT) {
-            "the executable on disk speaks another IPC version (refused to join)".to_owned()
-        } else {
-            format!("{exit} before it was ready")
-        };
-        let reason = format!("worker {}: new process {} {why}", active.id, active.new_pid);
+        let cause = if timed_out { StartFailure::TimedOut(settings.start_timeout) } else { StartFailure::exited(exit) };
+        let failure = Failure { worker: active.id, new_pid: Some(active.new_pid), cause };
         // The `reload failed` event (WARN, with this reason) is the log line.
-        tracing::debug!(%reason, "replacement failed; rolling back");
+        tracing::debug!(reason = %failure.text(), "replacement failed; rolling back");
         let had_old = slots.get(key.slot).is_some_and(|s| s.previous.is_some());
         actions.push(Action::Restore(key.slot));
         if !had_old && !stopping {
             // The old one died meanwhile: the slot is empty, the supervisor restarts it.
             actions.push(Action::Restart(key.slot));
         }
-        run.failed.get_or_insert(reason);
+        run.failed.get_or_insert(failure);
         // Stop the other new workers that are not ready yet (their exits roll them back).
         for a in &run.active {
             if let Phase::Starting { new } = a.phase {
@@ -324,6 +327,13 @@ impl Reload {
             actions.push(Action::Reply(Reply::Reload(reply, Err(ReloadError::ShuttingDown))));
         }
         actions
+    }
+}
+
+impl Failure {
+    /// `worker 2: new process 4242 exited with code 3 before it was ready`.
+    fn text(&self) -> String {
+        worker_failure(self.worker, self.new_pid, &self.cause)
     }
 }
 
@@ -351,19 +361,21 @@ impl Run {
 fn finish(run: Run, slots: &Slots, actions: &mut Vec<Action>) {
     let workers: Vec<Option<u32>> = slots.workers().map(|w| w.proc.as_ref().map(|p| p.pid)).collect();
     let result = match run.failed {
-        Some(reason) => {
+        Some(failure) => {
             if run.reason == ReplaceReason::Reload {
                 let kept = slots.workers().filter(|w| w.proc.is_some()).count();
                 actions.push(Action::Emit(ClusterEvent::ReloadFailed {
                     reason: format!(
-                        "{reason}; rolled back ({} slot(s) replaced before, {kept} worker(s) serving)",
+                        "{}; rolled back ({} slot(s) replaced before, {kept} worker(s) serving)",
+                        failure.text(),
                         run.replaced.len()
                     ),
                 }));
             } else {
-                tracing::error!(%reason, "memory replacement failed; the old worker keeps serving");
+                tracing::error!(reason = %failure.text(), "memory replacement failed; the old worker keeps serving");
             }
-            Err(ReloadError::Failed { reason, replaced: run.replaced })
+            let Failure { worker, new_pid, cause } = failure;
+            Err(ReloadError::Failed { worker, new_pid, cause, replaced: run.replaced })
         }
         None => {
             if run.reason == ReplaceReason::Reload {
@@ -384,6 +396,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::spawn::IPC_MISMATCH_EXIT;
     use crate::supervisor::testing::{Fixture, kinds};
 
     const SETTINGS: Settings =
@@ -397,6 +410,16 @@ mod tests {
         slot.previous = slot.proc.take();
         let key = f.spawn(SlotId::Worker(id), 8);
         (key, f.pid(key))
+    }
+
+    /// The reason of the `ReloadFailed` event among `actions`.
+    fn failed_event(actions: &[Action]) -> String {
+        for a in actions {
+            if let Action::Emit(ClusterEvent::ReloadFailed { reason }) = a {
+                return reason.clone();
+            }
+        }
+        panic!("no ReloadFailed event")
     }
 
     fn reply_of(actions: Vec<Action>) -> Result<ReloadReport, ReloadError> {
@@ -464,13 +487,75 @@ mod tests {
         slot.proc = slot.previous.take();
         let end = reload.on_advance(&f.slots, SETTINGS);
         assert_eq!(kinds(&end), ["emit ReloadFailed", "reply reload false"], "worker 2 is left alone");
-        match reply_of(end) {
-            Err(ReloadError::Failed { reason, replaced }) => {
-                assert!(reason.contains("another IPC version"), "{reason}");
-                assert!(replaced.is_empty());
+        assert_eq!(
+            failed_event(&end),
+            format!(
+                "worker 1: new process {pid} exited with code 111 before it was ready: the executable on disk \
+                 speaks another IPC version; rolled back (0 slot(s) replaced before, 2 worker(s) serving)"
+            )
+        );
+        let e = reply_of(end).unwrap_err();
+        assert_eq!(
+            e,
+            ReloadError::Failed {
+                worker: 1,
+                new_pid: Some(pid),
+                cause: StartFailure::IpcMismatch(ExitReason::Code(IPC_MISMATCH_EXIT)),
+                replaced: Vec::new(),
             }
-            other => panic!("{other:?}"),
-        }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "worker 1: new process {pid} exited with code 111 before it was ready: the executable on disk \
+                 speaks another IPC version (rolled back; 0 slot(s) had already been replaced)"
+            )
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successor_missing_its_deadline_fails_the_reload_with_the_slots_replaced_before_it() {
+        let mut f = Fixture::ready(2);
+        let mut reload = Reload::default();
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(&f.slots, OPEN, Some(tx));
+        // Worker 1 is replaced...
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let old = f.key(SlotId::Worker(1));
+        let old_pid = f.pid(old);
+        let (new, first) = replace(&mut f, 1);
+        let _ = reload.on_launched(1, Ok((new, first)));
+        let _ = reload.on_ready(&f.slots, new, SETTINGS).unwrap();
+        f.slots.get_mut(SlotId::Worker(1)).unwrap().state = ProcessState::Ready;
+        f.exit(old);
+        let _ = reload.on_old_exited(old);
+        // ... worker 2's successor misses its deadline, is stopped and exits.
+        assert_eq!(kinds(&reload.on_advance(&f.slots, SETTINGS)), ["replace 2"]);
+        let (new, second) = replace(&mut f, 2);
+        let _ = reload.on_launched(2, Ok((new, second)));
+        assert!(reload.on_start_timeout(&f.slots, new, SETTINGS).is_some());
+        f.exit(new);
+        let _ = reload.on_new_exited(&f.slots, new, ExitReason::Signal(15), true, SETTINGS, false);
+        let slot = f.slots.get_mut(SlotId::Worker(2)).unwrap();
+        slot.proc = slot.previous.take();
+        let end = reload.on_advance(&f.slots, SETTINGS);
+        let e = reply_of(end).unwrap_err();
+        assert_eq!(
+            e,
+            ReloadError::Failed {
+                worker: 2,
+                new_pid: Some(second),
+                cause: StartFailure::TimedOut(SETTINGS.start_timeout),
+                replaced: vec![ReplacedWorker { id: 1, old_pid, new_pid: first }],
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "worker 2: new process {second} was not ready within 10s (rolled back; 1 slot(s) had already been replaced)"
+            )
+        );
+        assert_eq!(e.start_failure(), Some(&StartFailure::TimedOut(Duration::from_secs(10))));
     }
 
     #[tokio::test(start_paused = true)]
@@ -482,6 +567,26 @@ mod tests {
         let actions = reload.on_launched(1, Err("no memory".into()));
         assert_eq!(kinds(&actions), ["restore worker 1", "advance Reload"]);
         assert_eq!(kinds(&reload.on_advance(&f.slots, SETTINGS)), ["emit ReloadFailed"], "SIGHUP: no one to answer");
+
+        let (tx, _rx) = oneshot::channel();
+        let _ = reload.request(&f.slots, OPEN, Some(tx));
+        let _ = reload.on_advance(&f.slots, SETTINGS);
+        let _ = reload.on_launched(1, Err("no memory".into()));
+        let end = reload.on_advance(&f.slots, SETTINGS);
+        assert_eq!(
+            failed_event(&end),
+            "worker 1: new process could not be spawned: no memory; rolled back (0 slot(s) replaced before, 1 worker(s) serving)"
+        );
+        let e = reply_of(end).unwrap_err();
+        assert_eq!(
+            e,
+            ReloadError::Failed {
+                worker: 1,
+                new_pid: None,
+                cause: StartFailure::Spawn("no memory".into()),
+                replaced: Vec::new()
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,7 @@
 //! [`ClusterControl`], the handle code in the master process uses to ask the
 //! running master for a reload (of the workers, or of the agent), and what a
-//! reload answers: the same report types the control socket sends the
-//! `tandem` CLI (`took` is `took_ms` on the wire). The master's side of a
+//! reload answers: the same report and error types the control socket sends
+//! the `tandem` CLI (`took` is `took_ms` on the wire). The master's side of a
 //! reload is in [`reload`](crate::reload) (the workers' rolling replacement)
 //! and [`agent_reload`](crate::agent_reload) (the agent's failover onto a new
 //! process).
@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::WorkerId;
+use crate::{StartFailure, WorkerId};
 
 /// Control calls queued for the master loop.
 pub(crate) const CONTROL_CALLS_CAPACITY: usize = 16;
@@ -89,7 +89,12 @@ pub struct AgentReloadReport {
 }
 
 /// Why a reload did not happen or did not complete.
+///
+/// The control socket carries it whole (in [`Response::reload_error`](crate::control::Response::reload_error)),
+/// tagged by `kind`: `{"kind":"in_progress","running":"Reload"}`,
+/// `{"kind":"failed","worker":2,"new_pid":4242,"cause":{"kind":"exited","detail":{"Code":3}},"replaced":[]}`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ReloadError {
     /// Another reload (or a memory replacement) is running; this one was not queued.
@@ -120,24 +125,71 @@ pub enum ReloadError {
     MasterGone,
     /// A new worker failed; the reload was rolled back: the new workers that
     /// were not ready were stopped and the remaining old ones kept serving.
-    #[error("{reason} (rolled back; {} slot(s) had already been replaced)", replaced.len())]
+    /// Reads `worker 2: new process 4242 exited with code 3 before it was
+    /// ready (rolled back; 1 slot(s) had already been replaced)`.
+    #[error("{} (rolled back; {} slot(s) had already been replaced)", worker_failure(*.worker, *.new_pid, .cause), .replaced.len())]
     Failed {
-        /// What failed (`worker 2: exited with code 1 before it was ready`).
-        reason: String,
+        /// The slot whose new worker failed (the first to fail).
+        worker: WorkerId,
+        /// The new worker's pid; `None` when it could not be spawned.
+        new_pid: Option<u32>,
+        /// Why it failed.
+        cause: StartFailure,
         /// The slots replaced before the failure (their new workers stay).
         replaced: Vec<ReplacedWorker>,
     },
     /// The old agent was stopped but the new one failed to start (it exited,
     /// crashed, refused the IPC version or was not ready in time). There is no
     /// rollback (the old Leader and its upstream connection are gone): the
-    /// supervisor restarts the agent with backoff, as after a crash.
-    #[error("{reason} (the old agent {old_pid} is stopped; the agent is restarted with backoff as after a crash)")]
+    /// supervisor restarts the agent with backoff, as after a crash. Reads
+    /// `new agent 4242 exited with code 111 before it was ready: the
+    /// executable on disk speaks another IPC version (the old agent 4200 is
+    /// stopped; ...)`.
+    #[error("{} (the old agent {old_pid} is stopped; the agent is restarted with backoff as after a crash)", agent_failure(*.new_pid, .cause))]
     AgentFailed {
-        /// What failed (`new agent 4242 exited with code 111 before it was ready: ...`).
-        reason: String,
         /// The agent that was stopped.
         old_pid: u32,
+        /// The new agent's pid; `None` when it could not be spawned.
+        new_pid: Option<u32>,
+        /// Why it failed.
+        cause: StartFailure,
     },
+}
+
+impl ReloadError {
+    /// Why the new process failed to start, for [`Failed`](Self::Failed) and
+    /// [`AgentFailed`](Self::AgentFailed).
+    pub fn start_failure(&self) -> Option<&StartFailure> {
+        match self {
+            ReloadError::Failed { cause, .. } | ReloadError::AgentFailed { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+
+    /// Whether the same reload may succeed if asked for again later without
+    /// changing anything: another one was running, or the cluster (or its
+    /// agent) was not ready yet.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ReloadError::InProgress { .. } | ReloadError::NotReady | ReloadError::AgentNotReady)
+    }
+}
+
+/// What failed in a workers' reload: `worker 2: new process 4242 exited with
+/// code 3 before it was ready`, `worker 2: new process could not be spawned: ...`.
+pub(crate) fn worker_failure(worker: WorkerId, new_pid: Option<u32>, cause: &StartFailure) -> String {
+    match new_pid {
+        Some(pid) => format!("worker {worker}: new process {pid} {cause}"),
+        None => format!("worker {worker}: new process {cause}"),
+    }
+}
+
+/// What failed in an agent's reload: `new agent 4242 was not ready within
+/// 10s`, `the new agent could not be spawned: ...`.
+fn agent_failure(new_pid: Option<u32>, cause: &StartFailure) -> String {
+    match new_pid {
+        Some(pid) => format!("new agent {pid} {cause}"),
+        None => format!("the new agent {cause}"),
+    }
 }
 
 /// A handle on the running master, for code in the master process (the master
@@ -194,16 +246,16 @@ pub(crate) enum ControlCall {
 }
 
 /// A duration as whole milliseconds, as the control protocol writes durations.
-mod millis {
+pub(crate) mod millis {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_millis)
     }
 }

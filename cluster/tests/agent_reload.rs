@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tandem_cluster::control::{ControlClient, ControlError, ProcessInfo, Request};
+use tandem_cluster::control::{ControlClient, ControlError, ProcessInfo, ReloadError, Request};
+use tandem_cluster::{ExitReason, ReplaceReason, StartFailure};
 use tokio::sync::mpsc;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -192,8 +193,9 @@ async fn agent_reload() {
     })
     .await;
     match reload_agent(&socket).await {
-        Err(ControlError::Failed(reason)) => {
-            assert_eq!(reason, "a reload is already running; this reload was not started", "{reason}")
+        Err(ControlError::Reload(e)) => {
+            assert_eq!(e, ReloadError::InProgress { running: ReplaceReason::Reload });
+            assert_eq!(e.to_string(), "a reload is already running; this reload was not started", "{e}")
         }
         other => panic!("an agent reload during a workers' reload should be refused, got {other:?}"),
     }
@@ -209,10 +211,19 @@ async fn agent_reload() {
         std::fs::write(next, "#!/bin/sh\nexit 111\n").unwrap();
         std::fs::set_permissions(next, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     });
-    let reason = match reload_agent(&socket).await {
-        Err(ControlError::Failed(reason)) => reason,
+    let failed = match reload_agent(&socket).await {
+        Err(ControlError::Reload(e)) => e,
         other => panic!("the agent reload should fail, got {other:?}"),
     };
+    match &failed {
+        ReloadError::AgentFailed { old_pid, new_pid: Some(refused), cause } => {
+            assert_eq!(*old_pid, new_agent, "{failed:?}");
+            assert!(*refused != new_agent && *refused != old_agent, "{failed:?}");
+            assert_eq!(*cause, StartFailure::IpcMismatch(ExitReason::Code(111)), "{failed:?}");
+        }
+        other => panic!("expected AgentFailed, got {other:?}"),
+    }
+    let reason = failed.to_string();
     assert!(reason.contains("exited with code 111 before it was ready"), "{reason}");
     assert!(reason.contains("the executable on disk speaks another IPC version"), "{reason}");
     assert!(reason.contains(&format!("the old agent {new_agent} is stopped")), "{reason}");

@@ -432,7 +432,7 @@ fn a_worker_crashing_at_start_up_is_backed_off_reported_and_retried_later() {
     let mut gaps = Vec::new();
     for failures in 1..=4u32 {
         let failed = f.wait_from(from, "a start failure of worker 2", |l| {
-            l.starts_with("start failed: worker 2 (pid ") && l.ends_with("exited with code 3 before reporting ready")
+            l.starts_with("start failed: worker 2 (pid ") && l.ends_with("exited with code 3 before it was ready")
         });
         let scheduled = f.wait_from(failed, "restart scheduled", |l| l.starts_with("restart scheduled: worker=2 "));
         let line = f.line(scheduled).to_owned();
@@ -472,7 +472,7 @@ fn a_worker_that_never_reports_ready_times_out_with_its_name_and_pid() {
     let pid = pid_in(f.line(spawned)).expect("pid");
     f.wait_line("worker 1 hanging at start");
     // Its user message "ready" did not make it ready: only the deadline decides.
-    let failed = f.wait_line(&format!("start failed: worker 1 (pid {pid}): did not report ready within 500ms"));
+    let failed = f.wait_line(&format!("start failed: worker 1 (pid {pid}): was not ready within 500ms"));
     assert_eq!(f.count(|l| l.starts_with("worker ready: worker=1 ")), 0);
     f.wait_from(failed, "the kill", |l| l.starts_with(&format!("exited: worker 1 (pid {pid}) was killed by signal 9")));
     f.wait_from(failed, "its restart", |l| l.starts_with("restart scheduled: worker=1 "));

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tandem_cluster::control::{ControlClient, ControlError, ProcessInfo, Request};
+use tandem_cluster::control::{ControlClient, ControlError, ProcessInfo, ReloadError, Request};
+use tandem_cluster::{ExitReason, StartFailure};
 use tandem_testkit::{Lines, ProcessGuard, within};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,10 +60,20 @@ async fn failed_reload() {
     // From now on every new worker exits before it is ready.
     std::fs::write(&fail, b"").unwrap();
     let mut client = ControlClient::connect_to(&socket, name).await.unwrap();
-    let error = match client.call(Request::Reload).await {
-        Err(ControlError::Failed(reason)) => reason,
+    let failed = match client.call(Request::Reload).await {
+        Err(ControlError::Reload(e)) => e,
         other => panic!("the reload should fail, got {other:?}"),
     };
+    // Typed: the slot, its new process, why; nothing replaced before it.
+    match &failed {
+        ReloadError::Failed { worker: 1, new_pid: Some(new_pid), cause, replaced } => {
+            assert_eq!(*cause, StartFailure::Exited(ExitReason::Code(3)), "{failed:?}");
+            assert!(replaced.is_empty(), "{failed:?}");
+            assert!(before.iter().all(|r| r.pid != Some(*new_pid)), "{failed:?}");
+        }
+        other => panic!("expected Failed for worker 1, got {other:?}"),
+    }
+    let error = failed.to_string();
     assert!(error.contains("worker 1"), "{error}");
     assert!(error.contains("before it was ready"), "{error}");
     assert!(error.contains("rolled back"), "{error}");

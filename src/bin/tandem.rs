@@ -40,7 +40,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  done
   1  failed: no such cluster, its master not answering, another user's
-     cluster, a reload that failed (and was rolled back), a stop timed out
+     cluster, a reload refused or failed (a workers' reload is rolled back),
+     a stop timed out
   2  bad command line
   3  the master is serving its limit of control connections: try again";
 
@@ -126,6 +127,9 @@ fn main() -> ExitCode {
             eprintln!("{line}");
             match e {
                 ControlError::Busy(_) => ExitCode::from(EXIT_BUSY),
+                // Every other failure, a reload refused or failed included
+                // (`ControlError::Reload`, printed above as the master's
+                // text, or `Failed` from an older master): 1.
                 _ => ExitCode::FAILURE,
             }
         }

@@ -13,6 +13,7 @@ use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use super::limits::{CODE_TOO_MANY_CONNECTIONS, LIST_TIMEOUT, MAX_LINE, PID_FILE, REFUSAL_READ_TIMEOUT, SOCKET_FILE};
 use super::names::{clusters_dir, socket_path, validate_name};
 use super::wire::{ClusterInfo, Request, Response};
+use crate::ReloadError;
 
 // ---- the client side ---------------------------------------------------------
 
@@ -65,13 +66,22 @@ pub enum ControlError {
     /// The master refused or failed the command.
     #[error("{0}")]
     Failed(String),
+    /// The master refused or failed a `reload` or `reload_agent`: why,
+    /// typed (its `Display` is the master's answer in words).
+    #[error(transparent)]
+    Reload(ReloadError),
 }
 
 impl ControlError {
     /// Whether the same request may succeed if tried again later: the master
-    /// was busy or did not answer.
+    /// was busy or did not answer, or a reload was refused because another
+    /// one ran or the cluster was not ready ([`ReloadError::is_retryable`]).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ControlError::Busy(_) | ControlError::NotAnswering { .. })
+        match self {
+            ControlError::Busy(_) | ControlError::NotAnswering { .. } => true,
+            ControlError::Reload(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 }
 
@@ -185,6 +195,9 @@ pub(crate) fn response_result(line: &str) -> Result<serde_json::Value, ControlEr
         (true, Some(result), _) => Ok(result),
         (true, None, _) => Ok(serde_json::Value::Null),
         (false, _, error) => {
+            if let Some(e) = response.reload_error {
+                return Err(ControlError::Reload(e));
+            }
             let error = error.unwrap_or_else(|| "failed".into());
             if response.code.as_deref() == Some(CODE_TOO_MANY_CONNECTIONS) {
                 Err(ControlError::Busy(error))

@@ -23,7 +23,7 @@
 //! -> {"cmd":"status"}
 //! <- {"ok":true,"result":[{"role":"master","slot":null,"pid":4242,...},...]}
 //! -> {"cmd":"reload"}
-//! <- {"ok":false,"error":"worker 2 did not become ready: ..."}
+//! <- {"ok":false,"error":"worker 2: new process 4250 exited with code 3 before it was ready (rolled back; 1 slot(s) had already been replaced)","reload_error":{"kind":"failed","worker":2,"new_pid":4250,"cause":{"kind":"exited","detail":{"Code":3}},"replaced":[{"worker":1,"old_pid":4247,"new_pid":4249}]}}
 //! -> {"cmd":"reload_agent"}
 //! <- {"ok":true,"result":{"old_pid":4246,"old_epoch":1,"new_pid":4311,"epoch":2,"took_ms":212}}
 //! ```
@@ -33,7 +33,10 @@
 //! [`AGENT_STATS_TOPIC`]), `reload` ([`ReloadReport`]), `reload_agent`
 //! ([`AgentReloadReport`]), `stop` ([`StopReport`];
 //! the master starts a graceful stop and answers at once with the pids to
-//! wait for).
+//! wait for). A failed `reload` or `reload_agent` carries, besides the
+//! `error` text, the [`ReloadError`] itself in `reload_error`
+//! ([`Response::reload_error`]); [`ControlClient`] returns it as
+//! [`ControlError::Reload`].
 //!
 //! **Limits.** Only processes of the master's own user may connect: the
 //! peer's uid is checked with `SO_PEERCRED` on every connection. Beyond that,
@@ -69,8 +72,9 @@ mod server;
 mod tests;
 mod wire;
 
-/// The reports of `reload` and `reload_agent`: the crate's own, with `took` as `took_ms`.
-pub use crate::reload_handle::{AgentReloadReport, ReloadReport, ReplacedWorker};
+/// The reports of `reload` and `reload_agent` and their error: the crate's
+/// own, with `took` as `took_ms`.
+pub use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport, ReplacedWorker};
 pub use client::{ControlClient, ControlError, Listed, Silent, list, running};
 pub(crate) use handle::{ControlStats, MasterHandle, OpsCall, Snapshot};
 pub use limits::{

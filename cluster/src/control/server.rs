@@ -309,11 +309,11 @@ pub(crate) async fn answer(request: Request, handle: &MasterHandle) -> Response 
         },
         Request::Reload => match reload_workers(handle).await {
             Ok(report) => Response::ok(report),
-            Err(e) => Response::err(e.to_string()),
+            Err(e) => Response::reload_failed(e),
         },
         Request::ReloadAgent => match reload_agent(handle).await {
             Ok(report) => Response::ok(report),
-            Err(e) => Response::err(e.to_string()),
+            Err(e) => Response::reload_failed(e),
         },
         Request::Stop => {
             let (tx, rx) = oneshot::channel();

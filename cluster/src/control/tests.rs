@@ -14,7 +14,7 @@ use super::limits::*;
 use super::names::*;
 use super::server::*;
 use super::wire::*;
-use crate::Error;
+use crate::{Error, ExitReason, ReloadError, ReplaceReason, ReplacedWorker, StartFailure};
 
 #[test]
 fn names_are_checked() {
@@ -43,6 +43,100 @@ fn the_refusal_line_is_pinned() {
     assert!(matches!(&refused, Err(e @ ControlError::Busy(_)) if e.is_retryable()), "{refused:?}");
     let failed = response_result(r#"{"ok":false,"error":"reload already running"}"#);
     assert!(matches!(&failed, Err(ControlError::Failed(e)) if e == "reload already running"), "{failed:?}");
+}
+
+/// A failed reload crosses the socket typed: the line carries the text (for
+/// older clients) and the error, and the client gets the same error back.
+#[test]
+fn a_reload_error_crosses_the_socket_typed_and_in_words() {
+    let failed = ReloadError::Failed {
+        worker: 2,
+        new_pid: Some(4250),
+        cause: StartFailure::Exited(ExitReason::Code(3)),
+        replaced: vec![ReplacedWorker { id: 1, old_pid: 4247, new_pid: 4249 }],
+    };
+    let line = encode_reply(&Response::reload_failed(failed.clone()), MAX_LINE);
+    assert_eq!(
+        line,
+        r#"{"ok":false,"error":"worker 2: new process 4250 exited with code 3 before it was ready (rolled back; 1 slot(s) had already been replaced)","reload_error":{"kind":"failed","worker":2,"new_pid":4250,"cause":{"kind":"exited","detail":{"Code":3}},"replaced":[{"worker":1,"old_pid":4247,"new_pid":4249}]}}"#
+    );
+    match response_result(&line) {
+        Err(ControlError::Reload(e)) => {
+            assert_eq!(e, failed);
+            assert_eq!(ControlError::Reload(e).to_string(), failed.to_string(), "the CLI prints the same text");
+        }
+        other => panic!("expected Reload, got {other:?}"),
+    }
+    // Every kind the machines answer with, round trip.
+    let errors = [
+        ReloadError::InProgress { running: ReplaceReason::AgentReload },
+        ReloadError::ShuttingDown,
+        ReloadError::NotReady,
+        ReloadError::AgentNotReady,
+        ReloadError::ExecutableMissing { path: PathBuf::from("/srv/app/config_center") },
+        ReloadError::MasterGone,
+        ReloadError::AgentFailed {
+            old_pid: 4200,
+            new_pid: Some(4242),
+            cause: StartFailure::IpcMismatch(ExitReason::Code(111)),
+        },
+        ReloadError::AgentFailed {
+            old_pid: 4200,
+            new_pid: None,
+            cause: StartFailure::Spawn("Permission denied (os error 13)".into()),
+        },
+        ReloadError::Failed {
+            worker: 1,
+            new_pid: Some(7),
+            cause: StartFailure::TimedOut(std::time::Duration::from_secs(2)),
+            replaced: Vec::new(),
+        },
+    ];
+    for e in errors {
+        let line = encode_reply(&Response::reload_failed(e.clone()), MAX_LINE);
+        let error = serde_json::from_str::<Response>(&line).unwrap().error;
+        assert_eq!(error.as_deref(), Some(e.to_string().as_str()), "{line}");
+        match response_result(&line) {
+            Err(ControlError::Reload(back)) => assert_eq!(back, e, "{line}"),
+            other => panic!("expected Reload, got {other:?} from {line}"),
+        }
+    }
+    assert_eq!(
+        serde_json::to_string(&ReloadError::InProgress { running: ReplaceReason::Reload }).unwrap(),
+        r#"{"kind":"in_progress","running":"Reload"}"#
+    );
+    let busy = response_result(&encode_reply(&Response::reload_failed(ReloadError::NotReady), MAX_LINE));
+    assert!(matches!(&busy, Err(e @ ControlError::Reload(_)) if e.is_retryable()), "{busy:?}");
+}
+
+/// An older master's answer (text only), and a newer master's (an error of a
+/// kind this client does not know), still read: as the text.
+#[test]
+fn a_reload_error_this_client_does_not_know_reads_as_its_text() {
+    let old = response_result(r#"{"ok":false,"error":"worker 1: new process 9 was not ready within 2s"}"#);
+    assert!(matches!(&old, Err(ControlError::Failed(e)) if e == "worker 1: new process 9 was not ready within 2s"));
+    let newer = response_result(
+        r#"{"ok":false,"error":"the moon is in the way","reload_error":{"kind":"moon_in_the_way","phase":3}}"#,
+    );
+    assert!(matches!(&newer, Err(ControlError::Failed(e)) if e == "the moon is in the way"), "{newer:?}");
+    let cause = response_result(
+        r#"{"ok":false,"error":"worker 1: new process 9 melted","reload_error":{"kind":"failed","worker":1,"new_pid":9,"cause":{"kind":"melted"},"replaced":[]}}"#,
+    );
+    assert!(matches!(&cause, Err(ControlError::Failed(e)) if e == "worker 1: new process 9 melted"), "{cause:?}");
+}
+
+/// An error that cannot be written as JSON (a path that is not UTF-8) is
+/// answered in words, not replaced by "could not encode".
+#[test]
+fn a_reload_error_that_does_not_encode_is_answered_in_words() {
+    use std::os::unix::ffi::OsStrExt;
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(b"/srv/\xff/app"));
+    let e = ReloadError::ExecutableMissing { path };
+    let line = encode_reply(&Response::reload_failed(e.clone()), MAX_LINE);
+    match response_result(&line) {
+        Err(ControlError::Failed(text)) => assert_eq!(text, e.to_string()),
+        other => panic!("expected Failed, got {other:?} from {line}"),
+    }
 }
 
 #[test]

@@ -3,11 +3,11 @@
 use std::fmt;
 use std::io::{self, Write};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::limits::{CODE_TOO_MANY_CONNECTIONS, ECHO_PREFIX, MAX_CONNECTIONS, MAX_REQUEST_LINE};
 use crate::status::{ProcessState, StatusRow, StatusTable, cpu_seconds};
-use crate::{ExitReason, WorkerId};
+use crate::{ExitReason, ReloadError, WorkerId};
 
 // ---- the protocol ------------------------------------------------------------
 
@@ -46,18 +46,52 @@ pub struct Response {
     /// [`CODE_TOO_MANY_CONNECTIONS`] so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+    /// Why a `reload` or `reload_agent` failed, typed ([`error`](Self::error)
+    /// holds the same in words, for clients that read only that). `None`
+    /// otherwise, and when the error is one this client does not know (a
+    /// newer master's): it then reads [`error`](Self::error) alone.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known_reload_error")]
+    pub reload_error: Option<ReloadError>,
+}
+
+/// A `reload_error` this client knows, or `None` (a newer master's kind, or
+/// a shape that does not read): the answer is still read, with its `error` text.
+fn known_reload_error<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ReloadError>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(value.and_then(|v| match serde_json::from_value(v) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::debug!(error = %e, "a reload error of a kind this client does not know; read as text");
+            None
+        }
+    }))
 }
 
 impl Response {
     pub(crate) fn ok(result: impl Serialize) -> Self {
         match serde_json::to_value(result) {
-            Ok(value) => Response { ok: true, result: Some(value), error: None, code: None },
+            Ok(value) => Response { ok: true, result: Some(value), error: None, code: None, reload_error: None },
             Err(e) => Response::err(format!("could not encode the result: {e}")),
         }
     }
 
     pub(crate) fn err(error: impl Into<String>) -> Self {
-        Response { ok: false, result: None, error: Some(error.into()), code: None }
+        Response { ok: false, result: None, error: Some(error.into()), code: None, reload_error: None }
+    }
+
+    /// The answer to a failed `reload` or `reload_agent`: the error in words,
+    /// and typed. An error that cannot be written as JSON (an executable path
+    /// that is not UTF-8) goes in words only.
+    pub(crate) fn reload_failed(e: ReloadError) -> Self {
+        let error = e.to_string();
+        let reload_error = match serde_json::to_value(&e) {
+            Ok(_) => Some(e),
+            Err(why) => {
+                tracing::warn!(error = %why, reload.error = %error, "a reload error could not be encoded; answered in words only");
+                None
+            }
+        };
+        Response { reload_error, ..Response::err(error) }
     }
 
     /// The refusal a connection over [`MAX_CONNECTIONS`] gets.
