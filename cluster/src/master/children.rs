@@ -346,7 +346,7 @@ impl Master {
             return;
         }
         if was_starting && !proc.timed_out {
-            self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::Exited(exit) });
+            self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::exited(exit) });
         }
         if key.slot == SlotId::Agent
             && let Some(info) = self.progress.agent_info.as_mut()
