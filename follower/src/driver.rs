@@ -214,6 +214,7 @@ impl<C: Connector> Driver<C> {
         if let Some(late) = core.channels.get(named..).filter(|late| !late.is_empty()) {
             core.out.push(Frame::Open(late.iter().map(|c| c.to_string()).collect()));
         }
+        core.remirror();
         core.send_queued();
         let stall = core.config.peer_timeout;
         if let Err(failed) = self.flush(&mut link, stall).await {
