@@ -173,6 +173,18 @@ impl<C: Connector> Driver<C> {
         self.core.shutdown();
     }
 
+    /// This process became the hot standby while following: the leader is
+    /// mirrored on the current link from now on, for the connector.
+    fn mirror_for_standby(&mut self) {
+        let mirror = self.core.mirror.get_or_insert_with(crate::mirror::MirrorLink::new);
+        let asked = mirror.wanted();
+        let view = mirror.adopt();
+        self.connector.mirroring(view);
+        if !asked {
+            self.core.send_mirror();
+        }
+    }
+
     /// Waits out a backoff delay while still answering commands.
     async fn idle(&mut self, delay: Duration) {
         let Driver { commands, drops, core, .. } = self;
@@ -214,7 +226,16 @@ impl<C: Connector> Driver<C> {
         if let Some(late) = core.channels.get(named..).filter(|late| !late.is_empty()) {
             core.out.push(Frame::Open(late.iter().map(|c| c.to_string()).collect()));
         }
-        core.remirror();
+        if !is_leader && self.connector.is_standby() {
+            // A hot standby: this link mirrors the leader, for the connector to take over warm.
+            let view = core.mirror.get_or_insert_with(crate::mirror::MirrorLink::new).adopt();
+            self.connector.mirroring(view);
+        }
+        let core = &mut self.core;
+        // A process that leads does not mirror itself.
+        if !is_leader {
+            core.remirror();
+        }
         core.send_queued();
         let stall = core.config.peer_timeout;
         if let Err(failed) = self.flush(&mut link, stall).await {
@@ -307,6 +328,10 @@ impl<C: Connector> Driver<C> {
                         next_ping = now + heartbeat;
                         nonce += 1;
                         self.core.out.push(Frame::Ping(nonce));
+                        // Once per heartbeat: the standby's place may be free (it died, or it leads now).
+                        if !is_leader && self.connector.became_standby() {
+                            self.mirror_for_standby();
+                        }
                     }
                 }
             }

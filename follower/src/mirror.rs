@@ -248,7 +248,7 @@ impl MirrorLink {
                 let snapshot = self.pending.take().unwrap_or_default();
                 let keys = snapshot.len();
                 self.view.map().values = snapshot;
-                tracing::debug!(keys, "mirror synced");
+                tracing::info!(keys, "mirror synced: this process holds every key the leader follows");
                 shared.status.send_modify(|s| {
                     s.synced = true;
                     s.updates += 1;
@@ -270,8 +270,9 @@ impl MirrorLink {
         }
     }
 
-    /// The mirror's view (the election seeds a new leader from it).
-    pub(crate) fn view(&self) -> &Mirror {
-        &self.view
+    /// The mirror's view, wanted from now on on every link (a hot standby's).
+    pub(crate) fn adopt(&mut self) -> Mirror {
+        self.given = true;
+        self.view.clone()
     }
 }
