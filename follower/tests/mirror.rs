@@ -378,7 +378,87 @@ async fn a_leader_seeded_from_a_mirror_serves_at_once_at_the_next_epoch_and_resu
         let fresh_b = fb.next().await.unwrap();
         assert_eq!(fresh_b.value.0, "b2", "b's seeded value is not sent again");
         assert!(fresh_b.seq > got_b.seq && fresh_b.epoch == 2);
+
+        // The standby's connection moved to the new leader too and mirrors it:
+        // the new snapshot replaced the old one.
+        mirror_until(&mirror, |m| {
+            m.value::<Rev>(&"b".into()).unwrap().is_some_and(|((v, _), at)| v == "b2" && at.epoch == 2)
+        })
+        .await;
+        assert!(mirror.entries().iter().all(|e| e.epoch == 2), "{:?}", mirror.entries());
         new.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn seeded_keys_nobody_resubscribes_are_released_after_the_hold() {
+    within(TEST_TIMEOUT, async {
+        let upstream = RevUpstream::default();
+        let ra = upstream.put("a", "a1");
+        let entry = |key: &str, value: &str, revision: u64| tandem_protocol::MirrorEntry {
+            channel: "rev".into(),
+            key: tandem_protocol::payload::encode(&key.to_string()).unwrap(),
+            epoch: 1,
+            seq: 3,
+            payload: tandem_protocol::payload::encode(&(value.to_string(), revision)).unwrap(),
+            revision: Some(revision),
+        };
+        let mut config = tandem_leader::Config::default();
+        config.seed_hold = std::time::Duration::from_millis(300);
+        let leader = Leader::builder()
+            .epoch(2)
+            .config(config)
+            .seed([entry("a", "a1", ra), entry("gone", "x", 1)])
+            .channel::<Rev, _>(upstream.clone())
+            .start();
+        // Both keys are followed upstream at once, from their revisions, with no subscriber.
+        tandem_testkit::eventually(TEST_TIMEOUT, "both seeded keys resumed", || {
+            let resumed = upstream.resumed().len() == 2;
+            async move { resumed }
+        })
+        .await;
+        assert_eq!(leader.stats().channels[0].keys.len(), 2);
+        // Past the hold, nobody wanted them: released.
+        tandem_testkit::eventually(TEST_TIMEOUT, "the seeded keys released", || {
+            let released = leader.stats().channels[0].keys.is_empty();
+            async move { released }
+        })
+        .await;
+        leader.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_mirror_frame_from_a_version_2_follower_ends_its_session() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let leader = Leader::builder().channel::<Rev, _>(RevUpstream::default()).start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut link = Framed::new(stream, FrameCodec::new());
+        let hello = tandem_protocol::Hello {
+            version: 2,
+            peer_id: Uuid::new_v4(),
+            pid: std::process::id(),
+            channels: vec![],
+            token: None,
+        };
+        link.send(Frame::Hello(hello)).await.unwrap();
+        let Some(Ok(Frame::Welcome(welcome))) = link.next().await else { panic!("no Welcome") };
+        assert_eq!(welcome.version, 2);
+        link.send(Frame::Mirror(1)).await.unwrap();
+        let mut goodbye = None;
+        while let Some(Ok(frame)) = link.next().await {
+            assert!(!matches!(frame, Frame::Ack(_) | Frame::Mirrored(_)), "a version 2 session got {frame:?}");
+            if let Frame::Goodbye(reason) = frame {
+                goodbye = Some(reason);
+            }
+        }
+        let reason = goodbye.expect("a Goodbye naming the violation");
+        assert!(reason.contains("Mirror"), "{reason}");
+        leader.shutdown().await;
     })
     .await;
 }
