@@ -33,8 +33,9 @@
 //! C (follower): flock(name.standby) busy -> a plain follower
 //! A dies: B: flock(name.lock) won at once -> epoch + 1 -> Leader seeded from B's mirror, binds name.sock
 //!            -> name.standby released
-//!         C: name.sock refuses -> waits STANDBY_GRACE (50 ms) -> flock(name.standby) won: the new standby
-//!            -> flock(name.lock) busy (B leads) -> follows B, mirroring it
+//!         C: name.sock refuses -> tries it again every 1 ms: B answers -> follows B
+//!            (B never answers within STANDBY_GRACE, 50 ms: C competes for the locks itself)
+//!         C (or another follower), at its next heartbeat: flock(name.standby) won -> the new standby
 //! ```
 //!
 //! A leader that steps down (`Connection::step_down`, or `close` while
@@ -75,6 +76,10 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// is alive, before competing for the lock itself: the standby competes at
 /// once, and wins unless it is dead or stuck (50 ms).
 pub const STANDBY_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How often, during [`STANDBY_GRACE`], a follower tries the leader's socket
+/// again (the standby's new leader binds it).
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How often a rejected follower checks whether the leader changed.
 const NEW_LEADER_POLL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -561,10 +566,17 @@ impl Connector for Standalone {
             // Another process is the standby: it competes for the lock first.
             // Follow the leader if one answers; else give the standby its
             // grace, then compete (it may be dead), standby first if it left.
-            if let Ok(connected) = self.follow().await {
-                return Ok(connected);
+            // The standby's leader binds within milliseconds: follow it as soon as it answers.
+            let grace_ends = tokio::time::Instant::now() + STANDBY_GRACE;
+            loop {
+                if let Ok(connected) = self.follow().await {
+                    return Ok(connected);
+                }
+                if tokio::time::Instant::now() >= grace_ends {
+                    break;
+                }
+                tokio::time::sleep(STANDBY_POLL).await;
             }
-            tokio::time::sleep(STANDBY_GRACE).await;
             self.try_standby().map_err(StartupError::into_io)?;
         }
         if self.role != Role::FollowerOnly && !self.yielding() {
