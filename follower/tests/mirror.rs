@@ -182,7 +182,11 @@ async fn a_mirror_gets_the_snapshot_then_updates_then_removals() {
         assert_eq!(again.entries(), mirror.entries());
 
         // Mirroring is not subscribing: the standby's connection holds no subscription.
-        assert_eq!(leader.stats().channels[0].subscribers, 1, "{:?}", leader.stats());
+        let stats = leader.stats();
+        assert_eq!(stats.channels[0].subscribers, 1, "{stats:?}");
+        // The leader's stats show which follower is its standby.
+        let mirrors: Vec<_> = stats.follower_list.iter().filter(|f| f.mirrors).collect();
+        assert_eq!(mirrors.len(), 1, "{stats:?}");
         leader.shutdown().await;
     })
     .await;

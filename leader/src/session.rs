@@ -151,6 +151,7 @@ impl Session {
                 pid: peer.pid.or(i32::try_from(hello.pid).ok()),
                 transport: peer.transport.to_owned(),
                 channels: hello.channels.clone(),
+                mirrors: false,
             },
         );
         let mut session = Session {
@@ -417,6 +418,9 @@ impl Session {
             return;
         }
         self.mirroring = true;
+        if let Some(stats) = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
+            stats.mirrors = true;
+        }
         self.push(Frame::Ack(Ack { id, result: Ok(()) }));
         let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for channel in self.shared.channels.values() {
