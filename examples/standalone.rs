@@ -16,6 +16,12 @@
 //! follower take over with a higher epoch: the followers log `WARN lost the
 //! leader`, a fault.
 //!
+//! One follower is the hot standby (it logs `this process is the hot
+//! standby` at INFO): it mirrors the leader without an upstream connection
+//! and, when the leader dies, leads at once, serving the mirrored values (its
+//! INFO line: `the standby took over ... keys=N`); another follower becomes
+//! the standby (`docs/using.md`, Hot standby).
+//!
 //! A graceful hand-off instead: `kill -USR2 <pid>` of the leader makes it step
 //! down (`Connection::step_down`) and stay on as a follower; `kill <pid>`
 //! (SIGTERM) or Ctrl-C makes it close, which hands off too, and exit 0.

@@ -190,9 +190,11 @@ async fn follow_key(
     key: String,
     tx: EventSender<ConfigValue>,
     current: Option<ConfigValue>,
+    resumed: Option<u64>,
 ) {
-    // The revision of the value already sent, and whether it was a value (not an absence).
-    let (mut last, mut present) = (0, false);
+    // The revision of the value already sent (or already served by the leader,
+    // when resumed), and whether it was a value (not an absence).
+    let (mut last, mut present) = (resumed.map_or(0, |r| i64::try_from(r).unwrap_or(i64::MAX)), resumed.is_some());
     if let Some(current) = current {
         (last, present) = (i64::try_from(current.revision).unwrap_or(0), current.value.is_some());
         if !tx.send(current) {
@@ -264,6 +266,25 @@ impl Upstream<ConfigApi> for EtcdUpstream {
     }
 
     async fn subscribe(&self, key: String) -> Result<Events<ConfigValue>, RemoteError> {
+        self.follow(key, None).await
+    }
+
+    /// As `subscribe`, but while etcd is unreachable the watch starts right
+    /// after `revision` (the value a new leader seeded from a mirror already
+    /// serves), so every change made meanwhile is delivered once etcd answers.
+    async fn subscribe_from(&self, key: String, revision: u64) -> Result<Events<ConfigValue>, RemoteError> {
+        self.follow(key, Some(revision)).await
+    }
+
+    fn revision(&self, event: &ConfigValue) -> Option<u64> {
+        Some(event.revision).filter(|r| *r > 0)
+    }
+}
+
+impl EtcdUpstream {
+    /// Follows one key: its current value, then its changes; `resumed`: the
+    /// revision whose value the leader serves already.
+    async fn follow(&self, key: String, resumed: Option<u64>) -> Result<Events<ConfigValue>, RemoteError> {
         let client = self.inner.client.until(Instant::now() + SUBSCRIBE_TIMEOUT);
         let (start, current) = match client.get_range(&Keys::exact(key.as_str())).await {
             // Always the current state, absence included (as the registry adapter
@@ -280,12 +301,18 @@ impl Upstream<ConfigApi> for EtcdUpstream {
             // (a snapshot) once a member answers.
             Err(error) if error.is_unavailable() => {
                 tracing::debug!(subscription.key = %key, error = %error.chain(), "etcd unreachable; the key follows when it is back");
-                (Start::Snapshot, None)
+                match resumed.and_then(|r| i64::try_from(r).ok()) {
+                    // Every change after the served value (compacted away: a snapshot, which follow_key handles).
+                    Some(revision) => (Start::Revision(revision + 1), None),
+                    None => (Start::Snapshot, None),
+                }
             }
             Err(error) => return Err(remote_error(error)),
         };
         let watch = self.inner.client.watch(Keys::exact(key.as_str()), start);
-        Ok(Events::spawn(|tx| follow_key(watch, key, tx, current)))
+        // With the current value read, `last` starts from it; otherwise from the resumed revision.
+        let resumed = if current.is_some() { None } else { resumed };
+        Ok(Events::spawn(move |tx| follow_key(watch, key, tx, current, resumed)))
     }
 }
 

@@ -132,6 +132,14 @@ impl Upstream<ConfigApi> for RegistryUpstream {
         }
     }
 
+    /// The value's revision in the registry, the resume point a mirror carries
+    /// (PROTOCOL.md §7.2). `subscribe_from` is the default (`subscribe`): the
+    /// registry's watch always starts with the key's current state, so a
+    /// change made while no leader followed the key is delivered anyway.
+    fn revision(&self, event: &ConfigValue) -> Option<u64> {
+        Some(event.revision).filter(|r| *r > 0)
+    }
+
     fn health(&self) -> Option<watch::Receiver<UpstreamState>> {
         Some(self.health_watch())
     }

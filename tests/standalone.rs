@@ -303,6 +303,104 @@ async fn a_leader_that_steps_down_hands_off_without_a_fault() {
     .expect("test timed out")
 }
 
+/// Issue 26: a hot standby. One follower of the group holds the standby lock
+/// and mirrors the leader (no upstream connection: the registry still counts
+/// one). kill -9 the leader: the standby leads at epoch + 1 at once, seeded
+/// from its mirror, every process gets the next value, nothing twice or
+/// backwards (the value they had is not delivered again at the new epoch),
+/// one registry connection after, and a new standby is elected among the
+/// followers.
+#[tokio::test]
+async fn the_hot_standby_takes_over_a_killed_leader_warm() {
+    tokio::time::timeout(TIMEOUT, async {
+        let mut group = Group::start_logged("standby", 4).await;
+        let (admin, mut procs, leader_at) = (group.admin.clone(), std::mem::take(&mut group.procs), group.leader_at);
+        let is_standby_line = |l: &str| !is_stdout(l) && l.contains("this process is the hot standby");
+        // A follower takes the standby place (at its connect, or at its next heartbeat).
+        let standbys = |procs: &mut Vec<Proc>| -> Vec<usize> {
+            (0..procs.len())
+                .filter(|&i| {
+                    procs[i].drain();
+                    i != leader_at && procs[i].seen.iter().any(|l| is_standby_line(l))
+                })
+                .collect()
+        };
+        poll_until(LINE, "a standby", || {
+            let found = !standbys(&mut procs).is_empty();
+            async move { found }
+        })
+        .await;
+        let standby = standbys(&mut procs);
+        assert_eq!(standby.len(), 1, "exactly one follower is the standby");
+        let standby_at = standby[0];
+        poll_until(LINE, "the standby's mirror synced", || {
+            procs[standby_at].drain();
+            let synced = procs[standby_at].seen.iter().any(|l| l.contains("mirror synced"));
+            async move { synced }
+        })
+        .await;
+
+        admin.put("k", "v1").await.unwrap();
+        for proc in &mut procs {
+            proc.expect_line(LINE, is_value("v1")).await;
+        }
+        // Mirroring is no upstream connection.
+        let stats = admin.stats().await.unwrap();
+        assert_eq!((stats.connections, stats.watches), (1, 1), "{stats:?}");
+        for proc in &mut procs {
+            proc.drain();
+        }
+        let marks: Vec<usize> = procs.iter().map(|p| p.seen.len()).collect();
+
+        let leader = procs.remove(leader_at);
+        let standby_at = if standby_at > leader_at { standby_at - 1 } else { standby_at };
+        let marks: Vec<usize> = marks.iter().enumerate().filter(|(i, _)| *i != leader_at).map(|(_, m)| *m).collect();
+        leader.signal(nix::sys::signal::Signal::SIGKILL);
+        let killed_at = std::time::Instant::now();
+        drop(leader);
+        for (i, proc) in procs.iter_mut().enumerate() {
+            let line = proc.expect_line(Duration::from_secs(2), is_role_at("2")).await;
+            let role = if i == standby_at { "leader" } else { "follower" };
+            assert_eq!(field(&line, "role"), Some(role), "the standby leads at epoch 2: {line}");
+        }
+        let took_over_in = killed_at.elapsed();
+        procs[standby_at].drain();
+        let took_over = procs[standby_at].seen[marks[standby_at]..]
+            .iter()
+            .any(|l| l.contains("the standby took over") && field(l, "keys") == Some("1"));
+        assert!(took_over, "the standby served its mirrored key: {:#?}", procs[standby_at].seen);
+
+        admin.put("k", "v2").await.unwrap();
+        for proc in &mut procs {
+            let line = proc.expect_line(LINE, is_value("v2")).await;
+            assert_eq!(field(&line, "epoch"), Some("2"), "{line}");
+        }
+        poll_until(LINE, "one registry connection", || async {
+            admin.stats().await.map(|s| s.connections == 1 && s.watches == 1).unwrap_or(false)
+        })
+        .await;
+        // A new standby among the followers.
+        poll_until(LINE, "a new standby", || {
+            let found = procs.iter_mut().enumerate().any(|(i, proc)| {
+                proc.drain();
+                i != standby_at && proc.seen[marks[i]..].iter().any(|l| is_standby_line(l))
+            });
+            async move { found }
+        })
+        .await;
+        for (i, proc) in procs.iter_mut().enumerate() {
+            proc.drain();
+            let repeated: Vec<&String> =
+                proc.seen[marks[i]..].iter().filter(|l| is_stdout(l) && field(l, "value") == Some("v1")).collect();
+            assert!(repeated.is_empty(), "v1 delivered again after the takeover: {repeated:#?}");
+            assert_in_order(&proc.seen, "pid");
+        }
+        eprintln!("the standby took over in {took_over_in:?}");
+    })
+    .await
+    .expect("test timed out")
+}
+
 /// One of `lines` is a log line at `level` with every one of `parts`.
 fn expect_logged(lines: &[String], level: &str, parts: &[&str]) {
     let found = lines.iter().any(|l| !is_stdout(l) && l.contains(level) && parts.iter().all(|p| l.contains(p)));

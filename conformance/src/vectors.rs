@@ -45,7 +45,8 @@ pub fn direction(frame: &Frame) -> &'static str {
         | Frame::Publish(_)
         | Frame::Open(_)
         | Frame::SubscribeOne(_)
-        | Frame::Settle(_) => "F>L",
+        | Frame::Settle(_)
+        | Frame::Mirror(_) => "F>L",
         Frame::Ping(_) | Frame::Pong(_) | Frame::Goodbye(_) => "both",
         _ => "L>F",
     }
@@ -109,6 +110,16 @@ pub fn fields(frame: &Frame) -> Value {
             "sub": u64_json(s.sub),
             "acked": s.acked.iter().map(|t| u64_json(*t)).collect::<Vec<_>>(),
             "released": s.released.iter().map(|t| u64_json(*t)).collect::<Vec<_>>(),
+        }),
+        Frame::Mirror(id) => json!({ "id": u64_json(*id) }),
+        Frame::Mirrored(m) => json!({
+            "entries": m.entries.iter().map(|e| json!({
+                "channel": e.channel.as_str(), "key": hex(&e.key), "epoch": u64_json(e.epoch),
+                "seq": u64_json(e.seq), "payload": hex(&e.payload), "revision": e.revision.map(u64_json),
+            })).collect::<Vec<_>>(),
+            "removed": m.removed.iter().map(|r| json!({ "channel": r.channel.as_str(), "key": hex(&r.key) }))
+                .collect::<Vec<_>>(),
+            "synced": m.synced,
         }),
         other => json!({ "unsupported": other.kind() }),
     }

@@ -78,6 +78,8 @@ pub(crate) enum Command {
     StepDown(oneshot::Sender<Result<(), Error>>),
     /// A client of this channel was made: the connection carries it from now on.
     Open(&'static str),
+    /// Mirror the leader (see `Connection::mirror`).
+    Mirror(crate::mirror::MirrorReply),
 }
 
 impl Command {

@@ -218,6 +218,26 @@ impl Connection {
         stepped.await.unwrap_or(Err(crate::Error::Closed))
     }
 
+    /// Mirrors the leader (protocol version 3, PROTOCOL.md §7.2): a live view
+    /// of every key the leader follows, whoever subscribed it, with its latest
+    /// value, position and upstream revision; what a hot standby holds to
+    /// take over warm ([`Mirror::entries`](crate::Mirror::entries) seeds a new leader).
+    ///
+    /// Returns once the leader accepted (await [`Mirror::synced`](crate::Mirror::synced)
+    /// for its snapshot). The connection mirrors from then on, for its life,
+    /// across leaders: when the leader is lost the view keeps its last state,
+    /// and each next leader's snapshot replaces it once complete. Calling it
+    /// again returns the same view.
+    ///
+    /// A leader that speaks protocol version 1 or 2 cannot be mirrored: the
+    /// call fails with [`Error::Remote`](crate::Error::Remote), kind `Rejected`,
+    /// code `version`, and nothing is sent to it.
+    pub async fn mirror(&self) -> Result<crate::Mirror, crate::Error> {
+        let (reply, mirrored) = oneshot::channel();
+        self.inner.commands.send(Command::Mirror(reply)).await.map_err(|_| crate::Error::Closed)?;
+        mirrored.await.unwrap_or(Err(crate::Error::Closed))
+    }
+
     /// Says goodbye to the leader and stops the driver; outstanding calls fail
     /// with [`Error::Closed`](crate::Error::Closed). On the leading process
     /// (elected by [`Standalone`](crate::Standalone)) it first

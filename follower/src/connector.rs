@@ -61,6 +61,31 @@ pub trait Connector: Send + 'static {
     fn step_down(&mut self) -> impl Future<Output = bool> + Send {
         std::future::ready(false)
     }
+
+    /// Whether this process is a hot standby of the leader the last
+    /// [`connect`](Self::connect) reached: the driver then mirrors that leader
+    /// on the link (PROTOCOL.md §7.2) and gives the view to
+    /// [`mirroring`](Self::mirroring), so that the connector can start its own
+    /// leader warm from it if it takes over (the standalone election does).
+    /// The default is `false`.
+    fn is_standby(&self) -> bool {
+        false
+    }
+
+    /// Asked once per heartbeat while this process follows: whether it just
+    /// became a hot standby (the place was free: the standby died, or leads
+    /// now). The driver then mirrors the leader on the current link and gives
+    /// the view to [`mirroring`](Self::mirroring), as after a connect where
+    /// [`is_standby`](Self::is_standby) said so. The default is `false`.
+    fn became_standby(&mut self) -> bool {
+        false
+    }
+
+    /// The connection's mirror of the leader, given on each link where
+    /// [`is_standby`](Self::is_standby) said so. The default drops it.
+    fn mirroring(&mut self, mirror: crate::Mirror) {
+        let _ = mirror;
+    }
 }
 
 /// Connects to a leader's Unix socket.

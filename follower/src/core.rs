@@ -21,6 +21,7 @@ use crate::command::{Command, SubscribeReply};
 use crate::feed::{Feed, RawUpdate};
 use crate::in_flight::{InFlight, Pending};
 use crate::link_end::LinkEnd;
+use crate::mirror::MirrorLink;
 use crate::one::{Ones, Step};
 use crate::state::{LinkState, Status};
 use crate::topic::{Remote, Topic};
@@ -75,6 +76,8 @@ pub(crate) struct Core {
     /// The last leader left on purpose: its epoch and why. Logged with the
     /// next leader's epoch once connected to it.
     pub(crate) left: Option<(u64, LeaderGoodbye)>,
+    /// The connection's mirror of the leader, once asked for.
+    pub(crate) mirror: Option<MirrorLink>,
 }
 
 impl Core {
@@ -107,6 +110,7 @@ impl Core {
             ones: Default::default(),
             stepping_down: Vec::new(),
             left: None,
+            mirror: None,
         }
     }
 }
@@ -191,6 +195,12 @@ impl Core {
             Command::StepDown(reply) => {
                 let _ = reply.send(Err(Error::NotLeader));
             }
+            // Once given, a mirror lives on across leaders: the handle at once.
+            Command::Mirror(reply) if self.mirror.as_ref().is_some_and(MirrorLink::wanted) => {
+                if let Some(mirror) = self.mirror.as_mut() {
+                    mirror.want(reply);
+                }
+            }
             command if self.refusal.is_some() => {
                 let error = self.refusal.clone().unwrap_or(Error::LeaderLost);
                 match command {
@@ -204,6 +214,9 @@ impl Core {
                         let _ = reply.send(Err(error));
                     }
                     Command::SubscribeOne { reply, .. } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Command::Mirror(reply) => {
                         let _ = reply.send(Err(error));
                     }
                     _ => {}
@@ -223,6 +236,9 @@ impl Core {
                 let _ = reply.send(Err(Error::LeaderLost));
             }
             Command::SubscribeOne { reply, .. } => {
+                let _ = reply.send(Err(Error::LeaderLost));
+            }
+            Command::Mirror(reply) => {
                 let _ = reply.send(Err(Error::LeaderLost));
             }
         }
@@ -313,6 +329,9 @@ impl Core {
                 Command::SubscribeOne { reply, .. } => {
                     let _ = reply.send(Err(error.clone()));
                 }
+                Command::Mirror(reply) => {
+                    let _ = reply.send(Err(error.clone()));
+                }
                 _ => {}
             }
         }
@@ -369,6 +388,27 @@ impl Core {
             }
             Command::Open(_) => {}
             Command::StepDown(reply) => self.stepping_down.push(reply),
+            Command::Mirror(reply) => {
+                let mirror = self.mirror.get_or_insert_with(MirrorLink::new);
+                if mirror.want(reply) {
+                    self.send_mirror();
+                }
+            }
+        }
+    }
+
+    /// Asks the current leader for the mirror (after `Connection::mirror`, and on each new link).
+    pub(crate) fn send_mirror(&mut self) {
+        let id = self.next_id();
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.send(self.version, id, &mut self.in_flight, &mut self.out);
+        }
+    }
+
+    /// A new link: the mirror, if one is wanted, is asked for again.
+    pub(crate) fn remirror(&mut self) {
+        if self.mirror.as_ref().is_some_and(MirrorLink::wanted) {
+            self.send_mirror();
         }
     }
 
@@ -454,8 +494,18 @@ impl Core {
                 Some(Pending::SubscribeOne { local }) => {
                     self.with_ones(|ones, step| ones.on_subscribed(step, id, local, result))
                 }
+                Some(Pending::Mirror) => {
+                    if let Some(mirror) = self.mirror.as_mut() {
+                        mirror.on_ack(id, result);
+                    }
+                }
                 _ => {}
             },
+            Frame::Mirrored(mirrored) => {
+                if let Some(mirror) = self.mirror.as_mut() {
+                    mirror.on_mirrored(mirrored);
+                }
+            }
             Frame::Event(event) => self.on_event(event),
             Frame::Delivery(delivery) => self.ones.on_delivery(delivery),
             Frame::Ended(ended) => {
@@ -594,6 +644,9 @@ impl Core {
         self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
         self.ones.lost();
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.lost(&Error::LeaderLost);
+        }
         self.topics.retain(|_, topic| {
             topic.remote = Remote::Unsent;
             topic.answer_waiters(Err(Error::LeaderLost));
@@ -634,6 +687,9 @@ impl Core {
         self.in_flight.fail_all(&Error::Closed);
         self.topics.clear();
         self.ones.close();
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.lost(&Error::Closed);
+        }
         self.status.send_modify(|status| {
             status.link = LinkState::Closed;
             status.channels.clear();

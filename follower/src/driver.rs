@@ -173,6 +173,18 @@ impl<C: Connector> Driver<C> {
         self.core.shutdown();
     }
 
+    /// This process became the hot standby while following: the leader is
+    /// mirrored on the current link from now on, for the connector.
+    fn mirror_for_standby(&mut self) {
+        let mirror = self.core.mirror.get_or_insert_with(crate::mirror::MirrorLink::new);
+        let asked = mirror.wanted();
+        let view = mirror.adopt();
+        self.connector.mirroring(view);
+        if !asked {
+            self.core.send_mirror();
+        }
+    }
+
     /// Waits out a backoff delay while still answering commands.
     async fn idle(&mut self, delay: Duration) {
         let Driver { commands, drops, core, .. } = self;
@@ -213,6 +225,16 @@ impl<C: Connector> Driver<C> {
         tracing::debug!(epoch = welcome.epoch, leader.pid = welcome.pid, is_leader, "connected to the leader");
         if let Some(late) = core.channels.get(named..).filter(|late| !late.is_empty()) {
             core.out.push(Frame::Open(late.iter().map(|c| c.to_string()).collect()));
+        }
+        if !is_leader && self.connector.is_standby() {
+            // A hot standby: this link mirrors the leader, for the connector to take over warm.
+            let view = core.mirror.get_or_insert_with(crate::mirror::MirrorLink::new).adopt();
+            self.connector.mirroring(view);
+        }
+        let core = &mut self.core;
+        // A process that leads does not mirror itself.
+        if !is_leader {
+            core.remirror();
         }
         core.send_queued();
         let stall = core.config.peer_timeout;
@@ -306,6 +328,10 @@ impl<C: Connector> Driver<C> {
                         next_ping = now + heartbeat;
                         nonce += 1;
                         self.core.out.push(Frame::Ping(nonce));
+                        // Once per heartbeat: the standby's place may be free (it died, or it leads now).
+                        if !is_leader && self.connector.became_standby() {
+                            self.mirror_for_standby();
+                        }
                     }
                 }
             }

@@ -26,6 +26,18 @@
 //! Every lock taken is checked to still be the file at `<name>.lock` (a
 //! process that opened the replaced file cannot win with it).
 //!
+//! A hot standby takes over warm (PROTOCOL.md §7.2):
+//!
+//! ```text
+//! B (follower): flock(name.standby) won -> the standby: mirrors the leader (no upstream connection)
+//! C (follower): flock(name.standby) busy -> a plain follower
+//! A dies: B: flock(name.lock) won at once -> epoch + 1 -> Leader seeded from B's mirror, binds name.sock
+//!            -> name.standby released
+//!         C: name.sock refuses -> tries it again every 1 ms: B answers -> follows B
+//!            (B never answers within STANDBY_GRACE, 50 ms: C competes for the locks itself)
+//!         C (or another follower), at its next heartbeat: flock(name.standby) won -> the new standby
+//! ```
+//!
 //! A leader that steps down (`Connection::step_down`, or `close` while
 //! leading) hands off instead of dying:
 //!
@@ -59,6 +71,15 @@ use crate::connector::{Connected, Connector};
 
 /// The longest path a Unix socket address holds (`sun_path` is 108 bytes, NUL included).
 pub const MAX_SOCKET_PATH: usize = 107;
+
+/// How long a follower that finds the leader gone waits, while a hot standby
+/// is alive, before competing for the lock itself: the standby competes at
+/// once, and wins unless it is dead or stuck (50 ms).
+pub const STANDBY_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How often, during [`STANDBY_GRACE`], a follower tries the leader's socket
+/// again (the standby's new leader binds it).
+const STANDBY_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How often a rejected follower checks whether the leader changed.
 const NEW_LEADER_POLL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -209,6 +230,10 @@ pub struct Standalone {
     /// This process stepped down from this epoch: until the deadline (or a
     /// newer epoch is stored) it leaves the lock to the others.
     yielded: Option<(u64, tokio::time::Instant)>,
+    /// The standby lock, while this process is the hot standby.
+    standby: Option<Flock<File>>,
+    /// The connection's mirror of the leader (given by the driver while this process is the standby).
+    mirror: Option<crate::Mirror>,
 }
 
 impl std::fmt::Debug for Standalone {
@@ -242,6 +267,8 @@ impl Standalone {
             followed: None,
             hung: None,
             yielded: None,
+            standby: None,
+            mirror: None,
         }
     }
 
@@ -292,6 +319,38 @@ impl Standalone {
 
     fn lock_path(&self) -> PathBuf {
         self.dir.join(format!("{}.lock", self.name))
+    }
+
+    /// Takes the standby lock if it is free: this process becomes the hot
+    /// standby. Returns whether this process is the standby now.
+    fn try_standby(&mut self) -> Result<bool, StartupError> {
+        if self.standby.is_some() {
+            return Ok(true);
+        }
+        let path = self.dir.join(format!("{}.standby", self.name));
+        let io = |source| StartupError::Io { path: path.clone(), source };
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                tracing::info!(name = %self.name, "this process is the hot standby: it mirrors the leader");
+                self.standby = Some(lock);
+                Ok(true)
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(false),
+            Err((_, errno)) => Err(io(io::Error::from(errno))),
+        }
+    }
+
+    /// Connects to the leader's socket as a follower.
+    async fn follow(&mut self) -> io::Result<Connected> {
+        let socket = self.socket_path();
+        let stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
+        let pid = stream.peer_cred().ok().and_then(|cred| cred.pid());
+        self.followed = Some((pid, self.stored_epoch()));
+        let (read, write) = tandem_protocol::unix::split(stream)?;
+        Ok(Connected::remote(tandem_protocol::Link::from_io(read, write, FrameCodec::new())))
     }
 
     /// Takes the election lock if it is free. A lock taken on a file that a
@@ -383,11 +442,21 @@ impl Standalone {
         let epoch_file = self.dir.join(format!("{}.epoch", self.name));
         let epoch_error = |source| StartupError::Io { path: epoch_file.clone(), source };
         let epoch = read_epoch(&epoch_file).map_err(epoch_error)? + 1;
+        // The standby starts warm: its mirror's values are served at once.
+        // Released at once: the followers elect a new standby (at their next
+        // connect or heartbeat).
+        let was_standby = self.standby.take().is_some();
+        let seed = match &self.mirror {
+            Some(mirror) if was_standby && mirror.status().synced => mirror.entries(),
+            _ => Vec::new(),
+        };
+        let seeded = seed.len();
         let builder = Leader::builder()
             .epoch(epoch)
             .token(self.token.clone())
             .config(self.config.clone())
-            .fence(still_leader(self.lock_path(), lock_id, epoch_file.clone(), epoch));
+            .fence(still_leader(self.lock_path(), lock_id, epoch_file.clone(), epoch))
+            .seed(seed);
         let leader = (self.setup)(builder).start();
         let socket = self.socket_path();
         if let Err(source) = leader.bind_unix(&socket) {
@@ -400,7 +469,11 @@ impl Standalone {
             leader.shutdown().await;
             return Err(epoch_error(source));
         }
-        tracing::info!(epoch, name = %self.name, "won the election: this process is the leader");
+        if was_standby && self.mirror.is_some() {
+            tracing::info!(epoch, name = %self.name, keys = seeded, "the standby took over: this process is the leader, serving its mirrored values");
+        } else {
+            tracing::info!(epoch, name = %self.name, "won the election: this process is the leader");
+        }
         self.elected = Some(Elected { leader: leader.clone(), _lock: lock });
         self.hung = None;
         Ok(leader)
@@ -485,6 +558,27 @@ impl Connector for Standalone {
             }
         }
         self.validate().map_err(StartupError::into_io)?;
+        if self.role == Role::Auto
+            && !self.yielding()
+            && self.hung.is_none()
+            && !self.try_standby().map_err(StartupError::into_io)?
+        {
+            // Another process is the standby: it competes for the lock first.
+            // Follow the leader if one answers; else give the standby its
+            // grace, then compete (it may be dead), standby first if it left.
+            // The standby's leader binds within milliseconds: follow it as soon as it answers.
+            let grace_ends = tokio::time::Instant::now() + STANDBY_GRACE;
+            loop {
+                if let Ok(connected) = self.follow().await {
+                    return Ok(connected);
+                }
+                if tokio::time::Instant::now() >= grace_ends {
+                    break;
+                }
+                tokio::time::sleep(STANDBY_POLL).await;
+            }
+            self.try_standby().map_err(StartupError::into_io)?;
+        }
         if self.role != Role::FollowerOnly && !self.yielding() {
             let mut won = self.try_lock().map_err(StartupError::into_io)?;
             // Held until the new epoch is stored (dropped at the end of this block).
@@ -513,14 +607,28 @@ impl Connector for Standalone {
                 None => {}
             }
         }
-        let socket = self.socket_path();
-        let stream = tokio::net::UnixStream::connect(&socket)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
-        let pid = stream.peer_cred().ok().and_then(|cred| cred.pid());
-        self.followed = Some((pid, self.stored_epoch()));
-        let (read, write) = tandem_protocol::unix::split(stream)?;
-        Ok(Connected::remote(tandem_protocol::Link::from_io(read, write, FrameCodec::new())))
+        self.follow().await
+    }
+
+    fn is_standby(&self) -> bool {
+        self.standby.is_some()
+    }
+
+    fn mirroring(&mut self, mirror: crate::Mirror) {
+        self.mirror = Some(mirror);
+    }
+
+    fn became_standby(&mut self) -> bool {
+        if self.role != Role::Auto || self.elected.is_some() || self.standby.is_some() {
+            return false;
+        }
+        match self.try_standby() {
+            Ok(became) => became,
+            Err(error) => {
+                tracing::debug!(%error, "cannot take the standby lock");
+                false
+            }
+        }
     }
 
     /// Hands off the leader this process runs: `Goodbye("leader handing off")`

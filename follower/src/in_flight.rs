@@ -25,6 +25,8 @@ pub(crate) enum Pending {
     Unsubscribe,
     /// A deliver-to-one (re)subscription of the handle `local`.
     SubscribeOne { local: u64 },
+    /// The connection's `Mirror` (its callers wait in the core's mirror).
+    Mirror,
 }
 
 impl Pending {
@@ -39,7 +41,7 @@ impl Pending {
                 let _ = reply.send(Err(error.clone()));
             }
             Pending::Subscribe { channel, key } => return Some((channel, key)),
-            Pending::Unsubscribe | Pending::SubscribeOne { .. } => {}
+            Pending::Unsubscribe | Pending::SubscribeOne { .. } | Pending::Mirror => {}
         }
         None
     }

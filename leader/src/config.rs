@@ -88,6 +88,11 @@ pub struct Config {
     /// given to another subscriber, marked redelivered, when the subscription
     /// does not say. The default is 30 seconds.
     pub deliver_ack_timeout: Duration,
+    /// How long a key seeded from a mirror ([`LeaderBuilder::seed`](crate::LeaderBuilder::seed))
+    /// stays followed upstream with no subscriber: the followers of the old
+    /// leader resubscribe meanwhile; a key none of them wants by then is
+    /// released. The default is 10 seconds.
+    pub seed_hold: Duration,
 }
 
 impl Default for Config {
@@ -111,6 +116,7 @@ impl Default for Config {
             deliver_window: 256,
             deliver_max_window: 1024,
             deliver_ack_timeout: Duration::from_secs(30),
+            seed_hold: Duration::from_secs(10),
         }
     }
 }

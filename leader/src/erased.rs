@@ -15,13 +15,13 @@ use tokio::sync::watch;
 use crate::upstream::{CallContext, Room, Upstream};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-/// A key's values, encoded.
-pub(crate) type ByteEvents = Pin<Box<dyn Stream<Item = Bytes> + Send + 'static>>;
+/// A key's values, encoded, each with its resume point (`Upstream::revision`).
+pub(crate) type ByteEvents = Pin<Box<dyn Stream<Item = (Bytes, Option<u64>)> + Send + 'static>>;
 /// The hub's delivery of one key's encoded values, for streams from
 /// `Events::channel` (false: the key is no longer wanted), and its answer to
 /// `EventSender::ready`.
 pub(crate) struct DirectSink {
-    pub(crate) deliver: Box<dyn FnMut(Bytes) -> bool + Send>,
+    pub(crate) deliver: Box<dyn FnMut(Bytes, Option<u64>) -> bool + Send>,
     pub(crate) room: Room,
 }
 
@@ -29,7 +29,13 @@ pub(crate) struct DirectSink {
 pub(crate) trait ErasedUpstream: Send + Sync + 'static {
     fn invoke(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<Bytes, RemoteError>>;
     fn publish(&self, payload: Bytes, ctx: CallContext) -> BoxFuture<Result<(), RemoteError>>;
-    fn subscribe(&self, key: Bytes, direct: DirectSink) -> BoxFuture<Result<ByteEvents, RemoteError>>;
+    /// Subscribes `key`, from `resume` (a revision) when given (`Upstream::subscribe_from`).
+    fn subscribe(
+        &self,
+        key: Bytes,
+        resume: Option<u64>,
+        direct: DirectSink,
+    ) -> BoxFuture<Result<ByteEvents, RemoteError>>;
     fn health(&self) -> Option<watch::Receiver<UpstreamState>>;
 }
 
@@ -62,16 +68,25 @@ impl<A: Api, U: Upstream<A>> ErasedUpstream for Typed<A, U> {
         })
     }
 
-    fn subscribe(&self, key: Bytes, direct: DirectSink) -> BoxFuture<Result<ByteEvents, RemoteError>> {
+    fn subscribe(
+        &self,
+        key: Bytes,
+        resume: Option<u64>,
+        direct: DirectSink,
+    ) -> BoxFuture<Result<ByteEvents, RemoteError>> {
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let key: A::Key = decode(&key)?;
-            let mut events = upstream.subscribe(key).await?;
+            let mut events = match resume {
+                Some(revision) => upstream.subscribe_from(key, revision).await?,
+                None => upstream.subscribe(key).await?,
+            };
             // An `Events::channel` is delivered as it is sent; the stream then only tells its end.
             let DirectSink { mut deliver, room } = direct;
+            let direct_upstream = upstream.clone();
             events.deliver_directly(
                 Box::new(move |event| match encode(&event) {
-                    Ok(bytes) => deliver(bytes),
+                    Ok(bytes) => deliver(bytes, direct_upstream.revision(&event)),
                     Err(error) => {
                         tracing::error!(channel = A::NAME, %error, "cannot encode an upstream event; dropped");
                         true
@@ -79,9 +94,9 @@ impl<A: Api, U: Upstream<A>> ErasedUpstream for Typed<A, U> {
                 }),
                 room,
             );
-            let encoded = events.filter_map(|event| {
+            let encoded = events.filter_map(move |event| {
                 futures::future::ready(match encode(&event) {
-                    Ok(bytes) => Some(bytes),
+                    Ok(bytes) => Some((bytes, upstream.revision(&event))),
                     Err(error) => {
                         tracing::error!(channel = A::NAME, %error, "cannot encode an upstream event; dropped");
                         None

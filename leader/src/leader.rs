@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tandem_protocol::internal::{AcceptErrors, Backoff};
-use tandem_protocol::{Api, FrameCodec, Link, RemoteError, UpstreamState};
+use tandem_protocol::{Api, FrameCodec, Link, MirrorEntry, RemoteError, UpstreamState};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +50,7 @@ pub struct LeaderBuilder {
     cache: Option<Cache>,
     channels: Vec<(String, Factory)>,
     still_leader: Option<StillLeader>,
+    seed: Vec<MirrorEntry>,
 }
 
 impl std::fmt::Debug for LeaderBuilder {
@@ -103,6 +104,23 @@ impl LeaderBuilder {
     /// while a channel's upstream is unreachable. The default is no cache.
     pub fn cache(mut self, cache: Cache) -> Self {
         self.cache = Some(cache);
+        self
+    }
+
+    /// Starts warm, from a hot standby's mirror of the previous leader
+    /// (`tandem_follower::Mirror::entries`, PROTOCOL.md §7.2): each entry's
+    /// value is the key's last value from the start, served at once to
+    /// subscribers (before the upstream answers) at a new position of this
+    /// leader's epoch, which must exceed the entries' epochs. Each seeded key
+    /// is subscribed upstream as soon as its channel's upstream is built, from
+    /// the entry's revision where the upstream can resume
+    /// ([`Upstream::subscribe_from`]); the upstream's first value, when byte
+    /// for byte the seeded one, is not sent again. A seeded key stays followed
+    /// for [`Config::seed_hold`] even with no subscriber (the old leader's
+    /// followers resubscribe meanwhile). Entries of channels this leader does
+    /// not serve are ignored (WARN). The default is no seed.
+    pub fn seed(mut self, entries: impl IntoIterator<Item = MirrorEntry>) -> Self {
+        self.seed.extend(entries);
         self
     }
 
@@ -179,6 +197,18 @@ impl LeaderBuilder {
             let channel = Arc::new(Channel::new(&name, ctx));
             channels.insert(name, channel.clone());
             factories.push((channel, factory));
+        }
+        let mut seeds: HashMap<String, Vec<MirrorEntry>> = HashMap::new();
+        for entry in self.seed {
+            seeds.entry(entry.channel.as_str().to_owned()).or_default().push(entry);
+        }
+        for (name, entries) in seeds {
+            match channels.get(&name) {
+                Some(channel) => channel.hub.seed(entries),
+                None => {
+                    tracing::warn!(channel = %name, keys = entries.len(), "seeded keys of a channel this leader does not serve; ignored")
+                }
+            }
         }
         let handshakes = Handshakes::new(&self.config);
         let fence = self.still_leader.map(|check| Arc::new(Fence::new(check, cancel.clone())));
@@ -284,6 +314,7 @@ impl Leader {
             cache: None,
             channels: Vec::new(),
             still_leader: None,
+            seed: Vec::new(),
         }
     }
 

@@ -30,8 +30,9 @@ use std::task::{Context, Poll, Waker};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tandem_protocol::internal::{WriteEnd, WriteLimits, check_hello};
 use tandem_protocol::{
-    Ack, ChannelStatus, CodecError, DELIVER_ONE_VERSION, Frame, Hello, Invoke, Link, LinkSink, PROTOCOL_VERSION,
-    Publish, Reject, RemoteError, RequestId, Response, SubscribeOne, UpstreamState, Welcome,
+    Ack, ChannelStatus, CodecError, DELIVER_ONE_VERSION, Frame, Hello, Invoke, Link, LinkSink, MIRROR_VERSION,
+    Mirrored, PROTOCOL_VERSION, Publish, Reject, RemoteError, RequestId, Response, SubscribeOne, UpstreamState,
+    Welcome,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -105,6 +106,8 @@ struct Session {
     ones: HashMap<RequestId, (Arc<Channel>, Bytes)>,
     /// The protocol version spoken on this connection.
     version: u16,
+    /// The connection mirrors the leader (version 3).
+    mirroring: bool,
     cancel: CancellationToken,
     /// Frames were queued quietly since the writer was last woken.
     wake_writer: bool,
@@ -148,6 +151,7 @@ impl Session {
                 pid: peer.pid.or(i32::try_from(hello.pid).ok()),
                 transport: peer.transport.to_owned(),
                 channels: hello.channels.clone(),
+                mirrors: false,
             },
         );
         let mut session = Session {
@@ -158,6 +162,7 @@ impl Session {
             in_flight: InFlight::default(),
             subscribed: HashSet::new(),
             ones: HashMap::new(),
+            mirroring: false,
             version: hello.version,
             cancel,
             wake_writer: false,
@@ -257,6 +262,11 @@ impl Session {
         for (channel, key) in std::mem::take(&mut self.subscribed) {
             if let Some(channel) = self.channels.get(&*channel) {
                 channel.hub.unsubscribe(self.id, &key);
+            }
+        }
+        if std::mem::take(&mut self.mirroring) {
+            for channel in self.shared.channels.values() {
+                channel.hub.unmirror(self.id);
             }
         }
         // What its deliver-to-one subscriptions held goes to the others.
@@ -367,6 +377,7 @@ impl Session {
                     channel.hub.settle(self.id, settle.sub, key, &settle.acked, &settle.released);
                 }
             }
+            Frame::Mirror(id) if self.version >= MIRROR_VERSION => self.mirror(id),
             Frame::Subscribe(subscribe) => {
                 // The hub answers: at once, as pending while the upstream is
                 // being (re)built, or with the upstream's own answer.
@@ -395,6 +406,32 @@ impl Session {
             other => return Err(SessionEnd::ProtocolViolation(Violation::Forbidden(other.kind()))),
         }
         Ok(())
+    }
+
+    /// Starts mirroring every channel of the leader (PROTOCOL.md §7.2): the
+    /// `Ack`, each channel's snapshot, the closing `synced` frame; updates follow.
+    fn mirror(&mut self, id: RequestId) {
+        if self.mirroring {
+            let error =
+                RemoteError::bad_request("this connection mirrors the leader already").with_code(ErrorCode::MIRROR);
+            self.push(Frame::Ack(Ack { id, result: Err(error) }));
+            return;
+        }
+        self.mirroring = true;
+        if let Some(stats) = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
+            stats.mirrors = true;
+        }
+        self.push(Frame::Ack(Ack { id, result: Ok(()) }));
+        let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for channel in self.shared.channels.values() {
+            if !channel.hub.mirror(self.id, &self.outbox, &synced) {
+                return;
+            }
+        }
+        // Every snapshot is queued: updates from now on are `synced`.
+        synced.store(true, Ordering::Relaxed);
+        self.push(Frame::Mirrored(Mirrored { entries: vec![], removed: vec![], synced: true }));
+        tracing::info!("a follower mirrors this leader (a standby)");
     }
 
     /// Queues a frame without waking the writer: the reader wakes it once per

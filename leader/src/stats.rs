@@ -45,6 +45,8 @@ pub struct FollowerStats {
     pub transport: String,
     /// The channels it named in Hello.
     pub channels: Vec<String>,
+    /// It mirrors this leader (a hot standby, PROTOCOL.md §7.2).
+    pub mirrors: bool,
 }
 
 /// One subscribed key.

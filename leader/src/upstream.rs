@@ -139,6 +139,35 @@ pub trait Upstream<A: Api>: Send + Sync + 'static {
     ///   subscribes the key again, with backoff, while followers want it.
     fn subscribe(&self, key: A::Key) -> impl Future<Output = Result<Events<A::Event>, RemoteError>> + Send;
 
+    /// Starts following `key` again after `revision`, a resume point this
+    /// upstream gave earlier ([`revision`](Self::revision)) for a value the
+    /// leader already serves: a new leader seeded from a hot standby's mirror
+    /// calls it for each seeded key (PROTOCOL.md §7.2). The stream should
+    /// hold every change after `revision` (the current value is fine too: a
+    /// first value byte for byte the seeded one is dropped by the leader).
+    /// The default is [`subscribe`](Self::subscribe), which delivers the
+    /// current value and so loses nothing either, as long as the upstream is
+    /// reachable; override it where the upstream can resume (a watch from a
+    /// revision) to also catch up from an upstream that is not reachable yet.
+    fn subscribe_from(
+        &self,
+        key: A::Key,
+        revision: u64,
+    ) -> impl Future<Output = Result<Events<A::Event>, RemoteError>> + Send {
+        let _ = revision;
+        self.subscribe(key)
+    }
+
+    /// The resume point of a value of a subscribed key (its revision in the
+    /// upstream), when the upstream has one: the leader keeps it with the
+    /// key's latest value, a mirror carries it, and a new leader seeded from
+    /// the mirror passes it to [`subscribe_from`](Self::subscribe_from). It
+    /// is asked for each value and must be quick. The default is `None`.
+    fn revision(&self, event: &A::Event) -> Option<u64> {
+        let _ = event;
+        None
+    }
+
     /// The upstream's health, when it can tell: the leader forwards every change
     /// (`Ready`, `Down(error)`) to the followers, whose `Client::state()` then
     /// shows `UpstreamDown` during an outage. The default is `None` (the channel

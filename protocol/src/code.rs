@@ -46,6 +46,8 @@ impl ErrorCode {
     pub const ENCODE: ErrorCode = ErrorCode(Cow::Borrowed("encode"));
     /// Bytes that do not decode as the channel's type.
     pub const DECODE: ErrorCode = ErrorCode(Cow::Borrowed("decode"));
+    /// A second `Mirror` on a connection that mirrors already (version 3).
+    pub const MIRROR: ErrorCode = ErrorCode(Cow::Borrowed("mirror"));
 
     /// A code named by a constant of another crate (an adapter, the bundled
     /// registry): `const DENIED: ErrorCode = ErrorCode::named("E_DENIED");`.

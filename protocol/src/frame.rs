@@ -231,6 +231,66 @@ pub struct Settle {
     pub released: Vec<u64>,
 }
 
+/// One key as a mirror holds it (version 3): what a standby needs to serve
+/// the key at once if it takes over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorEntry {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The key: opaque MessagePack bytes of the channel's key type.
+    pub key: Bytes,
+    /// The epoch of the leader that produced the value.
+    pub epoch: u64,
+    /// The value's sequence number within the epoch.
+    pub seq: u64,
+    /// The value: opaque MessagePack bytes of the channel's event type.
+    pub payload: Bytes,
+    /// The upstream's resume point for the key (its revision of the value),
+    /// when the upstream gives one.
+    pub revision: Option<u64>,
+}
+
+impl MirrorEntry {
+    /// The value's position.
+    pub fn position(&self) -> Position {
+        Position { epoch: self.epoch, seq: self.seq }
+    }
+}
+
+/// A key the leader stopped following (version 3).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MirrorKey {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The key, byte for byte.
+    pub key: Bytes,
+}
+
+/// Leader → Follower (version 3): a batch of a mirror's snapshot, or an update.
+///
+/// After `Ack` of a `Mirror`, the leader sends the snapshot of every key it
+/// follows (whoever subscribed it) as `Mirrored` frames of at most
+/// [`MIRROR_BATCH_ENTRIES`] entries (and about [`MIRROR_BATCH_BYTES`]) each,
+/// `synced` false except on the last one; from then on each new value of a
+/// key, and each key the leader stops following, is one more `Mirrored`
+/// (`synced` true). A key appears at most once per frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mirrored {
+    /// New or current values.
+    pub entries: Vec<MirrorEntry>,
+    /// Keys the leader no longer follows: the mirror forgets them.
+    pub removed: Vec<MirrorKey>,
+    /// True once the snapshot is complete (its last frame and every update).
+    pub synced: bool,
+}
+
+/// The most entries a leader puts in one [`Mirrored`] frame.
+pub const MIRROR_BATCH_ENTRIES: usize = 256;
+
+/// About the most bytes of payloads and keys a leader puts in one
+/// [`Mirrored`] frame (1 MiB); one larger entry goes alone.
+pub const MIRROR_BATCH_BYTES: usize = 1 << 20;
+
 /// The state of a channel's upstream client in the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -298,6 +358,11 @@ pub enum Frame {
     Delivery(Delivery),
     /// Follower → Leader (version 2): deliveries acked or released.
     Settle(Settle),
+    /// Follower → Leader (version 3): mirror every key the leader follows
+    /// (a standby); answered by `Ack` with this id, then `Mirrored` frames.
+    Mirror(RequestId),
+    /// Leader → Follower (version 3): a mirror's snapshot batch or update.
+    Mirrored(Mirrored),
 }
 
 impl Frame {
@@ -312,6 +377,11 @@ impl Frame {
             Frame::Event(event) => event.channel.len() + event.key.len() + event.payload.len(),
             Frame::Delivery(delivery) => delivery.payload.len(),
             Frame::Settle(settle) => 9 * (settle.acked.len() + settle.released.len()),
+            Frame::Mirrored(mirrored) => {
+                let entries: usize =
+                    mirrored.entries.iter().map(|e| 40 + e.channel.len() + e.key.len() + e.payload.len()).sum();
+                entries + mirrored.removed.iter().map(|r| 8 + r.channel.len() + r.key.len()).sum::<usize>()
+            }
             _ => 0,
         }
     }
@@ -339,6 +409,8 @@ impl Frame {
             Frame::SubscribeOne(_) => "SubscribeOne",
             Frame::Delivery(_) => "Delivery",
             Frame::Settle(_) => "Settle",
+            Frame::Mirror(_) => "Mirror",
+            Frame::Mirrored(_) => "Mirrored",
         }
     }
 }

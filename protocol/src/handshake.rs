@@ -6,14 +6,18 @@ use crate::{Hello, Reject, RemoteError};
 /// The protocol version this build speaks.
 ///
 /// Version 2 adds deliver-to-one (`SubscribeOne`, `Delivery`, `Settle`);
-/// everything else is version 1's, byte for byte. A version 2 leader speaks
-/// version 1 to a follower that offers it (and never sends it a version 2
-/// frame); a version 2 follower rejected by a version 1 leader offers
+/// version 3 adds the mirror of a hot standby (`Mirror`, `Mirrored`);
+/// everything else is version 1's, byte for byte. A leader speaks an older
+/// version to a follower that offers it (and never sends it a frame of a
+/// newer version); a follower rejected by an older leader offers
 /// `Reject.version` next.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The first protocol version with deliver-to-one subscriptions.
 pub const DELIVER_ONE_VERSION: u16 = 2;
+
+/// The first protocol version with mirrors (a hot standby's state).
+pub const MIRROR_VERSION: u16 = 3;
 
 /// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -69,10 +69,11 @@ pub use code::ErrorCode;
 pub use codec::{Codec, CodecError, DEFAULT_MAX_FRAME_LENGTH, FrameCodec, LENGTH_PREFIX};
 pub use error::{ErrorKind, RemoteError};
 pub use frame::{
-    Ack, ChannelStatus, Delivery, Ended, Event, Frame, Hello, Invoke, Position, Publish, Reject, RequestId, Response,
-    Settle, Subscribe, SubscribeOne, Unsubscribe, UpstreamState, Welcome,
+    Ack, ChannelStatus, Delivery, Ended, Event, Frame, Hello, Invoke, MIRROR_BATCH_BYTES, MIRROR_BATCH_ENTRIES,
+    MirrorEntry, MirrorKey, Mirrored, Position, Publish, Reject, RequestId, Response, Settle, Subscribe, SubscribeOne,
+    Unsubscribe, UpstreamState, Welcome,
 };
-pub use handshake::{DELIVER_ONE_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+pub use handshake::{DELIVER_ONE_VERSION, MIN_PROTOCOL_VERSION, MIRROR_VERSION, PROTOCOL_VERSION};
 pub use link::{FrameSink, Link, LinkSink};
 pub use name::ChannelName;
 pub use shared::SharedFrame;

@@ -183,6 +183,17 @@ fn golden_settle() {
 }
 
 #[test]
+fn golden_mirror() {
+    assert_golden(mirror(), MIRROR);
+}
+
+#[test]
+fn golden_mirrored() {
+    assert_golden(mirrored_snapshot(), MIRRORED_SNAPSHOT);
+    assert_golden(mirrored_update(), MIRRORED_UPDATE);
+}
+
+#[test]
 fn golden_ping() {
     assert_golden(Frame::Ping(7), PING);
     assert_golden(Frame::Ping(0xdead_beef), PING_U32);
@@ -225,6 +236,8 @@ fn goldens_cover_every_frame_kind() {
         subscribe_one(),
         delivery(true),
         settle(),
+        mirror(),
+        mirrored_update(),
     ];
     let kinds: BTreeSet<&str> = all.iter().map(Frame::kind).collect();
     let expected: BTreeSet<&str> = [
@@ -248,6 +261,8 @@ fn goldens_cover_every_frame_kind() {
         "SubscribeOne",
         "Delivery",
         "Settle",
+        "Mirror",
+        "Mirrored",
     ]
     .into();
     assert_eq!(kinds, expected);

@@ -94,8 +94,9 @@ def follower_value(kind: str, f: Dict[str, Any]) -> Any:
 
 
 # This client speaks protocol version 1: the deliver-to-one frames of version 2
-# (PROTOCOL.md §7.1) are never sent to it, nor by it.
-VERSION_2 = {"SubscribeOne", "Delivery", "Settle"}
+# (PROTOCOL.md §7.1) and the mirror frames of version 3 (§7.2) are never sent
+# to it, nor by it.
+VERSION_2 = {"SubscribeOne", "Delivery", "Settle", "Mirror", "Mirrored"}
 V1 = [v for v in VECTORS["frames"] if v["kind"] not in VERSION_2]
 LEADER = [v for v in V1 if v["direction"] in ("L>F", "both")]
 FOLLOWER = [v for v in V1 if v["direction"] in ("F>L", "both") and not v["decode_only"]]

@@ -27,7 +27,7 @@ pub struct Case {
 pub const CASES: &[Case] = &[
     Case {
         name: "hello",
-        about: "the first frame is Hello: a version the reference speaks (1 or 2), the token from TANDEM_TOKEN, the channels, the real pid; Goodbye or close on close",
+        about: "the first frame is Hello: a version the reference speaks (1 to 3), the token from TANDEM_TOKEN, the channels, the real pid; Goodbye or close on close",
     },
     Case {
         name: "reject_token",

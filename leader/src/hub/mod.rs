@@ -48,6 +48,7 @@ use crate::session_id::SessionId;
 use crate::upstream::Room;
 
 mod deliver_one;
+mod mirror;
 mod upstream;
 
 /// A key as people read it: the MessagePack string it encodes (fixstr, str8,
@@ -130,12 +131,31 @@ struct Topic {
     retry: Option<Backoff>,
     /// Not before this instant is the key subscribed upstream again (its last stream ended).
     resubscribe_at: Option<tokio::time::Instant>,
+    /// The upstream's resume point of the last live value (`Upstream::revision`).
+    revision: Option<u64>,
+    /// The key was seeded from a mirror: subscribers are acknowledged at once
+    /// (its value is there; the upstream subscription runs or is retried).
+    seeded: bool,
+    /// Seeded and still within `Config::seed_hold`: followed with no subscriber.
+    held: bool,
+    /// The seeded value: the upstream's first value, if byte for byte this, is dropped.
+    absorb: Option<Bytes>,
+    /// The revision to resume from on the next upstream subscribe (seeded keys).
+    resume: Option<u64>,
 }
 
 impl Topic {
-    /// Nobody wants the key: no subscriber of either kind.
+    /// Nobody wants the key: no subscriber of either kind, and no seed hold.
     fn idle(&self) -> bool {
-        self.subscribers.is_empty() && self.one.as_ref().is_none_or(|one| one.dispatch.is_empty())
+        !self.held && self.subscribers.is_empty() && self.one.as_ref().is_none_or(|one| one.dispatch.is_empty())
+    }
+
+    /// The last value, if it is live (not from the last-known-good cache).
+    fn live_value(&self) -> Option<&Event> {
+        match self.last.as_ref().map(|(_, event)| event.frame()) {
+            Some(Frame::Event(event)) if !event.cached => Some(event),
+            _ => None,
+        }
     }
 
     /// The outbox of a waiter's session, for its answer.
@@ -205,6 +225,11 @@ pub(crate) struct Hub {
     pub(crate) undelivered_dropped: Arc<AtomicU64>,
     /// Deliver-to-one settings.
     deliver: DeliverLimits,
+    /// The sessions mirroring this leader (version 3), locked inside `state`
+    /// (never the other way round), so updates keep the order of the values.
+    mirrors: Mutex<HashMap<SessionId, mirror::MirrorSink>>,
+    /// How long seeded keys are held with no subscriber.
+    seed_hold: Duration,
 }
 
 /// The leader's deliver-to-one settings, from its [`Config`](crate::Config).
@@ -247,6 +272,8 @@ impl Hub {
                 max_window: ctx.config.deliver_max_window,
                 ack_timeout: ctx.config.deliver_ack_timeout,
             },
+            mirrors: Mutex::default(),
+            seed_hold: ctx.config.seed_hold,
         }
     }
 
@@ -279,11 +306,14 @@ impl Hub {
     pub(crate) fn fail(&self, error: RemoteError) {
         let _ = self.failed.set(error.clone());
         let mut state = self.lock();
-        state.topics.retain(|_, topic| {
+        state.topics.retain(|key, topic| {
             for waiter in std::mem::take(&mut topic.waiters) {
                 if let Some(outbox) = self.drop_waiter(topic, &waiter) {
                     Self::ack(&outbox, waiter.request, Err(error.clone()));
                 }
+            }
+            if topic.idle() {
+                self.forget_value(topic, key);
             }
             !topic.idle()
         });
@@ -359,7 +389,7 @@ impl Hub {
             self.tracker.spawn(self.clone().lookup(key.clone(), topic.lookup));
         }
         let attached = self.upstream.get().is_some();
-        if (topic.upstream_subscribed && !topic.op_running) || (!attached && self.accept_pending) {
+        if (topic.upstream_subscribed && !topic.op_running) || (!attached && self.accept_pending) || topic.seeded {
             Self::ack(outbox, request, Ok(()));
             self.send_cached(topic, outbox, &key, last_seen);
             return;
@@ -390,8 +420,8 @@ impl Hub {
                 topic.op_running = true;
                 drop(state);
                 self.tracker.spawn(self.clone().drive(key.clone()));
-            } else {
-                state.topics.remove(key);
+            } else if let Some(mut topic) = state.topics.remove(key) {
+                self.forget_value(&mut topic, key);
             }
         }
     }
@@ -404,7 +434,7 @@ impl Hub {
         }
     }
 
-    fn deliver(&self, key: &Bytes, generation: u64, payload: Bytes) -> bool {
+    fn deliver(&self, key: &Bytes, generation: u64, payload: Bytes, revision: Option<u64>) -> bool {
         if !crate::fits_in_frame(self.max_frame_length, &[self.channel.as_bytes(), key, &payload]) {
             tracing::error!(
                 channel = %self.channel,
@@ -419,6 +449,11 @@ impl Hub {
         let Some(topic) = state.topics.get_mut(key) else { return false };
         if topic.generation != generation || generation == 0 {
             return false;
+        }
+        if topic.absorb.take().is_some_and(|seeded| seeded == payload) {
+            // The seeded value, re-announced by the upstream: already served at this epoch.
+            topic.revision = revision.or(topic.revision);
+            return true;
         }
         state.next_seq += 1;
         let seq = state.next_seq;
@@ -448,6 +483,10 @@ impl Hub {
         // Under the hub's lock, so saves keep the order of the values (it only queues).
         if let (Some(cache), Frame::Event(value)) = (&self.cache, event.frame()) {
             cache.save(&self.channel, key, value.payload.clone());
+        }
+        topic.revision = revision;
+        if let Frame::Event(value) = event.frame() {
+            self.mirror_value(key, seq, &value.payload, revision);
         }
         topic.last = Some((seq, event));
         topic.lookup = 0;

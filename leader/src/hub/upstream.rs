@@ -72,7 +72,7 @@ impl Hub {
             return;
         };
         enum Step {
-            Subscribe(u64, Option<tokio::time::Instant>),
+            Subscribe(u64, Option<tokio::time::Instant>, Option<u64>),
             Unsubscribe,
         }
         loop {
@@ -83,10 +83,10 @@ impl Hub {
                 if !topic.idle() && !topic.upstream_subscribed {
                     state.next_generation += 1;
                     topic.generation = state.next_generation;
-                    Step::Subscribe(topic.generation, topic.resubscribe_at.take())
+                    Step::Subscribe(topic.generation, topic.resubscribe_at.take(), topic.resume.take())
                 } else if topic.idle() && topic.upstream_subscribed {
                     topic.generation = 0;
-                    topic.last = None;
+                    self.forget_value(topic, &key);
                     Step::Unsubscribe
                 } else {
                     // Stable: answer whoever waited, then stop (or forget the key).
@@ -100,13 +100,14 @@ impl Hub {
                     }
                     topic.op_running = false;
                     if topic.idle() {
+                        self.forget_value(topic, &key);
                         state.topics.remove(&key);
                     }
                     return;
                 }
             };
             match step {
-                Step::Subscribe(generation, not_before) => {
+                Step::Subscribe(generation, not_before, resume) => {
                     if let Some(at) = not_before {
                         tokio::select! {
                             () = tokio::time::sleep_until(at) => {}
@@ -115,16 +116,16 @@ impl Hub {
                     }
                     let direct = {
                         let (hub, topic) = (Arc::downgrade(&self), key.clone());
-                        let deliver = Box::new(move |payload| {
+                        let deliver = Box::new(move |payload, revision| {
                             hub.upgrade().is_some_and(|hub| {
-                                hub.deliver(&topic, generation, payload) || hub.is_live(&topic, generation)
+                                hub.deliver(&topic, generation, payload, revision) || hub.is_live(&topic, generation)
                             })
                         });
                         let (hub, topic) = (Arc::downgrade(&self), key.clone());
                         let room: Room = Arc::new(move || hub.upgrade().and_then(|hub| hub.room(&topic)));
                         DirectSink { deliver, room }
                     };
-                    let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone(), direct))
+                    let result = tokio::time::timeout(self.op_timeout, upstream.subscribe(key.clone(), resume, direct))
                         .await
                         .unwrap_or_else(|_| {
                             Err(RemoteError::unavailable(format!(
@@ -158,7 +159,7 @@ impl Hub {
                             topic.generation = 0;
                             if topic.idle() {
                                 tracing::warn!(channel = %self.channel, key = %display_key(&key), %error, "upstream subscribe failed");
-                                topic.last = None;
+                                self.forget_value(topic, &key);
                             } else if !error.is_retryable() {
                                 // Acknowledged as pending, now refused for good: every
                                 // subscriber is told, at once, and the key is forgotten.
@@ -177,6 +178,7 @@ impl Hub {
                                         error: error.clone(),
                                     }));
                                 }
+                                self.forget_value(topic, &key);
                                 state.topics.remove(&key);
                                 return;
                             } else {
@@ -243,8 +245,8 @@ impl Hub {
             // What else is ready goes out in the same wakeup.
             while let Some(polled) = next.take() {
                 match polled {
-                    Ok(Some(payload)) => {
-                        if self.deliver(&key, generation, payload) {
+                    Ok(Some((payload, revision))) => {
+                        if self.deliver(&key, generation, payload, revision) {
                             if !delivered {
                                 delivered = true;
                                 self.delivered(&key, generation);

@@ -64,6 +64,9 @@ pub fn all() -> Vec<Golden> {
         golden("delivery", delivery(false), DELIVERY),
         golden("delivery_redelivered", delivery(true), DELIVERY_REDELIVERED),
         golden("settle", settle(), SETTLE),
+        golden("mirror", mirror(), MIRROR),
+        golden("mirrored_snapshot", mirrored_snapshot(), MIRRORED_SNAPSHOT),
+        golden("mirrored_update", mirrored_update(), MIRRORED_UPDATE),
     ]
 }
 
@@ -538,6 +541,78 @@ pub const SETTLE: &str = concat!(
     "09",                    //   sub 9
     "92 03 04",              //   acked [3, 4]
     "91 05",                 //   released [5] ]}
+);
+
+// ---------------------------------------------------------------- Mirror (version 3)
+
+pub fn mirror() -> Frame {
+    Frame::Mirror(11)
+}
+
+pub const MIRROR: &str = concat!(
+    "00000009",           // body length 9
+    "81 a6 4d6972726f72", // {"Mirror":
+    "0b",                 //   id 11 }
+);
+
+// ---------------------------------------------------------------- Mirrored (version 3)
+
+/// The key `"db.old"` as a payload: MessagePack fixstr, a6 "db.old".
+pub const OLD_KEY: &[u8] = b"\xa6db.old";
+
+fn mirror_entry(revision: Option<u64>) -> tandem_protocol::MirrorEntry {
+    tandem_protocol::MirrorEntry {
+        channel: "config".into(),
+        key: Bytes::from_static(KEY),
+        epoch: 2,
+        seq: 8,
+        payload: Bytes::from_static(b"\xadpostgres://db"),
+        revision,
+    }
+}
+
+/// A snapshot batch that is not the last one, its value without a resume point.
+pub fn mirrored_snapshot() -> Frame {
+    Frame::Mirrored(tandem_protocol::Mirrored { entries: vec![mirror_entry(None)], removed: vec![], synced: false })
+}
+
+pub const MIRRORED_SNAPSHOT: &str = concat!(
+    "00000032",                           // body length 50
+    "81 a8 4d6972726f726564 93",          // {"Mirrored": [
+    "91 96",                              //   entries [ [
+    "a6 636f6e666967",                    //     channel "config"
+    "c4 07 a664622e75726c",               //     key
+    "02",                                 //     epoch 2
+    "08",                                 //     seq 8
+    "c4 0e ad706f7374677265733a2f2f6462", //     payload: the MessagePack string "postgres://db"
+    "c0",                                 //     revision nil ] ]
+    "90",                                 //   removed []
+    "c2",                                 //   synced false ]}
+);
+
+/// An update: a new value with its revision, and a key no longer followed.
+pub fn mirrored_update() -> Frame {
+    Frame::Mirrored(tandem_protocol::Mirrored {
+        entries: vec![mirror_entry(Some(42))],
+        removed: vec![tandem_protocol::MirrorKey { channel: "config".into(), key: Bytes::from_static(OLD_KEY) }],
+        synced: true,
+    })
+}
+
+pub const MIRRORED_UPDATE: &str = concat!(
+    "00000043",                           // body length 67
+    "81 a8 4d6972726f726564 93",          // {"Mirrored": [
+    "91 96",                              //   entries [ [
+    "a6 636f6e666967",                    //     channel "config"
+    "c4 07 a664622e75726c",               //     key
+    "02",                                 //     epoch 2
+    "08",                                 //     seq 8
+    "c4 0e ad706f7374677265733a2f2f6462", //     payload
+    "2a",                                 //     revision 42 ] ]
+    "91 92",                              //   removed [ [
+    "a6 636f6e666967",                    //     channel "config"
+    "c4 07 a664622e6f6c64",               //     key "db.old" ] ]
+    "c3",                                 //   synced true ]}
 );
 
 /// A newer leader answers with an error kind this build does not know: it decodes as `Internal`.
