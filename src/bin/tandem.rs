@@ -8,9 +8,13 @@
 //! tandem reload NAME           # replace the workers one by one (exit 1 on failure)
 //! tandem reload NAME --agent   # replace the agent: its Leader fails over to a new one
 //! tandem stop NAME             # graceful stop; returns when every process is gone
+//! tandem monit NAME            # a live view: processes, the Leader's rates; reload keys
 //! ```
 //!
 //! Exit codes: see [`EXIT_CODES`].
+
+#[path = "tandem/monit.rs"]
+mod monit;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -94,6 +98,14 @@ enum Command {
         /// Leader. The workers keep running.
         #[arg(long)]
         agent: bool,
+    },
+    /// A live view of the cluster, refreshed every second: per process CPU %,
+    /// RSS, restarts, uptime and state; the Leader's followers, keys,
+    /// events/s, calls/s, calls in flight, upstreams and epoch. Keys: ↑/↓
+    /// select, r reload the workers, a reload the agent (each after y), q quit.
+    Monit {
+        /// The cluster's name.
+        name: String,
     },
     /// Stop the cluster gracefully and wait until every process is gone.
     Stop {
@@ -185,6 +197,7 @@ async fn run(command: Command) -> Result<(), ControlError> {
             outln!("reloaded {} workers", report.replaced.len());
             Ok(())
         }
+        Command::Monit { name } => Ok(monit::run(name).await?),
         Command::Stop { name, timeout } => {
             let report: StopReport = decode(ask(&name, Request::Stop).await?)?;
             outln!("stopping {name}: {} processes", report.pids.len());
