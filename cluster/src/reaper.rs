@@ -6,9 +6,12 @@
 //! children are reaped by their waiter tasks at once; a master function's
 //! `Command::status()` reaps its own): only a zombie still there half a second
 //! after it was first seen is reaped. So an orphan's zombie lasts at most
-//! about a second, and no waiter of the master's process loses an exit
-//! status. SIGTERM and SIGINT need no forwarding: they are the master's own
-//! stop, which stops the workers, then the agent, in order.
+//! about a second. The limit, documented in `docs/production.md`: a child of
+//! the master function left a zombie for longer than that before its waiter
+//! waits (a shell whose background job holds its stdout open under
+//! `Command::output()`) is reaped here, and that wait fails with `ECHILD`.
+//! SIGTERM and SIGINT need no forwarding: they are the master's own stop,
+//! which stops the workers, then the agent, in order.
 
 use std::collections::HashMap;
 use std::time::Duration;

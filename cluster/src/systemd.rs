@@ -152,7 +152,8 @@ fn watchdog_interval() -> Option<Duration> {
         return None;
     }
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|&u| u > 0)?;
-    Some(Duration::from_micros(usec / 2))
+    // Half the period, but never zero (a zero interval is no timer at all).
+    Some(Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
 }
 
 /// Notifies systemd of the cluster's events and feeds its watchdog while the

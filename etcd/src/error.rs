@@ -37,8 +37,11 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// etcd refused this client's credentials (user and password, or its TLS
-    /// client certificate). The client has stopped: retrying cannot help.
+    /// etcd refused this client's user and password (or credentials were given
+    /// to an etcd without auth). The client has stopped: retrying cannot help.
+    /// A TLS problem (a member's certificate not signed by the configured CA,
+    /// a client certificate the member refuses) is [`Error::Unavailable`] with
+    /// the TLS error as its source: the client keeps trying the members.
     #[error("etcd refused the credentials: {reason}")]
     Unauthenticated {
         /// etcd's answer.

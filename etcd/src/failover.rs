@@ -73,10 +73,10 @@ pub enum ConnectionState {
         /// Why the last attempt failed.
         reason: String,
     },
-    /// A member refused this client's credentials (user and password, or its
-    /// TLS client certificate). Retrying cannot help, so the client has
-    /// stopped: calls fail with [`Error::Unauthenticated`], watches and
-    /// registrations end. Fix the settings and start a new client.
+    /// A member refused this client's user and password. Retrying cannot
+    /// help, so the client has stopped: calls fail with
+    /// [`Error::Unauthenticated`], watches and registrations end. Fix the
+    /// settings and start a new client. (TLS failures are `Unavailable`.)
     Refused {
         /// etcd's answer.
         reason: String,

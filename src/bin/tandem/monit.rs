@@ -24,6 +24,10 @@ use tandem::cluster::control::{ControlClient, ControlError, ProcessInfo, Request
 /// How often the view asks the master for its status.
 pub const REFRESH: Duration = Duration::from_secs(1);
 
+/// How long a status request may take before the view says the master is not
+/// answering (and keeps running: keys still work).
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// An action the user asked for and confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -301,14 +305,27 @@ async fn view(
 ) -> Result<(), ControlError> {
     let mut monit = Monit::new(name);
     let mut next_refresh = Instant::now();
+    // An action sent to the master runs in its own task, so keys (q) and the
+    // refresh keep working while a reload takes its time.
+    let mut running: Option<(Action, tokio::task::JoinHandle<Result<(), ControlError>>)> = None;
     loop {
+        if running.as_ref().is_some_and(|(_, task)| task.is_finished()) {
+            let (action, task) = running.take().expect("checked");
+            let outcome =
+                task.await.unwrap_or_else(|e| Err(ControlError::Protocol(format!("the request failed: {e}"))));
+            monit.on_outcome(action, outcome);
+            next_refresh = Instant::now();
+        }
         if Instant::now() >= next_refresh {
-            match client.call_as::<Vec<ProcessInfo>>(Request::Status).await {
+            let status = client.call_within(name, Request::Status, STATUS_TIMEOUT).await;
+            match status.and_then(|value| {
+                serde_json::from_value::<Vec<ProcessInfo>>(value).map_err(|e| ControlError::Protocol(e.to_string()))
+            }) {
                 Ok(rows) => monit.on_status(rows, Instant::now()),
                 Err(e) => {
                     monit.on_error(&e);
                     // The connection may be gone (a restarted master): connect again next time.
-                    if let Ok(again) = ControlClient::connect(name).await {
+                    if let Ok(Ok(again)) = tokio::time::timeout(STATUS_TIMEOUT, ControlClient::connect(name)).await {
                         *client = again;
                     }
                 }
@@ -316,7 +333,10 @@ async fn view(
             next_refresh = Instant::now() + REFRESH;
             terminal.draw(|frame| monit.draw(frame)).map_err(|e| ControlError::Protocol(format!("terminal: {e}")))?;
         }
-        let wait = next_refresh.saturating_duration_since(Instant::now());
+        let mut wait = next_refresh.saturating_duration_since(Instant::now());
+        if running.is_some() {
+            wait = wait.min(Duration::from_millis(100));
+        }
         // crossterm's poll blocks: off the runtime's threads.
         let key = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Event>> {
             if event::poll(wait)? { Ok(Some(event::read()?)) } else { Ok(None) }
@@ -328,13 +348,15 @@ async fn view(
         match monit.on_key(key) {
             Step::Quit => return Ok(()),
             Step::Stay => {}
+            Step::Run(action) if running.is_some() => {
+                monit.message = Some(format!("{action:?} not sent: the previous request is still running"));
+            }
             Step::Run(action) => {
-                terminal
-                    .draw(|frame| monit.draw(frame))
-                    .map_err(|e| ControlError::Protocol(format!("terminal: {e}")))?;
-                let outcome = ControlClient::connect(name).await?.call(action.request()).await.map(|_| ());
-                monit.on_outcome(action, outcome);
-                next_refresh = Instant::now();
+                let name = name.to_owned();
+                let task = tokio::spawn(async move {
+                    ControlClient::connect(&name).await?.call(action.request()).await.map(|_| ())
+                });
+                running = Some((action, task));
             }
         }
         terminal.draw(|frame| monit.draw(frame)).map_err(|e| ControlError::Protocol(format!("terminal: {e}")))?;
