@@ -148,7 +148,7 @@ fn a_bad_request_is_echoed_cut_short_with_its_length() {
     assert_eq!(
         why("status").error.as_deref(),
         Some(
-            r#"bad request (6 bytes, starting "status"): expected value at line 1 column 1; expected {"cmd":"info|status|leader|reload|reload_agent|stop"}"#
+            r#"bad request (6 bytes, starting "status"): expected value at line 1 column 1; expected {"cmd":"info|status|leader|reload|reload_agent|scale|restart|restart_agent|stop"}"#
         )
     );
     // The repro of issue 23: 4 MiB of \x01 (Debug-escaped, each is 5 bytes).
