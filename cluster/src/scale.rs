@@ -242,7 +242,10 @@ impl Scale {
         if !done {
             return Vec::new();
         }
-        let Some(run) = self.run.take() else { return Vec::new() };
+        let Some(mut run) = self.run.take() else { return Vec::new() };
+        // In the order they were asked for: added by id, removed from the highest id.
+        run.added.sort_by_key(|a| a.worker);
+        run.removed.sort_by_key(|r| std::cmp::Reverse(r.worker));
         let to = slots.worker_count();
         self.desired = to;
         let result = match run.failed {
@@ -325,7 +328,7 @@ mod tests {
         let _ = scale.on_ready(k3);
         let report = reply_of(scale.on_advance(&f.slots)).unwrap();
         assert_eq!((report.from, report.to), (2, 4));
-        assert_eq!(report.added, [AddedWorker { worker: 4, pid: p4 }, AddedWorker { worker: 3, pid: p3 }]);
+        assert_eq!(report.added, [AddedWorker { worker: 3, pid: p3 }, AddedWorker { worker: 4, pid: p4 }]);
         assert!(!scale.is_running());
     }
 
