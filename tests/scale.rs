@@ -255,6 +255,9 @@ async fn scale_under_load(mode: &str) {
     for (id, pid) in [(3, added[0]), (4, added[1])] {
         assert!(out.contains(&format!("worker {id}: started, pid {pid}, ready")), "{out}");
     }
+    let event = master.expect_line(STEP, |l| l.starts_with("scaled: from=2 to=4 ")).await;
+    let pids: Vec<String> = now.iter().map(|w| w.1.unwrap().to_string()).collect();
+    assert!(event.ends_with(&format!(" workers={}", pids.join(","))), "{event}");
     // The new workers serve.
     load.seen.mark.store(true, Ordering::Relaxed);
     poll_until(STEP, "a new worker answering", || async {
@@ -329,6 +332,8 @@ async fn a_new_worker_not_ready_in_time_is_removed_and_the_scale_fails() {
         );
         let rows = status_json(xdg.path(), name).await;
         assert_eq!(workers(&rows).len(), 1, "{rows:#?}");
+        let event = master.expect_line(STEP, |l| l.starts_with("scale failed: ")).await;
+        assert!(event.contains("was not ready within 2s (removed; the cluster runs 1 worker(s))"), "{event}");
         // Once new workers can start, the same scale works.
         std::fs::remove_file(&hang).unwrap();
         let out = ok(xdg.path(), &["scale", name, "2"]).await;

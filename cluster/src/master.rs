@@ -429,7 +429,8 @@ impl Master {
             ClusterEvent::Exited { .. }
             | ClusterEvent::RestartScheduled { .. }
             | ClusterEvent::MemoryLimit { .. }
-            | ClusterEvent::ReloadFailed { .. } => tracing::warn!(target: LOG_TARGET, "{event}"),
+            | ClusterEvent::ReloadFailed { .. }
+            | ClusterEvent::ScaleFailed { .. } => tracing::warn!(target: LOG_TARGET, "{event}"),
             _ => tracing::info!(target: LOG_TARGET, "{event}"),
         }
         // Reloads from SIGHUP, the API and the control socket alike.

@@ -28,7 +28,7 @@ use crate::lifecycle::{Action, Machine, Reply, ScaleReply, Timer};
 use crate::reload_handle::{AddedWorker, MAX_WORKERS, ReloadError, RemovedWorker, ReplaceReason, ScaleReport, ScaleTo};
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
-use crate::{ExitReason, StartFailure, WorkerId};
+use crate::{ClusterEvent, ExitReason, StartFailure, WorkerId};
 
 /// A worker being added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,24 +248,23 @@ impl Scale {
         run.removed.sort_by_key(|r| std::cmp::Reverse(r.worker));
         let to = slots.worker_count();
         self.desired = to;
+        let mut actions = Vec::new();
         let result = match run.failed {
             Some((worker, new_pid, cause)) => {
                 let e = ReloadError::ScaleFailed { worker, new_pid, cause, workers: to };
-                tracing::error!(error = %e, "scale failed");
+                // The `scale failed` event (WARN) is the log line.
+                actions.push(Action::Emit(ClusterEvent::ScaleFailed { reason: e.to_string() }));
                 Err(e)
             }
             None => {
-                tracing::info!(from = run.from, to, "scaled");
-                Ok(ScaleReport {
-                    from: run.from,
-                    to,
-                    added: run.added,
-                    removed: run.removed,
-                    took: run.started.elapsed(),
-                })
+                let workers = slots.workers().filter_map(|w| w.proc.as_ref()).map(|p| p.pid).collect();
+                actions.push(Action::Emit(ClusterEvent::Scaled { from: run.from, to, workers }));
+                let took = run.started.elapsed();
+                Ok(ScaleReport { from: run.from, to, added: run.added, removed: run.removed, took })
             }
         };
-        vec![Action::Reply(Reply::Scale(run.reply, result))]
+        actions.push(Action::Reply(Reply::Scale(run.reply, result)));
+        actions
     }
 
     /// Shutdown began: a scale in progress ends (answered `ShuttingDown`);
@@ -326,7 +325,14 @@ mod tests {
         assert_eq!(kinds(&scale.on_ready(k4)), ["advance Scale"]);
         assert!(scale.on_advance(&f.slots).is_empty(), "worker 3 is not ready yet");
         let _ = scale.on_ready(k3);
-        let report = reply_of(scale.on_advance(&f.slots)).unwrap();
+        let end = scale.on_advance(&f.slots);
+        assert_eq!(kinds(&end), ["emit Scaled", "reply scale true"]);
+        let pids: Vec<u32> = [1, 2].iter().map(|&id| f.pid(f.key(SlotId::Worker(id)))).chain([p3, p4]).collect();
+        assert!(
+            matches!(&end[0], Action::Emit(ClusterEvent::Scaled { from: 2, to: 4, workers }) if *workers == pids),
+            "{end:?}"
+        );
+        let report = reply_of(end).unwrap();
         assert_eq!((report.from, report.to), (2, 4));
         assert_eq!(report.added, [AddedWorker { worker: 3, pid: p3 }, AddedWorker { worker: 4, pid: p4 }]);
         assert!(!scale.is_running());
@@ -387,7 +393,9 @@ mod tests {
         let _ = scale.on_launched(2, Ok((k2, p2)));
         assert_eq!(kinds(&scale.on_launched(3, Err("no memory".into()))), ["remove worker 3", "advance Scale"]);
         let _ = scale.on_ready(k2);
-        let report = reply_of(scale.on_advance(&f.slots));
+        let end = scale.on_advance(&f.slots);
+        assert_eq!(kinds(&end), ["emit ScaleFailed", "reply scale false"]);
+        let report = reply_of(end);
         let e = report.unwrap_err();
         assert_eq!(
             e,
