@@ -1,6 +1,6 @@
 //! What the master's lifecycle state machines ask it to do, and the timers
 //! they arm. The machines ([`stop`](crate::stop), [`reload`](crate::reload),
-//! [`agent_reload`](crate::agent_reload), [`memory`](crate::memory) and the
+//! [`agent_reload`](crate::agent_reload), [`memory`](crate::memory), [`scale`](crate::scale) and the
 //! slot's crash-loop backoff in [`supervisor`](crate::supervisor)) do no I/O:
 //! they read the slots, take inputs (a request, a ready report, an exit, a
 //! timer) and return [`Action`]s, which the master (the executor: processes,

@@ -4,8 +4,8 @@
 //! (messages and links), the stop sequence ([`stop`](crate::stop)), the
 //! workers' reload ([`reload`](crate::reload)), the agent's reload
 //! ([`agent_reload`](crate::agent_reload)), the memory limits
-//! ([`memory`](crate::memory)) and each slot's crash-loop backoff
-//! ([`supervisor`](crate::supervisor)).
+//! ([`memory`](crate::memory)), the worker count ([`scale`](crate::scale))
+//! and each slot's crash-loop backoff ([`supervisor`](crate::supervisor)).
 //!
 //! One task (the loop in [`Master::serve`]) owns all the state; it never waits
 //! on a child. Per child, a reader task feeds it decoded frames, a writer task

@@ -1,10 +1,11 @@
 //! [`ClusterControl`], the handle code in the master process uses to ask the
-//! running master for a reload (of the workers, or of the agent), and what a
-//! reload answers: the same report and error types the control socket sends
-//! the `tandem` CLI (`took` is `took_ms` on the wire). The master's side of a
-//! reload is in [`reload`](crate::reload) (the workers' rolling replacement)
-//! and [`agent_reload`](crate::agent_reload) (the agent's failover onto a new
-//! process).
+//! running master for a reload (of the workers, or of the agent), a scale or
+//! a restart of one process, and what they answer: the same report and error
+//! types the control socket sends the `tandem` CLI (`took` is `took_ms` on the
+//! wire). The master's side of a reload is in [`reload`](crate::reload) (the
+//! workers' rolling replacement, and a worker's restart: a run of one slot),
+//! [`agent_reload`](crate::agent_reload) (the agent's failover onto a new
+//! process) and [`scale`](crate::scale) (the worker count).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -94,7 +95,9 @@ pub struct AgentReloadReport {
     pub took: Duration,
 }
 
-/// Why a reload did not happen or did not complete.
+/// Why a reload, a scale or a restart did not happen or did not complete
+/// (one error for all the operations on a running cluster: they exclude one
+/// another, and a refusal of one may name another as running).
 ///
 /// The control socket carries it whole (in [`Response::reload_error`](crate::control::Response::reload_error)),
 /// tagged by `kind`: `{"kind":"in_progress","running":"Reload"}`,
