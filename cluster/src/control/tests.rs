@@ -149,6 +149,14 @@ fn a_reload_error_crosses_the_socket_typed_and_in_words() {
         serde_json::to_string(&ReloadError::InProgress { running: ReplaceReason::Reload }).unwrap(),
         r#"{"kind":"in_progress","running":"Reload"}"#
     );
+    // As the control module's docs show it.
+    assert_eq!(
+        encode_reply(
+            &Response::reload_failed(ReloadError::TooFewWorkers { current: 1, asked: ScaleTo::To(0), result: 0 }),
+            MAX_LINE
+        ),
+        r#"{"ok":false,"error":"scaling 1 worker(s) to 0 would leave 0; a cluster keeps at least 1 worker (`tandem stop` stops it)","reload_error":{"kind":"too_few_workers","current":1,"asked":{"to":0},"result":0}}"#
+    );
     let busy = response_result(&encode_reply(&Response::reload_failed(ReloadError::NotReady), MAX_LINE));
     assert!(matches!(&busy, Err(e @ ControlError::Reload(_)) if e.is_retryable()), "{busy:?}");
 }
