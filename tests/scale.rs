@@ -90,9 +90,18 @@ struct Seen {
     ok: AtomicU64,
     failed: AtomicU64,
     errors: Mutex<Vec<String>>,
-    /// Workers that answered after `mark` was set.
+    /// Workers that answered requests sent after the last `mark`.
     pids_after_mark: Mutex<HashSet<u32>>,
-    mark: AtomicBool,
+    /// 0: nothing recorded; each `mark` bumps it.
+    mark: AtomicU64,
+}
+
+impl Seen {
+    /// From now on, record the workers that answer requests sent from now on.
+    async fn mark(&self) {
+        self.mark.fetch_add(1, Ordering::SeqCst);
+        self.pids_after_mark.lock().await.clear();
+    }
 }
 
 /// `CLIENTS` clients, each on a keep-alive connection (a new one when the
@@ -114,6 +123,7 @@ impl Load {
                     let mut conn: Option<Conn> = None;
                     let mut used = 0;
                     while !stop.load(Ordering::Relaxed) && seen.ok.load(Ordering::Relaxed) < MAX_REQUESTS {
+                        let mark = seen.mark.load(Ordering::SeqCst);
                         let exchange = async {
                             let c = match conn.as_mut() {
                                 Some(c) => c,
@@ -124,7 +134,9 @@ impl Load {
                         match tokio::time::timeout(REQUEST, exchange).await.unwrap_or(Err("timed out".into())) {
                             Ok((200, Some(pid), close)) => {
                                 seen.ok.fetch_add(1, Ordering::Relaxed);
-                                if seen.mark.load(Ordering::Relaxed) {
+                                // Sent after the last mark (a request sent before it
+                                // may be answered by a worker gone since).
+                                if mark != 0 && mark == seen.mark.load(Ordering::SeqCst) {
                                     seen.pids_after_mark.lock().await.insert(pid);
                                 }
                                 used += 1;
@@ -259,7 +271,7 @@ async fn scale_under_load(mode: &str) {
     let pids: Vec<String> = now.iter().map(|w| w.1.unwrap().to_string()).collect();
     assert!(event.ends_with(&format!(" workers={}", pids.join(","))), "{event}");
     // The new workers serve.
-    load.seen.mark.store(true, Ordering::Relaxed);
+    load.seen.mark().await;
     poll_until(STEP, "a new worker answering", || async {
         let after = load.seen.pids_after_mark.lock().await;
         added.iter().any(|p| after.contains(&(*p as u32)))
@@ -284,7 +296,7 @@ async fn scale_under_load(mode: &str) {
     }
     let rows = status_json(xdg.path(), name).await;
     assert_eq!(workers(&rows), [first[0]], "{rows:#?}");
-    load.seen.pids_after_mark.lock().await.clear();
+    load.seen.mark().await;
     load.more(200).await;
     let seen = load.finish().await;
     let failed = seen.failed.load(Ordering::Relaxed);
