@@ -477,6 +477,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_removed_slot_with_no_process_goes_at_once() {
+        let mut f = Fixture::ready(3);
+        let k3 = f.key(SlotId::Worker(3));
+        f.exit(k3);
+        f.slots.get_mut(SlotId::Worker(3)).unwrap().state = ProcessState::BackingOff;
+        let k2 = f.key(SlotId::Worker(2));
+        let p2 = f.pid(k2);
+        let mut scale = Scale::new(3);
+        let (tx, _rx) = oneshot::channel();
+        let (actions, _) = scale.request(&f.slots, open(), ScaleTo::Remove(2), tx);
+        assert_eq!(
+            kinds(&actions),
+            [
+                "remove worker 3".to_owned(),
+                format!("stop {k2:?} 3s"),
+                format!("retire {k2:?}"),
+                "state worker 2 stopping".into(),
+                format!("after 3s DrainDeadline({k2:?})"),
+                "advance Scale".into(),
+            ]
+        );
+        f.slots.remove(SlotId::Worker(3));
+        assert!(scale.on_advance(&f.slots).is_empty(), "worker 2 drains");
+        f.exit(k2);
+        let _ = scale.on_exited(k2, ExitReason::Code(0), false, START);
+        f.slots.remove(SlotId::Worker(2));
+        let report = reply_of(scale.on_advance(&f.slots)).unwrap();
+        assert_eq!(report.removed[1], RemovedWorker { worker: 2, pid: Some(p2), exit: Some(ExitReason::Code(0)) });
+        assert_eq!(report.removed[0], RemovedWorker { worker: 3, pid: None, exit: None });
+        assert_eq!(report.to, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_same_count_answers_at_once() {
         let f = Fixture::ready(2);
         let mut scale = Scale::new(2);
