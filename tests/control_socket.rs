@@ -183,7 +183,7 @@ async fn sixteen_clients_sending_4_mib_lines_cost_the_master_little() {
             answer["error"].as_str().unwrap(),
             format!(
                 "bad request (1000 bytes, starting {:?}...): expected value at line 1 column 1; expected \
-                 {{\"cmd\":\"info|status|leader|reload|reload_agent|stop\"}}",
+                 {{\"cmd\":\"info|status|leader|reload|reload_agent|scale|restart|restart_agent|stop\"}}",
                 "\u{1}".repeat(64)
             )
         );

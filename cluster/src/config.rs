@@ -12,6 +12,9 @@ pub struct Config {
     /// How many workers to run. The default (`None`) is the number of CPUs this
     /// process may use: `std::thread::available_parallelism`, which on Linux
     /// honours the CPU affinity mask and the cgroup (v1 and v2) CPU quota.
+    /// The count at start: [`ClusterControl::scale`](crate::ClusterControl::scale)
+    /// (`tandem scale`) changes it while running, from 1 to
+    /// [`MAX_WORKERS`](crate::MAX_WORKERS).
     pub workers: Option<usize>,
     /// How long the agent may take to report ready. The default is 30 seconds.
     pub agent_start_timeout: Duration,

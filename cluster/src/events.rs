@@ -25,7 +25,7 @@ pub(crate) const LOG_TARGET: &str = "tandem_cluster::events";
 /// The routine start-up steps ([`Spawned`](Self::Spawned),
 /// [`AgentReady`](Self::AgentReady), [`WorkerReady`](Self::WorkerReady)) and
 /// the exits of a stop or a replacement are logged at DEBUG; an unexpected
-/// exit, a restart scheduled, a memory limit and a failed reload at WARN; a
+/// exit, a restart scheduled, a memory limit and a failed reload or scale at WARN; a
 /// failed start, a crash loop and a hang at ERROR; the rest at INFO.
 /// [`MasterContext::events`](crate::MasterContext::events) hands the same
 /// events to the master function, for it to act on (not to log them again).
@@ -135,6 +135,21 @@ pub enum ClusterEvent {
         /// Why.
         reason: crate::ReplaceReason,
     },
+    /// A scale ([`ClusterControl::scale`](crate::ClusterControl::scale))
+    /// is over: every new worker ready, every removed one exited.
+    Scaled {
+        /// The worker count before.
+        from: u32,
+        /// The worker count now.
+        to: u32,
+        /// The workers' pids now, by worker id.
+        workers: Vec<u32>,
+    },
+    /// A scale failed: a new worker did not start (its slot was removed again).
+    ScaleFailed {
+        /// Why, in words.
+        reason: String,
+    },
     /// A reload began.
     ReloadStarted {
         /// The slots it will replace (ready workers), by worker id.
@@ -241,6 +256,10 @@ impl fmt::Display for ClusterEvent {
             ClusterEvent::WorkerReplaced { id, old, new, reason } => {
                 write!(f, "worker replaced: worker={id} old={old} new={new} reason={reason}")
             }
+            ClusterEvent::Scaled { from, to, workers } => {
+                write!(f, "scaled: from={from} to={to} workers={}", pids(workers))
+            }
+            ClusterEvent::ScaleFailed { reason } => write!(f, "scale failed: {reason}"),
             ClusterEvent::ReloadStarted { workers } => write!(f, "reload started: slots={}", pids(workers)),
             ClusterEvent::ReloadDone { workers } => write!(f, "reload done: workers={}", pids(workers)),
             ClusterEvent::AgentReloadStarted { pid, epoch } => {

@@ -136,6 +136,7 @@ mod restart;
 mod round_robin;
 mod router;
 mod runtime_dir;
+mod scale;
 mod signals;
 mod spawn;
 mod status;
@@ -156,7 +157,10 @@ pub use listeners::{LISTEN_BACKLOG, ListenAddr, Listener, ListenerInfo, Listener
 pub use master_context::MasterContext;
 pub use messenger::{Envelope, Messenger, TopicStream, decode, encode};
 pub use process::{ExitReason, ProcessRef, ProcessRole, StartFailure, WorkerId};
-pub use reload_handle::{AgentReloadReport, ClusterControl, ReloadError, ReloadReport, ReplaceReason, ReplacedWorker};
+pub use reload_handle::{
+    AddedWorker, AgentReloadReport, BadScale, ClusterControl, MAX_WORKERS, ReloadError, ReloadReport, RemovedWorker,
+    ReplaceReason, ReplacedWorker, ScaleReport, ScaleTo,
+};
 pub use restart::RestartPolicy;
 pub use round_robin::{BACKLOG as ROUND_ROBIN_BACKLOG, MAX_UNACKED, RoundRobinListener};
 pub use status::{ProcessState, StatusRow, StatusTable};

@@ -1,6 +1,6 @@
 //! What the master's lifecycle state machines ask it to do, and the timers
 //! they arm. The machines ([`stop`](crate::stop), [`reload`](crate::reload),
-//! [`agent_reload`](crate::agent_reload), [`memory`](crate::memory) and the
+//! [`agent_reload`](crate::agent_reload), [`memory`](crate::memory), [`scale`](crate::scale) and the
 //! slot's crash-loop backoff in [`supervisor`](crate::supervisor)) do no I/O:
 //! they read the slots, take inputs (a request, a ready report, an exit, a
 //! timer) and return [`Action`]s, which the master (the executor: processes,
@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::identity::{ProcKey, SlotId};
-use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport};
+use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport, ScaleReport};
 use crate::status::ProcessState;
 use crate::{ClusterEvent, WorkerId};
 
@@ -55,6 +55,11 @@ pub(crate) enum Action {
     Restart(SlotId),
     /// Replace worker `id`, over its memory limit, gracefully (a reload run of one slot).
     ReplaceOverMemory(WorkerId),
+    /// Add worker slot `id` (a scale) and spawn its process; the outcome goes
+    /// back to [`Scale::on_launched`](crate::scale::Scale::on_launched).
+    AddWorker(WorkerId),
+    /// Take slot `id` out of the list (a scale removed it; its process exited).
+    RemoveSlot(SlotId),
     /// Answer whoever asked for a reload.
     Reply(Reply),
     /// Run `machine` again against the slots as they are now (after the
@@ -67,6 +72,7 @@ pub(crate) enum Action {
 pub(crate) enum Machine {
     Stop,
     Reload,
+    Scale,
 }
 
 /// An answer to a reload request.
@@ -74,10 +80,12 @@ pub(crate) enum Machine {
 pub(crate) enum Reply {
     Reload(ReloadReply, Result<ReloadReport, ReloadError>),
     AgentReload(AgentReloadReply, Result<AgentReloadReport, ReloadError>),
+    Scale(ScaleReply, Result<ScaleReport, ReloadError>),
 }
 
 pub(crate) type ReloadReply = oneshot::Sender<Result<ReloadReport, ReloadError>>;
 pub(crate) type AgentReloadReply = oneshot::Sender<Result<AgentReloadReport, ReloadError>>;
+pub(crate) type ScaleReply = oneshot::Sender<Result<ScaleReport, ReloadError>>;
 
 impl Reply {
     /// Sends the answer (Err: the caller gave up waiting).
@@ -85,6 +93,7 @@ impl Reply {
         match self {
             Reply::Reload(reply, result) => drop(reply.send(result)),
             Reply::AgentReload(reply, result) => drop(reply.send(result)),
+            Reply::Scale(reply, result) => drop(reply.send(result)),
         }
     }
 }

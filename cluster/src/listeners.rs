@@ -245,6 +245,16 @@ impl BoundListeners {
         self.bound.iter().map(|b| b.info.clone()).collect()
     }
 
+    /// The first listener in `reuseport` mode and its sockets (one per worker
+    /// at start): with one, the worker count is fixed (see
+    /// [`ReloadError::ReusePortFixed`](crate::ReloadError::ReusePortFixed)).
+    pub(crate) fn reuseport(&self) -> Option<(String, u32)> {
+        self.bound
+            .iter()
+            .find(|b| b.info.mode == ShareMode::ReusePort)
+            .map(|b| (b.info.name.clone(), u32::try_from(b.sockets.len()).unwrap_or(u32::MAX)))
+    }
+
     /// The fd-channel messages that hand worker `id` its sockets: (header,
     /// socket). A round-robin listener is announced without a socket
     /// (`R <address> <name>`): its connections come one by one.

@@ -4,8 +4,8 @@
 //! (messages and links), the stop sequence ([`stop`](crate::stop)), the
 //! workers' reload ([`reload`](crate::reload)), the agent's reload
 //! ([`agent_reload`](crate::agent_reload)), the memory limits
-//! ([`memory`](crate::memory)) and each slot's crash-loop backoff
-//! ([`supervisor`](crate::supervisor)).
+//! ([`memory`](crate::memory)), the worker count ([`scale`](crate::scale))
+//! and each slot's crash-loop backoff ([`supervisor`](crate::supervisor)).
 //!
 //! One task (the loop in [`Master::serve`]) owns all the state; it never waits
 //! on a child. Per child, a reader task feeds it decoded frames, a writer task
@@ -45,12 +45,13 @@ use crate::reload_handle::{ClusterControl, ControlCall};
 use crate::round_robin::{Cmd as RrCmd, RoundRobin};
 use crate::router::{Action as Route, Peers, Responder, Router};
 use crate::runtime_dir::{RuntimeDir, new_token};
+use crate::scale::Scale;
 use crate::signals::{MasterSignal, MasterSignals};
 use crate::spawn::Program;
 use crate::stop::{Graces, StopSequence};
 use crate::supervisor::{Proc, Slots};
 use crate::timers::TimerQueue;
-use crate::{BoxError, ClusterEvent, Config, Error, WorkerId};
+use crate::{BoxError, ClusterEvent, Config, Error, ProcessRole, WorkerId};
 
 /// Inputs queued for the loop (bounded: readers wait when it is full, which
 /// back-pressures the children's sockets).
@@ -141,15 +142,22 @@ struct Lifetime {
     stopping: CancellationToken,
 }
 
+/// The lifecycle state machines the master carries out (each I/O-free).
+#[derive(Debug)]
+struct Machines {
+    stop: StopSequence,
+    reload: Reload,
+    agent_reload: AgentReload,
+    memory: MemoryLimits,
+    scale: Scale,
+}
+
 pub(crate) struct Master {
     setup: Setup,
     progress: Progress,
     slots: Slots,
     sockets: Sockets,
-    stop: StopSequence,
-    reload: Reload,
-    agent_reload: AgentReload,
-    memory: MemoryLimits,
+    machines: Machines,
     /// Every deadline of the master, in one queue polled by the loop.
     timers: TimerQueue<Timer>,
     router: Router,
@@ -205,6 +213,7 @@ impl Master {
             env: config.child_env.clone(),
         };
         let slots = Slots::new(config.worker_count() as WorkerId, &config.restart);
+        let desired = u32::try_from(config.worker_count()).unwrap_or(u32::MAX);
         let (input_tx, input) = mpsc::channel(INPUT_CAPACITY);
         let (local_tx, local) = mpsc::channel(LOCAL_CAPACITY);
         let (events, first_events) = broadcast::channel(EVENTS_CAPACITY);
@@ -229,10 +238,13 @@ impl Master {
             },
             slots,
             sockets: Sockets { listeners, round_robin, control: Some(control) },
-            stop: StopSequence::default(),
-            reload: Reload::default(),
-            agent_reload: AgentReload::default(),
-            memory: MemoryLimits::default(),
+            machines: Machines {
+                stop: StopSequence::default(),
+                reload: Reload::default(),
+                agent_reload: AgentReload::default(),
+                memory: MemoryLimits::default(),
+                scale: Scale::new(desired),
+            },
             timers: TimerQueue::default(),
             router: Router::default(),
             endpoint,
@@ -290,7 +302,7 @@ impl Master {
         if !self.setup.config.ping_interval.is_zero() {
             self.after(self.setup.config.ping_interval, Timer::Ping);
         }
-        while !self.stop.is_done() {
+        while !self.machines.stop.is_done() {
             tokio::select! {
                 Some(input) = self.inbound.input.recv() => {
                     self.on_input(input);
@@ -298,7 +310,7 @@ impl Master {
                     // branches are polled again: a relay burst costs one pass
                     // over the signals and timers, not one per frame.
                     for _ in 0..INPUT_BURST {
-                        if self.stop.is_done() {
+                        if self.machines.stop.is_done() {
                             break;
                         }
                         let Ok(input) = self.inbound.input.try_recv() else { break };
@@ -315,9 +327,18 @@ impl Master {
                 Some(call) = self.inbound.control.recv() => match call {
                     ControlCall::Reload { reply } => self.request_reload(reply),
                     ControlCall::ReloadAgent { reply } => self.request_agent_reload(reply),
+                    ControlCall::RestartAgent { reply } => {
+                        self.outbound.stats.count_restart(ProcessRole::Agent);
+                        self.request_agent_reload(reply)
+                    }
+                    ControlCall::RestartWorker { id, reply } => {
+                        self.outbound.stats.count_restart(ProcessRole::Worker);
+                        self.request_restart(id, reply)
+                    }
+                    ControlCall::Scale { to, reply } => self.request_scale(to, reply),
                 },
                 timer = self.timers.next() => self.on_timer(timer),
-                _ = self.lifetime.shutdown_requested.cancelled(), if !self.stop.is_stopping() => self.begin_stop(),
+                _ = self.lifetime.shutdown_requested.cancelled(), if !self.machines.stop.is_stopping() => self.begin_stop(),
             }
         }
         if self.setup.config.status_at_exit {
@@ -391,13 +412,15 @@ impl Master {
     /// the message.
     fn emit(&self, event: ClusterEvent) {
         use crate::events::LOG_TARGET;
-        let replacing = self.reload.running().is_some() || self.agent_reload.is_running();
+        let replacing = self.machines.reload.running().is_some()
+            || self.machines.agent_reload.is_running()
+            || self.machines.scale.is_running();
         match &event {
             ClusterEvent::Spawned { .. } | ClusterEvent::AgentReady { .. } | ClusterEvent::WorkerReady { .. } => {
                 tracing::debug!(target: LOG_TARGET, "{event}")
             }
             // Expected: the stop or the replacement asked for it.
-            ClusterEvent::Exited { .. } if self.stop.is_stopping() || replacing => {
+            ClusterEvent::Exited { .. } if self.machines.stop.is_stopping() || replacing => {
                 tracing::debug!(target: LOG_TARGET, "{event}")
             }
             ClusterEvent::StartFailed { .. } | ClusterEvent::SlotFailed { .. } | ClusterEvent::Hung { .. } => {
@@ -406,7 +429,8 @@ impl Master {
             ClusterEvent::Exited { .. }
             | ClusterEvent::RestartScheduled { .. }
             | ClusterEvent::MemoryLimit { .. }
-            | ClusterEvent::ReloadFailed { .. } => tracing::warn!(target: LOG_TARGET, "{event}"),
+            | ClusterEvent::ReloadFailed { .. }
+            | ClusterEvent::ScaleFailed { .. } => tracing::warn!(target: LOG_TARGET, "{event}"),
             _ => tracing::info!(target: LOG_TARGET, "{event}"),
         }
         // Reloads from SIGHUP, the API and the control socket alike.
@@ -467,7 +491,7 @@ impl Master {
             Input::Exited(key, status) => self.on_exit(key, status),
             Input::HookFailed(e) => {
                 self.hook_error = Some(e);
-                if !self.stop.is_stopping() {
+                if !self.machines.stop.is_stopping() {
                     self.begin_stop();
                 }
             }
@@ -517,7 +541,7 @@ impl Master {
     /// Runs one step of the router against the current processes and carries
     /// out its actions, in order.
     fn route(&mut self, step: impl FnOnce(&mut Router, Peers<'_>) -> Vec<Route>) {
-        let peers = Peers { slots: &self.slots, stopping: self.stop.is_stopping() };
+        let peers = Peers { slots: &self.slots, stopping: self.machines.stop.is_stopping() };
         let mut actions = step(&mut self.router, peers);
         for action in actions.drain(..) {
             self.carry_out(action);

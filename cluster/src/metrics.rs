@@ -14,6 +14,9 @@
 //! | `tandem_process_up` | gauge (1 = online) | `role`, `slot` |
 //! | `tandem_restarts_total` | counter | `role`, `slot` |
 //! | `tandem_reloads_total` | counter (workers' and agent's reloads) | `result` (`ok`, `failed`) |
+//! | `tandem_workers_desired` | gauge (the worker count asked for: configuration, then the last scale) | |
+//! | `tandem_scale_total` | counter (scales that changed the worker count) | `direction` (`up`, `down`) |
+//! | `tandem_restarts_requested_total` | counter (graceful restarts asked for, `tandem restart`) | `role` (`worker`, `agent`) |
 //! | `tandem_messenger_messages_total` | counter | `kind` (`send`, `request`, `reply`, `link_frame`) |
 //! | `tandem_leader_epoch` | gauge | |
 //! | `tandem_leader_followers` | gauge | |
@@ -76,6 +79,16 @@ struct ResultLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabels {
+    role: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,6 +181,28 @@ pub(crate) async fn render(
         .get_or_create(&ResultLabels { result: "failed".into() })
         .inc_by(handle.stats.reloads_failed.load(Ordering::Relaxed));
     registry.register("tandem_reloads", "Reloads (of the workers or the agent) by outcome", reloads);
+
+    let desired = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    desired.set(i64::from(snapshot.workers_desired));
+    registry.register(
+        "tandem_workers_desired",
+        "The worker count asked for (configuration or the last scale)",
+        desired,
+    );
+    let scales = Family::<DirectionLabels, Counter>::default();
+    for (direction, n) in [("up", &handle.stats.scales_up), ("down", &handle.stats.scales_down)] {
+        scales.get_or_create(&DirectionLabels { direction: direction.into() }).inc_by(n.load(Ordering::Relaxed));
+    }
+    registry.register("tandem_scale", "Scales that changed the worker count, by direction", scales);
+    let restarts_requested = Family::<RoleLabels, Counter>::default();
+    for (role, n) in [("worker", &handle.stats.restarts_worker), ("agent", &handle.stats.restarts_agent)] {
+        restarts_requested.get_or_create(&RoleLabels { role: role.into() }).inc_by(n.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "tandem_restarts_requested",
+        "Graceful restarts of one process asked for (tandem restart), by role",
+        restarts_requested,
+    );
 
     let messages = Family::<KindLabels, Counter>::default();
     let m = snapshot.messages;

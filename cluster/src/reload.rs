@@ -146,6 +146,32 @@ impl Reload {
         actions
     }
 
+    /// A restart of worker `id` asked for (`tandem restart NAME --worker K`):
+    /// a run of one slot, as a memory replacement, answered as a reload.
+    pub(crate) fn restart(&mut self, slots: &Slots, gate: Gate, id: WorkerId, reply: ReloadReply) -> Vec<Action> {
+        let slot = slots.get(SlotId::Worker(id));
+        let refused = if gate.stopping {
+            Some(ReloadError::ShuttingDown)
+        } else if let Some(running) = self.running().or(gate.running) {
+            Some(ReloadError::InProgress { running })
+        } else if !gate.announced {
+            Some(ReloadError::NotReady)
+        } else if slot.is_none() {
+            Some(ReloadError::UnknownWorker { worker: id, workers: slots.worker_count() })
+        } else if slot.is_some_and(|s| s.state != ProcessState::Ready || s.proc.is_none() || s.previous.is_some()) {
+            Some(ReloadError::WorkerNotReady { worker: id })
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            tracing::warn!(error = %e, "restart refused");
+            return vec![Action::Reply(Reply::Reload(reply, Err(e)))];
+        }
+        tracing::info!(worker.id = id, "restarting the worker gracefully: its successor first, then it drains");
+        self.run = Some(Run::new(ReplaceReason::Restart, VecDeque::from([id]), Vec::new(), Some(reply)));
+        vec![Action::Advance(Machine::Reload)]
+    }
+
     /// Worker `id` is over its memory limit: replace it (a run of one slot).
     /// The caller checked that nothing else is replaced.
     pub(crate) fn replace_over_memory(&mut self, id: WorkerId) -> Vec<Action> {
@@ -372,7 +398,7 @@ fn finish(run: Run, slots: &Slots, actions: &mut Vec<Action>) {
                     ),
                 }));
             } else {
-                tracing::error!(reason = %failure.text(), "memory replacement failed; the old worker keeps serving");
+                tracing::error!(reason = %failure.text(), replacement = %run.reason, "replacement failed; the old worker keeps serving");
             }
             let Failure { worker, new_pid, cause } = failure;
             Err(ReloadError::Failed { worker, new_pid, cause, replaced: run.replaced })
@@ -626,6 +652,49 @@ mod tests {
         let _ = reload.replace_over_memory(1);
         assert_eq!(refusal(&mut reload, OPEN), ReloadError::InProgress { running: ReplaceReason::MaxMemory });
         assert!(reload.abort().is_empty(), "a memory replacement has no one to answer");
+        assert!(reload.running().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_replaces_one_worker_gracefully_and_answers() {
+        let mut f = Fixture::ready(2);
+        let mut reload = Reload::default();
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(kinds(&reload.restart(&f.slots, OPEN, 2, tx)), ["advance Reload"]);
+        assert_eq!(reload.running(), Some(ReplaceReason::Restart));
+        assert_eq!(kinds(&reload.on_advance(&f.slots, SETTINGS)), ["replace 2"]);
+        let old = f.key(SlotId::Worker(2));
+        let old_pid = f.pid(old);
+        let (new, pid) = replace(&mut f, 2);
+        let _ = reload.on_launched(2, Ok((new, pid)));
+        let ready = reload.on_ready(&f.slots, new, SETTINGS).unwrap();
+        assert_eq!(kinds(&ready)[..2], [format!("stop {old:?} 3s"), format!("retire {old:?}")]);
+        f.slots.get_mut(SlotId::Worker(2)).unwrap().state = ProcessState::Ready;
+        assert!(reload.on_advance(&f.slots, SETTINGS).is_empty(), "answered once the old one is gone");
+        f.exit(old);
+        let _ = reload.on_old_exited(old);
+        let end = reload.on_advance(&f.slots, SETTINGS);
+        assert_eq!(kinds(&end), ["reply reload true"], "no reload event: it is a restart");
+        let report = reply_of(end).unwrap();
+        assert_eq!(report.replaced, vec![ReplacedWorker { id: 2, old_pid, new_pid: pid }]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_of_an_unknown_or_unready_worker_or_during_a_scale_is_refused() {
+        let mut f = Fixture::ready(2);
+        let mut reload = Reload::default();
+        let mut refusal = |f: &Fixture, gate, id| {
+            let (tx, _rx) = oneshot::channel();
+            reply_of(reload.restart(&f.slots, gate, id, tx)).unwrap_err()
+        };
+        let e = refusal(&f, OPEN, 7);
+        assert_eq!(e, ReloadError::UnknownWorker { worker: 7, workers: 2 });
+        assert_eq!(e.to_string(), "no worker 7: the cluster runs 2 worker(s), ids 1 to 2");
+        assert_eq!(refusal(&f, OPEN, 0), ReloadError::UnknownWorker { worker: 0, workers: 2 });
+        let scale = Gate { running: Some(ReplaceReason::Scale), ..OPEN };
+        assert_eq!(refusal(&f, scale, 1), ReloadError::InProgress { running: ReplaceReason::Scale });
+        f.slots.get_mut(SlotId::Worker(1)).unwrap().state = ProcessState::BackingOff;
+        assert_eq!(refusal(&f, OPEN, 1), ReloadError::WorkerNotReady { worker: 1 });
         assert!(reload.running().is_none());
     }
 }

@@ -1,10 +1,11 @@
 //! [`ClusterControl`], the handle code in the master process uses to ask the
-//! running master for a reload (of the workers, or of the agent), and what a
-//! reload answers: the same report and error types the control socket sends
-//! the `tandem` CLI (`took` is `took_ms` on the wire). The master's side of a
-//! reload is in [`reload`](crate::reload) (the workers' rolling replacement)
-//! and [`agent_reload`](crate::agent_reload) (the agent's failover onto a new
-//! process).
+//! running master for a reload (of the workers, or of the agent), a scale or
+//! a restart of one process, and what they answer: the same report and error
+//! types the control socket sends the `tandem` CLI (`took` is `took_ms` on the
+//! wire). The master's side of a reload is in [`reload`](crate::reload) (the
+//! workers' rolling replacement, and a worker's restart: a run of one slot),
+//! [`agent_reload`](crate::agent_reload) (the agent's failover onto a new
+//! process) and [`scale`](crate::scale) (the worker count).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -30,6 +31,10 @@ pub enum ReplaceReason {
     MaxMemory,
     /// A reload of the agent ([`ClusterControl::reload_agent`]).
     AgentReload,
+    /// A change of the worker count ([`ClusterControl::scale`]).
+    Scale,
+    /// A restart of one worker asked for ([`ClusterControl::restart_worker`]).
+    Restart,
 }
 
 impl fmt::Display for ReplaceReason {
@@ -38,6 +43,8 @@ impl fmt::Display for ReplaceReason {
             ReplaceReason::Reload => "reload",
             ReplaceReason::MaxMemory => "max-memory",
             ReplaceReason::AgentReload => "reload of the agent",
+            ReplaceReason::Scale => "scale",
+            ReplaceReason::Restart => "restart",
         })
     }
 }
@@ -88,7 +95,9 @@ pub struct AgentReloadReport {
     pub took: Duration,
 }
 
-/// Why a reload did not happen or did not complete.
+/// Why a reload, a scale or a restart did not happen or did not complete
+/// (one error for all the operations on a running cluster: they exclude one
+/// another, and a refusal of one may name another as running).
 ///
 /// The control socket carries it whole (in [`Response::reload_error`](crate::control::Response::reload_error)),
 /// tagged by `kind`: `{"kind":"in_progress","running":"Reload"}`,
@@ -98,9 +107,9 @@ pub struct AgentReloadReport {
 #[non_exhaustive]
 pub enum ReloadError {
     /// Another reload (or a memory replacement) is running; this one was not queued.
-    #[error("a {running} is already running; this reload was not started")]
+    #[error("a {running} is already running; this request was not started")]
     InProgress {
-        /// What is running (`reload`, `max-memory`).
+        /// What is running (`reload`, `max-memory`, `scale`, ...).
         running: ReplaceReason,
     },
     /// The cluster is shutting down.
@@ -154,6 +163,178 @@ pub enum ReloadError {
         /// Why it failed.
         cause: StartFailure,
     },
+    /// A scale that would leave fewer than one worker (`scale NAME 0`, or
+    /// `-K` with K at least the worker count); nothing was changed.
+    #[error(
+        "scaling {current} worker(s) {asked} would leave {result}; a cluster keeps at least 1 worker (`tandem stop` stops it)"
+    )]
+    TooFewWorkers {
+        /// The workers when asked.
+        current: u32,
+        /// What was asked.
+        asked: ScaleTo,
+        /// The count it would give.
+        result: i64,
+    },
+    /// A scale over [`MAX_WORKERS`]; nothing was changed.
+    #[error("scaling {current} worker(s) {asked} would make {result}, over the limit of {max} workers")]
+    TooManyWorkers {
+        /// The workers when asked.
+        current: u32,
+        /// What was asked.
+        asked: ScaleTo,
+        /// The count it would give.
+        result: i64,
+        /// The limit ([`MAX_WORKERS`]).
+        max: u32,
+    },
+    /// A listener shares its port with `reuseport`: one socket per worker,
+    /// bound when the master started. Its worker count is fixed (a socket
+    /// left without a worker would take connections nobody accepts, and
+    /// closing one resets the connections in its queue); nothing was changed.
+    #[error(
+        "listener {listener:?} uses reuseport (one socket per worker, bound at start for {workers} workers): the worker count is fixed; listen with mode shared or round-robin to scale"
+    )]
+    ReusePortFixed {
+        /// The listener's name.
+        listener: String,
+        /// The sockets it bound (the workers at start).
+        workers: u32,
+    },
+    /// A restart of a worker id the cluster does not have.
+    #[error("no worker {worker}: the cluster runs {workers} worker(s), ids 1 to {workers}")]
+    UnknownWorker {
+        /// The id asked for.
+        worker: WorkerId,
+        /// The worker count.
+        workers: u32,
+    },
+    /// A restart of a worker that is not ready (starting, restarting after
+    /// a crash, or being removed); nothing was changed.
+    #[error("worker {worker} is not ready (starting, restarting or stopping); nothing to restart")]
+    WorkerNotReady {
+        /// The id asked for.
+        worker: WorkerId,
+    },
+    /// A worker added by a scale failed to start; its slot was removed (the
+    /// workers added before it and ready stay). Reads `worker 5: new process
+    /// 4242 was not ready within 10s (removed; the cluster runs 4 worker(s))`.
+    #[error("{} (removed; the cluster runs {workers} worker(s))", worker_failure(*.worker, *.new_pid, .cause))]
+    ScaleFailed {
+        /// The slot whose new worker failed (the first to fail).
+        worker: WorkerId,
+        /// Its pid; `None` when it could not be spawned.
+        new_pid: Option<u32>,
+        /// Why it failed.
+        cause: StartFailure,
+        /// The worker count after the scale.
+        workers: u32,
+    },
+}
+
+/// The most workers a cluster runs ([`ClusterControl::scale`], `tandem
+/// scale`): 1024. Each worker costs the master about 6 descriptors (its IPC
+/// and descriptor channels, its pipes) and a process.
+pub const MAX_WORKERS: u32 = 1024;
+
+/// A change of the worker count: `4` (to 4 workers), `+2` (2 more), `-2` (2
+/// fewer). `{"to":4}`, `{"add":2}`, `{"remove":2}` on the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ScaleTo {
+    /// To this many workers.
+    To(u32),
+    /// This many more.
+    Add(u32),
+    /// This many fewer (the highest worker ids first).
+    Remove(u32),
+}
+
+impl ScaleTo {
+    /// The worker count this gives from `current` (negative when it removes more than there are).
+    pub fn result(self, current: u32) -> i64 {
+        match self {
+            ScaleTo::To(n) => i64::from(n),
+            ScaleTo::Add(k) => i64::from(current) + i64::from(k),
+            ScaleTo::Remove(k) => i64::from(current) - i64::from(k),
+        }
+    }
+}
+
+impl fmt::Display for ScaleTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScaleTo::To(n) => write!(f, "to {n}"),
+            ScaleTo::Add(k) => write!(f, "by +{k}"),
+            ScaleTo::Remove(k) => write!(f, "by -{k}"),
+        }
+    }
+}
+
+/// A [`ScaleTo`] that does not read: not `N`, `+K` or `-K` with whole numbers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?} is not a worker count: expected N (to N workers), +K (K more) or -K (K fewer)")]
+pub struct BadScale {
+    input: String,
+}
+
+impl std::str::FromStr for ScaleTo {
+    type Err = BadScale;
+
+    fn from_str(s: &str) -> Result<Self, BadScale> {
+        let bad = || BadScale { input: s.to_owned() };
+        let digits = |d: &str| {
+            if d.is_empty() || !d.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            // Over u32: as far out of range as the limit says.
+            Ok(d.parse::<u32>().unwrap_or(u32::MAX))
+        };
+        match s.as_bytes().first() {
+            Some(b'+') => digits(&s[1..]).map(ScaleTo::Add),
+            Some(b'-') => digits(&s[1..]).map(ScaleTo::Remove),
+            _ => digits(s).map(ScaleTo::To),
+        }
+    }
+}
+
+/// A worker a scale started, ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddedWorker {
+    /// Its id.
+    pub worker: WorkerId,
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// A worker a scale removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedWorker {
+    /// Its id.
+    pub worker: WorkerId,
+    /// Its process when it was asked to stop (`None`: the slot had none: it
+    /// was restarting).
+    pub pid: Option<u32>,
+    /// How it ended (`Code(0)` for a graceful drain; `Signal(9)` when it
+    /// overran its grace period).
+    pub exit: Option<crate::ExitReason>,
+}
+
+/// The outcome of a successful [`ClusterControl::scale`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleReport {
+    /// The worker count before.
+    pub from: u32,
+    /// The worker count now.
+    pub to: u32,
+    /// The workers started, all ready.
+    pub added: Vec<AddedWorker>,
+    /// The workers stopped, all exited.
+    pub removed: Vec<RemovedWorker>,
+    /// How long it took (`took_ms` on the wire).
+    #[serde(rename = "took_ms", with = "millis")]
+    pub took: Duration,
 }
 
 impl ReloadError {
@@ -161,7 +342,9 @@ impl ReloadError {
     /// [`AgentFailed`](Self::AgentFailed).
     pub fn start_failure(&self) -> Option<&StartFailure> {
         match self {
-            ReloadError::Failed { cause, .. } | ReloadError::AgentFailed { cause, .. } => Some(cause),
+            ReloadError::Failed { cause, .. }
+            | ReloadError::AgentFailed { cause, .. }
+            | ReloadError::ScaleFailed { cause, .. } => Some(cause),
             _ => None,
         }
     }
@@ -170,7 +353,13 @@ impl ReloadError {
     /// changing anything: another one was running, or the cluster (or its
     /// agent) was not ready yet.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ReloadError::InProgress { .. } | ReloadError::NotReady | ReloadError::AgentNotReady)
+        matches!(
+            self,
+            ReloadError::InProgress { .. }
+                | ReloadError::NotReady
+                | ReloadError::AgentNotReady
+                | ReloadError::WorkerNotReady { .. }
+        )
     }
 }
 
@@ -236,6 +425,46 @@ impl ClusterControl {
         self.tx.send(ControlCall::ReloadAgent { reply }).await.map_err(|_| ReloadError::MasterGone)?;
         rx.await.map_err(|_| ReloadError::MasterGone)?
     }
+
+    /// Changes the worker count. New workers (ids after the highest) start
+    /// at once and count once they report ready (within
+    /// [`Config::worker_start_timeout`](crate::Config::worker_start_timeout));
+    /// one that fails is removed again ([`ReloadError::ScaleFailed`]).
+    /// Removed workers, the highest ids first, are stopped gracefully (a stop
+    /// notice, [`Config::worker_stop_timeout`](crate::Config::worker_stop_timeout),
+    /// then SIGKILL), as a stop does. Resolves when every new worker is ready
+    /// and every removed one has exited.
+    ///
+    /// Refused, with nothing changed: a count under 1 or over
+    /// [`MAX_WORKERS`], a listener in `reuseport` mode
+    /// ([`ReloadError::ReusePortFixed`]), while a reload, a restart, a memory
+    /// replacement or another scale runs ([`ReloadError::InProgress`]), before
+    /// the cluster is ready or while it stops.
+    pub async fn scale(&self, to: ScaleTo) -> Result<ScaleReport, ReloadError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(ControlCall::Scale { to, reply }).await.map_err(|_| ReloadError::MasterGone)?;
+        rx.await.map_err(|_| ReloadError::MasterGone)?
+    }
+
+    /// Restarts worker `id` gracefully: a new process starts, and once it is
+    /// ready the old one is stopped and drains, as one slot of a
+    /// [`reload`](Self::reload). Refused for an unknown id
+    /// ([`ReloadError::UnknownWorker`]), a worker not ready, or while another
+    /// replacement or a scale runs.
+    pub async fn restart_worker(&self, id: WorkerId) -> Result<ReloadReport, ReloadError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(ControlCall::RestartWorker { id, reply }).await.map_err(|_| ReloadError::MasterGone)?;
+        rx.await.map_err(|_| ReloadError::MasterGone)?
+    }
+
+    /// Restarts the agent gracefully: the same as
+    /// [`reload_agent`](Self::reload_agent), counted as a restart asked for
+    /// in the metrics (`tandem_restarts_requested_total{role="agent"}`).
+    pub async fn restart_agent(&self) -> Result<AgentReloadReport, ReloadError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(ControlCall::RestartAgent { reply }).await.map_err(|_| ReloadError::MasterGone)?;
+        rx.await.map_err(|_| ReloadError::MasterGone)?
+    }
 }
 
 /// A call from a [`ClusterControl`] (or SIGHUP, without a reply).
@@ -243,6 +472,9 @@ impl ClusterControl {
 pub(crate) enum ControlCall {
     Reload { reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>> },
     ReloadAgent { reply: oneshot::Sender<Result<AgentReloadReport, ReloadError>> },
+    RestartAgent { reply: oneshot::Sender<Result<AgentReloadReport, ReloadError>> },
+    RestartWorker { id: WorkerId, reply: oneshot::Sender<Result<ReloadReport, ReloadError>> },
+    Scale { to: ScaleTo, reply: oneshot::Sender<Result<ScaleReport, ReloadError>> },
 }
 
 /// A duration as whole milliseconds, as the control protocol writes durations.

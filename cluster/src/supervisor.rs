@@ -283,6 +283,28 @@ impl Slots {
         u32::try_from(self.workers().count()).unwrap_or(u32::MAX)
     }
 
+    /// Adds worker slot `id` (a scale), `Pending`, after the others: the
+    /// workers stay in id order as long as new ids are above the others.
+    /// `false`: a slot of that id exists.
+    pub(crate) fn add_worker(&mut self, id: WorkerId, policy: &RestartPolicy) -> bool {
+        if self.get(SlotId::Worker(id)).is_some() {
+            return false;
+        }
+        self.list.push(Slot::new(SlotId::Worker(id), policy.clone()));
+        true
+    }
+
+    /// Takes slot `id` out of the list (a scale removed it).
+    pub(crate) fn remove(&mut self, id: SlotId) -> Option<Slot> {
+        let i = self.position(id)?;
+        Some(self.list.remove(i))
+    }
+
+    /// The highest worker id (0: none).
+    pub(crate) fn highest_worker(&self) -> WorkerId {
+        self.workers().filter_map(|s| s.id.worker_id()).max().unwrap_or(0)
+    }
+
     /// The live process named by `key` (the slot's, or its predecessor still draining).
     pub(crate) fn proc(&self, key: ProcKey) -> Option<&Proc> {
         let slot = self.get(key.slot)?;
@@ -313,6 +335,15 @@ mod tests {
         assert!(slots.get(SlotId::Worker(1)).is_none());
         assert_eq!(slots.agent().map(|s| s.id), Some(SlotId::Agent));
         assert_eq!(slots.worker_count(), 2);
+        // Added and removed through the API: found, in id order.
+        assert!(slots.add_worker(4, &RestartPolicy::default()));
+        assert!(!slots.add_worker(4, &RestartPolicy::default()), "a second slot 4");
+        assert_eq!(slots.highest_worker(), 4);
+        assert_eq!(slots.get(SlotId::Worker(4)).map(|s| s.state), Some(ProcessState::Pending));
+        assert_eq!(slots.remove(SlotId::Worker(3)).map(|s| s.id), Some(SlotId::Worker(3)));
+        assert!(slots.remove(SlotId::Worker(3)).is_none());
+        let ids: Vec<SlotId> = slots.iter().map(|s| s.id).collect();
+        assert_eq!(ids, [SlotId::Agent, SlotId::Worker(2), SlotId::Worker(4)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -433,6 +464,9 @@ pub(crate) mod testing {
                 Action::Reply(crate::lifecycle::Reply::AgentReload(_, r)) => {
                     format!("reply agent reload {}", r.is_ok())
                 }
+                Action::Reply(crate::lifecycle::Reply::Scale(_, r)) => format!("reply scale {}", r.is_ok()),
+                Action::AddWorker(id) => format!("add worker {id}"),
+                Action::RemoveSlot(id) => format!("remove {id}"),
                 Action::Advance(m) => format!("advance {m:?}"),
             })
             .collect()

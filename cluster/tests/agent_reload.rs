@@ -195,7 +195,7 @@ async fn agent_reload() {
     match reload_agent(&socket).await {
         Err(ControlError::Reload(e)) => {
             assert_eq!(e, ReloadError::InProgress { running: ReplaceReason::Reload });
-            assert_eq!(e.to_string(), "a reload is already running; this reload was not started", "{e}")
+            assert_eq!(e.to_string(), "a reload is already running; this request was not started", "{e}")
         }
         other => panic!("an agent reload during a workers' reload should be refused, got {other:?}"),
     }

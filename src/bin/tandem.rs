@@ -7,6 +7,9 @@
 //! tandem leader NAME [--json]  # the Leader's channels, keys, followers
 //! tandem reload NAME           # replace the workers one by one (exit 1 on failure)
 //! tandem reload NAME --agent   # replace the agent: its Leader fails over to a new one
+//! tandem scale NAME 4|+2|-2     # change the worker count: new ones ready, removed ones drained
+//! tandem restart NAME --worker 2  # replace one worker: its successor ready first, then it drains
+//! tandem restart NAME --agent     # replace the agent (as `reload --agent`)
 //! tandem stop NAME             # graceful stop; returns when every process is gone
 //! tandem monit NAME            # a live view: processes, the Leader's rates; reload keys
 //! ```
@@ -25,6 +28,7 @@ use serde_json::Value;
 use tandem::cluster::control::{
     self, AgentReloadReport, ControlClient, ControlError, Listed, ProcessInfo, ReloadReport, Request, StopReport,
 };
+use tandem::cluster::{ScaleReport, ScaleTo};
 
 /// `print!` that ignores a closed stdout (`tandem status X | head`).
 macro_rules! out {
@@ -44,7 +48,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  done
   1  failed: no such cluster, its master not answering, another user's
-     cluster, a reload refused or failed (a workers' reload is rolled back),
+     cluster, a reload, scale or restart refused or failed (a workers'
+     reload is rolled back; a new worker of a scale that fails is removed),
      a stop timed out
   2  bad command line
   3  the master is serving its limit of control connections: try again";
@@ -96,6 +101,30 @@ enum Command {
         /// Reload the agent, not the workers: it is stopped, a new one starts
         /// with a higher epoch, and the workers' Followers fail over to its
         /// Leader. The workers keep running.
+        #[arg(long)]
+        agent: bool,
+    },
+    /// Change the worker count while running: new workers (ids after the
+    /// highest) count once ready; removed ones, the highest ids first, are
+    /// stopped gracefully (their grace period, then SIGKILL). Returns when
+    /// all are ready or gone. From 1 to 1024 workers.
+    Scale {
+        /// The cluster's name.
+        name: String,
+        /// N (to N workers), +K (K more) or -K (K fewer).
+        #[arg(allow_hyphen_values = true, value_name = "N|+K|-K")]
+        count: ScaleTo,
+    },
+    /// Restart one process gracefully: a worker's successor is ready before
+    /// it drains; the agent is replaced as `reload --agent` does.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["worker", "agent"]))]
+    Restart {
+        /// The cluster's name.
+        name: String,
+        /// The worker id (the SLOT column of `tandem status`).
+        #[arg(long, value_name = "K")]
+        worker: Option<u32>,
+        /// The agent.
         #[arg(long)]
         agent: bool,
     },
@@ -197,6 +226,31 @@ async fn run(command: Command) -> Result<(), ControlError> {
             outln!("reloaded {} workers", report.replaced.len());
             Ok(())
         }
+        Command::Scale { name, count } => {
+            let report: ScaleReport =
+                connect_answering(&name).await?.call_as(Request::Scale { workers: count }).await?;
+            out!("{}", scale_text(&report));
+            Ok(())
+        }
+        Command::Restart { name, worker: Some(worker), .. } => {
+            let report: ReloadReport = connect_answering(&name).await?.call_as(Request::Restart { worker }).await?;
+            for r in &report.replaced {
+                outln!("worker {}: pid {} -> {} (ready; the old one drained)", r.id, r.old_pid, r.new_pid);
+            }
+            Ok(())
+        }
+        Command::Restart { name, .. } => {
+            let r: AgentReloadReport = connect_answering(&name).await?.call_as(Request::RestartAgent).await?;
+            outln!(
+                "agent restarted: old={} new={} epoch={} old_epoch={} took_ms={}",
+                r.old_pid,
+                r.new_pid,
+                r.epoch,
+                r.old_epoch,
+                r.took.as_millis()
+            );
+            Ok(())
+        }
         Command::Monit { name } => Ok(monit::run(name).await?),
         Command::Stop { name, timeout } => {
             let report: StopReport = decode(ask(&name, Request::Stop).await?)?;
@@ -257,6 +311,23 @@ fn duration(ms: u64) -> String {
         3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
     }
+}
+
+/// `worker 3: started, pid 4242, ready`, `worker 4: stopped, pid 4200, exited
+/// with code 0`, then `scaled from 2 to 3 workers in 812 ms`.
+fn scale_text(report: &ScaleReport) -> String {
+    let mut out = String::new();
+    for a in &report.added {
+        out += &format!("worker {}: started, pid {}, ready\n", a.worker, a.pid);
+    }
+    for r in &report.removed {
+        match (r.pid, r.exit) {
+            (Some(pid), Some(exit)) => out += &format!("worker {}: stopped, pid {pid}, {exit}\n", r.worker),
+            _ => out += &format!("worker {}: removed (no process was running)\n", r.worker),
+        }
+    }
+    out += &format!("scaled from {} to {} workers in {} ms\n", report.from, report.to, report.took.as_millis());
+    out
 }
 
 fn ls_table(clusters: &[Listed]) -> String {

@@ -66,16 +66,18 @@ pub enum ControlError {
     /// The master refused or failed the command.
     #[error("{0}")]
     Failed(String),
-    /// The master refused or failed a `reload` or `reload_agent`: why,
-    /// typed (its `Display` is the master's answer in words).
+    /// The master refused or failed a `reload`, `reload_agent`, `scale`,
+    /// `restart` or `restart_agent`: why, typed (its `Display` is the
+    /// master's answer in words).
     #[error(transparent)]
     Reload(ReloadError),
 }
 
 impl ControlError {
     /// Whether the same request may succeed if tried again later: the master
-    /// was busy or did not answer, or a reload was refused because another
-    /// one ran or the cluster was not ready ([`ReloadError::is_retryable`]).
+    /// was busy or did not answer, or a reload, scale or restart was refused
+    /// because another one ran or the cluster (or the worker) was not ready
+    /// ([`ReloadError::is_retryable`]).
     pub fn is_retryable(&self) -> bool {
         match self {
             ControlError::Busy(_) | ControlError::NotAnswering { .. } => true,

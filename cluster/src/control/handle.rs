@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::limits::{AGENT_STATS_DEADLINE, AGENT_STATS_TOPIC};
 use super::wire::{ClusterInfo, ProcessInfo, state_name};
-use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport};
+use crate::reload_handle::{AgentReloadReport, ReloadError, ReloadReport, ScaleReport, ScaleTo};
 use crate::status::{ProcessState, StatusTable, cpu_seconds};
 use crate::{Messenger, ProcessRole, Target};
 
@@ -33,6 +33,9 @@ pub(crate) struct Snapshot {
     pub stopping: bool,
     pub announced: bool,
     pub table: StatusTable,
+    /// The worker count asked for last (by the configuration, or a scale).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))] // read by `/metrics`
+    pub workers_desired: u32,
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))] // read by `/metrics`
     pub messages: crate::router::MessageCounts,
 }
@@ -42,8 +45,29 @@ pub(crate) struct Snapshot {
 pub(crate) struct ControlStats {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Scales that changed the worker count, up and down.
+    pub scales_up: AtomicU64,
+    pub scales_down: AtomicU64,
+    /// Restarts asked for (`tandem restart`), of a worker and of the agent.
+    pub restarts_worker: AtomicU64,
+    pub restarts_agent: AtomicU64,
     /// The previous CPU sample per pid, for CPU % between samples.
     cpu_samples: std::sync::Mutex<HashMap<u32, (f64, Instant)>>,
+}
+
+impl ControlStats {
+    pub(crate) fn count_scale(&self, direction: crate::scale::Direction) {
+        let counter = match direction {
+            crate::scale::Direction::Up => &self.scales_up,
+            crate::scale::Direction::Down => &self.scales_down,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_restart(&self, role: ProcessRole) {
+        let counter = if role == ProcessRole::Agent { &self.restarts_agent } else { &self.restarts_worker };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// How the control socket and the metrics endpoint reach the master.
@@ -164,6 +188,21 @@ pub(crate) async fn reload_workers(handle: &MasterHandle) -> Result<ReloadReport
 /// a new one starts with a higher epoch, the workers fail over to it.
 pub(crate) async fn reload_agent(handle: &MasterHandle) -> Result<AgentReloadReport, ReloadError> {
     handle.reload.reload_agent().await
+}
+
+/// A change of the worker count (`ClusterControl::scale`).
+pub(crate) async fn scale(handle: &MasterHandle, to: ScaleTo) -> Result<ScaleReport, ReloadError> {
+    handle.reload.scale(to).await
+}
+
+/// A graceful restart of one worker (`ClusterControl::restart_worker`).
+pub(crate) async fn restart_worker(handle: &MasterHandle, id: crate::WorkerId) -> Result<ReloadReport, ReloadError> {
+    handle.reload.restart_worker(id).await
+}
+
+/// A graceful restart of the agent (`ClusterControl::restart_agent`).
+pub(crate) async fn restart_agent(handle: &MasterHandle) -> Result<AgentReloadReport, ReloadError> {
+    handle.reload.restart_agent().await
 }
 
 pub(crate) fn millis(d: Duration) -> u64 {

@@ -26,14 +26,22 @@
 //! <- {"ok":false,"error":"worker 2: new process 4250 exited with code 3 before it was ready (rolled back; 1 slot(s) had already been replaced)","reload_error":{"kind":"failed","worker":2,"new_pid":4250,"cause":{"kind":"exited","detail":{"Code":3}},"replaced":[{"worker":1,"old_pid":4247,"new_pid":4249}]}}
 //! -> {"cmd":"reload_agent"}
 //! <- {"ok":true,"result":{"old_pid":4246,"old_epoch":1,"new_pid":4311,"epoch":2,"took_ms":212}}
+//! -> {"cmd":"scale","workers":{"remove":1}}
+//! <- {"ok":true,"result":{"from":2,"to":1,"added":[],"removed":[{"worker":2,"pid":4249,"exit":{"Code":0}}],"took_ms":14}}
+//! -> {"cmd":"scale","workers":{"to":0}}
+//! <- {"ok":false,"error":"scaling 1 worker(s) to 0 would leave 0; a cluster keeps at least 1 worker (`tandem stop` stops it)","reload_error":{"kind":"too_few_workers","current":1,"asked":{"to":0},"result":0}}
 //! ```
 //!
 //! Commands: `info` ([`ClusterInfo`]), `status` (a [`ProcessInfo`] per
 //! process), `leader` (the agent's own report, as JSON; see
 //! [`AGENT_STATS_TOPIC`]), `reload` ([`ReloadReport`]), `reload_agent`
+//! ([`AgentReloadReport`]), `scale` ([`ScaleReport`](crate::ScaleReport);
+//! `workers` is a [`ScaleTo`](crate::ScaleTo)), `restart` (one worker, by
+//! `worker` id: a [`ReloadReport`] of one slot), `restart_agent`
 //! ([`AgentReloadReport`]), `stop` ([`StopReport`];
 //! the master starts a graceful stop and answers at once with the pids to
-//! wait for). A failed `reload` or `reload_agent` carries, besides the
+//! wait for). A failed `reload`, `reload_agent`, `scale`, `restart` or
+//! `restart_agent` carries, besides the
 //! `error` text, the [`ReloadError`] itself in `reload_error`
 //! ([`Response::reload_error`]); [`ControlClient`] returns it as
 //! [`ControlError::Reload`].

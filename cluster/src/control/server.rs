@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::handle::{MASTER_GONE, MasterHandle, OpsCall, millis, reload_agent, reload_workers};
+use super::handle::{
+    MASTER_GONE, MasterHandle, OpsCall, millis, reload_agent, reload_workers, restart_agent, restart_worker, scale,
+};
 use super::limits::{
     ECHO_PREFIX, IDLE_TIMEOUT, LOCK_FILE, MAX_CONNECTIONS, MAX_LINE, MAX_REQUEST_LINE, PID_FILE, SOCKET_FILE,
     WRITE_TIMEOUT,
@@ -312,6 +314,18 @@ pub(crate) async fn answer(request: Request, handle: &MasterHandle) -> Response 
             Err(e) => Response::reload_failed(e),
         },
         Request::ReloadAgent => match reload_agent(handle).await {
+            Ok(report) => Response::ok(report),
+            Err(e) => Response::reload_failed(e),
+        },
+        Request::Scale { workers } => match scale(handle, workers).await {
+            Ok(report) => Response::ok(report),
+            Err(e) => Response::reload_failed(e),
+        },
+        Request::Restart { worker } => match restart_worker(handle, worker).await {
+            Ok(report) => Response::ok(report),
+            Err(e) => Response::reload_failed(e),
+        },
+        Request::RestartAgent => match restart_agent(handle).await {
             Ok(report) => Response::ok(report),
             Err(e) => Response::reload_failed(e),
         },

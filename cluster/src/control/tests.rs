@@ -14,7 +14,7 @@ use super::limits::*;
 use super::names::*;
 use super::server::*;
 use super::wire::*;
-use crate::{Error, ExitReason, ReloadError, ReplaceReason, ReplacedWorker, StartFailure};
+use crate::{Error, ExitReason, ReloadError, ReplaceReason, ReplacedWorker, ScaleTo, StartFailure};
 
 #[test]
 fn names_are_checked() {
@@ -31,6 +31,36 @@ fn requests_are_json_lines() {
     assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"reload"}"#).unwrap(), Request::Reload);
     assert_eq!(serde_json::to_string(&Request::ReloadAgent).unwrap(), r#"{"cmd":"reload_agent"}"#);
     assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+    // Scale and restart, as docs/operating.md shows them.
+    let scale = Request::Scale { workers: ScaleTo::Remove(2) };
+    assert_eq!(serde_json::to_string(&scale).unwrap(), r#"{"cmd":"scale","workers":{"remove":2}}"#);
+    assert_eq!(
+        serde_json::from_str::<Request>(r#"{"cmd":"scale","workers":{"to":4}}"#).unwrap(),
+        Request::Scale { workers: ScaleTo::To(4) }
+    );
+    assert_eq!(serde_json::to_string(&Request::Restart { worker: 2 }).unwrap(), r#"{"cmd":"restart","worker":2}"#);
+    assert_eq!(serde_json::to_string(&Request::RestartAgent).unwrap(), r#"{"cmd":"restart_agent"}"#);
+    // A negative count, a missing one, or a count over u32 does not read: a bad request.
+    for bad in [
+        r#"{"cmd":"scale","workers":{"to":-1}}"#,
+        r#"{"cmd":"scale"}"#,
+        r#"{"cmd":"scale","workers":{"add":4294967296}}"#,
+        r#"{"cmd":"restart"}"#,
+        r#"{"cmd":"restart","worker":-1}"#,
+    ] {
+        assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+    }
+    let report = crate::ScaleReport {
+        from: 4,
+        to: 3,
+        added: Vec::new(),
+        removed: vec![crate::RemovedWorker { worker: 4, pid: Some(25133), exit: Some(ExitReason::Code(0)) }],
+        took: std::time::Duration::from_millis(12),
+    };
+    assert_eq!(
+        serde_json::to_string(&report).unwrap(),
+        r#"{"from":4,"to":3,"added":[],"removed":[{"worker":4,"pid":25133,"exit":{"Code":0}}],"took_ms":12}"#
+    );
 }
 
 #[test]
@@ -91,6 +121,20 @@ fn a_reload_error_crosses_the_socket_typed_and_in_words() {
             cause: StartFailure::TimedOut(std::time::Duration::from_secs(2)),
             replaced: Vec::new(),
         },
+        ReloadError::InProgress { running: ReplaceReason::Scale },
+        ReloadError::InProgress { running: ReplaceReason::Restart },
+        ReloadError::TooFewWorkers { current: 2, asked: ScaleTo::To(0), result: 0 },
+        ReloadError::TooFewWorkers { current: 2, asked: ScaleTo::Remove(5), result: -3 },
+        ReloadError::TooManyWorkers { current: 2, asked: ScaleTo::Add(2000), result: 2002, max: crate::MAX_WORKERS },
+        ReloadError::ReusePortFixed { listener: "http".into(), workers: 2 },
+        ReloadError::UnknownWorker { worker: 9, workers: 2 },
+        ReloadError::WorkerNotReady { worker: 1 },
+        ReloadError::ScaleFailed {
+            worker: 3,
+            new_pid: Some(8),
+            cause: StartFailure::TimedOut(std::time::Duration::from_secs(2)),
+            workers: 2,
+        },
     ];
     for e in errors {
         let line = encode_reply(&Response::reload_failed(e.clone()), MAX_LINE);
@@ -104,6 +148,14 @@ fn a_reload_error_crosses_the_socket_typed_and_in_words() {
     assert_eq!(
         serde_json::to_string(&ReloadError::InProgress { running: ReplaceReason::Reload }).unwrap(),
         r#"{"kind":"in_progress","running":"Reload"}"#
+    );
+    // As the control module's docs show it.
+    assert_eq!(
+        encode_reply(
+            &Response::reload_failed(ReloadError::TooFewWorkers { current: 1, asked: ScaleTo::To(0), result: 0 }),
+            MAX_LINE
+        ),
+        r#"{"ok":false,"error":"scaling 1 worker(s) to 0 would leave 0; a cluster keeps at least 1 worker (`tandem stop` stops it)","reload_error":{"kind":"too_few_workers","current":1,"asked":{"to":0},"result":0}}"#
     );
     let busy = response_result(&encode_reply(&Response::reload_failed(ReloadError::NotReady), MAX_LINE));
     assert!(matches!(&busy, Err(e @ ControlError::Reload(_)) if e.is_retryable()), "{busy:?}");
@@ -148,7 +200,7 @@ fn a_bad_request_is_echoed_cut_short_with_its_length() {
     assert_eq!(
         why("status").error.as_deref(),
         Some(
-            r#"bad request (6 bytes, starting "status"): expected value at line 1 column 1; expected {"cmd":"info|status|leader|reload|reload_agent|stop"}"#
+            r#"bad request (6 bytes, starting "status"): expected value at line 1 column 1; expected {"cmd":"info|status|leader|reload|reload_agent|scale|restart|restart_agent|stop"}"#
         )
     );
     // The repro of issue 23: 4 MiB of \x01 (Debug-escaped, each is 5 bytes).

@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::limits::{CODE_TOO_MANY_CONNECTIONS, ECHO_PREFIX, MAX_CONNECTIONS, MAX_REQUEST_LINE};
 use crate::status::{ProcessState, StatusRow, StatusTable, cpu_seconds};
-use crate::{ExitReason, ReloadError, WorkerId};
+use crate::{ExitReason, ReloadError, ScaleTo, WorkerId};
 
 // ---- the protocol ------------------------------------------------------------
 
@@ -29,6 +29,21 @@ pub enum Request {
     ReloadAgent,
     /// Stop gracefully: [`StopReport`].
     Stop,
+    /// Change the worker count (`{"cmd":"scale","workers":{"to":4}}`,
+    /// `{"add":2}`, `{"remove":2}`): [`ScaleReport`](crate::ScaleReport).
+    Scale {
+        /// The change.
+        workers: ScaleTo,
+    },
+    /// Restart one worker gracefully, its successor ready before it drains
+    /// (`{"cmd":"restart","worker":2}`): [`ReloadReport`](crate::ReloadReport).
+    Restart {
+        /// The worker id.
+        worker: WorkerId,
+    },
+    /// Restart the agent gracefully (as [`ReloadAgent`](Self::ReloadAgent),
+    /// counted as a restart asked for): [`AgentReloadReport`](crate::AgentReloadReport).
+    RestartAgent,
 }
 
 /// One response line.
@@ -46,7 +61,7 @@ pub struct Response {
     /// [`CODE_TOO_MANY_CONNECTIONS`] so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
-    /// Why a `reload` or `reload_agent` failed, typed ([`error`](Self::error)
+    /// Why a `reload`, `reload_agent`, `scale`, `restart` or `restart_agent` failed, typed ([`error`](Self::error)
     /// holds the same in words, for clients that read only that). `None`
     /// otherwise, and when the error is one this client does not know (a
     /// newer master's): it then reads [`error`](Self::error) alone.
@@ -110,7 +125,7 @@ impl Response {
     pub(crate) fn bad_request(line: &str, error: &serde_json::Error) -> Self {
         let why = error.to_string();
         Response::err(format!(
-            "bad request ({} bytes, starting {:?}{}): {}{}; expected {{\"cmd\":\"info|status|leader|reload|reload_agent|stop\"}}",
+            "bad request ({} bytes, starting {:?}{}): {}{}; expected {{\"cmd\":\"info|status|leader|reload|reload_agent|scale|restart|restart_agent|stop\"}}",
             line.len(),
             cut(line, ECHO_PREFIX),
             if line.len() > ECHO_PREFIX { "..." } else { "" },

@@ -241,7 +241,7 @@ impl Master {
                     }
                 }
                 self.check_cluster_ready();
-                let actions = self.agent_reload.on_ready(key, epoch);
+                let actions = self.machines.agent_reload.on_ready(key, epoch);
                 self.apply(actions);
             }
             (SlotId::Worker(id), Ready::Worker) => {
@@ -263,9 +263,11 @@ impl Master {
                     rr.notify(RrCmd::Ready(key));
                 }
                 let settings = self.reload_settings();
-                if let Some(actions) = self.reload.on_ready(&self.slots, key, settings) {
+                if let Some(actions) = self.machines.reload.on_ready(&self.slots, key, settings) {
                     self.apply(actions);
                 }
+                let actions = self.machines.scale.on_ready(key);
+                self.apply(actions);
                 self.check_cluster_ready();
             }
             (slot, _) => tracing::warn!(%slot, "a readiness report of the wrong role; ignored"),
@@ -276,7 +278,7 @@ impl Master {
     /// ready or marked failed.
     pub(super) fn check_cluster_ready(&mut self) {
         if self.progress.announced
-            || self.stop.is_stopping()
+            || self.machines.stop.is_stopping()
             || !self.progress.workers_started
             || self.slots.agent().is_none_or(|a| a.state != ProcessState::Ready)
             || !self.slots.workers().all(Slot::settled)
@@ -307,21 +309,21 @@ impl Master {
             let (process, uptime) = (old.process_ref(), old.spawned_at.elapsed());
             self.process_gone(&old);
             self.emit(ClusterEvent::Exited { process, exit, uptime });
-            let actions = self.reload.on_old_exited(key);
+            let actions = self.machines.reload.on_old_exited(key);
             self.apply(actions);
-            if self.stop.is_stopping() {
+            if self.machines.stop.is_stopping() {
                 self.advance_stop();
             }
             return;
         }
         // A replacement that was not ready yet: its reload rolls the slot back.
-        if self.reload.is_starting(key) {
+        if self.machines.reload.is_starting(key) {
             let Some(new) = self.slots.get_mut(key.slot).and_then(|s| s.take_proc(key)) else { return };
             let (process, uptime) = (new.process_ref(), new.spawned_at.elapsed());
             self.process_gone(&new);
             self.emit(ClusterEvent::Exited { process, exit, uptime });
-            let (settings, stopping) = (self.reload_settings(), self.stop.is_stopping());
-            let actions = self.reload.on_new_exited(&self.slots, key, exit, new.timed_out, settings, stopping);
+            let (settings, stopping) = (self.reload_settings(), self.machines.stop.is_stopping());
+            let actions = self.machines.reload.on_new_exited(&self.slots, key, exit, new.timed_out, settings, stopping);
             self.apply(actions);
             if stopping {
                 self.advance_stop();
@@ -329,7 +331,7 @@ impl Master {
             return;
         }
         if key.slot == SlotId::Agent {
-            self.memory.agent_exited();
+            self.machines.memory.agent_exited();
         }
         let Some(slot) = self.slots.get_mut(key.slot) else { return };
         let was_starting = slot.state == ProcessState::Starting;
@@ -338,12 +340,20 @@ impl Master {
         let process = proc.process_ref();
         self.process_gone(&proc);
         self.emit(ClusterEvent::Exited { process: process.clone(), exit, uptime });
-        if self.stop.is_stopping() {
+        if self.machines.stop.is_stopping() {
             if let Some(slot) = self.slots.get_mut(key.slot) {
                 slot.state = ProcessState::Stopped;
             }
             self.advance_stop();
             return;
+        }
+        // A worker a scale removed (drained), or one it added that failed to start.
+        let start_timeout = self.setup.config.worker_start_timeout;
+        if let Some(actions) = self.machines.scale.on_exited(key, exit, proc.timed_out, start_timeout) {
+            if was_starting && !proc.timed_out {
+                self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::exited(exit) });
+            }
+            return self.apply(actions);
         }
         if was_starting && !proc.timed_out {
             self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::exited(exit) });
@@ -357,7 +367,7 @@ impl Master {
         }
         if key.slot == SlotId::Agent {
             let timeout = self.setup.config.agent_start_timeout;
-            if let Some(actions) = self.agent_reload.on_exited(key, exit, proc.timed_out, timeout) {
+            if let Some(actions) = self.machines.agent_reload.on_exited(key, exit, proc.timed_out, timeout) {
                 // The old agent of a reload: its successor starts now, not after a backoff.
                 return self.apply(actions);
             }
@@ -378,12 +388,12 @@ impl Master {
     /// during shutdown, nor a process being replaced or stopped (those have
     /// their own deadlines).
     pub(super) fn check_liveness(&mut self, now: Instant) {
-        if self.stop.is_stopping() {
+        if self.machines.stop.is_stopping() {
             return;
         }
         let mut hung = Vec::new();
         // An agent asked to stop for its memory limit has its own deadline.
-        let agent_stopping = self.memory.agent_stopping();
+        let agent_stopping = self.machines.memory.agent_stopping();
         for slot in self.slots.iter_mut() {
             if agent_stopping && slot.id.role() == ProcessRole::Agent {
                 continue;

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use super::{MEMORY_SAMPLE_EVERY, Master, PRUNE_EVERY};
 use crate::identity::{ProcKey, SlotId};
 use crate::ipc::ToChild;
-use crate::lifecycle::{Action, AgentReloadReply, Machine, ReloadReply, Timer, grace_ms};
-use crate::reload_handle::ReplaceReason;
+use crate::lifecycle::{Action, AgentReloadReply, Machine, ReloadReply, ScaleReply, Timer, grace_ms};
+use crate::reload_handle::{ReplaceReason, ScaleTo};
 use crate::round_robin::Cmd as RrCmd;
 use crate::status::{ProcessState, rss_bytes};
 use crate::{ClusterEvent, StartFailure, WorkerId};
@@ -78,15 +78,27 @@ impl Master {
             }
             Action::Relaunch(id) => {
                 let outcome = self.launch(id).map_err(|e| e.to_string()).and_then(|()| self.count_new_process(id));
-                return self.agent_reload.on_launched(outcome, id);
+                return self.machines.agent_reload.on_launched(outcome, id);
             }
             Action::Restart(id) => self.schedule_restart(id),
-            Action::ReplaceOverMemory(id) => return self.reload.replace_over_memory(id),
+            Action::ReplaceOverMemory(id) => return self.machines.reload.replace_over_memory(id),
+            Action::AddWorker(id) => return self.add_worker(id),
+            Action::RemoveSlot(id) => {
+                if let Some(mut slot) = self.slots.remove(id) {
+                    // Emptied first by the scale: a process still there is killed, not left behind.
+                    for p in slot.proc.iter_mut().chain(slot.previous.iter_mut()) {
+                        tracing::warn!(pid = p.pid, %id, "a removed slot still had a process; killed");
+                        p.kill();
+                    }
+                }
+                self.progress.last_exits.remove(&id);
+            }
             Action::Reply(reply) => reply.send(),
-            Action::Advance(Machine::Stop) => return self.stop.on_advance(&self.slots, self.graces()),
+            Action::Advance(Machine::Stop) => return self.machines.stop.on_advance(&self.slots, self.graces()),
+            Action::Advance(Machine::Scale) => return self.machines.scale.on_advance(&self.slots),
             Action::Advance(Machine::Reload) => {
                 let settings = self.reload_settings();
-                return self.reload.on_advance(&self.slots, settings);
+                return self.machines.reload.on_advance(&self.slots, settings);
             }
         }
         Vec::new()
@@ -101,7 +113,21 @@ impl Master {
             s.previous = Some(old);
         }
         let outcome = self.launch(slot).map_err(|e| e.to_string()).and_then(|()| self.count_new_process(slot));
-        self.reload.on_launched(id, outcome)
+        self.machines.reload.on_launched(id, outcome)
+    }
+
+    /// Adds worker slot `id` (a scale) and spawns its process.
+    pub(super) fn add_worker(&mut self, id: WorkerId) -> Vec<Action> {
+        let slot = SlotId::Worker(id);
+        let outcome = if self.slots.add_worker(id, &self.setup.config.restart) {
+            self.launch(slot).map_err(|e| e.to_string()).and_then(|()| {
+                let p = self.slots.get(slot).and_then(|s| s.proc.as_ref()).ok_or("the new process is gone")?;
+                Ok((p.key, p.pid))
+            })
+        } else {
+            Err(format!("a slot {slot} exists already"))
+        };
+        self.machines.scale.on_launched(id, outcome)
     }
 
     /// A replacement's process was spawned: the status table's `restarts`
@@ -118,7 +144,7 @@ impl Master {
         match timer {
             Timer::StartDeadline(key) => self.start_deadline(key),
             Timer::Restart { slot, id } => {
-                if self.stop.is_stopping() {
+                if self.machines.stop.is_stopping() {
                     return;
                 }
                 let Some(s) = self.slots.get_mut(slot) else { return };
@@ -131,7 +157,7 @@ impl Master {
                 }
             }
             Timer::Retry { slot, id } => {
-                if self.stop.is_stopping() {
+                if self.machines.stop.is_stopping() {
                     return;
                 }
                 let Some(s) = self.slots.get_mut(slot) else { return };
@@ -143,11 +169,11 @@ impl Master {
                 }
             }
             Timer::StopDeadline(id) => {
-                let actions = self.stop.on_deadline(id, &self.slots);
+                let actions = self.machines.stop.on_deadline(id, &self.slots);
                 self.apply(actions);
             }
             Timer::ReapDeadline(id) => {
-                let actions = self.stop.on_reap_deadline(id, &self.slots);
+                let actions = self.machines.stop.on_reap_deadline(id, &self.slots);
                 self.apply(actions);
             }
             Timer::DrainDeadline(key) => {
@@ -188,7 +214,7 @@ impl Master {
     /// back); any other process still starting is killed.
     pub(super) fn start_deadline(&mut self, key: ProcKey) {
         let settings = self.reload_settings();
-        if let Some(actions) = self.reload.on_start_timeout(&self.slots, key, settings) {
+        if let Some(actions) = self.machines.reload.on_start_timeout(&self.slots, key, settings) {
             return self.apply(actions);
         }
         let timeout = match key.slot {
@@ -214,11 +240,58 @@ impl Master {
     /// Starts a reload of the workers (SIGHUP: no reply; the outcome is an event and a log line).
     pub(super) fn request_reload(&mut self, reply: Option<ReloadReply>) {
         let gate = crate::reload::Gate {
-            stopping: self.stop.is_stopping(),
+            stopping: self.machines.stop.is_stopping(),
             announced: self.progress.announced,
-            running: self.agent_reload.is_running().then_some(ReplaceReason::AgentReload),
+            running: self.other_than_reload(),
         };
-        let actions = self.reload.request(&self.slots, gate, reply);
+        let actions = self.machines.reload.request(&self.slots, gate, reply);
+        self.apply(actions);
+    }
+
+    /// What runs besides the workers' replacement: the agent's reload or a scale.
+    fn other_than_reload(&self) -> Option<ReplaceReason> {
+        if self.machines.agent_reload.is_running() {
+            Some(ReplaceReason::AgentReload)
+        } else if self.machines.scale.is_running() {
+            Some(ReplaceReason::Scale)
+        } else {
+            None
+        }
+    }
+
+    /// Restarts worker `id` gracefully (a replacement of one slot), or refuses (answered at once).
+    pub(super) fn request_restart(&mut self, id: WorkerId, reply: ReloadReply) {
+        let gate = crate::reload::Gate {
+            stopping: self.machines.stop.is_stopping(),
+            announced: self.progress.announced,
+            running: self.other_than_reload(),
+        };
+        let actions = self.machines.reload.restart(&self.slots, gate, id, reply);
+        self.apply(actions);
+    }
+
+    /// Changes the worker count, or refuses (answered at once).
+    pub(super) fn request_scale(&mut self, to: ScaleTo, reply: ScaleReply) {
+        let running = self.machines.reload.running().or_else(|| {
+            if self.machines.agent_reload.is_running() {
+                Some(ReplaceReason::AgentReload)
+            } else if self.machines.memory.agent_stopping() {
+                Some(ReplaceReason::MaxMemory)
+            } else {
+                None
+            }
+        });
+        let gate = crate::scale::Gate {
+            stopping: self.machines.stop.is_stopping(),
+            announced: self.progress.announced,
+            running,
+            reuseport: self.sockets.listeners.reuseport(),
+            grace: self.setup.config.worker_stop_timeout,
+        };
+        let (actions, direction) = self.machines.scale.request(&self.slots, gate, to, reply);
+        if let Some(direction) = direction {
+            self.outbound.stats.count_scale(direction);
+        }
         self.apply(actions);
     }
 
@@ -226,15 +299,19 @@ impl Master {
     pub(super) fn request_agent_reload(&mut self, reply: AgentReloadReply) {
         let exe = self.setup.program.exe.clone();
         let gate = crate::agent_reload::Gate {
-            stopping: self.stop.is_stopping(),
+            stopping: self.machines.stop.is_stopping(),
             announced: self.progress.announced,
-            running: self.reload.running(),
-            memory_stop: self.memory.agent_stopping(),
+            running: self.machines.reload.running().or(self
+                .machines
+                .scale
+                .is_running()
+                .then_some(ReplaceReason::Scale)),
+            memory_stop: self.machines.memory.agent_stopping(),
             executable: crate::agent_reload::executable(&exe),
             exe,
         };
         let Some(agent) = self.slots.agent() else { return };
-        let actions = self.agent_reload.request(agent, gate, self.setup.config.agent_stop_timeout, reply);
+        let actions = self.machines.agent_reload.request(agent, gate, self.setup.config.agent_stop_timeout, reply);
         self.apply(actions);
     }
 
@@ -246,27 +323,29 @@ impl Master {
             agent_limit: config.agent_max_memory,
             worker_limit: config.worker_max_memory,
             agent_grace: config.agent_stop_timeout,
-            stopping: self.stop.is_stopping(),
+            stopping: self.machines.stop.is_stopping(),
             announced: self.progress.announced,
-            replacing: self.reload.running().is_some(),
-            agent_reloading: self.agent_reload.is_running(),
+            // A scale too: a memory replacement waits for it to end.
+            replacing: self.machines.reload.running().is_some() || self.machines.scale.is_running(),
+            agent_reloading: self.machines.agent_reload.is_running(),
         };
-        let actions = self.memory.on_sample(&mut self.slots, sample, rss_bytes);
+        let actions = self.machines.memory.on_sample(&mut self.slots, sample, rss_bytes);
         self.apply(actions);
     }
 
     /// The first call starts a graceful stop; a second one skips the grace.
     pub(super) fn begin_stop(&mut self) {
-        let first = !self.stop.is_stopping();
-        let mut actions = self.stop.begin(&self.slots, self.graces());
+        let first = !self.machines.stop.is_stopping();
+        let mut actions = self.machines.stop.begin(&self.slots, self.graces());
         if first {
             // In this order: the `ShutdownStarted` event, the stop token, the
             // reloads in progress ended (answered), then the workers stopped.
             let rest = actions.split_off(actions.len().min(1));
             self.apply(actions);
             self.lifetime.stopping.cancel();
-            let mut aborted = self.reload.abort();
-            aborted.extend(self.agent_reload.abort());
+            let mut aborted = self.machines.reload.abort();
+            aborted.extend(self.machines.agent_reload.abort());
+            aborted.extend(self.machines.scale.abort());
             self.apply(aborted);
             actions = rest;
         }
@@ -274,7 +353,7 @@ impl Master {
     }
 
     pub(super) fn advance_stop(&mut self) {
-        let actions = self.stop.on_advance(&self.slots, self.graces());
+        let actions = self.machines.stop.on_advance(&self.slots, self.graces());
         self.apply(actions);
     }
 }

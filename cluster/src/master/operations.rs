@@ -16,9 +16,10 @@ impl Master {
                     name: self.setup.control_name.clone(),
                     pid: self.setup.pid,
                     uptime: self.setup.started_at.elapsed(),
-                    stopping: self.stop.is_stopping(),
+                    stopping: self.machines.stop.is_stopping(),
                     announced: self.progress.announced,
                     table: self.status_table(),
+                    workers_desired: self.machines.scale.desired(),
                     messages: self.router.counts(),
                 };
                 let _ = reply.send(snapshot);
@@ -26,7 +27,7 @@ impl Master {
             OpsCall::Stop(reply) => {
                 let mut pids = vec![self.setup.pid];
                 pids.extend(self.slots.iter().filter_map(|s| s.proc.as_ref()).map(|p| p.pid));
-                if !self.stop.is_stopping() {
+                if !self.machines.stop.is_stopping() {
                     tracing::info!("stop requested on the control socket");
                     self.begin_stop();
                 }
@@ -57,7 +58,7 @@ impl Master {
             role: ProcessRole::Master,
             worker_id: None,
             pid: Some(self.setup.pid),
-            state: if self.stop.is_stopping() { ProcessState::Stopping } else { ProcessState::Ready },
+            state: if self.machines.stop.is_stopping() { ProcessState::Stopping } else { ProcessState::Ready },
             restarts: 0,
             uptime: Some(self.setup.started_at.elapsed()),
             rss_bytes: rss_bytes(self.setup.pid),
