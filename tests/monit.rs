@@ -1,8 +1,8 @@
 //! `tandem monit` in a real terminal: the real `config_center` cluster, the
 //! real `tandem` binary in a tmux session of the test's own (its own server
 //! socket), driven with `send-keys` and read with `capture-pane`: the view
-//! shows every process and the Leader, `r` then `y` reloads the workers, `q`
-//! leaves. Skipped, and said so, where tmux is not installed.
+//! shows every process and the Leader, `r` then `y` reloads the workers, `R`
+//! then `y` restarts the selected worker, `q` leaves. Skipped, and said so, where tmux is not installed.
 
 mod common;
 
@@ -55,7 +55,7 @@ fn quote(path: &Path) -> String {
 }
 
 #[tokio::test]
-async fn monit_shows_the_cluster_reloads_on_r_y_and_quits_on_q() {
+async fn monit_shows_the_cluster_reloads_restarts_the_selected_worker_and_quits() {
     if !tmux_installed() {
         eprintln!("SKIPPED: tmux is not installed (apt-get install tmux)");
         return;
@@ -103,6 +103,18 @@ async fn monit_shows_the_cluster_reloads_on_r_y_and_quits_on_q() {
         screen_until(&tmux, "the reload reported", |s| s.contains("reload done")).await;
         status_until(xdg.path(), name, STEP, "both workers replaced", |rows| {
             rows.iter().filter(|r| r["role"] == "worker").all(|r| r["restarts"] == 1 && r["state"] == "online")
+        })
+        .await;
+
+        // R restarts the selected process: down twice (master, agent) to worker 1.
+        for key in ["Down", "Down", "R"] {
+            assert!(tmux.run(&["send-keys", "-t", "monit", key]).status.success());
+        }
+        screen_until(&tmux, "the restart question", |s| s.contains("Restart worker 1")).await;
+        assert!(tmux.run(&["send-keys", "-t", "monit", "y"]).status.success());
+        screen_until(&tmux, "the restart reported", |s| s.contains("restart of worker 1 done")).await;
+        status_until(xdg.path(), name, STEP, "worker 1 restarted once more", |rows| {
+            rows.iter().any(|r| r["role"] == "worker" && r["slot"] == 1 && r["restarts"] == 2 && r["state"] == "online")
         })
         .await;
 

@@ -4,8 +4,9 @@
 //! Per process: role, slot, pid, state, CPU %, RSS, restarts, uptime. For the
 //! Leader: epoch, followers, keys, events/s, calls/s, calls in flight, and
 //! each channel's upstream up or down. Keys: ↑/↓ (or k/j) select a process,
-//! `r` reloads the workers, `a` reloads the agent — each after a `y`
-//! confirmation — and `q` (or Esc, Ctrl-C) quits.
+//! `R` restarts the selected one (a worker: its successor ready first; the
+//! agent: replaced), `r` reloads the workers, `a` reloads the agent — each
+//! after a `y` confirmation — and `q` (or Esc, Ctrl-C) quits.
 //!
 //! The view is a pure model ([`Monit`]: status in, key in, lines out) drawn by
 //! ratatui; the loop waits for a key or the next second, so an idle view costs
@@ -35,13 +36,19 @@ pub enum Action {
     Reload,
     /// Replace the agent.
     ReloadAgent,
+    /// Restart this worker (its successor ready first, then it drains).
+    RestartWorker(u32),
+    /// Restart the agent.
+    RestartAgent,
 }
 
 impl Action {
-    fn question(self) -> &'static str {
+    fn question(self) -> String {
         match self {
-            Action::Reload => "Reload every worker, one at a time? (y/n)",
-            Action::ReloadAgent => "Reload the agent (its Leader fails over to a new one)? (y/n)",
+            Action::Reload => "Reload every worker, one at a time? (y/n)".into(),
+            Action::ReloadAgent => "Reload the agent (its Leader fails over to a new one)? (y/n)".into(),
+            Action::RestartWorker(id) => format!("Restart worker {id} (its successor ready first)? (y/n)"),
+            Action::RestartAgent => "Restart the agent (its Leader fails over to a new one)? (y/n)".into(),
         }
     }
 
@@ -49,6 +56,17 @@ impl Action {
         match self {
             Action::Reload => Request::Reload,
             Action::ReloadAgent => Request::ReloadAgent,
+            Action::RestartWorker(worker) => Request::Restart { worker },
+            Action::RestartAgent => Request::RestartAgent,
+        }
+    }
+
+    fn what(self) -> String {
+        match self {
+            Action::Reload => "reload".into(),
+            Action::ReloadAgent => "agent reload".into(),
+            Action::RestartWorker(id) => format!("restart of worker {id}"),
+            Action::RestartAgent => "restart of the agent".into(),
         }
     }
 }
@@ -149,10 +167,7 @@ impl Monit {
 
     /// The outcome of an action sent to the master.
     pub fn on_outcome(&mut self, action: Action, outcome: Result<(), ControlError>) {
-        let what = match action {
-            Action::Reload => "reload",
-            Action::ReloadAgent => "agent reload",
-        };
+        let what = action.what();
         self.message = Some(match outcome {
             Ok(()) => format!("{what} done"),
             Err(e) => format!("{what} failed: {e}"),
@@ -170,7 +185,7 @@ impl Monit {
         if let Some(action) = self.confirming.take() {
             return match key.code {
                 KeyCode::Char('y') | KeyCode::Char('Y') => {
-                    self.message = Some(format!("{}...", action.question().split('?').next().unwrap_or("")));
+                    self.message = Some(format!("{}...", action.what()));
                     Step::Run(action)
                 }
                 _ => {
@@ -191,13 +206,24 @@ impl Monit {
             }
             KeyCode::Char('r') => self.confirm(Action::Reload),
             KeyCode::Char('a') => self.confirm(Action::ReloadAgent),
+            KeyCode::Char('R') => match self.rows.get(self.selected) {
+                Some(row) if row.role == "worker" && row.slot.is_some() => {
+                    self.confirm(Action::RestartWorker(row.slot.unwrap_or_default()))
+                }
+                Some(row) if row.role == "agent" => self.confirm(Action::RestartAgent),
+                Some(_) => {
+                    self.message = Some("the master cannot be restarted from here (stop and start the cluster)".into());
+                    Step::Stay
+                }
+                None => Step::Stay,
+            },
             _ => Step::Stay,
         }
     }
 
     fn confirm(&mut self, action: Action) -> Step {
         self.confirming = Some(action);
-        self.message = Some(action.question().into());
+        self.message = Some(action.question());
         Step::Stay
     }
 
@@ -261,7 +287,7 @@ impl Monit {
         let mut state = TableState::default().with_selected(Some(self.selected));
         frame.render_stateful_widget(table_widget, table, &mut state);
         frame.render_widget(Paragraph::new(self.leader_line()), leader);
-        let help = "↑/↓ select   r reload workers   a reload agent   q quit";
+        let help = "↑/↓ select   R restart selected   r reload workers   a reload agent   q quit";
         let lines = vec![Line::from(self.message.clone().unwrap_or_default()), Line::from(help)];
         frame.render_widget(Paragraph::new(lines), footer);
     }
@@ -425,6 +451,13 @@ mod tests {
         monit.on_key(key(KeyCode::Up));
         monit.on_key(key(KeyCode::Up));
         assert_eq!(monit.selected, 0);
+        // R restarts the selected process: not the master; a worker by its id.
+        assert_eq!(monit.on_key(key(KeyCode::Char('R'))), Step::Stay);
+        assert!(monit.message.as_deref().is_some_and(|m| m.contains("master cannot be restarted")));
+        monit.on_key(key(KeyCode::Down));
+        assert_eq!(monit.on_key(key(KeyCode::Char('R'))), Step::Stay);
+        assert_eq!(monit.message.as_deref(), Some("Restart worker 1 (its successor ready first)? (y/n)"));
+        assert_eq!(monit.on_key(key(KeyCode::Char('y'))), Step::Run(Action::RestartWorker(1)));
         assert_eq!(monit.on_key(key(KeyCode::Char('q'))), Step::Quit);
         assert_eq!(monit.on_key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)), Step::Quit);
     }
