@@ -118,6 +118,8 @@ pub(crate) fn notification(event: &ClusterEvent) -> Option<String> {
             format!("STOPPING=1\nSTATUS=stopping{}", if *forced { " (forced)" } else { "" })
         }
         ClusterEvent::AgentRestarted { pid, epoch } => format!("STATUS=agent restarted: {pid} (epoch {epoch})"),
+        ClusterEvent::Scaled { from, to, .. } => format!("STATUS=scaled from {from} to {to} workers"),
+        ClusterEvent::ScaleFailed { reason } => format!("STATUS=scale failed: {reason}"),
         ClusterEvent::WorkerRestarted { id, pid } => format!("STATUS=worker {id} restarted: {pid}"),
         ClusterEvent::SlotFailed { role, worker_id, failures, retry_after } => {
             let which = worker_id.map_or_else(|| role.to_string(), |id| format!("{role} {id}"));
@@ -307,6 +309,8 @@ mod tests {
         assert_eq!(failed, "READY=1\nSTATUS=reload failed, rolled back: worker 1 did not start");
         let stop = notification(&ClusterEvent::ShutdownStarted { forced: false }).unwrap();
         assert_eq!(stop, "STOPPING=1\nSTATUS=stopping");
+        let scaled = ClusterEvent::Scaled { from: 2, to: 4, workers: vec![3, 4, 5, 6] };
+        assert_eq!(notification(&scaled).unwrap(), "STATUS=scaled from 2 to 4 workers");
         assert!(notification(&ClusterEvent::WorkerReady { id: 1, pid: 3 }).is_none());
     }
 
