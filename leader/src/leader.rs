@@ -16,7 +16,8 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::admission::Admission;
-use crate::session::{self, PeerInfo};
+use crate::peer::PeerInfo;
+use crate::session;
 use crate::shared::Shared;
 use crate::{ChannelStats, Error, LeaderGoodbye, Stats};
 #[derive(Clone)]
