@@ -23,8 +23,9 @@ use crate::in_flight::{InFlight, Pending};
 use crate::link_end::LinkEnd;
 use crate::mirror::MirrorLink;
 use crate::one::{Ones, Step};
+use crate::remote::Remote;
 use crate::state::{LinkState, Status};
-use crate::topic::{Remote, Topic};
+use crate::topic::Topic;
 use crate::{Config, Error};
 
 mod subscriptions;
