@@ -20,6 +20,41 @@ use crate::peer::PeerInfo;
 use crate::session;
 use crate::shared::Shared;
 use crate::{ChannelStats, Error, LeaderGoodbye, Stats};
+/// The leader: holds each channel's one upstream client and serves followers.
+///
+/// Cheap to clone; every clone is the same leader. Built with
+/// [`Leader::builder`] ([`LeaderBuilder`]): one [`Upstream`](crate::Upstream)
+/// per channel, then served on a Unix socket (followers connect with
+/// `tandem_follower::UnixConnector`) and, in its own process, through memory
+/// (`tandem_follower::LocalConnector`).
+///
+/// ```
+/// use tandem_leader::Leader;
+/// # use tandem_leader::{CallContext, Events, Upstream};
+/// # use tandem_protocol::{Api, RemoteError};
+/// # struct Echo;
+/// # impl Api for Echo {
+/// #     const NAME: &'static str = "echo";
+/// #     type Key = String; type Event = String; type Request = String; type Response = String;
+/// # }
+/// # struct EchoUpstream;
+/// # impl Upstream<Echo> for EchoUpstream {
+/// #     async fn invoke(&self, request: String, _ctx: CallContext) -> Result<String, RemoteError> { Ok(request) }
+/// #     async fn subscribe(&self, _key: String) -> Result<Events<String>, RemoteError> {
+/// #         Err(RemoteError::bad_request("no keys"))
+/// #     }
+/// # }
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # use std::os::unix::fs::PermissionsExt;
+/// # let dir = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(0o700)).tempdir()?;
+/// let leader = Leader::builder().channel(EchoUpstream).start();
+/// let socket = leader.bind_unix(dir.path().join("leader.sock"))?; // in a private (0700) directory
+/// assert!(socket.exists());
+/// // ... followers connect to `socket` ...
+/// leader.shutdown().await; // stops serving and drops the upstream clients
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Leader {
     shared: Arc<Shared>,
