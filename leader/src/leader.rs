@@ -23,7 +23,7 @@ use crate::{ChannelStats, Error, LeaderGoodbye, Stats};
 /// The leader: holds each channel's one upstream client and serves followers.
 ///
 /// Cheap to clone; every clone is the same leader. Built with
-/// [`Leader::builder`] ([`LeaderBuilder`]): one [`Upstream`](crate::Upstream)
+/// [`Leader::builder`] ([`LeaderBuilder`](crate::LeaderBuilder)): one [`Upstream`](crate::Upstream)
 /// per channel, then served on a Unix socket (followers connect with
 /// `tandem_follower::UnixConnector`) and, in its own process, through memory
 /// (`tandem_follower::LocalConnector`).
@@ -82,7 +82,7 @@ impl Leader {
         self.shared.epoch
     }
 
-    /// Whether the leader's [fence](LeaderBuilder::fence) said another process
+    /// Whether the leader's [fence](crate::LeaderBuilder::fence) said another process
     /// took its place: it serves nothing more (it stops as if shut down).
     pub fn is_fenced(&self) -> bool {
         self.shared.fence.as_ref().is_some_and(|fence| fence.is_fenced())
