@@ -60,6 +60,7 @@ mod in_flight;
 mod link_end;
 mod mirror;
 mod one;
+mod remote;
 mod state;
 mod subscription;
 mod topic;

@@ -23,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::Error;
 use crate::in_flight::{InFlight, Pending};
-use crate::topic::Remote;
+use crate::remote::Remote;
 
 type MirrorKey = (ChannelName, Bytes);
 

@@ -17,8 +17,8 @@ use crate::Error;
 use crate::command::{DeliveriesParts, RawDelivery, SubscribeOneReply};
 use crate::deliveries::DeliverOptions;
 use crate::in_flight::{InFlight, Pending};
+use crate::remote::Remote;
 use crate::state::{LinkState, Status};
-use crate::topic::Remote;
 
 /// How long to wait before asking again for a subscription the leader refused.
 const RESUBSCRIBE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);

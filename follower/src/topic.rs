@@ -2,21 +2,10 @@
 //! handles read, how many handles share it, and where its subscription
 //! stands at the current leader.
 
-use tandem_protocol::RequestId;
-
 use crate::Error;
 use crate::command::{SubscribeReply, SubscriptionParts};
 use crate::feed::{Feed, RawUpdate};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Remote {
-    /// Not subscribed at the current leader (no leader, or its upstream is not ready).
-    Unsent,
-    /// Subscribe sent with this id, no Ack yet.
-    Pending(RequestId),
-    /// Acked.
-    Active,
-}
+use crate::remote::Remote;
 
 #[derive(Debug)]
 pub(crate) struct Topic {

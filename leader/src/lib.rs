@@ -25,6 +25,7 @@
 //! [`Upstream`] has a complete adapter in its documentation.
 
 mod admission;
+mod builder;
 mod cache;
 mod channel;
 mod config;
@@ -38,6 +39,7 @@ mod hub;
 mod latency;
 mod leader;
 mod outbox;
+mod peer;
 mod session;
 mod session_end;
 mod session_id;
@@ -52,6 +54,7 @@ pub(crate) fn fits_in_frame(max: usize, parts: &[&[u8]]) -> bool {
     parts.iter().map(|p| p.len()).sum::<usize>() + OVERHEAD <= max
 }
 
+pub use builder::LeaderBuilder;
 pub use cache::Cache;
 pub use config::Config;
 pub use error::Error;
@@ -59,7 +62,7 @@ pub use fence::FENCE_CHECK_INTERVAL;
 pub use goodbye::LeaderGoodbye;
 pub use health::{Health, health_from};
 pub use latency::LatencyStats;
-pub use leader::{Leader, LeaderBuilder};
-pub use session::PeerInfo;
+pub use leader::Leader;
+pub use peer::PeerInfo;
 pub use stats::{ChannelStats, FollowerStats, KeyStats, Stats};
 pub use upstream::{CallContext, EventSender, Events, Upstream};

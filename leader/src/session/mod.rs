@@ -27,48 +27,30 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use std::task::{Context, Poll, Waker};
 
-use futures::{FutureExt, SinkExt, StreamExt};
-use tandem_protocol::internal::{WriteEnd, WriteLimits, check_hello};
+use futures::{FutureExt, StreamExt};
 use tandem_protocol::{
-    Ack, ChannelStatus, CodecError, DELIVER_ONE_VERSION, Frame, Hello, Invoke, Link, LinkSink, MIRROR_VERSION,
-    Mirrored, PROTOCOL_VERSION, Publish, Reject, RemoteError, RequestId, Response, SubscribeOne, UpstreamState,
-    Welcome,
+    Ack, ChannelStatus, CodecError, DELIVER_ONE_VERSION, Frame, Invoke, Link, MIRROR_VERSION, Mirrored, Publish,
+    RemoteError, RequestId, Response, SubscribeOne, UpstreamState,
 };
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admission::{Admission, HelloTooLong};
+use crate::admission::Admission;
 use crate::channel::Channel;
 use crate::erased::BoxFuture;
-use crate::fence::Fence;
-use crate::outbox::{Batches, Outbox, OutgoingSink};
+use crate::outbox::Outbox;
+use crate::peer::PeerInfo;
 use crate::session_end::{SessionEnd, Violation};
 use crate::session_id::SessionId;
 use crate::shared::Shared;
 use crate::upstream::CallContext;
 
-/// Who is on the other end of a link, as established by the transport.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct PeerInfo {
-    /// The peer's process id, when the transport knows it.
-    pub pid: Option<i32>,
-    /// The peer's user id, when the transport knows it.
-    pub uid: Option<u32>,
-    /// How the peer is connected: `unix`, `tcp`, `local` or `messenger`.
-    pub transport: &'static str,
-    /// Whether the transport already authenticated the peer (in-process links,
-    /// links relayed by the cluster master); a trusted peer skips the token check.
-    pub trusted: bool,
-}
+mod calls;
+mod handshake;
+mod writer;
 
-impl PeerInfo {
-    /// A peer relayed by a trusted party (the cluster master), with the pid it vouches for.
-    pub fn relayed(transport: &'static str, pid: Option<i32>) -> Self {
-        PeerInfo { pid, uid: None, transport, trusted: true }
-    }
-}
+use handshake::handshake;
+use writer::{forward_status, write_loop};
 
 /// The most frames handled from one read burst before the writer is woken.
 const MAX_BURST: usize = 256;
@@ -440,279 +422,4 @@ impl Session {
         self.outbox.push_quiet(frame);
         self.wake_writer = true;
     }
-
-    /// Answers a call inline (see [`answer`] for what is sent).
-    fn respond(&mut self, id: RequestId, oneway: bool, result: Result<Bytes, RemoteError>) {
-        if let Some(frame) = answer(self.shared.config.max_frame_length, id, oneway, result) {
-            self.push(frame);
-        }
-    }
-
-    fn invoke(&mut self, invoke: Invoke) -> Result<(), SessionEnd> {
-        let Invoke { id, channel, deadline_ms, oneway, payload } = invoke;
-        let arrived = self.burst_at;
-        let channel = match self.channel(&channel) {
-            Ok(channel) => channel.clone(),
-            Err(error) => {
-                self.respond(id, oneway, Err(error));
-                return Ok(());
-            }
-        };
-        let deadline = arrived + Duration::from_millis(u64::from(deadline_ms));
-        let ctx = CallContext::until(deadline);
-        let context = ctx.clone();
-        let mut call: BoxFuture<Result<Bytes, RemoteError>> = match channel.upstream.get() {
-            Some(upstream) => upstream.invoke(payload, ctx),
-            None => Box::pin(async move {
-                let upstream = channel.ready_upstream(deadline).await?;
-                upstream.invoke(payload, ctx).await
-            }),
-        };
-        // Fast path: an upstream that answers without waiting (a cache, a local
-        // computation) is answered inline, with no task, timer or table entry.
-        // Polling with a no-op waker is sound: a pending future re-registers the
-        // real waker when the task below polls it again.
-        if let Poll::Ready(result) = call.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            self.answered_inline += 1;
-            self.respond(id, oneway, result);
-            return Ok(());
-        }
-        // It waits: its cancellation token is needed now (by the table, and by
-        // the upstream through `ctx`, which shares it).
-        let token = context.cancelled().clone();
-        drop(context);
-        {
-            let mut in_flight = lock_in_flight(&self.in_flight);
-            if in_flight.len() >= self.shared.config.max_in_flight {
-                drop(in_flight);
-                let limit = self.shared.config.max_in_flight;
-                self.respond(id, oneway, Err(RemoteError::rejected(format!("more than {limit} calls in flight"))));
-                return Ok(());
-            }
-            if in_flight.contains_key(&id) {
-                return Err(SessionEnd::ProtocolViolation(Violation::DuplicateRequest(id)));
-            }
-            in_flight.insert(id, token.clone());
-        }
-        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        let (outbox, in_flight, shared) = (self.outbox.clone(), self.in_flight.clone(), self.shared.clone());
-        let session = self.cancel.clone();
-        self.shared.tracker.spawn(
-            async move {
-                let result = tokio::select! {
-                    result = tokio::time::timeout_at(deadline, call) => result.unwrap_or_else(|_| {
-                        // The caller stops waiting now: so does work the upstream handed off.
-                        token.cancel();
-                        Err(RemoteError::deadline_exceeded(format!("call took longer than its {deadline_ms} ms deadline")))
-                    }),
-                    // Cancelled by the follower or its disconnect: nobody waits for an answer.
-                    _ = token.cancelled() => return,
-                    _ = session.cancelled() => return,
-                };
-                if lock_in_flight(&in_flight).remove(&id).is_some() {
-                    shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    shared.call_latency.record(arrived.elapsed());
-                    if let Some(frame) = answer(shared.config.max_frame_length, id, oneway, result) {
-                        outbox.push(frame);
-                    }
-                }
-            }
-            .in_current_span(),
-        );
-        Ok(())
-    }
-
-    fn publish(&mut self, publish: Publish) {
-        let Publish { id, channel, payload } = publish;
-        let channel = match self.channel(&channel) {
-            Ok(channel) => channel.clone(),
-            Err(error) => {
-                self.outbox.push(Frame::Ack(Ack { id, result: Err(error) }));
-                return;
-            }
-        };
-        // Publishes are bounded too: globally, at 4x the per-follower call limit.
-        let in_flight = self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        if in_flight >= self.shared.config.max_in_flight.saturating_mul(4) {
-            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            let error = RemoteError::rejected("too many calls and publishes in flight");
-            self.outbox.push(Frame::Ack(Ack { id, result: Err(error) }));
-            return;
-        }
-        let (outbox, cancel, shared) = (self.outbox.clone(), self.cancel.clone(), self.shared.clone());
-        let limit = self.shared.config.upstream_timeout;
-        self.shared.tracker.spawn(
-            async move {
-                let deadline = Instant::now() + limit;
-                let token = cancel.child_token();
-                let ctx = CallContext::with_token(deadline, token.clone());
-                let publish = async {
-                    let upstream = channel.ready_upstream(deadline).await?;
-                    upstream.publish(payload, ctx).await
-                };
-                tokio::select! {
-                    result = tokio::time::timeout_at(deadline, publish) => {
-                        let result = result.unwrap_or_else(|_| {
-                            token.cancel();
-                            Err(RemoteError::deadline_exceeded(format!("publish took longer than {} ms", limit.as_millis())))
-                        });
-                        outbox.push(Frame::Ack(Ack { id, result }));
-                    }
-                    _ = cancel.cancelled() => {}
-                }
-                shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-/// The one way a call is answered, inline or from its task: the `Response`
-/// (the answer, or a typed error when it would not fit in one frame); for a
-/// one-way call nothing, and a failure is logged instead.
-fn answer(max_frame: usize, id: RequestId, oneway: bool, result: Result<Bytes, RemoteError>) -> Option<Frame> {
-    let result = result.and_then(|bytes| fit_response(max_frame, bytes));
-    if !oneway {
-        return Some(Frame::Response(Response { id, result }));
-    }
-    if let Err(error) = result {
-        tracing::warn!(request.id = id, %error, "one-way call failed");
-    }
-    None
-}
-
-/// The answer itself, or a typed error if it would not fit in one frame.
-fn fit_response(max: usize, bytes: Bytes) -> Result<Bytes, RemoteError> {
-    if crate::fits_in_frame(max, &[&bytes]) {
-        Ok(bytes)
-    } else {
-        Err(RemoteError::internal(format!("response of {} bytes exceeds the {max}-byte frame limit", bytes.len()))
-            .with_code(ErrorCode::TOO_LARGE))
-    }
-}
-
-/// The channels a follower named, each with a watch of its upstream state
-/// positioned at the state the follower was told.
-type ChannelStates = Vec<(Arc<Channel>, watch::Receiver<UpstreamState>)>;
-
-/// Reads and checks the `Hello`; answers `Welcome` and each channel's status, or `Reject`.
-async fn handshake(shared: &Shared, link: &mut Link, peer: &PeerInfo) -> Result<(Hello, ChannelStates), SessionEnd> {
-    let config = &shared.config;
-    let first = match tokio::time::timeout(config.handshake_timeout, link.rx.next()).await {
-        Err(_) => return Err(SessionEnd::NoHello(config.handshake_timeout)),
-        Ok(None) => return Err(SessionEnd::ClosedBeforeHello),
-        Ok(Some(Err(CodecError::Io(error)))) if HelloTooLong::find(&error).is_some() => {
-            let error = RemoteError::bad_request(error.to_string()).with_code(ErrorCode::FRAME_TOO_LARGE);
-            return Err(reject(link, config.write_stall_timeout, Reject { version: PROTOCOL_VERSION, error }).await);
-        }
-        Ok(Some(Err(error))) => return Err(SessionEnd::BadHello(Arc::new(error))),
-        Ok(Some(Ok(frame))) => frame,
-    };
-    let hello = match first {
-        Frame::Hello(hello) => hello,
-        other => {
-            let error =
-                RemoteError::rejected(format!("expected Hello, got {}", other.kind())).with_code(ErrorCode::PROTOCOL);
-            return Err(reject(link, config.write_stall_timeout, Reject { version: PROTOCOL_VERSION, error }).await);
-        }
-    };
-    let token = if peer.trusted { None } else { shared.token.as_deref() };
-    let checked = check_hello(&hello, token).and_then(|version| {
-        match hello.channels.iter().find(|name| !shared.channels.contains_key(*name)) {
-            Some(unknown) => Err(Reject {
-                version: PROTOCOL_VERSION,
-                error: RemoteError::rejected(format!("this leader does not serve channel {unknown:?}"))
-                    .with_code(ErrorCode::CHANNEL),
-            }),
-            None => Ok(version),
-        }
-    });
-    let version = match checked {
-        Ok(version) => version,
-        Err(rejection) => return Err(reject(link, config.write_stall_timeout, rejection).await),
-    };
-    let welcome = Frame::Welcome(Welcome {
-        version,
-        leader_id: shared.id,
-        epoch: shared.epoch,
-        pid: std::process::id(),
-        heartbeat_ms: u32::try_from(config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
-    });
-    // Watch each state BEFORE reading it: a change after this point is seen by
-    // `forward_status`, so the follower never misses a transition to Ready.
-    let mut states: ChannelStates = Vec::new();
-    let mut statuses = Vec::new();
-    for name in &hello.channels {
-        if let Some(channel) = shared.channels.get(name) {
-            let mut state = channel.state.subscribe();
-            let current = state.borrow_and_update().clone();
-            statuses.push(Frame::Status(ChannelStatus { channel: name.clone().into(), state: current }));
-            states.push((channel.clone(), state));
-        }
-    }
-    let send = async {
-        link.tx.feed(welcome).await?;
-        for status in statuses {
-            link.tx.feed(status).await?;
-        }
-        SinkExt::<Frame>::flush(&mut link.tx).await
-    };
-    match tokio::time::timeout(config.write_stall_timeout, send).await {
-        Ok(Ok(())) => Ok((hello, states)),
-        Ok(Err(error)) => Err(SessionEnd::WelcomeFailed(Arc::new(error))),
-        Err(_) => Err(SessionEnd::WelcomeStalled),
-    }
-}
-
-/// Sends a `Reject` (best effort) and returns the reason to log.
-async fn reject(link: &mut Link, stall: Duration, rejection: Reject) -> SessionEnd {
-    let reason = SessionEnd::Rejected(rejection.error.clone());
-    let _ = tokio::time::timeout(stall, link.tx.send(Frame::Reject(rejection))).await;
-    reason
-}
-
-/// Tells the follower about every change of a channel's upstream state.
-async fn forward_status(
-    channel: Arc<Channel>,
-    mut state: watch::Receiver<UpstreamState>,
-    outbox: Arc<Outbox>,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = state.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let current = state.borrow_and_update().clone();
-                if !outbox.push(Frame::Status(ChannelStatus { channel: channel.name.clone().into(), state: current })) {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Writes batches from the outbox until it closes or the follower stops reading.
-async fn write_loop(
-    mut tx: LinkSink,
-    outbox: Arc<Outbox>,
-    stall: Duration,
-    fence: Option<(Arc<Fence>, u64)>,
-) -> SessionEnd {
-    // The stall bound applies to each step, so a big batch to a reader that
-    // is slow but still reading is not mistaken for a stalled one.
-    let limits = WriteLimits::default().stall(stall);
-    let mut batches = Batches::new(outbox.clone(), fence);
-    let reason = match tandem_protocol::internal::write_loop(&mut batches, &mut OutgoingSink(&mut tx), limits).await {
-        WriteEnd::Finished => {
-            let _ = tokio::time::timeout(stall, SinkExt::<Frame>::close(&mut tx)).await;
-            return outbox.closed_reason().unwrap_or(SessionEnd::OutboxClosed);
-        }
-        WriteEnd::Stalled(stall) => SessionEnd::TooSlow(stall),
-        WriteEnd::Failed(error) => SessionEnd::WriteFailed(Arc::new(error)),
-    };
-    outbox.close(reason.clone());
-    reason
 }
