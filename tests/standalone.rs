@@ -154,6 +154,15 @@ async fn four_processes_share_one_connection_and_survive_the_leaders_death() {
 /// heartbeat). Resumed, the old leader is fenced: it serves nothing more at
 /// its epoch (not even to its own process, whose watch event arrived while it
 /// was stopped), drops its upstream connection and follows the new leader.
+/// Whether every thread of `pid` is stopped (state `T`), from `/proc`.
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.filter_map(Result::ok).all(|task| {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|state| state == "T")
+    })
+}
+
 #[tokio::test]
 async fn a_hung_leader_is_replaced_and_resumed_never_serves_at_its_epoch() {
     tokio::time::timeout(TIMEOUT, async {
@@ -164,9 +173,21 @@ async fn a_hung_leader_is_replaced_and_resumed_never_serves_at_its_epoch() {
             proc.expect_line(LINE, is_value("v1")).await;
         }
 
-        // Stop the leader; a change arrives while it cannot run (its watch event waits in its socket).
+        // Stop the leader; a change arrives while it cannot run (its watch
+        // event waits in its socket). SIGSTOP takes effect asynchronously:
+        // wait until every thread of it is stopped before the change, or it
+        // may still deliver v2 at epoch 1.
         let mut old = procs.remove(leader_at);
         old.signal(nix::sys::signal::Signal::SIGSTOP);
+        let pid = old.pid;
+        poll_until(LINE, "the leader stopped", || async move { all_threads_stopped(pid) }).await;
+        let marks: Vec<usize> = procs
+            .iter_mut()
+            .map(|p| {
+                p.drain();
+                p.seen.len()
+            })
+            .collect();
         admin.put("k", "v2").await.unwrap();
         let stopped_at = std::time::Instant::now();
         let mut new_leaders = 0;
@@ -178,8 +199,13 @@ async fn a_hung_leader_is_replaced_and_resumed_never_serves_at_its_epoch() {
         }
         assert_eq!(new_leaders, 1, "exactly one follower took the hung leader's place");
         let replaced_in = stopped_at.elapsed();
-        for proc in &mut procs {
-            let line = proc.expect_line(LINE, is_value("v2")).await;
+        // The value and the role line may come in either order.
+        for (proc, mark) in procs.iter_mut().zip(marks) {
+            let already = proc.seen[mark..].iter().find(|l| is_value("v2")(l)).cloned();
+            let line = match already {
+                Some(line) => line,
+                None => proc.expect_line(LINE, is_value("v2")).await,
+            };
             assert_eq!(field(&line, "epoch"), Some("2"), "{line}");
         }
 
