@@ -405,9 +405,23 @@ impl Results {
         measured: Transport,
         base: Transport,
     ) -> Target {
+        self.p50_target_placed(name, goal, limit, measured, base, &[Placement::Os, Placement::OneCpu])
+    }
+
+    /// As [`Results::p50_target`], over the given placements only.
+    fn p50_target_placed(
+        &self,
+        name: &'static str,
+        goal: &'static str,
+        limit: f64,
+        measured: Transport,
+        base: Transport,
+        placements: &[Placement],
+    ) -> Target {
         let n = self.nearest(1);
-        let ratios: Vec<(Placement, f64, f64)> = [Placement::Os, Placement::OneCpu]
-            .into_iter()
+        let ratios: Vec<(Placement, f64, f64)> = placements
+            .iter()
+            .copied()
             .filter_map(|placement| {
                 let m = self.invoke_placed(measured, n, 1, placement)?;
                 let b = self.invoke_placed(base, n, 1, placement)?;
@@ -502,6 +516,8 @@ impl Results {
             Transport::Messenger,
             Transport::Direct,
         ));
+
+        targets.extend(self.peer_targets());
 
         // The target names N=4 and N=8; each is checked where it was measured
         // (--quick runs N=1 and 4 only, so its N=8 line says so).
@@ -600,6 +616,62 @@ impl Results {
 }
 
 impl Results {
+    /// Direct's calls/s over `peer`'s at N=4, 64 in flight: at least `limit`.
+    fn throughput_over_peer(&self, name: &'static str, goal: &'static str, limit: f64, peer: Transport) -> Target {
+        let (n, c) = (self.nearest(4), self.config.in_flight);
+        let (direct, other) = (self.invoke_at(Transport::Direct, n, c), self.invoke_at(peer, n, c));
+        let ratio = direct.zip(other).map(|(d, o)| d.calls_per_sec / o.calls_per_sec);
+        Target {
+            name,
+            goal,
+            measured: ratio,
+            unit: "ratio",
+            met: ratio.map(|r| r >= limit),
+            detail: match direct.zip(other) {
+                Some((d, o)) => format!(
+                    "N={n}, {c} in flight: direct {:.0} calls/s, {peer} {:.0} calls/s",
+                    d.calls_per_sec, o.calls_per_sec
+                ),
+                None => "not measured".into(),
+            },
+        }
+    }
+
+    /// Issue 29's peers: direct against tonic (gRPC over a Unix socket) and
+    /// tarpc (over a Unix socket), in the same run, with the same payload.
+    fn peer_targets(&self) -> Vec<Target> {
+        vec![
+            self.throughput_over_peer(
+                "direct_throughput_vs_tonic",
+                ">= 3x tonic's calls/s (N=4, 64 in flight)",
+                3.0,
+                Transport::Tonic,
+            ),
+            self.p50_target(
+                "direct_p50_vs_tonic",
+                "<= 0.7x tonic's ping-pong p50 (concurrency 1; the worse of OS placement and one CPU)",
+                0.7,
+                Transport::Direct,
+                Transport::Tonic,
+            ),
+            // "Ahead": strictly more calls/s, strictly lower p50.
+            self.throughput_over_peer(
+                "direct_throughput_vs_tarpc",
+                "> 1x tarpc's calls/s (N=4, 64 in flight)",
+                1.0 + f64::EPSILON,
+                Transport::Tarpc,
+            ),
+            self.p50_target_placed(
+                "direct_p50_vs_tarpc",
+                "< 1x tarpc's ping-pong p50 (concurrency 1, OS placement)",
+                1.0 - f64::EPSILON,
+                Transport::Direct,
+                Transport::Tarpc,
+                &[Placement::Os],
+            ),
+        ]
+    }
+
     /// The broadcast fan-out this run measured to compare deliver-to-one with:
     /// direct, flat out, at the N nearest the deliver-to-one followers.
     pub fn broadcast_beside_one(&self) -> Option<&FanoutResult> {
