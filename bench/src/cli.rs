@@ -11,7 +11,8 @@ use tandem::cluster_glue::Transport as Link;
 
 use crate::transport::Transport;
 
-/// Measures tandem (direct and messenger transports) beside the raw Unix-socket floor, in one run.
+/// Measures tandem (direct and messenger transports) beside the raw Unix-socket floor
+/// and its peers (tonic, tarpc), in one run.
 #[derive(Debug, Parser)]
 #[command(name = "bench", about, long_about = None)]
 pub struct Args {
