@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow};
 use bytes::Bytes;
 use futures::{Future, StreamExt};
 use tarpc::server::{BaseChannel, Channel};
@@ -33,16 +33,45 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
         }
     });
     reporter.send(&Report::Ready);
-    while let Some(cmd) = commands.next().await? {
-        match cmd {
-            Cmd::Quit => break,
-            other => bail!("the tarpc server cannot {other:?}"),
-        }
-    }
+    // It only serves: the first command is Quit (or the coordinator has gone).
+    let result = match commands.next().await? {
+        None | Some(Cmd::Quit) => Ok(()),
+        Some(other) => Err(anyhow!("the tarpc server cannot {other:?}")),
+    };
     server.abort();
-    Ok(())
+    result
 }
 
 async fn spawn(request: impl Future<Output = ()> + Send + 'static) {
     tokio::spawn(request);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::roles::tarpc_wire::BenchClient;
+
+    /// The echo service answers a tarpc client over a Unix socket with the body it was sent.
+    #[tokio::test]
+    async fn echo_over_a_unix_socket() {
+        let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("tarpc.sock");
+            let mut listener = tarpc::serde_transport::unix::listen(&socket, Bincode::default).await.unwrap();
+            let server = tokio::spawn(async move {
+                let transport = listener.next().await.unwrap().unwrap();
+                BaseChannel::with_defaults(transport).execute(EchoServer.serve()).for_each(spawn).await;
+            });
+            let transport = tarpc::serde_transport::unix::connect(&socket, Bincode::default).await.unwrap();
+            let client = BenchClient::new(tarpc::client::Config::default(), transport).spawn();
+            let body = Bytes::from(vec![0x5A; 64]);
+            let echo = client.echo(tarpc::context::current(), body.clone()).await.unwrap();
+            assert_eq!(echo, body);
+            server.abort();
+        })
+        .await;
+        outcome.expect("the tarpc round trip took over 20 s");
+    }
 }

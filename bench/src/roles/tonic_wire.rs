@@ -175,3 +175,54 @@ impl BenchClient {
         self.grpc.ready().await.map_err(|e| Status::unavailable(format!("tonic channel not ready: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::UnixListener;
+    use tokio_stream::wrappers::UnixListenerStream;
+
+    use super::*;
+
+    /// The hand-written service and client speak gRPC to each other over a
+    /// Unix socket: an echo comes back whole, a subscriber gets what the
+    /// server pushes into its stream, and an unknown method is refused.
+    #[tokio::test]
+    async fn echo_and_subscribe_over_a_unix_socket() {
+        let outcome = tokio::time::timeout(Duration::from_secs(20), async {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("tonic.sock");
+            let service = BenchService::default();
+            let subscribers = service.subscribers.clone();
+            let listener = UnixListener::bind(&socket).unwrap();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(UnixListenerStream::new(listener)),
+            );
+            let mut client = BenchClient::connect(socket).await.unwrap();
+
+            let body = Bytes::from_static(b"sixty-four bytes or any other length");
+            assert_eq!(client.echo(body.clone()).await.unwrap(), body);
+
+            let mut stream = client.subscribe(16).await.unwrap();
+            let sender = subscribers.lock().unwrap()[0].clone();
+            let event = Event { key: 3, idx: 7, sent_ns: 42, pad: Bytes::from_static(b"pad") };
+            sender.send(Ok(event.clone())).await.unwrap();
+            assert_eq!(stream.message().await.unwrap(), Some(event));
+
+            let mut grpc = client.grpc.clone();
+            grpc.ready().await.unwrap();
+            let path = PathAndQuery::from_static("/bench.Bench/Nothing");
+            let refused = grpc
+                .unary(Request::new(Payload { body }), path, ProstCodec::<Payload, Payload>::default())
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+            server.abort();
+        })
+        .await;
+        outcome.expect("the tonic round trips took over 20 s");
+    }
+}
