@@ -11,7 +11,8 @@ use tandem::cluster_glue::Transport as Link;
 
 use crate::transport::Transport;
 
-/// Measures tandem (direct and messenger transports) beside the raw Unix-socket floor, in one run.
+/// Measures tandem (direct and messenger transports) beside the raw Unix-socket floor
+/// and its peers (tonic, tarpc), in one run.
 #[derive(Debug, Parser)]
 #[command(name = "bench", about, long_about = None)]
 pub struct Args {
@@ -23,7 +24,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub followers: Option<Vec<usize>>,
 
-    /// Transports to measure, comma-separated. Default floor,direct,messenger.
+    /// Transports to measure, comma-separated. Default floor,direct,messenger,tonic,tarpc.
     #[arg(long, value_delimiter = ',', value_enum)]
     pub transports: Option<Vec<Transport>>,
 
@@ -171,6 +172,42 @@ pub enum RoleCmd {
         #[arg(long)]
         group: u32,
     },
+    /// The tonic (gRPC) echo and streaming server.
+    #[command(hide = true)]
+    TonicServer {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        group: u32,
+        #[arg(long)]
+        threads: usize,
+    },
+    /// One tonic client process.
+    #[command(hide = true)]
+    TonicClient {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        group: u32,
+    },
+    /// The tarpc echo server.
+    #[command(hide = true)]
+    TarpcServer {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        group: u32,
+        #[arg(long)]
+        threads: usize,
+    },
+    /// One tarpc client process.
+    #[command(hide = true)]
+    TarpcClient {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        group: u32,
+    },
     /// One process of a standalone (elected) group, subscribed to a ticking key.
     #[command(hide = true)]
     Standalone {
@@ -304,8 +341,7 @@ impl Config {
             !followers.is_empty() && followers.iter().all(|&n| (1..=64).contains(&n)),
             "--followers: 1..=64 each"
         );
-        let transports =
-            args.transports.clone().unwrap_or_else(|| vec![Transport::Floor, Transport::Direct, Transport::Messenger]);
+        let transports = args.transports.clone().unwrap_or_else(|| crate::transport::ALL.to_vec());
         let seconds = args.seconds.unwrap_or(if quick { 1.0 } else { 3.0 });
         anyhow::ensure!((0.1..=600.0).contains(&seconds), "--seconds: between 0.1 and 600");
         anyhow::ensure!((1..=4096).contains(&args.in_flight), "--in-flight: 1..=4096");

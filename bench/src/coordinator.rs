@@ -5,6 +5,7 @@
 //! for N in --followers, for transport in --transports:
 //!     start a group (1 server process + N client processes)
 //!     RSS idle -> invoke c=1 -> invoke c=64 (RSS) -> subscribe -> fan-out flat out (RSS) -> fan-out paced
+//!     (tarpc: invoke only, it has no server-to-client stream)
 //!     stop the group
 //! deliver-to-one: one leader, 4 followers on one key, one killed and replaced every second
 //! failover: standalone group, kill -9 the leader, repeat;
@@ -59,7 +60,7 @@ pub async fn run(config: Config) -> Result<()> {
                     }
                 }
             }
-            if config.runs(Phase::Fanout) {
+            if config.runs(Phase::Fanout) && transport.fans_out() {
                 phases::subscribe(&mut ctx, &group).await?;
                 ctx.progress(format!("{transport} N={followers}: fan-out, flat out over {} keys", config.fanout_keys));
                 let (fanout, rss) = phases::fanout(&mut ctx, &group, None).await?;

@@ -3,10 +3,11 @@
 //! in the ratios.
 //!
 //! ```text
-//! cargo run --release -p tandem-bench -- --quick --json out.json     # smoke run, under 60 s
+//! cargo run --release -p tandem-bench -- --quick --json out.json     # smoke run, about 65 s
 //! cargo run --release -p tandem-bench -- --json docs/bench.json --plot docs/bench.svg
 //! cargo run --release -p tandem-bench -- --followers 1,2,4,8 --payload 64 --seconds 3
 //! cargo run --release -p tandem-bench -- --transports direct,messenger --followers 4 --phases invoke
+//! cargo run --release -p tandem-bench -- --transports direct,tonic,tarpc --followers 4 --phases invoke,fanout
 //! cargo run --release -p tandem-bench -- --phases failover --agent-restart-ms 0 --failover-link direct
 //! cargo run --release -p tandem-bench -- --phases one --one-rate 50000 --one-seconds 30
 //! ```
@@ -28,7 +29,19 @@
 //! - `messenger`: a tandem cluster: a master, its agent hosting the same Leader
 //!   (`tandem::cluster_glue::start_leader`) and N workers whose followers use
 //!   `WorkerConnector` with `Transport::Messenger`, every frame relayed by the
-//!   master. Its rows also compare with direct (`vs direct`).
+//!   master. Its rows also compare with direct (`vs direct`);
+//! - `tonic`: the peer a Rust user would reach for first: a gRPC service over a
+//!   Unix socket (tonic's server on a `UnixListenerStream`, a channel per
+//!   client process through `Endpoint::connect_with_connector`), written as
+//!   tonic's generated code is (hand-derived prost messages, `tonic_prost`'s
+//!   codec; no protoc): a unary `Echo` for the invoke phases and a
+//!   server-streaming `Subscribe` (one stream, every key) for fan-out;
+//! - `tarpc`: tarpc over a Unix socket (`serde_transport::unix`, bincode, the
+//!   faster of its two codecs), an `echo` method; invoke phases only (a tarpc
+//!   call has one answer: no server-to-client stream to fan out on).
+//!
+//! The peers' rows compare with direct (`vs direct`), and the TARGETS hold
+//! direct against them: calls/s at N=4 × 64, ping-pong p50, and (tonic) fan-out.
 //!
 //! Phases, for each N in `--followers` (default 1,2,4,8; `--quick`: 1,4) and a
 //! fixed `--payload` (default 64 bytes):

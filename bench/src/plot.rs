@@ -1,5 +1,5 @@
 //! The chart: calls/s and p50 latency by number of followers, one line per
-//! transport (floor, direct, messenger) and concurrency.
+//! transport (floor, direct, messenger and the peers tonic and tarpc) and concurrency.
 
 use std::path::Path;
 
@@ -41,13 +41,19 @@ fn color(transport: Transport, kind: Kind) -> RGBColor {
         (Transport::Messenger, Kind::PingPong) => RGBColor(245, 160, 80),
         (Transport::Messenger, Kind::Pipelined) => RGBColor(190, 60, 20),
         (Transport::Messenger, Kind::OneCpu) => RGBColor(220, 110, 50),
+        (Transport::Tonic, Kind::PingPong) => RGBColor(120, 200, 120),
+        (Transport::Tonic, Kind::Pipelined) => RGBColor(20, 120, 40),
+        (Transport::Tonic, Kind::OneCpu) => RGBColor(70, 160, 80),
+        (Transport::Tarpc, Kind::PingPong) => RGBColor(200, 140, 220),
+        (Transport::Tarpc, Kind::Pipelined) => RGBColor(110, 40, 140),
+        (Transport::Tarpc, Kind::OneCpu) => RGBColor(160, 90, 180),
     }
 }
 
 fn series(results: &Results) -> Vec<Series> {
     let mut all = Vec::new();
     let in_flight = results.config.in_flight;
-    for transport in [Transport::Floor, Transport::Direct, Transport::Messenger] {
+    for transport in crate::transport::ALL {
         let kinds = [
             (Kind::PingPong, 1, Placement::Os, "1 in flight per follower".to_string()),
             (Kind::Pipelined, in_flight, Placement::Os, format!("{in_flight} in flight per follower")),
@@ -78,10 +84,12 @@ fn series(results: &Results) -> Vec<Series> {
 pub fn draw(path: &Path, results: &Results) -> Result<()> {
     let all = series(results);
     let err = |e| anyhow!("{e:?}");
-    let root = SVGBackend::new(path, (1280, 700)).into_drawing_area();
+    let width = chart_width(&all);
+    let root = SVGBackend::new(path, (width, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let title = format!(
-        "tandem invoke, direct and messenger, vs the raw Unix-socket floor: payload {} B, {} s phases, {} ({} cores)",
+        "tandem invoke, direct and messenger, vs the raw Unix-socket floor and its peers: payload {} B, {} s phases, \
+         {} ({} cores)",
         results.config.payload_bytes, results.config.seconds, results.machine.cpu_model, results.machine.cores
     );
     let root = root.titled(&title, ("sans-serif", 18)).map_err(err)?;
@@ -100,17 +108,28 @@ pub fn draw(path: &Path, results: &Results) -> Result<()> {
             if *v >= 10.0 { format!("{v:.0}") } else { format!("{v:.1}") }
         },
     )?;
-    legend(&legend_area, &all)?;
+    legend(&legend_area, &all, width)?;
     root.present().map_err(err)?;
     Ok(())
 }
 
-/// One column per transport under the panels: a line and marker, then the label.
-fn legend(area: &DrawingArea<SVGBackend<'_>, Shift>, all: &[Series]) -> Result<()> {
-    let err = |e| anyhow!("{e:?}");
+/// The legend's columns: one per transport with a series, in order.
+fn columns(all: &[Series]) -> Vec<Transport> {
     let mut columns: Vec<Transport> = all.iter().map(|s| s.transport).collect();
     columns.dedup();
-    let width = 1280 / columns.len().max(1) as i32;
+    columns
+}
+
+/// 1280 px, or wider so that each legend column keeps 400 px (its longest label).
+fn chart_width(all: &[Series]) -> u32 {
+    (columns(all).len() as u32 * 400).max(1280)
+}
+
+/// One column per transport under the panels: a line and marker, then the label.
+fn legend(area: &DrawingArea<SVGBackend<'_>, Shift>, all: &[Series], width: u32) -> Result<()> {
+    let err = |e| anyhow!("{e:?}");
+    let columns = columns(all);
+    let width = width as i32 / columns.len().max(1) as i32;
     for (column, transport) in columns.iter().enumerate() {
         let rows = all.iter().filter(|s| s.transport == *transport);
         for (row, s) in rows.enumerate() {

@@ -405,9 +405,24 @@ impl Results {
         measured: Transport,
         base: Transport,
     ) -> Target {
+        let placements = [Placement::Os, Placement::OneCpu];
+        self.p50_target_placed(name, goal, measured, base, &placements, |r| r <= limit)
+    }
+
+    /// As [`Results::p50_target`], over the given placements only; `met` judges the worst ratio.
+    fn p50_target_placed(
+        &self,
+        name: &'static str,
+        goal: &'static str,
+        measured: Transport,
+        base: Transport,
+        placements: &[Placement],
+        met: impl Fn(f64) -> bool,
+    ) -> Target {
         let n = self.nearest(1);
-        let ratios: Vec<(Placement, f64, f64)> = [Placement::Os, Placement::OneCpu]
-            .into_iter()
+        let ratios: Vec<(Placement, f64, f64)> = placements
+            .iter()
+            .copied()
             .filter_map(|placement| {
                 let m = self.invoke_placed(measured, n, 1, placement)?;
                 let b = self.invoke_placed(base, n, 1, placement)?;
@@ -420,7 +435,7 @@ impl Results {
             goal,
             measured: worst,
             unit: "ratio",
-            met: worst.map(|r| r <= limit),
+            met: worst.map(met),
             detail: if ratios.is_empty() {
                 "not measured".into()
             } else {
@@ -502,6 +517,8 @@ impl Results {
             Transport::Messenger,
             Transport::Direct,
         ));
+
+        targets.extend(self.peer_targets());
 
         // The target names N=4 and N=8; each is checked where it was measured
         // (--quick runs N=1 and 4 only, so its N=8 line says so).
@@ -600,6 +617,105 @@ impl Results {
 }
 
 impl Results {
+    /// Direct's calls/s over `peer`'s at N=4, 64 in flight; `met` judges the ratio.
+    fn throughput_over_peer(
+        &self,
+        name: &'static str,
+        goal: &'static str,
+        peer: Transport,
+        met: impl Fn(f64) -> bool,
+    ) -> Target {
+        let (n, c) = (self.nearest(4), self.config.in_flight);
+        let (direct, other) = (self.invoke_at(Transport::Direct, n, c), self.invoke_at(peer, n, c));
+        let ratio = direct.zip(other).map(|(d, o)| d.calls_per_sec / o.calls_per_sec);
+        Target {
+            name,
+            goal,
+            measured: ratio,
+            unit: "ratio",
+            met: ratio.map(met),
+            detail: match direct.zip(other) {
+                Some((d, o)) => format!(
+                    "N={n}, {c} in flight: direct {:.0} calls/s, {peer} {:.0} calls/s",
+                    d.calls_per_sec, o.calls_per_sec
+                ),
+                None => "not measured".into(),
+            },
+        }
+    }
+
+    /// Issue 29's peers: direct against tonic (gRPC over a Unix socket) and
+    /// tarpc (over a Unix socket), in the same run, with the same payload.
+    fn peer_targets(&self) -> Vec<Target> {
+        vec![
+            self.throughput_over_peer(
+                "direct_throughput_vs_tonic",
+                ">= 3x tonic's calls/s (N=4, 64 in flight)",
+                Transport::Tonic,
+                |r| r >= 3.0,
+            ),
+            self.p50_target(
+                "direct_p50_vs_tonic",
+                "<= 0.7x tonic's ping-pong p50 (concurrency 1; the worse of OS placement and one CPU)",
+                0.7,
+                Transport::Direct,
+                Transport::Tonic,
+            ),
+            // "Ahead": strictly more calls/s, a strictly lower p50.
+            self.throughput_over_peer(
+                "direct_throughput_vs_tarpc",
+                "> 1x tarpc's calls/s (N=4, 64 in flight)",
+                Transport::Tarpc,
+                |r| r > 1.0,
+            ),
+            self.p50_target_placed(
+                "direct_p50_vs_tarpc",
+                "< 1x tarpc's ping-pong p50 (concurrency 1, OS placement)",
+                Transport::Direct,
+                Transport::Tarpc,
+                &[Placement::Os],
+                |r| r < 1.0,
+            ),
+            self.fanout_over_tonic(),
+        ]
+    }
+
+    /// Direct's fan-out (events/s to every follower, flat out) over tonic's
+    /// server-streaming one at N=4. The issue states no figure for it; the goal
+    /// here is "ahead", as against tarpc.
+    fn fanout_over_tonic(&self) -> Target {
+        let n = self.nearest(4);
+        let (direct, tonic) =
+            (self.fanout_at(Transport::Direct, n, "max_rate"), self.fanout_at(Transport::Tonic, n, "max_rate"));
+        let ratio = direct.zip(tonic).map(|(d, t)| d.delivered_per_sec_min / t.delivered_per_sec_min);
+        let others: Vec<String> = self
+            .config
+            .followers
+            .iter()
+            .filter_map(|&n| {
+                let d = self.fanout_at(Transport::Direct, n, "max_rate")?;
+                let t = self.fanout_at(Transport::Tonic, n, "max_rate")?;
+                Some(format!("N={n} {:.2}", d.delivered_per_sec_min / t.delivered_per_sec_min))
+            })
+            .collect();
+        Target {
+            name: "direct_fanout_vs_tonic",
+            goal: "> 1x tonic's server-streaming events/s to every follower (N=4, flat out)",
+            measured: ratio,
+            unit: "ratio",
+            met: ratio.map(|r| r > 1.0),
+            detail: match direct.zip(tonic) {
+                Some((d, t)) => format!(
+                    "N={n}: direct {:.0} events/s to every follower, tonic {:.0}; every N: {}",
+                    d.delivered_per_sec_min,
+                    t.delivered_per_sec_min,
+                    others.join(", ")
+                ),
+                None => "not measured".into(),
+            },
+        }
+    }
+
     /// The broadcast fan-out this run measured to compare deliver-to-one with:
     /// direct, flat out, at the N nearest the deliver-to-one followers.
     pub fn broadcast_beside_one(&self) -> Option<&FanoutResult> {

@@ -7,6 +7,8 @@
 //!
 //! - `floor`: `floor-server` + N `floor-client` (plain tokio, no tandem code);
 //! - `direct`: `leader` + N `follower` (tandem over the leader's Unix socket);
+//! - `tonic`: `tonic-server` + N `tonic-client` (gRPC over a Unix socket);
+//! - `tarpc`: `tarpc-server` + N `tarpc-client` (tarpc over a Unix socket);
 //! - `messenger`: one `cluster-master` (tandem-cluster), whose agent runs the
 //!   bench Leader and says hello as `server`, and whose N workers run the
 //!   follower role over `WorkerConnector` with `Transport::Messenger` (every
@@ -49,6 +51,8 @@ pub async fn start(ctx: &mut Ctx, transport: Transport, followers: usize) -> Res
     let (server_role, client_role) = match transport {
         Transport::Floor => ("floor-server", "floor-client"),
         Transport::Direct => ("leader", "follower"),
+        Transport::Tonic => ("tonic-server", "tonic-client"),
+        Transport::Tarpc => ("tarpc-server", "tarpc-client"),
         Transport::Messenger => return start_cluster(ctx, group, followers).await,
     };
     let group_arg = group.to_string();

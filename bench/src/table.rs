@@ -48,7 +48,7 @@ fn invoke(out: &mut String, r: &Results) {
             (_, Some(f)) => format!("{:.2}x, {:.2}x", x.calls_per_sec / f.calls_per_sec, x.p50_us / f.p50_us),
         };
         let direct = r.invoke_placed(Transport::Direct, x.followers, x.concurrency, x.placement);
-        if let (Transport::Messenger, Some(d)) = (x.transport, direct) {
+        if let (Transport::Messenger | Transport::Tonic | Transport::Tarpc, Some(d)) = (x.transport, direct) {
             let _ = write!(
                 versus,
                 "{}vs direct {:.2}x, {:.2}x",
@@ -110,9 +110,16 @@ fn fanout(out: &mut String, r: &Results) {
             (Transport::Floor, _) | (_, None) => String::new(),
             (_, Some(f)) => format!("{:.2}x", x.delivered_per_sec_min / f.delivered_per_sec_min),
         };
+        // A peer's rows also compare with direct, after the table's columns.
+        let direct = r.fanout_at(Transport::Direct, x.followers, "max_rate");
+        let beside = match (x.transport.is_peer(), direct) {
+            (true, Some(d)) => format!("   vs direct {:.2}x", x.delivered_per_sec_min / d.delivered_per_sec_min),
+            _ => String::new(),
+        };
+
         let _ = writeln!(
             out,
-            "  {:<9} {:>3} {:>13.0} {:>15.0} {:>13.0} {:>9.1} {:>5} {:>10} | {:>10.1} {:>10.1} {:>10.1} {:>5}",
+            "  {:<9} {:>3} {:>13.0} {:>15.0} {:>13.0} {:>9.1} {:>5} {:>10} | {:>10.1} {:>10.1} {:>10.1} {:>5}{}",
             x.transport.to_string(),
             x.followers,
             x.published_per_sec,
@@ -125,6 +132,7 @@ fn fanout(out: &mut String, r: &Results) {
             paced.map_or(0.0, |p| p.p99_us),
             paced.map_or(0.0, |p| p.p999_us),
             paced.map_or(0, |p| p.links_lost),
+            beside,
         );
     }
     out.push('\n');

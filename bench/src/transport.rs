@@ -1,6 +1,7 @@
 //! The transports the bench measures: the raw floor, tandem over the leader's
-//! Unix socket, and tandem relayed by a cluster's messenger (how each one's
-//! processes are started is in `runner`).
+//! Unix socket, tandem relayed by a cluster's messenger, and the peers a Rust
+//! user would reach for instead, gRPC (tonic) and tarpc, each over a Unix
+//! socket (how each one's processes are started is in `runner`).
 
 use std::fmt;
 
@@ -15,7 +16,15 @@ pub enum Transport {
     Direct,
     /// tandem followers in cluster workers, relayed by the cluster master to the agent's Leader.
     Messenger,
+    /// gRPC with tonic over a Unix socket (HTTP/2, prost messages): one channel per client process.
+    Tonic,
+    /// tarpc over a Unix socket (length-delimited frames, bincode): one client per client process.
+    Tarpc,
 }
+
+/// Every transport, in the order the bench runs and prints them.
+pub const ALL: [Transport; 5] =
+    [Transport::Floor, Transport::Direct, Transport::Messenger, Transport::Tonic, Transport::Tarpc];
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -23,6 +32,8 @@ impl fmt::Display for Transport {
             Transport::Floor => "floor",
             Transport::Direct => "direct",
             Transport::Messenger => "messenger",
+            Transport::Tonic => "tonic",
+            Transport::Tarpc => "tarpc",
         })
     }
 }
@@ -34,6 +45,19 @@ impl Transport {
             Transport::Floor => ("floor_server", "floor_client"),
             Transport::Direct => ("leader", "follower"),
             Transport::Messenger => ("agent", "worker"),
+            Transport::Tonic => ("tonic_server", "tonic_client"),
+            Transport::Tarpc => ("tarpc_server", "tarpc_client"),
         }
+    }
+
+    /// Whether it has a fan-out phase: tarpc has no server-to-client stream
+    /// (a call has one answer), so it is measured on invoke only.
+    pub fn fans_out(self) -> bool {
+        self != Transport::Tarpc
+    }
+
+    /// A peer measured for comparison with tandem (its rows compare with direct).
+    pub fn is_peer(self) -> bool {
+        matches!(self, Transport::Tonic | Transport::Tarpc)
     }
 }

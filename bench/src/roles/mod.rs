@@ -3,9 +3,9 @@
 //! until the coordinator disappears).
 //!
 //! Runtimes are the same on both sides of the comparison: servers (the tandem
-//! leader, the floor server, the cluster's master and agent) run tokio's
+//! leader, the floor server, the tonic and tarpc servers, the cluster's master and agent) run tokio's
 //! multi-thread runtime with `--server-threads` workers; clients (tandem
-//! followers, floor clients, cluster workers) run tokio's current-thread runtime.
+//! followers, floor, tonic and tarpc clients, cluster workers) run tokio's current-thread runtime.
 //!
 //! `cluster-master` is the exception to "connects, then obeys": its process
 //! and the cluster processes it starts each connect on their own
@@ -19,6 +19,12 @@ mod follower;
 mod leader;
 mod mass;
 mod standalone;
+mod tarpc_client;
+mod tarpc_server;
+mod tarpc_wire;
+mod tonic_client;
+mod tonic_server;
+mod tonic_wire;
 
 use std::future::Future;
 
@@ -44,6 +50,18 @@ pub fn main(role: RoleCmd) -> ! {
         }
         RoleCmd::FloorClient { socket, group } => {
             serve(client_runtime(), "client", group, |c, r| floor_client::run(socket, c, r))
+        }
+        RoleCmd::TonicServer { socket, group, threads } => {
+            serve(server_runtime(threads), "server", group, |c, r| tonic_server::run(socket, c, r))
+        }
+        RoleCmd::TonicClient { socket, group } => {
+            serve(client_runtime(), "client", group, |c, r| tonic_client::run(socket, c, r))
+        }
+        RoleCmd::TarpcServer { socket, group, threads } => {
+            serve(server_runtime(threads), "server", group, |c, r| tarpc_server::run(socket, c, r))
+        }
+        RoleCmd::TarpcClient { socket, group } => {
+            serve(client_runtime(), "client", group, |c, r| tarpc_client::run(socket, c, r))
         }
         RoleCmd::Standalone { dir, name, group } => {
             serve(client_runtime(), "standalone", group, |c, r| standalone::run(dir, name, c, r))
