@@ -466,3 +466,76 @@ async fn a_mirror_frame_from_a_version_2_follower_ends_its_session() {
     })
     .await;
 }
+
+/// The mirror lags what the old leader sent: a follower had v5 at (1, s5),
+/// the standby only v4 at (1, s4) when the leader died. The new leader seeded
+/// with v4 must not send it to that follower (v5, v4, v5), and the upstream's
+/// re-announced v5 is not delivered twice.
+#[tokio::test]
+async fn a_seeded_value_older_than_what_a_follower_has_is_not_sent_to_it() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let path = dir.path().join("leader.sock");
+        let upstream = RevUpstream::default();
+        upstream.put("a", "v3");
+        let old = Leader::builder().epoch(1).channel::<Rev, _>(upstream.clone()).start();
+        old.bind_unix(&path).unwrap();
+        let app = connect(&path).client::<Rev>();
+        let mut a = app.subscribe("a".into()).await.unwrap();
+        let mut seen_a = vec![seen(&a.next().await.unwrap())];
+        let r4 = upstream.put("a", "v4");
+        let v4 = a.next().await.unwrap();
+        seen_a.push(seen(&v4));
+        upstream.put("a", "v5");
+        seen_a.push(seen(&a.next().await.unwrap()));
+
+        // The old leader dies before v5's mirror update reached the standby.
+        old.shutdown().await;
+        std::fs::remove_file(&path).ok();
+        let lagging = tandem_protocol::MirrorEntry {
+            channel: "rev".into(),
+            key: tandem_protocol::payload::encode(&"a".to_string()).unwrap(),
+            epoch: v4.epoch,
+            seq: v4.seq,
+            payload: tandem_protocol::payload::encode(&v4.value).unwrap(),
+            revision: Some(r4),
+        };
+        let (build, built) = tokio::sync::oneshot::channel::<()>();
+        let up = upstream.clone();
+        let new = Leader::builder()
+            .epoch(2)
+            .seed([lagging])
+            .channel_from::<Rev, _>(async move {
+                let _ = built.await;
+                Ok(up)
+            })
+            .start();
+        new.bind_unix(&path).unwrap();
+
+        // A fresh follower gets the seeded v4; the moved one is subscribed again without it.
+        let fresh = connect(&path).client::<Rev>();
+        let mut fa = fresh.subscribe("a".into()).await.unwrap();
+        assert_eq!(fa.next().await.unwrap().value.0, "v4", "a follower with nothing gets the seeded value");
+        tandem_testkit::eventually(TEST_TIMEOUT, "the moved follower subscribed again", || {
+            let both = new.stats().channels[0].subscribers == 2;
+            async move { both }
+        })
+        .await;
+
+        // The upstream comes and re-announces v5 (after v4's revision); then v6.
+        build.send(()).unwrap();
+        let v5 = fa.next().await.unwrap();
+        assert_eq!(v5.value.0, "v5", "the fresh follower gets the upstream's newer value");
+        upstream.put("a", "v6");
+        assert_eq!(fa.next().await.unwrap().value.0, "v6");
+        let next = a.next().await.unwrap();
+        seen_a.push(seen(&next));
+        let values: Vec<&str> = seen_a.iter().map(|s| s.2.as_str()).collect();
+        assert_eq!(values, ["v3", "v4", "v5", "v6"], "nothing went back, nothing twice: {seen_a:?}");
+        for pair in seen_a.windows(2) {
+            assert!((pair[0].0, pair[0].1) < (pair[1].0, pair[1].1), "in order: {seen_a:?}");
+        }
+        new.shutdown().await;
+    })
+    .await;
+}

@@ -61,6 +61,7 @@ impl Hub {
         topic.last = None;
         topic.revision = None;
         topic.absorb = None;
+        topic.origin = None;
         if !had {
             return;
         }
@@ -150,6 +151,7 @@ impl Hub {
             topic.revision = entry.revision;
             topic.resume = entry.revision;
             topic.absorb = Some(entry.payload);
+            topic.origin = Some(Position { epoch: entry.epoch, seq: entry.seq });
             topic.seeded = true;
             topic.held = true;
             seeded += 1;
