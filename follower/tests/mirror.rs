@@ -539,3 +539,56 @@ async fn a_seeded_value_older_than_what_a_follower_has_is_not_sent_to_it() {
     })
     .await;
 }
+
+/// With a frame limit far below `MIRROR_BATCH_BYTES`, the snapshot's batches
+/// still fit: every key arrives before `synced`, none dropped by the codec.
+#[tokio::test]
+async fn a_mirror_snapshot_fits_a_small_frame_limit_and_misses_no_key() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let upstream = RevUpstream::default();
+        let keys = 300;
+        let value = "v".repeat(100);
+        for n in 0..keys {
+            upstream.put(&format!("key-{n}"), &value);
+        }
+        let max = 4096;
+        let mut config = tandem_leader::Config::default();
+        config.max_frame_length = max;
+        let leader = Leader::builder().config(config).channel::<Rev, _>(upstream.clone()).start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let app = connect(&path).client::<Rev>();
+        let mut subscriptions = Vec::new();
+        for n in 0..keys {
+            let mut subscription = app.subscribe(format!("key-{n}")).await.unwrap();
+            subscription.next().await.unwrap();
+            subscriptions.push(subscription);
+        }
+
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut link = Framed::new(stream, FrameCodec::new());
+        let hello = tandem_protocol::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: Uuid::new_v4(),
+            pid: std::process::id(),
+            channels: vec![],
+            token: None,
+        };
+        link.send(Frame::Hello(hello)).await.unwrap();
+        link.send(Frame::Mirror(1)).await.unwrap();
+        let mut entries = 0;
+        loop {
+            let frame = link.next().await.expect("the leader closed").unwrap();
+            assert!(frame.encode_body().unwrap().len() <= max, "a frame over the limit");
+            if let Frame::Mirrored(mirrored) = frame {
+                entries += mirrored.entries.len();
+                if mirrored.synced {
+                    break;
+                }
+            }
+        }
+        assert_eq!(entries, keys, "every followed key is in the snapshot");
+        leader.shutdown().await;
+    })
+    .await;
+}

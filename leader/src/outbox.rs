@@ -320,6 +320,13 @@ impl WriteSource for Batches {
     }
 
     fn refused(&mut self, kind: &'static str, error: CodecError) -> Refused<Outgoing> {
+        if kind == "Mirrored" {
+            // A mirror missing a frame would be wrong, silently (a snapshot
+            // marked complete without some keys): the session ends instead,
+            // and the standby mirrors again on its next connection.
+            tracing::error!(%error, frame = kind, "mirror frame not sent; ending the mirroring session");
+            return Refused::Fatal(error);
+        }
         // Nothing was written: the connection is intact; drop this frame only.
         tracing::error!(%error, frame = kind, "frame not sent");
         Refused::Skip
@@ -376,6 +383,14 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_mirror_frame_the_codec_refuses_ends_the_session_and_others_are_skipped() {
+        let mut batches = Batches::new(Arc::new(Outbox::new(8, 4)), None);
+        let too_large = || CodecError::TooLarge { len: 2000, max: 1000 };
+        assert!(matches!(batches.refused("Mirrored", too_large()), Refused::Fatal(CodecError::TooLarge { .. })));
+        assert!(matches!(batches.refused("Response", too_large()), Refused::Skip));
     }
 
     #[tokio::test]

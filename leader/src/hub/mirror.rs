@@ -16,6 +16,26 @@ use std::sync::atomic::AtomicBool;
 
 use super::*;
 
+/// The bytes of a `Mirrored` frame besides its entries (its tag, arrays,
+/// `synced`), with room to spare.
+pub(super) const MIRRORED_HEADROOM: usize = 64;
+
+/// The bytes of a `MirrorEntry` besides its channel name, key and payload
+/// (its array, the three byte strings' headers, epoch, seq, revision: 43 at most).
+const ENTRY_OVERHEAD: usize = 48;
+
+/// The most bytes of entries a snapshot batch holds: `MIRROR_BATCH_BYTES`,
+/// less when the frame limit is lower, so that every batch fits in a frame
+/// (one entry alone always does: its `Event` did).
+pub(super) fn batch_budget(max_frame_length: usize) -> usize {
+    MIRROR_BATCH_BYTES.min(max_frame_length.saturating_sub(MIRRORED_HEADROOM))
+}
+
+/// An entry's bytes in a `Mirrored` frame, at most.
+pub(super) fn entry_size(channel: &str, key: &[u8], payload: &[u8]) -> usize {
+    channel.len() + key.len() + payload.len() + ENTRY_OVERHEAD
+}
+
 /// A mirroring session: its outbox, and whether every channel's snapshot is
 /// queued on it already (the `synced` of its updates).
 #[derive(Debug)]
@@ -86,10 +106,11 @@ impl Hub {
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut sent = 0usize;
+        let budget = batch_budget(self.max_frame_length);
         for (key, topic) in &state.topics {
             let Some(value) = topic.live_value() else { continue };
-            let size = key.len() + value.payload.len();
-            if !batch.is_empty() && (batch.len() >= MIRROR_BATCH_ENTRIES || bytes + size > MIRROR_BATCH_BYTES) {
+            let size = entry_size(&self.channel, key, &value.payload);
+            if !batch.is_empty() && (batch.len() >= MIRROR_BATCH_ENTRIES || bytes + size > budget) {
                 let entries = std::mem::take(&mut batch);
                 if !outbox.push(Frame::Mirrored(Mirrored { entries, removed: vec![], synced: false })) {
                     return false;
