@@ -15,8 +15,8 @@ use futures::{SinkExt, StreamExt};
 use tandem_follower::{Connection, Error, Mirror, UnixConnector, Update};
 use tandem_leader::{CallContext, Events, Leader, Upstream};
 use tandem_protocol::{
-    Api, ChannelStatus, ErrorCode, ErrorKind, Frame, FrameCodec, PROTOCOL_VERSION, Reject, RemoteError, UpstreamState,
-    Welcome, uuid::Uuid,
+    Api, ChannelStatus, ErrorCode, ErrorKind, Frame, FrameCodec, Mirrored, PROTOCOL_VERSION, Reject, RemoteError,
+    UpstreamState, Welcome, uuid::Uuid,
 };
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
@@ -588,6 +588,67 @@ async fn a_mirror_snapshot_fits_a_small_frame_limit_and_misses_no_key() {
             }
         }
         assert_eq!(entries, keys, "every followed key is in the snapshot");
+        leader.shutdown().await;
+    })
+    .await;
+}
+
+/// A standby that stops reading for a while, under a stream of values of one
+/// key, is not disconnected: its pending updates of the key are conflated
+/// (the latest wins), and it gets that latest value once it reads again.
+#[tokio::test]
+async fn a_stalled_mirror_under_load_keeps_only_the_latest_update_of_each_key() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let upstream = RevUpstream::default();
+        upstream.put("a", "start");
+        let mut config = tandem_leader::Config::default();
+        config.max_queued_frames = 16;
+        let leader = Leader::builder().config(config).channel::<Rev, _>(upstream.clone()).start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let app = connect(&path).client::<Rev>();
+        let mut a = app.subscribe("a".into()).await.unwrap();
+        a.next().await.unwrap();
+
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut link = Framed::new(stream, FrameCodec::new());
+        let hello = tandem_protocol::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: Uuid::new_v4(),
+            pid: std::process::id(),
+            channels: vec![],
+            token: None,
+        };
+        link.send(Frame::Hello(hello)).await.unwrap();
+        link.send(Frame::Mirror(1)).await.unwrap();
+        while !matches!(link.next().await.unwrap().unwrap(), Frame::Mirrored(Mirrored { synced: true, .. })) {}
+
+        // The standby reads nothing while 2000 values of 1 KiB go by: far more
+        // than its socket's buffer and 16 frames.
+        let filler = "x".repeat(1024);
+        let mut last = 0;
+        for n in 0..2000 {
+            last = upstream.put("a", &format!("{n}{filler}"));
+        }
+        tandem_testkit::eventually(TEST_TIMEOUT, "the follower got the last value", || {
+            let done = a.latest().is_some_and(|u| u.value.1 == last);
+            async move { done }
+        })
+        .await;
+        let mirroring = leader.stats().follower_list.iter().filter(|f| f.mirrors).count();
+        assert_eq!(mirroring, 1, "the stalled standby is still connected");
+        loop {
+            match link.next().await.expect("the leader closed the standby's link").unwrap() {
+                Frame::Mirrored(mirrored) => {
+                    let entry = mirrored.entries.iter().find(|e| e.revision == Some(last));
+                    if entry.is_some() {
+                        break;
+                    }
+                }
+                Frame::Goodbye(reason) => panic!("the standby was disconnected: {reason}"),
+                _ => {}
+            }
+        }
         leader.shutdown().await;
     })
     .await;

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! standby --Mirror--> session: each hub, under its lock: register the outbox, snapshot its live values
-//! k's pump --value--> hub.deliver: Event to subscribers, Mirrored{[entry]} to every mirror (same lock)
+//! k's pump --value--> hub.deliver: Event to subscribers, Mirrored{[entry]} to every mirror (same lock),
+//!                     replacing k's update still queued there, if any (Outbox::push_mirror)
 //! k released -------> hub.forget_value: Mirrored{removed [k]} to every mirror
 //! new leader: seed(entries) --> topics with their value at (epoch, next seq), held for `seed_hold`,
 //!                               subscribed upstream from their revision once the upstream is attached
@@ -70,7 +71,11 @@ impl Hub {
         let entry = self.entry(key, seq, payload, revision);
         for sink in mirrors.values() {
             let synced = sink.synced.load(Ordering::Relaxed);
-            sink.outbox.push(Frame::Mirrored(Mirrored { entries: vec![entry.clone()], removed: vec![], synced }));
+            sink.outbox.push_mirror(
+                &self.channel,
+                key,
+                Mirrored { entries: vec![entry.clone()], removed: vec![], synced },
+            );
         }
     }
 
@@ -92,7 +97,11 @@ impl Hub {
         let removed = MirrorKey { channel: self.channel.clone().into(), key: key.clone() };
         for sink in mirrors.values() {
             let synced = sink.synced.load(Ordering::Relaxed);
-            sink.outbox.push(Frame::Mirrored(Mirrored { entries: vec![], removed: vec![removed.clone()], synced }));
+            sink.outbox.push_mirror(
+                &self.channel,
+                key,
+                Mirrored { entries: vec![], removed: vec![removed.clone()], synced },
+            );
         }
     }
 
