@@ -47,6 +47,10 @@ pub struct MirrorStatus {
     /// followed (then, or at the last update). Stays true after the leader is
     /// lost: the map is then what the last leader followed.
     pub synced: bool,
+    /// The epoch of the leader whose snapshot was complete last (the map's
+    /// source): a new leader is seeded from the map only when it succeeds
+    /// that epoch's leader, never from an older leader's state.
+    pub synced_epoch: Option<u64>,
     /// The updates applied so far (snapshots count one each): a counter to await changes on.
     pub updates: u64,
 }
@@ -146,6 +150,8 @@ pub(crate) struct MirrorLink {
     waiters: Vec<MirrorReply>,
     /// The snapshot being received (it replaces the map once `synced`).
     pending: Option<HashMap<MirrorKey, MirrorValue>>,
+    /// The epoch of the leader the mirror was last asked of.
+    epoch: u64,
 }
 
 impl MirrorLink {
@@ -153,7 +159,7 @@ impl MirrorLink {
         let view = Mirror {
             shared: Arc::new(Shared { map: Mutex::default(), status: watch::Sender::new(MirrorStatus::default()) }),
         };
-        MirrorLink { view, remote: Remote::Unsent, given: false, waiters: Vec::new(), pending: None }
+        MirrorLink { view, remote: Remote::Unsent, given: false, waiters: Vec::new(), pending: None, epoch: 0 }
     }
 
     /// A caller wants the mirror: answered at once when it is active, else
@@ -173,9 +179,9 @@ impl MirrorLink {
         self.given || !self.waiters.is_empty()
     }
 
-    /// Asks the leader for the mirror (on a link speaking `version`): the
-    /// frame in `out`, or the waiting callers refused when the leader is too old.
-    pub(crate) fn send(&mut self, version: u16, id: u64, in_flight: &mut InFlight, out: &mut Vec<Frame>) {
+    /// Asks the leader of `epoch` for the mirror (on a link speaking `version`):
+    /// the frame in `out`, or the waiting callers refused when the leader is too old.
+    pub(crate) fn send(&mut self, version: u16, epoch: u64, id: u64, in_flight: &mut InFlight, out: &mut Vec<Frame>) {
         if version < MIRROR_VERSION {
             let error = RemoteError::rejected(format!(
                 "the leader speaks protocol version {version}; a mirror needs version {MIRROR_VERSION}"
@@ -190,6 +196,7 @@ impl MirrorLink {
             return;
         }
         self.remote = Remote::Pending(id);
+        self.epoch = epoch;
         self.pending = Some(HashMap::new());
         in_flight.insert(id, Pending::Mirror);
         out.push(Frame::Mirror(id));
@@ -248,9 +255,14 @@ impl MirrorLink {
                 let snapshot = self.pending.take().unwrap_or_default();
                 let keys = snapshot.len();
                 self.view.map().values = snapshot;
-                tracing::info!(keys, "mirror synced: this process holds every key the leader follows");
+                tracing::info!(
+                    keys,
+                    epoch = self.epoch,
+                    "mirror synced: this process holds every key the leader follows"
+                );
                 shared.status.send_modify(|s| {
                     s.synced = true;
+                    s.synced_epoch = Some(self.epoch);
                     s.updates += 1;
                 });
             }
@@ -274,5 +286,55 @@ impl MirrorLink {
     pub(crate) fn adopt(&mut self) -> Mirror {
         self.given = true;
         self.view.clone()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn entry(key: &str, epoch: u64, seq: u64) -> MirrorEntry {
+        MirrorEntry {
+            channel: "kv".into(),
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            epoch,
+            seq,
+            payload: Bytes::from_static(b"\xa1v"),
+            revision: None,
+        }
+    }
+
+    /// Asks the leader of `epoch` for the mirror on a new link, and gets its
+    /// answer and `batches` (the last one `synced` if `complete`).
+    pub(crate) fn mirror_leader(link: &mut MirrorLink, epoch: u64, batches: Vec<Vec<MirrorEntry>>, complete: bool) {
+        let (mut in_flight, mut out) = (InFlight::default(), Vec::new());
+        let id = epoch * 100;
+        link.send(MIRROR_VERSION, epoch, id, &mut in_flight, &mut out);
+        assert!(matches!(out.as_slice(), [Frame::Mirror(sent)] if *sent == id), "{out:?}");
+        link.on_ack(id, Ok(()));
+        let last = batches.len().saturating_sub(1);
+        for (n, entries) in batches.into_iter().enumerate() {
+            link.on_mirrored(Mirrored { entries, removed: vec![], synced: complete && n == last });
+        }
+    }
+
+    #[test]
+    fn the_status_names_the_epoch_of_the_last_complete_snapshot_only() {
+        let mut link = MirrorLink::new();
+        let mirror = link.adopt();
+        mirror_leader(&mut link, 1, vec![vec![entry("a", 1, 3)]], true);
+        assert_eq!((mirror.status().synced, mirror.status().synced_epoch), (true, Some(1)));
+
+        // The leader of epoch 1 is lost; the one of epoch 2 sends part of its snapshot only.
+        link.lost(&Error::LeaderLost);
+        mirror_leader(&mut link, 2, vec![vec![entry("b", 2, 1)]], false);
+        assert_eq!(mirror.status().synced_epoch, Some(1), "epoch 2's snapshot is not complete");
+        assert!(mirror.get("kv", b"a").is_some() && mirror.get("kv", b"b").is_none(), "the map is epoch 1's");
+
+        // Epoch 3's is complete: the map and the status are epoch 3's.
+        link.lost(&Error::LeaderLost);
+        mirror_leader(&mut link, 3, vec![vec![entry("c", 3, 1)], vec![]], true);
+        assert_eq!(mirror.status().synced_epoch, Some(3));
+        assert_eq!(mirror.entries(), vec![entry("c", 3, 1)]);
     }
 }

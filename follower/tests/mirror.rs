@@ -15,8 +15,8 @@ use futures::{SinkExt, StreamExt};
 use tandem_follower::{Connection, Error, Mirror, UnixConnector, Update};
 use tandem_leader::{CallContext, Events, Leader, Upstream};
 use tandem_protocol::{
-    Api, ChannelStatus, ErrorCode, ErrorKind, Frame, FrameCodec, PROTOCOL_VERSION, Reject, RemoteError, UpstreamState,
-    Welcome, uuid::Uuid,
+    Api, ChannelStatus, ErrorCode, ErrorKind, Frame, FrameCodec, Mirrored, PROTOCOL_VERSION, Reject, RemoteError,
+    UpstreamState, Welcome, uuid::Uuid,
 };
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
@@ -462,6 +462,193 @@ async fn a_mirror_frame_from_a_version_2_follower_ends_its_session() {
         }
         let reason = goodbye.expect("a Goodbye naming the violation");
         assert!(reason.contains("Mirror"), "{reason}");
+        leader.shutdown().await;
+    })
+    .await;
+}
+
+/// The mirror lags what the old leader sent: a follower had v5 at (1, s5),
+/// the standby only v4 at (1, s4) when the leader died. The new leader seeded
+/// with v4 must not send it to that follower (v5, v4, v5), and the upstream's
+/// re-announced v5 is not delivered twice.
+#[tokio::test]
+async fn a_seeded_value_older_than_what_a_follower_has_is_not_sent_to_it() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let path = dir.path().join("leader.sock");
+        let upstream = RevUpstream::default();
+        upstream.put("a", "v3");
+        let old = Leader::builder().epoch(1).channel::<Rev, _>(upstream.clone()).start();
+        old.bind_unix(&path).unwrap();
+        let app = connect(&path).client::<Rev>();
+        let mut a = app.subscribe("a".into()).await.unwrap();
+        let mut seen_a = vec![seen(&a.next().await.unwrap())];
+        let r4 = upstream.put("a", "v4");
+        let v4 = a.next().await.unwrap();
+        seen_a.push(seen(&v4));
+        upstream.put("a", "v5");
+        seen_a.push(seen(&a.next().await.unwrap()));
+
+        // The old leader dies before v5's mirror update reached the standby.
+        old.shutdown().await;
+        std::fs::remove_file(&path).ok();
+        let lagging = tandem_protocol::MirrorEntry {
+            channel: "rev".into(),
+            key: tandem_protocol::payload::encode(&"a".to_string()).unwrap(),
+            epoch: v4.epoch,
+            seq: v4.seq,
+            payload: tandem_protocol::payload::encode(&v4.value).unwrap(),
+            revision: Some(r4),
+        };
+        let (build, built) = tokio::sync::oneshot::channel::<()>();
+        let up = upstream.clone();
+        let new = Leader::builder()
+            .epoch(2)
+            .seed([lagging])
+            .channel_from::<Rev, _>(async move {
+                let _ = built.await;
+                Ok(up)
+            })
+            .start();
+        new.bind_unix(&path).unwrap();
+
+        // A fresh follower gets the seeded v4; the moved one is subscribed again without it.
+        let fresh = connect(&path).client::<Rev>();
+        let mut fa = fresh.subscribe("a".into()).await.unwrap();
+        assert_eq!(fa.next().await.unwrap().value.0, "v4", "a follower with nothing gets the seeded value");
+        tandem_testkit::eventually(TEST_TIMEOUT, "the moved follower subscribed again", || {
+            let both = new.stats().channels[0].subscribers == 2;
+            async move { both }
+        })
+        .await;
+
+        // The upstream comes and re-announces v5 (after v4's revision); then v6.
+        build.send(()).unwrap();
+        let v5 = fa.next().await.unwrap();
+        assert_eq!(v5.value.0, "v5", "the fresh follower gets the upstream's newer value");
+        upstream.put("a", "v6");
+        assert_eq!(fa.next().await.unwrap().value.0, "v6");
+        let next = a.next().await.unwrap();
+        seen_a.push(seen(&next));
+        let values: Vec<&str> = seen_a.iter().map(|s| s.2.as_str()).collect();
+        assert_eq!(values, ["v3", "v4", "v5", "v6"], "nothing went back, nothing twice: {seen_a:?}");
+        for pair in seen_a.windows(2) {
+            assert!((pair[0].0, pair[0].1) < (pair[1].0, pair[1].1), "in order: {seen_a:?}");
+        }
+        new.shutdown().await;
+    })
+    .await;
+}
+
+/// With a frame limit far below `MIRROR_BATCH_BYTES`, the snapshot's batches
+/// still fit: every key arrives before `synced`, none dropped by the codec.
+#[tokio::test]
+async fn a_mirror_snapshot_fits_a_small_frame_limit_and_misses_no_key() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let upstream = RevUpstream::default();
+        let keys = 300;
+        let value = "v".repeat(100);
+        for n in 0..keys {
+            upstream.put(&format!("key-{n}"), &value);
+        }
+        let max = 4096;
+        let mut config = tandem_leader::Config::default();
+        config.max_frame_length = max;
+        let leader = Leader::builder().config(config).channel::<Rev, _>(upstream.clone()).start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let app = connect(&path).client::<Rev>();
+        let mut subscriptions = Vec::new();
+        for n in 0..keys {
+            let mut subscription = app.subscribe(format!("key-{n}")).await.unwrap();
+            subscription.next().await.unwrap();
+            subscriptions.push(subscription);
+        }
+
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut link = Framed::new(stream, FrameCodec::new());
+        let hello = tandem_protocol::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: Uuid::new_v4(),
+            pid: std::process::id(),
+            channels: vec![],
+            token: None,
+        };
+        link.send(Frame::Hello(hello)).await.unwrap();
+        link.send(Frame::Mirror(1)).await.unwrap();
+        let mut entries = 0;
+        loop {
+            let frame = link.next().await.expect("the leader closed").unwrap();
+            assert!(frame.encode_body().unwrap().len() <= max, "a frame over the limit");
+            if let Frame::Mirrored(mirrored) = frame {
+                entries += mirrored.entries.len();
+                if mirrored.synced {
+                    break;
+                }
+            }
+        }
+        assert_eq!(entries, keys, "every followed key is in the snapshot");
+        leader.shutdown().await;
+    })
+    .await;
+}
+
+/// A standby that stops reading for a while, under a stream of values of one
+/// key, is not disconnected: its pending updates of the key are conflated
+/// (the latest wins), and it gets that latest value once it reads again.
+#[tokio::test]
+async fn a_stalled_mirror_under_load_keeps_only_the_latest_update_of_each_key() {
+    within(TEST_TIMEOUT, async {
+        let dir = private_dir();
+        let upstream = RevUpstream::default();
+        upstream.put("a", "start");
+        let mut config = tandem_leader::Config::default();
+        config.max_queued_frames = 16;
+        let leader = Leader::builder().config(config).channel::<Rev, _>(upstream.clone()).start();
+        let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
+        let app = connect(&path).client::<Rev>();
+        let mut a = app.subscribe("a".into()).await.unwrap();
+        a.next().await.unwrap();
+
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut link = Framed::new(stream, FrameCodec::new());
+        let hello = tandem_protocol::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: Uuid::new_v4(),
+            pid: std::process::id(),
+            channels: vec![],
+            token: None,
+        };
+        link.send(Frame::Hello(hello)).await.unwrap();
+        link.send(Frame::Mirror(1)).await.unwrap();
+        while !matches!(link.next().await.unwrap().unwrap(), Frame::Mirrored(Mirrored { synced: true, .. })) {}
+
+        // The standby reads nothing while 2000 values of 1 KiB go by: far more
+        // than its socket's buffer and 16 frames.
+        let filler = "x".repeat(1024);
+        let mut last = 0;
+        for n in 0..2000 {
+            last = upstream.put("a", &format!("{n}{filler}"));
+        }
+        tandem_testkit::eventually(TEST_TIMEOUT, "the follower got the last value", || {
+            let done = a.latest().is_some_and(|u| u.value.1 == last);
+            async move { done }
+        })
+        .await;
+        let mirroring = leader.stats().follower_list.iter().filter(|f| f.mirrors).count();
+        assert_eq!(mirroring, 1, "the stalled standby is still connected");
+        loop {
+            match link.next().await.expect("the leader closed the standby's link").unwrap() {
+                Frame::Mirrored(mirrored) => {
+                    let entry = mirrored.entries.iter().find(|e| e.revision == Some(last));
+                    if entry.is_some() {
+                        break;
+                    }
+                }
+                Frame::Goodbye(reason) => panic!("the standby was disconnected: {reason}"),
+                _ => {}
+            }
+        }
         leader.shutdown().await;
     })
     .await;

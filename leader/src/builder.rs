@@ -112,7 +112,10 @@ impl LeaderBuilder {
     /// is subscribed upstream as soon as its channel's upstream is built, from
     /// the entry's revision where the upstream can resume
     /// ([`Upstream::subscribe_from`]); the upstream's first value, when byte
-    /// for byte the seeded one, is not sent again. A seeded key stays followed
+    /// for byte the seeded one, is not sent again. Until the upstream gives a
+    /// seeded key a fresh value, a subscriber whose last seen position is at
+    /// or after the entry's (epoch, seq) is not sent the seeded value (the
+    /// mirror may lag what it got). A seeded key stays followed
     /// for [`Config::seed_hold`] even with no subscriber (the old leader's
     /// followers resubscribe meanwhile). Entries of channels this leader does
     /// not serve are ignored (WARN). The default is no seed.

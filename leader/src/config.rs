@@ -34,7 +34,8 @@ pub struct Config {
     pub peer_timeout: Duration,
     /// The most replies and control frames queued to one follower; past it the
     /// follower is disconnected as too slow. Events do not count (see
-    /// [`max_queued_events`](Config::max_queued_events)). The default is 8192.
+    /// [`max_queued_events`](Config::max_queued_events)); a mirror's updates
+    /// do, at most one per key (a newer one replaces it). The default is 8192.
     pub max_queued_frames: usize,
     /// The most events queued to one follower in publish order, every one
     /// delivered. Past it the follower is behind: further events are conflated

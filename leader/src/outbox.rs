@@ -58,6 +58,9 @@ struct State {
     /// in which the keys became pending.
     behind: HashMap<EventKey, SharedFrame>,
     behind_order: VecDeque<EventKey>,
+    /// The index in `frames` of each mirrored key's pending update (a
+    /// `Mirrored` of that key alone): a newer update replaces it in place.
+    mirror_slots: HashMap<EventKey, usize>,
     closed: Option<SessionEnd>,
     conflated: u64,
     /// The writer found nothing to send and waits for a wake-up. Pushes wake
@@ -111,7 +114,11 @@ impl Outbox {
     }
 
     fn enqueue(&self, frame: Frame, wake: bool) -> bool {
-        let mut state = self.lock();
+        let state = self.lock();
+        self.enqueue_locked(state, frame, wake)
+    }
+
+    fn enqueue_locked(&self, mut state: std::sync::MutexGuard<'_, State>, frame: Frame, wake: bool) -> bool {
         if state.closed.is_some() {
             return false;
         }
@@ -128,6 +135,31 @@ impl Outbox {
             self.notify.notify_one();
         }
         true
+    }
+
+    /// Queues a mirror update of the key `channel`/`key` (a `Mirrored` of
+    /// that key alone, PROTOCOL.md §7.2): it replaces the key's pending update
+    /// in place if one is still queued (the mirror needs the latest state of
+    /// each key, not every value), keeping that frame's `synced`, true at its
+    /// place in the queue. So a standby that briefly stops reading costs at
+    /// most one queued frame per key. False if the outbox is closed or just
+    /// overflowed.
+    pub(crate) fn push_mirror(&self, channel: &Arc<str>, key: &Bytes, mut update: tandem_protocol::Mirrored) -> bool {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return false;
+        }
+        let slot = (channel.clone(), key.clone());
+        if let Some(&at) = state.mirror_slots.get(&slot)
+            && let Some(Frame::Mirrored(pending)) = state.frames.get_mut(at)
+        {
+            update.synced = pending.synced;
+            *pending = update;
+            return true;
+        }
+        let at = state.frames.len();
+        state.mirror_slots.insert(slot, at);
+        self.enqueue_locked(state, Frame::Mirrored(update), true)
     }
 
     /// Wakes the writer if it is waiting.
@@ -243,6 +275,7 @@ impl Outbox {
                 let state = &mut *state;
                 let was_full = Self::full(state, self.max_events);
                 batch.extend(state.frames.drain(..).map(Outgoing::Frame));
+                state.mirror_slots.clear();
                 batch.extend(state.events.drain(..).map(Outgoing::Event));
                 while let Some(key) = state.behind_order.pop_front() {
                     if let Some(event) = state.behind.remove(&key) {
@@ -320,6 +353,13 @@ impl WriteSource for Batches {
     }
 
     fn refused(&mut self, kind: &'static str, error: CodecError) -> Refused<Outgoing> {
+        if kind == "Mirrored" {
+            // A mirror missing a frame would be wrong, silently (a snapshot
+            // marked complete without some keys): the session ends instead,
+            // and the standby mirrors again on its next connection.
+            tracing::error!(%error, frame = kind, "mirror frame not sent; ending the mirroring session");
+            return Refused::Fatal(error);
+        }
         // Nothing was written: the connection is intact; drop this frame only.
         tracing::error!(%error, frame = kind, "frame not sent");
         Refused::Skip
@@ -376,6 +416,65 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
+    }
+
+    fn mirrored(key: &str, value: &str, synced: bool) -> tandem_protocol::Mirrored {
+        let entry = tandem_protocol::MirrorEntry {
+            channel: "c".into(),
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            epoch: 1,
+            seq: 1,
+            payload: Bytes::copy_from_slice(value.as_bytes()),
+            revision: None,
+        };
+        tandem_protocol::Mirrored { entries: vec![entry], removed: vec![], synced }
+    }
+
+    #[tokio::test]
+    async fn mirror_updates_of_a_key_replace_its_pending_one_in_place() {
+        let outbox = Outbox::new(4, 4);
+        let ch: Arc<str> = Arc::from("c");
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        assert!(outbox.push_mirror(&ch, &a, mirrored("a", "a1", false)));
+        assert!(outbox.push(Frame::Mirrored(tandem_protocol::Mirrored {
+            entries: vec![],
+            removed: vec![],
+            synced: true
+        })));
+        for n in 2..100 {
+            assert!(outbox.push_mirror(&ch, &a, mirrored("a", &format!("a{n}"), true)));
+            assert!(outbox.push_mirror(&ch, &b, mirrored("b", &format!("b{n}"), true)));
+        }
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        // Three frames, not 199 (and no overflow of 4): a's latest at a's first
+        // place, keeping its `synced` false there; the closing frame; b's latest.
+        let batch: Vec<Outgoing> = batch.into();
+        assert_eq!(
+            batch,
+            vec![
+                Outgoing::Frame(Frame::Mirrored(mirrored("a", "a99", false))),
+                Outgoing::Frame(Frame::Mirrored(tandem_protocol::Mirrored {
+                    entries: vec![],
+                    removed: vec![],
+                    synced: true
+                })),
+                Outgoing::Frame(Frame::Mirrored(mirrored("b", "b99", true))),
+            ]
+        );
+        // Once taken, a new update queues afresh.
+        assert!(outbox.push_mirror(&ch, &a, mirrored("a", "a100", true)));
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(batch, [Outgoing::Frame(Frame::Mirrored(mirrored("a", "a100", true)))]);
+    }
+
+    #[test]
+    fn a_mirror_frame_the_codec_refuses_ends_the_session_and_others_are_skipped() {
+        let mut batches = Batches::new(Arc::new(Outbox::new(8, 4)), None);
+        let too_large = || CodecError::TooLarge { len: 2000, max: 1000 };
+        assert!(matches!(batches.refused("Mirrored", too_large()), Refused::Fatal(CodecError::TooLarge { .. })));
+        assert!(matches!(batches.refused("Response", too_large()), Refused::Skip));
     }
 
     #[tokio::test]

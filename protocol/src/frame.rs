@@ -270,7 +270,7 @@ pub struct MirrorKey {
 ///
 /// After `Ack` of a `Mirror`, the leader sends the snapshot of every key it
 /// follows (whoever subscribed it) as `Mirrored` frames of at most
-/// [`MIRROR_BATCH_ENTRIES`] entries (and about [`MIRROR_BATCH_BYTES`]) each,
+/// [`MIRROR_BATCH_ENTRIES`] entries (and at most [`MIRROR_BATCH_BYTES`]) each,
 /// `synced` false except on the last one; from then on each new value of a
 /// key, and each key the leader stops following, is one more `Mirrored`
 /// (`synced` true). A key appears at most once per frame.
@@ -287,8 +287,9 @@ pub struct Mirrored {
 /// The most entries a leader puts in one [`Mirrored`] frame.
 pub const MIRROR_BATCH_ENTRIES: usize = 256;
 
-/// About the most bytes of payloads and keys a leader puts in one
-/// [`Mirrored`] frame (1 MiB); one larger entry goes alone.
+/// The most bytes of entries a leader puts in one [`Mirrored`] frame (1 MiB,
+/// or less when its frame limit is lower), counting each entry's channel
+/// name, key, payload and a fixed overhead; one larger entry goes alone.
 pub const MIRROR_BATCH_BYTES: usize = 1 << 20;
 
 /// The state of a channel's upstream client in the leader.

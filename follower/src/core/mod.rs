@@ -404,7 +404,7 @@ impl Core {
     pub(crate) fn send_mirror(&mut self) {
         let id = self.next_id();
         if let Some(mirror) = self.mirror.as_mut() {
-            mirror.send(self.version, id, &mut self.in_flight, &mut self.out);
+            mirror.send(self.version, self.max_epoch, id, &mut self.in_flight, &mut self.out);
         }
     }
 

@@ -13,13 +13,14 @@ impl Standalone {
     pub(super) async fn become_leader(&mut self, lock: Flock<File>, lock_id: FileId) -> Result<Leader, StartupError> {
         let epoch_file = self.dir.join(format!("{}.epoch", self.name));
         let epoch_error = |source| StartupError::Io { path: epoch_file.clone(), source };
-        let epoch = read_epoch(&epoch_file).map_err(epoch_error)? + 1;
+        let succeeded = read_epoch(&epoch_file).map_err(epoch_error)?;
+        let epoch = succeeded + 1;
         // The standby starts warm: its mirror's values are served at once.
         // Released at once: the followers elect a new standby (at their next
         // connect or heartbeat).
         let was_standby = self.standby.take().is_some();
         let seed = match &self.mirror {
-            Some(mirror) if was_standby && mirror.status().synced => mirror.entries(),
+            Some(mirror) if was_standby => warm_seed(mirror, succeeded),
             _ => Vec::new(),
         };
         let seeded = seed.len();
@@ -49,5 +50,28 @@ impl Standalone {
         self.elected = Some(Elected { leader: leader.clone(), _lock: lock });
         self.hung = None;
         Ok(leader)
+    }
+}
+
+/// The entries a standby seeds its leader with, succeeding the leader of
+/// epoch `succeeded`: its mirror's, if its last complete snapshot came from
+/// that leader; none (a cold start) if it never had one, or had one of an
+/// older leader only (it missed everything the dead leader followed).
+pub(super) fn warm_seed(mirror: &crate::Mirror, succeeded: u64) -> Vec<tandem_protocol::MirrorEntry> {
+    let status = mirror.status();
+    match status.synced_epoch {
+        Some(epoch) if epoch == succeeded => mirror.entries(),
+        Some(epoch) => {
+            tracing::warn!(
+                mirrored = epoch,
+                succeeded,
+                "the standby's last complete mirror is of another leader's epoch; leading cold"
+            );
+            Vec::new()
+        }
+        None => {
+            tracing::warn!(succeeded, "the standby's mirror never completed a snapshot; leading cold");
+            Vec::new()
+        }
     }
 }

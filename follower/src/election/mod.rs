@@ -32,6 +32,7 @@
 //! B (follower): flock(name.standby) won -> the standby: mirrors the leader (no upstream connection)
 //! C (follower): flock(name.standby) busy -> a plain follower
 //! A dies: B: flock(name.lock) won at once -> epoch + 1 -> Leader seeded from B's mirror, binds name.sock
+//!            (if its last complete snapshot is A's, of the stored epoch; else cold: lead::warm_seed)
 //!            -> name.standby released
 //!         C: name.sock refuses -> tries it again every 1 ms: B answers -> follows B
 //!            (B never answers within STANDBY_GRACE, 50 ms: C competes for the locks itself)

@@ -130,3 +130,30 @@ fn a_startup_error_survives_the_trip_through_io_error_and_others_stay_io() {
     let other = io::Error::other("something else");
     assert_eq!(StartupError::from_io(other).unwrap_err().to_string(), "something else");
 }
+
+#[test]
+fn a_standby_seeds_only_from_a_complete_snapshot_of_the_leader_it_succeeds() {
+    use super::lead::warm_seed;
+    use crate::mirror::MirrorLink;
+    use crate::mirror::tests::{entry, mirror_leader};
+
+    // Never complete: cold.
+    let mut link = MirrorLink::new();
+    let mirror = link.adopt();
+    mirror_leader(&mut link, 1, vec![vec![entry("a", 1, 1)]], false);
+    assert!(warm_seed(&mirror, 1).is_empty());
+
+    // Complete for the leader of epoch 1, which died: warm.
+    let mut link = MirrorLink::new();
+    let mirror = link.adopt();
+    mirror_leader(&mut link, 1, vec![vec![entry("a", 1, 4)]], true);
+    assert_eq!(warm_seed(&mirror, 1), vec![entry("a", 1, 4)]);
+
+    // Epoch 1's leader was lost, the standby reconnected to epoch 2's but
+    // its snapshot never completed before epoch 2's leader died: cold, never
+    // epoch 1's stale state.
+    link.lost(&crate::Error::LeaderLost);
+    mirror_leader(&mut link, 2, vec![vec![entry("b", 2, 1)]], false);
+    assert!(mirror.status().synced, "a snapshot was complete once");
+    assert!(warm_seed(&mirror, 2).is_empty(), "{:?}", warm_seed(&mirror, 2));
+}

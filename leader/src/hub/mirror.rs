@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! standby --Mirror--> session: each hub, under its lock: register the outbox, snapshot its live values
-//! k's pump --value--> hub.deliver: Event to subscribers, Mirrored{[entry]} to every mirror (same lock)
+//! k's pump --value--> hub.deliver: Event to subscribers, Mirrored{[entry]} to every mirror (same lock),
+//!                     replacing k's update still queued there, if any (Outbox::push_mirror)
 //! k released -------> hub.forget_value: Mirrored{removed [k]} to every mirror
 //! new leader: seed(entries) --> topics with their value at (epoch, next seq), held for `seed_hold`,
 //!                               subscribed upstream from their revision once the upstream is attached
@@ -15,6 +16,26 @@ use tandem_protocol::{MIRROR_BATCH_BYTES, MIRROR_BATCH_ENTRIES, MirrorEntry, Mir
 use std::sync::atomic::AtomicBool;
 
 use super::*;
+
+/// The bytes of a `Mirrored` frame besides its entries (its tag, arrays,
+/// `synced`), with room to spare.
+pub(super) const MIRRORED_HEADROOM: usize = 64;
+
+/// The bytes of a `MirrorEntry` besides its channel name, key and payload
+/// (its array, the three byte strings' headers, epoch, seq, revision: 43 at most).
+const ENTRY_OVERHEAD: usize = 48;
+
+/// The most bytes of entries a snapshot batch holds: `MIRROR_BATCH_BYTES`,
+/// less when the frame limit is lower, so that every batch fits in a frame
+/// (one entry alone always does: its `Event` did).
+pub(super) fn batch_budget(max_frame_length: usize) -> usize {
+    MIRROR_BATCH_BYTES.min(max_frame_length.saturating_sub(MIRRORED_HEADROOM))
+}
+
+/// An entry's bytes in a `Mirrored` frame, at most.
+pub(super) fn entry_size(channel: &str, key: &[u8], payload: &[u8]) -> usize {
+    channel.len() + key.len() + payload.len() + ENTRY_OVERHEAD
+}
 
 /// A mirroring session: its outbox, and whether every channel's snapshot is
 /// queued on it already (the `synced` of its updates).
@@ -50,7 +71,11 @@ impl Hub {
         let entry = self.entry(key, seq, payload, revision);
         for sink in mirrors.values() {
             let synced = sink.synced.load(Ordering::Relaxed);
-            sink.outbox.push(Frame::Mirrored(Mirrored { entries: vec![entry.clone()], removed: vec![], synced }));
+            sink.outbox.push_mirror(
+                &self.channel,
+                key,
+                Mirrored { entries: vec![entry.clone()], removed: vec![], synced },
+            );
         }
     }
 
@@ -61,6 +86,7 @@ impl Hub {
         topic.last = None;
         topic.revision = None;
         topic.absorb = None;
+        topic.origin = None;
         if !had {
             return;
         }
@@ -71,7 +97,11 @@ impl Hub {
         let removed = MirrorKey { channel: self.channel.clone().into(), key: key.clone() };
         for sink in mirrors.values() {
             let synced = sink.synced.load(Ordering::Relaxed);
-            sink.outbox.push(Frame::Mirrored(Mirrored { entries: vec![], removed: vec![removed.clone()], synced }));
+            sink.outbox.push_mirror(
+                &self.channel,
+                key,
+                Mirrored { entries: vec![], removed: vec![removed.clone()], synced },
+            );
         }
     }
 
@@ -85,10 +115,11 @@ impl Hub {
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut sent = 0usize;
+        let budget = batch_budget(self.max_frame_length);
         for (key, topic) in &state.topics {
             let Some(value) = topic.live_value() else { continue };
-            let size = key.len() + value.payload.len();
-            if !batch.is_empty() && (batch.len() >= MIRROR_BATCH_ENTRIES || bytes + size > MIRROR_BATCH_BYTES) {
+            let size = entry_size(&self.channel, key, &value.payload);
+            if !batch.is_empty() && (batch.len() >= MIRROR_BATCH_ENTRIES || bytes + size > budget) {
                 let entries = std::mem::take(&mut batch);
                 if !outbox.push(Frame::Mirrored(Mirrored { entries, removed: vec![], synced: false })) {
                     return false;
@@ -150,6 +181,7 @@ impl Hub {
             topic.revision = entry.revision;
             topic.resume = entry.revision;
             topic.absorb = Some(entry.payload);
+            topic.origin = Some(Position { epoch: entry.epoch, seq: entry.seq });
             topic.seeded = true;
             topic.held = true;
             seeded += 1;

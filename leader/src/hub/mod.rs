@@ -142,6 +142,10 @@ struct Topic {
     absorb: Option<Bytes>,
     /// The revision to resume from on the next upstream subscribe (seeded keys).
     resume: Option<u64>,
+    /// A seeded key's position at the leader it was mirrored from, until the
+    /// upstream gives a fresh value: a subscriber that saw that position or a
+    /// later one already has this value or a newer one, and is not sent it.
+    origin: Option<Position>,
 }
 
 impl Topic {
@@ -354,6 +358,11 @@ impl Hub {
     }
 
     fn send_cached(&self, topic: &Topic, outbox: &Outbox, key: &Bytes, last_seen: Option<Position>) {
+        if topic.origin.is_some_and(|origin| last_seen.is_some_and(|seen| seen >= origin)) {
+            // A seeded value the subscriber had, or older than what it has:
+            // the mirror can lag what the old leader sent (PROTOCOL.md §7.2).
+            return;
+        }
         if let Some((seq, event)) = &topic.last {
             let position = Position { epoch: self.epoch, seq: *seq };
             if last_seen.is_none_or(|seen| position > seen) {
@@ -489,6 +498,7 @@ impl Hub {
             self.mirror_value(key, seq, &value.payload, revision);
         }
         topic.last = Some((seq, event));
+        topic.origin = None;
         topic.lookup = 0;
         true
     }
