@@ -25,8 +25,11 @@ fn fixture_path() -> PathBuf {
 }
 
 /// The `unshare` arguments that give a new PID namespace here, if any do.
+/// `--kill-child`: when `unshare` dies (the guard kills it by pid), its child,
+/// the namespace's init, is SIGKILLed, and with it every process of the
+/// namespace: a failing test leaves no cluster behind.
 fn unshare_args() -> Option<Vec<&'static str>> {
-    let mut args = vec!["--pid", "--fork", "--mount-proc"];
+    let mut args = vec!["--pid", "--fork", "--mount-proc", "--kill-child"];
     if !nix::unistd::geteuid().is_root() {
         args.splice(0..0, ["--user", "--map-root-user"]);
     }
