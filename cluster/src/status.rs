@@ -129,9 +129,42 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / tick as f64)
 }
 
+/// How long a process has existed, in seconds: `/proc/uptime` minus its start
+/// time (field 22 of `/proc/<pid>/stat`, in clock ticks after boot). `None`
+/// when it cannot be read.
+pub(crate) fn process_age(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Field 22 is the 20th after the command name (field 3 is the first).
+    let start: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten()?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+    (tick > 0).then(|| (uptime - start as f64 / tick as f64).max(0.0))
+}
+
+/// The most CPU % a process can use: every CPU this machine lets it run on.
+pub(crate) fn max_cpu_percent() -> f64 {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64 * 100.0
+}
+
+/// A process's CPU use averaged over its life: its CPU time over its own age
+/// (not its slot's uptime, which starts later than its CPU time), at most
+/// [`max_cpu_percent`].
+pub(crate) fn lifetime_cpu_percent(pid: u32, cpu_seconds: f64) -> Option<f64> {
+    let age = process_age(pid).filter(|age| *age > 0.0)?;
+    Some((cpu_seconds / age * 100.0).min(max_cpu_percent()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_age_is_read_and_grows() {
+        let age = process_age(std::process::id()).expect("own stat");
+        assert!((0.0..86_400.0 * 365.0).contains(&age), "{age}");
+        assert!(process_age(u32::MAX).is_none());
+    }
 
     #[test]
     fn reads_this_process_cpu_time() {

@@ -128,6 +128,7 @@ impl MasterHandle {
     /// One [`ProcessInfo`] per row, with CPU use since the previous sample.
     pub(crate) fn processes(&self, snapshot: &Snapshot, leader: Option<serde_json::Value>) -> Vec<ProcessInfo> {
         let now = Instant::now();
+        let max_percent = crate::status::max_cpu_percent();
         let mut samples = self.stats.cpu_samples.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = Vec::new();
         let mut leader = leader;
@@ -144,8 +145,9 @@ impl MasterHandle {
                             Some(&(before, at)) if now.duration_since(at) >= Duration::from_millis(100) => {
                                 Some((cpu - before).max(0.0) / now.duration_since(at).as_secs_f64() * 100.0)
                             }
-                            _ => row.uptime.filter(|u| !u.is_zero()).map(|u| cpu / u.as_secs_f64() * 100.0),
+                            _ => crate::status::lifetime_cpu_percent(pid, cpu),
                         };
+                        let percent = percent.map(|p| p.min(max_percent));
                         if samples.get(&pid).is_none_or(|&(_, at)| now.duration_since(at) >= Duration::from_millis(100))
                         {
                             samples.insert(pid, (cpu, now));

@@ -325,7 +325,7 @@ impl StatusRow {
     /// averaged over the process's life (read from `/proc` now).
     pub fn process_info(&self) -> ProcessInfo {
         let cpu = self.pid.and_then(cpu_seconds);
-        let cpu_percent = cpu.zip(self.uptime.filter(|u| !u.is_zero())).map(|(cpu, u)| cpu / u.as_secs_f64() * 100.0);
+        let cpu_percent = self.pid.zip(cpu).and_then(|(pid, cpu)| crate::status::lifetime_cpu_percent(pid, cpu));
         ProcessInfo {
             role: self.role.to_string(),
             slot: self.worker_id,
