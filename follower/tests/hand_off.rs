@@ -52,15 +52,10 @@ fn lines_of(who: &str) -> Vec<String> {
 
 /// Waits until `who` logged a line at `level` containing every one of `parts`; returns it.
 async fn logged(who: &str, level: &str, parts: &[&str]) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = lines_of(who).into_iter().find(|l| l.contains(level) && parts.iter().all(|p| l.contains(p)));
-        if let Some(line) = found {
-            return line;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{who} never logged {level} {parts:?}: {:#?}", lines_of(who));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let find = || lines_of(who).into_iter().find(|l| l.contains(level) && parts.iter().all(|p| l.contains(p)));
+    let what = format!("{who} logging {level} {parts:?}");
+    tandem_testkit::eventually(Duration::from_secs(10), &what, || async { find().is_some() }).await;
+    find().expect("found above")
 }
 
 /// Makes a connection inside a span named `who`: its driver's lines carry the name.
