@@ -44,6 +44,10 @@ struct Args {
     /// A key's initial value, as KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     values: Vec<String>,
+    /// Run on tokio's current-thread runtime (one thread, as a Node leader
+    /// has) instead of the multi-thread one `standalone` uses.
+    #[arg(long)]
+    current_thread: bool,
 }
 
 /// The key's current value and the subscribers' sink, if any follower subscribed.
@@ -123,7 +127,11 @@ fn main() -> anyhow::Result<()> {
         };
         upstream.write(key.to_owned(), Some(value.to_owned()));
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Runtime::new()?
+    };
     runtime.block_on(async move {
         let leader = Leader::builder().token(args.token.clone()).channel::<ConfigApi, _>(upstream).start();
         let bound = leader.bind_unix(&args.socket).with_context(|| format!("--socket {}", args.socket.display()))?;

@@ -17,7 +17,7 @@ const { EventEmitter } = require('node:events');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const { Link } = require('./link');
-const { encodeValue, decodeValue, encodeFrame } = require('./codec');
+const { encodeValue, encodeValueShared, encodeInvoke, decodeValue, encodeFrame } = require('./codec');
 const { resolveConfig } = require('./config');
 const { Subscription } = require('./subscription');
 const {
@@ -96,14 +96,17 @@ class Client extends EventEmitter {
       if (signal && signal.aborted) throw new Cancelled({ cause: signal.reason });
       this.usable();
       if (!(timeout > 0)) throw new TypeError(`invoke: timeout must be a positive number of ms, got ${timeout}`);
-      const payload = raw ? request : encodeValue(request);
+      // A view into the encoder's buffer: copied into the frame below, before
+      // anything else is encoded.
+      const payload = raw ? request : encodeValueShared(request);
       this.checkSize(payload);
       if (!oneway && this.inFlight.size >= this.config.maxInFlight) throw new Busy(this.config.maxInFlight);
       this.open(channel);
       const id = this.nextId++;
       const deadlineMs = Math.min(Math.max(Math.ceil(timeout), 1), U32_MAX);
+      const frame = encodeInvoke(id, channel, deadlineMs, oneway, payload);
       if (oneway) {
-        this.link.send({ kind: 'Invoke', id, channel, deadlineMs, oneway: true, payload });
+        this.link.sendEncoded(frame);
         resolve(undefined);
         return;
       }
@@ -115,7 +118,7 @@ class Client extends EventEmitter {
       }
       this.inFlight.set(id, call);
       this.arm(call.deadline);
-      this.link.send({ kind: 'Invoke', id, channel, deadlineMs, oneway: false, payload });
+      this.link.sendEncoded(frame);
     });
   }
 

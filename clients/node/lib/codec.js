@@ -15,6 +15,7 @@
 const { isUtf8 } = require('node:buffer');
 const { Encoder, Decoder } = require('@msgpack/msgpack');
 const { ProtocolError } = require('./errors');
+const { decodeResponse, encodeInvoke: encodeInvokeFast } = require('./hotpath');
 
 // One encoder and decoder of each kind per process: encoding and decoding are
 // synchronous, so sharing them is safe, and it saves an allocation per frame.
@@ -53,7 +54,31 @@ function keysIn(value) {
 // exact up to 2^53 - 1 and written in the shortest form (integers of 2^32 or
 // more as uint64 / int64), as JSON.parse would give them.
 const valueEncoder = new Encoder({ initialBufferSize: 4096 });
-const valueDecoder = new Decoder();
+
+// Strings longer than a map key are decoded by Node's native UTF-8 decoder
+// (`Buffer#utf8Slice`) instead of the package's JavaScript loop, which is
+// 2-3x slower for a value of a hundred bytes or more (a config value, a JSON
+// document). Map keys and short strings keep the package's path (its key
+// cache, and no native call for a few bytes). Invalid UTF-8 becomes U+FFFD,
+// as Node's decoder does; the package's loop would make other code units.
+// `decodeUtf8String` is the package's own hook (3.x); without it (another
+// major version) the plain decoder is used.
+const utf8Slice = Buffer.prototype.utf8Slice;
+class ValueDecoder extends Decoder {
+  decodeUtf8String(byteLength, headerOffset) {
+    const start = this.pos + headerOffset;
+    const end = start + byteLength;
+    if (byteLength <= 16 || byteLength > this.maxStrLength || this.bytes.byteLength < end || this.stateIsMapKey()) {
+      return super.decodeUtf8String(byteLength, headerOffset);
+    }
+    const string = utf8Slice.call(this.bytes, start, end);
+    this.pos = end;
+    return string;
+  }
+}
+const nativeStrings = typeof utf8Slice === 'function' &&
+  typeof Decoder.prototype.decodeUtf8String === 'function' && typeof Decoder.prototype.stateIsMapKey === 'function';
+const valueDecoder = nativeStrings ? new ValueDecoder() : new Decoder();
 
 /** A u64 field, ready for `frameEncoder`: a number below 2^32, a BigInt from there. */
 function wide(value) {
@@ -431,6 +456,11 @@ const FRAME_KINDS = Object.freeze(Object.keys(KINDS));
  * when the body is not exactly one MessagePack value of a known frame's shape.
  */
 function decodeBody(body) {
+  return decodeResponse(body) ?? decodeGeneral(body);
+}
+
+/** `decodeBody` without the hand-written path for a `Response` (exported for the tests). */
+function decodeGeneral(body) {
   let value;
   mapKeysRead = 0;
   try {
@@ -477,6 +507,16 @@ function encodeBody(frame) {
   return frameEncoder.encode({ [frame.kind]: kind.encode(frame) });
 }
 
+/**
+ * The whole `Invoke` frame (length prefix included), byte for byte what
+ * `encodeFrame({ kind: 'Invoke', id, channel, deadlineMs, oneway, payload })`
+ * writes, in one buffer with one copy of the payload (`hotpath.js`).
+ */
+function encodeInvoke(id, channel, deadlineMs, oneway, payload) {
+  return encodeInvokeFast(id, channel, deadlineMs, oneway, payload) ??
+    encodeFrame({ kind: 'Invoke', id, channel, deadlineMs, oneway, payload });
+}
+
 /** Encodes a frame with its 4-byte length prefix, as a Buffer. */
 function encodeFrame(frame) {
   const body = encodeBody(frame);
@@ -493,6 +533,14 @@ function encodeValue(value) {
   return valueEncoder.encode(value);
 }
 
+/**
+ * `encodeValue` without the copy: a view into the encoder's buffer, valid
+ * only until the next `encodeValue`/`encodeValueShared` (copy it before).
+ */
+function encodeValueShared(value) {
+  return valueEncoder.encodeSharedRef(value);
+}
+
 /** A user value from its MessagePack (a response or an event). */
 function decodeValue(bytes) {
   return valueDecoder.decode(bytes);
@@ -502,8 +550,11 @@ module.exports = {
   FRAME_KINDS,
   ERROR_KINDS,
   decodeBody,
+  decodeGeneral,
   encodeBody,
   encodeFrame,
+  encodeInvoke,
   encodeValue,
+  encodeValueShared,
   decodeValue,
 };

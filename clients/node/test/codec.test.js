@@ -262,3 +262,67 @@ test('payload values: Rust enums, structs and Option map to the documented JS sh
   assert.deepEqual(codec.decodeValue(body('81 a5 56616c7565 92 a1 76 03')), { Value: ['v', 3] });
   assert.deepEqual(codec.decodeValue(body('81 a5 56616c7565 c0')), { Value: null });
 });
+
+test('the hand-written Invoke and Response paths (lib/hotpath.js) give the general path\'s bytes and fields', () => {
+  const lib = require('../lib/codec');
+  const hot = require('../lib/hotpath');
+  const ids = [0, 1, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1, 2 ** 32, 2 ** 53 - 1, 2n ** 64n - 1n];
+  const channels = ['c', 'config', 'x'.repeat(31), 'x'.repeat(32), 'x'.repeat(255), 'x'.repeat(256), '\u00e9'.repeat(16), 'y'.repeat(70000)];
+  const deadlines = [1, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1];
+  const sizes = [0, 1, 255, 256, 65535, 65536];
+  const payloadOf = (n) => Buffer.alloc(n, n & 0xff);
+  const invoke = (id, channel, deadlineMs, oneway, payload) => {
+    const general = lib.encodeFrame({ kind: 'Invoke', id, channel, deadlineMs, oneway, payload }).toString('hex');
+    const fast = lib.encodeInvoke(id, channel, deadlineMs, oneway, payload).toString('hex');
+    assert.equal(fast, general, `Invoke id=${id} channel=${channel.length} chars deadline=${deadlineMs} payload=${payload.length}`);
+    // The hand-written path took it whenever it can.
+    const small = typeof id === 'number' && id < 2 ** 32;
+    assert.equal(hot.encodeInvoke(id, channel, deadlineMs, oneway, payload) !== null, small);
+  };
+  // Each width of each field, the others at a plain value; both oneway flags.
+  for (const oneway of [false, true]) {
+    for (const id of ids) invoke(id, 'config', 5000, oneway, payloadOf(12));
+    for (const channel of channels) invoke(7, channel, 5000, oneway, payloadOf(12));
+    for (const deadline of deadlines) invoke(7, 'config', deadline, oneway, payloadOf(12));
+    for (const n of sizes) invoke(7, 'config', 5000, oneway, payloadOf(n));
+  }
+  // A payload that is a view into a larger buffer, as encodeValueShared gives.
+  const big = Buffer.alloc(100, 1);
+  invoke(300, 'config', 3000, false, big.subarray(10, 40));
+  assert.deepEqual(lib.decodeValue(lib.encodeValueShared({ Get: 'k' })), { Get: 'k' });
+
+  // Responses: every id and bin width decodes as the general path does; other bodies are left to it.
+  for (const id of ids) {
+    for (const n of sizes) {
+      const body = Buffer.from(lib.encodeBody({ kind: 'Response', id, result: { ok: payloadOf(n) } }));
+      const general = lib.decodeGeneral(body);
+      assert.deepEqual(lib.decodeBody(body), general, `Response id=${id} payload=${n}`);
+      const fast = hot.decodeResponse(body);
+      assert.equal(fast !== null, typeof id === 'number' && id < 2 ** 32, `fast path for id=${id}`);
+      if (fast) assert.deepEqual(fast, general);
+    }
+  }
+  const err = Buffer.from(lib.encodeBody({ kind: 'Response', id: 9, result: { err: { kind: 'Upstream', code: 'x', message: 'y' } } }));
+  assert.equal(hot.decodeResponse(err), null);
+  // Cut short or with a byte too many: left to the general path, which refuses it.
+  const ok = Buffer.from(lib.encodeBody({ kind: 'Response', id: 9, result: { ok: payloadOf(20) } }));
+  for (const bad of [ok.subarray(0, ok.length - 1), Buffer.concat([ok, Buffer.from([0])])]) {
+    assert.equal(hot.decodeResponse(bad), null);
+    assert.throws(() => lib.decodeBody(bad), ProtocolError);
+  }
+});
+
+test('values: strings of every length decode the same with the native string path', () => {
+  const { Decoder } = require('@msgpack/msgpack');
+  const plain = new Decoder();
+  for (const n of [0, 1, 16, 17, 31, 32, 133, 255, 256, 70000]) {
+    // Whole code points (a lone surrogate has no UTF-8 form: the Rust side never sends one).
+    const mixed = Array.from('\u00e9\u4e2d\ud83d\ude00'.repeat(Math.ceil(n / 3))).slice(0, n).join('');
+    for (const s of ['a'.repeat(n), mixed]) {
+      const value = { key: s, list: [s, { [s.slice(0, 10)]: s }] };
+      const bytes = codec.encodeValue(value);
+      assert.deepEqual(codec.decodeValue(bytes), plain.decode(bytes), `string of ${n}`);
+      assert.deepEqual(codec.decodeValue(bytes), value);
+    }
+  }
+});
