@@ -169,3 +169,29 @@ def test_split_frames_reassemble_and_limits_are_checked_on_the_prefix() -> None:
             await frame_reader.read(truncated)
 
     asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_feed_reassembles_frames_split_or_coalesced_anyhow() -> None:
+    """``FrameReader.feed`` (the read loop's path): every vector a leader sends,
+    concatenated, comes out in order whether the bytes arrive one at a time, in
+    chunks of every size, or all at once; a length over the limit is refused
+    from its prefix alone, before the body arrives."""
+    leader = [v for v in VECTORS["frames"] if v["kind"] in wire._LEADER_KINDS]
+    stream = b"".join(bytes.fromhex(v["hex"]) for v in leader)
+    expected = [wire.decode_body(bytes.fromhex(v["hex"])[4:]) for v in leader]
+    for size in [1, 2, 3, 4, 5, 7, 13, 64, len(stream)]:
+        frame_reader = wire.FrameReader()
+        got = []
+        for at in range(0, len(stream), size):
+            got.extend(frame_reader.feed(stream[at : at + size]))
+        assert repr(got) == repr(expected), f"chunks of {size}"  # RemoteError compares by repr
+        assert frame_reader.pending == 0
+    half = wire.FrameReader()
+    assert half.feed(stream[:6]) == []
+    assert half.pending == 6
+
+    limited = wire.FrameReader(max_length=10)
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        limited.feed(b"\x00\x00\x00\x0b")
+    with pytest.raises(ProtocolError):
+        wire.FrameReader().feed(b"\x00\x00\x00\x02\xc1\xc1")

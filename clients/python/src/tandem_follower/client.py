@@ -17,7 +17,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import msgpack
 
@@ -26,6 +26,8 @@ from .errors import Closed, DeadlineExceeded, LeaderLost, NotReady, ProtocolErro
 
 __all__ = ["connect", "Client", "Subscription", "Update", "ChannelState"]
 
+#: The most bytes taken from the socket per read.
+READ_SIZE = 256 * 1024
 #: How many values a subscription buffers for a slow reader; past it the oldest are skipped.
 SUBSCRIPTION_BUFFER = 256
 
@@ -64,6 +66,48 @@ def _unpack(payload: bytes) -> Any:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as error:
         raise RemoteError("BadRequest", "decode", f"cannot decode the payload: {error}") from error
+
+
+class _LinkReader(asyncio.StreamReader):
+    """A StreamReader for the handshake that then hands every read straight to
+    the session (``hand_over``), from the protocol's callback, instead of
+    buffering it for a task to await. What was buffered before is handed over
+    first; an end of stream (or a failed connection) calls ``on_end``."""
+
+    _on_data: Optional[Callable[[bytes], None]] = None
+    _on_end: Optional[Callable[[Optional[BaseException]], None]] = None
+
+    def hand_over(
+        self, on_data: Callable[[bytes], None], on_end: Callable[[Optional[BaseException]], None]
+    ) -> None:
+        self._on_data = on_data
+        self._on_end = on_end
+        buffered = getattr(self, "_buffer", None)
+        if buffered:
+            data = bytes(buffered)
+            buffered.clear()
+            on_data(data)
+        error = self.exception()
+        if error is not None:
+            on_end(error)
+        elif self.at_eof() or getattr(self, "_eof", False):
+            on_end(None)
+
+    def feed_data(self, data: bytes) -> None:
+        if self._on_data is not None:
+            self._on_data(data)
+        else:
+            super().feed_data(data)
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        if self._on_end is not None:
+            self._on_end(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        super().set_exception(exc)
+        if self._on_end is not None:
+            self._on_end(exc)
 
 
 class _Topic:
@@ -192,19 +236,31 @@ class Client:
         self._check_usable()
         self._open(channel)
         request_id = self._id()
-        future: "asyncio.Future[Any]" = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: "asyncio.Future[Any]" = loop.create_future()
         deadline_ms = max(1, min(wire.U32, int(timeout * 1000)))
         self._send("Invoke", [request_id, channel, deadline_ms, False, _pack(request)])
         self._pending[request_id] = ("invoke", future)
+        # One timer handle, and the call's own future awaited directly: the
+        # answer wakes this task in the next turn of the loop (wait_for and
+        # shield would add futures, callbacks and turns to every call).
+        timer = loop.call_later(timeout, self._expire, request_id, timeout)
         try:
-            payload = await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            self._abandon(request_id)
-            raise DeadlineExceeded(timeout) from None
+            payload = await future
         except asyncio.CancelledError:
             self._abandon(request_id)
             raise
+        finally:
+            timer.cancel()
         return _unpack(payload)
+
+    def _expire(self, request_id: int, timeout: float) -> None:
+        """A call's timeout passed: the leader is told (``Cancel``) and the call raises."""
+        entry = self._pending.pop(request_id, None)
+        if entry is not None and not entry[1].done():
+            if self._writer is not None:
+                self._send("Cancel", request_id)
+            entry[1].set_exception(DeadlineExceeded(timeout))
 
     def _abandon(self, request_id: int) -> None:
         entry = self._pending.pop(request_id, None)
@@ -307,7 +363,12 @@ class Client:
     # ------------------------------------------------------------------ the link
 
     async def _handshake(self) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter, tuple]:
-        reader, writer = await asyncio.open_unix_connection(self.socket)
+        # asyncio.open_unix_connection, with a reader that can hand reads over.
+        loop = asyncio.get_running_loop()
+        reader = _LinkReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.create_unix_connection(lambda: protocol, self.socket)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         try:
             hello = [wire.PROTOCOL_VERSION, self.peer_id.bytes, os.getpid(), self._declared, self.token]
             writer.write(wire.encode("Hello", hello))
@@ -393,19 +454,53 @@ class Client:
         heartbeat = max(0.01, heartbeat_ms / 1000)
         last_heard = time.monotonic()
         pinger = asyncio.create_task(self._heartbeats(heartbeat, lambda: last_heard, writer))
+        # From here every read is handled in the socket's own callback: the
+        # frames it completes are decoded and dispatched there, and each
+        # answered call's task wakes in the next turn of the loop (no reading
+        # task to wake in between). This task only waits for the end.
+        ended: "asyncio.Future[str]" = asyncio.get_running_loop().create_future()
+        frames = wire.FrameReader(self._max_frame_length)
+
+        def end(why: str) -> None:
+            if not ended.done():
+                ended.set_result(why)
+
+        def on_data(data: bytes) -> None:
+            nonlocal last_heard
+            if ended.done():
+                return
+            last_heard = time.monotonic()
+            try:
+                for frame in frames.feed(data):
+                    if not self._on_frame(*frame):
+                        end(f"the leader said goodbye: {frame[1]}")
+                        return
+            except ProtocolError as error:
+                end(f"bad frame from the leader: {error}")
+            except (OSError, LeaderLost) as error:
+                end(f"the link to the leader failed: {error}")
+
+        def on_end(error: Optional[BaseException]) -> None:
+            if error is not None:
+                end(f"the link to the leader failed: {error}")
+            elif frames.pending:
+                end(f"bad frame from the leader: connection closed in the middle of a frame ({frames.pending} bytes)")
+            else:
+                end("the leader closed the connection")
+
         why = "closed"
         try:
-            while not self._closed:
-                frame = await self._reader.read(reader)
-                if frame is None:
-                    why = "the leader closed the connection"
-                    break
-                last_heard = time.monotonic()
-                if not self._on_frame(*frame):
-                    why = f"the leader said goodbye: {frame[1]}"
-                    break
-        except ProtocolError as error:
-            why = f"bad frame from the leader: {error}"
+            if isinstance(reader, _LinkReader):
+                reader.hand_over(on_data, on_end)
+                why = await ended
+            else:  # a plain StreamReader: read in this task
+                while not ended.done():
+                    data = await reader.read(READ_SIZE)
+                    if data:
+                        on_data(data)
+                    else:
+                        on_end(None)
+                why = ended.result()
         except (OSError, LeaderLost) as error:
             why = f"the link to the leader failed: {error}"
         except asyncio.CancelledError:

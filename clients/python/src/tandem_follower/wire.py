@@ -9,7 +9,7 @@ raises :class:`ProtocolError`, never another exception.
 from __future__ import annotations
 
 import struct
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import msgpack
 
@@ -25,6 +25,7 @@ U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
 
 Frame = Tuple[str, Any]
+_PREFIX = struct.Struct(">I")
 
 # Frames a leader may send, and the shape of their value.
 _LEADER_KINDS = frozenset(
@@ -152,6 +153,44 @@ class FrameReader:
 
     def __init__(self, max_length: int = DEFAULT_MAX_FRAME_LENGTH) -> None:
         self.max_length = max_length
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> List[Frame]:
+        """The frames that ``data`` completes, in order (bytes of a frame not yet
+        complete are kept for the next call). Raises :class:`ProtocolError` on a
+        length over the limit (from the prefix alone) or a bad body; the reader
+        is then unusable."""
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            view: Any = buffer
+        else:
+            view = data
+        frames: List[Frame] = []
+        pos = 0
+        end = len(view)
+        while end - pos >= LENGTH_PREFIX:
+            (length,) = _PREFIX.unpack_from(view, pos)
+            if length > self.max_length:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_length} bytes")
+            start = pos + LENGTH_PREFIX
+            if end - start < length:
+                break
+            frames.append(decode_body(bytes(view[start : start + length])))
+            pos = start + length
+        if pos < end:
+            if buffer:
+                del buffer[:pos]
+            else:
+                buffer += data[pos:]
+        elif buffer:
+            buffer.clear()
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame begun but not complete (a close now cuts a frame)."""
+        return len(self._buffer)
 
     async def read(self, stream: Any) -> Optional[Frame]:
         """The next frame from an ``asyncio.StreamReader``; ``None`` on a clean
