@@ -6,7 +6,8 @@
 // p50/p99 of the pooled per-call latencies.
 //
 //   node bench/bench.js [--n 4] [--duration 5] [--upstream memory|registry]
-//                       [--lang node|python] [--python PATH] [--target DIR] [--out FILE]
+//                       [--runtime multi|current] [--lang node|python] [--python PATH]
+//                       [--target DIR] [--out FILE]
 //
 // Every call is a `config` Get of `app.bench`, whose value is the 133-byte
 // JSON of the object cluster-client's getConfig returns; the follower parses
@@ -18,6 +19,9 @@
 // - `registry`: the Leader is `examples/standalone` in front of the bundled
 //   registry server (`tandem-registry serve`), and every call is forwarded to
 //   the registry over TCP: one more hop (and one more process woken) per call.
+// `--runtime current` runs the memory leader on tokio's current-thread
+// runtime (one thread, as cluster-client's Node leader); the default is the
+// multi-thread runtime `standalone` uses.
 //
 // `--lang python` runs the Python follower (clients/python/bench/follower.py,
 // driven over stdin/stdout JSON lines) instead of bench/follower.js (driven
@@ -43,6 +47,9 @@ function arg(name, fallback) {
 const N = parseInt(arg('n', '4'), 10);
 const UPSTREAM = arg('upstream', 'memory');
 const LANG = arg('lang', 'node');
+// The memory leader's tokio runtime: `multi` (the default, as `standalone`) or `current` (one thread).
+const RUNTIME = arg('runtime', 'multi');
+if (!['multi', 'current'].includes(RUNTIME)) throw new Error(`--runtime ${RUNTIME}: multi or current`);
 if (!['memory', 'registry'].includes(UPSTREAM)) throw new Error(`--upstream ${UPSTREAM}: memory or registry`);
 if (!['node', 'python'].includes(LANG)) throw new Error(`--lang ${LANG}: node or python`);
 const D = parseFloat(arg('duration', '5')) * 1000;
@@ -135,7 +142,7 @@ async function startLeader(dir) {
   const socket = path.join(dir, 'bench.sock');
   if (UPSTREAM === 'memory') {
     const leader = track(spawn(path.join(TARGET, LEADER_BIN),
-      ['--socket', socket, '--token', TOKEN, '--set', `app.bench=${VALUE}`],
+      ['--socket', socket, '--token', TOKEN, '--set', `app.bench=${VALUE}`, ...(RUNTIME === 'current' ? ['--current-thread'] : [])],
       { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, RUST_LOG: 'error' } }));
     await waitLine(leader, /^listening /, 20000);
     return socket;
@@ -162,7 +169,7 @@ async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tnode-bench-'));
   const socket = await startLeader(dir);
   const result = {
-    bench: `tandem-follower (${LANG})`, upstream: UPSTREAM, leader: LEADER_BIN, node: process.version, n: N, durationS: D / 1000,
+    bench: `tandem-follower (${LANG})`, upstream: UPSTREAM, leader: LEADER_BIN, runtime: UPSTREAM === 'memory' ? RUNTIME : 'multi', node: process.version, n: N, durationS: D / 1000,
     target: TARGET, payload_bytes: VALUE.length, at: new Date().toISOString(), loadavg_start: os.loadavg()[0], proc_loadavg_start: loadavg(),
   };
   const followers = Array.from({ length: N }, startFollower);
@@ -173,7 +180,7 @@ async function main() {
     const total = rs.reduce((a, r) => a + r.count, 0);
     const secs = Math.max(...rs.map((r) => r.elapsedNs)) / 1e9;
     result[`invoke_c${c}`] = { calls_per_s: Math.round(total / secs), errors: rs.reduce((a, r) => a + r.errs, 0), ...pooled(rs) };
-    console.error(`[tandem ${LANG} ${UPSTREAM} n=${N}] invoke c=${c}:`, JSON.stringify(result[`invoke_c${c}`]));
+    console.error(`[tandem ${LANG} ${UPSTREAM}/${result.runtime} n=${N}] invoke c=${c}:`, JSON.stringify(result[`invoke_c${c}`]));
   }
   const rss = await Promise.all(followers.map((f) => request(f, { cmd: 'rss' }, 'rss', 5000)));
   result.rss_followers_mib = rss.map((r) => r.rss);
