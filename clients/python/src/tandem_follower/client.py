@@ -57,8 +57,13 @@ class ChannelState:
     error: Optional[RemoteError] = None
 
 
+# One packer for every request and key (msgpack.packb builds a new one per
+# call); it resets itself after each value, and after an error.
+_packer = msgpack.Packer(use_bin_type=True)
+
+
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return _packer.pack(value)
 
 
 def _unpack(payload: bytes) -> Any:
@@ -159,6 +164,10 @@ class Client:
         self._writer: Optional[asyncio.StreamWriter] = None
         self._next_id = 1
         self._pending: Dict[int, Tuple[str, "asyncio.Future[Any]"]] = {}
+        #: request id -> (deadline by the loop's clock, timeout) of each invoke awaiting its answer.
+        self._deadlines: Dict[int, Tuple[float, float]] = {}
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at = float("inf")
         self._topics: Dict[Tuple[str, bytes], _Topic] = {}
         self._states: Dict[str, ChannelState] = {}
         self._max_epoch = 0
@@ -241,26 +250,47 @@ class Client:
         deadline_ms = max(1, min(wire.U32, int(timeout * 1000)))
         self._send("Invoke", [request_id, channel, deadline_ms, False, _pack(request)])
         self._pending[request_id] = ("invoke", future)
-        # One timer handle, and the call's own future awaited directly: the
-        # answer wakes this task in the next turn of the loop (wait_for and
-        # shield would add futures, callbacks and turns to every call).
-        timer = loop.call_later(timeout, self._expire, request_id, timeout)
+        # The call's own future, awaited directly: the answer wakes this task
+        # in the next turn of the loop (wait_for and shield would add futures,
+        # callbacks and turns to every call). Deadlines share one timer.
+        deadline = loop.time() + timeout
+        self._deadlines[request_id] = (deadline, timeout)
+        if deadline < self._timer_at:
+            self._arm(loop, deadline)
         try:
             payload = await future
         except asyncio.CancelledError:
             self._abandon(request_id)
             raise
         finally:
-            timer.cancel()
+            del self._deadlines[request_id]
         return _unpack(payload)
 
-    def _expire(self, request_id: int, timeout: float) -> None:
-        """A call's timeout passed: the leader is told (``Cancel``) and the call raises."""
-        entry = self._pending.pop(request_id, None)
-        if entry is not None and not entry[1].done():
-            if self._writer is not None:
-                self._send("Cancel", request_id)
-            entry[1].set_exception(DeadlineExceeded(timeout))
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        """Sets the one deadline timer to fire at ``at`` (the earliest deadline)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Fails every call whose timeout passed (the leader is told, ``Cancel``)
+        and sets the timer for the next deadline. A call answered early leaves
+        nothing behind: the timer fires for the calls still waiting."""
+        self._timer = None
+        self._timer_at = float("inf")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = [(request_id, timeout) for request_id, (at, timeout) in self._deadlines.items() if at <= now]
+        for request_id, timeout in due:
+            entry = self._pending.pop(request_id, None)
+            if entry is not None and not entry[1].done():
+                if self._writer is not None:
+                    self._send("Cancel", request_id)
+                entry[1].set_exception(DeadlineExceeded(timeout))
+        later = [at for at, _ in self._deadlines.values() if at > now]
+        if later:
+            self._arm(loop, min(later))
 
     def _abandon(self, request_id: int) -> None:
         entry = self._pending.pop(request_id, None)
@@ -662,6 +692,9 @@ class Client:
             except (asyncio.CancelledError, Exception):
                 pass
         self._fail_all(Closed("the client is closed"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._link = "closed"
         self._notify()
 

@@ -33,12 +33,17 @@ _LEADER_KINDS = frozenset(
 )
 
 
+# One packer for every frame (msgpack.packb builds a new one per call); it
+# resets itself after each value, and after an error.
+_packer = msgpack.Packer(use_bin_type=True)
+
+
 def encode(kind: str, value: Any, max_length: int = DEFAULT_MAX_FRAME_LENGTH) -> bytes:
     """The whole frame (length prefix included) of ``{kind: value}``."""
-    body = msgpack.packb({kind: value}, use_bin_type=True)
+    body = _packer.pack({kind: value})
     if len(body) > max_length:
         raise ProtocolError(f"a {kind} frame of {len(body)} bytes exceeds the {max_length}-byte limit")
-    return struct.pack(">I", len(body)) + body
+    return _PREFIX.pack(len(body)) + body
 
 
 def _uint(value: Any, limit: int, what: str) -> int:
@@ -102,6 +107,15 @@ def decode_body(body: bytes) -> Frame:
 
 
 def _check(kind: str, v: Any) -> Any:
+    if kind == "Response":  # first: the frame of every call
+        if type(v) is list and len(v) == 2:
+            id_, result = v
+            if type(id_) is int and 0 <= id_ <= U64 and type(result) is dict and len(result) == 1:
+                ok = result.get("Ok")
+                if type(ok) is bytes:
+                    return id_, (True, ok)
+        id_, result = _array(v, (2,), kind)
+        return _uint(id_, U64, "Response.id"), _result(result, lambda p: _bin(p, "Response.Ok"), "Response.result")
     if kind == "Welcome":
         version, leader_id, epoch, pid, heartbeat_ms = _array(v, (5,), kind)
         leader_id = _bin(leader_id, "Welcome.leader_id")
@@ -112,9 +126,6 @@ def _check(kind: str, v: Any) -> Any:
     if kind == "Reject":
         version, error = _array(v, (2,), kind)
         return _uint(version, U16, "Reject.version"), remote_error(error, "Reject.error")
-    if kind == "Response":
-        id_, result = _array(v, (2,), kind)
-        return _uint(id_, U64, "Response.id"), _result(result, lambda p: _bin(p, "Response.Ok"), "Response.result")
     if kind == "Event":
         fields = _array(v, (5, 6), kind)
         cached = False
