@@ -9,7 +9,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 if [ "${TANDEM_SKIP_CARGO:-0}" != 1 ]; then
-  (cd "$repo" && cargo build --example standalone -p tandem && cargo build -p tandem-registry \
+  (cd "$repo" && cargo build --example standalone --example bench_leader -p tandem && cargo build -p tandem-registry \
     && cargo build -p tandem-conformance)
 fi
 cd "$here"

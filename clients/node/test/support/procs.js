@@ -2,7 +2,7 @@
 // The real Rust processes the tests run against: the bundled registry server
 // (`tandem-registry serve`) and standalone leaders (`examples/standalone.rs`).
 // Build them first (ci.sh does):
-//   cargo build --example standalone -p tandem && cargo build -p tandem-registry
+//   cargo build --example standalone --example bench_leader -p tandem && cargo build -p tandem-registry
 // `TANDEM_TARGET_DIR` overrides where they are looked for (default: the
 // repository's target/debug). Every process started here is killed by PID in
 // `killAll()`, which each test file calls from its `after` hook.
@@ -17,6 +17,7 @@ const REPO = path.resolve(__dirname, '../../../..');
 const TARGET = process.env.TANDEM_TARGET_DIR || path.join(REPO, 'target/debug');
 const STANDALONE = path.join(TARGET, 'examples/standalone');
 const REGISTRY = path.join(TARGET, 'tandem-registry');
+const BENCH_LEADER = path.join(TARGET, 'examples/bench_leader');
 
 const running = new Set();
 
@@ -99,6 +100,24 @@ async function startLeader({ dir, name = 't', registry, token }) {
   return { child, epoch: Number(/epoch=(\d+)/.exec(line)[1]), socket: path.join(dir, `${name}.sock`) };
 }
 
+/**
+ * `examples/bench_leader` (the benchmark's Leader: an in-memory `config`
+ * upstream) on a socket in `dir`, with `values` ({ key: value }) set:
+ * resolves `{ child, socket }` once it listens.
+ */
+async function startBenchLeader({ dir, token, values = {} }) {
+  if (!fs.existsSync(BENCH_LEADER)) {
+    throw new Error(`${BENCH_LEADER} is missing: build it first with \`cargo build --example bench_leader -p tandem\` (or set TANDEM_TARGET_DIR)`);
+  }
+  const socket = path.join(dir, 'bench.sock');
+  const args = ['--socket', socket];
+  if (token) args.push('--token', token);
+  for (const [key, value] of Object.entries(values)) args.push('--set', `${key}=${value}`);
+  const child = start(BENCH_LEADER, args, { RUST_LOG: 'error' });
+  await waitLine(child, /^listening /);
+  return { child, socket };
+}
+
 /** Writes `key = value` into the registry directly (not through tandem). */
 function registryPut(addr, key, value) {
   return new Promise((resolve, reject) => {
@@ -131,4 +150,4 @@ async function killAll() {
   await Promise.all(children.map((c) => kill(c)));
 }
 
-module.exports = { tempDir, start, waitLine, startRegistry, startLeader, registryPut, kill, killAll, requireBinaries };
+module.exports = { tempDir, start, waitLine, startRegistry, startLeader, startBenchLeader, registryPut, kill, killAll, requireBinaries };
