@@ -36,7 +36,7 @@ export interface CallOptions {
   signal?: AbortSignal;
   /** Send and resolve at once, with no answer (invoke only). */
   oneway?: boolean;
-  /** `request` is already MessagePack bytes, and the response is returned as a Buffer. */
+  /** `request` is already MessagePack bytes (a Uint8Array, else a TypeError), and the response is returned as a Buffer. */
   raw?: boolean;
 }
 

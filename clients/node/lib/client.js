@@ -96,6 +96,7 @@ class Client extends EventEmitter {
       if (signal && signal.aborted) throw new Cancelled({ cause: signal.reason });
       this.usable();
       if (!(timeout > 0)) throw new TypeError(`invoke: timeout must be a positive number of ms, got ${timeout}`);
+      if (raw && !(request instanceof Uint8Array)) throw new TypeError('invoke: with raw: true the request must be MessagePack bytes (a Uint8Array)');
       // A view into the encoder's buffer: copied into the frame below, before
       // anything else is encoded.
       const payload = raw ? request : encodeValueShared(request);
@@ -133,6 +134,7 @@ class Client extends EventEmitter {
       if (typeof channel !== 'string' || channel === '') throw new TypeError('publish: channel must be a non-empty string');
       if (signal && signal.aborted) throw new Cancelled({ cause: signal.reason });
       this.usable();
+      if (raw && !(request instanceof Uint8Array)) throw new TypeError('publish: with raw: true the request must be MessagePack bytes (a Uint8Array)');
       const payload = raw ? request : encodeValue(request);
       this.checkSize(payload);
       if (this.inFlight.size >= this.config.maxInFlight) throw new Busy(this.config.maxInFlight);

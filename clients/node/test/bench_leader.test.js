@@ -3,11 +3,12 @@
 // with an in-memory `config` upstream) answers this follower as the
 // registry-backed one does, so bench/bench.js --upstream memory measures real
 // answers: Get of a value set at start (the bench's 133-byte JSON), Put, Get,
-// Delete, a subscription seeing a Put, 64 calls at once, a wrong token refused.
+// Delete, a subscription seeing a Put, raw bytes both ways, 64 calls at once,
+// a wrong token refused.
 
 const { test, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { connect, Rejected } = require('..');
+const { connect, Rejected, codec } = require('..');
 const { tempDir, startBenchLeader, killAll } = require('./support/procs');
 const { within, nextValue } = require('./support/util');
 
@@ -39,6 +40,12 @@ test('the in-memory bench leader: Get, Put, Delete, subscribe, 64 at once, token
     assert.ok(deleted.Deleted > put.Revision);
     assert.deepEqual(await client.invoke('config', { Get: 'k' }), { Value: null });
     assert.deepEqual(await client.invoke('config', { Delete: 'k' }), { Deleted: null });
+
+    // raw: MessagePack bytes in, a Buffer out; anything but bytes is a TypeError.
+    const raw = await client.invoke('config', codec.encodeValue({ Get: 'app.bench' }), { raw: true });
+    assert.ok(Buffer.isBuffer(raw));
+    assert.deepEqual(codec.decodeValue(raw), got);
+    await assert.rejects(client.invoke('config', 'not bytes', { raw: true }), TypeError);
 
     const many = await Promise.all(Array.from({ length: 64 }, () => client.invoke('config', { Get: 'app.bench' })));
     assert.ok(many.every((r) => r.Value[0] === VALUE));
