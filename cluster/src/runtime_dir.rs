@@ -196,6 +196,57 @@ fn process_alive(pid: u32) -> bool {
     !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
 
+/// How open to other users a directory of ours may be
+/// ([`ensure_own_dir`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Openness {
+    /// No permission bit for group or others (`mode & 0o077 == 0`): the
+    /// runtime and control directories.
+    Private,
+    /// Readable, never writable, by group and others (`mode & 0o022 == 0`):
+    /// the log directory (a `0750` directory of group `adm` is fine).
+    NotWritableByOthers,
+}
+
+/// THE check of a directory the master keeps its files in (the control
+/// socket's, the log files'): creates `path` with mode 0700 if missing (its
+/// parents too, with `parents`), then checks that it is a directory (not a
+/// symlink), owned by this user, and no more open than `openness` allows. A
+/// directory that fails it is refused, never changed: the error says what to
+/// fix.
+pub(crate) fn ensure_own_dir(path: &Path, openness: Openness, parents: bool) -> io::Result<()> {
+    if parents && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new().mode(0o700).recursive(true).create(parent)?;
+    }
+    match DirBuilder::new().mode(0o700).create(path) {
+        // The umask may have removed bits, never added any: make it exactly 0700.
+        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!("{} is not a directory", path.display())));
+    }
+    if meta.uid() != nix::unistd::getuid().as_raw() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to uid {}, not to this user", path.display(), meta.uid()),
+        ));
+    }
+    let (forbidden, what) = match openness {
+        Openness::Private => (0o077, "open to other users"),
+        Openness::NotWritableByOthers => (0o022, "writable by other users"),
+    };
+    if meta.mode() & forbidden != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is {what} (mode {:o})", path.display(), meta.mode() & 0o7777),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn base_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && let Ok(meta) = std::fs::metadata(&dir)
