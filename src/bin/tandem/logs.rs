@@ -190,16 +190,15 @@ impl Followed {
         let rotated = now.as_ref().is_some_and(|m| m.ino() != self.inode);
         // Whatever the old file got before its rename, then the new one from its start.
         self.read_new(&mut lines);
-        if rotated || self.file.is_none() {
-            if let Ok(file) = File::open(&self.path)
-                && let Ok(meta) = file.metadata()
-            {
-                self.inode = meta.ino();
-                self.offset = 0;
-                self.file = Some(file);
-                self.partial.clear();
-                self.read_new(&mut lines);
-            }
+        if (rotated || self.file.is_none())
+            && let Ok(file) = File::open(&self.path)
+            && let Ok(meta) = file.metadata()
+        {
+            self.inode = meta.ino();
+            self.offset = 0;
+            self.file = Some(file);
+            self.partial.clear();
+            self.read_new(&mut lines);
         }
         lines
     }
