@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The log quota target of issue 28: one worker writes RATE lines/s (100 bytes
+# each) for SECS seconds to stdout, captured by the master into a log
+# directory with a QUOTA-byte quota. Reported:
+#   - the log files' total, sampled every 100 ms: its maximum, and how many
+#     samples were over the quota (must be 0);
+#   - the lines the child wrote (its own count) against RATE x SECS, and the
+#     longest single write(2) it saw (a child the master blocked shows it);
+#   - the master's CPU over the run, from /proc/PID/stat (utime + stime), in
+#     % of one core;
+#   - the lines dropped (tandem_log_lines_dropped_total) and the files deleted;
+#   - the load average (other builds share the machine).
+#
+# Usage: bench/logquota.sh [RATE] [SECS] [QUOTA] [FILE_SIZE]
+# Defaults: 10000 lines/s, 60 s, 5 MiB, 1 MiB. Builds the example in release.
+set -euo pipefail
+
+RATE=${1:-10000}
+SECS=${2:-60}
+QUOTA=${3:-$((5 * 1024 * 1024))}
+FILE_SIZE=${4:-$((1024 * 1024))}
+
+cd "$(dirname "$0")/.."
+CARGO_INCREMENTAL=0 cargo build --release -q -p tandem-cluster --example log_flood
+BIN=target/release/examples/log_flood
+
+WORK=$(mktemp -d)
+chmod 700 "$WORK"
+mkdir "$WORK/xdg" "$WORK/report"
+chmod 700 "$WORK/xdg"
+MASTER=
+cleanup() {
+    if [ -n "$MASTER" ] && kill -0 "$MASTER" 2>/dev/null; then
+        kill -TERM "$MASTER" 2>/dev/null || true
+        wait "$MASTER" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+XDG_RUNTIME_DIR="$WORK/xdg" RUST_LOG=warn "$BIN" --name logquota --rate "$RATE" --secs "$SECS" \
+    --line-bytes 100 --log-dir "$WORK/logs" --log-quota "$QUOTA" --log-file-size "$FILE_SIZE" \
+    --metrics 127.0.0.1:0 --report "$WORK/report" >"$WORK/out" 2>"$WORK/err" &
+MASTER=$!
+
+until grep -q '^ready$' "$WORK/out" 2>/dev/null; do
+    kill -0 "$MASTER" || { cat "$WORK/err"; exit 1; }
+    sleep 0.05
+done
+METRICS=$(sed -n 's/^metrics on //p' "$WORK/out")
+TCK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$MASTER/stat"; }
+START_TICKS=$(cpu_ticks)
+START_NS=$(date +%s%N)
+
+DIR="$WORK/logs/logquota"
+SAMPLES=0
+OVER=0
+MAX=0
+while [ ! -e "$WORK/report/worker-1.json" ]; do
+    TOTAL=$(find "$DIR" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
+    SAMPLES=$((SAMPLES + 1))
+    [ "$TOTAL" -gt "$MAX" ] && MAX=$TOTAL
+    [ "$TOTAL" -gt "$QUOTA" ] && OVER=$((OVER + 1))
+    sleep 0.1
+done
+
+END_TICKS=$(cpu_ticks)
+END_NS=$(date +%s%N)
+SCRAPE=$(curl -s "http://$METRICS/metrics" || true)
+dropped=$(printf '%s\n' "$SCRAPE" | awk '/^tandem_log_lines_dropped_total/ { s += $NF } END { print s + 0 }')
+deleted=$(printf '%s\n' "$SCRAPE" | awk '/^tandem_log_files_deleted_total/ { print $NF }')
+written=$(printf '%s\n' "$SCRAPE" | awk '/^tandem_log_bytes_written_total/ { print $NF }')
+
+WALL=$(awk -v a="$START_NS" -v b="$END_NS" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+CPU=$(awk -v t=$((END_TICKS - START_TICKS)) -v hz="$TCK" -v w="$WALL" 'BEGIN { printf "%.2f", 100 * t / hz / w }')
+
+echo "rate ${RATE} lines/s for ${SECS} s, quota ${QUOTA} bytes, files of ${FILE_SIZE} bytes"
+echo "log files total: max ${MAX} bytes over ${SAMPLES} samples (every 100 ms); samples over the quota: ${OVER}"
+echo "child: $(cat "$WORK/report/worker-1.json" | tr -d '\n') (asked: $((RATE * SECS)) lines)"
+echo "master CPU: ${CPU} % of one core over ${WALL} s ($((END_TICKS - START_TICKS)) ticks at ${TCK}/s)"
+echo "lines dropped: ${dropped}; files deleted: ${deleted}; bytes written: ${written}"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
