@@ -127,7 +127,7 @@ pub struct Config {
     /// The most bytes all the log files of the cluster (`<log_dir>/<name>/`)
     /// may take together, never exceeded: before a write that would pass it,
     /// the oldest rotated files are deleted (and a line says so). At least
-    /// `log_file_size`. The default is 100 MiB.
+    /// two files of `log_file_size`. The default is 100 MiB.
     pub log_quota: u64,
 }
 
