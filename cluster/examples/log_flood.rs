@@ -8,8 +8,10 @@
 //! Each worker prints `worker <K> line <n> xxx...` (`--line-bytes` long in
 //! all) at `--rate` lines a second for `--secs` seconds, on a thread of its
 //! own, one `write` per line; then writes `<report>/worker-<K>.json`:
-//! `{"lines": n, "secs": s, "max_write_ms": m}` (the longest a write took:
-//! a child the master blocked would show it). With `--tick-ms`, each worker
+//! `{"lines": n, "secs": s, "max_write_ms": m, "max_pipe_bytes": q,
+//! "pipe_size": p}`: the longest a write took (a descheduled thread shows
+//! it too), and the most bytes that waited in the pipe for the master,
+//! sampled every 64 lines (a write blocks only when they reach the size). With `--tick-ms`, each worker
 //! also prints `worker <K> tick <n>` that often, for as long as it runs. The
 //! master prints `metrics on <ADDR>` (with `--metrics`) and `ready` on its
 //! stdout, which is not captured.
@@ -123,6 +125,9 @@ fn flood(id: u32, args: &Args) {
     let mut stdout = std::io::stdout();
     let mut written = 0u64;
     let mut max_write = Duration::ZERO;
+    // How full the pipe to the master got: at its size, a write would block.
+    let pipe_size = pipe_size();
+    let mut max_queued = 0usize;
     let prefix_len = format!("worker {id} line {total} ").len();
     let pad = "x".repeat(args.line_bytes.saturating_sub(prefix_len + 1));
     while written < total {
@@ -135,15 +140,33 @@ fn flood(id: u32, args: &Args) {
             }
             max_write = max_write.max(before.elapsed());
             written += 1;
+            if written.is_multiple_of(64) {
+                max_queued = max_queued.max(queued());
+            }
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     let secs = started.elapsed().as_secs_f64();
     if let Some(dir) = &args.report {
         let report = format!(
-            "{{\"lines\": {written}, \"secs\": {secs:.3}, \"max_write_ms\": {:.3}}}\n",
+            "{{\"lines\": {written}, \"secs\": {secs:.3}, \"max_write_ms\": {:.3}, \"max_pipe_bytes\": {max_queued}, \"pipe_size\": {pipe_size}}}\n",
             max_write.as_secs_f64() * 1000.0
         );
         let _ = std::fs::write(dir.join(format!("worker-{id}.json")), report);
     }
+}
+
+/// The size of the pipe on stdout (`F_GETPIPE_SZ`); 0 when stdout is no pipe.
+fn pipe_size() -> usize {
+    // SAFETY: fcntl on fd 1 with F_GETPIPE_SZ reads a kernel value; no memory is passed.
+    let size = unsafe { libc::fcntl(1, libc::F_GETPIPE_SZ) };
+    usize::try_from(size).unwrap_or(0)
+}
+
+/// The bytes written to stdout's pipe and not yet read by the master (`FIONREAD`).
+fn queued() -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer, which points to `n`.
+    let rc = unsafe { libc::ioctl(1, libc::FIONREAD, &mut n) };
+    if rc == 0 { usize::try_from(n).unwrap_or(0) } else { 0 }
 }

@@ -8,8 +8,8 @@
 //!
 //! ```text
 //! child stdout ─┐ reader tasks (master's runtime): non-blocking       writer thread
-//! child stderr ─┘ reads, cut into whole lines ──try_push──▶ queue ──▶ rotation, quota,
-//!                 full (4 MiB): dropped, counted             (bytes)   files (writer.rs)
+//! child stderr ─┘ reads, cut into whole lines ──push──▶ queue ──▶ rotation, quota,
+//!                 full (4 MiB): dropped, counted  (lock-free)   files (writer.rs)
 //! ```
 //!
 //! The master never waits on the disk and never stops reading a child: what
@@ -68,7 +68,9 @@ pub(crate) struct Logs {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    queue: Arc<queue::Queue>,
+    /// The readers' end of the queue to the writer; taken at `finish` (the
+    /// writer ends once the readers' clones are gone too).
+    queue: Mutex<Option<queue::Queue>>,
     stats: Arc<LogStats>,
     readers: TaskTracker,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -94,15 +96,14 @@ impl Logs {
         let limits = writer::Limits { file_size: config.log_file_size, quota: config.log_quota };
         let mut writer =
             writer::Writer::open(&dir, limits, crate::trace::json_logs(), Arc::clone(&stats)).map_err(refused(&dir))?;
-        let queue = Arc::new(queue::Queue::new(queue::QUEUE_BYTES, Arc::clone(&stats)));
+        let (queue, mut receiver) = queue::queue(queue::QUEUE_BYTES);
         let span = tracing::Span::current();
         let thread = {
-            let queue = Arc::clone(&queue);
             std::thread::Builder::new()
                 .name("tandem-logs".into())
                 .spawn(move || {
                     let _span = span.enter();
-                    while let Some(batch) = queue.take() {
+                    while let Some(batch) = receiver.take() {
                         writer.write_batch(batch);
                         std::thread::sleep(BATCH_PAUSE);
                     }
@@ -111,7 +112,13 @@ impl Logs {
         };
         tracing::debug!(dir = %dir.display(), file_size = limits.file_size, quota = limits.quota, "capturing the children's output");
         Ok(Some(Logs {
-            inner: Arc::new(Inner { dir, queue, stats, readers: TaskTracker::new(), writer: Mutex::new(Some(thread)) }),
+            inner: Arc::new(Inner {
+                dir,
+                queue: Mutex::new(Some(queue)),
+                stats,
+                readers: TaskTracker::new(),
+                writer: Mutex::new(Some(thread)),
+            }),
         }))
     }
 
@@ -134,15 +141,20 @@ impl Logs {
     ) {
         use std::os::fd::AsRawFd;
         let process: Arc<str> = Arc::from(stem);
+        // Only the master's loop takes this lock (here and at `finish`).
+        let Some(queue) = self.inner.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else {
+            return;
+        };
+        let dropped = self.inner.stats.counter(stem, stats::DropReason::BufferFull);
         let span = tracing::debug_span!("log capture", process = stem);
         if let Some(out) = stdout {
             queue::enlarge_pipe(out.as_raw_fd());
-            let task = queue::read_lines(out, Arc::clone(&process), Arc::clone(&self.inner.queue));
+            let task = queue::read_lines(out, Arc::clone(&process), queue.clone(), Arc::clone(&dropped));
             self.inner.readers.spawn(task.instrument(span.clone()));
         }
         if let Some(err) = stderr {
             queue::enlarge_pipe(err.as_raw_fd());
-            let task = queue::read_lines(err, process, Arc::clone(&self.inner.queue));
+            let task = queue::read_lines(err, process, queue, dropped);
             self.inner.readers.spawn(task.instrument(span));
         }
     }
@@ -155,7 +167,8 @@ impl Logs {
             // A grandchild holds a pipe open: its lines are not waited for.
             tracing::debug!("some child output pipes are still open at exit");
         }
-        self.inner.queue.close();
+        // The last sender: the writer ends once it has written what is queued.
+        drop(self.inner.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
         let thread = self.inner.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(thread) = thread {
             let joined = tokio::task::spawn_blocking(move || thread.join());

@@ -5,12 +5,11 @@
 //! does not fit is dropped and its lines counted, so a child that writes
 //! faster than the disk never waits on the master.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
-
-use super::stats::{DropReason, LogStats};
+use tokio::sync::mpsc;
 
 /// The most bytes waiting for the writer thread: 4 MiB. A chunk that would
 /// pass it is dropped (its lines counted as `buffer_full`).
@@ -24,6 +23,8 @@ pub const MAX_LOG_LINE: usize = 64 * 1024;
 /// Linux's `pipe-max-size`, 1 MiB by default): room for 100 ms of a child
 /// writing 10 MB/s while the master's thread is busy elsewhere.
 const PIPE_SIZE: i32 = 1024 * 1024;
+/// The most chunks the writer takes in one batch.
+const MAX_BATCH: usize = 16 * 1024;
 
 /// Whole lines of one process's output.
 #[derive(Debug)]
@@ -32,88 +33,69 @@ pub(crate) struct Chunk {
     pub process: Arc<str>,
     pub data: Vec<u8>,
     pub lines: u64,
+    /// Lines of this pipe dropped (the queue full) since its previous chunk
+    /// that got through: the writer says how many before writing this one.
+    pub dropped_before: u64,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    chunks: VecDeque<Chunk>,
-    bytes: usize,
-    closed: bool,
-    /// Lines dropped per process since the writer last took them (for its
-    /// summary line in that process's file).
-    dropped: HashMap<Arc<str>, u64>,
-}
-
-/// The bounded queue from the readers to the writer thread.
-#[derive(Debug)]
+/// The readers' end of the queue to the writer thread: a channel whose
+/// sends never wait (no lock is shared with the writer, so a writer thread
+/// descheduled at any point never holds up the master's loop), bounded in
+/// bytes by a counter both ends keep.
+#[derive(Debug, Clone)]
 pub(crate) struct Queue {
-    state: Mutex<State>,
-    ready: Condvar,
+    tx: mpsc::UnboundedSender<Chunk>,
+    bytes: Arc<AtomicUsize>,
     capacity: usize,
-    stats: Arc<LogStats>,
 }
 
-/// What the writer takes out at once.
-#[derive(Debug, Default)]
-pub(crate) struct Batch {
-    pub chunks: Vec<Chunk>,
-    /// Lines the queue dropped per process since the last batch.
-    pub dropped: HashMap<Arc<str>, u64>,
+/// The writer's end.
+#[derive(Debug)]
+pub(crate) struct Receiver {
+    rx: mpsc::UnboundedReceiver<Chunk>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// A queue of at most `capacity` bytes; it ends (the receiver's `take`
+/// returns `None`) once every [`Queue`] clone is dropped and it is drained.
+pub(crate) fn queue(capacity: usize) -> (Queue, Receiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (Queue { tx, bytes: Arc::clone(&bytes), capacity }, Receiver { rx, bytes })
 }
 
 impl Queue {
-    pub(crate) fn new(capacity: usize, stats: Arc<LogStats>) -> Queue {
-        Queue { state: Mutex::default(), ready: Condvar::new(), capacity, stats }
+    /// Queues `chunk`, unless that would pass the byte budget (or the writer
+    /// is gone): then it is handed back. Never waits.
+    pub(crate) fn push(&self, chunk: Chunk) -> Result<(), Chunk> {
+        let len = chunk.data.len();
+        if self.bytes.fetch_add(len, Ordering::AcqRel) + len > self.capacity && !chunk.data.is_empty() {
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            return Err(chunk);
+        }
+        self.tx.send(chunk).map_err(|mpsc::error::SendError(chunk)| {
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            chunk
+        })
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues `chunk`, or drops it (counting its lines) when the queue is
-    /// full or closed. Never waits beyond the lock (held for a push or a swap).
-    pub(crate) fn push(&self, chunk: Chunk) -> bool {
-        let mut state = self.lock();
-        if state.closed || state.bytes + chunk.data.len() > self.capacity {
-            // A writer waiting on an empty queue must hear of the drop too.
-            let wake = state.chunks.is_empty() && state.dropped.is_empty();
-            *state.dropped.entry(Arc::clone(&chunk.process)).or_default() += chunk.lines;
-            drop(state);
-            if wake {
-                self.ready.notify_one();
+impl Receiver {
+    /// Waits (blocking the calling thread: the writer's) until there is
+    /// something to write, and takes what is queued; `None` once the queue
+    /// has ended.
+    pub(crate) fn take(&mut self) -> Option<Vec<Chunk>> {
+        let first = self.rx.blocking_recv()?;
+        let mut chunks = vec![first];
+        while chunks.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(chunk) => chunks.push(chunk),
+                Err(_) => break,
             }
-            self.stats.dropped(&chunk.process, DropReason::BufferFull, chunk.lines);
-            return false;
         }
-        let was_empty = state.chunks.is_empty() && state.dropped.is_empty();
-        state.bytes += chunk.data.len();
-        state.chunks.push_back(chunk);
-        drop(state);
-        // The writer waits only on an empty queue: only this push can wake it.
-        if was_empty {
-            self.ready.notify_one();
-        }
-        true
-    }
-
-    /// Waits until there is something to write (or a drop to report), and
-    /// takes all of it; `None` once the queue is closed and empty.
-    pub(crate) fn take(&self) -> Option<Batch> {
-        let mut state = self.lock();
-        while state.chunks.is_empty() && state.dropped.is_empty() {
-            if state.closed {
-                return None;
-            }
-            state = self.ready.wait(state).unwrap_or_else(PoisonError::into_inner);
-        }
-        state.bytes = 0;
-        Some(Batch { chunks: std::mem::take(&mut state.chunks).into(), dropped: std::mem::take(&mut state.dropped) })
-    }
-
-    /// No more pushes: the writer ends once it has taken what is queued.
-    pub(crate) fn close(&self) {
-        self.lock().closed = true;
-        self.ready.notify_all();
+        let bytes: usize = chunks.iter().map(|c| c.data.len()).sum();
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        Some(chunks)
     }
 }
 
@@ -127,7 +109,13 @@ pub(crate) fn enlarge_pipe(fd: std::os::fd::RawFd) {
 /// Reads one of a child's output pipes to its end, queueing whole lines (a
 /// last line without `\n` gets one at the end; a line over [`MAX_LOG_LINE`]
 /// is cut). Ends at EOF or on a read error (the child is gone).
-pub(crate) async fn read_lines(mut pipe: impl AsyncRead + Unpin, process: Arc<str>, queue: Arc<Queue>) {
+pub(crate) async fn read_lines(
+    mut pipe: impl AsyncRead + Unpin,
+    process: Arc<str>,
+    queue: Queue,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut sender = Sender { queue, process, dropped, pending: 0 };
     let mut buffer = Vec::with_capacity(READ_BUFFER);
     // The start of a line not ended yet.
     let mut partial: Vec<u8> = Vec::new();
@@ -137,7 +125,7 @@ pub(crate) async fn read_lines(mut pipe: impl AsyncRead + Unpin, process: Arc<st
             Ok(0) => break,
             Ok(_) => {}
             Err(e) => {
-                tracing::debug!(process = %process, error = %e, "reading a child's output failed");
+                tracing::debug!(process = %sender.process, error = %e, "reading a child's output failed");
                 break;
             }
         }
@@ -161,12 +149,39 @@ pub(crate) async fn read_lines(mut pipe: impl AsyncRead + Unpin, process: Arc<st
             partial = rest;
         }
         if !data.is_empty() {
-            push(&queue, &process, data);
+            sender.push(data);
         }
     }
     if !partial.is_empty() {
         partial.push(b'\n');
-        push(&queue, &process, partial);
+        sender.push(partial);
+    }
+    if sender.pending > 0 {
+        // The last word on what was lost: an empty chunk, never refused for room.
+        sender.push(Vec::new());
+    }
+}
+
+/// One pipe's end of the queue: what it dropped since its last chunk through.
+struct Sender {
+    queue: Queue,
+    process: Arc<str>,
+    /// `tandem_log_lines_dropped_total{process, reason="buffer_full"}`.
+    dropped: Arc<AtomicU64>,
+    pending: u64,
+}
+
+impl Sender {
+    fn push(&mut self, data: Vec<u8>) {
+        let lines = count_lines(&data);
+        let chunk = Chunk { process: Arc::clone(&self.process), data, lines, dropped_before: self.pending };
+        match self.queue.push(chunk) {
+            Ok(()) => self.pending = 0,
+            Err(chunk) => {
+                self.pending += chunk.lines;
+                self.dropped.fetch_add(chunk.lines, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -186,11 +201,6 @@ fn cut_long_lines(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn push(queue: &Queue, process: &Arc<str>, data: Vec<u8>) {
-    let lines = count_lines(&data);
-    queue.push(Chunk { process: Arc::clone(process), data, lines });
-}
-
 pub(crate) fn count_lines(data: &[u8]) -> u64 {
     data.iter().filter(|&&b| b == b'\n').count() as u64
 }
@@ -205,52 +215,64 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(10);
 
-    fn queue(capacity: usize) -> Arc<Queue> {
-        Arc::new(Queue::new(capacity, Arc::new(LogStats::default())))
+    fn chunk(s: &str) -> Chunk {
+        Chunk {
+            process: Arc::from("worker-1"),
+            data: s.as_bytes().to_vec(),
+            lines: count_lines(s.as_bytes()),
+            dropped_before: 0,
+        }
     }
 
     #[test]
-    fn a_full_queue_drops_and_counts_and_the_writer_hears_of_it_with_the_next_batch() {
-        let q = queue(10);
-        let p: Arc<str> = Arc::from("worker-1");
-        let chunk =
-            |s: &str| Chunk { process: Arc::clone(&p), data: s.as_bytes().to_vec(), lines: count_lines(s.as_bytes()) };
-        assert!(q.push(chunk("a\nb\n")));
-        assert!(q.push(chunk("c\nd\ne\n")));
-        assert!(!q.push(chunk("f\ng\n")), "4 + 6 + 4 bytes > 10");
-        let batch = q.take().unwrap();
-        assert_eq!(batch.chunks.iter().map(|c| c.lines).sum::<u64>(), 5);
-        assert_eq!(batch.dropped.get(&p), Some(&2));
-        assert_eq!(q.stats.dropped_lines("worker-1"), 2);
-        // Room again once taken.
-        assert!(q.push(chunk("h\n")));
-        q.close();
-        assert!(!q.push(chunk("i\n")), "closed");
-        let batch = q.take().unwrap();
-        assert_eq!(batch.chunks.len(), 1);
-        assert_eq!(batch.dropped.get(&p), Some(&1));
-        assert!(q.take().is_none());
+    fn a_full_queue_hands_the_chunk_back_and_has_room_again_once_taken() {
+        let (q, mut rx) = queue(10);
+        assert!(q.push(chunk("a\nb\n")).is_ok());
+        assert!(q.push(chunk("c\nd\ne\n")).is_ok());
+        let refused = q.push(chunk("f\ng\n")).unwrap_err();
+        assert_eq!(refused.lines, 2, "4 + 6 + 4 bytes > 10");
+        let batch = rx.take().unwrap();
+        assert_eq!(batch.iter().map(|c| c.lines).sum::<u64>(), 5);
+        assert!(q.push(chunk("h\n")).is_ok(), "room again");
+        drop(q);
+        assert_eq!(rx.take().unwrap().len(), 1);
+        assert!(rx.take().is_none(), "every sender gone: the end");
+    }
+
+    /// What a reader queued from `input` (written in pieces) through a queue of `capacity` bytes.
+    async fn read_all(pieces: Vec<Vec<u8>>, capacity: usize) -> (Vec<Chunk>, u64) {
+        let (mut tx, pipe) = tokio::io::duplex(1 << 20);
+        let (q, mut rx) = queue(capacity);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let reader = tokio::spawn(read_lines(pipe, Arc::from("agent"), q, Arc::clone(&dropped)));
+        for piece in pieces {
+            tx.write_all(&piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        drop(tx);
+        tokio::time::timeout(TIMEOUT, reader).await.unwrap().unwrap();
+        let chunks = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            while let Some(batch) = rx.take() {
+                all.extend(batch);
+            }
+            all
+        })
+        .await
+        .unwrap();
+        (chunks, dropped.load(Ordering::Relaxed))
     }
 
     #[tokio::test]
     async fn the_reader_queues_whole_lines_cuts_long_ones_and_ends_the_last_one() {
-        let (mut tx, rx) = tokio::io::duplex(1 << 20);
-        let q = queue(QUEUE_BYTES);
-        let reader = tokio::spawn(read_lines(rx, Arc::from("agent"), Arc::clone(&q)));
-        tx.write_all(b"one\ntw").await.unwrap();
-        tx.write_all(b"o\nthr").await.unwrap();
-        tx.write_all(&vec![b'x'; MAX_LOG_LINE + 10]).await.unwrap();
-        tx.write_all(b"\nlast").await.unwrap();
-        drop(tx);
-        tokio::time::timeout(TIMEOUT, reader).await.unwrap().unwrap();
-        q.close();
+        let pieces = vec![b"one\ntw".to_vec(), b"o\nthr".to_vec(), vec![b'x'; MAX_LOG_LINE + 10], b"\nlast".to_vec()];
+        let (chunks, dropped) = read_all(pieces, QUEUE_BYTES).await;
+        assert_eq!(dropped, 0);
         let mut all = Vec::new();
-        while let Some(batch) = q.take() {
-            for c in batch.chunks {
-                assert_eq!(c.lines, count_lines(&c.data));
-                assert!(c.data.ends_with(b"\n"), "only whole lines are queued");
-                all.extend(c.data);
-            }
+        for c in chunks {
+            assert_eq!(c.lines, count_lines(&c.data));
+            assert!(c.data.ends_with(b"\n"), "only whole lines are queued");
+            all.extend(c.data);
         }
         let text = String::from_utf8(all).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -260,5 +282,16 @@ mod tests {
         assert_eq!(lines[3], "x".repeat(13), "3 + 64 KiB + 10 - 64 KiB");
         assert_eq!(lines[4], "last");
         assert_eq!(lines.len(), 5);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn lines_a_full_queue_refuses_are_counted_and_announced_with_the_next_chunk_through() {
+        // 20-byte budget, nobody taking: the first chunk fits, the next ones do not.
+        let pieces = vec![b"aaaaaaaa\n".to_vec(), b"bbbbbbbbbbbbbbbbbbbb\n".to_vec(), b"c\nd\n".to_vec()];
+        let (chunks, dropped) = read_all(pieces, 20).await;
+        assert_eq!(dropped, 1, "the 21-byte line");
+        let announced: u64 = chunks.iter().map(|c| c.dropped_before).sum();
+        assert_eq!(announced, 1, "{chunks:?}");
+        assert_eq!(chunks.iter().map(|c| c.lines).sum::<u64>(), 3);
     }
 }

@@ -9,8 +9,8 @@
 //! | `tandem_log_quota_bytes` | gauge | |
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Why lines were dropped instead of written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,23 +43,23 @@ pub(crate) struct LogStats {
     /// The bytes in the log files now (the writer's account).
     pub bytes_on_disk: AtomicU64,
     pub quota: AtomicU64,
-    dropped: Mutex<BTreeMap<(String, DropReason), u64>>,
+    /// One counter per process and reason: taken once by whoever drops, so
+    /// that counting a drop takes no lock.
+    dropped: Mutex<BTreeMap<(String, DropReason), Arc<AtomicU64>>>,
 }
 
 impl LogStats {
-    pub(crate) fn dropped(&self, process: &str, reason: DropReason, lines: u64) {
-        if lines == 0 {
-            return;
-        }
+    /// The counter of `process`'s lines dropped for `reason`.
+    pub(crate) fn counter(&self, process: &str, reason: DropReason) -> Arc<AtomicU64> {
         let mut dropped = self.dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *dropped.entry((process.to_owned(), reason)).or_default() += lines;
+        Arc::clone(dropped.entry((process.to_owned(), reason)).or_default())
     }
 
     /// Lines of `process` dropped so far, for every reason.
     #[cfg(test)]
     pub(crate) fn dropped_lines(&self, process: &str) -> u64 {
         let dropped = self.dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        dropped.iter().filter(|((p, _), _)| p == process).map(|(_, n)| n).sum()
+        dropped.iter().filter(|((p, _), _)| p == process).map(|(_, n)| n.load(Ordering::Relaxed)).sum()
     }
 
     #[cfg(feature = "metrics")]
@@ -87,7 +87,7 @@ impl LogStats {
         let dropped = Family::<DropLabels, Counter>::default();
         for ((process, reason), n) in self.dropped.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
             let labels = DropLabels { process: process.clone(), reason: reason.as_str().to_owned() };
-            dropped.get_or_create(&labels).inc_by(*n);
+            dropped.get_or_create(&labels).inc_by(n.load(Ordering::Relaxed));
         }
         registry.register(
             "tandem_log_lines_dropped",

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::queue::{Batch, count_lines};
+use super::queue::{Chunk, count_lines};
 use super::stats::{DropReason, LogStats};
 
 /// The most rotated files kept per process: 100 (`<file>.1` to `<file>.100`);
@@ -78,6 +78,8 @@ pub(crate) struct Writer {
     /// The first deletion for the quota is logged at INFO, the others at DEBUG.
     deleted_before: bool,
     stats: Arc<LogStats>,
+    /// The drop counters this writer took from `stats` (no lock per drop).
+    counters: HashMap<(Arc<str>, DropReason), Arc<std::sync::atomic::AtomicU64>>,
     /// Tests: every write fails with this OS error (`ENOSPC`, say).
     #[cfg(test)]
     pub fail_writes: Option<i32>,
@@ -100,6 +102,7 @@ impl Writer {
             failed_lines: 0,
             deleted_before: false,
             stats,
+            counters: HashMap::new(),
             #[cfg(test)]
             fail_writes: None,
         };
@@ -157,12 +160,16 @@ impl Writer {
     }
 
     /// Writes what the readers queued, each process's lines in their order.
-    pub(crate) fn write_batch(&mut self, batch: Batch) {
-        for (process, lines) in batch.dropped {
-            self.procs.entry(process).or_default().dropped += lines;
-        }
+    pub(crate) fn write_batch(&mut self, chunks: Vec<Chunk>) {
         let mut by_process: BTreeMap<Arc<str>, Vec<u8>> = BTreeMap::new();
-        for chunk in batch.chunks {
+        for chunk in chunks {
+            if chunk.dropped_before > 0 {
+                // The lines before the drop first, then the summary with the lines after it.
+                if let Some(before) = by_process.remove(&chunk.process) {
+                    self.write(&chunk.process, &before);
+                }
+                self.procs.entry(Arc::clone(&chunk.process)).or_default().dropped += chunk.dropped_before;
+            }
             match by_process.get_mut(&chunk.process) {
                 Some(data) => data.extend_from_slice(&chunk.data),
                 None => {
@@ -182,6 +189,10 @@ impl Writer {
 
     /// Writes whole lines of `process`, cut where its file reaches the size limit.
     pub(crate) fn write(&mut self, process: &Arc<str>, mut data: &[u8]) {
+        if data.is_empty() && self.procs.get(process).is_some_and(|p| p.dropped > 0) {
+            // A pipe's last word (the child is gone): its drops, said now.
+            self.write_piece(process, data);
+        }
         while !data.is_empty() {
             let p = self.procs.entry(Arc::clone(process)).or_default();
             let room = self.limits.file_size.saturating_sub(p.size + NOTE_ROOM);
@@ -218,7 +229,7 @@ impl Writer {
             }
             if p.dropped > 0 {
                 let n = p.dropped;
-                head.extend(self.note("WARN", &format!("{n} lines of this process were dropped before this one (the log writer could not keep up, or writing failed): see tandem_log_lines_dropped_total")));
+                head.extend(self.note("WARN", &format!("{n} lines of this process were dropped here (the log writer could not keep up, or writing failed): see tandem_log_lines_dropped_total")));
             }
         }
         loop {
@@ -386,8 +397,13 @@ impl Writer {
     }
 
     fn drop_lines(&mut self, process: &Arc<str>, lines: u64, reason: DropReason) {
+        if lines == 0 {
+            return;
+        }
         self.procs.entry(Arc::clone(process)).or_default().dropped += lines;
-        self.stats.dropped(process, reason, lines);
+        let key = (Arc::clone(process), reason);
+        let stats = &self.stats;
+        self.counters.entry(key).or_insert_with(|| stats.counter(process, reason)).fetch_add(lines, Ordering::Relaxed);
     }
 
     /// A failed file operation: its lines dropped and counted; one WARN until a write works again.

@@ -119,13 +119,22 @@ fn the_drops_of_a_full_queue_are_reported_in_the_process_s_file() {
     let dir = tempfile::tempdir().unwrap();
     let mut w = writer(dir.path(), 64 * KIB, 4 * 64 * KIB);
     let p: Arc<str> = Arc::from("agent");
-    let mut dropped = HashMap::new();
-    dropped.insert(Arc::clone(&p), 7);
-    let chunk = super::super::queue::Chunk { process: Arc::clone(&p), data: b"next\n".to_vec(), lines: 1 };
-    w.write_batch(Batch { chunks: vec![chunk], dropped });
+    let chunk = |data: &[u8], dropped_before| super::super::queue::Chunk {
+        process: Arc::clone(&p),
+        data: data.to_vec(),
+        lines: count_lines(data),
+        dropped_before,
+    };
+    w.write_batch(vec![chunk(b"first\n", 0), chunk(b"next\n", 7), chunk(b"", 2)]);
     let text = read(dir.path(), "agent.log");
-    assert!(text.lines().next().unwrap().contains("7 lines of this process were dropped"), "{text}");
-    assert_eq!(text.lines().nth(1), Some("next"));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "first");
+    // The drops, announced where they happened: after `first`, before `next`.
+    assert!(lines[1].contains("7 lines of this process were dropped"), "{text}");
+    assert_eq!(lines[2], "next");
+    // An empty chunk (a pipe's end) says its drops at once.
+    assert!(lines[3].contains("2 lines of this process were dropped"), "{text}");
+    assert_eq!(lines.len(), 4);
 }
 
 #[test]
