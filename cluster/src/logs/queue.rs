@@ -1,5 +1,5 @@
 //! Between the pipes and the disk: the reader tasks (on the master's
-//! runtime, never blocking: they only read pipes and `try_push`) cut each
+//! runtime, never blocking: they only read pipes and push to a channel that never waits) cut each
 //! child's output into whole lines and queue them; the writer thread takes
 //! them out. The queue is bounded in bytes ([`QUEUE_BYTES`]): a chunk that
 //! does not fit is dropped and its lines counted, so a child that writes
