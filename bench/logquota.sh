@@ -12,7 +12,7 @@
 #   - the load average (other builds share the machine).
 #
 # Needs python3 (the sampler) and curl (the metrics).
-# Usage: [MASTER_NICE=N] bench/logquota.sh [RATE] [SECS] [QUOTA] [FILE_SIZE]
+# Usage: [MASTER_NICE=N] [TANDEM=target/release/tandem] bench/logquota.sh [RATE] [SECS] [QUOTA] [FILE_SIZE]
 # Defaults: 10000 lines/s, 60 s, 5 MiB, 1 MiB. Builds the example in release.
 set -euo pipefail
 
@@ -55,6 +55,13 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$MASTER/stat"; }
 # on a machine shared with other work it is the master's delay in reading.
 run_wait() { awk '{ print $2 }' "/proc/$MASTER/schedstat"; }
 if [ -n "${MASTER_NICE:-}" ]; then renice -n "$MASTER_NICE" -p "$MASTER" >/dev/null; fi
+# With TANDEM=path/to/tandem: `tandem logs --follow` runs all along, its
+# output counted, and its CPU is reported too (PM2's `pm2 logs` uses 30 %).
+FOLLOWER=
+if [ -n "${TANDEM:-}" ]; then
+    XDG_RUNTIME_DIR="$WORK/xdg" "$TANDEM" logs logquota --follow --lines 0 >"$WORK/follow.out" 2>"$WORK/follow.err" &
+    FOLLOWER=$!
+fi
 START_TICKS=$(cpu_ticks)
 START_WAIT=$(run_wait)
 START_NS=$(date +%s%N)
@@ -89,6 +96,10 @@ PY
 
 END_TICKS=$(cpu_ticks)
 END_WAIT=$(run_wait)
+if [ -n "$FOLLOWER" ]; then
+    FOLLOW_TICKS=$(awk '{ print $14 + $15 }' "/proc/$FOLLOWER/stat")
+    kill "$FOLLOWER"
+fi
 END_NS=$(date +%s%N)
 SCRAPE=$(curl -s "http://$METRICS/metrics" || true)
 dropped=$(printf '%s\n' "$SCRAPE" | awk '/^tandem_log_lines_dropped_total/ { s += $NF } END { print s + 0 }')
@@ -103,5 +114,8 @@ echo "log files total: max ${MAX} bytes over ${SAMPLES} samples (every 100 ms); 
 echo "child: $(cat "$WORK/report/worker-1.json" | tr -d '\n') (asked: $((RATE * SECS)) lines)"
 echo "master CPU: ${CPU} % of one core over ${WALL} s ($((END_TICKS - START_TICKS)) ticks at ${TCK}/s)"
 echo "master's loop thread waited for a CPU: $(awk -v a="$START_WAIT" -v b="$END_WAIT" 'BEGIN { printf "%.2f", (b - a) / 1e9 }') s in all${MASTER_NICE:+ (reniced to $MASTER_NICE)}"
+if [ -n "$FOLLOWER" ]; then
+    echo "tandem logs --follow: $(awk -v t="$FOLLOW_TICKS" -v hz="$TCK" -v w="$WALL" 'BEGIN { printf "%.2f", 100 * t / hz / w }') % of one core ($FOLLOW_TICKS ticks, from its start); it printed $(awk 'match($0, / line [0-9]+ /) { x = substr($0, RSTART + 6, RLENGTH - 7) + 0; n++; if (n == 1) f = x; l = x } END { printf "%d lines, numbers %d to %d: %s", n, f, l, (l - f + 1 == n ? "none missed in between" : (l - f + 1 - n) " missed") }' "$WORK/follow.out")"
+fi
 echo "lines dropped: ${dropped}; files deleted: ${deleted}; bytes written: ${written}"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
