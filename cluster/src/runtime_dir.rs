@@ -225,6 +225,9 @@ pub(crate) fn ensure_own_dir(path: &Path, openness: Openness, parents: bool) -> 
         Err(e) => return Err(e),
     }
     let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Err(io::Error::other(format!("{} is a symlink: give the directory itself", path.display())));
+    }
     if !meta.is_dir() {
         return Err(io::Error::other(format!("{} is not a directory", path.display())));
     }
@@ -285,6 +288,35 @@ mod tests {
         let path = a.path().to_owned();
         drop(a);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn own_directories_are_created_private_and_open_ones_refused_unchanged() {
+        let base = tempfile::tempdir().unwrap();
+        let fresh = base.path().join("a/b/logs");
+        ensure_own_dir(&fresh, Openness::NotWritableByOthers, true).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(ensure_own_dir(&base.path().join("x/y"), Openness::Private, false).is_err(), "no parents asked for");
+        let dir = |mode: u32| {
+            let path = base.path().join(format!("m{mode:o}"));
+            std::fs::create_dir(&path).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let readable = dir(0o755);
+        ensure_own_dir(&readable, Openness::NotWritableByOthers, false).unwrap();
+        let error = ensure_own_dir(&readable, Openness::Private, false).unwrap_err().to_string();
+        assert!(error.ends_with("is open to other users (mode 755)"), "{error}");
+        for mode in [0o775, 0o757, 0o777] {
+            let path = dir(mode);
+            let error = ensure_own_dir(&path, Openness::NotWritableByOthers, false).unwrap_err().to_string();
+            assert!(error.ends_with(&format!("is writable by other users (mode {mode:o})")), "{error}");
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, mode, "unchanged");
+        }
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        let error = ensure_own_dir(&link, Openness::NotWritableByOthers, false).unwrap_err().to_string();
+        assert!(error.contains("is a symlink"), "{error}");
     }
 
     #[test]
