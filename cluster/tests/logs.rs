@@ -202,6 +202,12 @@ async fn files_rotate_at_their_size_and_a_flood_never_passes_the_quota() {
         assert!(samples > 100, "{samples} samples");
         let report: serde_json::Value = serde_json::from_str(&read(&done)).unwrap();
         assert_eq!(report["lines"], 60_000, "the child wrote every line it was asked to: {report}");
+        // The newest lines are kept: the flood's last line reaches the active file.
+        let active = dir.join("worker-1.log");
+        eventually(STEP, "the flood's last line in the active file", || {
+            std::future::ready(read(&active).contains("worker 1 line 59999 "))
+        })
+        .await;
         let names: Vec<String> = files(&dir).into_iter().map(|(n, _)| n).collect();
         assert!(
             names.contains(&"worker-1.log".to_owned()) && names.contains(&"worker-1.log.1".to_owned()),
@@ -215,12 +221,6 @@ async fn files_rotate_at_their_size_and_a_flood_never_passes_the_quota() {
             .iter()
             .any(|n| read(&dir.join(n)).lines().any(|l| l.contains("tandem_cluster::logs: deleted worker-1.log.")));
         assert!(said, "no line says a file was deleted: {names:?}");
-        // The newest lines are kept: the flood's last line reaches the active file.
-        let active = dir.join("worker-1.log");
-        eventually(STEP, "the flood's last line in the active file", || {
-            std::future::ready(read(&active).contains("worker 1 line 59999 "))
-        })
-        .await;
         flood.stop();
         assert!(flood.exit().await.success());
         assert!(total(&dir) <= quota);
