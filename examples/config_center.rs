@@ -44,7 +44,9 @@
 //! anyway (workers see the channel as down, calls fail fast), keeps
 //! reconnecting, and values flow as soon as the registry is up.
 //! `--name NAME` (for the `tandem` CLI; the default is `config_center`),
-//! `--metrics ADDR` (serve `/metrics`; port 0 picks one), `--metrics-max-connections N`.
+//! `--metrics ADDR` (serve `/metrics`; port 0 picks one), `--metrics-max-connections N`,
+//! `--log-dir DIR` (the agent's and the workers' output into `DIR/<name>/agent.log`,
+//! `worker-<K>.log`: rotated, within a quota; `tandem logs NAME` reads them).
 //!
 //! stdout is the demo's own output, one line each:
 //! - with `--metrics`: `metrics on <ADDR>` (the bound address)
@@ -143,6 +145,12 @@ struct Args {
     /// the address is printed as `metrics on <ADDR>`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Capture the agent's and the workers' stdout and stderr into
+    /// DIR/<name>/agent.log and worker-<K>.log (rotated at 10 MiB, 100 MiB in
+    /// all; `tandem logs NAME` shows them). Without it they go to this
+    /// process's own stdout and stderr.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<PathBuf>,
     /// The most `/metrics` connections served at once (the default is 64, or
     /// a quarter of the descriptor limit when lower).
     #[arg(long, value_name = "N")]
@@ -216,6 +224,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(addr) = args.metrics {
         builder = builder.metrics(addr);
+    }
+    if let Some(dir) = &args.log_dir {
+        builder = builder.log_dir(dir);
     }
     if let Some(n) = args.metrics_max_connections {
         builder = builder.metrics_max_connections(n);

@@ -22,8 +22,9 @@
 //! `--agent-max-memory MIB`, `--ready-timeout SECS` (default 30), `--plain` (no
 //! cluster: one process serving the same routes, for comparison).
 //!
-//! `--name NAME` and `--metrics ADDR` as in config_center (the `tandem` CLI,
-//! `/metrics`; `metrics on <ADDR>` follows `listening on`).
+//! `--name NAME`, `--metrics ADDR` and `--log-dir DIR` as in config_center (the
+//! `tandem` CLI, `/metrics`; `metrics on <ADDR>` follows `listening on`; the
+//! children's output in `DIR/<name>/`, `tandem logs NAME`).
 //!
 //! stdout is the service's own output, one line each: `listening on <ADDR>`
 //! first, `metrics on <ADDR>` with `--metrics`, and with `--api-reloads N`
@@ -109,6 +110,12 @@ struct Args {
     /// the address is printed as `metrics on <ADDR>`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Capture the agent's and the workers' stdout and stderr into
+    /// DIR/<name>/agent.log and worker-<K>.log (rotated at 10 MiB, 100 MiB in
+    /// all; `tandem logs NAME` shows them). Without it they go to this
+    /// process's own stdout and stderr.
+    #[arg(long, value_name = "DIR")]
+    log_dir: Option<std::path::PathBuf>,
 }
 
 /// Where the children find the registry the master started for them.
@@ -164,6 +171,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(addr) = args.metrics {
         builder = builder.metrics(addr);
+    }
+    if let Some(dir) = &args.log_dir {
+        builder = builder.log_dir(dir);
     }
     if let Some(mib) = args.max_memory {
         builder = builder.worker_max_memory(mib * 1024 * 1024);

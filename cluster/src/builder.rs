@@ -184,6 +184,23 @@ impl Builder {
         self
     }
 
+    /// Captures the children's stdout and stderr into files under
+    /// `dir/<name>/` (`agent.log`, `worker-<K>.log`), rotated at
+    /// [`Config::log_file_size`] and kept within [`Config::log_quota`] in
+    /// total. See [`Config::log_dir`].
+    pub fn log_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.config.log_dir = Some(dir.into());
+        self
+    }
+
+    /// The log files' rotation size and total quota, in bytes (see
+    /// [`Config::log_file_size`] and [`Config::log_quota`]).
+    pub fn log_limits(mut self, file_size: u64, quota: u64) -> Self {
+        self.config.log_file_size = file_size;
+        self.config.log_quota = quota;
+        self
+    }
+
     /// How dead processes are restarted.
     pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
         self.config.restart = policy;
@@ -251,7 +268,12 @@ impl Builder {
             // the caller's `block_on` polls: a `block_on` future that is woken
             // makes a current-thread runtime check the driver once more before
             // it sleeps, an extra `epoll_wait` per relayed frame.
-            None => match tokio::spawn(crate::master::run(name, config, master)).await {
+            None => match tokio::spawn(async move {
+                config.validate()?;
+                crate::master::run(name, config, master).await
+            })
+            .await
+            {
                 Ok(result) => result,
                 Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
                 // Cancelled: the runtime itself is shutting down.

@@ -110,6 +110,25 @@ pub struct Config {
     /// the application's own code, which may block its runtime on purpose;
     /// turn it on when a blocked worker should be replaced.
     pub worker_hang_timeout: Option<Duration>,
+    /// Where the master writes the children's output (see
+    /// [`Builder::log_dir`](crate::Builder::log_dir)): each child's stdout
+    /// and stderr go to `<log_dir>/<name>/agent.log` and `worker-<K>.log`
+    /// (`<name>` as `tandem ls` shows it), rotated by size, within a total
+    /// quota. The directory is created (mode 0700) if missing; one that is
+    /// another user's or writable by group or others makes the master fail
+    /// at start with [`Error::LogDir`](crate::Error::LogDir). The default
+    /// (`None`) captures nothing: the children write to the master's own
+    /// stdout and stderr.
+    pub log_dir: Option<std::path::PathBuf>,
+    /// The size at which a log file is rotated (`agent.log` becomes
+    /// `agent.log.1`, the older ones shift up), in bytes; at least
+    /// [`MIN_LOG_FILE_SIZE`](crate::MIN_LOG_FILE_SIZE). The default is 10 MiB.
+    pub log_file_size: u64,
+    /// The most bytes all the log files of the cluster (`<log_dir>/<name>/`)
+    /// may take together, never exceeded: before a write that would pass it,
+    /// the oldest rotated files are deleted (and a line says so). At least
+    /// two files of `log_file_size`. The default is 100 MiB.
+    pub log_quota: u64,
 }
 
 impl Default for Config {
@@ -142,6 +161,9 @@ impl Default for Config {
             ping_interval: Duration::from_secs(1),
             agent_hang_timeout: Some(Duration::from_secs(3)),
             worker_hang_timeout: None,
+            log_dir: None,
+            log_file_size: 10 * 1024 * 1024,
+            log_quota: 100 * 1024 * 1024,
         }
     }
 }
@@ -164,6 +186,20 @@ impl Config {
             crate::identity::SlotId::Worker(_) => self.worker_hang_timeout,
         }
         .filter(|t| !t.is_zero())
+    }
+
+    /// Refuses, before anything starts, what the master could not run
+    /// with: more than [`MAX_WORKERS`](crate::MAX_WORKERS) workers, log
+    /// limits out of range.
+    pub(crate) fn validate(&self) -> Result<(), crate::Error> {
+        let workers = self.worker_count();
+        if workers > crate::MAX_WORKERS as usize {
+            return Err(crate::Error::TooManyWorkers { asked: workers, max: crate::MAX_WORKERS });
+        }
+        if self.log_dir.is_some() {
+            crate::logs::check_limits(self.log_file_size, self.log_quota)?;
+        }
+        Ok(())
     }
 
     /// The number of workers to run.

@@ -227,6 +227,32 @@ pub enum Error {
         /// The name.
         name: String,
     },
+    /// More workers asked for at start than the cluster runs
+    /// ([`MAX_WORKERS`](crate::MAX_WORKERS)); nothing was started.
+    #[error("{asked} workers asked for; a cluster runs at most {max}")]
+    TooManyWorkers {
+        /// The count asked for.
+        asked: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// The log directory ([`Config::log_dir`](crate::Config::log_dir)) could
+    /// not be created or is not ours (another user's, or writable by group or
+    /// others); nothing was started.
+    #[error("cannot keep the logs in {path}")]
+    LogDir {
+        /// The directory refused.
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The log limits ([`Config::log_file_size`](crate::Config::log_file_size),
+    /// [`Config::log_quota`](crate::Config::log_quota)) are out of range.
+    #[error("invalid log limits: {problem}")]
+    InvalidLogLimits {
+        /// What is wrong, with the values.
+        problem: String,
+    },
 }
 
 impl Error {

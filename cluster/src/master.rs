@@ -204,6 +204,7 @@ impl Master {
         let exe = crate::spawn::program_path().map_err(|source| Error::Spawn { what: "agent".into(), source })?;
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
         check_child_env(&config.child_env)?;
+        let logs = crate::logs::Logs::start(&config, &control_name)?;
         let program = Program {
             exe,
             args,
@@ -211,6 +212,7 @@ impl Master {
             name: control_name.clone(),
             master_pid: pid,
             env: config.child_env.clone(),
+            logs: logs.clone(),
         };
         let slots = Slots::new(config.worker_count() as WorkerId, &config.restart);
         let desired = u32::try_from(config.worker_count()).unwrap_or(u32::MAX);
@@ -249,7 +251,11 @@ impl Master {
             router: Router::default(),
             endpoint,
             inbound: Inbound { input_tx, input, local, control_tx, control: control_rx, ops_tx, ops },
-            outbound: Outbound { events, first_events: Some(first_events), stats: Arc::new(ControlStats::default()) },
+            outbound: Outbound {
+                events,
+                first_events: Some(first_events),
+                stats: Arc::new(ControlStats::with_logs(logs)),
+            },
             lifetime: Lifetime {
                 tasks,
                 cancel,
@@ -618,8 +624,12 @@ pub(crate) async fn run(name: String, config: Config, hook: Option<MasterFn>) ->
         tracing::Span::current().record("cluster", tracing::field::display(&master.setup.control_name));
         let result = master.serve(hook).await;
         let tasks = master.lifetime.tasks.clone();
+        let logs = master.setup.program.logs.clone();
         drop(master);
         Master::drain(tasks).await;
+        if let Some(logs) = logs {
+            logs.finish().await;
+        }
         result
     }
     .instrument(span)

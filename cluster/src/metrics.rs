@@ -32,6 +32,7 @@
 //! | `tandem_metrics_connections_open` | gauge | |
 //! | `tandem_metrics_accept_errors_total` | counter (`EMFILE` and the like) | |
 //! | `tandem_round_robin_lost_total` | counter (handed-off connections a worker could not receive; closed) | |
+//! | `tandem_log_lines_dropped_total`, `tandem_log_bytes_written_total`, ... | with a log directory: see [`logs`](crate::logs) | |
 //!
 //! Every sample also carries `cluster`, the cluster's name as `tandem ls`
 //! shows it ([`Builder::name`](crate::Builder::name), the executable's name by
@@ -255,6 +256,9 @@ pub(crate) async fn render(
         }
     }
     endpoint.register(&mut registry);
+    if let Some(logs) = &handle.stats.logs {
+        logs.stats().register(&mut registry);
+    }
     if let Some(round_robin) = round_robin {
         round_robin.register(&mut registry);
     }

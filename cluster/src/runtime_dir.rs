@@ -196,6 +196,60 @@ fn process_alive(pid: u32) -> bool {
     !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
 }
 
+/// How open to other users a directory of ours may be
+/// ([`ensure_own_dir`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Openness {
+    /// No permission bit for group or others (`mode & 0o077 == 0`): the
+    /// runtime and control directories.
+    Private,
+    /// Readable, never writable, by group and others (`mode & 0o022 == 0`):
+    /// the log directory (a `0750` directory of group `adm` is fine).
+    NotWritableByOthers,
+}
+
+/// THE check of a directory the master keeps its files in (the control
+/// socket's, the log files'): creates `path` with mode 0700 if missing (its
+/// parents too, with `parents`), then checks that it is a directory (not a
+/// symlink), owned by this user, and no more open than `openness` allows. A
+/// directory that fails it is refused, never changed: the error says what to
+/// fix.
+pub(crate) fn ensure_own_dir(path: &Path, openness: Openness, parents: bool) -> io::Result<()> {
+    if parents && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        DirBuilder::new().mode(0o700).recursive(true).create(parent)?;
+    }
+    match DirBuilder::new().mode(0o700).create(path) {
+        // The umask may have removed bits, never added any: make it exactly 0700.
+        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Err(io::Error::other(format!("{} is a symlink: give the directory itself", path.display())));
+    }
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!("{} is not a directory", path.display())));
+    }
+    if meta.uid() != nix::unistd::getuid().as_raw() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to uid {}, not to this user", path.display(), meta.uid()),
+        ));
+    }
+    let (forbidden, what) = match openness {
+        Openness::Private => (0o077, "open to other users"),
+        Openness::NotWritableByOthers => (0o022, "writable by other users"),
+    };
+    if meta.mode() & forbidden != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} is {what} (mode {:o})", path.display(), meta.mode() & 0o7777),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn base_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
         && let Ok(meta) = std::fs::metadata(&dir)
@@ -234,6 +288,35 @@ mod tests {
         let path = a.path().to_owned();
         drop(a);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn own_directories_are_created_private_and_open_ones_refused_unchanged() {
+        let base = tempfile::tempdir().unwrap();
+        let fresh = base.path().join("a/b/logs");
+        ensure_own_dir(&fresh, Openness::NotWritableByOthers, true).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(ensure_own_dir(&base.path().join("x/y"), Openness::Private, false).is_err(), "no parents asked for");
+        let dir = |mode: u32| {
+            let path = base.path().join(format!("m{mode:o}"));
+            std::fs::create_dir(&path).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let readable = dir(0o755);
+        ensure_own_dir(&readable, Openness::NotWritableByOthers, false).unwrap();
+        let error = ensure_own_dir(&readable, Openness::Private, false).unwrap_err().to_string();
+        assert!(error.ends_with("is open to other users (mode 755)"), "{error}");
+        for mode in [0o775, 0o757, 0o777] {
+            let path = dir(mode);
+            let error = ensure_own_dir(&path, Openness::NotWritableByOthers, false).unwrap_err().to_string();
+            assert!(error.ends_with(&format!("is writable by other users (mode {mode:o})")), "{error}");
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, mode, "unchanged");
+        }
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        let error = ensure_own_dir(&link, Openness::NotWritableByOthers, false).unwrap_err().to_string();
+        assert!(error.contains("is a symlink"), "{error}");
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! inherits them (each child's EOF then really means "the master is gone");
 //! only the child's own end has the flag cleared, in the forked child, just
 //! before `exec`.
+//!
+//! A child's stdout and stderr are the master's own, unless the cluster has a
+//! log directory: then they are pipes the master reads into the child's log
+//! file ([`logs`](crate::logs)).
 
 use std::ffi::OsString;
 use std::io;
@@ -80,6 +84,9 @@ pub(crate) struct Program {
     pub master_pid: u32,
     /// Set in every child ([`Config::child_env`](crate::Config::child_env)).
     pub env: Vec<(String, String)>,
+    /// Where the children's stdout and stderr go ([`Config::log_dir`](crate::Config::log_dir)):
+    /// `None` leaves them the master's own.
+    pub logs: Option<crate::logs::Logs>,
 }
 
 impl Program {
@@ -89,7 +96,7 @@ impl Program {
 }
 
 fn spawn(program: &Program, role: ProcessRole, worker_id: Option<WorkerId>) -> io::Result<Spawned> {
-    let Program { exe, args, cluster, name, master_pid, env } = program;
+    let Program { exe, args, cluster, name, master_pid, env, logs } = program;
     let master_pid = *master_pid;
     // std creates both ends with SOCK_CLOEXEC.
     let (master_end, child_end) = StdUnixStream::pair()?;
@@ -114,6 +121,9 @@ fn spawn(program: &Program, role: ProcessRole, worker_id: Option<WorkerId>) -> i
         .env(ENV_IPC_VERSION, IPC_VERSION.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(false);
+    if logs.is_some() {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
     match worker_id {
         Some(id) => cmd.env(ENV_WORKER_ID, id.to_string()),
         None => cmd.env_remove(ENV_WORKER_ID),
@@ -145,7 +155,10 @@ fn spawn(program: &Program, role: ProcessRole, worker_id: Option<WorkerId>) -> i
             Ok(())
         });
     }
-    let child = cmd.spawn()?;
+    let mut child = cmd.spawn()?;
+    if let Some(logs) = logs {
+        logs.capture(&crate::logs::stem(role, worker_id), child.stdout.take(), child.stderr.take());
+    }
     drop(child_end);
     drop(fd_child);
     let pid = child.id().ok_or_else(|| io::Error::other("the child exited before its pid could be read"))?;

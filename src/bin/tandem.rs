@@ -12,10 +12,13 @@
 //! tandem restart NAME --agent     # replace the agent (as `reload --agent`)
 //! tandem stop NAME             # graceful stop; returns when every process is gone
 //! tandem monit NAME            # a live view: processes, the Leader's rates; reload keys
+//! tandem logs NAME [--worker K|--agent] [--lines N] [--follow]  # the children's log files
 //! ```
 //!
 //! Exit codes: see [`EXIT_CODES`].
 
+#[path = "tandem/logs.rs"]
+mod logs;
 #[path = "tandem/monit.rs"]
 mod monit;
 
@@ -136,6 +139,26 @@ enum Command {
         /// The cluster's name.
         name: String,
     },
+    /// The last lines of the children's log files (a cluster started with a
+    /// log directory), then with --follow the new ones as they come, across
+    /// rotations. Every process's by default, each line prefixed with it.
+    #[command(group = clap::ArgGroup::new("process").args(["worker", "agent"]))]
+    Logs {
+        /// The cluster's name.
+        name: String,
+        /// Only this worker's (the SLOT column of `tandem status`).
+        #[arg(long, value_name = "K")]
+        worker: Option<u32>,
+        /// Only the agent's.
+        #[arg(long)]
+        agent: bool,
+        /// How many of the last lines to print, per process.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        lines: usize,
+        /// Keep printing new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Stop the cluster gracefully and wait until every process is gone.
     Stop {
         /// The cluster's name.
@@ -252,6 +275,14 @@ async fn run(command: Command) -> Result<(), ControlError> {
             Ok(())
         }
         Command::Monit { name } => Ok(monit::run(name).await?),
+        Command::Logs { name, worker, agent, lines, follow } => {
+            let which = match (worker, agent) {
+                (Some(k), _) => logs::Which::Worker(k),
+                (None, true) => logs::Which::Agent,
+                (None, false) => logs::Which::All,
+            };
+            logs::run(&name, which, lines, follow).await
+        }
         Command::Stop { name, timeout } => {
             let report: StopReport = decode(ask(&name, Request::Stop).await?)?;
             outln!("stopping {name}: {} processes", report.pids.len());

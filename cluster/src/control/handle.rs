@@ -51,11 +51,17 @@ pub(crate) struct ControlStats {
     /// Restarts asked for (`tandem restart`), of a worker and of the agent.
     pub restarts_worker: AtomicU64,
     pub restarts_agent: AtomicU64,
+    /// The capture of the children's output, when the cluster has a log directory.
+    pub logs: Option<crate::logs::Logs>,
     /// The previous CPU sample per pid, for CPU % between samples.
     cpu_samples: std::sync::Mutex<HashMap<u32, (f64, Instant)>>,
 }
 
 impl ControlStats {
+    pub(crate) fn with_logs(logs: Option<crate::logs::Logs>) -> ControlStats {
+        ControlStats { logs, ..ControlStats::default() }
+    }
+
     pub(crate) fn count_scale(&self, direction: crate::scale::Direction) {
         let counter = match direction {
             crate::scale::Direction::Up => &self.scales_up,
@@ -122,6 +128,7 @@ impl MasterHandle {
                 "starting"
             }
             .to_owned(),
+            log_dir: None,
         }
     }
 

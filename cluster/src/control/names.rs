@@ -1,9 +1,7 @@
 //! Where a cluster's control socket lives: names, their directories, and
 //! the checks that keep them private to this user.
 
-use std::fs::DirBuilder;
 use std::io::{self};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::limits::SOCKET_FILE;
@@ -59,28 +57,8 @@ pub fn socket_path(name: &str) -> PathBuf {
 }
 
 /// Creates `path` with mode 0700 if missing, then checks it is a directory
-/// (not a symlink) owned by this user and closed to group and others.
+/// (not a symlink) owned by this user and closed to group and others
+/// ([`ensure_own_dir`](crate::runtime_dir::ensure_own_dir)).
 pub(crate) fn private_dir(path: &Path) -> io::Result<()> {
-    match DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    let meta = std::fs::symlink_metadata(path)?;
-    if !meta.is_dir() {
-        return Err(io::Error::other(format!("{} is not a directory", path.display())));
-    }
-    if meta.uid() != nix::unistd::getuid().as_raw() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{} belongs to uid {}, not to this user", path.display(), meta.uid()),
-        ));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{} is open to other users (mode {:o})", path.display(), meta.mode() & 0o777),
-        ));
-    }
-    Ok(())
+    crate::runtime_dir::ensure_own_dir(path, crate::runtime_dir::Openness::Private, false)
 }

@@ -295,7 +295,11 @@ pub(crate) async fn serve_connection(
 pub(crate) async fn answer(request: Request, handle: &MasterHandle) -> Response {
     match request {
         Request::Info => match handle.snapshot().await {
-            Ok(s) => Response::ok(MasterHandle::info(&s)),
+            Ok(s) => {
+                let mut info = MasterHandle::info(&s);
+                info.log_dir = handle.stats.logs.as_ref().map(|l| l.dir().to_owned());
+                Response::ok(info)
+            }
             Err(e) => Response::err(e),
         },
         Request::Status => {

@@ -215,6 +215,10 @@ pub struct ClusterInfo {
     pub workers_online: usize,
     /// `starting` (until the first cluster-ready), `online` or `stopping`.
     pub state: String,
+    /// Where the children's log files are (`<log_dir>/<name>`), when the
+    /// cluster captures them (`Config::log_dir`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_dir: Option<std::path::PathBuf>,
 }
 
 /// One process in the answer to `status`.
