@@ -153,6 +153,9 @@ pub enum RoleCmd {
         socket: PathBuf,
         #[arg(long)]
         group: u32,
+        /// The per-call path; the follower's default if not given.
+        #[arg(long, value_enum)]
+        calls: Option<crate::transport::Calls>,
     },
     /// The floor's server: plain tokio, u32 BE length + bytes, echo and fan-out.
     #[command(hide = true)]

@@ -34,7 +34,8 @@ pub struct Config {
     pub subscription_buffer: usize,
     /// How a call reaches the driver and its answer the caller. Both keep
     /// the same guarantees (deadline, cancel on drop, typed errors) and the
-    /// same frames on the wire. The default is [`CallPath::Queue`].
+    /// same frames on the wire. The default is [`CallPath::Slots`] (it takes
+    /// less CPU per call; measured side by side in `docs/performance.md`).
     pub calls: CallPath,
 }
 
@@ -46,7 +47,6 @@ pub enum CallPath {
     /// Each call is a command on the driver's queue (up to
     /// [`Config::command_queue`] before callers wait), kept in the driver's
     /// table of requests in flight, and answered through a oneshot channel.
-    #[default]
     Queue,
     /// Each call takes a slot in a slab shared by the callers and the driver
     /// (the slot's index is the request id, so an answer finds its caller by
@@ -54,6 +54,7 @@ pub enum CallPath {
     /// per batch; the answer is left in the slot and the caller's waker woken.
     /// No queue, oneshot or map per call. Up to [`Config::command_queue`]
     /// calls wait for the driver before callers wait.
+    #[default]
     Slots,
 }
 

@@ -2,10 +2,16 @@
 //!
 //! ```text
 //! handles ──Command──> driver ──Frame──> leader
-//!    ^                   │  <──Frame───
-//!    └── oneshot replies ┤
+//! calls ────slots────>   │  <──Frame───
+//!    ^                   │
+//!    └── slot answers, ──┤
+//!        oneshot replies │
 //!        subscriptions <─┘ (a feed per key: last value kept, a queue per handle)
 //! ```
+//!
+//! Calls reach the driver through the slab of slots (`slots.rs`, the
+//! default, [`CallPath::Slots`](crate::CallPath::Slots)) or as commands
+//! ([`CallPath::Queue`](crate::CallPath::Queue)); everything else is a command.
 //!
 //! The driver connects (with backoff and jitter), says `Hello`, and then turns
 //! commands into frames and frames into replies and subscription values. When

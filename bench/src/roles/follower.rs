@@ -17,10 +17,16 @@ use tandem::{Client, Connection, UnixConnector};
 use crate::api::{BenchApi, TICKING_KEY, key_name};
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
-use crate::tally::{Calls, DRAIN, EventTally};
+use crate::tally::{Calls as Tally, DRAIN, EventTally};
+use crate::transport::Calls;
 
-pub async fn run(socket: PathBuf, commands: Commands, reporter: Reporter) -> Result<()> {
-    let connection = Connection::builder().channel::<BenchApi>().connect(UnixConnector::new(socket)).spawn();
+pub async fn run(socket: PathBuf, calls: Option<Calls>, commands: Commands, reporter: Reporter) -> Result<()> {
+    let mut config = tandem::follower::Config::default();
+    if let Some(calls) = calls {
+        config.calls = calls.path();
+    }
+    let connection =
+        Connection::builder().config(config).channel::<BenchApi>().connect(UnixConnector::new(socket)).spawn();
     let result = serve(&connection, commands, &reporter).await;
     connection.close().await;
     result
@@ -200,9 +206,9 @@ fn lock(events: &Mutex<EventTally>) -> std::sync::MutexGuard<'_, EventTally> {
 /// `concurrency` tasks call in a loop until the window closes, counting into
 /// one shared tally (as the floor client's single loop does: one histogram
 /// per process, so the memory figures compare like with like).
-async fn invoke(client: &Client<BenchApi>, concurrency: usize, payload: usize, window: Window) -> Result<Calls> {
+async fn invoke(client: &Client<BenchApi>, concurrency: usize, payload: usize, window: Window) -> Result<Tally> {
     let body = Bytes::from(vec![0x5A; payload]);
-    let total = Arc::new(Mutex::new(Calls::new()));
+    let total = Arc::new(Mutex::new(Tally::new()));
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let (client, body, total) = (client.clone(), body.clone(), total.clone());

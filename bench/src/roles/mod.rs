@@ -42,8 +42,8 @@ pub fn main(role: RoleCmd) -> ! {
         RoleCmd::Leader { socket, group, threads } => {
             serve(server_runtime(threads), "server", group, |c, r| leader::run(socket, c, r))
         }
-        RoleCmd::Follower { socket, group } => {
-            serve(client_runtime(), "client", group, |c, r| follower::run(socket, c, r))
+        RoleCmd::Follower { socket, group, calls } => {
+            serve(client_runtime(), "client", group, |c, r| follower::run(socket, calls, c, r))
         }
         RoleCmd::FloorServer { socket, group, threads } => {
             serve(server_runtime(threads), "server", group, |c, r| floor_server::run(socket, c, r))
