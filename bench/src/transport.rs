@@ -48,7 +48,7 @@ impl Calls {
 
 impl fmt::Display for Calls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Calls::Queue => "queue",
             Calls::Slots => "slots",
         })
