@@ -8,7 +8,7 @@ use common::{
     Fixture, Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, follower_with, leader, private_dir, standalone, within,
 };
 use futures::StreamExt;
-use tandem_follower::{Connection, Error, LocalConnector, State};
+use tandem_follower::{Error, LocalConnector, State};
 use tandem_protocol::ErrorKind;
 use tokio::time::timeout;
 

@@ -47,11 +47,8 @@ impl Upstream<Echo> for EchoUpstream {
 }
 
 fn config(calls: CallPath) -> Config {
-    let mut config = Config::default();
-    config.calls = calls;
-    // Far beyond any test: a silent scripted leader is not given up.
-    config.peer_timeout = Duration::from_secs(120);
-    config
+    // peer_timeout: far beyond any test, so a silent scripted leader is not given up.
+    Config { calls, peer_timeout: Duration::from_secs(120), ..Config::default() }
 }
 
 fn in_memory(calls: CallPath) -> (Leader, Connection) {
