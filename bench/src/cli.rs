@@ -160,6 +160,9 @@ pub enum RoleCmd {
         /// Calls in flight (each in its own task, as the bench follower makes them).
         #[arg(long, default_value_t = 64)]
         in_flight: usize,
+        /// Keep the calls in flight from one task (a `FuturesUnordered`), not a task each.
+        #[arg(long)]
+        one_task: bool,
         /// Bytes of payload per call.
         #[arg(long, default_value_t = 64)]
         payload: usize,

@@ -269,7 +269,7 @@ async fn invoke(client: &Client<BenchApi>, concurrency: usize, payload: usize, w
 /// `bench per-call`: both per-call paths against one Leader, in this process
 /// and on this (current-thread) runtime; prints the CPU time (the whole
 /// process: leader and follower) and the wall time per call of each.
-pub async fn per_call(rounds: usize, calls: u64, in_flight: usize, payload: usize) -> Result<()> {
+pub async fn per_call(rounds: usize, calls: u64, in_flight: usize, one_task: bool, payload: usize) -> Result<()> {
     let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
     let dir = tempfile::Builder::new().prefix("tandem-per-call").permissions(private).tempdir()?;
     let upstream = crate::api::BenchUpstream::default();
@@ -277,7 +277,8 @@ pub async fn per_call(rounds: usize, calls: u64, in_flight: usize, payload: usiz
     let socket = leader.bind_unix(dir.path().join("leader.sock"))?;
     let body = Bytes::from(vec![0x5A; payload]);
     let in_flight = in_flight.max(1);
-    println!("per-call: {calls} calls per path and round, {in_flight} in flight, {payload} B, one thread");
+    let from = if one_task { "one task" } else { "a task each" };
+    println!("per-call: {calls} calls per path and round, {in_flight} in flight ({from}), {payload} B, one thread");
     let mut totals = [(Calls::Queue, Duration::ZERO), (Calls::Slots, Duration::ZERO)];
     for round in 0..rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -289,9 +290,9 @@ pub async fn per_call(rounds: usize, calls: u64, in_flight: usize, payload: usiz
                 Connection::builder().config(config).channel::<BenchApi>().connect(UnixConnector::new(&socket)).spawn();
             let client = connection.client::<BenchApi>();
             client.ready().await?;
-            call_loop(&client, &body, in_flight, 1_000).await?; // warm-up
+            call_loop(&client, &body, in_flight, one_task, 1_000).await?; // warm-up
             let (cpu, wall) = (cpu_time(), std::time::Instant::now());
-            call_loop(&client, &body, in_flight, calls).await?;
+            call_loop(&client, &body, in_flight, one_task, calls).await?;
             let (cpu, wall) = (cpu_time().saturating_sub(cpu), wall.elapsed());
             totals[i].1 += cpu;
             let us = |d: Duration| d.as_secs_f64() * 1e6 / calls.max(1) as f64;
@@ -312,8 +313,36 @@ pub async fn per_call(rounds: usize, calls: u64, in_flight: usize, payload: usiz
     Ok(())
 }
 
-/// `calls` calls through `in_flight` tasks; fails on the first error.
-async fn call_loop(client: &Client<BenchApi>, body: &Bytes, in_flight: usize, calls: u64) -> Result<()> {
+/// `calls` calls, `in_flight` at a time, from a task each or all from this
+/// one; fails on the first error.
+async fn call_loop(
+    client: &Client<BenchApi>,
+    body: &Bytes,
+    in_flight: usize,
+    one_task: bool,
+    calls: u64,
+) -> Result<()> {
+    if one_task {
+        let call = || async {
+            let echo = client.invoke(body.clone()).await?;
+            anyhow::ensure!(echo.len() == body.len(), "a wrong answer");
+            anyhow::Ok(())
+        };
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut started = 0;
+        while started < calls.min(in_flight as u64) {
+            pending.push(call());
+            started += 1;
+        }
+        while let Some(done) = pending.next().await {
+            done?;
+            if started < calls {
+                pending.push(call());
+                started += 1;
+            }
+        }
+        return Ok(());
+    }
     let per_task = calls.div_ceil(in_flight as u64);
     let tasks: Vec<_> = (0..in_flight)
         .map(|_| {

@@ -70,9 +70,9 @@ pub fn main(role: RoleCmd) -> ! {
             serve(client_runtime(), "mass", group, |c, r| mass::run(socket, count, c, r))
         }
         RoleCmd::ClusterMaster(args) => cluster_master::main(args),
-        RoleCmd::PerCall { rounds, calls, in_flight, payload } => client_runtime()
+        RoleCmd::PerCall { rounds, calls, in_flight, one_task, payload } => client_runtime()
             .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(follower::per_call(rounds, calls, in_flight, payload))),
+            .and_then(|runtime| runtime.block_on(follower::per_call(rounds, calls, in_flight, one_task, payload))),
     };
     match result {
         Ok(()) => std::process::exit(0),
