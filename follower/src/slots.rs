@@ -229,8 +229,17 @@ impl Slots {
             if let Some(driver) = driver {
                 driver.wake();
             }
+        } else if !sent {
+            // Not sent yet: its entry leaves the batch (and its room to another caller).
+            let queued = |entry: &Outgoing| matches!(entry, Outgoing::Invoke { id: queued, .. } if *queued == id);
+            if let Some(at) = table.outgoing.iter().position(queued) {
+                table.outgoing.remove(at);
+                table.queued -= 1;
+                for waker in table.room.drain(..) {
+                    waker.wake();
+                }
+            }
         }
-        // Not sent yet: the driver skips its entry in `outgoing` (the slot moved on).
     }
 
     // ---- the driver's side ----

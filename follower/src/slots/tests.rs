@@ -310,3 +310,22 @@ async fn a_hundred_thousand_calls_leave_no_slot_behind() {
     })
     .await
 }
+
+#[test]
+fn a_call_dropped_before_it_is_sent_gives_its_room_back_at_once() {
+    let slots = super::Slots::new(2);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let start = |cx: &mut std::task::Context<'_>| slots.start("echo", bytes::Bytes::new(), deadline, DEADLINE, cx);
+    let (a, b) = (start(&mut cx).unwrap(), start(&mut cx).unwrap());
+    assert!(matches!(start(&mut cx), Err(super::Refused::Full(_))), "two calls fill a batch of two");
+    slots.abandon(a);
+    slots.abandon(b);
+    assert_eq!(slots.live(), 0);
+    let c = start(&mut cx).expect("room again, with no driver pass");
+    assert!(!matches!(slots.poll_answer(c, &mut cx), std::task::Poll::Ready(_)), "still waiting");
+    slots.complete(c, Ok(bytes::Bytes::from_static(b"x")));
+    let answer = slots.poll_answer(c, &mut cx);
+    assert!(matches!(answer, std::task::Poll::Ready(Ok(ref bytes)) if bytes.as_ref() == b"x"), "{answer:?}");
+    assert_eq!((slots.live(), slots.allocated()), (0, 2));
+}
