@@ -264,51 +264,59 @@ async fn calls_waiting_for_a_first_leader_keep_their_deadline_past_the_queue_lim
 
 #[tokio::test]
 async fn a_hundred_thousand_calls_leave_no_slot_behind() {
-    within(TEST_TIMEOUT, async {
-        const TASKS: u64 = 16;
-        const CALLS: u64 = 100_000;
-        let (leader, connection) = in_memory(CallPath::Slots);
-        let echo = connection.client::<Echo>();
-        echo.ready().await.unwrap();
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|task| {
-                let echo = echo.clone();
-                tokio::spawn(async move {
-                    let (mut answered, mut dropped) = (0u64, 0u64);
-                    for n in (task..CALLS).step_by(TASKS as usize) {
-                        if n % 1000 == 0 {
-                            // Dropped after its first poll (queued, not yet
-                            // sent), or a moment later (sent: cancelled at the leader).
-                            let mut call = std::pin::pin!(echo.invoke((n, 0)));
-                            assert!(futures::poll!(call.as_mut()).is_pending());
-                            if n % 2000 == 0 {
-                                tokio::task::yield_now().await;
-                                tokio::task::yield_now().await;
-                            }
-                            dropped += 1;
-                        } else {
-                            assert_eq!(echo.invoke((n, 0)).await.unwrap(), n);
-                            answered += 1;
+    within(TEST_TIMEOUT, many_calls(100_000)).await
+}
+
+/// Callers on two threads at once: the slab is shared under its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_from_two_threads_leave_no_slot_behind() {
+    within(TEST_TIMEOUT, many_calls(20_000)).await
+}
+
+/// `calls` calls from 16 tasks, one in a thousand dropped after its first
+/// poll; every answer is the caller's own, and every slot is free at the end.
+async fn many_calls(calls: u64) {
+    const TASKS: u64 = 16;
+    let (leader, connection) = in_memory(CallPath::Slots);
+    let echo = connection.client::<Echo>();
+    echo.ready().await.unwrap();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let echo = echo.clone();
+            tokio::spawn(async move {
+                let (mut answered, mut dropped) = (0u64, 0u64);
+                for n in (task..calls).step_by(TASKS as usize) {
+                    if n % 1000 == 0 {
+                        // Dropped after its first poll (queued, not yet
+                        // sent), or a moment later (sent: cancelled at the leader).
+                        let mut call = std::pin::pin!(echo.invoke((n, 0)));
+                        assert!(futures::poll!(call.as_mut()).is_pending());
+                        if n % 2000 == 0 {
+                            tokio::task::yield_now().await;
+                            tokio::task::yield_now().await;
                         }
+                        dropped += 1;
+                    } else {
+                        assert_eq!(echo.invoke((n, 0)).await.unwrap(), n);
+                        answered += 1;
                     }
-                    (answered, dropped)
-                })
+                }
+                (answered, dropped)
             })
-            .collect();
-        let (mut answered, mut dropped) = (0, 0);
-        for task in tasks {
-            let (a, d) = task.await.unwrap();
-            answered += a;
-            dropped += d;
-        }
-        assert_eq!((answered, dropped), (CALLS - CALLS / 1000, CALLS / 1000));
-        let slots = slots_of(&connection);
-        assert_eq!(slots.live(), 0, "every slot is free again");
-        assert!(slots.allocated() <= TASKS as usize, "{} slots for {TASKS} callers", slots.allocated());
-        connection.close().await;
-        leader.shutdown().await;
-    })
-    .await
+        })
+        .collect();
+    let (mut answered, mut dropped) = (0, 0);
+    for task in tasks {
+        let (a, d) = task.await.unwrap();
+        answered += a;
+        dropped += d;
+    }
+    assert_eq!((answered, dropped), (calls - calls / 1000, calls / 1000));
+    let slots = slots_of(&connection);
+    assert_eq!(slots.live(), 0, "every slot is free again");
+    assert!(slots.allocated() <= TASKS as usize, "{} slots for {TASKS} callers", slots.allocated());
+    connection.close().await;
+    leader.shutdown().await;
 }
 
 #[test]
