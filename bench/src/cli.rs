@@ -146,6 +146,27 @@ pub enum RoleCmd {
         #[arg(long)]
         threads: usize,
     },
+    /// The follower's two per-call paths (queue, slots) side by side in ONE
+    /// process on ONE thread (a Leader and a follower on a Unix socket): the
+    /// CPU time per call of each, in alternating rounds. One thread, so the
+    /// batching does not depend on how the OS shares the cores.
+    PerCall {
+        /// Rounds; each measures both paths, the first path alternating.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Calls per path and round.
+        #[arg(long, default_value_t = 200_000)]
+        calls: u64,
+        /// Calls in flight (each in its own task, as the bench follower makes them).
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Keep the calls in flight from one task (a `FuturesUnordered`), not a task each.
+        #[arg(long)]
+        one_task: bool,
+        /// Bytes of payload per call.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+    },
     /// One tandem follower process (one Connection over the direct Unix socket).
     #[command(hide = true)]
     Follower {
@@ -153,6 +174,9 @@ pub enum RoleCmd {
         socket: PathBuf,
         #[arg(long)]
         group: u32,
+        /// The per-call path; the follower's default if not given.
+        #[arg(long, value_enum)]
+        calls: Option<crate::transport::Calls>,
     },
     /// The floor's server: plain tokio, u32 BE length + bytes, echo and fan-out.
     #[command(hide = true)]

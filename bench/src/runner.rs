@@ -50,7 +50,7 @@ pub async fn start(ctx: &mut Ctx, transport: Transport, followers: usize) -> Res
     let threads = ctx.config.server_threads.to_string();
     let (server_role, client_role) = match transport {
         Transport::Floor => ("floor-server", "floor-client"),
-        Transport::Direct => ("leader", "follower"),
+        Transport::Direct | Transport::DirectQueue | Transport::DirectSlots => ("leader", "follower"),
         Transport::Tonic => ("tonic-server", "tonic-client"),
         Transport::Tarpc => ("tarpc-server", "tarpc-client"),
         Transport::Messenger => return start_cluster(ctx, group, followers).await,
@@ -69,8 +69,13 @@ pub async fn start(ctx: &mut Ctx, transport: Transport, followers: usize) -> Res
     ctx.spawn(argv(server_role, &[OsStr::new("--threads"), OsStr::new(&threads)]))?;
     let server = ctx.hellos(group, "server", 1).await?[0];
     ctx.ready(&[server], &format!("the {transport} server")).await?;
+    let calls = transport.calls().map(|calls| calls.to_string());
+    let client_extra: Vec<&OsStr> = match &calls {
+        Some(calls) => vec![OsStr::new("--calls"), OsStr::new(calls)],
+        None => Vec::new(),
+    };
     for _ in 0..followers {
-        ctx.spawn(argv(client_role, &[]))?;
+        ctx.spawn(argv(client_role, &client_extra))?;
     }
     let clients = ctx.hellos(group, "client", followers).await?;
     ctx.ready(&clients, &format!("the {transport} clients")).await?;

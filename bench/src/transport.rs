@@ -12,14 +12,47 @@ use serde::Serialize;
 pub enum Transport {
     /// The raw Unix-socket floor: what any framed protocol costs at least.
     Floor,
-    /// tandem followers on the leader's Unix socket.
+    /// tandem followers on the leader's Unix socket, on the follower's default per-call path.
     Direct,
+    /// As `direct`, every call on the command-queue path (`CallPath::Queue`):
+    /// a command to the driver task, answered through a oneshot.
+    #[serde(rename = "direct-queue")]
+    DirectQueue,
+    /// As `direct`, every call on the slots path (`CallPath::Slots`):
+    /// appended to the driver's batch, answered through a slab of waker slots.
+    #[serde(rename = "direct-slots")]
+    DirectSlots,
     /// tandem followers in cluster workers, relayed by the cluster master to the agent's Leader.
     Messenger,
     /// gRPC with tonic over a Unix socket (HTTP/2, prost messages): one channel per client process.
     Tonic,
     /// tarpc over a Unix socket (length-delimited frames, bincode): one client per client process.
     Tarpc,
+}
+
+/// A follower's per-call path, as its role's `--calls` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Calls {
+    Queue,
+    Slots,
+}
+
+impl Calls {
+    pub fn path(self) -> tandem::follower::CallPath {
+        match self {
+            Calls::Queue => tandem::follower::CallPath::Queue,
+            Calls::Slots => tandem::follower::CallPath::Slots,
+        }
+    }
+}
+
+impl fmt::Display for Calls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Calls::Queue => "queue",
+            Calls::Slots => "slots",
+        })
+    }
 }
 
 /// Every transport, in the order the bench runs and prints them.
@@ -31,6 +64,8 @@ impl fmt::Display for Transport {
         f.write_str(match self {
             Transport::Floor => "floor",
             Transport::Direct => "direct",
+            Transport::DirectQueue => "direct-queue",
+            Transport::DirectSlots => "direct-slots",
             Transport::Messenger => "messenger",
             Transport::Tonic => "tonic",
             Transport::Tarpc => "tarpc",
@@ -39,11 +74,20 @@ impl fmt::Display for Transport {
 }
 
 impl Transport {
+    /// The per-call path its followers are told to use (`None`: the default).
+    pub fn calls(self) -> Option<Calls> {
+        match self {
+            Transport::DirectQueue => Some(Calls::Queue),
+            Transport::DirectSlots => Some(Calls::Slots),
+            _ => None,
+        }
+    }
+
     /// What its (server, client) processes are called in the memory figures.
     pub fn process_names(self) -> (&'static str, &'static str) {
         match self {
             Transport::Floor => ("floor_server", "floor_client"),
-            Transport::Direct => ("leader", "follower"),
+            Transport::Direct | Transport::DirectQueue | Transport::DirectSlots => ("leader", "follower"),
             Transport::Messenger => ("agent", "worker"),
             Transport::Tonic => ("tonic_server", "tonic_client"),
             Transport::Tarpc => ("tarpc_server", "tarpc_client"),

@@ -13,6 +13,8 @@ use tandem_protocol::{Api, RemoteError, RequestId, UpstreamState};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::Command;
+use crate::config::CallPath;
+use crate::slots::SlotCall;
 use crate::state::{State, Status};
 use crate::{Connection, Error, Subscription};
 
@@ -86,7 +88,10 @@ impl<A: Api> Client<A> {
     /// typed error; dropping the future cancels it at the leader too.
     pub async fn invoke_with_deadline(&self, request: A::Request, deadline: Duration) -> Result<A::Response, Error> {
         let payload = encode(&request)?;
-        let bytes = self.call(payload, deadline, false).await?;
+        let bytes = match self.connection.inner.config.calls {
+            CallPath::Slots => self.slot_call(payload, deadline).await?,
+            CallPath::Queue => self.call(payload, deadline, false).await?,
+        };
         Ok(decode(&bytes)?)
     }
 
@@ -96,6 +101,13 @@ impl<A: Api> Client<A> {
         let payload = encode(&request)?;
         let deadline = self.connection.inner.config.default_deadline;
         self.call(payload, deadline, true).await.map(|_| ())
+    }
+
+    /// A call on the slots path ([`CallPath::Slots`]).
+    async fn slot_call(&self, payload: Bytes, deadline: Duration) -> Result<Bytes, Error> {
+        check_size(&payload)?;
+        let until = Instant::now() + deadline;
+        SlotCall::new(&self.connection.inner.slots, A::NAME, payload, until, deadline).await
     }
 
     async fn call(&self, payload: Bytes, deadline: Duration, oneway: bool) -> Result<Bytes, Error> {

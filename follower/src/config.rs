@@ -32,6 +32,30 @@ pub struct Config {
     /// Values buffered per subscription for a slow local reader; past it the
     /// oldest are skipped (the newest is always kept). The default is 256.
     pub subscription_buffer: usize,
+    /// How a call reaches the driver and its answer the caller. Both keep
+    /// the same guarantees (deadline, cancel on drop, typed errors) and the
+    /// same frames on the wire. The default is [`CallPath::Slots`] (it takes
+    /// less CPU per call; measured side by side in `docs/performance.md`).
+    pub calls: CallPath,
+}
+
+/// How a call reaches the connection's driver, and its answer the caller
+/// (see `docs/performance.md`, "Two per-call paths").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CallPath {
+    /// Each call is a command on the driver's queue (up to
+    /// [`Config::command_queue`] before callers wait), kept in the driver's
+    /// table of requests in flight, and answered through a oneshot channel.
+    Queue,
+    /// Each call takes a slot in a slab shared by the callers and the driver
+    /// (the slot's index is the request id, so an answer finds its caller by
+    /// indexing), appends itself to the driver's next batch and wakes it once
+    /// per batch; the answer is left in the slot and the caller's waker woken.
+    /// No queue, oneshot or map per call. Up to [`Config::command_queue`]
+    /// calls wait for the driver before callers wait.
+    #[default]
+    Slots,
 }
 
 impl Default for Config {
@@ -46,6 +70,7 @@ impl Default for Config {
             token: None,
             command_queue: 1024,
             subscription_buffer: 256,
+            calls: CallPath::default(),
         }
     }
 }

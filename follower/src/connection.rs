@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::Command;
 use crate::driver::Driver;
+use crate::slots::Slots;
 use crate::state::Status;
 use crate::{Client, Config, Connector};
 
@@ -19,6 +20,15 @@ pub(crate) struct Inner {
     pub(crate) status: watch::Receiver<Status>,
     pub(crate) config: Config,
     pub(crate) next_id: Arc<AtomicU64>,
+    /// The calls of the slots path ([`CallPath::Slots`](crate::CallPath::Slots)), shared with the driver.
+    pub(crate) slots: Arc<Slots>,
+}
+
+/// What the handles share with the driver.
+pub(crate) struct Shared {
+    pub(crate) status: watch::Sender<Status>,
+    pub(crate) next_id: Arc<AtomicU64>,
+    pub(crate) slots: Arc<Slots>,
 }
 
 /// One connection to the leader (direct, relayed or in-process), shared by the
@@ -125,9 +135,10 @@ impl ConnectionBuilder {
         let (drops, drop_rx) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Status::new());
         let next_id = Arc::new(AtomicU64::new(1));
-        let driver =
-            Driver::new(self.config.clone(), self.channels, connector, command_rx, drop_rx, status_tx, next_id.clone());
-        let inner = Inner { commands, drops, status, config: self.config, next_id };
+        let slots = Arc::new(Slots::new(self.config.command_queue));
+        let shared = Shared { status: status_tx, next_id: next_id.clone(), slots: slots.clone() };
+        let driver = Driver::new(self.config.clone(), self.channels, connector, command_rx, drop_rx, shared);
+        let inner = Inner { commands, drops, status, config: self.config, next_id, slots };
         NewConnection { connection: Connection { inner: Arc::new(inner) }, driver }
     }
 }

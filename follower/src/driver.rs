@@ -2,10 +2,16 @@
 //!
 //! ```text
 //! handles ──Command──> driver ──Frame──> leader
-//!    ^                   │  <──Frame───
-//!    └── oneshot replies ┤
+//! calls ────slots────>   │  <──Frame───
+//!    ^                   │
+//!    └── slot answers, ──┤
+//!        oneshot replies │
 //!        subscriptions <─┘ (a feed per key: last value kept, a queue per handle)
 //! ```
+//!
+//! Calls reach the driver through the slab of slots (`slots.rs`, the
+//! default, [`CallPath::Slots`](crate::CallPath::Slots)) or as commands
+//! ([`CallPath::Queue`](crate::CallPath::Queue)); everything else is a command.
 //!
 //! The driver connects (with backoff and jitter), says `Hello`, and then turns
 //! commands into frames and frames into replies and subscription values. When
@@ -14,8 +20,6 @@
 //! each key with its last seen (epoch, seq) so the leader sends only newer
 //! values. It never delivers a value at or below one already delivered.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -23,15 +27,16 @@ use tandem_leader::LeaderGoodbye;
 use tandem_protocol::internal::Backoff;
 use tandem_protocol::internal::{WriteEnd, WriteLimits, write_loop};
 use tandem_protocol::{Frame, Link, RemoteError, Welcome};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::command::Command;
+use crate::connection::Shared;
 use crate::connector::{Connected, Connector};
 use crate::core::Core;
 use crate::handshake::{ConnectError, connect};
 use crate::link_end::{LinkEnd, WriteFailed};
-use crate::state::{LinkState, Status};
+use crate::state::LinkState;
 use crate::{Config, Error};
 
 /// How long connecting may keep failing before it is logged at WARN (shorter
@@ -70,10 +75,9 @@ impl<C: Connector> Driver<C> {
         connector: C,
         commands: mpsc::Receiver<Command>,
         drops: mpsc::UnboundedReceiver<Command>,
-        status: watch::Sender<Status>,
-        next_id: Arc<AtomicU64>,
+        shared: Shared,
     ) -> Self {
-        let core = Core::new(config, channels, status, next_id);
+        let core = Core::new(config, channels, shared);
         Driver { connector, commands, drops, core }
     }
 
@@ -93,7 +97,7 @@ impl<C: Connector> Driver<C> {
                 loop {
                     tokio::select! {
                         result = &mut attempt => break Some(result),
-                        _ = sleep_until(self.core.queued_due) => self.core.expire(Instant::now(), false),
+                        _ = sleep_until(self.core.offline_due()) => self.core.expire(Instant::now(), false),
                         command = self.drops.recv() => if let Some(command) = command { self.core.offline(command) },
                         command = self.commands.recv() => match command {
                             Some(command) => self.core.offline(command),
@@ -137,7 +141,7 @@ impl<C: Connector> Driver<C> {
                     self.core.refuse(Error::Rejected(error.clone()), LinkState::Rejected(error));
                     let Driver { connector, commands, drops, core } = &mut self;
                     idle_until(commands, drops, core, connector.new_leader()).await;
-                    self.core.refusal = None;
+                    self.core.unrefuse();
                     if !self.core.shut {
                         self.core.status.send_modify(|status| status.link = LinkState::Connecting);
                     }
@@ -218,6 +222,7 @@ impl<C: Connector> Driver<C> {
         core.max_epoch = welcome.epoch;
         core.version = welcome.version;
         core.ever_connected = true;
+        core.slots.open();
         core.status.send_modify(|status| {
             status.link = LinkState::Connected { epoch: welcome.epoch, leader_pid: welcome.pid, is_leader };
             status.channels.clear();
@@ -258,8 +263,9 @@ impl<C: Connector> Driver<C> {
         let expiry = tokio::time::sleep_until(far);
         tokio::pin!(expiry);
         let mut armed = far;
+        let slots = self.core.slots.clone();
         loop {
-            if let Some(due) = self.core.in_flight.earliest_deadline().filter(|due| *due < armed) {
+            if let Some(due) = self.core.in_flight_due().filter(|due| *due < armed) {
                 armed = due;
                 expiry.as_mut().reset(due);
             }
@@ -291,6 +297,10 @@ impl<C: Connector> Driver<C> {
                     }
                     None => self.core.shut = true,
                 },
+                () = std::future::poll_fn(|cx| slots.poll_outgoing(cx)) => {
+                    // The slots path's calls (and cancels) of this wakeup, in one batch.
+                    self.core.slots.take(Instant::now(), &mut self.core.out);
+                },
                 frame = link.rx.next() => {
                     // Silence is measured from the tick that saw no frame at
                     // all: no clock read per frame.
@@ -312,7 +322,7 @@ impl<C: Connector> Driver<C> {
                 }
                 () = &mut expiry => {
                     self.core.expire(Instant::now(), true);
-                    armed = self.core.in_flight.earliest_deadline().unwrap_or(far);
+                    armed = self.core.in_flight_due().unwrap_or(far);
                     expiry.as_mut().reset(armed);
                 }
                 _ = ticker.tick() => {
@@ -462,7 +472,7 @@ async fn idle_until(
     loop {
         tokio::select! {
             _ = &mut until => return,
-            _ = sleep_until(core.queued_due) => core.expire(Instant::now(), false),
+            _ = sleep_until(core.offline_due()) => core.expire(Instant::now(), false),
             command = drops.recv() => if let Some(command) = command { core.offline(command) },
             command = commands.recv() => match command {
                 Some(command) => core.offline(command),

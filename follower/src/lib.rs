@@ -61,12 +61,13 @@ mod link_end;
 mod mirror;
 mod one;
 mod remote;
+mod slots;
 mod state;
 mod subscription;
 mod topic;
 
 pub use client::Client;
-pub use config::Config;
+pub use config::{CallPath, Config};
 pub use connection::{Connection, ConnectionBuilder, NewConnection};
 pub use connector::{Connected, Connector, FnConnector, LocalConnector, TcpConnector, UnixConnector};
 pub use deliveries::{DeliverOptions, Deliveries, Delivery};

@@ -17,7 +17,7 @@ const DEADLINE: Duration = Duration::from_millis(300);
 /// A follower config that would take far longer than any deadline here to
 /// give a silent or stalled leader up.
 fn patient() -> Config {
-    let mut config = Config::default();
+    let mut config = common::config();
     config.peer_timeout = Duration::from_secs(120);
     config
 }

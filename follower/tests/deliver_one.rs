@@ -37,10 +37,7 @@ async fn each_event_reaches_exactly_one_subscriber_in_turn() {
         // Four followers over the socket and the leader's own process, through memory: five subscribers.
         for who in 0..5 {
             let connection = if who == 4 {
-                tandem_follower::Connection::builder()
-                    .channel::<Kv>()
-                    .connect(LocalConnector::new(leader.clone()))
-                    .spawn()
+                common::builder().channel::<Kv>().connect(LocalConnector::new(leader.clone())).spawn()
             } else {
                 follower(&path)
             };

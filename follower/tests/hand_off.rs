@@ -202,7 +202,7 @@ async fn a_leader_that_just_ends_is_still_a_lost_leader_at_warn() {
 async fn a_fixed_role_cannot_step_down() {
     within(TEST_TIMEOUT, async {
         let fixture = Fixture::start(1);
-        let own = Connection::builder().connect(LocalConnector::new(fixture.leader.clone())).spawn();
+        let own = common::builder().connect(LocalConnector::new(fixture.leader.clone())).spawn();
         own.client::<Kv>().ready().await.unwrap();
         assert!(own.is_leader());
         assert!(matches!(own.step_down().await, Err(Error::NotLeader)));

@@ -8,7 +8,7 @@ use common::{
     Fixture, Kv, KvRequest, MemUpstream, TEST_TIMEOUT, follower, follower_with, leader, private_dir, standalone, within,
 };
 use futures::StreamExt;
-use tandem_follower::{Connection, Error, LocalConnector, State};
+use tandem_follower::{Error, LocalConnector, State};
 use tandem_protocol::ErrorKind;
 use tokio::time::timeout;
 
@@ -42,7 +42,7 @@ async fn invoke_round_trips_and_remote_errors_are_typed() {
 async fn the_leaders_own_process_uses_the_same_handle_through_memory() {
     within(TEST_TIMEOUT, async {
         let Fixture { dir: _dir, upstream, leader, path } = Fixture::start(7);
-        let local = Connection::builder().channel::<Kv>().connect(LocalConnector::new(leader.clone())).spawn();
+        let local = common::builder().channel::<Kv>().connect(LocalConnector::new(leader.clone())).spawn();
         let here = local.client::<Kv>();
         here.ready().await.unwrap();
         assert!(here.is_leader());
@@ -246,12 +246,12 @@ async fn a_wrong_token_is_rejected() {
             .channel_from::<Kv, _>(async move { Ok(upstream) })
             .start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
-        let mut config = tandem_follower::Config::default();
+        let mut config = common::config();
         config.token = Some("guess".into());
         let kv = follower_with(&path, config).client::<Kv>();
         let error = kv.invoke(KvRequest::Get("k".into())).await.unwrap_err();
         assert_eq!(error.remote().map(|e| (e.kind, e.code.as_str())), Some((ErrorKind::Rejected, "token")));
-        let mut config = tandem_follower::Config::default();
+        let mut config = common::config();
         config.token = Some("s3cret".into());
         let kv = follower_with(&path, config).client::<Kv>();
         assert_eq!(kv.invoke(KvRequest::Get("k".into())).await.unwrap(), None);
@@ -318,7 +318,7 @@ async fn several_channels_share_one_connection() {
             .channel_from::<Echo, _>(async { Ok(EchoUpstream) })
             .start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
-        let connection = Connection::builder()
+        let connection = common::builder()
             .channel::<Kv>()
             .channel::<Echo>()
             .connect(tandem_follower::UnixConnector::new(&path))
@@ -353,7 +353,7 @@ async fn asking_for_a_client_opens_its_channel_with_no_builder_step() {
         let leader = tandem_leader::Leader::builder().channel(upstream.clone()).channel(EchoUpstream).start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
         // No channel named to the builder: the client opens its own, before the link is up ...
-        let connection = Connection::builder().connect(tandem_follower::UnixConnector::new(&path)).spawn();
+        let connection = common::builder().connect(tandem_follower::UnixConnector::new(&path)).spawn();
         let kv = connection.client::<Kv>();
         kv.ready().await.unwrap();
         kv.invoke(KvRequest::Put("a".into(), "1".into())).await.unwrap();
@@ -373,7 +373,7 @@ async fn asking_for_a_client_opens_its_channel_with_no_builder_step() {
         assert_eq!(kv.invoke(KvRequest::Get("a".into())).await.unwrap(), Some("1".into()));
         // An unserved channel opened before the link is up is only its own
         // error: the Hello names the builder's channels, the rest are opened after it.
-        let fresh = Connection::builder().connect(tandem_follower::UnixConnector::new(&path)).spawn();
+        let fresh = common::builder().connect(tandem_follower::UnixConnector::new(&path)).spawn();
         let unserved = fresh.client::<Unserved>();
         let kv = fresh.client::<Kv>();
         kv.ready().await.unwrap();
@@ -419,7 +419,7 @@ async fn forced_roles_are_respected() {
                 builder.channel_from::<Kv, _>(async move { Ok(up) })
             })
             .role(role);
-            Connection::builder().channel::<Kv>().connect(connector).spawn()
+            common::builder().channel::<Kv>().connect(connector).spawn()
         };
         // A follower-only process never takes the lock, even with no leader around.
         let follower_only = make(tandem_follower::Role::FollowerOnly).client::<Kv>();

@@ -117,7 +117,7 @@ impl Upstream<Rev> for RevUpstream {
 }
 
 fn connect(path: &std::path::Path) -> Connection {
-    Connection::builder().channel::<Rev>().connect(UnixConnector::new(path)).spawn()
+    common::builder().channel::<Rev>().connect(UnixConnector::new(path)).spawn()
 }
 
 /// Waits until the mirror satisfies `done`.

@@ -22,9 +22,9 @@ fn leader(upstream: &MemUpstream, token: Option<&str>) -> Leader {
 }
 
 fn tcp_follower(addr: SocketAddr, token: Option<&str>) -> Connection {
-    let mut config = tandem_follower::Config::default();
+    let mut config = common::config();
     config.token = token.map(str::to_owned);
-    Connection::builder().config(config).channel::<Kv>().connect(TcpConnector::new(addr)).spawn()
+    common::builder().config(config).channel::<Kv>().connect(TcpConnector::new(addr)).spawn()
 }
 
 /// Calls, a subscription shared by two followers (one upstream subscription),

@@ -17,10 +17,16 @@ use tandem::{Client, Connection, UnixConnector};
 use crate::api::{BenchApi, TICKING_KEY, key_name};
 use crate::clock::{Window, mono_ns, sleep_until_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
-use crate::tally::{Calls, DRAIN, EventTally};
+use crate::tally::{Calls as Tally, DRAIN, EventTally};
+use crate::transport::Calls;
 
-pub async fn run(socket: PathBuf, commands: Commands, reporter: Reporter) -> Result<()> {
-    let connection = Connection::builder().channel::<BenchApi>().connect(UnixConnector::new(socket)).spawn();
+pub async fn run(socket: PathBuf, calls: Option<Calls>, commands: Commands, reporter: Reporter) -> Result<()> {
+    let mut config = tandem::follower::Config::default();
+    if let Some(calls) = calls {
+        config.calls = calls.path();
+    }
+    let connection =
+        Connection::builder().config(config).channel::<BenchApi>().connect(UnixConnector::new(socket)).spawn();
     let result = serve(&connection, commands, &reporter).await;
     connection.close().await;
     result
@@ -38,7 +44,16 @@ pub async fn serve(connection: &Connection, mut commands: Commands, reporter: &R
         match cmd {
             Cmd::Invoke { concurrency, payload, window } => {
                 let before = losses.count();
-                let mut calls = invoke(&client, concurrency, payload, window).await?;
+                let cpu = cpu_time();
+                let (mut calls, made) = invoke(&client, concurrency, payload, window).await?;
+                if std::env::var_os(CPU_PER_CALL).is_some() {
+                    let used = cpu_time().saturating_sub(cpu);
+                    let per_call = used.as_secs_f64() * 1e6 / made.max(1) as f64;
+                    eprintln!(
+                        "{CPU_PER_CALL}: follower pid {} in flight {concurrency}: {made} calls, {per_call:.2} us of CPU per call",
+                        std::process::id()
+                    );
+                }
                 calls.links_lost = losses.count() - before;
                 reporter.send(&calls.report());
             }
@@ -197,19 +212,38 @@ fn lock(events: &Mutex<EventTally>) -> std::sync::MutexGuard<'_, EventTally> {
     events.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Set in the bench's environment, each follower prints the CPU time (user +
+/// system, its whole process) it spent per call in each invoke phase, on stderr.
+const CPU_PER_CALL: &str = "BENCH_CPU_PER_CALL";
+
+/// The CPU time this process has used so far (user + system).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given; zeroed is a valid rusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF and a valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
 /// `concurrency` tasks call in a loop until the window closes, counting into
 /// one shared tally (as the floor client's single loop does: one histogram
 /// per process, so the memory figures compare like with like).
-async fn invoke(client: &Client<BenchApi>, concurrency: usize, payload: usize, window: Window) -> Result<Calls> {
+/// Returns the tally of the window and how many calls were made in all.
+async fn invoke(client: &Client<BenchApi>, concurrency: usize, payload: usize, window: Window) -> Result<(Tally, u64)> {
     let body = Bytes::from(vec![0x5A; payload]);
-    let total = Arc::new(Mutex::new(Calls::new()));
+    let total = Arc::new(Mutex::new(Tally::new()));
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let (client, body, total) = (client.clone(), body.clone(), total.clone());
             tokio::spawn(async move {
                 // Two clock reads per call, as in the floor client.
                 let mut started = mono_ns();
+                let mut made = 0u64;
                 while started < window.end_ns {
+                    made += 1;
                     let result = client.invoke(body.clone()).await;
                     let done = mono_ns();
                     let mut total = total.lock().unwrap_or_else(|p| p.into_inner());
@@ -220,12 +254,110 @@ async fn invoke(client: &Client<BenchApi>, concurrency: usize, payload: usize, w
                     drop(total);
                     started = mono_ns();
                 }
+                made
+            })
+        })
+        .collect();
+    let mut made = 0;
+    for task in tasks {
+        made += task.await?;
+    }
+    let total = Arc::into_inner(total).expect("every task has ended");
+    Ok((total.into_inner().unwrap_or_else(|p| p.into_inner()), made))
+}
+
+/// `bench per-call`: both per-call paths against one Leader, in this process
+/// and on this (current-thread) runtime; prints the CPU time (the whole
+/// process: leader and follower) and the wall time per call of each.
+pub async fn per_call(rounds: usize, calls: u64, in_flight: usize, one_task: bool, payload: usize) -> Result<()> {
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o700);
+    let dir = tempfile::Builder::new().prefix("tandem-per-call").permissions(private).tempdir()?;
+    let upstream = crate::api::BenchUpstream::default();
+    let leader = super::leader::builder(&upstream).epoch(1).start();
+    let socket = leader.bind_unix(dir.path().join("leader.sock"))?;
+    let body = Bytes::from(vec![0x5A; payload]);
+    let in_flight = in_flight.max(1);
+    let from = if one_task { "one task" } else { "a task each" };
+    println!("per-call: {calls} calls per path and round, {in_flight} in flight ({from}), {payload} B, one thread");
+    let mut totals = [(Calls::Queue, Duration::ZERO), (Calls::Slots, Duration::ZERO)];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let path = totals[i].0;
+            let mut config = tandem::follower::Config::default();
+            config.calls = path.path();
+            let connection =
+                Connection::builder().config(config).channel::<BenchApi>().connect(UnixConnector::new(&socket)).spawn();
+            let client = connection.client::<BenchApi>();
+            client.ready().await?;
+            call_loop(&client, &body, in_flight, one_task, 1_000).await?; // warm-up
+            let (cpu, wall) = (cpu_time(), std::time::Instant::now());
+            call_loop(&client, &body, in_flight, one_task, calls).await?;
+            let (cpu, wall) = (cpu_time().saturating_sub(cpu), wall.elapsed());
+            totals[i].1 += cpu;
+            let us = |d: Duration| d.as_secs_f64() * 1e6 / calls.max(1) as f64;
+            println!(
+                "  round {round} {path:<5}: {:.2} us of CPU per call, {:.2} us of wall time ({:.0} calls/s)",
+                us(cpu),
+                us(wall),
+                calls as f64 / wall.as_secs_f64()
+            );
+            connection.close().await;
+        }
+    }
+    for (path, cpu) in totals {
+        let mean = cpu.as_secs_f64() * 1e6 / (calls.max(1) * rounds.max(1) as u64) as f64;
+        println!("mean {path:<5}: {mean:.2} us of CPU per call");
+    }
+    leader.shutdown().await;
+    Ok(())
+}
+
+/// `calls` calls, `in_flight` at a time, from a task each or all from this
+/// one; fails on the first error.
+async fn call_loop(
+    client: &Client<BenchApi>,
+    body: &Bytes,
+    in_flight: usize,
+    one_task: bool,
+    calls: u64,
+) -> Result<()> {
+    if one_task {
+        let call = || async {
+            let echo = client.invoke(body.clone()).await?;
+            anyhow::ensure!(echo.len() == body.len(), "a wrong answer");
+            anyhow::Ok(())
+        };
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut started = 0;
+        while started < calls.min(in_flight as u64) {
+            pending.push(call());
+            started += 1;
+        }
+        while let Some(done) = pending.next().await {
+            done?;
+            if started < calls {
+                pending.push(call());
+                started += 1;
+            }
+        }
+        return Ok(());
+    }
+    let per_task = calls.div_ceil(in_flight as u64);
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (client, body) = (client.clone(), body.clone());
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let echo = client.invoke(body.clone()).await?;
+                    anyhow::ensure!(echo.len() == body.len(), "a wrong answer");
+                }
+                anyhow::Ok(())
             })
         })
         .collect();
     for task in tasks {
-        task.await?;
+        task.await??;
     }
-    let total = Arc::into_inner(total).expect("every task has ended");
-    Ok(total.into_inner().unwrap_or_else(|p| p.into_inner()))
+    Ok(())
 }

@@ -42,8 +42,8 @@ pub fn main(role: RoleCmd) -> ! {
         RoleCmd::Leader { socket, group, threads } => {
             serve(server_runtime(threads), "server", group, |c, r| leader::run(socket, c, r))
         }
-        RoleCmd::Follower { socket, group } => {
-            serve(client_runtime(), "client", group, |c, r| follower::run(socket, c, r))
+        RoleCmd::Follower { socket, group, calls } => {
+            serve(client_runtime(), "client", group, |c, r| follower::run(socket, calls, c, r))
         }
         RoleCmd::FloorServer { socket, group, threads } => {
             serve(server_runtime(threads), "server", group, |c, r| floor_server::run(socket, c, r))
@@ -70,6 +70,9 @@ pub fn main(role: RoleCmd) -> ! {
             serve(client_runtime(), "mass", group, |c, r| mass::run(socket, count, c, r))
         }
         RoleCmd::ClusterMaster(args) => cluster_master::main(args),
+        RoleCmd::PerCall { rounds, calls, in_flight, one_task, payload } => client_runtime()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(follower::per_call(rounds, calls, in_flight, one_task, payload))),
     };
     match result {
         Ok(()) => std::process::exit(0),

@@ -18,12 +18,14 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::command::{Command, SubscribeReply};
+use crate::connection::Shared;
 use crate::feed::{Feed, RawUpdate};
 use crate::in_flight::{InFlight, Pending};
 use crate::link_end::LinkEnd;
 use crate::mirror::MirrorLink;
 use crate::one::{Ones, Step};
 use crate::remote::Remote;
+use crate::slots::{Mode, Slots, is_slot_id};
 use crate::state::{LinkState, Status};
 use crate::topic::Topic;
 use crate::{Config, Error};
@@ -46,6 +48,8 @@ pub(crate) struct Core {
     pub(crate) status: watch::Sender<Status>,
     pub(crate) next_id: Arc<AtomicU64>,
     pub(crate) in_flight: InFlight,
+    /// The calls of the slots path: their slots, deadlines and answers.
+    pub(crate) slots: Arc<Slots>,
     /// Looked up for every event the leader sends: hashed with foldhash
     /// (randomly seeded, several times faster than the default SipHash on a
     /// short key; the keys are this follower's own subscriptions, so a
@@ -84,13 +88,10 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    pub(crate) fn new(
-        config: Config,
-        channels: Vec<&'static str>,
-        status: watch::Sender<Status>,
-        next_id: Arc<AtomicU64>,
-    ) -> Self {
+    pub(crate) fn new(config: Config, channels: Vec<&'static str>, shared: Shared) -> Self {
+        let Shared { status, next_id, slots } = shared;
         Core {
+            slots,
             config,
             peer_id: Uuid::new_v4(),
             declared: channels.len(),
@@ -250,6 +251,7 @@ impl Core {
     /// No hello will be sent for now: every call fails with `error`.
     pub(crate) fn refuse(&mut self, error: Error, link: LinkState) {
         self.fail_queued(&error);
+        self.slots.fail_all(&error, Mode::Fail(error.clone()));
         self.refusal = Some(error);
         self.status.send_modify(|status| {
             status.link = link;
@@ -272,18 +274,40 @@ impl Core {
 
     /// Hands the commands kept for a link to the connected one.
     pub(crate) fn send_queued(&mut self) {
-        if self.queued.is_empty() {
-            return;
-        }
         let now = Instant::now();
         for command in self.take_queued() {
             self.online(command, now);
+        }
+        self.slots.take(now, &mut self.out);
+    }
+
+    /// A refusal is over: calls wait for a leader again, or fail at once
+    /// (with `LeaderLost`, as commands do) once one was reached before.
+    pub(crate) fn unrefuse(&mut self) {
+        self.refusal = None;
+        if self.ever_connected {
+            self.slots.fail_all(&Error::LeaderLost, Mode::Fail(Error::LeaderLost));
+        } else {
+            self.slots.hold();
+        }
+    }
+
+    /// When the next waiting call expires while no leader is connected.
+    pub(crate) fn offline_due(&self) -> Option<Instant> {
+        match (self.queued_due, self.slots.earliest()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
     /// When the next waiting call expires, queued or in flight.
     pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
-        match (self.in_flight.earliest_deadline(), self.queued_due) {
+        [self.in_flight.earliest_deadline(), self.queued_due, self.slots.earliest()].into_iter().flatten().min()
+    }
+
+    /// When the next call in flight (queued calls aside) expires.
+    pub(crate) fn in_flight_due(&mut self) -> Option<Instant> {
+        match (self.in_flight.earliest_deadline(), self.slots.earliest()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -298,6 +322,7 @@ impl Core {
         if connected {
             self.out.extend(expired.into_iter().map(Frame::Cancel));
         }
+        self.slots.expire(now, connected, &mut self.out);
         if self.queued_due.is_none_or(|due| due > now) {
             return;
         }
@@ -427,6 +452,9 @@ impl Core {
     /// A frame from the leader; an error ends the link.
     pub(crate) fn on_frame(&mut self, frame: Frame) -> Result<(), LinkEnd> {
         match frame {
+            Frame::Response(Response { id, result }) if is_slot_id(id) => {
+                self.slots.complete(id, result.map_err(Error::Remote));
+            }
             Frame::Response(Response { id, result }) => {
                 if let Some(Pending::Invoke { reply, .. }) = self.in_flight.remove(id) {
                     let _ = reply.send(result.map_err(Error::Remote));
@@ -486,6 +514,8 @@ impl Core {
         self.out.clear();
         self.retry_at = None;
         self.in_flight.fail_all(&Error::LeaderLost);
+        let error = if self.shut { Error::Closed } else { Error::LeaderLost };
+        self.slots.fail_all(&Error::LeaderLost, Mode::Fail(error));
         self.ones.lost();
         if let Some(mirror) = self.mirror.as_mut() {
             mirror.lost(&Error::LeaderLost);
@@ -528,6 +558,7 @@ impl Core {
         }
         self.fail_queued(&Error::Closed);
         self.in_flight.fail_all(&Error::Closed);
+        self.slots.fail_all(&Error::Closed, Mode::Fail(Error::Closed));
         self.topics.clear();
         self.ones.close();
         if let Some(mirror) = self.mirror.as_mut() {
@@ -540,5 +571,14 @@ impl Core {
         if let Some(done) = self.closed.take() {
             let _ = done.send(());
         }
+    }
+}
+
+impl Drop for Core {
+    /// A driver dropped without running to its end (its runtime shut down)
+    /// leaves no caller waiting: they get [`Error::Closed`], as the old path's
+    /// callers do when their oneshot's sender is dropped.
+    fn drop(&mut self) {
+        self.slots.fail_all(&Error::Closed, Mode::Fail(Error::Closed));
     }
 }

@@ -206,9 +206,28 @@ impl Fixture {
     }
 }
 
+/// The follower config every test starts from: the default, with the call
+/// path named by `TANDEM_TEST_CALLS` (`queue` or `slots`; unset: the
+/// default path), so the whole suite can run on either path.
+pub fn config() -> tandem_follower::Config {
+    let mut config = tandem_follower::Config::default();
+    match std::env::var("TANDEM_TEST_CALLS").as_deref() {
+        Ok("queue") => config.calls = tandem_follower::CallPath::Queue,
+        Ok("slots") => config.calls = tandem_follower::CallPath::Slots,
+        Ok(other) => panic!("TANDEM_TEST_CALLS={other}: expected queue or slots"),
+        Err(_) => {}
+    }
+    config
+}
+
+/// A connection builder with [`config`].
+pub fn builder() -> tandem_follower::ConnectionBuilder {
+    Connection::builder().config(config())
+}
+
 /// A follower connection to the socket at `path`.
 pub fn follower(path: &std::path::Path) -> Connection {
-    follower_with(path, tandem_follower::Config::default())
+    follower_with(path, config())
 }
 
 pub fn follower_with(path: &std::path::Path, config: tandem_follower::Config) -> Connection {
@@ -222,7 +241,7 @@ pub fn standalone(name: &str, dir: &std::path::Path, upstream: &MemUpstream) -> 
         let up = up.clone();
         builder.channel_from::<Kv, _>(async move { Ok(up) })
     });
-    Connection::builder().channel::<Kv>().connect(connector).spawn()
+    builder().channel::<Kv>().connect(connector).spawn()
 }
 
 /// The longest any one test here may run.
