@@ -155,11 +155,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tandem::logging::init_with_default("warn");
     let cli = Cli::parse();
     if let Command::Run(args) = cli.command {
         return run::main(*args);
     }
+    tandem::logging::init_with_default("warn");
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

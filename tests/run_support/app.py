@@ -5,7 +5,8 @@ It checks systemd's socket-passing convention (LISTEN_FDS, LISTEN_PID = its own
 pid, LISTEN_FDNAMES), prints one line saying what it got, serves HTTP/1.1 with
 keep-alive on fd 3, and sends READY=1 on NOTIFY_SOCKET. APP_MODE changes that:
 `silent` never sends READY=1, `exit` exits with code 7 at once, `slow` sends
-READY=1 after APP_READY_DELAY_MS. On SIGTERM it stops accepting, answers every
+READY=1 after APP_READY_DELAY_MS; while the file APP_FAIL_IF_EXISTS names
+exists it exits with code 9 at once. On SIGTERM it stops accepting, answers every
 further request with `Connection: close`, and exits 0 once its connections are
 closed (at most 3 s).
 """
@@ -81,6 +82,10 @@ async def main() -> None:
     if MODE == "exit":
         log("app: exiting at once")
         sys.exit(7)
+    broken = os.environ.get("APP_FAIL_IF_EXISTS")
+    if broken and os.path.exists(broken):
+        log("app: broken version, exiting")
+        sys.exit(9)
     sock = listen_socket()
     sock.setblocking(False)
     app = App()

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tandem::cluster::{BoxError, ClusterEvent, ExitReason, ListenAddr, MasterContext, ProcessRole, ShareMode};
+use tandem::cluster::{
+    BoxError, ClusterEvent, ExitReason, ListenAddr, MasterContext, ProcessRole, ShareMode, StartFailure,
+};
 use tandem::cluster_glue::{agent_leader, start_leader};
 use tandem::leader::LeaderBuilder;
 use tandem::registry_upstream::{ConfigApi, RegistryUpstream, ServiceApi};
@@ -81,6 +83,12 @@ pub async fn run(prepared: Prepared) -> Result<(), tandem::cluster::Error> {
         let json = serde_json::to_string(&*spec).map_err(|e| tandem::cluster::Error::MasterFailed(e.into()))?;
         config.child_env.push((SPEC_ENV.to_owned(), json));
     }
+    let _registry = match embedded {
+        Some(listener) => {
+            Some(embedded_registry(listener, &spec.upstream).await.map_err(tandem::cluster::Error::MasterFailed)?)
+        }
+        None => None,
+    };
     let (agent_spec, worker_spec) = (Arc::clone(&spec), Arc::clone(&spec));
     tandem::cluster::Cluster::builder(spec.name.clone())
         .config(config)
@@ -92,9 +100,30 @@ pub async fn run(prepared: Prepared) -> Result<(), tandem::cluster::Error> {
             Ok(())
         })
         .worker(move |ctx| super::shim::run(ctx, worker_spec))
-        .master(move |ctx| master(ctx, spec, embedded))
+        .master(move |ctx| master(ctx, spec))
         .run()
         .await
+}
+
+/// Starts the embedded registry and puts the seed keys, before the cluster
+/// starts; it serves until the cluster has stopped (the agent's Leader is
+/// its client to the end).
+async fn embedded_registry(
+    listener: std::net::TcpListener,
+    upstream: &Upstream,
+) -> Result<tandem::registry::ServerHandle, BoxError> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let server = tandem::registry::Server::from_listener(listener, Default::default())?.spawn();
+    if let Upstream::Embedded { address, put } = upstream {
+        if !put.is_empty() {
+            let client = tandem::registry::RegistryClient::connect(address.as_str()).await?;
+            for (key, value) in put {
+                client.put(key, value.clone()).await?;
+            }
+        }
+        println!("registry on {address}");
+    }
+    Ok(server)
 }
 
 /// The agent's Leader: the config channel (and the services channel, but
@@ -131,24 +160,9 @@ async fn leader(upstream: &Upstream) -> Result<LeaderBuilder, BoxError> {
         .channel_with_retry::<ServiceApi, _, _, _>(connect))
 }
 
-/// The master function: serves the embedded registry, prints the addresses,
-/// and ends the run when a worker's program cannot start.
-async fn master(ctx: MasterContext, spec: Arc<Spec>, embedded: Option<std::net::TcpListener>) -> Result<(), BoxError> {
-    let _server = match (embedded, &spec.upstream) {
-        (Some(listener), Upstream::Embedded { address, put }) => {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let server = tandem::registry::Server::from_listener(listener, Default::default())?.spawn();
-            if !put.is_empty() {
-                let client = tandem::registry::RegistryClient::connect(address.as_str()).await?;
-                for (key, value) in put {
-                    client.put(key, value.clone()).await?;
-                }
-            }
-            println!("registry on {address}");
-            Some(server)
-        }
-        _ => None,
-    };
+/// The master function: prints the addresses, and ends the run when a
+/// worker's program cannot start.
+async fn master(ctx: MasterContext, spec: Arc<Spec>) -> Result<(), BoxError> {
     for listener in ctx.listeners() {
         println!("listening on {} ({})", listener.address, listener.name);
     }
@@ -157,13 +171,22 @@ async fn master(ctx: MasterContext, spec: Arc<Spec>, embedded: Option<std::net::
     }
     let mut events = ctx.events();
     let mut ready = false;
-    let mut last_exit: HashMap<u32, ExitReason> = HashMap::new();
+    let mut last_exit: HashMap<u32, String> = HashMap::new();
     let mut failed: Vec<u32> = Vec::new();
     while let Some(event) = events.next().await {
         match event {
             ClusterEvent::Exited { process, exit, .. } if process.role == ProcessRole::Worker => {
                 if let Some(id) = process.worker_id {
-                    last_exit.insert(id, exit);
+                    last_exit.insert(id, exit_text(&exit));
+                }
+            }
+            ClusterEvent::StartFailed { process, reason } if process.role == ProcessRole::Worker => {
+                if let Some(id) = process.worker_id {
+                    let text = match &reason {
+                        StartFailure::Exited(exit) => exit_text(exit),
+                        other => other.to_string(),
+                    };
+                    last_exit.insert(id, text);
                 }
             }
             ClusterEvent::WorkerReady { id, .. } | ClusterEvent::WorkerRestarted { id, .. } => {
@@ -174,7 +197,7 @@ async fn master(ctx: MasterContext, spec: Arc<Spec>, embedded: Option<std::net::
                 println!("ready: {} workers running `{}`", workers.len(), spec.command.join(" "));
             }
             ClusterEvent::SlotFailed { role: ProcessRole::Worker, worker_id: Some(id), failures, retry_after } => {
-                let last = last_exit.get(&id).map_or_else(|| "unknown".to_owned(), ToString::to_string);
+                let last = last_exit.get(&id).map_or("unknown", String::as_str);
                 let what = format!(
                     "worker {id}: `{}` exited {failures} times in a row before it was ready or soon after \
                      (last exit: {last}); its output is above",
@@ -195,4 +218,28 @@ async fn master(ctx: MasterContext, spec: Arc<Spec>, embedded: Option<std::net::
         }
     }
     Ok(())
+}
+
+/// `code 3`, `signal 9 (SIGKILL)`.
+fn exit_text(exit: &ExitReason) -> String {
+    match exit {
+        ExitReason::Code(code) => format!("code {code}"),
+        ExitReason::Signal(signal) => match nix_signal_name(*signal) {
+            Some(name) => format!("signal {signal} ({name})"),
+            None => format!("signal {signal}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn nix_signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGINT => "SIGINT",
+        libc::SIGBUS => "SIGBUS",
+        _ => return None,
+    })
 }

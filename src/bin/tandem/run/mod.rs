@@ -13,6 +13,7 @@
 //! user's guide is `docs/run.md`.
 
 mod master;
+mod notify;
 mod settings;
 mod shim;
 
@@ -99,6 +100,8 @@ pub fn main(args: RunArgs) -> ExitCode {
     if args.exec_with_listen_pid {
         return shim::exec_program(&args.command);
     }
+    // A supervisor's lifecycle lines (ready, restarted, reloaded) are INFO.
+    tandem::logging::init();
     let role = ProcessRole::of_this_process();
     let spec = match role {
         ProcessRole::Master => match master::prepare(&args) {

@@ -21,20 +21,18 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tandem::cluster::{BoxError, Listener, WorkerContext};
 
+use super::notify::Notifications;
 use super::settings::{Ready, Spec};
 
 /// How long into the wait for `READY=1` the shim says, once, that it is still waiting.
 const WAITING_HINT_AFTER: Duration = Duration::from_secs(5);
-
-/// The largest notification datagram read; a longer one is cut (systemd's limit is 4 KiB too).
-const NOTIFY_MAX: usize = 4096;
 
 /// The exit code of a shim whose program did not report ready in time.
 const NOT_READY_EXIT: i32 = 3;
@@ -55,17 +53,9 @@ const REMOVED_ENV: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "NOTIFY_SOCKET",
+    "TANDEM_NOTIFY_STREAM",
     super::SPEC_ENV,
 ];
-
-/// Removes the notification socket's file when the shim is done with it.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// The worker's start function: runs the program until it exits, then
 /// exits this process the same way.
@@ -87,10 +77,7 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
     let first_free = 3 + RawFd::try_from(sockets.len())?;
     let sockets = sockets.iter().map(|fd| dup_above(fd, first_free)).collect::<std::io::Result<Vec<OwnedFd>>>()?;
 
-    let path = ctx.runtime_dir().join(format!("notify-{id}-{}.sock", std::process::id()));
-    let notify = tokio::net::UnixDatagram::bind(&path)
-        .map_err(|e| format!("cannot bind the notification socket {}: {e}", path.display()))?;
-    let socket_file = SocketFile(path.clone());
+    let mut notify = Notifications::bind(ctx.runtime_dir(), &format!("{id}-{}", std::process::id()))?;
 
     let mut command = tokio::process::Command::new("/proc/self/exe");
     command.args(["run", "--exec-with-listen-pid", "--"]).args(&spec.command);
@@ -102,7 +89,8 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
         .env("TANDEM_WORKER_ID", id.to_string())
         .env("TANDEM_LEADER_SOCKET", ctx.agent_socket())
         .env("TANDEM_TOKEN", ctx.token())
-        .env("NOTIFY_SOCKET", &path)
+        .env("NOTIFY_SOCKET", &notify.datagram_path)
+        .env("TANDEM_NOTIFY_STREAM", &notify.stream_path)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
     if !sockets.is_empty() {
@@ -145,7 +133,6 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
     let group = libc::pid_t::try_from(pid)?;
     tracing::info!(worker.id = id, pid, "program started: {}", spec.command.join(" "));
 
-    let mut buf = vec![0u8; NOTIFY_MAX];
     let mut ready = false;
     let mut stopping = false;
     let ready_deadline = tokio::time::sleep(spec.ready_timeout);
@@ -160,21 +147,15 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
-            received = notify.recv(&mut buf) => {
-                let n = received?;
-                let message = String::from_utf8_lossy(&buf[..n]);
-                for line in message.lines() {
-                    match line {
-                        "READY=1" if !ready && !stopping => {
-                            ctx.ready().await?;
-                            ready = true;
-                            tracing::info!(worker.id = id, pid, "program ready (READY=1)");
-                        }
-                        "STOPPING=1" => tracing::info!(worker.id = id, pid, "program stopping (STOPPING=1)"),
-                        other => tracing::debug!(worker.id = id, pid, notification = other, "program notification"),
-                    }
+            Some(line) = notify.next() => match line.as_str() {
+                "READY=1" if !ready && !stopping => {
+                    ctx.ready().await?;
+                    ready = true;
+                    tracing::info!(worker.id = id, pid, "program ready (READY=1)");
                 }
-            }
+                "STOPPING=1" => tracing::info!(worker.id = id, pid, "program stopping (STOPPING=1)"),
+                other => tracing::debug!(worker.id = id, pid, notification = other, "program notification"),
+            },
             () = &mut delay, if !ready && !stopping && matches!(spec.ready, Ready::After(_)) => {
                 ctx.ready().await?;
                 ready = true;
@@ -197,7 +178,7 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
                 );
                 signal_group(group, libc::SIGKILL);
                 let _ = child.wait().await;
-                finish(&socket_file, NOT_READY_EXIT);
+                finish(&notify, NOT_READY_EXIT);
             }
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
@@ -221,13 +202,13 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
             if !stopping {
                 tracing::warn!(worker.id = id, pid, code, "the program exited");
             }
-            finish(&socket_file, code)
+            finish(&notify, code)
         }
         (None, Some(signal)) => {
             if !stopping {
                 tracing::warn!(worker.id = id, pid, signal, "the program was killed by a signal");
             }
-            let _ = std::fs::remove_file(&socket_file.0);
+            notify.remove();
             // The same end as the program's: the master's status shows the signal.
             // SAFETY: resetting a signal's disposition and raising it are plain
             // libc calls with no memory safety concern.
@@ -235,9 +216,9 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
                 libc::signal(signal, libc::SIG_DFL);
                 libc::raise(signal);
             }
-            finish(&socket_file, 128 + signal)
+            finish(&notify, 128 + signal)
         }
-        _ => finish(&socket_file, 1),
+        _ => finish(&notify, 1),
     }
 }
 
@@ -250,9 +231,9 @@ impl Spec {
     }
 }
 
-/// Exits this process with `code`, after removing the notification socket.
-fn finish(socket_file: &SocketFile, code: i32) -> ! {
-    let _ = std::fs::remove_file(&socket_file.0);
+/// Exits this process with `code`, after removing the notification sockets.
+fn finish(notify: &Notifications, code: i32) -> ! {
+    notify.remove();
     let _ = std::io::Write::flush(&mut std::io::stdout());
     std::process::exit(code)
 }
