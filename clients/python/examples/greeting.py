@@ -59,11 +59,14 @@ async def main() -> None:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
                 method = head.split(" ", 1)[0]
-                length = 0
+                length, close = 0, False
                 for line in head.split("\r\n")[1:]:
                     name, _, value = line.partition(":")
-                    if name.strip().lower() == "content-length":
-                        length = int(value.strip() or 0)
+                    name, value = name.strip().lower(), value.strip()
+                    if name == "content-length":
+                        length = int(value or 0)
+                    elif name == "connection":
+                        close = value.lower() == "close"
                 body = (await reader.readexactly(length)).decode() if length else ""
                 status = "200 OK"
                 if method == "PUT":
@@ -75,11 +78,16 @@ async def main() -> None:
                 else:
                     text = f"{greeting if greeting is not None else '(no value)'}\n"
                 payload = text.encode()
-                writer.write(
-                    f"HTTP/1.1 {status}\r\ncontent-length: {len(payload)}\r\nx-worker-id: {WORKER}\r\n"
-                    f"x-worker-pid: {os.getpid()}\r\n\r\n".encode() + payload
-                )
+                headers = [
+                    f"HTTP/1.1 {status}",
+                    f"content-length: {len(payload)}",
+                    f"x-worker-id: {WORKER}",
+                    f"x-worker-pid: {os.getpid()}",
+                ] + (["connection: close"] if close else [])
+                writer.write(("\r\n".join(headers) + "\r\n\r\n").encode() + payload)
                 await writer.drain()
+                if close:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
