@@ -71,6 +71,16 @@ async fn get(addr: &str) -> Result<(u16, u32, String), String> {
     conn.get().await.map(|(status, pid, _, body)| (status, pid, body))
 }
 
+/// The body of `GET path` on a new connection (`Connection: close`).
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(STEP, stream.read_to_string(&mut response)).await.unwrap().unwrap();
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
 /// One keep-alive connection: GETs until the server says `Connection: close`.
 struct Conn {
     stream: BufReader<tokio::net::TcpStream>,
@@ -206,9 +216,22 @@ async fn programs_get_the_sockets_by_systemds_convention_serve_them_and_status_c
     tokio::time::timeout(TIMEOUT, async {
         let xdg = private_dir();
         let app = app();
-        let args = ["--name", "web", "--workers", "2", "--listen", "http=127.0.0.1:0", "--", app.to_str().unwrap()];
+        let args = [
+            "--name",
+            "web",
+            "--workers",
+            "2",
+            "--listen",
+            "http=127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--",
+            app.to_str().unwrap(),
+        ];
         let mut proc = run(xdg.path(), &args, &[]);
         let addr = listening(&mut proc).await;
+        let metrics = proc.expect_line(STEP, |l| l.starts_with("metrics on ")).await;
+        let metrics = metrics.trim_start_matches("metrics on ").to_owned();
         let lines = app_lines(&mut proc, 2).await;
         let mut ids = Vec::new();
         let mut programs = HashSet::new();
@@ -245,6 +268,17 @@ async fn programs_get_the_sockets_by_systemds_convention_serve_them_and_status_c
             let rss = row["rss_bytes"].as_u64().unwrap();
             let floor = (own_rss(shim) + own_rss(*program)) * 9 / 10;
             assert!(rss >= floor, "worker row RSS {rss} counts the shim and the program ({floor} at least)");
+        }
+        // The metrics count the programs too: each worker's RSS is above its program's own.
+        let scrape = http_get(&metrics, "/metrics").await;
+        for program in &programs {
+            let id = lines.iter().find(|l| field(l, "pid") == Some(&program.to_string()[..])).unwrap();
+            let slot = field(id, "worker").unwrap();
+            let name =
+                format!("tandem_process_resident_memory_bytes{{cluster=\"web\",role=\"worker\",slot=\"{slot}\"}} ");
+            let line = scrape.lines().find(|l| l.starts_with(&name)).unwrap_or_else(|| panic!("{name} in {scrape}"));
+            let rss: f64 = line[name.len()..].trim().parse().unwrap();
+            assert!(rss > own_rss(*program) as f64, "{line}: above the program's own RSS");
         }
         proc.signal(Signal::SIGTERM);
         assert!(proc.finish(STEP).await.success());

@@ -70,10 +70,7 @@ pub async fn run(prepared: Prepared) -> Result<(), tandem::cluster::Error> {
     config.worker_stop_timeout = spec.stop_timeout + Duration::from_secs(2);
     config.worker_max_memory = spec.max_memory_mib.map(|mib| mib * 1024 * 1024);
     config.restart.crash_loop_limit = CRASH_LOOP_LIMIT;
-    #[cfg(feature = "metrics")]
-    {
-        config.metrics = spec.metrics;
-    }
+    config.metrics = spec.metrics;
     for l in &spec.listeners {
         let addr = ListenAddr::parse(&l.address)?;
         let mode: ShareMode = l.mode.parse()?;
