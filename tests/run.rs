@@ -502,6 +502,12 @@ async fn settings_come_from_tandem_toml_in_the_working_directory_with_env_and_fl
         assert_eq!(get(&addr).await.unwrap().2, "from-the-file");
         let rows = status_json(xdg.path(), "fromfile").await;
         assert_eq!(rows.iter().filter(|r| r["role"] == "worker").count(), 2, "--workers 2 overrides the file's 1");
+        // A shared listener lets `tandem scale` add programs (reuseport binds one socket per slot at start).
+        let out = tandem(xdg.path(), &["scale", "fromfile", "3"]).await;
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        let third = app_lines(&mut proc, 1).await.remove(0);
+        assert_eq!(field(&third, "worker"), Some("3"), "{third}");
+        assert_eq!(field(&third, "env"), Some("production"), "the master's settings: {third}");
         let out = tandem(xdg.path(), &["stop", "fromfile"]).await;
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(proc.finish(STEP).await.success());
