@@ -5,12 +5,13 @@
 //!   ├── agent: tandem's Leader, with the registry, etcd or Redis adapter
 //!   └── worker k: the shim (a normal tandem worker: IPC, ready, stop, reload)
 //!         └── the program: listeners as fds 3.. (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES),
-//!             TANDEM_LEADER_SOCKET, TANDEM_TOKEN, TANDEM_WORKER_ID, NOTIFY_SOCKET
+//!             TANDEM_LEADER_SOCKET, TANDEM_TOKEN, TANDEM_WORKER_ID,
+//!             NOTIFY_SOCKET / TANDEM_NOTIFY_STREAM (READY=1)
 //! ```
 //!
 //! Settings: [`settings`] (`tandem.toml` and the flags); the worker side:
-//! [`shim`]; the agent's Leader and the master's own work: [`master`]. The
-//! user's guide is `docs/run.md`.
+//! [`shim`] and its readiness sockets, [`notify`]; the agent's Leader and the
+//! master's own work: [`master`]. The user's guide is `docs/run.md`.
 
 mod master;
 mod notify;

@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! shim (tandem worker k)                          program
-//!   take the listeners, bind NOTIFY_SOCKET
+//!   take the listeners, bind NOTIFY_SOCKET and TANDEM_NOTIFY_STREAM
 //!   fork ── fds 3.. = listeners, own process group, dies with the shim
 //!        └─ exec `tandem run --exec-with-listen-pid -- PROGRAM ARGS`
 //!              LISTEN_PID=<its pid>; exec PROGRAM ────> runs, serves fd 3
-//!   <──────────────────────────────── READY=1 (datagram) ───┘
+//!   <──────────────────── READY=1 (datagram, or a line) ───┘
 //!   ready to the master (or after `ready = DELAY`)
 //!   stop (reload, scale down, shutdown) ── SIGTERM to its group ──> drains, exits
 //!   stop timeout over ───────────────────── SIGKILL to its group
