@@ -515,3 +515,55 @@ async fn settings_come_from_tandem_toml_in_the_working_directory_with_env_and_fl
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_program_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
+    tokio::time::timeout(TIMEOUT, async {
+        let xdg = private_dir();
+        let app = app();
+        let args = ["--name", "stubborn", "--workers", "1", "--listen", "127.0.0.1:0", "--stop-timeout", "500ms", "--"];
+        let mut args = args.to_vec();
+        args.push(app.to_str().unwrap());
+        let mut proc = run(xdg.path(), &args, &[("APP_IGNORE_SIGTERM", "1")]);
+        let line = app_lines(&mut proc, 1).await.remove(0);
+        let program: u32 = field(&line, "pid").unwrap().parse().unwrap();
+        proc.expect_line(STEP, |l| l.starts_with("ready: 1 workers")).await;
+        let started = std::time::Instant::now();
+        let out = tandem(xdg.path(), &["stop", "stubborn"]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the stop timeout, not the cluster's: {:?}",
+            started.elapsed()
+        );
+        assert!(!common::alive(program), "the program {program} was killed");
+        assert!(proc.finish(STEP).await.success());
+        let killed = "the program did not exit within 500ms of SIGTERM: SIGKILL";
+        assert!(proc.seen.iter().any(|l| l.contains(killed)), "{:#?}", proc.seen);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_memory_limit_counts_the_program_and_replaces_its_worker() {
+    tokio::time::timeout(TIMEOUT, async {
+        let xdg = private_dir();
+        let app = app();
+        // The shim alone is far below 48 MiB; the program holds 64 MiB.
+        let args = ["--name", "heavy", "--workers", "1", "--listen", "127.0.0.1:0", "--max-memory", "48", "--"];
+        let mut args = args.to_vec();
+        args.push(app.to_str().unwrap());
+        let mut proc = run(xdg.path(), &args, &[("APP_ALLOC_MIB", "64")]);
+        let line = proc.expect_line(STEP, |l| l.starts_with("memory limit: ")).await;
+        let rss: f64 = field(&line, "rss_mib").unwrap().parse().unwrap();
+        assert!(rss >= 64.0, "the worker's RSS counts its program's 64 MiB: {line}");
+        let replaced = proc.expect_line(STEP, |l| l.starts_with("worker replaced:")).await;
+        assert!(replaced.contains("reason=max-memory"), "{replaced}");
+        let out = tandem(xdg.path(), &["stop", "heavy"]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(proc.finish(STEP).await.success());
+    })
+    .await
+    .expect("test timed out");
+}

@@ -6,7 +6,8 @@ pid, LISTEN_FDNAMES), prints one line saying what it got, serves HTTP/1.1 with
 keep-alive on fd 3, and sends READY=1 on NOTIFY_SOCKET. APP_MODE changes that:
 `silent` never sends READY=1, `exit` exits with code 7 at once, `slow` sends
 READY=1 after APP_READY_DELAY_MS; while the file APP_FAIL_IF_EXISTS names
-exists it exits with code 9 at once. On SIGTERM it stops accepting, answers every
+exists it exits with code 9 at once; APP_ALLOC_MIB keeps that many MiB resident;
+APP_IGNORE_SIGTERM ignores SIGTERM. On SIGTERM it stops accepting, answers every
 further request with `Connection: close`, and exits 0 once its connections are
 closed (at most 3 s).
 """
@@ -86,6 +87,9 @@ async def main() -> None:
     if broken and os.path.exists(broken):
         log("app: broken version, exiting")
         sys.exit(9)
+    ballast = bytearray(int(os.environ.get("APP_ALLOC_MIB", "0")) * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # touched: resident
     sock = listen_socket()
     sock.setblocking(False)
     app = App()
@@ -102,7 +106,11 @@ async def main() -> None:
     if MODE != "silent":
         notify("STATUS=serving\nREADY=1")
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if os.environ.get("APP_IGNORE_SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log(f"app: pid={os.getpid()} ignores SIGTERM")
+    else:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     app.draining = True
     server.close()
