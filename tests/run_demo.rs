@@ -175,3 +175,53 @@ async fn the_python_demo_prints_and_serves_each_value_from_one_registry_connecti
     let Some(command) = or_skip(python_demo(), "Python") else { return };
     tokio::time::timeout(TIMEOUT, demo(command, "demo-python")).await.expect("test timed out");
 }
+
+#[cfg(feature = "redis")]
+mod redis_support;
+
+/// `tandem run --redis`: the Leader's Redis adapter, values set with the real
+/// `redis-cli` reaching every worker's program.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn the_python_demo_follows_redis_through_the_one_leader() {
+    let Some(command) = or_skip(python_demo(), "Python") else { return };
+    tokio::time::timeout(TIMEOUT, async {
+        let redis = redis_support::Redis::start().await;
+        let xdg = private_dir();
+        let url = redis.url();
+        let mut args = vec![
+            "run",
+            "--name",
+            "demo-redis",
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &url,
+            "--subscribe",
+            "app.greeting",
+            "--",
+        ];
+        args.extend(command.iter().map(String::as_str));
+        let mut proc = {
+            let _fork = common::cli::forking();
+            let env = [("XDG_RUNTIME_DIR", xdg.path().as_os_str())];
+            Proc::spawn_with(Path::new(env!("CARGO_BIN_EXE_tandem")), &args, &env, false)
+        };
+        let addr = proc.expect_line(STEP, |l| l.starts_with("listening on ")).await;
+        let addr = addr.trim_start_matches("listening on ").split(' ').next().unwrap().to_owned();
+        proc.expect_line(STEP, |l| l.starts_with("ready: 2 workers")).await;
+        redis.cli(&["set", "app.greeting", "from-redis"]);
+        both_print(&mut proc, "from-redis", HashSet::new()).await;
+        assert_eq!(http(&addr, "GET", "").await.1, "from-redis");
+        // The agent's Leader's two connections (commands, pub/sub), whatever the workers.
+        assert_eq!(redis.clients(), 2);
+        let out = tandem(xdg.path(), &["stop", "demo-redis"]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(proc.finish(STEP).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
