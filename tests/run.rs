@@ -567,3 +567,28 @@ async fn the_memory_limit_counts_the_program_and_replaces_its_worker() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_registry_the_leader_holds_the_one_connection_to_it() {
+    tokio::time::timeout(TIMEOUT, async {
+        let (_registry, address) = common::serve_registry("127.0.0.1:0", &[]).await;
+        let xdg = private_dir();
+        let app = app();
+        let args = ["--name", "ext", "--workers", "3", "--listen", "127.0.0.1:0", "--registry", &address, "--"];
+        let mut args = args.to_vec();
+        args.push(app.to_str().unwrap());
+        let mut proc = run(xdg.path(), &args, &[]);
+        proc.expect_line(STEP, |l| l.starts_with("ready: 3 workers")).await;
+        assert!(!proc.seen.iter().any(|l| l.starts_with("registry on ")), "no embedded registry with --registry");
+        let client = tandem::registry::RegistryClient::connect(address.as_str()).await.unwrap();
+        poll_until(STEP, "the Leader's registry connection", || async {
+            client.stats().await.is_ok_and(|s| s.connections == 1)
+        })
+        .await;
+        let out = tandem(xdg.path(), &["stop", "ext"]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(proc.finish(STEP).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
