@@ -65,6 +65,14 @@ async fn app_lines(proc: &mut Proc, n: usize) -> Vec<String> {
     lines
 }
 
+/// A line already seen, or the next one, that matches.
+async fn seen_or_next(proc: &mut Proc, matches: impl Fn(&str) -> bool) -> String {
+    match proc.seen.iter().find(|l| matches(l)) {
+        Some(line) => line.clone(),
+        None => proc.expect_line(STEP, matches).await,
+    }
+}
+
 /// One GET on a new connection: (status, x-worker-pid, body).
 async fn get(addr: &str) -> Result<(u16, u32, String), String> {
     let mut conn = Conn::open(addr).await?;
@@ -230,7 +238,7 @@ async fn programs_get_the_sockets_by_systemds_convention_serve_them_and_status_c
         ];
         let mut proc = run(xdg.path(), &args, &[]);
         let addr = listening(&mut proc).await;
-        let metrics = proc.expect_line(STEP, |l| l.starts_with("metrics on ")).await;
+        let metrics = seen_or_next(&mut proc, |l| l.starts_with("metrics on ")).await;
         let metrics = metrics.trim_start_matches("metrics on ").to_owned();
         let lines = app_lines(&mut proc, 2).await;
         let mut ids = Vec::new();
@@ -247,7 +255,7 @@ async fn programs_get_the_sockets_by_systemds_convention_serve_them_and_status_c
         }
         ids.sort();
         assert_eq!(ids, ["1", "2"]);
-        proc.expect_line(STEP, |l| l.starts_with("ready: 2 workers")).await;
+        seen_or_next(&mut proc, |l| l.starts_with("ready: 2 workers")).await;
         // Both programs answer on the one port.
         let mut served = HashSet::new();
         for _ in 0..2000 {
@@ -331,7 +339,7 @@ async fn with_a_ready_delay_a_program_without_notify_is_ready_after_it() {
         ];
         let mut proc = run(xdg.path(), &args, &[("APP_MODE", "silent")]);
         let addr = listening(&mut proc).await;
-        proc.expect_line(STEP, |l| l.starts_with("ready: 1 workers")).await;
+        seen_or_next(&mut proc, |l| l.starts_with("ready: 1 workers")).await;
         assert!(proc.seen.iter().any(|l| l.contains("program counted ready: running 300ms after its start")));
         assert_eq!(get(&addr).await.unwrap().0, 200);
         let out = tandem(xdg.path(), &["stop", "delay"]).await;
@@ -431,7 +439,7 @@ async fn a_reload_under_keep_alive_load_fails_no_request_and_a_broken_one_is_rol
         let args = ["--name", "reload", "--workers", "2", "--listen", "127.0.0.1:0", "--", app.to_str().unwrap()];
         let mut proc = run(xdg.path(), &args, &[("APP_FAIL_IF_EXISTS", flag.to_str().unwrap())]);
         let addr = listening(&mut proc).await;
-        proc.expect_line(STEP, |l| l.starts_with("ready: 2 workers")).await;
+        seen_or_next(&mut proc, |l| l.starts_with("ready: 2 workers")).await;
         let load = Load::start(&addr);
         load.more(200).await;
         let before: HashSet<u32> = load.seen.pids.lock().await.clone();
@@ -500,6 +508,8 @@ async fn settings_come_from_tandem_toml_in_the_working_directory_with_env_and_fl
             assert_eq!(field(&line, "names"), Some("web"), "{line}");
         }
         assert_eq!(get(&addr).await.unwrap().2, "from-the-file");
+        // A scale waits for the cluster's start to be over.
+        seen_or_next(&mut proc, |l| l.starts_with("ready: 2 workers")).await;
         let rows = status_json(xdg.path(), "fromfile").await;
         assert_eq!(rows.iter().filter(|r| r["role"] == "worker").count(), 2, "--workers 2 overrides the file's 1");
         // A shared listener lets `tandem scale` add programs (reuseport binds one socket per slot at start).
@@ -527,7 +537,7 @@ async fn a_program_that_ignores_sigterm_is_killed_after_the_stop_timeout() {
         let mut proc = run(xdg.path(), &args, &[("APP_IGNORE_SIGTERM", "1")]);
         let line = app_lines(&mut proc, 1).await.remove(0);
         let program: u32 = field(&line, "pid").unwrap().parse().unwrap();
-        proc.expect_line(STEP, |l| l.starts_with("ready: 1 workers")).await;
+        seen_or_next(&mut proc, |l| l.starts_with("ready: 1 workers")).await;
         let started = std::time::Instant::now();
         let out = tandem(xdg.path(), &["stop", "stubborn"]).await;
         assert!(out.status.success(), "{}", stderr(&out));
@@ -578,7 +588,7 @@ async fn with_registry_the_leader_holds_the_one_connection_to_it() {
         let mut args = args.to_vec();
         args.push(app.to_str().unwrap());
         let mut proc = run(xdg.path(), &args, &[]);
-        proc.expect_line(STEP, |l| l.starts_with("ready: 3 workers")).await;
+        seen_or_next(&mut proc, |l| l.starts_with("ready: 3 workers")).await;
         assert!(!proc.seen.iter().any(|l| l.starts_with("registry on ")), "no embedded registry with --registry");
         let client = tandem::registry::RegistryClient::connect(address.as_str()).await.unwrap();
         poll_until(STEP, "the Leader's registry connection", || async {
