@@ -225,3 +225,54 @@ async fn the_python_demo_follows_redis_through_the_one_leader() {
     .await
     .expect("test timed out");
 }
+
+#[cfg(feature = "etcd")]
+#[path = "../etcd/tests/support/mod.rs"]
+mod etcd_support;
+
+/// `tandem run --etcd`: the Leader's etcd adapter, a value put by another
+/// etcd client reaching every worker's program.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs etcd: apt-get install etcd-server"]
+async fn the_python_demo_follows_etcd_through_the_one_leader() {
+    use tandem::etcd_upstream::etcd::{Config, EtcdClient};
+    let Some(command) = or_skip(python_demo(), "Python") else { return };
+    tokio::time::timeout(TIMEOUT, async {
+        let etcd = etcd_support::Etcd::single().await;
+        let endpoint = etcd.endpoint(0);
+        let xdg = private_dir();
+        let mut args = vec![
+            "run",
+            "--name",
+            "demo-etcd",
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &endpoint,
+            "--subscribe",
+            "app.greeting",
+            "--",
+        ];
+        args.extend(command.iter().map(String::as_str));
+        let mut proc = {
+            let _fork = common::cli::forking();
+            let env = [("XDG_RUNTIME_DIR", xdg.path().as_os_str())];
+            Proc::spawn_with(Path::new(env!("CARGO_BIN_EXE_tandem")), &args, &env, false)
+        };
+        let addr = proc.expect_line(STEP, |l| l.starts_with("listening on ")).await;
+        let addr = addr.trim_start_matches("listening on ").split(' ').next().unwrap().to_owned();
+        proc.expect_line(STEP, |l| l.starts_with("ready: 2 workers")).await;
+        let writer = EtcdClient::connect(Config::new([endpoint.clone()])).await.unwrap();
+        writer.put("app.greeting", "from-etcd".to_owned()).await.unwrap();
+        both_print(&mut proc, "from-etcd", HashSet::new()).await;
+        assert_eq!(http(&addr, "GET", "").await.1, "from-etcd");
+        let out = tandem(xdg.path(), &["stop", "demo-etcd"]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(proc.finish(STEP).await.success());
+    })
+    .await
+    .expect("test timed out");
+}
