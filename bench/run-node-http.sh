@@ -6,7 +6,8 @@
 #
 #   wrk -t1 -c32 -d${SECS}s http://ADDR/config/app.greeting        (keep-alive)
 #
-# Prints each round's req/s and the ratio of the medians (target: tandem run >= 0.9x Node's).
+# Prints each round's req/s and the ratio of the medians (target: tandem run >= 0.9x Node's),
+# then `tandem reload` under the same keep-alive load (target: 0 failed requests).
 # Usage: bench/run-node-http.sh
 # Env:   SECS (measured seconds per run, default 10), ROUNDS (default 3), WORKERS (default 2),
 #        NODE_ANCHOR (default ../shared/anchors/node-http beside the checkout)
@@ -55,6 +56,23 @@ for round in $(seq 1 "$ROUNDS"); do
   kill -TERM "$PID"; wait "$PID" || true; PID=""
   echo "round $round: tandem run ${T[$round]} req/s, node cluster ${N[$round]} req/s (load $(cut -d' ' -f1 /proc/loadavg))"
 done
+# Reload under keep-alive load: `tandem reload` 3 s into a wrk run; wrk prints "Socket errors"
+# and "Non-2xx" lines only when there are some.
+PORT=$(free_port)
+"$TANDEM" run --name bench-run --workers "$WORKERS" --listen "127.0.0.1:$PORT" \
+  -- node "$ROOT/clients/node/examples/config-http.js" >"$TMP/tandem.log" 2>&1 &
+PID=$!
+wait_for "$TMP/tandem.log" "^ready: "
+wrk -t1 -c32 -d"${SECS}s" "http://127.0.0.1:$PORT/config/app.greeting" >"$TMP/reload.wrk" 2>&1 &
+LOAD=$!
+sleep 3
+START=$(date +%s%N)
+"$TANDEM" reload bench-run >"$TMP/reload.out" 2>&1 || { echo "reload failed:" >&2; cat "$TMP/reload.out" >&2; }
+TOOK=$((($(date +%s%N) - START) / 1000000))
+wait "$LOAD" || true
+kill -TERM "$PID"; wait "$PID" || true; PID=""
+ERRORS=$(grep -E "Socket errors|Non-2xx" "$TMP/reload.wrk" | tr -s ' ' | paste -sd ';' - || true)
+echo "reload under load: took ${TOOK} ms; $(grep 'requests in' "$TMP/reload.wrk" | awk '{print $1}') requests; errors: ${ERRORS:-none}"
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 TM=$(median "${T[@]}"); NM=$(median "${N[@]}")
 echo "median: tandem run $TM req/s, node cluster $NM req/s, ratio $(awk -v t="$TM" -v n="$NM" 'BEGIN {printf "%.2f", t/n}')x (target >= 0.9x)"

@@ -47,8 +47,11 @@ async function main() {
     }
   })().catch((error) => console.error(`worker=${worker}: subscription ended: ${error.message}`));
 
+  let draining = false;
   const server = http.createServer((req, res) => {
     res.setHeader('x-worker-id', worker);
+    // Stopping: each keep-alive connection gets one more answer, which closes it.
+    if (draining) res.setHeader('connection', 'close');
     res.setHeader('x-worker-pid', String(process.pid));
     if (req.method === 'PUT') {
       let body = '';
@@ -66,8 +69,13 @@ async function main() {
   server.listen({ fd: 3 }, () => ready().catch((error) => console.error(`ready: ${error.message}`)));
 
   process.on('SIGTERM', () => {
-    // Stop accepting; answer what is in flight; then leave.
-    server.close(() => client.close().finally(() => process.exit(0)));
+    // Stop accepting but keep the open connections (http.Server#close would
+    // close the idle keep-alive ones, racing a request sent on one); leave once
+    // each has closed after its last answer, or after 4 s.
+    draining = true;
+    const leave = () => client.close().finally(() => process.exit(0));
+    net.Server.prototype.close.call(server, leave);
+    setTimeout(leave, 4000).unref();
   });
 }
 
