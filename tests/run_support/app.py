@@ -22,7 +22,10 @@ GREETING = os.environ.get("APP_GREETING", "hello")
 
 
 def log(line: str) -> None:
-    print(line, flush=True)
+    # One write per line: print's text and newline may be two (PYTHONUNBUFFERED),
+    # and every worker shares one stdout.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def notify(message: str) -> None:

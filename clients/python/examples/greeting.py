@@ -18,6 +18,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 from typing import Optional
 
 from tandem_follower import connect
@@ -46,11 +47,13 @@ async def main() -> None:
             async for update in subscription:
                 # Each value the Leader delivers: [value or None, revision].
                 greeting = update.value[0]
-                print(
+                # One write per line (print's text and newline may be two
+                # under PYTHONUNBUFFERED, and the workers share one stdout).
+                sys.stdout.write(
                     f"worker={WORKER} pid={os.getpid()} key={KEY} value={greeting} "
-                    f"epoch={update.epoch} seq={update.seq}",
-                    flush=True,
+                    f"epoch={update.epoch} seq={update.seq}\n"
                 )
+                sys.stdout.flush()
 
     following = asyncio.create_task(follow())
 
