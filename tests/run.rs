@@ -210,7 +210,8 @@ impl Load {
 /// The RSS of one process, from /proc.
 fn own_rss(pid: u32) -> u64 {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
-    statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap().unwrap() as u64;
+    statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * page
 }
 
 /// The pid's parent.
