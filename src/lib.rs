@@ -43,7 +43,7 @@
 //! | `metrics` | the master's Prometheus `/metrics` endpoint (`Cluster::builder(..).metrics(addr)`) |
 //! | `etcd` | the etcd adapter (`tandem::etcd_upstream`; building it needs `protoc`); turns on `registry` |
 //! | `redis` | the Redis adapter (`tandem::redis_upstream`); turns on `registry` |
-//! | `cli` | the `tandem` command-line tool (`src/bin/tandem.rs`) |
+//! | `cli` | the `tandem` command-line tool (`src/bin/tandem.rs`), `tandem run` included; turns on `registry` and `metrics` |
 //!
 //! # Example
 //!

@@ -129,6 +129,7 @@ mod messenger;
 mod metrics;
 #[cfg(feature = "metrics")]
 mod metrics_endpoint;
+mod proc_tree;
 mod process;
 mod reaper;
 mod reload;

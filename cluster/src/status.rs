@@ -102,9 +102,20 @@ impl fmt::Display for StatusTable {
     }
 }
 
+/// The resident set size of a child with its descendants (see
+/// [`proc_tree`](crate::proc_tree)), the master's of itself.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    crate::proc_tree::sum(pid, own_rss_bytes)
+}
+
+/// The CPU time of a child with its descendants, the master's of itself.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    crate::proc_tree::sum(pid, own_cpu_seconds)
+}
+
 /// The resident set size of a process: the second field of `/proc/<pid>/statm`
 /// (in pages) times the page size. `None` when it cannot be read.
-pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+fn own_rss_bytes(pid: u32) -> Option<u64> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten()?;
@@ -114,7 +125,7 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
 /// The CPU time (user + system) a process has used, in seconds: fields 14
 /// and 15 of `/proc/<pid>/stat` (in clock ticks) over `sysconf(_SC_CLK_TCK)`.
 /// `None` when it cannot be read.
-pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+fn own_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count
     // the fields after its closing parenthesis (field 3, the state, is first).

@@ -13,6 +13,7 @@
 //! tandem stop NAME             # graceful stop; returns when every process is gone
 //! tandem monit NAME            # a live view: processes, the Leader's rates; reload keys
 //! tandem logs NAME [--worker K|--agent] [--lines N] [--follow]  # the children's log files
+//! tandem run [OPTIONS] -- PROGRAM [ARGS]   # any program as the workers (docs/run.md)
 //! ```
 //!
 //! Exit codes: see [`EXIT_CODES`].
@@ -21,6 +22,8 @@
 mod logs;
 #[path = "tandem/monit.rs"]
 mod monit;
+#[path = "tandem/run/mod.rs"]
+mod run;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -159,6 +162,11 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Run any program as the workers of a new cluster: each gets the
+    /// listeners as fds 3.. (LISTEN_FDS), the Leader's socket and token
+    /// (TANDEM_LEADER_SOCKET, TANDEM_TOKEN) and NOTIFY_SOCKET; settings from
+    /// ./tandem.toml and the flags. See docs/run.md.
+    Run(Box<run::RunArgs>),
     /// Stop the cluster gracefully and wait until every process is gone.
     Stop {
         /// The cluster's name.
@@ -170,8 +178,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tandem::logging::init_with_default("warn");
     let cli = Cli::parse();
+    if let Command::Run(args) = cli.command {
+        return run::main(*args);
+    }
+    tandem::logging::init_with_default("warn");
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -283,6 +294,8 @@ async fn run(command: Command) -> Result<(), ControlError> {
             };
             logs::run(&name, which, lines, follow).await
         }
+        // Dispatched in `main`, before this runtime exists.
+        Command::Run(_) => Err(ControlError::Failed("`tandem run` runs from main".into())),
         Command::Stop { name, timeout } => {
             let report: StopReport = decode(ask(&name, Request::Stop).await?)?;
             outln!("stopping {name}: {} processes", report.pids.len());
