@@ -135,6 +135,11 @@ struct Args {
     /// count towards the crash-loop limit. The default is 30000.
     #[arg(long, value_name = "MS")]
     stable_after: Option<u64>,
+    /// Keep a hot standby next to the agent: it mirrors the Leader (no
+    /// upstream connection) and takes over at the next epoch when the agent
+    /// dies (`Config::standby`). The default is off.
+    #[arg(long)]
+    standby: bool,
     /// The cluster's name for `tandem ls/status/reload/stop/leader`. The
     /// default is the executable's file name (`config_center`).
     #[arg(long)]
@@ -213,6 +218,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(name) = &args.name {
         builder = builder.name(name);
+    }
+    if args.standby {
+        builder = builder.standby(true);
     }
     if let Some(addr) = args.metrics {
         builder = builder.metrics(addr);

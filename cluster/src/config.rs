@@ -110,6 +110,14 @@ pub struct Config {
     /// the application's own code, which may block its runtime on purpose;
     /// turn it on when a blocked worker should be replaced.
     pub worker_hang_timeout: Option<Duration>,
+    /// Whether the master keeps a hot standby next to the agent: a second
+    /// agent process, started once the agent is ready, that mirrors its
+    /// Leader (every followed key with its value, position and upstream
+    /// revision; no upstream connection of its own) and, when the agent dies
+    /// or hangs, is promoted at the next epoch instead of a cold restart. It
+    /// costs one more process and its memory (about the mirrored values).
+    /// See `docs/operating.md`, "Hot standby". The default is false.
+    pub standby: bool,
 }
 
 impl Default for Config {
@@ -142,6 +150,7 @@ impl Default for Config {
             ping_interval: Duration::from_secs(1),
             agent_hang_timeout: Some(Duration::from_secs(3)),
             worker_hang_timeout: None,
+            standby: false,
         }
     }
 }
@@ -160,7 +169,7 @@ impl Config {
             return None;
         }
         match slot {
-            crate::identity::SlotId::Agent => self.agent_hang_timeout,
+            crate::identity::SlotId::Agent | crate::identity::SlotId::Standby => self.agent_hang_timeout,
             crate::identity::SlotId::Worker(_) => self.worker_hang_timeout,
         }
         .filter(|t| !t.is_zero())

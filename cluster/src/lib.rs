@@ -139,6 +139,7 @@ mod runtime_dir;
 mod scale;
 mod signals;
 mod spawn;
+mod standby;
 mod status;
 mod stop;
 mod supervisor;
@@ -147,7 +148,7 @@ mod timers;
 mod trace;
 mod worker;
 
-pub use agent::{AgentContext, AgentReady};
+pub use agent::{AgentContext, AgentReady, Promotion};
 pub use builder::{Builder, Cluster};
 pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};

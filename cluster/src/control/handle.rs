@@ -51,6 +51,8 @@ pub(crate) struct ControlStats {
     /// Restarts asked for (`tandem restart`), of a worker and of the agent.
     pub restarts_worker: AtomicU64,
     pub restarts_agent: AtomicU64,
+    /// Hot standbys promoted to agent (see `standby`).
+    pub standby_promotions: AtomicU64,
     /// The previous CPU sample per pid, for CPU % between samples.
     cpu_samples: std::sync::Mutex<HashMap<u32, (f64, Instant)>>,
 }

@@ -281,6 +281,9 @@ impl ProcessInfo {
     /// agent     -        - stopped                1       -     -       - code 0
     /// worker    1        - stopped                2       -     -       - code 0
     /// ```
+    ///
+    /// A hot standby (`Config::standby`) shows as role `standby`, its state
+    /// followed by the epoch of the Leader it mirrors (`online e3`).
     pub fn table(rows: &[ProcessInfo]) -> impl fmt::Display + '_ {
         ProcessTable(rows)
     }
@@ -294,13 +297,23 @@ impl fmt::Display for ProcessTable<'_> {
         writeln!(f, "{}", ProcessInfo::TABLE_HEADER)?;
         let dash = || "-".to_owned();
         for r in self.0 {
+            let slot = r.slot.map_or_else(dash, |s| s.to_string());
+            // `standby` is one letter wider than the role column: its slot column gives it back.
+            let role_slot = match r.role.len() {
+                ..=6 => format!("{:<6} {slot:>4}", r.role),
+                _ => format!("{} {slot:>3}", r.role),
+            };
+            // The standby's state says which Leader's epoch it mirrors: `online e3`.
+            let state = match r.epoch {
+                Some(epoch) if r.role == crate::ProcessRole::Standby.as_str() => format!("{} e{epoch}", r.state),
+                _ => r.state.clone(),
+            };
             writeln!(
                 f,
-                "{:<6} {:>4} {:>8} {:<15} {:>8} {:>7} {:>5} {:>7} {}",
-                r.role,
-                r.slot.map_or_else(dash, |s| s.to_string()),
+                "{} {:>8} {:<15} {:>8} {:>7} {:>5} {:>7} {}",
+                role_slot,
                 r.pid.map_or_else(dash, |p| p.to_string()),
-                r.state,
+                state,
                 r.restarts,
                 r.uptime_ms.map_or_else(dash, duration),
                 r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
