@@ -449,7 +449,9 @@ async fn twenty_agent_kills_with_a_standby_under_writes() {
         standby_mirroring(&mut master, from, epoch).await;
         let writes = written.load(Ordering::Relaxed);
         assert!(writes > STANDBY_KILLS, "the writer kept writing during the rounds");
-        eprintln!("{STANDBY_KILLS} agents killed with a standby in {took:?}, {writes} writes, every worker on the final value");
+        eprintln!(
+            "{STANDBY_KILLS} agents killed with a standby in {took:?}, {writes} writes, every worker on the final value"
+        );
     })
     .await
     .expect("test timed out")
