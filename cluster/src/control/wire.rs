@@ -220,7 +220,7 @@ pub struct ClusterInfo {
 /// One process in the answer to `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessInfo {
-    /// `master`, `agent` or `worker`.
+    /// `master`, `agent`, `worker` or `standby` (the agent's hot standby).
     pub role: String,
     /// The worker id, for workers.
     pub slot: Option<WorkerId>,
@@ -239,7 +239,7 @@ pub struct ProcessInfo {
     pub cpu_seconds: Option<f64>,
     /// Resident set size, in bytes.
     pub rss_bytes: Option<u64>,
-    /// The agent's epoch.
+    /// The agent's epoch; on the standby's row, the epoch of the Leader it mirrors (once ready).
     pub epoch: Option<u64>,
     /// How the slot's last process ended: `code <n>`, a signal's name
     /// (`SIGKILL`; `signal <n>` when it has none) or `unknown`. `None` while
