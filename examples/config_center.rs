@@ -489,6 +489,7 @@ fn own(client: tandem::Client<ConfigApi>, key: String, worker: impl std::fmt::Di
 /// and the connection count.
 #[cfg(feature = "etcd")]
 mod etcd {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use tandem::etcd_upstream::EtcdUpstream;
@@ -496,15 +497,19 @@ mod etcd {
     use tandem::leader::LeaderBuilder;
     use tandem::registry_upstream::{ConfigApi, ServiceApi};
 
-    /// Both channels served by one etcd client (one connection).
+    /// Both channels served by one etcd client (one connection), built when
+    /// the Leader starts and retried until etcd answers: nothing connects
+    /// before `start()` (a hot standby holds no upstream connection).
     pub async fn leader(endpoints: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
-        let upstream = EtcdUpstream::connect(Config::from_list(endpoints)).await?;
+        let shared = Arc::new(tokio::sync::OnceCell::<EtcdUpstream>::new());
+        let endpoints = endpoints.to_owned();
+        let connect = move || {
+            let (shared, endpoints) = (shared.clone(), endpoints.clone());
+            async move { shared.get_or_try_init(|| EtcdUpstream::connect(Config::from_list(&endpoints))).await.cloned() }
+        };
         Ok(builder
-            .channel_from::<ConfigApi, _>({
-                let upstream = upstream.clone();
-                async move { Ok(upstream) }
-            })
-            .channel_from::<ServiceApi, _>(async move { Ok(upstream) }))
+            .channel_with_retry::<ConfigApi, _, _, _>(connect.clone())
+            .channel_with_retry::<ServiceApi, _, _, _>(connect))
     }
 
     /// Puts `v1`, `v2`, ... into `key` every `every_ms`, through the master's own
@@ -541,10 +546,15 @@ mod redis {
     use tandem::redis_upstream::redis::{self, aio::ConnectionManager};
     use tandem::registry_upstream::ConfigApi;
 
-    /// The config channel served by Redis (two connections: commands and pub/sub).
+    /// The config channel served by Redis (two connections: commands and
+    /// pub/sub), built when the Leader starts and retried until Redis answers:
+    /// nothing connects before `start()` (a hot standby holds no upstream connection).
     pub async fn leader(url: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
-        let upstream = RedisUpstream::connect(url).await?;
-        Ok(builder.channel_from::<ConfigApi, _>(async move { Ok(upstream) }))
+        let url = url.to_owned();
+        Ok(builder.channel_with_retry::<ConfigApi, _, _, _>(move || {
+            let url = url.clone();
+            async move { RedisUpstream::connect(&url).await }
+        }))
     }
 
     /// Sets `key` to `v1`, `v2`, ... every `every_ms`, through the master's own

@@ -147,8 +147,12 @@ impl AgentContext {
     }
 
     /// Reports the agent ready, with its Leader's socket: the master then starts
-    /// the workers. Later calls do nothing.
+    /// the workers. Later calls do nothing. A standby may call it only once
+    /// promoted: before, it fails with [`Error::StandbyNotPromoted`].
     pub async fn ready(&self, ready: AgentReady) -> Result<(), Error> {
+        if self.is_standby() && self.promotion().is_none() {
+            return Err(Error::StandbyNotPromoted);
+        }
         self.core.report_ready(Ready::Agent { socket: ready.socket }).await
     }
 

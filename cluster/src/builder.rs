@@ -300,6 +300,11 @@ impl Builder {
 }
 
 async fn default_agent(ctx: AgentContext) -> Result<(), BoxError> {
+    if ctx.is_standby() {
+        // No Leader to mirror: ready to take the (empty) place at once.
+        ctx.standby_ready(0).await?;
+        ctx.promoted().await?;
+    }
     ctx.ready(AgentReady { socket: ctx.default_socket_path() }).await?;
     ctx.stopped().await;
     Ok(())

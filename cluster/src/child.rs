@@ -101,6 +101,8 @@ pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -
                 ProcessRole::Worker => {
                     tracing::info_span!("tandem", cluster = %env.name, role = "worker", worker.id = env.worker_id, pid)
                 }
+                // Started as the standby: its epoch comes with the promotion.
+                _ if init.standby => tracing::info_span!("tandem", cluster = %env.name, role = "standby", pid),
                 _ => tracing::info_span!("tandem", cluster = %env.name, role = "agent", pid, epoch = init.epoch),
             };
             serve(env, init, reader, writer, listeners, agent_fn, worker_fn).instrument(span).await

@@ -173,6 +173,11 @@ pub enum Error {
     /// (`?`); the process then exits with code 0, as after a normal stop.
     #[error("the standby was stopped before it was promoted")]
     StandbyStopped,
+    /// A hot standby reported the agent ready before the master promoted it:
+    /// refused, so that it never serves beside the agent (wait for
+    /// [`AgentContext::promoted`](crate::AgentContext::promoted) first).
+    #[error("the standby reported ready before it was promoted")]
+    StandbyNotPromoted,
     /// A payload is larger than the IPC channel carries.
     #[error("a payload of {len} bytes exceeds the limit of {max} bytes")]
     PayloadTooLarge {
