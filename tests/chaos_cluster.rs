@@ -421,7 +421,7 @@ async fn twenty_agent_kills_with_a_standby_under_writes() {
             assert_eq!(field(&line, "pid"), Some(standby.to_string().as_str()), "{line}");
             assert_eq!(field(&line, "epoch"), Some((epoch + 1).to_string().as_str()), "{line}");
             let promoted = format!("standby promoted: pid={standby} epoch={} replaces={agent}", epoch + 1);
-            assert!(master.seen.iter().any(|l| *l == promoted), "no `{promoted}` line");
+            assert!(master.seen.contains(&promoted), "no `{promoted}` line");
             poll_until(LINE, "the killed agent to be gone", || async move { !alive(agent) }).await;
             (agent, epoch) = (standby, epoch + 1);
 
