@@ -126,6 +126,8 @@ pub(crate) enum Timer {
     AgentStopDeadline(ProcKey),
     /// The standby stopped for an agent reload did not exit in time.
     StandbyStopDeadline(ProcKey),
+    /// Start the hot standby if there should be one and there is none.
+    EnsureStandby,
     ReapDeadline(u64),
     EofKill(ProcKey),
     /// Prune expired requests and refill the descriptor reserve.

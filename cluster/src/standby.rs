@@ -4,7 +4,7 @@
 //! and returns actions for the master to carry out.
 //!
 //! ```text
-//! agent ready, no standby ──> StartStandby ──> (standby: mirror synced) Ready{Standby{mirrors: E}}
+//! agent ready, no standby ──(SPAWN_DELAY)──> StartStandby ──> (standby: mirror synced) Ready{Standby{mirrors: E}}
 //! agent of epoch E dies (crash, hang killed, memory stop)
 //!     standby ready ──> Promote: the standby's process becomes the agent's, Promote{E+1, E}
 //!                       ──> (it binds, serves its mirror) Ready{Agent} ──> a new standby
@@ -25,6 +25,14 @@ use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, Timer};
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
+
+/// How long after the agent is ready (at start, after a promotion, after a
+/// reload) the standby is spawned. Not at once: the spawn (fork, exec, a new
+/// runtime) runs on the master's loop and would hold up the messages that
+/// move the workers to the new agent, and the new process would compete with
+/// their reconnects for the CPU. A kill within this window finds no ready
+/// standby and restarts the agent cold.
+pub(crate) const SPAWN_DELAY: Duration = Duration::from_millis(20);
 
 /// What else the master is doing, for [`Standby`] to decide.
 #[derive(Debug, Clone, Copy, Default)]

@@ -246,7 +246,8 @@ impl Master {
                 self.check_cluster_ready();
                 let actions = self.machines.agent_reload.on_ready(key, epoch);
                 self.apply(actions);
-                self.ensure_standby();
+                // Not now: the spawn would hold up the messages that move the workers.
+                self.after(crate::standby::SPAWN_DELAY, Timer::EnsureStandby);
             }
             (SlotId::Standby, Ready::Standby { mirrors }) => {
                 slot.state = ProcessState::Ready;

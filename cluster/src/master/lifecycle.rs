@@ -195,6 +195,7 @@ impl Master {
                     agent.kill();
                 }
             }
+            Timer::EnsureStandby => self.ensure_standby(),
             Timer::StandbyStopDeadline(key) => {
                 let actions = self.machines.standby.on_stop_deadline(key);
                 self.apply(actions);
