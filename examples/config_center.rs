@@ -137,6 +137,11 @@ struct Args {
     /// count towards the crash-loop limit. The default is 30000.
     #[arg(long, value_name = "MS")]
     stable_after: Option<u64>,
+    /// Keep a hot standby next to the agent: it mirrors the Leader (no
+    /// upstream connection) and takes over at the next epoch when the agent
+    /// dies (`Config::standby`). The default is off.
+    #[arg(long)]
+    standby: bool,
     /// The cluster's name for `tandem ls/status/reload/stop/leader`. The
     /// default is the executable's file name (`config_center`).
     #[arg(long)]
@@ -221,6 +226,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(name) = &args.name {
         builder = builder.name(name);
+    }
+    if args.standby {
+        builder = builder.standby(true);
     }
     if let Some(addr) = args.metrics {
         builder = builder.metrics(addr);
@@ -492,6 +500,7 @@ fn own(client: tandem::Client<ConfigApi>, key: String, worker: impl std::fmt::Di
 /// and the connection count.
 #[cfg(feature = "etcd")]
 mod etcd {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use tandem::etcd_upstream::EtcdUpstream;
@@ -499,15 +508,19 @@ mod etcd {
     use tandem::leader::LeaderBuilder;
     use tandem::registry_upstream::{ConfigApi, ServiceApi};
 
-    /// Both channels served by one etcd client (one connection).
+    /// Both channels served by one etcd client (one connection), built when
+    /// the Leader starts and retried until etcd answers: nothing connects
+    /// before `start()` (a hot standby holds no upstream connection).
     pub async fn leader(endpoints: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
-        let upstream = EtcdUpstream::connect(Config::from_list(endpoints)).await?;
+        let shared = Arc::new(tokio::sync::OnceCell::<EtcdUpstream>::new());
+        let endpoints = endpoints.to_owned();
+        let connect = move || {
+            let (shared, endpoints) = (shared.clone(), endpoints.clone());
+            async move { shared.get_or_try_init(|| EtcdUpstream::connect(Config::from_list(&endpoints))).await.cloned() }
+        };
         Ok(builder
-            .channel_from::<ConfigApi, _>({
-                let upstream = upstream.clone();
-                async move { Ok(upstream) }
-            })
-            .channel_from::<ServiceApi, _>(async move { Ok(upstream) }))
+            .channel_with_retry::<ConfigApi, _, _, _>(connect.clone())
+            .channel_with_retry::<ServiceApi, _, _, _>(connect))
     }
 
     /// Puts `v1`, `v2`, ... into `key` every `every_ms`, through the master's own
@@ -544,10 +557,15 @@ mod redis {
     use tandem::redis_upstream::redis::{self, aio::ConnectionManager};
     use tandem::registry_upstream::ConfigApi;
 
-    /// The config channel served by Redis (two connections: commands and pub/sub).
+    /// The config channel served by Redis (two connections: commands and
+    /// pub/sub), built when the Leader starts and retried until Redis answers:
+    /// nothing connects before `start()` (a hot standby holds no upstream connection).
     pub async fn leader(url: &str, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem::cluster::BoxError> {
-        let upstream = RedisUpstream::connect(url).await?;
-        Ok(builder.channel_from::<ConfigApi, _>(async move { Ok(upstream) }))
+        let url = url.to_owned();
+        Ok(builder.channel_with_retry::<ConfigApi, _, _, _>(move || {
+            let url = url.clone();
+            async move { RedisUpstream::connect(&url).await }
+        }))
     }
 
     /// Sets `key` to `v1`, `v2`, ... every `every_ms`, through the master's own

@@ -72,9 +72,23 @@ pub fn agent_leader(cache_dir: Option<&Path>) -> Result<LeaderBuilder, tandem_le
 
 /// Starts the agent's Leader: epoch and token from the cluster, served on the
 /// runtime directory's socket and on relayed links, then reports the agent ready.
+///
+/// In the hot standby ([`AgentContext::is_standby`], with
+/// `tandem_cluster::Config::standby`) it first [stands by](standby): the
+/// `builder` is not started (so it must not connect upstream before
+/// [`LeaderBuilder::start`]: `channel_with_retry` and `channel_from` connect
+/// at start), the standby mirrors the Leader, and only once promoted starts
+/// it, seeded from the mirror, at the promoted epoch. When the standby is
+/// stopped before its promotion it returns
+/// [`tandem_cluster::Error::StandbyStopped`]: return it from the agent's
+/// function (`?`), the process then exits cleanly.
 pub async fn start_leader(ctx: &AgentContext, builder: LeaderBuilder) -> Result<Leader, tandem_cluster::BoxError> {
-    let leader = builder.epoch(ctx.epoch()).token(Some(ctx.token().to_string())).start();
+    let builder = if ctx.is_standby() { standby(ctx, builder).await? } else { builder.epoch(ctx.epoch()) };
+    let leader = builder.token(Some(ctx.token().to_string())).start();
     let socket = leader.bind_unix(ctx.default_socket_path())?;
+    if ctx.is_standby() {
+        tracing::debug!(epoch = ctx.epoch(), "the promoted standby's Leader is bound");
+    }
     let mut links = ctx.links();
     let relay_leader = leader.clone();
     let stop = leader.shutdown_token();
@@ -109,6 +123,71 @@ pub async fn start_leader(ctx: &AgentContext, builder: LeaderBuilder) -> Result<
     });
     ctx.ready(AgentReady { socket }).await?;
     Ok(leader)
+}
+
+/// The hot standby's wait: mirrors the agent's Leader (PROTOCOL.md §7.2)
+/// over its socket (no upstream connection), reports the standby ready once
+/// the mirror's snapshot is complete, waits for the promotion, then returns
+/// `builder` at the promoted epoch, seeded from the mirror when the mirror is
+/// of the Leader it succeeds (else cold, as the standalone standby does).
+pub async fn standby(ctx: &AgentContext, builder: LeaderBuilder) -> Result<LeaderBuilder, tandem_cluster::BoxError> {
+    let mut config = tandem_follower::Config::default();
+    config.token = Some(ctx.token().to_string());
+    let connection = tandem_follower::Connection::builder()
+        .config(config)
+        .connect(tandem_follower::UnixConnector::new(ctx.default_socket_path()))
+        .spawn();
+    let mirrored = async {
+        let mirror = connection.mirror().await?;
+        mirror.synced().await;
+        Ok::<_, tandem_follower::Error>(mirror)
+    };
+    let mirror = tokio::select! {
+        mirror = mirrored => mirror,
+        _ = ctx.stopped() => {
+            connection.close().await;
+            return Err(tandem_cluster::Error::StandbyStopped.into());
+        }
+    };
+    let mirror = match mirror {
+        Ok(mirror) => mirror,
+        Err(error) => {
+            connection.close().await;
+            return Err(error.into());
+        }
+    };
+    let mirrors = mirror.status().synced_epoch.unwrap_or(0);
+    tracing::info!(mirrors, keys = mirror.len(), "standby ready: mirroring the agent's Leader");
+    ctx.standby_ready(mirrors).await?;
+    let promotion = match ctx.promoted().await {
+        Ok(promotion) => promotion,
+        Err(error) => {
+            connection.close().await;
+            return Err(error.into());
+        }
+    };
+    // The map as it is now (the dead Leader's last state); then stop
+    // following, before this process's own Leader binds the socket.
+    let seed = warm_seed(&mirror, promotion.succeeded);
+    tokio::spawn(async move { connection.close().await });
+    tracing::info!(
+        epoch = promotion.epoch,
+        keys = seed.len(),
+        "promoted: the standby leads, serving its mirrored values"
+    );
+    Ok(builder.epoch(promotion.epoch).seed(seed))
+}
+
+/// The mirror's entries if its last complete snapshot is of the Leader of
+/// epoch `succeeded`; none (a cold start, WARN) otherwise.
+fn warm_seed(mirror: &tandem_follower::Mirror, succeeded: u64) -> Vec<tandem_protocol::MirrorEntry> {
+    match mirror.status().synced_epoch {
+        Some(epoch) if epoch == succeeded => mirror.entries(),
+        mirrored => {
+            tracing::warn!(?mirrored, succeeded, "the standby's mirror is not of the Leader it succeeds; leading cold");
+            Vec::new()
+        }
+    }
 }
 
 /// A worker's connector to the agent's Leader over the chosen [`Transport`].

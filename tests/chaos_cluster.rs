@@ -354,3 +354,105 @@ async fn a_worker_killed_while_the_masters_descriptors_are_exhausted_is_respawne
     .await
     .expect("test timed out")
 }
+
+/// How many times the next test kills the agent.
+const STANDBY_KILLS: u64 = 20;
+
+/// Waits for the standby that mirrors the Leader of `epoch` (looked for in
+/// the lines after `from` first) and returns its pid.
+async fn standby_mirroring(master: &mut Proc, from: usize, epoch: u64) -> i32 {
+    let mirrors = epoch.to_string();
+    let is = |l: &str| l.starts_with("standby ready:") && field(l, "mirrors") == Some(mirrors.as_str());
+    master.drain();
+    let line = match master.seen[from..].iter().find(|l| is(l)) {
+        Some(line) => line.clone(),
+        None => master.expect_line(LINE, is).await,
+    };
+    field(&line, "pid").unwrap().parse().unwrap()
+}
+
+/// Issue 26: with a hot standby (`--standby`), the agent is killed with
+/// SIGKILL 20 times while a writer keeps putting. Each time the standby (the
+/// pid the master reported ready, mirroring the current epoch) becomes the
+/// agent at the next epoch, with no cold restart, and a new standby follows;
+/// every worker ends on each round's final value; no worker ever prints the
+/// same (epoch, seq) twice or an older one after a newer one; the registry
+/// counts one connection from the host after each takeover.
+#[tokio::test]
+async fn twenty_agent_kills_with_a_standby_under_writes() {
+    tokio::time::timeout(TIMEOUT, async {
+        let (_registry, addr) = start_registry("127.0.0.1:0").await;
+        let writer = Arc::new(Mutex::new(connect(&addr).await));
+        let written = Arc::new(AtomicU64::new(0));
+        let writing = tokio::spawn({
+            let (writer, written, addr) = (writer.clone(), written.clone(), addr.clone());
+            async move {
+                for n in 1u64.. {
+                    put(&writer, &addr, format!("w{n}")).await;
+                    written.store(n, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        let workers = WORKERS.to_string();
+        let args = ["--workers", &workers, "--registry", &addr, "--subscribe", "k", "--write-every", "0", "--standby"];
+        let mut master = Proc::spawn(&example("config_center"), &args);
+        let ready = master.expect_line(LINE, |l| l.starts_with("cluster ready:")).await;
+        let mut agent: i32 = field(&ready, "agent").unwrap().parse().unwrap();
+        let mut ids = BTreeSet::new();
+        {
+            let client = writer.lock().await;
+            client.put("k", "round-0".to_string()).await.unwrap();
+            while ids.len() < WORKERS {
+                let line = master.expect_line(LINE, |l| field(l, "value") == Some("round-0")).await;
+                ids.insert(field(&line, "worker").unwrap().to_string());
+            }
+        }
+
+        let (mut epoch, mut from) = (1u64, 0usize);
+        let started = std::time::Instant::now();
+        for round in 1..=STANDBY_KILLS {
+            let standby = standby_mirroring(&mut master, from, epoch).await;
+            assert_ne!(standby, agent);
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), Signal::SIGKILL).unwrap();
+            let line = master.expect_line(LINE, |l| l.starts_with("agent restarted:")).await;
+            from = master.seen.len();
+            // The standby is the agent now, at the next epoch: no cold restart.
+            assert_eq!(field(&line, "pid"), Some(standby.to_string().as_str()), "{line}");
+            assert_eq!(field(&line, "epoch"), Some((epoch + 1).to_string().as_str()), "{line}");
+            let promoted = format!("standby promoted: pid={standby} epoch={} replaces={agent}", epoch + 1);
+            assert!(master.seen.contains(&promoted), "no `{promoted}` line");
+            poll_until(LINE, "the killed agent to be gone", || async move { !alive(agent) }).await;
+            (agent, epoch) = (standby, epoch + 1);
+
+            let last = format!("round-{round}");
+            let mut client = writer.lock().await;
+            put_with(&mut client, &addr, last.clone()).await;
+            expect_everywhere(&mut master, &ids, &last).await;
+            assert_in_order(&master.seen, "worker");
+            // One upstream connection from the host: the new agent's (the writer's is not counted).
+            poll_until(LINE, "one upstream connection after the takeover", || async {
+                client.stats().await.map(|s| s.connections == 1).unwrap_or(false)
+            })
+            .await;
+        }
+        let took = started.elapsed();
+        writing.abort();
+        let _ = writing.await;
+        put(&writer, &addr, "final".into()).await;
+        expect_everywhere(&mut master, &ids, "final").await;
+        assert_in_order(&master.seen, "worker");
+        for line in &master.seen {
+            assert!(!line.starts_with("restart scheduled: agent"), "a cold restart of the agent: {line}");
+        }
+        // A new standby after the last takeover too.
+        standby_mirroring(&mut master, from, epoch).await;
+        let writes = written.load(Ordering::Relaxed);
+        assert!(writes > STANDBY_KILLS, "the writer kept writing during the rounds");
+        eprintln!(
+            "{STANDBY_KILLS} agents killed with a standby in {took:?}, {writes} writes, every worker on the final value"
+        );
+    })
+    .await
+    .expect("test timed out")
+}

@@ -282,6 +282,15 @@ pub struct ClusterArgs {
     /// The master's delay before restarting a dead agent, in milliseconds.
     #[arg(long)]
     pub restart_ms: u64,
+    /// Keep a hot standby next to the agent (`tandem_cluster::Config::standby`):
+    /// a dead agent is replaced by promoting it rather than by a restart.
+    #[arg(long)]
+    pub standby: bool,
+    /// The failover agent's upstream connects to this TCP address (the
+    /// coordinator's) when its Leader starts, so that the coordinator counts
+    /// the host's upstream connections. The default is none.
+    #[arg(long)]
+    pub upstream: Option<String>,
 }
 
 impl ClusterArgs {
@@ -306,6 +315,12 @@ impl ClusterArgs {
         ];
         if self.failover {
             argv.push("--failover".into());
+        }
+        if self.standby {
+            argv.push("--standby".into());
+        }
+        if let Some(addr) = &self.upstream {
+            argv.extend(["--upstream".into(), addr.into()]);
         }
         argv
     }

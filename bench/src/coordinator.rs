@@ -99,6 +99,13 @@ pub async fn run(config: Config) -> Result<()> {
             config.failover_workers, config.failover_link, config.failover_repeats
         ));
         results.failover.cluster_agent = Some(failover::cluster_agent(&mut ctx).await?);
+        ctx.progress(format!(
+            "failover: a cluster with a hot standby, {} workers over the {}, kill -9 the agent {} times",
+            config.failover_workers,
+            config.failover_link,
+            failover::standby_kills(config.quick, config.failover_repeats)
+        ));
+        results.failover.cluster_standby = Some(failover::cluster_standby(&mut ctx).await?);
     }
 
     if config.runs(Phase::Memory) {

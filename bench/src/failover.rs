@@ -17,7 +17,7 @@
 //! upstream, every survivor reconnecting and resubscribing, and the value
 //! arriving.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::time::Duration;
 
@@ -145,8 +145,11 @@ struct Agent {
 #[derive(Debug, Default)]
 struct ClusterState {
     agent: Option<Agent>,
-    /// A new agent that said hello and has not reported serving yet.
-    starting: Option<u32>,
+    /// Agents that said hello and have not reported serving yet (a new agent,
+    /// and with a standby, the standbys).
+    starting: HashSet<u32>,
+    /// Every agent process that said hello (to stop them at the end).
+    agents: HashSet<u32>,
     workers: Members,
 }
 
@@ -159,6 +162,8 @@ pub async fn cluster_agent(ctx: &mut Ctx) -> Result<FailoverResult> {
         link: ctx.config.failover_link(),
         failover: true,
         restart_ms: ctx.config.agent_restart_ms,
+        standby: false,
+        upstream: None,
     };
     let group = args.group;
     let master = ctx.spawn(args.argv())?;
@@ -226,7 +231,7 @@ async fn pump_cluster(
             .wait(left, what, |m| {
                 let new_agent =
                     matches!(&m.report, Report::Hello { group: g, role, .. } if *g == group && role == "server");
-                let ours = state.workers.contains_key(&m.pid) || state.starting == Some(m.pid);
+                let ours = state.workers.contains_key(&m.pid) || state.starting.contains(&m.pid);
                 (new_agent || ours).then(|| (m.pid, m.report.clone()))
             })
             .await?;
@@ -240,14 +245,199 @@ async fn pump_cluster(
             continue;
         }
         match report {
-            Report::Hello { .. } => state.starting = Some(pid),
+            Report::Hello { .. } => {
+                state.starting.insert(pid);
+                state.agents.insert(pid);
+            }
             Report::Serving { epoch, at_ns } => {
                 state.agent = Some(Agent { pid, epoch, serving_ns: at_ns });
-                state.starting = None;
+                state.starting.remove(&pid);
             }
             Report::Gone => bail!("the cluster's agent {pid} exited on its own"),
             _ => {}
         }
     }
     Ok(())
+}
+
+/// The standby row's kills: at least 50 in a full run (the issue's count),
+/// `--failover-repeats` with `--quick`.
+pub fn standby_kills(quick: bool, repeats: usize) -> usize {
+    if quick { repeats } else { repeats.max(50) }
+}
+
+/// How long, after a takeover, the coordinator waits for the dead agent's
+/// upstream connection to be seen closed (the count back at 1).
+const CONNECTIONS_SETTLE: Duration = Duration::from_secs(2);
+
+/// The cluster's agent with a hot standby (`--standby`): kill -9 of the agent
+/// once the standby mirrors it, until every worker holds a value of the
+/// promoted standby's Leader. The agent's upstream ticks every 5 ms, each
+/// Leader opens one TCP connection to the coordinator when it starts (the
+/// host's upstream connections, counted after each takeover), and every
+/// worker fails the run if an (epoch, seq) comes twice or backwards.
+pub async fn cluster_standby(ctx: &mut Ctx) -> Result<FailoverResult> {
+    let workers = ctx.config.failover_workers;
+    let repeats = standby_kills(ctx.config.quick, ctx.config.failover_repeats);
+    let upstream = Upstream::listen().await?;
+    let args = ClusterArgs {
+        group: ctx.next_group(),
+        workers,
+        threads: ctx.config.server_threads,
+        link: ctx.config.failover_link(),
+        failover: true,
+        restart_ms: ctx.config.agent_restart_ms,
+        standby: true,
+        upstream: Some(upstream.addr.clone()),
+    };
+    let group = args.group;
+    let name = format!("bench-g{group}");
+    let master = ctx.spawn(args.argv())?;
+    let mut state = ClusterState::default();
+    let mut run = StandbyRun::default();
+    let result = async {
+        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's agent to serve", |s| s.agent.is_some()).await?;
+        let pids = ctx.hellos(group, "client", workers).await?;
+        state.workers.extend(pids.iter().map(|&pid| (pid, Member::default())));
+        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's workers to hold a value", |s| {
+            s.workers.values().all(|m| m.ready)
+        })
+        .await?;
+        let mut control = tandem::cluster::control::ControlClient::connect(&name).await?;
+        for repeat in 0..repeats {
+            tokio::time::sleep(STEADY).await;
+            let old = state.agent.take().context("no agent")?;
+            let standby = standby_mirroring(&mut control, old.epoch).await?;
+            ctx.control.forget(&[old.pid]);
+            let killed_ns = mono_ns();
+            kill_grandchild(old.pid, master)?;
+            pump_cluster(
+                ctx,
+                &mut state,
+                group,
+                RECOVERY,
+                "the workers to get a value from the promoted standby",
+                |s| {
+                    s.agent.is_some_and(|a| a.epoch > old.epoch)
+                        && s.workers.values().all(|m| m.value_epoch > old.epoch)
+                },
+            )
+            .await?;
+            let last = state.workers.values().map(|m| m.value_ns).max().unwrap_or(killed_ns);
+            let ms = last.saturating_sub(killed_ns) as f64 / 1e6;
+            let agent = state.agent.context("no agent")?;
+            let serving = agent.serving_ns.saturating_sub(killed_ns) as f64 / 1e6;
+            run.promotions += usize::from(agent.pid == standby);
+            let connections = upstream.settled(1, CONNECTIONS_SETTLE).await;
+            ctx.progress(format!(
+                "standby failover {}/{repeats}: {ms:.1} ms (promoted Leader serving after {serving:.1} ms; \
+                 upstream connections {connections})",
+                repeat + 1
+            ));
+            run.samples_ms.push(ms);
+            run.serving_ms.push(serving);
+            run.connections_after.push(connections);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let all: Vec<u32> = state.workers.keys().copied().chain(state.agents.iter().copied()).chain([master]).collect();
+    ctx.control.forget(&all);
+    let _ = ctx.control.send(master, &Cmd::Quit);
+    ctx.procs.reap(&[master], Duration::from_secs(6)).await;
+    result?;
+    Ok(FailoverResult::cluster_standby(
+        workers,
+        ctx.config.failover_link,
+        run.samples_ms,
+        run.serving_ms,
+        run.connections_after,
+        upstream.max(),
+        run.promotions,
+    ))
+}
+
+/// What the standby row measured.
+#[derive(Debug, Default)]
+struct StandbyRun {
+    samples_ms: Vec<f64>,
+    serving_ms: Vec<f64>,
+    connections_after: Vec<usize>,
+    /// Takeovers by the standby that mirrored the killed agent.
+    promotions: usize,
+}
+
+/// Waits until the cluster's status shows its standby online, mirroring the
+/// Leader of `epoch` (so the kill is a promotion); returns its pid.
+async fn standby_mirroring(control: &mut tandem::cluster::control::ControlClient, epoch: u64) -> Result<u32> {
+    use tandem::cluster::control::{ProcessInfo, Request};
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        let rows: Vec<ProcessInfo> = control.call_as(Request::Status).await?;
+        let standby = rows.iter().find(|r| r.role == "standby" && r.state == "online" && r.epoch == Some(epoch));
+        if let Some(pid) = standby.and_then(|r| r.pid) {
+            return Ok(pid);
+        }
+        if Instant::now() >= deadline {
+            bail!("no standby mirroring epoch {epoch} within {STARTUP:?}: {rows:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The bench's upstream as the coordinator sees it: a TCP listener each
+/// Leader connects to when it starts; it counts the connections open now and
+/// the most ever open at once.
+struct Upstream {
+    addr: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn listen() -> Result<Upstream> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        let (open, most) = (std::sync::Arc::default(), std::sync::Arc::default());
+        let (o, m): (std::sync::Arc<std::sync::atomic::AtomicUsize>, std::sync::Arc<std::sync::atomic::AtomicUsize>) =
+            (std::sync::Arc::clone(&open), std::sync::Arc::clone(&most));
+        let accept = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                let o = std::sync::Arc::clone(&o);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    // The Leader never writes: EOF (or an error) is its process gone.
+                    let _ = stream.read(&mut [0u8; 1]).await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Ok(Upstream { addr, open, most, accept })
+    }
+
+    /// The open connections once they equal `want`, or after `within` (then whatever they are).
+    async fn settled(&self, want: usize, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.open.load(std::sync::atomic::Ordering::SeqCst);
+            if now == want || Instant::now() >= deadline {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
 }

@@ -102,6 +102,7 @@ mod procs;
 mod results;
 mod roles;
 mod runner;
+mod standby_results;
 mod table;
 mod tally;
 mod transport;

@@ -90,6 +90,24 @@ pub struct FailoverResult {
     /// cluster_agent: from the new Leader serving until the last worker held its value, per repeat.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workers_after_serving_p50_ms: Option<f64>,
+    /// cluster_standby: the 99th percentile (nearest rank) of `samples_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    /// cluster_standby: the period of the upstream's puts, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub put_every_ms: Option<u64>,
+    /// cluster_standby: takeovers by the standby that mirrored the killed agent (the rest: cold restarts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promotions: Option<usize>,
+    /// cluster_standby: the host's upstream connections once each takeover settled (2 s at most).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_connections_after: Option<Vec<usize>>,
+    /// cluster_standby: the most upstream connections ever open at once (a standby holds none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_connections_max: Option<usize>,
+    /// cluster_standby: (epoch, seq) delivered twice or backwards (any one fails the run, so 0 when reported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates_or_backwards: Option<u64>,
 }
 
 /// The median (the lower middle) and the extremes of `samples`.
@@ -118,6 +136,12 @@ impl FailoverResult {
             agent_serving_ms: None,
             agent_serving_p50_ms: None,
             workers_after_serving_p50_ms: None,
+            p99_ms: None,
+            put_every_ms: None,
+            promotions: None,
+            upstream_connections_after: None,
+            upstream_connections_max: None,
+            duplicates_or_backwards: None,
         }
     }
 
@@ -200,6 +224,9 @@ pub struct DeliverOneResult {
 pub struct Failover {
     pub standalone: Option<FailoverResult>,
     pub cluster_agent: Option<FailoverResult>,
+    /// The cluster's agent with a hot standby (`Config::standby`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_standby: Option<FailoverResult>,
 }
 
 /// Resident memory of one kind of process in one group and state.
@@ -612,6 +639,7 @@ impl Results {
                 )
             }),
         });
+        targets.extend(self.standby_targets());
         targets
     }
 }

@@ -92,6 +92,8 @@ async fn start_cluster(ctx: &mut Ctx, group: u32, followers: usize) -> Result<Gr
         link: tandem::cluster_glue::Transport::Messenger,
         failover: false,
         restart_ms: ctx.config.agent_restart_ms,
+        standby: false,
+        upstream: None,
     };
     let master = ctx.spawn(args.argv())?;
     let group = Group { transport: Transport::Messenger, server: 0, clients: Vec::new(), master: Some(master) };

@@ -237,6 +237,31 @@ fn failover(out: &mut String, r: &Results) {
             samples(f.agent_serving_ms.as_deref().unwrap_or_default())
         );
     }
+    if let Some(f) = &r.failover.cluster_standby {
+        let after = f.upstream_connections_after.as_deref().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "FAILOVER cluster agent with a hot standby ({} workers over the {}, puts every {} ms, kill -9 of the \
+             agent x{}, {} promotions): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, min {:.1} ms; upstream \
+             connections after each takeover: {} of {} were 1 (at most {} at once); {} delivered twice or \
+             backwards\n  samples ms: {}\n  promoted Leader serving, ms: {}\n",
+            f.processes,
+            f.link.unwrap_or("?"),
+            f.put_every_ms.unwrap_or(0),
+            f.repeats,
+            f.promotions.unwrap_or(0),
+            f.p50_ms,
+            f.p99_ms.unwrap_or(0.0),
+            f.max_ms,
+            f.min_ms,
+            after.iter().filter(|&&n| n == 1).count(),
+            after.len(),
+            f.upstream_connections_max.unwrap_or(0),
+            f.duplicates_or_backwards.unwrap_or(0),
+            samples(&f.samples_ms),
+            samples(f.agent_serving_ms.as_deref().unwrap_or_default())
+        );
+    }
 }
 
 fn samples(ms: &[f64]) -> String {

@@ -178,6 +178,13 @@ impl Builder {
         self
     }
 
+    /// Keeps a hot standby next to the agent, promoted at the next epoch when
+    /// the agent dies (see [`Config::standby`]). The default is off.
+    pub fn standby(mut self, on: bool) -> Self {
+        self.config.standby = on;
+        self
+    }
+
     /// How many worker slots a reload replaces at once (at least 1; the default is 1).
     pub fn reload_parallelism(mut self, n: usize) -> Self {
         self.config.reload_parallelism = n.max(1);
@@ -306,7 +313,7 @@ impl Builder {
     pub fn run_blocking(self) -> Result<(), Error> {
         let runtime = match ProcessRole::of_this_process() {
             ProcessRole::Master => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-            ProcessRole::Agent | ProcessRole::Worker => {
+            ProcessRole::Agent | ProcessRole::Worker | ProcessRole::Standby => {
                 tokio::runtime::Builder::new_multi_thread().enable_all().build()
             }
         };
@@ -315,6 +322,11 @@ impl Builder {
 }
 
 async fn default_agent(ctx: AgentContext) -> Result<(), BoxError> {
+    if ctx.is_standby() {
+        // No Leader to mirror: ready to take the (empty) place at once.
+        ctx.standby_ready(0).await?;
+        ctx.promoted().await?;
+    }
     ctx.ready(AgentReady { socket: ctx.default_socket_path() }).await?;
     ctx.stopped().await;
     Ok(())

@@ -101,6 +101,8 @@ pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -
                 ProcessRole::Worker => {
                     tracing::info_span!("tandem", cluster = %env.name, role = "worker", worker.id = env.worker_id, pid)
                 }
+                // Started as the standby: its epoch comes with the promotion.
+                _ if init.standby => tracing::info_span!("tandem", cluster = %env.name, role = "standby", pid),
                 _ => tracing::info_span!("tandem", cluster = %env.name, role = "agent", pid, epoch = init.epoch),
             };
             serve(env, init, reader, writer, listeners, agent_fn, worker_fn).instrument(span).await
@@ -253,6 +255,7 @@ async fn serve(
         up: false,
     });
     let (agent_tx, agent_rx) = watch::channel(agent_info);
+    let (promote_tx, promote_rx) = watch::channel(None);
     let core = Arc::new(ChildContext {
         init,
         pid,
@@ -262,6 +265,7 @@ async fn serve(
         ready_sent: AtomicBool::new(false),
         cluster_ready: ready_rx,
         listeners: std::sync::Mutex::new(listeners),
+        promoted: promote_rx,
     });
 
     if let Ok(listeners) = core.listeners.lock()
@@ -271,7 +275,14 @@ async fn serve(
     }
     let flush = CancellationToken::new();
     let writer_task = tokio::spawn(write_loop(writer, rx, links_rx, flush.clone()).in_current_span());
-    let dispatch = Dispatch { endpoint, shared, stop: stop.clone(), cluster_ready: ready_tx, agent: agent_tx };
+    let dispatch = Dispatch {
+        endpoint,
+        shared,
+        stop: stop.clone(),
+        cluster_ready: ready_tx,
+        agent: agent_tx,
+        promote: promote_tx,
+    };
     tracker.spawn(read_loop(reader, dispatch).in_current_span());
     match crate::signals::child_signals(stop) {
         Ok(signals) => {
@@ -288,6 +299,10 @@ async fn serve(
     let code = match result {
         Ok(()) => {
             tracing::debug!("start function returned; exiting");
+            0
+        }
+        Err(e) if matches!(e.downcast_ref::<Error>(), Some(Error::StandbyStopped)) => {
+            tracing::debug!("stopped as the standby; exiting");
             0
         }
         Err(e) => {
@@ -352,6 +367,8 @@ struct Dispatch {
     stop: CancellationToken,
     cluster_ready: watch::Sender<bool>,
     agent: watch::Sender<AgentInfo>,
+    /// A standby's promotion.
+    promote: watch::Sender<Option<crate::Promotion>>,
 }
 
 async fn read_loop(mut reader: Reader, d: Dispatch) {
@@ -384,6 +401,10 @@ impl Dispatch {
             }
             ToChild::ClusterReady => {
                 self.cluster_ready.send_replace(true);
+            }
+            ToChild::Promote { epoch, succeeded } => {
+                tracing::debug!(epoch, succeeded, "promoted: this standby leads now");
+                self.promote.send_replace(Some(crate::Promotion { epoch, succeeded }));
             }
             ToChild::Ping { seq } => {
                 // Answered here, by the task that reads the channel: only a

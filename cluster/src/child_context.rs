@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::Error;
 use crate::ipc::{FromChild, Init, Ready};
 use crate::listeners::ReceivedListeners;
 use crate::messenger::{ChildShared, Messenger};
+use crate::{Error, Promotion};
 
 /// What the agent and worker contexts share.
 #[derive(Debug)]
@@ -25,6 +25,8 @@ pub(crate) struct ChildContext {
     pub cluster_ready: watch::Receiver<bool>,
     /// The listening sockets the master handed this worker, until taken.
     pub listeners: std::sync::Mutex<ReceivedListeners>,
+    /// A standby's promotion, once the master sent it.
+    pub promoted: watch::Receiver<Option<Promotion>>,
 }
 
 impl ChildContext {
@@ -33,6 +35,16 @@ impl ChildContext {
             return Ok(());
         }
         self.shared.writer.send(FromChild::Ready(ready)).await.map_err(|_| Error::MasterGone)
+    }
+
+    /// A standby tells the master its mirror is synced (it may be promoted).
+    pub(crate) async fn report_standby_ready(&self, mirrors: u64) -> Result<(), Error> {
+        self.shared.writer.send(FromChild::Ready(Ready::Standby { mirrors })).await.map_err(|_| Error::MasterGone)
+    }
+
+    /// The epoch: the promoted one once promoted, else the one in `Init`.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.promoted.borrow().map_or(self.init.epoch, |p| p.epoch)
     }
 
     pub(crate) async fn wait_cluster_ready(&self) {

@@ -129,6 +129,14 @@ pub struct Config {
     /// the oldest rotated files are deleted (and a line says so). At least
     /// two files of `log_file_size`. The default is 100 MiB.
     pub log_quota: u64,
+    /// Whether the master keeps a hot standby next to the agent: a second
+    /// agent process, started once the agent is ready, that mirrors its
+    /// Leader (every followed key with its value, position and upstream
+    /// revision; no upstream connection of its own) and, when the agent dies
+    /// or hangs, is promoted at the next epoch instead of a cold restart. It
+    /// costs one more process and its memory (about the mirrored values).
+    /// See `docs/operating.md`, "Hot standby". The default is false.
+    pub standby: bool,
 }
 
 impl Default for Config {
@@ -164,6 +172,7 @@ impl Default for Config {
             log_dir: None,
             log_file_size: 10 * 1024 * 1024,
             log_quota: 100 * 1024 * 1024,
+            standby: false,
         }
     }
 }
@@ -182,7 +191,7 @@ impl Config {
             return None;
         }
         match slot {
-            crate::identity::SlotId::Agent => self.agent_hang_timeout,
+            crate::identity::SlotId::Agent | crate::identity::SlotId::Standby => self.agent_hang_timeout,
             crate::identity::SlotId::Worker(_) => self.worker_hang_timeout,
         }
         .filter(|t| !t.is_zero())

@@ -168,6 +168,16 @@ pub enum Error {
     /// The cluster is shutting down and no longer accepts this operation.
     #[error("the cluster is shutting down")]
     ShuttingDown,
+    /// This agent was the hot standby and was asked to stop before it was
+    /// promoted: it never led. The agent's start function may return it
+    /// (`?`); the process then exits with code 0, as after a normal stop.
+    #[error("the standby was stopped before it was promoted")]
+    StandbyStopped,
+    /// A hot standby reported the agent ready before the master promoted it:
+    /// refused, so that it never serves beside the agent (wait for
+    /// [`AgentContext::promoted`](crate::AgentContext::promoted) first).
+    #[error("the standby reported ready before it was promoted")]
+    StandbyNotPromoted,
     /// A payload is larger than the IPC channel carries.
     #[error("a payload of {len} bytes exceeds the limit of {max} bytes")]
     PayloadTooLarge {

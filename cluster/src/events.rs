@@ -205,6 +205,26 @@ pub enum ClusterEvent {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The hot standby ([`Config::standby`](crate::Config::standby)) mirrors
+    /// the Leader: it can take over.
+    StandbyReady {
+        /// Its pid.
+        pid: u32,
+        /// The epoch of the Leader it mirrors.
+        mirrors: u64,
+    },
+    /// The agent died (or hung and was killed): the hot standby was promoted
+    /// at the next epoch instead of a cold restart. It is the agent once it
+    /// reports ready ([`AgentRestarted`](Self::AgentRestarted)); a new standby
+    /// is started then.
+    StandbyPromoted {
+        /// The standby, now the agent.
+        pid: u32,
+        /// The epoch it leads at.
+        epoch: u64,
+        /// The agent it replaces.
+        replaces: u32,
+    },
 }
 
 fn slot(role: ProcessRole, worker_id: Option<WorkerId>) -> String {
@@ -279,6 +299,10 @@ impl fmt::Display for ClusterEvent {
                 *rss as f64 / 1_048_576.0,
                 *limit as f64 / 1_048_576.0
             ),
+            ClusterEvent::StandbyReady { pid, mirrors } => write!(f, "standby ready: pid={pid} mirrors={mirrors}"),
+            ClusterEvent::StandbyPromoted { pid, epoch, replaces } => {
+                write!(f, "standby promoted: pid={pid} epoch={epoch} replaces={replaces}")
+            }
         }
     }
 }

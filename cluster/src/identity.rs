@@ -128,6 +128,8 @@ pub struct AgentInfo {
 pub(crate) enum SlotId {
     Agent,
     Worker(WorkerId),
+    /// The agent's hot standby (an agent process; see `standby`).
+    Standby,
 }
 
 impl SlotId {
@@ -135,12 +137,22 @@ impl SlotId {
         match self {
             SlotId::Agent => ProcessRole::Agent,
             SlotId::Worker(_) => ProcessRole::Worker,
+            SlotId::Standby => ProcessRole::Standby,
+        }
+    }
+
+    /// The role the process is started in (`TANDEM_ROLE`, `Init::role`): a
+    /// standby is an agent process.
+    pub(crate) fn spawn_role(self) -> ProcessRole {
+        match self {
+            SlotId::Standby => ProcessRole::Agent,
+            other => other.role(),
         }
     }
 
     pub(crate) fn worker_id(self) -> Option<WorkerId> {
         match self {
-            SlotId::Agent => None,
+            SlotId::Agent | SlotId::Standby => None,
             SlotId::Worker(id) => Some(id),
         }
     }
@@ -150,6 +162,7 @@ impl fmt::Display for SlotId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SlotId::Agent => f.write_str("agent"),
+            SlotId::Standby => f.write_str("standby"),
             SlotId::Worker(id) => write!(f, "worker {id}"),
         }
     }

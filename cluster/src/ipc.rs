@@ -12,6 +12,12 @@
 //!   |------------------------------------------>|
 //!   |                         Ready{Agent{socket} | Worker}
 //!   |<------------------------------------------|
+//!   |                  Ready{Standby{mirrors}}  |   a standby: its mirror is synced
+//!   |<------------------------------------------|
+//!   | Promote{epoch, succeeded}                 |   a standby: lead now (the agent died)
+//!   |------------------------------------------>|
+//!   |                         Ready{Agent{socket}}   the promoted standby serves
+//!   |<------------------------------------------|
 //!   | ClusterReady, AgentChanged, Stop{grace}   |   control (own queue, sent first)
 //!   |------------------------------------------>|
 //!   | Ping{seq}  (every ping interval, once ready)
@@ -57,6 +63,9 @@ pub(crate) enum ToChild {
     ClusterReady,
     /// Control: stop gracefully within this many milliseconds.
     Stop { grace_ms: u64 },
+    /// Control, a standby only: the agent of epoch `succeeded` is gone; lead
+    /// at `epoch` (then report `Ready::Agent`). See [`standby`](crate::standby).
+    Promote { epoch: u64, succeeded: u64 },
     /// Control: answer with `Pong { seq }` (see [`liveness`](crate::liveness)).
     Ping { seq: u64 },
     /// Control: the outcome of the child's `Op` with this id.
@@ -94,6 +103,8 @@ pub(crate) struct Init {
     pub agent: Option<AgentInfo>,
     /// Whether the cluster was already announced ready.
     pub cluster_ready: bool,
+    /// An agent started as the hot standby (it mirrors, and leads once promoted).
+    pub standby: bool,
     /// The credit window per link direction: the frames a sender may have
     /// unacknowledged, and so the frames a receiver buffers.
     pub link_capacity: u32,
@@ -141,6 +152,8 @@ pub(crate) enum Ready {
     Agent { socket: PathBuf },
     /// The worker is ready (its Follower is connected).
     Worker,
+    /// The standby mirrors the Leader of this epoch (its snapshot is complete).
+    Standby { mirrors: u64 },
 }
 
 /// What a process (child or the master's own messenger) asks of the master.

@@ -141,6 +141,7 @@ mod runtime_dir;
 mod scale;
 mod signals;
 mod spawn;
+mod standby;
 mod status;
 mod stop;
 mod supervisor;
@@ -149,7 +150,7 @@ mod timers;
 mod trace;
 mod worker;
 
-pub use agent::{AgentContext, AgentReady};
+pub use agent::{AgentContext, AgentReady, Promotion};
 pub use builder::{Builder, Cluster};
 pub use config::{Config, default_workers};
 pub use error::{BoxError, Error};

@@ -1,6 +1,7 @@
 //! What the master's lifecycle state machines ask it to do, and the timers
 //! they arm. The machines ([`stop`](crate::stop), [`reload`](crate::reload),
-//! [`agent_reload`](crate::agent_reload), [`memory`](crate::memory), [`scale`](crate::scale) and the
+//! [`agent_reload`](crate::agent_reload), [`memory`](crate::memory), [`scale`](crate::scale),
+//! [`standby`](crate::standby) and the
 //! slot's crash-loop backoff in [`supervisor`](crate::supervisor)) do no I/O:
 //! they read the slots, take inputs (a request, a ready report, an exit, a
 //! timer) and return [`Action`]s, which the master (the executor: processes,
@@ -60,6 +61,11 @@ pub(crate) enum Action {
     AddWorker(WorkerId),
     /// Take slot `id` out of the list (a scale removed it; its process exited).
     RemoveSlot(SlotId),
+    /// Move the ready standby `key` into the agent's slot and tell it to
+    /// lead at the next epoch (see [`standby`](crate::standby)).
+    Promote(ProcKey),
+    /// Spawn the hot standby.
+    StartStandby,
     /// Answer whoever asked for a reload.
     Reply(Reply),
     /// Run `machine` again against the slots as they are now (after the
@@ -118,6 +124,10 @@ pub(crate) enum Timer {
     DrainDeadline(ProcKey),
     /// The agent stopped (for its memory limit, or for a reload) did not exit in time.
     AgentStopDeadline(ProcKey),
+    /// The standby stopped for an agent reload did not exit in time.
+    StandbyStopDeadline(ProcKey),
+    /// Start the hot standby if there should be one and there is none.
+    EnsureStandby,
     ReapDeadline(u64),
     EofKill(ProcKey),
     /// Prune expired requests and refill the descriptor reserve.

@@ -27,6 +27,7 @@ use tracing::Instrument;
 mod children;
 mod lifecycle;
 mod operations;
+mod standby;
 
 use crate::agent_reload::AgentReload;
 use crate::app::MasterFn;
@@ -96,6 +97,9 @@ struct Progress {
     announced: bool,
     /// How each slot's last process ended (the status table's `LAST EXIT`).
     last_exits: std::collections::HashMap<SlotId, crate::ExitReason>,
+    /// Promoted standbys: the key their I/O tasks still report under, to the
+    /// key they have in the agent's slot (removed at their exit).
+    promoted: std::collections::HashMap<ProcKey, ProcKey>,
 }
 
 /// The sockets the master holds for its whole life.
@@ -150,6 +154,7 @@ struct Machines {
     agent_reload: AgentReload,
     memory: MemoryLimits,
     scale: Scale,
+    standby: crate::standby::Standby,
 }
 
 pub(crate) struct Master {
@@ -214,7 +219,11 @@ impl Master {
             env: config.child_env.clone(),
             logs: logs.clone(),
         };
-        let slots = Slots::new(config.worker_count() as WorkerId, &config.restart);
+        let mut slots = Slots::new(config.worker_count() as WorkerId, &config.restart);
+        let standby = config.standby;
+        if standby {
+            slots.add_standby(&config.restart);
+        }
         let desired = u32::try_from(config.worker_count()).unwrap_or(u32::MAX);
         let (input_tx, input) = mpsc::channel(INPUT_CAPACITY);
         let (local_tx, local) = mpsc::channel(LOCAL_CAPACITY);
@@ -237,6 +246,7 @@ impl Master {
                 workers_started: false,
                 announced: false,
                 last_exits: std::collections::HashMap::new(),
+                promoted: std::collections::HashMap::new(),
             },
             slots,
             sockets: Sockets { listeners, round_robin, control: Some(control) },
@@ -246,6 +256,7 @@ impl Master {
                 agent_reload: AgentReload::default(),
                 memory: MemoryLimits::default(),
                 scale: Scale::new(desired),
+                standby: crate::standby::Standby::new(standby),
             },
             timers: TimerQueue::default(),
             router: Router::default(),
@@ -478,6 +489,7 @@ impl Master {
     // ---- the loop's inputs -------------------------------------------------
 
     fn on_input(&mut self, input: Input) {
+        let input = self.promoted_key(input);
         match input {
             Input::FromChild(key, msg) => self.on_child_message(key, msg),
             Input::BadFrame(key, error) => {

@@ -17,6 +17,7 @@
 //! | `tandem_workers_desired` | gauge (the worker count asked for: configuration, then the last scale) | |
 //! | `tandem_scale_total` | counter (scales that changed the worker count) | `direction` (`up`, `down`) |
 //! | `tandem_restarts_requested_total` | counter (graceful restarts asked for, `tandem restart`) | `role` (`worker`, `agent`) |
+//! | `tandem_standby_promotions_total` | counter (hot standbys promoted to agent, see `Config::standby`) | |
 //! | `tandem_messenger_messages_total` | counter | `kind` (`send`, `request`, `reply`, `link_frame`) |
 //! | `tandem_leader_epoch` | gauge | |
 //! | `tandem_leader_followers` | gauge | |
@@ -39,7 +40,8 @@
 //! default), so that the clusters of one host (or of one binary) are told
 //! apart: `tandem_process_up{cluster="shop",role="worker",slot="1"} 1`.
 //!
-//! `slot` is `master`, `agent` or the worker id. The `tandem_leader_*`,
+//! `slot` is `master`, `agent`, `standby` (with role `standby`, when
+//! [`Config::standby`](crate::Config::standby) is on) or the worker id. The `tandem_leader_*`,
 //! `tandem_upstream_up` and the histogram are absent while the agent is down.
 //! The endpoint's own limits (connection cap, header and idle timeouts) are
 //! [`Config::metrics_max_connections`](crate::Config::metrics_max_connections) and the two after it.
@@ -204,6 +206,10 @@ pub(crate) async fn render(
         "Graceful restarts of one process asked for (tandem restart), by role",
         restarts_requested,
     );
+
+    let promotions = Counter::<u64>::default();
+    promotions.inc_by(handle.stats.standby_promotions.load(Ordering::Relaxed));
+    registry.register("tandem_standby_promotions", "Hot standbys promoted to agent when the agent died", promotions);
 
     let messages = Family::<KindLabels, Counter>::default();
     let m = snapshot.messages;

@@ -18,6 +18,10 @@ pub enum ProcessRole {
     Agent,
     /// One of the N workers: hosts a Follower and the user's work.
     Worker,
+    /// The agent's hot standby (when [`Config::standby`](crate::Config::standby)
+    /// is on): an agent process that mirrors the Leader and takes over at the
+    /// next epoch when the agent dies. Its `TANDEM_ROLE` is `agent`.
+    Standby,
 }
 
 impl ProcessRole {
@@ -27,6 +31,7 @@ impl ProcessRole {
             ProcessRole::Master => "master",
             ProcessRole::Agent => "agent",
             ProcessRole::Worker => "worker",
+            ProcessRole::Standby => "standby",
         }
     }
 }

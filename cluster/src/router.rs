@@ -342,6 +342,10 @@ impl Router {
                 if to == Target::Workers && slot.id.role() != ProcessRole::Worker {
                     continue;
                 }
+                // The hot standby runs no user code until it is the agent.
+                if slot.id == SlotId::Standby {
+                    continue;
+                }
                 if origin.is_some_and(|k| k.slot == slot.id) {
                     continue;
                 }

@@ -40,7 +40,8 @@ pub(crate) const ENV_IPC_VERSION: &str = "TANDEM_IPC_VERSION";
 /// with another version is refused (its workers exit with
 /// [`IPC_MISMATCH_EXIT`] before joining, and the reload is rolled back).
 /// 3: `Ping`/`Pong` (the master's hang detection).
-pub(crate) const IPC_VERSION: u32 = 3;
+/// 4: the hot standby (`Init::standby`, `Ready::Standby`, `Promote`).
+pub(crate) const IPC_VERSION: u32 = 4;
 
 /// The exit code of a child whose IPC version differs from its master's.
 pub(crate) const IPC_MISMATCH_EXIT: i32 = 111;

@@ -249,6 +249,31 @@ mod tests {
     }
 
     #[test]
+    fn the_standby_row_keeps_the_columns_aligned_and_shows_the_epoch_it_mirrors() {
+        let standby = StatusRow {
+            pid: Some(24470),
+            restarts: 1,
+            epoch: Some(2),
+            ..row(ProcessRole::Standby, None, ProcessState::Ready)
+        };
+        let starting = row(ProcessRole::Standby, None, ProcessState::Starting);
+        let agent =
+            StatusRow { pid: Some(24211), epoch: Some(2), ..row(ProcessRole::Agent, None, ProcessState::Ready) };
+        let text = StatusTable { rows: vec![agent, standby, starting] }.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1..],
+            [
+                "agent     -    24211 online                 0       -     -       - -",
+                "standby   -    24470 online e2              1       -     -       - -",
+                "standby   -        - starting               0       -     -       - -",
+            ]
+        );
+        let at = ProcessInfo::TABLE_HEADER.find("PID").unwrap();
+        assert_eq!(&lines[2][at - 2..at + 3], "24470");
+    }
+
+    #[test]
     fn the_status_answer_and_the_masters_table_render_alike() {
         let table = StatusTable {
             rows: vec![StatusRow {

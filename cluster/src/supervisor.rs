@@ -87,7 +87,8 @@ impl Proc {
     /// How receivers see messages from this process.
     pub(crate) fn sender(&self) -> Origin {
         match self.key.slot {
-            SlotId::Agent => Origin::Agent { pid: self.pid, epoch: self.epoch },
+            // A standby is an agent process (of the epoch it mirrors until promoted).
+            SlotId::Agent | SlotId::Standby => Origin::Agent { pid: self.pid, epoch: self.epoch },
             SlotId::Worker(id) => Origin::Worker { id, pid: self.pid },
         }
     }
@@ -203,7 +204,12 @@ impl Slot {
             restarts: self.restarts,
             uptime: proc.map(|p| p.spawned_at.elapsed()),
             rss_bytes: proc.and_then(|p| rss_bytes(p.pid)),
-            epoch: proc.filter(|p| p.key.slot == SlotId::Agent).map(|p| p.epoch),
+            // The agent's epoch; the standby's: the epoch of the Leader it mirrors (once ready).
+            epoch: proc.and_then(|p| match p.key.slot {
+                SlotId::Agent => Some(p.epoch),
+                SlotId::Standby => (p.epoch > 0).then_some(p.epoch),
+                SlotId::Worker(_) => None,
+            }),
             // The master fills it in (`Master::status_table`).
             last_exit: None,
         }
@@ -236,6 +242,8 @@ impl Slots {
         match id {
             SlotId::Agent => 0,
             SlotId::Worker(n) => n as usize,
+            // After the workers: found by a scan (it is not routed to).
+            SlotId::Standby => usize::MAX,
         }
     }
 
@@ -263,9 +271,25 @@ impl Slots {
         self.list.iter_mut()
     }
 
-    /// The slots of `role`, in list order.
+    /// The slots of `role`, in list order. The agent's role includes its hot
+    /// standby (an agent process): a stop stops and kills them together,
+    /// after the workers.
     pub(crate) fn with_role(&self, role: ProcessRole) -> impl Iterator<Item = &Slot> {
-        self.list.iter().filter(move |s| s.id.role() == role)
+        self.list.iter().filter(move |s| s.id.role() == role || (role == ProcessRole::Agent && s.id == SlotId::Standby))
+    }
+
+    /// Adds the hot standby's slot (`Pending`), after the others. `false`: there is one.
+    pub(crate) fn add_standby(&mut self, policy: &RestartPolicy) -> bool {
+        if self.get(SlotId::Standby).is_some() {
+            return false;
+        }
+        self.list.push(Slot::new(SlotId::Standby, policy.clone()));
+        true
+    }
+
+    /// The hot standby's slot, when the cluster keeps one.
+    pub(crate) fn standby(&self) -> Option<&Slot> {
+        self.get(SlotId::Standby)
     }
 
     /// The agent's slot.
@@ -468,6 +492,8 @@ pub(crate) mod testing {
                 Action::AddWorker(id) => format!("add worker {id}"),
                 Action::RemoveSlot(id) => format!("remove {id}"),
                 Action::Advance(m) => format!("advance {m:?}"),
+                Action::Promote(key) => format!("promote {key:?}"),
+                Action::StartStandby => "start standby".to_owned(),
             })
             .collect()
     }

@@ -53,6 +53,8 @@ pub(crate) struct ControlStats {
     pub restarts_agent: AtomicU64,
     /// The capture of the children's output, when the cluster has a log directory.
     pub logs: Option<crate::logs::Logs>,
+    /// Hot standbys promoted to agent (see `standby`).
+    pub standby_promotions: AtomicU64,
     /// The previous CPU sample per pid, for CPU % between samples.
     cpu_samples: std::sync::Mutex<HashMap<u32, (f64, Instant)>>,
 }

@@ -224,7 +224,7 @@ pub struct ClusterInfo {
 /// One process in the answer to `status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessInfo {
-    /// `master`, `agent` or `worker`.
+    /// `master`, `agent`, `worker` or `standby` (the agent's hot standby).
     pub role: String,
     /// The worker id, for workers.
     pub slot: Option<WorkerId>,
@@ -243,7 +243,7 @@ pub struct ProcessInfo {
     pub cpu_seconds: Option<f64>,
     /// Resident set size, in bytes.
     pub rss_bytes: Option<u64>,
-    /// The agent's epoch.
+    /// The agent's epoch; on the standby's row, the epoch of the Leader it mirrors (once ready).
     pub epoch: Option<u64>,
     /// How the slot's last process ended: `code <n>`, a signal's name
     /// (`SIGKILL`; `signal <n>` when it has none) or `unknown`. `None` while
@@ -285,6 +285,9 @@ impl ProcessInfo {
     /// agent     -        - stopped                1       -     -       - code 0
     /// worker    1        - stopped                2       -     -       - code 0
     /// ```
+    ///
+    /// A hot standby (`Config::standby`) shows as role `standby`, its state
+    /// followed by the epoch of the Leader it mirrors (`online e3`).
     pub fn table(rows: &[ProcessInfo]) -> impl fmt::Display + '_ {
         ProcessTable(rows)
     }
@@ -298,13 +301,23 @@ impl fmt::Display for ProcessTable<'_> {
         writeln!(f, "{}", ProcessInfo::TABLE_HEADER)?;
         let dash = || "-".to_owned();
         for r in self.0 {
+            let slot = r.slot.map_or_else(dash, |s| s.to_string());
+            // `standby` is one letter wider than the role column: its slot column gives it back.
+            let role_slot = match r.role.len() {
+                ..=6 => format!("{:<6} {slot:>4}", r.role),
+                _ => format!("{} {slot:>3}", r.role),
+            };
+            // The standby's state says which Leader's epoch it mirrors: `online e3`.
+            let state = match r.epoch {
+                Some(epoch) if r.role == crate::ProcessRole::Standby.as_str() => format!("{} e{epoch}", r.state),
+                _ => r.state.clone(),
+            };
             writeln!(
                 f,
-                "{:<6} {:>4} {:>8} {:<15} {:>8} {:>7} {:>5} {:>7} {}",
-                r.role,
-                r.slot.map_or_else(dash, |s| s.to_string()),
+                "{} {:>8} {:<15} {:>8} {:>7} {:>5} {:>7} {}",
+                role_slot,
                 r.pid.map_or_else(dash, |p| p.to_string()),
-                r.state,
+                state,
                 r.restarts,
                 r.uptime_ms.map_or_else(dash, duration),
                 r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),

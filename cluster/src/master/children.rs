@@ -51,7 +51,8 @@ impl Master {
                 self.progress.epoch += 1;
                 self.progress.epoch
             }
-            SlotId::Worker(_) => 0,
+            // A standby's: the epoch it mirrors, once ready; the next one once promoted.
+            SlotId::Worker(_) | SlotId::Standby => 0,
         };
         let spawned = self.spawn_process(slot)?;
         let pid = spawned.pid;
@@ -62,6 +63,7 @@ impl Master {
         let span = match slot {
             SlotId::Agent => tracing::info_span!("child", child.role = "agent", child.pid = pid, epoch),
             SlotId::Worker(id) => tracing::info_span!("child", child.role = "worker", worker.id = id, child.pid = pid),
+            SlotId::Standby => tracing::info_span!("child", child.role = "standby", child.pid = pid),
         };
         self.lifetime.tasks.spawn(write_to_child(wr, control_rx, data_rx).instrument(span.clone()));
         self.lifetime.tasks.spawn(read_from_child(rd, key, self.inbound.input_tx.clone()).instrument(span.clone()));
@@ -86,7 +88,7 @@ impl Master {
 
         let init = Init {
             cluster: self.setup.name.clone(),
-            role: slot.role(),
+            role: slot.spawn_role(),
             worker_id: slot.worker_id(),
             master_pid: self.setup.pid,
             runtime_dir: self.setup.dir.path().to_owned(),
@@ -94,9 +96,10 @@ impl Master {
             epoch,
             agent: match slot {
                 SlotId::Worker(_) => self.progress.agent_info.clone(),
-                SlotId::Agent => None,
+                SlotId::Agent | SlotId::Standby => None,
             },
             cluster_ready: self.progress.announced,
+            standby: slot == SlotId::Standby,
             link_capacity: u32::try_from(self.setup.config.link_window()).unwrap_or(u32::MAX),
             subscription_capacity: u32::try_from(self.setup.config.subscription_capacity).unwrap_or(u32::MAX),
             listeners: u32::try_from(listeners).unwrap_or(u32::MAX),
@@ -105,7 +108,7 @@ impl Master {
         proc.control(ToChild::Init(init));
         let process = proc.process_ref();
         let timeout = match slot {
-            SlotId::Agent => self.setup.config.agent_start_timeout,
+            SlotId::Agent | SlotId::Standby => self.setup.config.agent_start_timeout,
             SlotId::Worker(_) => self.setup.config.worker_start_timeout,
         };
         if let Some(s) = self.slots.get_mut(slot) {
@@ -126,7 +129,7 @@ impl Master {
     /// Spawns a child; when the descriptor table is full, gives back the
     /// reserve and tries once more, then takes the reserve again.
     pub(super) fn spawn_process(&mut self, slot: SlotId) -> std::io::Result<crate::spawn::Spawned> {
-        let error = match self.setup.program.spawn(slot.role(), slot.worker_id()) {
+        let error = match self.setup.program.spawn(slot.spawn_role(), slot.worker_id()) {
             Err(e) if crate::descriptors::is_fd_exhaustion(&e) && crate::descriptors::master_reserve().held() > 0 => e,
             result => {
                 self.refill_reserve();
@@ -135,7 +138,7 @@ impl Master {
         };
         let mut reserve = crate::descriptors::master_reserve();
         let released = reserve.release();
-        let result = self.setup.program.spawn(slot.role(), slot.worker_id());
+        let result = self.setup.program.spawn(slot.spawn_role(), slot.worker_id());
         let held = reserve.refill();
         drop(reserve);
         match &result {
@@ -243,6 +246,21 @@ impl Master {
                 self.check_cluster_ready();
                 let actions = self.machines.agent_reload.on_ready(key, epoch);
                 self.apply(actions);
+                // Not now: the spawn would hold up the messages that move the workers.
+                self.after(crate::standby::SPAWN_DELAY, Timer::EnsureStandby);
+            }
+            (SlotId::Standby, Ready::Standby { mirrors }) => {
+                slot.state = ProcessState::Ready;
+                slot.crash_loop.ready();
+                slot.ever_ready = true;
+                let Some(proc) = slot.proc.as_mut() else { return };
+                proc.liveness = watch;
+                proc.epoch = mirrors;
+                let pid = proc.pid;
+                if announced {
+                    proc.control(ToChild::ClusterReady);
+                }
+                self.emit(ClusterEvent::StandbyReady { pid, mirrors });
             }
             (SlotId::Worker(id), Ready::Worker) => {
                 slot.state = ProcessState::Ready;
@@ -371,6 +389,14 @@ impl Master {
                 // The old agent of a reload: its successor starts now, not after a backoff.
                 return self.apply(actions);
             }
+            // A crash, a hang killed, a memory stop: the hot standby takes over, if ready.
+            if let Some(actions) = self.machines.standby.on_agent_exited(&self.slots, self.standby_gate()) {
+                return self.apply(actions);
+            }
+        }
+        if key.slot == SlotId::Standby {
+            let actions = self.machines.standby.on_exited(key, &self.slots, self.standby_gate());
+            return self.apply(actions);
         }
         self.schedule_restart(key.slot);
     }

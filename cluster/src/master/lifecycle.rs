@@ -93,6 +93,8 @@ impl Master {
                 }
                 self.progress.last_exits.remove(&id);
             }
+            Action::Promote(key) => return self.promote(key),
+            Action::StartStandby => self.start_standby(),
             Action::Reply(reply) => reply.send(),
             Action::Advance(Machine::Stop) => return self.machines.stop.on_advance(&self.slots, self.graces()),
             Action::Advance(Machine::Scale) => return self.machines.scale.on_advance(&self.slots),
@@ -151,6 +153,11 @@ impl Master {
                 if s.timer != id || !matches!(s.state, ProcessState::BackingOff | ProcessState::Failed) {
                     return;
                 }
+                if slot == SlotId::Standby {
+                    // Only with a ready agent to mirror (else it waits for one).
+                    let actions = self.machines.standby.on_restart_due(&self.slots, self.standby_gate());
+                    return self.apply(actions);
+                }
                 s.restarts += 1;
                 if let Err(e) = self.start(slot) {
                     self.spawn_failed(slot, &e);
@@ -188,6 +195,11 @@ impl Master {
                     agent.kill();
                 }
             }
+            Timer::EnsureStandby => self.ensure_standby(),
+            Timer::StandbyStopDeadline(key) => {
+                let actions = self.machines.standby.on_stop_deadline(key);
+                self.apply(actions);
+            }
             Timer::EofKill(key) => {
                 if let Some(proc) = self.slots.proc_mut(key) {
                     tracing::warn!(pid = proc.pid, "IPC channel closed but the process lives on; killing it");
@@ -218,7 +230,7 @@ impl Master {
             return self.apply(actions);
         }
         let timeout = match key.slot {
-            SlotId::Agent => self.setup.config.agent_start_timeout,
+            SlotId::Agent | SlotId::Standby => self.setup.config.agent_start_timeout,
             SlotId::Worker(_) => self.setup.config.worker_start_timeout,
         };
         let Some(slot) = self.slots.get_mut(key.slot) else { return };
@@ -311,8 +323,14 @@ impl Master {
             exe,
         };
         let Some(agent) = self.slots.agent() else { return };
-        let actions = self.machines.agent_reload.request(agent, gate, self.setup.config.agent_stop_timeout, reply);
+        let grace = self.setup.config.agent_stop_timeout;
+        let actions = self.machines.agent_reload.request(agent, gate, grace, reply);
         self.apply(actions);
+        if self.machines.agent_reload.is_running() {
+            // The standby first: never promoted while the reload's agent starts.
+            let actions = self.machines.standby.on_agent_reload(&self.slots, grace);
+            self.apply(actions);
+        }
     }
 
     /// Samples every child's RSS against its memory limit.
