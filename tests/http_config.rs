@@ -3,112 +3,30 @@
 //! executable, `kill -9` and the memory limit.
 
 mod common;
+#[path = "common/http_load.rs"]
+mod http_load;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Proc, example, field, poll_until};
+use http_load::{Load, Seen, get};
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Mutex;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const LINE: Duration = Duration::from_secs(30);
-/// One request's deadline (connect + answer).
-const REQUEST: Duration = Duration::from_secs(10);
 /// Concurrent clients of the load loops.
 const CLIENTS: usize = 4;
-/// At most this many requests per load loop, whatever happens.
-const MAX_REQUESTS: u64 = 200_000;
-
-/// One GET on a new connection: (status, x-worker-pid).
-async fn get(addr: &str, path: &str) -> Result<(u16, Option<u32>), String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.map_err(|e| format!("read: {e}"))?;
-        let text = String::from_utf8_lossy(&response);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no status line in {text:?}"))?;
-        let pid = text
-            .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-worker-pid:").map(|v| v.trim().to_owned()))
-            .and_then(|v| v.parse().ok());
-        Ok((status, pid))
-    };
-    tokio::time::timeout(REQUEST, exchange).await.map_err(|_| "timed out".to_owned())?
-}
-
-/// What a load loop saw.
-#[derive(Default)]
-struct Seen {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    errors: Mutex<Vec<String>>,
-    /// pid -> requests answered after `mark` was set.
-    pids_after_mark: Mutex<HashSet<u32>>,
-    pids: Mutex<HashSet<u32>>,
-    mark: AtomicBool,
-}
-
-/// `CLIENTS` clients, each sending GETs on new connections until `stop`.
-struct Load {
-    seen: Arc<Seen>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: &str) -> Load {
-        let seen = Arc::new(Seen::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..CLIENTS)
-            .map(|_| {
-                let (seen, stop, addr) = (Arc::clone(&seen), Arc::clone(&stop), addr.to_owned());
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) && seen.ok.load(Ordering::Relaxed) < MAX_REQUESTS {
-                        match get(&addr, "/config/app.greeting").await {
-                            Ok((200, Some(pid))) => {
-                                seen.ok.fetch_add(1, Ordering::Relaxed);
-                                seen.pids.lock().await.insert(pid);
-                                if seen.mark.load(Ordering::Relaxed) {
-                                    seen.pids_after_mark.lock().await.insert(pid);
-                                }
-                            }
-                            other => {
-                                seen.failed.fetch_add(1, Ordering::Relaxed);
-                                seen.errors.lock().await.push(format!("{other:?}"));
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { seen, stop, tasks }
-    }
-
-    /// Waits until `n` more requests succeeded.
-    async fn more(&self, n: u64) {
-        let target = self.seen.ok.load(Ordering::Relaxed) + n;
-        poll_until(LINE, "more answered requests", || async { self.seen.ok.load(Ordering::Relaxed) >= target }).await;
-    }
-
-    async fn finish(mut self) -> Arc<Seen> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks.drain(..) {
-            t.await.unwrap();
-        }
-        Arc::clone(&self.seen)
-    }
-}
+/// The load loops: each request on a new connection.
+const LOAD: http_load::Config = http_load::Config {
+    clients: CLIENTS,
+    max_requests: 200_000,
+    path: "/config/app.greeting",
+    per_connection: Some(1),
+};
 
 struct Cluster {
     master: Proc,
@@ -143,13 +61,13 @@ async fn every_worker_serves(mode: &str) {
     let mut requests = 0;
     while served != expected {
         assert!(requests < 3000, "{mode}: after {requests} requests only {served:?} of {expected:?} answered");
-        let (status, pid) = get(&c.addr, "/config/app.greeting").await.unwrap();
-        assert_eq!(status, 200);
-        served.insert(pid.expect("x-worker-pid"));
+        let answer = get(&c.addr, "/config/app.greeting").await.unwrap();
+        assert_eq!(answer.status, 200);
+        served.insert(answer.pid.expect("x-worker-pid"));
         requests += 1;
     }
     // And under concurrent load, nothing fails.
-    let load = Load::start(&c.addr);
+    let load = Load::start(&c.addr, LOAD);
     load.more(300).await;
     let seen = load.finish().await;
     assert_clean(&seen).await;
@@ -225,7 +143,7 @@ async fn a_reload_under_load_fails_no_request_and_replaces_every_worker_round_ro
 async fn reload_under_load(mode: &str) {
     tokio::time::timeout(TIMEOUT, async {
         let mut c = start(&example("http_config"), &["--mode", mode]).await;
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         load.more(200).await;
         c.master.signal(Signal::SIGHUP);
         let done =
@@ -242,7 +160,7 @@ async fn reload_under_load(mode: &str) {
                 c.master.seen
             );
         }
-        load.seen.mark.store(true, Ordering::Relaxed);
+        load.seen.mark().await;
         load.more(200).await;
         let seen = load.finish().await;
         assert_clean(&seen).await;
@@ -269,13 +187,13 @@ async fn a_reload_onto_a_broken_executable_is_rolled_back_and_the_old_workers_ke
         std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::rename(&broken, &program).unwrap();
 
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         load.more(200).await;
         c.master.signal(Signal::SIGHUP);
         let done =
             c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
         assert!(done.starts_with("reload failed:") && done.contains("exited with code 3"), "{done}");
-        load.seen.mark.store(true, Ordering::Relaxed);
+        load.seen.mark().await;
         load.more(300).await;
         let seen = load.finish().await;
         assert_clean(&seen).await;
@@ -316,13 +234,13 @@ async fn a_reload_whose_new_worker_is_not_ready_in_time_is_rolled_back() {
         let hang_arg = hang.to_str().unwrap().to_owned();
         let mut c = start(&example("http_config"), &["--ready-timeout", "2", "--hang-if-exists", &hang_arg]).await;
         std::fs::write(&hang, "").unwrap(); // from now on, new workers never report ready
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         load.more(100).await;
         c.master.signal(Signal::SIGHUP);
         let done =
             c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
         assert!(done.starts_with("reload failed:") && done.contains("was not ready within 2s"), "{done}");
-        load.seen.mark.store(true, Ordering::Relaxed);
+        load.seen.mark().await;
         load.more(200).await;
         let seen = load.finish().await;
         assert_clean(&seen).await;
@@ -374,13 +292,13 @@ async fn a_reload_onto_an_executable_of_another_ipc_version_is_refused_and_rolle
         std::fs::write(&wrapper, script).unwrap();
         std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::rename(&wrapper, &program).unwrap();
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         load.more(100).await;
         c.master.signal(Signal::SIGHUP);
         let done =
             c.master.expect_line(LINE, |l| l.starts_with("reload done:") || l.starts_with("reload failed:")).await;
         assert!(done.contains("another IPC version"), "{done}");
-        load.seen.mark.store(true, Ordering::Relaxed);
+        load.seen.mark().await;
         load.more(200).await;
         let seen = load.finish().await;
         assert_clean(&seen).await;
@@ -397,7 +315,7 @@ async fn a_reload_onto_an_executable_of_another_ipc_version_is_refused_and_rolle
 async fn an_agent_over_its_memory_limit_is_restarted_while_the_workers_keep_serving() {
     tokio::time::timeout(TIMEOUT, async {
         let mut c = start(&example("http_config"), &["--agent-max-memory", "1"]).await;
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         let over = c.master.expect_line(LINE, |l| l.starts_with("memory limit: agent ")).await;
         assert!(over.contains("limit_mib=1.0"), "{over}");
         let restarted = c.master.expect_line(LINE, |l| l.starts_with("agent restarted:")).await;
@@ -470,12 +388,12 @@ fn socket_inodes(pid: u32) -> HashSet<String> {
 async fn round_robin_kill_9_of_a_worker_fails_at_most_its_in_flight_requests() {
     tokio::time::timeout(TIMEOUT, async {
         let mut c = start(&example("http_config"), &["--mode", "round-robin"]).await;
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         load.more(200).await;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.workers[1] as i32), Signal::SIGKILL).unwrap();
         let restarted = c.master.expect_line(LINE, |l| l.starts_with("worker restarted: worker=2 ")).await;
         let new: u32 = field(&restarted, "pid").unwrap().parse().unwrap();
-        load.seen.mark.store(true, Ordering::Relaxed);
+        load.seen.mark().await;
         poll_until(LINE, "the restarted worker answering", || async {
             load.seen.pids_after_mark.lock().await.contains(&new)
         })
@@ -504,7 +422,7 @@ async fn kill_9_of_a_worker_fails_at_most_its_in_flight_requests_and_its_slot_ke
         let slot_sockets: HashSet<String> =
             socket_inodes(victim).intersection(&master_sockets).cloned().collect::<HashSet<_>>();
         assert!(!slot_sockets.is_empty(), "the worker holds a socket the master keeps");
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         load.more(200).await;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
         let restarted = c.master.expect_line(LINE, |l| l.starts_with("worker restarted: worker=1 ")).await;
@@ -513,7 +431,7 @@ async fn kill_9_of_a_worker_fails_at_most_its_in_flight_requests_and_its_slot_ke
             slot_sockets.iter().all(|s| socket_inodes(new).contains(s)),
             "the restarted worker got the slot's socket back"
         );
-        load.seen.mark.store(true, Ordering::Relaxed);
+        load.seen.mark().await;
         let answered_by_new = async {
             poll_until(LINE, "the restarted worker answering", || async {
                 load.seen.pids_after_mark.lock().await.contains(&new)
@@ -539,11 +457,11 @@ async fn kill_9_of_a_worker_fails_at_most_its_in_flight_requests_and_its_slot_ke
 async fn a_worker_over_its_memory_limit_is_replaced_without_failing_a_request() {
     tokio::time::timeout(TIMEOUT, async {
         let mut c = start(&example("http_config"), &["--max-memory", "96", "--debug-endpoints"]).await;
-        let load = Load::start(&c.addr);
+        let load = Load::start(&c.addr, LOAD);
         load.more(100).await;
-        let (status, pid) = get(&c.addr, "/debug/alloc/128").await.unwrap();
-        assert_eq!(status, 200);
-        let fat = pid.unwrap();
+        let answer = get(&c.addr, "/debug/alloc/128").await.unwrap();
+        assert_eq!(answer.status, 200);
+        let fat = answer.pid.unwrap();
         let replaced = c
             .master
             .expect_line(LINE, |l| l.starts_with("worker replaced:") && l.contains(&format!(" old={fat} ")))
@@ -551,7 +469,7 @@ async fn a_worker_over_its_memory_limit_is_replaced_without_failing_a_request() 
         assert!(replaced.ends_with("reason=max-memory"), "{replaced}");
         let new: u32 = field(&replaced, "new").unwrap().parse().unwrap();
         poll_until(LINE, "the fat worker gone", || async { !common::alive(fat as i32) }).await;
-        load.seen.mark.store(true, Ordering::Relaxed);
+        load.seen.mark().await;
         poll_until(LINE, "the new worker answering", || async {
             load.seen.pids_after_mark.lock().await.contains(&new)
         })

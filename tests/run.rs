@@ -8,25 +8,26 @@
 //! cluster names never collide.
 
 mod common;
+#[path = "common/http_load.rs"]
+mod http_load;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cli::{status_json, stderr, stdout, tandem};
 use common::{Proc, field, poll_until, private_dir};
+use http_load::{Load, get};
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const STEP: Duration = Duration::from_secs(30);
-const REQUEST: Duration = Duration::from_secs(10);
-const CLIENTS: usize = 4;
-const MAX_REQUESTS: u64 = 200_000;
+/// The keep-alive load of the reload test.
+const LOAD: http_load::Config =
+    http_load::Config { clients: 4, max_requests: 200_000, path: "/", per_connection: None };
 
 fn tandem_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_tandem"))
@@ -73,12 +74,6 @@ async fn seen_or_next(proc: &mut Proc, matches: impl Fn(&str) -> bool) -> String
     }
 }
 
-/// One GET on a new connection: (status, x-worker-pid, body).
-async fn get(addr: &str) -> Result<(u16, u32, String), String> {
-    let mut conn = Conn::open(addr).await?;
-    conn.get().await.map(|(status, pid, _, body)| (status, pid, body))
-}
-
 /// The body of `GET path` on a new connection (`Connection: close`).
 async fn http_get(addr: &str, path: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -87,124 +82,6 @@ async fn http_get(addr: &str, path: &str) -> String {
     let mut response = String::new();
     tokio::time::timeout(STEP, stream.read_to_string(&mut response)).await.unwrap().unwrap();
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
-}
-
-/// One keep-alive connection: GETs until the server says `Connection: close`.
-struct Conn {
-    stream: BufReader<tokio::net::TcpStream>,
-}
-
-impl Conn {
-    async fn open(addr: &str) -> Result<Conn, String> {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        Ok(Conn { stream: BufReader::new(stream) })
-    }
-
-    /// (status, x-worker-pid, whether the server closes the connection, body).
-    async fn get(&mut self) -> Result<(u16, u32, bool, String), String> {
-        let exchange = async {
-            self.stream.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.map_err(|e| e.to_string())?;
-            let (mut status, mut pid, mut close, mut length) = (0, 0, false, 0);
-            loop {
-                let mut line = String::new();
-                if self.stream.read_line(&mut line).await.map_err(|e| format!("read: {e}"))? == 0 {
-                    return Err(format!("closed before the answer's end (status {status})"));
-                }
-                let line = line.trim_end();
-                if status == 0 {
-                    status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(line.to_owned())?;
-                    continue;
-                }
-                if line.is_empty() {
-                    break;
-                }
-                let (name, value) = line.split_once(':').unwrap_or((line, ""));
-                match name.to_ascii_lowercase().as_str() {
-                    "x-worker-pid" => pid = value.trim().parse().unwrap_or(0),
-                    "connection" => close = value.trim().eq_ignore_ascii_case("close"),
-                    "content-length" => length = value.trim().parse().unwrap_or(0),
-                    _ => {}
-                }
-            }
-            let mut body = vec![0; length];
-            self.stream.read_exact(&mut body).await.map_err(|e| format!("read body: {e}"))?;
-            Ok((status, pid, close, String::from_utf8_lossy(&body).into_owned()))
-        };
-        tokio::time::timeout(REQUEST, exchange).await.unwrap_or(Err("timed out".into()))
-    }
-}
-
-#[derive(Default)]
-struct Seen {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    errors: Mutex<Vec<String>>,
-    pids: Mutex<HashSet<u32>>,
-    after_mark: Mutex<HashSet<u32>>,
-    mark: AtomicBool,
-}
-
-/// `CLIENTS` keep-alive clients (a new connection only when the server closes one).
-struct Load {
-    seen: Arc<Seen>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: &str) -> Load {
-        let seen = Arc::new(Seen::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..CLIENTS)
-            .map(|_| {
-                let (seen, stop, addr) = (Arc::clone(&seen), Arc::clone(&stop), addr.to_owned());
-                tokio::spawn(async move {
-                    let mut conn: Option<Conn> = None;
-                    while !stop.load(Ordering::Relaxed) && seen.ok.load(Ordering::Relaxed) < MAX_REQUESTS {
-                        let marked = seen.mark.load(Ordering::SeqCst);
-                        let result = match conn.as_mut() {
-                            Some(c) => c.get().await,
-                            None => match Conn::open(&addr).await {
-                                Ok(c) => conn.insert(c).get().await,
-                                Err(e) => Err(e),
-                            },
-                        };
-                        match result {
-                            Ok((200, pid, close, _)) => {
-                                seen.ok.fetch_add(1, Ordering::Relaxed);
-                                seen.pids.lock().await.insert(pid);
-                                if marked {
-                                    seen.after_mark.lock().await.insert(pid);
-                                }
-                                if close {
-                                    conn = None;
-                                }
-                            }
-                            other => {
-                                conn = None;
-                                seen.failed.fetch_add(1, Ordering::Relaxed);
-                                seen.errors.lock().await.push(format!("{other:?}"));
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { seen, stop, tasks }
-    }
-
-    async fn more(&self, n: u64) {
-        let target = self.seen.ok.load(Ordering::Relaxed) + n;
-        poll_until(STEP, "more answered requests", || async { self.seen.ok.load(Ordering::Relaxed) >= target }).await;
-    }
-
-    async fn finish(mut self) -> Arc<Seen> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks.drain(..) {
-            t.await.unwrap();
-        }
-        Arc::clone(&self.seen)
-    }
 }
 
 /// The RSS of one process, from /proc.
@@ -260,9 +137,9 @@ async fn programs_get_the_sockets_by_systemds_convention_serve_them_and_status_c
         // Both programs answer on the one port.
         let mut served = HashSet::new();
         for _ in 0..2000 {
-            let (status, pid, body) = get(&addr).await.unwrap();
-            assert_eq!((status, body.as_str()), (200, "hello"));
-            served.insert(pid);
+            let answer = get(&addr, "/").await.unwrap();
+            assert_eq!((answer.status, answer.body.as_str()), (200, "hello"));
+            served.insert(answer.pid.expect("x-worker-pid"));
             if served == programs {
                 break;
             }
@@ -342,7 +219,7 @@ async fn with_a_ready_delay_a_program_without_notify_is_ready_after_it() {
         let addr = listening(&mut proc).await;
         seen_or_next(&mut proc, |l| l.starts_with("ready: 1 workers")).await;
         assert!(proc.seen.iter().any(|l| l.contains("program counted ready: running 300ms after its start")));
-        assert_eq!(get(&addr).await.unwrap().0, 200);
+        assert_eq!(get(&addr, "/").await.unwrap().status, 200);
         let out = tandem(xdg.path(), &["stop", "delay"]).await;
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(proc.finish(STEP).await.success());
@@ -441,15 +318,15 @@ async fn a_reload_under_keep_alive_load_fails_no_request_and_a_broken_one_is_rol
         let mut proc = run(xdg.path(), &args, &[("APP_FAIL_IF_EXISTS", flag.to_str().unwrap())]);
         let addr = listening(&mut proc).await;
         seen_or_next(&mut proc, |l| l.starts_with("ready: 2 workers")).await;
-        let load = Load::start(&addr);
+        let load = Load::start(&addr, LOAD);
         load.more(200).await;
         let before: HashSet<u32> = load.seen.pids.lock().await.clone();
         let out = tandem(xdg.path(), &["reload", "reload"]).await;
         assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
         assert!(stdout(&out).contains("reloaded 2 workers"), "{}", stdout(&out));
-        load.seen.mark.store(true, Ordering::SeqCst);
+        load.seen.mark().await;
         load.more(200).await;
-        let after = load.seen.after_mark.lock().await.clone();
+        let after = load.seen.pids_after_mark.lock().await.clone();
         assert!(after.is_disjoint(&before), "after the reload only new programs answer: {after:?} vs {before:?}");
 
         // A new version that cannot start: the reload fails, the running programs keep serving.
@@ -508,7 +385,7 @@ async fn settings_come_from_tandem_toml_in_the_working_directory_with_env_and_fl
             assert_eq!(field(&line, "env"), Some("production"), "{line}");
             assert_eq!(field(&line, "names"), Some("web"), "{line}");
         }
-        assert_eq!(get(&addr).await.unwrap().2, "from-the-file");
+        assert_eq!(get(&addr, "/").await.unwrap().body, "from-the-file");
         // A scale waits for the cluster's start to be over.
         seen_or_next(&mut proc, |l| l.starts_with("ready: 2 workers")).await;
         let rows = status_json(xdg.path(), "fromfile").await;

@@ -5,174 +5,28 @@
 //! Each test gets its own `XDG_RUNTIME_DIR` (a private temp dir).
 
 mod common;
+#[path = "common/http_load.rs"]
+mod http_load;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::cli::{status_json, status_until, stderr, stdout, tandem};
 use common::{Proc, alive, example, poll_until, private_dir};
+use http_load::Load;
 use serde_json::Value;
 use tandem::cluster::control::{ControlClient, ControlError, Request};
 use tandem::cluster::{ReloadError, ReplaceReason, ScaleTo};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const STEP: Duration = Duration::from_secs(30);
-/// One request's deadline (connect + answer).
-const REQUEST: Duration = Duration::from_secs(10);
-/// Concurrent keep-alive clients of the load loop.
-const CLIENTS: usize = 8;
-/// Requests per keep-alive connection before the client opens a new one
-/// (so that new workers get connections too).
-const PER_CONNECTION: u32 = 50;
-/// At most this many requests per load loop, whatever happens.
-const MAX_REQUESTS: u64 = 500_000;
-
-// ---- a keep-alive HTTP client ----------------------------------------------------
-
-/// One keep-alive connection: GETs until the server says `Connection: close`.
-struct Conn {
-    stream: BufReader<tokio::net::TcpStream>,
-}
-
-impl Conn {
-    async fn open(addr: &str) -> Result<Conn, String> {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-        Ok(Conn { stream: BufReader::new(stream) })
-    }
-
-    /// One GET: (status, x-worker-pid, whether the server closes the connection).
-    async fn get(&mut self, path: &str) -> Result<(u16, Option<u32>, bool), String> {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
-        self.stream.get_mut().write_all(request.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-        let mut status = None;
-        let mut pid = None;
-        let mut close = false;
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            let n = self.stream.read_line(&mut line).await.map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                return Err(format!("connection closed before the answer's end (status {status:?})"));
-            }
-            let line = line.trim_end();
-            if status.is_none() {
-                status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-                if status.is_none() {
-                    return Err(format!("no status line: {line:?}"));
-                }
-                continue;
-            }
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line.split_once(':').unwrap_or((line, ""));
-            match name.to_ascii_lowercase().as_str() {
-                "x-worker-pid" => pid = value.trim().parse().ok(),
-                "connection" => close = value.trim().eq_ignore_ascii_case("close"),
-                "content-length" => length = value.trim().parse().unwrap_or(0),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; length];
-        self.stream.read_exact(&mut body).await.map_err(|e| format!("read body: {e}"))?;
-        Ok((status.unwrap_or(0), pid, close))
-    }
-}
-
-/// What the load loop saw.
-#[derive(Default)]
-struct Seen {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    errors: Mutex<Vec<String>>,
-    /// Workers that answered requests sent after the last `mark`.
-    pids_after_mark: Mutex<HashSet<u32>>,
-    /// 0: nothing recorded; each `mark` bumps it.
-    mark: AtomicU64,
-}
-
-impl Seen {
-    /// From now on, record the workers that answer requests sent from now on.
-    async fn mark(&self) {
-        self.mark.fetch_add(1, Ordering::SeqCst);
-        self.pids_after_mark.lock().await.clear();
-    }
-}
-
-/// `CLIENTS` clients, each on a keep-alive connection (a new one when the
-/// server closes it, and after `PER_CONNECTION` requests) until `stop`.
-struct Load {
-    seen: Arc<Seen>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: &str) -> Load {
-        let seen = Arc::new(Seen::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..CLIENTS)
-            .map(|_| {
-                let (seen, stop, addr) = (Arc::clone(&seen), Arc::clone(&stop), addr.to_owned());
-                tokio::spawn(async move {
-                    let mut conn: Option<Conn> = None;
-                    let mut used = 0;
-                    while !stop.load(Ordering::Relaxed) && seen.ok.load(Ordering::Relaxed) < MAX_REQUESTS {
-                        let mark = seen.mark.load(Ordering::SeqCst);
-                        let exchange = async {
-                            let c = match conn.as_mut() {
-                                Some(c) => c,
-                                None => conn.insert(Conn::open(&addr).await?),
-                            };
-                            c.get("/config/app.greeting").await
-                        };
-                        match tokio::time::timeout(REQUEST, exchange).await.unwrap_or(Err("timed out".into())) {
-                            Ok((200, Some(pid), close)) => {
-                                seen.ok.fetch_add(1, Ordering::Relaxed);
-                                // Sent after the last mark (a request sent before it
-                                // may be answered by a worker gone since).
-                                if mark != 0 && mark == seen.mark.load(Ordering::SeqCst) {
-                                    seen.pids_after_mark.lock().await.insert(pid);
-                                }
-                                used += 1;
-                                if close || used == PER_CONNECTION {
-                                    conn = None;
-                                    used = 0;
-                                }
-                            }
-                            other => {
-                                conn = None;
-                                used = 0;
-                                seen.failed.fetch_add(1, Ordering::Relaxed);
-                                seen.errors.lock().await.push(format!("{other:?}"));
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load { seen, stop, tasks }
-    }
-
-    /// Waits until `n` more requests succeeded.
-    async fn more(&self, n: u64) {
-        let target = self.seen.ok.load(Ordering::Relaxed) + n;
-        poll_until(STEP, "more answered requests", || async { self.seen.ok.load(Ordering::Relaxed) >= target }).await;
-    }
-
-    async fn finish(mut self) -> Arc<Seen> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks.drain(..) {
-            t.await.unwrap();
-        }
-        Arc::clone(&self.seen)
-    }
-}
+/// The load loop: keep-alive clients, each opening a new connection after 50
+/// requests (so that new workers get connections too).
+const LOAD: http_load::Config =
+    http_load::Config { clients: 8, max_requests: 500_000, path: "/config/app.greeting", per_connection: Some(50) };
 
 // ---- helpers ---------------------------------------------------------------------
 
@@ -252,7 +106,7 @@ async fn scale_under_load(mode: &str) {
     assert_eq!(first.iter().map(|w| w.0).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(metric(&metrics, "tandem_workers_desired", "").await, Some(2.0));
 
-    let load = Load::start(&http);
+    let load = Load::start(&http, LOAD);
     load.more(200).await;
 
     // Up: 2 -> 4. The answer comes once both new workers are ready.
