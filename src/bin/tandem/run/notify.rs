@@ -9,14 +9,15 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio::io::AsyncBufReadExt;
+use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
 /// The largest datagram read; a longer one is cut (systemd's limit is 4 KiB too).
 const DATAGRAM_MAX: usize = 4096;
 
-/// The longest line read from a stream connection; a longer one ends it.
+/// The longest line read from a stream connection; a longer one ends it, with a WARN.
 const LINE_MAX: usize = 4096;
 
 /// Stream connections served at once; more wait in the socket's backlog.
@@ -106,21 +107,74 @@ async fn accept_streams(listener: tokio::net::UnixListener, tx: mpsc::Sender<Str
         let (tx, stop) = (tx.clone(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let mut lines = tokio::io::BufReader::new(stream).lines();
+            // Bounded: a line is never buffered past LINE_MAX bytes.
+            let mut lines = FramedRead::new(stream, LinesCodec::new_with_max_length(LINE_MAX));
             loop {
                 let line = tokio::select! {
-                    line = lines.next_line() => line,
+                    line = lines.next() => line,
                     () = stop.cancelled() => return,
                 };
                 match line {
-                    Ok(Some(line)) if line.len() <= LINE_MAX => {
+                    Some(Ok(line)) => {
                         if tx.send(line).await.is_err() {
                             return;
                         }
                     }
-                    _ => return,
+                    None => return,
+                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                        tracing::warn!("a TANDEM_NOTIFY_STREAM line over {LINE_MAX} bytes: connection closed");
+                        return;
+                    }
+                    Some(Err(LinesCodecError::Io(error))) => {
+                        tracing::warn!(%error, "a TANDEM_NOTIFY_STREAM connection failed (lines must be UTF-8): closed");
+                        return;
+                    }
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn hostile_stream_lines_end_their_connection_and_later_ones_still_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut notify = Notifications::bind(dir.path(), "t").unwrap();
+
+        // A line that never ends: cut at LINE_MAX, the connection closed.
+        let mut long = tokio::net::UnixStream::connect(&notify.stream_path).await.unwrap();
+        let flood = vec![b'x'; 4 * LINE_MAX];
+        let _ = long.write_all(&flood).await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, long.read_to_end(&mut rest)).await.expect("closed in time");
+        assert!(read.is_err() || rest.is_empty(), "the shim answers nothing: {read:?} {rest:?}");
+
+        // Bytes that are not UTF-8: closed too.
+        let mut bad = tokio::net::UnixStream::connect(&notify.stream_path).await.unwrap();
+        bad.write_all(b"\xff\xfe\n").await.unwrap();
+        let read = tokio::time::timeout(WAIT, bad.read_to_end(&mut rest)).await.expect("closed in time");
+        assert!(read.is_err() || rest.is_empty());
+
+        // Garbage datagrams are passed on as lines the shim ignores.
+        let datagram = tokio::net::UnixDatagram::unbound().unwrap();
+        datagram.send_to(b"\x80\x81\nX=1", &notify.datagram_path).await.unwrap();
+        let mut good = tokio::net::UnixStream::connect(&notify.stream_path).await.unwrap();
+        good.write_all(b"READY=1\n").await.unwrap();
+        let mut seen = Vec::new();
+        while !seen.iter().any(|l| l == "READY=1") {
+            let line = tokio::time::timeout(WAIT, notify.next()).await.expect("a line in time").expect("open");
+            seen.push(line);
+        }
+        assert!(seen.iter().all(|l| !l.contains('x')), "nothing of the long line got through: {seen:?}");
+        assert!(seen.iter().any(|l| l == "X=1"), "{seen:?}");
     }
 }
