@@ -76,16 +76,18 @@ start_server() {
   LOG=$TMP/$name.log
   setsid "$@" >"$LOG" 2>&1 &
   PID=$!
-  local want=listening
-  case "$name" in reuseport|shared|round-robin) want="cluster ready" ;; esac
+  # The example prints "listening on ADDR"; a cluster's readiness is the master's
+  # event log line (`... tandem_cluster::events: cluster ready: master=...`).
+  local want="^listening on "
+  case "$name" in reuseport|shared|round-robin) want="cluster ready: " ;; esac
   for _ in $(seq 1 300); do
-    grep -q "^$want" "$LOG" && break
+    grep -qs -- "$want" "$LOG" && break
     if exited "$PID"; then
       echo "$name exited before it was ready:" >&2; cat "$LOG" >&2; wait "$PID" || true; PID=""; return 1
     fi
     sleep 0.1
   done
-  grep -q "^$want" "$LOG" || { echo "$name: no \"$want\" line within 30 s:" >&2; cat "$LOG" >&2; return 1; }
+  grep -q -- "$want" "$LOG" || { echo "$name: no \"$want\" line within 30 s:" >&2; cat "$LOG" >&2; return 1; }
   ADDR=$(sed -n 's/^listening on //p' "$LOG" | head -1)
   # One request must answer 200 before the load starts.
   curl -fsS -o /dev/null --max-time 5 "http://$ADDR$ROUTE" || { echo "$name: GET $ROUTE failed" >&2; cat "$LOG" >&2; return 1; }
