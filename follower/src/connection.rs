@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::Command;
 use crate::driver::Driver;
+use crate::shared::Shared;
 use crate::slots::Slots;
 use crate::state::Status;
 use crate::{Client, Config, Connector};
@@ -21,13 +22,6 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) next_id: Arc<AtomicU64>,
     /// The calls of the slots path ([`CallPath::Slots`](crate::CallPath::Slots)), shared with the driver.
-    pub(crate) slots: Arc<Slots>,
-}
-
-/// What the handles share with the driver.
-pub(crate) struct Shared {
-    pub(crate) status: watch::Sender<Status>,
-    pub(crate) next_id: Arc<AtomicU64>,
     pub(crate) slots: Arc<Slots>,
 }
 

@@ -31,11 +31,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::command::Command;
-use crate::connection::Shared;
 use crate::connector::{Connected, Connector};
 use crate::core::Core;
 use crate::handshake::{ConnectError, connect};
 use crate::link_end::{LinkEnd, WriteFailed};
+use crate::shared::Shared;
 use crate::state::LinkState;
 use crate::{Config, Error};
 

@@ -61,6 +61,7 @@ mod link_end;
 mod mirror;
 mod one;
 mod remote;
+mod shared;
 mod slots;
 mod state;
 mod subscription;

@@ -18,13 +18,13 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::command::{Command, SubscribeReply};
-use crate::connection::Shared;
 use crate::feed::{Feed, RawUpdate};
 use crate::in_flight::{InFlight, Pending};
 use crate::link_end::LinkEnd;
 use crate::mirror::MirrorLink;
 use crate::one::{Ones, Step};
 use crate::remote::Remote;
+use crate::shared::Shared;
 use crate::slots::{Mode, Slots, is_slot_id};
 use crate::state::{LinkState, Status};
 use crate::topic::Topic;
