@@ -99,37 +99,29 @@ async fn both_print(proc: &mut Proc, value: &str, mut workers: HashSet<String>) 
     }
 }
 
-async fn demo(command: Vec<String>, name: &str) {
-    let xdg = private_dir();
-    let mut args = vec![
-        "run",
-        "--name",
-        name,
-        "--workers",
-        "2",
-        "--listen",
-        "127.0.0.1:0",
-        "--subscribe",
-        "app.greeting",
-        "--put",
-        "app.greeting=hello",
-        "--",
-    ];
+/// `tandem run --name NAME --workers 2 --listen 127.0.0.1:0 UPSTREAM.. --subscribe
+/// app.greeting -- COMMAND`, as the README's demo runs it; returns once both
+/// workers are ready, with the address they serve.
+async fn run_two(xdg: &Path, name: &str, upstream: &[&str], command: &[String]) -> (Proc, String) {
+    let mut args = vec!["run", "--name", name, "--workers", "2", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(upstream);
+    args.extend(["--subscribe", "app.greeting", "--"]);
     args.extend(command.iter().map(String::as_str));
     let mut proc = {
         let _fork = common::cli::forking();
-        Proc::spawn_with(
-            Path::new(env!("CARGO_BIN_EXE_tandem")),
-            &args,
-            &[("XDG_RUNTIME_DIR", xdg.path().as_os_str())],
-            false,
-        )
+        Proc::spawn_with(Path::new(env!("CARGO_BIN_EXE_tandem")), &args, &[("XDG_RUNTIME_DIR", xdg.as_os_str())], false)
     };
-    let registry = proc.expect_line(STEP, |l| l.starts_with("registry on ")).await;
-    let registry = registry.trim_start_matches("registry on ").to_owned();
     let addr = proc.expect_line(STEP, |l| l.starts_with("listening on ")).await;
     let addr = addr.trim_start_matches("listening on ").split(' ').next().unwrap().to_owned();
     proc.expect_line(STEP, |l| l.starts_with("ready: 2 workers")).await;
+    (proc, addr)
+}
+
+async fn demo(command: Vec<String>, name: &str) {
+    let xdg = private_dir();
+    let (mut proc, addr) = run_two(xdg.path(), name, &["--put", "app.greeting=hello"], &command).await;
+    let registry =
+        proc.seen.iter().find_map(|l| l.strip_prefix("registry on ")).expect("the registry's line").to_owned();
     // Printed before or after the cluster's ready line: look at every line so far too.
     let early: HashSet<String> = proc
         .seen
@@ -190,29 +182,7 @@ async fn the_python_demo_follows_redis_through_the_one_leader() {
         let redis = redis_support::Redis::start().await;
         let xdg = private_dir();
         let url = redis.url();
-        let mut args = vec![
-            "run",
-            "--name",
-            "demo-redis",
-            "--workers",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--redis",
-            &url,
-            "--subscribe",
-            "app.greeting",
-            "--",
-        ];
-        args.extend(command.iter().map(String::as_str));
-        let mut proc = {
-            let _fork = common::cli::forking();
-            let env = [("XDG_RUNTIME_DIR", xdg.path().as_os_str())];
-            Proc::spawn_with(Path::new(env!("CARGO_BIN_EXE_tandem")), &args, &env, false)
-        };
-        let addr = proc.expect_line(STEP, |l| l.starts_with("listening on ")).await;
-        let addr = addr.trim_start_matches("listening on ").split(' ').next().unwrap().to_owned();
-        proc.expect_line(STEP, |l| l.starts_with("ready: 2 workers")).await;
+        let (mut proc, addr) = run_two(xdg.path(), "demo-redis", &["--redis", &url], &command).await;
         redis.cli(&["set", "app.greeting", "from-redis"]);
         both_print(&mut proc, "from-redis", HashSet::new()).await;
         assert_eq!(http(&addr, "GET", "").await.1, "from-redis");
@@ -242,29 +212,7 @@ async fn the_python_demo_follows_etcd_through_the_one_leader() {
         let etcd = etcd_support::Etcd::single().await;
         let endpoint = etcd.endpoint(0);
         let xdg = private_dir();
-        let mut args = vec![
-            "run",
-            "--name",
-            "demo-etcd",
-            "--workers",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--etcd",
-            &endpoint,
-            "--subscribe",
-            "app.greeting",
-            "--",
-        ];
-        args.extend(command.iter().map(String::as_str));
-        let mut proc = {
-            let _fork = common::cli::forking();
-            let env = [("XDG_RUNTIME_DIR", xdg.path().as_os_str())];
-            Proc::spawn_with(Path::new(env!("CARGO_BIN_EXE_tandem")), &args, &env, false)
-        };
-        let addr = proc.expect_line(STEP, |l| l.starts_with("listening on ")).await;
-        let addr = addr.trim_start_matches("listening on ").split(' ').next().unwrap().to_owned();
-        proc.expect_line(STEP, |l| l.starts_with("ready: 2 workers")).await;
+        let (mut proc, addr) = run_two(xdg.path(), "demo-etcd", &["--etcd", &endpoint], &command).await;
         let writer = EtcdClient::connect(Config::new([endpoint.clone()])).await.unwrap();
         writer.put("app.greeting", "from-etcd".to_owned()).await.unwrap();
         both_print(&mut proc, "from-etcd", HashSet::new()).await;
