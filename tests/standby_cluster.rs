@@ -103,25 +103,13 @@ impl Demo {
     /// Puts `value` into `k` and waits until every pid in `pids` printed it;
     /// returns the Leader epochs the values came with.
     async fn put_and_expect(&mut self, value: &str, pids: &HashSet<u32>) -> HashSet<u64> {
-        self.admin.put("k", value.to_string()).await.expect("put");
-        let mut waiting = pids.clone();
-        let mut epochs = HashSet::new();
-        while !waiting.is_empty() {
-            let line = self.master.expect_line(STEP, |l| field(l, "value") == Some(value)).await;
-            waiting.remove(&field(&line, "pid").unwrap().parse::<u32>().unwrap());
-            epochs.insert(field(&line, "epoch").unwrap().parse().unwrap());
-        }
-        epochs
+        common::put_and_expect(&mut self.master, &self.admin, value, pids, STEP).await
     }
 
     /// Waits until the registry sees one client connection (the Leader's;
     /// the asking one is not counted) with one watch: the standby has none.
     async fn one_upstream_connection(&self) {
-        poll_until(STEP, "one upstream connection and one watch", || async {
-            let stats = self.admin.stats().await.expect("registry stats");
-            (stats.connections, stats.watches) == (1, 1)
-        })
-        .await;
+        common::one_upstream_connection(&self.admin, STEP).await
     }
 
     async fn status(&self) -> Vec<Value> {

@@ -212,3 +212,35 @@ pub fn assert_in_order(lines: &[String], stream: &str) {
         }
     }
 }
+
+/// Puts `value` into key `k` through `admin` and waits (each line within
+/// `step`) until every pid in `pids` printed it on `master`'s output
+/// (`config_center`'s `pid=.. key=k value=.. epoch=..` lines); returns the
+/// Leader epochs the values came with.
+pub async fn put_and_expect(
+    master: &mut Proc,
+    admin: &tandem::registry::RegistryClient,
+    value: &str,
+    pids: &std::collections::HashSet<u32>,
+    step: Duration,
+) -> std::collections::HashSet<u64> {
+    admin.put("k", value.to_string()).await.expect("put");
+    let mut waiting = pids.clone();
+    let mut epochs = std::collections::HashSet::new();
+    while !waiting.is_empty() {
+        let line = master.expect_line(step, |l| field(l, "value") == Some(value)).await;
+        waiting.remove(&field(&line, "pid").unwrap().parse::<u32>().unwrap());
+        epochs.insert(field(&line, "epoch").unwrap().parse().unwrap());
+    }
+    epochs
+}
+
+/// Waits (up to `step`) until the registry behind `admin` sees one client
+/// connection (the Leader's; the asking one is not counted) with one watch.
+pub async fn one_upstream_connection(admin: &tandem::registry::RegistryClient, step: Duration) {
+    poll_until(step, "one upstream connection and one watch", || async {
+        let stats = admin.stats().await.expect("registry stats");
+        (stats.connections, stats.watches) == (1, 1)
+    })
+    .await;
+}
