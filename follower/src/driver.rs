@@ -299,7 +299,7 @@ impl<C: Connector> Driver<C> {
                 },
                 () = std::future::poll_fn(|cx| slots.poll_outgoing(cx)) => {
                     // The slots path's calls (and cancels) of this wakeup, in one batch.
-                    self.core.slots.take(Instant::now(), &mut self.core.out);
+                    self.core.take_slots(Instant::now());
                 },
                 frame = link.rx.next() => {
                     // Silence is measured from the tick that saw no frame at

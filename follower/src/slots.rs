@@ -268,8 +268,10 @@ impl Slots {
 
     /// Turns the waiting calls into frames on `out` (their `deadline_ms`
     /// counted from `now`); calls already past their deadline are answered
-    /// with [`Error::DeadlineExceeded`] instead.
-    pub(crate) fn take(&self, now: Instant, out: &mut Vec<Frame>) {
+    /// with [`Error::DeadlineExceeded`] instead. `open` runs before each
+    /// call's frame is pushed, so that a channel not yet open on the link is
+    /// opened (its `Open` frame on `out`) ahead of its first call.
+    pub(crate) fn take(&self, now: Instant, out: &mut Vec<Frame>, mut open: impl FnMut(&'static str, &mut Vec<Frame>)) {
         let mut table = self.lock();
         if table.outgoing.is_empty() || !matches!(table.mode, Mode::Open) {
             return;
@@ -297,6 +299,7 @@ impl Slots {
             };
             *sent = true;
             let deadline_ms = u32::try_from(left.as_millis().max(1)).unwrap_or(u32::MAX);
+            open(channel, out);
             out.push(Frame::Invoke(Invoke {
                 id,
                 channel: ChannelName::from_static(channel),

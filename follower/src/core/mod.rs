@@ -162,14 +162,16 @@ impl Core {
     /// Makes `channel` part of this connection: opened at once (`Open`, before
     /// the frame that uses it) when connected, and after every later Welcome.
     pub(crate) fn open(&mut self, channel: &'static str, connected: bool) {
-        if self.channels.contains(&channel) {
-            return;
-        }
-        tracing::debug!(channel, "channel opened");
-        self.channels.push(channel);
-        if connected {
-            self.out.push(Frame::Open(vec![channel.to_string()]));
-        }
+        let out = connected.then_some(&mut self.out);
+        open_channel(&mut self.channels, channel, out);
+    }
+
+    /// The slots path's waiting calls (and cancels) into `out`, each behind
+    /// the `Open` of its channel if this is the channel's first use: the
+    /// client's `Open` command travels apart from its calls and may come later.
+    pub(crate) fn take_slots(&mut self, now: Instant) {
+        let Core { slots, channels, out, .. } = self;
+        slots.take(now, out, |channel, out| open_channel(channels, channel, Some(out)));
     }
 
     pub(crate) fn static_channel(&self, name: &str) -> Option<&'static str> {
@@ -278,7 +280,7 @@ impl Core {
         for command in self.take_queued() {
             self.online(command, now);
         }
-        self.slots.take(now, &mut self.out);
+        self.take_slots(now);
     }
 
     /// A refusal is over: calls wait for a leader again, or fail at once
@@ -580,5 +582,17 @@ impl Drop for Core {
     /// callers do when their oneshot's sender is dropped.
     fn drop(&mut self) {
         self.slots.fail_all(&Error::Closed, Mode::Fail(Error::Closed));
+    }
+}
+
+/// Adds `channel` to the open ones; with a link (`out`), its `Open` frame too.
+fn open_channel(channels: &mut Vec<&'static str>, channel: &'static str, out: Option<&mut Vec<Frame>>) {
+    if channels.contains(&channel) {
+        return;
+    }
+    tracing::debug!(channel, "channel opened");
+    channels.push(channel);
+    if let Some(out) = out {
+        out.push(Frame::Open(vec![channel.to_string()]));
     }
 }

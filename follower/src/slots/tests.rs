@@ -192,6 +192,44 @@ async fn an_expired_call_ends_with_the_same_typed_error_on_both_paths() {
     .await
 }
 
+/// The frames a scripted leader sees up to the first call, on `calls`'s path,
+/// when the call's channel was never opened by a command (the client's `Open`
+/// travels apart from its calls and may be handled after the link is up).
+async fn frames_before_the_first_call(calls: CallPath) -> Vec<Frame> {
+    let dir = private_dir();
+    let (listener, connection) = scripted(calls, &dir);
+    let mut link = accept_one(&listener).await;
+    // Connected first, then a client built without `Connection::client`'s `Open`.
+    let mut status = connection.status();
+    status.wait_for(|status| status.epoch().is_some()).await.unwrap();
+    let echo = crate::Client::<Echo>::new(connection.clone());
+    let call = tokio::spawn(async move { echo.invoke_with_deadline((1, 0), DEADLINE).await });
+    let mut frames = Vec::new();
+    loop {
+        let frame = link.next().await.expect("the link stays up").unwrap();
+        let invoke = matches!(frame, Frame::Invoke(_));
+        frames.push(frame);
+        if invoke {
+            break;
+        }
+    }
+    drop(call);
+    connection.close().await;
+    frames
+}
+
+#[tokio::test]
+async fn a_call_on_a_channel_not_yet_open_on_the_link_goes_behind_its_open_on_both_paths() {
+    within(TEST_TIMEOUT, async {
+        for calls in [CallPath::Queue, CallPath::Slots] {
+            let frames = frames_before_the_first_call(calls).await;
+            let open = frames.iter().position(|f| matches!(f, Frame::Open(names) if names == &["echo".to_string()]));
+            assert_eq!(open, Some(frames.len() - 2), "{calls:?}: Open right before the Invoke: {frames:?}");
+        }
+    })
+    .await
+}
+
 /// What three calls in flight, and one made after, end with when the leader's
 /// link dies, on `calls`'s path.
 async fn link_lost(calls: CallPath) -> Vec<Error> {
