@@ -57,7 +57,8 @@ struct Demo {
 
 /// `config_center --standby` with `WORKERS` workers against a registry of its
 /// own, subscribed to `k`, no writer; returns once the standby mirrors epoch 1.
-async fn start(name: &'static str) -> Demo {
+/// With `logs`, the processes' log lines are kept too (`stderr: ...`).
+async fn start(name: &'static str, logs: bool) -> Demo {
     let registry = Server::bind("127.0.0.1:0", Default::default()).await.expect("bind the registry").spawn();
     let addr = registry.local_addr().to_string();
     let xdg = private_dir();
@@ -79,7 +80,8 @@ async fn start(name: &'static str) -> Demo {
     ];
     let mut master = {
         let _fork = forking();
-        Proc::spawn_with_env(&example("config_center"), &args, &[("XDG_RUNTIME_DIR", xdg.path())])
+        let env = [("XDG_RUNTIME_DIR", xdg.path().as_os_str())];
+        Proc::spawn_with(&example("config_center"), &args, &env, logs)
     };
     let line = master.expect_line(STEP, |l| l.starts_with("metrics on ")).await;
     let metrics = line.trim_start_matches("metrics on ").trim().to_string();
@@ -139,7 +141,7 @@ impl Demo {
 #[tokio::test]
 async fn a_killed_agent_is_replaced_by_its_standby_at_the_next_epoch() {
     tokio::time::timeout(TIMEOUT, async {
-        let mut demo = start("standby-kill-it").await;
+        let mut demo = start("standby-kill-it", true).await;
         let rows = demo.status().await;
         let (agent, standby) = (pid_of(&rows, "agent").unwrap(), pid_of(&rows, "standby").unwrap());
         assert!(online(&rows, "standby", Some(standby), 1), "the standby mirrors epoch 1: {rows:#?}");
@@ -154,6 +156,14 @@ async fn a_killed_agent_is_replaced_by_its_standby_at_the_next_epoch() {
         let promoted = format!("standby promoted: pid={standby} epoch=2 replaces={agent}");
         assert!(demo.master.seen.contains(&promoted), "no `{promoted}` line");
         assert!(!demo.master.seen.iter().any(|l| l.starts_with("restart scheduled: agent")), "a cold restart");
+        // Its log lines said standby; once promoted they say agent, at epoch 2.
+        let standby_span = format!("role=\"standby\" pid={standby}");
+        assert!(demo.master.seen.iter().any(|l| l.contains(&standby_span)), "no log line in `{standby_span}`");
+        // Logged before its Leader binds, so before `agent restarted:`.
+        let leads = demo.master.seen.iter().find(|l| l.contains("promoted: the standby leads"));
+        let leads = leads.unwrap_or_else(|| panic!("no `promoted: the standby leads` line"));
+        assert!(leads.contains(&format!("role=\"agent\" pid={standby} epoch=2")), "{leads}");
+        assert!(!leads.contains("role=\"standby\""), "{leads}");
         poll_until(STEP, "the killed agent to be gone", || async { !alive(agent as i32) }).await;
 
         // The next value reaches every worker from the Leader of epoch 2.
@@ -189,7 +199,7 @@ async fn a_killed_agent_is_replaced_by_its_standby_at_the_next_epoch() {
 #[tokio::test]
 async fn an_agent_reload_and_a_stop_with_a_standby_leave_one_leader() {
     tokio::time::timeout(TIMEOUT, async {
-        let mut demo = start("standby-reload-it").await;
+        let mut demo = start("standby-reload-it", false).await;
         let rows = demo.status().await;
         let (agent, standby) = (pid_of(&rows, "agent").unwrap(), pid_of(&rows, "standby").unwrap());
 
@@ -234,7 +244,7 @@ async fn an_agent_reload_and_a_stop_with_a_standby_leave_one_leader() {
 #[tokio::test]
 async fn a_killed_standby_is_restarted_and_the_agent_is_untouched() {
     tokio::time::timeout(TIMEOUT, async {
-        let mut demo = start("standby-dies-it").await;
+        let mut demo = start("standby-dies-it", false).await;
         let rows = demo.status().await;
         let (agent, standby) = (pid_of(&rows, "agent").unwrap(), pid_of(&rows, "standby").unwrap());
 

@@ -21,7 +21,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::app::{AgentFn, WorkerFn};
 use crate::child_context::ChildContext;
@@ -31,6 +30,7 @@ use crate::link::LinkTable;
 use crate::listeners::ReceivedListeners;
 use crate::messenger::{Answer, ChildShared, Endpoint, Inbox, Transport};
 use crate::spawn::{ENV_CLUSTER, ENV_FD_CHANNEL, ENV_IPC_FD, ENV_MASTER_PID, ENV_NAME, ENV_ROLE, ENV_WORKER_ID};
+use crate::trace::ProcessSpan;
 use crate::{AgentContext, Error, Messenger, ProcessRole, WorkerContext, WorkerId};
 
 /// The exit code of a child whose master is gone (as egg's agent uses).
@@ -97,15 +97,15 @@ pub(crate) async fn run(env: ChildEnv, agent_fn: AgentFn, worker_fn: WorkerFn) -
     match join(&env).await {
         Ok((init, reader, writer, listeners)) => {
             let pid = std::process::id();
+            let (promote_tx, promote_rx) = watch::channel(None);
             let span = match env.role {
-                ProcessRole::Worker => {
-                    tracing::info_span!("tandem", cluster = %env.name, role = "worker", worker.id = env.worker_id, pid)
-                }
-                // Started as the standby: its epoch comes with the promotion.
-                _ if init.standby => tracing::info_span!("tandem", cluster = %env.name, role = "standby", pid),
-                _ => tracing::info_span!("tandem", cluster = %env.name, role = "agent", pid, epoch = init.epoch),
+                ProcessRole::Worker => ProcessSpan::worker(&env.name, env.worker_id, pid),
+                // Started as the standby: the agent's span (and epoch) come with the promotion.
+                _ if init.standby => ProcessSpan::standby(&env.name, pid, promote_rx.clone()),
+                _ => ProcessSpan::agent(&env.name, init.epoch, pid),
             };
-            serve(env, init, reader, writer, listeners, agent_fn, worker_fn).instrument(span).await
+            let io = Io { reader, writer, listeners, promote: (promote_tx, promote_rx) };
+            span.instrument(serve(env, init, io, span.clone(), agent_fn, worker_fn)).await
         }
         Err(e) => {
             tracing::error!(error = %e, source = ?std::error::Error::source(&e), "cannot join the cluster");
@@ -219,15 +219,19 @@ fn take_ipc(fd: RawFd) -> Result<(UnixReadHalf, UnixWriteHalf), Error> {
     tandem_protocol::unix::split_std(StdUnixStream::from(owned)).map_err(io)
 }
 
-async fn serve(
-    env: ChildEnv,
-    init: Init,
+/// What `serve` runs on: the IPC channel's halves, the sockets received, and
+/// the channel of a standby's promotion.
+struct Io {
     reader: Reader,
     writer: Writer,
     listeners: ReceivedListeners,
-    agent_fn: AgentFn,
-    worker_fn: WorkerFn,
-) -> i32 {
+    promote: (watch::Sender<Option<crate::Promotion>>, watch::Receiver<Option<crate::Promotion>>),
+}
+
+/// Runs the start function; its tasks run in `span` (a standby's switches to
+/// the agent's at its promotion).
+async fn serve(env: ChildEnv, init: Init, io: Io, span: ProcessSpan, agent_fn: AgentFn, worker_fn: WorkerFn) -> i32 {
+    let Io { reader, writer, listeners, promote: (promote_tx, promote_rx) } = io;
     let pid = std::process::id();
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel::<FromChild>(WRITER_CAPACITY);
@@ -255,7 +259,6 @@ async fn serve(
         up: false,
     });
     let (agent_tx, agent_rx) = watch::channel(agent_info);
-    let (promote_tx, promote_rx) = watch::channel(None);
     let core = Arc::new(ChildContext {
         init,
         pid,
@@ -274,7 +277,7 @@ async fn serve(
         rr.spawn_reader(stop.clone(), &tracker);
     }
     let flush = CancellationToken::new();
-    let writer_task = tokio::spawn(write_loop(writer, rx, links_rx, flush.clone()).in_current_span());
+    let writer_task = tokio::spawn(span.instrument(write_loop(writer, rx, links_rx, flush.clone())));
     let dispatch = Dispatch {
         endpoint,
         shared,
@@ -283,10 +286,10 @@ async fn serve(
         agent: agent_tx,
         promote: promote_tx,
     };
-    tracker.spawn(read_loop(reader, dispatch).in_current_span());
+    tracker.spawn(span.instrument(read_loop(reader, dispatch)));
     match crate::signals::child_signals(stop) {
         Ok(signals) => {
-            tracker.spawn(signals.in_current_span());
+            tracker.spawn(span.instrument(signals));
         }
         Err(e) => tracing::warn!(error = %e, "could not install signal handlers; SIGTERM will kill this process"),
     }
