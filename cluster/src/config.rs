@@ -55,7 +55,9 @@ pub struct Config {
     /// before it is drained. The default (`None`) is no limit.
     pub worker_max_memory: Option<u64>,
     /// The same for the agent: it is then stopped and restarted (its Leader
-    /// fails over as after a crash, without the crash). The default is no limit.
+    /// fails over as after a crash, without the crash). A hot standby
+    /// ([`standby`](Self::standby)) has the same limit: over it, it is stopped
+    /// and restarted under its crash-loop policy. The default is no limit.
     pub agent_max_memory: Option<u64>,
     /// The cluster's name for operators: the `tandem` CLI finds the cluster by
     /// it (see [`control`](crate::control)); two clusters of one user cannot

@@ -5,6 +5,10 @@
 //!
 //! ```text
 //! agent over its limit:  Stop{agent grace} (SIGKILL after it); restarted as after a crash
+//!                        (or replaced by its ready standby)
+//! standby over the agent's limit (an agent-in-waiting has the agent's limit):
+//!                        Stop{agent grace} (SIGKILL after it), never promoted meanwhile;
+//!                        restarted under its own crash-loop policy, the agent untouched
 //! worker over its limit: replaced gracefully (a reload of that one slot), at once the
 //!                        first time, after the slot's crash-loop backoff delay when it
 //!                        is over its limit again soon after its start
@@ -94,6 +98,7 @@ impl MemoryLimits {
             }));
             actions.push(Action::After(sample.agent_grace, Timer::AgentStopDeadline(key)));
         }
+        actions.extend(standby_over(slots, sample, &rss));
         let Some(limit) = sample.worker_limit else { return actions };
         if sample.replacing || sample.agent_reloading || !sample.announced {
             return actions;
@@ -155,6 +160,30 @@ impl MemoryLimits {
     }
 }
 
+/// A ready standby over the agent's limit: stopped (`Stopping`, so it is not
+/// promoted meanwhile), killed at the agent's stop grace if still there; its
+/// exit is a crash to its slot (`Standby::on_exited`): restarted under its
+/// crash-loop policy. Not during an agent reload (it stops the standby itself).
+fn standby_over(slots: &Slots, sample: Sample, rss: &impl Fn(u32) -> Option<u64>) -> Vec<Action> {
+    if let (Some(limit), Some(standby)) = (sample.agent_limit, slots.standby())
+        && standby.state == ProcessState::Ready
+        && !sample.agent_reloading
+        && let Some(proc) = standby.proc.as_ref()
+        && let Some(rss) = rss(proc.pid)
+        && rss > limit
+    {
+        let (pid, key) = (proc.pid, proc.key);
+        tracing::debug!(pid, rss, limit, "standby over the agent's memory limit; stopping it (it will be restarted)");
+        return vec![
+            Action::Emit(ClusterEvent::MemoryLimit { role: ProcessRole::Standby, worker_id: None, pid, rss, limit }),
+            Action::Stop { to: key, grace: sample.agent_grace },
+            Action::SetState(SlotId::Standby, ProcessState::Stopping),
+            Action::After(sample.agent_grace, Timer::StandbyStopDeadline(key)),
+        ];
+    }
+    Vec::new()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +218,41 @@ mod tests {
         assert!(memory.on_sample(&mut f.slots, sample(Instant::now()), rss).is_empty(), "asked once");
         memory.agent_exited();
         assert!(!memory.agent_stopping());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standby_over_the_agents_limit_is_stopped_and_not_promoted_meanwhile() {
+        let mut f = Fixture::ready(1);
+        assert!(f.slots.add_standby(&crate::RestartPolicy::default()));
+        let standby = f.spawn(SlotId::Standby, 8);
+        f.slots.get_mut(SlotId::Standby).unwrap().state = ProcessState::Ready;
+        let mut memory = MemoryLimits::default();
+        let standby_pid = f.pid(standby);
+        let rss = |pid: u32| Some(if pid == standby_pid { 500 } else { 10 });
+        let actions = memory.on_sample(&mut f.slots, sample(Instant::now()), rss);
+        assert_eq!(
+            kinds(&actions),
+            [
+                "emit MemoryLimit".to_owned(),
+                format!("stop {standby:?} 5s"),
+                "state standby stopping".into(),
+                format!("after 5s StandbyStopDeadline({standby:?})")
+            ]
+        );
+        assert!(!memory.agent_stopping(), "the agent is untouched");
+        // Stopping: asked once, and the agent's death does not promote it.
+        f.slots.get_mut(SlotId::Standby).unwrap().state = ProcessState::Stopping;
+        assert!(memory.on_sample(&mut f.slots, sample(Instant::now()), rss).is_empty(), "asked once");
+        let gate = crate::standby::Gate { stopping: false, agent_reloading: false };
+        assert!(crate::standby::Standby::new(true).on_agent_exited(&f.slots, gate).is_none());
+        // Under its limit, or no agent limit, or during an agent reload: nothing.
+        f.slots.get_mut(SlotId::Standby).unwrap().state = ProcessState::Ready;
+        let under = |_| Some(100);
+        assert!(memory.on_sample(&mut f.slots, sample(Instant::now()), under).is_empty());
+        let no_limit = Sample { agent_limit: None, ..sample(Instant::now()) };
+        assert!(memory.on_sample(&mut f.slots, no_limit, rss).is_empty());
+        let reloading = Sample { agent_reloading: true, ..sample(Instant::now()) };
+        assert!(memory.on_sample(&mut f.slots, reloading, rss).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,7 @@
 //! agent reload (restart --agent) ──> the standby is stopped first (no promotion, never
 //!                                    two Leaders); a new one once the new agent is ready
 //! standby dies ──> restarted under its own crash-loop policy; the agent is untouched
+//! standby over agent_max_memory ──> stopped (`memory`), then as a standby that died
 //! stop ──> stopped with the agent, after the workers (`Slots::with_role`)
 //! ```
 //!
@@ -111,9 +112,13 @@ impl Standby {
         ]
     }
 
-    /// The standby's stop deadline: a retiring standby still there is killed.
-    pub(crate) fn on_stop_deadline(&self, key: ProcKey) -> Vec<Action> {
-        if self.retiring == Some(key) { vec![Action::Kill(key)] } else { Vec::new() }
+    /// The standby's stop deadline: a retiring standby still there is
+    /// killed, and so is one stopped for its memory limit (`Stopping`).
+    pub(crate) fn on_stop_deadline(&self, key: ProcKey, slots: &Slots) -> Vec<Action> {
+        let stopping = slots
+            .standby()
+            .is_some_and(|s| s.state == ProcessState::Stopping && s.proc.as_ref().is_some_and(|p| p.key == key));
+        if self.retiring == Some(key) || stopping { vec![Action::Kill(key)] } else { Vec::new() }
     }
 
     /// The standby exited outside a stop: one retired for an agent reload is
@@ -213,11 +218,11 @@ mod tests {
         // The old agent exits meanwhile: the retiring standby is not promoted.
         f.slots.get_mut(SlotId::Standby).unwrap().state = ProcessState::Ready;
         assert!(machine.on_agent_exited(&f.slots, RUNNING).is_none(), "a retiring standby is never promoted");
-        assert_eq!(kinds(&machine.on_stop_deadline(standby)), [format!("kill {standby:?}")]);
+        assert_eq!(kinds(&machine.on_stop_deadline(standby, &f.slots)), [format!("kill {standby:?}")]);
         // It exits during the reload: not a crash, and no new one yet.
         f.exit(standby);
         assert_eq!(kinds(&machine.on_exited(standby, &f.slots, reloading)), ["state standby pending"]);
-        assert!(machine.on_stop_deadline(standby).is_empty());
+        assert!(machine.on_stop_deadline(standby, &f.slots).is_empty());
         assert!(machine.wanted(&f.slots, reloading).is_empty());
         // The reload's agent is ready: a new standby.
         f.slots.get_mut(SlotId::Standby).unwrap().state = ProcessState::Pending;

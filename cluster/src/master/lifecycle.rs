@@ -197,7 +197,7 @@ impl Master {
             }
             Timer::EnsureStandby => self.ensure_standby(),
             Timer::StandbyStopDeadline(key) => {
-                let actions = self.machines.standby.on_stop_deadline(key);
+                let actions = self.machines.standby.on_stop_deadline(key, &self.slots);
                 self.apply(actions);
             }
             Timer::EofKill(key) => {
