@@ -247,6 +247,27 @@ async fn a_program_that_exits_at_once_ends_the_run_with_its_exit_code_named() {
     .expect("test timed out");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_program_that_exits_with_111_before_ready_is_named_not_read_as_an_ipc_mismatch() {
+    tokio::time::timeout(TIMEOUT, async {
+        let xdg = private_dir();
+        // 111 is also the code of a tandem worker of another IPC version.
+        let mut proc = run(xdg.path(), &["--workers", "1", "--", "/bin/sh", "-c", "exit 111"], &[]);
+        let status = proc.finish(Duration::from_secs(60)).await;
+        assert_eq!(status.code(), Some(1), "{:#?}", proc.seen);
+        let text = proc.seen.join("\n");
+        assert!(text.contains("last exit: code 111") && text.contains("giving up"), "{text}");
+        let failed: Vec<&String> = proc.seen.iter().filter(|l| l.starts_with("start failed: worker 1")).collect();
+        assert!(failed.len() >= 2, "{text}");
+        for line in failed {
+            assert!(line.ends_with("exited with code 111 before it was ready"), "{line}");
+        }
+        assert!(!text.contains("IPC version"), "{text}");
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// `tandem run ARGS` in `dir`, which must fail with exit code 2 at once; its stderr.
 async fn usage_error(dir: &Path, args: &[&str]) -> String {
     let mut command = tokio::process::Command::new(tandem_bin());

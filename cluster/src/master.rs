@@ -517,9 +517,10 @@ impl Master {
     }
 
     fn on_child_message(&mut self, key: ProcKey, msg: FromChild) {
-        let Some(proc) = self.slots.proc(key) else {
+        let Some(proc) = self.slots.proc_mut(key) else {
             return; // from a process already reaped
         };
+        proc.joined = true;
         let origin = proc.sender();
         match msg {
             FromChild::Ready(ready) => self.on_ready(key, ready),

@@ -144,7 +144,8 @@ pub enum StartFailure {
     Exited(ExitReason),
     /// It exited with code 111 before reporting ready: the code of a child
     /// whose executable (as on disk now) speaks another IPC version than its
-    /// master's, and refused to join.
+    /// master's, and refused to join. A child that sent anything on its IPC
+    /// channel joined: its code 111 is its own ([`Exited`](Self::Exited)).
     #[error("{0} before it was ready: the executable on disk speaks another IPC version")]
     IpcMismatch(ExitReason),
     /// The executable could not be spawned.

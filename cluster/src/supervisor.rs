@@ -46,6 +46,9 @@ pub(crate) struct Proc {
     pub timed_out: bool,
     /// Its pings, once ready, when the master watches it for hangs.
     pub liveness: Option<Liveness>,
+    /// It sent a message on its IPC channel: it speaks this master's IPC
+    /// version, so an exit with code 111 is its own, not a refusal to join.
+    pub joined: bool,
     kill: Option<oneshot::Sender<()>>,
 }
 
@@ -68,6 +71,7 @@ impl Proc {
             socket: None,
             timed_out: false,
             liveness: None,
+            joined: false,
             kill: Some(kill),
         }
     }

@@ -367,14 +367,16 @@ impl Master {
         }
         // A worker a scale removed (drained), or one it added that failed to start.
         let start_timeout = self.setup.config.worker_start_timeout;
+        // Code 111 reads as another IPC version only from a child that never spoke on its channel.
+        let failure = if proc.joined { StartFailure::Exited(exit) } else { StartFailure::exited(exit) };
         if let Some(actions) = self.machines.scale.on_exited(key, exit, proc.timed_out, start_timeout) {
             if was_starting && !proc.timed_out {
-                self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::exited(exit) });
+                self.emit(ClusterEvent::StartFailed { process, reason: failure });
             }
             return self.apply(actions);
         }
         if was_starting && !proc.timed_out {
-            self.emit(ClusterEvent::StartFailed { process, reason: StartFailure::exited(exit) });
+            self.emit(ClusterEvent::StartFailed { process, reason: failure });
         }
         if key.slot == SlotId::Agent
             && let Some(info) = self.progress.agent_info.as_mut()

@@ -16,6 +16,7 @@ use tandem::leader::LeaderBuilder;
 use tandem::registry_upstream::{ConfigApi, RegistryUpstream, ServiceApi};
 
 use super::settings::{self, Spec, Upstream, Usage};
+use super::shim::{PROGRAM_EXITED_TOPIC, ProgramExit};
 use super::{RunArgs, SPEC_ENV};
 
 /// After this many consecutive exits of a worker's program before it was
@@ -167,10 +168,28 @@ async fn master(ctx: MasterContext, spec: Arc<Spec>) -> Result<(), BoxError> {
         println!("metrics on {addr}");
     }
     let mut events = ctx.events();
+    let mut exits = ctx.messenger().subscribe(PROGRAM_EXITED_TOPIC);
     let mut ready = false;
     let mut last_exit: HashMap<u32, String> = HashMap::new();
     let mut failed: Vec<u32> = Vec::new();
-    while let Some(event) = events.next().await {
+    loop {
+        let event = tokio::select! {
+            // Biased: a shim tells how its program ended before it exits itself.
+            biased;
+            Some(told) = exits.next() => {
+                match told.decode::<ProgramExit>() {
+                    Ok(ProgramExit { worker, exit }) => {
+                        last_exit.insert(worker, exit);
+                    }
+                    Err(error) => tracing::warn!(%error, "a bad program-exit message from a worker; ignored"),
+                }
+                continue;
+            }
+            event = events.next() => match event {
+                Some(event) => event,
+                None => break,
+            },
+        };
         match event {
             ClusterEvent::Exited { process, exit, .. } if process.role == ProcessRole::Worker => {
                 if let Some(id) = process.worker_id {
@@ -221,11 +240,16 @@ async fn master(ctx: MasterContext, spec: Arc<Spec>) -> Result<(), BoxError> {
 fn exit_text(exit: &ExitReason) -> String {
     match exit {
         ExitReason::Code(code) => format!("code {code}"),
-        ExitReason::Signal(signal) => match nix_signal_name(*signal) {
-            Some(name) => format!("signal {signal} ({name})"),
-            None => format!("signal {signal}"),
-        },
+        ExitReason::Signal(signal) => signal_text(*signal),
         other => other.to_string(),
+    }
+}
+
+/// `signal 9 (SIGKILL)`.
+pub fn signal_text(signal: i32) -> String {
+    match nix_signal_name(signal) {
+        Some(name) => format!("signal {signal} ({name})"),
+        None => format!("signal {signal}"),
     }
 }
 

@@ -34,6 +34,24 @@ use super::settings::{Ready, Spec};
 /// How long into the wait for `READY=1` the shim says, once, that it is still waiting.
 const WAITING_HINT_AFTER: Duration = Duration::from_secs(5);
 
+/// The topic on which a shim tells the master how its program ended before
+/// it was ready ([`ProgramExit`]). Sending it (over the worker's own IPC
+/// channel) also shows that this worker joined the cluster: the master then
+/// reads the shim's exit code as the program's, never as a refusal of the IPC
+/// version (which has the code 111, a code any program can also return).
+pub const PROGRAM_EXITED_TOPIC: &str = "tandem.run.program-exited";
+
+/// How long the shim waits for the master to take its [`ProgramExit`].
+const TELL_MASTER_WITHIN: Duration = Duration::from_secs(1);
+
+/// A program's end before it was ready, as its shim tells the master.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ProgramExit {
+    pub worker: u32,
+    /// `code 111`, `signal 9 (SIGKILL)`.
+    pub exit: String,
+}
+
 /// The exit code of a shim whose program did not report ready in time.
 const NOT_READY_EXIT: i32 = 3;
 
@@ -196,6 +214,22 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
     // What the program left behind in its group goes with it.
     signal_group(group, libc::SIGKILL);
     drop(sockets);
+    if !ready && !stopping {
+        let exit = match (status.code(), status.signal()) {
+            (Some(code), _) => format!("code {code}"),
+            (None, Some(signal)) => super::master::signal_text(signal),
+            _ => status.to_string(),
+        };
+        let payload = tandem::cluster::encode(&ProgramExit { worker: id, exit })?;
+        let told = ctx.messenger().send_to_master(PROGRAM_EXITED_TOPIC, payload);
+        if let Err(error) = tokio::time::timeout(TELL_MASTER_WITHIN, told)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::debug!(worker.id = id, pid, %error, "could not tell the master how the program ended");
+        }
+    }
     match (status.code(), status.signal()) {
         (Some(0), _) if stopping => Ok(()),
         (Some(code), _) => {
