@@ -120,6 +120,27 @@ export class Client extends EventEmitter {
 
 export function connect(options?: ConnectOptions): Promise<Client>;
 
+/**
+ * How `ready()` told the supervisor: `'stream'` (written to
+ * `TANDEM_NOTIFY_STREAM`, under `tandem run`), `'datagram'` (sent to
+ * `NOTIFY_SOCKET`: the Python client only, Node.js has no Unix datagrams),
+ * `'none'` (neither variable set: not supervised, nothing sent),
+ * `'unsupported'` (only `NOTIFY_SOCKET` set, as under systemd: nothing sent).
+ */
+export type ReadyVia = 'stream' | 'datagram' | 'none' | 'unsupported';
+
+export interface ReadyOptions {
+  /** The environment to read. Default: `process.env`. */
+  env?: Record<string, string | undefined>;
+}
+
+/**
+ * Tells the supervisor this program is ready (`READY=1`, systemd's
+ * readiness line). Rejects when the notification socket cannot be written
+ * (within 5 s).
+ */
+export function ready(options?: ReadyOptions): Promise<ReadyVia>;
+
 export const PROTOCOL_VERSION: 1;
 export const DEFAULTS: Readonly<Required<Omit<ConnectOptions, 'socket' | 'token'>>>;
 

@@ -6,15 +6,18 @@
 //   const answer = await client.invoke('config', { Get: 'app.greeting' }, { timeout: 1000 });
 //   for await (const { value, epoch, seq, source } of client.subscribe('config', 'app.greeting')) { ... }
 //   await client.close();
+//   await ready(); // READY=1 to `tandem run` (TANDEM_NOTIFY_STREAM); 'none' when not supervised
 
 const { connect, Client, PROTOCOL_VERSION } = require('./client');
 const errors = require('./errors');
 const { DEFAULTS } = require('./config');
 const codec = require('./codec');
 const { FrameReader, DEFAULT_MAX_FRAME_LENGTH } = require('./frame');
+const { ready } = require('./notify');
 
 module.exports = {
   connect,
+  ready,
   Client,
   PROTOCOL_VERSION,
   DEFAULTS,

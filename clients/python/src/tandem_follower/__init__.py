@@ -28,10 +28,13 @@ from .errors import (
     RemoteError,
     TandemError,
 )
+from .notify import ReadyVia, ready
 from .wire import PROTOCOL_VERSION
 
 __all__ = [
     "connect",
+    "ready",
+    "ReadyVia",
     "Client",
     "Subscription",
     "Update",
