@@ -138,14 +138,7 @@ pub enum Phase {
 pub enum RoleCmd {
     /// A tandem Leader serving the bench upstream on a Unix socket.
     #[command(hide = true)]
-    Leader {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        group: u32,
-        #[arg(long)]
-        threads: usize,
-    },
+    Leader(ServerArgs),
     /// The follower's two per-call paths (queue, slots) side by side in ONE
     /// process on ONE thread (a Leader and a follower on a Unix socket): the
     /// CPU time per call of each, in alternating rounds. One thread, so the
@@ -180,58 +173,22 @@ pub enum RoleCmd {
     },
     /// The floor's server: plain tokio, u32 BE length + bytes, echo and fan-out.
     #[command(hide = true)]
-    FloorServer {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        group: u32,
-        #[arg(long)]
-        threads: usize,
-    },
+    FloorServer(ServerArgs),
     /// One floor client process.
     #[command(hide = true)]
-    FloorClient {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        group: u32,
-    },
+    FloorClient(ClientArgs),
     /// The tonic (gRPC) echo and streaming server.
     #[command(hide = true)]
-    TonicServer {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        group: u32,
-        #[arg(long)]
-        threads: usize,
-    },
+    TonicServer(ServerArgs),
     /// One tonic client process.
     #[command(hide = true)]
-    TonicClient {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        group: u32,
-    },
+    TonicClient(ClientArgs),
     /// The tarpc echo server.
     #[command(hide = true)]
-    TarpcServer {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        group: u32,
-        #[arg(long)]
-        threads: usize,
-    },
+    TarpcServer(ServerArgs),
     /// One tarpc client process.
     #[command(hide = true)]
-    TarpcClient {
-        #[arg(long)]
-        socket: PathBuf,
-        #[arg(long)]
-        group: u32,
-    },
+    TarpcClient(ClientArgs),
     /// One process of a standalone (elected) group, subscribed to a ticking key.
     #[command(hide = true)]
     Standalone {
@@ -258,6 +215,26 @@ pub enum RoleCmd {
     /// means the same in all of them.
     #[command(hide = true)]
     ClusterMaster(ClusterArgs),
+}
+
+/// A server role's arguments: its socket, its group, its runtime's threads.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub group: u32,
+    #[arg(long)]
+    pub threads: usize,
+}
+
+/// A client role's arguments: the server's socket and its group.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub group: u32,
 }
 
 /// One bench cluster, as every one of its processes reads it.

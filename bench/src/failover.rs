@@ -172,13 +172,7 @@ pub async fn cluster_agent(ctx: &mut Ctx) -> Result<FailoverResult> {
     let mut serving_ms = Vec::with_capacity(repeats);
     let mut agents = Vec::new();
     let result = async {
-        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's agent to serve", |s| s.agent.is_some()).await?;
-        let pids = ctx.hellos(group, "client", workers).await?;
-        state.workers.extend(pids.iter().map(|&pid| (pid, Member::default())));
-        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's workers to hold a value", |s| {
-            s.workers.values().all(|m| m.ready)
-        })
-        .await?;
+        cluster_up(ctx, &mut state, group, workers).await?;
         for repeat in 0..repeats {
             tokio::time::sleep(STEADY).await;
             let old = state.agent.take().context("no agent")?;
@@ -211,6 +205,17 @@ pub async fn cluster_agent(ctx: &mut Ctx) -> Result<FailoverResult> {
     ctx.procs.reap(&[master], Duration::from_secs(6)).await;
     result?;
     Ok(FailoverResult::cluster_agent(workers, ctx.config.failover_link, args.restart_ms, samples_ms, serving_ms))
+}
+
+/// Waits until the cluster's agent serves and its `workers` hold a value.
+async fn cluster_up(ctx: &mut Ctx, state: &mut ClusterState, group: u32, workers: usize) -> Result<()> {
+    pump_cluster(ctx, state, group, STARTUP, "the cluster's agent to serve", |s| s.agent.is_some()).await?;
+    let pids = ctx.hellos(group, "client", workers).await?;
+    state.workers.extend(pids.iter().map(|&pid| (pid, Member::default())));
+    pump_cluster(ctx, state, group, STARTUP, "the cluster's workers to hold a value", |s| {
+        s.workers.values().all(|m| m.ready)
+    })
+    .await
 }
 
 /// Applies the cluster's reports to `state` until `done` holds: hellos of new
@@ -296,13 +301,7 @@ pub async fn cluster_standby(ctx: &mut Ctx) -> Result<FailoverResult> {
     let mut state = ClusterState::default();
     let mut run = StandbyRun::default();
     let result = async {
-        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's agent to serve", |s| s.agent.is_some()).await?;
-        let pids = ctx.hellos(group, "client", workers).await?;
-        state.workers.extend(pids.iter().map(|&pid| (pid, Member::default())));
-        pump_cluster(ctx, &mut state, group, STARTUP, "the cluster's workers to hold a value", |s| {
-            s.workers.values().all(|m| m.ready)
-        })
-        .await?;
+        cluster_up(ctx, &mut state, group, workers).await?;
         let mut control = tandem::cluster::control::ControlClient::connect(&name).await?;
         for repeat in 0..repeats {
             tokio::time::sleep(STEADY).await;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{TEST_TIMEOUT, private_dir, within};
 use futures::{SinkExt, StreamExt};
-use tandem_follower::{Connection, Error, Mirror, UnixConnector, Update};
+use tandem_follower::{Client, Connection, Error, Mirror, Subscription, UnixConnector, Update};
 use tandem_leader::{CallContext, Events, Leader, Upstream};
 use tandem_protocol::{
     Api, ChannelStatus, ErrorCode, ErrorKind, Frame, FrameCodec, Mirrored, PROTOCOL_VERSION, Reject, RemoteError,
@@ -129,6 +129,32 @@ async fn mirror_until(mirror: &Mirror, done: impl Fn(&Mirror) -> bool) {
 }
 
 /// The mirrored value of `key`, decoded.
+/// A raw follower of `version` on the Leader at `path`, its Hello sent, to see the frames themselves.
+async fn raw_follower(path: &std::path::Path, version: u16) -> Framed<tokio::net::UnixStream, FrameCodec> {
+    let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+    let mut link = Framed::new(stream, FrameCodec::new());
+    let hello = tandem_protocol::Hello {
+        version,
+        peer_id: Uuid::new_v4(),
+        pid: std::process::id(),
+        channels: vec![],
+        token: None,
+    };
+    link.send(Frame::Hello(hello)).await.unwrap();
+    link
+}
+
+/// Subscribes `app` to each of `keys` and waits for each one's first value; the subscriptions, kept.
+async fn subscribe_all(app: &Client<Rev>, keys: impl Iterator<Item = String>) -> Vec<Subscription<Rev>> {
+    let mut subscriptions = Vec::new();
+    for key in keys {
+        let mut subscription = app.subscribe(key).await.unwrap();
+        subscription.next().await.unwrap();
+        subscriptions.push(subscription);
+    }
+    subscriptions
+}
+
 fn mirrored(mirror: &Mirror, key: &str) -> Option<String> {
     mirror.value::<Rev>(&key.to_string()).unwrap().map(|((value, _), _)| value)
 }
@@ -204,24 +230,10 @@ async fn a_mirror_snapshot_of_many_keys_comes_in_bounded_batches() {
         let leader = Leader::builder().channel::<Rev, _>(upstream.clone()).start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
         let app = connect(&path).client::<Rev>();
-        let mut subscriptions = Vec::new();
-        for n in 0..keys {
-            let mut subscription = app.subscribe(format!("k{n}")).await.unwrap();
-            subscription.next().await.unwrap();
-            subscriptions.push(subscription);
-        }
+        let _subscriptions = subscribe_all(&app, (0..keys).map(|n| format!("k{n}"))).await;
 
         // A raw version 3 follower, to see the frames themselves.
-        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
-        let mut link = Framed::new(stream, FrameCodec::new());
-        let hello = tandem_protocol::Hello {
-            version: PROTOCOL_VERSION,
-            peer_id: Uuid::new_v4(),
-            pid: std::process::id(),
-            channels: vec![],
-            token: None,
-        };
-        link.send(Frame::Hello(hello)).await.unwrap();
+        let mut link = raw_follower(&path, PROTOCOL_VERSION).await;
         link.send(Frame::Mirror(7)).await.unwrap();
         let (mut batches, mut entries) = (0, 0);
         loop {
@@ -440,16 +452,7 @@ async fn a_mirror_frame_from_a_version_2_follower_ends_its_session() {
         let dir = private_dir();
         let leader = Leader::builder().channel::<Rev, _>(RevUpstream::default()).start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
-        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
-        let mut link = Framed::new(stream, FrameCodec::new());
-        let hello = tandem_protocol::Hello {
-            version: 2,
-            peer_id: Uuid::new_v4(),
-            pid: std::process::id(),
-            channels: vec![],
-            token: None,
-        };
-        link.send(Frame::Hello(hello)).await.unwrap();
+        let mut link = raw_follower(&path, 2).await;
         let Some(Ok(Frame::Welcome(welcome))) = link.next().await else { panic!("no Welcome") };
         assert_eq!(welcome.version, 2);
         link.send(Frame::Mirror(1)).await.unwrap();
@@ -558,23 +561,9 @@ async fn a_mirror_snapshot_fits_a_small_frame_limit_and_misses_no_key() {
         let leader = Leader::builder().config(config).channel::<Rev, _>(upstream.clone()).start();
         let path = leader.bind_unix(dir.path().join("leader.sock")).unwrap();
         let app = connect(&path).client::<Rev>();
-        let mut subscriptions = Vec::new();
-        for n in 0..keys {
-            let mut subscription = app.subscribe(format!("key-{n}")).await.unwrap();
-            subscription.next().await.unwrap();
-            subscriptions.push(subscription);
-        }
+        let _subscriptions = subscribe_all(&app, (0..keys).map(|n| format!("key-{n}"))).await;
 
-        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
-        let mut link = Framed::new(stream, FrameCodec::new());
-        let hello = tandem_protocol::Hello {
-            version: PROTOCOL_VERSION,
-            peer_id: Uuid::new_v4(),
-            pid: std::process::id(),
-            channels: vec![],
-            token: None,
-        };
-        link.send(Frame::Hello(hello)).await.unwrap();
+        let mut link = raw_follower(&path, PROTOCOL_VERSION).await;
         link.send(Frame::Mirror(1)).await.unwrap();
         let mut entries = 0;
         loop {
@@ -610,16 +599,7 @@ async fn a_stalled_mirror_under_load_keeps_only_the_latest_update_of_each_key() 
         let mut a = app.subscribe("a".into()).await.unwrap();
         a.next().await.unwrap();
 
-        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
-        let mut link = Framed::new(stream, FrameCodec::new());
-        let hello = tandem_protocol::Hello {
-            version: PROTOCOL_VERSION,
-            peer_id: Uuid::new_v4(),
-            pid: std::process::id(),
-            channels: vec![],
-            token: None,
-        };
-        link.send(Frame::Hello(hello)).await.unwrap();
+        let mut link = raw_follower(&path, PROTOCOL_VERSION).await;
         link.send(Frame::Mirror(1)).await.unwrap();
         while !matches!(link.next().await.unwrap().unwrap(), Frame::Mirrored(Mirrored { synced: true, .. })) {}
 

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,15 +12,15 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::floor_wire::{ECHO, FANOUT, has_frame, parse_event, put_frame, read_frame};
-use crate::clock::{Window, mono_ns, sleep_until_ns};
+use super::loops::Events;
+use crate::clock::{Window, mono_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
-use crate::tally::{Calls, DRAIN, EventTally};
+use crate::tally::Calls;
 
 pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
     let (mut read, mut write) = open(&socket, ECHO).await?;
     reporter.send(&Report::Ready);
-    let events = Arc::new(Mutex::new(EventTally::new()));
-    let mut receiver = None;
+    let mut events = Events::new();
     while let Some(cmd) = commands.next().await? {
         match cmd {
             Cmd::Invoke { concurrency, payload, window } => {
@@ -35,35 +34,22 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
                 let (mut read, write) = open(&socket, FANOUT).await?;
                 let mut body = Vec::new();
                 read_frame(&mut read, &mut body).await?; // registered
-                let events = events.clone();
-                receiver = Some(tokio::spawn(async move {
+                events.spawn(|events| async move {
                     let _write = write;
                     while let Ok(true) = read_frame(&mut read, &mut body).await {
                         if let Some((key, idx, sent_ns)) = parse_event(&body) {
-                            lock(&events).record(key, idx, sent_ns, mono_ns());
+                            events.record(key, idx, sent_ns);
                         }
                     }
-                }));
+                });
                 reporter.send(&Report::Subscribed);
             }
-            Cmd::Receive { window } => {
-                lock(&events).start(window);
-                sleep_until_ns(window.end_ns + DRAIN.as_nanos() as u64).await;
-                let report = lock(&events).finish(0);
-                reporter.send(&report);
-            }
+            Cmd::Receive { window } => reporter.send(&events.receive(window).await),
             Cmd::Quit => break,
             other => bail!("a floor client cannot {other:?}"),
         }
     }
-    if let Some(receiver) = receiver {
-        receiver.abort();
-    }
     Ok(())
-}
-
-fn lock(events: &Mutex<EventTally>) -> std::sync::MutexGuard<'_, EventTally> {
-    events.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 type Reader = BufReader<OwnedReadHalf>;

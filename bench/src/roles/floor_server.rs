@@ -14,7 +14,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use super::floor_wire::{ECHO, FANOUT, has_frame, put_event, put_frame, read_frame};
-use crate::clock::{Window, mono_ns, sleep_until_ns};
+use super::loops::Schedule;
+use crate::clock::Window;
 use crate::control::{Cmd, Commands, Report, Reporter};
 
 type Subscribers = Arc<Mutex<Vec<mpsc::Sender<Bytes>>>>;
@@ -108,25 +109,10 @@ async fn publish(
     window: Window,
 ) -> u64 {
     let pad = vec![0xA5; payload];
-    let keys = keys.max(1);
-    let mut idx = vec![0u64; keys];
+    let mut schedule = Schedule::start(keys, interval_us, window).await;
+    let mut idx = vec![0u64; schedule.keys()];
     let mut published = 0u64;
-    sleep_until_ns(window.start_ns).await;
-    for i in 0u64.. {
-        let (now, burst) = if interval_us == 0 {
-            (mono_ns(), 0..keys)
-        } else {
-            let at = window.start_ns + i * interval_us * 1000;
-            if at >= window.end_ns {
-                break;
-            }
-            sleep_until_ns(at).await;
-            let key = i as usize % keys;
-            (mono_ns(), key..key + 1)
-        };
-        if now >= window.end_ns {
-            break;
-        }
+    while let Some((now, burst)) = schedule.next().await {
         let mut batch = BytesMut::with_capacity(burst.len() * (24 + pad.len()));
         for key in burst {
             put_event(&mut batch, key as u32, idx[key], now, &pad);
@@ -136,9 +122,6 @@ async fn publish(
         let batch = batch.freeze();
         for subscriber in &subscribers {
             let _ = subscriber.send(batch.clone()).await;
-        }
-        if interval_us == 0 {
-            tokio::task::yield_now().await;
         }
     }
     published

@@ -17,6 +17,7 @@ mod floor_server;
 mod floor_wire;
 mod follower;
 mod leader;
+mod loops;
 mod mass;
 mod standalone;
 mod tarpc_client;
@@ -30,7 +31,7 @@ use std::future::Future;
 
 use anyhow::Result;
 
-use crate::cli::RoleCmd;
+use crate::cli::{ClientArgs, RoleCmd, ServerArgs};
 use crate::control::{self, Commands, Report, Reporter};
 use crate::procs;
 
@@ -39,28 +40,28 @@ pub fn main(role: RoleCmd) -> ! {
     procs::prepare_role_process();
     tandem::logging::init_with_default("error");
     let result = match role {
-        RoleCmd::Leader { socket, group, threads } => {
+        RoleCmd::Leader(ServerArgs { socket, group, threads }) => {
             serve(server_runtime(threads), "server", group, |c, r| leader::run(socket, c, r))
         }
         RoleCmd::Follower { socket, group, calls } => {
             serve(client_runtime(), "client", group, |c, r| follower::run(socket, calls, c, r))
         }
-        RoleCmd::FloorServer { socket, group, threads } => {
+        RoleCmd::FloorServer(ServerArgs { socket, group, threads }) => {
             serve(server_runtime(threads), "server", group, |c, r| floor_server::run(socket, c, r))
         }
-        RoleCmd::FloorClient { socket, group } => {
+        RoleCmd::FloorClient(ClientArgs { socket, group }) => {
             serve(client_runtime(), "client", group, |c, r| floor_client::run(socket, c, r))
         }
-        RoleCmd::TonicServer { socket, group, threads } => {
+        RoleCmd::TonicServer(ServerArgs { socket, group, threads }) => {
             serve(server_runtime(threads), "server", group, |c, r| tonic_server::run(socket, c, r))
         }
-        RoleCmd::TonicClient { socket, group } => {
+        RoleCmd::TonicClient(ClientArgs { socket, group }) => {
             serve(client_runtime(), "client", group, |c, r| tonic_client::run(socket, c, r))
         }
-        RoleCmd::TarpcServer { socket, group, threads } => {
+        RoleCmd::TarpcServer(ServerArgs { socket, group, threads }) => {
             serve(server_runtime(threads), "server", group, |c, r| tarpc_server::run(socket, c, r))
         }
-        RoleCmd::TarpcClient { socket, group } => {
+        RoleCmd::TarpcClient(ClientArgs { socket, group }) => {
             serve(client_runtime(), "client", group, |c, r| tarpc_client::run(socket, c, r))
         }
         RoleCmd::Standalone { dir, name, group } => {

@@ -3,16 +3,14 @@
 //! loop on clones of it, as the tandem follower's tasks do.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use tarpc::tokio_serde::formats::Bincode;
 
+use super::loops::{Echo, calls_in_tasks};
 use super::tarpc_wire::BenchClient;
-use crate::clock::{Window, mono_ns};
 use crate::control::{Cmd, Commands, Report, Reporter};
-use crate::tally::Calls;
 
 pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
     let transport = tarpc::serde_transport::unix::connect(&socket, Bincode::default)
@@ -23,7 +21,7 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
     while let Some(cmd) = commands.next().await? {
         match cmd {
             Cmd::Invoke { concurrency, payload, window } => {
-                let calls = invoke(&client, concurrency, payload, window).await?;
+                let calls = calls_in_tasks(&client, concurrency, payload, window).await?;
                 reporter.send(&calls.report());
             }
             Cmd::Quit => break,
@@ -33,33 +31,8 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
     Ok(())
 }
 
-/// `concurrency` tasks call in a loop until the window closes, counting into
-/// one shared tally (the tandem follower's loop, with a tarpc client).
-async fn invoke(client: &BenchClient, concurrency: usize, payload: usize, window: Window) -> Result<Calls> {
-    let body = Bytes::from(vec![0x5A; payload]);
-    let total = Arc::new(Mutex::new(Calls::new()));
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (client, body, total) = (client.clone(), body.clone(), total.clone());
-            tokio::spawn(async move {
-                let mut started = mono_ns();
-                while started < window.end_ns {
-                    let result = client.echo(tarpc::context::current(), body.clone()).await;
-                    let done = mono_ns();
-                    let mut total = total.lock().unwrap_or_else(|p| p.into_inner());
-                    match result {
-                        Ok(echo) if echo.len() == body.len() => total.record(&window, done, done - started),
-                        _ => total.errors += 1,
-                    }
-                    drop(total);
-                    started = mono_ns();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await?;
+impl Echo for BenchClient {
+    async fn call(&mut self, body: Bytes) -> Option<usize> {
+        self.echo(tarpc::context::current(), body).await.ok().map(|echo| echo.len())
     }
-    let total = Arc::into_inner(total).expect("every task has ended");
-    Ok(total.into_inner().unwrap_or_else(|p| p.into_inner()))
 }

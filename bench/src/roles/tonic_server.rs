@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Status;
 
+use super::loops::Schedule;
 use super::tonic_wire::{BenchService, Event};
-use crate::clock::{Window, mono_ns, sleep_until_ns};
+use crate::clock::Window;
 use crate::control::{Cmd, Commands, Report, Reporter};
 
 pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
@@ -50,25 +51,10 @@ async fn publish(
     window: Window,
 ) -> u64 {
     let pad = Bytes::from(vec![0xA5; payload]);
-    let keys = keys.max(1);
-    let mut idx = vec![0u64; keys];
+    let mut schedule = Schedule::start(keys, interval_us, window).await;
+    let mut idx = vec![0u64; schedule.keys()];
     let mut published = 0u64;
-    sleep_until_ns(window.start_ns).await;
-    for i in 0u64.. {
-        let (now, burst) = if interval_us == 0 {
-            (mono_ns(), 0..keys)
-        } else {
-            let at = window.start_ns + i * interval_us * 1000;
-            if at >= window.end_ns {
-                break;
-            }
-            sleep_until_ns(at).await;
-            let key = i as usize % keys;
-            (mono_ns(), key..key + 1)
-        };
-        if now >= window.end_ns {
-            break;
-        }
+    while let Some((now, burst)) = schedule.next().await {
         for key in burst {
             let event = Event { key: key as u32, idx: idx[key], sent_ns: now, pad: pad.clone() };
             idx[key] += 1;
@@ -77,9 +63,6 @@ async fn publish(
                 // A stream whose client has gone is skipped.
                 let _ = subscriber.send(Ok(event.clone())).await;
             }
-        }
-        if interval_us == 0 {
-            tokio::task::yield_now().await;
         }
     }
     published
