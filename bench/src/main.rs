@@ -105,6 +105,7 @@ mod runner;
 mod standby_results;
 mod table;
 mod tally;
+mod targets;
 mod transport;
 
 use clap::Parser;
