@@ -190,6 +190,12 @@ async fn a_killed_agent_is_replaced_by_its_standby_at_the_next_epoch() {
         assert!(metrics.contains("tandem_standby_promotions_total{cluster=\"standby-kill-it\"} 1"), "{metrics}");
         let up = "tandem_process_up{cluster=\"standby-kill-it\",role=\"standby\",slot=\"standby\"} 1";
         assert!(metrics.contains(up), "{metrics}");
+        // The promoted process counts as the agent, and no more as the standby, in the metrics too.
+        let agent_up = "tandem_process_up{cluster=\"standby-kill-it\",role=\"agent\",slot=\"agent\"} 1";
+        assert!(metrics.contains(agent_up), "{metrics}");
+        let standbys =
+            metrics.lines().filter(|l| l.starts_with("tandem_process_up{") && l.contains("role=\"standby\""));
+        assert_eq!(standbys.count(), 1, "one standby row, the new one: {metrics}");
         common::assert_in_order(&demo.master.seen, "pid");
     })
     .await
