@@ -70,6 +70,16 @@ struct Args {
     /// in a new PID namespace) and exits 50 ms later.
     #[arg(long, default_value_t = 0)]
     orphans: u32,
+    /// Keep a hot standby (`Config::standby`).
+    #[arg(long)]
+    standby: bool,
+    /// `Config::agent_max_memory`, in MiB.
+    #[arg(long)]
+    agent_max_memory_mib: Option<u64>,
+    /// The standby touches this many MiB once it reports ready (it grows over
+    /// a memory limit the agent stays under).
+    #[arg(long, default_value_t = 0)]
+    standby_bloat_mib: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,6 +98,8 @@ fn main() -> anyhow::Result<()> {
     restart.failed_retry = Duration::from_millis(args.failed_retry_ms);
     config.restart = restart;
     config.name = args.name.clone();
+    config.standby = args.standby;
+    config.agent_max_memory = args.agent_max_memory_mib.map(|mib| mib * 1024 * 1024);
 
     let (a, w, m) = (args.clone(), args.clone(), args);
     Cluster::builder("fixture")
@@ -114,6 +126,18 @@ fn text(bytes: &[u8]) -> String {
 }
 
 async fn agent(ctx: AgentContext, args: Args) -> Result<(), BoxError> {
+    // The standby: ready at once (nothing to mirror), then, grown by
+    // `--standby-bloat-mib`, waits for its promotion (then leads as the agent
+    // below) or its stop (`promoted` fails with `StandbyStopped`: a clean exit).
+    let _bloat = if ctx.is_standby() {
+        println!("standby up pid={}", ctx.pid());
+        ctx.standby_ready(0).await?;
+        let bloat = std::hint::black_box(vec![1u8; args.standby_bloat_mib * 1024 * 1024]);
+        ctx.promoted().await?;
+        Some(bloat)
+    } else {
+        None
+    };
     let socket = ctx.default_socket_path();
     let _ = std::fs::remove_file(&socket);
     let _listener = tokio::net::UnixListener::bind(&socket)?;
