@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -14,29 +14,18 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use super::floor_wire::{ECHO, FANOUT, has_frame, put_event, put_frame, read_frame};
-use super::loops::Schedule;
+use super::loops::{Schedule, serve_publishes};
 use crate::clock::Window;
-use crate::control::{Cmd, Commands, Report, Reporter};
+use crate::control::{Commands, Report, Reporter};
 
 type Subscribers = Arc<Mutex<Vec<mpsc::Sender<Bytes>>>>;
 
-pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
+pub async fn run(socket: PathBuf, commands: Commands, reporter: Reporter) -> Result<()> {
     let listener = UnixListener::bind(&socket)?;
     let subscribers = Subscribers::default();
     tokio::spawn(accept(listener, subscribers.clone()));
     reporter.send(&Report::Ready);
-    while let Some(cmd) = commands.next().await? {
-        match cmd {
-            Cmd::Publish { keys, interval_us, payload, window } => {
-                let subscribers = subscribers.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let events = tokio::spawn(publish(subscribers, keys, interval_us, payload, window)).await?;
-                reporter.send(&Report::Published { events });
-            }
-            Cmd::Quit => break,
-            other => bail!("the floor server cannot {other:?}"),
-        }
-    }
-    Ok(())
+    serve_publishes("the floor server", &subscribers, publish, commands, &reporter).await
 }
 
 async fn accept(listener: UnixListener, subscribers: Subscribers) {

@@ -10,7 +10,7 @@ use anyhow::Result;
 use bytes::Bytes;
 
 use crate::clock::{Window, mono_ns, sleep_until_ns};
-use crate::control::Report;
+use crate::control::{Cmd, Commands, Report, Reporter};
 use crate::tally::{Calls, DRAIN, EventTally};
 
 /// A client that echoes a body: the length of the answer, `None` on an error.
@@ -141,4 +141,33 @@ impl Schedule {
         };
         (now < self.window.end_ns).then_some((now, burst))
     }
+}
+
+/// A fan-out server's commands until `Quit`: each `Publish` runs `publish`
+/// (in a task of its own) on the subscribers connected by then, and reports
+/// how many events it published. `what` names the server in errors.
+pub async fn serve_publishes<T, F, Fut>(
+    what: &str,
+    subscribers: &Mutex<Vec<T>>,
+    publish: F,
+    mut commands: Commands,
+    reporter: &Reporter,
+) -> Result<()>
+where
+    T: Clone,
+    F: Fn(Vec<T>, usize, u64, usize, Window) -> Fut,
+    Fut: Future<Output = u64> + Send + 'static,
+{
+    while let Some(cmd) = commands.next().await? {
+        match cmd {
+            Cmd::Publish { keys, interval_us, payload, window } => {
+                let subscribers = subscribers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let events = tokio::spawn(publish(subscribers, keys, interval_us, payload, window)).await?;
+                reporter.send(&Report::Published { events });
+            }
+            Cmd::Quit => break,
+            other => anyhow::bail!("{what} cannot {other:?}"),
+        }
+    }
+    Ok(())
 }

@@ -5,19 +5,19 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use bytes::Bytes;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Status;
 
-use super::loops::Schedule;
+use super::loops::{Schedule, serve_publishes};
 use super::tonic_wire::{BenchService, Event};
 use crate::clock::Window;
-use crate::control::{Cmd, Commands, Report, Reporter};
+use crate::control::{Commands, Report, Reporter};
 
-pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) -> Result<()> {
+pub async fn run(socket: PathBuf, commands: Commands, reporter: Reporter) -> Result<()> {
     let listener = UnixListener::bind(&socket)?;
     let service = BenchService::default();
     let subscribers = service.subscribers.clone();
@@ -25,19 +25,9 @@ pub async fn run(socket: PathBuf, mut commands: Commands, reporter: Reporter) ->
         tonic::transport::Server::builder().add_service(service).serve_with_incoming(UnixListenerStream::new(listener)),
     );
     reporter.send(&Report::Ready);
-    while let Some(cmd) = commands.next().await? {
-        match cmd {
-            Cmd::Publish { keys, interval_us, payload, window } => {
-                let subscribers = subscribers.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let events = tokio::spawn(publish(subscribers, keys, interval_us, payload, window)).await?;
-                reporter.send(&Report::Published { events });
-            }
-            Cmd::Quit => break,
-            other => bail!("the tonic server cannot {other:?}"),
-        }
-    }
+    let result = serve_publishes("the tonic server", &subscribers, publish, commands, &reporter).await;
     server.abort();
-    Ok(())
+    result
 }
 
 /// Publishes during `window`, as the floor's server does: bursts of one event
