@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tandem::follower::LinkState;
-use tandem::{Client, Connection, UnixConnector};
+use tandem::{Client, Connection, Subscription, UnixConnector};
 
 use crate::api::{BenchApi, TICKING_KEY, key_name};
 use crate::clock::{Window, mono_ns, sleep_until_ns};
@@ -133,6 +133,18 @@ impl LinkLosses {
     }
 }
 
+/// Waits (10 s at most) for the ticking key's first value, reports it and
+/// `Ready`; returns its epoch.
+pub async fn first_value(subscription: &mut Subscription<BenchApi>, reporter: &Reporter) -> Result<u64> {
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .context("no first value within 10 s")?
+        .context("subscription ended")?;
+    reporter.send(&Report::Value { epoch: first.epoch, seq: first.seq, recv_ns: mono_ns() });
+    reporter.send(&Report::Ready);
+    Ok(first.epoch)
+}
+
 /// The cluster-agent failover's worker: subscribes to the ticking key, reports
 /// ready once it holds a value, then reports the first value it receives from
 /// each newer Leader (epoch), until `Quit`.
@@ -140,13 +152,7 @@ pub async fn watch(connection: &Connection, mut commands: Commands, reporter: &R
     let client = connection.client::<BenchApi>();
     client.ready().await?;
     let mut subscription = client.subscribe(TICKING_KEY.to_string()).await?;
-    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
-        .await
-        .context("no first value within 10 s")?
-        .context("subscription ended")?;
-    let mut epoch = first.epoch;
-    reporter.send(&Report::Value { epoch, seq: first.seq, recv_ns: mono_ns() });
-    reporter.send(&Report::Ready);
+    let mut epoch = first_value(&mut subscription, reporter).await?;
     loop {
         tokio::select! {
             cmd = commands.next() => match cmd? {

@@ -38,13 +38,7 @@ pub async fn run(dir: PathBuf, name: String, mut commands: Commands, reporter: R
         }
     };
     report_role(&status.borrow_and_update());
-    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
-        .await
-        .context("no first value within 10 s")?
-        .context("subscription ended")?;
-    let mut epoch = first.epoch;
-    reporter.send(&Report::Value { epoch, seq: first.seq, recv_ns: mono_ns() });
-    reporter.send(&Report::Ready);
+    let mut epoch = super::follower::first_value(&mut subscription, &reporter).await?;
     loop {
         tokio::select! {
             cmd = commands.next() => match cmd? {
