@@ -44,3 +44,26 @@ test('ready() rejects when the stream socket is not there', { timeout: 10000 }, 
   await assert.rejects(ready({ env: { TANDEM_NOTIFY_STREAM: path.join(dir, 'missing.stream') } }), /ENOENT/);
   fs.rmSync(dir, { recursive: true, force: true });
 });
+
+test('under the real `tandem run`, ready() makes the worker ready', { timeout: 60000 }, async (t) => {
+  const { start, waitLine, kill, killAll, tempDir: dir } = require('./support/procs');
+  t.after(killAll);
+  const tandem = path.join(process.env.TANDEM_TARGET_DIR || path.resolve(__dirname, '../../../target/debug'), 'tandem');
+  if (!fs.existsSync(tandem)) throw new Error(`${tandem} is missing: build it first with \`cargo build -p tandem --bin tandem\``);
+  const lib = path.resolve(__dirname, '..');
+  // Without READY=1 the run would wait its 30 s ready timeout.
+  const program = `require(${JSON.stringify(lib)}).ready().then((via) => { console.log('via=' + via); setInterval(() => {}, 1000); })`;
+  const xdg = dir();
+  const run = start(tandem, ['run', '--name', 'node-ready', '--workers', '1', '--', process.execPath, '-e', program], {
+    XDG_RUNTIME_DIR: xdg,
+  });
+  await waitLine(run, /^via=stream$/);
+  await waitLine(run, /^ready: 1 workers running/);
+  await new Promise((resolve) => {
+    run.once('exit', resolve);
+    run.kill('SIGTERM');
+  });
+  assert.equal(run.exitCode, 0, run.stderrText);
+  await kill(run);
+  fs.rmSync(xdg, { recursive: true, force: true });
+});

@@ -54,3 +54,39 @@ def test_ready_raises_when_the_socket_is_not_there() -> None:
             except OSError:
                 continue
             raise AssertionError(f"no OSError for {env}")
+
+
+def test_under_the_real_tandem_run_ready_makes_the_worker_ready(processes, private_dir) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import TARGET
+
+    tandem = TARGET / "tandem"
+    if not tandem.exists():
+        raise AssertionError(f"{tandem} is missing: build it first with `cargo build -p tandem --bin tandem`")
+    # Without READY=1 the run would wait its 30 s ready timeout.
+    program = (
+        "import asyncio, time, tandem_follower\n"
+        "print('via=' + asyncio.run(tandem_follower.ready()), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(private_dir)}
+    args = [str(tandem), "run", "--name", "py-ready", "--workers", "1", "--", sys.executable, "-c", program]
+    run = processes.spawn(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in run.stdout], daemon=True).start()
+
+    def expect(prefix: str) -> str:
+        while True:
+            line = lines.get(timeout=20)
+            if line.startswith(prefix):
+                return line
+
+    assert expect("via=") == "via=datagram"
+    expect("ready: 1 workers running")
+    run.terminate()
+    assert run.wait(timeout=20) == 0
