@@ -45,10 +45,11 @@ use tokio::time::Instant;
 
 use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, AgentReloadReply, Reply, Timer};
+use crate::process::Ended;
 use crate::reload_handle::{AgentReloadReport, ReloadError, ReplaceReason};
 use crate::status::ProcessState;
 use crate::supervisor::Slot;
-use crate::{ClusterEvent, ExitReason, StartFailure};
+use crate::{ClusterEvent, StartFailure};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -157,13 +158,7 @@ impl AgentReload {
     /// a reload: its successor is spawned now. Its successor, not ready yet:
     /// the reload fails and the slot restarts with backoff, as after any crash.
     /// `None`: neither (the master restarts the slot as usual).
-    pub(crate) fn on_exited(
-        &mut self,
-        key: ProcKey,
-        exit: ExitReason,
-        timed_out: bool,
-        start_timeout: Duration,
-    ) -> Option<Vec<Action>> {
+    pub(crate) fn on_exited(&mut self, key: ProcKey, ended: Ended, start_timeout: Duration) -> Option<Vec<Action>> {
         let running = self.running.as_mut()?;
         match running.phase {
             Phase::Stopping { old } if old == key => {
@@ -171,8 +166,7 @@ impl AgentReload {
                 Some(vec![Action::Relaunch(key.slot)])
             }
             Phase::Starting { new, new_pid } if new == key => {
-                let cause = if timed_out { StartFailure::TimedOut(start_timeout) } else { StartFailure::exited(exit) };
-                let mut actions = self.fail(Some(new_pid), cause);
+                let mut actions = self.fail(Some(new_pid), ended.start_failure(start_timeout));
                 actions.push(Action::Restart(key.slot));
                 Some(actions)
             }
@@ -240,6 +234,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::ExitReason;
     use crate::spawn::IPC_MISMATCH_EXIT;
     use crate::supervisor::testing::{Fixture, kinds};
 
@@ -283,7 +278,7 @@ mod tests {
         );
         f.exit(old);
         let timeout = Duration::from_secs(10);
-        assert_eq!(kinds(&reload.on_exited(old, ExitReason::Code(0), false, timeout).unwrap()), ["relaunch agent"]);
+        assert_eq!(kinds(&reload.on_exited(old, Ended::by(ExitReason::Code(0)), timeout).unwrap()), ["relaunch agent"]);
         let new = f.spawn(SlotId::Agent, 8);
         assert!(reload.on_launched(Ok((new, f.pid(new))), SlotId::Agent).is_empty());
         assert!(reload.on_ready(old, 1).is_empty(), "not the new agent");
@@ -304,11 +299,11 @@ mod tests {
         let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
         f.exit(old);
         let timeout = Duration::from_secs(10);
-        let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
+        let _ = reload.on_exited(old, Ended::by(ExitReason::Code(0)), timeout);
         let new = f.spawn(SlotId::Agent, 8);
         let new_pid = f.pid(new);
         let _ = reload.on_launched(Ok((new, new_pid)), SlotId::Agent);
-        let mut failed = reload.on_exited(new, ExitReason::Code(IPC_MISMATCH_EXIT), false, timeout).unwrap();
+        let mut failed = reload.on_exited(new, Ended::by(ExitReason::Code(IPC_MISMATCH_EXIT)), timeout).unwrap();
         let e = reply_of(&mut failed).unwrap_err();
         assert_eq!(
             e,
@@ -325,7 +320,7 @@ mod tests {
         assert_eq!(e.to_string(), text);
         assert!(matches!(&failed[0], Action::Emit(ClusterEvent::ReloadFailed { reason }) if *reason == text));
         assert_eq!(kinds(&failed), ["emit ReloadFailed", "restart agent"]);
-        assert!(reload.on_exited(new, ExitReason::Code(1), false, timeout).is_none(), "over: a crash as usual");
+        assert!(reload.on_exited(new, Ended::by(ExitReason::Code(1)), timeout).is_none(), "over: a crash as usual");
     }
 
     #[tokio::test(start_paused = true)]
@@ -339,11 +334,11 @@ mod tests {
         let (tx, _rx) = oneshot::channel();
         let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
         f.exit(old);
-        let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
+        let _ = reload.on_exited(old, Ended::by(ExitReason::Code(0)), timeout);
         let new = f.spawn(SlotId::Agent, 8);
         let new_pid = f.pid(new);
         let _ = reload.on_launched(Ok((new, new_pid)), SlotId::Agent);
-        let mut failed = reload.on_exited(new, ExitReason::Signal(9), true, timeout).unwrap();
+        let mut failed = reload.on_exited(new, Ended::at_deadline(ExitReason::Signal(9)), timeout).unwrap();
         let e = reply_of(&mut failed).unwrap_err();
         assert_eq!(
             e,
@@ -358,7 +353,7 @@ mod tests {
         let (tx, _rx) = oneshot::channel();
         let _ = reload.request(f.slots.agent().unwrap(), open(), GRACE, tx);
         f.exit(old);
-        let _ = reload.on_exited(old, ExitReason::Code(0), false, timeout);
+        let _ = reload.on_exited(old, Ended::by(ExitReason::Code(0)), timeout);
         let mut failed = reload.on_launched(Err("Permission denied (os error 13)".into()), SlotId::Agent);
         let e = reply_of(&mut failed).unwrap_err();
         assert_eq!(

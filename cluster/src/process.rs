@@ -153,6 +153,41 @@ pub enum StartFailure {
     Spawn(String),
 }
 
+/// How a process that was not ready yet ended, as the master saw it: what
+/// names its start failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ended {
+    pub(crate) exit: ExitReason,
+    /// It was killed at its start deadline.
+    pub(crate) timed_out: bool,
+    /// It spoke on its IPC channel, so a code 111 is its own (a `tandem run`
+    /// program's, say), not the sign of another IPC version.
+    pub(crate) joined: bool,
+}
+
+impl Ended {
+    /// Ended by itself (or a signal) before its deadline, before it spoke.
+    #[cfg(test)]
+    pub(crate) fn by(exit: ExitReason) -> Self {
+        Ended { exit, timed_out: false, joined: false }
+    }
+
+    /// Killed at its start deadline.
+    #[cfg(test)]
+    pub(crate) fn at_deadline(exit: ExitReason) -> Self {
+        Ended { exit, timed_out: true, joined: false }
+    }
+
+    /// Why it failed to start, given the deadline it had.
+    pub(crate) fn start_failure(self, start_timeout: Duration) -> StartFailure {
+        match self {
+            Ended { timed_out: true, .. } => StartFailure::TimedOut(start_timeout),
+            Ended { exit, joined: true, .. } => StartFailure::Exited(exit),
+            Ended { exit, .. } => StartFailure::exited(exit),
+        }
+    }
+}
+
 impl StartFailure {
     /// A process that ended (`exit`) before it was ready:
     /// [`IpcMismatch`](Self::IpcMismatch) when it exited with
@@ -169,6 +204,16 @@ impl StartFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_111_is_another_ipc_version_only_from_a_child_that_never_spoke() {
+        let code = ExitReason::Code(crate::spawn::IPC_MISMATCH_EXIT);
+        let start = Duration::from_secs(2);
+        assert_eq!(Ended::by(code).start_failure(start), StartFailure::IpcMismatch(code));
+        let joined = Ended { exit: code, timed_out: false, joined: true };
+        assert_eq!(joined.start_failure(start), StartFailure::Exited(code));
+        assert_eq!(Ended::at_deadline(ExitReason::Signal(9)).start_failure(start), StartFailure::TimedOut(start));
+    }
 
     #[test]
     fn a_start_failure_reads_as_a_sentence_and_keeps_its_shape_on_the_wire() {

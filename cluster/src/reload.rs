@@ -30,10 +30,11 @@ use tokio::time::Instant;
 
 use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, Machine, ReloadReply, Reply, Timer};
+use crate::process::Ended;
 use crate::reload_handle::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker, worker_failure};
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
-use crate::{ClusterEvent, ExitReason, StartFailure, WorkerId};
+use crate::{ClusterEvent, StartFailure, WorkerId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -310,8 +311,7 @@ impl Reload {
         &mut self,
         slots: &Slots,
         key: ProcKey,
-        exit: ExitReason,
-        timed_out: bool,
+        ended: Ended,
         settings: Settings,
         stopping: bool,
     ) -> Vec<Action> {
@@ -321,7 +321,7 @@ impl Reload {
             return actions;
         };
         let active = run.active.remove(pos);
-        let cause = if timed_out { StartFailure::TimedOut(settings.start_timeout) } else { StartFailure::exited(exit) };
+        let cause = ended.start_failure(settings.start_timeout);
         let failure = Failure { worker: active.id, new_pid: Some(active.new_pid), cause };
         // The `reload failed` event (WARN, with this reason) is the log line.
         tracing::debug!(reason = %failure.text(), "replacement failed; rolling back");
@@ -422,6 +422,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::ExitReason;
     use crate::spawn::IPC_MISMATCH_EXIT;
     use crate::supervisor::testing::{Fixture, kinds};
 
@@ -507,7 +508,7 @@ mod tests {
         let _ = reload.on_launched(1, Ok((new, pid)));
         f.exit(new);
         let exit = ExitReason::Code(IPC_MISMATCH_EXIT);
-        let actions = reload.on_new_exited(&f.slots, new, exit, false, SETTINGS, false);
+        let actions = reload.on_new_exited(&f.slots, new, Ended::by(exit), SETTINGS, false);
         assert_eq!(kinds(&actions), ["restore worker 1", "advance Reload"], "the old one is still there: no restart");
         let slot = f.slots.get_mut(SlotId::Worker(1)).unwrap();
         slot.proc = slot.previous.take();
@@ -561,7 +562,7 @@ mod tests {
         let _ = reload.on_launched(2, Ok((new, second)));
         assert!(reload.on_start_timeout(&f.slots, new, SETTINGS).is_some());
         f.exit(new);
-        let _ = reload.on_new_exited(&f.slots, new, ExitReason::Signal(15), true, SETTINGS, false);
+        let _ = reload.on_new_exited(&f.slots, new, Ended::at_deadline(ExitReason::Signal(15)), SETTINGS, false);
         let slot = f.slots.get_mut(SlotId::Worker(2)).unwrap();
         slot.proc = slot.previous.take();
         let end = reload.on_advance(&f.slots, SETTINGS);

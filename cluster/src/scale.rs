@@ -25,10 +25,11 @@ use tokio::time::Instant;
 
 use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, Machine, Reply, ScaleReply, Timer};
+use crate::process::Ended;
 use crate::reload_handle::{AddedWorker, MAX_WORKERS, ReloadError, RemovedWorker, ReplaceReason, ScaleReport, ScaleTo};
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
-use crate::{ClusterEvent, ExitReason, StartFailure, WorkerId};
+use crate::{ClusterEvent, StartFailure, WorkerId};
 
 /// A worker being added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,22 +217,16 @@ impl Scale {
     /// worker: its slot goes. A new worker not ready yet (it exited, or was
     /// killed at its start deadline: `timed_out`): its slot goes and the
     /// scale fails. `None`: neither (the supervisor handles it as usual).
-    pub(crate) fn on_exited(
-        &mut self,
-        key: ProcKey,
-        exit: ExitReason,
-        timed_out: bool,
-        start_timeout: Duration,
-    ) -> Option<Vec<Action>> {
+    pub(crate) fn on_exited(&mut self, key: ProcKey, ended: Ended, start_timeout: Duration) -> Option<Vec<Action>> {
         let run = self.run.as_mut()?;
         if let Some(pos) = run.draining.iter().position(|&(_, k, _)| k == key) {
             let (id, _, pid) = run.draining.remove(pos);
-            run.removed.push(RemovedWorker { worker: id, pid: Some(pid), exit: Some(exit) });
+            run.removed.push(RemovedWorker { worker: id, pid: Some(pid), exit: Some(ended.exit) });
             return Some(vec![Action::RemoveSlot(key.slot), Action::Advance(Machine::Scale)]);
         }
         let pos = run.adding.iter().position(|a| a.new.is_some_and(|(k, _)| k == key))?;
         let Adding { id, new } = run.adding.remove(pos);
-        let cause = if timed_out { StartFailure::TimedOut(start_timeout) } else { StartFailure::exited(exit) };
+        let cause = ended.start_failure(start_timeout);
         run.failed.get_or_insert((id, new.map(|(_, pid)| pid), cause));
         Some(vec![Action::RemoveSlot(key.slot), Action::Advance(Machine::Scale)])
     }
@@ -282,8 +277,8 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::RestartPolicy;
     use crate::supervisor::testing::{Fixture, kinds};
+    use crate::{ExitReason, RestartPolicy};
 
     const GRACE: Duration = Duration::from_secs(3);
     const START: Duration = Duration::from_secs(10);
@@ -363,12 +358,12 @@ mod tests {
         assert!(scale.on_advance(&f.slots).is_empty());
         let (p3, p4) = (f.pid(k3), f.pid(k4));
         f.exit(k4);
-        let on_exit = scale.on_exited(k4, ExitReason::Code(0), false, START).unwrap();
+        let on_exit = scale.on_exited(k4, Ended::by(ExitReason::Code(0)), START).unwrap();
         assert_eq!(kinds(&on_exit), ["remove worker 4", "advance Scale"]);
         f.slots.remove(SlotId::Worker(4));
         assert!(scale.on_advance(&f.slots).is_empty(), "worker 3 still drains");
         f.exit(k3);
-        let _ = scale.on_exited(k3, ExitReason::Signal(9), false, START).unwrap();
+        let _ = scale.on_exited(k3, Ended::by(ExitReason::Signal(9)), START).unwrap();
         f.slots.remove(SlotId::Worker(3));
         let report = reply_of(scale.on_advance(&f.slots)).unwrap();
         assert_eq!((report.from, report.to), (4, 2));
@@ -380,7 +375,7 @@ mod tests {
             ]
         );
         // Another process's exit is not the scale's.
-        assert!(scale.on_exited(f.key(SlotId::Worker(1)), ExitReason::Code(1), false, START).is_none());
+        assert!(scale.on_exited(f.key(SlotId::Worker(1)), Ended::by(ExitReason::Code(1)), START).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -417,7 +412,7 @@ mod tests {
         let (k3, p3) = add(&mut f, 3);
         let _ = scale.on_launched(3, Ok((k3, p3)));
         f.exit(k3);
-        let actions = scale.on_exited(k3, ExitReason::Signal(9), true, START).unwrap();
+        let actions = scale.on_exited(k3, Ended::at_deadline(ExitReason::Signal(9)), START).unwrap();
         assert_eq!(kinds(&actions), ["remove worker 3", "advance Scale"]);
         f.slots.remove(SlotId::Worker(3));
         let e = reply_of(scale.on_advance(&f.slots)).unwrap_err();
@@ -501,7 +496,7 @@ mod tests {
         f.slots.remove(SlotId::Worker(3));
         assert!(scale.on_advance(&f.slots).is_empty(), "worker 2 drains");
         f.exit(k2);
-        let _ = scale.on_exited(k2, ExitReason::Code(0), false, START);
+        let _ = scale.on_exited(k2, Ended::by(ExitReason::Code(0)), START);
         f.slots.remove(SlotId::Worker(2));
         let report = reply_of(scale.on_advance(&f.slots)).unwrap();
         assert_eq!(report.removed[1], RemovedWorker { worker: 2, pid: Some(p2), exit: Some(ExitReason::Code(0)) });

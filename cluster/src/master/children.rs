@@ -16,6 +16,7 @@ use crate::identity::{AgentInfo, ProcKey, SlotId};
 use crate::ipc::{Init, Ready, ToChild};
 use crate::lifecycle::Timer;
 use crate::liveness::{Liveness, Verdict};
+use crate::process::Ended;
 use crate::round_robin::Cmd as RrCmd;
 use crate::status::ProcessState;
 use crate::supervisor::{Proc, Slot};
@@ -341,7 +342,8 @@ impl Master {
             self.process_gone(&new);
             self.emit(ClusterEvent::Exited { process, exit, uptime });
             let (settings, stopping) = (self.reload_settings(), self.machines.stop.is_stopping());
-            let actions = self.machines.reload.on_new_exited(&self.slots, key, exit, new.timed_out, settings, stopping);
+            let ended = Ended { exit, timed_out: new.timed_out, joined: new.joined };
+            let actions = self.machines.reload.on_new_exited(&self.slots, key, ended, settings, stopping);
             self.apply(actions);
             if stopping {
                 self.advance_stop();
@@ -368,8 +370,9 @@ impl Master {
         // A worker a scale removed (drained), or one it added that failed to start.
         let start_timeout = self.setup.config.worker_start_timeout;
         // Code 111 reads as another IPC version only from a child that never spoke on its channel.
-        let failure = if proc.joined { StartFailure::Exited(exit) } else { StartFailure::exited(exit) };
-        if let Some(actions) = self.machines.scale.on_exited(key, exit, proc.timed_out, start_timeout) {
+        let ended = Ended { exit, timed_out: proc.timed_out, joined: proc.joined };
+        let failure = ended.start_failure(start_timeout);
+        if let Some(actions) = self.machines.scale.on_exited(key, ended, start_timeout) {
             if was_starting && !proc.timed_out {
                 self.emit(ClusterEvent::StartFailed { process, reason: failure });
             }
@@ -387,7 +390,7 @@ impl Master {
         }
         if key.slot == SlotId::Agent {
             let timeout = self.setup.config.agent_start_timeout;
-            if let Some(actions) = self.machines.agent_reload.on_exited(key, exit, proc.timed_out, timeout) {
+            if let Some(actions) = self.machines.agent_reload.on_exited(key, ended, timeout) {
                 // The old agent of a reload: its successor starts now, not after a backoff.
                 return self.apply(actions);
             }
