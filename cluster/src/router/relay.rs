@@ -88,8 +88,12 @@ impl Relayed {
 impl Relay {
     /// Relays `link` between `worker` and `agent` from now on.
     pub(crate) fn insert(&self, link: LinkId, worker: &Proc, agent: &Proc) {
-        let route =
-            Route { worker: worker.key, agent: agent.key, to_worker: worker.data.clone(), to_agent: agent.data.clone() };
+        let route = Route {
+            worker: worker.key,
+            agent: agent.key,
+            to_worker: worker.data.clone(),
+            to_agent: agent.data.clone(),
+        };
         self.lock().insert(link, route);
     }
 
