@@ -19,6 +19,7 @@ use crate::identity::ProcKey;
 use crate::ipc::{FromChild, MasterCodec, ToChild};
 use crate::listeners::BoundListeners;
 use crate::round_robin::RoundRobin;
+use crate::router::Relay;
 use crate::{BoxError, WorkerId};
 
 /// Frames written to a child per flush after the first.
@@ -107,10 +108,20 @@ impl WriteSource for ToChildQueues {
     }
 }
 
-pub(crate) async fn read_from_child(rd: UnixReadHalf, key: ProcKey, tx: mpsc::Sender<Input>) {
+/// Reads one child's channel into the master's loop; its links' frames and
+/// credits go straight to the other end through `relay` (the router's fast
+/// path, see `router/relay.rs`) when the master runs on one thread.
+pub(crate) async fn read_from_child(rd: UnixReadHalf, key: ProcKey, tx: mpsc::Sender<Input>, relay: Relay) {
+    let fast = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread;
     let mut reader = FramedRead::new(rd, MasterCodec::new());
     loop {
         let input = match reader.next().await {
+            Some(Ok(msg @ (FromChild::LinkFrame { .. } | FromChild::LinkCredit { .. }))) if fast => {
+                match relay.forward(key, msg) {
+                    Ok(()) => continue,
+                    Err(msg) => Input::FromChild(key, msg),
+                }
+            }
             Some(Ok(msg)) => Input::FromChild(key, msg),
             Some(Err(e)) => {
                 let input = match e {
@@ -181,7 +192,7 @@ mod tests {
         drop(child);
         let key = ProcKey { slot: SlotId::Agent, generation: 1 };
         let (tx, mut rx) = mpsc::channel(4);
-        tokio::time::timeout(TEST_TIMEOUT, read_from_child(rd, key, tx)).await.unwrap();
+        tokio::time::timeout(TEST_TIMEOUT, read_from_child(rd, key, tx, Relay::default())).await.unwrap();
         rx.recv().await.unwrap()
     }
 

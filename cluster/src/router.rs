@@ -13,6 +13,10 @@
 //! the [`Action`]s the master carries out, in order. It never writes to a
 //! queue itself, so it is tested without processes.
 //!
+//! Link frames and credits mostly skip the loop: the task that reads a
+//! child's channel hands them to the [`Relay`] (`router/relay.rs`), the
+//! router's fast path, which the router keeps in step with its links.
+//!
 //! ```text
 //! master loop                      Router                        master loop
 //!   child message / local call --> on_op, on_reply, on_link_* --> Vec<Action>
@@ -34,6 +38,10 @@ use crate::ipc::{Delivery, Op, Outcome, Refusal, ToChild};
 use crate::status::ProcessState;
 use crate::supervisor::{Proc, Slot, Slots};
 use crate::{ProcessRole, WorkerId};
+
+mod relay;
+
+pub(crate) use relay::Relay;
 
 /// Where the answer to an operation goes.
 #[derive(Debug)]
@@ -150,6 +158,8 @@ pub(crate) struct Router {
     /// The buffers of the last step, kept for the next (a step per relayed
     /// frame: no allocation per message).
     spare: (Vec<Action>, Vec<Taken>),
+    /// The links' fast path (see [`Relay`]): a route per open link.
+    relay: Relay,
 }
 
 /// The room a step took on one queue of one process.
@@ -261,9 +271,14 @@ impl Router {
         self.spare.0 = actions;
     }
 
-    /// The messages routed so far.
+    /// The messages routed so far (by the router and the relay's fast path).
     pub(crate) fn counts(&self) -> MessageCounts {
-        self.counts
+        MessageCounts { link_frame: self.counts.link_frame + self.relay.frames(), ..self.counts }
+    }
+
+    /// The links' fast path, for the tasks that read the children's channels.
+    pub(crate) fn relay(&self) -> Relay {
+        self.relay.clone()
     }
 
     /// An operation from `origin` (`key`: the child it came from; `None`: the
@@ -485,6 +500,9 @@ impl Router {
         let link = self.next_link;
         plan.enqueue(agent, ToChild::IncomingLink { link, worker_id, pid })?;
         self.links.insert(link, LinkRoute { worker: key, agent: agent.key });
+        if let Some(worker) = peers.proc(key) {
+            self.relay.insert(link, worker, agent);
+        }
         tracing::debug!(link, worker.id = worker_id, "link opened");
         Ok(Outcome::LinkOpened { link })
     }
@@ -565,6 +583,7 @@ impl Router {
     /// Forgets a link and tells both ends (an end that is gone is skipped).
     fn close_link(&mut self, plan: &mut Plan, peers: Peers<'_>, link: LinkId, reason: &str) {
         let Some(route) = self.links.remove(&link) else { return };
+        self.relay.remove(link);
         for end in [route.worker, route.agent] {
             if let Some(p) = peers.proc(end) {
                 let closed = || ToChild::LinkClosed { link, reason: reason.to_owned() };

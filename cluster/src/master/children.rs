@@ -67,7 +67,9 @@ impl Master {
             SlotId::Standby => tracing::info_span!("child", child.role = "standby", child.pid = pid),
         };
         self.lifetime.tasks.spawn(write_to_child(wr, control_rx, data_rx).instrument(span.clone()));
-        self.lifetime.tasks.spawn(read_from_child(rd, key, self.inbound.input_tx.clone()).instrument(span.clone()));
+        self.lifetime.tasks.spawn(
+            read_from_child(rd, key, self.inbound.input_tx.clone(), self.router.relay()).instrument(span.clone()),
+        );
         let listeners = match slot {
             SlotId::Worker(id) if !self.sockets.listeners.is_empty() => {
                 let count = self.sockets.listeners.for_worker(id).len();

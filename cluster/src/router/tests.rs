@@ -2,6 +2,7 @@
 //! against slots whose processes are only queues.
 
 use super::*;
+use crate::ipc::FromChild;
 
 /// The supervised slots, all ready, with their queues (no processes).
 struct Fixture {
@@ -371,4 +372,43 @@ fn one_step_counts_the_room_its_own_messages_take() {
     // Behind the frames for one link; the other, with the queue now full, ahead of them.
     assert_eq!(closed.iter().map(|&(_, l)| l).collect::<Vec<_>>(), vec![first, second]);
     assert_eq!(closed.iter().filter(|&&(data, _)| data).count(), 1, "{closed:?}");
+}
+
+#[test]
+fn the_fast_path_relays_a_links_frames_and_credits_and_leaves_the_rest_to_the_loop() {
+    let f = Fixture::new(2, 2);
+    let mut router = Router::default();
+    let relay = router.relay();
+    let (w1, w2, agent) = (f.worker_key(1), f.worker_key(2), f.agent_key());
+    let link = open_link(&mut router, &f, 1);
+    let other = open_link(&mut router, &f, 2);
+    let room = |id: SlotId| f.slot(id).proc.as_ref().unwrap().data.capacity();
+    let frame = |bytes: &'static [u8]| FromChild::LinkFrame { link, frame: Bytes::from_static(bytes) };
+
+    relay.forward(w1, frame(b"f1")).unwrap();
+    assert_eq!(room(SlotId::Agent), 1);
+    relay.forward(agent, FromChild::LinkCredit { link, credit: 4 }).unwrap();
+    assert_eq!(room(SlotId::Worker(1)), 1);
+    assert_eq!(router.counts().link_frame, 1, "a credit is no frame");
+
+    // Not an end of the link, an unknown link, no link message: given back untouched.
+    assert!(matches!(relay.forward(w2, frame(b"x")), Err(FromChild::LinkFrame { frame, .. }) if &frame[..] == b"x"));
+    let unknown = FromChild::LinkCredit { link: other + 1, credit: 1 };
+    assert!(matches!(relay.forward(w1, unknown), Err(FromChild::LinkCredit { credit: 1, .. })));
+    assert!(matches!(relay.forward(w1, FromChild::Pong { seq: 3 }), Err(FromChild::Pong { seq: 3 })));
+
+    // A closed link leaves the fast path.
+    router.on_link_close(f.peers(), w2, other);
+    let late = FromChild::LinkFrame { link: other, frame: Bytes::new() };
+    assert!(relay.forward(w2, late).is_err());
+    assert_eq!(room(SlotId::Agent), 1, "nothing relayed for the closed link");
+
+    // The agent's queue is full: the frame goes to the loop, and so does every
+    // later message of the link (behind it), even with room on the other side.
+    relay.forward(w1, frame(b"f2")).unwrap();
+    assert_eq!(room(SlotId::Agent), 0);
+    assert!(matches!(relay.forward(w1, frame(b"f3")), Err(FromChild::LinkFrame { frame, .. }) if &frame[..] == b"f3"));
+    assert!(relay.forward(agent, FromChild::LinkCredit { link, credit: 1 }).is_err());
+    assert_eq!(room(SlotId::Worker(1)), 1, "nothing relayed");
+    assert_eq!(router.counts().link_frame, 2);
 }
