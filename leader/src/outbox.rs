@@ -107,8 +107,9 @@ impl Outbox {
         self.enqueue(frame, true)
     }
 
-    /// Queues a frame without waking the writer; call [`Outbox::wake`] after a
-    /// burst. False if the outbox is closed or just overflowed.
+    /// Queues a frame without waking the writer: for the session's own task,
+    /// which polls the writer itself after each burst. False if the outbox is
+    /// closed or just overflowed.
     pub(crate) fn push_quiet(&self, frame: Frame) -> bool {
         self.enqueue(frame, false)
     }
@@ -160,14 +161,6 @@ impl Outbox {
         let at = state.frames.len();
         state.mirror_slots.insert(slot, at);
         self.enqueue_locked(state, Frame::Mirrored(update), true)
-    }
-
-    /// Wakes the writer if it is waiting.
-    pub(crate) fn wake(&self) {
-        let idle = std::mem::take(&mut self.lock().writer_idle);
-        if idle {
-            self.notify.notify_one();
-        }
     }
 
     /// Queues an event (of the key `channel`/`key`): in publish order while
@@ -269,35 +262,52 @@ impl Outbox {
     /// order their keys first became pending). Waits while there is nothing.
     /// Returns the close reason once the outbox is closed and drained.
     pub(crate) async fn next_batch(&self, batch: &mut VecDeque<Outgoing>) -> Result<(), SessionEnd> {
-        loop {
-            {
-                let mut state = self.lock();
-                let state = &mut *state;
-                let was_full = Self::full(state, self.max_events);
-                batch.extend(state.frames.drain(..).map(Outgoing::Frame));
-                state.mirror_slots.clear();
-                batch.extend(state.events.drain(..).map(Outgoing::Event));
-                while let Some(key) = state.behind_order.pop_front() {
-                    if let Some(event) = state.behind.remove(&key) {
-                        batch.push_back(Outgoing::Event(event));
-                    }
+        // The queue is looked at on every poll, not only once notified: a
+        // writer polled by the task that queued the frames finds them without
+        // a wake-up.
+        let mut notified = std::pin::pin!(self.notify.notified());
+        std::future::poll_fn(|cx| {
+            loop {
+                if let Some(taken) = self.take(batch) {
+                    return Poll::Ready(taken);
                 }
-                if !batch.is_empty() {
-                    state.writer_idle = false;
-                    if was_full {
-                        self.room.notify_waiters();
-                    }
-                    return Ok(());
+                match notified.as_mut().poll(cx) {
+                    Poll::Ready(()) => notified.set(self.notify.notified()),
+                    Poll::Pending => return Poll::Pending,
                 }
-                if let Some(reason) = &state.closed {
-                    return Err(reason.clone());
-                }
-                // Set under the lock, before waiting: a push after this point
-                // sees it and notifies (a notification before the wait is kept).
-                state.writer_idle = true;
             }
-            self.notify.notified().await;
+        })
+        .await
+    }
+
+    /// Takes everything queued into `batch`; `None` if there is nothing (the
+    /// writer is then marked idle, so the next push wakes it).
+    fn take(&self, batch: &mut VecDeque<Outgoing>) -> Option<Result<(), SessionEnd>> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let was_full = Self::full(state, self.max_events);
+        batch.extend(state.frames.drain(..).map(Outgoing::Frame));
+        state.mirror_slots.clear();
+        batch.extend(state.events.drain(..).map(Outgoing::Event));
+        while let Some(key) = state.behind_order.pop_front() {
+            if let Some(event) = state.behind.remove(&key) {
+                batch.push_back(Outgoing::Event(event));
+            }
         }
+        if !batch.is_empty() {
+            state.writer_idle = false;
+            if was_full {
+                self.room.notify_waiters();
+            }
+            return Some(Ok(()));
+        }
+        if let Some(reason) = &state.closed {
+            return Some(Err(reason.clone()));
+        }
+        // Set under the lock, before waiting: a push after this point sees it
+        // and notifies (a notification before the wait is kept).
+        state.writer_idle = true;
+        None
     }
 }
 
@@ -547,6 +557,20 @@ mod tests {
         outbox.close(SessionEnd::LeaderLeaving(crate::LeaderGoodbye::ShuttingDown));
         tokio::time::timeout(Duration::from_secs(1), taken).await.expect("closing releases the sender");
         assert!(outbox.room().is_none());
+    }
+
+    #[test]
+    fn a_waiting_writer_polled_again_finds_frames_queued_quietly() {
+        let outbox = Outbox::new(8, 4);
+        let mut batch = VecDeque::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut next = Box::pin(outbox.next_batch(&mut batch));
+        assert!(next.as_mut().poll(&mut cx).is_pending());
+        // No wake-up: the session's task polls its writer after its burst.
+        assert!(outbox.push_quiet(Frame::Ping(1)));
+        assert!(matches!(next.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+        drop(next);
+        assert_eq!(batch, [Outgoing::Frame(Frame::Ping(1))]);
     }
 
     #[tokio::test]

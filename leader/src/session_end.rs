@@ -30,8 +30,6 @@ pub(crate) enum SessionEnd {
     OutboxOverflow { max_frames: usize },
     /// The outbox closed without saying why (not expected: every close names its reason).
     OutboxClosed,
-    /// The writer task panicked or was cancelled.
-    WriterFailed(Arc<tokio::task::JoinError>),
     /// The leader stops on purpose (shut down, or handing off to another
     /// process); the follower was told with this `Goodbye`.
     LeaderLeaving(crate::LeaderGoodbye),
@@ -90,7 +88,6 @@ impl fmt::Display for SessionEnd {
                 write!(f, "outbound queue over {max_frames} frames: follower too slow")
             }
             SessionEnd::OutboxClosed => f.write_str("outbox closed"),
-            SessionEnd::WriterFailed(error) => write!(f, "writer task failed: {error}"),
             SessionEnd::LeaderLeaving(goodbye) => f.write_str(goodbye.reason()),
             SessionEnd::NoHello(timeout) => write!(f, "no Hello within {} ms", timeout.as_millis()),
             SessionEnd::ClosedBeforeHello => f.write_str("connection closed before Hello"),
@@ -118,7 +115,6 @@ impl std::error::Error for SessionEnd {
             | SessionEnd::WriteFailed(error)
             | SessionEnd::BadHello(error)
             | SessionEnd::WelcomeFailed(error) => Some(&**error),
-            SessionEnd::WriterFailed(error) => Some(&**error),
             SessionEnd::Rejected(error) => Some(error),
             _ => None,
         }

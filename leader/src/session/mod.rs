@@ -6,11 +6,19 @@
 //!                                       |        |
 //!                      Outbox <---------+--------+   (replies, acks, pings, events)
 //!                        |
-//!  link.tx <-- writer task (batches, flushes once per batch, gives up on a stall)
+//!  link.tx <-- writer (batches, flushes once per batch, gives up on a stall)
 //! ```
 //!
-//! (Polling the writer inside the session's task instead was tried: no more
-//! calls/s, and a slower ping-pong when every process shares one CPU.)
+//! The writer is a future polled by this same task, next to the reads: after
+//! each burst of frames read, the answers it queued are written at once (write
+//! through), with no wake-up of another task. Frames pushed by other tasks
+//! (call tasks, the hub's events, status changes) wake this task through the
+//! outbox. A follower that stops reading leaves the writer pending on its full
+//! socket, under the stall bound, while the reads go on. (As a task of its
+//! own, the writer cost a wake-up and a task poll per burst. An earlier inline
+//! writer that woke itself through the outbox was slower: a task that wakes
+//! itself is requeued, and tokio then wakes the runtime's other worker, three
+//! context switches per ping-pong call instead of two.)
 //!
 //! Anything wrong with the peer (bad bytes, a protocol violation, silence past
 //! the peer timeout, a full outbox) ends this session only, with a log line
@@ -52,7 +60,7 @@ mod writer;
 use handshake::handshake;
 use writer::{forward_status, write_loop};
 
-/// The most frames handled from one read burst before the writer is woken.
+/// The most frames handled from one read burst before the writer is polled.
 const MAX_BURST: usize = 256;
 
 type InFlight = Arc<Mutex<HashMap<RequestId, CancellationToken>>>;
@@ -91,8 +99,6 @@ struct Session {
     /// The connection mirrors the leader (version 3).
     mirroring: bool,
     cancel: CancellationToken,
-    /// Frames were queued quietly since the writer was last woken.
-    wake_writer: bool,
     /// When the current burst of frames was read: the clock is read once per
     /// burst, not per call.
     burst_at: Instant,
@@ -121,7 +127,7 @@ impl Session {
         let cancel = shared.cancel.child_token();
         let fence = shared.fence.clone().map(|fence| (fence, shared.epoch));
         let writer = write_loop(link.tx, outbox.clone(), shared.config.write_stall_timeout, fence);
-        let mut writer = tokio::spawn(writer.in_current_span());
+        let mut writer = std::pin::pin!(writer);
         for (channel, state) in states {
             shared.tracker.spawn(forward_status(channel, state, outbox.clone(), cancel.clone()));
         }
@@ -147,7 +153,6 @@ impl Session {
             mirroring: false,
             version: hello.version,
             cancel,
-            wake_writer: false,
             burst_at: Instant::now(),
             answered_inline: 0,
         };
@@ -173,13 +178,14 @@ impl Session {
                 }
                 _ = session.outbox.wait_closed() => {
                     // Overflow: the follower is not reading; stop writing to it now.
-                    writer.abort();
                     writer_done = true;
                     break session.outbox.closed_reason().unwrap_or(SessionEnd::OutboxClosed);
                 }
+                // Polled after every burst of frames read below (the loop
+                // comes back here): it writes what the burst queued.
                 reason = &mut writer => {
                     writer_done = true;
-                    break reason.unwrap_or_else(|e| SessionEnd::WriterFailed(Arc::new(e)));
+                    break reason;
                 }
                 frame = link.rx.next() => {
                     if let Some(fence) = &session.shared.fence
@@ -190,7 +196,7 @@ impl Session {
                     last_received = Instant::now();
                     session.burst_at = last_received;
                     let mut ended = session.on_read(frame);
-                    // Handle what else already arrived before waking the writer once.
+                    // Handle what else already arrived before the writer is polled.
                     for _ in 0..MAX_BURST {
                         if ended.is_some() {
                             break;
@@ -200,7 +206,6 @@ impl Session {
                             None => break,
                         }
                     }
-                    session.flush_wake();
                     session.record_inline();
                     if let Some(reason) = ended {
                         break reason;
@@ -220,9 +225,7 @@ impl Session {
         if !writer_done {
             // Let the writer flush what is queued (a Goodbye, usually), briefly.
             let grace = session.shared.config.shutdown_grace;
-            if tokio::time::timeout(grace, &mut writer).await.is_err() {
-                writer.abort();
-            }
+            let _ = tokio::time::timeout(grace, &mut writer).await;
         }
         if reason.is_normal() {
             tracing::debug!(reason = %reason, "follower disconnected");
@@ -318,13 +321,6 @@ impl Session {
         }
     }
 
-    /// Wakes the writer if frames were queued quietly.
-    fn flush_wake(&mut self) {
-        if std::mem::take(&mut self.wake_writer) {
-            self.outbox.wake();
-        }
-    }
-
     /// Handles one frame; an error ends the session with that reason.
     fn handle(&mut self, frame: Frame) -> Result<(), SessionEnd> {
         match frame {
@@ -416,10 +412,9 @@ impl Session {
         tracing::info!("a follower mirrors this leader (a standby)");
     }
 
-    /// Queues a frame without waking the writer: the reader wakes it once per
-    /// burst of frames it handled (so one write carries many answers).
+    /// Queues a frame without a wake-up: this task polls the writer once the
+    /// burst of frames it handled is done (so one write carries many answers).
     fn push(&mut self, frame: Frame) {
         self.outbox.push_quiet(frame);
-        self.wake_writer = true;
     }
 }
