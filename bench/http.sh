@@ -82,7 +82,10 @@ exited() { local s; s=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || echo gon
 start_server() {
   local name=$1; shift
   LOG=$TMP/$name.log
-  setsid "$@" >"$LOG" 2>&1 &
+  # Emptied here, not by the child's redirection: the loop below must not read an earlier
+  # round's "listening on" before the child opens the file.
+  : >"$LOG"
+  setsid "$@" >>"$LOG" 2>&1 &
   PID=$!
   # The example prints "listening on ADDR"; a cluster's readiness is the master's
   # event log line (`... tandem_cluster::events: cluster ready: master=...`).
