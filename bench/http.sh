@@ -7,19 +7,25 @@
 #   wrk -t1 -c32 -d${HTTP_BENCH_SECS}s -H 'Connection: close' http://ADDR/...      (one connection per request)
 #
 # Each server is started on 127.0.0.1:0 (Node: a free port), warmed up, measured, then stopped
-# with SIGTERM. Prints a table with the ratios to plain and the issue's targets (reuseport and
-# shared >= 0.9x plain, round-robin >= 0.5x, every mode ahead of Node's cluster).
+# with SIGTERM, in HTTP_BENCH_ROUNDS rounds that alternate the servers' order (A B C, C B A, ...)
+# so that a machine whose load changes weighs on every server alike. Each run also counts the
+# CPU time (user + sys, from /proc) of every process of the server (its session: the master, the
+# agent, the workers), so requests per CPU-second can be compared where wall-clock req/s is
+# noisy. Prints a table of the medians over the rounds, with the median of the per-round ratios
+# to plain, and the issue's targets on those ratios (reuseport and shared >= 0.9x plain,
+# round-robin >= 0.5x, every mode ahead of Node's cluster).
 #
 # Usage: bench/http.sh [--json FILE]
 # Env:   HTTP_BENCH_SECS     measured seconds per run (default 10)
 #        HTTP_BENCH_WARMUP   warm-up seconds before each run (default 2)
 #        HTTP_BENCH_WORKERS  workers per cluster, tandem and Node (default 2)
+#        HTTP_BENCH_ROUNDS   rounds, each server once per round (default 5)
 #        NODE_ANCHOR         the Node anchor directory (default ../shared/anchors/node-http
 #                            beside the checkout); skipped when node or the directory is absent
 # Needs: wrk (not installed by this script), cargo; node for the Node row.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 
 JSON=""
 while [ $# -gt 0 ]; do
@@ -33,6 +39,8 @@ done
 SECS=${HTTP_BENCH_SECS:-10}
 WARMUP=${HTTP_BENCH_WARMUP:-2}
 WORKERS=${HTTP_BENCH_WORKERS:-2}
+ROUNDS=${HTTP_BENCH_ROUNDS:-5}
+TICK=$(getconf CLK_TCK)
 CONNS=32
 ROUTE=/config/app.greeting
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -74,7 +82,10 @@ exited() { local s; s=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || echo gon
 start_server() {
   local name=$1; shift
   LOG=$TMP/$name.log
-  setsid "$@" >"$LOG" 2>&1 &
+  # Emptied here, not by the child's redirection: the loop below must not read an earlier
+  # round's "listening on" before the child opens the file.
+  : >"$LOG"
+  setsid "$@" >>"$LOG" 2>&1 &
   PID=$!
   # The example prints "listening on ADDR"; a cluster's readiness is the master's
   # event log line (`... tandem_cluster::events: cluster ready: master=...`).
@@ -103,15 +114,23 @@ stop_server() {
   PID=""
 }
 
+# The CPU time, in clock ticks, of every process in session $1 (the server and its children).
+session_ticks() {
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | sed 's/^.*) //' | awk -v s="$1" '$4 == s { t += $12 + $13 } END { print t + 0 }'
+}
+
 # run_wrk NAME KIND: KIND is ka (keep-alive) or close. Warm-up, then the measured run; sets
 # RPS, LAT (mean latency), REQS, NON2XX (wrk's "Non-2xx or 3xx responses") and SOCKERR (the sum
-# of connect/read/write/timeout socket errors).
+# of connect/read/write/timeout socket errors) and CPU (the server's CPU-seconds in the run).
 run_wrk() {
   local name=$1 kind=$2 hdr=()
   [ "$kind" = close ] && hdr=(-H 'Connection: close')
   wrk -t1 -c"$CONNS" -d"${WARMUP}s" "${hdr[@]}" "http://$ADDR$ROUTE" >/dev/null 2>&1 || true
-  local out=$TMP/$name.$kind.wrk
+  local out=$TMP/$name.$kind.wrk t0 t1
+  t0=$(session_ticks "$PID")
   wrk -t1 -c"$CONNS" -d"${SECS}s" "${hdr[@]}" "http://$ADDR$ROUTE" >"$out" 2>&1 || { cat "$out" >&2; return 1; }
+  t1=$(session_ticks "$PID")
+  CPU=$(awk -v a="$t0" -v b="$t1" -v t="$TICK" 'BEGIN { printf "%.2f", (b - a) / t }')
   RPS=$(awk '/^Requests\/sec:/ {print $2}' "$out")
   LAT=$(awk '$1 == "Latency" {print $2; exit}' "$out")
   REQS=$(awk '/requests in/ {print $1; exit}' "$out")
@@ -120,40 +139,71 @@ run_wrk() {
   SOCKERR=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$out")
   SOCKERR=${SOCKERR:-0}
   [ -n "$RPS" ] || { echo "$name $kind: no Requests/sec in the wrk output:" >&2; cat "$out" >&2; return 1; }
-  printf '   %-12s %-10s %10.0f req/s  latency %-9s non-2xx %s  socket errors %s\n' \
-    "$name" "$kind" "$RPS" "$LAT" "$NON2XX" "$SOCKERR" >&2
+  printf '   %-12s %-10s %10.0f req/s  %6s CPU-s  latency %-9s non-2xx %s  socket errors %s\n' \
+    "$name" "$kind" "$RPS" "$CPU" "$LAT" "$NON2XX" "$SOCKERR" >&2
 }
 
-declare -A R             # R[name.kind.field]
-ROWS=()
-measure() {              # measure NAME CMD...
-  local name=$1
-  echo "== $name: ${*:2}" >&2
-  start_server "$@"
+declare -A R             # R[name.kind.field.round]; after the rounds R[name.kind.field] (medians)
+ROWS=(plain reuseport shared round-robin)
+measure() {              # measure ROUND NAME CMD...
+  local round=$1 name=$2
+  echo "== round $round/$ROUNDS, $name: ${*:3}" >&2
+  start_server "${@:2}"
   echo "   listening on $ADDR" >&2
   for kind in ka close; do
     run_wrk "$name" "$kind"
-    R[$name.$kind.rps]=$RPS; R[$name.$kind.lat]=$LAT; R[$name.$kind.reqs]=$REQS
-    R[$name.$kind.non2xx]=$NON2XX; R[$name.$kind.sockerr]=$SOCKERR
+    R[$name.$kind.rps.$round]=$RPS; R[$name.$kind.lat.$round]=$LAT; R[$name.$kind.reqs.$round]=$REQS
+    R[$name.$kind.non2xx.$round]=$NON2XX; R[$name.$kind.sockerr.$round]=$SOCKERR; R[$name.$kind.cpu.$round]=$CPU
   done
   stop_server
-  ROWS+=("$name")
 }
-
-measure plain "$BIN" --plain
-for mode in reuseport shared round-robin; do
-  measure "$mode" "$BIN" --workers "$WORKERS" --mode "$mode"
-done
 
 NODE_VERSION=""
 if command -v node >/dev/null 2>&1 && [ -f "$NODE_ANCHOR/cluster.js" ]; then
   NODE_VERSION=$(node --version)
-  PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
-  PORT=$PORT WORKERS=$WORKERS measure node-cluster node "$NODE_ANCHOR/cluster.js"
+  ROWS+=(node-cluster)
 else
   echo "== node-cluster: skipped (node or $NODE_ANCHOR/cluster.js absent)" >&2
 fi
+measure_server() {       # measure_server ROUND NAME
+  case "$2" in
+    plain) measure "$1" plain "$BIN" --plain ;;
+    node-cluster)
+      PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+      PORT=$PORT WORKERS=$WORKERS measure "$1" node-cluster node "$NODE_ANCHOR/cluster.js" ;;
+    *) measure "$1" "$2" "$BIN" --workers "$WORKERS" --mode "$2" ;;
+  esac
+}
+for round in $(seq 1 "$ROUNDS"); do
+  order=("${ROWS[@]}")
+  if [ $((round % 2)) = 0 ]; then   # every other round backwards
+    order=(); for ((i = ${#ROWS[@]} - 1; i >= 0; i--)); do order+=("${ROWS[$i]}"); done
+  fi
+  for n in "${order[@]}"; do measure_server "$round" "$n"; done
+done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- medians over the rounds ---------------------------------------------------------------
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.4f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+for n in "${ROWS[@]}"; do
+  for kind in ka close; do
+    rps=(); eff=(); ratio=(); eratio=(); lat=(); reqs=0; non2xx=0; sockerr=0
+    for round in $(seq 1 "$ROUNDS"); do
+      r=${R[$n.$kind.rps.$round]} c=${R[$n.$kind.cpu.$round]}
+      e=$(awk -v r="$r" -v c="$c" -v s="$SECS" 'BEGIN { printf "%.0f", (c > 0 ? r * s / c : 0) }')
+      pe=$(awk -v r="${R[plain.$kind.rps.$round]}" -v c="${R[plain.$kind.cpu.$round]}" -v s="$SECS" 'BEGIN { printf "%.0f", (c > 0 ? r * s / c : 0) }')
+      rps+=("$r"); eff+=("$e"); lat+=("${R[$n.$kind.lat.$round]}")
+      ratio+=("$(awk -v a="$r" -v b="${R[plain.$kind.rps.$round]}" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }')")
+      eratio+=("$(awk -v a="$e" -v b="$pe" 'BEGIN { printf "%.4f", (b > 0 ? a / b : 0) }')")
+      reqs=$((reqs + ${R[$n.$kind.reqs.$round]})); non2xx=$((non2xx + ${R[$n.$kind.non2xx.$round]}))
+      sockerr=$((sockerr + ${R[$n.$kind.sockerr.$round]}))
+    done
+    R[$n.$kind.rps]=$(median "${rps[@]}"); R[$n.$kind.eff]=$(median "${eff[@]}")
+    R[$n.$kind.ratio]=$(median "${ratio[@]}"); R[$n.$kind.eratio]=$(median "${eratio[@]}")
+    R[$n.$kind.ratios]="${ratio[*]}"; R[$n.$kind.lat]="${lat[*]}"; R[$n.$kind.reqs]=$reqs
+    R[$n.$kind.non2xx]=$non2xx; R[$n.$kind.sockerr]=$sockerr
+  done
+done
 
 # ---- the table ---------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
@@ -162,19 +212,23 @@ min_ratio() { case "$1" in reuseport|shared) echo 0.9 ;; round-robin) echo 0.5 ;
 have_node() { [ -n "${R[node-cluster.ka.rps]:-}" ]; }
 
 echo
-echo "http_config, $WORKERS workers, wrk -t1 -c$CONNS -d${SECS}s http://ADDR$ROUTE (warm-up ${WARMUP}s); $DATE, $CORES cores, load average at start $LOAD_START, at end $LOAD_END; rev $REV"
+echo "http_config, $WORKERS workers, wrk -t1 -c$CONNS -d${SECS}s http://ADDR$ROUTE (warm-up ${WARMUP}s), $ROUNDS rounds in alternating order, medians; $DATE, $CORES cores, load average at start $LOAD_START, at end $LOAD_END; rev $REV"
 echo
-echo "| | keep-alive req/s | × plain | new connection per request (\`-H 'Connection: close'\`) req/s | × plain | errors (non-2xx + socket) keep-alive / close |"
-echo "|---|---|---|---|---|---|"
+echo "| | keep-alive req/s | × plain | req per CPU-s | × plain | new connection per request (\`-H 'Connection: close'\`) req/s | × plain | req per CPU-s | × plain | errors (non-2xx + socket) keep-alive / close |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for n in "${ROWS[@]}"; do
   case "$n" in
-    plain) label="plain axum, 1 process (\`--plain\`)" ;;
+    plain) label="plain axum, 1 process, multi-thread runtime on every core (\`--plain\`)" ;;
     node-cluster) label="Node \`cluster\`, $WORKERS workers ($NODE_VERSION)" ;;
     *) label="\`$n\`, $WORKERS workers" ;;
   esac
   eka=$(( ${R[$n.ka.non2xx]} + ${R[$n.ka.sockerr]} )); ecl=$(( ${R[$n.close.non2xx]} + ${R[$n.close.sockerr]} ))
-  echo "| $label | $(k "${R[$n.ka.rps]}") | $(ratio "${R[$n.ka.rps]}" "${R[plain.ka.rps]}")× | $(k "${R[$n.close.rps]}") | $(ratio "${R[$n.close.rps]}" "${R[plain.close.rps]}")× | $eka / $ecl |"
+  f2() { awk -v a="$1" 'BEGIN { printf "%.2f", a }'; }
+  echo "| $label | $(k "${R[$n.ka.rps]}") | $(f2 "${R[$n.ka.ratio]}")× | $(k "${R[$n.ka.eff]}") | $(f2 "${R[$n.ka.eratio]}")× | $(k "${R[$n.close.rps]}") | $(f2 "${R[$n.close.ratio]}")× | $(k "${R[$n.close.eff]}") | $(f2 "${R[$n.close.eratio]}")× | $eka / $ecl |"
 done
+echo
+echo "× plain: the median of the per-round ratios (req/s of the server / req/s of plain in the same round). Per-round req/s ratios:"
+for n in "${ROWS[@]}"; do [ "$n" = plain ] || printf '  %-12s keep-alive %s; close %s\n' "$n" "${R[$n.ka.ratios]}" "${R[$n.close.ratios]}"; done
 
 # Targets: a mode meets one when the ratio holds AND its run had no error.
 echo
@@ -192,7 +246,7 @@ check() {             # check MODE KIND WHAT GOT OP NEED: OP is ">=" or ">"
 }
 for kind in ka close; do
   for mode in reuseport shared round-robin; do
-    check "$mode" "$kind" "vs plain" "$(ratio "${R[$mode.$kind.rps]}" "${R[plain.$kind.rps]}")" ">=" "$(min_ratio "$mode")"
+    check "$mode" "$kind" "vs plain" "$(awk -v a="${R[$mode.$kind.ratio]}" 'BEGIN { printf "%.2f", a }')" ">=" "$(min_ratio "$mode")"
     if have_node; then   # "ahead of Node's cluster": strictly more req/s
       check "$mode" "$kind" "vs Node cluster" "$(awk -v a="${R[$mode.$kind.rps]}" -v b="${R[node-cluster.$kind.rps]}" 'BEGIN { printf "%.3f", a / b }')" ">" 1
     fi
@@ -204,15 +258,16 @@ echo "  $MET met, $MISSED missed (ka = keep-alive, the issue's command; close = 
 # ---- JSON --------------------------------------------------------------------------------
 if [ -n "$JSON" ]; then
   {
-    printf '{"date":"%s","rev":"%s","cores":%s,"workers":%s,"connections":%s,"seconds":%s,"warmup_seconds":%s,' \
-      "$DATE" "$REV" "$CORES" "$WORKERS" "$CONNS" "$SECS" "$WARMUP"
+    printf '{"date":"%s","rev":"%s","cores":%s,"workers":%s,"connections":%s,"seconds":%s,"warmup_seconds":%s,"rounds":%s,' \
+      "$DATE" "$REV" "$CORES" "$WORKERS" "$CONNS" "$SECS" "$WARMUP" "$ROUNDS"
     printf '"loadavg_start":"%s","loadavg_end":"%s","wrk":"%s","node":"%s","route":"%s","runs":[' \
       "$LOAD_START" "$LOAD_END" "$WRK_VERSION" "$NODE_VERSION" "$ROUTE"
     sep=""
     for n in "${ROWS[@]}"; do
       for kind in ka close; do
-        printf '%s{"server":"%s","connection":"%s","requests_per_sec":%s,"requests":%s,"latency_mean":"%s","non2xx":%s,"socket_errors":%s}' \
-          "$sep" "$n" "$([ "$kind" = ka ] && echo keep-alive || echo close)" "${R[$n.$kind.rps]}" "${R[$n.$kind.reqs]}" \
+        printf '%s{"server":"%s","connection":"%s","requests_per_sec":%s,"ratio_to_plain":%s,"requests_per_cpu_sec":%s,"cpu_ratio_to_plain":%s,"requests":%s,"latency_mean_per_round":"%s","non2xx":%s,"socket_errors":%s}' \
+          "$sep" "$n" "$([ "$kind" = ka ] && echo keep-alive || echo close)" "${R[$n.$kind.rps]}" "${R[$n.$kind.ratio]}" \
+          "${R[$n.$kind.eff]}" "${R[$n.$kind.eratio]}" "${R[$n.$kind.reqs]}" \
           "${R[$n.$kind.lat]}" "${R[$n.$kind.non2xx]}" "${R[$n.$kind.sockerr]}"
         sep=","
       done

@@ -20,7 +20,11 @@
 //! (repeatable; default `app.greeting`), `--duration SECS` (0, the default,
 //! runs until SIGINT/SIGTERM), `--max-memory MIB` (per worker),
 //! `--agent-max-memory MIB`, `--ready-timeout SECS` (default 30), `--plain` (no
-//! cluster: one process serving the same routes, for comparison).
+//! cluster: one process serving the same routes on a multi-thread runtime with
+//! a thread per CPU, for comparison; `bench/http.sh` measures against it).
+//!
+//! Each worker runs on CPUs / workers runtime threads, at least 1 (one: a
+//! current-thread runtime), as `Builder::run_blocking` chooses.
 //!
 //! `--name NAME`, `--metrics ADDR` and `--log-dir DIR` as in config_center (the
 //! `tandem` CLI, `/metrics`; `metrics on <ADDR>` follows `listening on`; the
@@ -58,7 +62,9 @@ use tandem::{Connection, Leader};
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Workers serving one HTTP port from their shared config subscription")]
 struct Args {
-    /// Worker processes. The default is the CPUs this process may use.
+    /// Worker processes. The default is the CPUs this process may use. Each
+    /// worker runs on CPUs / workers runtime threads (at least 1; one is a
+    /// current-thread runtime): a worker per CPU, one thread each.
     #[arg(long)]
     workers: Option<usize>,
     /// Where to listen: host:port (port 0 picks one), or unix:PATH.
@@ -82,7 +88,8 @@ struct Args {
     /// Restart the agent gracefully when its RSS exceeds this many MiB.
     #[arg(long, value_name = "MIB")]
     agent_max_memory: Option<u64>,
-    /// No cluster: one process serving the same routes (for comparison).
+    /// No cluster: one process serving the same routes on a multi-thread
+    /// runtime, a thread per CPU (for comparison).
     #[arg(long)]
     plain: bool,
     /// Testing: serve GET /debug/alloc/{mib}, which allocates and keeps MIB MiB.

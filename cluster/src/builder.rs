@@ -303,7 +303,21 @@ impl Builder {
     }
 
     /// [`run`](Self::run) on a new tokio runtime, for a plain `fn main`: the
-    /// master on one thread, the agent and the workers multi-threaded.
+    /// master on one thread, the agent multi-threaded, and each worker on the
+    /// CPUs this process may use ([`default_workers`](crate::default_workers))
+    /// divided by the workers at start, rounded down, at least 1 thread; one
+    /// thread is a current-thread runtime (so with the default worker count,
+    /// one per CPU, every worker runs on one thread, like a Node worker).
+    ///
+    /// The workers share the CPUs: with one worker per CPU (the default
+    /// count), a multi-thread runtime in each would put CPUs × CPUs threads on
+    /// CPUs cores, whose work stealing and wake-ups cost CPU per request (2
+    /// workers on 2 cores, `bench/http.sh`: a current-thread runtime per worker
+    /// served about 1.1× the keep-alive requests per CPU-second of a 2-thread
+    /// one, and 1.5–1.9× the `Connection: close` ones). Mind that
+    /// `tokio::task::block_in_place` panics on a current-thread runtime
+    /// (`spawn_blocking` works): a worker that needs it, or more threads, runs
+    /// [`run`](Self::run) from its own runtime.
     ///
     /// The master relays every messenger frame, and a relay is latency-bound:
     /// on one thread its reader, router and writer hand frames to each other
@@ -313,12 +327,23 @@ impl Builder {
     pub fn run_blocking(self) -> Result<(), Error> {
         let runtime = match ProcessRole::of_this_process() {
             ProcessRole::Master => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-            ProcessRole::Agent | ProcessRole::Worker | ProcessRole::Standby => {
+            ProcessRole::Worker => match worker_threads(self.config.worker_count()) {
+                1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+                n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+            },
+            ProcessRole::Agent | ProcessRole::Standby => {
                 tokio::runtime::Builder::new_multi_thread().enable_all().build()
             }
         };
         runtime.map_err(Error::Runtime)?.block_on(self.run())
     }
+}
+
+/// The runtime threads of each worker that [`Builder::run_blocking`] starts,
+/// for `workers` workers: the CPUs this process may use divided by `workers`,
+/// rounded down, at least 1.
+fn worker_threads(workers: usize) -> usize {
+    (crate::config::default_workers() / workers.max(1)).max(1)
 }
 
 async fn default_agent(ctx: AgentContext) -> Result<(), BoxError> {
@@ -336,4 +361,21 @@ async fn default_worker(ctx: WorkerContext) -> Result<(), BoxError> {
     ctx.ready().await?;
     ctx.stopped().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod runtime_tests {
+    use super::worker_threads;
+
+    #[test]
+    fn workers_share_the_cpus() {
+        let cpus = crate::default_workers();
+        assert_eq!(worker_threads(1), cpus, "one worker gets every CPU");
+        assert_eq!(worker_threads(cpus), 1, "one worker per CPU: one thread each");
+        assert_eq!(worker_threads(cpus * 4), 1, "more workers than CPUs: still one thread");
+        assert_eq!(worker_threads(0), cpus, "0 workers (refused at start) does not divide by zero");
+        if cpus >= 2 {
+            assert_eq!(worker_threads(2), cpus / 2);
+        }
+    }
 }
