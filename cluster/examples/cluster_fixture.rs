@@ -49,6 +49,9 @@ struct Args {
     /// The cluster's name for the control socket.
     #[arg(long)]
     name: Option<String>,
+    /// This worker panics right after it reported ready, every time.
+    #[arg(long)]
+    panic_after_ready: Option<u32>,
     /// This worker never reports ready (it sends a user message "ready" instead).
     #[arg(long)]
     hang_at_start: Option<u32>,
@@ -233,6 +236,9 @@ async fn worker(ctx: WorkerContext, args: Args) -> Result<(), BoxError> {
         println!("worker {id} agent pid={} epoch={} up={}", a.pid, a.epoch, a.up);
     }
     ctx.ready().await?;
+    if args.panic_after_ready == Some(id) {
+        panic!("worker {id} panicking right after ready");
+    }
     if args.links && id == 1 {
         tokio::spawn(link_checks(ctx.clone()));
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tandem_protocol::CodecError;
 use tandem_protocol::internal::{Refused, WriteLimits, WriteSource};
 use tandem_protocol::unix::{UnixReadHalf, UnixWriteHalf};
@@ -295,9 +295,21 @@ async fn serve(env: ChildEnv, init: Init, io: Io, span: ProcessSpan, agent_fn: A
     }
 
     tracing::debug!("started");
-    let result = match env.role {
-        ProcessRole::Agent => agent_fn(AgentContext::new(core, incoming_rx)).await,
-        _ => worker_fn(WorkerContext::new(Arc::clone(&core), env.worker_id.unwrap_or(0), agent_rx)).await,
+    let start = match env.role {
+        ProcessRole::Agent => agent_fn(AgentContext::new(core, incoming_rx)),
+        _ => worker_fn(WorkerContext::new(Arc::clone(&core), env.worker_id.unwrap_or(0), agent_rx)),
+    };
+    // A panic still ends the process (the hook has printed it), but only once
+    // what the function had sent is written: a `ready()` it awaited reaches the
+    // master even when the runtime has no other thread to run the writer on.
+    let result = match std::panic::AssertUnwindSafe(start).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            tracing::error!("start function panicked; exiting");
+            flush.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+            std::panic::resume_unwind(panic);
+        }
     };
     let code = match result {
         Ok(()) => {

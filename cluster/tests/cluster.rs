@@ -465,6 +465,20 @@ fn a_worker_crashing_at_start_up_is_backed_off_reported_and_retried_later() {
     assert!(alive(ready.workers[0]), "worker 1 is unaffected");
 }
 
+/// A start function that panics just after `ready()`: its readiness still
+/// reached the master (written before the panic ends the process, even on a
+/// worker's one-thread runtime), so the slot is a crash after ready, not a
+/// start failure.
+#[test]
+fn a_worker_panicking_right_after_ready_was_ready() {
+    let mut f = Fixture::start(&["--workers", "2", "--panic-after-ready", "2", "--backoff-ms", "100"]);
+    let ready = f.wait_prefix("cluster ready:");
+    let exited = f.wait_from(ready, "worker 2's exit", |l| l.starts_with("exited: worker 2 (pid "));
+    assert!(f.line(exited).contains("exited with code 101"), "{}", f.line(exited));
+    f.wait_from(exited, "worker 2 restarted", |l| l.starts_with("spawned: worker 2 "));
+    assert_eq!(f.count(|l| l.starts_with("start failed: worker 2")), 0, "its ready was lost");
+}
+
 #[test]
 fn a_worker_that_never_reports_ready_times_out_with_its_name_and_pid() {
     let mut f = Fixture::start(&["--workers", "2", "--hang-at-start", "1", "--start-timeout-ms", "500"]);
