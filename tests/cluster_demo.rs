@@ -304,17 +304,23 @@ async fn a_clean_stop_leaves_nothing_in_the_runtime_and_temp_directories() {
     .expect("test timed out")
 }
 
-/// `config_center | head -2`: the demo's master function panics printing to a
-/// closed stdout. The cluster stops with a clear error and exit code 1,
+/// `config_center --log-dir DIR | head -2`: the demo's master function panics
+/// printing to a closed stdout. The cluster stops with a clear error and exit code 1,
 /// leaving no child behind (a panic used to end only the function's task, so a
 /// cluster it was to stop ran on until killed).
 #[tokio::test]
 async fn a_master_function_that_panics_stops_the_cluster_with_an_error() {
     tokio::time::timeout(TIMEOUT, async {
         let xdg = common::private_dir();
+        // The children's output goes to their log files, so only the master's
+        // own stdout is the closed pipe: a worker printing to it would panic
+        // too, and crash-loop the cluster short of ready, on its own timing.
+        let logs = common::private_dir();
+        let log_dir = logs.path().join("logs");
         let mut command = tokio::process::Command::new(example("config_center"));
         command
-            .args(["--workers", "2", "--duration", "30"])
+            .args(["--workers", "2", "--duration", "30", "--log-dir"])
+            .arg(&log_dir)
             .env("XDG_RUNTIME_DIR", xdg.path())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
