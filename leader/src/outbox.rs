@@ -32,20 +32,45 @@ use crate::session_end::SessionEnd;
 
 type EventKey = (Arc<str>, Bytes);
 
-/// What the writer sends: a frame of this session, or an event encoded once
-/// for every subscriber of its key.
+/// What the writer sends: a frame of this session, or a run of events, each
+/// encoded once for every subscriber of its key. A run goes into the sink in
+/// one step (one readiness check, one reservation; a socket copies the bytes
+/// of each), not event by event.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Outgoing {
     Frame(Frame),
-    Event(SharedFrame),
+    Events(Vec<SharedFrame>),
 }
 
 impl Outgoing {
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             Outgoing::Frame(frame) => frame.kind(),
-            Outgoing::Event(event) => event.frame().kind(),
+            Outgoing::Events(_) => "Event",
         }
+    }
+}
+
+/// The most wire bytes of events in one run: past it a new run starts, so the
+/// socket's write buffer takes at most this much past its flush threshold
+/// before the writer checks for room (and flushes) again.
+const MAX_RUN_BYTES: usize = 64 * 1024;
+
+/// Appends `events` to `batch` as runs of at most [`MAX_RUN_BYTES`] (and at
+/// least one event each), in order.
+fn push_runs(batch: &mut VecDeque<Outgoing>, count: usize, events: impl Iterator<Item = SharedFrame>) {
+    let mut run = Vec::with_capacity(count);
+    let mut bytes = 0;
+    for event in events {
+        bytes += event.wire().len();
+        run.push(event);
+        if bytes >= MAX_RUN_BYTES {
+            bytes = 0;
+            batch.push_back(Outgoing::Events(std::mem::take(&mut run)));
+        }
+    }
+    if !run.is_empty() {
+        batch.push_back(Outgoing::Events(run));
     }
 }
 
@@ -288,12 +313,11 @@ impl Outbox {
         let was_full = Self::full(state, self.max_events);
         batch.extend(state.frames.drain(..).map(Outgoing::Frame));
         state.mirror_slots.clear();
-        batch.extend(state.events.drain(..).map(Outgoing::Event));
-        while let Some(key) = state.behind_order.pop_front() {
-            if let Some(event) = state.behind.remove(&key) {
-                batch.push_back(Outgoing::Event(event));
-            }
-        }
+        let queued = state.events.len();
+        push_runs(batch, queued, state.events.drain(..));
+        let behind = state.behind_order.len();
+        let (order, pending) = (&mut state.behind_order, &mut state.behind);
+        push_runs(batch, behind, order.drain(..).filter_map(|key| pending.remove(&key)));
         if !batch.is_empty() {
             state.writer_idle = false;
             if was_full {
@@ -389,7 +413,7 @@ impl Sink<Outgoing> for OutgoingSink<'_> {
     fn start_send(mut self: Pin<&mut Self>, item: Outgoing) -> Result<(), CodecError> {
         match item {
             Outgoing::Frame(frame) => self.0.as_mut().start_send(frame),
-            Outgoing::Event(event) => self.0.as_mut().start_send(event),
+            Outgoing::Events(events) => self.0.as_mut().start_send(events),
         }
     }
 
@@ -418,11 +442,12 @@ mod tests {
     fn seqs(batch: VecDeque<Outgoing>) -> Vec<(Bytes, u64)> {
         batch
             .into_iter()
-            .map(|f| match f {
-                Outgoing::Event(e) => match e.frame() {
-                    Frame::Event(e) => (e.key.clone(), e.seq),
-                    other => panic!("unexpected {other:?}"),
-                },
+            .flat_map(|f| match f {
+                Outgoing::Events(events) => events,
+                other => panic!("unexpected {other:?}"),
+            })
+            .map(|e| match e.frame() {
+                Frame::Event(e) => (e.key.clone(), e.seq),
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
@@ -499,6 +524,42 @@ mod tests {
         outbox.next_batch(&mut batch).await.unwrap();
         assert_eq!(seqs(batch), vec![(a.clone(), 1), (a.clone(), 2), (b.clone(), 3), (a, 4)]);
         assert_eq!(outbox.conflated(), 0);
+    }
+
+    #[tokio::test]
+    async fn frames_come_before_events_and_events_go_in_runs_in_publish_order() {
+        let outbox = Outbox::new(8, 10_000);
+        let ch: Arc<str> = Arc::from("c");
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        // Enough events for more than one run (each event is under 40 bytes).
+        let count = MAX_RUN_BYTES / 40 * 2 + 7;
+        for seq in 1..=count as u64 {
+            let key = if seq % 3 == 0 { &b } else { &a };
+            outbox.push_event(&ch, key, &event(key, seq));
+            if seq == 5 {
+                assert!(outbox.push(Frame::Ping(1)));
+            }
+        }
+        assert!(outbox.push(Frame::Ping(2)));
+        let mut batch = VecDeque::new();
+        outbox.next_batch(&mut batch).await.unwrap();
+        assert_eq!(batch.pop_front(), Some(Outgoing::Frame(Frame::Ping(1))));
+        assert_eq!(batch.pop_front(), Some(Outgoing::Frame(Frame::Ping(2))));
+        let runs: Vec<usize> = batch
+            .iter()
+            .map(|run| match run {
+                Outgoing::Events(events) => {
+                    let bytes: usize = events.iter().map(|e| e.wire().len()).sum();
+                    let last = events.last().map_or(0, |e| e.wire().len());
+                    assert!(bytes - last < MAX_RUN_BYTES, "a run goes on only while under the bound");
+                    events.len()
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert!(runs.len() >= 2, "{runs:?}");
+        let seqs: Vec<u64> = seqs(batch).into_iter().map(|(_, seq)| seq).collect();
+        assert_eq!(seqs, (1..=count as u64).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -197,3 +197,60 @@ async fn ready_does_not_wait_for_ever_for_a_follower_that_stopped_reading() {
     .await
     .expect("timed out");
 }
+
+#[tokio::test]
+async fn a_socket_follower_that_stops_reading_events_is_ended_at_its_write_stall_timeout() {
+    tokio::time::timeout(TIMEOUT, async {
+        let feed = Feed::default();
+        let mut config = tandem_leader::Config::default();
+        config.max_queued_events = 16;
+        config.write_stall_timeout = Duration::from_millis(300);
+        let leader = leader(&feed, config);
+        // A real socket: the events go to it in runs through the codec.
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (read, write) = theirs.into_split();
+        leader.serve_link(
+            Link::from_io(read, write, tandem_protocol::FrameCodec::new()),
+            tandem_leader::PeerInfo::relayed("unix", None),
+        );
+        let (read, write) = ours.into_split();
+        let mut stalled = Link::from_io(read, write, tandem_protocol::FrameCodec::new());
+        let hello = tandem_protocol::Hello {
+            version: tandem_protocol::PROTOCOL_VERSION,
+            peer_id: tandem_protocol::uuid::Uuid::new_v4(),
+            pid: std::process::id(),
+            channels: vec![Counter::NAME.into()],
+            token: None,
+        };
+        stalled.tx.send(Frame::Hello(hello)).await.unwrap();
+        assert!(matches!(next(&mut stalled).await, Frame::Welcome(_)));
+        let key = encode(&"k".to_string()).unwrap();
+        let subscribe = Subscribe { id: 1, channel: Counter::NAME.into(), key, last_seen: None };
+        stalled.tx.send(Frame::Subscribe(subscribe)).await.unwrap();
+        assert!(matches!(next(&mut stalled).await, Frame::Ack(Ack { id: 1, result: Ok(()) })));
+        let sender = feed.sender("k").await;
+        // Never read: the socket fills, the session waits past its stall bound and ends.
+        let mut sent = 0u64;
+        while leader.stats().followers > 0 {
+            for _ in 0..64 {
+                sender.send((sent, "x".repeat(1024)));
+                sent += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        // What the socket held, in order, then the end.
+        let mut seen = 0u64;
+        let mut previous = None;
+        while let Some(Ok(frame)) = stalled.rx.next().await {
+            if let Frame::Event(event) = frame {
+                assert!(previous.is_none_or(|seq| event.seq > seq), "in order");
+                previous = Some(event.seq);
+                seen += 1;
+            }
+        }
+        assert!(seen < sent, "the stalled follower was cut off ({seen} of {sent} events)");
+        leader.shutdown().await;
+    })
+    .await
+    .expect("timed out");
+}

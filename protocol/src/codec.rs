@@ -148,6 +148,24 @@ impl Encoder<SharedFrame> for FrameCodec {
     }
 }
 
+impl Encoder<Vec<SharedFrame>> for FrameCodec {
+    type Error = CodecError;
+
+    /// Copies each frame's bytes, in order, with one reservation for the run.
+    /// A frame over this codec's limit is left out and the others are
+    /// written; the error returned then is the first refusal.
+    fn encode(&mut self, items: Vec<SharedFrame>, dst: &mut BytesMut) -> Result<(), CodecError> {
+        dst.reserve(items.iter().map(|item| item.wire().len()).sum());
+        let mut refused = None;
+        for item in items {
+            if let Err(error) = self.0.encode(item, dst) {
+                refused.get_or_insert(error);
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+}
+
 impl<D> Codec<D> {
     /// A codec with the default 16 MiB frame limit.
     pub fn new() -> Self {

@@ -5,10 +5,11 @@
 //! channel pair (the leader's own process: no socket, no encoding), or a relay
 //! through the cluster master (the messenger transport).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use futures::channel::mpsc as fmpsc;
 use futures::sink::{Sink, SinkExt};
@@ -18,12 +19,27 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::{CodecError, Frame, FrameCodec, SharedFrame};
 
-/// What the sending half of a link accepts: frames, and frames encoded once
-/// for many links ([`SharedFrame`]; a socket copies its bytes, other links
-/// take the frame).
-pub trait FrameSink: Sink<Frame, Error = CodecError> + Sink<SharedFrame, Error = CodecError> + Send {}
+/// What the sending half of a link accepts: frames, frames encoded once for
+/// many links ([`SharedFrame`]; a socket copies its bytes, other links take
+/// the frame), and runs of those (`Vec<SharedFrame>`: a socket copies them
+/// all in one step, with one readiness check for the run; other links take
+/// the frames one by one as the peer has room).
+pub trait FrameSink:
+    Sink<Frame, Error = CodecError>
+    + Sink<SharedFrame, Error = CodecError>
+    + Sink<Vec<SharedFrame>, Error = CodecError>
+    + Send
+{
+}
 
-impl<T> FrameSink for T where T: Sink<Frame, Error = CodecError> + Sink<SharedFrame, Error = CodecError> + Send + ?Sized {}
+impl<T> FrameSink for T where
+    T: Sink<Frame, Error = CodecError>
+        + Sink<SharedFrame, Error = CodecError>
+        + Sink<Vec<SharedFrame>, Error = CodecError>
+        + Send
+        + ?Sized
+{
+}
 
 /// The boxed sending half of a link.
 pub type LinkSink = Pin<Box<dyn FrameSink>>;
@@ -64,7 +80,7 @@ impl Link {
         S: Stream<Item = Result<Frame, CodecError>> + Send + 'static,
         K: Sink<Frame, Error = CodecError> + Send + 'static,
     {
-        Link { rx: rx.boxed(), tx: Box::pin(Unshare(Box::pin(tx))) }
+        Link { rx: rx.boxed(), tx: Box::pin(Unshare { inner: Box::pin(tx), pending: VecDeque::new() }) }
     }
 
     /// Two in-memory links connected to each other, each direction bounded to
@@ -90,25 +106,50 @@ impl Link {
 }
 
 /// A sink of frames that also takes shared frames, as the frames they hold.
-struct Unshare(Pin<Box<dyn Sink<Frame, Error = CodecError> + Send>>);
+/// A run of shared frames is held in `pending` and handed to the inner sink
+/// frame by frame as it has room, before anything else is: `poll_ready` and
+/// `poll_flush` are not ready while any of the run is pending.
+struct Unshare {
+    inner: Pin<Box<dyn Sink<Frame, Error = CodecError> + Send>>,
+    pending: VecDeque<Frame>,
+}
+
+impl Unshare {
+    /// Moves the pending frames into the inner sink, in order, as it has room.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        while !self.pending.is_empty() {
+            ready!(self.inner.as_mut().poll_ready(cx))?;
+            if let Some(frame) = self.pending.pop_front() {
+                self.inner.as_mut().start_send(frame)?;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
 
 impl Sink<Frame> for Unshare {
     type Error = CodecError;
 
-    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
-        self.0.as_mut().poll_ready(cx)
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        this.inner.as_mut().poll_ready(cx)
     }
 
-    fn start_send(mut self: Pin<&mut Self>, item: Frame) -> Result<(), CodecError> {
-        self.0.as_mut().start_send(item)
+    fn start_send(self: Pin<&mut Self>, item: Frame) -> Result<(), CodecError> {
+        self.get_mut().inner.as_mut().start_send(item)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
-        self.0.as_mut().poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        this.inner.as_mut().poll_flush(cx)
     }
 
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
-        self.0.as_mut().poll_close(cx)
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx))?;
+        this.inner.as_mut().poll_close(cx)
     }
 }
 
@@ -129,5 +170,68 @@ impl Sink<SharedFrame> for Unshare {
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
         Sink::<Frame>::poll_close(self, cx)
+    }
+}
+
+impl Sink<Vec<SharedFrame>> for Unshare {
+    type Error = CodecError;
+
+    /// Ready once the previous run is all in the inner sink.
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        self.get_mut().poll_pending(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, items: Vec<SharedFrame>) -> Result<(), CodecError> {
+        self.get_mut().pending.extend(items.iter().map(|item| item.frame().clone()));
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_flush(self, cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), CodecError>> {
+        Sink::<Frame>::poll_close(self, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::Event;
+
+    fn event(seq: u64) -> Frame {
+        let payload = bytes::Bytes::from(seq.to_string());
+        Frame::Event(Event { channel: "c".into(), key: "k".into(), epoch: 1, seq, payload, cached: false })
+    }
+
+    #[tokio::test]
+    async fn a_run_of_shared_frames_reaches_an_in_process_peer_in_order_as_it_has_room() {
+        let (mut a, mut b) = Link::pair(1);
+        let shared = |seq| SharedFrame::encode(event(seq), 1 << 20).unwrap();
+        let sent = async {
+            a.tx.feed(Frame::Ping(0)).await?;
+            a.tx.feed((1..=5).map(shared).collect::<Vec<_>>()).await?;
+            a.tx.feed(Frame::Ping(6)).await?;
+            SinkExt::<Frame>::flush(&mut a.tx).await
+        };
+        // The channel holds one frame: the run goes in as the peer reads.
+        let received = async {
+            let mut frames = Vec::new();
+            for _ in 0..7 {
+                frames.push(b.rx.next().await.expect("a frame").expect("no error"));
+            }
+            frames
+        };
+        let (sent, received) = tokio::time::timeout(Duration::from_secs(10), futures::future::join(sent, received))
+            .await
+            .expect("in time");
+        sent.expect("sent");
+        let mut expected = vec![Frame::Ping(0)];
+        expected.extend((1..=5).map(event));
+        expected.push(Frame::Ping(6));
+        assert_eq!(received, expected);
     }
 }

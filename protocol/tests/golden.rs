@@ -341,3 +341,24 @@ fn the_golden_table_round_trips() {
         assert!(src.is_empty(), "{}", golden.name);
     }
 }
+
+#[test]
+fn a_run_of_shared_events_is_each_event_s_golden_bytes_in_order() {
+    use tandem_protocol::{CodecError, SharedFrame};
+    let shared = || SharedFrame::encode(event(), 1 << 20).unwrap();
+    let mut encoded = BytesMut::new();
+    FrameCodec::new().encode(vec![shared(), shared()], &mut encoded).unwrap();
+    assert_eq!(hex(&encoded), hex(&[unhex(EVENT), unhex(EVENT)].concat()));
+
+    // A frame over the codec's limit is left out; the others are written, and
+    // the refusal is returned.
+    let mut big = event();
+    if let Frame::Event(event) = &mut big {
+        event.payload = vec![0u8; 4096].into();
+    }
+    let big = SharedFrame::encode(big, 1 << 20).unwrap();
+    let mut encoded = BytesMut::new();
+    let refused = FrameCodec::with_max_frame_length(1024).encode(vec![shared(), big, shared()], &mut encoded);
+    assert!(matches!(refused, Err(CodecError::TooLarge { max: 1024, .. })), "{refused:?}");
+    assert_eq!(hex(&encoded), hex(&[unhex(EVENT), unhex(EVENT)].concat()));
+}
