@@ -30,11 +30,10 @@ use tokio::time::Instant;
 
 use crate::identity::{ProcKey, SlotId};
 use crate::lifecycle::{Action, Machine, ReloadReply, Reply, Timer};
-use crate::process::Ended;
 use crate::reload_handle::{ReloadError, ReloadReport, ReplaceReason, ReplacedWorker, worker_failure};
 use crate::status::ProcessState;
 use crate::supervisor::Slots;
-use crate::{ClusterEvent, StartFailure, WorkerId};
+use crate::{ClusterEvent, StartFailure, WorkerId, process::Ended};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -422,9 +421,8 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::ExitReason;
-    use crate::spawn::IPC_MISMATCH_EXIT;
     use crate::supervisor::testing::{Fixture, kinds};
+    use crate::{ExitReason, spawn::IPC_MISMATCH_EXIT};
 
     const SETTINGS: Settings =
         Settings { parallelism: 1, start_timeout: Duration::from_secs(10), stop_timeout: Duration::from_secs(3) };

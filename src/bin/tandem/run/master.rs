@@ -16,7 +16,7 @@ use tandem::leader::LeaderBuilder;
 use tandem::registry_upstream::{ConfigApi, RegistryUpstream, ServiceApi};
 
 use super::settings::{self, Spec, Upstream, Usage};
-use super::shim::{PROGRAM_EXITED_TOPIC, ProgramExit};
+use super::shim::{PROGRAM_EXITED_TOPIC, ProgramExit, signal_text};
 use super::{RunArgs, SPEC_ENV};
 
 /// After this many consecutive exits of a worker's program before it was
@@ -243,24 +243,4 @@ fn exit_text(exit: &ExitReason) -> String {
         ExitReason::Signal(signal) => signal_text(*signal),
         other => other.to_string(),
     }
-}
-
-/// `signal 9 (SIGKILL)`.
-pub fn signal_text(signal: i32) -> String {
-    match nix_signal_name(signal) {
-        Some(name) => format!("signal {signal} ({name})"),
-        None => format!("signal {signal}"),
-    }
-}
-
-fn nix_signal_name(signal: i32) -> Option<&'static str> {
-    Some(match signal {
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGINT => "SIGINT",
-        libc::SIGBUS => "SIGBUS",
-        _ => return None,
-    })
 }

@@ -217,7 +217,7 @@ pub async fn run(ctx: WorkerContext, spec: Arc<Spec>) -> Result<(), BoxError> {
     if !ready && !stopping {
         let exit = match (status.code(), status.signal()) {
             (Some(code), _) => format!("code {code}"),
-            (None, Some(signal)) => super::master::signal_text(signal),
+            (None, Some(signal)) => signal_text(signal),
             _ => status.to_string(),
         };
         let payload = tandem::cluster::encode(&ProgramExit { worker: id, exit })?;
@@ -309,4 +309,18 @@ pub fn exec_program(command: &[String]) -> ExitCode {
     let code = if error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
     eprintln!("tandem run: cannot run {}: {error}", Path::new(program).display());
     ExitCode::from(code)
+}
+
+/// `signal 9 (SIGKILL)`: the signal's number, and its name for the usual ones.
+pub fn signal_text(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGINT => "SIGINT",
+        libc::SIGBUS => "SIGBUS",
+        _ => return format!("signal {signal}"),
+    };
+    format!("signal {signal} ({name})")
 }
